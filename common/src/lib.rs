@@ -1,0 +1,24 @@
+//! Pure data and parsing shared by the rendezvous and the peer: peer ids, the control protocol, chat
+//! messages, the length-prefixed frame codec and STUN helpers.
+//!
+//! Nothing here opens a socket or spawns a task, so every decoder can be tested (and fuzzed) on
+//! arbitrary bytes. The optional `tokio` feature adds [`frame_io`], thin async wrappers over
+//! [`frame`].
+
+pub mod chat;
+pub mod frame;
+#[cfg(feature = "tokio")]
+pub mod frame_io;
+pub mod id;
+pub mod message;
+pub mod stun;
+
+pub use chat::{ChatError, ChatMessage};
+pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
+pub use id::{ParsePeerIdError, PeerId};
+pub use message::{ControlMessage, ErrorCode, MessageError, PeerMessage, PROTOCOL_VERSION};
+
+/// ALPN of the control protocol between a peer and the rendezvous.
+pub const ALPN_RENDEZVOUS: &[u8] = b"p2p-rendezvous/1";
+/// ALPN of the protocol between two peers.
+pub const ALPN_PEER: &[u8] = b"p2p-peer/1";

@@ -1,0 +1,412 @@
+//! Control protocol (peer <-> rendezvous) and peer protocol messages.
+//!
+//! Every message is a JSON object with a `type` field (serde's internally tagged enums), carried in
+//! one [`frame`](crate::frame). Decoding tells apart malformed JSON, a missing or unknown `type`,
+//! and a known type with bad fields, so that the server can answer each with its own error code.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::PeerId;
+
+/// Version of the control protocol, sent in `register` and echoed in `registered`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Most local addresses a peer may announce.
+pub const MAX_LOCAL_ADDRS: usize = 16;
+
+/// Messages between a peer and the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlMessage {
+    /// First message on the control stream. The id comes from the client certificate, the
+    /// observed address from the packets, so neither is sent.
+    Register {
+        /// The client's protocol version.
+        version: u32,
+        /// The peer's own interface addresses (for peers on the same LAN).
+        #[serde(default)]
+        local_addrs: Vec<SocketAddr>,
+    },
+    /// Reply to `register`.
+    Registered {
+        /// The id the server derived from the client certificate.
+        id: PeerId,
+        /// The source address the server saw.
+        observed: SocketAddr,
+        /// How often the peer should send something to keep NAT mappings alive.
+        keepalive_s: u32,
+        /// The server's protocol version.
+        version: u32,
+    },
+    /// Ask for a peer's addresses.
+    Query {
+        /// Whom to look up.
+        id: PeerId,
+    },
+    /// Reply to `query`.
+    PeerInfo(PeerInfo),
+    /// Ask the server to introduce two peers: both get a `punch`.
+    Connect {
+        /// The peer to connect to.
+        id: PeerId,
+    },
+    /// Sent to both sides of a `connect`: the requester gets it as the reply, the target on its
+    /// control stream, at the same moment, so that both can start probing together.
+    Punch {
+        /// The other side.
+        peer: PeerId,
+        /// Addresses where the other side may be reached, best first.
+        candidates: Vec<Candidate>,
+        /// Shared by both sides of one introduction; probes carry it.
+        nonce: u64,
+    },
+    /// Liveness check; answered with `pong`.
+    Ping {
+        /// Echoed back.
+        seq: u64,
+    },
+    /// Reply to `ping`.
+    Pong {
+        /// The `seq` of the ping.
+        seq: u64,
+    },
+    /// A request failed.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+impl ControlMessage {
+    /// Shorthand for an error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ControlMessage::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Decodes a frame body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        decode_tagged(bytes, CONTROL_TYPES)
+    }
+
+    /// Encodes to JSON bytes (a frame body).
+    pub fn encode(&self) -> Vec<u8> {
+        encode_json(self)
+    }
+
+    /// The `type` tag, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ControlMessage::Register { .. } => "register",
+            ControlMessage::Registered { .. } => "registered",
+            ControlMessage::Query { .. } => "query",
+            ControlMessage::PeerInfo(_) => "peer_info",
+            ControlMessage::Connect { .. } => "connect",
+            ControlMessage::Punch { .. } => "punch",
+            ControlMessage::Ping { .. } => "ping",
+            ControlMessage::Pong { .. } => "pong",
+            ControlMessage::Error { .. } => "error",
+        }
+    }
+}
+
+const CONTROL_TYPES: &[&str] = &[
+    "register",
+    "registered",
+    "query",
+    "peer_info",
+    "connect",
+    "punch",
+    "ping",
+    "pong",
+    "error",
+];
+
+/// What the rendezvous knows about a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerInfo {
+    /// The peer.
+    pub id: PeerId,
+    /// Its public address as last seen by the server.
+    pub observed: SocketAddr,
+    /// Its interface addresses as it announced them.
+    pub local_addrs: Vec<SocketAddr>,
+    /// Whether it has a live control connection now.
+    pub online: bool,
+    /// When the server last heard from it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+/// An address where a peer may be reachable, and where it comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Its origin.
+    pub kind: CandidateKind,
+}
+
+/// Origin of a [`Candidate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateKind {
+    /// The source address the rendezvous observed (the peer's public mapping).
+    Observed,
+    /// An interface address of the peer (same LAN, or no NAT).
+    Local,
+    /// A port mapping obtained from the router (UPnP IGD, NAT-PMP, PCP).
+    Mapped,
+    /// A port guessed for a symmetric NAT.
+    Predicted,
+}
+
+impl CandidateKind {
+    /// How the path is described to users.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            CandidateKind::Observed => "public address",
+            CandidateKind::Local => "same LAN",
+            CandidateKind::Mapped => "router port mapping",
+            CandidateKind::Predicted => "predicted port",
+        }
+    }
+}
+
+/// Machine-readable error codes of the control protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON or a message has bad fields.
+    BadRequest,
+    /// The `type` is not one this server knows.
+    UnknownType,
+    /// The frame is over the size cap.
+    TooLarge,
+    /// No such peer is registered.
+    NotFound,
+    /// The peer is registered but not connected now.
+    PeerOffline,
+    /// The request needs a registration first.
+    NotRegistered,
+    /// Client and server protocol versions are incompatible.
+    UnsupportedVersion,
+    /// Too many requests.
+    RateLimited,
+    /// The server failed; try again.
+    Internal,
+    /// A code this build does not know (newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+/// Messages between two peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PeerMessage {
+    /// First frame on every stream a peer opens: which application runs on it.
+    Open {
+        /// The application.
+        app: PeerApp,
+    },
+    /// The receiver refuses the stream or a message on it.
+    Error {
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+impl PeerMessage {
+    /// Decodes a frame body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        decode_tagged(bytes, &["open", "error"])
+    }
+
+    /// Encodes to JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_json(self)
+    }
+}
+
+/// Applications that run on a peer-to-peer stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerApp {
+    /// Chat: frames of [`ChatMessage`](crate::ChatMessage) both ways.
+    Chat,
+}
+
+/// Why a frame body is not a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// Not JSON, or not a JSON object.
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    /// A JSON object without a string `type`.
+    #[error("message has no \"type\" field")]
+    MissingType,
+    /// A `type` this side does not know.
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    /// A known type with missing, extra or invalid fields.
+    #[error("invalid {kind:?} message: {reason}")]
+    Invalid {
+        /// The `type`.
+        kind: String,
+        /// What serde said.
+        reason: String,
+    },
+}
+
+impl MessageError {
+    /// The control-protocol error code that answers this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MessageError::UnknownType(_) => ErrorCode::UnknownType,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+}
+
+fn decode_tagged<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    known: &[&str],
+) -> Result<T, MessageError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| MessageError::Json(e.to_string()))?;
+    let kind = match &value {
+        serde_json::Value::Object(map) => match map.get("type") {
+            Some(serde_json::Value::String(kind)) => kind.clone(),
+            _ => return Err(MessageError::MissingType),
+        },
+        _ => return Err(MessageError::Json("expected a JSON object".into())),
+    };
+    if !known.contains(&kind.as_str()) {
+        // Cap what is echoed back: the tag comes from the network.
+        let shown: String = kind.chars().take(64).collect();
+        return Err(MessageError::UnknownType(shown));
+    }
+    serde_json::from_value(value).map_err(|e| MessageError::Invalid {
+        kind,
+        reason: e.to_string(),
+    })
+}
+
+fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these types cannot fail: no maps with non-string keys, no failing Serialize
+    // impls. An empty object would be answered with an error by the other side, never a panic.
+    serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id() -> PeerId {
+        PeerId::from_key_digest(&[1; 32])
+    }
+
+    #[test]
+    fn wire_format_is_the_documented_json() {
+        let msg = ControlMessage::Query { id: id() };
+        let json: serde_json::Value = serde_json::from_slice(&msg.encode()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "query", "id": id().to_string()})
+        );
+        let register = ControlMessage::decode(br#"{"type":"register","version":1}"#).unwrap();
+        assert_eq!(
+            register,
+            ControlMessage::Register {
+                version: 1,
+                local_addrs: vec![]
+            }
+        );
+        let info = ControlMessage::PeerInfo(PeerInfo {
+            id: id(),
+            observed: "203.0.113.2:4000".parse().unwrap(),
+            local_addrs: vec!["10.0.0.2:4000".parse().unwrap()],
+            online: true,
+            last_seen: time::macros::datetime!(2026-11-25 07:40:58 UTC),
+        });
+        let json: serde_json::Value = serde_json::from_slice(&info.encode()).unwrap();
+        assert_eq!(json["type"], "peer_info");
+        assert_eq!(json["last_seen"], "2026-11-25T07:40:58Z");
+        assert_eq!(ControlMessage::decode(&info.encode()).unwrap(), info);
+        let err = ControlMessage::error(ErrorCode::NotFound, "no such peer");
+        let json: serde_json::Value = serde_json::from_slice(&err.encode()).unwrap();
+        assert_eq!(json["code"], "not_found");
+    }
+
+    #[test]
+    fn decode_errors_are_classified() {
+        assert!(matches!(
+            ControlMessage::decode(b"{not json"),
+            Err(MessageError::Json(_))
+        ));
+        assert!(matches!(
+            ControlMessage::decode(b"[1,2]"),
+            Err(MessageError::Json(_))
+        ));
+        assert_eq!(
+            ControlMessage::decode(br#"{"id":"x"}"#),
+            Err(MessageError::MissingType)
+        );
+        let unknown = ControlMessage::decode(br#"{"type":"launch_missiles"}"#).unwrap_err();
+        assert_eq!(unknown, MessageError::UnknownType("launch_missiles".into()));
+        assert_eq!(unknown.code(), ErrorCode::UnknownType);
+        let bad_id = ControlMessage::decode(br#"{"type":"query","id":"not-a-uuid"}"#).unwrap_err();
+        assert!(matches!(&bad_id, MessageError::Invalid { kind, .. } if kind == "query"));
+        assert_eq!(bad_id.code(), ErrorCode::BadRequest);
+        let extra = ControlMessage::decode(br#"{"type":"ping","seq":1,"evil":true}"#);
+        assert!(matches!(extra, Err(MessageError::Invalid { .. })));
+    }
+
+    #[test]
+    fn unknown_error_codes_from_newer_servers_decode() {
+        let msg = ControlMessage::decode(br#"{"type":"error","code":"brand_new","message":"m"}"#)
+            .unwrap();
+        assert_eq!(msg, ControlMessage::error(ErrorCode::Unknown, "m"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = ControlMessage::decode(&bytes);
+            let _ = PeerMessage::decode(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_objects_never_panic(
+            kind in prop_oneof![Just("query".to_string()), Just("register".to_string()),
+                                Just("punch".to_string()), Just("peer_info".to_string()), "[a-z_]{0,12}"],
+            key in "[a-z_]{1,10}",
+            value in prop_oneof![Just(serde_json::json!(null)), any::<i64>().prop_map(|n| serde_json::json!(n)),
+                                 "\\PC{0,20}".prop_map(|s| serde_json::json!(s))],
+        ) {
+            let obj = serde_json::json!({"type": kind, key: value});
+            let bytes = serde_json::to_vec(&obj).unwrap();
+            let _ = ControlMessage::decode(&bytes);
+        }
+
+        #[test]
+        fn punch_round_trips(nonce in any::<u64>(), port in 1u16..) {
+            let msg = ControlMessage::Punch {
+                peer: id(),
+                candidates: vec![Candidate { addr: SocketAddr::from(([203, 0, 113, 9], port)), kind: CandidateKind::Observed }],
+                nonce,
+            };
+            prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
+        }
+    }
+}

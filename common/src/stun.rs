@@ -1,0 +1,206 @@
+//! STUN (RFC 5389) helpers: recognising STUN-shaped datagrams on a socket shared with QUIC, and
+//! Binding requests and responses.
+//!
+//! QUIC packets always have the second-highest bit of the first byte set (the "fixed bit", as long
+//! as greasing is off), STUN messages have the two highest bits clear and the magic cookie at
+//! bytes 4..8, so one check on the first eight bytes tells them apart.
+
+use std::net::SocketAddr;
+
+use bytecodec::{DecodeExt, EncodeExt};
+use stun_codec::rfc5389::attributes::{Fingerprint, Software, XorMappedAddress};
+use stun_codec::rfc5389::{methods::BINDING, Attribute};
+use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
+
+/// The STUN magic cookie (RFC 5389 section 6).
+pub const MAGIC_COOKIE: u32 = 0x2112_A442;
+
+/// Size of a STUN header.
+pub const HEADER_LEN: usize = 20;
+
+/// True if the datagram has the shape of a STUN message: at least a header, the two top bits
+/// zero, the magic cookie, and a length that is a multiple of four.
+pub fn is_stun(datagram: &[u8]) -> bool {
+    datagram.len() >= HEADER_LEN
+        && datagram[0] & 0xC0 == 0
+        && datagram[4..8] == MAGIC_COOKIE.to_be_bytes()
+        && u16::from_be_bytes([datagram[2], datagram[3]]).is_multiple_of(4)
+}
+
+/// A decoded STUN message that this crate acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StunPacket {
+    /// A Binding request.
+    BindingRequest {
+        /// Its transaction id.
+        transaction: [u8; 12],
+    },
+    /// A Binding success response.
+    BindingSuccess {
+        /// Its transaction id.
+        transaction: [u8; 12],
+        /// The XOR-MAPPED-ADDRESS: how the responder saw the requester.
+        mapped: SocketAddr,
+    },
+}
+
+/// A STUN-shaped datagram that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StunError {
+    /// Not a STUN message, or a broken one.
+    #[error("malformed STUN message: {0}")]
+    Malformed(String),
+    /// A valid message of a kind this code does not handle.
+    #[error("unsupported STUN message ({0})")]
+    Unsupported(String),
+}
+
+/// Decodes a datagram into a [`StunPacket`].
+pub fn decode(datagram: &[u8]) -> Result<StunPacket, StunError> {
+    if !is_stun(datagram) {
+        return Err(StunError::Malformed("not STUN-shaped".into()));
+    }
+    let mut decoder = MessageDecoder::<Attribute>::new();
+    let message = decoder
+        .decode_from_bytes(datagram)
+        .map_err(|e| StunError::Malformed(e.to_string()))?
+        .map_err(|broken| StunError::Malformed(format!("{:?}", broken.error())))?;
+    let transaction = *message.transaction_id().as_bytes();
+    if message.method() != BINDING {
+        return Err(StunError::Unsupported(format!(
+            "method {:#x}",
+            message.method().as_u16()
+        )));
+    }
+    match message.class() {
+        MessageClass::Request => Ok(StunPacket::BindingRequest { transaction }),
+        MessageClass::SuccessResponse => {
+            let mapped = message
+                .get_attribute::<XorMappedAddress>()
+                .map(|a| a.address())
+                .ok_or_else(|| StunError::Malformed("no XOR-MAPPED-ADDRESS".into()))?;
+            Ok(StunPacket::BindingSuccess {
+                transaction,
+                mapped,
+            })
+        }
+        other => Err(StunError::Unsupported(format!("class {other:?}"))),
+    }
+}
+
+/// Encodes a Binding request.
+pub fn binding_request(transaction: [u8; 12]) -> Vec<u8> {
+    let message = Message::<Attribute>::new(
+        MessageClass::Request,
+        BINDING,
+        TransactionId::new(transaction),
+    );
+    encode(message)
+}
+
+/// Encodes a Binding success response that tells the requester its address `mapped`.
+pub fn binding_success(transaction: [u8; 12], mapped: SocketAddr) -> Vec<u8> {
+    let mut message = Message::<Attribute>::new(
+        MessageClass::SuccessResponse,
+        BINDING,
+        TransactionId::new(transaction),
+    );
+    message.add_attribute(XorMappedAddress::new(mapped));
+    if let Ok(software) = Software::new("p2p".to_owned()) {
+        message.add_attribute(software);
+    }
+    if let Ok(fingerprint) = Fingerprint::new(&message) {
+        message.add_attribute(fingerprint);
+    }
+    encode(message)
+}
+
+/// If `datagram` is a Binding request, the response to send back to `source`.
+pub fn answer_binding(datagram: &[u8], source: SocketAddr) -> Option<Vec<u8>> {
+    match decode(datagram) {
+        Ok(StunPacket::BindingRequest { transaction }) => {
+            Some(binding_success(transaction, source))
+        }
+        _ => None,
+    }
+}
+
+fn encode(message: Message<Attribute>) -> Vec<u8> {
+    // Encoding a message built from valid attributes does not fail; an empty datagram would be
+    // dropped as garbage by the receiver rather than cause harm.
+    MessageEncoder::<Attribute>::new()
+        .encode_into_bytes(message)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn binding_round_trip() {
+        let txid = [7u8; 12];
+        let request = binding_request(txid);
+        assert!(is_stun(&request));
+        assert_eq!(
+            decode(&request),
+            Ok(StunPacket::BindingRequest { transaction: txid })
+        );
+        let source: SocketAddr = "203.0.113.7:41000".parse().unwrap();
+        let response = answer_binding(&request, source).unwrap();
+        assert!(is_stun(&response));
+        assert_eq!(
+            decode(&response),
+            Ok(StunPacket::BindingSuccess {
+                transaction: txid,
+                mapped: source
+            })
+        );
+        let v6: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
+        assert_eq!(
+            decode(&binding_success(txid, v6)),
+            Ok(StunPacket::BindingSuccess {
+                transaction: txid,
+                mapped: v6
+            })
+        );
+    }
+
+    #[test]
+    fn quic_packets_are_not_stun() {
+        // Long header (0b11xx_xxxx) and short header (0b01xx_xxxx) both have the fixed bit set.
+        let mut long = vec![0xC3u8; 1200];
+        long[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        assert!(!is_stun(&long));
+        let mut short = vec![0x41u8; 40];
+        short[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        assert!(!is_stun(&short));
+        assert!(!is_stun(&[0u8; 19]));
+    }
+
+    #[test]
+    fn responses_are_not_answered() {
+        let response = binding_success([1; 12], "192.0.2.1:1".parse().unwrap());
+        assert_eq!(
+            answer_binding(&response, "192.0.2.1:1".parse().unwrap()),
+            None
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode(&bytes);
+            // Also force the STUN shape so the full decoder runs on garbage.
+            if bytes.len() >= HEADER_LEN {
+                bytes[0] &= 0x3F;
+                bytes[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+                let len = (bytes.len() - HEADER_LEN) as u16 & !3;
+                bytes[2..4].copy_from_slice(&len.to_be_bytes());
+                let _ = decode(&bytes);
+                let _ = answer_binding(&bytes, "192.0.2.1:1".parse().unwrap());
+            }
+        }
+    }
+}

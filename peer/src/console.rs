@@ -1,0 +1,92 @@
+//! One task owns stdout; everyone else sends it lines. Typed input is read by a plain thread
+//! (a blocking read cannot be cancelled, so it must not hold up the runtime at exit).
+
+use std::io::BufRead;
+
+use common::ChatMessage;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+const CONSOLE_QUEUE: usize = 256;
+const INPUT_QUEUE: usize = 64;
+
+/// Sends lines to stdout (events, messages) or stderr (warnings).
+#[derive(Clone)]
+pub struct Console {
+    tx: mpsc::Sender<(bool, String)>,
+}
+
+impl Console {
+    /// Starts the printer task.
+    pub fn start() -> (Console, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<(bool, String)>(CONSOLE_QUEUE);
+        let task = tokio::spawn(async move {
+            let mut stdout = tokio::io::stdout();
+            let mut stderr = tokio::io::stderr();
+            while let Some((is_error, mut line)) = rx.recv().await {
+                line.push('\n');
+                let result = if is_error {
+                    stderr.write_all(line.as_bytes()).await
+                } else {
+                    match stdout.write_all(line.as_bytes()).await {
+                        Ok(()) => stdout.flush().await,
+                        Err(e) => Err(e),
+                    }
+                };
+                if result.is_err() {
+                    // Nobody is reading any more; keep draining so senders never block.
+                    continue;
+                }
+            }
+            let _ = stdout.flush().await;
+        });
+        (Console { tx }, task)
+    }
+
+    /// An event line on stdout.
+    pub async fn say(&self, line: impl Into<String>) {
+        let _ = self.tx.send((false, line.into())).await;
+    }
+
+    /// A warning on stderr.
+    pub async fn error(&self, line: impl Into<String>) {
+        let _ = self.tx.send((true, line.into())).await;
+    }
+
+    /// A received chat message: `[sent_at] from: body`.
+    pub async fn message(&self, msg: &ChatMessage) {
+        // Control characters from the network must not drive the user's terminal.
+        let body: String = msg
+            .body
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+        self.say(format!(
+            "[{}] {}: {}",
+            msg.sent_at_rfc3339(),
+            msg.from,
+            body
+        ))
+        .await;
+    }
+}
+
+/// Reads stdin lines on a thread; the receiver ends at EOF.
+pub fn stdin_lines() -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the input thread; input is ignored");
+    }
+    rx
+}

@@ -1,0 +1,761 @@
+//! `peer`: register with a rendezvous, find other peers by id, and chat with them over
+//! end-to-end encrypted QUIC.
+
+mod cache;
+mod chat;
+mod console;
+mod node;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use certs::{Fingerprint, Identity};
+use clap::{Args, Parser, Subcommand};
+use common::message::Candidate;
+use common::{ControlMessage, ErrorCode, PeerId};
+use tokio::sync::{mpsc, watch};
+use transport::TransportSettings;
+
+use crate::cache::PeerCache;
+use crate::console::Console;
+use crate::node::{DialError, Node};
+use crate::session::{ServerEvent, Session, SessionConfig, SessionState};
+
+/// A peer: registers with a rendezvous and talks to other peers by id over QUIC.
+#[derive(Parser, Debug)]
+#[command(name = "peer", version)]
+struct Cli {
+    /// Identity key file (created with mode 0600 on first use).
+    /// Default: <config dir>/identity.pem.
+    #[arg(long, global = true)]
+    identity: Option<PathBuf>,
+    /// Directory for the identity, the known-servers file and the peer cache.
+    /// Default: $XDG_CONFIG_HOME/p2p or ~/.config/p2p.
+    #[arg(long, global = true)]
+    config_dir: Option<PathBuf>,
+    /// More detail on stderr (candidates, attempts).
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print this peer's id (creating the identity if needed).
+    Id,
+    /// Register and accept connections; show incoming messages, send typed lines to every
+    /// connected peer.
+    Listen(ServerArgs),
+    /// Connect to a peer by id and chat: typed lines go to the peer, end of input ends the chat.
+    Connect {
+        /// The peer's id (32 hex digits, hyphens optional).
+        peer: PeerId,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Seconds to wait for the peer to answer.
+        #[arg(long, default_value_t = 10.0)]
+        dial_timeout: f64,
+    },
+    /// Show what the rendezvous knows about a peer (from the cache when possible).
+    Lookup {
+        /// The peer's id.
+        peer: PeerId,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Ask the server even if the peer is cached.
+        #[arg(long)]
+        refresh: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServerArgs {
+    /// The rendezvous, HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// The rendezvous key fingerprint (`sha256:...`, printed by the server at start). Without
+    /// it the key is trusted on first use and remembered.
+    #[arg(long)]
+    server_key: Option<Fingerprint>,
+    /// Local UDP address to bind (one socket carries all traffic).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+    /// Seconds to wait for the first registration.
+    #[arg(long, default_value_t = 10.0)]
+    register_timeout: f64,
+}
+
+fn config_dir(cli: &Cli) -> PathBuf {
+    if let Some(dir) = &cli.config_dir {
+        return dir.clone();
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("p2p");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".config").join("p2p"),
+        None => PathBuf::from(".p2p"),
+    }
+}
+
+fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow!("{what} must be a non-negative number of seconds"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = if cli.verbose {
+        "info,peer=debug"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // The stdin thread may be blocked in a read; do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = config_dir(&cli);
+    let identity_path = cli
+        .identity
+        .clone()
+        .unwrap_or_else(|| dir.join("identity.pem"));
+    let (identity, created) = Identity::load_or_create(&identity_path)?;
+    if created {
+        eprintln!(
+            "created identity {} in {}",
+            identity.id(),
+            identity_path.display()
+        );
+    }
+    let identity = Arc::new(identity);
+    match cli.command {
+        Command::Id => {
+            println!("{}", identity.id());
+            Ok(())
+        }
+        Command::Listen(server) => listen(identity, &dir, server, cli.verbose).await,
+        Command::Connect {
+            peer,
+            server,
+            dial_timeout,
+        } => {
+            let dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
+            connect(identity, &dir, server, peer, dial_timeout, cli.verbose).await
+        }
+        Command::Lookup {
+            peer,
+            server,
+            refresh,
+        } => lookup(identity, &dir, server, peer, refresh).await,
+    }
+}
+
+/// What every networked command starts with.
+struct Context_ {
+    node: Node,
+    session: Session,
+    events: mpsc::Receiver<ServerEvent>,
+    console: Console,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    server: ServerArgs,
+}
+
+async fn start(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: ServerArgs,
+) -> anyhow::Result<Context_> {
+    let server_addr = tokio::net::lookup_host(&server.server)
+        .await
+        .with_context(|| format!("cannot resolve rendezvous address {:?}", server.server))?
+        .find(|a| a.is_ipv4() == server.bind.is_ipv4())
+        .ok_or_else(|| {
+            anyhow!(
+                "rendezvous address {:?} has no address of the bind family",
+                server.server
+            )
+        })?;
+    let transport = TransportSettings::default();
+    let (node, stun_rx) = Node::bind(server.bind, identity.clone(), transport)
+        .with_context(|| format!("cannot bind {}", server.bind))?;
+    let local = node.local_addr().context("reading the bound address")?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (console, console_task) = Console::start();
+    let config = SessionConfig {
+        server_name: server.server.clone(),
+        server_addr,
+        pinned: server.server_key,
+        known_servers: dir.join("known_servers"),
+        local_addrs: node::local_addrs(local, server_addr),
+        transport,
+    };
+    let (session, events, session_task) =
+        Session::start(node.endpoint.clone(), identity, config, shutdown_rx.clone());
+    let stun_task = tokio::spawn(stun_responder(node.clone(), stun_rx, shutdown_rx));
+    Ok(Context_ {
+        node,
+        session,
+        events,
+        console,
+        shutdown,
+        tasks: vec![session_task, stun_task, console_task],
+        server,
+    })
+}
+
+impl Context_ {
+    async fn register(&self) -> anyhow::Result<session::Registration> {
+        let timeout = seconds(self.server.register_timeout, "--register-timeout")?;
+        self.session.wait_registered(timeout).await.map_err(|e| {
+            anyhow!(
+                "cannot register with the rendezvous at {}: {e}",
+                self.server.server
+            )
+        })
+    }
+
+    async fn finish(self) {
+        let Context_ {
+            node,
+            console,
+            shutdown,
+            tasks,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        node.endpoint.close(0u32.into(), b"bye");
+        drop(console);
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), node.endpoint.wait_idle()).await;
+    }
+}
+
+/// Answers STUN Binding requests that reach our socket (other peers' probes).
+async fn stun_responder(
+    node: Node,
+    mut stun_rx: mpsc::Receiver<transport::StunDatagram>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let datagram = tokio::select! {
+            d = stun_rx.recv() => match d { Some(d) => d, None => return },
+            _ = shutdown.changed() => return,
+        };
+        if let Some(reply) = common::stun::answer_binding(&datagram.data, datagram.from) {
+            let _ = node.socket.send_to(&reply, datagram.from).await;
+        }
+    }
+}
+
+async fn lookup(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: ServerArgs,
+    peer: PeerId,
+    refresh: bool,
+) -> anyhow::Result<()> {
+    let (mut cache, warning) = PeerCache::load(&dir.join("peers.json"));
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    if !refresh {
+        if let Some(entry) = cache.get(&peer) {
+            println!("{peer} (cached {})", format_time(entry.updated));
+            for c in &entry.candidates {
+                println!("  {} ({})", c.addr, c.kind.describe());
+            }
+            return Ok(());
+        }
+    }
+    let ctx = start(identity, dir, server).await?;
+    let result = async {
+        ctx.register().await?;
+        match ctx
+            .session
+            .request(&ControlMessage::Query { id: peer })
+            .await?
+        {
+            ControlMessage::PeerInfo(info) => {
+                let mut candidates = vec![Candidate {
+                    addr: info.observed,
+                    kind: common::message::CandidateKind::Observed,
+                }];
+                candidates.extend(
+                    info.local_addrs
+                        .iter()
+                        .filter(|a| **a != info.observed)
+                        .map(|&addr| Candidate {
+                            addr,
+                            kind: common::message::CandidateKind::Local,
+                        }),
+                );
+                if let Err(e) = cache.put(peer, candidates.clone()) {
+                    eprintln!("warning: cannot write the peer cache: {e}");
+                }
+                let status = if info.online { "online" } else { "offline" };
+                println!(
+                    "{peer} (from the rendezvous: {status}, last seen {})",
+                    format_time(info.last_seen)
+                );
+                for c in &candidates {
+                    println!("  {} ({})", c.addr, c.kind.describe());
+                }
+                Ok(())
+            }
+            ControlMessage::Error {
+                code: ErrorCode::NotFound,
+                ..
+            } => Err(anyhow!("peer {peer} is not registered with the rendezvous")),
+            ControlMessage::Error { code, message } => {
+                Err(anyhow!("the rendezvous refused ({code:?}): {message}"))
+            }
+            other => Err(anyhow!(
+                "unexpected reply `{}` from the rendezvous",
+                other.kind()
+            )),
+        }
+    }
+    .await;
+    ctx.finish().await;
+    result
+}
+
+fn format_time(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+async fn listen(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: ServerArgs,
+    verbose: bool,
+) -> anyhow::Result<()> {
+    let mut ctx = start(identity, dir, server).await?;
+    let reg = match ctx.register().await {
+        Ok(reg) => reg,
+        Err(e) => {
+            ctx.finish().await;
+            return Err(e);
+        }
+    };
+    let me = reg.id;
+    ctx.console.say(format!("peer id {me}")).await;
+    ctx.console
+        .say(format!(
+            "registered with {} (observed address {})",
+            ctx.server.server, reg.observed
+        ))
+        .await;
+    let watcher = tokio::spawn(watch_session(ctx.session.watch(), ctx.console.clone()));
+    let mut events = std::mem::replace(&mut ctx.events, mpsc::channel(1).1);
+    let console = ctx.console.clone();
+    let event_task = tokio::spawn(async move {
+        while let Some(ServerEvent::Punch {
+            peer,
+            candidates,
+            nonce,
+        }) = events.recv().await
+        {
+            if verbose {
+                let list: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
+                console
+                    .error(format!(
+                        "introduced to {peer} (nonce {nonce:016x}, candidates {})",
+                        list.join(", ")
+                    ))
+                    .await;
+            }
+        }
+    });
+
+    let hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>> = Arc::default();
+    let input_task = tokio::spawn(broadcast_input(
+        console::stdin_lines(),
+        hub.clone(),
+        ctx.console.clone(),
+    ));
+    let mut conns = tokio::task::JoinSet::new();
+    let endpoint = ctx.node.endpoint.clone();
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.console.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = &mut signal => { r?; break; }
+        }
+    }
+    ctx.console.say("shutting down").await;
+    conns.abort_all();
+    for task in [watcher, event_task, input_task] {
+        task.abort();
+    }
+    ctx.finish().await;
+    Ok(())
+}
+
+/// Tells the user when the registration is lost and when it is back.
+async fn watch_session(mut state: watch::Receiver<SessionState>, console: Console) {
+    let mut generation = state.borrow().clone().registered_generation();
+    let mut lost = false;
+    while state.changed().await.is_ok() {
+        let current = state.borrow_and_update().clone();
+        match current {
+            SessionState::Registered(reg) if Some(reg.generation) != generation => {
+                generation = Some(reg.generation);
+                lost = false;
+                console
+                    .say(format!(
+                        "re-registered with the rendezvous (observed address {})",
+                        reg.observed
+                    ))
+                    .await;
+            }
+            SessionState::Connecting { last_error } if !lost => {
+                lost = true;
+                console
+                    .error(format!(
+                        "lost the rendezvous ({}); retrying",
+                        last_error.unwrap_or_default()
+                    ))
+                    .await;
+            }
+            SessionState::Fatal(e) => {
+                console.error(format!("rendezvous: {e}")).await;
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl SessionState {
+    fn registered_generation(&self) -> Option<u64> {
+        match self {
+            SessionState::Registered(reg) => Some(reg.generation),
+            _ => None,
+        }
+    }
+}
+
+async fn broadcast_input(
+    mut lines: mpsc::Receiver<String>,
+    hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
+    console: Console,
+) {
+    while let Some(line) = lines.recv().await {
+        // Clone the senders and release the lock before any await.
+        let targets: Vec<mpsc::Sender<String>> = hub
+            .lock()
+            .map(|h| h.values().cloned().collect())
+            .unwrap_or_default();
+        if targets.is_empty() {
+            console.error("no peer is connected; line not sent").await;
+        }
+        for target in targets {
+            if target.try_send(line.clone()).is_err() {
+                console
+                    .error("a peer is not keeping up; line dropped for it")
+                    .await;
+            }
+        }
+    }
+}
+
+async fn serve_peer(
+    incoming: quinn::Incoming,
+    me: PeerId,
+    hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
+    console: Console,
+) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            console
+                .error(format!("refused connection from {remote}: {e}"))
+                .await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let Some(peer) = node::remote_id(&conn) else {
+        conn.close(2u32.into(), b"no identity");
+        return;
+    };
+    console
+        .say(format!("connected: {peer} from {remote}"))
+        .await;
+    let key = conn.stable_id() as u64;
+    loop {
+        let (mut tx, mut rx) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                console.say(format!("disconnected: {peer} ({e})")).await;
+                break;
+            }
+        };
+        if let Err(e) = chat::accept(&mut tx, &mut rx).await {
+            console
+                .error(format!("refused a stream from {peer}: {e}"))
+                .await;
+            continue;
+        }
+        let (line_tx, line_rx) = mpsc::channel(64);
+        if let Ok(mut h) = hub.lock() {
+            h.insert(key, line_tx);
+        }
+        let end = chat::run(tx, rx, me, peer, line_rx, console.clone()).await;
+        if let Ok(mut h) = hub.lock() {
+            h.remove(&key);
+        }
+        match end {
+            chat::ChatEnd::PeerClosed => console.say(format!("chat with {peer} ended")).await,
+            chat::ChatEnd::Failed(e) => {
+                console.error(format!("chat with {peer} failed: {e}")).await
+            }
+            chat::ChatEnd::InputClosed => {}
+        }
+    }
+}
+
+async fn connect(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: ServerArgs,
+    peer: PeerId,
+    dial_timeout: Duration,
+    verbose: bool,
+) -> anyhow::Result<()> {
+    let ctx = start(identity, dir, server).await?;
+    let result = async {
+        let me = ctx.register().await?.id;
+        if peer == me {
+            bail!("{peer} is this peer's own id");
+        }
+        let started = Instant::now();
+        let (mut cache, warning) = PeerCache::load(&dir.join("peers.json"));
+        if let Some(w) = warning {
+            ctx.console.error(format!("warning: {w}")).await;
+        }
+        let (conn, via) = establish(&ctx, &mut cache, peer, dial_timeout, verbose).await?;
+        ctx.console
+            .say(format!(
+                "connected to {peer} at {} ({}) in {} ms",
+                via.addr,
+                via.kind.describe(),
+                started.elapsed().as_millis()
+            ))
+            .await;
+        let (tx, rx) = chat::open(&conn)
+            .await
+            .map_err(|e| anyhow!("cannot open the chat stream: {e}"))?;
+        let end = chat::run(
+            tx,
+            rx,
+            me,
+            peer,
+            console::stdin_lines(),
+            ctx.console.clone(),
+        )
+        .await;
+        conn.close(0u32.into(), b"chat over");
+        match end {
+            chat::ChatEnd::InputClosed => Ok(()),
+            chat::ChatEnd::PeerClosed => {
+                ctx.console.say(format!("{peer} ended the chat")).await;
+                Ok(())
+            }
+            chat::ChatEnd::Failed(e) => Err(anyhow!("connection to {peer} lost: {e}")),
+        }
+    }
+    .await;
+    ctx.finish().await;
+    result
+}
+
+/// Cache first; on a miss or a failure, ask the rendezvous to introduce us and dial what it says.
+async fn establish(
+    ctx: &Context_,
+    cache: &mut PeerCache,
+    peer: PeerId,
+    dial_timeout: Duration,
+    verbose: bool,
+) -> anyhow::Result<(quinn::Connection, Candidate)> {
+    if let Some(entry) = cache.get(&peer) {
+        let candidates = entry.candidates.clone();
+        let cached_timeout = dial_timeout.min(Duration::from_secs(3));
+        match dial_any(
+            &ctx.node,
+            peer,
+            &candidates,
+            cached_timeout,
+            verbose,
+            &ctx.console,
+        )
+        .await
+        {
+            Ok(found) => return Ok(found),
+            Err(e) => {
+                ctx.console
+                    .error(format!(
+                        "cached address of {peer} failed ({e}); asking the rendezvous"
+                    ))
+                    .await;
+                if let Err(e) = cache.remove(&peer) {
+                    ctx.console
+                        .error(format!("warning: cannot write the peer cache: {e}"))
+                        .await;
+                }
+            }
+        }
+    }
+    let candidates = match ctx
+        .session
+        .request(&ControlMessage::Connect { id: peer })
+        .await?
+    {
+        ControlMessage::Punch { candidates, .. } => candidates,
+        ControlMessage::Error {
+            code: ErrorCode::NotFound,
+            ..
+        } => {
+            bail!("peer {peer} is not registered with the rendezvous")
+        }
+        ControlMessage::Error {
+            code: ErrorCode::PeerOffline,
+            message,
+        } => bail!("{message}"),
+        ControlMessage::Error { code, message } => {
+            bail!("the rendezvous refused ({code:?}): {message}")
+        }
+        other => bail!("unexpected reply `{}` from the rendezvous", other.kind()),
+    };
+    if candidates.is_empty() {
+        bail!("the rendezvous knows no address for {peer}");
+    }
+    if let Err(e) = cache.put(peer, candidates.clone()) {
+        ctx.console
+            .error(format!("warning: cannot write the peer cache: {e}"))
+            .await;
+    }
+    dial_any(
+        &ctx.node,
+        peer,
+        &candidates,
+        dial_timeout,
+        verbose,
+        &ctx.console,
+    )
+    .await
+    .map_err(|e| anyhow!("cannot reach {peer}: {e}"))
+}
+
+/// Dials every candidate, each started a little after the previous one, and keeps the first
+/// that completes a handshake with the right key.
+async fn dial_any(
+    node: &Node,
+    peer: PeerId,
+    candidates: &[Candidate],
+    timeout: Duration,
+    verbose: bool,
+    console: &Console,
+) -> Result<(quinn::Connection, Candidate), DialError> {
+    let mut attempts = tokio::task::JoinSet::new();
+    for (i, &candidate) in candidates.iter().enumerate() {
+        let node = node.clone();
+        attempts.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50) * i as u32).await;
+            (candidate, node.dial(peer, candidate.addr, timeout).await)
+        });
+        if verbose {
+            console
+                .error(format!(
+                    "dialing {} ({})",
+                    candidate.addr,
+                    candidate.kind.describe()
+                ))
+                .await;
+        }
+    }
+    let mut errors = Vec::new();
+    while let Some(joined) = attempts.join_next().await {
+        let Ok((candidate, result)) = joined else {
+            continue;
+        };
+        match result {
+            Ok(conn) => return Ok((conn, candidate)),
+            Err(e) => {
+                if verbose {
+                    console.error(format!("{}: {e}", candidate.addr)).await;
+                }
+                errors.push(e);
+            }
+        }
+    }
+    // A wrong key says more than a timeout: report it first.
+    let pos = errors
+        .iter()
+        .position(|e| matches!(e, DialError::KeyMismatch(_)))
+        .unwrap_or(0);
+    Err(if errors.is_empty() {
+        DialError::Failed {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: "no candidate addresses".into(),
+        }
+    } else {
+        errors.swap_remove(pos)
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

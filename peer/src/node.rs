@@ -1,0 +1,137 @@
+//! The peer's QUIC endpoint: one UDP socket, our identity, dialing with the peer's key pinned,
+//! and the id of whoever connected to us.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::Identity;
+use common::PeerId;
+use tokio::sync::mpsc;
+use transport::{DemuxSocket, StunDatagram, TransportSettings};
+
+/// Server name sent when dialing a peer (verifiers check keys, not names).
+const PEER_SERVER_NAME: &str = "peer";
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// Something answered at that address, but with another key.
+    #[error("{0}")]
+    KeyMismatch(String),
+    /// Nothing answered.
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The handshake failed otherwise.
+    #[error("connection to {addr} failed: {reason}")]
+    Failed {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// What quinn said.
+        reason: String,
+    },
+}
+
+/// Our endpoint and identity.
+#[derive(Clone)]
+pub struct Node {
+    /// The QUIC endpoint (dials and accepts).
+    pub endpoint: quinn::Endpoint,
+    /// The socket under it (for STUN and probes).
+    pub socket: Arc<DemuxSocket>,
+    /// Who we are.
+    pub identity: Arc<Identity>,
+    /// QUIC timers.
+    pub transport: TransportSettings,
+}
+
+impl Node {
+    /// Binds `bind` and starts an endpoint that accepts peer connections.
+    pub fn bind(
+        bind: SocketAddr,
+        identity: Arc<Identity>,
+        transport: TransportSettings,
+    ) -> anyhow::Result<(Node, mpsc::Receiver<StunDatagram>)> {
+        let tls = certs::server_config(&identity, &[common::ALPN_PEER])?;
+        let (endpoint, socket, stun_rx) =
+            transport::make_endpoint(bind, Some(tls), transport, 256, None)?;
+        Ok((
+            Node {
+                endpoint,
+                socket,
+                identity,
+                transport,
+            },
+            stun_rx,
+        ))
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Dials `addr`, accepting only the key of `peer`.
+    pub async fn dial(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, DialError> {
+        let failed = |reason: String| DialError::Failed { addr, reason };
+        let tls = certs::client_config_for_peer(&self.identity, peer, common::ALPN_PEER)
+            .map_err(|e| failed(e.to_string()))?;
+        let client = transport::quic_client_config(tls, self.transport)
+            .map_err(|e| failed(e.to_string()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(client, addr, PEER_SERVER_NAME)
+            .map_err(|e| failed(e.to_string()))?;
+        match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => Err(DialError::Timeout { addr, timeout }),
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                match text.find("peer key mismatch") {
+                    Some(start) => Err(DialError::KeyMismatch(
+                        text[start..].trim_end_matches(')').to_owned(),
+                    )),
+                    None => Err(failed(text)),
+                }
+            }
+        }
+    }
+}
+
+/// The authenticated id of the other side of a connection.
+pub fn remote_id(conn: &quinn::Connection) -> Option<PeerId> {
+    let identity = conn.peer_identity()?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs::peer_id_of_cert(chain.first()?).ok()
+}
+
+/// Our addresses as other hosts on the same network would reach them: the interface address the
+/// OS would use towards `server` (found without sending anything) with our bound port.
+pub fn local_addrs(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let probe_bind: SocketAddr = match server.ip() {
+        IpAddr::V4(_) => (IpAddr::from([0u8, 0, 0, 0]), 0).into(),
+        IpAddr::V6(_) => (IpAddr::from([0u16; 8]), 0).into(),
+    };
+    let ip = UdpSocket::bind(probe_bind)
+        .and_then(|s| s.connect(server).and_then(|_| s.local_addr()))
+        .map(|a| a.ip());
+    match ip {
+        Ok(ip) if !ip.is_unspecified() => vec![SocketAddr::new(ip, bound.port())],
+        _ => Vec::new(),
+    }
+}

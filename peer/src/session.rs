@@ -1,0 +1,429 @@
+//! The peer's session with the rendezvous: register, keep the registration alive, re-register
+//! with backoff whenever the connection drops, and carry requests and pushed events.
+//!
+//! The state is published in a `watch` channel; readers clone what they need and never hold a
+//! borrow across an `.await`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::{Fingerprint, Identity, KnownServers, ServerTrust};
+use common::frame_io::{read_frame, write_frame};
+use common::{ControlMessage, PeerId, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, watch};
+use transport::TransportSettings;
+
+/// Server name sent in the TLS handshake (our verifiers check keys, not names).
+const SERVER_NAME: &str = "rendezvous";
+/// Longest wait for one request's reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff between registration attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Pushed events queued for the application.
+const EVENT_QUEUE: usize = 64;
+
+/// A live registration.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The QUIC connection to the rendezvous.
+    pub conn: quinn::Connection,
+    /// Our id as the server derived it from our certificate.
+    pub id: PeerId,
+    /// Our public address as the server saw it.
+    pub observed: SocketAddr,
+    /// Times registered so far in this process (1 for the first).
+    pub generation: u64,
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone)]
+pub enum SessionState {
+    /// Trying to (re-)register; the last failure, if any.
+    Connecting {
+        /// Why the last attempt failed.
+        last_error: Option<String>,
+    },
+    /// Registered.
+    Registered(Registration),
+    /// Stopped for good (the server key is wrong): retrying cannot help.
+    Fatal(String),
+}
+
+/// Something the server pushed.
+#[derive(Debug, Clone)]
+pub enum ServerEvent {
+    /// Another peer asked to connect to us (or we to it): start probing.
+    Punch {
+        /// The other side.
+        peer: PeerId,
+        /// Where it may be reached.
+        candidates: Vec<common::message::Candidate>,
+        /// Shared nonce.
+        nonce: u64,
+    },
+}
+
+/// How to reach and trust the rendezvous.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Server address as the user wrote it (the key for the known-servers file).
+    pub server_name: String,
+    /// Resolved address.
+    pub server_addr: SocketAddr,
+    /// A pinned fingerprint (`--server-key`), else trust on first use.
+    pub pinned: Option<Fingerprint>,
+    /// Known-servers file for trust on first use.
+    pub known_servers: PathBuf,
+    /// Our interface addresses to announce.
+    pub local_addrs: Vec<SocketAddr>,
+    /// QUIC timers.
+    pub transport: TransportSettings,
+}
+
+/// Handle to the running session.
+#[derive(Clone)]
+pub struct Session {
+    state: watch::Receiver<SessionState>,
+}
+
+/// Errors of a request to the rendezvous.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No live registration right now.
+    #[error("not registered with the rendezvous: {0}")]
+    NotRegistered(String),
+    /// No reply in time.
+    #[error("the rendezvous did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The stream failed.
+    #[error("request to the rendezvous failed: {0}")]
+    Transport(String),
+    /// The reply was not a valid message.
+    #[error("invalid reply from the rendezvous: {0}")]
+    BadReply(String),
+}
+
+impl Session {
+    /// Starts the session task. Messages pushed by the server arrive on the returned receiver.
+    pub fn start(
+        endpoint: quinn::Endpoint,
+        identity: Arc<Identity>,
+        config: SessionConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> (
+        Session,
+        mpsc::Receiver<ServerEvent>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (state_tx, state) = watch::channel(SessionState::Connecting { last_error: None });
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let task = tokio::spawn(run(
+            endpoint, identity, config, state_tx, events_tx, shutdown,
+        ));
+        (Session { state }, events, task)
+    }
+
+    /// The current state.
+    pub fn state(&self) -> SessionState {
+        self.state.borrow().clone()
+    }
+
+    /// A watch on the state, to follow re-registrations.
+    pub fn watch(&self) -> watch::Receiver<SessionState> {
+        self.state.clone()
+    }
+
+    /// Waits for a registration; fails with the last error after `timeout`, or at once if the
+    /// session hit a fatal error.
+    pub async fn wait_registered(&self, timeout: Duration) -> Result<Registration, String> {
+        let mut state = self.state.clone();
+        let wait = async {
+            loop {
+                let current = state.borrow_and_update().clone();
+                match current {
+                    SessionState::Registered(reg) => return Ok(reg),
+                    SessionState::Fatal(e) => return Err(e),
+                    SessionState::Connecting { .. } => {}
+                }
+                if state.changed().await.is_err() {
+                    return Err("session stopped".to_owned());
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(match self.state() {
+                SessionState::Connecting {
+                    last_error: Some(e),
+                } => format!("no registration within {timeout:?}: {e}"),
+                _ => format!("no answer within {timeout:?}"),
+            }),
+        }
+    }
+
+    /// Sends one request on its own stream and waits for the reply.
+    pub async fn request(&self, msg: &ControlMessage) -> Result<ControlMessage, RequestError> {
+        let conn = match self.state() {
+            SessionState::Registered(reg) => reg.conn,
+            SessionState::Connecting { last_error } => {
+                return Err(RequestError::NotRegistered(
+                    last_error.unwrap_or_else(|| "still connecting".into()),
+                ))
+            }
+            SessionState::Fatal(e) => return Err(RequestError::NotRegistered(e)),
+        };
+        let exchange = async {
+            let (mut tx, mut rx) = conn
+                .open_bi()
+                .await
+                .map_err(|e| RequestError::Transport(e.to_string()))?;
+            write_frame(&mut tx, &msg.encode())
+                .await
+                .map_err(|e| RequestError::Transport(e.to_string()))?;
+            let _ = tx.finish();
+            let body = read_frame(&mut rx)
+                .await
+                .map_err(|e| RequestError::Transport(e.to_string()))?
+                .ok_or_else(|| RequestError::BadReply("stream closed without a reply".into()))?;
+            ControlMessage::decode(&body).map_err(|e| RequestError::BadReply(e.to_string()))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| RequestError::Timeout(REQUEST_TIMEOUT))?
+    }
+}
+
+enum AttemptError {
+    /// Retrying will not help.
+    Fatal(String),
+    /// Try again after a backoff.
+    Retry(String),
+}
+
+async fn run(
+    endpoint: quinn::Endpoint,
+    identity: Arc<Identity>,
+    config: SessionConfig,
+    state_tx: watch::Sender<SessionState>,
+    events_tx: mpsc::Sender<ServerEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut generation = 0u64;
+    // Pinned by flag, else by the known-servers file, else trusted on first use and then pinned
+    // for the life of the process.
+    let mut trust = match config.pinned {
+        Some(fp) => ServerTrust::Pinned(fp),
+        None => match KnownServers::load(&config.known_servers) {
+            Ok(known) => known
+                .get(&config.server_name)
+                .map_or(ServerTrust::FirstUse, ServerTrust::Pinned),
+            Err(e) => {
+                state_tx.send_replace(SessionState::Fatal(e.to_string()));
+                return;
+            }
+        },
+    };
+    loop {
+        let attempt = tokio::select! {
+            r = register(&endpoint, &identity, &config, &mut trust) => r,
+            _ = shutdown.changed() => return,
+        };
+        match attempt {
+            Ok((conn, control_tx, mut control_rx, id, observed)) => {
+                generation += 1;
+                backoff = BACKOFF_MIN;
+                state_tx.send_replace(SessionState::Registered(Registration {
+                    conn: conn.clone(),
+                    id,
+                    observed,
+                    generation,
+                }));
+                tracing::info!(%observed, generation, "registered with the rendezvous");
+                let reason = tokio::select! {
+                    r = pump_events(&mut control_rx, &events_tx) => r,
+                    e = conn.closed() => e.to_string(),
+                    _ = shutdown.changed() => {
+                        conn.close(0u32.into(), b"peer shutting down");
+                        return;
+                    }
+                };
+                drop(control_tx);
+                tracing::warn!(%reason, "lost the rendezvous connection; re-registering");
+                conn.close(0u32.into(), b"re-registering");
+                state_tx.send_replace(SessionState::Connecting {
+                    last_error: Some(reason),
+                });
+            }
+            Err(AttemptError::Fatal(e)) => {
+                tracing::error!(error = %e, "giving up on the rendezvous");
+                state_tx.send_replace(SessionState::Fatal(e));
+                return;
+            }
+            Err(AttemptError::Retry(e)) => {
+                tracing::debug!(error = %e, "registration attempt failed");
+                state_tx.send_replace(SessionState::Connecting {
+                    last_error: Some(e),
+                });
+            }
+        }
+        // Jitter spreads out the reconnect storm after a server restart.
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+type Registered = (
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    PeerId,
+    SocketAddr,
+);
+
+async fn register(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    config: &SessionConfig,
+    trust: &mut ServerTrust,
+) -> Result<Registered, AttemptError> {
+    let retry = |e: &dyn std::fmt::Display| AttemptError::Retry(e.to_string());
+    let tls = certs::client_config_for_server(identity, *trust, common::ALPN_RENDEZVOUS)
+        .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+    let client = transport::quic_client_config(tls, config.transport)
+        .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+    let connecting = endpoint
+        .connect_with(client, config.server_addr, SERVER_NAME)
+        .map_err(|e| retry(&e))?;
+    let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        Err(_) => {
+            return Err(AttemptError::Retry(format!(
+                "no answer from {} within 5 s",
+                config.server_addr
+            )))
+        }
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            if text.contains("key mismatch") {
+                return Err(AttemptError::Fatal(describe_mismatch(&text)));
+            }
+            return Err(retry(&e));
+        }
+        Ok(Ok(conn)) => conn,
+    };
+    if *trust == ServerTrust::FirstUse {
+        let fp = server_fingerprint(&conn).map_err(AttemptError::Fatal)?;
+        let mut known = KnownServers::load(&config.known_servers)
+            .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+        known
+            .remember(&config.server_name, fp)
+            .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+        eprintln!(
+            "trusting rendezvous {} key {fp} on first use (saved in {})",
+            config.server_name,
+            config.known_servers.display()
+        );
+        *trust = ServerTrust::Pinned(fp);
+    }
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| retry(&e))?;
+    let register = ControlMessage::Register {
+        version: PROTOCOL_VERSION,
+        local_addrs: config.local_addrs.clone(),
+    };
+    write_frame(&mut tx, &register.encode())
+        .await
+        .map_err(|e| retry(&e))?;
+    let reply = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut rx))
+        .await
+        .map_err(|_| AttemptError::Retry("no reply to register within 5 s".into()))?
+        .map_err(|e| retry(&e))?
+        .ok_or_else(|| AttemptError::Retry("server closed the control stream".into()))?;
+    match ControlMessage::decode(&reply) {
+        Ok(ControlMessage::Registered { id, observed, .. }) => {
+            if id != identity.id() {
+                return Err(AttemptError::Fatal(format!(
+                    "the rendezvous registered us as {id}, but our id is {}",
+                    identity.id()
+                )));
+            }
+            Ok((conn, tx, rx, id, observed))
+        }
+        Ok(ControlMessage::Error { code, message }) => {
+            let text = format!("registration refused ({code:?}): {message}");
+            if code == common::ErrorCode::UnsupportedVersion {
+                Err(AttemptError::Fatal(text))
+            } else {
+                Err(AttemptError::Retry(text))
+            }
+        }
+        Ok(other) => Err(AttemptError::Retry(format!(
+            "unexpected reply `{}` to register",
+            other.kind()
+        ))),
+        Err(e) => Err(retry(&e)),
+    }
+}
+
+fn describe_mismatch(text: &str) -> String {
+    // The rustls error text is wrapped by quinn; keep our own sentence from it.
+    match text.find("rendezvous key mismatch") {
+        Some(start) => text[start..].trim_end_matches(')').to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+fn server_fingerprint(conn: &quinn::Connection) -> Result<Fingerprint, String> {
+    let identity = conn
+        .peer_identity()
+        .ok_or_else(|| "server presented no certificate".to_owned())?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected server identity type".to_owned())?;
+    let cert = chain
+        .first()
+        .ok_or_else(|| "empty server certificate chain".to_owned())?;
+    certs::fingerprint_of_cert(cert).map_err(|e| e.to_string())
+}
+
+/// Reads pushed messages until the control stream ends; returns why it ended.
+async fn pump_events(
+    control_rx: &mut quinn::RecvStream,
+    events_tx: &mpsc::Sender<ServerEvent>,
+) -> String {
+    loop {
+        let body = match read_frame(control_rx).await {
+            Ok(Some(body)) => body,
+            Ok(None) => return "server closed the control stream".into(),
+            Err(e) => return e.to_string(),
+        };
+        match ControlMessage::decode(&body) {
+            Ok(ControlMessage::Punch {
+                peer,
+                candidates,
+                nonce,
+            }) => {
+                let event = ServerEvent::Punch {
+                    peer,
+                    candidates,
+                    nonce,
+                };
+                if events_tx.try_send(event).is_err() {
+                    tracing::warn!("event queue full; dropping a punch request");
+                }
+            }
+            Ok(ControlMessage::Error { code, message }) => {
+                tracing::warn!(?code, %message, "rendezvous reported an error");
+            }
+            Ok(other) => tracing::debug!(kind = other.kind(), "ignoring pushed message"),
+            Err(e) => tracing::warn!(error = %e, "malformed message from the rendezvous"),
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! The rendezvous's protocol logic as a state machine: no sockets, no clocks, no tasks.
+//!
+//! The driver feeds it who sent what (the id comes from the client certificate, the observed
+//! address from the packets) and the time, and carries out what it returns: a reply, pushes to
+//! other connections, and records to persist. Tests drive it directly.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use common::message::{Candidate, CandidateKind, PeerInfo, MAX_LOCAL_ADDRS};
+use common::{ControlMessage, ErrorCode, PeerId, PROTOCOL_VERSION};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Identifies one QUIC connection in the driver.
+pub type ConnId = u64;
+
+/// Keep-alive interval the server asks peers to use (seconds), below common NAT UDP timeouts.
+pub const KEEPALIVE_S: u32 = 15;
+
+/// What is stored for each registered peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Public address last observed.
+    pub observed: SocketAddr,
+    /// Interface addresses the peer announced.
+    pub local_addrs: Vec<SocketAddr>,
+    /// Last time the server heard from the peer.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    /// First registration.
+    #[serde(with = "time::serde::rfc3339")]
+    pub registered_at: OffsetDateTime,
+}
+
+/// What the driver must do after an input.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Reply on the stream the request came on.
+    pub reply: Option<ControlMessage>,
+    /// Messages to push on other peers' control streams.
+    pub pushes: Vec<(ConnId, ControlMessage)>,
+    /// A record to write to storage (before the reply is sent, for registrations).
+    pub persist: Option<(PeerId, Record)>,
+}
+
+impl Outcome {
+    fn reply(msg: ControlMessage) -> Self {
+        Outcome {
+            reply: Some(msg),
+            ..Outcome::default()
+        }
+    }
+
+    fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::reply(ControlMessage::error(code, message))
+    }
+}
+
+/// Counters for the operator.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Successful registrations.
+    pub registrations: u64,
+    /// Queries answered (found or not).
+    pub queries: u64,
+    /// Introductions made (`punch` sent to both sides).
+    pub punches: u64,
+    /// Requests refused as invalid.
+    pub rejected: u64,
+}
+
+/// The registry and punch coordinator.
+#[derive(Debug)]
+pub struct Registry {
+    peers: HashMap<PeerId, Record>,
+    online: HashMap<PeerId, ConnId>,
+    next_nonce: u64,
+    counters: Counters,
+}
+
+impl Registry {
+    /// A registry holding `records` loaded from storage; nobody online. `nonce_seed` should be
+    /// random so that punch nonces cannot be guessed across restarts.
+    pub fn new(records: impl IntoIterator<Item = (PeerId, Record)>, nonce_seed: u64) -> Self {
+        Registry {
+            peers: records.into_iter().collect(),
+            online: HashMap::new(),
+            next_nonce: nonce_seed,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Registered peers (online or not).
+    pub fn registered(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Peers with a live control connection.
+    pub fn online(&self) -> usize {
+        self.online.len()
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The connection currently registered for `id`.
+    pub fn connection_of(&self, id: &PeerId) -> Option<ConnId> {
+        self.online.get(id).copied()
+    }
+
+    /// Handles a message from the authenticated peer `id` on connection `conn`, whose packets
+    /// currently come from `observed`.
+    pub fn handle(
+        &mut self,
+        conn: ConnId,
+        id: PeerId,
+        observed: SocketAddr,
+        msg: ControlMessage,
+        now: OffsetDateTime,
+    ) -> Outcome {
+        let registered_here = self.online.get(&id) == Some(&conn);
+        match msg {
+            ControlMessage::Register {
+                version,
+                local_addrs,
+            } => self.register(conn, id, observed, version, local_addrs, now),
+            _ if !registered_here => {
+                self.counters.rejected += 1;
+                Outcome::error(
+                    ErrorCode::NotRegistered,
+                    "send `register` on the control stream first",
+                )
+            }
+            ControlMessage::Query { id: target } => {
+                let mut outcome = self.touch(id, observed, now);
+                self.counters.queries += 1;
+                outcome.reply = Some(match self.peers.get(&target) {
+                    Some(record) => ControlMessage::PeerInfo(PeerInfo {
+                        id: target,
+                        observed: record.observed,
+                        local_addrs: record.local_addrs.clone(),
+                        online: self.online.contains_key(&target),
+                        last_seen: if self.online.contains_key(&target) {
+                            now
+                        } else {
+                            record.last_seen
+                        },
+                    }),
+                    None => ControlMessage::error(
+                        ErrorCode::NotFound,
+                        format!("peer {target} is not registered"),
+                    ),
+                });
+                outcome
+            }
+            ControlMessage::Connect { id: target } => {
+                let mut outcome = self.touch(id, observed, now);
+                let (reply, pushes) = self.introduce(id, target);
+                outcome.reply = Some(reply);
+                outcome.pushes = pushes;
+                outcome
+            }
+            ControlMessage::Ping { seq } => {
+                let mut outcome = self.touch(id, observed, now);
+                outcome.reply = Some(ControlMessage::Pong { seq });
+                outcome
+            }
+            other => {
+                self.counters.rejected += 1;
+                Outcome::error(
+                    ErrorCode::BadRequest,
+                    format!("`{}` is sent by the server, not to it", other.kind()),
+                )
+            }
+        }
+    }
+
+    fn register(
+        &mut self,
+        conn: ConnId,
+        id: PeerId,
+        observed: SocketAddr,
+        version: u32,
+        mut local_addrs: Vec<SocketAddr>,
+        now: OffsetDateTime,
+    ) -> Outcome {
+        if version != PROTOCOL_VERSION {
+            self.counters.rejected += 1;
+            return Outcome::error(
+                ErrorCode::UnsupportedVersion,
+                format!("server speaks protocol version {PROTOCOL_VERSION}, client sent {version}"),
+            );
+        }
+        if local_addrs.len() > MAX_LOCAL_ADDRS {
+            self.counters.rejected += 1;
+            return Outcome::error(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} local addresses announced, at most {MAX_LOCAL_ADDRS} are accepted",
+                    local_addrs.len()
+                ),
+            );
+        }
+        local_addrs.retain(|a| a.port() != 0 && !a.ip().is_unspecified());
+        local_addrs.dedup();
+        let registered_at = self.peers.get(&id).map_or(now, |r| r.registered_at);
+        let record = Record {
+            observed,
+            local_addrs,
+            last_seen: now,
+            registered_at,
+        };
+        self.peers.insert(id, record.clone());
+        // A newer connection replaces an older one (a peer that re-registers after a network
+        // change while the server has not yet noticed the old connection died).
+        self.online.insert(id, conn);
+        self.counters.registrations += 1;
+        Outcome {
+            reply: Some(ControlMessage::Registered {
+                id,
+                observed,
+                keepalive_s: KEEPALIVE_S,
+                version: PROTOCOL_VERSION,
+            }),
+            pushes: Vec::new(),
+            persist: Some((id, record)),
+        }
+    }
+
+    /// Refreshes `last_seen` in memory, and the observed address if the peer's packets now come
+    /// from elsewhere (NAT rebinding, migration); only the latter needs persisting.
+    fn touch(&mut self, id: PeerId, observed: SocketAddr, now: OffsetDateTime) -> Outcome {
+        let Some(record) = self.peers.get_mut(&id) else {
+            return Outcome::default();
+        };
+        record.last_seen = now;
+        if record.observed != observed {
+            record.observed = observed;
+            return Outcome {
+                persist: Some((id, record.clone())),
+                ..Outcome::default()
+            };
+        }
+        Outcome::default()
+    }
+
+    fn introduce(
+        &mut self,
+        from: PeerId,
+        target: PeerId,
+    ) -> (ControlMessage, Vec<(ConnId, ControlMessage)>) {
+        if target == from {
+            self.counters.rejected += 1;
+            return (
+                ControlMessage::error(ErrorCode::BadRequest, "cannot connect to yourself"),
+                Vec::new(),
+            );
+        }
+        let Some(target_record) = self.peers.get(&target) else {
+            return (
+                ControlMessage::error(
+                    ErrorCode::NotFound,
+                    format!("peer {target} is not registered"),
+                ),
+                Vec::new(),
+            );
+        };
+        let Some(&target_conn) = self.online.get(&target) else {
+            let last_seen = target_record
+                .last_seen
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            return (
+                ControlMessage::error(
+                    ErrorCode::PeerOffline,
+                    format!("peer {target} is registered but not online (last seen {last_seen})"),
+                ),
+                Vec::new(),
+            );
+        };
+        let Some(from_record) = self.peers.get(&from) else {
+            return (
+                ControlMessage::error(ErrorCode::NotRegistered, "register first"),
+                Vec::new(),
+            );
+        };
+        self.next_nonce = self.next_nonce.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let nonce = self.next_nonce;
+        self.counters.punches += 1;
+        let to_requester = ControlMessage::Punch {
+            peer: target,
+            candidates: candidates(target_record),
+            nonce,
+        };
+        let to_target = ControlMessage::Punch {
+            peer: from,
+            candidates: candidates(from_record),
+            nonce,
+        };
+        (to_requester, vec![(target_conn, to_target)])
+    }
+
+    /// The connection `conn` of `id` closed.
+    pub fn disconnected(
+        &mut self,
+        conn: ConnId,
+        id: PeerId,
+        now: OffsetDateTime,
+    ) -> Option<(PeerId, Record)> {
+        if self.online.get(&id) != Some(&conn) {
+            // An older connection of a peer that has since re-registered.
+            return None;
+        }
+        self.online.remove(&id);
+        let record = self.peers.get_mut(&id)?;
+        record.last_seen = now;
+        Some((id, record.clone()))
+    }
+}
+
+fn candidates(record: &Record) -> Vec<Candidate> {
+    let mut out = vec![Candidate {
+        addr: record.observed,
+        kind: CandidateKind::Observed,
+    }];
+    for &addr in &record.local_addrs {
+        if addr != record.observed {
+            out.push(Candidate {
+                addr,
+                kind: CandidateKind::Local,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn id(n: u8) -> PeerId {
+        PeerId::from_key_digest(&[n; 32])
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([203, 0, 113, 5], port))
+    }
+
+    const T0: OffsetDateTime = datetime!(2026-11-25 08:00 UTC);
+
+    fn register(reg: &mut Registry, conn: ConnId, peer: PeerId, port: u16) -> Outcome {
+        reg.handle(
+            conn,
+            peer,
+            addr(port),
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs: vec![SocketAddr::from(([10, 0, 0, 2], port))],
+            },
+            T0,
+        )
+    }
+
+    #[test]
+    fn register_reports_the_observed_address_and_persists() {
+        let mut reg = Registry::new([], 1);
+        let out = register(&mut reg, 1, id(1), 4000);
+        assert_eq!(
+            out.reply,
+            Some(ControlMessage::Registered {
+                id: id(1),
+                observed: addr(4000),
+                keepalive_s: KEEPALIVE_S,
+                version: PROTOCOL_VERSION
+            })
+        );
+        let (who, record) = out.persist.unwrap();
+        assert_eq!(who, id(1));
+        assert_eq!(record.observed, addr(4000));
+        assert_eq!(reg.online(), 1);
+    }
+
+    #[test]
+    fn requests_before_register_are_refused() {
+        let mut reg = Registry::new([], 1);
+        let out = reg.handle(1, id(1), addr(1), ControlMessage::Query { id: id(2) }, T0);
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::NotRegistered,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn query_found_not_found_and_offline() {
+        let mut reg = Registry::new([], 1);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(2), 5000);
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Query { id: id(2) },
+            T0,
+        );
+        match out.reply {
+            Some(ControlMessage::PeerInfo(info)) => {
+                assert_eq!(info.observed, addr(5000));
+                assert!(info.online);
+            }
+            other => panic!("{other:?}"),
+        }
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Query { id: id(9) },
+            T0,
+        );
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::NotFound,
+                ..
+            })
+        ));
+        let later = T0 + time::Duration::minutes(5);
+        assert!(reg.disconnected(2, id(2), later).is_some());
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Query { id: id(2) },
+            T0,
+        );
+        match out.reply {
+            Some(ControlMessage::PeerInfo(info)) => {
+                assert!(!info.online);
+                assert_eq!(info.last_seen, later);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn connect_pushes_punch_to_both_with_the_same_nonce() {
+        let mut reg = Registry::new([], 7);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(2), 5000);
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
+        let Some(ControlMessage::Punch {
+            peer,
+            candidates,
+            nonce,
+        }) = out.reply
+        else {
+            panic!("{:?}", out.reply)
+        };
+        assert_eq!(peer, id(2));
+        assert_eq!(candidates[0].addr, addr(5000));
+        assert_eq!(candidates[0].kind, CandidateKind::Observed);
+        assert_eq!(candidates[1].kind, CandidateKind::Local);
+        assert_eq!(out.pushes.len(), 1);
+        let (
+            conn,
+            ControlMessage::Punch {
+                peer: pushed_peer,
+                nonce: pushed_nonce,
+                candidates: pushed,
+            },
+        ) = &out.pushes[0]
+        else {
+            panic!()
+        };
+        assert_eq!(*conn, 2);
+        assert_eq!(*pushed_peer, id(1));
+        assert_eq!(*pushed_nonce, nonce);
+        assert_eq!(pushed[0].addr, addr(4000));
+        assert_eq!(reg.counters().punches, 1);
+    }
+
+    #[test]
+    fn connect_to_offline_unknown_or_self_is_an_error() {
+        let mut reg = Registry::new([], 1);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(2), 5000);
+        reg.disconnected(2, id(2), T0);
+        for (target, code) in [
+            (id(2), ErrorCode::PeerOffline),
+            (id(3), ErrorCode::NotFound),
+            (id(1), ErrorCode::BadRequest),
+        ] {
+            let out = reg.handle(
+                1,
+                id(1),
+                addr(4000),
+                ControlMessage::Connect { id: target },
+                T0,
+            );
+            match out.reply {
+                Some(ControlMessage::Error { code: got, .. }) => assert_eq!(got, code),
+                other => panic!("{other:?}"),
+            }
+            assert!(out.pushes.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_stale_connection_closing_does_not_take_the_new_one_offline() {
+        let mut reg = Registry::new([], 1);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(1), 4001);
+        assert_eq!(reg.disconnected(1, id(1), T0), None);
+        assert_eq!(reg.connection_of(&id(1)), Some(2));
+    }
+
+    #[test]
+    fn address_change_is_persisted_and_bad_registrations_refused() {
+        let mut reg = Registry::new([], 1);
+        register(&mut reg, 1, id(1), 4000);
+        let out = reg.handle(1, id(1), addr(4444), ControlMessage::Ping { seq: 3 }, T0);
+        assert_eq!(out.reply, Some(ControlMessage::Pong { seq: 3 }));
+        assert_eq!(out.persist.unwrap().1.observed, addr(4444));
+        let out = reg.handle(
+            3,
+            id(3),
+            addr(1),
+            ControlMessage::Register {
+                version: 99,
+                local_addrs: vec![],
+            },
+            T0,
+        );
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::UnsupportedVersion,
+                ..
+            })
+        ));
+        let out = reg.handle(
+            3,
+            id(3),
+            addr(1),
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs: vec![addr(1); MAX_LOCAL_ADDRS + 1],
+            },
+            T0,
+        );
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ));
+        assert_eq!(reg.registered(), 1);
+    }
+
+    #[test]
+    fn server_side_messages_from_peers_are_refused() {
+        let mut reg = Registry::new([], 1);
+        register(&mut reg, 1, id(1), 4000);
+        let out = reg.handle(1, id(1), addr(4000), ControlMessage::Pong { seq: 1 }, T0);
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,141 @@
+//! The rendezvous server: registry, punch coordination and STUN, as a library so that tests and
+//! benchmarks can run it in-process. The `rendezvous` binary is a thin CLI over [`Server`].
+
+pub mod core;
+pub mod ratelimit;
+mod server;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use certs::{Fingerprint, Identity};
+use tokio::sync::watch;
+
+pub use server::Limits;
+
+/// Everything needed to start a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP address to listen on (QUIC and STUN).
+    pub listen: SocketAddr,
+    /// Where the key and the registry live.
+    pub data_dir: PathBuf,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory is unusable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The server key could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] certs::IdentityError),
+    /// The registry could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// TLS set-up failed.
+    #[error(transparent)]
+    Tls(#[from] certs::TlsConfigError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Endpoint(#[from] transport::EndpointError),
+}
+
+/// A started server. Dropping it without [`Server::shutdown`] aborts nothing: call shutdown.
+pub struct Server {
+    local_addr: SocketAddr,
+    fingerprint: Fingerprint,
+    registered: usize,
+    shutdown_tx: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the data dir (creating the key and registry on first start), binds, and starts
+    /// serving in the background.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let (identity, _) = Identity::load_or_create(&config.data_dir.join("server.pem"))?;
+        let (store, records, writer) = store::open(&config.data_dir)?;
+        let registered = records.len();
+        let registry = core::Registry::new(records, rand::random());
+        let tls = certs::server_config(&identity, &[common::ALPN_RENDEZVOUS])?;
+        let (endpoint, demux, stun_rx) = transport::make_endpoint(
+            config.listen,
+            Some(tls),
+            transport::TransportSettings::default(),
+            1024,
+            Some(identity.derive_secret("quic stateless reset")),
+        )?;
+        let local_addr =
+            endpoint
+                .local_addr()
+                .map_err(|source| transport::EndpointError::Socket {
+                    addr: config.listen,
+                    source,
+                })?;
+        let shared = server::Shared::new(registry, store, config.limits);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(server::serve(endpoint, demux, stun_rx, shared, shutdown_rx));
+        Ok(Server {
+            local_addr,
+            fingerprint: identity.fingerprint(),
+            registered,
+            shutdown_tx,
+            task,
+            writer,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server key's fingerprint, which peers pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Registrations loaded from disk at start.
+    pub fn registered_at_start(&self) -> usize {
+        self.registered
+    }
+
+    /// Closes every connection, waits for the tasks and for pending registry writes.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.task.await;
+        // All store handles lived in the tasks: the writer drains its queue and exits.
+        let _ = tokio::task::spawn_blocking(move || self.writer.join()).await;
+    }
+
+    /// Waits until the server stops by itself (it only does on shutdown).
+    pub fn shutdown_handle(&self) -> Arc<watch::Sender<bool>> {
+        Arc::new(self.shutdown_tx.clone())
+    }
+}
+
+/// The fingerprint of the key in `data_dir`, creating the key if there is none.
+pub fn fingerprint(data_dir: &std::path::Path) -> Result<Fingerprint, StartError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let (identity, _) = Identity::load_or_create(&data_dir.join("server.pem"))?;
+    Ok(identity.fingerprint())
+}

@@ -1,0 +1,112 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use rendezvous::{Config, Limits, Server};
+
+/// The rendezvous server: peers register here, find each other by id, and are introduced for
+/// hole punching.
+#[derive(Parser, Debug)]
+#[command(name = "rendezvous", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve QUIC (control protocol) and STUN on one UDP port.
+    Serve {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7000")]
+        listen: SocketAddr,
+        /// Directory for the server key and the registry.
+        #[arg(long, default_value = "./rendezvous-data")]
+        data_dir: PathBuf,
+        /// Most concurrent peer connections.
+        #[arg(long, default_value_t = Limits::default().max_connections)]
+        max_connections: usize,
+    },
+    /// Print the server key's fingerprint (what peers pass as --server-key).
+    Fingerprint {
+        /// Directory for the server key and the registry.
+        #[arg(long, default_value = "./rendezvous-data")]
+        data_dir: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Fingerprint { data_dir } => {
+            println!("{}", rendezvous::fingerprint(&data_dir)?);
+            Ok(())
+        }
+        Command::Serve {
+            listen,
+            data_dir,
+            max_connections,
+        } => {
+            let limits = Limits {
+                max_connections,
+                ..Limits::default()
+            };
+            let server = Server::start(Config {
+                listen,
+                data_dir: data_dir.clone(),
+                limits,
+            })
+            .await
+            .with_context(|| format!("starting the rendezvous on {listen}"))?;
+            println!(
+                "rendezvous listening on {} (QUIC and STUN over UDP)",
+                server.local_addr()
+            );
+            println!("server key {}", server.fingerprint());
+            println!(
+                "data dir {} ({} registered peers loaded)",
+                data_dir.display(),
+                server.registered_at_start()
+            );
+            wait_for_signal().await?;
+            println!("shutting down");
+            server.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

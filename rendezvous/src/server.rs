@@ -1,0 +1,411 @@
+//! The tokio driver: accepts QUIC connections, moves frames between streams and the
+//! [`Registry`], writes to the [`Store`], answers STUN. No protocol decisions are made here.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::frame_io::{read_frame, write_frame, FrameIoError};
+use common::{ControlMessage, ErrorCode, FrameError, PeerId};
+use quinn::{Connection, RecvStream, SendStream};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use transport::{DemuxSocket, StunDatagram};
+
+use crate::core::{ConnId, Outcome, Registry};
+use crate::ratelimit::TokenBucket;
+use crate::store::Store;
+
+/// How long a client has to finish the handshake and send `register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request stream may take to deliver its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pushes queued for one peer before new ones are dropped.
+const PUSH_QUEUE: usize = 64;
+/// Application close codes.
+const CLOSE_SHUTDOWN: u32 = 1;
+const CLOSE_PROTOCOL: u32 = 2;
+
+/// Server limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Concurrent connections; more are refused at the QUIC level.
+    pub max_connections: usize,
+    /// Sustained requests per second per connection.
+    pub requests_per_second: f64,
+    /// Burst of requests per connection.
+    pub request_burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 20_000,
+            requests_per_second: 20.0,
+            request_burst: 50.0,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    registry: Mutex<Registry>,
+    pushers: Mutex<HashMap<ConnId, mpsc::Sender<ControlMessage>>>,
+    store: Store,
+    limits: Limits,
+}
+
+/// Locks a mutex, recovering the data if another thread panicked while holding it: the registry
+/// is updated in single steps, so it is consistent whenever the lock is free.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn new(registry: Registry, store: Store, limits: Limits) -> Arc<Self> {
+        Arc::new(Shared {
+            registry: Mutex::new(registry),
+            pushers: Mutex::new(HashMap::new()),
+            store,
+            limits,
+        })
+    }
+
+    /// Runs one input through the registry (lock held only for that), then carries out the
+    /// outcome's persistence and pushes. Returns the reply.
+    async fn apply(
+        &self,
+        conn: ConnId,
+        id: PeerId,
+        observed: SocketAddr,
+        msg: ControlMessage,
+        durable: bool,
+    ) -> Option<ControlMessage> {
+        let Outcome {
+            reply,
+            pushes,
+            persist,
+        } = lock(&self.registry).handle(conn, id, observed, msg, OffsetDateTime::now_utc());
+        if let Some((who, record)) = persist {
+            if durable {
+                if let Err(e) = self.store.put(who, record).await {
+                    tracing::error!(error = %e, "could not persist registration");
+                    return Some(ControlMessage::error(
+                        ErrorCode::Internal,
+                        "registration could not be stored; try again",
+                    ));
+                }
+            } else {
+                self.store.put_later(who, record);
+            }
+        }
+        for (target, push) in pushes {
+            let sender = lock(&self.pushers).get(&target).cloned();
+            match sender {
+                Some(sender) => {
+                    if sender.try_send(push).is_err() {
+                        tracing::warn!(conn = target, "push queue full or closed; dropped");
+                    }
+                }
+                None => tracing::warn!(conn = target, "push target has no control stream"),
+            }
+        }
+        reply
+    }
+}
+
+/// Accepts connections until `shutdown` flips, then closes everything and waits for tasks.
+pub(crate) async fn serve(
+    endpoint: quinn::Endpoint,
+    demux: Arc<DemuxSocket>,
+    stun_rx: mpsc::Receiver<StunDatagram>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(stun_responder(demux, stun_rx, shutdown.clone()));
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+                    incoming.refuse();
+                    continue;
+                };
+                let shared = shared.clone();
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = handle_connection(incoming, shared, shutdown).await {
+                        tracing::debug!(%remote, error = %e, "connection ended");
+                    }
+                    drop(permit);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    endpoint.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks still running after 5 s; aborting them");
+        tasks.shutdown().await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+async fn stun_responder(
+    demux: Arc<DemuxSocket>,
+    mut stun_rx: mpsc::Receiver<StunDatagram>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let datagram = tokio::select! {
+            d = stun_rx.recv() => match d { Some(d) => d, None => return },
+            _ = shutdown.changed() => return,
+        };
+        if let Some(response) = common::stun::answer_binding(&datagram.data, datagram.from) {
+            if let Err(e) = demux.send_to(&response, datagram.from).await {
+                tracing::debug!(to = %datagram.from, error = %e, "STUN response not sent");
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("client certificate: {0}")]
+    Identity(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameIoError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+fn peer_id_of(conn: &Connection) -> Result<PeerId, ConnError> {
+    let identity = conn
+        .peer_identity()
+        .ok_or_else(|| ConnError::Identity("no client certificate".into()))?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| ConnError::Identity("unexpected identity type".into()))?;
+    let cert = certs
+        .first()
+        .ok_or_else(|| ConnError::Identity("empty certificate chain".into()))?;
+    certs::peer_id_of_cert(cert).map_err(|e| ConnError::Identity(e.to_string()))
+}
+
+async fn send(stream: &mut SendStream, msg: &ControlMessage) -> Result<(), ConnError> {
+    write_frame(stream, &msg.encode()).await?;
+    Ok(())
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let conn = tokio::time::timeout(REGISTER_TIMEOUT, incoming)
+        .await
+        .map_err(|_| ConnError::Timeout("handshake"))??;
+    let id = peer_id_of(&conn)?;
+    let conn_id = conn.stable_id() as ConnId;
+    let (mut control_tx, control_rx) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| ConnError::Timeout("control stream"))??;
+
+    // Control frames are read by their own task: reading a frame is not cancel-safe, so it must
+    // not sit in the select! below.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    let reader = tokio::spawn(read_frames(control_rx, frames_tx));
+
+    let result = async {
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, frames.recv())
+            .await
+            .map_err(|_| ConnError::Timeout("register"))?;
+        let first = match first {
+            Some(Ok(body)) => body,
+            Some(Err(e)) => return Err(reject_frame(&conn, &mut control_tx, e).await),
+            None => return Err(ConnError::Protocol("control stream closed before register".into())),
+        };
+        let msg = match ControlMessage::decode(&first) {
+            Ok(msg @ ControlMessage::Register { .. }) => msg,
+            Ok(other) => {
+                let err = ControlMessage::error(
+                    ErrorCode::NotRegistered,
+                    format!("the first message must be `register`, got `{}`", other.kind()),
+                );
+                send(&mut control_tx, &err).await?;
+                let _ = control_tx.finish();
+                return Err(ConnError::Protocol("no register".into()));
+            }
+            Err(e) => {
+                send(&mut control_tx, &ControlMessage::error(e.code(), e.to_string())).await?;
+                let _ = control_tx.finish();
+                return Err(ConnError::Protocol(e.to_string()));
+            }
+        };
+        let reply = shared
+            .apply(conn_id, id, conn.remote_address(), msg, true)
+            .await;
+        let registered = matches!(reply, Some(ControlMessage::Registered { .. }));
+        if let Some(reply) = reply {
+            send(&mut control_tx, &reply).await?;
+        }
+        if !registered {
+            let _ = control_tx.finish();
+            return Err(ConnError::Protocol("registration refused".into()));
+        }
+        tracing::info!(peer = %id, observed = %conn.remote_address(), "registered");
+
+        let (push_tx, mut push_rx) = mpsc::channel(PUSH_QUEUE);
+        lock(&shared.pushers).insert(conn_id, push_tx);
+        let mut limiter = TokenBucket::new(
+            shared.limits.request_burst,
+            shared.limits.requests_per_second,
+            Instant::now(),
+        );
+        let mut requests = JoinSet::new();
+        let outcome = loop {
+            tokio::select! {
+                frame = frames.recv() => match frame {
+                    Some(Ok(body)) => {
+                        let reply = if limiter.try_take(Instant::now()) {
+                            match ControlMessage::decode(&body) {
+                                Ok(msg) => shared.apply(conn_id, id, conn.remote_address(), msg, false).await,
+                                Err(e) => Some(ControlMessage::error(e.code(), e.to_string())),
+                            }
+                        } else {
+                            Some(ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down"))
+                        };
+                        if let Some(reply) = reply {
+                            send(&mut control_tx, &reply).await?;
+                        }
+                    }
+                    Some(Err(e)) => break Err(reject_frame(&conn, &mut control_tx, e).await),
+                    None => break Ok(()),
+                },
+                Some(push) = push_rx.recv() => send(&mut control_tx, &push).await?,
+                stream = conn.accept_bi() => match stream {
+                    Ok((tx, rx)) => {
+                        let allowed = limiter.try_take(Instant::now());
+                        let shared = shared.clone();
+                        let conn = conn.clone();
+                        requests.spawn(async move {
+                            if let Err(e) = handle_request(&shared, &conn, conn_id, id, tx, rx, allowed).await {
+                                tracing::debug!(peer = %id, error = %e, "request failed");
+                            }
+                        });
+                    }
+                    Err(_) => break Ok(()),
+                },
+                Some(_) = requests.join_next(), if !requests.is_empty() => {}
+                _ = shutdown.changed() => break Ok(()),
+            }
+        };
+        requests.shutdown().await;
+        outcome
+    }
+    .await;
+
+    reader.abort();
+    lock(&shared.pushers).remove(&conn_id);
+    let gone = lock(&shared.registry).disconnected(conn_id, id, OffsetDateTime::now_utc());
+    if let Some((who, record)) = gone {
+        shared.store.put_later(who, record);
+        tracing::info!(peer = %id, "offline");
+    }
+    result
+}
+
+/// Answers a bad frame on the control stream and closes the connection: after a bad length the
+/// stream cannot be resynchronised.
+async fn reject_frame(
+    conn: &Connection,
+    control_tx: &mut SendStream,
+    err: FrameIoError,
+) -> ConnError {
+    let code = match &err {
+        FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
+        _ => ErrorCode::BadRequest,
+    };
+    let _ = send(control_tx, &ControlMessage::error(code, err.to_string())).await;
+    let _ = control_tx.finish();
+    // Give the error a moment to leave before the close frame discards unsent data.
+    let _ = tokio::time::timeout(Duration::from_millis(500), control_tx.stopped()).await;
+    conn.close(CLOSE_PROTOCOL.into(), b"bad frame");
+    ConnError::Frame(err)
+}
+
+async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<Result<Vec<u8>, FrameIoError>>) {
+    loop {
+        let frame = read_frame(&mut recv).await;
+        let stop = !matches!(frame, Ok(Some(_)));
+        let item = match frame {
+            Ok(Some(body)) => Ok(body),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        if frames.send(item).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// One request on its own stream: one frame in, one frame out.
+async fn handle_request(
+    shared: &Shared,
+    conn: &Connection,
+    conn_id: ConnId,
+    id: PeerId,
+    mut tx: SendStream,
+    mut rx: RecvStream,
+    allowed: bool,
+) -> Result<(), ConnError> {
+    let reply = if !allowed {
+        ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down")
+    } else {
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut rx)).await {
+            Err(_) => return Err(ConnError::Timeout("request")),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(FrameIoError::Frame(e))) => ControlMessage::error(
+                match e {
+                    FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+                    FrameError::Truncated { .. } => ErrorCode::BadRequest,
+                },
+                e.to_string(),
+            ),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(Some(body))) => match ControlMessage::decode(&body) {
+                Ok(ControlMessage::Register { .. }) => ControlMessage::error(
+                    ErrorCode::BadRequest,
+                    "`register` belongs on the control stream",
+                ),
+                Ok(msg) => shared
+                    .apply(conn_id, id, conn.remote_address(), msg, false)
+                    .await
+                    .unwrap_or_else(|| ControlMessage::error(ErrorCode::Internal, "no reply")),
+                Err(e) => ControlMessage::error(e.code(), e.to_string()),
+            },
+        }
+    };
+    send(&mut tx, &reply).await?;
+    let _ = tx.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
+    Ok(())
+}

@@ -1,0 +1,763 @@
+#!/usr/bin/env bash
+# natlab.sh - network-namespace NAT lab for UDP hole-punching tests.
+#
+# Builds, inspects and tears down small "internets" made of network
+# namespaces (one namespace per host/router), with NAT routers implemented in
+# nftables and link impairment done by a userspace TUN shim (the kernel has no
+# sch_netem).  See scripts/lab/README.md for the topology and semantics.
+#
+#   natlab.sh up LAB --a KIND --b KIND [--same-nat] [--hairpin on|off]
+#             [--delay MS] [--jitter MS] [--loss PCT] [--rate RATE]
+#             [--udp-timeout SECONDS]
+#   natlab.sh exec LAB HOST -- CMD...
+#   natlab.sh status LAB
+#   natlab.sh down LAB
+#   natlab.sh down-all
+#   natlab.sh flush LAB HOST
+#   natlab.sh block LAB HOST | unblock LAB HOST
+#   natlab.sh addr LAB HOST
+#
+# KIND: open full addr port sym cgnat udpblock
+# HOST: inet rv a b nata natb cgnata cgnatb (cgnat = whichever exists)
+set -euo pipefail
+
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+LAB_LIB=$SCRIPT_DIR/lab
+# Per-lab state (config, shim logs/stats).  /run is a tmpfs like /run/netns,
+# so state and namespaces disappear together on reboot.
+RUN_ROOT=${NATLAB_RUN:-/run/natlab}
+# Prefer the system interpreter: a pyenv shim costs ~100 ms per start.
+if [[ -n ${NATLAB_PYTHON:-} ]]; then
+	PYTHON=$NATLAB_PYTHON
+elif [[ -x /usr/bin/python3 ]]; then
+	PYTHON=/usr/bin/python3
+else
+	PYTHON=$(command -v python3)
+fi
+
+readonly KINDS="open full addr port sym cgnat udpblock"
+# Every host name a lab can contain; used to find a lab's namespaces without
+# touching namespaces that merely share a prefix.
+readonly ALL_HOSTS="inet rv a b nata natb cgnata cgnatb"
+readonly INET_GW=203.0.113.1
+
+die() {
+	echo "natlab: $*" >&2
+	exit 1
+}
+
+usage() {
+	sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//' >&2
+	exit 2
+}
+
+check_lab() {
+	[[ $1 =~ ^[a-z0-9]{1,6}$ ]] || die "LAB must be 1-6 chars of [a-z0-9], got '$1'"
+}
+
+# ns LAB HOST -> namespace name
+ns() { printf '%s-%s' "$1" "$2"; }
+
+ns_exists() { [[ -e /run/netns/$1 ]]; }
+
+# Run a command inside a namespace.
+nsx() {
+	local n=$1
+	shift
+	ip netns exec "$n" "$@"
+}
+
+# Namespaces that currently belong to LAB.
+lab_namespaces() {
+	local lab=$1 h
+	for h in $ALL_HOSTS; do
+		if ns_exists "$(ns "$lab" "$h")"; then printf '%s\n' "$(ns "$lab" "$h")"; fi
+	done
+}
+
+# ---------------------------------------------------------------------------
+# helpers for `up`
+# ---------------------------------------------------------------------------
+
+# Parse a rate in bit/s units (tc style: 500kbit, 10mbit, 1gbit, 64000bit;
+# shorthand 500k, 10m, 1g also means bits) into bit/s.  Note: tc's "mbps"
+# means megaBYTES, which is why byte units are rejected here.
+rate_bps() {
+	local r=${1,,} n u
+	[[ $r =~ ^([0-9]+)(bit|kbit|mbit|gbit|k|m|g)$ ]] || die "--rate must look like 500kbit, 10mbit, 1gbit (or 500k, 10m, 1g), got '$1'"
+	n=${BASH_REMATCH[1]}
+	u=${BASH_REMATCH[2]}
+	case $u in
+	bit) echo "$n" ;;
+	k | kbit) echo $((n * 1000)) ;;
+	m | mbit) echo $((n * 1000000)) ;;
+	g | gbit) echo $((n * 1000000000)) ;;
+	esac
+}
+
+new_ns() {
+	local n=$1
+	ip netns add "$n"
+	ip -n "$n" link set lo up
+	# Set defaults BEFORE any interface exists so every interface inherits
+	# them: no IPv6 on the links (no RS/DAD chatter; the lab is IPv4-only,
+	# but lo keeps ::1 so [::] sockets still work), no ICMP redirects (the
+	# hairpin path leaves through the interface it came in on), no
+	# reverse-path filter.
+	nsx "$n" sysctl -q -w \
+		net.ipv6.conf.default.disable_ipv6=1 \
+		net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.default.send_redirects=0 \
+		net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 >/dev/null
+}
+
+router_sysctls() {
+	local n=$1
+	nsx "$n" sysctl -q -w net.ipv4.ip_forward=1 >/dev/null
+	if [[ -n $UDP_TIMEOUT ]]; then
+		# Per-namespace sysctls: only this router's conntrack is affected.
+		nsx "$n" sysctl -q -w \
+			net.netfilter.nf_conntrack_udp_timeout="$UDP_TIMEOUT" \
+			net.netfilter.nf_conntrack_udp_timeout_stream="$UDP_TIMEOUT" >/dev/null
+	fi
+}
+
+# Is the uplink (side <-> inet) impaired by the userspace shim?
+positive() { awk -v x="$1" 'BEGIN { exit !(x + 0 > 0) }'; }
+impaired() {
+	positive "$DELAY" || positive "$JITTER" || positive "$LOSS"
+}
+
+add_tbf() {
+	local n=$1 dev=$2 bps burst limit
+	bps=$(rate_bps "$RATE")
+	# burst: 10 ms worth of tokens (at least 2 full-size frames) so the rate
+	# is smooth even for slow links; queue: ~100 ms at line rate, bounded.
+	burst=$((bps / 8 / 100))
+	((burst < 3028)) && burst=3028
+	limit=$((bps / 8 / 10 + burst))
+	ip -n "$n" link set "$dev" up
+	nsx "$n" tc qdisc replace dev "$dev" root tbf rate "${bps}bit" burst "$burst" limit "$limit"
+}
+
+# link_to_inet EDGE_NS EDGE_DEV EDGE_ADDR INET_DEV [uplink]
+# Every host is attached to LAB-inet by its own routed point-to-point link:
+# the edge gets ADDR/32 and a default route via 203.0.113.1, LAB-inet gets
+# 203.0.113.1/32 plus a /32 route back.  Being routed (not bridged) lets a
+# link be either a veth pair or, when impaired, a pair of TUN devices glued
+# together by scripts/lab/impair.py, without changing any addressing.
+# Only a side's uplink (5th arg set) gets impairment / rate limiting.
+link_to_inet() {
+	local edge=$1 edev=$2 eaddr=$3 idev=$4 uplink=${5:-}
+	local inet
+	inet=$(ns "$LAB" inet)
+	if [[ -n $uplink ]] && impaired; then
+		ip -n "$edge" tuntap add dev "$edev" mode tun
+		ip -n "$inet" tuntap add dev "$idev" mode tun
+	else
+		ip -n "$inet" link add "$idev" type veth peer name "$edev" netns "$edge"
+	fi
+	ip -n "$edge" addr add "$eaddr/32" dev "$edev"
+	ip -n "$edge" link set "$edev" up
+	ip -n "$edge" route add "$INET_GW/32" dev "$edev"
+	ip -n "$edge" route add default via "$INET_GW" dev "$edev" onlink
+	ip -n "$inet" addr add "$INET_GW/32" dev "$idev"
+	ip -n "$inet" link set "$idev" up
+	ip -n "$inet" route add "$eaddr/32" dev "$idev"
+	if [[ -n $uplink && -n $RATE ]]; then
+		# egress of both ends = both directions of the link
+		add_tbf "$edge" "$edev"
+		add_tbf "$inet" "$idev"
+	fi
+	if [[ -n $uplink ]]; then
+		UPLINK_EDGE[$SIDE]="$edge:$edev"
+		UPLINK_INET[$SIDE]="$inet:$idev"
+	fi
+}
+
+# Peer host on a router's LAN bridge.  peer_on_lan ROUTER_NS PEER_NS PORTDEV ADDR/PLEN GW
+peer_on_lan() {
+	local r=$1 p=$2 pdev=$3 cidr=$4 gw=$5
+	ip -n "$r" link add "$pdev" type veth peer name eth0 netns "$p"
+	ip -n "$r" link set "$pdev" master lan up
+	ip -n "$p" addr add "$cidr" dev eth0
+	ip -n "$p" link set eth0 up
+	ip -n "$p" route add default via "$gw"
+}
+
+# nat_ruleset MODE WANIP LANNET TIMEOUT_S -> nft script on stdout
+#   MODE: full | addr | port | sym | udpblock
+# See scripts/lab/README.md "KINDs and how they are built in nft".  The cone kinds do NOT rely on
+# masquerade's port preservation: the first flow of an inside endpoint gets a
+# random public port (`masquerade random`), which is learnt into eim_out /
+# eim_in; later flows of that endpoint are SNATed to the same port from the
+# map (endpoint-independent mapping).  Because the port is random, `flush`
+# (maps + conntrack) really yields a new public port.
+nat_ruleset() {
+	local mode=$1 wanip=$2 lannet=$3 t=$4
+	local cone=1
+	[[ $mode == sym ]] && cone=0
+	cat <<EOF
+table ip natlab {
+	# public udp port -> inside endpoint (inbound DNAT for full/addr, hairpin)
+	map eim_in {
+		typeof udp dport : ip daddr . udp dport
+		flags timeout
+		timeout ${t}s
+		size 65535
+	}
+EOF
+	if ((cone)); then
+		cat <<EOF
+	# inside endpoint -> public endpoint (endpoint-independent mapping)
+	map eim_out {
+		typeof ip saddr . udp sport : ip saddr . udp sport
+		flags timeout
+		timeout ${t}s
+		size 65535
+	}
+	# (public port . inside endpoint) pairs, to detect a fresh random port
+	# that collides with another endpoint's mapping
+	set eim_pair {
+		typeof udp sport . ip saddr . udp sport
+		flags timeout
+		timeout ${t}s
+		size 65535
+	}
+EOF
+	fi
+	if [[ $mode == addr ]]; then
+		cat <<EOF
+	# (public port . remote ip) the inside endpoint has sent to
+	set adf {
+		typeof udp dport . ip saddr
+		flags timeout
+		timeout ${t}s
+		size 65535
+	}
+EOF
+	fi
+	echo "	chain prerouting {"
+	echo "		type nat hook prerouting priority dstnat; policy accept;"
+	case $mode in
+	full) echo "		iifname \"wan\" ip daddr $wanip udp dport @eim_in dnat ip to udp dport map @eim_in" ;;
+	addr) echo "		iifname \"wan\" ip daddr $wanip udp dport . ip saddr @adf dnat ip to udp dport map @eim_in" ;;
+	esac
+	if [[ $HAIRPIN == on ]]; then
+		echo "		iifname \"lan\" ip daddr $wanip udp dport @eim_in dnat ip to udp dport map @eim_in"
+	fi
+	echo "	}"
+	echo "	chain postrouting {"
+	echo "		type nat hook postrouting priority srcnat; policy accept;"
+	if [[ $HAIRPIN == on ]]; then
+		# Hairpinned packets (LAN -> own public address -> LAN) leave with
+		# the sender's public mapping as source, as a real hairpinning NAT.
+		if ((cone)); then
+			echo "		oifname \"lan\" ct status dnat ip saddr $lannet ip saddr . udp sport @eim_out snat ip to ip saddr . udp sport map @eim_out"
+			echo "		oifname \"lan\" ct status dnat ip saddr $lannet meta l4proto udp snat ip to $wanip random"
+		else
+			echo "		oifname \"lan\" ct status dnat ip saddr $lannet meta l4proto udp snat ip to $wanip fully-random"
+		fi
+	fi
+	if ((cone)); then
+		echo "		oifname \"wan\" ip saddr . udp sport @eim_out snat ip to ip saddr . udp sport map @eim_out"
+		echo "		oifname \"wan\" meta l4proto udp masquerade random"
+		echo "		oifname \"wan\" masquerade"
+	else
+		echo "		oifname \"wan\" masquerade fully-random"
+	fi
+	echo "	}"
+	cat <<EOF
+	# Runs after NAT (srcnat+10): packets carry their translated addresses
+	# and conntrack knows both tuples, so the chosen mapping can be learnt.
+	chain learn {
+		type filter hook postrouting priority srcnat + 10; policy accept;
+		meta l4proto != udp accept
+		# (each rule repeats "meta l4proto udp": nft needs it to type ct proto-src/dst)
+EOF
+	if ((cone)); then
+		cat <<EOF
+		meta l4proto udp ct state new ct status snat ct original ip saddr $lannet ct reply proto-dst @eim_in ct reply proto-dst . ct original ip saddr . ct original proto-src != @eim_pair counter drop comment "random port collides with a mapping: drop, next packet gets another"
+		meta l4proto udp ct status snat ct original ip saddr $lannet update @eim_out { ct original ip saddr . ct original proto-src : ct reply ip daddr . ct reply proto-dst } update @eim_in { ct reply proto-dst : ct original ip saddr . ct original proto-src } update @eim_pair { ct reply proto-dst . ct original ip saddr . ct original proto-src }
+		meta l4proto udp ct status dnat ct reply ip saddr $lannet update @eim_out { ct reply ip saddr . ct reply proto-src : ct original ip daddr . ct original proto-dst } update @eim_in { ct original proto-dst : ct reply ip saddr . ct reply proto-src } update @eim_pair { ct original proto-dst . ct reply ip saddr . ct reply proto-src }
+EOF
+	else
+		# sym: mappings are per flow; eim_in is only kept for hairpinning.
+		echo "		meta l4proto udp ct status snat ct original ip saddr $lannet update @eim_in { ct reply proto-dst : ct original ip saddr . ct original proto-src }"
+	fi
+	if [[ $mode == addr ]]; then
+		echo "		oifname \"wan\" update @adf { udp sport . ip daddr }"
+	fi
+	echo "	}"
+	cat <<EOF
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+		ct state established,related accept
+EOF
+	if [[ $mode == udpblock ]]; then
+		echo "		iifname \"lan\" meta l4proto udp counter drop comment \"udpblock: only TCP/ICMP leave\""
+	fi
+	cat <<EOF
+		iifname "lan" accept
+		iifname "wan" oifname "lan" ct status dnat accept
+	}
+	# The NAT box itself: silently drop whatever is unsolicited (no ICMP
+	# port-unreachable leaks), but answer pings (handy for RTT checks).
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iif "lo" accept
+		ct state established,related accept
+		meta l4proto icmp accept
+		iifname "wan" drop
+		ip daddr $wanip meta l4proto udp drop
+	}
+}
+EOF
+}
+
+write_state() {
+	local f=$RUN_DIR/lab.env
+	{
+		printf 'KIND_A=%q\nKIND_B=%q\nSAME_NAT=%q\nHAIRPIN=%q\n' "$KIND_A" "$KIND_B" "$SAME_NAT" "$HAIRPIN"
+		printf 'DELAY=%q\nJITTER=%q\nLOSS=%q\nRATE=%q\nUDP_TIMEOUT=%q\n' "$DELAY" "$JITTER" "$LOSS" "$RATE" "$UDP_TIMEOUT"
+		printf 'HOSTS=%q\nROUTERS=%q\n' "${HOSTS[*]}" "${ROUTERS[*]}"
+		local h
+		for h in "${HOSTS[@]}"; do
+			printf 'ADDR_%s=%q\n' "$h" "${ADDR[$h]}"
+		done
+		for h in "${ROUTERS[@]}"; do
+			printf 'MODE_%s=%q\n' "$h" "${MODE[$h]}"
+		done
+	} >"$f"
+}
+
+load_state() {
+	local lab=$1
+	RUN_DIR=$RUN_ROOT/$lab
+	[[ -r $RUN_DIR/lab.env ]] || die "lab '$lab' is not up (no $RUN_DIR/lab.env)"
+	# shellcheck source=/dev/null
+	. "$RUN_DIR/lab.env"
+}
+
+# Build one side (a or b).  Sets ADDR/MODE/HOSTS/ROUTERS.
+build_side() {
+	local side=$1 kind=$2 idx
+	SIDE=$side
+	[[ $side == a ]] && idx=1 || idx=2
+	local pub=203.0.113.2$idx
+	local peer nat cg
+	peer=$(ns "$LAB" "$side")
+	nat=$(ns "$LAB" "nat$side")
+	case $kind in
+	open)
+		new_ns "$peer"
+		link_to_inet "$peer" eth0 "203.0.113.3$idx" "to-$side" uplink
+		HOSTS+=("$side")
+		ADDR[$side]=203.0.113.3$idx
+		return
+		;;
+	cgnat)
+		# Carrier NAT (cgnat$side) owns the public address; the home NAT
+		# behind it (nat$side) sits in shared address space 100.64.idx.0/24.
+		cg=$(ns "$LAB" "cgnat$side")
+		new_ns "$cg"
+		new_ns "$nat"
+		router_sysctls "$cg"
+		router_sysctls "$nat"
+		link_to_inet "$cg" wan "$pub" "to-cgnat$side" uplink
+		ip -n "$cg" link add lan type veth peer name wan netns "$nat"
+		ip -n "$cg" addr add "100.64.$idx.1/24" dev lan
+		ip -n "$cg" link set lan up
+		ip -n "$nat" addr add "100.64.$idx.2/24" dev wan
+		ip -n "$nat" link set wan up
+		ip -n "$nat" route add default via "100.64.$idx.1"
+		HOSTS+=("cgnat$side" "nat$side")
+		ROUTERS+=("cgnat$side" "nat$side")
+		ADDR[cgnat$side]=$pub
+		ADDR[nat$side]=100.64.$idx.2
+		MODE[cgnat$side]=port
+		MODE[nat$side]=port
+		LANNET[cgnat$side]=100.64.$idx.0/24
+		;;
+	*)
+		new_ns "$nat"
+		router_sysctls "$nat"
+		link_to_inet "$nat" wan "$pub" "to-nat$side" uplink
+		HOSTS+=("nat$side")
+		ROUTERS+=("nat$side")
+		ADDR[nat$side]=$pub
+		MODE[nat$side]=$kind
+		;;
+	esac
+	# Home NAT LAN: a bridge so --same-nat can put two peers on it.
+	ip -n "$nat" link add lan type bridge
+	ip -n "$nat" addr add "10.0.$idx.1/24" dev lan
+	ip -n "$nat" link set lan up
+	LANNET[nat$side]=10.0.$idx.0/24
+	new_ns "$peer"
+	peer_on_lan "$nat" "$peer" "port-$side" "10.0.$idx.2/24" "10.0.$idx.1"
+	HOSTS+=("$side")
+	ADDR[$side]=10.0.$idx.2
+}
+
+start_shim() {
+	local side=$1 edge=$2 inetend=$3 ready=$RUN_DIR/impair-$1.ready
+	local edge_ns=${edge%%:*} seed=()
+	[[ -n ${NATLAB_SEED:-} ]] && seed=(--seed "$NATLAB_SEED")
+	rm -f "$ready"
+	# setsid + full redirection: the shim must outlive `up` and must not hold
+	# the caller's stdout/stderr pipes open.  It lives in the edge namespace,
+	# so `down` finds it with `ip netns pids`, and it exits by itself if the
+	# namespaces disappear.
+	nsx "$edge_ns" setsid "$PYTHON" "$LAB_LIB/impair.py" \
+		--left "$edge" --right "$inetend" \
+		--delay-ms "$DELAY" --jitter-ms "$JITTER" --loss "$LOSS" "${seed[@]}" \
+		--stats "$RUN_DIR/impair-$side.json" --ready "$ready" \
+		</dev/null >>"$RUN_DIR/impair-$side.log" 2>&1 &
+	local i
+	for ((i = 0; i < 100; i++)); do
+		[[ -s $ready ]] && return 0
+		sleep 0.05
+	done
+	cat "$RUN_DIR/impair-$side.log" >&2 || true
+	die "impairment shim for side $side did not start"
+}
+
+cmd_up() {
+	LAB=${1:-}
+	[[ -n $LAB ]] || usage
+	shift
+	check_lab "$LAB"
+	KIND_A="" KIND_B="" SAME_NAT=0 HAIRPIN=off DELAY=0 JITTER=0 LOSS=0 RATE="" UDP_TIMEOUT=""
+	while (($#)); do
+		case $1 in
+		--a) KIND_A=${2:?}; shift 2 ;;
+		--b) KIND_B=${2:?}; shift 2 ;;
+		--same-nat) SAME_NAT=1; shift ;;
+		--hairpin) HAIRPIN=${2:?}; shift 2 ;;
+		--delay) DELAY=${2:?}; shift 2 ;;
+		--jitter) JITTER=${2:?}; shift 2 ;;
+		--loss) LOSS=${2:?}; shift 2 ;;
+		--rate) RATE=${2:?}; shift 2 ;;
+		--udp-timeout) UDP_TIMEOUT=${2:?}; shift 2 ;;
+		*) die "unknown option '$1'" ;;
+		esac
+	done
+	[[ -n $KIND_A ]] || die "--a KIND is required"
+	if ((SAME_NAT)); then
+		[[ -z $KIND_B || $KIND_B == "$KIND_A" ]] || echo "natlab: --same-nat: ignoring --b $KIND_B (both peers behind the --a NAT)" >&2
+		KIND_B=$KIND_A
+		[[ $KIND_A != open ]] || die "--same-nat needs a NAT kind, not 'open'"
+	fi
+	[[ -n $KIND_B ]] || die "--b KIND is required"
+	local k
+	for k in "$KIND_A" "$KIND_B"; do
+		[[ " $KINDS " == *" $k "* ]] || die "unknown KIND '$k' (one of: $KINDS)"
+	done
+	[[ $HAIRPIN == on || $HAIRPIN == off ]] || die "--hairpin must be on or off"
+	local num='^[0-9]+([.][0-9]+)?$'
+	[[ $DELAY =~ $num && $JITTER =~ $num && $LOSS =~ $num ]] || die "--delay/--jitter/--loss must be non-negative numbers"
+	awk -v x="$LOSS" 'BEGIN { exit !(x <= 100) }' || die "--loss is a percentage (0-100)"
+	[[ -z $UDP_TIMEOUT || $UDP_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--udp-timeout must be a positive integer (seconds)"
+	[[ -z $RATE ]] || rate_bps "$RATE" >/dev/null
+
+	if [[ -n $(lab_namespaces "$LAB") ]]; then
+		die "lab '$LAB' already exists; run: $0 down $LAB"
+	fi
+	RUN_DIR=$RUN_ROOT/$LAB
+	rm -rf "$RUN_DIR"
+	mkdir -p "$RUN_DIR"
+	# Half-built labs are removed on any failure.
+	trap 'rc=$?; if ((rc != 0)); then echo "natlab: up $LAB failed, tearing down" >&2; cmd_down "$LAB" >/dev/null 2>&1 || true; fi' EXIT
+
+	declare -gA ADDR=() MODE=() LANNET=() UPLINK_EDGE=() UPLINK_INET=()
+	HOSTS=(inet rv) ROUTERS=() SIDE=""
+	local inet rv
+	inet=$(ns "$LAB" inet)
+	rv=$(ns "$LAB" rv)
+	new_ns "$inet"
+	nsx "$inet" sysctl -q -w net.ipv4.ip_forward=1 >/dev/null
+	new_ns "$rv"
+	ADDR[inet]=$INET_GW
+	ADDR[rv]=203.0.113.10
+	# rv is never impaired; it has a second address for mapping/filtering
+	# probes ("same host, different IP").
+	link_to_inet "$rv" eth0 203.0.113.10 to-rv
+	ip -n "$rv" addr add 203.0.113.11/32 dev eth0
+	ip -n "$inet" route add 203.0.113.11/32 dev to-rv
+
+	build_side a "$KIND_A"
+	if ((SAME_NAT)); then
+		local b
+		b=$(ns "$LAB" b)
+		new_ns "$b"
+		peer_on_lan "$(ns "$LAB" nata)" "$b" port-b 10.0.1.3/24 10.0.1.1
+		HOSTS+=(b)
+		ADDR[b]=10.0.1.3
+	else
+		build_side b "$KIND_B"
+	fi
+
+	# NAT rulesets.  Mapping lifetime = conntrack UDP stream timeout so idle
+	# mappings die together with their conntrack entries.
+	local r rns t mode
+	for r in "${ROUTERS[@]}"; do
+		rns=$(ns "$LAB" "$r")
+		mode=${MODE[$r]}
+		t=${UDP_TIMEOUT:-$(nsx "$rns" cat /proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream)}
+		nat_ruleset "$mode" "${ADDR[$r]}" "${LANNET[$r]}" "$t" | nsx "$rns" nft -f -
+	done
+	write_state
+	if impaired; then
+		local s
+		for s in "${!UPLINK_EDGE[@]}"; do
+			start_shim "$s" "${UPLINK_EDGE[$s]}" "${UPLINK_INET[$s]}"
+		done
+	fi
+	trap - EXIT
+	echo "natlab: lab $LAB up: a=$KIND_A b=$KIND_B same_nat=$SAME_NAT hairpin=$HAIRPIN delay=${DELAY}ms jitter=${JITTER}ms loss=${LOSS}% rate=${RATE:-none} udp_timeout=${UDP_TIMEOUT:-default}"
+}
+
+# ---------------------------------------------------------------------------
+# other commands
+# ---------------------------------------------------------------------------
+
+resolve_host() {
+	local lab=$1 h=$2
+	if [[ $h == cgnat ]]; then
+		if ns_exists "$(ns "$lab" cgnata)"; then h=cgnata; else h=cgnatb; fi
+	fi
+	[[ " $ALL_HOSTS " == *" $h "* ]] || die "unknown HOST '$h' (one of: $ALL_HOSTS cgnat)"
+	ns_exists "$(ns "$lab" "$h")" || die "lab '$lab' has no host '$h'"
+	printf '%s' "$h"
+}
+
+cmd_exec() {
+	local lab=${1:-} host=${2:-}
+	[[ -n $lab && -n $host ]] || usage
+	shift 2
+	[[ ${1:-} == -- ]] && shift
+	(($#)) || die "exec: no command"
+	check_lab "$lab"
+	host=$(resolve_host "$lab" "$host")
+	NATLAB_LAB=$lab NATLAB_HOST=$host exec ip netns exec "$(ns "$lab" "$host")" "$@"
+}
+
+cmd_addr() {
+	local lab=${1:-} host=${2:-} v
+	[[ -n $lab && -n $host ]] || usage
+	check_lab "$lab"
+	load_state "$lab"
+	host=$(resolve_host "$lab" "$host")
+	v=ADDR_$host
+	[[ -n ${!v:-} ]] || die "no address recorded for $host"
+	echo "${!v}"
+}
+
+# Tear down LAB: kill every process in its namespaces, delete them.
+cmd_down() {
+	local lab=${1:-}
+	[[ -n $lab ]] || usage
+	check_lab "$lab"
+	local nss=() pids=() n p i
+	mapfile -t nss < <(lab_namespaces "$lab")
+	for n in "${nss[@]}"; do
+		while read -r p; do [[ -n $p ]] && pids+=("$p"); done < <(ip netns pids "$n" 2>/dev/null || true)
+	done
+	if ((${#pids[@]})); then
+		kill -TERM "${pids[@]}" 2>/dev/null || true
+		for ((i = 0; i < 40; i++)); do
+			local alive=()
+			for p in "${pids[@]}"; do
+				# zombies (state Z) are dead for our purposes
+				if [[ -r /proc/$p/stat ]] && [[ $(awk '{print $3}' "/proc/$p/stat" 2>/dev/null) != Z ]]; then alive+=("$p"); fi
+			done
+			((${#alive[@]})) || break
+			pids=("${alive[@]}")
+			sleep 0.05
+		done
+		if ((i == 40)); then kill -KILL "${pids[@]}" 2>/dev/null || true; fi
+	fi
+	for n in "${nss[@]}"; do
+		# A process started between our scan and now would keep the
+		# namespace alive unnamed; sweep once more.
+		while read -r p; do [[ -n $p ]] && kill -KILL "$p" 2>/dev/null; done < <(ip netns pids "$n" 2>/dev/null || true)
+		ip netns del "$n" 2>/dev/null || true
+	done
+	rm -rf "${RUN_ROOT:?}/$lab"
+	return 0
+}
+
+cmd_down_all() {
+	local labs=() l n
+	if [[ -d $RUN_ROOT ]]; then
+		for l in "$RUN_ROOT"/*/; do
+			[[ -d $l ]] && labs+=("$(basename "$l")")
+		done
+	fi
+	# Labs whose state dir is gone are recognised by their LAB-inet namespace.
+	while read -r n _; do
+		if [[ $n =~ ^([a-z0-9]{1,6})-(inet|rv)$ ]]; then labs+=("${BASH_REMATCH[1]}"); fi
+	done < <(ip netns list 2>/dev/null || true)
+	((${#labs[@]})) || return 0
+	mapfile -t labs < <(printf '%s\n' "${labs[@]}" | sort -u)
+	for l in "${labs[@]}"; do
+		[[ $l =~ ^[a-z0-9]{1,6}$ ]] || continue
+		cmd_down "$l"
+		echo "natlab: removed lab $l"
+	done
+}
+
+router_mode() {
+	local v=MODE_$1
+	printf '%s' "${!v:-}"
+}
+
+cmd_flush() {
+	local lab=${1:-} host=${2:-}
+	[[ -n $lab && -n $host ]] || usage
+	check_lab "$lab"
+	load_state "$lab"
+	host=$(resolve_host "$lab" "$host")
+	local n mode
+	n=$(ns "$lab" "$host")
+	mode=$(router_mode "$host")
+	[[ -n $mode ]] || die "flush: $host is not a NAT router"
+	local maps="flush map ip natlab eim_in"
+	[[ $mode != sym ]] && maps+=$'\nflush map ip natlab eim_out\nflush set ip natlab eim_pair'
+	[[ $mode == addr ]] && maps+=$'\nflush set ip natlab adf'
+	# Hold forwarded UDP while both the mapping maps and conntrack are
+	# emptied, otherwise a packet in between would re-learn the old port.
+	nsx "$n" nft -f - <<EOF
+table ip natlab_flush {
+	chain hold { type filter hook forward priority -200; policy accept; meta l4proto udp drop; }
+}
+$maps
+EOF
+	nsx "$n" conntrack -F >/dev/null 2>&1 || true
+	nsx "$n" nft -f - <<EOF
+$maps
+delete table ip natlab_flush
+EOF
+	echo "natlab: flushed conntrack and NAT mappings on $lab-$host"
+}
+
+cmd_block() {
+	local lab=${1:-} host=${2:-}
+	[[ -n $lab && -n $host ]] || usage
+	check_lab "$lab"
+	host=$(resolve_host "$lab" "$host")
+	local n
+	n=$(ns "$lab" "$host")
+	# Separate table so unblock is a single delete and never touches NAT state.
+	# On routers the forward hook matters; on end hosts input/output do.
+	nsx "$n" nft -f - <<'EOF'
+table ip natlab_block
+delete table ip natlab_block
+table ip natlab_block {
+	chain block_fwd { type filter hook forward priority -100; policy accept; meta l4proto udp counter drop; }
+	chain block_in { type filter hook input priority -100; policy accept; iif "lo" accept; meta l4proto udp counter drop; }
+	chain block_out { type filter hook output priority -100; policy accept; oif "lo" accept; meta l4proto udp counter drop; }
+}
+EOF
+	echo "natlab: blocked UDP through $lab-$host"
+}
+
+cmd_unblock() {
+	local lab=${1:-} host=${2:-}
+	[[ -n $lab && -n $host ]] || usage
+	check_lab "$lab"
+	host=$(resolve_host "$lab" "$host")
+	nsx "$(ns "$lab" "$host")" nft -f - <<'EOF'
+table ip natlab_block
+delete table ip natlab_block
+EOF
+	echo "natlab: unblocked UDP through $lab-$host"
+}
+
+cmd_status() {
+	local lab=${1:-}
+	[[ -n $lab ]] || usage
+	check_lab "$lab"
+	local nss=() n h p
+	mapfile -t nss < <(lab_namespaces "$lab")
+	if ((${#nss[@]} == 0)); then
+		echo "lab $lab: down"
+		return 0
+	fi
+	if [[ -r $RUN_ROOT/$lab/lab.env ]]; then
+		load_state "$lab"
+		echo "lab $lab: a=$KIND_A b=$KIND_B same_nat=$SAME_NAT hairpin=$HAIRPIN delay=${DELAY}ms jitter=${JITTER}ms loss=${LOSS}% rate=${RATE:-none} udp_timeout=${UDP_TIMEOUT:-kernel default}"
+	else
+		echo "lab $lab: (no state file)"
+	fi
+	if [[ -n ${HOSTS:-} ]]; then
+		echo "topology (every '==' is a routed link to $lab-inet 203.0.113.1; '~~' = impaired uplink):"
+		local side link
+		link="=="
+		if impaired || [[ -n $RATE ]]; then link="~~"; fi
+		echo "  rv 203.0.113.10 (+203.0.113.11) == inet"
+		for side in a b; do
+			local path="" v
+			v=ADDR_$side
+			path="$side ${!v}"
+			if ((SAME_NAT)) && [[ $side == b ]]; then
+				echo "  $path -- (LAN of nata, same NAT as a)"
+				continue
+			fi
+			if [[ " $HOSTS " == *" nat$side "* ]]; then
+				v=ADDR_nat$side
+				path+=" -- nat$side [$(router_mode "nat$side")] ${!v}"
+			fi
+			if [[ " $HOSTS " == *" cgnat$side "* ]]; then
+				v=ADDR_cgnat$side
+				path+=" -- cgnat$side [$(router_mode "cgnat$side")] ${!v}"
+			fi
+			echo "  $path $link inet"
+		done
+	fi
+	for n in "${nss[@]}"; do
+		h=${n#"$lab"-}
+		echo
+		echo "=== $n ($h)"
+		ip -n "$n" -br addr show | sed 's/^/  /'
+		ip -n "$n" route show | sed 's/^/  route: /'
+		nsx "$n" tc qdisc show 2>/dev/null | grep -E 'tbf' | sed 's/^/  qdisc: /' || true
+		if [[ -n $(nsx "$n" nft list tables 2>/dev/null) ]]; then
+			nsx "$n" nft list ruleset | sed 's/^/  | /'
+			echo "  conntrack entries: $(nsx "$n" conntrack -C 2>/dev/null || echo '?')"
+		fi
+		local pids=()
+		mapfile -t pids < <(ip netns pids "$n" 2>/dev/null || true)
+		for p in "${pids[@]}"; do
+			[[ -n $p ]] && echo "  pid $p: $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-150)"
+		done
+	done
+	local f
+	for f in "$RUN_ROOT/$lab"/impair-*.json; do
+		[[ -e $f ]] || continue
+		echo
+		echo "=== impairment $(basename "$f" .json): $(cat "$f")"
+	done
+}
+
+main() {
+	(($#)) || usage
+	local cmd=$1
+	shift
+	[[ $cmd == -h || $cmd == --help || $cmd == help ]] && usage
+	((EUID == 0)) || die "must run as root"
+	case $cmd in
+	up) cmd_up "$@" ;;
+	exec) cmd_exec "$@" ;;
+	status) cmd_status "$@" ;;
+	down) cmd_down "$@" ;;
+	down-all) cmd_down_all ;;
+	flush) cmd_flush "$@" ;;
+	block) cmd_block "$@" ;;
+	unblock) cmd_unblock "$@" ;;
+	addr) cmd_addr "$@" ;;
+	*) usage ;;
+	esac
+}
+
+main "$@"

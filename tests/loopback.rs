@@ -1,0 +1,385 @@
+//! End-to-end tests on loopback: the real binaries, port 0, temporary directories.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::frame_io::{read_frame, write_frame};
+use common::{ControlMessage, ErrorCode, PROTOCOL_VERSION};
+use e2e::{args, listen, peer, peer_run, Rendezvous, TempDir};
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn register_query_and_chat_both_ways() {
+    let dir = TempDir::new("chat");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let (mut a, a_id) = listen("a", &dir.path().join("a"), &rv);
+    let b_dir = dir.path().join("b");
+
+    // Query: the first lookup asks the server, the second is answered from the cache.
+    let mut lookup = args!["lookup", a_id];
+    lookup.extend(rv.args());
+    let (status, out, err) = peer_run(&b_dir, &lookup, T);
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("from the rendezvous: online"), "{out}");
+    assert!(out.contains("127.0.0.1:"), "{out}");
+    let (status, out, _) = peer_run(&b_dir, &lookup, T);
+    assert!(status.success());
+    assert!(out.contains("(cached"), "{out}");
+
+    let mut connect = args!["connect", a_id];
+    connect.extend(rv.args());
+    let mut b = peer("b", &b_dir, &connect);
+    b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    let b_id = a.stdout.wait_for("connected: ", T);
+    let b_id = b_id.split_whitespace().nth(1).unwrap().to_owned();
+
+    b.send_line("hello from b");
+    let line = a.stdout.wait_for("hello from b", T);
+    assert!(line.contains(&b_id), "sender shown: {line}");
+    assert!(line.starts_with("[20"), "RFC 3339 time shown: {line}");
+
+    a.send_line("hello from a");
+    let line = b.stdout.wait_for("hello from a", T);
+    assert!(line.contains(&a_id), "{line}");
+
+    b.send_line("second line");
+    a.stdout.wait_for("second line", T);
+
+    // EOF on stdin ends the chat cleanly.
+    b.close_stdin();
+    assert!(b.wait(T).success());
+    a.stdout.wait_for(&format!("chat with {b_id} ended"), T);
+    assert!(a.terminate(T).success(), "listen exits 0 on SIGTERM");
+}
+
+#[test]
+fn registrations_survive_kill_9_and_peers_reregister() {
+    let dir = TempDir::new("persist");
+    let data = dir.path().join("rv");
+    let mut rv = Rendezvous::start(&data, "127.0.0.1:0");
+    let addr = rv.addr;
+
+    // One peer registers and leaves; one stays connected.
+    let (mut gone, gone_id) = listen("gone", &dir.path().join("gone"), &rv);
+    assert!(gone.terminate(T).success());
+    let (a, a_id) = listen("a", &dir.path().join("a"), &rv);
+
+    rv.proc.kill9();
+    let rv = Rendezvous::start(&data, &addr.to_string());
+    assert!(
+        rv.proc.stdout.text().contains("2 registered peers loaded"),
+        "{}",
+        rv.proc.stdout.text()
+    );
+
+    // The departed peer's registration is still answered, from disk.
+    let mut lookup = args!["lookup", "--refresh", gone_id];
+    lookup.extend(rv.args());
+    let (status, out, err) = peer_run(&dir.path().join("q"), &lookup, T);
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("offline"), "{out}");
+
+    // The connected peer comes back by itself, and can be reached again.
+    a.stdout
+        .wait_for("re-registered with the rendezvous", Duration::from_secs(30));
+    let mut lookup = args!["lookup", "--refresh", a_id];
+    lookup.extend(rv.args());
+    let (status, out, _) = peer_run(&dir.path().join("q"), &lookup, T);
+    assert!(status.success());
+    assert!(out.contains("online"), "{out}");
+}
+
+#[test]
+fn impostor_key_is_refused_and_the_cache_is_refreshed() {
+    let dir = TempDir::new("impostor");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let (a, a_id) = listen("a", &dir.path().join("a"), &rv);
+    let (mallory, mallory_id) = listen("mallory", &dir.path().join("m"), &rv);
+
+    // Poison B's cache: A's id at Mallory's address.
+    let b_dir = dir.path().join("b");
+    let mut lookup = args!["lookup", mallory_id];
+    lookup.extend(rv.args());
+    assert!(peer_run(&b_dir, &lookup, T).0.success());
+    let cache_path = b_dir.join("peers.json");
+    let cache = std::fs::read_to_string(&cache_path).unwrap();
+    std::fs::write(&cache_path, cache.replace(&mallory_id, &a_id)).unwrap();
+
+    let mut connect = args!["connect", a_id];
+    connect.extend(rv.args());
+    let mut b = peer("b", &b_dir, &connect);
+    let warning = b.stderr.wait_for("peer key mismatch", T);
+    assert!(
+        warning.contains(&a_id) && warning.contains(&mallory_id),
+        "{warning}"
+    );
+    b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    b.send_line("for a only");
+    a.stdout.wait_for("for a only", T);
+    assert!(!mallory.stdout.text().contains("for a only"));
+    b.close_stdin();
+    assert!(b.wait(T).success());
+}
+
+#[test]
+fn wrong_server_key_is_refused_by_pin_and_by_known_servers() {
+    let dir = TempDir::new("serverkey");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let other = "sha256:".to_owned() + &"ab".repeat(32);
+    let (status, _, err) = peer_run(
+        &dir.path().join("p"),
+        &args!["listen", "--server", rv.addr, "--server-key", other],
+        T,
+    );
+    assert!(!status.success());
+    assert!(err.contains("rendezvous key mismatch"), "{err}");
+    assert!(
+        err.contains(&other) && err.contains(&rv.fingerprint),
+        "{err}"
+    );
+
+    // Trust on first use records the key; a changed key is then refused.
+    let q = dir.path().join("q");
+    let mut lookup = args![
+        "lookup",
+        "--refresh",
+        "00000000-0000-8000-8000-000000000000",
+        "--server",
+        rv.addr
+    ];
+    let (_, _, err) = peer_run(&q, &lookup, T);
+    assert!(err.contains("on first use"), "{err}");
+    let known = std::fs::read_to_string(q.join("known_servers")).unwrap();
+    assert!(known.contains(&rv.fingerprint));
+    std::fs::write(q.join("known_servers"), format!("{} {other}\n", rv.addr)).unwrap();
+    lookup.truncate(5);
+    let (status, _, err) = peer_run(&q, &lookup, T);
+    assert!(!status.success());
+    assert!(err.contains("rendezvous key mismatch"), "{err}");
+}
+
+#[test]
+fn unreachable_server_unknown_and_malformed_ids_fail_clearly() {
+    let dir = TempDir::new("badinput");
+    // A port with nothing behind it.
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (status, _, err) = peer_run(
+        &dir.path().join("p"),
+        &args!["listen", "--server", closed, "--register-timeout", "2"],
+        T,
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("cannot register with the rendezvous"), "{err}");
+
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let unknown = "0123456789ab8def8123456789abcdef";
+    let mut connect = args!["connect", unknown];
+    connect.extend(rv.args());
+    let (status, _, err) = peer_run(&dir.path().join("p"), &connect, T);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        err.contains("is not registered with the rendezvous"),
+        "{err}"
+    );
+
+    for (bad, expect) in [
+        ("xyz", "hex digits"),
+        ("0123", "32 hex digits"),
+        ("67e55044-10b1-426f-9247-bb680e5fe0c8", "version 4"),
+    ] {
+        let mut connect = args!["connect", bad];
+        connect.extend(rv.args());
+        let (status, _, err) = peer_run(&dir.path().join("p"), &connect, T);
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(err.contains(expect), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn identity_is_stable_private_and_checked() {
+    let dir = TempDir::new("identity");
+    let (status, first, _) = peer_run(dir.path(), &args!["id"], T);
+    assert!(status.success());
+    let (_, second, _) = peer_run(dir.path(), &args!["id"], T);
+    assert_eq!(first, second);
+    let id = first.trim();
+    assert_eq!(id.len(), 36);
+    assert_eq!(&id[14..15], "8", "version 8 UUID: {id}");
+    let key = dir.path().join("identity.pem");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::write(&key, "garbage").unwrap();
+    let (status, _, err) = peer_run(dir.path(), &args!["id"], T);
+    assert!(!status.success());
+    assert!(err.contains("does not hold a valid private key"), "{err}");
+}
+
+/// A raw control-protocol client, to send what the real peer never would.
+async fn raw_client(server: SocketAddr) -> quinn::Connection {
+    let identity = certs::Identity::generate().unwrap();
+    let tls = certs::client_config_for_server(
+        &identity,
+        certs::ServerTrust::FirstUse,
+        common::ALPN_RENDEZVOUS,
+    )
+    .unwrap();
+    let client = transport::quic_client_config(tls, Default::default()).unwrap();
+    let (endpoint, _, _) = transport::make_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        Default::default(),
+        8,
+        None,
+    )
+    .unwrap();
+    endpoint
+        .connect_with(client, server, "rendezvous")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+async fn exchange(
+    tx: &mut quinn::SendStream,
+    rx: &mut quinn::RecvStream,
+    body: &[u8],
+) -> ControlMessage {
+    write_frame(tx, body).await.unwrap();
+    let reply = tokio::time::timeout(T, read_frame(rx))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    ControlMessage::decode(&reply).unwrap()
+}
+
+fn code_of(msg: &ControlMessage) -> ErrorCode {
+    match msg {
+        ControlMessage::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn server_survives_garbage_datagrams_and_malformed_frames() {
+    let dir = TempDir::new("garbage");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+
+    // 1,000 garbage datagrams: random bytes, QUIC-looking headers, STUN-shaped junk.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..1000u32 {
+        let len = 1 + (rand::random::<u32>() % 1400) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        match i % 3 {
+            0 => data[0] |= 0xC0,
+            1 if len >= 20 => {
+                data[0] &= 0x3F;
+                data[4..8].copy_from_slice(&common::stun::MAGIC_COOKIE.to_be_bytes());
+            }
+            _ => {}
+        }
+        sock.send_to(&data, rv.addr).unwrap();
+    }
+    // STUN still answers correctly.
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send_to(&common::stun::binding_request([9; 12]), rv.addr)
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let mapped = loop {
+        let (n, _) = sock.recv_from(&mut buf).expect("STUN response");
+        if let Ok(common::stun::StunPacket::BindingSuccess {
+            transaction,
+            mapped,
+        }) = common::stun::decode(&buf[..n])
+        {
+            if transaction == [9; 12] {
+                break mapped;
+            }
+        }
+    };
+    assert_eq!(mapped, sock.local_addr().unwrap());
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        // Requests before `register` are refused.
+        let conn = raw_client(rv.addr).await;
+        let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+        let query = ControlMessage::Query {
+            id: "00000000-0000-8000-8000-000000000000".parse().unwrap(),
+        };
+        assert_eq!(
+            code_of(&exchange(&mut tx, &mut rx, &query.encode()).await),
+            ErrorCode::NotRegistered
+        );
+
+        // After registering: malformed JSON, unknown type, bad fields each get their code and the
+        // stream keeps working.
+        let conn = raw_client(rv.addr).await;
+        let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+        let register = ControlMessage::Register {
+            version: PROTOCOL_VERSION,
+            local_addrs: vec![],
+        };
+        assert!(matches!(
+            exchange(&mut tx, &mut rx, &register.encode()).await,
+            ControlMessage::Registered { .. }
+        ));
+        assert_eq!(
+            code_of(&exchange(&mut tx, &mut rx, b"{not json").await),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(&exchange(&mut tx, &mut rx, br#"{"type":"teleport"}"#).await),
+            ErrorCode::UnknownType
+        );
+        assert_eq!(
+            code_of(&exchange(&mut tx, &mut rx, br#"{"type":"query","id":"nope"}"#).await),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(&exchange(&mut tx, &mut rx, &query.encode()).await),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            exchange(&mut tx, &mut rx, &ControlMessage::Ping { seq: 5 }.encode()).await,
+            ControlMessage::Pong { seq: 5 }
+        );
+        // A request stream with bad JSON gets an error too.
+        let (mut rtx, mut rrx) = conn.open_bi().await.unwrap();
+        assert_eq!(
+            code_of(&exchange(&mut rtx, &mut rrx, b"\xff\xfe").await),
+            ErrorCode::BadRequest
+        );
+
+        // An oversized frame: `too_large`, then the connection is closed.
+        tx.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+        let reply = tokio::time::timeout(T, read_frame(&mut rx))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            code_of(&ControlMessage::decode(&reply).unwrap()),
+            ErrorCode::TooLarge
+        );
+        let reason = tokio::time::timeout(T, conn.closed()).await.unwrap();
+        assert!(reason.to_string().contains("bad frame"), "{reason}");
+    });
+
+    // The server still serves a fresh peer end to end.
+    let (mut a, a_id) = listen("a", &dir.path().join("a"), &rv);
+    let mut connect = args!["connect", a_id];
+    connect.extend(rv.args());
+    let mut b = peer("b", &dir.path().join("b"), &connect);
+    b.stdout.wait_for("connected to", T);
+    b.send_line("still alive");
+    a.stdout.wait_for("still alive", T);
+    b.close_stdin();
+    assert!(b.wait(T).success());
+    assert!(a.terminate(T).success());
+}

@@ -1,0 +1,325 @@
+//! Test support: build and start the real `rendezvous` and `peer` binaries, read their output
+//! line by line with timeouts, and clean up (processes and directories) even when a test fails.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Builds the binaries once per test process (a no-op when they are fresh).
+pub fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+    });
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// Path of a workspace binary in the same profile directory as this test.
+pub fn bin(name: &str) -> PathBuf {
+    ensure_built();
+    // target/<profile>/deps/<test binary>
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    profile_dir.join(name)
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "p2p-{tag}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&path).expect("creating temp dir");
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// Collected output of one stream of a child process.
+#[derive(Clone, Default)]
+pub struct Output(Arc<(Mutex<Lines>, Condvar)>);
+
+impl Output {
+    fn collect(self, reader: impl std::io::Read + Send + 'static, echo: String) -> Self {
+        let out = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{echo}] {line}");
+                let (lock, cvar) = &*out.0;
+                lock.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .lines
+                    .push(line);
+                cvar.notify_all();
+            }
+            let (lock, cvar) = &*out.0;
+            lock.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+            cvar.notify_all();
+        });
+        self
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().lines.clone()
+    }
+
+    /// All text so far.
+    pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// Waits for a line containing `needle` (counting lines already seen), panicking after
+    /// `timeout` with everything seen so far.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_nth(needle, 1, timeout)
+    }
+
+    /// Waits until `n` lines contain `needle`; returns the n-th.
+    pub fn wait_for_nth(&self, needle: &str, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.0;
+        let mut state = lock.lock().unwrap();
+        loop {
+            let found: Vec<&String> = state.lines.iter().filter(|l| l.contains(needle)).collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            let now = Instant::now();
+            if now >= deadline || (state.closed && found.len() < n) {
+                panic!(
+                    "no {n}th line containing {needle:?} (stream closed: {}); output was:\n{}",
+                    state.closed,
+                    state.lines.join("\n")
+                );
+            }
+            state = cvar.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// Its stdout.
+    pub stdout: Output,
+    /// Its stderr.
+    pub stderr: Output,
+}
+
+impl Proc {
+    /// Starts `program` with `args`; stdin is a pipe unless `stdin_null`.
+    pub fn spawn(tag: &str, program: &Path, args: &[&str]) -> Proc {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let stdout =
+            Output::default().collect(child.stdout.take().expect("stdout"), tag.to_string());
+        let stderr =
+            Output::default().collect(child.stderr.take().expect("stderr"), format!("{tag}!"));
+        let stdin = child.stdin.take();
+        Proc {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Types a line.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        writeln!(stdin, "{line}").expect("writing to child stdin");
+        stdin.flush().expect("flushing child stdin");
+    }
+
+    /// Closes stdin (EOF).
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
+
+    /// Waits for exit, panicking after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "process did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout.text(),
+                    self.stderr.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as in `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait(timeout)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running rendezvous server.
+pub struct Rendezvous {
+    /// The process.
+    pub proc: Proc,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its key fingerprint.
+    pub fingerprint: String,
+}
+
+impl Rendezvous {
+    /// Starts `rendezvous serve` on `listen` with `data_dir` and waits for it to be ready.
+    pub fn start(data_dir: &Path, listen: &str) -> Rendezvous {
+        let proc = Proc::spawn(
+            "rendezvous",
+            &bin("rendezvous"),
+            &[
+                "serve",
+                "--listen",
+                listen,
+                "--data-dir",
+                data_dir.to_str().expect("utf-8 path"),
+            ],
+        );
+        let line = proc
+            .stdout
+            .wait_for("listening on", Duration::from_secs(30));
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .expect("address in the listening line");
+        let key_line = proc.stdout.wait_for("server key", Duration::from_secs(5));
+        let fingerprint = key_line
+            .split_whitespace()
+            .last()
+            .expect("fingerprint")
+            .to_owned();
+        Rendezvous {
+            proc,
+            addr,
+            fingerprint,
+        }
+    }
+
+    /// `--server ADDR --server-key FP`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--server".into(),
+            self.addr.to_string(),
+            "--server-key".into(),
+            self.fingerprint.clone(),
+        ]
+    }
+}
+
+/// Starts `peer` with a config dir and arguments.
+pub fn peer(tag: &str, config_dir: &Path, args: &[String]) -> Proc {
+    let mut all = vec![
+        "--config-dir".to_owned(),
+        config_dir.to_str().expect("utf-8 path").to_owned(),
+    ];
+    all.extend(args.iter().cloned());
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    Proc::spawn(tag, &bin("peer"), &refs)
+}
+
+/// Runs `peer ARGS` to completion and returns (status, stdout, stderr).
+pub fn peer_run(
+    config_dir: &Path,
+    args: &[String],
+    timeout: Duration,
+) -> (ExitStatus, String, String) {
+    let mut p = peer("peer-run", config_dir, args);
+    p.close_stdin();
+    let status = p.wait(timeout);
+    // Let the reader threads drain.
+    std::thread::sleep(Duration::from_millis(50));
+    (status, p.stdout.text(), p.stderr.text())
+}
+
+/// Starts `peer listen` and returns it with its id once registered.
+pub fn listen(tag: &str, config_dir: &Path, rv: &Rendezvous) -> (Proc, String) {
+    let mut args = vec!["listen".to_owned()];
+    args.extend(rv.args());
+    let p = peer(tag, config_dir, &args);
+    let line = p.stdout.wait_for("peer id", Duration::from_secs(20));
+    let id = line.split_whitespace().last().expect("id").to_owned();
+    p.stdout
+        .wait_for("registered with", Duration::from_secs(20));
+    (p, id)
+}
+
+/// Builds a `Vec<String>` from string literals and strings.
+#[macro_export]
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { Vec::<String>::from([$($a.to_string()),*]) };
+}

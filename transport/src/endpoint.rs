@@ -1,0 +1,131 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::mpsc;
+
+use crate::demux::{DemuxSocket, StunDatagram};
+
+/// Errors setting up a QUIC endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// Binding or wrapping the UDP socket failed.
+    #[error("UDP socket on {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration is not usable for QUIC.
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Crypto(String),
+    /// rustls refused the configuration.
+    #[error(transparent)]
+    Tls(#[from] certs::TlsConfigError),
+}
+
+/// QUIC transport timers.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportSettings {
+    /// Keep-alive interval: below the shortest NAT UDP timeout (30 s in the wild).
+    pub keep_alive: Duration,
+    /// Idle timeout: a connection silent this long is dead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        TransportSettings {
+            keep_alive: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl TransportSettings {
+    fn transport_config(&self) -> Arc<quinn::TransportConfig> {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(self.keep_alive));
+        // Idle timeouts beyond 2^62 ms are refused by quinn; ours are seconds.
+        if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
+            transport.max_idle_timeout(Some(idle));
+        }
+        Arc::new(transport)
+    }
+}
+
+/// Binds `addr`, wraps it in a [`DemuxSocket`] and builds a quinn endpoint over it that accepts
+/// connections with `server` (if given) and can dial with per-connection client configs.
+/// `reset_secret` makes stateless resets recognisable across restarts (servers); `None` picks a
+/// random key.
+pub fn make_endpoint(
+    addr: SocketAddr,
+    server: Option<rustls::ServerConfig>,
+    settings: TransportSettings,
+    stun_queue: usize,
+    reset_secret: Option<[u8; 32]>,
+) -> Result<
+    (
+        quinn::Endpoint,
+        Arc<DemuxSocket>,
+        mpsc::Receiver<StunDatagram>,
+    ),
+    EndpointError,
+> {
+    let socket_err = |source| EndpointError::Socket { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(socket_err)?;
+    let (demux, stun_rx) = DemuxSocket::new(socket, stun_queue).map_err(socket_err)?;
+    let server_config = match server {
+        Some(tls) => {
+            let crypto = QuicServerConfig::try_from(tls)
+                .map_err(|e| EndpointError::Crypto(e.to_string()))?;
+            let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            config.transport_config(settings.transport_config());
+            Some(config)
+        }
+        None => None,
+    };
+    let mut endpoint_config = match reset_secret {
+        Some(secret) => {
+            let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &secret,
+            )));
+            // Connection ids must also validate after a restart, or packets of old connections
+            // are dropped as invalid instead of answered with a stateless reset.
+            let mut cid_key = [0u8; 8];
+            cid_key.copy_from_slice(&secret[..8]);
+            let cid_key = u64::from_le_bytes(cid_key);
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    // STUN and QUIC share the socket: QUIC packets must keep the fixed bit so they never look
+    // like STUN.
+    endpoint_config.grease_quic_bit(false);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        endpoint_config,
+        server_config,
+        demux.clone(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(socket_err)?;
+    Ok((endpoint, demux, stun_rx))
+}
+
+/// Wraps a rustls client config for quinn with our transport timers.
+pub fn quic_client_config(
+    tls: rustls::ClientConfig,
+    settings: TransportSettings,
+) -> Result<quinn::ClientConfig, EndpointError> {
+    let crypto =
+        QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(settings.transport_config());
+    Ok(config)
+}
