@@ -8,9 +8,11 @@
 use std::net::SocketAddr;
 
 use bytecodec::{DecodeExt, EncodeExt};
-use stun_codec::rfc5389::attributes::{Fingerprint, Software, XorMappedAddress};
+use stun_codec::rfc5389::attributes::{Fingerprint, Software, Username, XorMappedAddress};
 use stun_codec::rfc5389::{methods::BINDING, Attribute};
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
+
+use crate::PeerId;
 
 /// The STUN magic cookie (RFC 5389 section 6).
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
@@ -34,6 +36,8 @@ pub enum StunPacket {
     BindingRequest {
         /// Its transaction id.
         transaction: [u8; 12],
+        /// Its USERNAME, if any (hole-punching probes carry one, see [`ProbeTag`]).
+        username: Option<String>,
     },
     /// A Binding success response.
     BindingSuccess {
@@ -73,7 +77,12 @@ pub fn decode(datagram: &[u8]) -> Result<StunPacket, StunError> {
         )));
     }
     match message.class() {
-        MessageClass::Request => Ok(StunPacket::BindingRequest { transaction }),
+        MessageClass::Request => Ok(StunPacket::BindingRequest {
+            transaction,
+            username: message
+                .get_attribute::<Username>()
+                .map(|u| u.name().to_owned()),
+        }),
         MessageClass::SuccessResponse => {
             let mapped = message
                 .get_attribute::<XorMappedAddress>()
@@ -118,11 +127,81 @@ pub fn binding_success(transaction: [u8; 12], mapped: SocketAddr) -> Vec<u8> {
 /// If `datagram` is a Binding request, the response to send back to `source`.
 pub fn answer_binding(datagram: &[u8], source: SocketAddr) -> Option<Vec<u8>> {
     match decode(datagram) {
-        Ok(StunPacket::BindingRequest { transaction }) => {
+        Ok(StunPacket::BindingRequest { transaction, .. }) => {
             Some(binding_success(transaction, source))
         }
         _ => None,
     }
+}
+
+/// What a hole-punching probe says about itself, in its USERNAME attribute
+/// (`p2p1:<nonce as 16 hex digits>:<sender id, 32 hex digits>`), the way ICE connectivity checks
+/// carry their credentials. The nonce comes from the rendezvous's introduction and is known only
+/// to the two peers, so the receiver can tell its peer's probes from anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTag {
+    /// The introduction's nonce.
+    pub nonce: u64,
+    /// Who sent the probe.
+    pub sender: PeerId,
+}
+
+const PROBE_PREFIX: &str = "p2p1:";
+
+impl ProbeTag {
+    /// The USERNAME text.
+    pub fn to_username(&self) -> String {
+        format!(
+            "{PROBE_PREFIX}{:016x}:{}",
+            self.nonce,
+            self.sender.as_uuid().simple()
+        )
+    }
+
+    /// Parses a USERNAME; `None` if it is not a probe's.
+    pub fn from_username(username: &str) -> Option<Self> {
+        let rest = username.strip_prefix(PROBE_PREFIX)?;
+        let (nonce, sender) = rest.split_once(':')?;
+        if nonce.len() != 16 {
+            return None;
+        }
+        Some(ProbeTag {
+            nonce: u64::from_str_radix(nonce, 16).ok()?,
+            sender: sender.parse().ok()?,
+        })
+    }
+
+    /// Transaction ids of probes start with the nonce, so that responses (which carry no
+    /// USERNAME) can be routed to the right punching session.
+    pub fn transaction(&self, counter: u32) -> [u8; 12] {
+        let mut txid = [0u8; 12];
+        txid[..8].copy_from_slice(&self.nonce.to_be_bytes());
+        txid[8..].copy_from_slice(&counter.to_be_bytes());
+        txid
+    }
+}
+
+/// The nonce at the start of a probe's transaction id.
+pub fn nonce_of_transaction(transaction: &[u8; 12]) -> u64 {
+    let mut nonce = [0u8; 8];
+    nonce.copy_from_slice(&transaction[..8]);
+    u64::from_be_bytes(nonce)
+}
+
+/// Encodes a probe: a Binding request with the tag in USERNAME.
+pub fn probe_request(tag: &ProbeTag, counter: u32) -> Vec<u8> {
+    let mut message = Message::<Attribute>::new(
+        MessageClass::Request,
+        BINDING,
+        TransactionId::new(tag.transaction(counter)),
+    );
+    if let Ok(username) = Username::new(tag.to_username()) {
+        message.add_attribute(username);
+    }
+    if let Ok(fingerprint) = Fingerprint::new(&message) {
+        message.add_attribute(fingerprint);
+    }
+    encode(message)
 }
 
 fn encode(message: Message<Attribute>) -> Vec<u8> {
@@ -145,7 +224,10 @@ mod tests {
         assert!(is_stun(&request));
         assert_eq!(
             decode(&request),
-            Ok(StunPacket::BindingRequest { transaction: txid })
+            Ok(StunPacket::BindingRequest {
+                transaction: txid,
+                username: None
+            })
         );
         let source: SocketAddr = "203.0.113.7:41000".parse().unwrap();
         let response = answer_binding(&request, source).unwrap();
@@ -165,6 +247,34 @@ mod tests {
                 mapped: v6
             })
         );
+    }
+
+    #[test]
+    fn probes_carry_their_tag() {
+        let tag = ProbeTag {
+            nonce: 0xdead_beef_0000_0001,
+            sender: PeerId::from_key_digest(&[4; 32]),
+        };
+        let probe = probe_request(&tag, 7);
+        let Ok(StunPacket::BindingRequest {
+            transaction,
+            username: Some(username),
+        }) = decode(&probe)
+        else {
+            panic!("{:?}", decode(&probe))
+        };
+        assert_eq!(ProbeTag::from_username(&username), Some(tag));
+        assert_eq!(nonce_of_transaction(&transaction), tag.nonce);
+        assert_eq!(transaction, tag.transaction(7));
+        for bad in [
+            "",
+            "p2p1:",
+            "p2p1:xyz:abc",
+            "p2p1:0000000000000001:nope",
+            "other",
+        ] {
+            assert_eq!(ProbeTag::from_username(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -189,6 +299,12 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn arbitrary_usernames_never_panic(s in "\\PC{0,80}") {
+            let _ = ProbeTag::from_username(&s);
+            let _ = ProbeTag::from_username(&format!("p2p1:{s}"));
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = decode(&bytes);

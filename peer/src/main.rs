@@ -5,6 +5,7 @@ mod cache;
 mod chat;
 mod console;
 mod node;
+mod punching;
 mod session;
 
 use std::collections::HashMap;
@@ -188,6 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// What every networked command starts with.
 struct Context_ {
     node: Node,
+    router: punching::Router,
     session: Session,
     events: mpsc::Receiver<ServerEvent>,
     console: Console,
@@ -227,9 +229,16 @@ async fn start(
     };
     let (session, events, session_task) =
         Session::start(node.endpoint.clone(), identity, config, shutdown_rx.clone());
-    let stun_task = tokio::spawn(stun_responder(node.clone(), stun_rx, shutdown_rx));
+    let router = punching::Router::default();
+    let stun_task = tokio::spawn(punching::dispatch(
+        node.clone(),
+        router.clone(),
+        stun_rx,
+        shutdown_rx,
+    ));
     Ok(Context_ {
         node,
+        router,
         session,
         events,
         console,
@@ -258,30 +267,15 @@ impl Context_ {
             tasks,
             ..
         } = self;
+        // The session closes its own connection when told to stop; close the endpoint after,
+        // so that the session does not mistake the shutdown for a lost server.
         let _ = shutdown.send(true);
-        node.endpoint.close(0u32.into(), b"bye");
         drop(console);
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
+        node.endpoint.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), node.endpoint.wait_idle()).await;
-    }
-}
-
-/// Answers STUN Binding requests that reach our socket (other peers' probes).
-async fn stun_responder(
-    node: Node,
-    mut stun_rx: mpsc::Receiver<transport::StunDatagram>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let datagram = tokio::select! {
-            d = stun_rx.recv() => match d { Some(d) => d, None => return },
-            _ = shutdown.changed() => return,
-        };
-        if let Some(reply) = common::stun::answer_binding(&datagram.data, datagram.from) {
-            let _ = node.socket.send_to(&reply, datagram.from).await;
-        }
     }
 }
 
@@ -388,22 +382,62 @@ async fn listen(
     let watcher = tokio::spawn(watch_session(ctx.session.watch(), ctx.console.clone()));
     let mut events = std::mem::replace(&mut ctx.events, mpsc::channel(1).1);
     let console = ctx.console.clone();
+    let (node, router) = (ctx.node.clone(), ctx.router.clone());
     let event_task = tokio::spawn(async move {
-        while let Some(ServerEvent::Punch {
-            peer,
-            candidates,
-            nonce,
-        }) = events.recv().await
-        {
+        let mut punches = tokio::task::JoinSet::new();
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => match e { Some(e) => e, None => break },
+                Some(_) = punches.join_next(), if !punches.is_empty() => continue,
+            };
+            let ServerEvent::Punch {
+                peer,
+                candidates,
+                nonce,
+            } = event;
             if verbose {
                 let list: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
                 console
                     .error(format!(
-                        "introduced to {peer} (nonce {nonce:016x}, candidates {})",
+                        "introduced to {peer} (candidates {})",
                         list.join(", ")
                     ))
                     .await;
             }
+            if punches.len() >= MAX_RESPONDER_PUNCHES {
+                console
+                    .error(format!(
+                        "too many introductions at once; ignoring one from {peer}"
+                    ))
+                    .await;
+                continue;
+            }
+            let (node, router, console) = (node.clone(), router.clone(), console.clone());
+            punches.spawn(async move {
+                let log = verbose.then(|| console.clone());
+                let state = punching::run(
+                    &node,
+                    &router,
+                    peer,
+                    nonce,
+                    punch::Role::Responder,
+                    &candidates,
+                    log,
+                )
+                .await;
+                if verbose {
+                    let outcome = match state {
+                        punch::State::Direct(path) => format!("path to {} open", path.addr),
+                        punch::State::Failed(report) => {
+                            format!("no direct path: {}", report.reason())
+                        }
+                        punch::State::Probing => "stopped".to_owned(),
+                    };
+                    console
+                        .error(format!("punch {}: {outcome}", peer.short()))
+                        .await;
+                }
+            });
         }
     });
 
@@ -435,6 +469,9 @@ async fn listen(
     ctx.finish().await;
     Ok(())
 }
+
+/// Most punching sessions a listener runs at once (each is a few datagrams per second).
+const MAX_RESPONDER_PUNCHES: usize = 64;
 
 /// Tells the user when the registration is lost and when it is back.
 async fn watch_session(mut state: watch::Receiver<SessionState>, console: Console) {
@@ -583,10 +620,10 @@ async fn connect(
         let (conn, via) = establish(&ctx, &mut cache, peer, dial_timeout, verbose).await?;
         ctx.console
             .say(format!(
-                "connected to {peer} at {} ({}) in {} ms",
+                "connected to {peer} in {} ms: direct to {} ({})",
+                started.elapsed().as_millis(),
                 via.addr,
-                via.kind.describe(),
-                started.elapsed().as_millis()
+                via.describe
             ))
             .await;
         let (tx, rx) = chat::open(&conn)
@@ -616,17 +653,26 @@ async fn connect(
     result
 }
 
-/// Cache first; on a miss or a failure, ask the rendezvous to introduce us and dial what it says.
+/// The path a connection was made on, for the user.
+struct Via {
+    addr: SocketAddr,
+    describe: &'static str,
+}
+
+/// Cache first; on a miss or a failure, ask the rendezvous to introduce us, punch, and dial the
+/// path that answered.
 async fn establish(
     ctx: &Context_,
     cache: &mut PeerCache,
     peer: PeerId,
     dial_timeout: Duration,
     verbose: bool,
-) -> anyhow::Result<(quinn::Connection, Candidate)> {
+) -> anyhow::Result<(quinn::Connection, Via)> {
     if let Some(entry) = cache.get(&peer) {
         let candidates = entry.candidates.clone();
-        let cached_timeout = dial_timeout.min(Duration::from_secs(3));
+        // A cached address only works without an introduction when the peer's NAT lets anyone
+        // in (or there is none), and then it answers at once: keep this attempt short.
+        let cached_timeout = dial_timeout.min(Duration::from_secs(1));
         match dial_any(
             &ctx.node,
             peer,
@@ -637,7 +683,15 @@ async fn establish(
         )
         .await
         {
-            Ok(found) => return Ok(found),
+            Ok((conn, candidate)) => {
+                return Ok((
+                    conn,
+                    Via {
+                        addr: candidate.addr,
+                        describe: "cached address",
+                    },
+                ))
+            }
             Err(e) => {
                 ctx.console
                     .error(format!(
@@ -652,12 +706,14 @@ async fn establish(
             }
         }
     }
-    let candidates = match ctx
+    let (candidates, nonce) = match ctx
         .session
         .request(&ControlMessage::Connect { id: peer })
         .await?
     {
-        ControlMessage::Punch { candidates, .. } => candidates,
+        ControlMessage::Punch {
+            candidates, nonce, ..
+        } => (candidates, nonce),
         ControlMessage::Error {
             code: ErrorCode::NotFound,
             ..
@@ -676,21 +732,57 @@ async fn establish(
     if candidates.is_empty() {
         bail!("the rendezvous knows no address for {peer}");
     }
-    if let Err(e) = cache.put(peer, candidates.clone()) {
+    if verbose {
+        let list: Vec<String> = candidates
+            .iter()
+            .map(|c| format!("{} ({})", c.addr, c.kind.describe()))
+            .collect();
+        ctx.console
+            .error(format!("candidates of {peer}: {}", list.join(", ")))
+            .await;
+    }
+    let log = verbose.then(|| ctx.console.clone());
+    let path = match punching::run(
+        &ctx.node,
+        &ctx.router,
+        peer,
+        nonce,
+        punch::Role::Initiator,
+        &candidates,
+        log,
+    )
+    .await
+    {
+        punch::State::Direct(path) => path,
+        punch::State::Failed(report) => bail!("no direct path to {peer}: {}", report.reason()),
+        punch::State::Probing => bail!("punching to {peer} stopped"),
+    };
+    // Remember the path that worked first, then the rest.
+    let mut remembered = vec![Candidate {
+        addr: path.addr,
+        kind: match path.kind {
+            punch::PathKind::Candidate(kind) => kind,
+            punch::PathKind::PeerReflexive => common::message::CandidateKind::Observed,
+        },
+    }];
+    remembered.extend(candidates.iter().filter(|c| c.addr != path.addr));
+    if let Err(e) = cache.put(peer, remembered) {
         ctx.console
             .error(format!("warning: cannot write the peer cache: {e}"))
             .await;
     }
-    dial_any(
-        &ctx.node,
-        peer,
-        &candidates,
-        dial_timeout,
-        verbose,
-        &ctx.console,
-    )
-    .await
-    .map_err(|e| anyhow!("cannot reach {peer}: {e}"))
+    let conn = ctx
+        .node
+        .dial(peer, path.addr, dial_timeout)
+        .await
+        .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
+    Ok((
+        conn,
+        Via {
+            addr: path.addr,
+            describe: path.kind.describe(),
+        },
+    ))
 }
 
 /// Dials every candidate, each started a little after the previous one, and keeps the first

@@ -1,0 +1,167 @@
+//! The tokio side of hole punching: routes STUN datagrams from the shared socket to punching
+//! sessions (by the nonce in the probe's USERNAME or its transaction id), runs a
+//! [`punch::Puncher`] against real time, and answers everyone else's Binding requests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::message::Candidate;
+use common::stun::{self, ProbeTag, StunPacket};
+use common::PeerId;
+use punch::{Event, PunchConfig, Puncher, Role, State};
+use tokio::sync::{mpsc, watch};
+use transport::StunDatagram;
+
+use crate::console::Console;
+use crate::node::Node;
+
+/// Datagrams queued for one punching session.
+const SESSION_QUEUE: usize = 64;
+
+/// Active punching sessions by nonce.
+#[derive(Clone, Default)]
+pub struct Router {
+    sessions: Arc<Mutex<HashMap<u64, mpsc::Sender<StunDatagram>>>>,
+}
+
+impl Router {
+    fn register(&self, nonce: u64) -> mpsc::Receiver<StunDatagram> {
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.insert(nonce, tx);
+        }
+        rx
+    }
+
+    fn unregister(&self, nonce: u64) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.remove(&nonce);
+        }
+    }
+
+    /// Hands a datagram to its session; false if no session claims it.
+    fn route(&self, datagram: StunDatagram) -> Result<(), StunDatagram> {
+        let nonce = match stun::decode(&datagram.data) {
+            Ok(StunPacket::BindingRequest {
+                username: Some(username),
+                ..
+            }) => ProbeTag::from_username(&username).map(|tag| tag.nonce),
+            Ok(StunPacket::BindingSuccess { transaction, .. }) => {
+                Some(stun::nonce_of_transaction(&transaction))
+            }
+            _ => None,
+        };
+        let Some(nonce) = nonce else {
+            return Err(datagram);
+        };
+        // Clone the sender and drop the lock before sending.
+        let sender = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&nonce).cloned());
+        match sender {
+            Some(sender) => {
+                // A full queue drops the datagram, as the network might.
+                let _ = sender.try_send(datagram);
+                Ok(())
+            }
+            None => Err(datagram),
+        }
+    }
+}
+
+/// Reads STUN datagrams from the socket: probes and answers go to their session, other Binding
+/// requests are answered (so that a late probe still gets a reply, and the peer can serve as a
+/// STUN server).
+pub async fn dispatch(
+    node: Node,
+    router: Router,
+    mut stun_rx: mpsc::Receiver<StunDatagram>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let datagram = tokio::select! {
+            d = stun_rx.recv() => match d { Some(d) => d, None => return },
+            _ = shutdown.changed() => return,
+        };
+        if let Err(datagram) = router.route(datagram) {
+            if let Some(reply) = stun::answer_binding(&datagram.data, datagram.from) {
+                let _ = node.socket.send_to(&reply, datagram.from).await;
+            }
+        }
+    }
+}
+
+/// Runs one punching session to its end and returns the final state.
+pub async fn run(
+    node: &Node,
+    router: &Router,
+    peer: PeerId,
+    nonce: u64,
+    role: Role,
+    candidates: &[Candidate],
+    verbose: Option<Console>,
+) -> State {
+    let mut inbox = router.register(nonce);
+    let mut puncher = Puncher::new(
+        node.identity.id(),
+        peer,
+        nonce,
+        role,
+        candidates,
+        Instant::now(),
+        PunchConfig::default(),
+    );
+    let state = loop {
+        let now = Instant::now();
+        puncher.handle_timeout(now);
+        while let Some(transmit) = puncher.poll_transmit(now) {
+            if let Err(e) = node
+                .socket
+                .send_to(&transmit.contents, transmit.destination)
+                .await
+            {
+                tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
+            }
+        }
+        while let Some(event) = puncher.poll_event() {
+            if let Some(console) = &verbose {
+                console.error(describe(peer, &event)).await;
+            }
+        }
+        if puncher.is_finished(now) {
+            break puncher.state().clone();
+        }
+        let Some(wake) = puncher.poll_timeout() else {
+            break puncher.state().clone();
+        };
+        tokio::select! {
+            datagram = inbox.recv() => match datagram {
+                Some(d) => {
+                    puncher.handle_datagram(d.from, &d.data, Instant::now());
+                }
+                None => break puncher.state().clone(),
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    };
+    router.unregister(nonce);
+    state
+}
+
+fn describe(peer: PeerId, event: &Event) -> String {
+    let peer = peer.short();
+    match event {
+        Event::ProbeSent { to, attempt } => format!("punch {peer}: probe #{attempt} -> {to}"),
+        Event::ProbeReceived { from } => format!("punch {peer}: probe from {from}"),
+        Event::PeerReflexive { addr } => {
+            format!("punch {peer}: new address {addr} learned from its probe; probing it")
+        }
+        Event::Answered { from, rtt } => format!(
+            "punch {peer}: answer from {from} after {:.1} ms",
+            rtt.as_secs_f64() * 1000.0
+        ),
+    }
+}

@@ -1,0 +1,494 @@
+//! Sans-IO UDP hole punching, in the manner of ICE connectivity checks (RFC 8445) and quinn-proto:
+//! no sockets, no clocks, no tasks. The driver feeds received datagrams and the time, sends what
+//! [`Puncher::poll_transmit`] returns, and wakes up at [`Puncher::poll_timeout`].
+//!
+//! Both peers run a puncher for the same introduction (same nonce) at about the same time:
+//!
+//! - each probes every candidate address of the other with STUN Binding requests tagged with the
+//!   nonce and its id ([`common::stun::ProbeTag`]), at once and then backing off;
+//! - each answers the other's probes, and when a probe arrives from an address that is not a
+//!   known candidate (a symmetric NAT's new port, a hairpin path), probes that address at once
+//!   (a "triggered check": the peer-reflexive candidate of ICE);
+//! - a probe that is answered proves the path works both ways. The initiator takes the first
+//!   such path for its QUIC connection; the responder keeps answering until the deadline.
+//!
+//! If nothing is answered by the deadline, the puncher fails with a report of what it saw, from
+//! which [`FailureReport::reason`] explains why in words.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::message::{Candidate, CandidateKind};
+use common::stun::{self, ProbeTag, StunPacket};
+use common::PeerId;
+
+/// Most addresses probed in one session (candidates plus peer-reflexive ones).
+pub const MAX_TARGETS: usize = 32;
+/// Most probes awaiting an answer.
+const MAX_PENDING: usize = 512;
+
+/// Timing of a punching session.
+#[derive(Debug, Clone)]
+pub struct PunchConfig {
+    /// When to probe each address, counted from the moment it became known. Dense at first
+    /// (the other side may start a little later and its NAT drops our first probes), sparse later.
+    pub schedule: Vec<Duration>,
+    /// When to give up, counted from the start.
+    pub deadline: Duration,
+}
+
+impl Default for PunchConfig {
+    fn default() -> Self {
+        let ms = [
+            0, 20, 40, 80, 160, 320, 640, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 4500,
+        ];
+        PunchConfig {
+            schedule: ms.iter().map(|&m| Duration::from_millis(m)).collect(),
+            deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which side of the introduction we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// We asked to connect; we pick the path and dial QUIC over it.
+    Initiator,
+    /// We were asked; we probe and answer so that the initiator's path opens.
+    Responder,
+}
+
+/// How a path's address was learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// From the introduction.
+    Candidate(CandidateKind),
+    /// From the source of the peer's probe.
+    PeerReflexive,
+}
+
+impl PathKind {
+    /// How the path is described to users.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            PathKind::Candidate(kind) => kind.describe(),
+            PathKind::PeerReflexive => "address learned from the peer's probe",
+        }
+    }
+}
+
+/// A working direct path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    /// The peer's address on this path.
+    pub addr: SocketAddr,
+    /// Where the address came from.
+    pub kind: PathKind,
+    /// Round trip of the probe that proved it.
+    pub rtt: Duration,
+    /// Our address as the peer saw it on this path.
+    pub our_mapping: Option<SocketAddr>,
+    /// From the start of the session to the proof.
+    pub elapsed: Duration,
+}
+
+/// What a failed session saw, to explain the failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureReport {
+    /// The peer's candidates.
+    pub candidates: Vec<Candidate>,
+    /// Probes we sent.
+    pub probes_sent: u32,
+    /// Probes of the peer that reached us.
+    pub probes_received: u32,
+    /// Answers to our probes.
+    pub answers_received: u32,
+    /// Addresses the peer's probes came from.
+    pub peer_sources: Vec<SocketAddr>,
+    /// How long we tried.
+    pub elapsed: Duration,
+}
+
+impl FailureReport {
+    /// Why no direct path was found, from the evidence.
+    pub fn reason(&self) -> String {
+        let tried = format!(
+            "{} probes to {} address{} over {:.1} s",
+            self.probes_sent,
+            self.candidates.len(),
+            if self.candidates.len() == 1 { "" } else { "es" },
+            self.elapsed.as_secs_f64()
+        );
+        let new_ports: Vec<String> = self
+            .peer_sources
+            .iter()
+            .filter(|s| !self.candidates.iter().any(|c| c.addr == **s))
+            .map(|s| s.to_string())
+            .collect();
+        if self.probes_received == 0 {
+            format!(
+                "nothing from the peer got through and none of our probes was answered ({tried}): \
+                 both NATs drop packets from addresses they have not sent to, and at least one \
+                 gives a new port for every destination (symmetric NAT), or UDP between the peers is blocked"
+            )
+        } else if !new_ports.is_empty() {
+            format!(
+                "the peer's probes reached us from {} (not the address it registered): its NAT gives \
+                 a new port for every destination (symmetric), and our answers to that port were \
+                 dropped on the way back ({tried})",
+                new_ports.join(", ")
+            )
+        } else {
+            format!(
+                "the peer's probes reached us but our probes and answers never got back ({tried}): \
+                 our NAT gives a new port for every destination (symmetric) and the peer's NAT only \
+                 accepts packets from addresses and ports it has sent to"
+            )
+        }
+    }
+}
+
+impl fmt::Display for FailureReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason())
+    }
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Still probing.
+    Probing,
+    /// A path works.
+    Direct(Path),
+    /// Deadline passed without a working path.
+    Failed(FailureReport),
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where.
+    pub destination: SocketAddr,
+    /// What.
+    pub contents: Vec<u8>,
+}
+
+/// Events for logs and `--verbose`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A probe was sent.
+    ProbeSent {
+        /// To where.
+        to: SocketAddr,
+        /// Attempt number for that address (0-based).
+        attempt: usize,
+    },
+    /// A probe of the peer arrived.
+    ProbeReceived {
+        /// From where.
+        from: SocketAddr,
+    },
+    /// A new address to probe was learned from the peer's probe.
+    PeerReflexive {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// One of our probes was answered.
+    Answered {
+        /// By whom.
+        from: SocketAddr,
+        /// Round trip.
+        rtt: Duration,
+    },
+}
+
+#[derive(Debug)]
+struct Target {
+    addr: SocketAddr,
+    kind: PathKind,
+    known_at: Instant,
+    attempt: usize,
+    validated: bool,
+}
+
+/// One hole-punching session with one peer.
+#[derive(Debug)]
+pub struct Puncher {
+    tag: ProbeTag,
+    peer: PeerId,
+    role: Role,
+    config: PunchConfig,
+    started: Instant,
+    candidates: Vec<Candidate>,
+    targets: Vec<Target>,
+    triggered: VecDeque<usize>,
+    replies: VecDeque<Transmit>,
+    pending: HashMap<[u8; 12], (usize, Instant)>,
+    counter: u32,
+    state: State,
+    events: VecDeque<Event>,
+    probes_sent: u32,
+    probes_received: u32,
+    answers_received: u32,
+    peer_sources: Vec<SocketAddr>,
+}
+
+impl Puncher {
+    /// Starts a session: `me` probes `peer`'s `candidates`, tagging probes with `nonce`.
+    pub fn new(
+        me: PeerId,
+        peer: PeerId,
+        nonce: u64,
+        role: Role,
+        candidates: &[Candidate],
+        now: Instant,
+        config: PunchConfig,
+    ) -> Self {
+        let mut puncher = Puncher {
+            tag: ProbeTag { nonce, sender: me },
+            peer,
+            role,
+            config,
+            started: now,
+            candidates: Vec::new(),
+            targets: Vec::new(),
+            triggered: VecDeque::new(),
+            replies: VecDeque::new(),
+            pending: HashMap::new(),
+            counter: 0,
+            state: State::Probing,
+            events: VecDeque::new(),
+            probes_sent: 0,
+            probes_received: 0,
+            answers_received: 0,
+            peer_sources: Vec::new(),
+        };
+        for candidate in candidates {
+            if puncher.candidates.iter().any(|c| c.addr == candidate.addr) {
+                continue;
+            }
+            puncher.candidates.push(*candidate);
+            puncher.add_target(candidate.addr, PathKind::Candidate(candidate.kind), now);
+        }
+        puncher
+    }
+
+    /// The introduction's nonce (datagrams are routed to sessions by it).
+    pub fn nonce(&self) -> u64 {
+        self.tag.nonce
+    }
+
+    /// The other side.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Where the session stands.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// True once nothing more will be sent: the initiator has a path or gave up; the responder
+    /// has reached the deadline.
+    pub fn is_finished(&self, now: Instant) -> bool {
+        match self.role {
+            Role::Initiator => !matches!(self.state, State::Probing) && self.replies.is_empty(),
+            Role::Responder => {
+                now >= self.started + self.config.deadline && self.replies.is_empty()
+            }
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn add_target(&mut self, addr: SocketAddr, kind: PathKind, now: Instant) -> Option<usize> {
+        if let Some(i) = self.targets.iter().position(|t| t.addr == addr) {
+            return Some(i);
+        }
+        if self.targets.len() >= MAX_TARGETS {
+            return None;
+        }
+        self.targets.push(Target {
+            addr,
+            kind,
+            known_at: now,
+            attempt: 0,
+            validated: false,
+        });
+        Some(self.targets.len() - 1)
+    }
+
+    fn probing(&self) -> bool {
+        // The responder stops probing once one of its probes was answered: the path is open in
+        // both NATs and the initiator's QUIC packets can follow it.
+        matches!(self.state, State::Probing) && !self.targets.iter().any(|t| t.validated)
+    }
+
+    /// Offers a received datagram. Returns true if it belonged to this session (a probe of the
+    /// peer with our nonce, or an answer to one of our probes).
+    pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) -> bool {
+        match stun::decode(data) {
+            Ok(StunPacket::BindingRequest {
+                transaction,
+                username: Some(username),
+            }) => {
+                let Some(tag) = ProbeTag::from_username(&username) else {
+                    return false;
+                };
+                if tag.nonce != self.tag.nonce || tag.sender != self.peer {
+                    return false;
+                }
+                self.probes_received = self.probes_received.saturating_add(1);
+                if !self.peer_sources.contains(&from) && self.peer_sources.len() < MAX_TARGETS {
+                    self.peer_sources.push(from);
+                }
+                self.events.push_back(Event::ProbeReceived { from });
+                self.replies.push_back(Transmit {
+                    destination: from,
+                    contents: stun::binding_success(transaction, from),
+                });
+                if self.probing() && now < self.started + self.config.deadline {
+                    let known = self.targets.iter().any(|t| t.addr == from);
+                    if let Some(i) = self.add_target(from, PathKind::PeerReflexive, now) {
+                        if !known {
+                            self.events.push_back(Event::PeerReflexive { addr: from });
+                        }
+                        if !self.targets[i].validated && !self.triggered.contains(&i) {
+                            self.triggered.push_back(i);
+                        }
+                    }
+                }
+                true
+            }
+            Ok(StunPacket::BindingSuccess {
+                transaction,
+                mapped,
+            }) => {
+                let Some((index, sent_at)) = self.pending.remove(&transaction) else {
+                    return false;
+                };
+                self.answers_received = self.answers_received.saturating_add(1);
+                let rtt = now.saturating_duration_since(sent_at);
+                self.events.push_back(Event::Answered { from, rtt });
+                let target = &mut self.targets[index];
+                target.validated = true;
+                if self.state == State::Probing {
+                    // An answer from another address than probed still proves a round trip
+                    // (some NATs rewrite the source); report the address probed, which QUIC
+                    // will use.
+                    let path = Path {
+                        addr: target.addr,
+                        kind: target.kind,
+                        rtt,
+                        our_mapping: Some(mapped),
+                        elapsed: now.saturating_duration_since(self.started),
+                    };
+                    // The responder records the path too, but goes on answering until the deadline.
+                    self.state = State::Direct(path);
+                    self.triggered.clear();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next datagram to send now, if any: answers first, then triggered checks, then
+    /// scheduled probes.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Some(reply) = self.replies.pop_front() {
+            return Some(reply);
+        }
+        if !self.probing() || now >= self.started + self.config.deadline {
+            return None;
+        }
+        if let Some(i) = self.triggered.pop_front() {
+            return Some(self.probe(i, now, false));
+        }
+        let due = self.targets.iter().position(|t| {
+            !t.validated
+                && self
+                    .config
+                    .schedule
+                    .get(t.attempt)
+                    .is_some_and(|offset| t.known_at + *offset <= now)
+        })?;
+        Some(self.probe(due, now, true))
+    }
+
+    fn probe(&mut self, index: usize, now: Instant, scheduled: bool) -> Transmit {
+        self.counter = self.counter.wrapping_add(1);
+        let contents = stun::probe_request(&self.tag, self.counter);
+        if self.pending.len() >= MAX_PENDING {
+            // Forget the oldest probe: its answer, if it ever comes, is stale anyway.
+            if let Some(oldest) = self
+                .pending
+                .iter()
+                .min_by_key(|(_, (_, sent))| *sent)
+                .map(|(k, _)| *k)
+            {
+                self.pending.remove(&oldest);
+            }
+        }
+        self.pending
+            .insert(self.tag.transaction(self.counter), (index, now));
+        let target = &mut self.targets[index];
+        let attempt = target.attempt;
+        if scheduled {
+            target.attempt += 1;
+        }
+        self.probes_sent = self.probes_sent.saturating_add(1);
+        self.events.push_back(Event::ProbeSent {
+            to: target.addr,
+            attempt,
+        });
+        Transmit {
+            destination: target.addr,
+            contents,
+        }
+    }
+
+    /// When the driver should call [`Puncher::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.replies.is_empty() || !self.triggered.is_empty() {
+            return Some(self.started);
+        }
+        let deadline = self.started + self.config.deadline;
+        match (&self.state, self.role) {
+            (State::Failed(_), _) => return None,
+            (State::Direct(_), Role::Initiator) => return None,
+            (State::Direct(_), Role::Responder) => return Some(deadline),
+            (State::Probing, _) => {}
+        }
+        let next_probe = self
+            .targets
+            .iter()
+            .filter(|t| !t.validated)
+            .filter_map(|t| self.config.schedule.get(t.attempt).map(|o| t.known_at + *o))
+            .min();
+        Some(next_probe.map_or(deadline, |p| p.min(deadline)))
+    }
+
+    /// Advances time: fails the session at the deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Probing && now >= self.started + self.config.deadline {
+            self.state = State::Failed(FailureReport {
+                candidates: self.candidates.clone(),
+                probes_sent: self.probes_sent,
+                probes_received: self.probes_received,
+                answers_received: self.answers_received,
+                peer_sources: self.peer_sources.clone(),
+                elapsed: now.saturating_duration_since(self.started),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
