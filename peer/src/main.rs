@@ -5,6 +5,7 @@ mod cache;
 mod chat;
 mod console;
 mod node;
+mod paths;
 mod punching;
 mod session;
 
@@ -190,6 +191,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 struct Context_ {
     node: Node,
     router: punching::Router,
+    connections: paths::Connections,
+    server_addr: SocketAddr,
     session: Session,
     events: mpsc::Receiver<ServerEvent>,
     console: Console,
@@ -239,6 +242,8 @@ async fn start(
     Ok(Context_ {
         node,
         router,
+        connections: paths::Connections::default(),
+        server_addr,
         session,
         events,
         console,
@@ -257,6 +262,26 @@ impl Context_ {
                 self.server.server
             )
         })
+    }
+
+    /// Starts the tasks that keep direct paths alive: answering introductions and watching our
+    /// public mapping.
+    fn keep_paths(&mut self, verbose: bool) {
+        let keeper = paths::PathKeeper {
+            node: self.node.clone(),
+            router: self.router.clone(),
+            connections: self.connections.clone(),
+            console: self.console.clone(),
+            verbose,
+        };
+        let events = std::mem::replace(&mut self.events, mpsc::channel(1).1);
+        self.tasks
+            .push(tokio::spawn(keeper.clone().serve_introductions(events)));
+        self.tasks.push(tokio::spawn(keeper.watch_mapping(
+            self.session.clone(),
+            self.server_addr,
+            self.shutdown.subscribe(),
+        )));
     }
 
     async fn finish(self) {
@@ -380,67 +405,7 @@ async fn listen(
         ))
         .await;
     let watcher = tokio::spawn(watch_session(ctx.session.watch(), ctx.console.clone()));
-    let mut events = std::mem::replace(&mut ctx.events, mpsc::channel(1).1);
-    let console = ctx.console.clone();
-    let (node, router) = (ctx.node.clone(), ctx.router.clone());
-    let event_task = tokio::spawn(async move {
-        let mut punches = tokio::task::JoinSet::new();
-        loop {
-            let event = tokio::select! {
-                e = events.recv() => match e { Some(e) => e, None => break },
-                Some(_) = punches.join_next(), if !punches.is_empty() => continue,
-            };
-            let ServerEvent::Punch {
-                peer,
-                candidates,
-                nonce,
-            } = event;
-            if verbose {
-                let list: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
-                console
-                    .error(format!(
-                        "introduced to {peer} (candidates {})",
-                        list.join(", ")
-                    ))
-                    .await;
-            }
-            if punches.len() >= MAX_RESPONDER_PUNCHES {
-                console
-                    .error(format!(
-                        "too many introductions at once; ignoring one from {peer}"
-                    ))
-                    .await;
-                continue;
-            }
-            let (node, router, console) = (node.clone(), router.clone(), console.clone());
-            punches.spawn(async move {
-                let log = verbose.then(|| console.clone());
-                let state = punching::run(
-                    &node,
-                    &router,
-                    peer,
-                    nonce,
-                    punch::Role::Responder,
-                    &candidates,
-                    log,
-                )
-                .await;
-                if verbose {
-                    let outcome = match state {
-                        punch::State::Direct(path) => format!("path to {} open", path.addr),
-                        punch::State::Failed(report) => {
-                            format!("no direct path: {}", report.reason())
-                        }
-                        punch::State::Probing => "stopped".to_owned(),
-                    };
-                    console
-                        .error(format!("punch {}: {outcome}", peer.short()))
-                        .await;
-                }
-            });
-        }
-    });
-
+    ctx.keep_paths(verbose);
     let hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>> = Arc::default();
     let input_task = tokio::spawn(broadcast_input(
         console::stdin_lines(),
@@ -455,7 +420,7 @@ async fn listen(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.console.clone()));
+                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.connections.clone(), ctx.console.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = &mut signal => { r?; break; }
@@ -463,15 +428,12 @@ async fn listen(
     }
     ctx.console.say("shutting down").await;
     conns.abort_all();
-    for task in [watcher, event_task, input_task] {
+    for task in [watcher, input_task] {
         task.abort();
     }
     ctx.finish().await;
     Ok(())
 }
-
-/// Most punching sessions a listener runs at once (each is a few datagrams per second).
-const MAX_RESPONDER_PUNCHES: usize = 64;
 
 /// Tells the user when the registration is lost and when it is back.
 async fn watch_session(mut state: watch::Receiver<SessionState>, console: Console) {
@@ -545,6 +507,7 @@ async fn serve_peer(
     incoming: quinn::Incoming,
     me: PeerId,
     hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
+    connections: paths::Connections,
     console: Console,
 ) {
     let remote = incoming.remote_address();
@@ -565,6 +528,7 @@ async fn serve_peer(
     console
         .say(format!("connected: {peer} from {remote}"))
         .await;
+    connections.insert(peer, conn.clone());
     let key = conn.stable_id() as u64;
     loop {
         let (mut tx, mut rx) = match conn.accept_bi().await {
@@ -596,6 +560,7 @@ async fn serve_peer(
             chat::ChatEnd::InputClosed => {}
         }
     }
+    connections.remove(peer, &conn);
 }
 
 async fn connect(
@@ -606,7 +571,8 @@ async fn connect(
     dial_timeout: Duration,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let ctx = start(identity, dir, server).await?;
+    let mut ctx = start(identity, dir, server).await?;
+    ctx.keep_paths(verbose);
     let result = async {
         let me = ctx.register().await?.id;
         if peer == me {
@@ -618,6 +584,7 @@ async fn connect(
             ctx.console.error(format!("warning: {w}")).await;
         }
         let (conn, via) = establish(&ctx, &mut cache, peer, dial_timeout, verbose).await?;
+        ctx.connections.insert(peer, conn.clone());
         ctx.console
             .say(format!(
                 "connected to {peer} in {} ms: direct to {} ({})",

@@ -26,6 +26,11 @@ pub struct Router {
 }
 
 impl Router {
+    /// Receives the STUN datagrams tagged with `nonce` (for other users of STUN on the socket).
+    pub fn register_raw(&self, nonce: u64) -> mpsc::Receiver<StunDatagram> {
+        self.register(nonce)
+    }
+
     fn register(&self, nonce: u64) -> mpsc::Receiver<StunDatagram> {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         if let Ok(mut sessions) = self.sessions.lock() {
@@ -34,7 +39,8 @@ impl Router {
         rx
     }
 
-    fn unregister(&self, nonce: u64) {
+    /// Stops routing `nonce`.
+    pub fn unregister(&self, nonce: u64) {
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.remove(&nonce);
         }

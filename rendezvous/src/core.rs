@@ -303,6 +303,22 @@ impl Registry {
         (to_requester, vec![(target_conn, to_target)])
     }
 
+    /// The driver saw `id`'s packets come from `observed` (QUIC migration after a NAT rebinding):
+    /// update the record so that introductions hand out the address that works now.
+    pub fn observe(
+        &mut self,
+        id: PeerId,
+        observed: SocketAddr,
+        now: OffsetDateTime,
+    ) -> Option<(PeerId, Record)> {
+        self.touch(id, observed, now).persist
+    }
+
+    /// The recorded public address of `id`.
+    pub fn observed_of(&self, id: &PeerId) -> Option<SocketAddr> {
+        self.peers.get(id).map(|r| r.observed)
+    }
+
     /// The connection `conn` of `id` closed.
     pub fn disconnected(
         &mut self,

@@ -49,9 +49,17 @@ impl Default for Limits {
     }
 }
 
+/// What the driver keeps per registered connection.
+struct Online {
+    /// Pushes to its control stream.
+    pusher: mpsc::Sender<ControlMessage>,
+    /// The connection, to read its current remote address.
+    conn: Connection,
+}
+
 pub(crate) struct Shared {
     registry: Mutex<Registry>,
-    pushers: Mutex<HashMap<ConnId, mpsc::Sender<ControlMessage>>>,
+    online: Mutex<HashMap<ConnId, Online>>,
     store: Store,
     limits: Limits,
 }
@@ -68,7 +76,7 @@ impl Shared {
     pub(crate) fn new(registry: Registry, store: Store, limits: Limits) -> Arc<Self> {
         Arc::new(Shared {
             registry: Mutex::new(registry),
-            pushers: Mutex::new(HashMap::new()),
+            online: Mutex::new(HashMap::new()),
             store,
             limits,
         })
@@ -84,6 +92,9 @@ impl Shared {
         msg: ControlMessage,
         durable: bool,
     ) -> Option<ControlMessage> {
+        if let ControlMessage::Connect { id: target } = &msg {
+            self.refresh_observed(*target);
+        }
         let Outcome {
             reply,
             pushes,
@@ -103,7 +114,7 @@ impl Shared {
             }
         }
         for (target, push) in pushes {
-            let sender = lock(&self.pushers).get(&target).cloned();
+            let sender = lock(&self.online).get(&target).map(|o| o.pusher.clone());
             match sender {
                 Some(sender) => {
                     if sender.try_send(push).is_err() {
@@ -114,6 +125,33 @@ impl Shared {
             }
         }
         reply
+    }
+}
+
+impl Shared {
+    /// Before introducing `target`, take its address from its live connection: after a NAT
+    /// rebinding QUIC migrates at once, long before the peer sends another request.
+    fn refresh_observed(&self, target: PeerId) {
+        let (conn_id, recorded) = {
+            let registry = lock(&self.registry);
+            (
+                registry.connection_of(&target),
+                registry.observed_of(&target),
+            )
+        };
+        let Some(conn_id) = conn_id else { return };
+        let current = lock(&self.online)
+            .get(&conn_id)
+            .map(|o| o.conn.remote_address());
+        let Some(current) = current else { return };
+        if Some(current) == recorded {
+            return;
+        }
+        let persist = lock(&self.registry).observe(target, current, OffsetDateTime::now_utc());
+        if let Some((who, record)) = persist {
+            tracing::info!(peer = %who, observed = %current, "address changed");
+            self.store.put_later(who, record);
+        }
     }
 }
 
@@ -274,7 +312,13 @@ async fn handle_connection(
         tracing::info!(peer = %id, observed = %conn.remote_address(), "registered");
 
         let (push_tx, mut push_rx) = mpsc::channel(PUSH_QUEUE);
-        lock(&shared.pushers).insert(conn_id, push_tx);
+        lock(&shared.online).insert(
+            conn_id,
+            Online {
+                pusher: push_tx,
+                conn: conn.clone(),
+            },
+        );
         let mut limiter = TokenBucket::new(
             shared.limits.request_burst,
             shared.limits.requests_per_second,
@@ -324,7 +368,7 @@ async fn handle_connection(
     .await;
 
     reader.abort();
-    lock(&shared.pushers).remove(&conn_id);
+    lock(&shared.online).remove(&conn_id);
     let gone = lock(&shared.registry).disconnected(conn_id, id, OffsetDateTime::now_utc());
     if let Some((who, record)) = gone {
         shared.store.put_later(who, record);

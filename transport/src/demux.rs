@@ -1,9 +1,10 @@
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 
 use quinn::udp::{RecvMeta, Transmit};
@@ -32,6 +33,17 @@ pub struct DemuxStats {
     pub quic_received: AtomicU64,
 }
 
+/// Address translation between what quinn believes a peer's address is and where its packets
+/// really go now (the magicsock idea): when a NAT rebinds, quinn keeps its address and the
+/// socket sends to the new one, so no QUIC connection notices.
+#[derive(Debug, Default)]
+struct Routes {
+    /// quinn's address -> current real address.
+    out: HashMap<SocketAddr, SocketAddr>,
+    /// real address -> quinn's address.
+    back: HashMap<SocketAddr, SocketAddr>,
+}
+
 /// A UDP socket for quinn that diverts STUN datagrams to a bounded channel.
 ///
 /// Sending is shared: quinn sends through [`AsyncUdpSocket::try_send`], STUN users through
@@ -40,6 +52,9 @@ pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     stun_tx: mpsc::Sender<StunDatagram>,
     stats: Arc<DemuxStats>,
+    routes: RwLock<Routes>,
+    // Lets the hot path skip the lock while no route is set (the common case).
+    has_routes: AtomicBool,
 }
 
 impl fmt::Debug for DemuxSocket {
@@ -65,6 +80,8 @@ impl DemuxSocket {
                 inner,
                 stun_tx,
                 stats: Arc::new(DemuxStats::default()),
+                routes: RwLock::new(Routes::default()),
+                has_routes: AtomicBool::new(false),
             }),
             stun_rx,
         ))
@@ -73,6 +90,46 @@ impl DemuxSocket {
     /// Counters.
     pub fn stats(&self) -> Arc<DemuxStats> {
         self.stats.clone()
+    }
+
+    /// From now on, packets quinn sends to `quinn_addr` go to `real`, and packets from `real`
+    /// are shown to quinn as coming from `quinn_addr`. Setting `real == quinn_addr` removes the
+    /// route.
+    pub fn set_route(&self, quinn_addr: SocketAddr, real: SocketAddr) {
+        let mut routes = self
+            .routes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(old) = routes.out.remove(&quinn_addr) {
+            routes.back.remove(&old);
+        }
+        if real != quinn_addr {
+            routes.out.insert(quinn_addr, real);
+            routes.back.insert(real, quinn_addr);
+        }
+        self.has_routes
+            .store(!routes.out.is_empty(), Ordering::Release);
+    }
+
+    /// Where packets for `quinn_addr` really go.
+    pub fn route_of(&self, quinn_addr: SocketAddr) -> SocketAddr {
+        if !self.has_routes.load(Ordering::Acquire) {
+            return quinn_addr;
+        }
+        self.routes
+            .read()
+            .map(|r| r.out.get(&quinn_addr).copied().unwrap_or(quinn_addr))
+            .unwrap_or(quinn_addr)
+    }
+
+    fn quinn_addr_of(&self, real: SocketAddr) -> SocketAddr {
+        if !self.has_routes.load(Ordering::Acquire) {
+            return real;
+        }
+        self.routes
+            .read()
+            .map(|r| r.back.get(&real).copied().unwrap_or(real))
+            .unwrap_or(real)
     }
 
     /// Sends one datagram (a STUN message, a probe) from the shared socket.
@@ -143,7 +200,17 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)
+        let destination = self.route_of(transmit.destination);
+        if destination == transmit.destination {
+            return self.inner.try_send(transmit);
+        }
+        self.inner.try_send(&Transmit {
+            destination,
+            ecn: transmit.ecn,
+            contents: transmit.contents,
+            segment_size: transmit.segment_size,
+            src_ip: transmit.src_ip,
+        })
     }
 
     fn poll_recv(
@@ -161,6 +228,7 @@ impl AsyncUdpSocket for DemuxSocket {
                     continue;
                 }
                 meta[i].len = left;
+                meta[i].addr = self.quinn_addr_of(meta[i].addr);
                 if kept != i {
                     // Move entry i down to slot `kept` so that quinn sees a dense prefix.
                     let (low, high) = bufs.split_at_mut(i);
