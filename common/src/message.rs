@@ -63,6 +63,16 @@ pub enum ControlMessage {
         /// Shared by both sides of one introduction; probes carry it.
         nonce: u64,
     },
+    /// First frame of a stream that becomes this peer's relay stream (binary
+    /// [`relay`](crate::relay) frames follow in both directions once the server answers).
+    RelayOpen {},
+    /// The relay stream is open.
+    RelayReady {
+        /// Largest packet the server relays.
+        max_packet: u32,
+        /// Relay limit for this peer, bytes per second.
+        rate_bytes_per_s: u64,
+    },
     /// Liveness check; answered with `pong`.
     Ping {
         /// Echoed back.
@@ -110,6 +120,8 @@ impl ControlMessage {
             ControlMessage::PeerInfo(_) => "peer_info",
             ControlMessage::Connect { .. } => "connect",
             ControlMessage::Punch { .. } => "punch",
+            ControlMessage::RelayOpen {} => "relay_open",
+            ControlMessage::RelayReady { .. } => "relay_ready",
             ControlMessage::Ping { .. } => "ping",
             ControlMessage::Pong { .. } => "pong",
             ControlMessage::Error { .. } => "error",
@@ -124,6 +136,8 @@ const CONTROL_TYPES: &[&str] = &[
     "peer_info",
     "connect",
     "punch",
+    "relay_open",
+    "relay_ready",
     "ping",
     "pong",
     "error",
@@ -202,6 +216,8 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// Too many requests.
     RateLimited,
+    /// Relaying is refused (not introduced, over quota).
+    RelayDenied,
     /// The server failed; try again.
     Internal,
     /// A code this build does not know (newer server).

@@ -8,7 +8,9 @@
 use std::net::SocketAddr;
 
 use bytecodec::{DecodeExt, EncodeExt};
-use stun_codec::rfc5389::attributes::{Fingerprint, Software, Username, XorMappedAddress};
+use stun_codec::rfc5389::attributes::{
+    Fingerprint, MessageIntegrity, Software, Username, XorMappedAddress,
+};
 use stun_codec::rfc5389::{methods::BINDING, Attribute};
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
 
@@ -188,7 +190,27 @@ pub fn nonce_of_transaction(transaction: &[u8; 12]) -> u64 {
     u64::from_be_bytes(nonce)
 }
 
-/// Encodes a probe: a Binding request with the tag in USERNAME.
+/// The MESSAGE-INTEGRITY key of an introduction: the nonce is known only to the two peers and
+/// the rendezvous, so a stranger that happens to answer at a candidate address (another host
+/// with the same private address, a generic STUN responder) cannot pass for the peer.
+fn probe_password(nonce: u64) -> String {
+    format!("p2p-punch-{nonce:016x}")
+}
+
+fn seal(mut message: Message<Attribute>, nonce: u64) -> Vec<u8> {
+    if let Ok(integrity) =
+        MessageIntegrity::new_short_term_credential(&message, &probe_password(nonce))
+    {
+        message.add_attribute(integrity);
+    }
+    if let Ok(fingerprint) = Fingerprint::new(&message) {
+        message.add_attribute(fingerprint);
+    }
+    encode(message)
+}
+
+/// Encodes a probe: a Binding request with the tag in USERNAME and MESSAGE-INTEGRITY keyed by
+/// the introduction's nonce.
 pub fn probe_request(tag: &ProbeTag, counter: u32) -> Vec<u8> {
     let mut message = Message::<Attribute>::new(
         MessageClass::Request,
@@ -198,10 +220,33 @@ pub fn probe_request(tag: &ProbeTag, counter: u32) -> Vec<u8> {
     if let Ok(username) = Username::new(tag.to_username()) {
         message.add_attribute(username);
     }
-    if let Ok(fingerprint) = Fingerprint::new(&message) {
-        message.add_attribute(fingerprint);
-    }
-    encode(message)
+    seal(message, tag.nonce)
+}
+
+/// Encodes the answer to a probe: a Binding success response with XOR-MAPPED-ADDRESS and
+/// MESSAGE-INTEGRITY keyed by the nonce.
+pub fn probe_success(transaction: [u8; 12], mapped: SocketAddr, nonce: u64) -> Vec<u8> {
+    let mut message = Message::<Attribute>::new(
+        MessageClass::SuccessResponse,
+        BINDING,
+        TransactionId::new(transaction),
+    );
+    message.add_attribute(XorMappedAddress::new(mapped));
+    seal(message, nonce)
+}
+
+/// True if the datagram carries a MESSAGE-INTEGRITY that checks with the nonce's key.
+pub fn verify_probe(datagram: &[u8], nonce: u64) -> bool {
+    let mut decoder = MessageDecoder::<Attribute>::new();
+    let Ok(Ok(message)) = decoder.decode_from_bytes(datagram) else {
+        return false;
+    };
+    message
+        .get_attribute::<MessageIntegrity>()
+        .is_some_and(|mi| {
+            mi.check_short_term_credential(&probe_password(nonce))
+                .is_ok()
+        })
 }
 
 fn encode(message: Message<Attribute>) -> Vec<u8> {
@@ -266,6 +311,28 @@ mod tests {
         assert_eq!(ProbeTag::from_username(&username), Some(tag));
         assert_eq!(nonce_of_transaction(&transaction), tag.nonce);
         assert_eq!(transaction, tag.transaction(7));
+        assert!(verify_probe(&probe, tag.nonce));
+        assert!(!verify_probe(&probe, tag.nonce + 1));
+        let from: SocketAddr = "198.51.100.2:7".parse().unwrap();
+        let answer = probe_success(transaction, from, tag.nonce);
+        assert!(verify_probe(&answer, tag.nonce));
+        assert!(!verify_probe(&answer, 1));
+        assert_eq!(
+            decode(&answer),
+            Ok(StunPacket::BindingSuccess {
+                transaction,
+                mapped: from
+            })
+        );
+        // A generic answer (no integrity) does not verify.
+        assert!(!verify_probe(
+            &binding_success(transaction, from),
+            tag.nonce
+        ));
+        let mut tampered = answer.clone();
+        let last = tampered.len() - 9;
+        tampered[last] ^= 1;
+        assert!(!verify_probe(&tampered, tag.nonce));
         for bad in [
             "",
             "p2p1:",
@@ -315,6 +382,7 @@ mod tests {
                 let len = (bytes.len() - HEADER_LEN) as u16 & !3;
                 bytes[2..4].copy_from_slice(&len.to_be_bytes());
                 let _ = decode(&bytes);
+                let _ = verify_probe(&bytes, 1);
                 let _ = answer_binding(&bytes, "192.0.2.1:1".parse().unwrap());
             }
         }

@@ -85,8 +85,10 @@ impl PathKeeper {
             return;
         };
         let quinn_addr = conn.remote_address();
-        if self.node.socket.route_of(quinn_addr) != path {
-            self.node.socket.set_route(quinn_addr, path);
+        if self.node.socket.route_of(quinn_addr).udp() != Some(path) {
+            self.node
+                .socket
+                .set_route(quinn_addr, transport::PathTarget::Udp(path));
             self.console
                 .say(format!("path to {peer}: direct to {path} ({why})"))
                 .await;

@@ -100,7 +100,9 @@ pub async fn dispatch(
     }
 }
 
-/// Runs one punching session to its end and returns the final state.
+/// Runs one punching session. Returns as soon as a path is proven (or the session failed); a
+/// session with a proven path goes on in the background until its deadline, answering the
+/// peer's probes so that the peer can prove its side too.
 pub async fn run(
     node: &Node,
     router: &Router,
@@ -110,8 +112,8 @@ pub async fn run(
     candidates: &[Candidate],
     verbose: Option<Console>,
 ) -> State {
-    let mut inbox = router.register(nonce);
-    let mut puncher = Puncher::new(
+    let inbox = router.register(nonce);
+    let puncher = Puncher::new(
         node.identity.id(),
         peer,
         nonce,
@@ -120,47 +122,87 @@ pub async fn run(
         Instant::now(),
         PunchConfig::default(),
     );
-    let state = loop {
-        let now = Instant::now();
-        puncher.handle_timeout(now);
-        while let Some(transmit) = puncher.poll_transmit(now) {
-            if let Err(e) = node
-                .socket
-                .send_to(&transmit.contents, transmit.destination)
-                .await
-            {
-                tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
-            }
-        }
-        while let Some(event) = puncher.poll_event() {
-            if let Some(console) = &verbose {
-                console.error(describe(peer, &event)).await;
-            }
-        }
-        if puncher.is_finished(now) {
-            break puncher.state().clone();
-        }
-        let Some(wake) = puncher.poll_timeout() else {
-            break puncher.state().clone();
-        };
-        tokio::select! {
-            datagram = inbox.recv() => match datagram {
-                Some(d) => {
-                    puncher.handle_datagram(d.from, &d.data, Instant::now());
-                }
-                None => break puncher.state().clone(),
-            },
-            _ = tokio::time::sleep_until(wake.into()) => {}
-        }
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let session = Session {
+        node: node.clone(),
+        router: router.clone(),
+        puncher,
+        inbox,
+        verbose,
+        first: Some(first_tx),
     };
-    router.unregister(nonce);
-    state
+    tokio::spawn(session.drive());
+    first_rx.await.unwrap_or(State::Probing)
+}
+
+struct Session {
+    node: Node,
+    router: Router,
+    puncher: Puncher,
+    inbox: mpsc::Receiver<StunDatagram>,
+    verbose: Option<Console>,
+    first: Option<tokio::sync::oneshot::Sender<State>>,
+}
+
+impl Session {
+    async fn drive(mut self) {
+        let peer = self.puncher.peer();
+        loop {
+            let now = Instant::now();
+            self.puncher.handle_timeout(now);
+            while let Some(transmit) = self.puncher.poll_transmit(now) {
+                if let Err(e) = self
+                    .node
+                    .socket
+                    .send_to(&transmit.contents, transmit.destination)
+                    .await
+                {
+                    tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
+                }
+            }
+            while let Some(event) = self.puncher.poll_event() {
+                if let Some(console) = &self.verbose {
+                    console.error(describe(peer, &event)).await;
+                }
+            }
+            if !matches!(self.puncher.state(), State::Probing) {
+                if let Some(first) = self.first.take() {
+                    let _ = first.send(self.puncher.state().clone());
+                }
+            }
+            if self.puncher.is_finished(now) {
+                break;
+            }
+            let Some(wake) = self.puncher.poll_timeout() else {
+                break;
+            };
+            tokio::select! {
+                datagram = self.inbox.recv() => match datagram {
+                    Some(d) => {
+                        self.puncher.handle_datagram(d.from, &d.data, Instant::now());
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        if let Some(first) = self.first.take() {
+            let _ = first.send(self.puncher.state().clone());
+        }
+        self.router.unregister(self.puncher.nonce());
+    }
 }
 
 fn describe(peer: PeerId, event: &Event) -> String {
     let peer = peer.short();
     match event {
-        Event::ProbeSent { to, attempt } => format!("punch {peer}: probe #{attempt} -> {to}"),
+        Event::ProbeSent {
+            to,
+            attempt: Some(attempt),
+        } => format!("punch {peer}: probe #{attempt} -> {to}"),
+        Event::ProbeSent { to, attempt: None } => {
+            format!("punch {peer}: triggered probe -> {to}")
+        }
         Event::ProbeReceived { from } => format!("punch {peer}: probe from {from}"),
         Event::PeerReflexive { addr } => {
             format!("punch {peer}: new address {addr} learned from its probe; probing it")

@@ -10,7 +10,12 @@
 //!   known candidate (a symmetric NAT's new port, a hairpin path), probes that address at once
 //!   (a "triggered check": the peer-reflexive candidate of ICE);
 //! - a probe that is answered proves the path works both ways. The initiator takes the first
-//!   such path for its QUIC connection; the responder keeps answering until the deadline.
+//!   such path for its QUIC connection. Both sides stop probing once a path is proven but keep
+//!   answering the other's probes until the deadline, so that the other side can prove its path
+//!   too;
+//! - probes and answers carry MESSAGE-INTEGRITY keyed by the nonce: only the peer (which learned
+//!   the nonce from the rendezvous) can produce an answer that counts, so a stranger answering
+//!   at a candidate address is not mistaken for it.
 //!
 //! If nothing is answered by the deadline, the puncher fails with a report of what it saw, from
 //! which [`FailureReport::reason`] explains why in words.
@@ -183,8 +188,8 @@ pub enum Event {
     ProbeSent {
         /// To where.
         to: SocketAddr,
-        /// Attempt number for that address (0-based).
-        attempt: usize,
+        /// Scheduled attempt number for that address (0-based), or `None` for a triggered check.
+        attempt: Option<usize>,
     },
     /// A probe of the peer arrived.
     ProbeReceived {
@@ -229,6 +234,8 @@ pub struct Puncher {
     pending: HashMap<[u8; 12], (usize, Instant)>,
     counter: u32,
     state: State,
+    // The deadline has passed (set by handle_timeout): nothing more will be scheduled.
+    expired: bool,
     events: VecDeque<Event>,
     probes_sent: u32,
     probes_received: u32,
@@ -260,6 +267,7 @@ impl Puncher {
             pending: HashMap::new(),
             counter: 0,
             state: State::Probing,
+            expired: false,
             events: VecDeque::new(),
             probes_sent: 0,
             probes_received: 0,
@@ -291,15 +299,17 @@ impl Puncher {
         &self.state
     }
 
-    /// True once nothing more will be sent: the initiator has a path or gave up; the responder
-    /// has reached the deadline.
+    /// The role this side plays.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// True once nothing more will be sent: the deadline has passed (a proven path is still
+    /// answered for until then, so that the other side can prove it too) and every answer is out.
     pub fn is_finished(&self, now: Instant) -> bool {
-        match self.role {
-            Role::Initiator => !matches!(self.state, State::Probing) && self.replies.is_empty(),
-            Role::Responder => {
-                now >= self.started + self.config.deadline && self.replies.is_empty()
-            }
-        }
+        self.replies.is_empty()
+            && (matches!(self.state, State::Failed(_))
+                || now >= self.started + self.config.deadline)
     }
 
     /// The next event, if any.
@@ -341,7 +351,10 @@ impl Puncher {
                 let Some(tag) = ProbeTag::from_username(&username) else {
                     return false;
                 };
-                if tag.nonce != self.tag.nonce || tag.sender != self.peer {
+                if tag.nonce != self.tag.nonce
+                    || tag.sender != self.peer
+                    || !stun::verify_probe(data, self.tag.nonce)
+                {
                     return false;
                 }
                 self.probes_received = self.probes_received.saturating_add(1);
@@ -351,7 +364,7 @@ impl Puncher {
                 self.events.push_back(Event::ProbeReceived { from });
                 self.replies.push_back(Transmit {
                     destination: from,
-                    contents: stun::binding_success(transaction, from),
+                    contents: stun::probe_success(transaction, from, self.tag.nonce),
                 });
                 if self.probing() && now < self.started + self.config.deadline {
                     let known = self.targets.iter().any(|t| t.addr == from);
@@ -370,6 +383,11 @@ impl Puncher {
                 transaction,
                 mapped,
             }) => {
+                if !self.pending.contains_key(&transaction)
+                    || !stun::verify_probe(data, self.tag.nonce)
+                {
+                    return false;
+                }
                 let Some((index, sent_at)) = self.pending.remove(&transaction) else {
                     return false;
                 };
@@ -439,7 +457,7 @@ impl Puncher {
         self.pending
             .insert(self.tag.transaction(self.counter), (index, now));
         let target = &mut self.targets[index];
-        let attempt = target.attempt;
+        let attempt = scheduled.then_some(target.attempt);
         if scheduled {
             target.attempt += 1;
         }
@@ -456,15 +474,16 @@ impl Puncher {
 
     /// When the driver should call [`Puncher::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.expired && self.replies.is_empty() {
+            return None;
+        }
         if !self.replies.is_empty() || !self.triggered.is_empty() {
             return Some(self.started);
         }
         let deadline = self.started + self.config.deadline;
-        match (&self.state, self.role) {
-            (State::Failed(_), _) => return None,
-            (State::Direct(_), Role::Initiator) => return None,
-            (State::Direct(_), Role::Responder) => return Some(deadline),
-            (State::Probing, _) => {}
+        if matches!(self.state, State::Direct(_)) {
+            // Nothing more to probe; keep answering the peer until the deadline.
+            return Some(deadline);
         }
         let next_probe = self
             .targets
@@ -475,9 +494,15 @@ impl Puncher {
         Some(next_probe.map_or(deadline, |p| p.min(deadline)))
     }
 
-    /// Advances time: fails the session at the deadline.
+    /// Advances time: fails the session at the deadline if no path was proven.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.started + self.config.deadline {
+            self.expired = true;
+            self.triggered.clear();
+        }
         if self.state == State::Probing && now >= self.started + self.config.deadline {
+            // Checks triggered too late to send would otherwise stay queued for ever.
+            self.triggered.clear();
             self.state = State::Failed(FailureReport {
                 candidates: self.candidates.clone(),
                 probes_sent: self.probes_sent,

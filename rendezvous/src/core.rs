@@ -18,6 +18,21 @@ pub type ConnId = u64;
 /// Keep-alive interval the server asks peers to use (seconds), below common NAT UDP timeouts.
 pub const KEEPALIVE_S: u32 = 15;
 
+/// How long an introduction allows relaying between the two peers.
+pub const INTRODUCTION_TTL: time::Duration = time::Duration::hours(1);
+
+/// Introductions kept before expired ones are swept.
+const INTRODUCTIONS_SWEEP_AT: usize = 4096;
+
+/// Why a relayed packet is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayRefusal {
+    /// The two peers were not introduced (no `connect` between them), or too long ago.
+    NotIntroduced,
+    /// The destination is not registered.
+    UnknownPeer,
+}
+
 /// What is stored for each registered peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -75,6 +90,7 @@ pub struct Counters {
 pub struct Registry {
     peers: HashMap<PeerId, Record>,
     online: HashMap<PeerId, ConnId>,
+    introductions: HashMap<(PeerId, PeerId), OffsetDateTime>,
     next_nonce: u64,
     counters: Counters,
 }
@@ -86,6 +102,7 @@ impl Registry {
         Registry {
             peers: records.into_iter().collect(),
             online: HashMap::new(),
+            introductions: HashMap::new(),
             next_nonce: nonce_seed,
             counters: Counters::default(),
         }
@@ -158,7 +175,7 @@ impl Registry {
             }
             ControlMessage::Connect { id: target } => {
                 let mut outcome = self.touch(id, observed, now);
-                let (reply, pushes) = self.introduce(id, target);
+                let (reply, pushes) = self.introduce(id, target, now);
                 outcome.reply = Some(reply);
                 outcome.pushes = pushes;
                 outcome
@@ -251,6 +268,7 @@ impl Registry {
         &mut self,
         from: PeerId,
         target: PeerId,
+        now: OffsetDateTime,
     ) -> (ControlMessage, Vec<(ConnId, ControlMessage)>) {
         if target == from {
             self.counters.rejected += 1;
@@ -287,6 +305,11 @@ impl Registry {
                 Vec::new(),
             );
         };
+        if self.introductions.len() >= INTRODUCTIONS_SWEEP_AT {
+            self.introductions.retain(|_, expires| *expires > now);
+        }
+        self.introductions
+            .insert(pair(from, target), now + INTRODUCTION_TTL);
         self.next_nonce = self.next_nonce.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let nonce = self.next_nonce;
         self.counters.punches += 1;
@@ -319,6 +342,23 @@ impl Registry {
         self.peers.get(id).map(|r| r.observed)
     }
 
+    /// Whether `from` may relay packets to `to` now: only between registered peers that were
+    /// introduced (one asked to connect to the other) within [`INTRODUCTION_TTL`].
+    pub fn relay_allowed(
+        &self,
+        from: PeerId,
+        to: PeerId,
+        now: OffsetDateTime,
+    ) -> Result<(), RelayRefusal> {
+        if !self.peers.contains_key(&to) {
+            return Err(RelayRefusal::UnknownPeer);
+        }
+        match self.introductions.get(&pair(from, to)) {
+            Some(expires) if *expires > now => Ok(()),
+            _ => Err(RelayRefusal::NotIntroduced),
+        }
+    }
+
     /// The connection `conn` of `id` closed.
     pub fn disconnected(
         &mut self,
@@ -334,6 +374,15 @@ impl Registry {
         let record = self.peers.get_mut(&id)?;
         record.last_seen = now;
         Some((id, record.clone()))
+    }
+}
+
+/// The unordered pair, as a map key.
+fn pair(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
     }
 }
 
@@ -505,6 +554,44 @@ mod tests {
         assert_eq!(*pushed_nonce, nonce);
         assert_eq!(pushed[0].addr, addr(4000));
         assert_eq!(reg.counters().punches, 1);
+    }
+
+    #[test]
+    fn relaying_needs_an_introduction_that_has_not_expired() {
+        let mut reg = Registry::new([], 7);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(2), 5000);
+        register(&mut reg, 3, id(3), 6000);
+        assert_eq!(
+            reg.relay_allowed(id(1), id(2), T0),
+            Err(RelayRefusal::NotIntroduced)
+        );
+        reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
+        assert_eq!(reg.relay_allowed(id(1), id(2), T0), Ok(()));
+        assert_eq!(
+            reg.relay_allowed(id(2), id(1), T0),
+            Ok(()),
+            "both directions"
+        );
+        assert_eq!(
+            reg.relay_allowed(id(1), id(3), T0),
+            Err(RelayRefusal::NotIntroduced)
+        );
+        assert_eq!(
+            reg.relay_allowed(id(1), id(9), T0),
+            Err(RelayRefusal::UnknownPeer)
+        );
+        let later = T0 + INTRODUCTION_TTL + time::Duration::seconds(1);
+        assert_eq!(
+            reg.relay_allowed(id(1), id(2), later),
+            Err(RelayRefusal::NotIntroduced)
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod core;
 pub mod ratelimit;
+pub mod relay;
 mod server;
 pub mod store;
 
@@ -24,6 +25,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Limits.
     pub limits: Limits,
+    /// Append every relayed packet to this file (capped at 16 MiB), for inspection.
+    pub relay_trace: Option<PathBuf>,
 }
 
 /// Errors starting the server.
@@ -88,7 +91,19 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let shared = server::Shared::new(registry, store, config.limits);
+        let trace = match &config.relay_trace {
+            Some(path) => {
+                Some(
+                    std::fs::File::create(path).map_err(|source| StartError::DataDir {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let shared =
+            server::Shared::new(registry, store, config.limits, relay::RelayHub::new(trace));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(endpoint, demux, stun_rx, shared, shutdown_rx));
         Ok(Server {

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use rendezvous::relay::RelayLimits;
 use rendezvous::{Config, Limits, Server};
 
 /// The rendezvous server: peers register here, find each other by id, and are introduced for
@@ -36,6 +37,16 @@ enum Command {
         /// Most concurrent peer connections.
         #[arg(long, default_value_t = Limits::default().max_connections)]
         max_connections: usize,
+        /// Relay rate limit per peer, bytes per second.
+        #[arg(long, default_value_t = RelayLimits::default().rate_bytes_per_s)]
+        relay_rate: u64,
+        /// Relay byte quota per relay session (0: none).
+        #[arg(long, default_value_t = RelayLimits::default().quota_bytes)]
+        relay_quota: u64,
+        /// Append every relayed packet to this file (capped at 16 MiB), to inspect what the
+        /// server handles (it only ever sees the peers' encrypted QUIC packets).
+        #[arg(long, env = "RENDEZVOUS_RELAY_TRACE")]
+        relay_trace: Option<PathBuf>,
     },
     /// Print the server key's fingerprint (what peers pass as --server-key).
     Fingerprint {
@@ -71,15 +82,24 @@ async fn main() -> anyhow::Result<()> {
             listen,
             data_dir,
             max_connections,
+            relay_rate,
+            relay_quota,
+            relay_trace,
         } => {
             let limits = Limits {
                 max_connections,
+                relay: RelayLimits {
+                    rate_bytes_per_s: relay_rate,
+                    quota_bytes: relay_quota,
+                    ..RelayLimits::default()
+                },
                 ..Limits::default()
             };
             let server = Server::start(Config {
                 listen,
                 data_dir: data_dir.clone(),
                 limits,
+                relay_trace,
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;

@@ -16,6 +16,7 @@ use transport::{DemuxSocket, StunDatagram};
 
 use crate::core::{ConnId, Outcome, Registry};
 use crate::ratelimit::TokenBucket;
+use crate::relay::{RelayHub, RelayLimits};
 use crate::store::Store;
 
 /// How long a client has to finish the handshake and send `register`.
@@ -37,6 +38,8 @@ pub struct Limits {
     pub requests_per_second: f64,
     /// Burst of requests per connection.
     pub request_burst: f64,
+    /// Relay limits.
+    pub relay: RelayLimits,
 }
 
 impl Default for Limits {
@@ -45,6 +48,7 @@ impl Default for Limits {
             max_connections: 20_000,
             requests_per_second: 20.0,
             request_burst: 50.0,
+            relay: RelayLimits::default(),
         }
     }
 }
@@ -62,6 +66,7 @@ pub(crate) struct Shared {
     online: Mutex<HashMap<ConnId, Online>>,
     store: Store,
     limits: Limits,
+    pub(crate) relay: Arc<RelayHub>,
 }
 
 /// Locks a mutex, recovering the data if another thread panicked while holding it: the registry
@@ -73,12 +78,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn new(registry: Registry, store: Store, limits: Limits) -> Arc<Self> {
+    pub(crate) fn new(
+        registry: Registry,
+        store: Store,
+        limits: Limits,
+        relay: RelayHub,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             registry: Mutex::new(registry),
             online: Mutex::new(HashMap::new()),
             store,
             limits,
+            relay: Arc::new(relay),
         })
     }
 
@@ -166,6 +177,7 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let mut tasks = JoinSet::new();
     tasks.spawn(stun_responder(demux, stun_rx, shutdown.clone()));
+    tasks.spawn(log_counters(shared.clone(), shutdown.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -199,6 +211,26 @@ pub(crate) async fn serve(
         tasks.shutdown().await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Logs the relay counters every minute while they change, and once at shutdown.
+async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut last = String::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        let stop = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = shutdown.changed() => true,
+        };
+        let summary = shared.relay.counters.summary();
+        if summary != last || stop {
+            tracing::info!("{summary}");
+            last = summary;
+        }
+        if stop {
+            return;
+        }
+    }
 }
 
 async fn stun_responder(
@@ -436,6 +468,22 @@ async fn handle_request(
             ),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(Some(body))) => match ControlMessage::decode(&body) {
+                Ok(ControlMessage::RelayOpen {}) => {
+                    let limits = shared.limits.relay;
+                    let ready = ControlMessage::RelayReady {
+                        max_packet: common::relay::MAX_RELAY_PACKET as u32,
+                        rate_bytes_per_s: limits.rate_bytes_per_s,
+                    };
+                    send(&mut tx, &ready).await?;
+                    tracing::debug!(peer = %id, "relay stream open");
+                    let allowed = |to: PeerId| {
+                        lock(&shared.registry)
+                            .relay_allowed(id, to, OffsetDateTime::now_utc())
+                            .is_ok()
+                    };
+                    crate::relay::run(shared.relay.clone(), id, limits, tx, rx, allowed).await;
+                    return Ok(());
+                }
                 Ok(ControlMessage::Register { .. }) => ControlMessage::error(
                     ErrorCode::BadRequest,
                     "`register` belongs on the control stream",

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -33,15 +33,102 @@ pub struct DemuxStats {
     pub quic_received: AtomicU64,
 }
 
+/// A datagram leaving on a virtual path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualPacket {
+    /// The label of the sink it was sent to (which peer, which tunnel).
+    pub label: [u8; 16],
+    /// One datagram.
+    pub data: Vec<u8>,
+}
+
+/// The sending end of a virtual path: datagrams go into a bounded channel (to the relay, or a TCP
+/// tunnel) instead of out of the UDP socket. A full channel drops, as a congested link would.
+#[derive(Debug, Clone)]
+pub struct VirtualSink {
+    label: [u8; 16],
+    tx: mpsc::Sender<VirtualPacket>,
+}
+
+impl VirtualSink {
+    /// A sink that tags its datagrams with `label`.
+    pub fn new(label: [u8; 16], tx: mpsc::Sender<VirtualPacket>) -> Self {
+        VirtualSink { label, tx }
+    }
+}
+
+/// Where the packets quinn sends to one address really go.
+#[derive(Debug, Clone)]
+pub enum PathTarget {
+    /// Out of the UDP socket, to this address.
+    Udp(SocketAddr),
+    /// Into a channel.
+    Virtual(VirtualSink),
+}
+
+impl PathTarget {
+    /// The UDP address, for a direct path.
+    pub fn udp(&self) -> Option<SocketAddr> {
+        match self {
+            PathTarget::Udp(addr) => Some(*addr),
+            PathTarget::Virtual(_) => None,
+        }
+    }
+}
+
 /// Address translation between what quinn believes a peer's address is and where its packets
-/// really go now (the magicsock idea): when a NAT rebinds, quinn keeps its address and the
-/// socket sends to the new one, so no QUIC connection notices.
+/// really go now (the magicsock idea): quinn keeps one address per peer while the socket sends on
+/// the current path (direct UDP to wherever the NAT now maps, or a relay), so no QUIC connection
+/// notices a path change.
 #[derive(Debug, Default)]
 struct Routes {
-    /// quinn's address -> current real address.
-    out: HashMap<SocketAddr, SocketAddr>,
-    /// real address -> quinn's address.
+    /// quinn's address -> current path.
+    out: HashMap<SocketAddr, PathTarget>,
+    /// real source address -> quinn's address.
     back: HashMap<SocketAddr, SocketAddr>,
+}
+
+/// Maps IPv4-mapped IPv6 addresses to plain IPv4, so that route keys match whatever family the
+/// endpoint uses.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// `addr` in the family of `like` (quinn on a dual-stack socket sees IPv4 peers as mapped IPv6).
+fn same_family(addr: SocketAddr, like: SocketAddr) -> SocketAddr {
+    match (addr, like) {
+        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => addr,
+    }
+}
+
+/// Injects datagrams into quinn's receive path as if they had arrived from a given address
+/// (relayed packets, packets from a TCP tunnel).
+#[derive(Debug, Clone)]
+pub struct Injector {
+    tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    waker: Arc<std::sync::Mutex<Option<std::task::Waker>>>,
+}
+
+impl Injector {
+    /// Queues `data` as a datagram from `from`; false if the queue is full (the datagram is
+    /// dropped, as a congested link would).
+    pub fn inject(&self, from: SocketAddr, data: Vec<u8>) -> bool {
+        let queued = self.tx.try_send((from, data)).is_ok();
+        if queued {
+            if let Some(waker) = self
+                .waker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take()
+            {
+                waker.wake();
+            }
+        }
+        queued
+    }
 }
 
 /// A UDP socket for quinn that diverts STUN datagrams to a bounded channel.
@@ -55,7 +142,15 @@ pub struct DemuxSocket {
     routes: RwLock<Routes>,
     // Lets the hot path skip the lock while no route is set (the common case).
     has_routes: AtomicBool,
+    injected_rx: std::sync::Mutex<mpsc::Receiver<(SocketAddr, Vec<u8>)>>,
+    injector: Injector,
+    // Alternates which source poll_recv serves first, so neither starves the other.
+    injected_first: AtomicBool,
+    virtual_dropped: AtomicU64,
 }
+
+/// Datagrams waiting to be injected into quinn.
+const INJECT_QUEUE: usize = 4096;
 
 impl fmt::Debug for DemuxSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -75,6 +170,11 @@ impl DemuxSocket {
         let runtime = quinn::TokioRuntime;
         let inner = quinn::Runtime::wrap_udp_socket(&runtime, socket)?;
         let (stun_tx, stun_rx) = mpsc::channel(stun_queue.max(1));
+        let (injected_tx, injected_rx) = mpsc::channel(INJECT_QUEUE);
+        let injector = Injector {
+            tx: injected_tx,
+            waker: Arc::default(),
+        };
         Ok((
             Arc::new(DemuxSocket {
                 inner,
@@ -82,6 +182,10 @@ impl DemuxSocket {
                 stats: Arc::new(DemuxStats::default()),
                 routes: RwLock::new(Routes::default()),
                 has_routes: AtomicBool::new(false),
+                injected_rx: std::sync::Mutex::new(injected_rx),
+                injector,
+                injected_first: AtomicBool::new(false),
+                virtual_dropped: AtomicU64::new(0),
             }),
             stun_rx,
         ))
@@ -92,34 +196,85 @@ impl DemuxSocket {
         self.stats.clone()
     }
 
-    /// From now on, packets quinn sends to `quinn_addr` go to `real`, and packets from `real`
-    /// are shown to quinn as coming from `quinn_addr`. Setting `real == quinn_addr` removes the
-    /// route.
-    pub fn set_route(&self, quinn_addr: SocketAddr, real: SocketAddr) {
-        let mut routes = self
-            .routes
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(old) = routes.out.remove(&quinn_addr) {
-            routes.back.remove(&old);
-        }
-        if real != quinn_addr {
-            routes.out.insert(quinn_addr, real);
-            routes.back.insert(real, quinn_addr);
-        }
-        self.has_routes
-            .store(!routes.out.is_empty(), Ordering::Release);
+    /// A handle to inject datagrams into quinn's receive path.
+    pub fn injector(&self) -> Injector {
+        self.injector.clone()
     }
 
-    /// Where packets for `quinn_addr` really go.
-    pub fn route_of(&self, quinn_addr: SocketAddr) -> SocketAddr {
-        if !self.has_routes.load(Ordering::Acquire) {
-            return quinn_addr;
+    /// Datagrams dropped because a virtual path's channel was full.
+    pub fn virtual_dropped(&self) -> u64 {
+        self.virtual_dropped.load(Ordering::Relaxed)
+    }
+
+    fn write_routes(&self) -> std::sync::RwLockWriteGuard<'_, Routes> {
+        self.routes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// From now on, packets quinn sends to `quinn_addr` take `target`; for a UDP target, packets
+    /// from it are shown to quinn as coming from `quinn_addr`. `Udp(quinn_addr)` removes the
+    /// route.
+    pub fn set_route(&self, quinn_addr: SocketAddr, target: PathTarget) {
+        let quinn_addr = canonical(quinn_addr);
+        let mut routes = self.write_routes();
+        if let Some(PathTarget::Udp(old)) = routes.out.remove(&quinn_addr) {
+            if routes.back.get(&old) == Some(&quinn_addr) {
+                routes.back.remove(&old);
+            }
         }
+        match target {
+            PathTarget::Udp(real) if canonical(real) == quinn_addr => {}
+            PathTarget::Udp(real) => {
+                let real = canonical(real);
+                routes.back.insert(real, quinn_addr);
+                routes.out.insert(quinn_addr, PathTarget::Udp(real));
+            }
+            virtual_target => {
+                routes.out.insert(quinn_addr, virtual_target);
+            }
+        }
+        self.has_routes.store(
+            !routes.out.is_empty() || !routes.back.is_empty(),
+            Ordering::Release,
+        );
+    }
+
+    /// Shows packets from `real` to quinn as coming from `quinn_addr` (other addresses of the
+    /// same peer, such as its candidates, before any of them is chosen).
+    pub fn add_alias(&self, real: SocketAddr, quinn_addr: SocketAddr) {
+        let (real, quinn_addr) = (canonical(real), canonical(quinn_addr));
+        if real == quinn_addr {
+            return;
+        }
+        let mut routes = self.write_routes();
+        routes.back.insert(real, quinn_addr);
+        self.has_routes.store(true, Ordering::Release);
+    }
+
+    /// Forgets every route and alias of `quinn_addr`.
+    pub fn remove_routes(&self, quinn_addr: SocketAddr) {
+        let quinn_addr = canonical(quinn_addr);
+        let mut routes = self.write_routes();
+        routes.out.remove(&quinn_addr);
+        routes.back.retain(|_, q| *q != quinn_addr);
+        self.has_routes.store(
+            !routes.out.is_empty() || !routes.back.is_empty(),
+            Ordering::Release,
+        );
+    }
+
+    /// Where packets for `quinn_addr` go now.
+    pub fn route_of(&self, quinn_addr: SocketAddr) -> PathTarget {
+        if !self.has_routes.load(Ordering::Acquire) {
+            return PathTarget::Udp(quinn_addr);
+        }
+        let key = canonical(quinn_addr);
         self.routes
             .read()
-            .map(|r| r.out.get(&quinn_addr).copied().unwrap_or(quinn_addr))
-            .unwrap_or(quinn_addr)
+            .ok()
+            .and_then(|r| r.out.get(&key).cloned())
+            .unwrap_or(PathTarget::Udp(quinn_addr))
     }
 
     fn quinn_addr_of(&self, real: SocketAddr) -> SocketAddr {
@@ -128,8 +283,63 @@ impl DemuxSocket {
         }
         self.routes
             .read()
-            .map(|r| r.back.get(&real).copied().unwrap_or(real))
-            .unwrap_or(real)
+            .ok()
+            .and_then(|r| r.back.get(&canonical(real)).copied())
+            .map_or(real, |q| same_family(q, real))
+    }
+
+    fn send_virtual(&self, sink: &VirtualSink, transmit: &Transmit) {
+        let segment = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        for datagram in transmit.contents.chunks(segment) {
+            let packet = VirtualPacket {
+                label: sink.label,
+                data: datagram.to_vec(),
+            };
+            if sink.tx.try_send(packet).is_err() {
+                self.virtual_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn poll_injected(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> usize {
+        let mut rx = self
+            .injected_rx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some((from, data))) => {
+                    let len = data.len().min(bufs[n].len());
+                    bufs[n][..len].copy_from_slice(&data[..len]);
+                    meta[n] = RecvMeta {
+                        addr: from,
+                        len,
+                        stride: len,
+                        ..RecvMeta::default()
+                    };
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        if n == 0 {
+            // Also wake on Injector::inject, in case the channel's own waker was consumed.
+            *self
+                .injector
+                .waker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(cx.waker().clone());
+        }
+        n
     }
 
     /// Sends one datagram (a STUN message, a probe) from the shared socket.
@@ -200,17 +410,22 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let destination = self.route_of(transmit.destination);
-        if destination == transmit.destination {
-            return self.inner.try_send(transmit);
+        match self.route_of(transmit.destination) {
+            PathTarget::Udp(destination) if destination == transmit.destination => {
+                self.inner.try_send(transmit)
+            }
+            PathTarget::Udp(destination) => self.inner.try_send(&Transmit {
+                destination: same_family(destination, transmit.destination),
+                ecn: transmit.ecn,
+                contents: transmit.contents,
+                segment_size: transmit.segment_size,
+                src_ip: transmit.src_ip,
+            }),
+            PathTarget::Virtual(sink) => {
+                self.send_virtual(&sink, transmit);
+                Ok(())
+            }
         }
-        self.inner.try_send(&Transmit {
-            destination,
-            ecn: transmit.ecn,
-            contents: transmit.contents,
-            segment_size: transmit.segment_size,
-            src_ip: transmit.src_ip,
-        })
     }
 
     fn poll_recv(
@@ -219,8 +434,26 @@ impl AsyncUdpSocket for DemuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        let injected_first = self.injected_first.fetch_xor(true, Ordering::Relaxed);
+        if injected_first {
+            let n = self.poll_injected(cx, bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+        }
         loop {
-            let received = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+            let received = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(result) => result?,
+                Poll::Pending => {
+                    if !injected_first {
+                        let n = self.poll_injected(cx, bufs, meta);
+                        if n > 0 {
+                            return Poll::Ready(Ok(n));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            };
             let mut kept = 0;
             for i in 0..received {
                 let left = self.filter_segments(&mut bufs[i], &meta[i]);

@@ -7,5 +7,7 @@
 mod demux;
 mod endpoint;
 
-pub use demux::{DemuxSocket, DemuxStats, StunDatagram};
+pub use demux::{
+    DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket, VirtualSink,
+};
 pub use endpoint::{make_endpoint, quic_client_config, EndpointError, TransportSettings};

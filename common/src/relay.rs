@@ -1,0 +1,154 @@
+//! Relay frames: what flows on a relay stream once it is open.
+//!
+//! `[u16 length][16-byte peer id][packet]`, big-endian, where the length counts the id and the
+//! packet. From a peer to the rendezvous the id names the destination; from the rendezvous to a
+//! peer it names the source. Packets are the peers' own end-to-end encrypted QUIC packets: the
+//! server forwards bytes it cannot read.
+
+use crate::PeerId;
+
+/// Largest packet a relay frame carries (a QUIC datagram is at most ~1500 bytes on Ethernet).
+pub const MAX_RELAY_PACKET: usize = 2048;
+
+const HEADER: usize = 2 + 16;
+
+/// A relay frame that cannot be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayFrameError {
+    /// The length is shorter than an id or longer than the cap.
+    #[error("relay frame length {0} is invalid (16 to {max} bytes)", max = 16 + MAX_RELAY_PACKET)]
+    BadLength(usize),
+    /// The id is not a peer id.
+    #[error("relay frame names an invalid peer id")]
+    BadPeer,
+}
+
+/// Encodes one frame. Packets over [`MAX_RELAY_PACKET`] are refused.
+pub fn encode(peer: &PeerId, packet: &[u8]) -> Result<Vec<u8>, RelayFrameError> {
+    if packet.len() > MAX_RELAY_PACKET {
+        return Err(RelayFrameError::BadLength(16 + packet.len()));
+    }
+    let mut out = Vec::with_capacity(HEADER + packet.len());
+    // The cap keeps the length inside u16.
+    out.extend_from_slice(&((16 + packet.len()) as u16).to_be_bytes());
+    out.extend_from_slice(peer.as_bytes());
+    out.extend_from_slice(packet);
+    Ok(out)
+}
+
+/// Incremental decoder: push bytes in any chunking, pull `(peer, packet)` frames out.
+#[derive(Debug, Default)]
+pub struct RelayDecoder {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl RelayDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 64 * 1024 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. An error means the stream
+    /// cannot be trusted any more.
+    pub fn next_frame(&mut self) -> Result<Option<(PeerId, Vec<u8>)>, RelayFrameError> {
+        let pending = &self.buf[self.start..];
+        if pending.len() < 2 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([pending[0], pending[1]]) as usize;
+        if !(16..=16 + MAX_RELAY_PACKET).contains(&len) {
+            return Err(RelayFrameError::BadLength(len));
+        }
+        if pending.len() < 2 + len {
+            return Ok(None);
+        }
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&pending[2..18]);
+        let peer = PeerId::from_bytes(id).map_err(|_| RelayFrameError::BadPeer)?;
+        let packet = pending[18..2 + len].to_vec();
+        self.start += 2 + len;
+        Ok(Some((peer, packet)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id() -> PeerId {
+        PeerId::from_key_digest(&[8; 32])
+    }
+
+    #[test]
+    fn round_trip_and_limits() {
+        let mut dec = RelayDecoder::new();
+        dec.push(&encode(&id(), b"quic packet").unwrap());
+        dec.push(&encode(&id(), &[]).unwrap());
+        assert_eq!(
+            dec.next_frame().unwrap(),
+            Some((id(), b"quic packet".to_vec()))
+        );
+        assert_eq!(dec.next_frame().unwrap(), Some((id(), Vec::new())));
+        assert_eq!(dec.next_frame().unwrap(), None);
+        assert!(encode(&id(), &vec![0; MAX_RELAY_PACKET + 1]).is_err());
+        let mut dec = RelayDecoder::new();
+        dec.push(&[0, 3, 1, 2, 3]);
+        assert_eq!(dec.next_frame(), Err(RelayFrameError::BadLength(3)));
+        let mut dec = RelayDecoder::new();
+        let mut frame = encode(&id(), b"x").unwrap();
+        frame[2..18].copy_from_slice(&[0; 16]);
+        dec.push(&frame);
+        assert_eq!(dec.next_frame(), Err(RelayFrameError::BadPeer));
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_round_trips(
+            packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1500), 0..6),
+            cut in 1usize..100,
+        ) {
+            let wire: Vec<u8> = packets.iter().flat_map(|p| encode(&id(), p).unwrap()).collect();
+            let mut dec = RelayDecoder::new();
+            let mut out = Vec::new();
+            for chunk in wire.chunks(cut) {
+                dec.push(chunk);
+                while let Some((_, packet)) = dec.next_frame().unwrap() {
+                    out.push(packet);
+                }
+            }
+            prop_assert_eq!(out, packets);
+            prop_assert_eq!(dec.buffered(), 0);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let mut dec = RelayDecoder::new();
+            dec.push(&bytes);
+            for _ in 0..200 {
+                match dec.next_frame() {
+                    Ok(Some(_)) => continue,
+                    _ => break,
+                }
+            }
+        }
+    }
+}

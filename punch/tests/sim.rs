@@ -1,0 +1,2339 @@
+//! Deterministic, virtual-time simulation of two peers punching through NATs.
+//!
+//! The [`Puncher`] is sans-IO, so these tests wrap it in a small in-memory internet instead of
+//! sockets: hosts with private addresses behind NAT boxes (RFC 4787 behaviours), a rendezvous on
+//! the public side that observes each peer's public mapping and introduces the two, and links with
+//! latency, loss, reordering and duplication drawn from a seeded PRNG. Time is an `Instant` base
+//! plus offsets; nothing sleeps, every run is reproducible from its seed, and the event loop is
+//! bounded in steps and virtual time so a bug can never hang a test.
+//!
+//! Layout of one simulated session:
+//!
+//! ```text
+//!   host a (10.1.0.2:5000) --lan-- NAT a (203.0.113.10) --wan--+
+//!                                                              +-- public realm -- rendezvous
+//!   host b (10.2.0.2:6000) --lan-- NAT b (203.0.113.20) --wan--+     (203.0.113.1:3478)
+//! ```
+//!
+//! Each peer first sends one datagram from its socket to the rendezvous (creating the NAT mapping
+//! the rendezvous observes), then both are introduced with the other's `[Observed, Local]`
+//! candidates and a shared nonce, as `rendezvous/src/core.rs` does. Peer `a` is the initiator,
+//! `b` the responder.
+//!
+//! The last two tests are regressions for bugs this simulator found (see their doc comments).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use common::message::{Candidate, CandidateKind};
+use common::stun::{self, ProbeTag, StunPacket};
+use common::PeerId;
+use punch::{Event, FailureReport, Path, PathKind, PunchConfig, Puncher, Role, State};
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic randomness
+// ---------------------------------------------------------------------------------------------
+
+/// splitmix64: a tiny, fast PRNG, good enough to drive loss, jitter and port choice reproducibly.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// True with probability `p`; draws nothing when `p` is zero.
+    fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.unit() < p
+    }
+
+    /// Uniform in `0..=max`; draws nothing when `max` is zero.
+    fn up_to(&mut self, max: Duration) -> Duration {
+        if max.is_zero() {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.below(max.as_nanos() as u64 + 1))
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Links and NAT behaviour
+// ---------------------------------------------------------------------------------------------
+
+/// The attachment of one node (a host, or one side of a NAT) to a network. A packet going from
+/// node X to node Y across a network crosses X's link and then Y's link; each crossing adds
+/// `latency` plus a uniform `0..=jitter` (jitter larger than the gap between two packets reorders
+/// them), loses the packet with probability `loss`, and duplicates it with probability
+/// `duplicate` (the copy gets its own jitter).
+#[derive(Debug, Clone, Copy, Default)]
+struct Link {
+    latency: Duration,
+    jitter: Duration,
+    loss: f64,
+    duplicate: f64,
+}
+
+impl Link {
+    fn delay_ms(ms: u64) -> Self {
+        Link {
+            latency: Duration::from_millis(ms),
+            ..Link::default()
+        }
+    }
+}
+
+/// How a NAT picks the public port of an outgoing packet (RFC 4787 section 4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mapping {
+    /// Endpoint-independent mapping (EIM): one public port per inside address:port, whatever the
+    /// destination, so the port the rendezvous observed is the port the peer will see.
+    EndpointIndependent,
+    /// Address-and-port-dependent mapping ("symmetric NAT"): a fresh public port for every new
+    /// destination address:port, so the port the rendezvous observed is useless to the peer.
+    AddressAndPortDependent,
+}
+
+/// Which inbound packets a NAT lets through an existing mapping (RFC 4787 section 5). What the
+/// mapping "has sent to" is the set of destinations of outgoing packets that used it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filtering {
+    /// Endpoint-independent filtering: anyone may send to a mapped port ("full cone").
+    EndpointIndependent,
+    /// Address-dependent filtering: only from IP addresses the mapping has sent to, any port
+    /// ("restricted cone").
+    AddressDependent,
+    /// Address-and-port-dependent filtering: only from address:port pairs the mapping has sent
+    /// to ("port-restricted cone"; symmetric NATs filter this way too).
+    AddressAndPortDependent,
+}
+
+/// Everything that decides what a NAT box does with a packet.
+#[derive(Debug, Clone, Copy)]
+struct Behaviour {
+    mapping: Mapping,
+    filtering: Filtering,
+    /// A packet from inside to the NAT's own public address is translated as usual and then
+    /// looped back in through the destination mapping (with filtering applied, as for any inbound
+    /// packet), its source rewritten to the sender's public mapping. Off: such packets are dropped.
+    hairpin: bool,
+    /// Outbound UDP is dropped unless it goes to the rendezvous.
+    outbound_blocked: bool,
+}
+
+/// The kinds of network a peer can sit in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// No NAT, no firewall: the host has a public address and takes packets from anyone.
+    Open,
+    /// EIM + endpoint-independent filtering.
+    FullCone,
+    /// EIM + address-dependent filtering.
+    AddrRestricted,
+    /// EIM + address-and-port-dependent filtering.
+    PortRestricted,
+    /// Address-and-port-dependent mapping (a random fresh public port per destination) +
+    /// address-and-port-dependent filtering.
+    Symmetric,
+    /// A port-restricted home NAT (outside address in the carrier's 10.64.x network) behind a
+    /// port-restricted carrier-grade NAT: two translations, both endpoint-independent, so the
+    /// pair behaves like one port-restricted NAT with a longer path.
+    TwoLevel,
+    /// A port-restricted NAT whose firewall drops every outbound UDP datagram except those to the
+    /// rendezvous (standing in for "the control connection gets out some other way", so that the
+    /// peer still registers and gets an Observed candidate). Inbound, only the rendezvous was
+    /// ever sent to, so nothing from the peer passes either.
+    UdpBlocked,
+    /// Not in the required matrix: symmetric mapping with endpoint-independent filtering (a
+    /// mapped port takes anyone). Used to reach the other explanations of `FailureReport`.
+    SymmetricEif,
+    /// Not in the required matrix: a full-cone NAT whose firewall drops all outbound UDP but to
+    /// the rendezvous: the peer's probes get in, nothing gets out.
+    InboundOnly,
+}
+
+impl Kind {
+    /// The behaviour of the NAT box of this kind (for `TwoLevel`, of each of its two boxes).
+    fn behaviour(self) -> Behaviour {
+        let (mapping, filtering, outbound_blocked) = match self {
+            Kind::Open | Kind::FullCone => (
+                Mapping::EndpointIndependent,
+                Filtering::EndpointIndependent,
+                false,
+            ),
+            Kind::AddrRestricted => (
+                Mapping::EndpointIndependent,
+                Filtering::AddressDependent,
+                false,
+            ),
+            Kind::PortRestricted | Kind::TwoLevel => (
+                Mapping::EndpointIndependent,
+                Filtering::AddressAndPortDependent,
+                false,
+            ),
+            Kind::Symmetric => (
+                Mapping::AddressAndPortDependent,
+                Filtering::AddressAndPortDependent,
+                false,
+            ),
+            Kind::UdpBlocked => (
+                Mapping::EndpointIndependent,
+                Filtering::AddressAndPortDependent,
+                true,
+            ),
+            Kind::SymmetricEif => (
+                Mapping::AddressAndPortDependent,
+                Filtering::EndpointIndependent,
+                false,
+            ),
+            Kind::InboundOnly => (
+                Mapping::EndpointIndependent,
+                Filtering::EndpointIndependent,
+                true,
+            ),
+        };
+        Behaviour {
+            mapping,
+            filtering,
+            hairpin: false,
+            outbound_blocked,
+        }
+    }
+}
+
+/// The network arrangement of one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// Initiator in the first kind of network, responder in the second, each behind its own box.
+    Pair(Kind, Kind),
+    /// Both peers on one LAN behind one port-restricted (EIM + APDF) NAT.
+    SameNat { hairpin: bool },
+}
+
+impl fmt::Display for Setup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Setup::Pair(a, b) => write!(f, "{a:?} x {b:?}"),
+            Setup::SameNat { hairpin: true } => f.write_str("SameNat (hairpin on)"),
+            Setup::SameNat { hairpin: false } => f.write_str("SameNat (hairpin off)"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network
+// ---------------------------------------------------------------------------------------------
+
+/// The public internet; every other realm is the inside of one NAT.
+const PUBLIC: usize = 0;
+const RENDEZVOUS: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 3478));
+const MAX_STEPS: usize = 1_000_000;
+const MAX_VIRTUAL_TIME: Duration = Duration::from_secs(120);
+const MAX_TRACE: usize = 20_000;
+
+#[derive(Debug, Clone)]
+struct Packet {
+    src: SocketAddr,
+    dst: SocketAddr,
+    data: Vec<u8>,
+    /// The host that sent it and a per-network sequence number (copies share it), to count
+    /// reorderings at the receiver.
+    origin: usize,
+    id: u64,
+}
+
+/// Where an in-flight packet arrives next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    Host(usize),
+    /// At NAT n from its inside: to be translated outwards (or hairpinned).
+    NatInside(usize),
+    /// At NAT n from its outside: to be filtered and translated inwards.
+    NatOutside(usize),
+}
+
+#[derive(Debug, Clone)]
+struct Received {
+    from: SocketAddr,
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Host {
+    name: String,
+    realm: usize,
+    addr: SocketAddr,
+    link: Link,
+    /// Answer Binding requests that no active punching session takes, as the peer's datagram
+    /// dispatcher does (`peer/src/punching.rs`: `stun::answer_binding` for unrouted requests).
+    stray_answers: bool,
+    inbox: Vec<Received>,
+}
+
+#[derive(Debug)]
+struct NatMapping {
+    inside: SocketAddr,
+    sent_to: HashSet<SocketAddr>,
+}
+
+#[derive(Debug)]
+struct Nat {
+    name: String,
+    behaviour: Behaviour,
+    outer_ip: Ipv4Addr,
+    outer_realm: usize,
+    outer_link: Link,
+    inner_realm: usize,
+    inner_link: Link,
+    /// Mapping key -> public port. The key is the inside address, plus the destination for
+    /// address-and-port-dependent mapping.
+    by_key: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
+    by_port: HashMap<u16, NatMapping>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct NetStats {
+    lost: usize,
+    filtered: usize,
+    duplicated: usize,
+    reordered: usize,
+    delivered: usize,
+}
+
+struct Net {
+    t0: Instant,
+    rng: Rng,
+    realms: usize,
+    hosts: Vec<Host>,
+    nats: Vec<Nat>,
+    queue: BTreeMap<(Instant, u64), (Node, Packet)>,
+    next_seq: u64,
+    next_packet: u64,
+    last_delivered: HashMap<(usize, usize), u64>,
+    stats: NetStats,
+    trace: Vec<String>,
+}
+
+impl Net {
+    fn new(seed: u64) -> Self {
+        Net {
+            t0: Instant::now(),
+            rng: Rng::new(seed),
+            realms: 1,
+            hosts: Vec::new(),
+            nats: Vec::new(),
+            queue: BTreeMap::new(),
+            next_seq: 0,
+            next_packet: 0,
+            last_delivered: HashMap::new(),
+            stats: NetStats::default(),
+            trace: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, at: Instant, what: impl FnOnce() -> String) {
+        if self.trace.len() < MAX_TRACE {
+            let ms = at.saturating_duration_since(self.t0).as_secs_f64() * 1000.0;
+            self.trace.push(format!("{ms:>9.3} ms  {}", what()));
+        }
+    }
+
+    fn add_host(&mut self, name: &str, realm: usize, addr: SocketAddr, link: Link) -> usize {
+        self.hosts.push(Host {
+            name: name.to_owned(),
+            realm,
+            addr,
+            link,
+            stray_answers: false,
+            inbox: Vec::new(),
+        });
+        self.hosts.len() - 1
+    }
+
+    /// Adds a NAT with its outside in `outer_realm`; returns its new inside realm.
+    fn add_nat(
+        &mut self,
+        name: &str,
+        behaviour: Behaviour,
+        outer_realm: usize,
+        outer_ip: Ipv4Addr,
+        outer_link: Link,
+    ) -> usize {
+        let inner_realm = self.realms;
+        self.realms += 1;
+        self.nats.push(Nat {
+            name: name.to_owned(),
+            behaviour,
+            outer_ip,
+            outer_realm,
+            outer_link,
+            inner_realm,
+            inner_link: Link::default(),
+            by_key: HashMap::new(),
+            by_port: HashMap::new(),
+        });
+        inner_realm
+    }
+
+    /// A host sends a datagram from its socket.
+    fn send(&mut self, host: usize, dst: SocketAddr, data: Vec<u8>, now: Instant) {
+        self.next_packet += 1;
+        let (realm, link, src) = {
+            let h = &self.hosts[host];
+            (h.realm, h.link, h.addr)
+        };
+        let packet = Packet {
+            src,
+            dst,
+            data,
+            origin: host,
+            id: self.next_packet,
+        };
+        self.route(realm, link, packet, now);
+    }
+
+    /// Carries a packet across `realm` from a node attached by `from` to the next node: the host
+    /// with the destination address, the NAT whose outside address it is, or else this realm's
+    /// own NAT (the default route). The public realm has no default route.
+    fn route(&mut self, realm: usize, from: Link, packet: Packet, now: Instant) {
+        let dst_ip = packet.dst.ip();
+        let next = if let Some(h) = self
+            .hosts
+            .iter()
+            .position(|h| h.realm == realm && h.addr.ip() == dst_ip)
+        {
+            if self.hosts[h].addr.port() != packet.dst.port() {
+                self.note(now, || {
+                    format!("drop {} -> {}: port closed", packet.src, packet.dst)
+                });
+                return;
+            }
+            Some((Node::Host(h), self.hosts[h].link))
+        } else if let Some(n) = self
+            .nats
+            .iter()
+            .position(|n| n.outer_realm == realm && IpAddr::V4(n.outer_ip) == dst_ip)
+        {
+            Some((Node::NatOutside(n), self.nats[n].outer_link))
+        } else {
+            self.nats
+                .iter()
+                .position(|n| n.inner_realm == realm)
+                .map(|n| (Node::NatInside(n), self.nats[n].inner_link))
+        };
+        let Some((node, to)) = next else {
+            self.note(now, || {
+                format!("drop {} -> {}: no route", packet.src, packet.dst)
+            });
+            return;
+        };
+        let lost_on_first = self.rng.chance(from.loss);
+        let lost_on_second = self.rng.chance(to.loss);
+        if lost_on_first || lost_on_second {
+            self.stats.lost += 1;
+            self.note(now, || format!("lost {} -> {}", packet.src, packet.dst));
+            return;
+        }
+        let copies = if self.rng.chance(from.duplicate.max(to.duplicate)) {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay =
+                from.latency + to.latency + self.rng.up_to(from.jitter) + self.rng.up_to(to.jitter);
+            self.next_seq += 1;
+            self.queue
+                .insert((now + delay, self.next_seq), (node, packet.clone()));
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.queue.keys().next().map(|(at, _)| *at)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<(Node, Packet)> {
+        let (&key, _) = self.queue.iter().next()?;
+        if key.0 > now {
+            return None;
+        }
+        self.queue.remove(&key)
+    }
+
+    /// A packet reached a NAT.
+    fn forward(&mut self, node: Node, packet: Packet, now: Instant) {
+        match node {
+            Node::NatInside(n) => self.outbound(n, packet, now),
+            Node::NatOutside(n) => self.inbound(n, packet, now),
+            Node::Host(_) => unreachable!("hosts are handled by the simulation"),
+        }
+    }
+
+    /// Outgoing: find or create the mapping, remember the destination for filtering, rewrite the
+    /// source, then hairpin (destination is our own public address) or send on outside.
+    fn outbound(&mut self, n: usize, mut packet: Packet, now: Instant) {
+        let behaviour = self.nats[n].behaviour;
+        if behaviour.outbound_blocked && packet.dst != RENDEZVOUS {
+            self.stats.filtered += 1;
+            let name = self.nats[n].name.clone();
+            self.note(now, || {
+                format!("{name}: blocked outbound {} -> {}", packet.src, packet.dst)
+            });
+            return;
+        }
+        let key = match behaviour.mapping {
+            Mapping::EndpointIndependent => (packet.src, None),
+            Mapping::AddressAndPortDependent => (packet.src, Some(packet.dst)),
+        };
+        let port = match self.nats[n].by_key.get(&key) {
+            Some(&port) => port,
+            None => {
+                let port = loop {
+                    let port = 1024 + self.rng.below(64_512) as u16;
+                    if !self.nats[n].by_port.contains_key(&port) {
+                        break port;
+                    }
+                };
+                let nat = &mut self.nats[n];
+                nat.by_key.insert(key, port);
+                nat.by_port.insert(
+                    port,
+                    NatMapping {
+                        inside: packet.src,
+                        sent_to: HashSet::new(),
+                    },
+                );
+                let (name, ip) = (nat.name.clone(), nat.outer_ip);
+                self.note(now, || {
+                    format!(
+                        "{name}: new mapping {} -> {ip}:{port} (first destination {})",
+                        packet.src, packet.dst
+                    )
+                });
+                port
+            }
+        };
+        let nat = &mut self.nats[n];
+        if let Some(mapping) = nat.by_port.get_mut(&port) {
+            mapping.sent_to.insert(packet.dst);
+        }
+        packet.src = SocketAddr::new(IpAddr::V4(nat.outer_ip), port);
+        if packet.dst.ip() == IpAddr::V4(nat.outer_ip) {
+            if behaviour.hairpin {
+                let name = nat.name.clone();
+                self.note(now, || {
+                    format!("{name}: hairpin {} -> {}", packet.src, packet.dst)
+                });
+                self.inbound(n, packet, now);
+            } else {
+                self.stats.filtered += 1;
+                let name = nat.name.clone();
+                self.note(now, || {
+                    format!(
+                        "{name}: no hairpinning, drop {} -> {}",
+                        packet.src, packet.dst
+                    )
+                });
+            }
+            return;
+        }
+        let (realm, link) = (nat.outer_realm, nat.outer_link);
+        self.route(realm, link, packet, now);
+    }
+
+    /// Incoming: the destination port must be mapped and the source allowed by the filtering
+    /// rule (judged by what the mapping has sent to); then rewrite the destination to the inside.
+    fn inbound(&mut self, n: usize, mut packet: Packet, now: Instant) {
+        let nat = &self.nats[n];
+        let verdict = match nat.by_port.get(&packet.dst.port()) {
+            None => Err("no mapping"),
+            Some(mapping) => {
+                let allowed = match nat.behaviour.filtering {
+                    Filtering::EndpointIndependent => true,
+                    Filtering::AddressDependent => {
+                        mapping.sent_to.iter().any(|s| s.ip() == packet.src.ip())
+                    }
+                    Filtering::AddressAndPortDependent => mapping.sent_to.contains(&packet.src),
+                };
+                if allowed {
+                    Ok(mapping.inside)
+                } else {
+                    Err("filtered")
+                }
+            }
+        };
+        match verdict {
+            Ok(inside) => {
+                let (realm, link) = (nat.inner_realm, nat.inner_link);
+                packet.dst = inside;
+                self.route(realm, link, packet, now);
+            }
+            Err(why) => {
+                self.stats.filtered += 1;
+                let name = nat.name.clone();
+                self.note(now, || {
+                    format!("{name}: {why}, drop {} -> {}", packet.src, packet.dst)
+                });
+            }
+        }
+    }
+
+    /// Books a delivery to a host: inbox, counters, reordering.
+    fn arrived(&mut self, host: usize, packet: &Packet, now: Instant) {
+        self.stats.delivered += 1;
+        let last = self
+            .last_delivered
+            .entry((packet.origin, host))
+            .or_insert(0);
+        if packet.id < *last {
+            self.stats.reordered += 1;
+        } else {
+            *last = packet.id;
+        }
+        let h = &mut self.hosts[host];
+        h.inbox.push(Received {
+            from: packet.src,
+            data: packet.data.clone(),
+        });
+        let name = h.name.clone();
+        self.note(now, || {
+            format!(
+                "deliver to {name}: {} -> {} ({})",
+                packet.src,
+                packet.dst,
+                describe_datagram(&packet.data)
+            )
+        });
+    }
+}
+
+fn describe_datagram(data: &[u8]) -> String {
+    match stun::decode(data) {
+        Ok(StunPacket::BindingRequest { transaction, .. }) => {
+            format!(
+                "probe #{}",
+                u32::from_be_bytes([
+                    transaction[8],
+                    transaction[9],
+                    transaction[10],
+                    transaction[11]
+                ])
+            )
+        }
+        Ok(StunPacket::BindingSuccess {
+            transaction,
+            mapped,
+        }) => format!(
+            "answer to #{} saying {mapped}",
+            u32::from_be_bytes([
+                transaction[8],
+                transaction[9],
+                transaction[10],
+                transaction[11]
+            ])
+        ),
+        Err(_) => format!("{} bytes of non-STUN", data.len()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The simulation: network + two punchers + rendezvous
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Options {
+    seed: u64,
+    /// Each NAT's (or open host's) link to the public internet.
+    wan: Link,
+    /// Each host's link to its LAN.
+    lan: Link,
+    /// The home NAT's link inside the carrier network (TwoLevel).
+    carrier: Link,
+    /// When each side gets the introduction, after the rendezvous sends it.
+    delays: [Duration; 2],
+    stray_answers: bool,
+    config: PunchConfig,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            seed: 1,
+            wan: Link::delay_ms(5),
+            lan: Link::delay_ms(1),
+            carrier: Link::delay_ms(2),
+            delays: [Duration::ZERO; 2],
+            stray_answers: true,
+            config: PunchConfig::default(),
+        }
+    }
+}
+
+struct Peer {
+    name: &'static str,
+    host: usize,
+    id: PeerId,
+    role: Role,
+    candidates: Vec<Candidate>,
+    start_at: Option<Instant>,
+    started: Option<Instant>,
+    puncher: Option<Puncher>,
+    /// Started and not finished: gets datagrams and timeouts. Once `is_finished`, the session is
+    /// dropped as the real driver does, and its host falls back to answering stray requests.
+    active: bool,
+    finished_at: Option<Instant>,
+    direct: Option<(Instant, Path)>,
+    events: Vec<(Instant, Event)>,
+    requests_sent: usize,
+    answers_sent: usize,
+    other_sent: usize,
+    offered: usize,
+    claimed: usize,
+}
+
+impl Peer {
+    fn new(name: &'static str, host: usize, id: PeerId, role: Role) -> Self {
+        Peer {
+            name,
+            host,
+            id,
+            role,
+            candidates: Vec::new(),
+            start_at: None,
+            started: None,
+            puncher: None,
+            active: false,
+            finished_at: None,
+            direct: None,
+            events: Vec::new(),
+            requests_sent: 0,
+            answers_sent: 0,
+            other_sent: 0,
+            offered: 0,
+            claimed: 0,
+        }
+    }
+
+    fn state(&self) -> &State {
+        self.puncher.as_ref().map_or(&State::Probing, |p| p.state())
+    }
+
+    fn wake(&self, now: Instant) -> Option<Instant> {
+        match &self.puncher {
+            None => self.start_at,
+            Some(p) if self.active => p.poll_timeout().map(|t| t.max(now)),
+            Some(_) => None,
+        }
+    }
+
+    fn count(&self, f: impl Fn(&Event) -> bool) -> usize {
+        self.events.iter().filter(|(_, e)| f(e)).count()
+    }
+}
+
+/// Feeds garbage to the active punchers at a fixed rate (property tests).
+struct Garbage {
+    every: Duration,
+    next: Instant,
+    rng: Rng,
+    /// Genuine datagrams seen on the wire, to truncate and mutate.
+    samples: Vec<Vec<u8>>,
+    fed: usize,
+}
+
+fn id(n: u8) -> PeerId {
+    PeerId::from_key_digest(&[n; 32])
+}
+
+struct Sim {
+    net: Net,
+    now: Instant,
+    steps: usize,
+    label: String,
+    rendezvous: usize,
+    observed: HashMap<usize, SocketAddr>,
+    peers: [Peer; 2],
+    config: PunchConfig,
+    nonce: u64,
+    garbage: Option<Garbage>,
+}
+
+impl Sim {
+    /// Builds the network of `setup`, registers both peers with the rendezvous and introduces
+    /// them (the punchers start at the introduction plus `opts.delays`).
+    fn new(setup: Setup, opts: &Options) -> Sim {
+        let mut net = Net::new(opts.seed);
+        let rendezvous = net.add_host("rendezvous", PUBLIC, RENDEZVOUS, Link::default());
+        let hosts = match setup {
+            Setup::Pair(a, b) => [attach(&mut net, a, 0, opts), attach(&mut net, b, 1, opts)],
+            Setup::SameNat { hairpin } => {
+                let behaviour = Behaviour {
+                    hairpin,
+                    ..Kind::PortRestricted.behaviour()
+                };
+                let ip = Ipv4Addr::new(203, 0, 113, 30);
+                let lan = net.add_nat("shared-nat", behaviour, PUBLIC, ip, opts.wan);
+                [
+                    net.add_host("a", lan, addr("10.3.0.2:5000"), opts.lan),
+                    net.add_host("b", lan, addr("10.3.0.3:6000"), opts.lan),
+                ]
+            }
+        };
+        Sim::start(net, rendezvous, hosts, opts, setup.to_string())
+    }
+
+    /// Registers and introduces the peers on hosts `hosts` of an already built network.
+    fn start(
+        mut net: Net,
+        rendezvous: usize,
+        hosts: [usize; 2],
+        opts: &Options,
+        label: String,
+    ) -> Sim {
+        for &h in &hosts {
+            net.hosts[h].stray_answers = opts.stray_answers;
+        }
+        let now = net.t0;
+        let mut sim = Sim {
+            net,
+            now,
+            steps: 0,
+            label,
+            rendezvous,
+            observed: HashMap::new(),
+            peers: [
+                Peer::new("a", hosts[0], id(1), Role::Initiator),
+                Peer::new("b", hosts[1], id(2), Role::Responder),
+            ],
+            config: opts.config.clone(),
+            nonce: 0,
+            garbage: None,
+        };
+        sim.register();
+        sim.introduce(opts.delays);
+        sim
+    }
+
+    /// Each peer sends a datagram to the rendezvous from its socket (retrying, as QUIC would,
+    /// if the link loses it) so that the rendezvous learns its public mapping.
+    fn register(&mut self) {
+        for _ in 0..50 {
+            let missing: Vec<usize> = self
+                .peers
+                .iter()
+                .map(|p| p.host)
+                .filter(|h| !self.observed.contains_key(h))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            for h in missing {
+                let hello = format!("register {h}").into_bytes();
+                self.net.send(h, RENDEZVOUS, hello, self.now);
+            }
+            let until = self.now + Duration::from_millis(500);
+            self.run(until);
+            self.now = until;
+        }
+        panic!(
+            "{}: peers could not register:\n{}",
+            self.label,
+            self.trace()
+        );
+    }
+
+    /// The rendezvous hands each side the other's candidates and a shared nonce.
+    fn introduce(&mut self, delays: [Duration; 2]) {
+        self.nonce = self.net.rng.next_u64();
+        let intro = self.now + Duration::from_millis(10);
+        for (side, delay) in delays.into_iter().enumerate() {
+            let other = self.peers[1 - side].host;
+            let observed = self.observed[&other];
+            let local = self.net.hosts[other].addr;
+            // As `candidates` in rendezvous/src/core.rs: the observed address first, then the
+            // announced interface addresses that differ from it.
+            let mut candidates = vec![Candidate {
+                addr: observed,
+                kind: CandidateKind::Observed,
+            }];
+            if local != observed {
+                candidates.push(Candidate {
+                    addr: local,
+                    kind: CandidateKind::Local,
+                });
+            }
+            self.peers[side].candidates = candidates;
+            self.peers[side].start_at = Some(intro + delay);
+        }
+        let (a, b) = (&self.peers[0].candidates, &self.peers[1].candidates);
+        let msg = format!("introduction: a gets {a:?}, b gets {b:?}");
+        self.net.note(intro, || msg);
+    }
+
+    fn intro_at(&self) -> Instant {
+        self.peers
+            .iter()
+            .filter_map(|p| p.start_at)
+            .min()
+            .unwrap_or(self.now)
+    }
+
+    /// Runs until both sessions are over (the responder ends at its deadline).
+    fn run_session(&mut self) {
+        let latest = self
+            .peers
+            .iter()
+            .filter_map(|p| p.start_at)
+            .max()
+            .unwrap_or(self.now);
+        let until = latest + self.config.deadline + Duration::from_secs(2);
+        self.run(until);
+    }
+
+    fn bump(&mut self) {
+        self.steps += 1;
+        if self.steps > MAX_STEPS {
+            let wakes: Vec<_> = self
+                .peers
+                .iter()
+                .map(|p| p.puncher.as_ref().map(|x| x.poll_timeout()))
+                .collect();
+            panic!(
+                "{}: the simulation did not settle in {MAX_STEPS} steps at {:?} (puncher timeouts {wakes:?})\n{}",
+                self.label,
+                self.now - self.net.t0,
+                self.trace()
+            );
+        }
+    }
+
+    /// The event loop: start punchers that are due, deliver due packets (through the NATs, to
+    /// the punchers), fire due timeouts and drain transmits, then jump to the next event.
+    fn run(&mut self, until: Instant) {
+        let until = until.min(self.net.t0 + MAX_VIRTUAL_TIME);
+        loop {
+            self.bump();
+            self.start_due_peers();
+            self.feed_garbage();
+            while let Some((node, packet)) = self.net.pop_due(self.now) {
+                self.bump();
+                match node {
+                    Node::Host(h) => self.deliver(h, packet),
+                    nat => self.net.forward(nat, packet, self.now),
+                }
+            }
+            for i in 0..2 {
+                self.service(i);
+            }
+            let any_active = self.peers.iter().any(|p| p.active);
+            let garbage = self.garbage.as_ref().filter(|_| any_active).map(|g| g.next);
+            let next = [
+                self.net.next_due(),
+                self.peers[0].wake(self.now),
+                self.peers[1].wake(self.now),
+                garbage,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            match next {
+                Some(t) if t <= until => self.now = self.now.max(t),
+                _ => return,
+            }
+        }
+    }
+
+    fn start_due_peers(&mut self) {
+        for i in 0..2 {
+            let other = self.peers[1 - i].id;
+            let peer = &mut self.peers[i];
+            if peer.puncher.is_none() && peer.start_at.is_some_and(|t| t <= self.now) {
+                peer.puncher = Some(Puncher::new(
+                    peer.id,
+                    other,
+                    self.nonce,
+                    peer.role,
+                    &peer.candidates,
+                    self.now,
+                    self.config.clone(),
+                ));
+                let peer = &mut self.peers[i];
+                peer.active = true;
+                peer.started = Some(self.now);
+                let name = peer.name;
+                self.net
+                    .note(self.now, || format!("{name}: punching starts"));
+                self.service(i);
+            }
+        }
+    }
+
+    /// A datagram reached a host: the rendezvous records registrations, an active session takes
+    /// anything (as the peer's router does by nonce), otherwise Binding requests are answered.
+    fn deliver(&mut self, h: usize, packet: Packet) {
+        let now = self.now;
+        self.net.arrived(h, &packet, now);
+        if h == self.rendezvous {
+            let text = String::from_utf8_lossy(&packet.data);
+            if let Some(host) = text.strip_prefix("register ") {
+                if let Ok(host) = host.parse::<usize>() {
+                    self.observed.insert(host, packet.src);
+                }
+            }
+            return;
+        }
+        if let Some(i) = self.peers.iter().position(|p| p.host == h && p.active) {
+            let peer = &mut self.peers[i];
+            let puncher = peer.puncher.as_mut().expect("an active peer has a puncher");
+            peer.offered += 1;
+            if puncher.handle_datagram(packet.src, &packet.data, now) {
+                peer.claimed += 1;
+            }
+            self.service(i);
+        } else if self.net.hosts[h].stray_answers {
+            if let Some(reply) = stun::answer_binding(&packet.data, packet.src) {
+                let name = self.net.hosts[h].name.clone();
+                self.net.note(now, || {
+                    format!("{name}: answers a stray request from {}", packet.src)
+                });
+                self.net.send(h, packet.src, reply, now);
+            }
+        }
+    }
+
+    /// Drives one puncher at the current time: timeout if due, then everything it wants to send.
+    fn service(&mut self, i: usize) {
+        let now = self.now;
+        let peer = &mut self.peers[i];
+        if !peer.active {
+            return;
+        }
+        let Some(puncher) = peer.puncher.as_mut() else {
+            return;
+        };
+        if puncher.poll_timeout().is_some_and(|t| t <= now) {
+            puncher.handle_timeout(now);
+        }
+        while let Some(transmit) = puncher.poll_transmit(now) {
+            match stun::decode(&transmit.contents) {
+                Ok(StunPacket::BindingRequest { .. }) => peer.requests_sent += 1,
+                Ok(StunPacket::BindingSuccess { .. }) => peer.answers_sent += 1,
+                Err(_) => peer.other_sent += 1,
+            }
+            if let Some(garbage) = self.garbage.as_mut() {
+                if garbage.samples.len() < 64 {
+                    garbage.samples.push(transmit.contents.clone());
+                }
+            }
+            self.net
+                .send(peer.host, transmit.destination, transmit.contents, now);
+        }
+        while let Some(event) = puncher.poll_event() {
+            peer.events.push((now, event));
+        }
+        let name = peer.name;
+        if peer.direct.is_none() {
+            if let State::Direct(path) = puncher.state() {
+                peer.direct = Some((now, path.clone()));
+                let path = path.clone();
+                self.net.note(now, || format!("{name}: Direct {path:?}"));
+            }
+        }
+        if puncher.is_finished(now) {
+            peer.active = false;
+            peer.finished_at = Some(now);
+            let state = format!("{:?}", puncher.state());
+            self.net
+                .note(now, || format!("{name}: finished in {state}"));
+        }
+    }
+
+    /// Sends an application datagram (QUIC-shaped: first byte 0x4x, so not STUN) from the
+    /// initiator to its chosen path, then one from the responder back to wherever that came
+    /// from, as QUIC will. Retries a few times on lossy links. Returns the initiator's address as
+    /// the responder saw it and the source of the reply as the initiator saw it.
+    fn exchange_over_path(&mut self, attempts: usize) -> Result<(SocketAddr, SocketAddr), String> {
+        let Some((_, path)) = self.peers[0].direct.clone() else {
+            return Err("the initiator has no path".into());
+        };
+        let (a, b) = (self.peers[0].host, self.peers[1].host);
+        for attempt in 0..attempts {
+            let ping = format!("Quic ping {attempt}").into_bytes();
+            self.net.send(a, path.addr, ping.clone(), self.now);
+            self.run(self.now + Duration::from_secs(1));
+            let Some(seen) = self.net.hosts[b]
+                .inbox
+                .iter()
+                .find(|r| r.data == ping)
+                .map(|r| r.from)
+            else {
+                continue;
+            };
+            let pong = format!("Quic pong {attempt}").into_bytes();
+            self.net.send(b, seen, pong.clone(), self.now);
+            self.run(self.now + Duration::from_secs(1));
+            if let Some(back) = self.net.hosts[a]
+                .inbox
+                .iter()
+                .find(|r| r.data == pong)
+                .map(|r| r.from)
+            {
+                return Ok((seen, back));
+            }
+        }
+        let mut who = Vec::new();
+        for h in &self.net.hosts {
+            if h.inbox.iter().any(|r| r.data.starts_with(b"Quic ping")) {
+                who.push(h.name.clone());
+            }
+        }
+        Err(format!(
+            "no round trip over {} in {attempts} attempts (pings reached: {who:?})",
+            path.addr
+        ))
+    }
+
+    /// Garbage for the property tests, fed straight to the active punchers.
+    fn feed_garbage(&mut self) {
+        let Some(mut garbage) = self.garbage.take() else {
+            return;
+        };
+        while garbage.next <= self.now {
+            garbage.next += garbage.every;
+            for i in 0..2 {
+                if !self.peers[i].active {
+                    continue;
+                }
+                let before = self.peers[i].state().clone();
+                let kind = garbage.rng.below(7);
+                let direct = matches!(before, State::Direct(_));
+                if kind == 6 && !direct {
+                    // Forged answers are only fed to sessions that already have their path.
+                    continue;
+                }
+                let (datagram, pure) = make_garbage(
+                    &mut garbage,
+                    kind,
+                    self.nonce,
+                    self.peers[i].id,
+                    self.peers[1 - i].id,
+                );
+                let from = SocketAddr::from((
+                    [198, 51, 100, garbage.rng.below(255) as u8],
+                    1 + garbage.rng.below(65_535) as u16,
+                ));
+                let now = self.now;
+                let peer = &mut self.peers[i];
+                let puncher = peer.puncher.as_mut().expect("active");
+                let claimed = puncher.handle_datagram(from, &datagram, now);
+                garbage.fed += 1;
+                let after = puncher.state().clone();
+                if direct {
+                    assert_eq!(
+                        after, before,
+                        "{}: garbage of kind {kind} changed {}'s Direct state: {datagram:02x?}",
+                        self.label, peer.name
+                    );
+                }
+                if pure {
+                    assert!(
+                        !claimed,
+                        "{}: {} claimed garbage of kind {kind}: {datagram:02x?}",
+                        self.label, peer.name
+                    );
+                    assert_eq!(
+                        after, before,
+                        "{}: garbage of kind {kind} changed {}'s state",
+                        self.label, peer.name
+                    );
+                }
+                self.service(i);
+            }
+        }
+        self.garbage = Some(garbage);
+    }
+
+    fn trace(&self) -> String {
+        let skip = self.net.trace.len().saturating_sub(400);
+        self.net.trace[skip..].join("\n")
+    }
+
+    /// Checks what must hold after every session; returns the violations.
+    fn invariants(&self) -> Vec<String> {
+        let mut bad = Vec::new();
+        let schedule = self.config.schedule.len();
+        for peer in &self.peers {
+            let name = peer.name;
+            let Some(puncher) = peer.puncher.as_ref() else {
+                bad.push(format!("{name} never started"));
+                continue;
+            };
+            let Some(finished) = peer.finished_at else {
+                bad.push(format!("{name} never finished ({:?})", puncher.state()));
+                continue;
+            };
+            let started = peer.started.expect("started");
+            let deadline = started + self.config.deadline;
+            let targets =
+                peer.candidates.len() + peer.count(|e| matches!(e, Event::PeerReflexive { .. }));
+            let received = peer.count(|e| matches!(e, Event::ProbeReceived { .. }));
+            let probe_events = peer.count(|e| matches!(e, Event::ProbeSent { .. }));
+            if peer.requests_sent != probe_events {
+                bad.push(format!(
+                    "{name}: sent {} requests but reported {probe_events} ProbeSent events",
+                    peer.requests_sent
+                ));
+            }
+            if peer.answers_sent != received {
+                bad.push(format!(
+                    "{name}: answered {} times but received {received} probes",
+                    peer.answers_sent
+                ));
+            }
+            if peer.other_sent != 0 {
+                bad.push(format!(
+                    "{name}: sent {} non-STUN datagrams",
+                    peer.other_sent
+                ));
+            }
+            // Scheduled probes are at most schedule x targets; each triggered check needs a
+            // received probe.
+            if peer.requests_sent > schedule * targets + received {
+                bad.push(format!(
+                    "{name}: {} probes > schedule {schedule} x {targets} targets + {received} triggered",
+                    peer.requests_sent
+                ));
+            }
+            // Scheduled attempts are numbered within the schedule; triggered checks have none.
+            if let Some((_, Event::ProbeSent { attempt, to })) = peer.events.iter().find(
+                |(_, e)| matches!(e, Event::ProbeSent { attempt: Some(n), .. } if *n >= schedule),
+            ) {
+                bad.push(format!(
+                    "{name}: probe attempt {attempt:?} to {to} beyond the schedule"
+                ));
+            }
+            if let Some((at, _)) = peer
+                .events
+                .iter()
+                .find(|(at, e)| matches!(e, Event::ProbeSent { .. }) && *at >= deadline)
+            {
+                bad.push(format!(
+                    "{name}: probe sent at the deadline or later ({at:?})"
+                ));
+            }
+            match (peer.role, puncher.state()) {
+                (_, State::Failed(_)) | (Role::Initiator, State::Direct(_)) => {
+                    if puncher.poll_timeout().is_some() {
+                        bad.push(format!(
+                            "{name}: poll_timeout is {:?} in a final state",
+                            puncher.poll_timeout()
+                        ));
+                    }
+                }
+                (_, State::Probing) => bad.push(format!("{name}: still Probing at the end")),
+                (Role::Responder, State::Direct(_)) => {}
+            }
+            match peer.role {
+                Role::Responder => {
+                    if finished != deadline {
+                        bad.push(format!(
+                            "responder finished {:?} after its start, not at the deadline",
+                            finished - started
+                        ));
+                    }
+                    if !puncher.is_finished(deadline) {
+                        bad.push("responder not finished at its deadline".into());
+                    }
+                }
+                Role::Initiator => {
+                    if finished > deadline {
+                        bad.push(format!(
+                            "initiator finished after its deadline ({:?})",
+                            finished - started
+                        ));
+                    }
+                }
+            }
+            if let State::Failed(report) = puncher.state() {
+                if report.reason().trim().is_empty() {
+                    bad.push(format!("{name}: empty failure reason"));
+                }
+                if report.elapsed != self.config.deadline {
+                    bad.push(format!("{name}: failed after {:?}", report.elapsed));
+                }
+            }
+        }
+        bad
+    }
+
+    /// The budget as first stated, "schedule length x targets + answers": it leaves out the
+    /// triggered checks, so it only holds while no probe arrives from a target that is still
+    /// unvalidated for long (true in the matrix; see `datagram_budget_when_only_one_direction_works`).
+    fn literal_budget(&self) -> Vec<String> {
+        let schedule = self.config.schedule.len();
+        let mut bad = Vec::new();
+        for peer in &self.peers {
+            let targets =
+                peer.candidates.len() + peer.count(|e| matches!(e, Event::PeerReflexive { .. }));
+            let sent = peer.requests_sent + peer.answers_sent;
+            if sent > schedule * targets + peer.answers_sent {
+                bad.push(format!(
+                    "{}: {sent} datagrams > {schedule} x {targets} targets + {} answers",
+                    peer.name, peer.answers_sent
+                ));
+            }
+        }
+        bad
+    }
+
+    fn initiator(&self) -> &Peer {
+        &self.peers[0]
+    }
+
+    fn responder(&self) -> &Peer {
+        &self.peers[1]
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+/// Puts peer `side` (0 = a, 1 = b) into a network of `kind`; returns its host.
+fn attach(net: &mut Net, kind: Kind, side: usize, opts: &Options) -> usize {
+    let name = ["a", "b"][side];
+    let n = side as u8;
+    let port = 5000 + 1000 * side as u16;
+    let public = Ipv4Addr::new(203, 0, 113, 10 + 10 * n);
+    let private = SocketAddr::from(([10, n + 1, 0, 2], port));
+    match kind {
+        Kind::Open => net.add_host(name, PUBLIC, SocketAddr::from((public, port)), opts.wan),
+        Kind::TwoLevel => {
+            let behaviour = Kind::PortRestricted.behaviour();
+            let carrier = net.add_nat(
+                &format!("{name}-carrier-nat"),
+                behaviour,
+                PUBLIC,
+                public,
+                opts.wan,
+            );
+            let home_ip = Ipv4Addr::new(10, 64, n + 1, 2);
+            let home = net.add_nat(
+                &format!("{name}-home-nat"),
+                behaviour,
+                carrier,
+                home_ip,
+                opts.carrier,
+            );
+            net.add_host(name, home, private, opts.lan)
+        }
+        other => {
+            let lan = net.add_nat(
+                &format!("{name}-nat"),
+                other.behaviour(),
+                PUBLIC,
+                public,
+                opts.wan,
+            );
+            net.add_host(name, lan, private, opts.lan)
+        }
+    }
+}
+
+/// One garbage datagram of `kind`; `pure` if it is not derived from a genuine datagram (so it
+/// must never be claimed).
+fn make_garbage(
+    garbage: &mut Garbage,
+    kind: u64,
+    nonce: u64,
+    me: PeerId,
+    peer: PeerId,
+) -> (Vec<u8>, bool) {
+    let rng = &mut garbage.rng;
+    match kind {
+        // Random bytes.
+        0 => {
+            let len = rng.below(600) as usize;
+            (rng.bytes(len), true)
+        }
+        // STUN-shaped random bytes: header bits, cookie and length right, the rest random.
+        1 => {
+            let body = 4 * rng.below(40) as usize;
+            let mut d = rng.bytes(stun::HEADER_LEN + body);
+            d[0] &= 0x3F;
+            d[2..4].copy_from_slice(&(body as u16).to_be_bytes());
+            d[4..8].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
+            (d, true)
+        }
+        // A genuine datagram, truncated.
+        2 | 3 if garbage.samples.is_empty() => (vec![0; 3], true),
+        2 => {
+            let sample = &garbage.samples[rng.below(garbage.samples.len() as u64) as usize];
+            let len = rng.below(sample.len() as u64) as usize;
+            (sample[..len].to_vec(), false)
+        }
+        // A genuine datagram with a few bits flipped.
+        3 => {
+            let mut d = garbage.samples[rng.below(garbage.samples.len() as u64) as usize].clone();
+            for _ in 0..1 + rng.below(3) {
+                let bit = rng.below(d.len() as u64 * 8) as usize;
+                d[bit / 8] ^= 1 << (bit % 8);
+            }
+            (d, false)
+        }
+        // Well-formed probes of strangers: another nonce, or our nonce from another sender.
+        4 => {
+            let tag = if rng.below(2) == 0 {
+                ProbeTag {
+                    nonce: nonce ^ (1 + rng.below(u64::MAX - 1)),
+                    sender: peer,
+                }
+            } else {
+                ProbeTag {
+                    nonce,
+                    sender: PeerId::from_key_digest(&[0xEE; 32]),
+                }
+            };
+            (stun::probe_request(&tag, rng.below(1000) as u32), true)
+        }
+        // An answer to a transaction we never used (another nonce).
+        5 => {
+            let mut txid = [0u8; 12];
+            txid.copy_from_slice(&rng.bytes(12));
+            if txid[..8] == nonce.to_be_bytes() {
+                txid[0] ^= 1;
+            }
+            (stun::binding_success(txid, addr("192.0.2.1:1")), true)
+        }
+        // A forged answer with our nonce and a plausible counter (only fed to Direct sessions).
+        _ => {
+            let tag = ProbeTag { nonce, sender: me };
+            let txid = tag.transaction(1 + rng.below(60) as u32);
+            (stun::binding_success(txid, addr("192.0.2.66:6666")), false)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expectations and reporting
+// ---------------------------------------------------------------------------------------------
+
+const BASIC: [Kind; 5] = [
+    Kind::Open,
+    Kind::FullCone,
+    Kind::AddrRestricted,
+    Kind::PortRestricted,
+    Kind::Symmetric,
+];
+
+/// Every pair of the required matrix.
+fn matrix() -> Vec<Setup> {
+    let mut out = Vec::new();
+    for a in BASIC {
+        for b in BASIC {
+            out.push(Setup::Pair(a, b));
+        }
+    }
+    for k in BASIC {
+        out.push(Setup::Pair(Kind::TwoLevel, k));
+        out.push(Setup::Pair(k, Kind::TwoLevel));
+    }
+    out.push(Setup::Pair(Kind::TwoLevel, Kind::TwoLevel));
+    out.push(Setup::SameNat { hairpin: true });
+    out.push(Setup::SameNat { hairpin: false });
+    for k in BASIC.into_iter().chain([Kind::TwoLevel]) {
+        out.push(Setup::Pair(Kind::UdpBlocked, k));
+        out.push(Setup::Pair(k, Kind::UdpBlocked));
+    }
+    out.push(Setup::Pair(Kind::UdpBlocked, Kind::UdpBlocked));
+    out
+}
+
+/// Direct unless UDP is blocked or a symmetric NAT meets one that filters by port (port
+/// restricted, two-level, or another symmetric one).
+fn expect_direct(setup: Setup) -> bool {
+    match setup {
+        Setup::SameNat { .. } => true,
+        Setup::Pair(a, b) => {
+            let strict = |k| matches!(k, Kind::PortRestricted | Kind::Symmetric | Kind::TwoLevel);
+            a != Kind::UdpBlocked
+                && b != Kind::UdpBlocked
+                && !(a == Kind::Symmetric && strict(b))
+                && !(b == Kind::Symmetric && strict(a))
+        }
+    }
+}
+
+/// Which explanation of [`FailureReport::reason`] was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Branch {
+    /// "nothing from the peer got through ..."
+    NothingGotThrough,
+    /// "the peer's probes reached us from <new port> ..."
+    NewPorts,
+    /// "the peer's probes reached us but our probes and answers never got back ..."
+    NoWayBack,
+}
+
+fn branch(report: &FailureReport) -> Branch {
+    let reason = report.reason();
+    assert!(!reason.trim().is_empty(), "empty reason for {report:?}");
+    if reason.starts_with("nothing from the peer got through") {
+        Branch::NothingGotThrough
+    } else if reason.starts_with("the peer's probes reached us from") {
+        Branch::NewPorts
+    } else if reason.starts_with("the peer's probes reached us but") {
+        Branch::NoWayBack
+    } else {
+        panic!("unrecognised reason: {reason}")
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn outcome(state: &State) -> String {
+    match state {
+        State::Probing => "Probing".into(),
+        State::Direct(path) => format!(
+            "Direct {} via {:?} in {:.0} ms",
+            path.addr,
+            path.kind,
+            ms(path.elapsed)
+        ),
+        State::Failed(report) => format!("Failed ({:?})", branch(report)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The matrix, no loss
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn matrix_without_loss() {
+    let opts = Options::default();
+    let mut problems = Vec::new();
+    println!("{:<30} {:<62} responder", "pair", "initiator");
+    for setup in matrix() {
+        let mut sim = Sim::new(setup, &opts);
+        sim.run_session();
+        let a = sim.initiator().state().clone();
+        let b = sim.responder().state().clone();
+        println!(
+            "{:<30} {:<62} {}",
+            setup.to_string(),
+            outcome(&a),
+            outcome(&b)
+        );
+        for v in sim.invariants().into_iter().chain(sim.literal_budget()) {
+            problems.push(format!("{setup}: {v}"));
+        }
+        let mut fail = |msg: String| problems.push(format!("{setup}: {msg}\n{}", sim.trace()));
+        if expect_direct(setup) {
+            let State::Direct(path) = &a else {
+                fail(format!("expected Direct, initiator is {a:?}"));
+                continue;
+            };
+            if !matches!(b, State::Direct(_)) {
+                fail(format!("expected the responder Direct too, it is {b:?}"));
+            }
+            if let Setup::SameNat { hairpin } = setup {
+                if !hairpin && path.kind != PathKind::Candidate(CandidateKind::Local) {
+                    fail(format!(
+                        "without hairpinning only the LAN works, got {path:?}"
+                    ));
+                }
+                // Probes to the Observed addresses came back in through the NAT (source
+                // rewritten to its public address) only when it hairpins.
+                let hairpinned = [sim.initiator().host, sim.responder().host]
+                    .iter()
+                    .flat_map(|&h| &sim.net.hosts[h].inbox)
+                    .any(|r| r.from.ip() == IpAddr::from([203, 0, 113, 30]));
+                if hairpinned != hairpin {
+                    fail(format!("hairpinned datagrams delivered: {hairpinned}"));
+                }
+            }
+            if path.rtt > path.elapsed || path.our_mapping.is_none() {
+                fail(format!("odd path {path:?}"));
+            }
+            let path = path.clone();
+            match sim.exchange_over_path(1) {
+                Ok((_, back)) => {
+                    if back != path.addr {
+                        problems.push(format!(
+                            "{setup}: reply came from {back}, not the path address {}",
+                            path.addr
+                        ));
+                    }
+                }
+                Err(e) => problems.push(format!(
+                    "{setup}: path does not deliver: {e}\n{}",
+                    sim.trace()
+                )),
+            }
+        } else {
+            for peer in [sim.initiator(), sim.responder()] {
+                match peer.state() {
+                    State::Failed(report) => {
+                        // Nothing from the peer reaches either side in any failing pair of the
+                        // matrix: a symmetric NAT's fresh port meets a port filter, or UDP is
+                        // blocked. The initiator's probes are then exactly the schedule.
+                        if branch(report) != Branch::NothingGotThrough
+                            || report.probes_received != 0
+                        {
+                            problems.push(format!(
+                                "{setup}: {} failed with {:?}: {}",
+                                peer.name,
+                                branch(report),
+                                report.reason()
+                            ));
+                        }
+                        let expected = opts.config.schedule.len() * report.candidates.len();
+                        if report.probes_sent as usize != expected {
+                            problems.push(format!(
+                                "{setup}: {} sent {} probes, expected {expected}",
+                                peer.name, report.probes_sent
+                            ));
+                        }
+                    }
+                    other => problems.push(format!(
+                        "{setup}: {} expected Failed, got {other:?}",
+                        peer.name
+                    )),
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The matrix with 40 ms per NAT link and 10 % loss, over seeds
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn matrix_with_delay_and_loss() {
+    const SEEDS: u64 = 20;
+    let lossy = Link {
+        latency: Duration::from_millis(40),
+        loss: 0.10,
+        ..Link::default()
+    };
+    let mut problems = Vec::new();
+    let mut table = Vec::new();
+    for (index, setup) in matrix().into_iter().enumerate() {
+        let mut times = Vec::new();
+        let mut responder_direct = 0;
+        for seed in 1..=SEEDS {
+            let opts = Options {
+                seed: ((index as u64) << 32) | seed,
+                wan: lossy,
+                ..Options::default()
+            };
+            let mut sim = Sim::new(setup, &opts);
+            sim.run_session();
+            for v in sim.invariants().into_iter().chain(sim.literal_budget()) {
+                problems.push(format!("{setup} seed {seed}: {v}"));
+            }
+            let a = sim.initiator().state().clone();
+            match (&a, expect_direct(setup)) {
+                (State::Direct(path), true) => {
+                    times.push(path.elapsed);
+                    if matches!(sim.responder().state(), State::Direct(_)) {
+                        responder_direct += 1;
+                    }
+                    if let Err(e) = sim.exchange_over_path(20) {
+                        problems.push(format!("{setup} seed {seed}: {e}"));
+                    }
+                }
+                (State::Failed(_), false) => {}
+                (other, _) => problems.push(format!(
+                    "{setup} seed {:#x}: initiator {other:?}\n{}",
+                    opts.seed,
+                    sim.trace()
+                )),
+            }
+        }
+        if expect_direct(setup) {
+            times.sort();
+            table.push((setup, times, responder_direct));
+        }
+    }
+    println!(
+        "time to Direct (initiator), {SEEDS} seeds, 40 ms per NAT link and 10 % loss each way:"
+    );
+    println!(
+        "{:<30} {:>4} {:>9} {:>9} {:>9}  responder Direct",
+        "pair", "ok", "median", "min", "max"
+    );
+    for (setup, times, responder_direct) in &table {
+        if times.is_empty() {
+            println!("{:<30} {:>4}", setup.to_string(), 0);
+            continue;
+        }
+        println!(
+            "{:<30} {:>4} {:>7.0}ms {:>7.0}ms {:>7.0}ms  {responder_direct}/{SEEDS}",
+            setup.to_string(),
+            times.len(),
+            ms(times[times.len() / 2]),
+            ms(times[0]),
+            ms(times[times.len() - 1]),
+        );
+        if *responder_direct != SEEDS as usize {
+            problems.push(format!(
+                "{setup}: responder Direct in only {responder_direct}/{SEEDS} seeds"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The responder starts late
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn late_responder_still_gets_direct() {
+    let mut problems = Vec::new();
+    for setup in [
+        Setup::Pair(Kind::PortRestricted, Kind::PortRestricted),
+        Setup::Pair(Kind::FullCone, Kind::Symmetric),
+        Setup::Pair(Kind::Symmetric, Kind::FullCone),
+    ] {
+        for delay in [Duration::from_millis(300), Duration::from_secs(2)] {
+            // Without stray answering, only the punchers speak: the path must open through the
+            // responder's own probes and answers once it starts.
+            for stray_answers in [false, true] {
+                let opts = Options {
+                    delays: [Duration::ZERO, delay],
+                    wan: Link::delay_ms(20),
+                    stray_answers,
+                    ..Options::default()
+                };
+                let mut sim = Sim::new(setup, &opts);
+                sim.run_session();
+                let label = format!(
+                    "{setup}, responder {} ms late, stray answers {stray_answers}",
+                    delay.as_millis()
+                );
+                for v in sim.invariants() {
+                    problems.push(format!("{label}: {v}"));
+                }
+                let a = sim.initiator().state().clone();
+                println!(
+                    "{label:<70} a: {:<58} b: {}",
+                    outcome(&a),
+                    outcome(sim.responder().state())
+                );
+                let State::Direct(path) = a else {
+                    problems.push(format!("{label}: initiator {a:?}\n{}", sim.trace()));
+                    continue;
+                };
+                if !stray_answers && path.elapsed < delay {
+                    problems.push(format!(
+                        "{label}: Direct before the responder started: {path:?}"
+                    ));
+                }
+                if let Err(e) = sim.exchange_over_path(1) {
+                    problems.push(format!("{label}: {e}"));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Reordering and duplication
+// ---------------------------------------------------------------------------------------------
+
+const TRICKY: [Setup; 8] = [
+    Setup::Pair(Kind::PortRestricted, Kind::PortRestricted),
+    Setup::Pair(Kind::Symmetric, Kind::FullCone),
+    Setup::Pair(Kind::FullCone, Kind::Symmetric),
+    Setup::Pair(Kind::Open, Kind::Symmetric),
+    Setup::Pair(Kind::AddrRestricted, Kind::Symmetric),
+    Setup::Pair(Kind::TwoLevel, Kind::TwoLevel),
+    Setup::SameNat { hairpin: true },
+    Setup::SameNat { hairpin: false },
+];
+
+#[test]
+fn reordered_probes_and_answers_still_give_direct() {
+    let mut problems = Vec::new();
+    let mut reordered = 0;
+    for setup in TRICKY {
+        for seed in 1..=10 {
+            // Up to 150 ms of extra delay per link crossing against probes 20-40 ms apart at
+            // first: probes and answers overtake each other.
+            let shaky = |ms| Link {
+                latency: Duration::from_millis(ms),
+                jitter: Duration::from_millis(150),
+                ..Link::default()
+            };
+            let opts = Options {
+                seed,
+                wan: shaky(20),
+                lan: shaky(1),
+                ..Options::default()
+            };
+            let mut sim = Sim::new(setup, &opts);
+            sim.run_session();
+            reordered += sim.net.stats.reordered;
+            for v in sim.invariants() {
+                problems.push(format!("{setup} seed {seed}: {v}"));
+            }
+            for peer in [sim.initiator(), sim.responder()] {
+                if !matches!(peer.state(), State::Direct(_)) {
+                    problems.push(format!(
+                        "{setup} seed {seed}: {} is {:?}",
+                        peer.name,
+                        peer.state()
+                    ));
+                }
+            }
+            if let Err(e) = sim.exchange_over_path(1) {
+                problems.push(format!("{setup} seed {seed}: {e}"));
+            }
+        }
+    }
+    println!("{reordered} datagrams were delivered out of order");
+    assert!(
+        reordered > 50,
+        "the jitter reordered too little ({reordered}) to test anything"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+#[test]
+fn duplicated_datagrams_are_harmless() {
+    let mut problems = Vec::new();
+    let mut duplicated = 0;
+    let mut unclaimed_duplicate_answers = 0;
+    for setup in TRICKY {
+        for seed in 1..=10 {
+            let dup = |ms| Link {
+                latency: Duration::from_millis(ms),
+                jitter: Duration::from_millis(5),
+                duplicate: 0.5,
+                ..Link::default()
+            };
+            let opts = Options {
+                seed,
+                wan: dup(10),
+                lan: dup(1),
+                ..Options::default()
+            };
+            let mut sim = Sim::new(setup, &opts);
+            sim.run_session();
+            duplicated += sim.net.stats.duplicated;
+            // `invariants` also checks that every copy of a probe got its own answer.
+            for v in sim.invariants() {
+                problems.push(format!("{setup} seed {seed}: {v}"));
+            }
+            for peer in &sim.peers {
+                if !matches!(peer.state(), State::Direct(_)) {
+                    problems.push(format!(
+                        "{setup} seed {seed}: {} is {:?}",
+                        peer.name,
+                        peer.state()
+                    ));
+                }
+                let answers = peer.count(|e| matches!(e, Event::Answered { .. }));
+                let probes = peer.count(|e| matches!(e, Event::ProbeReceived { .. }));
+                // Claimed = probes + answers; a second copy of an answer is not claimed.
+                if peer.claimed != answers + probes {
+                    problems.push(format!(
+                        "{setup} seed {seed}: {} claimed {} datagrams but had {answers} answers and {probes} probes",
+                        peer.name, peer.claimed
+                    ));
+                }
+                unclaimed_duplicate_answers += peer.offered - peer.claimed;
+            }
+            if let Err(e) = sim.exchange_over_path(1) {
+                problems.push(format!("{setup} seed {seed}: {e}"));
+            }
+        }
+    }
+    println!("{duplicated} duplications, {unclaimed_duplicate_answers} datagrams not claimed");
+    assert!(duplicated > 50, "too few duplicates ({duplicated})");
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+/// At the API: a duplicated answer is claimed once; a duplicated probe is answered twice but
+/// triggers one check.
+#[test]
+fn duplicate_answer_and_probe_at_the_api() {
+    let t0 = Instant::now();
+    let b_addr = addr("203.0.113.20:6000");
+    let a_addr = addr("203.0.113.10:5000");
+    let cand = |a| Candidate {
+        addr: a,
+        kind: CandidateKind::Observed,
+    };
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        7,
+        Role::Initiator,
+        &[cand(b_addr)],
+        t0,
+        PunchConfig::default(),
+    );
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        7,
+        Role::Responder,
+        &[cand(a_addr)],
+        t0,
+        PunchConfig::default(),
+    );
+    let probe = b.poll_transmit(t0).expect("b probes");
+    assert!(a.handle_datagram(b_addr, &probe.contents, t0));
+    assert!(a.handle_datagram(b_addr, &probe.contents, t0));
+    let sent: Vec<_> = std::iter::from_fn(|| a.poll_transmit(t0)).collect();
+    let is_answer = |t: &&punch::Transmit| {
+        matches!(
+            stun::decode(&t.contents),
+            Ok(StunPacket::BindingSuccess { .. })
+        )
+    };
+    let answers = sent.iter().filter(is_answer).count();
+    // Two answers; the scheduled probe #0 and one triggered check, both to b_addr.
+    assert_eq!((answers, sent.len() - answers), (2, 2), "{sent:?}");
+    assert!(sent.iter().all(|t| t.destination == b_addr));
+    let check = sent.iter().find(|t| !is_answer(t)).expect("a probe");
+    assert!(b.handle_datagram(a_addr, &check.contents, t0));
+    let answer = b.poll_transmit(t0).expect("b answers");
+    let later = t0 + Duration::from_millis(30);
+    assert!(a.handle_datagram(b_addr, &answer.contents, later));
+    let state = a.state().clone();
+    assert!(matches!(state, State::Direct(_)), "{state:?}");
+    assert!(!a.handle_datagram(b_addr, &answer.contents, later + Duration::from_millis(5)));
+    assert_eq!(a.state(), &state);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Properties
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn garbage_mid_session_never_panics_nor_changes_a_direct_state() {
+    let mut fed = 0;
+    for setup in TRICKY {
+        for seed in 1..=5 {
+            let opts = Options {
+                seed,
+                wan: Link {
+                    latency: Duration::from_millis(30),
+                    loss: 0.05,
+                    ..Link::default()
+                },
+                ..Options::default()
+            };
+            let mut sim = Sim::new(setup, &opts);
+            sim.garbage = Some(Garbage {
+                every: Duration::from_millis(3),
+                next: sim.intro_at(),
+                rng: Rng::new(seed ^ 0xBAD),
+                samples: Vec::new(),
+                fed: 0,
+            });
+            // `feed_garbage` asserts after every datagram.
+            sim.run_session();
+            fed += sim.garbage.as_ref().map_or(0, |g| g.fed);
+            let v = sim.invariants();
+            assert!(v.is_empty(), "{setup} seed {seed}: {v:?}");
+            for peer in &sim.peers {
+                assert!(
+                    matches!(peer.state(), State::Direct(_)),
+                    "{setup} seed {seed}: {} is {:?}\n{}",
+                    peer.name,
+                    peer.state(),
+                    sim.trace()
+                );
+            }
+            // The path chosen at the moment of success is the one kept.
+            let (_, first) = sim.initiator().direct.clone().expect("direct");
+            assert_eq!(sim.initiator().state(), &State::Direct(first));
+        }
+    }
+    println!("fed {fed} garbage datagrams");
+    assert!(fed > 10_000, "only {fed} garbage datagrams");
+}
+
+/// Garbage straight at the API, many more of it, to a Direct initiator and a Probing responder.
+#[test]
+fn arbitrary_datagrams_never_panic_at_the_api() {
+    let t0 = Instant::now();
+    let b_addr = addr("203.0.113.20:6000");
+    let a_addr = addr("203.0.113.10:5000");
+    let cand = |a| Candidate {
+        addr: a,
+        kind: CandidateKind::Observed,
+    };
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        7,
+        Role::Initiator,
+        &[cand(b_addr)],
+        t0,
+        PunchConfig::default(),
+    );
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        7,
+        Role::Responder,
+        &[cand(a_addr)],
+        t0,
+        PunchConfig::default(),
+    );
+    let probe = a.poll_transmit(t0).expect("probe");
+    assert!(b.handle_datagram(a_addr, &probe.contents, t0));
+    let answer = b.poll_transmit(t0).expect("answer");
+    assert!(a.handle_datagram(b_addr, &answer.contents, t0 + Duration::from_millis(10)));
+    let direct = a.state().clone();
+    assert!(matches!(direct, State::Direct(_)));
+    let mut garbage = Garbage {
+        every: Duration::ZERO,
+        next: t0,
+        rng: Rng::new(42),
+        samples: vec![probe.contents.clone(), answer.contents.clone()],
+        fed: 0,
+    };
+    for i in 0..20_000u32 {
+        let now = t0 + Duration::from_micros(200 * u64::from(i));
+        let kind = garbage.rng.below(7);
+        let from = SocketAddr::from(([198, 51, 100, (i % 250) as u8], 1000 + (i % 60_000) as u16));
+        let (datagram, pure) = make_garbage(&mut garbage, kind, 7, id(1), id(2));
+        let claimed = a.handle_datagram(from, &datagram, now);
+        assert_eq!(a.state(), &direct, "kind {kind}: {datagram:02x?}");
+        assert!(!(pure && claimed), "kind {kind}: {datagram:02x?}");
+        if kind != 6 {
+            let (datagram, pure) = make_garbage(&mut garbage, kind, 7, id(2), id(1));
+            let before = b.state().clone();
+            let claimed = b.handle_datagram(from, &datagram, now);
+            if pure {
+                assert!(!claimed, "kind {kind}: {datagram:02x?}");
+                assert_eq!(b.state(), &before);
+            }
+        }
+        while a.poll_transmit(now).is_some() {}
+        while b.poll_transmit(now).is_some() {}
+        b.handle_timeout(now);
+    }
+}
+
+/// The budget of datagrams when the peer's probes get in but nothing gets out (an outbound
+/// firewall): every probe received costs an answer and a triggered check.
+#[test]
+fn datagram_budget_when_only_one_direction_works() {
+    let opts = Options::default();
+    let schedule = opts.config.schedule.len();
+    for setup in [
+        Setup::Pair(Kind::InboundOnly, Kind::PortRestricted),
+        Setup::Pair(Kind::PortRestricted, Kind::InboundOnly),
+        Setup::Pair(Kind::InboundOnly, Kind::Symmetric),
+    ] {
+        let mut sim = Sim::new(setup, &opts);
+        sim.run_session();
+        let v = sim.invariants();
+        assert!(v.is_empty(), "{setup}: {v:?}");
+        for peer in &sim.peers {
+            let targets =
+                peer.candidates.len() + peer.count(|e| matches!(e, Event::PeerReflexive { .. }));
+            let received = peer.count(|e| matches!(e, Event::ProbeReceived { .. }));
+            let total = peer.requests_sent + peer.answers_sent;
+            println!(
+                "{setup:<30} {}: {} probes + {} answers = {total} datagrams; schedule {schedule} x {targets} targets = {}; {received} probes received; literal bound schedule x targets + answers = {}",
+                peer.name,
+                peer.requests_sent,
+                peer.answers_sent,
+                schedule * targets,
+                schedule * targets + peer.answers_sent
+            );
+            assert!(peer.requests_sent <= schedule * targets + received);
+            // Each received probe from the unvalidated peer also triggers a check, on top of
+            // the schedule: the literal "schedule x targets + answers" is exceeded by exactly
+            // that many.
+            if received > 0 {
+                assert_eq!(total, schedule * targets + peer.answers_sent + received);
+            }
+            assert!(matches!(peer.state(), State::Failed(_)));
+        }
+    }
+}
+
+/// Each explanation of a failure is given when the evidence matches it.
+#[test]
+fn failure_reasons_match_the_evidence() {
+    let opts = Options::default();
+    let cases = [
+        // Both sides see nothing.
+        (
+            Setup::Pair(Kind::Symmetric, Kind::Symmetric),
+            Branch::NothingGotThrough,
+            Branch::NothingGotThrough,
+        ),
+        // a's symmetric NAT takes b's probes on the port the rendezvous saw (it filters
+        // nothing) but a's probes and answers leave from fresh ports that b's NAT rejects.
+        (
+            Setup::Pair(Kind::SymmetricEif, Kind::PortRestricted),
+            Branch::NoWayBack,
+            Branch::NothingGotThrough,
+        ),
+        // a's probes reach b from a fresh port; b's answers leave from a fresh port too, which
+        // a's port filter rejects.
+        (
+            Setup::Pair(Kind::Symmetric, Kind::SymmetricEif),
+            Branch::NothingGotThrough,
+            Branch::NewPorts,
+        ),
+    ];
+    for (setup, want_a, want_b) in cases {
+        let mut sim = Sim::new(setup, &opts);
+        sim.run_session();
+        let v = sim.invariants();
+        assert!(v.is_empty(), "{setup}: {v:?}");
+        for (peer, want) in [(sim.initiator(), want_a), (sim.responder(), want_b)] {
+            let State::Failed(report) = peer.state() else {
+                panic!(
+                    "{setup}: {} is {:?}\n{}",
+                    peer.name,
+                    peer.state(),
+                    sim.trace()
+                );
+            };
+            println!("{setup} {}: {}", peer.name, report.reason());
+            assert_eq!(
+                branch(report),
+                want,
+                "{setup} {}: {}",
+                peer.name,
+                report.reason()
+            );
+            if want == Branch::NewPorts {
+                let new: Vec<_> = report
+                    .peer_sources
+                    .iter()
+                    .filter(|s| !report.candidates.iter().any(|c| c.addr == **s))
+                    .collect();
+                assert!(!new.is_empty());
+                assert!(report.reason().contains(&new[0].to_string()));
+            }
+        }
+    }
+    // Symmetric mapping with lenient filtering on both sides does connect.
+    let mut sim = Sim::new(Setup::Pair(Kind::SymmetricEif, Kind::SymmetricEif), &opts);
+    sim.run_session();
+    assert!(
+        matches!(sim.initiator().state(), State::Direct(_)),
+        "{:?}",
+        sim.initiator().state()
+    );
+    sim.exchange_over_path(1).expect("the path delivers");
+}
+
+/// The responder answers until its deadline and is finished exactly then.
+#[test]
+fn responder_is_finished_at_its_deadline() {
+    let t0 = Instant::now();
+    let config = PunchConfig::default();
+    let cand = Candidate {
+        addr: addr("203.0.113.10:5000"),
+        kind: CandidateKind::Observed,
+    };
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        7,
+        Role::Responder,
+        &[cand],
+        t0,
+        config.clone(),
+    );
+    let deadline = t0 + config.deadline;
+    let mut now = t0;
+    while now < deadline {
+        assert!(!b.is_finished(now));
+        b.handle_timeout(now);
+        while b.poll_transmit(now).is_some() {}
+        now = b
+            .poll_timeout()
+            .expect("probing")
+            .max(now + Duration::from_nanos(1));
+    }
+    assert_eq!(now, deadline, "the last wake-up is the deadline");
+    b.handle_timeout(now);
+    assert!(b.is_finished(deadline));
+    assert!(matches!(b.state(), State::Failed(_)));
+    assert_eq!(b.poll_timeout(), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions for bugs found by this simulator (both fixed in punch/src/lib.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Was a bug (fixed: `handle_timeout` clears queued checks at the deadline): `poll_timeout` was
+/// `Some(started)` (i.e. "now", forever) in the Failed state when a triggered check was queued
+/// but not yet sent at the deadline.
+///
+/// A peer's probe from a new address arrives just before the deadline: `handle_datagram` queues
+/// the answer and a triggered check. The driver then wakes at (or after) the deadline and calls
+/// `handle_timeout` before `poll_transmit` — exactly the order of `peer/src/punching.rs`, whose
+/// loop does `handle_timeout(Instant::now())` first. The session fails, `poll_transmit` sends the
+/// answer but refuses the check (past the deadline), and `triggered` is never cleared, so
+/// `poll_timeout` keeps returning `Some(self.started)`: a driver that loops on `poll_timeout`
+/// (as the unit test `gives_up_at_the_deadline_with_a_reason` does) spins forever.
+/// `handle_timeout` should clear `triggered` when it fails the session (or `poll_timeout`
+/// should look at the state before at the queues).
+#[test]
+fn poll_timeout_is_none_after_failed_even_with_a_late_triggered_check() {
+    let t0 = Instant::now();
+    let config = PunchConfig::default();
+    let candidate = Candidate {
+        addr: addr("203.0.113.20:6000"),
+        kind: CandidateKind::Observed,
+    };
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        7,
+        Role::Initiator,
+        &[candidate],
+        t0,
+        config.clone(),
+    );
+    let deadline = t0 + config.deadline;
+    // The whole schedule goes unanswered.
+    let mut now = t0;
+    while now < deadline - Duration::from_millis(1) {
+        a.handle_timeout(now);
+        while a.poll_transmit(now).is_some() {}
+        now = a
+            .poll_timeout()
+            .expect("probing")
+            .min(deadline - Duration::from_millis(1));
+    }
+    // The peer's probe from its symmetric NAT's fresh port, 1 ms before the deadline.
+    let probe = stun::probe_request(
+        &ProbeTag {
+            nonce: 7,
+            sender: id(2),
+        },
+        1,
+    );
+    assert!(a.handle_datagram(addr("203.0.113.20:40001"), &probe, now));
+    // The driver's next turn is at the deadline: timer first, then transmits.
+    a.handle_timeout(deadline);
+    let mut sent = Vec::new();
+    while let Some(t) = a.poll_transmit(deadline) {
+        sent.push(t);
+    }
+    assert_eq!(sent.len(), 1, "the answer goes out, the check does not");
+    assert!(matches!(a.state(), State::Failed(_)));
+    assert!(a.is_finished(deadline));
+    assert_eq!(
+        a.poll_timeout().map(|t| t.saturating_duration_since(t0)),
+        None,
+        "Failed, finished, nothing to send: no timeout should be asked for (this is the \
+         offset from the start; 0 means the session's start time, i.e. 'now', forever)"
+    );
+    // What a driver that only follows `poll_timeout` would do: it never gets out.
+    let mut turns = 0;
+    while let Some(wake) = a.poll_timeout() {
+        let now = wake.max(deadline);
+        a.handle_timeout(now);
+        while a.poll_transmit(now).is_some() {}
+        turns += 1;
+        assert!(
+            turns < 1000,
+            "a poll_timeout-driven loop spins after Failed"
+        );
+    }
+}
+
+/// Was a design bug (fixed: probes and answers carry MESSAGE-INTEGRITY keyed by the nonce): an
+/// answer was accepted from whoever echoed the transaction id, so any STUN responder at one of
+/// the peer's candidate addresses "proved" a path to the peer.
+///
+/// Answers are matched by transaction id only (nonce + counter), and carry nothing that only the
+/// peer could produce; the peer's own dispatcher (`peer/src/punching.rs`) answers every Binding
+/// request that no session takes. Here the initiator's LAN (10.2.0.0/24, like the responder's)
+/// has a bystander at 10.2.0.2:6000 — the responder's Local candidate — running the peer program
+/// idle (or any STUN server). The initiator probes both candidates at once; the bystander answers
+/// the Local probe within 4 ms, the initiator takes `Direct(10.2.0.2:6000, Local)`, stops probing,
+/// and QUIC is dialled at the wrong host while the real path (the responder's Observed address,
+/// through a full-cone NAT) was working. Fixing it needs an answer the bystander cannot forge,
+/// e.g. MESSAGE-INTEGRITY keyed by the nonce (ICE's short-term credentials), or the answerer's
+/// tag in the response.
+#[test]
+fn a_stranger_answering_at_the_peers_local_address_is_not_taken_for_the_peer() {
+    let opts = Options::default();
+    let mut net = Net::new(opts.seed);
+    let rendezvous = net.add_host("rendezvous", PUBLIC, RENDEZVOUS, Link::default());
+    let a_lan = net.add_nat(
+        "a-nat",
+        Kind::PortRestricted.behaviour(),
+        PUBLIC,
+        Ipv4Addr::new(203, 0, 113, 10),
+        opts.wan,
+    );
+    let a = net.add_host("a", a_lan, addr("10.2.0.9:5000"), opts.lan);
+    let bystander = net.add_host("bystander", a_lan, addr("10.2.0.2:6000"), opts.lan);
+    net.hosts[bystander].stray_answers = true;
+    let b_lan = net.add_nat(
+        "b-nat",
+        Kind::FullCone.behaviour(),
+        PUBLIC,
+        Ipv4Addr::new(203, 0, 113, 20),
+        opts.wan,
+    );
+    let b = net.add_host("b", b_lan, addr("10.2.0.2:6000"), opts.lan);
+    let mut sim = Sim::start(net, rendezvous, [a, b], &opts, "stranger on a's LAN".into());
+    sim.run_session();
+    let state = sim.initiator().state().clone();
+    let State::Direct(path) = state else {
+        panic!("{state:?}\n{}", sim.trace());
+    };
+    let reached_b = sim.exchange_over_path(1);
+    let bystander_saw_ping = sim.net.hosts[bystander]
+        .inbox
+        .iter()
+        .any(|r| r.data.starts_with(b"Quic ping"));
+    assert!(
+        reached_b.is_ok() && !bystander_saw_ping,
+        "the initiator chose {path:?}; QUIC to it reached the bystander: {bystander_saw_ping}; to b: {reached_b:?}\n{}",
+        sim.trace()
+    );
+}

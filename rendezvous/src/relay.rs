@@ -1,0 +1,261 @@
+//! Relaying between peers that have no direct path: each peer opens one relay stream on its
+//! control connection; frames `{to, packet}` it writes are forwarded to the destination's relay
+//! stream as `{from, packet}`. The packets are the peers' own end-to-end encrypted QUIC packets.
+//!
+//! Limits: only between peers introduced to each other; a token bucket (bytes per second) and a
+//! byte quota per relay session; one bounded queue per destination that drops when full, so a
+//! slow receiver cannot make the server buffer without bound or slow down other peers.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::relay::{self, RelayDecoder, MAX_RELAY_PACKET};
+use common::PeerId;
+use tokio::sync::mpsc;
+
+use crate::ratelimit::TokenBucket;
+
+/// Relay limits.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    /// Sustained bytes per second one peer may send through the relay.
+    pub rate_bytes_per_s: u64,
+    /// Burst, bytes.
+    pub burst_bytes: u64,
+    /// Bytes one relay session may send in all (0: no quota).
+    pub quota_bytes: u64,
+    /// Packets queued towards one destination before new ones are dropped.
+    pub queue_packets: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            rate_bytes_per_s: 50_000_000,
+            burst_bytes: 4_000_000,
+            quota_bytes: 50 * 1024 * 1024 * 1024,
+            queue_packets: 1024,
+        }
+    }
+}
+
+/// Relay counters for the operator.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Relay streams opened.
+    pub sessions: AtomicU64,
+    /// Packets forwarded.
+    pub packets: AtomicU64,
+    /// Bytes forwarded.
+    pub bytes: AtomicU64,
+    /// Dropped: destination queue full.
+    pub dropped_queue_full: AtomicU64,
+    /// Dropped: destination has no relay stream.
+    pub dropped_no_route: AtomicU64,
+    /// Refused: the peers were not introduced.
+    pub denied_not_introduced: AtomicU64,
+    /// Dropped: over the rate limit.
+    pub denied_rate: AtomicU64,
+    /// Dropped: over the quota.
+    pub denied_quota: AtomicU64,
+}
+
+impl RelayCounters {
+    /// One line for logs.
+    pub fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "relay: {} sessions, {} packets, {} bytes forwarded; dropped: {} queue full, {} no route, \
+             {} not introduced, {} rate, {} quota",
+            get(&self.sessions),
+            get(&self.packets),
+            get(&self.bytes),
+            get(&self.dropped_queue_full),
+            get(&self.dropped_no_route),
+            get(&self.denied_not_introduced),
+            get(&self.denied_rate),
+            get(&self.denied_quota),
+        )
+    }
+}
+
+/// A destination's queue.
+#[derive(Clone)]
+pub(crate) struct Sink {
+    session: u64,
+    tx: mpsc::Sender<(PeerId, Vec<u8>)>,
+}
+
+/// All open relay streams, by peer.
+#[derive(Default)]
+pub(crate) struct RelayHub {
+    sinks: Mutex<HashMap<PeerId, Sink>>,
+    next_session: AtomicU64,
+    pub(crate) counters: RelayCounters,
+    trace: Option<Mutex<std::fs::File>>,
+    trace_left: AtomicU64,
+}
+
+/// Most bytes written to the relay trace file.
+const TRACE_CAP: u64 = 16 * 1024 * 1024;
+
+impl RelayHub {
+    /// A hub; with `trace`, every relayed packet is also appended to that file (capped), so
+    /// that an operator or a test can inspect exactly what the server handles.
+    pub(crate) fn new(trace: Option<std::fs::File>) -> Self {
+        RelayHub {
+            trace: trace.map(Mutex::new),
+            trace_left: AtomicU64::new(TRACE_CAP),
+            ..RelayHub::default()
+        }
+    }
+
+    fn sinks(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Sink>> {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn sink_of(&self, peer: &PeerId) -> Option<Sink> {
+        self.sinks().get(peer).cloned()
+    }
+
+    fn trace(&self, packet: &[u8]) {
+        let Some(file) = &self.trace else { return };
+        let len = packet.len() as u64;
+        if self.trace_left.load(Ordering::Relaxed) < len {
+            return;
+        }
+        self.trace_left.fetch_sub(len, Ordering::Relaxed);
+        if let Ok(mut file) = file.lock() {
+            let _ = file.write_all(packet);
+        }
+    }
+}
+
+/// Runs `peer`'s relay stream until it ends. `allowed` answers whether `peer` may relay to a
+/// destination now (asked at most every few seconds per destination).
+pub(crate) async fn run(
+    hub: Arc<RelayHub>,
+    peer: PeerId,
+    limits: RelayLimits,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    allowed: impl Fn(PeerId) -> bool,
+) {
+    let (tx, mut rx) = mpsc::channel::<(PeerId, Vec<u8>)>(limits.queue_packets.max(1));
+    let session = hub.next_session.fetch_add(1, Ordering::Relaxed);
+    hub.sinks().insert(peer, Sink { session, tx });
+    hub.counters.sessions.fetch_add(1, Ordering::Relaxed);
+
+    // The writer runs apart so that a peer slow to read what it is sent never stops us reading
+    // (and forwarding) what it sends.
+    let writer = tokio::spawn(async move {
+        while let Some((from, packet)) = rx.recv().await {
+            let Ok(frame) = relay::encode(&from, &packet) else {
+                continue;
+            };
+            if send.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut decoder = RelayDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bucket = TokenBucket::new(
+        limits.burst_bytes.max(MAX_RELAY_PACKET as u64) as f64,
+        limits.rate_bytes_per_s as f64,
+        Instant::now(),
+    );
+    let mut sent_total = 0u64;
+    let mut checked: HashMap<PeerId, (Instant, bool)> = HashMap::new();
+    let mut routes: HashMap<PeerId, Sink> = HashMap::new();
+    'stream: loop {
+        let n = match recv.read(&mut buf).await {
+            Ok(Some(n)) => n,
+            Ok(None) | Err(_) => break,
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            let (to, packet) = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "bad relay frame; closing the relay stream");
+                    break 'stream;
+                }
+            };
+            let now = Instant::now();
+            let permitted = match checked.get(&to) {
+                Some((at, ok)) if now.duration_since(*at) < Duration::from_secs(5) => *ok,
+                _ => {
+                    let ok = allowed(to);
+                    if checked.len() > 1024 {
+                        checked.clear();
+                    }
+                    checked.insert(to, (now, ok));
+                    ok
+                }
+            };
+            if !permitted {
+                hub.counters
+                    .denied_not_introduced
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let len = packet.len() as u64;
+            if limits.quota_bytes > 0 && sent_total + len > limits.quota_bytes {
+                hub.counters.denied_quota.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if !bucket.try_take_n(len as f64, now) {
+                hub.counters.denied_rate.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let sink = match routes.get(&to) {
+                Some(sink) => sink.clone(),
+                None => match hub.sink_of(&to) {
+                    Some(sink) => {
+                        routes.insert(to, sink.clone());
+                        sink
+                    }
+                    None => {
+                        hub.counters
+                            .dropped_no_route
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                },
+            };
+            hub.trace(&packet);
+            match sink.tx.try_send((peer, packet)) {
+                Ok(()) => {
+                    sent_total += len;
+                    hub.counters.packets.fetch_add(1, Ordering::Relaxed);
+                    hub.counters.bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    hub.counters
+                        .dropped_queue_full
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // The destination's stream went away; look it up again next time.
+                    routes.remove(&to);
+                    hub.counters
+                        .dropped_no_route
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    writer.abort();
+    let mut sinks = hub.sinks();
+    if sinks.get(&peer).is_some_and(|s| s.session == session) {
+        sinks.remove(&peer);
+    }
+}
