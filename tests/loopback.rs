@@ -67,11 +67,7 @@ fn registrations_survive_kill_9_and_peers_reregister() {
 
     rv.proc.kill9();
     let rv = Rendezvous::start(&data, &addr.to_string());
-    assert!(
-        rv.proc.stdout.text().contains("2 registered peers loaded"),
-        "{}",
-        rv.proc.stdout.text()
-    );
+    rv.proc.stdout.wait_for("2 registered peers loaded", T);
 
     // The departed peer's registration is still answered, from disk.
     let mut lookup = args!["lookup", "--refresh", gone_id];

@@ -7,6 +7,7 @@ mod console;
 mod node;
 mod paths;
 mod punching;
+mod relay;
 mod session;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use transport::TransportSettings;
 
 use crate::cache::PeerCache;
 use crate::console::Console;
-use crate::node::{DialError, Node};
+use crate::node::Node;
 use crate::session::{ServerEvent, Session, SessionConfig, SessionState};
 
 /// A peer: registers with a rendezvous and talks to other peers by id over QUIC.
@@ -190,8 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// What every networked command starts with.
 struct Context_ {
     node: Node,
-    router: punching::Router,
-    connections: paths::Connections,
+    keeper: paths::PathKeeper,
     server_addr: SocketAddr,
     session: Session,
     events: mpsc::Receiver<ServerEvent>,
@@ -205,6 +205,7 @@ async fn start(
     identity: Arc<Identity>,
     dir: &std::path::Path,
     server: ServerArgs,
+    verbose: bool,
 ) -> anyhow::Result<Context_> {
     let server_addr = tokio::net::lookup_host(&server.server)
         .await
@@ -237,18 +238,27 @@ async fn start(
         node.clone(),
         router.clone(),
         stun_rx,
-        shutdown_rx,
+        shutdown_rx.clone(),
     ));
+    let (relay, relay_task) =
+        relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx);
+    let keeper = paths::PathKeeper::new(
+        node.clone(),
+        router,
+        relay,
+        session.clone(),
+        console.clone(),
+        verbose,
+    );
     Ok(Context_ {
         node,
-        router,
-        connections: paths::Connections::default(),
+        keeper,
         server_addr,
         session,
         events,
         console,
         shutdown,
-        tasks: vec![session_task, stun_task, console_task],
+        tasks: vec![session_task, stun_task, relay_task, console_task],
         server,
     })
 }
@@ -264,24 +274,18 @@ impl Context_ {
         })
     }
 
-    /// Starts the tasks that keep direct paths alive: answering introductions and watching our
+    /// Starts the tasks that keep paths working: answering introductions and watching our
     /// public mapping.
-    fn keep_paths(&mut self, verbose: bool) {
-        let keeper = paths::PathKeeper {
-            node: self.node.clone(),
-            router: self.router.clone(),
-            connections: self.connections.clone(),
-            console: self.console.clone(),
-            verbose,
-        };
+    fn keep_paths(&mut self) {
         let events = std::mem::replace(&mut self.events, mpsc::channel(1).1);
-        self.tasks
-            .push(tokio::spawn(keeper.clone().serve_introductions(events)));
-        self.tasks.push(tokio::spawn(keeper.watch_mapping(
-            self.session.clone(),
-            self.server_addr,
-            self.shutdown.subscribe(),
-        )));
+        self.tasks.push(tokio::spawn(
+            self.keeper.clone().serve_introductions(events),
+        ));
+        self.tasks.push(tokio::spawn(
+            self.keeper
+                .clone()
+                .watch_mapping(self.server_addr, self.shutdown.subscribe()),
+        ));
     }
 
     async fn finish(self) {
@@ -324,7 +328,7 @@ async fn lookup(
             return Ok(());
         }
     }
-    let ctx = start(identity, dir, server).await?;
+    let ctx = start(identity, dir, server, false).await?;
     let result = async {
         ctx.register().await?;
         match ctx
@@ -388,7 +392,7 @@ async fn listen(
     server: ServerArgs,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let mut ctx = start(identity, dir, server).await?;
+    let mut ctx = start(identity, dir, server, verbose).await?;
     let reg = match ctx.register().await {
         Ok(reg) => reg,
         Err(e) => {
@@ -405,7 +409,7 @@ async fn listen(
         ))
         .await;
     let watcher = tokio::spawn(watch_session(ctx.session.watch(), ctx.console.clone()));
-    ctx.keep_paths(verbose);
+    ctx.keep_paths();
     let hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>> = Arc::default();
     let input_task = tokio::spawn(broadcast_input(
         console::stdin_lines(),
@@ -420,7 +424,7 @@ async fn listen(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.connections.clone(), ctx.console.clone()));
+                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.keeper.clone(), ctx.console.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = &mut signal => { r?; break; }
@@ -507,7 +511,7 @@ async fn serve_peer(
     incoming: quinn::Incoming,
     me: PeerId,
     hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
-    connections: paths::Connections,
+    keeper: paths::PathKeeper,
     console: Console,
 ) {
     let remote = incoming.remote_address();
@@ -525,10 +529,12 @@ async fn serve_peer(
         conn.close(2u32.into(), b"no identity");
         return;
     };
-    console
-        .say(format!("connected: {peer} from {remote}"))
-        .await;
-    connections.insert(peer, conn.clone());
+    let path = match keeper.node.socket.route_of(remote) {
+        transport::PathTarget::Udp(addr) => format!("from {addr}"),
+        transport::PathTarget::Virtual(_) => "relayed via rendezvous (UDP)".to_owned(),
+    };
+    console.say(format!("connected: {peer} {path}")).await;
+    keeper.start_link(peer, conn.clone(), "the peer's address");
     let key = conn.stable_id() as u64;
     loop {
         let (mut tx, mut rx) = match conn.accept_bi().await {
@@ -560,7 +566,6 @@ async fn serve_peer(
             chat::ChatEnd::InputClosed => {}
         }
     }
-    connections.remove(peer, &conn);
 }
 
 async fn connect(
@@ -571,8 +576,8 @@ async fn connect(
     dial_timeout: Duration,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let mut ctx = start(identity, dir, server).await?;
-    ctx.keep_paths(verbose);
+    let mut ctx = start(identity, dir, server, verbose).await?;
+    ctx.keep_paths();
     let result = async {
         let me = ctx.register().await?.id;
         if peer == me {
@@ -584,15 +589,14 @@ async fn connect(
             ctx.console.error(format!("warning: {w}")).await;
         }
         let (conn, via) = establish(&ctx, &mut cache, peer, dial_timeout, verbose).await?;
-        ctx.connections.insert(peer, conn.clone());
         ctx.console
             .say(format!(
-                "connected to {peer} in {} ms: direct to {} ({})",
+                "connected to {peer} in {} ms: {}",
                 started.elapsed().as_millis(),
-                via.addr,
-                via.describe
+                via.text
             ))
             .await;
+        ctx.keeper.start_link(peer, conn.clone(), via.describe);
         let (tx, rx) = chat::open(&conn)
             .await
             .map_err(|e| anyhow!("cannot open the chat stream: {e}"))?;
@@ -622,12 +626,32 @@ async fn connect(
 
 /// The path a connection was made on, for the user.
 struct Via {
-    addr: SocketAddr,
+    /// `direct to ADDR (how)` or `relayed via rendezvous (UDP)`.
+    text: String,
+    /// How the path was found, for the link's later messages.
     describe: &'static str,
 }
 
-/// Cache first; on a miss or a failure, ask the rendezvous to introduce us, punch, and dial the
-/// path that answered.
+impl Via {
+    fn direct(addr: SocketAddr, describe: &'static str) -> Via {
+        Via {
+            text: format!("direct to {addr} ({describe})"),
+            describe,
+        }
+    }
+
+    fn relayed() -> Via {
+        Via {
+            text: "relayed via rendezvous (UDP)".to_owned(),
+            describe: "public address",
+        }
+    }
+}
+
+/// Cache first; on a miss or a failure, ask the rendezvous to introduce us. The connection
+/// starts on the relay at once while punching runs alongside; its link moves it to the direct
+/// path as soon as one is proven. quinn always dials the peer's stable address, so the path can
+/// change under the connection.
 async fn establish(
     ctx: &Context_,
     cache: &mut PeerCache,
@@ -635,34 +659,30 @@ async fn establish(
     dial_timeout: Duration,
     verbose: bool,
 ) -> anyhow::Result<(quinn::Connection, Via)> {
+    let keeper = &ctx.keeper;
+    let socket = &ctx.node.socket;
+    let stable = relay::stable_addr(&peer);
     if let Some(entry) = cache.get(&peer) {
-        let candidates = entry.candidates.clone();
-        // A cached address only works without an introduction when the peer's NAT lets anyone
-        // in (or there is none), and then it answers at once: keep this attempt short.
-        let cached_timeout = dial_timeout.min(Duration::from_secs(1));
-        match dial_any(
-            &ctx.node,
-            peer,
-            &candidates,
-            cached_timeout,
-            verbose,
-            &ctx.console,
-        )
-        .await
-        {
-            Ok((conn, candidate)) => {
-                return Ok((
-                    conn,
-                    Via {
-                        addr: candidate.addr,
-                        describe: "cached address",
-                    },
-                ))
-            }
+        // The address that worked last time. It only works without an introduction when the
+        // peer's NAT lets anyone in (or there is none), and then it answers at once: keep this
+        // attempt short.
+        let cached = entry.candidates[0].addr;
+        socket.set_route(stable, transport::PathTarget::Udp(cached));
+        if verbose {
+            ctx.console
+                .error(format!("dialing cached address {cached}"))
+                .await;
+        }
+        let timeout = dial_timeout.min(Duration::from_secs(1));
+        match ctx.node.dial(peer, stable, timeout).await {
+            Ok(conn) => return Ok((conn, Via::direct(cached, "cached address"))),
             Err(e) => {
+                socket.remove_routes(stable);
                 ctx.console
                     .error(format!(
-                        "cached address of {peer} failed ({e}); asking the rendezvous"
+                        "cached address {cached} of {peer} failed ({}); asking the rendezvous",
+                        e.to_string()
+                            .replace(&stable.to_string(), &cached.to_string())
                     ))
                     .await;
                 if let Err(e) = cache.remove(&peer) {
@@ -708,105 +728,67 @@ async fn establish(
             .error(format!("candidates of {peer}: {}", list.join(", ")))
             .await;
     }
-    let log = verbose.then(|| ctx.console.clone());
-    let path = match punching::run(
-        &ctx.node,
-        &ctx.router,
-        peer,
-        nonce,
-        punch::Role::Initiator,
-        &candidates,
-        log,
-    )
-    .await
-    {
-        punch::State::Direct(path) => path,
-        punch::State::Failed(report) => bail!("no direct path to {peer}: {}", report.reason()),
-        punch::State::Probing => bail!("punching to {peer} stopped"),
-    };
-    // Remember the path that worked first, then the rest.
-    let mut remembered = vec![Candidate {
-        addr: path.addr,
-        kind: match path.kind {
-            punch::PathKind::Candidate(kind) => kind,
-            punch::PathKind::PeerReflexive => common::message::CandidateKind::Observed,
-        },
-    }];
-    remembered.extend(candidates.iter().filter(|c| c.addr != path.addr));
-    if let Err(e) = cache.put(peer, remembered) {
+    if let Err(e) = cache.put(peer, candidates.clone()) {
         ctx.console
             .error(format!("warning: cannot write the peer cache: {e}"))
             .await;
     }
+    // The relay stream opens just after registration: give it a moment.
+    keeper.relay.wait_ready(Duration::from_secs(2)).await;
+    keeper.prepare(peer, &candidates);
+    let punch = {
+        let keeper = keeper.clone();
+        let candidates = candidates.clone();
+        tokio::spawn(async move {
+            keeper
+                .punch(peer, nonce, punch::Role::Initiator, &candidates)
+                .await
+        })
+    };
+    let relayed = matches!(socket.route_of(stable), transport::PathTarget::Virtual(_));
+    if !relayed {
+        // No relay: the connection has to wait for a direct path.
+        let path = match punch.await {
+            Ok(punch::State::Direct(path)) => path,
+            Ok(punch::State::Failed(report)) => bail!(
+                "no direct path to {peer}, and the relay is not available: {}",
+                report.reason()
+            ),
+            _ => bail!("punching to {peer} stopped"),
+        };
+        socket.set_route(stable, transport::PathTarget::Udp(path.addr));
+        let conn = ctx
+            .node
+            .dial(peer, stable, dial_timeout)
+            .await
+            .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
+        return Ok((conn, Via::direct(path.addr, path.kind.describe())));
+    }
+    // Relay first, direct as soon as proven: the punch result goes to the connection's link.
+    {
+        let keeper = keeper.clone();
+        tokio::spawn(async move {
+            let event = match punch.await {
+                Ok(punch::State::Direct(path)) => paths::LinkEvent::DirectProven {
+                    addr: path.addr,
+                    describe: path.kind.describe(),
+                },
+                Ok(punch::State::Failed(report)) => paths::LinkEvent::PunchFailed(report.reason()),
+                _ => return,
+            };
+            keeper.notify(peer, event).await;
+        });
+    }
     let conn = ctx
         .node
-        .dial(peer, path.addr, dial_timeout)
+        .dial(peer, stable, dial_timeout)
         .await
-        .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
-    Ok((
-        conn,
-        Via {
-            addr: path.addr,
-            describe: path.kind.describe(),
-        },
-    ))
-}
-
-/// Dials every candidate, each started a little after the previous one, and keeps the first
-/// that completes a handshake with the right key.
-async fn dial_any(
-    node: &Node,
-    peer: PeerId,
-    candidates: &[Candidate],
-    timeout: Duration,
-    verbose: bool,
-    console: &Console,
-) -> Result<(quinn::Connection, Candidate), DialError> {
-    let mut attempts = tokio::task::JoinSet::new();
-    for (i, &candidate) in candidates.iter().enumerate() {
-        let node = node.clone();
-        attempts.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50) * i as u32).await;
-            (candidate, node.dial(peer, candidate.addr, timeout).await)
-        });
-        if verbose {
-            console
-                .error(format!(
-                    "dialing {} ({})",
-                    candidate.addr,
-                    candidate.kind.describe()
-                ))
-                .await;
-        }
-    }
-    let mut errors = Vec::new();
-    while let Some(joined) = attempts.join_next().await {
-        let Ok((candidate, result)) = joined else {
-            continue;
-        };
-        match result {
-            Ok(conn) => return Ok((conn, candidate)),
-            Err(e) => {
-                if verbose {
-                    console.error(format!("{}: {e}", candidate.addr)).await;
-                }
-                errors.push(e);
-            }
-        }
-    }
-    // A wrong key says more than a timeout: report it first.
-    let pos = errors
-        .iter()
-        .position(|e| matches!(e, DialError::KeyMismatch(_)))
-        .unwrap_or(0);
-    Err(if errors.is_empty() {
-        DialError::Failed {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            reason: "no candidate addresses".into(),
-        }
-    } else {
-        errors.swap_remove(pos)
-    })
+        .map_err(|e| anyhow!("cannot reach {peer} through the relay: {e}"))?;
+    let via = match socket.route_of(stable) {
+        transport::PathTarget::Udp(addr) => Via::direct(addr, "public address"),
+        transport::PathTarget::Virtual(_) => Via::relayed(),
+    };
+    Ok((conn, via))
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -1,22 +1,29 @@
-//! Keeping direct paths working: answer introductions (the other side punching, maybe again
-//! after its NAT rebinds), watch our own public mapping, and re-punch every open connection when
-//! it changes. A re-punched path that differs from the one quinn knows is installed as a route
-//! in the socket, so the QUIC connection and its streams carry on untouched.
+//! Keeping every peer connection on the best path, without the connection noticing.
+//!
+//! quinn talks to one stable address per peer ([`crate::relay::stable_addr`]); the socket sends
+//! each packet on the current path, direct UDP or the relay. For each connection a link task runs
+//! a [`punch::path::PathSelector`]: it starts on the relay or a proven direct path, moves to a
+//! direct path as soon as a punch proves one (make-before-break), sends heartbeats on the direct
+//! path and falls back to the relay when they go unanswered, and punches again with backoff, and
+//! at once when our public address changes (NAT rebinding).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::message::Candidate;
 use common::stun::{self, ProbeTag, StunPacket};
 use common::{ControlMessage, PeerId};
+use punch::path::{Action, Current, PathConfig, PathSelector};
 use punch::{Role, State};
 use tokio::sync::{mpsc, watch};
+use transport::PathTarget;
 
 use crate::console::Console;
 use crate::node::Node;
 use crate::punching::{self, Router};
+use crate::relay::{stable_addr, Relay};
 use crate::session::{ServerEvent, Session, SessionState};
 
 /// How often we ask the rendezvous (over STUN) how it sees us. Also keeps the NAT mapping
@@ -24,84 +31,324 @@ use crate::session::{ServerEvent, Session, SessionState};
 pub const MAPPING_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Most punching sessions run at once in answer to introductions.
 const MAX_RESPONDER_PUNCHES: usize = 64;
+/// Events queued for one link.
+const LINK_QUEUE: usize = 16;
+/// How long a path proven before its connection arrived is kept for it.
+const PENDING_PATH_TTL: Duration = Duration::from_secs(30);
 
-/// Open peer connections, by peer.
-#[derive(Clone, Default)]
-pub struct Connections {
-    inner: Arc<Mutex<HashMap<PeerId, quinn::Connection>>>,
+/// What a link is told.
+#[derive(Debug, Clone)]
+pub enum LinkEvent {
+    /// A punch proved this direct path.
+    DirectProven {
+        /// The peer's address on it.
+        addr: SocketAddr,
+        /// How it was found, for the user.
+        describe: &'static str,
+    },
+    /// A punch found nothing.
+    PunchFailed(String),
+    /// Our public address changed.
+    AddressChanged,
 }
 
-impl Connections {
-    /// Records a connection (replacing an older one to the same peer).
-    pub fn insert(&self, peer: PeerId, conn: quinn::Connection) {
-        if let Ok(mut map) = self.inner.lock() {
-            map.insert(peer, conn);
-        }
-    }
-
-    /// Forgets `conn` if it is still the one recorded for `peer`.
-    pub fn remove(&self, peer: PeerId, conn: &quinn::Connection) {
-        if let Ok(mut map) = self.inner.lock() {
-            if map
-                .get(&peer)
-                .is_some_and(|c| c.stable_id() == conn.stable_id())
-            {
-                map.remove(&peer);
-            }
-        }
-    }
-
-    fn get(&self, peer: &PeerId) -> Option<quinn::Connection> {
-        self.inner.lock().ok().and_then(|m| m.get(peer).cloned())
-    }
-
-    fn all(&self) -> Vec<(PeerId, quinn::Connection)> {
-        self.inner
-            .lock()
-            .map(|m| m.iter().map(|(p, c)| (*p, c.clone())).collect())
-            .unwrap_or_default()
-    }
+struct LinkHandle {
+    conn_id: usize,
+    tx: mpsc::Sender<LinkEvent>,
 }
 
-/// Everything the path keepers share.
+/// Everything the path keepers share. Cheap to clone.
 #[derive(Clone)]
 pub struct PathKeeper {
     /// Our endpoint.
     pub node: Node,
     /// STUN routing.
     pub router: Router,
-    /// Open connections.
-    pub connections: Connections,
+    /// The relay.
+    pub relay: Relay,
+    /// Our rendezvous session.
+    pub session: Session,
     /// Where to tell the user.
     pub console: Console,
     /// Show probe exchanges.
     pub verbose: bool,
+    table: Arc<Mutex<LinkTable>>,
+}
+
+/// Links by peer, and punch results that arrived before their connection. One lock for both, so
+/// that a result cannot slip between "no link yet" and "link created".
+#[derive(Default)]
+struct LinkTable {
+    links: HashMap<PeerId, LinkHandle>,
+    pending: HashMap<PeerId, (LinkEvent, Instant)>,
 }
 
 impl PathKeeper {
-    /// Points the connection to `peer` (if any) at `path` when quinn is using another address.
-    async fn adopt(&self, peer: PeerId, path: SocketAddr, why: &str) {
-        let Some(conn) = self.connections.get(&peer) else {
-            return;
-        };
-        let quinn_addr = conn.remote_address();
-        if self.node.socket.route_of(quinn_addr).udp() != Some(path) {
-            self.node
-                .socket
-                .set_route(quinn_addr, transport::PathTarget::Udp(path));
-            self.console
-                .say(format!("path to {peer}: direct to {path} ({why})"))
-                .await;
+    /// A keeper with no links yet.
+    pub fn new(
+        node: Node,
+        router: Router,
+        relay: Relay,
+        session: Session,
+        console: Console,
+        verbose: bool,
+    ) -> Self {
+        PathKeeper {
+            node,
+            router,
+            relay,
+            session,
+            console,
+            verbose,
+            table: Arc::default(),
         }
     }
 
-    async fn punch(&self, peer: PeerId, nonce: u64, role: Role, candidates: &[Candidate]) -> State {
-        let log = self.verbose.then(|| self.console.clone());
-        punching::run(&self.node, &self.router, peer, nonce, role, candidates, log).await
+    /// Readies the socket for talking to `peer` before any path is known: its stable address
+    /// goes through the relay (if it is up) and packets from any of its candidates are shown to
+    /// quinn as coming from the stable address. Returns the stable address.
+    pub fn prepare(&self, peer: PeerId, candidates: &[Candidate]) -> SocketAddr {
+        let stable = stable_addr(&peer);
+        let has_route =
+            !matches!(self.node.socket.route_of(stable), PathTarget::Udp(a) if a == stable);
+        if !has_route && self.relay.is_ready() {
+            self.node
+                .socket
+                .set_route(stable, PathTarget::Virtual(self.relay.sink(&peer)));
+        }
+        for candidate in candidates {
+            self.node.socket.add_alias(candidate.addr, stable);
+        }
+        stable
     }
 
-    /// Answers introductions pushed by the rendezvous: punch as the responder and, if a
-    /// connection to that peer is open, move it to the path that answered.
+    /// Punches `peer`; probes from the peer's addresses are aliased to its stable address.
+    pub async fn punch(
+        &self,
+        peer: PeerId,
+        nonce: u64,
+        role: Role,
+        candidates: &[Candidate],
+    ) -> State {
+        let log = self.verbose.then(|| self.console.clone());
+        let alias = Some(stable_addr(&peer));
+        punching::run(
+            &self.node,
+            &self.router,
+            peer,
+            nonce,
+            role,
+            candidates,
+            log,
+            alias,
+        )
+        .await
+    }
+
+    /// Hands a punch result to `peer`'s link, or keeps it for the connection about to arrive.
+    pub async fn notify(&self, peer: PeerId, event: LinkEvent) {
+        let tx = {
+            let Ok(mut table) = self.table.lock() else {
+                return;
+            };
+            match table.links.get(&peer) {
+                Some(handle) => Some(handle.tx.clone()),
+                None => {
+                    table
+                        .pending
+                        .retain(|_, (_, at)| at.elapsed() < PENDING_PATH_TTL);
+                    table.pending.insert(peer, (event.clone(), Instant::now()));
+                    None
+                }
+            }
+        };
+        if let Some(tx) = tx {
+            let _ = tx.send(event).await;
+        }
+    }
+
+    /// Starts the link task of a new connection; its path starts as the socket routes it now.
+    pub fn start_link(&self, peer: PeerId, conn: quinn::Connection, describe: &'static str) {
+        let quinn_addr = conn.remote_address();
+        let initial = match self.node.socket.route_of(quinn_addr) {
+            PathTarget::Virtual(_) => Current::Relay,
+            PathTarget::Udp(addr) => Current::Direct(addr),
+        };
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let early = match self.table.lock() {
+            Ok(mut table) => {
+                table.links.insert(
+                    peer,
+                    LinkHandle {
+                        conn_id: conn.stable_id(),
+                        tx: tx.clone(),
+                    },
+                );
+                table
+                    .pending
+                    .remove(&peer)
+                    .filter(|(_, at)| at.elapsed() < PENDING_PATH_TTL)
+                    .map(|(event, _)| event)
+            }
+            Err(_) => None,
+        };
+        if let Some(event) = early {
+            let _ = tx.try_send(event);
+        }
+        let keeper = self.clone();
+        tokio::spawn(async move {
+            keeper
+                .run_link(peer, conn, quinn_addr, initial, describe, tx, rx)
+                .await
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_link(
+        self,
+        peer: PeerId,
+        conn: quinn::Connection,
+        quinn_addr: SocketAddr,
+        initial: Current,
+        mut describe: &'static str,
+        tx: mpsc::Sender<LinkEvent>,
+        mut rx: mpsc::Receiver<LinkEvent>,
+    ) {
+        self.relay.set_quinn_addr(peer, quinn_addr);
+        let mut selector = PathSelector::new(initial, Instant::now(), PathConfig::default());
+        let nonce = rand::random::<u64>();
+        let mut answers = self.router.register_raw(nonce);
+        let tag = ProbeTag {
+            nonce,
+            sender: self.node.identity.id(),
+        };
+        let mut counter = 0u32;
+        let mut heartbeats: HashMap<[u8; 12], SocketAddr> = HashMap::new();
+        let mut explained = false;
+        loop {
+            let now = Instant::now();
+            while let Some(action) = selector.poll(now) {
+                match action {
+                    Action::Switch(Current::Relay) => {
+                        self.node
+                            .socket
+                            .set_route(quinn_addr, PathTarget::Virtual(self.relay.sink(&peer)));
+                        self.console
+                            .say(format!("path to {peer}: relayed via rendezvous (UDP)"))
+                            .await;
+                    }
+                    Action::Switch(Current::Direct(addr)) => {
+                        self.node
+                            .socket
+                            .set_route(quinn_addr, PathTarget::Udp(addr));
+                        self.console
+                            .say(format!("path to {peer}: direct to {addr} ({describe})"))
+                            .await;
+                    }
+                    Action::Heartbeat(addr) => {
+                        counter = counter.wrapping_add(1);
+                        let transaction = tag.transaction(counter);
+                        if heartbeats.len() > 64 {
+                            heartbeats.clear();
+                        }
+                        heartbeats.insert(transaction, addr);
+                        let _ = self
+                            .node
+                            .socket
+                            .send_to(&stun::binding_request(transaction), addr)
+                            .await;
+                    }
+                    Action::Repunch => {
+                        let keeper = self.clone();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let event = keeper.repunch(peer).await;
+                            let _ = tx.send(event).await;
+                        });
+                    }
+                }
+            }
+            let wake = selector
+                .poll_timeout()
+                .unwrap_or(now + Duration::from_secs(60));
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(LinkEvent::DirectProven { addr, describe: how }) => {
+                        describe = how;
+                        selector.direct_proven(addr, Instant::now());
+                    }
+                    Some(LinkEvent::PunchFailed(reason)) => {
+                        // Say once why the connection stays relayed; later retries only in -v.
+                        if !explained && selector.current() == Current::Relay {
+                            explained = true;
+                            self.console
+                                .say(format!(
+                                    "path to {peer}: relayed via rendezvous (UDP), no direct path: {reason}; \
+                                     retrying in the background"
+                                ))
+                                .await;
+                        } else if self.verbose {
+                            self.console.error(format!("punch to {peer}: {reason}")).await;
+                        }
+                        selector.punch_failed(Instant::now());
+                    }
+                    Some(LinkEvent::AddressChanged) => selector.address_changed(Instant::now()),
+                    None => break,
+                },
+                answer = answers.recv() => {
+                    let Some(answer) = answer else { break };
+                    if let Ok(StunPacket::BindingSuccess { transaction, .. }) = stun::decode(&answer.data) {
+                        if let Some(addr) = heartbeats.remove(&transaction) {
+                            selector.heartbeat_answered(addr, Instant::now());
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = conn.closed() => break,
+            }
+        }
+        self.router.unregister(nonce);
+        if let Ok(mut table) = self.table.lock() {
+            if table
+                .links
+                .get(&peer)
+                .is_some_and(|h| h.conn_id == conn.stable_id())
+            {
+                table.links.remove(&peer);
+                self.relay.forget(&peer);
+                self.node.socket.remove_routes(quinn_addr);
+            }
+        }
+    }
+
+    /// Asks for a new introduction to `peer` and punches.
+    async fn repunch(&self, peer: PeerId) -> LinkEvent {
+        let reply = self
+            .session
+            .request(&ControlMessage::Connect { id: peer })
+            .await;
+        let (candidates, nonce) = match reply {
+            Ok(ControlMessage::Punch {
+                candidates, nonce, ..
+            }) => (candidates, nonce),
+            Ok(other) => {
+                return LinkEvent::PunchFailed(format!("the rendezvous answered {}", other.kind()))
+            }
+            Err(e) => return LinkEvent::PunchFailed(e.to_string()),
+        };
+        self.prepare(peer, &candidates);
+        match self.punch(peer, nonce, Role::Initiator, &candidates).await {
+            State::Direct(path) => LinkEvent::DirectProven {
+                addr: path.addr,
+                describe: path.kind.describe(),
+            },
+            State::Failed(report) => LinkEvent::PunchFailed(report.reason()),
+            State::Probing => LinkEvent::PunchFailed("punch stopped".into()),
+        }
+    }
+
+    /// Answers introductions pushed by the rendezvous: ready the socket for the peer, punch as
+    /// the responder, and give a proven path to the peer's link.
     pub async fn serve_introductions(self, mut events: mpsc::Receiver<ServerEvent>) {
         let mut punches = tokio::task::JoinSet::new();
         loop {
@@ -131,41 +378,28 @@ impl PathKeeper {
                     .await;
                 continue;
             }
+            self.prepare(peer, &candidates);
             let keeper = self.clone();
             punches.spawn(async move {
-                match keeper
+                let event = match keeper
                     .punch(peer, nonce, Role::Responder, &candidates)
                     .await
                 {
-                    State::Direct(path) => {
-                        keeper
-                            .adopt(peer, path.addr, "the peer's address changed")
-                            .await;
-                    }
-                    State::Failed(report) if keeper.verbose => {
-                        keeper
-                            .console
-                            .error(format!(
-                                "punch {}: no direct path: {}",
-                                peer.short(),
-                                report.reason()
-                            ))
-                            .await;
-                    }
-                    _ => {}
-                }
+                    State::Direct(path) => LinkEvent::DirectProven {
+                        addr: path.addr,
+                        describe: path.kind.describe(),
+                    },
+                    State::Failed(report) => LinkEvent::PunchFailed(report.reason()),
+                    State::Probing => return,
+                };
+                keeper.notify(peer, event).await;
             });
         }
     }
 
     /// Asks the rendezvous how it sees us every [`MAPPING_CHECK_INTERVAL`]; when our public
-    /// address changes (the NAT rebound), re-punches every open connection.
-    pub async fn watch_mapping(
-        self,
-        session: Session,
-        server: SocketAddr,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    /// address changes (the NAT rebound), tells every link.
+    pub async fn watch_mapping(self, server: SocketAddr, mut shutdown: watch::Receiver<bool>) {
         let nonce = rand::random::<u64>();
         let mut inbox = self.router.register_raw(nonce);
         let mut last: Option<SocketAddr> = None;
@@ -177,7 +411,7 @@ impl PathKeeper {
                 _ = shutdown.changed() => break,
             }
             if last.is_none() {
-                if let SessionState::Registered(reg) = session.state() {
+                if let SessionState::Registered(reg) = self.session.state() {
                     last = Some(reg.observed);
                 }
             }
@@ -212,71 +446,33 @@ impl PathKeeper {
             })
             .await;
             let Ok(Some(mapped)) = answer else { continue };
-            match last {
-                Some(previous) if previous != mapped => {
-                    // Any request makes the rendezvous look at our connection's new address, so
-                    // that introductions hand out the new one.
-                    let _ = session
-                        .request(&ControlMessage::Ping {
-                            seq: counter.into(),
-                        })
-                        .await;
-                    let open = self.connections.all();
-                    self.console
-                        .say(format!(
-                            "our public address changed from {previous} to {mapped} (NAT rebinding); \
-                             re-punching {} connection(s)",
-                            open.len()
-                        ))
-                        .await;
-                    for (peer, _) in open {
-                        let keeper = self.clone();
-                        let session = session.clone();
-                        tokio::spawn(async move { keeper.repunch(&session, peer).await });
-                    }
+            if let Some(previous) = last.filter(|p| *p != mapped) {
+                // Any request makes the rendezvous look at our connection's new address, so
+                // that introductions hand out the new one.
+                let _ = self
+                    .session
+                    .request(&ControlMessage::Ping {
+                        seq: counter.into(),
+                    })
+                    .await;
+                let links: Vec<mpsc::Sender<LinkEvent>> = self
+                    .table
+                    .lock()
+                    .map(|t| t.links.values().map(|h| h.tx.clone()).collect())
+                    .unwrap_or_default();
+                self.console
+                    .say(format!(
+                        "our public address changed from {previous} to {mapped} (NAT rebinding); \
+                         re-punching {} connection(s)",
+                        links.len()
+                    ))
+                    .await;
+                for link in links {
+                    let _ = link.send(LinkEvent::AddressChanged).await;
                 }
-                _ => {}
             }
             last = Some(mapped);
         }
         self.router.unregister(nonce);
-    }
-
-    /// Asks for a new introduction to `peer` and moves its connection to the path that answers.
-    async fn repunch(&self, session: &Session, peer: PeerId) {
-        let reply = session.request(&ControlMessage::Connect { id: peer }).await;
-        let (candidates, nonce) = match reply {
-            Ok(ControlMessage::Punch {
-                candidates, nonce, ..
-            }) => (candidates, nonce),
-            Ok(other) => {
-                self.console
-                    .error(format!(
-                        "re-punch to {peer}: the rendezvous answered {}",
-                        other.kind()
-                    ))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                self.console.error(format!("re-punch to {peer}: {e}")).await;
-                return;
-            }
-        };
-        match self.punch(peer, nonce, Role::Initiator, &candidates).await {
-            State::Direct(path) => {
-                self.adopt(peer, path.addr, "re-punched after our NAT rebound")
-                    .await
-            }
-            State::Failed(report) => {
-                self.console
-                    .error(format!(
-                        "re-punch to {peer} found no direct path: {}",
-                        report.reason()
-                    ))
-                    .await
-            }
-            State::Probing => {}
-        }
     }
 }

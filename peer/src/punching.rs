@@ -103,6 +103,7 @@ pub async fn dispatch(
 /// Runs one punching session. Returns as soon as a path is proven (or the session failed); a
 /// session with a proven path goes on in the background until its deadline, answering the
 /// peer's probes so that the peer can prove its side too.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     node: &Node,
     router: &Router,
@@ -111,6 +112,7 @@ pub async fn run(
     role: Role,
     candidates: &[Candidate],
     verbose: Option<Console>,
+    alias: Option<std::net::SocketAddr>,
 ) -> State {
     let inbox = router.register(nonce);
     let puncher = Puncher::new(
@@ -129,6 +131,7 @@ pub async fn run(
         puncher,
         inbox,
         verbose,
+        alias,
         first: Some(first_tx),
     };
     tokio::spawn(session.drive());
@@ -141,6 +144,8 @@ struct Session {
     puncher: Puncher,
     inbox: mpsc::Receiver<StunDatagram>,
     verbose: Option<Console>,
+    // Probes of the peer arrive from its real addresses; show them to quinn as this address.
+    alias: Option<std::net::SocketAddr>,
     first: Option<tokio::sync::oneshot::Sender<State>>,
 }
 
@@ -161,6 +166,9 @@ impl Session {
                 }
             }
             while let Some(event) = self.puncher.poll_event() {
+                if let (Event::ProbeReceived { from }, Some(alias)) = (&event, self.alias) {
+                    self.node.socket.add_alias(*from, alias);
+                }
                 if let Some(console) = &self.verbose {
                     console.error(describe(peer, &event)).await;
                 }

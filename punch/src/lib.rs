@@ -20,6 +20,8 @@
 //! If nothing is answered by the deadline, the puncher fails with a report of what it saw, from
 //! which [`FailureReport::reason`] explains why in words.
 
+pub mod path;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;

@@ -1,0 +1,213 @@
+//! The peer's end of the relay: one relay stream on the rendezvous connection (re-opened after
+//! every re-registration). Packets quinn sends to a relayed peer arrive here through the
+//! socket's virtual path and leave as `{to, packet}` frames; frames `{from, packet}` from the
+//! server are injected into quinn as if they came from that peer's address.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::frame_io::{read_frame, write_frame};
+use common::relay::{self, RelayDecoder};
+use common::{ControlMessage, PeerId};
+use tokio::sync::{mpsc, watch};
+use transport::{Injector, VirtualPacket, VirtualSink};
+
+use crate::session::{Session, SessionState};
+
+/// Packets waiting for the relay stream.
+const RELAY_QUEUE: usize = 1024;
+
+/// The address quinn uses for `peer` when it is reached through [`crate::paths`]: in 240.0.0.0/4,
+/// which is reserved and never routed, so a packet to it can only leave through a route.
+pub fn stable_addr(peer: &PeerId) -> SocketAddr {
+    let b = peer.as_bytes();
+    let ip = Ipv4Addr::new(240 | (b[0] & 0x0f), b[1], b[2], b[3]);
+    let port = u16::from_be_bytes([b[4], b[5]]).max(1);
+    SocketAddr::from((ip, port))
+}
+
+/// Handle to the relay.
+#[derive(Clone)]
+pub struct Relay {
+    tx: mpsc::Sender<VirtualPacket>,
+    ready: watch::Receiver<bool>,
+    addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>>,
+}
+
+impl Relay {
+    /// Starts the relay task.
+    pub fn start(
+        session: Session,
+        injector: Injector,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Relay, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(RELAY_QUEUE);
+        let (ready_tx, ready) = watch::channel(false);
+        let addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>> = Arc::default();
+        let task = tokio::spawn(run(
+            session,
+            injector,
+            rx,
+            ready_tx,
+            addrs.clone(),
+            shutdown,
+        ));
+        (Relay { tx, ready, addrs }, task)
+    }
+
+    /// True while a relay stream is open.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits up to `timeout` for the relay stream.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut ready = self.ready.clone();
+        tokio::time::timeout(timeout, ready.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The virtual path to `peer` through the relay.
+    pub fn sink(&self, peer: &PeerId) -> VirtualSink {
+        VirtualSink::new(*peer.as_bytes(), self.tx.clone())
+    }
+
+    /// Relayed packets from `peer` are shown to quinn as coming from `addr`.
+    pub fn set_quinn_addr(&self, peer: PeerId, addr: SocketAddr) {
+        if let Ok(mut addrs) = self.addrs.lock() {
+            addrs.insert(peer, addr);
+        }
+    }
+
+    /// Forgets `peer`'s quinn address.
+    pub fn forget(&self, peer: &PeerId) {
+        if let Ok(mut addrs) = self.addrs.lock() {
+            addrs.remove(peer);
+        }
+    }
+}
+
+async fn run(
+    session: Session,
+    injector: Injector,
+    mut rx: mpsc::Receiver<VirtualPacket>,
+    ready: watch::Sender<bool>,
+    addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut state = session.watch();
+    loop {
+        // Wait for a registration, dropping what quinn sends meanwhile (as a dead link would).
+        let reg = loop {
+            let current = state.borrow_and_update().clone();
+            match current {
+                SessionState::Registered(reg) => break reg,
+                SessionState::Fatal(_) => return,
+                SessionState::Connecting { .. } => {}
+            }
+            tokio::select! {
+                r = state.changed() => if r.is_err() { return },
+                _ = rx.recv() => {}
+                _ = shutdown.changed() => return,
+            }
+        };
+        match open(&reg.conn).await {
+            Ok((mut send, recv)) => {
+                ready.send_replace(true);
+                tracing::debug!("relay stream open");
+                let reader = tokio::spawn(read_relayed(recv, injector.clone(), addrs.clone()));
+                loop {
+                    tokio::select! {
+                        packet = rx.recv() => {
+                            let Some(packet) = packet else { return };
+                            let Ok(to) = PeerId::from_bytes(packet.label) else { continue };
+                            let Ok(frame) = relay::encode(&to, &packet.data) else { continue };
+                            if send.write_all(&frame).await.is_err() {
+                                break;
+                            }
+                        }
+                        r = state.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            let same = matches!(&*state.borrow(), SessionState::Registered(r) if r.generation == reg.generation);
+                            if !same {
+                                break;
+                            }
+                        }
+                        _ = shutdown.changed() => {
+                            reader.abort();
+                            return;
+                        }
+                    }
+                }
+                reader.abort();
+                ready.send_replace(false);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the relay stream");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn open(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &ControlMessage::RelayOpen {}.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut recv))
+        .await
+        .map_err(|_| "no answer to relay_open".to_owned())?
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "relay stream closed".to_owned())?;
+    match ControlMessage::decode(&reply) {
+        Ok(ControlMessage::RelayReady { .. }) => Ok((send, recv)),
+        Ok(ControlMessage::Error { code, message }) => {
+            Err(format!("refused ({code:?}): {message}"))
+        }
+        Ok(other) => Err(format!("unexpected `{}`", other.kind())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn read_relayed(
+    mut recv: quinn::RecvStream,
+    injector: Injector,
+    addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>>,
+) {
+    let mut decoder = RelayDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match recv.read(&mut buf).await {
+            Ok(Some(n)) => n,
+            _ => return,
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some((from, packet))) => {
+                    let addr = addrs
+                        .lock()
+                        .ok()
+                        .and_then(|a| a.get(&from).copied())
+                        .unwrap_or_else(|| stable_addr(&from));
+                    // A full queue drops the packet; QUIC recovers.
+                    let _ = injector.inject(addr, packet);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad frame from the relay");
+                    return;
+                }
+            }
+        }
+    }
+}

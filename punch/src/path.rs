@@ -1,0 +1,287 @@
+//! Which path a connection uses, as a state machine with time passed in (the magicsock idea:
+//! quinn talks to one stable address per peer, and this decides where its packets really go).
+//!
+//! - A connection starts on the relay (it always works) or on a path a punch has proven.
+//! - A proven direct path is used as soon as it is known (make-before-break: the relay carries
+//!   traffic until then).
+//! - While direct, a heartbeat (a STUN Binding request the peer's socket answers) goes out every
+//!   [`PathConfig::heartbeat`]; if no answer comes for [`PathConfig::silence`], traffic falls back
+//!   to the relay. Heartbeats go on, and the first answer moves traffic back.
+//! - Without a working direct path, punching is retried with exponential backoff, and at once
+//!   when an address changes.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Timers of the path selector.
+#[derive(Debug, Clone, Copy)]
+pub struct PathConfig {
+    /// Heartbeat interval on a direct path.
+    pub heartbeat: Duration,
+    /// Silence after which a direct path is abandoned for the relay.
+    pub silence: Duration,
+    /// First retry of a failed punch.
+    pub repunch_min: Duration,
+    /// Longest wait between punch retries.
+    pub repunch_max: Duration,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            heartbeat: Duration::from_millis(500),
+            silence: Duration::from_millis(1500),
+            repunch_min: Duration::from_secs(2),
+            repunch_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a connection's packets go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Current {
+    /// Through the rendezvous's relay.
+    Relay,
+    /// Straight to the peer at this address.
+    Direct(SocketAddr),
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send the connection's packets this way from now on.
+    Switch(Current),
+    /// Send a heartbeat to this address.
+    Heartbeat(SocketAddr),
+    /// Ask the rendezvous for a new introduction and punch.
+    Repunch,
+}
+
+/// The path state of one connection.
+#[derive(Debug)]
+pub struct PathSelector {
+    config: PathConfig,
+    current: Current,
+    direct: Option<SocketAddr>,
+    last_answer: Option<Instant>,
+    next_heartbeat: Option<Instant>,
+    punching: bool,
+    repunch_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl PathSelector {
+    /// A selector whose connection starts on `initial`. Starting on the relay, a punch is assumed
+    /// to be under way (the caller punches as it connects); report its end with
+    /// [`PathSelector::direct_proven`] or [`PathSelector::punch_failed`].
+    pub fn new(initial: Current, now: Instant, config: PathConfig) -> Self {
+        let (direct, last_answer) = match initial {
+            Current::Direct(addr) => (Some(addr), Some(now)),
+            Current::Relay => (None, None),
+        };
+        PathSelector {
+            config,
+            current: initial,
+            direct,
+            last_answer,
+            next_heartbeat: direct.map(|_| now + config.heartbeat),
+            punching: initial == Current::Relay,
+            repunch_at: None,
+            backoff: config.repunch_min,
+        }
+    }
+
+    /// The path in use.
+    pub fn current(&self) -> Current {
+        self.current
+    }
+
+    /// The direct path known (in use or not).
+    pub fn direct(&self) -> Option<SocketAddr> {
+        self.direct
+    }
+
+    /// A punch proved `addr` works both ways.
+    pub fn direct_proven(&mut self, addr: SocketAddr, now: Instant) {
+        self.punching = false;
+        self.repunch_at = None;
+        self.backoff = self.config.repunch_min;
+        self.direct = Some(addr);
+        self.last_answer = Some(now);
+        self.next_heartbeat = Some(now + self.config.heartbeat);
+    }
+
+    /// A punch found no path: try again later, backing off.
+    pub fn punch_failed(&mut self, now: Instant) {
+        self.punching = false;
+        self.repunch_at = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(self.config.repunch_max);
+    }
+
+    /// A heartbeat sent to `addr` was answered.
+    pub fn heartbeat_answered(&mut self, addr: SocketAddr, now: Instant) {
+        if self.direct == Some(addr) {
+            self.last_answer = Some(now);
+        }
+    }
+
+    /// Our or the peer's public address changed: the direct path may be gone; punch again now.
+    pub fn address_changed(&mut self, now: Instant) {
+        if !self.punching {
+            self.repunch_at = Some(now);
+            self.backoff = self.config.repunch_min;
+        }
+    }
+
+    fn silent(&self, now: Instant) -> bool {
+        self.last_answer
+            .is_none_or(|at| now.saturating_duration_since(at) > self.config.silence)
+    }
+
+    /// The next thing to do now, if any. Call until it returns `None`.
+    pub fn poll(&mut self, now: Instant) -> Option<Action> {
+        if let Some(addr) = self.direct {
+            let silent = self.silent(now);
+            if self.current == Current::Direct(addr) && silent {
+                self.current = Current::Relay;
+                // The path may be gone for good (new NAT mapping): punch again soon, while
+                // heartbeats keep testing the old path.
+                if !self.punching && self.repunch_at.is_none() {
+                    self.repunch_at = Some(now + self.config.repunch_min);
+                }
+                return Some(Action::Switch(Current::Relay));
+            }
+            if self.current != Current::Direct(addr) && !silent {
+                self.current = Current::Direct(addr);
+                return Some(Action::Switch(self.current));
+            }
+            if self.next_heartbeat.is_some_and(|at| now >= at) {
+                self.next_heartbeat = Some(now + self.config.heartbeat);
+                return Some(Action::Heartbeat(addr));
+            }
+        }
+        if !self.punching && self.repunch_at.is_some_and(|at| now >= at) {
+            self.repunch_at = None;
+            self.punching = true;
+            return Some(Action::Repunch);
+        }
+        None
+    }
+
+    /// When to call [`PathSelector::poll`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        };
+        if self.direct.is_some() {
+            consider(self.next_heartbeat);
+            if self.current != Current::Relay {
+                consider(self.last_answer.map(|at| at + self.config.silence + Duration::from_millis(1)));
+            }
+        }
+        if !self.punching {
+            consider(self.repunch_at);
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        "203.0.113.21:4000".parse().unwrap()
+    }
+
+    /// Runs the selector to `until`, answering heartbeats while `answering(now)`; returns the
+    /// switches seen with their times.
+    fn run(
+        sel: &mut PathSelector,
+        from: Instant,
+        until: Instant,
+        answering: impl Fn(Instant) -> bool,
+    ) -> Vec<(Duration, Action)> {
+        let mut now = from;
+        let mut seen = Vec::new();
+        while now <= until {
+            while let Some(action) = sel.poll(now) {
+                match action {
+                    Action::Heartbeat(a) if answering(now) => {
+                        sel.heartbeat_answered(a, now + Duration::from_millis(20))
+                    }
+                    Action::Heartbeat(_) => {}
+                    other => seen.push((now - from, other)),
+                }
+            }
+            now += Duration::from_millis(10);
+        }
+        seen
+    }
+
+    #[test]
+    fn starts_on_the_relay_and_moves_to_a_proven_path() {
+        let t0 = Instant::now();
+        let mut sel = PathSelector::new(Current::Relay, t0, PathConfig::default());
+        assert_eq!(sel.poll(t0), None);
+        sel.direct_proven(addr(), t0 + Duration::from_millis(30));
+        assert_eq!(
+            sel.poll(t0 + Duration::from_millis(30)),
+            Some(Action::Switch(Current::Direct(addr())))
+        );
+        // Heartbeats answered: stays direct.
+        let seen = run(&mut sel, t0, t0 + Duration::from_secs(10), |_| true);
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(sel.current(), Current::Direct(addr()));
+    }
+
+    #[test]
+    fn falls_back_within_two_seconds_of_silence_and_returns() {
+        let t0 = Instant::now();
+        let mut sel = PathSelector::new(Current::Direct(addr()), t0, PathConfig::default());
+        let cut = t0 + Duration::from_secs(5);
+        let back = t0 + Duration::from_secs(12);
+        let seen = run(&mut sel, t0, t0 + Duration::from_secs(20), |now| now < cut || now >= back);
+        let fallback = seen
+            .iter()
+            .find(|(_, a)| *a == Action::Switch(Current::Relay))
+            .expect("fell back");
+        let after_cut = fallback.0 - Duration::from_secs(5);
+        assert!(after_cut <= Duration::from_secs(2), "fell back {after_cut:?} after the cut");
+        let returned = seen
+            .iter()
+            .find(|(_, a)| *a == Action::Switch(Current::Direct(addr())))
+            .expect("returned");
+        assert!(returned.0 >= Duration::from_secs(12) && returned.0 <= Duration::from_millis(12_600));
+        // While relayed it asked to punch again.
+        assert!(seen
+            .iter()
+            .any(|(at, a)| *a == Action::Repunch && *at > fallback.0 && *at < returned.0));
+        assert_eq!(sel.current(), Current::Direct(addr()));
+    }
+
+    #[test]
+    fn failed_punches_are_retried_with_backoff_and_at_once_on_address_change() {
+        let t0 = Instant::now();
+        let mut sel = PathSelector::new(Current::Relay, t0, PathConfig::default());
+        let mut now = t0;
+        let mut retries = Vec::new();
+        for _ in 0..8 {
+            sel.punch_failed(now);
+            now = sel.poll_timeout().expect("a retry is scheduled");
+            assert_eq!(sel.poll(now), Some(Action::Repunch));
+            retries.push(now);
+        }
+        let gaps: Vec<u64> = retries.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert_eq!(gaps, vec![4, 8, 16, 32, 60, 60, 60]);
+        sel.punch_failed(now);
+        sel.address_changed(now);
+        assert_eq!(sel.poll(now), Some(Action::Repunch));
+        // No second punch while one is running.
+        sel.address_changed(now);
+        assert_eq!(sel.poll(now), None);
+    }
+}
