@@ -245,6 +245,20 @@ pub fn server_config(
     Ok(config)
 }
 
+/// TLS server configuration for the TCP tunnel: the server proves its key (peers pin it as for
+/// QUIC); clients are authenticated by the QUIC handshake inside the tunnel.
+pub fn tunnel_server_config(
+    identity: &Identity,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, TlsConfigError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.cert_chain(), identity.private_key())?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

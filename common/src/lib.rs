@@ -23,3 +23,7 @@ pub use message::{ControlMessage, ErrorCode, MessageError, PeerMessage, PROTOCOL
 pub const ALPN_RENDEZVOUS: &[u8] = b"p2p-rendezvous/1";
 /// ALPN of the protocol between two peers.
 pub const ALPN_PEER: &[u8] = b"p2p-peer/1";
+
+/// ALPN of the TLS-over-TCP tunnel that carries a peer's QUIC packets to the rendezvous when UDP
+/// is blocked.
+pub const ALPN_TUNNEL: &[u8] = b"p2p-tunnel/1";

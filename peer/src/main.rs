@@ -93,6 +93,10 @@ struct ServerArgs {
     /// Seconds to wait for the first registration.
     #[arg(long, default_value_t = 10.0)]
     register_timeout: f64,
+    /// The rendezvous's TLS tunnel, used when UDP does not get through
+    /// (default: the server's host, port 443; `off` disables it).
+    #[arg(long)]
+    server_tcp: Option<String>,
 }
 
 fn config_dir(cli: &Cli) -> PathBuf {
@@ -223,6 +227,17 @@ async fn start(
     let local = node.local_addr().context("reading the bound address")?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (console, console_task) = Console::start();
+    let tcp_server = match server.server_tcp.as_deref() {
+        Some("off") => None,
+        Some(addr) => Some(
+            tokio::net::lookup_host(addr)
+                .await
+                .with_context(|| format!("cannot resolve --server-tcp {addr:?}"))?
+                .next()
+                .ok_or_else(|| anyhow!("--server-tcp {addr:?} has no address"))?,
+        ),
+        None => Some(SocketAddr::new(server_addr.ip(), 443)),
+    };
     let config = SessionConfig {
         server_name: server.server.clone(),
         server_addr,
@@ -230,6 +245,8 @@ async fn start(
         known_servers: dir.join("known_servers"),
         local_addrs: node::local_addrs(local, server_addr),
         transport,
+        tcp_server,
+        socket: node.socket.clone(),
     };
     let (session, events, session_task) =
         Session::start(node.endpoint.clone(), identity, config, shutdown_rx.clone());
@@ -402,11 +419,13 @@ async fn listen(
     };
     let me = reg.id;
     ctx.console.say(format!("peer id {me}")).await;
+    let how = if reg.over_tcp {
+        "through the TCP tunnel: UDP is blocked".to_owned()
+    } else {
+        format!("observed address {}", reg.observed)
+    };
     ctx.console
-        .say(format!(
-            "registered with {} (observed address {})",
-            ctx.server.server, reg.observed
-        ))
+        .say(format!("registered with {} ({how})", ctx.server.server))
         .await;
     let watcher = tokio::spawn(watch_session(ctx.session.watch(), ctx.console.clone()));
     ctx.keep_paths();
@@ -531,7 +550,7 @@ async fn serve_peer(
     };
     let path = match keeper.node.socket.route_of(remote) {
         transport::PathTarget::Udp(addr) => format!("from {addr}"),
-        transport::PathTarget::Virtual(_) => "relayed via rendezvous (UDP)".to_owned(),
+        transport::PathTarget::Virtual(_) => keeper.relay_label().to_owned(),
     };
     console.say(format!("connected: {peer} {path}")).await;
     keeper.start_link(peer, conn.clone(), "the peer's address");
@@ -640,9 +659,9 @@ impl Via {
         }
     }
 
-    fn relayed() -> Via {
+    fn relayed(label: &str) -> Via {
         Via {
-            text: "relayed via rendezvous (UDP)".to_owned(),
+            text: label.to_owned(),
             describe: "public address",
         }
     }
@@ -786,7 +805,7 @@ async fn establish(
         .map_err(|e| anyhow!("cannot reach {peer} through the relay: {e}"))?;
     let via = match socket.route_of(stable) {
         transport::PathTarget::Udp(addr) => Via::direct(addr, "public address"),
-        transport::PathTarget::Virtual(_) => Via::relayed(),
+        transport::PathTarget::Virtual(_) => Via::relayed(keeper.relay_label()),
     };
     Ok((conn, via))
 }

@@ -104,6 +104,14 @@ impl PathKeeper {
         }
     }
 
+    /// How relayed traffic travels now, for the user.
+    pub fn relay_label(&self) -> &'static str {
+        match self.session.state() {
+            SessionState::Registered(reg) if reg.over_tcp => "relayed via rendezvous (TCP)",
+            _ => "relayed via rendezvous (UDP)",
+        }
+    }
+
     /// Readies the socket for talking to `peer` before any path is known: its stable address
     /// goes through the relay (if it is up) and packets from any of its candidates are shown to
     /// quinn as coming from the stable address. Returns the stable address.
@@ -234,7 +242,7 @@ impl PathKeeper {
                             .socket
                             .set_route(quinn_addr, PathTarget::Virtual(self.relay.sink(&peer)));
                         self.console
-                            .say(format!("path to {peer}: relayed via rendezvous (UDP)"))
+                            .say(format!("path to {peer}: {}", self.relay_label()))
                             .await;
                     }
                     Action::Switch(Current::Direct(addr)) => {
@@ -283,8 +291,9 @@ impl PathKeeper {
                             explained = true;
                             self.console
                                 .say(format!(
-                                    "path to {peer}: relayed via rendezvous (UDP), no direct path: {reason}; \
-                                     retrying in the background"
+                                    "path to {peer}: {}, no direct path: {reason}; \
+                                     retrying in the background",
+                                    self.relay_label()
                                 ))
                                 .await;
                         } else if self.verbose {

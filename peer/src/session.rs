@@ -36,6 +36,8 @@ pub struct Registration {
     pub observed: SocketAddr,
     /// Times registered so far in this process (1 for the first).
     pub generation: u64,
+    /// The connection runs through the TLS-over-TCP tunnel (UDP is blocked).
+    pub over_tcp: bool,
 }
 
 /// Where the session stands.
@@ -81,6 +83,10 @@ pub struct SessionConfig {
     pub local_addrs: Vec<SocketAddr>,
     /// QUIC timers.
     pub transport: TransportSettings,
+    /// The rendezvous's TLS tunnel, used when UDP to it fails.
+    pub tcp_server: Option<SocketAddr>,
+    /// Our socket (the tunnel is installed as a route in it).
+    pub socket: Arc<transport::DemuxSocket>,
 }
 
 /// Handle to the running session.
@@ -227,10 +233,14 @@ async fn run(
             }
         },
     };
+    let mut tunnel = Tunnel::default();
     loop {
         let attempt = tokio::select! {
-            r = register(&endpoint, &identity, &config, &mut trust) => r,
-            _ = shutdown.changed() => return,
+            r = attempt(&endpoint, &identity, &config, &mut trust, &mut tunnel) => r,
+            _ = shutdown.changed() => {
+                tunnel.close(&config);
+                return;
+            }
         };
         match attempt {
             Ok((conn, control_tx, mut control_rx, id, observed)) => {
@@ -241,13 +251,17 @@ async fn run(
                     id,
                     observed,
                     generation,
+                    over_tcp: tunnel.is_open(),
                 }));
-                tracing::info!(%observed, generation, "registered with the rendezvous");
+                tracing::info!(%observed, generation, over_tcp = tunnel.is_open(), "registered with the rendezvous");
                 let reason = tokio::select! {
                     r = pump_events(&mut control_rx, &events_tx) => r,
                     e = conn.closed() => e.to_string(),
                     _ = shutdown.changed() => {
                         conn.close(0u32.into(), b"peer shutting down");
+                        // Let the close frame leave before the tunnel goes.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tunnel.close(&config);
                         return;
                     }
                 };
@@ -281,6 +295,130 @@ async fn run(
     }
 }
 
+/// The TLS-over-TCP tunnel to the rendezvous, when UDP does not get through.
+#[derive(Default)]
+struct Tunnel {
+    task: Option<tokio::task::JoinHandle<String>>,
+    // Registering over TCP worked: try it first next time.
+    preferred: bool,
+}
+
+impl Tunnel {
+    fn is_open(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    fn close(&mut self, config: &SessionConfig) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            config.socket.remove_routes(config.server_addr);
+        }
+    }
+
+    async fn open(
+        &mut self,
+        identity: &Identity,
+        config: &SessionConfig,
+        trust: ServerTrust,
+        tcp_server: SocketAddr,
+    ) -> Result<(), AttemptError> {
+        self.close(config);
+        let retry = |what: &str, e: &dyn std::fmt::Display| {
+            AttemptError::Retry(format!("TCP tunnel to {tcp_server}: {what}: {e}"))
+        };
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(tcp_server),
+        )
+        .await
+        .map_err(|_| retry("connect", &"timed out"))?
+        .map_err(|e| retry("connect", &e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = certs::client_config_for_server(identity, trust, common::ALPN_TUNNEL)
+            .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
+            .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+        let stream = match tokio::time::timeout(
+            Duration::from_secs(5),
+            connector.connect(name, tcp),
+        )
+        .await
+        {
+            Err(_) => return Err(retry("TLS", &"timed out")),
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                if text.contains("key mismatch") {
+                    return Err(AttemptError::Fatal(describe_mismatch(&text)));
+                }
+                return Err(retry("TLS", &e));
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        config.socket.set_route(
+            config.server_addr,
+            transport::PathTarget::Virtual(transport::VirtualSink::new([0; 16], tx)),
+        );
+        let injector = config.socket.injector();
+        let server_addr = config.server_addr;
+        self.task = Some(tokio::spawn(transport::tunnel::run_tunnel(
+            stream,
+            injector,
+            server_addr,
+            rx,
+        )));
+        Ok(())
+    }
+}
+
+/// One registration attempt: over UDP, and through the TCP tunnel if UDP fails (or if the
+/// tunnel worked last time).
+async fn attempt(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    config: &SessionConfig,
+    trust: &mut ServerTrust,
+    tunnel: &mut Tunnel,
+) -> Result<Registered, AttemptError> {
+    let mut udp_error = None;
+    if !tunnel.preferred {
+        tunnel.close(config);
+        let timeout = if config.tcp_server.is_some() {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_secs(5)
+        };
+        match register(endpoint, identity, config, trust, timeout).await {
+            Err(AttemptError::Retry(e)) if config.tcp_server.is_some() => udp_error = Some(e),
+            other => return other,
+        }
+    }
+    let Some(tcp_server) = config.tcp_server else {
+        return Err(AttemptError::Retry(udp_error.unwrap_or_default()));
+    };
+    let result = async {
+        tunnel.open(identity, config, *trust, tcp_server).await?;
+        register(endpoint, identity, config, trust, Duration::from_secs(5)).await
+    }
+    .await;
+    match result {
+        Ok(registered) => {
+            tunnel.preferred = true;
+            Ok(registered)
+        }
+        Err(AttemptError::Retry(e)) => {
+            tunnel.close(config);
+            tunnel.preferred = false;
+            Err(AttemptError::Retry(match udp_error {
+                Some(udp) => format!("{udp}; {e}"),
+                None => e,
+            }))
+        }
+        Err(fatal) => Err(fatal),
+    }
+}
+
 type Registered = (
     quinn::Connection,
     quinn::SendStream,
@@ -294,6 +432,7 @@ async fn register(
     identity: &Identity,
     config: &SessionConfig,
     trust: &mut ServerTrust,
+    timeout: Duration,
 ) -> Result<Registered, AttemptError> {
     let retry = |e: &dyn std::fmt::Display| AttemptError::Retry(e.to_string());
     let tls = certs::client_config_for_server(identity, *trust, common::ALPN_RENDEZVOUS)
@@ -303,11 +442,12 @@ async fn register(
     let connecting = endpoint
         .connect_with(client, config.server_addr, SERVER_NAME)
         .map_err(|e| retry(&e))?;
-    let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+    let conn = match tokio::time::timeout(timeout, connecting).await {
         Err(_) => {
             return Err(AttemptError::Retry(format!(
-                "no answer from {} within 5 s",
-                config.server_addr
+                "no answer from {} within {} s",
+                config.server_addr,
+                timeout.as_secs()
             )))
         }
         Ok(Err(e)) => {

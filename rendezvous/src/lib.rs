@@ -6,6 +6,7 @@ pub mod ratelimit;
 pub mod relay;
 mod server;
 pub mod store;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,10 @@ pub struct Config {
     pub limits: Limits,
     /// Append every relayed packet to this file (capped at 16 MiB), for inspection.
     pub relay_trace: Option<PathBuf>,
+    /// TCP address for the TLS tunnel used by peers whose network blocks UDP (`None`: off).
+    pub tcp_listen: Option<SocketAddr>,
+    /// Fail to start if the TCP address cannot be bound (otherwise: warn and go without).
+    pub tcp_required: bool,
 }
 
 /// Errors starting the server.
@@ -52,11 +57,20 @@ pub enum StartError {
     /// The socket could not be bound.
     #[error(transparent)]
     Endpoint(#[from] transport::EndpointError),
+    /// The TCP tunnel port could not be bound.
+    #[error("TCP tunnel on {addr}: {source}")]
+    Tcp {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// A started server. Dropping it without [`Server::shutdown`] aborts nothing: call shutdown.
 pub struct Server {
     local_addr: SocketAddr,
+    tcp_addr: Option<SocketAddr>,
     fingerprint: Fingerprint,
     registered: usize,
     shutdown_tx: watch::Sender<bool>,
@@ -105,9 +119,40 @@ impl Server {
         let shared =
             server::Shared::new(registry, store, config.limits, relay::RelayHub::new(trace));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(server::serve(endpoint, demux, stun_rx, shared, shutdown_rx));
+        let mut tcp_addr = None;
+        let mut tcp_task = None;
+        let listener = match config.tcp_listen {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(source) if config.tcp_required => return Err(StartError::Tcp { addr, source }),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "TCP tunnel disabled: cannot bind");
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(listener) = listener {
+            tcp_addr = listener.local_addr().ok();
+            let tls = certs::tunnel_server_config(&identity, common::ALPN_TUNNEL)?;
+            tcp_task = Some(tokio::spawn(tunnel::serve(
+                listener,
+                tls,
+                demux.clone(),
+                config.limits.max_connections,
+                shutdown_rx.clone(),
+            )));
+        }
+        let serve = server::serve(endpoint, demux, stun_rx, shared, shutdown_rx);
+        let task = tokio::spawn(async move {
+            serve.await;
+            if let Some(tcp) = tcp_task {
+                let _ = tcp.await;
+            }
+        });
         Ok(Server {
             local_addr,
+            tcp_addr,
             fingerprint: identity.fingerprint(),
             registered,
             shutdown_tx,
@@ -119,6 +164,11 @@ impl Server {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound TCP tunnel address, if enabled.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The server key's fingerprint, which peers pin.

@@ -34,6 +34,10 @@ enum Command {
         /// Directory for the server key and the registry.
         #[arg(long, default_value = "./rendezvous-data")]
         data_dir: PathBuf,
+        /// TCP address of the TLS tunnel for peers whose network blocks UDP
+        /// (default: the --listen IP, port 443; `off` disables it).
+        #[arg(long)]
+        tcp_listen: Option<String>,
         /// Most concurrent peer connections.
         #[arg(long, default_value_t = Limits::default().max_connections)]
         max_connections: usize,
@@ -85,7 +89,17 @@ async fn main() -> anyhow::Result<()> {
             relay_rate,
             relay_quota,
             relay_trace,
+            tcp_listen,
         } => {
+            let tcp_required = tcp_listen.as_deref().is_some_and(|t| t != "off");
+            let tcp_listen =
+                match tcp_listen.as_deref() {
+                    Some("off") => None,
+                    Some(addr) => Some(addr.parse::<SocketAddr>().with_context(|| {
+                        format!("--tcp-listen {addr:?} is not IP:PORT or `off`")
+                    })?),
+                    None => Some(SocketAddr::new(listen.ip(), 443)),
+                };
             let limits = Limits {
                 max_connections,
                 relay: RelayLimits {
@@ -100,6 +114,8 @@ async fn main() -> anyhow::Result<()> {
                 data_dir: data_dir.clone(),
                 limits,
                 relay_trace,
+                tcp_listen,
+                tcp_required,
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;
@@ -107,6 +123,10 @@ async fn main() -> anyhow::Result<()> {
                 "rendezvous listening on {} (QUIC and STUN over UDP)",
                 server.local_addr()
             );
+            match server.tcp_addr() {
+                Some(tcp) => println!("tcp tunnel listening on {tcp} (TLS, for peers without UDP)"),
+                None => println!("tcp tunnel off"),
+            }
             println!("server key {}", server.fingerprint());
             println!(
                 "data dir {} ({} registered peers loaded)",

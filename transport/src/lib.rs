@@ -6,6 +6,7 @@
 
 mod demux;
 mod endpoint;
+pub mod tunnel;
 
 pub use demux::{
     DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket, VirtualSink,
