@@ -234,6 +234,25 @@ pub enum PeerMessage {
         /// The application.
         app: PeerApp,
     },
+    /// Sent after `open {app: file}`: what follows (exactly `size` raw bytes, then the sender
+    /// finishes its side of the stream).
+    FileHeader {
+        /// File name (a plain name: no directories).
+        name: String,
+        /// Bytes that follow.
+        size: u64,
+        /// SHA-256 of the bytes, hex.
+        sha256: String,
+    },
+    /// The receiver's verdict on a file.
+    FileResult {
+        /// Stored and verified.
+        ok: bool,
+        /// SHA-256 the receiver computed, hex.
+        sha256: String,
+        /// Detail for the sender.
+        message: String,
+    },
     /// The receiver refuses the stream or a message on it.
     Error {
         /// Human-readable reason.
@@ -244,7 +263,7 @@ pub enum PeerMessage {
 impl PeerMessage {
     /// Decodes a frame body.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
-        decode_tagged(bytes, &["open", "error"])
+        decode_tagged(bytes, &["open", "file_header", "file_result", "error"])
     }
 
     /// Encodes to JSON bytes.
@@ -259,6 +278,8 @@ impl PeerMessage {
 pub enum PeerApp {
     /// Chat: frames of [`ChatMessage`](crate::ChatMessage) both ways.
     Chat,
+    /// One file: a `file_header`, the bytes, and a `file_result` back.
+    File,
 }
 
 /// Why a frame body is not a valid message.

@@ -33,15 +33,18 @@ pub async fn open(
     Ok((tx, rx))
 }
 
-/// Reads the first frame of a stream the other side opened and checks that it asks for chat.
-pub async fn accept(tx: &mut quinn::SendStream, rx: &mut quinn::RecvStream) -> Result<(), String> {
+/// Reads the first frame of a stream the other side opened: which application it wants.
+pub async fn accept(
+    tx: &mut quinn::SendStream,
+    rx: &mut quinn::RecvStream,
+) -> Result<PeerApp, String> {
     let first = tokio::time::timeout(Duration::from_secs(10), read_frame(rx))
         .await
         .map_err(|_| "no stream header within 10 s".to_owned())?
         .map_err(|e| e.to_string())?
         .ok_or_else(|| "stream closed before its header".to_owned())?;
     match PeerMessage::decode(&first) {
-        Ok(PeerMessage::Open { app: PeerApp::Chat }) => Ok(()),
+        Ok(PeerMessage::Open { app }) => Ok(app),
         Ok(other) => Err(format!("unexpected stream header {other:?}")),
         Err(e) => {
             let reply = PeerMessage::Error {

@@ -4,6 +4,7 @@
 mod cache;
 mod chat;
 mod console;
+mod files;
 mod node;
 mod paths;
 mod punching;
@@ -55,11 +56,30 @@ enum Command {
     Id,
     /// Register and accept connections; show incoming messages, send typed lines to every
     /// connected peer.
-    Listen(ServerArgs),
+    Listen {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Accept files that peers send (`peer send`) into this directory.
+        #[arg(long)]
+        accept_files: Option<PathBuf>,
+    },
     /// Connect to a peer by id and chat: typed lines go to the peer, end of input ends the chat.
     Connect {
         /// The peer's id (32 hex digits, hyphens optional).
         peer: PeerId,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Seconds to wait for the peer to answer.
+        #[arg(long, default_value_t = 10.0)]
+        dial_timeout: f64,
+    },
+    /// Send a file to a peer (which must run `peer listen --accept-files DIR`); prints progress
+    /// and succeeds only once the receiver has verified the SHA-256.
+    Send {
+        /// The peer's id.
+        peer: PeerId,
+        /// The file.
+        file: PathBuf,
         #[command(flatten)]
         server: ServerArgs,
         /// Seconds to wait for the peer to answer.
@@ -175,7 +195,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", identity.id());
             Ok(())
         }
-        Command::Listen(server) => listen(identity, &dir, server, cli.verbose).await,
+        Command::Listen {
+            server,
+            accept_files,
+        } => listen(identity, &dir, server, accept_files, cli.verbose).await,
+        Command::Send {
+            peer,
+            file,
+            server,
+            dial_timeout,
+        } => {
+            let dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
+            send(
+                identity,
+                &dir,
+                server,
+                peer,
+                file,
+                dial_timeout,
+                cli.verbose,
+            )
+            .await
+        }
         Command::Connect {
             peer,
             server,
@@ -407,8 +448,15 @@ async fn listen(
     identity: Arc<Identity>,
     dir: &std::path::Path,
     server: ServerArgs,
+    accept_files: Option<PathBuf>,
     verbose: bool,
 ) -> anyhow::Result<()> {
+    if let Some(dir) = &accept_files {
+        if !dir.is_dir() {
+            bail!("--accept-files {}: not a directory", dir.display());
+        }
+    }
+    let accept_files = accept_files.map(Arc::new);
     let mut ctx = start(identity, dir, server, verbose).await?;
     let reg = match ctx.register().await {
         Ok(reg) => reg,
@@ -443,7 +491,7 @@ async fn listen(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.keeper.clone(), ctx.console.clone()));
+                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.keeper.clone(), accept_files.clone(), ctx.console.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = &mut signal => { r?; break; }
@@ -531,6 +579,7 @@ async fn serve_peer(
     me: PeerId,
     hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
     keeper: paths::PathKeeper,
+    accept_files: Option<Arc<PathBuf>>,
     console: Console,
 ) {
     let remote = incoming.remote_address();
@@ -554,50 +603,76 @@ async fn serve_peer(
     };
     console.say(format!("connected: {peer} {path}")).await;
     keeper.start_link(peer, conn.clone(), "the peer's address");
-    let key = conn.stable_id() as u64;
+    let mut streams = tokio::task::JoinSet::new();
     loop {
-        let (mut tx, mut rx) = match conn.accept_bi().await {
-            Ok(streams) => streams,
+        let (mut tx, mut rx) = tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    console.say(format!("disconnected: {peer} ({e})")).await;
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+        };
+        let app = match chat::accept(&mut tx, &mut rx).await {
+            Ok(app) => app,
             Err(e) => {
-                console.say(format!("disconnected: {peer} ({e})")).await;
-                break;
+                console
+                    .error(format!("refused a stream from {peer}: {e}"))
+                    .await;
+                continue;
             }
         };
-        if let Err(e) = chat::accept(&mut tx, &mut rx).await {
-            console
-                .error(format!("refused a stream from {peer}: {e}"))
-                .await;
-            continue;
-        }
-        let (line_tx, line_rx) = mpsc::channel(64);
-        if let Ok(mut h) = hub.lock() {
-            h.insert(key, line_tx);
-        }
-        let end = chat::run(tx, rx, me, peer, line_rx, console.clone()).await;
-        if let Ok(mut h) = hub.lock() {
-            h.remove(&key);
-        }
-        match end {
-            chat::ChatEnd::PeerClosed => console.say(format!("chat with {peer} ended")).await,
-            chat::ChatEnd::Failed(e) => {
-                console.error(format!("chat with {peer} failed: {e}")).await
+        let console = console.clone();
+        match app {
+            common::message::PeerApp::Chat => {
+                let key = tx.id().index();
+                let (line_tx, line_rx) = mpsc::channel(64);
+                if let Ok(mut h) = hub.lock() {
+                    h.insert(key, line_tx);
+                }
+                let hub = hub.clone();
+                streams.spawn(async move {
+                    let end = chat::run(tx, rx, me, peer, line_rx, console.clone()).await;
+                    if let Ok(mut h) = hub.lock() {
+                        h.remove(&key);
+                    }
+                    match end {
+                        chat::ChatEnd::PeerClosed => {
+                            console.say(format!("chat with {peer} ended")).await
+                        }
+                        chat::ChatEnd::Failed(e) => {
+                            console.error(format!("chat with {peer} failed: {e}")).await
+                        }
+                        chat::ChatEnd::InputClosed => {}
+                    }
+                });
             }
-            chat::ChatEnd::InputClosed => {}
+            common::message::PeerApp::File => {
+                let dir = accept_files.clone();
+                streams.spawn(async move {
+                    files::receive(tx, rx, peer, dir.as_deref().map(|d| d.as_path()), &console)
+                        .await
+                });
+            }
         }
     }
+    streams.shutdown().await;
 }
 
-async fn connect(
+/// Starts a session, registers, and connects to `peer`; returns the context and connection.
+async fn open_connection(
     identity: Arc<Identity>,
     dir: &std::path::Path,
     server: ServerArgs,
     peer: PeerId,
     dial_timeout: Duration,
     verbose: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Context_, quinn::Connection)> {
     let mut ctx = start(identity, dir, server, verbose).await?;
     ctx.keep_paths();
-    let result = async {
+    let connected = async {
         let me = ctx.register().await?.id;
         if peer == me {
             bail!("{peer} is this peer's own id");
@@ -616,6 +691,51 @@ async fn connect(
             ))
             .await;
         ctx.keeper.start_link(peer, conn.clone(), via.describe);
+        Ok(conn)
+    }
+    .await;
+    match connected {
+        Ok(conn) => Ok((ctx, conn)),
+        Err(e) => {
+            ctx.finish().await;
+            Err(e)
+        }
+    }
+}
+
+async fn send(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: ServerArgs,
+    peer: PeerId,
+    file: PathBuf,
+    dial_timeout: Duration,
+    verbose: bool,
+) -> anyhow::Result<()> {
+    if !file.is_file() {
+        bail!("{}: not a readable file", file.display());
+    }
+    let (ctx, conn) = open_connection(identity, dir, server, peer, dial_timeout, verbose).await?;
+    let result = files::send(&conn, &file, &ctx.console).await;
+    if let Ok(summary) = &result {
+        ctx.console.say(summary.clone()).await;
+    }
+    conn.close(0u32.into(), b"done");
+    ctx.finish().await;
+    result.map(|_| ())
+}
+
+async fn connect(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: ServerArgs,
+    peer: PeerId,
+    dial_timeout: Duration,
+    verbose: bool,
+) -> anyhow::Result<()> {
+    let me = identity.id();
+    let (ctx, conn) = open_connection(identity, dir, server, peer, dial_timeout, verbose).await?;
+    let result = async {
         let (tx, rx) = chat::open(&conn)
             .await
             .map_err(|e| anyhow!("cannot open the chat stream: {e}"))?;

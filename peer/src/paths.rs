@@ -235,6 +235,9 @@ impl PathKeeper {
         let mut explained = false;
         loop {
             let now = Instant::now();
+            if conn.close_reason().is_some() {
+                break;
+            }
             while let Some(action) = selector.poll(now) {
                 match action {
                     Action::Switch(Current::Relay) => {
