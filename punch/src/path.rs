@@ -179,7 +179,10 @@ impl PathSelector {
         if self.direct.is_some() {
             consider(self.next_heartbeat);
             if self.current != Current::Relay {
-                consider(self.last_answer.map(|at| at + self.config.silence + Duration::from_millis(1)));
+                consider(
+                    self.last_answer
+                        .map(|at| at + self.config.silence + Duration::from_millis(1)),
+                );
             }
         }
         if !self.punching {
@@ -244,18 +247,25 @@ mod tests {
         let mut sel = PathSelector::new(Current::Direct(addr()), t0, PathConfig::default());
         let cut = t0 + Duration::from_secs(5);
         let back = t0 + Duration::from_secs(12);
-        let seen = run(&mut sel, t0, t0 + Duration::from_secs(20), |now| now < cut || now >= back);
+        let seen = run(&mut sel, t0, t0 + Duration::from_secs(20), |now| {
+            now < cut || now >= back
+        });
         let fallback = seen
             .iter()
             .find(|(_, a)| *a == Action::Switch(Current::Relay))
             .expect("fell back");
         let after_cut = fallback.0 - Duration::from_secs(5);
-        assert!(after_cut <= Duration::from_secs(2), "fell back {after_cut:?} after the cut");
+        assert!(
+            after_cut <= Duration::from_secs(2),
+            "fell back {after_cut:?} after the cut"
+        );
         let returned = seen
             .iter()
             .find(|(_, a)| *a == Action::Switch(Current::Direct(addr())))
             .expect("returned");
-        assert!(returned.0 >= Duration::from_secs(12) && returned.0 <= Duration::from_millis(12_600));
+        assert!(
+            returned.0 >= Duration::from_secs(12) && returned.0 <= Duration::from_millis(12_600)
+        );
         // While relayed it asked to punch again.
         assert!(seen
             .iter()
@@ -275,7 +285,10 @@ mod tests {
             assert_eq!(sel.poll(now), Some(Action::Repunch));
             retries.push(now);
         }
-        let gaps: Vec<u64> = retries.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        let gaps: Vec<u64> = retries
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs())
+            .collect();
         assert_eq!(gaps, vec![4, 8, 16, 32, 60, 60, 60]);
         sel.punch_failed(now);
         sel.address_changed(now);
