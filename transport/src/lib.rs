@@ -12,3 +12,13 @@ pub use demux::{
     DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket, VirtualSink,
 };
 pub use endpoint::{make_endpoint, quic_client_config, EndpointError, TransportSettings};
+
+/// Waits for SIGINT or SIGTERM (how both binaries are asked to stop).
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
