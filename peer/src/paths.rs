@@ -320,6 +320,9 @@ impl PathKeeper {
             }
         }
         self.router.unregister(nonce);
+        // The close frame (and its retransmissions while the connection drains) still need the
+        // route: keep it a moment.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         if let Ok(mut table) = self.table.lock() {
             if table
                 .links
