@@ -3,24 +3,66 @@
 #
 # Builds everything, runs the unit, property and loopback end-to-end tests with cargo-nextest
 # (cargo test if nextest is missing), and, when run as root with nftables available, the
-# network-namespace NAT lab self-test and the lab end-to-end tests.
+# network-namespace NAT lab self-test and the lab end-to-end tests (tests/natlab.rs, the NAT
+# matrix), then prints the matrix and keeps it in target/lab-matrix.md. Without root the lab test
+# binaries (tests/natlab*.rs) are left out: their tests fail on purpose when P2P_NETNS_TESTS is
+# not 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --workspace --all-targets
 
-runner=(cargo test --workspace --no-fail-fast)
-if cargo nextest --version >/dev/null 2>&1; then
-    runner=(cargo nextest run --workspace --no-fail-fast --test-threads 4)
-fi
-
+netns=0
 if [[ $(id -u) -eq 0 ]] && command -v nft >/dev/null 2>&1; then
+    netns=1
+fi
+nextest=0
+if cargo nextest --version >/dev/null 2>&1; then
+    nextest=1
+fi
+target=${CARGO_TARGET_DIR:-target}
+matrix_dir=$target/lab-matrix
+
+if ((netns)); then
     export P2P_NETNS_TESTS=1
     echo "== NAT lab self-test (root: network namespaces enabled)"
     scripts/natlab-selftest.sh
+    rm -rf "$matrix_dir" "$target/lab-matrix.md"
 else
-    echo "== not root or no nft: the network-namespace tests are left out (they need root)"
+    echo "== not root or no nft: the network-namespace tests (tests/natlab*.rs) are left out (they need root)"
 fi
 
 echo "== cargo tests"
-"${runner[@]}"
+status=0
+if ((nextest)); then
+    filter=()
+    if ((!netns)); then
+        filter=(-E 'not binary(natlab*)')
+    fi
+    cargo nextest run --workspace --no-fail-fast --test-threads 4 "${filter[@]}" || status=$?
+elif ((netns)); then
+    cargo test --workspace --no-fail-fast || status=$?
+else
+    cargo test --workspace --exclude e2e --no-fail-fast || status=$?
+    # Every e2e test binary but the lab ones (natlab*).
+    e2e=()
+    for t in tests/*.rs; do
+        t=$(basename "$t" .rs)
+        if [[ $t != natlab* ]]; then e2e+=(--test "$t"); fi
+    done
+    cargo test -p e2e --lib "${e2e[@]}" --no-fail-fast || status=$?
+fi
+
+if ((netns)); then
+    # One row per case, written by tests/natlab.rs (Row::write); a failed case says so.
+    echo "== NAT matrix (tests/natlab.rs)"
+    {
+        echo "| listener / dialer | impairment | outcome | path | connected | path settled | why no direct path |"
+        echo "| --- | --- | --- | --- | --- | --- | --- |"
+        if compgen -G "$matrix_dir/*.md" >/dev/null; then
+            LC_ALL=C sort "$matrix_dir"/*.md
+        fi
+    } | tee "$target/lab-matrix.md"
+    echo "(written to $target/lab-matrix.md)"
+fi
+exit "$status"

@@ -10,20 +10,38 @@ use tokio::sync::mpsc;
 const CONSOLE_QUEUE: usize = 256;
 const INPUT_QUEUE: usize = 64;
 
+enum Item {
+    Line {
+        is_error: bool,
+        text: String,
+    },
+    /// Answered once everything queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Sends lines to stdout (events, messages) or stderr (warnings).
 #[derive(Clone)]
 pub struct Console {
-    tx: mpsc::Sender<(bool, String)>,
+    tx: mpsc::Sender<Item>,
 }
 
 impl Console {
     /// Starts the printer task.
     pub fn start() -> (Console, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<(bool, String)>(CONSOLE_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Item>(CONSOLE_QUEUE);
         let task = tokio::spawn(async move {
             let mut stdout = tokio::io::stdout();
             let mut stderr = tokio::io::stderr();
-            while let Some((is_error, mut line)) = rx.recv().await {
+            while let Some(item) = rx.recv().await {
+                let (is_error, mut line) = match item {
+                    Item::Line { is_error, text } => (is_error, text),
+                    Item::Flush(done) => {
+                        let _ = stdout.flush().await;
+                        let _ = stderr.flush().await;
+                        let _ = done.send(());
+                        continue;
+                    }
+                };
                 line.push('\n');
                 let result = if is_error {
                     stderr.write_all(line.as_bytes()).await
@@ -45,12 +63,28 @@ impl Console {
 
     /// An event line on stdout.
     pub async fn say(&self, line: impl Into<String>) {
-        let _ = self.tx.send((false, line.into())).await;
+        let item = Item::Line {
+            is_error: false,
+            text: line.into(),
+        };
+        let _ = self.tx.send(item).await;
     }
 
     /// A warning on stderr.
     pub async fn error(&self, line: impl Into<String>) {
-        let _ = self.tx.send((true, line.into())).await;
+        let item = Item::Line {
+            is_error: true,
+            text: line.into(),
+        };
+        let _ = self.tx.send(item).await;
+    }
+
+    /// Waits until every line queued so far is written.
+    pub async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.tx.send(Item::Flush(done)).await.is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), written).await;
+        }
     }
 
     /// A received chat message: `[sent_at] from: body`.

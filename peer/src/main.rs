@@ -243,6 +243,7 @@ struct Context_ {
     console: Console,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    console_task: tokio::task::JoinHandle<()>,
     server: ServerArgs,
 }
 
@@ -316,7 +317,8 @@ async fn start(
         events,
         console,
         shutdown,
-        tasks: vec![session_task, stun_task, relay_task, console_task],
+        tasks: vec![session_task, stun_task, relay_task],
+        console_task,
         server,
     })
 }
@@ -352,15 +354,25 @@ impl Context_ {
             console,
             shutdown,
             tasks,
+            console_task,
             ..
         } = self;
         // The session closes its own connection when told to stop; close the endpoint after,
         // so that the session does not mistake the shutdown for a lost server.
         let _ = shutdown.send(true);
-        drop(console);
+        console.flush().await;
         for task in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                tracing::debug!("a task did not stop within 2 s");
+            }
         }
+        // Link tasks still hold console handles, so the printer would never end by itself;
+        // everything queued was written by the flush above.
+        console.flush().await;
+        console_task.abort();
         node.endpoint.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), node.endpoint.wait_idle()).await;
     }
@@ -903,15 +915,23 @@ async fn establish(
             .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
         return Ok((conn, Via::direct(path.addr, path.kind.describe())));
     }
-    // Relay first, direct as soon as proven: the punch result goes to the connection's link.
+    // Relay first, direct as soon as proven: the punch result goes to the connection's link
+    // (or straight to the socket's route while the handshake is still running).
+    let proven: Arc<Mutex<Option<&'static str>>> = Arc::default();
     {
         let keeper = keeper.clone();
+        let proven = proven.clone();
         tokio::spawn(async move {
             let event = match punch.await {
-                Ok(punch::State::Direct(path)) => paths::LinkEvent::DirectProven {
-                    addr: path.addr,
-                    describe: path.kind.describe(),
-                },
+                Ok(punch::State::Direct(path)) => {
+                    if let Ok(mut how) = proven.lock() {
+                        *how = Some(path.kind.describe());
+                    }
+                    paths::LinkEvent::DirectProven {
+                        addr: path.addr,
+                        describe: path.kind.describe(),
+                    }
+                }
                 Ok(punch::State::Failed(report)) => paths::LinkEvent::PunchFailed(report.reason()),
                 _ => return,
             };
@@ -924,7 +944,14 @@ async fn establish(
         .await
         .map_err(|e| anyhow!("cannot reach {peer} through the relay: {e}"))?;
     let via = match socket.route_of(stable) {
-        transport::PathTarget::Udp(addr) => Via::direct(addr, "public address"),
+        transport::PathTarget::Udp(addr) => {
+            let how = proven
+                .lock()
+                .ok()
+                .and_then(|h| *h)
+                .unwrap_or("public address");
+            Via::direct(addr, how)
+        }
         transport::PathTarget::Virtual(_) => Via::relayed(keeper.relay_label()),
     };
     Ok((conn, via))

@@ -153,7 +153,8 @@ impl PathKeeper {
         .await
     }
 
-    /// Hands a punch result to `peer`'s link, or keeps it for the connection about to arrive.
+    /// Hands a punch result to `peer`'s link, or keeps it for the connection about to arrive
+    /// (moving that connection's handshake to the proven direct path at once).
     pub async fn notify(&self, peer: PeerId, event: LinkEvent) {
         let tx = {
             let Ok(mut table) = self.table.lock() else {
@@ -162,6 +163,13 @@ impl PathKeeper {
             match table.links.get(&peer) {
                 Some(handle) => Some(handle.tx.clone()),
                 None => {
+                    // No connection yet (its handshake may be running over the relay right
+                    // now): move it to the proven path at once; its link starts from there.
+                    if let LinkEvent::DirectProven { addr, .. } = &event {
+                        self.node
+                            .socket
+                            .set_route(stable_addr(&peer), PathTarget::Udp(*addr));
+                    }
                     table
                         .pending
                         .retain(|_, (_, at)| at.elapsed() < PENDING_PATH_TTL);
@@ -461,6 +469,11 @@ impl PathKeeper {
             })
             .await;
             let Ok(Some(mapped)) = answer else { continue };
+            self.session.udp_works();
+            if matches!(self.session.state(), SessionState::Registered(r) if r.over_tcp) {
+                // Registered through the tunnel: the tunnel's address is not ours to compare.
+                continue;
+            }
             if let Some(previous) = last.filter(|p| *p != mapped) {
                 // Any request makes the rendezvous look at our connection's new address, so
                 // that introductions hand out the new one.

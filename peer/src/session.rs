@@ -93,6 +93,7 @@ pub struct SessionConfig {
 #[derive(Clone)]
 pub struct Session {
     state: watch::Receiver<SessionState>,
+    udp_works: Arc<tokio::sync::Notify>,
 }
 
 /// Errors of a request to the rendezvous.
@@ -126,10 +127,25 @@ impl Session {
     ) {
         let (state_tx, state) = watch::channel(SessionState::Connecting { last_error: None });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let udp_works = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(run(
-            endpoint, identity, config, state_tx, events_tx, shutdown,
+            endpoint,
+            identity,
+            config,
+            state_tx,
+            events_tx,
+            udp_works.clone(),
+            shutdown,
         ));
-        (Session { state }, events, task)
+        (Session { state, udp_works }, events, task)
+    }
+
+    /// UDP to the rendezvous works (a STUN answer came back): if the session runs through the
+    /// TCP tunnel (an earlier UDP attempt was unlucky), it re-registers over UDP.
+    pub fn udp_works(&self) {
+        if matches!(&*self.state.borrow(), SessionState::Registered(r) if r.over_tcp) {
+            self.udp_works.notify_one();
+        }
     }
 
     /// The current state.
@@ -215,6 +231,7 @@ async fn run(
     config: SessionConfig,
     state_tx: watch::Sender<SessionState>,
     events_tx: mpsc::Sender<ServerEvent>,
+    udp_works: Arc<tokio::sync::Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -257,6 +274,10 @@ async fn run(
                 let reason = tokio::select! {
                     r = pump_events(&mut control_rx, &events_tx) => r,
                     e = conn.closed() => e.to_string(),
+                    _ = udp_works.notified(), if tunnel.is_open() => {
+                        tunnel.preferred = false;
+                        "UDP to the rendezvous works again; leaving the TCP tunnel".to_owned()
+                    }
                     _ = shutdown.changed() => {
                         conn.close(0u32.into(), b"peer shutting down");
                         // Let the close frame leave before the tunnel goes.

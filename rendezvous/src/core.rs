@@ -386,13 +386,22 @@ fn pair(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
     }
 }
 
+/// Addresses in 240.0.0.0/4 are reserved and never routed: the server uses them for TCP
+/// tunnels, peers for stable per-peer addresses. They are never worth probing.
+fn is_virtual(addr: &SocketAddr) -> bool {
+    matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
+}
+
 fn candidates(record: &Record) -> Vec<Candidate> {
-    let mut out = vec![Candidate {
-        addr: record.observed,
-        kind: CandidateKind::Observed,
-    }];
+    let mut out = Vec::new();
+    if !is_virtual(&record.observed) {
+        out.push(Candidate {
+            addr: record.observed,
+            kind: CandidateKind::Observed,
+        });
+    }
     for &addr in &record.local_addrs {
-        if addr != record.observed {
+        if addr != record.observed && !is_virtual(&addr) {
             out.push(Candidate {
                 addr,
                 kind: CandidateKind::Local,
@@ -618,6 +627,35 @@ mod tests {
             }
             assert!(out.pushes.is_empty());
         }
+    }
+
+    #[test]
+    fn virtual_tunnel_addresses_are_not_candidates() {
+        let mut reg = Registry::new([], 7);
+        register(&mut reg, 1, id(1), 4000);
+        let tunnel: SocketAddr = "241.0.0.1:443".parse().unwrap();
+        reg.handle(
+            2,
+            id(2),
+            tunnel,
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs: vec![SocketAddr::from(([10, 0, 2, 2], 5000))],
+            },
+            T0,
+        );
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
+        let Some(ControlMessage::Punch { candidates, .. }) = out.reply else {
+            panic!("{:?}", out.reply)
+        };
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(candidates[0].kind, CandidateKind::Local);
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Test support: build and start the real `rendezvous` and `peer` binaries, read their output
 //! line by line with timeouts, and clean up (processes and directories) even when a test fails.
+//!
+//! [`lab`] runs the same binaries inside the network namespaces of `scripts/natlab.sh`.
+
+pub mod lab;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -13,7 +17,28 @@ pub fn ensure_built() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let mut command = Command::new(cargo);
+        // Cargo sets these for the test process; a build script that watches one (ring watches
+        // CARGO_MANIFEST_DIR) would otherwise be rerun, and everything above it rebuilt, here
+        // and again by the next plain `cargo` command.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                command.env_remove(key.as_ref());
+            }
+        }
+        let status = command
             .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .status()
@@ -72,6 +97,8 @@ impl Drop for TempDir {
 #[derive(Default)]
 struct Lines {
     lines: Vec<String>,
+    /// When each line was read.
+    times: Vec<Instant>,
     closed: bool,
 }
 
@@ -87,10 +114,10 @@ impl Output {
                 let Ok(line) = line else { break };
                 eprintln!("[{echo}] {line}");
                 let (lock, cvar) = &*out.0;
-                lock.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .lines
-                    .push(line);
+                let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                state.lines.push(line);
+                state.times.push(Instant::now());
+                drop(state);
                 cvar.notify_all();
             }
             let (lock, cvar) = &*out.0;
@@ -116,23 +143,67 @@ impl Output {
         self.wait_for_nth(needle, 1, timeout)
     }
 
+    /// Waits until the stream is closed (everything the process wrote has been read), at most
+    /// `timeout`; returns whether it is.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let (lock, cvar) = &*self.0;
+        let state = lock.lock().unwrap();
+        let (state, _) = cvar
+            .wait_timeout_while(state, timeout, |s| !s.closed)
+            .unwrap();
+        state.closed
+    }
+
     /// Waits until `n` lines contain `needle`; returns the n-th.
     pub fn wait_for_nth(&self, needle: &str, n: usize, timeout: Duration) -> String {
+        self.wait_for_nth_at(needle, n, timeout).0
+    }
+
+    /// As [`Output::wait_for`], also returning when the line was read.
+    pub fn wait_for_at(&self, needle: &str, timeout: Duration) -> (String, Instant) {
+        self.wait_for_nth_at(needle, 1, timeout)
+    }
+
+    fn wait_for_nth_at(&self, needle: &str, n: usize, timeout: Duration) -> (String, Instant) {
+        self.try_wait_for_nth_at(needle, n, timeout)
+            .unwrap_or_else(|closed| {
+                panic!(
+                    "no {n}th line containing {needle:?} (stream closed: {closed}); output was:\n{}",
+                    self.text()
+                )
+            })
+    }
+
+    /// As [`Output::wait_for_at`], without panicking: `Err(closed)` when the stream closed or
+    /// `timeout` passed first.
+    pub fn try_wait_for_at(
+        &self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(String, Instant), bool> {
+        self.try_wait_for_nth_at(needle, 1, timeout)
+    }
+
+    fn try_wait_for_nth_at(
+        &self,
+        needle: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<(String, Instant), bool> {
         let deadline = Instant::now() + timeout;
         let (lock, cvar) = &*self.0;
         let mut state = lock.lock().unwrap();
         loop {
-            let found: Vec<&String> = state.lines.iter().filter(|l| l.contains(needle)).collect();
+            let found: Vec<usize> = (0..state.lines.len())
+                .filter(|&i| state.lines[i].contains(needle))
+                .collect();
             if found.len() >= n {
-                return found[n - 1].clone();
+                let i = found[n - 1];
+                return Ok((state.lines[i].clone(), state.times[i]));
             }
             let now = Instant::now();
-            if now >= deadline || (state.closed && found.len() < n) {
-                panic!(
-                    "no {n}th line containing {needle:?} (stream closed: {}); output was:\n{}",
-                    state.closed,
-                    state.lines.join("\n")
-                );
+            if now >= deadline || state.closed {
+                return Err(state.closed);
             }
             state = cvar.wait_timeout(state, deadline - now).unwrap().0;
         }
@@ -143,6 +214,7 @@ impl Output {
 pub struct Proc {
     child: Child,
     stdin: Option<ChildStdin>,
+    tag: String,
     /// Its stdout.
     pub stdout: Output,
     /// Its stderr.
@@ -168,9 +240,35 @@ impl Proc {
         Proc {
             child,
             stdin,
+            tag: tag.to_owned(),
             stdout,
             stderr,
         }
+    }
+
+    /// Waits up to `timeout` for a line of stdout containing `needle` and returns it with the
+    /// time it was read; otherwise panics with what the process printed on both streams
+    /// (including the error it exited with, if it did).
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> (String, Instant) {
+        self.stdout
+            .try_wait_for_at(needle, timeout)
+            .unwrap_or_else(|closed| {
+                if closed {
+                    // It exited: let the last of stderr (the error) arrive.
+                    self.stderr.wait_closed(Duration::from_secs(2));
+                }
+                let stderr = self.stderr.lines();
+                let tail = &stderr[stderr.len().saturating_sub(30)..];
+                panic!(
+                    "{} printed no line containing {needle:?} ({}); stdout:\n{}\n\
+                     stderr (last {} lines):\n{}",
+                    self.tag,
+                    if closed { "it exited" } else { "timed out" },
+                    self.stdout.text(),
+                    tail.len(),
+                    tail.join("\n")
+                )
+            })
     }
 
     /// Types a line.
@@ -239,17 +337,14 @@ pub struct Rendezvous {
 impl Rendezvous {
     /// Starts `rendezvous serve` on `listen` with `data_dir` and waits for it to be ready.
     pub fn start(data_dir: &Path, listen: &str) -> Rendezvous {
-        let proc = Proc::spawn(
-            "rendezvous",
-            &bin("rendezvous"),
-            &[
-                "serve",
-                "--listen",
-                listen,
-                "--data-dir",
-                data_dir.to_str().expect("utf-8 path"),
-            ],
-        );
+        let args = rendezvous_args(data_dir, listen);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Rendezvous::ready(Proc::spawn("rendezvous", &bin("rendezvous"), &refs))
+    }
+
+    /// Waits for an already started `rendezvous serve` (see [`rendezvous_args`]) to print its
+    /// address and key fingerprint.
+    pub fn ready(proc: Proc) -> Rendezvous {
         let line = proc
             .stdout
             .wait_for("listening on", Duration::from_secs(30));
@@ -281,13 +376,22 @@ impl Rendezvous {
     }
 }
 
+/// Arguments of `rendezvous serve --listen LISTEN --data-dir DATA_DIR`.
+pub fn rendezvous_args(data_dir: &Path, listen: &str) -> Vec<String> {
+    let dir = data_dir.to_str().expect("utf-8 path");
+    crate::args!["serve", "--listen", listen, "--data-dir", dir]
+}
+
+/// Arguments of `peer --config-dir CONFIG_DIR ARGS...`.
+pub fn peer_args(config_dir: &Path, args: &[String]) -> Vec<String> {
+    let mut all = crate::args!["--config-dir", config_dir.to_str().expect("utf-8 path")];
+    all.extend(args.iter().cloned());
+    all
+}
+
 /// Starts `peer` with a config dir and arguments.
 pub fn peer(tag: &str, config_dir: &Path, args: &[String]) -> Proc {
-    let mut all = vec![
-        "--config-dir".to_owned(),
-        config_dir.to_str().expect("utf-8 path").to_owned(),
-    ];
-    all.extend(args.iter().cloned());
+    let all = peer_args(config_dir, args);
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
     Proc::spawn(tag, &bin("peer"), &refs)
 }
@@ -311,11 +415,16 @@ pub fn listen(tag: &str, config_dir: &Path, rv: &Rendezvous) -> (Proc, String) {
     let mut args = vec!["listen".to_owned()];
     args.extend(rv.args());
     let p = peer(tag, config_dir, &args);
-    let line = p.stdout.wait_for("peer id", Duration::from_secs(20));
-    let id = line.split_whitespace().last().expect("id").to_owned();
-    p.stdout
-        .wait_for("registered with", Duration::from_secs(20));
+    let id = wait_registered(&p, Duration::from_secs(20));
     (p, id)
+}
+
+/// Waits for a started `peer listen` to print its id and register; returns the id.
+pub fn wait_registered(p: &Proc, timeout: Duration) -> String {
+    let (line, _) = p.wait_for_line("peer id", timeout);
+    let id = line.split_whitespace().last().expect("id").to_owned();
+    p.wait_for_line("registered with", timeout);
+    id
 }
 
 /// Builds a `Vec<String>` from string literals and strings.

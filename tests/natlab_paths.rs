@@ -1,0 +1,238 @@
+//! Paths over time, in the network-namespace NAT lab (root only; `scripts/test.sh` enables
+//! them): keep-alives through a short NAT timeout, NAT rebinding on either side, a direct path cut
+//! in the middle of a file transfer and restored, a relay that never sees plaintext, and a peer
+//! whose network blocks UDP.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use e2e::lab::{Lab, RV_LISTEN};
+use e2e::{args, bin, rendezvous_args, Proc, Rendezvous, TempDir};
+
+const T: Duration = Duration::from_secs(30);
+
+fn connect(lab: &Lab, dir: &Path, rv: &Rendezvous, id: &str) -> Proc {
+    let mut a = args!["connect", id];
+    a.extend(rv.args());
+    lab.peer("b", "b", &dir.join("b"), &a)
+}
+
+/// Runs `nft` in a lab namespace.
+fn nft(lab: &Lab, host: &str, rule: &str) {
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.netns(host), "nft"])
+        .args(rule.split_whitespace())
+        .status()
+        .expect("running nft");
+    assert!(status.success(), "nft {rule}");
+}
+
+fn natlab(args: &[&str]) {
+    let status = std::process::Command::new(e2e::lab::natlab_sh())
+        .args(args)
+        .status()
+        .expect("running natlab.sh");
+    assert!(status.success(), "natlab.sh {args:?}");
+}
+
+#[test]
+fn keepalives_hold_a_direct_path_through_a_20s_nat_timeout() {
+    let lab = Lab::up(
+        "keepalive",
+        &["--a", "port", "--b", "port", "--udp-timeout", "20"],
+    );
+    let dir = TempDir::new("keepalive");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (mut a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    let mut b = connect(&lab, dir.path(), &rv, &a_id);
+    b.stdout.wait_for("connected to", T);
+    b.stdout.wait_for("direct to", T);
+    b.send_line("before the idle minute");
+    a.stdout.wait_for("before the idle minute", T);
+
+    // Idle three NAT timeouts: only keep-alives cross the NATs.
+    std::thread::sleep(Duration::from_secs(60));
+    b.send_line("after the idle minute");
+    a.stdout.wait_for("after the idle minute", T);
+    a.send_line("and back");
+    b.stdout.wait_for("and back", T);
+    let paths: Vec<String> = b
+        .stdout
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("path to"))
+        .collect();
+    assert!(
+        paths.iter().all(|l| l.contains("direct to")),
+        "the path never left the direct path: {paths:?}"
+    );
+    b.close_stdin();
+    assert!(b.wait(T).success());
+}
+
+#[test]
+fn nat_rebinding_on_either_side_loses_no_message() {
+    let lab = Lab::up("rebind", &["--a", "port", "--b", "port"]);
+    let dir = TempDir::new("rebind");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (mut a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    let mut b = connect(&lab, dir.path(), &rv, &a_id);
+    b.stdout.wait_for("direct to", T);
+
+    for (round, side) in [(1, "nata"), (2, "natb")] {
+        natlab(&["flush", lab.name(), side]);
+        let to_a = format!("round {round}: b to a after flushing {side}");
+        let to_b = format!("round {round}: a to b after flushing {side}");
+        b.send_line(&to_a);
+        a.send_line(&to_b);
+        a.stdout.wait_for(&to_a, T);
+        b.stdout.wait_for(&to_b, T);
+        let rebound = if side == "nata" { &a } else { &b };
+        rebound
+            .stdout
+            .wait_for_nth("our public address changed", 1, T);
+    }
+    // Both sides end up direct again on the new mappings.
+    let last = |p: &Proc| {
+        p.stdout
+            .lines()
+            .into_iter()
+            .rfind(|l| l.starts_with("path to"))
+    };
+    let deadline = Instant::now() + T;
+    while last(&b).is_some_and(|l| !l.contains("direct to")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        last(&b).is_some_and(|l| l.contains("direct to")),
+        "{:?}",
+        last(&b)
+    );
+    b.close_stdin();
+    assert!(b.wait(T).success());
+}
+
+#[test]
+fn a_direct_path_cut_mid_transfer_falls_back_to_the_relay_and_returns() {
+    // 40 Mbit/s links: a 30 MB transfer lasts about 7 s, long enough to cut and restore.
+    let lab = Lab::up(
+        "switch",
+        &["--a", "port", "--b", "port", "--rate", "40mbit"],
+    );
+    let dir = TempDir::new("switch");
+    let recv = dir.path().join("recv");
+    std::fs::create_dir_all(&recv).unwrap();
+    let file = dir.path().join("payload.bin");
+    let payload: Vec<u8> = (0..30_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&file, &payload).unwrap();
+
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let accept = args!["--accept-files", recv.to_str().unwrap()];
+    let mut listen = accept.clone();
+    listen.insert(0, "listen".into());
+    listen.extend(rv.args());
+    // `lab.listen` puts extra arguments before `listen`; --accept-files belongs after it.
+    let a = lab.peer("a", "a", &dir.path().join("a"), &listen);
+    let a_id = e2e::wait_registered(&a, T);
+    let mut send = args!["send", a_id, file.to_str().unwrap()];
+    send.extend(rv.args());
+    let mut b = lab.peer("b", "b", &dir.path().join("b"), &send);
+    b.stdout.wait_for("direct to", T);
+    a.stdout.wait_for("receiving payload.bin", T);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Cut every packet between the two NATs' public addresses (the rendezvous stays reachable).
+    nft(&lab, "inet", "add table ip cut");
+    nft(
+        &lab,
+        "inet",
+        "add chain ip cut cutchain { type filter hook forward priority -10 ; }",
+    );
+    nft(
+        &lab,
+        "inet",
+        "add rule ip cut cutchain ip saddr 203.0.113.21 ip daddr 203.0.113.22 drop",
+    );
+    nft(
+        &lab,
+        "inet",
+        "add rule ip cut cutchain ip saddr 203.0.113.22 ip daddr 203.0.113.21 drop",
+    );
+    let cut = Instant::now();
+    b.stdout.wait_for("relayed via rendezvous", T);
+    let fallback = cut.elapsed();
+    assert!(
+        fallback <= Duration::from_millis(2500),
+        "fell back to the relay {fallback:?} after the cut"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    nft(&lab, "inet", "delete table ip cut");
+    // Back to direct (the second `direct to` line of the sender).
+    b.stdout.wait_for_nth("direct to", 2, T);
+
+    assert!(b.wait(Duration::from_secs(120)).success(), "send failed");
+    assert!(b.stdout.text().contains("verified by the receiver"));
+    let received = std::fs::read(recv.join("payload.bin")).expect("file stored");
+    assert!(received == payload, "the transfer is not byte-exact");
+    drop(a);
+}
+
+#[test]
+fn the_relay_never_sees_plaintext() {
+    let lab = Lab::up("plain", &["--a", "sym", "--b", "sym"]);
+    let dir = TempDir::new("plain");
+    let trace = dir.path().join("relay.trace");
+    let mut rv_args = rendezvous_args(&dir.path().join("rv"), RV_LISTEN);
+    rv_args.extend(args!["--relay-trace", trace.to_str().unwrap()]);
+    let rv = Rendezvous::ready(lab.spawn("rv", "rendezvous", &bin("rendezvous"), &rv_args));
+    let (mut a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    let mut b = connect(&lab, dir.path(), &rv, &a_id);
+    b.stdout.wait_for("relayed via rendezvous (UDP)", T);
+    let secret_ab = format!("SECRET-{:016x}", rand_u64());
+    let secret_ba = format!("SECRET-{:016x}", rand_u64());
+    // The listener can answer once the dialer's chat stream has reached it.
+    b.send_line(&secret_ab);
+    a.stdout.wait_for(&secret_ab, T);
+    a.send_line(&secret_ba);
+    b.stdout.wait_for(&secret_ba, T);
+    // Symmetric against symmetric has no direct path: the relay carried the chat...
+    b.stdout.wait_for("no direct path", T);
+    b.close_stdin();
+    assert!(b.wait(T).success());
+    drop(rv);
+    let seen = std::fs::read(&trace).expect("relay trace written");
+    assert!(
+        seen.len() > 1000,
+        "the relay carried the traffic ({} bytes traced)",
+        seen.len()
+    );
+    // ...and never saw it in the clear.
+    for secret in [&secret_ab, &secret_ba] {
+        assert!(
+            !seen.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} appears in what the relay handled"
+        );
+    }
+}
+
+#[test]
+fn a_peer_without_udp_connects_through_the_tcp_tunnel() {
+    let lab = Lab::up("noudp", &["--a", "port", "--b", "udpblock"]);
+    let dir = TempDir::new("noudp");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (mut a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    let mut b = connect(&lab, dir.path(), &rv, &a_id);
+    b.stdout.wait_for("relayed via rendezvous (TCP)", T);
+    b.send_line("over tcp");
+    a.stdout.wait_for("over tcp", T);
+    a.send_line("back over tcp");
+    b.stdout.wait_for("back over tcp", T);
+    b.close_stdin();
+    assert!(b.wait(T).success());
+}
+
+fn rand_u64() -> u64 {
+    rand::random()
+}
