@@ -82,6 +82,82 @@ impl RelayCounters {
     }
 }
 
+/// Why a relayed packet is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The two peers were not introduced.
+    NotIntroduced,
+    /// Over the rate limit.
+    Rate,
+    /// Over the quota.
+    Quota,
+}
+
+/// The per-session admission rules, with time passed in: introduced destinations only (asked
+/// again every [`RelayPolicy::RECHECK`]), a token bucket of bytes, a byte quota.
+#[derive(Debug)]
+pub struct RelayPolicy {
+    limits: RelayLimits,
+    bucket: TokenBucket,
+    sent: u64,
+    checked: HashMap<PeerId, (Instant, bool)>,
+}
+
+impl RelayPolicy {
+    /// How long an answer about a destination's permission is reused.
+    pub const RECHECK: Duration = Duration::from_secs(5);
+    /// Destinations remembered before the memory is cleared.
+    const MAX_CHECKED: usize = 1024;
+
+    /// A fresh session's policy.
+    pub fn new(limits: RelayLimits, now: Instant) -> Self {
+        RelayPolicy {
+            limits,
+            bucket: TokenBucket::new(
+                limits.burst_bytes.max(MAX_RELAY_PACKET as u64) as f64,
+                limits.rate_bytes_per_s as f64,
+                now,
+            ),
+            sent: 0,
+            checked: HashMap::new(),
+        }
+    }
+
+    /// Whether a packet of `len` bytes to `to` may go now; `allowed` answers the permission
+    /// question when the remembered answer is stale. Counts the bytes when admitted.
+    pub fn admit(
+        &mut self,
+        to: PeerId,
+        len: usize,
+        now: Instant,
+        allowed: impl FnOnce(PeerId) -> bool,
+    ) -> Result<(), Refusal> {
+        let permitted = match self.checked.get(&to) {
+            Some((at, ok)) if now.saturating_duration_since(*at) < Self::RECHECK => *ok,
+            _ => {
+                let ok = allowed(to);
+                if self.checked.len() >= Self::MAX_CHECKED {
+                    self.checked.clear();
+                }
+                self.checked.insert(to, (now, ok));
+                ok
+            }
+        };
+        if !permitted {
+            return Err(Refusal::NotIntroduced);
+        }
+        let len = len as u64;
+        if self.limits.quota_bytes > 0 && self.sent + len > self.limits.quota_bytes {
+            return Err(Refusal::Quota);
+        }
+        if !self.bucket.try_take_n(len as f64, now) {
+            return Err(Refusal::Rate);
+        }
+        self.sent += len;
+        Ok(())
+    }
+}
+
 /// A destination's queue.
 #[derive(Clone)]
 pub(crate) struct Sink {
@@ -166,13 +242,7 @@ pub(crate) async fn run(
 
     let mut decoder = RelayDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut bucket = TokenBucket::new(
-        limits.burst_bytes.max(MAX_RELAY_PACKET as u64) as f64,
-        limits.rate_bytes_per_s as f64,
-        Instant::now(),
-    );
-    let mut sent_total = 0u64;
-    let mut checked: HashMap<PeerId, (Instant, bool)> = HashMap::new();
+    let mut policy = RelayPolicy::new(limits, Instant::now());
     let mut routes: HashMap<PeerId, Sink> = HashMap::new();
     'stream: loop {
         let n = match recv.read(&mut buf).await {
@@ -189,32 +259,23 @@ pub(crate) async fn run(
                     break 'stream;
                 }
             };
-            let now = Instant::now();
-            let permitted = match checked.get(&to) {
-                Some((at, ok)) if now.duration_since(*at) < Duration::from_secs(5) => *ok,
-                _ => {
-                    let ok = allowed(to);
-                    if checked.len() > 1024 {
-                        checked.clear();
-                    }
-                    checked.insert(to, (now, ok));
-                    ok
-                }
-            };
-            if !permitted {
-                hub.counters
-                    .denied_not_introduced
-                    .fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
             let len = packet.len() as u64;
-            if limits.quota_bytes > 0 && sent_total + len > limits.quota_bytes {
-                hub.counters.denied_quota.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if !bucket.try_take_n(len as f64, now) {
-                hub.counters.denied_rate.fetch_add(1, Ordering::Relaxed);
-                continue;
+            match policy.admit(to, packet.len(), Instant::now(), &allowed) {
+                Ok(()) => {}
+                Err(Refusal::NotIntroduced) => {
+                    hub.counters
+                        .denied_not_introduced
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(Refusal::Quota) => {
+                    hub.counters.denied_quota.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(Refusal::Rate) => {
+                    hub.counters.denied_rate.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
             }
             let sink = match routes.get(&to) {
                 Some(sink) => sink.clone(),
@@ -234,7 +295,6 @@ pub(crate) async fn run(
             hub.trace(&packet);
             match sink.tx.try_send((peer, packet)) {
                 Ok(()) => {
-                    sent_total += len;
                     hub.counters.packets.fetch_add(1, Ordering::Relaxed);
                     hub.counters.bytes.fetch_add(len, Ordering::Relaxed);
                 }
@@ -257,5 +317,70 @@ pub(crate) async fn run(
     let mut sinks = hub.sinks();
     if sinks.get(&peer).is_some_and(|s| s.session == session) {
         sinks.remove(&peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> PeerId {
+        PeerId::from_key_digest(&[n; 32])
+    }
+
+    #[test]
+    fn only_introduced_destinations_and_the_answer_is_rechecked() {
+        let t0 = Instant::now();
+        let mut policy = RelayPolicy::new(RelayLimits::default(), t0);
+        let mut asked = 0;
+        let mut ask = |ok: bool| {
+            asked += 1;
+            move |_| ok
+        };
+        assert_eq!(
+            policy.admit(id(2), 100, t0, ask(false)),
+            Err(Refusal::NotIntroduced)
+        );
+        // The answer is reused for a while...
+        assert_eq!(
+            policy.admit(id(2), 100, t0 + Duration::from_secs(1), |_| true),
+            Err(Refusal::NotIntroduced)
+        );
+        // ...then asked again.
+        let later = t0 + RelayPolicy::RECHECK + Duration::from_millis(1);
+        assert_eq!(policy.admit(id(2), 100, later, ask(true)), Ok(()));
+        assert_eq!(asked, 2);
+    }
+
+    #[test]
+    fn rate_limit_and_quota() {
+        let t0 = Instant::now();
+        let limits = RelayLimits {
+            rate_bytes_per_s: 10_000,
+            burst_bytes: 4_000,
+            quota_bytes: 20_000,
+            queue_packets: 8,
+        };
+        let mut policy = RelayPolicy::new(limits, t0);
+        // The burst is at least one full packet (2048): 4000 bytes at once.
+        assert_eq!(policy.admit(id(2), 2000, t0, |_| true), Ok(()));
+        assert_eq!(policy.admit(id(2), 2000, t0, |_| true), Ok(()));
+        assert_eq!(policy.admit(id(2), 2000, t0, |_| true), Err(Refusal::Rate));
+        // 0.2 s later, 2000 more bytes of budget.
+        let t1 = t0 + Duration::from_millis(200);
+        assert_eq!(policy.admit(id(2), 2000, t1, |_| true), Ok(()));
+        // The quota counts only what was forwarded: 6000 so far; run it out.
+        let mut now = t1;
+        let mut sent = 6000;
+        while sent + 2000 <= 20_000 {
+            now += Duration::from_secs(1);
+            assert_eq!(policy.admit(id(2), 2000, now, |_| true), Ok(()));
+            sent += 2000;
+        }
+        now += Duration::from_secs(10);
+        assert_eq!(
+            policy.admit(id(2), 2000, now, |_| true),
+            Err(Refusal::Quota)
+        );
     }
 }
