@@ -385,3 +385,190 @@ fn server_survives_garbage_datagrams_and_malformed_frames() {
     assert!(b.wait(T).success());
     assert!(a.terminate(T).success());
 }
+
+#[test]
+fn stun_behaviour_discovery_and_metrics() {
+    let dir = TempDir::new("stun5780");
+    // A free port for the alternate STUN socket and for metrics.
+    let alt = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let data = dir.path().join("rv");
+    let proc = e2e::Proc::spawn(
+        "rendezvous",
+        &e2e::bin("rendezvous"),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tcp-listen",
+            "off",
+            "--stun-alt-port",
+            &alt.to_string(),
+            "--stun-alt-ip",
+            "127.0.0.2",
+            "--metrics",
+            &metrics_addr,
+        ],
+    );
+    let rv = Rendezvous::ready(proc);
+    // The alternate IP and port (loopback has all of 127.0.0.0/8).
+    let other: SocketAddr = format!("127.0.0.2:{alt}").parse().unwrap();
+    let alt_port: SocketAddr = format!("127.0.0.1:{alt}").parse().unwrap();
+    let alt_ip: SocketAddr = SocketAddr::new("127.0.0.2".parse().unwrap(), rv.addr.port());
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let ask = |request: &[u8], to: SocketAddr| -> (SocketAddr, Vec<u8>) {
+        let mut buf = [0u8; 1500];
+        for _ in 0..10 {
+            sock.send_to(request, to).unwrap();
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                return (from, buf[..n].to_vec());
+            }
+        }
+        panic!("no STUN answer from {to}");
+    };
+    use common::stun5780::{binding_request_with_change, parse_response_addresses};
+    // Plain request: answered from the main port, which reports itself and the alternate.
+    let (from, response) = ask(&binding_request_with_change([1; 12], false, false), rv.addr);
+    assert_eq!(from, rv.addr);
+    assert_eq!(
+        parse_response_addresses(&response),
+        (Some(rv.addr), Some(other))
+    );
+    assert_eq!(
+        common::stun::decode(&response),
+        Ok(common::stun::StunPacket::BindingSuccess {
+            transaction: [1; 12],
+            mapped: sock.local_addr().unwrap()
+        })
+    );
+    // CHANGE-REQUEST: each change is answered from the matching socket, which says so.
+    for (n, (ip, port, expect)) in [
+        (false, true, alt_port),
+        (true, false, alt_ip),
+        (true, true, other),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (from, response) = ask(
+            &binding_request_with_change([2 + n as u8; 12], ip, port),
+            rv.addr,
+        );
+        assert_eq!(from, expect, "change ip {ip} port {port}");
+        assert_eq!(parse_response_addresses(&response).0, Some(expect));
+        // A response is never much larger than its request.
+        assert!(response.len() <= 84);
+    }
+    // Asked on the alternate port, a port change answers from the main port.
+    let (from, _) = ask(&binding_request_with_change([9; 12], false, true), alt_port);
+    assert_eq!(from, rv.addr);
+
+    // Metrics are scraped over HTTP and count what happened.
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let answered = text
+        .lines()
+        .find(|l| l.starts_with("rendezvous_stun_requests_total{outcome=\"answered\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("STUN counter");
+    assert!(answered >= 4, "{text}");
+    assert!(text.contains("rendezvous_registered_peers 0"), "{text}");
+    let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
+    http.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+}
+
+/// Interoperability: a standard RFC 5780 client (coturn's `turnutils_natdiscovery`, installed
+/// by `.ci/run`) runs its mapping and filtering discovery against the server.
+#[test]
+fn a_standard_stun_client_understands_the_server() {
+    let Ok(client) = which("turnutils_natdiscovery") else {
+        assert!(
+            std::env::var("P2P_NETNS_TESTS").as_deref() != Ok("1"),
+            "turnutils_natdiscovery (Debian package coturn) is missing; .ci/run installs it"
+        );
+        eprintln!("turnutils_natdiscovery not installed (apt-get install coturn); not run here");
+        return;
+    };
+    let dir = TempDir::new("stuninterop");
+    let alt = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = dir.path().join("rv");
+    let rv = Rendezvous::ready(e2e::Proc::spawn(
+        "rendezvous",
+        &e2e::bin("rendezvous"),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tcp-listen",
+            "off",
+            "--stun-alt-port",
+            &alt.to_string(),
+            "--stun-alt-ip",
+            "127.0.0.2",
+        ],
+    ));
+    let out = std::process::Command::new(client)
+        .args(["-m", "-f", "-p", &rv.addr.port().to_string(), "127.0.0.1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running turnutils_natdiscovery");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // It reached every socket (other IP, other port) and, on loopback, finds no NAT behaviour.
+    for origin in [
+        rv.addr.to_string(),
+        format!("127.0.0.2:{}", rv.addr.port()),
+        format!("127.0.0.2:{alt}"),
+    ] {
+        assert!(
+            text.contains(&format!("Response origin: : {origin}")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("NAT with Endpoint Independent Mapping!"),
+        "{text}"
+    );
+    assert!(
+        text.contains("NAT with Endpoint Independent Filtering!"),
+        "{text}"
+    );
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or(())
+}

@@ -13,6 +13,7 @@ pub mod id;
 pub mod message;
 pub mod relay;
 pub mod stun;
+pub mod stun5780;
 
 pub use chat::{ChatError, ChatMessage};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};

@@ -2,10 +2,12 @@
 //! benchmarks can run it in-process. The `rendezvous` binary is a thin CLI over [`Server`].
 
 pub mod core;
+pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
 mod server;
 pub mod store;
+pub mod stun;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -32,6 +34,10 @@ pub struct Config {
     pub tcp_listen: Option<SocketAddr>,
     /// Fail to start if the TCP address cannot be bound (otherwise: warn and go without).
     pub tcp_required: bool,
+    /// Alternate STUN addresses (RFC 5780).
+    pub stun: stun::StunConfig,
+    /// Serve Prometheus metrics over HTTP here.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Errors starting the server.
@@ -57,6 +63,12 @@ pub enum StartError {
     /// The socket could not be bound.
     #[error(transparent)]
     Endpoint(#[from] transport::EndpointError),
+    /// An alternate STUN address could not be bound.
+    #[error("alternate STUN address: {source}")]
+    Stun {
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The TCP tunnel port could not be bound.
     #[error("TCP tunnel on {addr}: {source}")]
     Tcp {
@@ -71,6 +83,7 @@ pub enum StartError {
 pub struct Server {
     local_addr: SocketAddr,
     tcp_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     fingerprint: Fingerprint,
     registered: usize,
     shutdown_tx: watch::Sender<bool>,
@@ -116,8 +129,14 @@ impl Server {
             }
             None => None,
         };
-        let shared =
-            server::Shared::new(registry, store, config.limits, relay::RelayHub::new(trace));
+        let stun_counters = Arc::new(stun::StunCounters::default());
+        let shared = server::Shared::new(
+            registry,
+            store,
+            config.limits,
+            relay::RelayHub::new(trace),
+            stun_counters.clone(),
+        );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tcp_addr = None;
         let mut tcp_task = None;
@@ -143,16 +162,46 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        let serve = server::serve(endpoint, demux, stun_rx, shared, shutdown_rx);
+        let stun_task = stun::start(
+            demux.clone(),
+            local_addr,
+            config.stun,
+            stun_rx,
+            stun_counters,
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(|source| StartError::Stun { source })?;
+        let mut metrics_addr = None;
+        let metrics_task = match config.metrics {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Tcp { addr, source })?;
+                metrics_addr = listener.local_addr().ok();
+                Some(tokio::spawn(metrics::serve(
+                    listener,
+                    shared.clone(),
+                    shutdown_rx.clone(),
+                )))
+            }
+            None => None,
+        };
+        let serve = server::serve(endpoint, shared, shutdown_rx);
         let task = tokio::spawn(async move {
             serve.await;
             if let Some(tcp) = tcp_task {
                 let _ = tcp.await;
             }
+            let _ = stun_task.await;
+            if let Some(metrics) = metrics_task {
+                let _ = metrics.await;
+            }
         });
         Ok(Server {
             local_addr,
             tcp_addr,
+            metrics_addr,
             fingerprint: identity.fingerprint(),
             registered,
             shutdown_tx,
@@ -164,6 +213,11 @@ impl Server {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound TCP tunnel address, if enabled.

@@ -38,6 +38,15 @@ enum Command {
         /// (default: the --listen IP, port 443; `off` disables it).
         #[arg(long)]
         tcp_listen: Option<String>,
+        /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// Second UDP port for STUN behaviour discovery (RFC 5780), on the same IP(s).
+        #[arg(long)]
+        stun_alt_port: Option<u16>,
+        /// Second IP of this host for STUN behaviour discovery (RFC 5780).
+        #[arg(long, requires = "stun_alt_port")]
+        stun_alt_ip: Option<std::net::IpAddr>,
         /// Most concurrent peer connections.
         #[arg(long, default_value_t = Limits::default().max_connections)]
         max_connections: usize,
@@ -90,6 +99,9 @@ async fn main() -> anyhow::Result<()> {
             relay_quota,
             relay_trace,
             tcp_listen,
+            stun_alt_port,
+            stun_alt_ip,
+            metrics,
         } => {
             let tcp_required = tcp_listen.as_deref().is_some_and(|t| t != "off");
             let tcp_listen =
@@ -116,6 +128,11 @@ async fn main() -> anyhow::Result<()> {
                 relay_trace,
                 tcp_listen,
                 tcp_required,
+                stun: rendezvous::stun::StunConfig {
+                    alt_port: stun_alt_port,
+                    alt_ip: stun_alt_ip,
+                },
+                metrics,
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;
@@ -126,6 +143,9 @@ async fn main() -> anyhow::Result<()> {
             match server.tcp_addr() {
                 Some(tcp) => println!("tcp tunnel listening on {tcp} (TLS, for peers without UDP)"),
                 None => println!("tcp tunnel off"),
+            }
+            if let Some(metrics) = server.metrics_addr() {
+                println!("metrics on http://{metrics}/metrics");
             }
             println!("server key {}", server.fingerprint());
             println!(

@@ -12,7 +12,6 @@ use quinn::{Connection, RecvStream, SendStream};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
-use transport::{DemuxSocket, StunDatagram};
 
 use crate::core::{ConnId, Outcome, Registry};
 use crate::ratelimit::TokenBucket;
@@ -67,6 +66,7 @@ pub(crate) struct Shared {
     store: Store,
     limits: Limits,
     pub(crate) relay: Arc<RelayHub>,
+    pub(crate) stun: Arc<crate::stun::StunCounters>,
 }
 
 /// Locks a mutex, recovering the data if another thread panicked while holding it: the registry
@@ -83,6 +83,7 @@ impl Shared {
         store: Store,
         limits: Limits,
         relay: RelayHub,
+        stun: Arc<crate::stun::StunCounters>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             registry: Mutex::new(registry),
@@ -90,6 +91,7 @@ impl Shared {
             store,
             limits,
             relay: Arc::new(relay),
+            stun,
         })
     }
 
@@ -140,6 +142,16 @@ impl Shared {
 }
 
 impl Shared {
+    /// Registered peers, online peers and the registry's counters (lock held only to copy).
+    pub(crate) fn registry_view(&self) -> (u64, u64, crate::core::Counters) {
+        let registry = lock(&self.registry);
+        (
+            registry.registered() as u64,
+            registry.online() as u64,
+            registry.counters(),
+        )
+    }
+
     /// Before introducing `target`, take its address from its live connection: after a NAT
     /// rebinding QUIC migrates at once, long before the peer sends another request.
     fn refresh_observed(&self, target: PeerId) {
@@ -169,14 +181,11 @@ impl Shared {
 /// Accepts connections until `shutdown` flips, then closes everything and waits for tasks.
 pub(crate) async fn serve(
     endpoint: quinn::Endpoint,
-    demux: Arc<DemuxSocket>,
-    stun_rx: mpsc::Receiver<StunDatagram>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let mut tasks = JoinSet::new();
-    tasks.spawn(stun_responder(demux, stun_rx, shutdown.clone()));
     tasks.spawn(log_counters(shared.clone(), shutdown.clone()));
     loop {
         tokio::select! {
@@ -229,24 +238,6 @@ async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         }
         if stop {
             return;
-        }
-    }
-}
-
-async fn stun_responder(
-    demux: Arc<DemuxSocket>,
-    mut stun_rx: mpsc::Receiver<StunDatagram>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let datagram = tokio::select! {
-            d = stun_rx.recv() => match d { Some(d) => d, None => return },
-            _ = shutdown.changed() => return,
-        };
-        if let Some(response) = common::stun::answer_binding(&datagram.data, datagram.from) {
-            if let Err(e) = demux.send_to(&response, datagram.from).await {
-                tracing::debug!(to = %datagram.from, error = %e, "STUN response not sent");
-            }
         }
     }
 }

@@ -1,0 +1,245 @@
+//! Prometheus metrics over plain HTTP (`--metrics ADDR`): `GET /metrics` answers the text
+//! exposition format; anything else is a 404. Requests are small, bounded and timed out.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::server::Shared;
+
+/// A snapshot of everything exported.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Registered peers.
+    pub registered: u64,
+    /// Peers with a live connection.
+    pub online: u64,
+    /// Registrations accepted.
+    pub registrations: u64,
+    /// Queries answered.
+    pub queries: u64,
+    /// Introductions made (punches requested).
+    pub introductions: u64,
+    /// Requests refused as invalid.
+    pub rejected: u64,
+    /// Relay: sessions, packets, bytes.
+    pub relay_sessions: u64,
+    /// Relayed packets.
+    pub relay_packets: u64,
+    /// Relayed bytes.
+    pub relay_bytes: u64,
+    /// Relay drops by reason.
+    pub relay_dropped: [(&'static str, u64); 5],
+    /// STUN: answered, rate limited, ignored.
+    pub stun: [(&'static str, u64); 3],
+}
+
+/// Renders the text exposition format.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    metric(
+        "rendezvous_registered_peers",
+        "gauge",
+        "Peers in the registry.",
+        &[("", s.registered)],
+    );
+    metric(
+        "rendezvous_online_peers",
+        "gauge",
+        "Peers with a live control connection.",
+        &[("", s.online)],
+    );
+    metric(
+        "rendezvous_registrations_total",
+        "counter",
+        "Registrations accepted.",
+        &[("", s.registrations)],
+    );
+    metric(
+        "rendezvous_queries_total",
+        "counter",
+        "Queries answered.",
+        &[("", s.queries)],
+    );
+    metric(
+        "rendezvous_introductions_total",
+        "counter",
+        "Introductions (punch requests sent to both peers).",
+        &[("", s.introductions)],
+    );
+    metric(
+        "rendezvous_rejected_requests_total",
+        "counter",
+        "Requests refused as invalid.",
+        &[("", s.rejected)],
+    );
+    metric(
+        "rendezvous_relay_sessions_total",
+        "counter",
+        "Relay streams opened.",
+        &[("", s.relay_sessions)],
+    );
+    metric(
+        "rendezvous_relay_packets_total",
+        "counter",
+        "Packets relayed.",
+        &[("", s.relay_packets)],
+    );
+    metric(
+        "rendezvous_relay_bytes_total",
+        "counter",
+        "Bytes relayed.",
+        &[("", s.relay_bytes)],
+    );
+    let dropped: Vec<(String, u64)> = s
+        .relay_dropped
+        .iter()
+        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n))
+        .collect();
+    let dropped: Vec<(&str, u64)> = dropped.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        "rendezvous_relay_dropped_packets_total",
+        "counter",
+        "Relayed packets dropped, by reason.",
+        &dropped,
+    );
+    let stun: Vec<(String, u64)> = s
+        .stun
+        .iter()
+        .map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), *n))
+        .collect();
+    let stun: Vec<(&str, u64)> = stun.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        "rendezvous_stun_requests_total",
+        "counter",
+        "STUN datagrams, by outcome.",
+        &stun,
+    );
+    out
+}
+
+pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
+    let (registered, online, counters) = shared.registry_view();
+    let relay = &shared.relay.counters;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    Snapshot {
+        registered,
+        online,
+        registrations: counters.registrations,
+        queries: counters.queries,
+        introductions: counters.punches,
+        rejected: counters.rejected,
+        relay_sessions: get(&relay.sessions),
+        relay_packets: get(&relay.packets),
+        relay_bytes: get(&relay.bytes),
+        relay_dropped: [
+            ("queue_full", get(&relay.dropped_queue_full)),
+            ("no_route", get(&relay.dropped_no_route)),
+            ("not_introduced", get(&relay.denied_not_introduced)),
+            ("rate", get(&relay.denied_rate)),
+            ("quota", get(&relay.denied_quota)),
+        ],
+        stun: [
+            ("answered", get(&shared.stun.answered)),
+            ("rate_limited", get(&shared.stun.rate_limited)),
+            ("ignored", get(&shared.stun.ignored)),
+        ],
+    }
+}
+
+/// Serves `/metrics` until `shutdown` flips.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            _ = shutdown.changed() => break,
+        };
+        if tasks.len() >= 64 {
+            continue; // drop the connection: scrapers retry
+        }
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await;
+        });
+    }
+    tasks.shutdown().await;
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || request.len() > 8192 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let line = request.split(|b| *b == b'\r').next().unwrap_or(&[]);
+    let (status, body) = if line.starts_with(b"GET /metrics ") {
+        ("200 OK", render(&snapshot(shared)))
+    } else {
+        ("404 Not Found", "see /metrics\n".to_owned())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_exposition_format() {
+        let text = render(&Snapshot {
+            registered: 3,
+            relay_dropped: [
+                ("queue_full", 1),
+                ("no_route", 0),
+                ("not_introduced", 2),
+                ("rate", 0),
+                ("quota", 0),
+            ],
+            stun: [("answered", 5), ("rate_limited", 0), ("ignored", 1)],
+            ..Snapshot::default()
+        });
+        assert!(text
+            .contains("# TYPE rendezvous_registered_peers gauge\nrendezvous_registered_peers 3\n"));
+        assert!(
+            text.contains("rendezvous_relay_dropped_packets_total{reason=\"not_introduced\"} 2\n")
+        );
+        assert!(text.contains("rendezvous_stun_requests_total{outcome=\"answered\"} 5\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<u64>().is_ok(), "{line}");
+        }
+    }
+}

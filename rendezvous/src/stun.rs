@@ -1,0 +1,195 @@
+//! The STUN service: RFC 5389 Binding on the main port (shared with QUIC), and RFC 5780
+//! behaviour discovery when the server is given an alternate port and, where the host has one,
+//! an alternate IP: CHANGE-REQUEST is honoured from the matching socket, and every response says
+//! where it came from (RESPONSE-ORIGIN) and where the alternate is (OTHER-ADDRESS).
+//!
+//! No amplification: responses are at most 84 bytes, and each source IP is rate limited.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::stun5780::{self, ResponseContext};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use transport::{DemuxSocket, StunDatagram};
+
+use crate::ratelimit::TokenBucket;
+
+/// Requests per second per source IP (sustained) and burst.
+const PER_SOURCE_RATE: f64 = 20.0;
+const PER_SOURCE_BURST: f64 = 40.0;
+/// Sources remembered by the limiter before it starts over.
+const MAX_SOURCES: usize = 65_536;
+
+/// STUN counters.
+#[derive(Debug, Default)]
+pub struct StunCounters {
+    /// Binding requests answered.
+    pub answered: AtomicU64,
+    /// Requests dropped by the per-source limit.
+    pub rate_limited: AtomicU64,
+    /// STUN-shaped datagrams that were not Binding requests.
+    pub ignored: AtomicU64,
+}
+
+/// One of the up to four sockets: (IP index, port index), 0 = primary, 1 = alternate.
+#[derive(Clone)]
+enum Socket {
+    Shared(Arc<DemuxSocket>),
+    Plain(Arc<tokio::net::UdpSocket>),
+}
+
+impl Socket {
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        match self {
+            Socket::Shared(demux) => demux.send_to(data, to).await,
+            Socket::Plain(socket) => socket.send_to(data, to).await.map(|_| ()),
+        }
+    }
+}
+
+/// Where the alternate addresses are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StunConfig {
+    /// Second port on the same IP(s): enables RFC 5780 port changes.
+    pub alt_port: Option<u16>,
+    /// Second IP of this host: enables RFC 5780 IP changes (needs `alt_port` too).
+    pub alt_ip: Option<IpAddr>,
+}
+
+struct Service {
+    sockets: [[Option<(Socket, SocketAddr)>; 2]; 2],
+    other: Option<SocketAddr>,
+    limiter: Mutex<HashMap<IpAddr, TokenBucket>>,
+    counters: Arc<StunCounters>,
+}
+
+impl Service {
+    fn allow(&self, source: IpAddr, now: Instant) -> bool {
+        let mut limiter = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if limiter.len() >= MAX_SOURCES && !limiter.contains_key(&source) {
+            limiter.clear();
+        }
+        limiter
+            .entry(source)
+            .or_insert_with(|| TokenBucket::new(PER_SOURCE_BURST, PER_SOURCE_RATE, now))
+            .try_take(now)
+    }
+
+    async fn handle(&self, data: &[u8], from: SocketAddr, ip: usize, port: usize) {
+        let Some(request) = stun5780::parse_binding_request(data) else {
+            self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !self.allow(from.ip(), Instant::now()) {
+            self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (ip_out, port_out) = (
+            ip ^ usize::from(request.change_ip),
+            port ^ usize::from(request.change_port),
+        );
+        let (socket, response) = match &self.sockets[ip_out][port_out] {
+            Some((socket, origin)) => {
+                let ctx = ResponseContext {
+                    mapped: from,
+                    origin: *origin,
+                    other: self.other,
+                };
+                (
+                    socket,
+                    stun5780::binding_response(request.transaction, &ctx),
+                )
+            }
+            None => match &self.sockets[ip][port] {
+                // Cannot answer from the requested address: say so from where we are.
+                Some((socket, _)) => (
+                    socket,
+                    stun5780::binding_error(request.transaction, 420, "no alternate address"),
+                ),
+                None => return,
+            },
+        };
+        self.counters.answered.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = socket.send_to(&response, from).await {
+            tracing::debug!(to = %from, error = %e, "STUN response not sent");
+        }
+    }
+}
+
+/// Binds the alternate sockets. Fails if an alternate address cannot be bound.
+pub(crate) async fn start(
+    primary: Arc<DemuxSocket>,
+    primary_addr: SocketAddr,
+    config: StunConfig,
+    mut stun_rx: mpsc::Receiver<StunDatagram>,
+    counters: Arc<StunCounters>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut sockets: [[Option<(Socket, SocketAddr)>; 2]; 2] = Default::default();
+    sockets[0][0] = Some((Socket::Shared(primary), primary_addr));
+    let mut plain = Vec::new();
+    let ips = [Some(primary_addr.ip()), config.alt_ip];
+    let ports = [Some(primary_addr.port()), config.alt_port];
+    for (i, ip) in ips.iter().enumerate() {
+        for (p, port) in ports.iter().enumerate() {
+            if i == 0 && p == 0 {
+                continue;
+            }
+            let (Some(ip), Some(port)) = (ip, port) else {
+                continue;
+            };
+            let addr = SocketAddr::new(*ip, *port);
+            let socket = Arc::new(tokio::net::UdpSocket::bind(addr).await?);
+            let bound = socket.local_addr()?;
+            sockets[i][p] = Some((Socket::Plain(socket.clone()), bound));
+            plain.push((socket, i, p));
+        }
+    }
+    // RFC 5780: OTHER-ADDRESS promises both another IP and another port; without a second IP
+    // only port changes are answered, and standard clients are not told of an alternate.
+    let other = sockets[1][1].as_ref().map(|(_, addr)| *addr);
+    if let Some(other) = other {
+        tracing::info!(%other, "STUN behaviour discovery (RFC 5780) on the alternate address");
+    }
+    let service = Arc::new(Service {
+        sockets,
+        other,
+        limiter: Mutex::new(HashMap::new()),
+        counters,
+    });
+    Ok(tokio::spawn(async move {
+        let mut tasks = JoinSet::new();
+        for (socket, i, p) in plain {
+            let service = service.clone();
+            let mut stop = shutdown.clone();
+            tasks.spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                loop {
+                    let (n, from) = tokio::select! {
+                        r = socket.recv_from(&mut buf) => match r {
+                            Ok(r) => r,
+                            Err(_) => continue,
+                        },
+                        _ = stop.changed() => return,
+                    };
+                    service.handle(&buf[..n], from, i, p).await;
+                }
+            });
+        }
+        loop {
+            let datagram = tokio::select! {
+                d = stun_rx.recv() => match d { Some(d) => d, None => break },
+                _ = shutdown.changed() => break,
+            };
+            service.handle(&datagram.data, datagram.from, 0, 0).await;
+        }
+        tasks.shutdown().await;
+    }))
+}
