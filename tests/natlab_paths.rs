@@ -236,3 +236,90 @@ fn a_peer_without_udp_connects_through_the_tcp_tunnel() {
 fn rand_u64() -> u64 {
     rand::random()
 }
+
+#[test]
+fn netcheck_classifies_every_nat_kind_of_the_lab() {
+    // kind -> (udp, mapping, filtering, verdict fragment)
+    let cases = [
+        (
+            "open",
+            true,
+            "endpoint_independent",
+            "endpoint_independent",
+            "no NAT",
+        ),
+        (
+            "full",
+            true,
+            "endpoint_independent",
+            "endpoint_independent",
+            "any NAT",
+        ),
+        (
+            "addr",
+            true,
+            "endpoint_independent",
+            "address_dependent",
+            "any NAT",
+        ),
+        (
+            "port",
+            true,
+            "endpoint_independent",
+            "address_and_port_dependent",
+            "port-restricted",
+        ),
+        (
+            "sym",
+            true,
+            "address_and_port_dependent",
+            "address_and_port_dependent",
+            "symmetric",
+        ),
+        (
+            "cgnat",
+            true,
+            "endpoint_independent",
+            "address_and_port_dependent",
+            "port-restricted",
+        ),
+        ("udpblock", false, "unknown", "unknown", "TCP 443"),
+    ];
+    for (kind, udp, mapping, filtering, verdict) in cases {
+        let lab = Lab::up(&format!("netcheck-{kind}"), &["--a", kind, "--b", "port"]);
+        let dir = TempDir::new("netcheck");
+        let mut rv_args = rendezvous_args(&dir.path().join("rv"), "203.0.113.10:3478");
+        rv_args.extend(args![
+            "--stun-alt-port",
+            "3479",
+            "--stun-alt-ip",
+            "203.0.113.11",
+            "--tcp-listen",
+            "203.0.113.10:443"
+        ]);
+        let _rv = Rendezvous::ready(lab.spawn("rv", "rendezvous", &bin("rendezvous"), &rv_args));
+        let mut check = lab.peer(
+            "a",
+            "netcheck",
+            &dir.path().join("a"),
+            &args!["netcheck", "--server", "203.0.113.10:3478", "--json"],
+        );
+        assert!(check.wait(T).success(), "netcheck failed for {kind}");
+        check.stdout.wait_closed(Duration::from_secs(5));
+        let report: serde_json::Value =
+            serde_json::from_str(&check.stdout.text()).expect("JSON report");
+        assert_eq!(report["udp"], udp, "{kind}: {report}");
+        assert_eq!(report["mapping"], mapping, "{kind}: {report}");
+        assert_eq!(report["filtering"], filtering, "{kind}: {report}");
+        assert_eq!(report["tcp_443"], true, "{kind}: {report}");
+        assert!(
+            report["verdict"].as_str().unwrap_or("").contains(verdict),
+            "{kind}: {report}"
+        );
+        if kind == "open" {
+            assert_eq!(report["no_nat"], true);
+        }
+        drop(check);
+        lab.down();
+    }
+}

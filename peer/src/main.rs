@@ -5,6 +5,7 @@ mod cache;
 mod chat;
 mod console;
 mod files;
+mod netcheck;
 mod node;
 mod paths;
 mod punching;
@@ -85,6 +86,19 @@ enum Command {
         /// Seconds to wait for the peer to answer.
         #[arg(long, default_value_t = 10.0)]
         dial_timeout: f64,
+    },
+    /// What this network's NAT does (RFC 4787/5780 terms) and with which peers a direct path
+    /// will work. Uses the rendezvous's STUN service, or `--stun HOST:PORT`.
+    Netcheck {
+        /// The rendezvous, HOST:PORT (its STUN service; TCP 443 on the same host is tried).
+        #[arg(long)]
+        server: Option<String>,
+        /// A STUN server to use instead (any standard one; RFC 5780 servers give the most).
+        #[arg(long)]
+        stun: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show what the rendezvous knows about a peer (from the cache when possible).
     Lookup {
@@ -199,6 +213,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             accept_files,
         } => listen(identity, &dir, server, accept_files, cli.verbose).await,
+        Command::Netcheck { server, stun, json } => {
+            let target = stun
+                .or(server.clone())
+                .ok_or_else(|| anyhow!("netcheck needs --server HOST:PORT or --stun HOST:PORT"))?;
+            let stun_addr = tokio::net::lookup_host(&target)
+                .await
+                .with_context(|| format!("cannot resolve {target:?}"))?
+                .next()
+                .ok_or_else(|| anyhow!("{target:?} has no address"))?;
+            let tcp = match &server {
+                Some(s) => tokio::net::lookup_host(s)
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .map(|a| SocketAddr::new(a.ip(), 443)),
+                None => None,
+            };
+            let report = netcheck::run(stun_addr, tcp)
+                .await
+                .context("running the network checks")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
         Command::Send {
             peer,
             file,
