@@ -70,8 +70,9 @@ enum Command {
         peer: PeerId,
         #[command(flatten)]
         server: ServerArgs,
-        /// Seconds to wait for the peer to answer.
-        #[arg(long, default_value_t = 10.0)]
+        /// Seconds to wait for the peer to answer (a relayed handshake on a lossy network
+        /// can need several retransmissions).
+        #[arg(long, default_value_t = 20.0)]
         dial_timeout: f64,
     },
     /// Send a file to a peer (which must run `peer listen --accept-files DIR`); prints progress
@@ -83,8 +84,9 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         server: ServerArgs,
-        /// Seconds to wait for the peer to answer.
-        #[arg(long, default_value_t = 10.0)]
+        /// Seconds to wait for the peer to answer (a relayed handshake on a lossy network
+        /// can need several retransmissions).
+        #[arg(long, default_value_t = 20.0)]
         dial_timeout: f64,
     },
     /// What this network's NAT does (RFC 4787/5780 terms) and with which peers a direct path
@@ -937,7 +939,7 @@ async fn establish(
                 .await
         })
     };
-    let relayed = matches!(socket.route_of(stable), transport::PathTarget::Virtual(_));
+    let relayed = keeper.relay.is_ready();
     if !relayed {
         // No relay: the connection has to wait for a direct path.
         let path = match punch.await {

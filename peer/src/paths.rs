@@ -119,7 +119,10 @@ impl PathKeeper {
         let stable = stable_addr(&peer);
         let has_route =
             !matches!(self.node.socket.route_of(stable), PathTarget::Udp(a) if a == stable);
-        if !has_route && self.relay.is_ready() {
+        // Route through the relay even if its stream is not open yet (it is re-opened after a
+        // re-registration): packets sent meanwhile are dropped and QUIC retransmits them, whereas
+        // a missing route would send them to an unroutable address for good.
+        if !has_route {
             self.node
                 .socket
                 .set_route(stable, PathTarget::Virtual(self.relay.sink(&peer)));
