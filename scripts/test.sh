@@ -10,6 +10,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# As root on a fresh Debian machine, install what the lab and interop tests need (.ci/run does the
+# same before calling this script).
+if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    if ! command -v nft >/dev/null 2>&1 || ! command -v turnutils_natdiscovery >/dev/null 2>&1 \
+        || ! command -v conntrack >/dev/null 2>&1; then
+        echo "== installing nftables, iproute2, conntrack, coturn (root, missing)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq nftables iproute2 conntrack python3 coturn >/dev/null
+    fi
+fi
+
 cargo build --workspace --all-targets
 
 netns=0
