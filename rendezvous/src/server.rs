@@ -312,12 +312,12 @@ async fn handle_connection(
                     format!("the first message must be `register`, got `{}`", other.kind()),
                 );
                 send(&mut control_tx, &err).await?;
-                let _ = control_tx.finish();
+                finish_and_wait(&mut control_tx).await;
                 return Err(ConnError::Protocol("no register".into()));
             }
             Err(e) => {
                 send(&mut control_tx, &ControlMessage::error(e.code(), e.to_string())).await?;
-                let _ = control_tx.finish();
+                finish_and_wait(&mut control_tx).await;
                 return Err(ConnError::Protocol(e.to_string()));
             }
         };
@@ -329,7 +329,7 @@ async fn handle_connection(
             send(&mut control_tx, &reply).await?;
         }
         if !registered {
-            let _ = control_tx.finish();
+            finish_and_wait(&mut control_tx).await;
             return Err(ConnError::Protocol("registration refused".into()));
         }
         tracing::info!(peer = %id, observed = %conn.remote_address(), "registered");
@@ -400,6 +400,13 @@ async fn handle_connection(
     result
 }
 
+/// Finishes a stream and waits (briefly) until the peer has it all: dropping the connection
+/// right after would discard the error reply still in flight.
+async fn finish_and_wait(stream: &mut SendStream) {
+    let _ = stream.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(500), stream.stopped()).await;
+}
+
 /// Answers a bad frame on the control stream and closes the connection: after a bad length the
 /// stream cannot be resynchronised.
 async fn reject_frame(
@@ -412,9 +419,8 @@ async fn reject_frame(
         _ => ErrorCode::BadRequest,
     };
     let _ = send(control_tx, &ControlMessage::error(code, err.to_string())).await;
-    let _ = control_tx.finish();
     // Give the error a moment to leave before the close frame discards unsent data.
-    let _ = tokio::time::timeout(Duration::from_millis(500), control_tx.stopped()).await;
+    finish_and_wait(control_tx).await;
     conn.close(CLOSE_PROTOCOL.into(), b"bad frame");
     ConnError::Frame(err)
 }
