@@ -44,7 +44,8 @@ wait_for() { # FILE PATTERN SECONDS
     done
 }
 
-# goodput LAB KIND_A KIND_B -> prints MB/s of one transfer (median of $runs)
+# goodput LAB KIND_A KIND_B: writes the median MB/s of $runs transfers to $work/LAB/goodput.
+# (Not called in $(...): the lab list must be updated in this shell for the cleanup trap.)
 goodput() {
     local lab=$1 kind_a=$2 kind_b=$3 dir="$work/$1"
     mkdir -p "$dir/recv"
@@ -68,12 +69,14 @@ goodput() {
         results+=("$(sed -n 's/.*(\([0-9.]*\) MB\/s).*/\1/p' "$dir/b.out")")
         grep -q "path to .*: direct" "$dir/b.out" && echo direct >"$dir/path" || echo relayed >"$dir/path"
     done
-    printf '%s\n' "${results[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p"
+    printf '%s\n' "${results[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p" >"$dir/goodput"
 }
 
 echo "== measuring: ${size_mb} MB per transfer, median of $runs (release build)"
-direct=$(goodput bd port port)
-relayed=$(goodput br sym sym)
+goodput bd port port
+goodput br sym sym
+direct=$(cat "$work/bd/goodput")
+relayed=$(cat "$work/br/goodput")
 ratio=$(python3 -c "print(f'{$relayed / $direct:.2f}')")
 echo
 echo "| measurement | path | goodput (MB/s) | ratio |"
