@@ -67,7 +67,7 @@ goodput() {
             --server 203.0.113.10:7000 --server-key "$key" >"$dir/b.out" 2>"$dir/b.log" </dev/null
         # Measure on a settled path: the first transfer also shows which path was used.
         results+=("$(sed -n 's/.*(\([0-9.]*\) MB\/s).*/\1/p' "$dir/b.out")")
-        grep -q "path to .*: direct" "$dir/b.out" && echo direct >"$dir/path" || echo relayed >"$dir/path"
+        grep -q "direct to" "$dir/b.out" && echo direct >"$dir/path" || echo relayed >"$dir/path"
     done
     printf '%s\n' "${results[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p" >"$dir/goodput"
 }
