@@ -386,6 +386,32 @@ fn server_survives_garbage_datagrams_and_malformed_frames() {
     assert!(a.terminate(T).success());
 }
 
+/// A rendezvous on loopback with the RFC 5780 alternates (127.0.0.2 and port `alt`) and `extra`
+/// arguments.
+fn stun_server(dir: &TempDir, alt: u16, extra: &[&str]) -> Rendezvous {
+    let data = dir.path().join("rv");
+    let alt = alt.to_string();
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--tcp-listen",
+        "off",
+        "--stun-alt-port",
+        &alt,
+        "--stun-alt-ip",
+        "127.0.0.2",
+    ];
+    args.extend_from_slice(extra);
+    Rendezvous::ready(e2e::Proc::spawn(
+        "rendezvous",
+        &e2e::bin("rendezvous"),
+        &args,
+    ))
+}
+
 #[test]
 fn stun_behaviour_discovery_and_metrics() {
     let dir = TempDir::new("stun5780");
@@ -401,27 +427,7 @@ fn stun_behaviour_discovery_and_metrics() {
         .unwrap()
         .port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let data = dir.path().join("rv");
-    let proc = e2e::Proc::spawn(
-        "rendezvous",
-        &e2e::bin("rendezvous"),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tcp-listen",
-            "off",
-            "--stun-alt-port",
-            &alt.to_string(),
-            "--stun-alt-ip",
-            "127.0.0.2",
-            "--metrics",
-            &metrics_addr,
-        ],
-    );
-    let rv = Rendezvous::ready(proc);
+    let rv = stun_server(&dir, alt, &["--metrics", &metrics_addr]);
     // The alternate IP and port (loopback has all of 127.0.0.0/8).
     let other: SocketAddr = format!("127.0.0.2:{alt}").parse().unwrap();
     let alt_port: SocketAddr = format!("127.0.0.1:{alt}").parse().unwrap();
@@ -515,24 +521,7 @@ fn a_standard_stun_client_understands_the_server() {
         .local_addr()
         .unwrap()
         .port();
-    let data = dir.path().join("rv");
-    let rv = Rendezvous::ready(e2e::Proc::spawn(
-        "rendezvous",
-        &e2e::bin("rendezvous"),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tcp-listen",
-            "off",
-            "--stun-alt-port",
-            &alt.to_string(),
-            "--stun-alt-ip",
-            "127.0.0.2",
-        ],
-    ));
+    let rv = stun_server(&dir, alt, &[]);
     let out = std::process::Command::new(client)
         .args(["-m", "-f", "-p", &rv.addr.port().to_string(), "127.0.0.1"])
         .stdin(std::process::Stdio::null())

@@ -244,6 +244,18 @@ async fn exchange(
     None
 }
 
+/// A Binding request with the given CHANGE-REQUEST flags, and its answer.
+async fn ask(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    (change_ip, change_port): (bool, bool),
+    wait: Duration,
+) -> Option<(SocketAddr, SocketAddr, Vec<u8>, Duration)> {
+    let transaction: [u8; 12] = rand::random();
+    let request = stun5780::binding_request_with_change(transaction, change_ip, change_port);
+    exchange(socket, &request, transaction, to, wait).await
+}
+
 /// Runs the tests against `server` (a STUN server, ideally with RFC 5780).
 pub async fn run(server: SocketAddr, tcp_443: Option<SocketAddr>) -> std::io::Result<Report> {
     let bind: SocketAddr = if server.is_ipv4() {
@@ -255,87 +267,37 @@ pub async fn run(server: SocketAddr, tcp_443: Option<SocketAddr>) -> std::io::Re
     .unwrap_or(server);
     let socket = UdpSocket::bind(bind).await?;
     let wait = Duration::from_millis(500);
+    let same = (false, false);
     let mut obs = Observations {
         local: crate::node::local_addrs(socket.local_addr()?, server)
             .first()
             .copied(),
         ..Observations::default()
     };
-    let txid = |n: u8| {
-        let mut t: [u8; 12] = rand::random();
-        t[0] = n;
-        t
-    };
-    let t1 = txid(1);
-    if let Some((mapped, _, raw, rtt)) = exchange(
-        &socket,
-        &stun5780::binding_request_with_change(t1, false, false),
-        t1,
-        server,
-        wait,
-    )
-    .await
-    {
+    if let Some((mapped, _, raw, rtt)) = ask(&socket, server, same, wait).await {
         let (_, other) = stun5780::parse_response_addresses(&raw);
         obs.primary = Some((mapped, rtt, other));
         if let Some(other) = other {
+            // Mapping: does the public address change with the destination's IP, then port?
             let alt_ip = SocketAddr::new(other.ip(), server.port());
-            let t2 = txid(2);
-            obs.via_alt_ip = exchange(
-                &socket,
-                &stun5780::binding_request_with_change(t2, false, false),
-                t2,
-                alt_ip,
-                wait,
-            )
-            .await
-            .map(|r| r.0);
+            obs.via_alt_ip = ask(&socket, alt_ip, same, wait).await.map(|r| r.0);
             if obs.via_alt_ip.is_some() && obs.via_alt_ip != Some(mapped) {
-                let t3 = txid(3);
-                obs.via_alt_both = exchange(
-                    &socket,
-                    &stun5780::binding_request_with_change(t3, false, false),
-                    t3,
-                    other,
-                    wait,
-                )
-                .await
-                .map(|r| r.0);
+                obs.via_alt_both = ask(&socket, other, same, wait).await.map(|r| r.0);
             }
             // Filtering is tested from a fresh socket (a fresh mapping) that has only ever sent to
             // the primary address: the mapping tests above opened the first socket's filter to
             // the alternate IP.
             let fresh = UdpSocket::bind(bind).await?;
-            let t4 = txid(4);
-            obs.filter_change_both = Some(
-                exchange(
-                    &fresh,
-                    &stun5780::binding_request_with_change(t4, true, true),
-                    t4,
-                    server,
-                    wait,
-                )
-                .await
-                .is_some(),
-            );
-            if obs.filter_change_both == Some(false) {
-                let t5 = txid(5);
-                obs.filter_change_port = Some(
-                    exchange(
-                        &fresh,
-                        &stun5780::binding_request_with_change(t5, false, true),
-                        t5,
-                        server,
-                        wait,
-                    )
-                    .await
-                    .is_some(),
-                );
+            let both = ask(&fresh, server, (true, true), wait).await.is_some();
+            obs.filter_change_both = Some(both);
+            if !both {
+                obs.filter_change_port =
+                    Some(ask(&fresh, server, (false, true), wait).await.is_some());
             }
         }
         // Hairpinning: a datagram sent from another local socket to this socket's public
         // address comes back in through the NAT (as it would from a peer on the same LAN).
-        let probe = stun::binding_request(txid(6));
+        let probe = stun::binding_request(rand::random());
         let other_socket = UdpSocket::bind(bind).await?;
         if other_socket.send_to(&probe, mapped).await.is_ok() {
             let mut buf = [0u8; 1500];
@@ -353,8 +315,9 @@ pub async fn run(server: SocketAddr, tcp_443: Option<SocketAddr>) -> std::io::Re
         }
     }
     if let Some(tcp) = tcp_443 {
+        let connect = tokio::net::TcpStream::connect(tcp);
         obs.tcp_443 = Some(matches!(
-            tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(tcp)).await,
+            tokio::time::timeout(Duration::from_secs(3), connect).await,
             Ok(Ok(_))
         ));
     }
