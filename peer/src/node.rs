@@ -110,11 +110,8 @@ impl Node {
 
 /// The authenticated id of the other side of a connection.
 pub fn remote_id(conn: &quinn::Connection) -> Option<PeerId> {
-    let identity = conn.peer_identity()?;
-    let chain = identity
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    certs::peer_id_of_cert(chain.first()?).ok()
+    let cert = transport::remote_certificate(conn).ok()?;
+    certs::peer_id_of_cert(&cert).ok()
 }
 
 /// Our addresses as other hosts on the same network would reach them: the interface address the

@@ -542,16 +542,9 @@ fn describe_mismatch(text: &str) -> String {
 }
 
 fn server_fingerprint(conn: &quinn::Connection) -> Result<Fingerprint, String> {
-    let identity = conn
-        .peer_identity()
-        .ok_or_else(|| "server presented no certificate".to_owned())?;
-    let chain = identity
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map_err(|_| "unexpected server identity type".to_owned())?;
-    let cert = chain
-        .first()
-        .ok_or_else(|| "empty server certificate chain".to_owned())?;
-    certs::fingerprint_of_cert(cert).map_err(|e| e.to_string())
+    let cert =
+        transport::remote_certificate(conn).map_err(|e| format!("server certificate: {e}"))?;
+    certs::fingerprint_of_cert(&cert).map_err(|e| e.to_string())
 }
 
 /// Reads pushed messages until the control stream ends; returns why it ended.

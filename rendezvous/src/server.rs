@@ -259,16 +259,8 @@ enum ConnError {
 }
 
 fn peer_id_of(conn: &Connection) -> Result<PeerId, ConnError> {
-    let identity = conn
-        .peer_identity()
-        .ok_or_else(|| ConnError::Identity("no client certificate".into()))?;
-    let certs = identity
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map_err(|_| ConnError::Identity("unexpected identity type".into()))?;
-    let cert = certs
-        .first()
-        .ok_or_else(|| ConnError::Identity("empty certificate chain".into()))?;
-    certs::peer_id_of_cert(cert).map_err(|e| ConnError::Identity(e.to_string()))
+    let cert = transport::remote_certificate(conn).map_err(|e| ConnError::Identity(e.into()))?;
+    certs::peer_id_of_cert(&cert).map_err(|e| ConnError::Identity(e.to_string()))
 }
 
 async fn send(stream: &mut SendStream, msg: &ControlMessage) -> Result<(), ConnError> {

@@ -129,3 +129,15 @@ pub fn quic_client_config(
     config.transport_config(settings.transport_config());
     Ok(config)
 }
+
+/// The end-entity certificate the other side of `conn` presented (our TLS configs always
+/// require one), or why there is none.
+pub fn remote_certificate(
+    conn: &quinn::Connection,
+) -> Result<rustls::pki_types::CertificateDer<'static>, &'static str> {
+    let identity = conn.peer_identity().ok_or("no certificate presented")?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected identity type")?;
+    chain.first().cloned().ok_or("empty certificate chain")
+}

@@ -11,7 +11,9 @@ pub mod tunnel;
 pub use demux::{
     DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket, VirtualSink,
 };
-pub use endpoint::{make_endpoint, quic_client_config, EndpointError, TransportSettings};
+pub use endpoint::{
+    make_endpoint, quic_client_config, remote_certificate, EndpointError, TransportSettings,
+};
 
 /// Waits for SIGINT or SIGTERM (how both binaries are asked to stop).
 pub async fn shutdown_signal() -> std::io::Result<()> {
