@@ -144,21 +144,7 @@ impl Identity {
                 .create(dir)
                 .map_err(io_err)?;
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(self.key_pem.as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err(e)
-        })
+        write_atomically(path, self.key_pem.as_bytes(), 0o600).map_err(io_err)
     }
 
     /// The peer id derived from the public key.
@@ -191,6 +177,26 @@ impl Identity {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
     }
+}
+
+/// Replaces `path` with `bytes` atomically: a temporary file beside it (created fresh with `mode`,
+/// before the umask, so a stale one can never lend it wider permissions), synced, then renamed.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {

@@ -1,6 +1,5 @@
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::identity::Fingerprint;
@@ -97,16 +96,7 @@ impl KnownServers {
         for (server, fp) in &self.entries {
             text.push_str(&format!("{server} {fp}\n"));
         }
-        let tmp = self
-            .path
-            .with_extension(format!("tmp{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&tmp, &self.path)
-        };
-        write().map_err(io_err)
+        crate::identity::write_atomically(&self.path, text.as_bytes(), 0o666).map_err(io_err)
     }
 }
 

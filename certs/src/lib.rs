@@ -13,8 +13,8 @@ mod known;
 mod verify;
 
 pub use identity::{
-    fingerprint_of_cert, peer_id_of_cert, spki_of_cert, Fingerprint, Identity, IdentityError,
-    ParseFingerprintError,
+    fingerprint_of_cert, peer_id_of_cert, spki_of_cert, write_atomically, Fingerprint, Identity,
+    IdentityError, ParseFingerprintError,
 };
 pub use known::{KnownServers, KnownServersError};
 pub use verify::{

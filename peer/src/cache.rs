@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::message::Candidate;
@@ -84,11 +83,7 @@ impl PeerCache {
             fs::create_dir_all(dir)?;
         }
         let bytes = serde_json::to_vec_pretty(&self.entries).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
+        certs::write_atomically(path, &bytes, 0o666)
     }
 }
 
