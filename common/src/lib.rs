@@ -11,6 +11,7 @@ pub mod frame;
 pub mod frame_io;
 pub mod id;
 pub mod message;
+pub mod nat;
 pub mod relay;
 pub mod stun;
 pub mod stun5780;

@@ -83,6 +83,16 @@ pub enum ControlMessage {
         /// The `seq` of the ping.
         seq: u64,
     },
+    /// How a punch that followed an introduction (`connect`) ended, sent by the side that asked
+    /// for it; the server counts successes for its operator. Answered with `ack`.
+    PunchResult {
+        /// The other side of the introduction.
+        peer: PeerId,
+        /// A direct path was proven.
+        direct: bool,
+    },
+    /// Reply to a report that needs no other answer.
+    Ack {},
     /// A request failed.
     Error {
         /// Machine-readable reason.
@@ -124,6 +134,8 @@ impl ControlMessage {
             ControlMessage::RelayReady { .. } => "relay_ready",
             ControlMessage::Ping { .. } => "ping",
             ControlMessage::Pong { .. } => "pong",
+            ControlMessage::PunchResult { .. } => "punch_result",
+            ControlMessage::Ack {} => "ack",
             ControlMessage::Error { .. } => "error",
         }
     }
@@ -140,6 +152,8 @@ const CONTROL_TYPES: &[&str] = &[
     "relay_ready",
     "ping",
     "pong",
+    "punch_result",
+    "ack",
     "error",
 ];
 
@@ -253,6 +267,19 @@ pub enum PeerMessage {
         /// Detail for the sender.
         message: String,
     },
+    /// On a `ping` stream: echo this `seq` at once.
+    Ping {
+        /// Echoed in the `pong`.
+        seq: u64,
+    },
+    /// Answer to a peer's `ping`, with what the answering peer knows of its NAT.
+    Pong {
+        /// The `seq` of the ping.
+        seq: u64,
+        /// The answering peer's NAT, if it has measured it.
+        #[serde(default)]
+        nat: Option<crate::nat::NatProfile>,
+    },
     /// The receiver refuses the stream or a message on it.
     Error {
         /// Human-readable reason.
@@ -263,7 +290,17 @@ pub enum PeerMessage {
 impl PeerMessage {
     /// Decodes a frame body.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
-        decode_tagged(bytes, &["open", "file_header", "file_result", "error"])
+        decode_tagged(
+            bytes,
+            &[
+                "open",
+                "file_header",
+                "file_result",
+                "ping",
+                "pong",
+                "error",
+            ],
+        )
     }
 
     /// Encodes to JSON bytes.
@@ -280,6 +317,8 @@ pub enum PeerApp {
     Chat,
     /// One file: a `file_header`, the bytes, and a `file_result` back.
     File,
+    /// Round trips: `ping` frames answered by `pong` frames.
+    Ping,
 }
 
 /// Why a frame body is not a valid message.

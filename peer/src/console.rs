@@ -26,15 +26,16 @@ pub struct Console {
 }
 
 impl Console {
-    /// Starts the printer task.
-    pub fn start() -> (Console, tokio::task::JoinHandle<()>) {
+    /// Starts the printer task; with `events_to_stderr`, event lines go to stderr too (stdout is
+    /// left to a machine-readable result).
+    pub fn start_with(events_to_stderr: bool) -> (Console, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Item>(CONSOLE_QUEUE);
         let task = tokio::spawn(async move {
             let mut stdout = tokio::io::stdout();
             let mut stderr = tokio::io::stderr();
             while let Some(item) = rx.recv().await {
                 let (is_error, mut line) = match item {
-                    Item::Line { is_error, text } => (is_error, text),
+                    Item::Line { is_error, text } => (is_error || events_to_stderr, text),
                     Item::Flush(done) => {
                         let _ = stdout.flush().await;
                         let _ = stderr.flush().await;

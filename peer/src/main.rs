@@ -4,10 +4,14 @@
 mod cache;
 mod chat;
 mod console;
+mod control;
+mod dial;
 mod files;
 mod netcheck;
 mod node;
 mod paths;
+mod ping;
+mod portmap;
 mod punching;
 mod relay;
 mod session;
@@ -96,8 +100,50 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
         /// A STUN server to use instead (any standard one; RFC 5780 servers give the most).
+        /// Repeat it to compare what several servers see: different public ports for different
+        /// servers reveal a symmetric NAT even without RFC 5780.
         #[arg(long)]
-        stun: Option<String>,
+        stun: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ping a peer: the path the packets take (direct, with the address, or relayed), round-trip
+    /// percentiles, and when relayed, why, from both sides' NAT behaviour. Goes through the peer
+    /// already running with this config dir (listen, connect, send) if there is one; otherwise
+    /// registers by itself (needs --server).
+    Ping {
+        /// The peer's id.
+        peer: PeerId,
+        /// Pings to send.
+        #[arg(long, short = 'c', default_value_t = 10)]
+        count: u32,
+        /// Seconds between pings.
+        #[arg(long, short = 'i', default_value_t = 0.2)]
+        interval: f64,
+        /// Keep pinging (past --count) until a pong comes over a direct path; report how long it
+        /// took. Fails if no direct path is found within --timeout.
+        #[arg(long)]
+        until_direct: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Print the summary as JSON (and nothing else on stdout).
+        #[arg(long)]
+        json: bool,
+        /// The rendezvous, HOST:PORT: ping from a peer of our own when no peer runs with this
+        /// config dir.
+        #[arg(long)]
+        server: Option<String>,
+        #[command(flatten)]
+        session: SessionArgs,
+        /// Seconds to wait for the peer to answer the connection.
+        #[arg(long, default_value_t = 20.0)]
+        dial_timeout: f64,
+    },
+    /// Show the running peer's state (the one with this config dir): registration, observed
+    /// address, NAT behaviour, open connections with their paths and byte counts.
+    Status {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -119,6 +165,13 @@ struct ServerArgs {
     /// The rendezvous, HOST:PORT.
     #[arg(long)]
     server: String,
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+/// How to reach and trust the rendezvous (besides its address).
+#[derive(Args, Debug, Clone)]
+struct SessionArgs {
     /// The rendezvous key fingerprint (`sha256:...`, printed by the server at start). Without
     /// it the key is trusted on first use and remembered.
     #[arg(long)]
@@ -216,15 +269,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             accept_files,
         } => listen(identity, &dir, server, accept_files, cli.verbose).await,
         Command::Netcheck { server, stun, json } => {
-            let target = stun
-                .or(server.clone())
-                .ok_or_else(|| anyhow!("netcheck needs --server HOST:PORT or --stun HOST:PORT"))?;
-            let stun_addr = tokio::net::lookup_host(&target)
-                .await
-                .with_context(|| format!("cannot resolve {target:?}"))?
-                .next()
-                .ok_or_else(|| anyhow!("{target:?} has no address"))?;
-            let tcp = match &server {
+            let targets: Vec<String> = if stun.is_empty() {
+                server.iter().cloned().collect()
+            } else {
+                stun
+            };
+            if targets.is_empty() {
+                bail!("netcheck needs --server HOST:PORT or --stun HOST:PORT");
+            }
+            let mut servers = Vec::new();
+            for target in &targets {
+                servers.push(
+                    tokio::net::lookup_host(target)
+                        .await
+                        .with_context(|| format!("cannot resolve {target:?}"))?
+                        .next()
+                        .ok_or_else(|| anyhow!("{target:?} has no address"))?,
+                );
+            }
+            let tcp_443 = match &server {
                 Some(s) => tokio::net::lookup_host(s)
                     .await
                     .ok()
@@ -232,7 +295,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|a| SocketAddr::new(a.ip(), 443)),
                 None => None,
             };
-            let report = netcheck::run(stun_addr, tcp)
+            let options = netcheck::Options {
+                tcp_443,
+                hairpin: true,
+                port_mapping: true,
+            };
+            let report = netcheck::run(&servers, &options)
                 .await
                 .context("running the network checks")?;
             if json {
@@ -273,6 +341,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             refresh,
         } => lookup(identity, &dir, server, peer, refresh).await,
+        Command::Status { json } => status(&dir, json).await,
+        Command::Ping {
+            peer,
+            count,
+            interval,
+            until_direct,
+            timeout,
+            json,
+            server,
+            session,
+            dial_timeout,
+        } => {
+            let server = server.map(|server| ServerArgs { server, session });
+            let options = ping::PingOptions {
+                count: count.max(1),
+                interval_ms: seconds(interval, "--interval")?.as_millis() as u64,
+                until_direct,
+                timeout_ms: seconds(timeout, "--timeout")?.as_millis() as u64,
+            };
+            let dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
+            ping_command(
+                identity,
+                &dir,
+                server,
+                peer,
+                options,
+                json,
+                dial_timeout,
+                cli.verbose,
+            )
+            .await
+        }
     }
 }
 
@@ -290,16 +390,65 @@ struct Context_ {
     server: ServerArgs,
 }
 
+/// Measures our NAT against the rendezvous's STUN service once registered, for `peer status` and
+/// for the pongs we send (so that peers can say why their path to us is relayed).
+async fn measure_nat(
+    session: Session,
+    server: SocketAddr,
+    out: watch::Sender<Option<netcheck::Report>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let measure = async {
+        // Registration tells whether UDP works at all (or the tunnel is in use).
+        let _ = session.wait_registered(Duration::from_secs(30)).await;
+        netcheck::run(&[server], &netcheck::Options::default()).await
+    };
+    tokio::select! {
+        report = measure => match report {
+            Ok(report) => {
+                tracing::debug!(mapping = ?report.mapping, filtering = ?report.filtering, "NAT measured");
+                out.send_replace(Some(report));
+            }
+            Err(e) => tracing::debug!(error = %e, "NAT measurement failed"),
+        },
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// What a networked command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Listen,
+    Connect,
+    Send,
+    Lookup,
+    Ping { json: bool },
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Listen => "listen",
+            Mode::Connect => "connect",
+            Mode::Send => "send",
+            Mode::Lookup => "lookup",
+            Mode::Ping { .. } => "ping",
+        }
+    }
+}
+
 async fn start(
     identity: Arc<Identity>,
     dir: &std::path::Path,
     server: ServerArgs,
     verbose: bool,
+    mode: Mode,
 ) -> anyhow::Result<Context_> {
+    let process_started = Instant::now();
     let server_addr = tokio::net::lookup_host(&server.server)
         .await
         .with_context(|| format!("cannot resolve rendezvous address {:?}", server.server))?
-        .find(|a| a.is_ipv4() == server.bind.is_ipv4())
+        .find(|a| a.is_ipv4() == server.session.bind.is_ipv4())
         .ok_or_else(|| {
             anyhow!(
                 "rendezvous address {:?} has no address of the bind family",
@@ -307,12 +456,12 @@ async fn start(
             )
         })?;
     let transport = TransportSettings::default();
-    let (node, stun_rx) = Node::bind(server.bind, identity.clone(), transport)
-        .with_context(|| format!("cannot bind {}", server.bind))?;
+    let (node, stun_rx) = Node::bind(server.session.bind, identity.clone(), transport)
+        .with_context(|| format!("cannot bind {}", server.session.bind))?;
     let local = node.local_addr().context("reading the bound address")?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let (console, console_task) = Console::start();
-    let tcp_server = match server.server_tcp.as_deref() {
+    let (console, console_task) = Console::start_with(matches!(mode, Mode::Ping { json: true }));
+    let tcp_server = match server.session.server_tcp.as_deref() {
         Some("off") => None,
         Some(addr) => Some(
             tokio::net::lookup_host(addr)
@@ -326,7 +475,7 @@ async fn start(
     let config = SessionConfig {
         server_name: server.server.clone(),
         server_addr,
-        pinned: server.server_key,
+        pinned: server.session.server_key,
         known_servers: dir.join("known_servers"),
         local_addrs: node::local_addrs(local, server_addr),
         transport,
@@ -343,7 +492,19 @@ async fn start(
         shutdown_rx.clone(),
     ));
     let (relay, relay_task) =
-        relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx);
+        relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx.clone());
+    // A lookup is over in a moment: it neither measures nor serves the control socket.
+    let long_lived = mode != Mode::Lookup;
+    let (nat_tx, nat_rx) = watch::channel(None);
+    let nat_task = tokio::spawn(measure_nat(
+        session.clone(),
+        server_addr,
+        nat_tx,
+        shutdown_rx.clone(),
+    ));
+    if !long_lived {
+        nat_task.abort();
+    }
     let keeper = paths::PathKeeper::new(
         node.clone(),
         router,
@@ -351,7 +512,42 @@ async fn start(
         session.clone(),
         console.clone(),
         verbose,
+        nat_rx,
     );
+    let mut tasks = vec![session_task, stun_task, relay_task, nat_task];
+    // The control socket (peer status, peer ping) of this config dir.
+    let control_path = control::socket_path(dir);
+    let control = if long_lived {
+        Some(control::bind(&control_path))
+    } else {
+        None
+    };
+    match control {
+        None => {}
+        Some(Ok(listener)) => {
+            let ctx = control::ControlContext {
+                keeper: keeper.clone(),
+                mode: mode.name(),
+                server: server.server.clone(),
+                config_dir: dir.to_owned(),
+                started: process_started,
+                dial_timeout: Duration::from_secs(20),
+            };
+            tasks.push(tokio::spawn(control::serve(
+                listener,
+                control_path,
+                ctx,
+                shutdown_rx,
+            )));
+        }
+        Some(Err(e)) => {
+            console
+                .error(format!(
+                    "warning: {e}; `peer status` and `peer ping` will not reach this process"
+                ))
+                .await
+        }
+    }
     Ok(Context_ {
         node,
         keeper,
@@ -360,7 +556,7 @@ async fn start(
         events,
         console,
         shutdown,
-        tasks: vec![session_task, stun_task, relay_task],
+        tasks,
         console_task,
         server,
     })
@@ -368,7 +564,7 @@ async fn start(
 
 impl Context_ {
     async fn register(&self) -> anyhow::Result<session::Registration> {
-        let timeout = seconds(self.server.register_timeout, "--register-timeout")?;
+        let timeout = seconds(self.server.session.register_timeout, "--register-timeout")?;
         self.session.wait_registered(timeout).await.map_err(|e| {
             anyhow!(
                 "cannot register with the rendezvous at {}: {e}",
@@ -441,7 +637,7 @@ async fn lookup(
             return Ok(());
         }
     }
-    let ctx = start(identity, dir, server, false).await?;
+    let ctx = start(identity, dir, server, false, Mode::Lookup).await?;
     let result = async {
         ctx.register().await?;
         match ctx
@@ -512,7 +708,7 @@ async fn listen(
         }
     }
     let accept_files = accept_files.map(Arc::new);
-    let mut ctx = start(identity, dir, server, verbose).await?;
+    let mut ctx = start(identity, dir, server, verbose, Mode::Listen).await?;
     let reg = match ctx.register().await {
         Ok(reg) => reg,
         Err(e) => {
@@ -704,6 +900,9 @@ async fn serve_peer(
                     }
                 });
             }
+            common::message::PeerApp::Ping => {
+                streams.spawn(ping::serve(tx, rx, keeper.clone()));
+            }
             common::message::PeerApp::File => {
                 let dir = accept_files.clone();
                 streams.spawn(async move {
@@ -716,6 +915,15 @@ async fn serve_peer(
     streams.shutdown().await;
 }
 
+/// A connection made by [`open_connection`].
+struct Opened {
+    conn: quinn::Connection,
+    /// When the connect began (after registration).
+    started: Instant,
+    /// How long it took.
+    connect_ms: f64,
+}
+
 /// Starts a session, registers, and connects to `peer`; returns the context and connection.
 async fn open_connection(
     identity: Arc<Identity>,
@@ -724,8 +932,9 @@ async fn open_connection(
     peer: PeerId,
     dial_timeout: Duration,
     verbose: bool,
-) -> anyhow::Result<(Context_, quinn::Connection)> {
-    let mut ctx = start(identity, dir, server, verbose).await?;
+    mode: Mode,
+) -> anyhow::Result<(Context_, Opened)> {
+    let mut ctx = start(identity, dir, server, verbose, mode).await?;
     ctx.keep_paths();
     let connected = async {
         let me = ctx.register().await?.id;
@@ -737,20 +946,26 @@ async fn open_connection(
         if let Some(w) = warning {
             ctx.console.error(format!("warning: {w}")).await;
         }
-        let (conn, via) = establish(&ctx, &mut cache, peer, dial_timeout, verbose).await?;
+        let (conn, via) =
+            dial::establish(&ctx.keeper, &mut cache, peer, dial_timeout, verbose).await?;
+        let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
         ctx.console
             .say(format!(
-                "connected to {peer} in {} ms: {}",
-                started.elapsed().as_millis(),
+                "connected to {peer} in {connect_ms:.0} ms: {}",
                 via.text
             ))
             .await;
         ctx.keeper.start_link(peer, conn.clone(), via.describe);
-        Ok(conn)
+        dial::answer_pings(ctx.keeper.clone(), conn.clone());
+        Ok(Opened {
+            conn,
+            started,
+            connect_ms,
+        })
     }
     .await;
     match connected {
-        Ok(conn) => Ok((ctx, conn)),
+        Ok(opened) => Ok((ctx, opened)),
         Err(e) => {
             ctx.finish().await;
             Err(e)
@@ -770,7 +985,16 @@ async fn send(
     if !file.is_file() {
         bail!("{}: not a readable file", file.display());
     }
-    let (ctx, conn) = open_connection(identity, dir, server, peer, dial_timeout, verbose).await?;
+    let (ctx, Opened { conn, .. }) = open_connection(
+        identity,
+        dir,
+        server,
+        peer,
+        dial_timeout,
+        verbose,
+        Mode::Send,
+    )
+    .await?;
     let result = files::send(&conn, &file, &ctx.console).await;
     if let Ok(summary) = &result {
         ctx.console.say(summary.clone()).await;
@@ -789,7 +1013,16 @@ async fn connect(
     verbose: bool,
 ) -> anyhow::Result<()> {
     let me = identity.id();
-    let (ctx, conn) = open_connection(identity, dir, server, peer, dial_timeout, verbose).await?;
+    let (ctx, Opened { conn, .. }) = open_connection(
+        identity,
+        dir,
+        server,
+        peer,
+        dial_timeout,
+        verbose,
+        Mode::Connect,
+    )
+    .await?;
     let result = async {
         let (tx, rx) = chat::open(&conn)
             .await
@@ -818,186 +1051,283 @@ async fn connect(
     result
 }
 
-/// The path a connection was made on, for the user.
-struct Via {
-    /// `direct to ADDR (how)` or `relayed via rendezvous (UDP)`.
-    text: String,
-    /// How the path was found, for the link's later messages.
-    describe: &'static str,
+/// `peer status`: asks the running peer.
+async fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let mut report = None;
+    let mut error = None;
+    control::request(dir, &control::Request::Status {}, |reply| {
+        match reply {
+            control::Reply::Status(r) => report = Some(r),
+            control::Reply::Error { message } => error = Some(message),
+            _ => {}
+        }
+        false
+    })
+    .await
+    .map_err(|e| match e {
+        control::ClientError::NotRunning(_) => anyhow!(
+            "{e}; start `peer listen` (or connect, send) with --config-dir {}",
+            dir.display()
+        ),
+        other => anyhow!(other),
+    })?;
+    if let Some(message) = error {
+        bail!("the running peer refused: {message}");
+    }
+    let report = report.ok_or_else(|| anyhow!("the running peer sent no status"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_status(&report));
+    }
+    Ok(())
 }
 
-impl Via {
-    fn direct(addr: SocketAddr, describe: &'static str) -> Via {
-        Via {
-            text: format!("direct to {addr} ({describe})"),
-            describe,
+fn render_status(r: &control::StatusReport) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        out.push_str(&format!("{:<16}{value}\n", format!("{label}:")));
+    };
+    line("peer id", r.id.to_string());
+    line(
+        "running",
+        format!("`peer {}`, pid {}, for {:.0} s", r.mode, r.pid, r.uptime_s),
+    );
+    let reg = &r.registration;
+    match (reg.state.as_str(), reg.observed) {
+        ("registered", Some(observed)) if reg.over_tcp => line(
+            "rendezvous",
+            format!(
+                "registered with {} through the TCP 443 tunnel (UDP blocked; tunnel address \
+                 {observed})",
+                r.server
+            ),
+        ),
+        ("registered", Some(observed)) => {
+            line("rendezvous", format!("registered with {}", r.server));
+            line("observed addr", observed.to_string());
         }
+        (state, _) => line(
+            "rendezvous",
+            format!(
+                "{state} ({})",
+                reg.error.clone().unwrap_or_else(|| "no error yet".into())
+            ),
+        ),
     }
-
-    fn relayed(label: &str) -> Via {
-        Via {
-            text: label.to_owned(),
-            describe: "public address",
-        }
+    if let Some(local) = r.local_addr {
+        line("local socket", local.to_string());
     }
-}
-
-/// Cache first; on a miss or a failure, ask the rendezvous to introduce us. The connection
-/// starts on the relay at once while punching runs alongside; its link moves it to the direct
-/// path as soon as one is proven. quinn always dials the peer's stable address, so the path can
-/// change under the connection.
-async fn establish(
-    ctx: &Context_,
-    cache: &mut PeerCache,
-    peer: PeerId,
-    dial_timeout: Duration,
-    verbose: bool,
-) -> anyhow::Result<(quinn::Connection, Via)> {
-    let keeper = &ctx.keeper;
-    let socket = &ctx.node.socket;
-    let stable = relay::stable_addr(&peer);
-    if let Some(entry) = cache.get(&peer) {
-        // The address that worked last time. It only works without an introduction when the
-        // peer's NAT lets anyone in (or there is none), and then it answers at once: keep this
-        // attempt short.
-        let cached = entry.candidates[0].addr;
-        socket.set_route(stable, transport::PathTarget::Udp(cached));
-        if verbose {
-            ctx.console
-                .error(format!("dialing cached address {cached}"))
-                .await;
+    line(
+        "relay",
+        if r.relay_ready { "ready" } else { "not open" }.to_owned(),
+    );
+    let nat = match &r.nat {
+        Some(n) => {
+            let p = n.profile();
+            format!(
+                "{} ({} mapping, {} filtering)",
+                p.kind(),
+                n.mapping.words(),
+                n.filtering.words()
+            )
         }
-        let timeout = dial_timeout.min(Duration::from_secs(1));
-        match ctx.node.dial(peer, stable, timeout).await {
-            Ok(conn) => return Ok((conn, Via::direct(cached, "cached address"))),
-            Err(e) => {
-                socket.remove_routes(stable);
-                ctx.console
-                    .error(format!(
-                        "cached address {cached} of {peer} failed ({}); asking the rendezvous",
-                        e.to_string()
-                            .replace(&stable.to_string(), &cached.to_string())
-                    ))
-                    .await;
-                if let Err(e) = cache.remove(&peer) {
-                    ctx.console
-                        .error(format!("warning: cannot write the peer cache: {e}"))
-                        .await;
-                }
+        None => "not measured yet".to_owned(),
+    };
+    line("NAT", nat);
+    if r.connections.is_empty() {
+        out.push_str("connections:    none\n");
+    } else {
+        out.push_str(&format!("connections:    {}\n", r.connections.len()));
+        for c in &r.connections {
+            out.push_str(&format!(
+                "  {}  {}  rtt {:.1} ms  sent {}  received {}  up {:.0} s\n",
+                c.peer,
+                c.path,
+                c.rtt_ms,
+                human_bytes(c.tx_bytes),
+                human_bytes(c.rx_bytes),
+                c.age_s
+            ));
+            if let (Some(why), None) = (&c.punch_failure, c.direct_addr) {
+                out.push_str(&format!("      no direct path: {why}\n"));
             }
         }
     }
-    let (candidates, nonce) = match ctx
-        .session
-        .request(&ControlMessage::Connect { id: peer })
-        .await?
-    {
-        ControlMessage::Punch {
-            candidates, nonce, ..
-        } => (candidates, nonce),
-        ControlMessage::Error {
-            code: ErrorCode::NotFound,
-            ..
-        } => {
-            bail!("peer {peer} is not registered with the rendezvous")
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// How a ping line reads.
+fn render_ping_reply(peer: PeerId, reply: &ping::PingReply) -> String {
+    format!(
+        "pong from {peer} seq={} via {} in {:.2} ms",
+        reply.seq, reply.path, reply.rtt_ms
+    )
+}
+
+/// `peer ping`: through the running peer if there is one, else by registering ourselves.
+#[allow(clippy::too_many_arguments)]
+async fn ping_command(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: Option<ServerArgs>,
+    peer: PeerId,
+    options: ping::PingOptions,
+    json: bool,
+    dial_timeout: Duration,
+    verbose: bool,
+) -> anyhow::Result<()> {
+    let request = control::Request::Ping { peer, options };
+    let mut summary = None;
+    let mut error = None;
+    let through_daemon = control::request(dir, &request, |reply| {
+        match reply {
+            control::Reply::PingReply(r) if !json => println!("{}", render_ping_reply(peer, &r)),
+            control::Reply::PingConnected { message } if !json => println!("{message}"),
+            control::Reply::PingDone(s) => {
+                summary = Some(*s);
+                return false;
+            }
+            control::Reply::Error { message } => {
+                error = Some(message);
+                return false;
+            }
+            _ => {}
         }
-        ControlMessage::Error {
-            code: ErrorCode::PeerOffline,
-            message,
-        } => bail!("{message}"),
-        ControlMessage::Error { code, message } => {
-            bail!("the rendezvous refused ({code:?}): {message}")
+        true
+    })
+    .await;
+    let summary = match through_daemon {
+        Ok(()) => {
+            if let Some(message) = error {
+                bail!("{message}");
+            }
+            summary.ok_or_else(|| anyhow!("the running peer ended the ping without a summary"))?
         }
-        other => bail!("unexpected reply `{}` from the rendezvous", other.kind()),
-    };
-    if candidates.is_empty() {
-        bail!("the rendezvous knows no address for {peer}");
-    }
-    if verbose {
-        let list: Vec<String> = candidates
-            .iter()
-            .map(|c| format!("{} ({})", c.addr, c.kind.describe()))
-            .collect();
-        ctx.console
-            .error(format!("candidates of {peer}: {}", list.join(", ")))
-            .await;
-    }
-    if let Err(e) = cache.put(peer, candidates.clone()) {
-        ctx.console
-            .error(format!("warning: cannot write the peer cache: {e}"))
-            .await;
-    }
-    // The relay stream opens just after registration: give it a moment.
-    keeper.relay.wait_ready(Duration::from_secs(2)).await;
-    keeper.prepare(peer, &candidates);
-    let punch = {
-        let keeper = keeper.clone();
-        let candidates = candidates.clone();
-        tokio::spawn(async move {
-            keeper
-                .punch(peer, nonce, punch::Role::Initiator, &candidates)
-                .await
-        })
-    };
-    let relayed = keeper.relay.is_ready();
-    if !relayed {
-        // No relay: the connection has to wait for a direct path.
-        let path = match punch.await {
-            Ok(punch::State::Direct(path)) => path,
-            Ok(punch::State::Failed(report)) => bail!(
-                "no direct path to {peer}, and the relay is not available: {}",
-                report.reason()
-            ),
-            _ => bail!("punching to {peer} stopped"),
-        };
-        socket.set_route(stable, transport::PathTarget::Udp(path.addr));
-        let conn = ctx
-            .node
-            .dial(peer, stable, dial_timeout)
-            .await
-            .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
-        return Ok((conn, Via::direct(path.addr, path.kind.describe())));
-    }
-    // Relay first, direct as soon as proven: the punch result goes to the connection's link
-    // (or straight to the socket's route while the handshake is still running).
-    let proven: Arc<Mutex<Option<&'static str>>> = Arc::default();
-    {
-        let keeper = keeper.clone();
-        let proven = proven.clone();
-        tokio::spawn(async move {
-            let event = match punch.await {
-                Ok(punch::State::Direct(path)) => {
-                    if let Ok(mut how) = proven.lock() {
-                        *how = Some(path.kind.describe());
-                    }
-                    paths::LinkEvent::DirectProven {
-                        addr: path.addr,
-                        describe: path.kind.describe(),
-                    }
-                }
-                Ok(punch::State::Failed(report)) => paths::LinkEvent::PunchFailed(report.reason()),
-                _ => return,
+        Err(control::ClientError::NotRunning(path)) => {
+            let Some(server) = server else {
+                bail!(
+                    "no peer is running with config dir {} (no {}); start `peer listen`, or \
+                     give --server to ping from a peer of its own",
+                    dir.display(),
+                    path.display()
+                );
             };
-            keeper.notify(peer, event).await;
-        });
-    }
-    let conn = ctx
-        .node
-        .dial(peer, stable, dial_timeout)
-        .await
-        .map_err(|e| anyhow!("cannot reach {peer} through the relay: {e}"))?;
-    let via = match socket.route_of(stable) {
-        transport::PathTarget::Udp(addr) => {
-            let how = proven
-                .lock()
-                .ok()
-                .and_then(|h| *h)
-                .unwrap_or("public address");
-            Via::direct(addr, how)
+            ping_standalone(
+                identity,
+                dir,
+                server,
+                peer,
+                options,
+                json,
+                dial_timeout,
+                verbose,
+            )
+            .await?
         }
-        transport::PathTarget::Virtual(_) => Via::relayed(keeper.relay_label()),
+        Err(e) => return Err(e.into()),
     };
-    Ok((conn, via))
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", ping::render(&summary));
+    }
+    if options.until_direct && !summary.direct {
+        bail!(
+            "no direct path to {peer} within {} s",
+            options.timeout_ms / 1000
+        );
+    }
+    if summary.received == 0 {
+        bail!("no answer from {peer}");
+    }
+    Ok(())
+}
+
+/// Registers, connects, waits for our NAT measurement (to explain a relayed path), pings.
+#[allow(clippy::too_many_arguments)]
+async fn ping_standalone(
+    identity: Arc<Identity>,
+    dir: &std::path::Path,
+    server: ServerArgs,
+    peer: PeerId,
+    options: ping::PingOptions,
+    json: bool,
+    dial_timeout: Duration,
+    verbose: bool,
+) -> anyhow::Result<ping::PingSummary> {
+    let (ctx, opened) = open_connection(
+        identity,
+        dir,
+        server,
+        peer,
+        dial_timeout,
+        verbose,
+        Mode::Ping { json },
+    )
+    .await?;
+    let result = async {
+        let (replies_tx, mut replies) = mpsc::channel(16);
+        let console = ctx.console.clone();
+        let printer = tokio::spawn(async move {
+            while let Some(reply) = replies.recv().await {
+                if !json {
+                    console.say(render_ping_reply(peer, &reply)).await;
+                }
+            }
+        });
+        let summary = ping::run(
+            &ctx.keeper,
+            peer,
+            &opened.conn,
+            options,
+            opened.started,
+            Some(opened.connect_ms),
+            &replies_tx,
+        )
+        .await
+        .map_err(|e| anyhow!("ping failed: {e}"));
+        drop(replies_tx);
+        let _ = printer.await;
+        let mut summary = summary?;
+        if !summary.direct && summary.our_nat.is_none() {
+            // The explanation needs our NAT's behaviour: give its measurement a moment.
+            let mut nat = ctx.keeper.nat.clone();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(8), nat.wait_for(|r| r.is_some())).await;
+            summary.our_nat = ctx.keeper.nat_profile();
+            let failure = ctx
+                .keeper
+                .link_of_conn(&opened.conn)
+                .and_then(|l| l.status.punch_failure);
+            summary.reason = Some(ping::explain(
+                summary.our_nat.as_ref(),
+                summary.peer_nat.as_ref(),
+                failure.as_deref(),
+            ));
+        }
+        ctx.console.flush().await;
+        Ok(summary)
+    }
+    .await;
+    opened.conn.close(0u32.into(), b"ping done");
+    ctx.finish().await;
+    result
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

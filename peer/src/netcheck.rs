@@ -9,35 +9,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::nat::{Behaviour, NatProfile};
 use common::stun::{self, StunPacket};
 use common::stun5780;
 use serde::Serialize;
+
+use crate::portmap::PortMapping;
 use tokio::net::UdpSocket;
-
-/// NAT behaviour for mapping or filtering (RFC 4787).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Behaviour {
-    /// The same for every destination (or anyone may send in).
-    EndpointIndependent,
-    /// Depends on the destination's IP.
-    AddressDependent,
-    /// Depends on the destination's IP and port.
-    AddressAndPortDependent,
-    /// Not measurable (the STUN server offers no alternate address, or UDP is blocked).
-    Unknown,
-}
-
-impl Behaviour {
-    fn words(&self) -> &'static str {
-        match self {
-            Behaviour::EndpointIndependent => "endpoint-independent",
-            Behaviour::AddressDependent => "address-dependent",
-            Behaviour::AddressAndPortDependent => "address-and-port-dependent",
-            Behaviour::Unknown => "unknown",
-        }
-    }
-}
 
 /// What the tests saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,10 +36,12 @@ pub struct Observations {
     pub hairpin: Option<bool>,
     /// A TCP connection to the server's port 443 succeeded.
     pub tcp_443: Option<bool>,
+    /// Every STUN server asked from the same socket: (server, mapped address and round trip).
+    pub servers: Vec<(SocketAddr, Option<(SocketAddr, Duration)>)>,
 }
 
 /// The result, for people and for `--json`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Report {
     /// UDP to the STUN server got an answer.
     pub udp: bool,
@@ -81,8 +61,75 @@ pub struct Report {
     pub port_preserved: Option<bool>,
     /// Packets to our own public address come back (`None`: not tested).
     pub hairpin: Option<bool>,
+    /// Each STUN server asked: what it saw and how far it is.
+    pub servers: Vec<ServerAnswer>,
+    /// What the router offers for port mapping (`None`: not probed).
+    pub port_mapping: Option<PortMapping>,
     /// In plain words, with which peers a direct path will work.
     pub verdict: String,
+}
+
+/// One STUN server's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ServerAnswer {
+    /// The server.
+    pub server: SocketAddr,
+    /// Our address as it saw it (`None`: no answer).
+    pub mapped: Option<SocketAddr>,
+    /// Round trip, ms.
+    pub rtt_ms: Option<f64>,
+}
+
+impl Report {
+    /// The part a peer tells others (in its pongs) so that they can say why a path is relayed.
+    pub fn profile(&self) -> NatProfile {
+        NatProfile {
+            udp: self.udp,
+            no_nat: self.no_nat,
+            mapping: self.mapping,
+            filtering: self.filtering,
+        }
+    }
+}
+
+/// Mapping behaviour from several STUN servers (when the first offers no RFC 5780 discovery):
+/// one public address for every server means endpoint-independent mapping; different ones mean
+/// it depends on the destination, on the port too if two servers share an IP and saw different
+/// ports.
+fn mapping_across_servers(answers: &[(SocketAddr, SocketAddr)]) -> Behaviour {
+    let distinct_ips = answers
+        .iter()
+        .map(|(server, _)| server.ip())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    if answers.len() < 2 {
+        return Behaviour::Unknown;
+    }
+    let first = answers[0].1;
+    if answers.iter().all(|(_, mapped)| *mapped == first) {
+        // Only conclusive if the destinations differed in IP (what address-dependent NATs
+        // look at) .
+        return if distinct_ips >= 2 {
+            Behaviour::EndpointIndependent
+        } else {
+            Behaviour::Unknown
+        };
+    }
+    let same_ip_differs = answers.iter().any(|(s1, m1)| {
+        answers
+            .iter()
+            .any(|(s2, m2)| s1.ip() == s2.ip() && s1.port() != s2.port() && m1 != m2)
+    });
+    let same_ip_same = answers.iter().any(|(s1, m1)| {
+        answers
+            .iter()
+            .any(|(s2, m2)| s1.ip() == s2.ip() && s1.port() != s2.port() && m1 == m2)
+    });
+    if same_ip_same && !same_ip_differs {
+        Behaviour::AddressDependent
+    } else {
+        Behaviour::AddressAndPortDependent
+    }
 }
 
 /// Classifies the observations (RFC 5780 section 4.3 and 4.4).
@@ -95,6 +142,8 @@ pub fn classify(obs: &Observations) -> Report {
         return Report {
             udp: false,
             tcp_443: obs.tcp_443,
+            servers: server_answers(obs),
+            port_mapping: None,
             public_addr: None,
             rtt_ms: None,
             no_nat: false,
@@ -117,6 +166,16 @@ pub fn classify(obs: &Observations) -> Report {
             (_, Some(_), None) => Behaviour::Unknown,
         }
     };
+    let mapping = if mapping == Behaviour::Unknown {
+        let answers: Vec<(SocketAddr, SocketAddr)> = obs
+            .servers
+            .iter()
+            .filter_map(|(server, answer)| answer.map(|(mapped, _)| (*server, mapped)))
+            .collect();
+        mapping_across_servers(&answers)
+    } else {
+        mapping
+    };
     let filtering = match (other, obs.filter_change_both, obs.filter_change_port) {
         (None, _, _) => Behaviour::Unknown,
         (_, Some(true), _) => Behaviour::EndpointIndependent,
@@ -129,6 +188,8 @@ pub fn classify(obs: &Observations) -> Report {
     Report {
         udp: true,
         tcp_443: obs.tcp_443,
+        servers: server_answers(obs),
+        port_mapping: None,
         public_addr: Some(public),
         rtt_ms: Some(rtt.as_secs_f64() * 1000.0),
         no_nat,
@@ -138,6 +199,17 @@ pub fn classify(obs: &Observations) -> Report {
         hairpin: obs.hairpin,
         verdict,
     }
+}
+
+fn server_answers(obs: &Observations) -> Vec<ServerAnswer> {
+    obs.servers
+        .iter()
+        .map(|(server, answer)| ServerAnswer {
+            server: *server,
+            mapped: answer.map(|(m, _)| m),
+            rtt_ms: answer.map(|(_, rtt)| rtt.as_secs_f64() * 1000.0),
+        })
+        .collect()
 }
 
 fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour) -> String {
@@ -155,6 +227,12 @@ fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour) -> String {
             "your NAT keeps one public port per socket but only accepts packets from the exact \
              address and port you sent to (port-restricted cone): direct paths will work with peers \
              behind no NAT or a cone NAT; peers behind symmetric NATs will be relayed"
+                .to_owned()
+        }
+        (EndpointIndependent, Unknown) => {
+            "your NAT keeps one public port per socket (its filtering is unknown: the STUN server \
+             offers no behaviour discovery): direct paths will work with peers behind no NAT or a \
+             cone NAT, and with symmetric NATs only if your NAT lets their new ports in"
                 .to_owned()
         }
         (AddressDependent | AddressAndPortDependent, _) => {
@@ -178,31 +256,37 @@ impl Report {
             None => "not tested",
         };
         let mut out = String::new();
-        out.push_str(&format!(
-            "UDP:              {}\n",
-            if self.udp { "works" } else { "blocked" }
-        ));
-        out.push_str(&format!("TCP 443:          {}\n", yes_no(self.tcp_443)));
+        let mut line = |label: &str, value: &str| {
+            out.push_str(&format!("{:<18}{value}\n", format!("{label}:")));
+        };
+        line("UDP", if self.udp { "works" } else { "blocked" });
+        line("TCP 443", yes_no(self.tcp_443));
         if let Some(public) = self.public_addr {
-            out.push_str(&format!(
-                "public address:   {public}{}\n",
-                if self.no_nat { " (no NAT)" } else { "" }
-            ));
+            let no_nat = if self.no_nat { " (no NAT)" } else { "" };
+            line("public address", &format!("{public}{no_nat}"));
         }
         if let Some(rtt) = self.rtt_ms {
-            out.push_str(&format!("RTT to server:    {rtt:.1} ms\n"));
+            line("RTT to server", &format!("{rtt:.1} ms"));
         }
-        out.push_str(&format!("mapping:          {}\n", self.mapping.words()));
-        out.push_str(&format!("filtering:        {}\n", self.filtering.words()));
-        out.push_str(&format!(
-            "port preserved:   {}\n",
-            yes_no(self.port_preserved)
-        ));
-        out.push_str(&format!("hairpinning:      {}\n", yes_no(self.hairpin)));
-        out.push_str(
-            "port mapping:     not probed (UPnP IGD / NAT-PMP / PCP are not implemented yet)\n",
-        );
-        out.push_str(&format!("verdict:          {}\n", self.verdict));
+        if self.servers.len() > 1 {
+            for answer in &self.servers {
+                let seen = match (answer.mapped, answer.rtt_ms) {
+                    (Some(m), Some(rtt)) => format!("sees {m}, {rtt:.1} ms"),
+                    _ => "no answer".to_owned(),
+                };
+                line("STUN server", &format!("{} {seen}", answer.server));
+            }
+        }
+        line("mapping", self.mapping.words());
+        line("filtering", self.filtering.words());
+        line("port preserved", yes_no(self.port_preserved));
+        line("hairpinning", yes_no(self.hairpin));
+        let mapping = match &self.port_mapping {
+            None => "not probed".to_owned(),
+            Some(pm) => pm.describe(),
+        };
+        line("port mapping", &mapping);
+        line("verdict", &self.verdict);
         out
     }
 }
@@ -256,72 +340,150 @@ async fn ask(
     exchange(socket, &request, transaction, to, wait).await
 }
 
-/// Runs the tests against `server` (a STUN server, ideally with RFC 5780).
-pub async fn run(server: SocketAddr, tcp_443: Option<SocketAddr>) -> std::io::Result<Report> {
-    let bind: SocketAddr = if server.is_ipv4() {
+/// What to test besides the STUN behaviour tests.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Try a TCP connection to this address (the rendezvous's TLS tunnel).
+    pub tcp_443: Option<SocketAddr>,
+    /// Test hairpinning.
+    pub hairpin: bool,
+    /// Probe the default gateway for UPnP IGD, NAT-PMP and PCP.
+    pub port_mapping: bool,
+}
+
+/// Runs the tests against `servers` (STUN servers; the first that offers RFC 5780 behaviour
+/// discovery is used for the mapping and filtering tests, the others are compared with it).
+pub async fn run(servers: &[SocketAddr], options: &Options) -> std::io::Result<Report> {
+    let Some(&first) = servers.first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no STUN server given",
+        ));
+    };
+    let bind: SocketAddr = if first.is_ipv4() {
         "0.0.0.0:0"
     } else {
         "[::]:0"
     }
     .parse()
-    .unwrap_or(server);
+    .unwrap_or(first);
+    let portmap = options
+        .port_mapping
+        .then(|| tokio::spawn(crate::portmap::probe(crate::portmap::default_gateway())));
     let socket = UdpSocket::bind(bind).await?;
     let wait = Duration::from_millis(500);
     let same = (false, false);
     let mut obs = Observations {
-        local: crate::node::local_addrs(socket.local_addr()?, server)
+        local: crate::node::local_addrs(socket.local_addr()?, first)
             .first()
             .copied(),
         ..Observations::default()
     };
-    if let Some((mapped, _, raw, rtt)) = ask(&socket, server, same, wait).await {
-        let (_, other) = stun5780::parse_response_addresses(&raw);
-        obs.primary = Some((mapped, rtt, other));
-        if let Some(other) = other {
-            // Mapping: does the public address change with the destination's IP, then port?
-            let alt_ip = SocketAddr::new(other.ip(), server.port());
-            obs.via_alt_ip = ask(&socket, alt_ip, same, wait).await.map(|r| r.0);
-            if obs.via_alt_ip.is_some() && obs.via_alt_ip != Some(mapped) {
-                obs.via_alt_both = ask(&socket, other, same, wait).await.map(|r| r.0);
-            }
-            // Filtering is tested from a fresh socket (a fresh mapping) that has only ever sent to
-            // the primary address: the mapping tests above opened the first socket's filter to
-            // the alternate IP.
-            let fresh = UdpSocket::bind(bind).await?;
-            let both = ask(&fresh, server, (true, true), wait).await.is_some();
-            obs.filter_change_both = Some(both);
-            if !both {
-                obs.filter_change_port =
-                    Some(ask(&fresh, server, (false, true), wait).await.is_some());
-            }
-        }
-        // Hairpinning: a datagram sent from another local socket to this socket's public
-        // address comes back in through the NAT (as it would from a peer on the same LAN).
-        let probe = stun::binding_request(rand::random());
-        let other_socket = UdpSocket::bind(bind).await?;
-        if other_socket.send_to(&probe, mapped).await.is_ok() {
-            let mut buf = [0u8; 1500];
-            let back = tokio::time::timeout(Duration::from_millis(700), async {
-                loop {
-                    match socket.recv_from(&mut buf).await {
-                        Ok((n, _)) if buf[..n] == probe[..] => return true,
-                        Ok(_) => continue,
-                        Err(_) => return false,
-                    }
+    // Test I against every server, from one socket.
+    let mut discovery = None;
+    for &server in servers {
+        let answer = ask(&socket, server, same, wait).await;
+        obs.servers
+            .push((server, answer.as_ref().map(|(m, _, _, rtt)| (*m, *rtt))));
+        if let Some((mapped, _, raw, rtt)) = answer {
+            let (_, other) = stun5780::parse_response_addresses(&raw);
+            if obs.primary.is_none() || (discovery.is_none() && other.is_some()) {
+                obs.primary = Some((mapped, rtt, other));
+                if other.is_some() {
+                    discovery = Some(server);
                 }
-            })
-            .await;
-            obs.hairpin = Some(back.unwrap_or(false));
+            }
         }
     }
-    if let Some(tcp) = tcp_443 {
+    if let (Some(server), Some((mapped, _, Some(other)))) = (discovery, obs.primary) {
+        // Mapping: does the public address change with the destination's IP, then port?
+        let alt_ip = SocketAddr::new(other.ip(), server.port());
+        obs.via_alt_ip = ask(&socket, alt_ip, same, wait).await.map(|r| r.0);
+        if obs.via_alt_ip.is_some() && obs.via_alt_ip != Some(mapped) {
+            obs.via_alt_both = ask(&socket, other, same, wait).await.map(|r| r.0);
+        }
+        // Filtering is tested from a fresh socket (a fresh mapping) that has only ever sent to
+        // the primary address: the mapping tests above opened the first socket's filter to
+        // the alternate IP.
+        let fresh = UdpSocket::bind(bind).await?;
+        let both = ask(&fresh, server, (true, true), wait).await.is_some();
+        obs.filter_change_both = Some(both);
+        if !both {
+            obs.filter_change_port = Some(ask(&fresh, server, (false, true), wait).await.is_some());
+        }
+    }
+    if let (true, Some((mapped, _, _))) = (options.hairpin, obs.primary) {
+        obs.hairpin = Some(hairpin(&socket, mapped, first, bind, wait).await?);
+    }
+    if let Some(tcp) = options.tcp_443 {
         let connect = tokio::net::TcpStream::connect(tcp);
         obs.tcp_443 = Some(matches!(
             tokio::time::timeout(Duration::from_secs(3), connect).await,
             Ok(Ok(_))
         ));
     }
-    Ok(classify(&obs))
+    let mut report = classify(&obs);
+    if let Some(task) = portmap {
+        report.port_mapping = task.await.ok();
+    }
+    Ok(report)
+}
+
+/// Waits for a datagram equal to `expected` on `socket`.
+async fn heard(socket: &UdpSocket, expected: &[u8]) -> bool {
+    let mut buf = [0u8; 1500];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, _)) if buf[..n] == *expected => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Hairpinning (RFC 5780 section 4.5, made robust to filtering): a second socket learns its own
+/// public address; both sockets send to each other's public address, as two peers on the same
+/// LAN would when punching. Hairpinning works if either datagram comes back in through the NAT.
+/// Sending both ways matters: a NAT that filters by address and port only lets a hairpinned
+/// datagram in once the receiving socket has sent to the sender's public address.
+async fn hairpin(
+    socket: &UdpSocket,
+    mapped: SocketAddr,
+    server: SocketAddr,
+    bind: SocketAddr,
+    wait: Duration,
+) -> std::io::Result<bool> {
+    let second = UdpSocket::bind(bind).await?;
+    let Some((second_mapped, _, _, _)) = ask(&second, server, (false, false), wait).await else {
+        return Ok(false);
+    };
+    let probe_first: [u8; 12] = rand::random();
+    let probe_second: [u8; 12] = rand::random();
+    let first_probe = stun::binding_request(probe_first);
+    let second_probe = stun::binding_request(probe_second);
+    let listen = async {
+        tokio::select! {
+            true = heard(socket, &second_probe) => true,
+            true = heard(&second, &first_probe) => true,
+            else => false,
+        }
+    };
+    let send = async {
+        for _ in 0..3 {
+            let _ = socket.send_to(&first_probe, second_mapped).await;
+            let _ = second.send_to(&second_probe, mapped).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    let result = tokio::time::timeout(Duration::from_millis(900), async {
+        tokio::select! {
+            r = listen => r,
+            _ = send => false,
+        }
+    })
+    .await;
+    Ok(result.unwrap_or(false))
 }
 
 #[cfg(test)]

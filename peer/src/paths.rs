@@ -55,6 +55,34 @@ pub enum LinkEvent {
 struct LinkHandle {
     conn_id: usize,
     tx: mpsc::Sender<LinkEvent>,
+    conn: quinn::Connection,
+    status: Arc<Mutex<LinkStatus>>,
+}
+
+/// Where a link stands, for `peer status` and `peer ping`.
+#[derive(Debug, Clone)]
+pub struct LinkStatus {
+    /// The path packets take now.
+    pub path: Current,
+    /// How the direct path was found (when direct).
+    pub describe: &'static str,
+    /// When the connection's link started.
+    pub started: Instant,
+    /// When the current path was taken.
+    pub since: Instant,
+    /// Why the last punch found no direct path (cleared when one is proven).
+    pub punch_failure: Option<String>,
+}
+
+/// One connection as `peer status` shows it.
+#[derive(Debug, Clone)]
+pub struct LinkInfo {
+    /// The other side.
+    pub peer: PeerId,
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// Its path.
+    pub status: LinkStatus,
 }
 
 /// Everything the path keepers share. Cheap to clone.
@@ -72,6 +100,8 @@ pub struct PathKeeper {
     pub console: Console,
     /// Show probe exchanges.
     pub verbose: bool,
+    /// Our NAT, once measured.
+    pub nat: watch::Receiver<Option<crate::netcheck::Report>>,
     table: Arc<Mutex<LinkTable>>,
 }
 
@@ -92,6 +122,7 @@ impl PathKeeper {
         session: Session,
         console: Console,
         verbose: bool,
+        nat: watch::Receiver<Option<crate::netcheck::Report>>,
     ) -> Self {
         PathKeeper {
             node,
@@ -100,8 +131,59 @@ impl PathKeeper {
             session,
             console,
             verbose,
+            nat,
             table: Arc::default(),
         }
+    }
+
+    /// Every connection with a link, by peer.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        let Ok(table) = self.table.lock() else {
+            return Vec::new();
+        };
+        let mut links: Vec<LinkInfo> = table
+            .links
+            .iter()
+            .filter(|(_, h)| h.conn.close_reason().is_none())
+            .map(|(peer, h)| LinkInfo {
+                peer: *peer,
+                conn: h.conn.clone(),
+                status: h
+                    .status
+                    .lock()
+                    .map(|s| s.clone())
+                    .unwrap_or_else(|p| p.into_inner().clone()),
+            })
+            .collect();
+        links.sort_by_key(|l| l.status.started);
+        links
+    }
+
+    /// The link of `conn`, if it has one.
+    pub fn link_of_conn(&self, conn: &quinn::Connection) -> Option<LinkInfo> {
+        let id = conn.stable_id();
+        self.links().into_iter().find(|l| l.conn.stable_id() == id)
+    }
+
+    /// The live connection to `peer`, if there is one.
+    pub fn link(&self, peer: &PeerId) -> Option<LinkInfo> {
+        self.links().into_iter().find(|l| l.peer == *peer)
+    }
+
+    /// Tells the rendezvous how a punch we asked for ended (its operator counts successes).
+    /// Best effort: the request ends by itself within the request timeout.
+    pub fn report_punch(&self, peer: PeerId, direct: bool) {
+        let session = self.session.clone();
+        tokio::spawn(async move {
+            let _ = session
+                .request(&ControlMessage::PunchResult { peer, direct })
+                .await;
+        });
+    }
+
+    /// Our NAT's profile, if measured.
+    pub fn nat_profile(&self) -> Option<common::nat::NatProfile> {
+        self.nat.borrow().as_ref().map(|r| r.profile())
     }
 
     /// How relayed traffic travels now, for the user.
@@ -194,6 +276,14 @@ impl PathKeeper {
             PathTarget::Udp(addr) => Current::Direct(addr),
         };
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let now = Instant::now();
+        let status = Arc::new(Mutex::new(LinkStatus {
+            path: initial,
+            describe,
+            started: now,
+            since: now,
+            punch_failure: None,
+        }));
         let early = match self.table.lock() {
             Ok(mut table) => {
                 table.links.insert(
@@ -201,6 +291,8 @@ impl PathKeeper {
                     LinkHandle {
                         conn_id: conn.stable_id(),
                         tx: tx.clone(),
+                        conn: conn.clone(),
+                        status: status.clone(),
                     },
                 );
                 table
@@ -217,7 +309,7 @@ impl PathKeeper {
         let keeper = self.clone();
         tokio::spawn(async move {
             keeper
-                .run_link(peer, conn, quinn_addr, initial, describe, tx, rx)
+                .run_link(peer, conn, quinn_addr, initial, describe, tx, rx, status)
                 .await
         });
     }
@@ -232,7 +324,13 @@ impl PathKeeper {
         mut describe: &'static str,
         tx: mpsc::Sender<LinkEvent>,
         mut rx: mpsc::Receiver<LinkEvent>,
+        status: Arc<Mutex<LinkStatus>>,
     ) {
+        let update = |f: &dyn Fn(&mut LinkStatus)| {
+            if let Ok(mut s) = status.lock() {
+                f(&mut s);
+            }
+        };
         self.relay.set_quinn_addr(peer, quinn_addr);
         let mut selector = PathSelector::new(initial, Instant::now(), PathConfig::default());
         let nonce = rand::random::<u64>();
@@ -252,6 +350,10 @@ impl PathKeeper {
             while let Some(action) = selector.poll(now) {
                 match action {
                     Action::Switch(Current::Relay) => {
+                        update(&|s| {
+                            s.path = Current::Relay;
+                            s.since = Instant::now();
+                        });
                         self.node
                             .socket
                             .set_route(quinn_addr, PathTarget::Virtual(self.relay.sink(&peer)));
@@ -260,6 +362,12 @@ impl PathKeeper {
                             .await;
                     }
                     Action::Switch(Current::Direct(addr)) => {
+                        update(&|s| {
+                            s.path = Current::Direct(addr);
+                            s.describe = describe;
+                            s.since = Instant::now();
+                            s.punch_failure = None;
+                        });
                         self.node
                             .socket
                             .set_route(quinn_addr, PathTarget::Udp(addr));
@@ -300,6 +408,7 @@ impl PathKeeper {
                         selector.direct_proven(addr, Instant::now());
                     }
                     Some(LinkEvent::PunchFailed(reason)) => {
+                        update(&|s| s.punch_failure = Some(reason.clone()));
                         // Say once why the connection stays relayed; later retries only in -v.
                         if !explained && selector.current() == Current::Relay {
                             explained = true;
@@ -364,11 +473,17 @@ impl PathKeeper {
         };
         self.prepare(peer, &candidates);
         match self.punch(peer, nonce, Role::Initiator, &candidates).await {
-            State::Direct(path) => LinkEvent::DirectProven {
-                addr: path.addr,
-                describe: path.kind.describe(),
-            },
-            State::Failed(report) => LinkEvent::PunchFailed(report.reason()),
+            State::Direct(path) => {
+                self.report_punch(peer, true);
+                LinkEvent::DirectProven {
+                    addr: path.addr,
+                    describe: path.kind.describe(),
+                }
+            }
+            State::Failed(report) => {
+                self.report_punch(peer, false);
+                LinkEvent::PunchFailed(report.reason())
+            }
             State::Probing => LinkEvent::PunchFailed("punch stopped".into()),
         }
     }

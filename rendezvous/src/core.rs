@@ -81,6 +81,10 @@ pub struct Counters {
     pub queries: u64,
     /// Introductions made (`punch` sent to both sides).
     pub punches: u64,
+    /// Introductions whose requester reported a direct path.
+    pub punches_succeeded: u64,
+    /// Introductions whose requester reported that punching found no direct path.
+    pub punches_failed: u64,
     /// Requests refused as invalid.
     pub rejected: u64,
 }
@@ -183,6 +187,27 @@ impl Registry {
             ControlMessage::Ping { seq } => {
                 let mut outcome = self.touch(id, observed, now);
                 outcome.reply = Some(ControlMessage::Pong { seq });
+                outcome
+            }
+            ControlMessage::PunchResult { peer, direct } => {
+                let introduced = self
+                    .introductions
+                    .get(&pair(id, peer))
+                    .is_some_and(|expires| *expires > now);
+                if !introduced {
+                    self.counters.rejected += 1;
+                    return Outcome::error(
+                        ErrorCode::BadRequest,
+                        format!("no recent introduction to {peer} to report on"),
+                    );
+                }
+                if direct {
+                    self.counters.punches_succeeded += 1;
+                } else {
+                    self.counters.punches_failed += 1;
+                }
+                let mut outcome = self.touch(id, observed, now);
+                outcome.reply = Some(ControlMessage::Ack {});
                 outcome
             }
             other => {
@@ -563,6 +588,63 @@ mod tests {
         assert_eq!(*pushed_nonce, nonce);
         assert_eq!(pushed[0].addr, addr(4000));
         assert_eq!(reg.counters().punches, 1);
+    }
+
+    #[test]
+    fn punch_results_are_counted_only_after_an_introduction() {
+        let mut reg = Registry::new([], 7);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(2), 5000);
+        let report = |direct| ControlMessage::PunchResult {
+            peer: id(2),
+            direct,
+        };
+        let out = reg.handle(1, id(1), addr(4000), report(true), T0);
+        assert!(
+            matches!(
+                out.reply,
+                Some(ControlMessage::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                })
+            ),
+            "{:?}",
+            out.reply
+        );
+        reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
+        let out = reg.handle(1, id(1), addr(4000), report(true), T0);
+        assert_eq!(out.reply, Some(ControlMessage::Ack {}));
+        // Either side of the introduction may report.
+        let out = reg.handle(
+            2,
+            id(2),
+            addr(5000),
+            ControlMessage::PunchResult {
+                peer: id(1),
+                direct: false,
+            },
+            T0,
+        );
+        assert_eq!(out.reply, Some(ControlMessage::Ack {}));
+        let counters = reg.counters();
+        assert_eq!(
+            (
+                counters.punches,
+                counters.punches_succeeded,
+                counters.punches_failed
+            ),
+            (1, 1, 1)
+        );
+        // Not after the introduction expired.
+        let late = T0 + INTRODUCTION_TTL + time::Duration::seconds(1);
+        let out = reg.handle(1, id(1), addr(4000), report(true), late);
+        assert!(matches!(out.reply, Some(ControlMessage::Error { .. })));
     }
 
     #[test]

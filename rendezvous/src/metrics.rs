@@ -25,6 +25,12 @@ pub struct Snapshot {
     pub queries: u64,
     /// Introductions made (punches requested).
     pub introductions: u64,
+    /// Punches that proved a direct path, as reported by the peers.
+    pub punches_succeeded: u64,
+    /// Punches that found no direct path, as reported by the peers.
+    pub punches_failed: u64,
+    /// Error replies sent, by code.
+    pub error_replies: Vec<(&'static str, u64)>,
     /// Requests refused as invalid.
     pub rejected: u64,
     /// Relay: sessions, packets, bytes.
@@ -78,6 +84,27 @@ pub fn render(s: &Snapshot) -> String {
         "counter",
         "Introductions (punch requests sent to both peers).",
         &[("", s.introductions)],
+    );
+    metric(
+        "rendezvous_punch_results_total",
+        "counter",
+        "Punch outcomes reported by the peers that asked for the introduction.",
+        &[
+            ("{result=\"direct\"}", s.punches_succeeded),
+            ("{result=\"failed\"}", s.punches_failed),
+        ],
+    );
+    let errors: Vec<(String, u64)> = s
+        .error_replies
+        .iter()
+        .map(|(code, n)| (format!("{{code=\"{code}\"}}"), *n))
+        .collect();
+    let errors: Vec<(&str, u64)> = errors.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        "rendezvous_error_replies_total",
+        "counter",
+        "Requests answered with an error (malformed, unknown type, too large, rate limited, ...), by code.",
+        &errors,
     );
     metric(
         "rendezvous_rejected_requests_total",
@@ -140,6 +167,9 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
         registrations: counters.registrations,
         queries: counters.queries,
         introductions: counters.punches,
+        punches_succeeded: counters.punches_succeeded,
+        punches_failed: counters.punches_failed,
+        error_replies: shared.rejections.snapshot(),
         rejected: counters.rejected,
         relay_sessions: get(&relay.sessions),
         relay_packets: get(&relay.packets),
@@ -229,8 +259,12 @@ mod tests {
                 ("quota", 0),
             ],
             stun: [("answered", 5), ("rate_limited", 0), ("ignored", 1)],
+            punches_succeeded: 4,
+            error_replies: vec![("bad_request", 2), ("too_large", 1)],
             ..Snapshot::default()
         });
+        assert!(text.contains("rendezvous_punch_results_total{result=\"direct\"} 4\n"));
+        assert!(text.contains("rendezvous_error_replies_total{code=\"too_large\"} 1\n"));
         assert!(text
             .contains("# TYPE rendezvous_registered_peers gauge\nrendezvous_registered_peers 3\n"));
         assert!(

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,42 @@ pub(crate) struct Shared {
     limits: Limits,
     pub(crate) relay: Arc<RelayHub>,
     pub(crate) stun: Arc<crate::stun::StunCounters>,
+    pub(crate) rejections: Rejections,
+}
+
+/// Error replies sent, by code: what clients got wrong (or were refused), for the operator.
+#[derive(Debug, Default)]
+pub(crate) struct Rejections {
+    counts: [AtomicU64; REJECTION_CODES.len()],
+}
+
+/// The codes counted, in the order of [`Rejections::snapshot`].
+pub(crate) const REJECTION_CODES: [(ErrorCode, &str); 8] = [
+    (ErrorCode::BadRequest, "bad_request"),
+    (ErrorCode::UnknownType, "unknown_type"),
+    (ErrorCode::TooLarge, "too_large"),
+    (ErrorCode::NotRegistered, "not_registered"),
+    (ErrorCode::UnsupportedVersion, "unsupported_version"),
+    (ErrorCode::RateLimited, "rate_limited"),
+    (ErrorCode::NotFound, "not_found"),
+    (ErrorCode::PeerOffline, "peer_offline"),
+];
+
+impl Rejections {
+    fn count(&self, code: ErrorCode) {
+        if let Some(i) = REJECTION_CODES.iter().position(|(c, _)| *c == code) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (reason label, count) for every counted code.
+    pub(crate) fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        REJECTION_CODES
+            .iter()
+            .zip(&self.counts)
+            .map(|((_, label), n)| (*label, n.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 /// Locks a mutex, recovering the data if another thread panicked while holding it: the registry
@@ -92,6 +129,7 @@ impl Shared {
             limits,
             relay: Arc::new(relay),
             stun,
+            rejections: Rejections::default(),
         })
     }
 
@@ -263,7 +301,15 @@ fn peer_id_of(conn: &Connection) -> Result<PeerId, ConnError> {
     certs::peer_id_of_cert(&cert).map_err(|e| ConnError::Identity(e.to_string()))
 }
 
-async fn send(stream: &mut SendStream, msg: &ControlMessage) -> Result<(), ConnError> {
+/// Sends a reply or push; error replies are counted by code for the operator.
+async fn send(
+    shared: &Shared,
+    stream: &mut SendStream,
+    msg: &ControlMessage,
+) -> Result<(), ConnError> {
+    if let ControlMessage::Error { code, .. } = msg {
+        shared.rejections.count(*code);
+    }
     write_frame(stream, &msg.encode()).await?;
     Ok(())
 }
@@ -293,7 +339,7 @@ async fn handle_connection(
             .map_err(|_| ConnError::Timeout("register"))?;
         let first = match first {
             Some(Ok(body)) => body,
-            Some(Err(e)) => return Err(reject_frame(&conn, &mut control_tx, e).await),
+            Some(Err(e)) => return Err(reject_frame(&shared, &conn, &mut control_tx, e).await),
             None => return Err(ConnError::Protocol("control stream closed before register".into())),
         };
         let msg = match ControlMessage::decode(&first) {
@@ -303,12 +349,12 @@ async fn handle_connection(
                     ErrorCode::NotRegistered,
                     format!("the first message must be `register`, got `{}`", other.kind()),
                 );
-                send(&mut control_tx, &err).await?;
+                send(&shared, &mut control_tx, &err).await?;
                 finish_and_wait(&mut control_tx).await;
                 return Err(ConnError::Protocol("no register".into()));
             }
             Err(e) => {
-                send(&mut control_tx, &ControlMessage::error(e.code(), e.to_string())).await?;
+                send(&shared, &mut control_tx, &ControlMessage::error(e.code(), e.to_string())).await?;
                 finish_and_wait(&mut control_tx).await;
                 return Err(ConnError::Protocol(e.to_string()));
             }
@@ -318,7 +364,7 @@ async fn handle_connection(
             .await;
         let registered = matches!(reply, Some(ControlMessage::Registered { .. }));
         if let Some(reply) = reply {
-            send(&mut control_tx, &reply).await?;
+            send(&shared, &mut control_tx, &reply).await?;
         }
         if !registered {
             finish_and_wait(&mut control_tx).await;
@@ -353,13 +399,13 @@ async fn handle_connection(
                             Some(ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down"))
                         };
                         if let Some(reply) = reply {
-                            send(&mut control_tx, &reply).await?;
+                            send(&shared, &mut control_tx, &reply).await?;
                         }
                     }
-                    Some(Err(e)) => break Err(reject_frame(&conn, &mut control_tx, e).await),
+                    Some(Err(e)) => break Err(reject_frame(&shared, &conn, &mut control_tx, e).await),
                     None => break Ok(()),
                 },
-                Some(push) = push_rx.recv() => send(&mut control_tx, &push).await?,
+                Some(push) = push_rx.recv() => send(&shared, &mut control_tx, &push).await?,
                 stream = conn.accept_bi() => match stream {
                     Ok((tx, rx)) => {
                         let allowed = limiter.try_take(Instant::now());
@@ -402,6 +448,7 @@ async fn finish_and_wait(stream: &mut SendStream) {
 /// Answers a bad frame on the control stream and closes the connection: after a bad length the
 /// stream cannot be resynchronised.
 async fn reject_frame(
+    shared: &Shared,
     conn: &Connection,
     control_tx: &mut SendStream,
     err: FrameIoError,
@@ -410,7 +457,12 @@ async fn reject_frame(
         FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
         _ => ErrorCode::BadRequest,
     };
-    let _ = send(control_tx, &ControlMessage::error(code, err.to_string())).await;
+    let _ = send(
+        shared,
+        control_tx,
+        &ControlMessage::error(code, err.to_string()),
+    )
+    .await;
     // Give the error a moment to leave before the close frame discards unsent data.
     finish_and_wait(control_tx).await;
     conn.close(CLOSE_PROTOCOL.into(), b"bad frame");
@@ -463,7 +515,7 @@ async fn handle_request(
                         max_packet: common::relay::MAX_RELAY_PACKET as u32,
                         rate_bytes_per_s: limits.rate_bytes_per_s,
                     };
-                    send(&mut tx, &ready).await?;
+                    send(shared, &mut tx, &ready).await?;
                     tracing::debug!(peer = %id, "relay stream open");
                     let allowed = |to: PeerId| {
                         lock(&shared.registry)
@@ -485,7 +537,7 @@ async fn handle_request(
             },
         }
     };
-    send(&mut tx, &reply).await?;
+    send(shared, &mut tx, &reply).await?;
     let _ = tx.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
     Ok(())

@@ -1,0 +1,481 @@
+//! The local control socket: `peer status` and `peer ping` talk to the peer already running with
+//! the same config dir (`listen`, `connect`, `send`) through `<config dir>/control.sock`, a Unix
+//! socket only its owner can open. A second process with the same identity must not register
+//! itself: the rendezvous would then send the running peer's introductions to it.
+//!
+//! One request per connection, as length-prefixed JSON frames (the same codec as everywhere):
+//! `status` is answered with one `status` frame; `ping` with a `ping_reply` frame per pong and a
+//! final `ping_done`.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::frame_io::{read_frame, write_frame};
+use common::PeerId;
+use punch::path::Current;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::netcheck::Report;
+use crate::paths::PathKeeper;
+use crate::ping::{PingOptions, PingReply, PingSummary};
+use crate::session::SessionState;
+
+/// Clients served at once.
+const MAX_CLIENTS: usize = 16;
+/// Connections listed in a status report.
+const MAX_LISTED: usize = 256;
+/// A client must send its request within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The socket's path in a config dir.
+pub fn socket_path(config_dir: &Path) -> PathBuf {
+    config_dir.join("control.sock")
+}
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The peer's state.
+    Status {},
+    /// Ping a peer (connecting first if needed).
+    Ping {
+        /// Whom.
+        peer: PeerId,
+        /// How.
+        options: PingOptions,
+    },
+}
+
+/// What the running peer answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to `status`.
+    Status(Box<StatusReport>),
+    /// One pong.
+    PingReply(PingReply),
+    /// The ping is over.
+    PingDone(Box<PingSummary>),
+    /// Connecting (before the first pong): what the dial found.
+    PingConnected {
+        /// `connected to ... in N ms: path`.
+        message: String,
+    },
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// `peer status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Our id.
+    pub id: PeerId,
+    /// The command the peer runs (`listen`, `connect`, `send`).
+    pub mode: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_s: f64,
+    /// The rendezvous, as given.
+    pub server: String,
+    /// The registration.
+    pub registration: RegistrationStatus,
+    /// Our UDP socket.
+    pub local_addr: Option<SocketAddr>,
+    /// The relay stream through the rendezvous is open.
+    pub relay_ready: bool,
+    /// Our NAT, as measured against the rendezvous at start (`None`: not finished yet).
+    pub nat: Option<Report>,
+    /// Open peer connections.
+    pub connections: Vec<ConnectionStatus>,
+}
+
+/// Where the registration stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationStatus {
+    /// `registered`, `connecting` or `failed`.
+    pub state: String,
+    /// Our public address as the rendezvous sees it.
+    pub observed: Option<SocketAddr>,
+    /// Registered through the TCP 443 tunnel.
+    pub over_tcp: bool,
+    /// Registrations so far in this process.
+    pub generation: u64,
+    /// The last error (when not registered).
+    pub error: Option<String>,
+}
+
+/// One peer connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    /// The other side.
+    pub peer: PeerId,
+    /// Its path, for people.
+    pub path: String,
+    /// The peer's address on the direct path (when direct).
+    pub direct_addr: Option<SocketAddr>,
+    /// QUIC's smoothed round trip, ms.
+    pub rtt_ms: f64,
+    /// UDP payload bytes sent on this connection (all paths).
+    pub tx_bytes: u64,
+    /// UDP payload bytes received.
+    pub rx_bytes: u64,
+    /// Seconds since the connection started.
+    pub age_s: f64,
+    /// Seconds on the current path.
+    pub on_path_s: f64,
+    /// Why the last punch found no direct path.
+    pub punch_failure: Option<String>,
+}
+
+/// What the control server needs from the running peer.
+#[derive(Clone)]
+pub struct ControlContext {
+    /// Paths, links, session, NAT.
+    pub keeper: PathKeeper,
+    /// The command running.
+    pub mode: &'static str,
+    /// The rendezvous, as given.
+    pub server: String,
+    /// Where the config lives (peer cache).
+    pub config_dir: PathBuf,
+    /// When the process started.
+    pub started: Instant,
+    /// How long a dial for a ping may take.
+    pub dial_timeout: Duration,
+}
+
+impl ControlContext {
+    /// A status report now.
+    pub fn status(&self) -> StatusReport {
+        let keeper = &self.keeper;
+        let registration = match keeper.session.state() {
+            SessionState::Registered(reg) => RegistrationStatus {
+                state: "registered".into(),
+                observed: Some(reg.observed),
+                over_tcp: reg.over_tcp,
+                generation: reg.generation,
+                error: None,
+            },
+            SessionState::Connecting { last_error } => RegistrationStatus {
+                state: "connecting".into(),
+                observed: None,
+                over_tcp: false,
+                generation: 0,
+                error: last_error,
+            },
+            SessionState::Fatal(e) => RegistrationStatus {
+                state: "failed".into(),
+                observed: None,
+                over_tcp: false,
+                generation: 0,
+                error: Some(e),
+            },
+        };
+        let connections = keeper
+            .links()
+            .into_iter()
+            .take(MAX_LISTED)
+            .map(|link| {
+                let stats = link.conn.stats();
+                let (path, direct_addr) = match link.status.path {
+                    Current::Direct(addr) => (
+                        format!("direct to {addr} ({})", link.status.describe),
+                        Some(addr),
+                    ),
+                    Current::Relay => (keeper.relay_label().to_owned(), None),
+                };
+                ConnectionStatus {
+                    peer: link.peer,
+                    path,
+                    direct_addr,
+                    rtt_ms: link.conn.rtt().as_secs_f64() * 1000.0,
+                    tx_bytes: stats.udp_tx.bytes,
+                    rx_bytes: stats.udp_rx.bytes,
+                    age_s: link.status.started.elapsed().as_secs_f64(),
+                    on_path_s: link.status.since.elapsed().as_secs_f64(),
+                    punch_failure: link.status.punch_failure,
+                }
+            })
+            .collect();
+        StatusReport {
+            id: keeper.node.identity.id(),
+            mode: self.mode.to_owned(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            server: self.server.clone(),
+            registration,
+            local_addr: keeper.node.local_addr().ok(),
+            relay_ready: keeper.relay.is_ready(),
+            nat: keeper.nat.borrow().clone(),
+            connections,
+        }
+    }
+}
+
+/// Why the control socket could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another peer runs with this config dir and serves the socket.
+    #[error("another peer already runs with this config dir (its control socket {0} answers)")]
+    InUse(PathBuf),
+    /// The socket could not be created.
+    #[error("cannot create the control socket {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the control socket; a socket file left by a peer that is gone is replaced.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match UnixListener::bind(path) {
+        Ok(listener) => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            Ok(listener)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io)?;
+            let listener = UnixListener::bind(path).map_err(io)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            Ok(listener)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Serves the control socket until `shutdown`; removes the socket file at the end.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    ctx: ControlContext,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut clients = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    // Too many clients: refuse this one without waiting for it.
+                    drop(stream);
+                    continue;
+                };
+                let ctx = ctx.clone();
+                clients.spawn(async move {
+                    handle(stream, ctx).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = clients.join_next(), if !clients.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    clients.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn send(stream: &mut UnixStream, reply: &Reply) -> bool {
+    let body = serde_json::to_vec(reply).unwrap_or_else(|_| b"{}".to_vec());
+    write_frame(stream, &body).await.is_ok()
+}
+
+async fn handle(mut stream: UnixStream, ctx: ControlContext) {
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream)).await {
+        Ok(Ok(Some(body))) => serde_json::from_slice::<Request>(&body).map_err(|e| e.to_string()),
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no request within 5 s".to_owned()),
+    };
+    match request {
+        Err(message) => {
+            send(&mut stream, &Reply::Error { message }).await;
+        }
+        Ok(Request::Status {}) => {
+            send(&mut stream, &Reply::Status(Box::new(ctx.status()))).await;
+        }
+        Ok(Request::Ping { peer, options }) => {
+            let (tx, mut rx) = mpsc::channel(64);
+            let ping = tokio::spawn(ping_for_client(ctx, peer, options, tx));
+            while let Some(reply) = rx.recv().await {
+                if !send(&mut stream, &reply).await {
+                    // The client went away: stop pinging for it.
+                    ping.abort();
+                    return;
+                }
+            }
+            let _ = ping.await;
+        }
+    }
+}
+
+/// Pings `peer` on its open connection, or dials it first (closing that connection after).
+async fn ping_for_client(
+    ctx: ControlContext,
+    peer: PeerId,
+    options: PingOptions,
+    out: mpsc::Sender<Reply>,
+) {
+    let keeper = &ctx.keeper;
+    if peer == keeper.node.identity.id() {
+        let message = format!("{peer} is this peer's own id");
+        let _ = out.send(Reply::Error { message }).await;
+        return;
+    }
+    let started = Instant::now();
+    let (conn, connect_ms, ours) = match keeper.link(&peer) {
+        Some(link) => (link.conn, None, false),
+        None => {
+            let (mut cache, _) = crate::cache::PeerCache::load(&ctx.config_dir.join("peers.json"));
+            match crate::dial::establish(keeper, &mut cache, peer, ctx.dial_timeout, false).await {
+                Ok((conn, via)) => {
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    keeper.start_link(peer, conn.clone(), via.describe);
+                    crate::dial::answer_pings(keeper.clone(), conn.clone());
+                    let message = format!("connected to {peer} in {ms:.0} ms: {}", via.text);
+                    let _ = out.send(Reply::PingConnected { message }).await;
+                    (conn, Some(ms), true)
+                }
+                Err(e) => {
+                    let message = format!("cannot connect to {peer}: {e:#}");
+                    let _ = out.send(Reply::Error { message }).await;
+                    return;
+                }
+            }
+        }
+    };
+    let (replies_tx, mut replies) = mpsc::channel(16);
+    let forward = {
+        let out = out.clone();
+        tokio::spawn(async move {
+            while let Some(reply) = replies.recv().await {
+                if out.send(Reply::PingReply(reply)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let result = crate::ping::run(
+        keeper,
+        peer,
+        &conn,
+        options,
+        started,
+        connect_ms,
+        &replies_tx,
+    )
+    .await;
+    drop(replies_tx);
+    let _ = forward.await;
+    if ours {
+        conn.close(0u32.into(), b"ping done");
+    }
+    let reply = match result {
+        Ok(summary) => Reply::PingDone(Box::new(summary)),
+        Err(message) => Reply::Error { message },
+    };
+    let _ = out.send(reply).await;
+}
+
+/// Why a request to the running peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No peer runs with this config dir.
+    #[error("no peer is running with this config dir (no control socket at {0})")]
+    NotRunning(PathBuf),
+    /// The exchange failed.
+    #[error("talking to the running peer failed: {0}")]
+    Failed(String),
+}
+
+/// Sends `request` to the running peer and hands each reply to `on_reply` until it returns
+/// false or the peer closes the connection.
+pub async fn request(
+    config_dir: &Path,
+    request: &Request,
+    mut on_reply: impl FnMut(Reply) -> bool,
+) -> Result<(), ClientError> {
+    let path = socket_path(config_dir);
+    let mut stream = match UnixStream::connect(&path).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ClientError::NotRunning(path))
+        }
+        Err(e) => return Err(ClientError::Failed(e.to_string())),
+    };
+    let body = serde_json::to_vec(request).map_err(|e| ClientError::Failed(e.to_string()))?;
+    write_frame(&mut stream, &body)
+        .await
+        .map_err(|e| ClientError::Failed(e.to_string()))?;
+    loop {
+        let Some(body) = read_frame(&mut stream)
+            .await
+            .map_err(|e| ClientError::Failed(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        let reply: Reply = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Failed(format!("bad reply: {e}")))?;
+        if !on_reply(reply) {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_strict_json() {
+        let ping: Request = serde_json::from_str(
+            r#"{"type":"ping","peer":"768c29f3-da78-8bc8-b5cb-ccb05df19e88",
+                "options":{"count":3,"interval_ms":100,"until_direct":false,"timeout_ms":5000}}"#,
+        )
+        .unwrap();
+        assert!(matches!(ping, Request::Ping { options, .. } if options.count == 3));
+        assert!(serde_json::from_str::<Request>(r#"{"type":"status"}"#).is_ok());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"status","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"reboot"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+        let dir = std::env::temp_dir().join(format!("p2p-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = socket_path(&dir);
+        let _ = std::fs::remove_file(&path);
+        let first = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
+        drop(first);
+        // The file is still there, but nobody listens: taken over.
+        let _second = bind(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,240 @@
+//! Connecting to a peer: cache first, then an introduction by the rendezvous; the connection
+//! starts on the relay and moves to a direct path as soon as punching proves one.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use common::{ControlMessage, ErrorCode, PeerId};
+
+use crate::cache::PeerCache;
+use crate::paths::{self, PathKeeper};
+use crate::relay;
+
+/// The path a connection was made on, for the user.
+pub struct Via {
+    /// `direct to ADDR (how)` or `relayed via rendezvous (UDP)`.
+    pub text: String,
+    /// How the path was found, for the link's later messages.
+    pub describe: &'static str,
+}
+
+impl Via {
+    fn direct(addr: SocketAddr, describe: &'static str) -> Via {
+        Via {
+            text: format!("direct to {addr} ({describe})"),
+            describe,
+        }
+    }
+
+    fn relayed(label: &str) -> Via {
+        Via {
+            text: label.to_owned(),
+            describe: "public address",
+        }
+    }
+}
+
+/// Cache first; on a miss or a failure, ask the rendezvous to introduce us. The connection
+/// starts on the relay at once while punching runs alongside; its link moves it to the direct
+/// path as soon as one is proven. quinn always dials the peer's stable address, so the path can
+/// change under the connection.
+pub async fn establish(
+    keeper: &PathKeeper,
+    cache: &mut PeerCache,
+    peer: PeerId,
+    dial_timeout: Duration,
+    verbose: bool,
+) -> anyhow::Result<(quinn::Connection, Via)> {
+    let socket = &keeper.node.socket;
+    let console = &keeper.console;
+    let stable = relay::stable_addr(&peer);
+    if let Some(entry) = cache.get(&peer) {
+        // The address that worked last time. It only works without an introduction when the
+        // peer's NAT lets anyone in (or there is none), and then it answers at once: keep this
+        // attempt short.
+        let cached = entry.candidates[0].addr;
+        socket.set_route(stable, transport::PathTarget::Udp(cached));
+        if verbose {
+            console
+                .error(format!("dialing cached address {cached}"))
+                .await;
+        }
+        let timeout = dial_timeout.min(Duration::from_secs(1));
+        match keeper.node.dial(peer, stable, timeout).await {
+            Ok(conn) => return Ok((conn, Via::direct(cached, "cached address"))),
+            Err(e) => {
+                socket.remove_routes(stable);
+                console
+                    .error(format!(
+                        "cached address {cached} of {peer} failed ({}); asking the rendezvous",
+                        e.to_string()
+                            .replace(&stable.to_string(), &cached.to_string())
+                    ))
+                    .await;
+                if let Err(e) = cache.remove(&peer) {
+                    console
+                        .error(format!("warning: cannot write the peer cache: {e}"))
+                        .await;
+                }
+            }
+        }
+    }
+    let (candidates, nonce) = match keeper
+        .session
+        .request(&ControlMessage::Connect { id: peer })
+        .await?
+    {
+        ControlMessage::Punch {
+            candidates, nonce, ..
+        } => (candidates, nonce),
+        ControlMessage::Error {
+            code: ErrorCode::NotFound,
+            ..
+        } => {
+            bail!("peer {peer} is not registered with the rendezvous")
+        }
+        ControlMessage::Error {
+            code: ErrorCode::PeerOffline,
+            message,
+        } => bail!("{message}"),
+        ControlMessage::Error { code, message } => {
+            bail!("the rendezvous refused ({code:?}): {message}")
+        }
+        other => bail!("unexpected reply `{}` from the rendezvous", other.kind()),
+    };
+    if candidates.is_empty() {
+        bail!("the rendezvous knows no address for {peer}");
+    }
+    if verbose {
+        let list: Vec<String> = candidates
+            .iter()
+            .map(|c| format!("{} ({})", c.addr, c.kind.describe()))
+            .collect();
+        console
+            .error(format!("candidates of {peer}: {}", list.join(", ")))
+            .await;
+    }
+    if let Err(e) = cache.put(peer, candidates.clone()) {
+        console
+            .error(format!("warning: cannot write the peer cache: {e}"))
+            .await;
+    }
+    // The relay stream opens just after registration: give it a moment.
+    keeper.relay.wait_ready(Duration::from_secs(2)).await;
+    keeper.prepare(peer, &candidates);
+    let punch = {
+        let keeper = keeper.clone();
+        let candidates = candidates.clone();
+        tokio::spawn(async move {
+            keeper
+                .punch(peer, nonce, punch::Role::Initiator, &candidates)
+                .await
+        })
+    };
+    let relayed = keeper.relay.is_ready();
+    if !relayed {
+        // No relay: the connection has to wait for a direct path.
+        let path = match punch.await {
+            Ok(punch::State::Direct(path)) => {
+                keeper.report_punch(peer, true);
+                path
+            }
+            Ok(punch::State::Failed(report)) => {
+                keeper.report_punch(peer, false);
+                bail!(
+                    "no direct path to {peer}, and the relay is not available: {}",
+                    report.reason()
+                )
+            }
+            _ => bail!("punching to {peer} stopped"),
+        };
+        socket.set_route(stable, transport::PathTarget::Udp(path.addr));
+        let conn = keeper
+            .node
+            .dial(peer, stable, dial_timeout)
+            .await
+            .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
+        return Ok((conn, Via::direct(path.addr, path.kind.describe())));
+    }
+    // Relay first, direct as soon as proven: the punch result goes to the connection's link
+    // (or straight to the socket's route while the handshake is still running).
+    let proven: Arc<Mutex<Option<&'static str>>> = Arc::default();
+    {
+        let keeper = keeper.clone();
+        let proven = proven.clone();
+        tokio::spawn(async move {
+            let event = match punch.await {
+                Ok(punch::State::Direct(path)) => {
+                    keeper.report_punch(peer, true);
+                    if let Ok(mut how) = proven.lock() {
+                        *how = Some(path.kind.describe());
+                    }
+                    paths::LinkEvent::DirectProven {
+                        addr: path.addr,
+                        describe: path.kind.describe(),
+                    }
+                }
+                Ok(punch::State::Failed(report)) => {
+                    keeper.report_punch(peer, false);
+                    paths::LinkEvent::PunchFailed(report.reason())
+                }
+                _ => return,
+            };
+            keeper.notify(peer, event).await;
+        });
+    }
+    let conn = keeper
+        .node
+        .dial(peer, stable, dial_timeout)
+        .await
+        .map_err(|e| anyhow!("cannot reach {peer} through the relay: {e}"))?;
+    let via = match socket.route_of(stable) {
+        transport::PathTarget::Udp(addr) => {
+            let how = proven
+                .lock()
+                .ok()
+                .and_then(|h| *h)
+                .unwrap_or("public address");
+            Via::direct(addr, how)
+        }
+        transport::PathTarget::Virtual(_) => Via::relayed(keeper.relay_label()),
+    };
+    Ok((conn, via))
+}
+
+/// Answers the streams the other side opens on a connection we made: `ping` streams are served,
+/// anything else is refused (chat and files are served by `peer listen`). Ends with the
+/// connection.
+pub fn answer_pings(keeper: PathKeeper, conn: quinn::Connection) {
+    tokio::spawn(async move {
+        let mut streams = tokio::task::JoinSet::new();
+        loop {
+            let (mut tx, mut rx) = tokio::select! {
+                accepted = conn.accept_bi() => match accepted {
+                    Ok(pair) => pair,
+                    Err(_) => break,
+                },
+                Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+            };
+            match crate::chat::accept(&mut tx, &mut rx).await {
+                Ok(common::message::PeerApp::Ping) => {
+                    streams.spawn(crate::ping::serve(tx, rx, keeper.clone()));
+                }
+                Ok(app) => {
+                    let refusal = common::PeerMessage::Error {
+                        message: format!(
+                            "this peer does not serve {app:?} on a connection it made; \
+                             it serves only ping here"
+                        ),
+                    };
+                    let _ = common::frame_io::write_frame(&mut tx, &refusal.encode()).await;
+                    let _ = tx.finish();
+                }
+                Err(_) => {}
+            }
+        }
+        streams.shutdown().await;
+    });
+}
