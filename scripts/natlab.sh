@@ -179,6 +179,12 @@ peer_on_lan() {
 	local r=$1 p=$2 pdev=$3 cidr=$4 gw=$5
 	ip -n "$r" link add "$pdev" type veth peer name eth0 netns "$p"
 	ip -n "$r" link set "$pdev" master lan up
+	if [[ $HAIRPIN == on ]]; then
+		# br_netfilter DNATs hairpinned packets at the bridge: one whose new destination is
+		# behind the port it came in on (a host reaching itself through its public address) is
+		# only sent back out of that port in the port's hairpin mode.
+		ip -n "$r" link set "$pdev" type bridge_slave hairpin on
+	fi
 	ip -n "$p" addr add "$cidr" dev eth0
 	ip -n "$p" link set eth0 up
 	ip -n "$p" route add default via "$gw"

@@ -189,7 +189,7 @@ fn run(case: &str, topology: Topology, impairment: Impairment, expect: Expect) {
     let lab = Lab::up(&case, &topology.lab_options(impairment));
     let outcome = {
         let rv = lab.rendezvous(&dir.path().join("rv"));
-        chat(&lab, &rv, dir.path(), expect)
+        chat(&lab, &rv, dir.path(), topology, expect)
         // The processes are killed here, before the lab goes down.
     };
     lab.down();
@@ -220,7 +220,7 @@ fn parse_direct(line: &str) -> (String, String) {
 
 /// A listener on `LAB-a`, a dialer on `LAB-b` that connects to it; the path the dialer ends up
 /// on is checked against `expect`, then a line is sent each way and the dialer's input ends.
-fn chat(lab: &Lab, rv: &Rendezvous, dir: &Path, expect: Expect) -> Outcome {
+fn chat(lab: &Lab, rv: &Rendezvous, dir: &Path, topology: Topology, expect: Expect) -> Outcome {
     let (mut listener, l_id) = lab.listen("a", "listener", &dir.join("a"), rv, &args!["-v"], STEP);
     let mut connect = args!["-v", "connect", l_id];
     connect.extend(rv.args());
@@ -301,6 +301,11 @@ fn chat(lab: &Lab, rv: &Rendezvous, dir: &Path, expect: Expect) -> Outcome {
     let (got, _) = dialer.wait_for_line(&to_dialer, STEP);
     assert!(got.contains(&format!("{l_id}: {to_dialer}")), "{got}");
 
+    let mut outcome = outcome;
+    if let Some(why) = check_ping(lab, dir, &l_id, topology, expect) {
+        outcome.reason = why;
+    }
+
     dialer.close_stdin();
     assert_eq!(
         lab::exit_code(&mut dialer, STEP),
@@ -316,6 +321,81 @@ fn chat(lab: &Lab, rv: &Rendezvous, dir: &Path, expect: Expect) -> Outcome {
         );
     }
     outcome
+}
+
+/// Why `peer ping` must say a pair is relayed, from the dialer's point of view ("your" NAT is
+/// the dialer's).
+fn expected_reason(listener: &str, dialer: &str) -> &'static str {
+    let restricted = |k: &str| matches!(k, "port" | "cgnat");
+    match (listener, dialer) {
+        (_, "udpblock") => "your network blocks UDP",
+        ("udpblock", _) => "the peer's network blocks UDP",
+        ("sym", "sym") => "both NATs give a new public port for every destination (symmetric)",
+        (l, "sym") if restricted(l) => {
+            "your NAT gives a new public port for every destination (symmetric) and the peer's \
+             NAT only accepts packets from addresses and ports it has sent to"
+        }
+        ("sym", d) if restricted(d) => {
+            "the peer's NAT gives a new public port for every destination (symmetric) and your \
+             NAT only accepts packets from addresses and ports it has sent to"
+        }
+        _ => panic!("no relayed expectation for {listener} / {dialer}"),
+    }
+}
+
+/// `peer ping` through the dialer's control socket (the dialer is still running): the path it
+/// reports matches the case, and a relayed path comes with the right reason from both sides'
+/// NAT behaviour.
+fn check_ping(
+    lab: &Lab,
+    dir: &Path,
+    l_id: &str,
+    topology: Topology,
+    expect: Expect,
+) -> Option<String> {
+    let mut ping = lab.peer(
+        "b",
+        "ping",
+        &dir.join("b"),
+        &args!["ping", l_id, "--count", "3", "--json"],
+    );
+    let code = lab::exit_code(&mut ping, STEP);
+    ping.stdout.wait_closed(Duration::from_secs(5));
+    let text = ping.stdout.text();
+    assert_eq!(
+        code,
+        Some(0),
+        "peer ping exits 0
+stdout:
+{text}
+stderr:
+{}",
+        ping.stderr.text()
+    );
+    let summary: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("peer ping --json prints JSON ({e}): {text}"));
+    assert!(summary["received"].as_u64() >= Some(1), "{summary}");
+    match expect {
+        Direct | SameLan => {
+            assert_eq!(summary["direct"], true, "{summary}");
+            assert!(summary["reason"].is_null(), "{summary}");
+            None
+        }
+        Relayed { .. } => {
+            let Pair { listener, dialer } = topology else {
+                panic!("relayed cases are pairs")
+            };
+            assert_eq!(summary["direct"], false, "{summary}");
+            let reason = summary["reason"].as_str().unwrap_or_default();
+            let expected = expected_reason(listener, dialer);
+            assert!(
+                reason.starts_with(expected),
+                "{listener} / {dialer}: expected the reason {expected:?}, got {reason:?}: \
+                 {summary}"
+            );
+            Some(reason.to_owned())
+        }
+    }
 }
 
 const fn pair(listener: &'static str, dialer: &'static str) -> Topology {

@@ -323,3 +323,105 @@ fn netcheck_classifies_every_nat_kind_of_the_lab() {
         lab.down();
     }
 }
+
+/// `natlab.sh addr LAB HOST`.
+fn host_addr(lab: &Lab, host: &str) -> String {
+    let out = std::process::Command::new(e2e::lab::natlab_sh())
+        .args(["addr", lab.name(), host])
+        .output()
+        .expect("running natlab.sh addr");
+    assert!(out.status.success(), "natlab.sh addr {host}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `peer netcheck --json` in `LAB-a` against the lab's rendezvous (with RFC 5780).
+fn netcheck_json(lab: &Lab, dir: &Path) -> serde_json::Value {
+    let mut check = lab.peer(
+        "a",
+        "netcheck",
+        &dir.join("a"),
+        &args!["netcheck", "--server", RV_LISTEN, "--json"],
+    );
+    assert!(check.wait(T).success(), "netcheck failed");
+    check.stdout.wait_closed(Duration::from_secs(5));
+    serde_json::from_str(&check.stdout.text()).expect("JSON report")
+}
+
+#[test]
+fn netcheck_detects_hairpinning_and_router_port_mapping() {
+    // Two hosts behind one port-restricted NAT that hairpins, whose router also answers NAT-PMP,
+    // PCP and UPnP IGD discovery.
+    let lab = Lab::up(
+        "netcheck-hairpin-on",
+        &[
+            "--a",
+            "port",
+            "--b",
+            "port",
+            "--same-nat",
+            "--hairpin",
+            "on",
+        ],
+    );
+    let dir = TempDir::new("netcheck-hairpin");
+    let _rv = lab.rendezvous(&dir.path().join("rv"));
+    let public = host_addr(&lab, "nata");
+    let script = e2e::workspace_root().join("scripts/lab/portmap.py");
+    let responder = lab.spawn(
+        "nata",
+        "portmap",
+        Path::new("/usr/bin/python3"),
+        &args![script.to_str().expect("utf-8 path"), public],
+    );
+    responder
+        .stdout
+        .wait_for("portmap: NAT-PMP", Duration::from_secs(10));
+    let report = netcheck_json(&lab, dir.path());
+    assert_eq!(report["hairpin"], true, "{report}");
+    assert_eq!(
+        report["filtering"], "address_and_port_dependent",
+        "{report}"
+    );
+    let pm = &report["port_mapping"];
+    assert_eq!(pm["gateway"], "10.0.1.1", "{report}");
+    assert_eq!(pm["nat_pmp"], true, "{report}");
+    assert_eq!(pm["pcp"], true, "{report}");
+    assert_eq!(pm["upnp"], true, "{report}");
+    assert_eq!(pm["external_ip"], public.as_str(), "{report}");
+    assert_eq!(
+        pm["upnp_location"], "http://10.0.1.1:5000/rootDesc.xml",
+        "{report}"
+    );
+    drop(responder);
+    lab.down();
+
+    // The same NAT without hairpinning, and a router that offers no port mapping.
+    let lab = Lab::up(
+        "netcheck-hairpin-off",
+        &[
+            "--a",
+            "port",
+            "--b",
+            "port",
+            "--same-nat",
+            "--hairpin",
+            "off",
+        ],
+    );
+    let dir = TempDir::new("netcheck-no-hairpin");
+    let _rv = lab.rendezvous(&dir.path().join("rv"));
+    let report = netcheck_json(&lab, dir.path());
+    assert_eq!(report["hairpin"], false, "{report}");
+    let pm = &report["port_mapping"];
+    assert_eq!(pm["gateway"], "10.0.1.1", "{report}");
+    assert_eq!(
+        (&pm["nat_pmp"], &pm["pcp"], &pm["upnp"]),
+        (
+            &serde_json::Value::Bool(false),
+            &serde_json::Value::Bool(false),
+            &serde_json::Value::Bool(false)
+        ),
+        "{report}"
+    );
+    lab.down();
+}

@@ -1304,23 +1304,7 @@ async fn ping_standalone(
         .map_err(|e| anyhow!("ping failed: {e}"));
         drop(replies_tx);
         let _ = printer.await;
-        let mut summary = summary?;
-        if !summary.direct && summary.our_nat.is_none() {
-            // The explanation needs our NAT's behaviour: give its measurement a moment.
-            let mut nat = ctx.keeper.nat.clone();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(8), nat.wait_for(|r| r.is_some())).await;
-            summary.our_nat = ctx.keeper.nat_profile();
-            let failure = ctx
-                .keeper
-                .link_of_conn(&opened.conn)
-                .and_then(|l| l.status.punch_failure);
-            summary.reason = Some(ping::explain(
-                summary.our_nat.as_ref(),
-                summary.peer_nat.as_ref(),
-                failure.as_deref(),
-            ));
-        }
+        let summary = summary?;
         ctx.console.flush().await;
         Ok(summary)
     }

@@ -19,6 +19,8 @@ use crate::paths::PathKeeper;
 
 /// How long one ping waits for its pong.
 const PONG_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long pinging goes on after `count` to learn both NAT profiles for a relayed path.
+const EXPLAIN_WAIT: Duration = Duration::from_secs(8);
 /// A ping stream the other side leaves idle this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -193,10 +195,22 @@ pub async fn run(
     let mut first_reply_ms = None;
     let mut direct_after_ms = None;
     let mut failure = None;
+    let mut last_direct = false;
+    // After the last ping, a relayed path still needs both NAT profiles to be explained: ours
+    // may still be being measured, the peer's comes with its pongs.
+    let mut explain_until: Option<Instant> = None;
     loop {
+        let now = Instant::now();
         let direct_seen = direct_after_ms.is_some();
-        let enough = sent >= options.count && (!options.until_direct || direct_seen);
-        if enough || Instant::now() >= deadline {
+        let unexplained = !last_direct && (peer_nat.is_none() || keeper.nat_profile().is_none());
+        let counted = sent >= options.count && (!options.until_direct || direct_seen);
+        if counted {
+            let until = *explain_until.get_or_insert(now + EXPLAIN_WAIT);
+            if !unexplained || now >= until {
+                break;
+            }
+        }
+        if now >= deadline {
             break;
         }
         let seq = u64::from(sent);
@@ -220,6 +234,7 @@ pub async fn run(
                     first_reply_ms.get_or_insert(since_start);
                     let (path, direct_addr) = path_now(keeper, conn);
                     let direct = direct_addr.is_some();
+                    last_direct = direct;
                     if direct {
                         direct_after_ms.get_or_insert(since_start);
                     }

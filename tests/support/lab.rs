@@ -155,9 +155,17 @@ impl Lab {
         Proc::spawn(tag, Path::new("ip"), &all)
     }
 
-    /// Starts `rendezvous serve` on `LAB-rv` at [`RV_LISTEN`] and waits until it is ready.
+    /// Starts `rendezvous serve` on `LAB-rv` at [`RV_LISTEN`], with RFC 5780 behaviour discovery
+    /// on port 7001 and the second address 203.0.113.11 (so that peers can measure their NATs),
+    /// and waits until it is ready.
     pub fn rendezvous(&self, data_dir: &Path) -> Rendezvous {
-        let args = rendezvous_args(data_dir, RV_LISTEN);
+        let mut args = rendezvous_args(data_dir, RV_LISTEN);
+        args.extend(crate::args![
+            "--stun-alt-port",
+            "7001",
+            "--stun-alt-ip",
+            "203.0.113.11"
+        ]);
         Rendezvous::ready(self.spawn("rv", "rendezvous", &bin("rendezvous"), &args))
     }
 
