@@ -558,3 +558,210 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+/// `GET /metrics` from `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(addr).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of the sample `name` (with labels) in a scrape.
+fn sample(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `peer status --json` of the peer running with `dir`, once its NAT is measured.
+fn status_json(dir: &std::path::Path) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, out, err) = peer_run(dir, &args!["status", "--json"], T);
+        assert!(status.success(), "peer status: {out}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        if !report["nat"].is_null() || std::time::Instant::now() > deadline {
+            return report;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn ping_status_and_punch_metrics() {
+    let dir = TempDir::new("pingstatus");
+    let alt = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let rv = stun_server(&dir, alt, &["--metrics", &metrics]);
+    let a_dir = dir.path().join("a");
+    let b_dir = dir.path().join("b");
+    let (mut a, a_id) = listen("a", &a_dir, &rv);
+
+    // status: registration, observed address, NAT measured against the RFC 5780 service.
+    let report = status_json(&a_dir);
+    assert_eq!(report["id"], a_id.as_str(), "{report}");
+    assert_eq!(report["mode"], "listen", "{report}");
+    assert_eq!(report["registration"]["state"], "registered", "{report}");
+    assert!(report["registration"]["observed"]
+        .as_str()
+        .is_some_and(|o| o.starts_with("127.0.0.1:")));
+    assert_eq!(report["nat"]["no_nat"], true, "{report}");
+    assert_eq!(
+        report["nat"]["filtering"], "endpoint_independent",
+        "{report}"
+    );
+    assert_eq!(report["connections"], serde_json::json!([]), "{report}");
+    let (_, text, _) = peer_run(&a_dir, &args!["status"], T);
+    assert!(text.contains("NAT:            no NAT"), "{text}");
+
+    // Nothing runs with b's config dir yet.
+    let (status, _, err) = peer_run(&b_dir, &args!["status"], T);
+    assert!(!status.success());
+    assert!(err.contains("no peer is running"), "{err}");
+    let (status, _, err) = peer_run(&b_dir, &args!["ping", a_id], T);
+    assert!(!status.success());
+    assert!(err.contains("no peer is running"), "{err}");
+
+    // A ping from a peer of its own (registers, connects, pings, leaves).
+    let mut ping = args!["ping", a_id, "--count", "5", "--interval", "0.05", "--json"];
+    ping.extend(rv.args());
+    let (status, out, err) = peer_run(&b_dir, &ping, T);
+    assert!(status.success(), "{out}\n{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("only JSON on stdout");
+    assert_eq!(summary["peer"], a_id.as_str());
+    assert_eq!(
+        (summary["sent"].as_u64(), summary["received"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert_eq!(summary["direct"], true, "{summary}");
+    assert!(summary["path"]
+        .as_str()
+        .unwrap()
+        .starts_with("direct to 127.0.0.1:"));
+    assert!(summary["reason"].is_null());
+    let rtt = &summary["rtt_ms"];
+    assert_eq!(rtt["samples"], 5, "{summary}");
+    assert!(
+        rtt["min"].as_f64() <= rtt["p50"].as_f64() && rtt["p50"].as_f64() <= rtt["max"].as_f64()
+    );
+    assert!(
+        summary["connect_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{summary}"
+    );
+    assert!(summary["first_reply_ms"].as_f64() >= summary["connect_ms"].as_f64());
+    assert_eq!(summary["peer_nat"]["no_nat"], true, "{summary}");
+
+    // The rendezvous counts the introduction and the punch the dialer reported.
+    let deadline = std::time::Instant::now() + T;
+    let scraped = loop {
+        let text = scrape(&metrics);
+        if sample(&text, "rendezvous_punch_results_total{result=\"direct\"}") >= Some(1)
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(
+            &scraped,
+            "rendezvous_punch_results_total{result=\"direct\"}"
+        ),
+        Some(1),
+        "{scraped}"
+    );
+    assert!(sample(&scraped, "rendezvous_introductions_total") >= Some(1));
+
+    // With b running (a chat), ping goes through it and reuses its connection.
+    let mut connect = args!["connect", a_id];
+    connect.extend(rv.args());
+    let mut b = peer("b", &b_dir, &connect);
+    b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    let (status, out, err) = peer_run(&b_dir, &args!["ping", a_id, "-c", "3", "--json"], T);
+    assert!(status.success(), "{out}\n{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        summary["connect_ms"].is_null(),
+        "an open connection is reused: {summary}"
+    );
+    assert_eq!(summary["received"], 3);
+    // The listener pings back over the connection b made; its status lists it with bytes.
+    let b_id = a.stdout.wait_for("connected: ", T);
+    let b_id = b_id.split_whitespace().nth(1).unwrap().to_owned();
+    let (status, out, err) = peer_run(&a_dir, &args!["ping", b_id, "-c", "2"], T);
+    assert!(status.success(), "{out}\n{err}");
+    assert!(
+        out.contains(&format!("pong from {b_id} seq=1 via direct to")),
+        "{out}"
+    );
+    assert!(out.contains("2 sent, 2 received, 0% lost"), "{out}");
+    let report = status_json(&a_dir);
+    let conns = report["connections"].as_array().expect("connections");
+    assert_eq!(conns.len(), 1, "{report}");
+    assert_eq!(conns[0]["peer"], b_id.as_str());
+    assert!(conns[0]["tx_bytes"].as_u64() > Some(0) && conns[0]["rx_bytes"].as_u64() > Some(0));
+    assert!(conns[0]["path"].as_str().unwrap().starts_with("direct to"));
+
+    // Errors are said, not hung on.
+    let (status, _, err) = peer_run(&b_dir, &args!["ping", b_id], T);
+    assert!(!status.success());
+    assert!(err.contains("own id"), "{err}");
+    let stranger = "0f0e0d0c-0b0a-8908-8706-050403020100";
+    let (status, _, err) = peer_run(&b_dir, &args!["ping", stranger], T);
+    assert!(!status.success());
+    assert!(err.contains("not registered"), "{err}");
+    let text = scrape(&metrics);
+    assert!(
+        sample(&text, "rendezvous_error_replies_total{code=\"not_found\"}") >= Some(1),
+        "{text}"
+    );
+
+    b.close_stdin();
+    assert!(b.wait(T).success());
+    assert!(a.terminate(T).success());
+}
+
+#[test]
+fn netcheck_compares_several_stun_servers() {
+    let dir = TempDir::new("netcheck-multi");
+    let first = Rendezvous::start(&dir.path().join("rv1"), "127.0.0.1:0");
+    let second = Rendezvous::start(&dir.path().join("rv2"), "127.0.0.1:0");
+    let (status, out, err) = peer_run(
+        &dir.path().join("p"),
+        &args![
+            "netcheck",
+            "--stun",
+            first.addr,
+            "--stun",
+            second.addr,
+            "--json"
+        ],
+        T,
+    );
+    assert!(status.success(), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let servers = report["servers"].as_array().expect("servers");
+    assert_eq!(servers.len(), 2, "{report}");
+    for (answer, server) in servers.iter().zip([first.addr, second.addr]) {
+        assert_eq!(answer["server"], server.to_string().as_str());
+        assert!(answer["mapped"].as_str().is_some(), "{report}");
+    }
+    // Both saw the same address from the one socket, and there is no NAT on loopback.
+    assert_eq!(servers[0]["mapped"], servers[1]["mapped"]);
+    assert_eq!(report["no_nat"], true, "{report}");
+    assert_eq!(report["mapping"], "endpoint_independent", "{report}");
+}

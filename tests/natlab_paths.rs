@@ -425,3 +425,58 @@ fn netcheck_detects_hairpinning_and_router_port_mapping() {
     );
     lab.down();
 }
+
+#[test]
+fn ping_until_direct_reports_when_the_path_became_direct() {
+    // port-restricted on both sides: the connection starts on the relay and moves to the
+    // punched path.
+    let lab = Lab::up("ping-until-direct", &["--a", "port", "--b", "port"]);
+    let dir = TempDir::new("ping-until-direct");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (_a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    let mut args = args!["ping", a_id, "--until-direct", "--count", "1", "--json"];
+    args.extend(rv.args());
+    let mut ping = lab.peer("b", "ping", &dir.path().join("b"), &args);
+    assert!(ping.wait(T).success(), "{}", ping.stderr.text());
+    ping.stdout.wait_closed(Duration::from_secs(5));
+    let summary: serde_json::Value = serde_json::from_str(&ping.stdout.text()).expect("JSON");
+    assert_eq!(summary["direct"], true, "{summary}");
+    let after = summary["direct_after_ms"]
+        .as_f64()
+        .expect("direct_after_ms");
+    assert!(
+        after >= summary["first_reply_ms"].as_f64().unwrap_or(0.0),
+        "{summary}"
+    );
+    assert!(summary["direct_addr"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("203.0.113.")));
+    lab.down();
+
+    // symmetric on both sides: no direct path ever; --until-direct gives up and says why.
+    let lab = Lab::up("ping-never-direct", &["--a", "sym", "--b", "sym"]);
+    let dir = TempDir::new("ping-never-direct");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (_a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    let mut args = args!["ping", a_id, "--until-direct", "--timeout", "6", "--json"];
+    args.extend(rv.args());
+    let mut ping = lab.peer("b", "ping", &dir.path().join("b"), &args);
+    let status = ping.wait(T);
+    ping.stdout.wait_closed(Duration::from_secs(5));
+    assert!(!status.success(), "no direct path: the ping fails");
+    assert!(
+        ping.stderr.text().contains("no direct path to"),
+        "{}",
+        ping.stderr.text()
+    );
+    let summary: serde_json::Value = serde_json::from_str(&ping.stdout.text()).expect("JSON");
+    assert_eq!(summary["direct"], false, "{summary}");
+    assert!(summary["direct_after_ms"].is_null());
+    assert!(
+        summary["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("both NATs give a new public port")),
+        "{summary}"
+    );
+    lab.down();
+}

@@ -580,4 +580,51 @@ mod tests {
         assert!(r.verdict.contains("unknown"));
         assert_eq!(r.port_preserved, Some(false));
     }
+
+    #[test]
+    fn several_plain_stun_servers_reveal_the_mapping() {
+        let (s1, s2, s3) = (
+            a("198.51.100.1:3478"),
+            a("198.51.100.2:3478"),
+            a("198.51.100.1:3479"),
+        );
+        let m = a("203.0.113.21:40000");
+        let m2 = a("203.0.113.21:40001");
+        assert_eq!(
+            mapping_across_servers(&[(s1, m), (s2, m)]),
+            Behaviour::EndpointIndependent
+        );
+        // Two ports of one IP only: address-dependent NATs would not show a difference.
+        assert_eq!(
+            mapping_across_servers(&[(s1, m), (s3, m)]),
+            Behaviour::Unknown
+        );
+        assert_eq!(
+            mapping_across_servers(&[(s1, m), (s2, m2)]),
+            Behaviour::AddressAndPortDependent
+        );
+        assert_eq!(
+            mapping_across_servers(&[(s1, m), (s3, m), (s2, m2)]),
+            Behaviour::AddressDependent
+        );
+        assert_eq!(mapping_across_servers(&[(s1, m)]), Behaviour::Unknown);
+        // Without RFC 5780, classify falls back to the comparison.
+        let obs = Observations {
+            primary: Some((m, Duration::from_millis(5), None)),
+            servers: vec![
+                (s1, Some((m, Duration::from_millis(5)))),
+                (s2, Some((m2, Duration::from_millis(9)))),
+                (a("198.51.100.3:3478"), None),
+            ],
+            ..base()
+        };
+        let r = classify(&obs);
+        assert_eq!(r.mapping, Behaviour::AddressAndPortDependent);
+        assert!(r.verdict.contains("symmetric"), "{}", r.verdict);
+        assert_eq!(r.servers.len(), 3);
+        assert_eq!(r.servers[2].mapped, None);
+        assert!(r
+            .render()
+            .contains("STUN server:      198.51.100.3:3478 no answer"));
+    }
 }
