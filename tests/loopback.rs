@@ -386,6 +386,24 @@ fn server_survives_garbage_datagrams_and_malformed_frames() {
     assert!(a.terminate(T).success());
 }
 
+/// A loopback UDP port that was free a moment ago.
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A loopback TCP port that was free a moment ago.
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A rendezvous on loopback with the RFC 5780 alternates (127.0.0.2 and port `alt`) and `extra`
 /// arguments.
 fn stun_server(dir: &TempDir, alt: u16, extra: &[&str]) -> Rendezvous {
@@ -416,16 +434,8 @@ fn stun_server(dir: &TempDir, alt: u16, extra: &[&str]) -> Rendezvous {
 fn stun_behaviour_discovery_and_metrics() {
     let dir = TempDir::new("stun5780");
     // A free port for the alternate STUN socket and for metrics.
-    let alt = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let alt = free_udp_port();
+    let metrics_port = free_tcp_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let rv = stun_server(&dir, alt, &["--metrics", &metrics_addr]);
     // The alternate IP and port (loopback has all of 127.0.0.0/8).
@@ -516,11 +526,7 @@ fn a_standard_stun_client_understands_the_server() {
         return;
     };
     let dir = TempDir::new("stuninterop");
-    let alt = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let alt = free_udp_port();
     let rv = stun_server(&dir, alt, &[]);
     let out = std::process::Command::new(client)
         .args(["-m", "-f", "-p", &rv.addr.port().to_string(), "127.0.0.1"])
@@ -595,16 +601,8 @@ fn status_json(dir: &std::path::Path) -> serde_json::Value {
 #[test]
 fn ping_status_and_punch_metrics() {
     let dir = TempDir::new("pingstatus");
-    let alt = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let alt = free_udp_port();
+    let metrics_port = free_tcp_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let rv = stun_server(&dir, alt, &["--metrics", &metrics]);
     let a_dir = dir.path().join("a");

@@ -45,115 +45,118 @@ pub struct Snapshot {
     pub stun: [(&'static str, u64); 3],
 }
 
+/// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
+type Samples = Vec<(String, u64)>;
+
+fn unlabelled(value: u64) -> Samples {
+    vec![(String::new(), value)]
+}
+
+/// One sample per `(label value, count)`, labelled `{key="value"}`.
+fn labelled(key: &str, values: &[(&str, u64)]) -> Samples {
+    values
+        .iter()
+        .map(|(value, n)| (format!("{{{key}=\"{value}\"}}"), *n))
+        .collect()
+}
+
 /// Renders the text exposition format.
 pub fn render(s: &Snapshot) -> String {
+    let metrics: [(&str, &str, &str, Samples); 13] = [
+        (
+            "rendezvous_registered_peers",
+            "gauge",
+            "Peers in the registry.",
+            unlabelled(s.registered),
+        ),
+        (
+            "rendezvous_online_peers",
+            "gauge",
+            "Peers with a live control connection.",
+            unlabelled(s.online),
+        ),
+        (
+            "rendezvous_registrations_total",
+            "counter",
+            "Registrations accepted.",
+            unlabelled(s.registrations),
+        ),
+        (
+            "rendezvous_queries_total",
+            "counter",
+            "Queries answered.",
+            unlabelled(s.queries),
+        ),
+        (
+            "rendezvous_introductions_total",
+            "counter",
+            "Introductions (punch requests sent to both peers).",
+            unlabelled(s.introductions),
+        ),
+        (
+            "rendezvous_punch_results_total",
+            "counter",
+            "Punch outcomes reported by the peers that asked for the introduction.",
+            labelled(
+                "result",
+                &[
+                    ("direct", s.punches_succeeded),
+                    ("failed", s.punches_failed),
+                ],
+            ),
+        ),
+        (
+            "rendezvous_error_replies_total",
+            "counter",
+            "Requests answered with an error (malformed, unknown type, too large, rate limited, \
+             ...), by code.",
+            labelled("code", &s.error_replies),
+        ),
+        (
+            "rendezvous_rejected_requests_total",
+            "counter",
+            "Requests refused as invalid.",
+            unlabelled(s.rejected),
+        ),
+        (
+            "rendezvous_relay_sessions_total",
+            "counter",
+            "Relay streams opened.",
+            unlabelled(s.relay_sessions),
+        ),
+        (
+            "rendezvous_relay_packets_total",
+            "counter",
+            "Packets relayed.",
+            unlabelled(s.relay_packets),
+        ),
+        (
+            "rendezvous_relay_bytes_total",
+            "counter",
+            "Bytes relayed.",
+            unlabelled(s.relay_bytes),
+        ),
+        (
+            "rendezvous_relay_dropped_packets_total",
+            "counter",
+            "Relayed packets dropped, by reason.",
+            labelled("reason", &s.relay_dropped),
+        ),
+        (
+            "rendezvous_stun_requests_total",
+            "counter",
+            "STUN datagrams, by outcome.",
+            labelled("outcome", &s.stun),
+        ),
+    ];
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+    for (name, kind, help, samples) in metrics {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (labels, value) in samples {
             let _ = writeln!(out, "{name}{labels} {value}");
         }
-    };
-    metric(
-        "rendezvous_registered_peers",
-        "gauge",
-        "Peers in the registry.",
-        &[("", s.registered)],
-    );
-    metric(
-        "rendezvous_online_peers",
-        "gauge",
-        "Peers with a live control connection.",
-        &[("", s.online)],
-    );
-    metric(
-        "rendezvous_registrations_total",
-        "counter",
-        "Registrations accepted.",
-        &[("", s.registrations)],
-    );
-    metric(
-        "rendezvous_queries_total",
-        "counter",
-        "Queries answered.",
-        &[("", s.queries)],
-    );
-    metric(
-        "rendezvous_introductions_total",
-        "counter",
-        "Introductions (punch requests sent to both peers).",
-        &[("", s.introductions)],
-    );
-    metric(
-        "rendezvous_punch_results_total",
-        "counter",
-        "Punch outcomes reported by the peers that asked for the introduction.",
-        &[
-            ("{result=\"direct\"}", s.punches_succeeded),
-            ("{result=\"failed\"}", s.punches_failed),
-        ],
-    );
-    let errors: Vec<(String, u64)> = s
-        .error_replies
-        .iter()
-        .map(|(code, n)| (format!("{{code=\"{code}\"}}"), *n))
-        .collect();
-    let errors: Vec<(&str, u64)> = errors.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    metric(
-        "rendezvous_error_replies_total",
-        "counter",
-        "Requests answered with an error (malformed, unknown type, too large, rate limited, ...), by code.",
-        &errors,
-    );
-    metric(
-        "rendezvous_rejected_requests_total",
-        "counter",
-        "Requests refused as invalid.",
-        &[("", s.rejected)],
-    );
-    metric(
-        "rendezvous_relay_sessions_total",
-        "counter",
-        "Relay streams opened.",
-        &[("", s.relay_sessions)],
-    );
-    metric(
-        "rendezvous_relay_packets_total",
-        "counter",
-        "Packets relayed.",
-        &[("", s.relay_packets)],
-    );
-    metric(
-        "rendezvous_relay_bytes_total",
-        "counter",
-        "Bytes relayed.",
-        &[("", s.relay_bytes)],
-    );
-    let dropped: Vec<(String, u64)> = s
-        .relay_dropped
-        .iter()
-        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n))
-        .collect();
-    let dropped: Vec<(&str, u64)> = dropped.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    metric(
-        "rendezvous_relay_dropped_packets_total",
-        "counter",
-        "Relayed packets dropped, by reason.",
-        &dropped,
-    );
-    let stun: Vec<(String, u64)> = s
-        .stun
-        .iter()
-        .map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), *n))
-        .collect();
-    let stun: Vec<(&str, u64)> = stun.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    metric(
-        "rendezvous_stun_requests_total",
-        "counter",
-        "STUN datagrams, by outcome.",
-        &stun,
-    );
+    }
     out
 }
 
