@@ -714,6 +714,30 @@ fn ping_status_and_punch_metrics() {
     assert!(conns[0]["tx_bytes"].as_u64() > Some(0) && conns[0]["rx_bytes"].as_u64() > Some(0));
     assert!(conns[0]["path"].as_str().unwrap().starts_with("direct to"));
 
+    // The listener dials a peer it has no connection to, pings it and closes that connection.
+    let (mut c, c_id) = listen("c", &dir.path().join("c"), &rv);
+    let (status, out, err) = peer_run(&a_dir, &args!["ping", c_id, "-c", "2", "--json"], T);
+    assert!(status.success(), "{out}\n{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        summary["connect_ms"].as_f64().is_some(),
+        "dialed for the ping: {summary}"
+    );
+    assert_eq!(summary["received"], 2, "{summary}");
+    let report = status_json(&a_dir);
+    let peers: Vec<&str> = report["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["peer"].as_str())
+        .collect();
+    assert_eq!(
+        peers,
+        [b_id.as_str()],
+        "the ping's connection is closed: {report}"
+    );
+    assert!(c.terminate(T).success());
+
     // Errors are said, not hung on.
     let (status, _, err) = peer_run(&b_dir, &args!["ping", b_id], T);
     assert!(!status.success());

@@ -294,6 +294,24 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Closes a connection this server made when dropped.
+struct CloseOnDrop(quinn::Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(0u32.into(), b"ping done");
+    }
+}
+
 async fn send(stream: &mut UnixStream, reply: &Reply) -> bool {
     let body = serde_json::to_vec(reply).unwrap_or_else(|_| b"{}".to_vec());
     write_frame(stream, &body).await.is_ok()
@@ -315,15 +333,14 @@ async fn handle(mut stream: UnixStream, ctx: ControlContext) {
         }
         Ok(Request::Ping { peer, options }) => {
             let (tx, mut rx) = mpsc::channel(64);
-            let ping = tokio::spawn(ping_for_client(ctx, peer, options, tx));
+            // Aborted when this handler ends for any reason: the client went away, or the
+            // server shuts down and aborts its clients.
+            let _ping = AbortOnDrop(tokio::spawn(ping_for_client(ctx, peer, options, tx)));
             while let Some(reply) = rx.recv().await {
                 if !send(&mut stream, &reply).await {
-                    // The client went away: stop pinging for it.
-                    ping.abort();
                     return;
                 }
             }
-            let _ = ping.await;
         }
     }
 }
@@ -342,8 +359,8 @@ async fn ping_for_client(
         return;
     }
     let started = Instant::now();
-    let (conn, connect_ms, ours) = match keeper.link(&peer) {
-        Some(link) => (link.conn, None, false),
+    let (conn, connect_ms, _close) = match keeper.link(&peer) {
+        Some(link) => (link.conn, None, None),
         None => {
             let (mut cache, _) = crate::cache::PeerCache::load(&ctx.config_dir.join("peers.json"));
             match crate::dial::establish(keeper, &mut cache, peer, ctx.dial_timeout, false).await {
@@ -353,7 +370,9 @@ async fn ping_for_client(
                     crate::dial::answer_pings(keeper.clone(), conn.clone());
                     let message = format!("connected to {peer} in {ms:.0} ms: {}", via.text);
                     let _ = out.send(Reply::PingConnected { message }).await;
-                    (conn, Some(ms), true)
+                    // Closed when the ping ends, or is aborted.
+                    let close = CloseOnDrop(conn.clone());
+                    (conn, Some(ms), Some(close))
                 }
                 Err(e) => {
                     let message = format!("cannot connect to {peer}: {e:#}");
@@ -386,9 +405,6 @@ async fn ping_for_client(
     .await;
     drop(replies_tx);
     let _ = forward.await;
-    if ours {
-        conn.close(0u32.into(), b"ping done");
-    }
     let reply = match result {
         Ok(summary) => Reply::PingDone(Box::new(summary)),
         Err(message) => Reply::Error { message },
