@@ -770,7 +770,9 @@ fn netcheck_compares_several_stun_servers() {
             first.addr,
             "--stun",
             second.addr,
-            "--json"
+            "--json",
+            // Tests contact nothing but loopback: not the machine's gateway.
+            "--no-port-mapping"
         ],
         T,
     );
@@ -786,4 +788,68 @@ fn netcheck_compares_several_stun_servers() {
     assert_eq!(servers[0]["mapped"], servers[1]["mapped"]);
     assert_eq!(report["no_nat"], true, "{report}");
     assert_eq!(report["mapping"], "endpoint_independent", "{report}");
+}
+
+/// Interoperability the other way: `peer netcheck --stun` against a standard RFC 5780 server
+/// (coturn's `turnserver`, STUN only, installed by `.ci/run`) on 127.0.0.1 and 127.0.0.2.
+#[test]
+fn netcheck_understands_a_standard_stun_server() {
+    let Ok(server) = which("turnserver") else {
+        eprintln!("turnserver not installed (apt-get install coturn); not run here");
+        return;
+    };
+    let dir = TempDir::new("turnserver");
+    let (port, alt) = (free_udp_port(), free_udp_port());
+    let pidfile = dir.path().join("turnserver.pid");
+    let turn = e2e::Proc::spawn(
+        "turnserver",
+        &server,
+        &[
+            "-n",
+            "--stun-only",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "-L",
+            "127.0.0.1",
+            "-L",
+            "127.0.0.2",
+            "--listening-port",
+            &port.to_string(),
+            "--alt-listening-port",
+            &alt.to_string(),
+            "--log-file",
+            "stdout",
+            "--simple-log",
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+        ],
+    );
+    let target = format!("127.0.0.1:{port}");
+    // turnserver prints nothing reliable when ready: ask until it answers.
+    let deadline = std::time::Instant::now() + T;
+    let report = loop {
+        let (status, out, err) = peer_run(
+            &dir.path().join("p"),
+            &args!["netcheck", "--stun", target, "--json", "--no-port-mapping"],
+            T,
+        );
+        assert!(status.success(), "{out}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        if report["udp"] == true || std::time::Instant::now() > deadline {
+            break report;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(report["udp"], true, "{report}");
+    // It offered behaviour discovery (OTHER-ADDRESS) and answered CHANGE-REQUESTs: loopback
+    // neither maps nor filters.
+    assert_eq!(report["mapping"], "endpoint_independent", "{report}");
+    assert_eq!(report["filtering"], "endpoint_independent", "{report}");
+    assert_eq!(report["no_nat"], true, "{report}");
+    assert!(
+        report["verdict"].as_str().unwrap().contains("no NAT"),
+        "{report}"
+    );
+    drop(turn);
 }

@@ -107,6 +107,9 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Do not probe the default gateway for UPnP IGD, NAT-PMP and PCP.
+        #[arg(long)]
+        no_port_mapping: bool,
     },
     /// Ping a peer: the path the packets take (direct, with the address, or relayed), round-trip
     /// percentiles, and when relayed, why, from both sides' NAT behaviour. Goes through the peer
@@ -268,7 +271,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             accept_files,
         } => listen(identity, &dir, server, accept_files, cli.verbose).await,
-        Command::Netcheck { server, stun, json } => {
+        Command::Netcheck {
+            server,
+            stun,
+            json,
+            no_port_mapping,
+        } => {
             let targets: Vec<String> = if stun.is_empty() {
                 server.iter().cloned().collect()
             } else {
@@ -298,7 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = netcheck::Options {
                 tcp_443,
                 hairpin: true,
-                port_mapping: true,
+                port_mapping: !no_port_mapping,
             };
             let report = netcheck::run(&servers, &options)
                 .await
