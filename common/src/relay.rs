@@ -25,16 +25,27 @@ pub enum RelayFrameError {
 
 /// Encodes one frame. Packets over [`MAX_RELAY_PACKET`] are refused.
 pub fn encode(peer: &PeerId, packet: &[u8]) -> Result<Vec<u8>, RelayFrameError> {
+    let mut out = Vec::with_capacity(HEADER + packet.len());
+    encode_into(&mut out, peer, packet)?;
+    Ok(out)
+}
+
+/// Appends one frame to `out` (to batch several frames into one write). Packets over
+/// [`MAX_RELAY_PACKET`] are refused and leave `out` as it was.
+pub fn encode_into(out: &mut Vec<u8>, peer: &PeerId, packet: &[u8]) -> Result<(), RelayFrameError> {
     if packet.len() > MAX_RELAY_PACKET {
         return Err(RelayFrameError::BadLength(16 + packet.len()));
     }
-    let mut out = Vec::with_capacity(HEADER + packet.len());
     // The cap keeps the length inside u16.
     out.extend_from_slice(&((16 + packet.len()) as u16).to_be_bytes());
     out.extend_from_slice(peer.as_bytes());
     out.extend_from_slice(packet);
-    Ok(out)
+    Ok(())
 }
+
+/// Bytes of frames gathered into one write on a relay stream: a batch of queued packets costs
+/// one stream write (one wake-up of the connection) instead of one per packet.
+pub const RELAY_WRITE_BATCH: usize = 64 * 1024;
 
 /// Incremental decoder: push bytes in any chunking, pull `(peer, packet)` frames out.
 #[derive(Debug, Default)]
@@ -96,6 +107,33 @@ mod tests {
 
     fn id() -> PeerId {
         PeerId::from_key_digest(&[8; 32])
+    }
+
+    #[test]
+    fn batched_frames_decode_one_by_one() {
+        let (a, b) = (
+            PeerId::from_key_digest(&[1; 32]),
+            PeerId::from_key_digest(&[2; 32]),
+        );
+        let mut batch = Vec::new();
+        encode_into(&mut batch, &a, b"first").unwrap();
+        encode_into(&mut batch, &b, &[7u8; MAX_RELAY_PACKET]).unwrap();
+        let before = batch.len();
+        assert!(encode_into(&mut batch, &a, &[0u8; MAX_RELAY_PACKET + 1]).is_err());
+        assert_eq!(
+            batch.len(),
+            before,
+            "a refused packet leaves the batch as it was"
+        );
+        assert_eq!(&batch[..2 + 16 + 5], &encode(&a, b"first").unwrap()[..]);
+        let mut decoder = RelayDecoder::new();
+        decoder.push(&batch);
+        assert_eq!(decoder.next_frame(), Ok(Some((a, b"first".to_vec()))));
+        assert_eq!(
+            decoder.next_frame(),
+            Ok(Some((b, vec![7u8; MAX_RELAY_PACKET])))
+        );
+        assert_eq!(decoder.next_frame(), Ok(None));
     }
 
     #[test]

@@ -119,13 +119,23 @@ async fn run(
                 ready.send_replace(true);
                 tracing::debug!("relay stream open");
                 let reader = tokio::spawn(read_relayed(recv, injector.clone(), addrs.clone()));
+                let mut batch =
+                    Vec::with_capacity(relay::RELAY_WRITE_BATCH + 2 * relay::MAX_RELAY_PACKET);
                 loop {
                     tokio::select! {
                         packet = rx.recv() => {
                             let Some(packet) = packet else { return };
-                            let Ok(to) = PeerId::from_bytes(packet.label) else { continue };
-                            let Ok(frame) = relay::encode(&to, &packet.data) else { continue };
-                            if send.write_all(&frame).await.is_err() {
+                            // Everything quinn has queued meanwhile goes out in the same write.
+                            batch.clear();
+                            encode_packet(&mut batch, &packet);
+                            while batch.len() < relay::RELAY_WRITE_BATCH {
+                                let Ok(packet) = rx.try_recv() else { break };
+                                encode_packet(&mut batch, &packet);
+                            }
+                            if batch.is_empty() {
+                                continue;
+                            }
+                            if send.write_all(&batch).await.is_err() {
                                 break;
                             }
                         }
@@ -155,6 +165,14 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// Appends `packet`'s relay frame to `batch` (a packet with a bad label or size is dropped, as
+/// a lossy link would).
+fn encode_packet(batch: &mut Vec<u8>, packet: &VirtualPacket) {
+    if let Ok(to) = PeerId::from_bytes(packet.label) {
+        let _ = relay::encode_into(batch, &to, &packet.data);
     }
 }
 

@@ -230,11 +230,18 @@ pub(crate) async fn run(
     // The writer runs apart so that a peer slow to read what it is sent never stops us reading
     // (and forwarding) what it sends.
     let writer = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(relay::RELAY_WRITE_BATCH + 2 * MAX_RELAY_PACKET);
         while let Some((from, packet)) = rx.recv().await {
-            let Ok(frame) = relay::encode(&from, &packet) else {
-                continue;
-            };
-            if send.write_all(&frame).await.is_err() {
+            // Everything already queued goes out in the same write.
+            batch.clear();
+            let _ = relay::encode_into(&mut batch, &from, &packet);
+            while batch.len() < relay::RELAY_WRITE_BATCH {
+                let Ok((from, packet)) = rx.try_recv() else {
+                    break;
+                };
+                let _ = relay::encode_into(&mut batch, &from, &packet);
+            }
+            if send.write_all(&batch).await.is_err() {
                 break;
             }
         }
