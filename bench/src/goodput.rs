@@ -72,7 +72,7 @@ pub async fn server(
     peer_addr: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     match mode {
-        Mode::Tcp => return tcp_server(listen, streams).await,
+        Mode::Tcp => tcp_server(listen, streams).await,
         Mode::Quinn => {
             let (cert, key) = quinn_cert(keys)?;
             let config = quinn::ServerConfig::with_single_cert(vec![cert], key)?;
