@@ -48,3 +48,23 @@ pub fn cpu_s(pid: u32) -> anyhow::Result<f64> {
     let hz = if hz > 0 { hz as f64 } else { 100.0 };
     Ok((tick(11)? + tick(12)?) / hz)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let pid = std::process::id();
+        assert!(rss_kib(pid).unwrap() > 0);
+        // Burn a little CPU so that the counters move.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(self_cpu_s() > 0.0);
+        assert!(cpu_s(pid).unwrap() >= 0.0);
+        assert!(rss_kib(u32::MAX).is_err());
+    }
+}
