@@ -5,9 +5,9 @@
 #
 #   - direct goodput of our data plane / plain quinn and / plain TCP, 1 and 4 streams, on
 #     loopback and on a lab link (two un-NATed lab hosts, veth links through the lab router);
-#   - CPU seconds per GiB (client + server), ours / plain quinn (loopback, 1 stream);
+#   - CPU seconds per GiB (client + server), ours / plain quinn (loopback, 1 and 4 streams);
 #   - the product: `peer send` direct (port-restricted NATs) and relayed (symmetric NATs) on
-#     identical lab links, relayed / direct;
+#     identical lab links, relayed / direct, with the relay's default rate limit and without;
 #   - the rendezvous (loopback, pinned to one core, load generator on the other): registrations
 #     per second, RSS per idle registered peer and CPU use with N peers kept alive;
 #   - connect time / floor (RTT to the rendezvous + 2 RTT between the peers, RTTs measured with
@@ -15,9 +15,11 @@
 #
 #   scripts/bench.sh [--quick] [--size MB] [--keep]
 #
-# --quick: small sizes, few iterations, 500 peers: a couple of minutes, for CI (no timing is
-# asserted anywhere; the script fails only if a measurement cannot be made). --size sets the
-# `peer send` file size. --keep leaves the work directory (logs) in place.
+# Full run: about 3 minutes on 2 cores after the release build. --quick: small sizes, one run,
+# 5 connects, 500 peers: about 30 s after the build, for CI (no timing is asserted anywhere; the
+# script fails only if a measurement cannot be made). --size sets the `peer send` file size.
+# --keep leaves the work directory (every program's output and log) in place.
+# Results and what limits each missed target: docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,9 +54,9 @@ results=$work/results.txt # "key value" lines, turned into the table at the end
 labs=()
 pids=() # processes outside the labs (`natlab.sh down` ends those inside a lab)
 untrack() { # PID: it has been waited for; never signal a pid that may have been reused
-    local keep=() pid
-    for pid in "${pids[@]}"; do [[ $pid == "$1" ]] || keep+=("$pid"); done
-    pids=("${keep[@]}")
+    local left=() pid
+    for pid in "${pids[@]}"; do [[ $pid == "$1" ]] || left+=("$pid"); done
+    pids=("${left[@]}")
 }
 cleanup() {
     local pid lab
