@@ -1,9 +1,10 @@
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -76,6 +77,63 @@ impl PathTarget {
     }
 }
 
+/// A cheap hasher for route keys (socket addresses), looked up for every packet in both
+/// directions: a multiply-rotate mix (as in FxHash) instead of SipHash. Only our own code inserts
+/// keys (routes and aliases of peers we talk to), so there is no hash flooding to defend against:
+/// a lookup of an attacker-chosen address costs a probe of a small table at worst.
+#[derive(Debug, Default, Clone, Copy)]
+struct AddrHasher(u64);
+
+impl AddrHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for AddrHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type AddrMap<V> = HashMap<SocketAddr, V, BuildHasherDefault<AddrHasher>>;
+
 /// Address translation between what quinn believes a peer's address is and where its packets
 /// really go now (the magicsock idea): quinn keeps one address per peer while the socket sends on
 /// the current path (direct UDP to wherever the NAT now maps, or a relay), so no QUIC connection
@@ -83,9 +141,9 @@ impl PathTarget {
 #[derive(Debug, Default)]
 struct Routes {
     /// quinn's address -> current path.
-    out: HashMap<SocketAddr, PathTarget>,
+    out: AddrMap<PathTarget>,
     /// real source address -> quinn's address.
-    back: HashMap<SocketAddr, SocketAddr>,
+    back: AddrMap<SocketAddr>,
 }
 
 /// Maps IPv4-mapped IPv6 addresses to plain IPv4, so that route keys match whatever family the
@@ -109,6 +167,9 @@ fn same_family(addr: SocketAddr, like: SocketAddr) -> SocketAddr {
 #[derive(Debug, Clone)]
 pub struct Injector {
     tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    // Datagrams in the queue: lets the receive path skip the queue (and its lock) while it is
+    // empty, which it is for every packet of a direct path.
+    queued: Arc<AtomicUsize>,
     waker: Arc<std::sync::Mutex<Option<std::task::Waker>>>,
 }
 
@@ -118,6 +179,9 @@ impl Injector {
     pub fn inject(&self, from: SocketAddr, data: Vec<u8>) -> bool {
         let queued = self.tx.try_send((from, data)).is_ok();
         if queued {
+            // Counted after the send, so a receiver that sees the count finds the datagram;
+            // SeqCst pairs with the receiver's store-waker-then-check (see poll_injected).
+            self.queued.fetch_add(1, Ordering::SeqCst);
             if let Some(waker) = self
                 .waker
                 .lock()
@@ -173,6 +237,7 @@ impl DemuxSocket {
         let (injected_tx, injected_rx) = mpsc::channel(INJECT_QUEUE);
         let injector = Injector {
             tx: injected_tx,
+            queued: Arc::default(),
             waker: Arc::default(),
         };
         Ok((
@@ -266,26 +331,21 @@ impl DemuxSocket {
 
     /// Where packets for `quinn_addr` go now.
     pub fn route_of(&self, quinn_addr: SocketAddr) -> PathTarget {
-        if !self.has_routes.load(Ordering::Acquire) {
-            return PathTarget::Udp(quinn_addr);
-        }
-        let key = canonical(quinn_addr);
-        self.routes
-            .read()
-            .ok()
-            .and_then(|r| r.out.get(&key).cloned())
+        self.read_routes()
+            .and_then(|r| r.out.get(&canonical(quinn_addr)).cloned())
             .unwrap_or(PathTarget::Udp(quinn_addr))
     }
 
-    fn quinn_addr_of(&self, real: SocketAddr) -> SocketAddr {
+    /// The routes, read-locked, or None while there are none (the lock is then skipped).
+    fn read_routes(&self) -> Option<std::sync::RwLockReadGuard<'_, Routes>> {
         if !self.has_routes.load(Ordering::Acquire) {
-            return real;
+            return None;
         }
-        self.routes
-            .read()
-            .ok()
-            .and_then(|r| r.back.get(&canonical(real)).copied())
-            .map_or(real, |q| same_family(q, real))
+        Some(
+            self.routes
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     fn send_virtual(&self, sink: &VirtualSink, transmit: &Transmit) {
@@ -310,35 +370,53 @@ impl DemuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> usize {
+        let queued = &self.injector.queued;
+        for attempt in 0..2 {
+            if queued.load(Ordering::SeqCst) > 0 {
+                let n = self.take_injected(bufs, meta);
+                if n > 0 {
+                    return n;
+                }
+            }
+            if attempt == 0 {
+                // Nothing queued: Injector::inject wakes this task. Store the waker first, then
+                // look at the count again, so that a datagram counted in between is not missed
+                // (inject counts, then takes the waker). Cloned only when it changed.
+                let mut slot = self
+                    .injector
+                    .waker
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *slot = Some(cx.waker().clone());
+                }
+            }
+        }
+        0
+    }
+
+    /// Moves queued injected datagrams into quinn's buffers.
+    fn take_injected(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
         let mut rx = self
             .injected_rx
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut n = 0;
         while n < bufs.len().min(meta.len()) {
-            match rx.poll_recv(cx) {
-                Poll::Ready(Some((from, data))) => {
-                    let len = data.len().min(bufs[n].len());
-                    bufs[n][..len].copy_from_slice(&data[..len]);
-                    meta[n] = RecvMeta {
-                        addr: from,
-                        len,
-                        stride: len,
-                        ..RecvMeta::default()
-                    };
-                    n += 1;
-                }
-                _ => break,
-            }
+            let Ok((from, data)) = rx.try_recv() else {
+                break;
+            };
+            let len = data.len().min(bufs[n].len());
+            bufs[n][..len].copy_from_slice(&data[..len]);
+            meta[n] = RecvMeta {
+                addr: from,
+                len,
+                stride: len,
+                ..RecvMeta::default()
+            };
+            n += 1;
         }
-        if n == 0 {
-            // Also wake on Injector::inject, in case the channel's own waker was consumed.
-            *self
-                .injector
-                .waker
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(cx.waker().clone());
-        }
+        self.injector.queued.fetch_sub(n, Ordering::SeqCst);
         n
     }
 
@@ -410,22 +488,31 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        match self.route_of(transmit.destination) {
-            PathTarget::Udp(destination) if destination == transmit.destination => {
-                self.inner.try_send(transmit)
-            }
-            PathTarget::Udp(destination) => self.inner.try_send(&Transmit {
-                destination: same_family(destination, transmit.destination),
-                ecn: transmit.ecn,
-                contents: transmit.contents,
-                segment_size: transmit.segment_size,
-                src_ip: transmit.src_ip,
-            }),
-            PathTarget::Virtual(sink) => {
-                self.send_virtual(&sink, transmit);
-                Ok(())
+        // Looked up under the read lock, without cloning the target (a virtual sink's clone
+        // would touch its channel's reference counts for every packet).
+        let mut destination = transmit.destination;
+        if let Some(routes) = self.read_routes() {
+            match routes.out.get(&canonical(transmit.destination)) {
+                Some(PathTarget::Virtual(sink)) => {
+                    self.send_virtual(sink, transmit);
+                    return Ok(());
+                }
+                Some(PathTarget::Udp(real)) => {
+                    destination = same_family(*real, transmit.destination);
+                }
+                None => {}
             }
         }
+        if destination == transmit.destination {
+            return self.inner.try_send(transmit);
+        }
+        self.inner.try_send(&Transmit {
+            destination,
+            ecn: transmit.ecn,
+            contents: transmit.contents,
+            segment_size: transmit.segment_size,
+            src_ip: transmit.src_ip,
+        })
     }
 
     fn poll_recv(
@@ -455,13 +542,20 @@ impl AsyncUdpSocket for DemuxSocket {
                 }
             };
             let mut kept = 0;
+            // One read lock for the whole batch.
+            let routes = self.read_routes();
             for i in 0..received {
                 let left = self.filter_segments(&mut bufs[i], &meta[i]);
                 if left == 0 {
                     continue;
                 }
                 meta[i].len = left;
-                meta[i].addr = self.quinn_addr_of(meta[i].addr);
+                if let Some(routes) = &routes {
+                    let real = meta[i].addr;
+                    if let Some(quinn_addr) = routes.back.get(&canonical(real)) {
+                        meta[i].addr = same_family(*quinn_addr, real);
+                    }
+                }
                 if kept != i {
                     // Move entry i down to slot `kept` so that quinn sees a dense prefix.
                     let (low, high) = bufs.split_at_mut(i);
@@ -498,5 +592,98 @@ impl AsyncUdpSocket for DemuxSocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn recv_one(socket: &DemuxSocket) -> (SocketAddr, Vec<u8>) {
+        let mut storage = vec![0u8; 2048];
+        let mut meta = [RecvMeta::default()];
+        let n = std::future::poll_fn(|cx| {
+            let mut bufs = [IoSliceMut::new(&mut storage)];
+            socket.poll_recv(cx, &mut bufs, &mut meta)
+        });
+        let n = tokio::time::timeout(Duration::from_secs(5), n)
+            .await
+            .expect("a datagram within 5 s")
+            .expect("recv");
+        assert_eq!(n, 1);
+        (meta[0].addr, storage[..meta[0].len].to_vec())
+    }
+
+    /// try_send, waiting for writability first (a fresh tokio socket reports WouldBlock until
+    /// its readiness is known).
+    async fn send(socket: &Arc<DemuxSocket>, transmit: &Transmit<'_>) {
+        let mut poller = socket.clone().create_io_poller();
+        loop {
+            match socket.try_send(transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                        .await
+                        .unwrap();
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
+    fn transmit(destination: SocketAddr, contents: &[u8]) -> Transmit<'_> {
+        Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: None,
+            src_ip: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_translate_both_ways_and_injection_wakes_a_pending_receive() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        let local = socket.local_addr().unwrap();
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let stable: SocketAddr = "240.1.2.3:4567".parse().unwrap();
+
+        // Out: quinn's packets to the stable address leave for the real one.
+        socket.set_route(stable, PathTarget::Udp(other_addr));
+        send(&socket, &transmit(stable, b"out")).await;
+        let mut buf = [0u8; 64];
+        let (n, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from), (&b"out"[..], local));
+
+        // Back: packets from the real address are shown as coming from the stable one.
+        other.send_to(b"back", local).await.unwrap();
+        assert_eq!(recv_one(&socket).await, (stable, b"back".to_vec()));
+
+        // Injected while a receive is pending: the receive is woken.
+        let injector = socket.injector();
+        let from: SocketAddr = "240.9.9.9:9".parse().unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(injector.inject(from, b"relayed".to_vec()));
+        });
+        assert_eq!(recv_one(&socket).await, (from, b"relayed".to_vec()));
+        assert_eq!(socket.injector.queued.load(Ordering::SeqCst), 0);
+
+        // Virtual: packets go into the sink's channel, split at the segment size.
+        let (tx, mut rx) = mpsc::channel(8);
+        socket.set_route(stable, PathTarget::Virtual(VirtualSink::new([7; 16], tx)));
+        let segmented = Transmit {
+            segment_size: Some(2),
+            ..transmit(stable, b"abc")
+        };
+        send(&socket, &segmented).await;
+        assert_eq!(rx.recv().await.unwrap().data, b"ab");
+        assert_eq!(rx.recv().await.unwrap().data, b"c");
+
+        // Removing the routes restores plain addressing.
+        socket.remove_routes(stable);
+        assert!(matches!(socket.route_of(stable), PathTarget::Udp(a) if a == stable));
     }
 }

@@ -26,6 +26,9 @@ pub enum EndpointError {
     Tls(#[from] certs::TlsConfigError),
 }
 
+/// Streams the other side of a connection may have open at once (see `transport_config`).
+const MAX_CONCURRENT_BIDI_STREAMS: u32 = 32;
+
 /// QUIC transport timers.
 #[derive(Debug, Clone, Copy)]
 pub struct TransportSettings {
@@ -57,6 +60,14 @@ impl TransportSettings {
         // back to the TCP tunnel for nothing. Guessing 100 ms retransmits at about 0.3, 0.9 and
         // 2.1 s; a real RTT replaces the guess with the first answer.
         transport.initial_rtt(Duration::from_millis(100));
+        // quinn reserves a map entry for every stream the other side may open, at once: with
+        // its defaults (100 bidirectional, 100 unidirectional) that is 6 KiB of stream maps per
+        // connection, an eighth of the rendezvous's memory per idle peer. Nothing opens
+        // unidirectional streams, and no side needs more than a few bidirectional ones at a
+        // time (control, relay, one per request or application); quinn grants more as they
+        // close.
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_concurrent_bidi_streams(MAX_CONCURRENT_BIDI_STREAMS.into());
         Arc::new(transport)
     }
 }

@@ -1,0 +1,120 @@
+//! Benchmark programs driven by `scripts/bench.sh`.
+//!
+//! - `keys`: writes the identities and the plain-quinn certificate that a server and a client of
+//!   one measurement share.
+//! - `server` / `client`: a goodput test (one connection, 1 or N parallel streams, bytes into a
+//!   discard sink) in one of three modes: plain `quinn` (default transport config, rcgen
+//!   certificate), plain `tcp` (one TCP connection per stream), or `ours` (our data plane: the
+//!   [`transport::DemuxSocket`] endpoint, our TLS configurations with Ed25519 identities, our
+//!   transport settings, the peer dialed through a routed stable address as the peer binary does).
+//!   Each side prints one JSON line with the bytes moved, the seconds and its CPU seconds.
+//! - `rv-load`: registers many simulated peers with a running `rendezvous serve`, keeps them
+//!   alive, and reports registrations per second and the server's RSS and CPU use.
+//!
+//! Output is JSON on stdout (one object per run); progress goes to stderr.
+
+mod goodput;
+mod rvload;
+mod usage;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(about = "Benchmark programs (see scripts/bench.sh)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Which data plane a goodput test uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// quinn with its default transport config and a self-signed rcgen certificate.
+    Quinn,
+    /// One TCP connection per stream.
+    Tcp,
+    /// Our endpoint, TLS and transport settings, dialing a routed stable address.
+    Ours,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes the server and client identities and the plain-quinn certificate into DIR.
+    Keys {
+        /// Directory to write into (created).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Accepts one goodput test, prints `listening ADDR`, then one JSON line when it ends.
+    Server {
+        #[arg(long, value_enum)]
+        mode: Mode,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory written by `keys`.
+        #[arg(long)]
+        keys: PathBuf,
+        /// Parallel streams the client will use (TCP: connections to accept).
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// ours: the client's real address (routed from its stable address, as the peer does).
+        #[arg(long)]
+        peer_addr: Option<SocketAddr>,
+    },
+    /// Sends BYTES over STREAMS parallel streams and prints one JSON line.
+    Client {
+        #[arg(long, value_enum)]
+        mode: Mode,
+        /// The server's address.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Local address to bind (ours: the address the server routes to).
+        #[arg(long, default_value = "0.0.0.0:0")]
+        bind: SocketAddr,
+        /// Directory written by `keys`.
+        #[arg(long)]
+        keys: PathBuf,
+        /// Bytes to send in total.
+        #[arg(long)]
+        bytes: u64,
+        /// Parallel streams.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+    },
+    /// Rendezvous load generator.
+    RvLoad(rvload::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The same runtime shape as the peer binary, for every mode.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Keys { dir } => goodput::write_keys(&dir),
+            Command::Server {
+                mode,
+                listen,
+                keys,
+                streams,
+                peer_addr,
+            } => goodput::server(mode, listen, &keys, streams, peer_addr).await,
+            Command::Client {
+                mode,
+                connect,
+                bind,
+                keys,
+                bytes,
+                streams,
+            } => goodput::client(mode, connect, bind, &keys, bytes, streams).await,
+            Command::RvLoad(args) => rvload::run(args).await,
+        }
+    })
+}

@@ -1,0 +1,223 @@
+//! Rendezvous load generator: many simulated peers, each with its own Ed25519 identity and its
+//! own QUIC connection, multiplexed over a few UDP sockets (endpoints) of this process.
+//!
+//! 1. Registers `--peers` peers, `--concurrency` at a time, and times it (registrations per
+//!    second, and per CPU second of the rendezvous process when `--rv-pid` is given).
+//! 2. Keeps them registered and idle for `--hold-s` seconds (QUIC keep-alives only, as idle peers
+//!    do) and reads the rendezvous's RSS and CPU time before the peers arrived, after they were
+//!    registered and at the end of the hold.
+//! 3. Closes every connection and prints one JSON line.
+//!
+//! Bounded: the peer count is capped at 20,000 and every phase has a deadline.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use certs::{Fingerprint, Identity, ServerTrust};
+use common::frame_io::{read_frame, write_frame};
+use common::{ControlMessage, PROTOCOL_VERSION};
+use tokio::task::JoinSet;
+use transport::TransportSettings;
+
+use crate::usage;
+
+/// The most peers one run may simulate.
+const MAX_PEERS: usize = 20_000;
+/// What the peer binary uses as TLS server name for the rendezvous.
+const SERVER_NAME: &str = "rendezvous";
+
+/// Options of `bench rv-load`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The rendezvous's UDP address.
+    #[arg(long)]
+    server: SocketAddr,
+    /// Its key fingerprint (`server key sha256:...`).
+    #[arg(long)]
+    server_key: String,
+    /// Peers to register (at most 20,000).
+    #[arg(long, default_value_t = 10_000)]
+    peers: usize,
+    /// UDP sockets (quinn endpoints) the peers are spread over.
+    #[arg(long, default_value_t = 8)]
+    endpoints: usize,
+    /// Registrations in flight at once (more only adds handshake retransmissions on loopback:
+    /// 16 already keeps one server core busy).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Seconds to keep the registered peers alive before measuring again.
+    #[arg(long, default_value_t = 30)]
+    hold_s: u64,
+    /// Deadline for the registration phase, in seconds.
+    #[arg(long, default_value_t = 300)]
+    register_deadline_s: u64,
+    /// The rendezvous process, to read its RSS and CPU time from /proc.
+    #[arg(long)]
+    rv_pid: Option<u32>,
+}
+
+/// One registered simulated peer: dropping it closes nothing; [`run`] closes connections.
+struct Registered {
+    conn: quinn::Connection,
+    // Held so the control stream stays open (the server ends the registration with it).
+    _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+async fn register_one(
+    endpoint: quinn::Endpoint,
+    identity: Identity,
+    server: SocketAddr,
+    fingerprint: Fingerprint,
+) -> anyhow::Result<Registered> {
+    let settings = TransportSettings::default();
+    let tls = certs::client_config_for_server(
+        &identity,
+        ServerTrust::Pinned(fingerprint),
+        common::ALPN_RENDEZVOUS,
+    )?;
+    let config = transport::quic_client_config(tls, settings)?;
+    let conn = endpoint
+        .connect_with(config, server, SERVER_NAME)?
+        .await
+        .context("handshake")?;
+    let (mut tx, mut rx) = conn.open_bi().await?;
+    let register = ControlMessage::Register {
+        version: PROTOCOL_VERSION,
+        local_addrs: Vec::new(),
+    };
+    write_frame(&mut tx, &register.encode()).await?;
+    let reply = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rx))
+        .await
+        .context("no reply to register within 10 s")??
+        .context("the server closed the control stream")?;
+    match ControlMessage::decode(&reply)? {
+        ControlMessage::Registered { id, .. } if id == identity.id() => Ok(Registered {
+            conn,
+            _control: (tx, rx),
+        }),
+        other => bail!("unexpected reply to register: {}", other.kind()),
+    }
+}
+
+fn sample(pid: Option<u32>) -> anyhow::Result<Option<(u64, f64)>> {
+    pid.map(|p| Ok((usage::rss_kib(p)?, usage::cpu_s(p)?)))
+        .transpose()
+}
+
+/// Runs the load generator and prints its JSON line.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.peers == 0 || args.peers > MAX_PEERS {
+        bail!("--peers must be between 1 and {MAX_PEERS}");
+    }
+    let fingerprint: Fingerprint = args
+        .server_key
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--server-key: {e}"))?;
+    let bind: SocketAddr = if args.server.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let mut endpoints = Vec::new();
+    for _ in 0..args.endpoints.max(1) {
+        // The same endpoint as a peer's (DemuxSocket, no greased QUIC bit).
+        let (endpoint, _socket, _stun) =
+            transport::make_endpoint(bind, None, TransportSettings::default(), 16, None)?;
+        endpoints.push(endpoint);
+    }
+    eprintln!("rv-load: generating {} identities", args.peers);
+    let identities = tokio::task::spawn_blocking({
+        let n = args.peers;
+        move || {
+            (0..n)
+                .map(|_| Identity::generate())
+                .collect::<Result<Vec<_>, _>>()
+        }
+    })
+    .await??;
+
+    let before = sample(args.rv_pid)?;
+    eprintln!("rv-load: registering {} peers", args.peers);
+    let deadline = Duration::from_secs(args.register_deadline_s);
+    let start = Instant::now();
+    let mut peers = Vec::with_capacity(args.peers);
+    let mut failures = 0usize;
+    let mut first_error = None;
+    let mut tasks = JoinSet::new();
+    let mut identities = identities.into_iter().enumerate();
+    loop {
+        while tasks.len() < args.concurrency.max(1) {
+            let Some((i, identity)) = identities.next() else {
+                break;
+            };
+            let endpoint = endpoints[i % endpoints.len()].clone();
+            tasks.spawn(register_one(endpoint, identity, args.server, fingerprint));
+        }
+        let remaining = deadline.saturating_sub(start.elapsed());
+        match tokio::time::timeout(remaining, tasks.join_next()).await {
+            Err(_) => {
+                tasks.shutdown().await;
+                bail!(
+                    "registration phase over its {} s deadline ({} registered)",
+                    args.register_deadline_s,
+                    peers.len()
+                );
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(Ok(peer)))) => peers.push(peer),
+            Ok(Some(Ok(Err(e)))) => {
+                failures += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+            Ok(Some(Err(e))) => {
+                failures += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let register_secs = start.elapsed().as_secs_f64();
+    let registered = sample(args.rv_pid)?;
+    eprintln!(
+        "rv-load: {} registered in {register_secs:.2} s ({failures} failed); holding {} s",
+        peers.len(),
+        args.hold_s
+    );
+    tokio::time::sleep(Duration::from_secs(args.hold_s)).await;
+    let held = sample(args.rv_pid)?;
+    let alive = peers
+        .iter()
+        .filter(|p| p.conn.close_reason().is_none())
+        .count();
+
+    for peer in &peers {
+        peer.conn.close(0u32.into(), b"bench done");
+    }
+    for endpoint in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    }
+
+    let n = peers.len();
+    let mut out = serde_json::json!({
+        "peers": n,
+        "failed": failures,
+        "first_error": first_error,
+        "register_secs": register_secs,
+        "registrations_per_s": n as f64 / register_secs,
+        "hold_s": args.hold_s,
+        "alive_after_hold": alive,
+    });
+    if let (Some(before), Some(registered), Some(held)) = (before, registered, held) {
+        let rv_register_cpu = registered.1 - before.1;
+        let rss_growth_kib = held.0.saturating_sub(before.0);
+        out["rv_rss_before_kib"] = before.0.into();
+        out["rv_rss_registered_kib"] = registered.0.into();
+        out["rv_rss_held_kib"] = held.0.into();
+        out["rv_register_cpu_s"] = rv_register_cpu.into();
+        out["rv_registrations_per_cpu_s"] = (n as f64 / rv_register_cpu.max(1e-9)).into();
+        out["rv_rss_per_peer_kib"] = (rss_growth_kib as f64 / n.max(1) as f64).into();
+        out["rv_hold_cpu_fraction"] = ((held.1 - registered.1) / args.hold_s.max(1) as f64).into();
+    }
+    println!("{out}");
+    Ok(())
+}
