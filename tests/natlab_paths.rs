@@ -480,3 +480,30 @@ fn ping_until_direct_reports_when_the_path_became_direct() {
     );
     lab.down();
 }
+
+#[test]
+fn a_peer_that_reconnects_at_once_is_not_held_up_by_its_old_connection() {
+    // The same identity connects again right after its previous connection closed: the
+    // listener still has the old connection's route to the dialer's old (dead) address for a
+    // moment. The new connection must not wait for it (it once took until the 20 s dial timeout:
+    // the old link's clean-up removed the route the new introduction had set up).
+    let lab = Lab::up("reconnect-at-once", &["--a", "port", "--b", "port"]);
+    let dir = TempDir::new("reconnect-at-once");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (_a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    for run in 0..4 {
+        let mut b = connect(&lab, dir.path(), &rv, &a_id);
+        let (line, _) = b.wait_for_line(&format!("connected to {a_id} in "), T);
+        let ms: u64 = line
+            .split(" in ")
+            .nth(1)
+            .and_then(|rest| rest.split(" ms").next())
+            .and_then(|ms| ms.parse().ok())
+            .expect("connected in N ms");
+        // A cached address that fails costs 1 s; the introduction a few ms more.
+        assert!(ms < 5_000, "run {run}: {line}");
+        b.close_stdin();
+        assert!(b.wait(T).success(), "run {run}");
+    }
+    lab.down();
+}

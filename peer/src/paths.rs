@@ -113,6 +113,20 @@ struct LinkTable {
     pending: HashMap<PeerId, (LinkEvent, Instant)>,
 }
 
+impl LinkTable {
+    /// Drops `peer`'s link if its connection has closed; its task then ends without touching
+    /// the peer's routes (which belong to the next connection).
+    fn forget_closed(&mut self, peer: &PeerId) {
+        if self
+            .links
+            .get(peer)
+            .is_some_and(|h| h.conn.close_reason().is_some())
+        {
+            self.links.remove(peer);
+        }
+    }
+}
+
 impl PathKeeper {
     /// A keeper with no links yet.
     pub fn new(
@@ -159,6 +173,14 @@ impl PathKeeper {
         links
     }
 
+    /// Whether the link of connection `conn_id` is the one that manages `peer`'s route.
+    fn is_current_link(&self, peer: &PeerId, conn_id: usize) -> bool {
+        self.table
+            .lock()
+            .map(|t| t.links.get(peer).is_some_and(|h| h.conn_id == conn_id))
+            .unwrap_or(false)
+    }
+
     /// The link of `conn`, if it has one.
     pub fn link_of_conn(&self, conn: &quinn::Connection) -> Option<LinkInfo> {
         let id = conn.stable_id();
@@ -199,12 +221,23 @@ impl PathKeeper {
     /// quinn as coming from the stable address. Returns the stable address.
     pub fn prepare(&self, peer: PeerId, candidates: &[Candidate]) -> SocketAddr {
         let stable = stable_addr(&peer);
-        let has_route =
-            !matches!(self.node.socket.route_of(stable), PathTarget::Udp(a) if a == stable);
+        // A new introduction: a closed connection's link must not take the routes set up from
+        // here with it when its task ends.
+        if let Ok(mut table) = self.table.lock() {
+            table.forget_closed(&peer);
+        }
+        // A direct route to an address the peer no longer announces is stale (the peer restarted
+        // or moved while an old connection of ours still routed to it): the new handshake's
+        // answers would go there and be lost until the old connection timed out.
+        let usable_route = match self.node.socket.route_of(stable) {
+            PathTarget::Udp(a) if a == stable => false,
+            PathTarget::Udp(a) => candidates.iter().any(|c| c.addr == a),
+            PathTarget::Virtual(_) => true,
+        };
         // Route through the relay even if its stream is not open yet (it is re-opened after a
         // re-registration): packets sent meanwhile are dropped and QUIC retransmits them, whereas
         // a missing route would send them to an unroutable address for good.
-        if !has_route {
+        if !usable_route {
             self.node
                 .socket
                 .set_route(stable, PathTarget::Virtual(self.relay.sink(&peer)));
@@ -245,6 +278,9 @@ impl PathKeeper {
             let Ok(mut table) = self.table.lock() else {
                 return;
             };
+            // A link whose connection has closed (its task lingers a moment for the close) is
+            // no link: the result is for the connection about to arrive.
+            table.forget_closed(&peer);
             match table.links.get(&peer) {
                 Some(handle) => Some(handle.tx.clone()),
                 None => {
@@ -345,6 +381,11 @@ impl PathKeeper {
         loop {
             let now = Instant::now();
             if conn.close_reason().is_some() {
+                break;
+            }
+            // A newer connection to the same peer (it restarted, or dialed us as we dialed it)
+            // took over the peer's route: only its link manages the route from now on.
+            if !self.is_current_link(&peer, conn.stable_id()) {
                 break;
             }
             while let Some(action) = selector.poll(now) {
