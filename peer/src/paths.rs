@@ -223,8 +223,18 @@ impl PathKeeper {
         let stable = stable_addr(&peer);
         // A new introduction: a closed connection's link must not take the routes set up from
         // here with it when its task ends.
-        if let Ok(mut table) = self.table.lock() {
-            table.forget_closed(&peer);
+        let live_link = match self.table.lock() {
+            Ok(mut table) => {
+                table.forget_closed(&peer);
+                table.links.contains_key(&peer)
+            }
+            Err(_) => false,
+        };
+        if !live_link {
+            // Relayed packets from the peer go to the connection about to be made on the stable
+            // address, not to an old connection's address (a connection dialed straight to a
+            // cached address knows the peer by its real address).
+            self.relay.forget(&peer);
         }
         // A direct route to an address the peer no longer announces is stale (the peer restarted
         // or moved while an old connection of ours still routed to it): the new handshake's
