@@ -426,20 +426,40 @@ fn netcheck_detects_hairpinning_and_router_port_mapping() {
     lab.down();
 }
 
+/// `peer ping A_ID --until-direct --json EXTRA...` from `LAB-b` to a listener on `LAB-a`, in a
+/// lab of NAT kinds `a` and `b`: (exit success, JSON summary, stderr).
+fn ping_until_direct(
+    case: &str,
+    a: &str,
+    b: &str,
+    extra: &[&str],
+) -> (bool, serde_json::Value, String) {
+    let lab = Lab::up(case, &["--a", a, "--b", b]);
+    let dir = TempDir::new(case);
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (listener, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
+    let mut args = args!["ping", a_id, "--until-direct", "--json"];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(rv.args());
+    let mut ping = lab.peer("b", "ping", &dir.path().join("b"), &args);
+    let success = ping.wait(T).success();
+    ping.stdout.wait_closed(Duration::from_secs(5));
+    let summary = serde_json::from_str(&ping.stdout.text()).expect("JSON");
+    let stderr = ping.stderr.text();
+    // The processes end before the lab goes down.
+    drop(ping);
+    drop(listener);
+    lab.down();
+    (success, summary, stderr)
+}
+
 #[test]
 fn ping_until_direct_reports_when_the_path_became_direct() {
     // port-restricted on both sides: the connection starts on the relay and moves to the
     // punched path.
-    let lab = Lab::up("ping-until-direct", &["--a", "port", "--b", "port"]);
-    let dir = TempDir::new("ping-until-direct");
-    let rv = lab.rendezvous(&dir.path().join("rv"));
-    let (_a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
-    let mut args = args!["ping", a_id, "--until-direct", "--count", "1", "--json"];
-    args.extend(rv.args());
-    let mut ping = lab.peer("b", "ping", &dir.path().join("b"), &args);
-    assert!(ping.wait(T).success(), "{}", ping.stderr.text());
-    ping.stdout.wait_closed(Duration::from_secs(5));
-    let summary: serde_json::Value = serde_json::from_str(&ping.stdout.text()).expect("JSON");
+    let (success, summary, stderr) =
+        ping_until_direct("ping-until-direct", "port", "port", &["--count", "1"]);
+    assert!(success, "{stderr}");
     assert_eq!(summary["direct"], true, "{summary}");
     let after = summary["direct_after_ms"]
         .as_f64()
@@ -451,25 +471,12 @@ fn ping_until_direct_reports_when_the_path_became_direct() {
     assert!(summary["direct_addr"]
         .as_str()
         .is_some_and(|a| a.starts_with("203.0.113.")));
-    lab.down();
 
     // symmetric on both sides: no direct path ever; --until-direct gives up and says why.
-    let lab = Lab::up("ping-never-direct", &["--a", "sym", "--b", "sym"]);
-    let dir = TempDir::new("ping-never-direct");
-    let rv = lab.rendezvous(&dir.path().join("rv"));
-    let (_a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &[], T);
-    let mut args = args!["ping", a_id, "--until-direct", "--timeout", "6", "--json"];
-    args.extend(rv.args());
-    let mut ping = lab.peer("b", "ping", &dir.path().join("b"), &args);
-    let status = ping.wait(T);
-    ping.stdout.wait_closed(Duration::from_secs(5));
-    assert!(!status.success(), "no direct path: the ping fails");
-    assert!(
-        ping.stderr.text().contains("no direct path to"),
-        "{}",
-        ping.stderr.text()
-    );
-    let summary: serde_json::Value = serde_json::from_str(&ping.stdout.text()).expect("JSON");
+    let (success, summary, stderr) =
+        ping_until_direct("ping-never-direct", "sym", "sym", &["--timeout", "6"]);
+    assert!(!success, "no direct path: the ping fails");
+    assert!(stderr.contains("no direct path to"), "{stderr}");
     assert_eq!(summary["direct"], false, "{summary}");
     assert!(summary["direct_after_ms"].is_null());
     assert!(
@@ -478,7 +485,6 @@ fn ping_until_direct_reports_when_the_path_became_direct() {
             .is_some_and(|r| r.starts_with("both NATs give a new public port")),
         "{summary}"
     );
-    lab.down();
 }
 
 #[test]

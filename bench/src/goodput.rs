@@ -195,13 +195,7 @@ pub async fn client(
             let mut tasks = JoinSet::new();
             for mut conn in conns {
                 tasks.spawn(async move {
-                    let chunk = vec![0x5au8; CHUNK];
-                    let mut left = per_stream;
-                    while left > 0 {
-                        let n = left.min(CHUNK as u64) as usize;
-                        conn.write_all(&chunk[..n]).await?;
-                        left -= n as u64;
-                    }
+                    write_pattern(&mut conn, per_stream).await?;
                     conn.shutdown().await?;
                     let mut count = [0u8; 8];
                     conn.read_exact(&mut count).await?;
@@ -260,6 +254,22 @@ pub async fn client(
     Ok(())
 }
 
+/// Writes `bytes` bytes of a fixed pattern to `stream` in `CHUNK`-sized writes (TCP and QUIC
+/// senders alike).
+async fn write_pattern<W: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut W,
+    bytes: u64,
+) -> std::io::Result<()> {
+    let chunk = vec![0x5au8; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        stream.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 fn check_count(count: [u8; 8], expected: u64) -> anyhow::Result<()> {
     let got = u64::from_be_bytes(count);
     if got != expected {
@@ -281,13 +291,7 @@ async fn quic_client(
         let conn = conn.clone();
         tasks.spawn(async move {
             let (mut send, mut recv) = conn.open_bi().await?;
-            let chunk = vec![0x5au8; CHUNK];
-            let mut left = per_stream;
-            while left > 0 {
-                let n = left.min(CHUNK as u64) as usize;
-                send.write_all(&chunk[..n]).await?;
-                left -= n as u64;
-            }
+            write_pattern(&mut send, per_stream).await?;
             send.finish()?;
             let mut count = [0u8; 8];
             recv.read_exact(&mut count).await?;
