@@ -80,6 +80,14 @@ impl RelayDecoder {
     /// The next complete frame, `Ok(None)` if more bytes are needed. An error means the stream
     /// cannot be trusted any more.
     pub fn next_frame(&mut self) -> Result<Option<(PeerId, Vec<u8>)>, RelayFrameError> {
+        Ok(self
+            .next_frame_ref()?
+            .map(|(peer, packet)| (peer, packet.to_vec())))
+    }
+
+    /// As [`RelayDecoder::next_frame`], with the packet borrowed from the decoder's buffer (valid
+    /// until the next call): forwarding copies it once, into the outgoing batch.
+    pub fn next_frame_ref(&mut self) -> Result<Option<(PeerId, &[u8])>, RelayFrameError> {
         let pending = &self.buf[self.start..];
         if pending.len() < 2 {
             return Ok(None);
@@ -94,9 +102,9 @@ impl RelayDecoder {
         let mut id = [0u8; 16];
         id.copy_from_slice(&pending[2..18]);
         let peer = PeerId::from_bytes(id).map_err(|_| RelayFrameError::BadPeer)?;
-        let packet = pending[18..2 + len].to_vec();
+        let start = self.start;
         self.start += 2 + len;
-        Ok(Some((peer, packet)))
+        Ok(Some((peer, &self.buf[start + 18..start + 2 + len])))
     }
 }
 

@@ -27,7 +27,9 @@ pub struct RelayLimits {
     pub burst_bytes: u64,
     /// Bytes one relay session may send in all (0: no quota).
     pub quota_bytes: u64,
-    /// Packets queued towards one destination before new ones are dropped.
+    /// Packets queued towards one destination (about: they are queued in batches of what one
+    /// read from a sender brought, [`QUEUE_BATCH_PACKETS`] counted per batch) before new ones
+    /// are dropped.
     pub queue_packets: usize,
 }
 
@@ -158,11 +160,21 @@ impl RelayPolicy {
     }
 }
 
+/// Packets a queued batch counts for in [`RelayLimits::queue_packets`].
+pub const QUEUE_BATCH_PACKETS: usize = 16;
+
+/// Frames for one destination, already encoded with the sender's id, and how many.
+struct Batch {
+    frames: Vec<u8>,
+    packets: u64,
+    bytes: u64,
+}
+
 /// A destination's queue.
 #[derive(Clone)]
 pub(crate) struct Sink {
     session: u64,
-    tx: mpsc::Sender<(PeerId, Vec<u8>)>,
+    tx: mpsc::Sender<Batch>,
 }
 
 /// All open relay streams, by peer.
@@ -222,7 +234,8 @@ pub(crate) async fn run(
     mut recv: quinn::RecvStream,
     allowed: impl Fn(PeerId) -> bool,
 ) {
-    let (tx, mut rx) = mpsc::channel::<(PeerId, Vec<u8>)>(limits.queue_packets.max(1));
+    let (tx, mut rx) =
+        mpsc::channel::<Batch>((limits.queue_packets / QUEUE_BATCH_PACKETS).max(1));
     let session = hub.next_session.fetch_add(1, Ordering::Relaxed);
     hub.sinks().insert(peer, Sink { session, tx });
     hub.counters.sessions.fetch_add(1, Ordering::Relaxed);
@@ -230,18 +243,8 @@ pub(crate) async fn run(
     // The writer runs apart so that a peer slow to read what it is sent never stops us reading
     // (and forwarding) what it sends.
     let writer = tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(relay::RELAY_WRITE_BATCH + 2 * MAX_RELAY_PACKET);
-        while let Some((from, packet)) = rx.recv().await {
-            // Everything already queued goes out in the same write.
-            batch.clear();
-            let _ = relay::encode_into(&mut batch, &from, &packet);
-            while batch.len() < relay::RELAY_WRITE_BATCH {
-                let Ok((from, packet)) = rx.try_recv() else {
-                    break;
-                };
-                let _ = relay::encode_into(&mut batch, &from, &packet);
-            }
-            if send.write_all(&batch).await.is_err() {
+        while let Some(batch) = rx.recv().await {
+            if send.write_all(&batch.frames).await.is_err() {
                 break;
             }
         }
@@ -251,6 +254,9 @@ pub(crate) async fn run(
     let mut buf = vec![0u8; 64 * 1024];
     let mut policy = RelayPolicy::new(limits, Instant::now());
     let mut routes: HashMap<PeerId, Sink> = HashMap::new();
+    // What one read brought, by destination: one queue operation (and at most one wake-up of
+    // the destination's writer) per destination and read instead of one per packet.
+    let mut batches: HashMap<PeerId, Batch> = HashMap::new();
     'stream: loop {
         let n = match recv.read(&mut buf).await {
             Ok(Some(n)) => n,
@@ -258,7 +264,7 @@ pub(crate) async fn run(
         };
         decoder.push(&buf[..n]);
         loop {
-            let (to, packet) = match decoder.next_frame() {
+            let (to, packet) = match decoder.next_frame_ref() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
@@ -266,7 +272,6 @@ pub(crate) async fn run(
                     break 'stream;
                 }
             };
-            let len = packet.len() as u64;
             match policy.admit(to, packet.len(), Instant::now(), &allowed) {
                 Ok(()) => {}
                 Err(Refusal::NotIntroduced) => {
@@ -284,46 +289,64 @@ pub(crate) async fn run(
                     continue;
                 }
             }
-            let sink = match routes.get(&to) {
-                Some(sink) => sink.clone(),
-                None => match hub.sink_of(&to) {
-                    Some(sink) => {
-                        routes.insert(to, sink.clone());
-                        sink
-                    }
-                    None => {
-                        hub.counters
-                            .dropped_no_route
-                            .fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                },
-            };
-            hub.trace(&packet);
-            match sink.tx.try_send((peer, packet)) {
-                Ok(()) => {
-                    hub.counters.packets.fetch_add(1, Ordering::Relaxed);
-                    hub.counters.bytes.fetch_add(len, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    hub.counters
-                        .dropped_queue_full
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    // The destination's stream went away; look it up again next time.
-                    routes.remove(&to);
-                    hub.counters
-                        .dropped_no_route
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+            hub.trace(packet);
+            let batch = batches.entry(to).or_insert_with(|| Batch {
+                frames: Vec::with_capacity(n + 64),
+                packets: 0,
+                bytes: 0,
+            });
+            // The decoder capped the packet's size, so encoding cannot fail.
+            if relay::encode_into(&mut batch.frames, &peer, packet).is_ok() {
+                batch.packets += 1;
+                batch.bytes += packet.len() as u64;
             }
+        }
+        for (to, batch) in batches.drain() {
+            forward(&hub, &mut routes, to, batch);
         }
     }
     writer.abort();
     let mut sinks = hub.sinks();
     if sinks.get(&peer).is_some_and(|s| s.session == session) {
         sinks.remove(&peer);
+    }
+}
+
+/// Queues `batch` for `to`'s relay stream, counting what is forwarded and what is dropped.
+fn forward(hub: &RelayHub, routes: &mut HashMap<PeerId, Sink>, to: PeerId, batch: Batch) {
+    let (packets, bytes) = (batch.packets, batch.bytes);
+    let sink = match routes.get(&to) {
+        Some(sink) => sink.clone(),
+        None => match hub.sink_of(&to) {
+            Some(sink) => {
+                routes.insert(to, sink.clone());
+                sink
+            }
+            None => {
+                hub.counters
+                    .dropped_no_route
+                    .fetch_add(packets, Ordering::Relaxed);
+                return;
+            }
+        },
+    };
+    match sink.tx.try_send(batch) {
+        Ok(()) => {
+            hub.counters.packets.fetch_add(packets, Ordering::Relaxed);
+            hub.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            hub.counters
+                .dropped_queue_full
+                .fetch_add(packets, Ordering::Relaxed);
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            // The destination's stream went away; look it up again next time.
+            routes.remove(&to);
+            hub.counters
+                .dropped_no_route
+                .fetch_add(packets, Ordering::Relaxed);
+        }
     }
 }
 
