@@ -27,9 +27,7 @@ pub struct RelayLimits {
     pub burst_bytes: u64,
     /// Bytes one relay session may send in all (0: no quota).
     pub quota_bytes: u64,
-    /// Packets queued towards one destination (about: they are queued in batches of what one
-    /// read from a sender brought, [`QUEUE_BATCH_PACKETS`] counted per batch) before new ones
-    /// are dropped.
+    /// Packets queued towards one destination before new ones are dropped.
     pub queue_packets: usize,
 }
 
@@ -160,9 +158,6 @@ impl RelayPolicy {
     }
 }
 
-/// Packets a queued batch counts for in [`RelayLimits::queue_packets`].
-pub const QUEUE_BATCH_PACKETS: usize = 16;
-
 /// Frames for one destination, already encoded with the sender's id, and how many.
 struct Batch {
     frames: Vec<u8>,
@@ -170,11 +165,13 @@ struct Batch {
     bytes: u64,
 }
 
-/// A destination's queue.
+/// A destination's queue: batches, bounded by the packets they hold.
 #[derive(Clone)]
 pub(crate) struct Sink {
     session: u64,
     tx: mpsc::Sender<Batch>,
+    queued: Arc<AtomicU64>,
+    limit: u64,
 }
 
 /// All open relay streams, by peer.
@@ -234,17 +231,30 @@ pub(crate) async fn run(
     mut recv: quinn::RecvStream,
     allowed: impl Fn(PeerId) -> bool,
 ) {
-    let (tx, mut rx) =
-        mpsc::channel::<Batch>((limits.queue_packets / QUEUE_BATCH_PACKETS).max(1));
+    // A batch holds at least one packet, so the channel never holds more batches than the
+    // packet limit; the count of queued packets is what bounds the queue.
+    let limit = limits.queue_packets.max(1);
+    let (tx, mut rx) = mpsc::channel::<Batch>(limit);
+    let queued = Arc::new(AtomicU64::new(0));
     let session = hub.next_session.fetch_add(1, Ordering::Relaxed);
-    hub.sinks().insert(peer, Sink { session, tx });
+    hub.sinks().insert(
+        peer,
+        Sink {
+            session,
+            tx,
+            queued: queued.clone(),
+            limit: limit as u64,
+        },
+    );
     hub.counters.sessions.fetch_add(1, Ordering::Relaxed);
 
     // The writer runs apart so that a peer slow to read what it is sent never stops us reading
     // (and forwarding) what it sends.
     let writer = tokio::spawn(async move {
         while let Some(batch) = rx.recv().await {
-            if send.write_all(&batch.frames).await.is_err() {
+            let written = send.write_all(&batch.frames).await;
+            queued.fetch_sub(batch.packets, Ordering::Relaxed);
+            if written.is_err() {
                 break;
             }
         }
@@ -330,17 +340,26 @@ fn forward(hub: &RelayHub, routes: &mut HashMap<PeerId, Sink>, to: PeerId, batch
             }
         },
     };
+    if sink.queued.load(Ordering::Relaxed) + packets > sink.limit {
+        hub.counters
+            .dropped_queue_full
+            .fetch_add(packets, Ordering::Relaxed);
+        return;
+    }
+    sink.queued.fetch_add(packets, Ordering::Relaxed);
     match sink.tx.try_send(batch) {
         Ok(()) => {
             hub.counters.packets.fetch_add(packets, Ordering::Relaxed);
             hub.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         Err(mpsc::error::TrySendError::Full(_)) => {
+            sink.queued.fetch_sub(packets, Ordering::Relaxed);
             hub.counters
                 .dropped_queue_full
                 .fetch_add(packets, Ordering::Relaxed);
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {
+            sink.queued.fetch_sub(packets, Ordering::Relaxed);
             // The destination's stream went away; look it up again next time.
             routes.remove(&to);
             hub.counters
@@ -412,5 +431,44 @@ mod tests {
             policy.admit(id(2), 2000, now, |_| true),
             Err(Refusal::Quota)
         );
+    }
+
+    #[test]
+    fn a_destination_queue_is_bounded_by_packets_not_batches() {
+        let hub = RelayHub::new(None);
+        let (tx, mut rx) = mpsc::channel(8);
+        let queued = Arc::new(AtomicU64::new(0));
+        hub.sinks().insert(
+            id(2),
+            Sink {
+                session: 1,
+                tx,
+                queued: queued.clone(),
+                limit: 4,
+            },
+        );
+        let batch = |packets: u64| Batch {
+            frames: vec![0; 10],
+            packets,
+            bytes: 10 * packets,
+        };
+        let mut routes = HashMap::new();
+        forward(&hub, &mut routes, id(2), batch(3));
+        // One more packet fits, two do not: the whole batch is dropped and counted.
+        forward(&hub, &mut routes, id(2), batch(2));
+        forward(&hub, &mut routes, id(2), batch(1));
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(get(&hub.counters.packets), 4);
+        assert_eq!(get(&hub.counters.dropped_queue_full), 2);
+        assert_eq!(get(&queued), 4);
+        // The writer takes them off: room again.
+        while let Ok(b) = rx.try_recv() {
+            queued.fetch_sub(b.packets, Ordering::Relaxed);
+        }
+        forward(&hub, &mut routes, id(2), batch(4));
+        assert_eq!(get(&hub.counters.packets), 8);
+        // No relay stream for a destination: dropped as no route.
+        forward(&hub, &mut routes, id(3), batch(5));
+        assert_eq!(get(&hub.counters.dropped_no_route), 5);
     }
 }
