@@ -347,12 +347,10 @@ fn netcheck_json(lab: &Lab, dir: &Path) -> serde_json::Value {
     serde_json::from_str(&check.stdout.text()).expect("JSON report")
 }
 
-#[test]
-fn netcheck_detects_hairpinning_and_router_port_mapping() {
-    // Two hosts behind one port-restricted NAT that hairpins, whose router also answers NAT-PMP,
-    // PCP and UPnP IGD discovery.
-    let lab = Lab::up(
-        "netcheck-hairpin-on",
+/// Two hosts behind one port-restricted NAT, hairpinning `on` or `off`.
+fn same_port_nat(case: &str, hairpin: &str) -> Lab {
+    Lab::up(
+        case,
         &[
             "--a",
             "port",
@@ -360,9 +358,16 @@ fn netcheck_detects_hairpinning_and_router_port_mapping() {
             "port",
             "--same-nat",
             "--hairpin",
-            "on",
+            hairpin,
         ],
-    );
+    )
+}
+
+#[test]
+fn netcheck_detects_hairpinning_and_router_port_mapping() {
+    // Two hosts behind one port-restricted NAT that hairpins, whose router also answers NAT-PMP,
+    // PCP and UPnP IGD discovery.
+    let lab = same_port_nat("netcheck-hairpin-on", "on");
     let dir = TempDir::new("netcheck-hairpin");
     let _rv = lab.rendezvous(&dir.path().join("rv"));
     let public = host_addr(&lab, "nata");
@@ -396,18 +401,7 @@ fn netcheck_detects_hairpinning_and_router_port_mapping() {
     lab.down();
 
     // The same NAT without hairpinning, and a router that offers no port mapping.
-    let lab = Lab::up(
-        "netcheck-hairpin-off",
-        &[
-            "--a",
-            "port",
-            "--b",
-            "port",
-            "--same-nat",
-            "--hairpin",
-            "off",
-        ],
-    );
+    let lab = same_port_nat("netcheck-hairpin-off", "off");
     let dir = TempDir::new("netcheck-no-hairpin");
     let _rv = lab.rendezvous(&dir.path().join("rv"));
     let report = netcheck_json(&lab, dir.path());

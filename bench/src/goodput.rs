@@ -213,14 +213,7 @@ pub async fn client(
             roots.add(cert)?;
             let config = quinn::ClientConfig::with_root_certificates(Arc::new(roots))?;
             let endpoint = quinn::Endpoint::client(bind)?;
-            let conn = endpoint
-                .connect_with(config, connect, "localhost")?
-                .await
-                .context("handshake")?;
-            let result = quic_client(&conn, streams, per_stream).await;
-            conn.close(0u32.into(), b"done");
-            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-            result?
+            dial_and_send(&endpoint, config, connect, "localhost", streams, per_stream).await?
         }
         Mode::Ours => {
             let identity = load_identity(keys, CLIENT_ID)?;
@@ -233,14 +226,15 @@ pub async fn client(
             socket.set_route(stable, PathTarget::Udp(connect));
             let tls = certs::client_config_for_peer(&identity, server, common::ALPN_PEER)?;
             let config = transport::quic_client_config(tls, settings)?;
-            let conn = endpoint
-                .connect_with(config, stable, PEER_SERVER_NAME)?
-                .await
-                .context("handshake")?;
-            let result = quic_client(&conn, streams, per_stream).await;
-            conn.close(0u32.into(), b"done");
-            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-            result?
+            dial_and_send(
+                &endpoint,
+                config,
+                stable,
+                PEER_SERVER_NAME,
+                streams,
+                per_stream,
+            )
+            .await?
         }
     };
     let sent = per_stream * streams as u64;
@@ -280,6 +274,26 @@ fn check_count(count: [u8; 8], expected: u64) -> anyhow::Result<()> {
 
 /// Sends `per_stream` bytes on each of `streams` bidirectional streams; returns the seconds and
 /// CPU seconds until every count came back.
+/// Dials `addr` from `endpoint` (plain quinn or ours alike), runs [`quic_client`] on the
+/// connection, then closes it and lets the close go out.
+async fn dial_and_send(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    streams: usize,
+    per_stream: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let conn = endpoint
+        .connect_with(config, addr, server_name)?
+        .await
+        .context("handshake")?;
+    let result = quic_client(&conn, streams, per_stream).await;
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    result
+}
+
 async fn quic_client(
     conn: &quinn::Connection,
     streams: usize,
