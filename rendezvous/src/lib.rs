@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
 mod server;
+pub mod sources;
 pub mod store;
 pub mod stun;
 mod tunnel;
