@@ -319,7 +319,7 @@ async fn run(
 /// The TLS-over-TCP tunnel to the rendezvous, when UDP does not get through.
 #[derive(Default)]
 struct Tunnel {
-    task: Option<tokio::task::JoinHandle<String>>,
+    task: Option<tokio::task::JoinHandle<transport::tunnel::TunnelEnd>>,
     // Registering over TCP worked: try it first next time.
     preferred: bool,
 }
