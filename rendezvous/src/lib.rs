@@ -9,7 +9,7 @@ mod server;
 pub mod sources;
 pub mod store;
 pub mod stun;
-mod tunnel;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +39,10 @@ pub struct Config {
     pub stun: stun::StunConfig,
     /// Serve Prometheus metrics over HTTP here.
     pub metrics: Option<SocketAddr>,
+    /// Caps and timeouts of the TCP tunnel port.
+    pub tunnel_limits: tunnel::TunnelLimits,
+    /// Caps and timeouts of the metrics port.
+    pub metrics_limits: metrics::MetricsLimits,
 }
 
 /// Errors starting the server.
@@ -139,6 +143,7 @@ impl Server {
             stun_counters.clone(),
         );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let tunnel_counters = Arc::new(tunnel::TunnelCounters::default());
         let mut tcp_addr = None;
         let mut tcp_task = None;
         let listener = match config.tcp_listen {
@@ -159,7 +164,8 @@ impl Server {
                 listener,
                 tls,
                 demux.clone(),
-                config.limits.max_connections,
+                config.tunnel_limits,
+                tunnel_counters.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -183,6 +189,8 @@ impl Server {
                 Some(tokio::spawn(metrics::serve(
                     listener,
                     shared.clone(),
+                    tunnel_counters,
+                    config.metrics_limits,
                     shutdown_rx.clone(),
                 )))
             }

@@ -1,9 +1,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use rendezvous::metrics::MetricsLimits;
 use rendezvous::relay::RelayLimits;
+use rendezvous::tunnel::TunnelLimits;
 use rendezvous::{Config, Limits, Server};
 
 /// The rendezvous server: peers register here, find each other by id, and are introduced for
@@ -60,6 +63,8 @@ enum Command {
         /// server handles (it only ever sees the peers' encrypted QUIC packets).
         #[arg(long, env = "RENDEZVOUS_RELAY_TRACE")]
         relay_trace: Option<PathBuf>,
+        #[command(flatten)]
+        edge: EdgeArgs,
     },
     /// Print the server key's fingerprint (what peers pass as --server-key).
     Fingerprint {
@@ -67,6 +72,75 @@ enum Command {
         #[arg(long, default_value = "./rendezvous-data")]
         data_dir: PathBuf,
     },
+}
+
+/// Caps and timeouts of the TCP tunnel and metrics ports.
+#[derive(clap::Args, Debug)]
+struct EdgeArgs {
+    /// Most TCP tunnels (in handshake or open) in all.
+    #[arg(long, default_value_t = TunnelLimits::default().max_tunnels)]
+    tunnel_max: usize,
+    /// Most TCP tunnels per source (IPv4 address or IPv6 /64).
+    #[arg(long, default_value_t = TunnelLimits::default().tunnels_per_source)]
+    tunnel_per_source: usize,
+    /// Most tunnel TLS handshakes in progress in all.
+    #[arg(long, default_value_t = TunnelLimits::default().max_handshakes)]
+    tunnel_handshakes: usize,
+    /// Most tunnel TLS handshakes in progress per source.
+    #[arg(long, default_value_t = TunnelLimits::default().handshakes_per_source)]
+    tunnel_handshakes_per_source: usize,
+    /// Seconds from TCP accept to a completed tunnel TLS handshake.
+    #[arg(long, value_parser = seconds, default_value = "5")]
+    tunnel_handshake_timeout: Duration,
+    /// Seconds without a datagram from the client before a tunnel is closed.
+    #[arg(long, value_parser = seconds, default_value = "60")]
+    tunnel_idle_timeout: Duration,
+    /// Seconds a write to a client that does not read may block before the tunnel is closed.
+    #[arg(long, value_parser = seconds, default_value = "10")]
+    tunnel_write_timeout: Duration,
+    /// Seconds a metrics client has to send its request.
+    #[arg(long, value_parser = seconds, default_value = "2")]
+    metrics_request_timeout: Duration,
+    /// Metrics connections waiting for their request, per source (a newer one closes the
+    /// oldest).
+    #[arg(long, default_value_t = MetricsLimits::default().waiting_per_source)]
+    metrics_per_source: usize,
+    /// Metrics connections waiting for their request, in all (a newer one closes the oldest).
+    #[arg(long, default_value_t = MetricsLimits::default().waiting)]
+    metrics_max_waiting: usize,
+}
+
+impl EdgeArgs {
+    fn limits(&self) -> (TunnelLimits, MetricsLimits) {
+        (
+            TunnelLimits {
+                max_tunnels: self.tunnel_max,
+                tunnels_per_source: self.tunnel_per_source,
+                max_handshakes: self.tunnel_handshakes,
+                handshakes_per_source: self.tunnel_handshakes_per_source,
+                handshake_timeout: self.tunnel_handshake_timeout,
+                idle_timeout: self.tunnel_idle_timeout,
+                write_timeout: self.tunnel_write_timeout,
+            },
+            MetricsLimits {
+                waiting: self.metrics_max_waiting,
+                waiting_per_source: self.metrics_per_source,
+                request_timeout: self.metrics_request_timeout,
+                ..MetricsLimits::default()
+            },
+        )
+    }
+}
+
+/// Parses a positive number of seconds (fractions allowed).
+fn seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs > 0.0) {
+        return Err(format!("{text:?}: must be more than 0 seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
 }
 
 fn init_logging(format: LogFormat) {
@@ -102,7 +176,9 @@ async fn main() -> anyhow::Result<()> {
             stun_alt_port,
             stun_alt_ip,
             metrics,
+            edge,
         } => {
+            let (tunnel_limits, metrics_limits) = edge.limits();
             let tcp_required = tcp_listen.as_deref().is_some_and(|t| t != "off");
             let tcp_listen =
                 match tcp_listen.as_deref() {
@@ -133,6 +209,8 @@ async fn main() -> anyhow::Result<()> {
                     alt_ip: stun_alt_ip,
                 },
                 metrics,
+                tunnel_limits,
+                metrics_limits,
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;
@@ -165,4 +243,23 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     transport::shutdown_signal()
         .await
         .context("waiting for SIGINT or SIGTERM")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_flag_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["rendezvous", "serve"]).unwrap();
+        let Command::Serve { edge, .. } = cli.command else {
+            panic!("serve");
+        };
+        assert_eq!(
+            edge.limits(),
+            (TunnelLimits::default(), MetricsLimits::default())
+        );
+        assert!(seconds("0").is_err() && seconds("x").is_err() && seconds("-1").is_err());
+        assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
+    }
 }

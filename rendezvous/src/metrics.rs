@@ -1,16 +1,27 @@
 //! Prometheus metrics over plain HTTP (`--metrics ADDR`): `GET /metrics` answers the text
-//! exposition format; anything else is a 404. Requests are small, bounded and timed out.
+//! exposition format; anything else is a 404.
+//!
+//! The port may be reachable by anyone, and a scraper must still get its answer while someone
+//! holds connections open and trickles bytes (slowloris). Requests are at most 8 KiB and must
+//! arrive within a short deadline; connections still sending their request sit in a
+//! [`WaitingRoom`] that always admits a newcomer by closing the oldest waiting connection (of
+//! the newcomer's source if that source is at its cap, else of all), so a scraper that sends its
+//! request at once is answered; answering has its own per-source and total slots and deadline
+//! ([`MetricsLimits`]).
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::server::Shared;
+use crate::sources::{SourceKey, SourceSlots};
+use crate::tunnel::TunnelCounters;
 
 /// A snapshot of everything exported.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -43,6 +54,16 @@ pub struct Snapshot {
     pub relay_dropped: [(&'static str, u64); 5],
     /// STUN: answered, rate limited, ignored.
     pub stun: [(&'static str, u64); 3],
+    /// TCP tunnels open now.
+    pub tunnels_open: u64,
+    /// TCP tunnel connections refused, by cap.
+    pub tunnels_refused: [(&'static str, u64); 4],
+    /// TCP tunnel TLS handshakes that did not complete, by reason.
+    pub tunnel_handshakes_failed: [(&'static str, u64); 2],
+    /// TCP tunnels closed, by reason.
+    pub tunnels_closed: [(&'static str, u64); 4],
+    /// Metrics connections closed before answering, by reason.
+    pub metrics_dropped: [(&'static str, u64); 4],
 }
 
 /// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
@@ -62,7 +83,7 @@ fn labelled(key: &str, values: &[(&str, u64)]) -> Samples {
 
 /// Renders the text exposition format.
 pub fn render(s: &Snapshot) -> String {
-    let metrics: [(&str, &str, &str, Samples); 13] = [
+    let metrics: [(&str, &str, &str, Samples); 18] = [
         (
             "rendezvous_registered_peers",
             "gauge",
@@ -148,6 +169,36 @@ pub fn render(s: &Snapshot) -> String {
             "STUN datagrams, by outcome.",
             labelled("outcome", &s.stun),
         ),
+        (
+            "rendezvous_tcp_tunnels_open",
+            "gauge",
+            "TCP 443 tunnels open (TLS up).",
+            unlabelled(s.tunnels_open),
+        ),
+        (
+            "rendezvous_tcp_tunnels_refused_total",
+            "counter",
+            "TCP tunnel connections closed at accept, by the cap that was full.",
+            labelled("cap", &s.tunnels_refused),
+        ),
+        (
+            "rendezvous_tcp_tunnel_handshakes_failed_total",
+            "counter",
+            "TCP tunnel TLS handshakes that did not complete, by reason.",
+            labelled("reason", &s.tunnel_handshakes_failed),
+        ),
+        (
+            "rendezvous_tcp_tunnels_closed_total",
+            "counter",
+            "TCP tunnels closed, by reason.",
+            labelled("reason", &s.tunnels_closed),
+        ),
+        (
+            "rendezvous_metrics_connections_dropped_total",
+            "counter",
+            "Metrics connections closed without an answer, by reason.",
+            labelled("reason", &s.metrics_dropped),
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, samples) in metrics {
@@ -160,7 +211,11 @@ pub fn render(s: &Snapshot) -> String {
     out
 }
 
-pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
+pub(crate) fn snapshot(
+    shared: &Shared,
+    tunnel: &TunnelCounters,
+    scrapes: &MetricsCounters,
+) -> Snapshot {
     let (registered, online, counters) = shared.registry_view();
     let relay = &shared.relay.counters;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -189,6 +244,186 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
             ("rate_limited", get(&shared.stun.rate_limited)),
             ("ignored", get(&shared.stun.ignored)),
         ],
+        tunnels_open: get(&tunnel.open),
+        tunnels_refused: [
+            ("tunnels_per_source", get(&tunnel.refused_per_source)),
+            ("tunnels_total", get(&tunnel.refused_total)),
+            (
+                "handshakes_per_source",
+                get(&tunnel.refused_handshakes_per_source),
+            ),
+            ("handshakes_total", get(&tunnel.refused_handshakes_total)),
+        ],
+        tunnel_handshakes_failed: [
+            ("timeout", get(&tunnel.handshake_timeouts)),
+            ("error", get(&tunnel.handshake_failures)),
+        ],
+        tunnels_closed: [
+            ("idle", get(&tunnel.closed_idle)),
+            ("write_timeout", get(&tunnel.closed_write_timeout)),
+            ("oversized_datagram", get(&tunnel.closed_oversized)),
+            ("client", get(&tunnel.closed_by_client)),
+        ],
+        metrics_dropped: [
+            ("evicted_per_source", get(&scrapes.evicted_per_source)),
+            ("evicted_total", get(&scrapes.evicted_total)),
+            ("request_timeout", get(&scrapes.request_timeouts)),
+            ("responding_full", get(&scrapes.refused_responding)),
+        ],
+    }
+}
+
+/// What the metrics port lets remote parties hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsLimits {
+    /// Connections still sending their request, in all (the waiting room).
+    pub waiting: usize,
+    /// Connections still sending their request, per source.
+    pub waiting_per_source: usize,
+    /// Connections being answered (request read), in all.
+    pub responding: usize,
+    /// Connections being answered, per source.
+    pub responding_per_source: usize,
+    /// Time from accept to a complete request (an honest scraper sends it at once).
+    pub request_timeout: Duration,
+    /// Time to hand the response to the client.
+    pub response_timeout: Duration,
+}
+
+impl Default for MetricsLimits {
+    fn default() -> Self {
+        MetricsLimits {
+            waiting: 64,
+            waiting_per_source: 4,
+            responding: 64,
+            responding_per_source: 4,
+            request_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Largest request head read (request line and headers).
+const MAX_REQUEST: usize = 8192;
+
+/// What happened on the metrics port, for `/metrics` itself.
+#[derive(Debug, Default)]
+pub struct MetricsCounters {
+    /// Waiting connections closed to admit a newer one from the same source.
+    pub evicted_per_source: AtomicU64,
+    /// Waiting connections closed to admit a newer one when the waiting room was full.
+    pub evicted_total: AtomicU64,
+    /// Connections that did not deliver a request in time.
+    pub request_timeouts: AtomicU64,
+    /// Requests not answered: every response slot (of the source, or in all) taken.
+    pub refused_responding: AtomicU64,
+}
+
+/// Which cap made room for a newcomer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// The newcomer's source held all its waiting places: its own oldest was closed.
+    PerSource,
+    /// The waiting room was full: the oldest waiting connection of all was closed.
+    Total,
+}
+
+/// Connections that have not yet delivered their request, in arrival order.
+///
+/// A newcomer is always admitted: if its source holds all its places, that source's oldest
+/// waiting connection makes room; if the room is full, the oldest of all does. A slowloris
+/// therefore cannot keep a scraper out: whatever it holds is older than the scraper's
+/// connection, and the scraper's request arrives within a round trip. `H` is what the driver
+/// needs to close a connection (dropping it closes it).
+#[derive(Debug)]
+pub struct WaitingRoom<H> {
+    per_source: usize,
+    total: usize,
+    next_id: u64,
+    /// Id (arrival order) -> source and handle.
+    waiting: BTreeMap<u64, (SourceKey, H)>,
+    by_source: HashMap<SourceKey, usize>,
+}
+
+impl<H> WaitingRoom<H> {
+    /// At most `per_source` waiting connections per source and `total` in all (each at least 1).
+    pub fn new(per_source: usize, total: usize) -> Self {
+        WaitingRoom {
+            per_source: per_source.max(1),
+            total: total.max(1),
+            next_id: 0,
+            waiting: BTreeMap::new(),
+            by_source: HashMap::new(),
+        }
+    }
+
+    /// Admits a connection from `source`; returns its id and the connection closed to make
+    /// room, if one was.
+    pub fn admit(&mut self, source: SourceKey, handle: H) -> (u64, Option<(H, Eviction)>) {
+        let evicted = if self.by_source.get(&source).copied().unwrap_or(0) >= self.per_source {
+            let oldest = self
+                .waiting
+                .iter()
+                .find(|(_, (s, _))| *s == source)
+                .map(|(id, _)| *id);
+            oldest
+                .and_then(|id| self.remove(id))
+                .map(|h| (h, Eviction::PerSource))
+        } else if self.waiting.len() >= self.total {
+            let oldest = self.waiting.keys().next().copied();
+            oldest
+                .and_then(|id| self.remove(id))
+                .map(|h| (h, Eviction::Total))
+        } else {
+            None
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.insert(id, (source, handle));
+        *self.by_source.entry(source).or_insert(0) += 1;
+        (id, evicted)
+    }
+
+    /// Takes connection `id` out (its request arrived, or it ended); `None` if it is not here.
+    pub fn remove(&mut self, id: u64) -> Option<H> {
+        let (source, handle) = self.waiting.remove(&id)?;
+        if let Some(n) = self.by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+        Some(handle)
+    }
+
+    /// Connections waiting now.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether none is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// The waiting room as the driver shares it: dropping a connection's sender tells it to close.
+type SharedRoom = Arc<Mutex<WaitingRoom<oneshot::Sender<()>>>>;
+
+fn lock_room(room: &SharedRoom) -> std::sync::MutexGuard<'_, WaitingRoom<oneshot::Sender<()>>> {
+    // Updated in single steps: consistent whenever the lock is free.
+    room.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes a connection out of the waiting room however its task ends.
+struct Leave {
+    room: SharedRoom,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        lock_room(&self.room).remove(self.id);
     }
 }
 
@@ -196,13 +431,21 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tunnel: Arc<TunnelCounters>,
+    limits: MetricsLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let counters = Arc::new(MetricsCounters::default());
+    let room: SharedRoom = Arc::new(Mutex::new(WaitingRoom::new(
+        limits.waiting_per_source,
+        limits.waiting,
+    )));
+    let responding = SourceSlots::new(limits.responding_per_source, limits.responding);
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -211,39 +454,120 @@ pub(crate) async fn serve(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             _ = shutdown.changed() => break,
         };
-        if tasks.len() >= 64 {
-            continue; // drop the connection: scrapers retry
+        let source = SourceKey::of(remote.ip());
+        let (evict_tx, evicted) = oneshot::channel();
+        let (id, eviction) = lock_room(&room).admit(source, evict_tx);
+        if let Some((closed, why)) = eviction {
+            drop(closed);
+            let counter = match why {
+                Eviction::PerSource => &counters.evicted_per_source,
+                Eviction::Total => &counters.evicted_total,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
-        let shared = shared.clone();
-        tasks.spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await;
-        });
+        let connection = Connection {
+            shared: shared.clone(),
+            tunnel: tunnel.clone(),
+            counters: counters.clone(),
+            responding: responding.clone(),
+            limits,
+            source,
+        };
+        let leave = Leave {
+            room: room.clone(),
+            id,
+        };
+        tasks.spawn(connection.run(stream, leave, evicted));
     }
     tasks.shutdown().await;
 }
 
-async fn answer(mut stream: tokio::net::TcpStream, shared: &Shared) -> std::io::Result<()> {
+/// One metrics connection's task.
+struct Connection {
+    shared: Arc<Shared>,
+    tunnel: Arc<TunnelCounters>,
+    counters: Arc<MetricsCounters>,
+    responding: SourceSlots,
+    limits: MetricsLimits,
+    source: SourceKey,
+}
+
+impl Connection {
+    async fn run(
+        self,
+        mut stream: tokio::net::TcpStream,
+        leave: Leave,
+        evicted: oneshot::Receiver<()>,
+    ) {
+        let request = tokio::select! {
+            read = tokio::time::timeout(self.limits.request_timeout, read_request(&mut stream)) => {
+                match read {
+                    Ok(Ok(Some(request))) => request,
+                    Ok(_) => return,
+                    Err(_) => {
+                        self.counters.request_timeouts.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+            // Our sender was dropped: a newer connection took our place.
+            _ = evicted => return,
+        };
+        drop(leave);
+        let Ok(_slot) = self.responding.try_acquire(self.source) else {
+            self.counters
+                .refused_responding
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let _ = tokio::time::timeout(
+            self.limits.response_timeout,
+            self.respond(&mut stream, &request),
+        )
+        .await;
+    }
+
+    async fn respond(
+        &self,
+        stream: &mut tokio::net::TcpStream,
+        request: &[u8],
+    ) -> std::io::Result<()> {
+        let line = request.split(|b| *b == b'\r').next().unwrap_or(&[]);
+        let (status, body) = if line.starts_with(b"GET /metrics ") {
+            (
+                "200 OK",
+                render(&snapshot(&self.shared, &self.tunnel, &self.counters)),
+            )
+        } else {
+            ("404 Not Found", "see /metrics\n".to_owned())
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    }
+}
+
+/// Reads a request head (up to the blank line); `None` if the client closed first or sent more
+/// than [`MAX_REQUEST`] bytes without one.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+    loop {
         let n = stream.read(&mut buf).await?;
-        if n == 0 || request.len() > 8192 {
-            return Ok(());
+        if n == 0 || request.len() + n > MAX_REQUEST {
+            return Ok(None);
         }
+        // Only the new bytes (and the 3 before them) can complete the blank line: a request
+        // trickled a byte at a time costs linear time, not quadratic.
+        let from = request.len().saturating_sub(3);
         request.extend_from_slice(&buf[..n]);
+        if request[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(Some(request));
+        }
     }
-    let line = request.split(|b| *b == b'\r').next().unwrap_or(&[]);
-    let (status, body) = if line.starts_with(b"GET /metrics ") {
-        ("200 OK", render(&snapshot(shared)))
-    } else {
-        ("404 Not Found", "see /metrics\n".to_owned())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -278,5 +602,57 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<u64>().is_ok(), "{line}");
         }
+    }
+
+    fn v4(n: u32) -> SourceKey {
+        SourceKey::of(std::net::IpAddr::V4(n.into()))
+    }
+
+    #[test]
+    fn a_newcomer_is_always_admitted_by_closing_the_oldest_waiting_connection() {
+        let mut room = WaitingRoom::new(2, 4);
+        // Source 1 fills its two places; a third closes its own oldest, not anyone else's.
+        assert_eq!(room.admit(v4(1), "1a"), (0, None));
+        assert_eq!(room.admit(v4(1), "1b"), (1, None));
+        assert_eq!(
+            room.admit(v4(1), "1c"),
+            (2, Some(("1a", Eviction::PerSource)))
+        );
+        assert_eq!(room.len(), 2);
+        // Two more sources fill the room; the next newcomer closes the oldest of all.
+        assert_eq!(room.admit(v4(2), "2a").1, None);
+        assert_eq!(room.admit(v4(3), "3a").1, None);
+        assert_eq!(room.len(), 4);
+        let (scraper, evicted) = room.admit(v4(9), "scraper");
+        assert_eq!(evicted, Some(("1b", Eviction::Total)));
+        // The scraper's request arrives: it leaves the room and is never evicted.
+        assert_eq!(room.remove(scraper), Some("scraper"));
+        assert_eq!(room.remove(scraper), None);
+        // A slowloris from many sources only ever closes its own older connections while the
+        // scraper waits: a scraper admitted after the room is full survives
+        // `total - 1` further newcomers.
+        let (scraper, _) = room.admit(v4(9), "scraper");
+        for n in 0..3 {
+            let (_, evicted) = room.admit(v4(100 + n), "attack");
+            assert_ne!(evicted.map(|e| e.0), Some("scraper"));
+        }
+        assert_eq!(room.remove(scraper), Some("scraper"));
+        assert!(room.len() <= 4);
+    }
+
+    #[test]
+    fn the_room_never_holds_more_than_its_caps() {
+        let mut room = WaitingRoom::new(3, 10);
+        for n in 0..10_000u32 {
+            room.admit(v4(n % 7), n);
+            assert!(room.len() <= 10);
+            assert!(room.by_source.values().all(|held| *held <= 3));
+        }
+        assert_eq!(room.len(), 10);
+        let ids: Vec<u64> = room.waiting.keys().copied().collect();
+        for id in ids {
+            room.remove(id);
+        }
+        assert!(room.is_empty() && room.by_source.is_empty());
     }
 }

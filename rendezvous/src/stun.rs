@@ -3,9 +3,9 @@
 //! an alternate IP: CHANGE-REQUEST is honoured from the matching socket, and every response says
 //! where it came from (RESPONSE-ORIGIN) and where the alternate is (OTHER-ADDRESS).
 //!
-//! No amplification: responses are at most 84 bytes, and each source IP is rate limited.
+//! No amplification: responses are at most 84 bytes, and each source (IPv4 address or IPv6 /64)
+//! is rate limited by a [`StunLimiter`] that remembers the most recently seen sources.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,13 +16,42 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use transport::{DemuxSocket, StunDatagram};
 
-use crate::ratelimit::TokenBucket;
+use crate::sources::{SourceBuckets, SourceKey};
 
-/// Requests per second per source IP (sustained) and burst.
-const PER_SOURCE_RATE: f64 = 20.0;
-const PER_SOURCE_BURST: f64 = 40.0;
-/// Sources remembered by the limiter before it starts over.
-const MAX_SOURCES: usize = 65_536;
+/// Requests per second per source (IPv4 address or IPv6 /64), sustained, and burst.
+pub const PER_SOURCE_RATE: f64 = 20.0;
+/// Burst of requests per source.
+pub const PER_SOURCE_BURST: f64 = 40.0;
+/// Sources remembered by the limiter; beyond that the least recently seen is forgotten (a
+/// flood of spoofed sources cannot reset the limit of a source that keeps sending). About
+/// 100 bytes each: a few MiB at most.
+pub const MAX_SOURCES: usize = 65_536;
+
+/// The per-source STUN rate limit.
+#[derive(Debug)]
+pub struct StunLimiter(SourceBuckets);
+
+impl Default for StunLimiter {
+    fn default() -> Self {
+        StunLimiter(SourceBuckets::new(
+            PER_SOURCE_BURST,
+            PER_SOURCE_RATE,
+            MAX_SOURCES,
+        ))
+    }
+}
+
+impl StunLimiter {
+    /// Whether a request from `source` may be answered now.
+    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+        self.0.try_take(SourceKey::of(source), 1.0, now)
+    }
+
+    /// Sources remembered now.
+    pub fn sources(&self) -> usize {
+        self.0.len()
+    }
+}
 
 /// STUN counters.
 #[derive(Debug, Default)]
@@ -63,23 +92,16 @@ pub struct StunConfig {
 struct Service {
     sockets: [[Option<(Socket, SocketAddr)>; 2]; 2],
     other: Option<SocketAddr>,
-    limiter: Mutex<HashMap<IpAddr, TokenBucket>>,
+    limiter: Mutex<StunLimiter>,
     counters: Arc<StunCounters>,
 }
 
 impl Service {
     fn allow(&self, source: IpAddr, now: Instant) -> bool {
-        let mut limiter = self
-            .limiter
+        self.limiter
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if limiter.len() >= MAX_SOURCES && !limiter.contains_key(&source) {
-            limiter.clear();
-        }
-        limiter
-            .entry(source)
-            .or_insert_with(|| TokenBucket::new(PER_SOURCE_BURST, PER_SOURCE_RATE, now))
-            .try_take(now)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .allow(source, now)
     }
 
     async fn handle(&self, data: &[u8], from: SocketAddr, ip: usize, port: usize) {
@@ -161,7 +183,7 @@ pub(crate) async fn start(
     let service = Arc::new(Service {
         sockets,
         other,
-        limiter: Mutex::new(HashMap::new()),
+        limiter: Mutex::new(StunLimiter::default()),
         counters,
     });
     Ok(tokio::spawn(async move {
@@ -192,4 +214,49 @@ pub(crate) async fn start(
         }
         tasks.shutdown().await;
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_flood_of_spoofed_sources_does_not_reset_a_sending_source() {
+        let t0 = Instant::now();
+        let mut limiter = StunLimiter::default();
+        let attacker: IpAddr = "198.51.100.7".parse().unwrap();
+        let allowed = (0..100).filter(|_| limiter.allow(attacker, t0)).count();
+        assert_eq!(allowed, PER_SOURCE_BURST as usize);
+        // Twice as many spoofed sources as remembered, while the attacker keeps sending:
+        // it stays limited (the old limiter forgot everyone at 65,536 sources).
+        for n in 0..(2 * MAX_SOURCES as u32) {
+            let spoofed = IpAddr::V4((0x0a00_0000 + n).into());
+            limiter.allow(spoofed, t0);
+            if n % 1000 == 0 {
+                assert!(
+                    !limiter.allow(attacker, t0),
+                    "limit reset after {n} sources"
+                );
+            }
+        }
+        assert_eq!(limiter.sources(), MAX_SOURCES);
+        // Refill at the stated rate.
+        let later = t0 + Duration::from_secs(1);
+        let refilled = (0..100).filter(|_| limiter.allow(attacker, later)).count();
+        assert_eq!(refilled, PER_SOURCE_RATE as usize);
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64() {
+        let t0 = Instant::now();
+        let mut limiter = StunLimiter::default();
+        let allowed = (0..100u16)
+            .filter(|n| {
+                let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, *n, 0, 0, 1));
+                limiter.allow(ip, t0)
+            })
+            .count();
+        assert_eq!(allowed, PER_SOURCE_BURST as usize);
+    }
 }
