@@ -10,6 +10,7 @@ pub mod sources;
 pub mod store;
 pub mod stun;
 pub mod tunnel;
+pub mod waiting;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

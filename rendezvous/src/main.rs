@@ -83,10 +83,11 @@ struct EdgeArgs {
     /// Most TCP tunnels per source (IPv4 address or IPv6 /64).
     #[arg(long, default_value_t = TunnelLimits::default().tunnels_per_source)]
     tunnel_per_source: usize,
-    /// Most tunnel TLS handshakes in progress in all.
+    /// Most tunnel TLS handshakes in progress in all (a newer one closes the oldest).
     #[arg(long, default_value_t = TunnelLimits::default().max_handshakes)]
     tunnel_handshakes: usize,
-    /// Most tunnel TLS handshakes in progress per source.
+    /// Most tunnel TLS handshakes in progress per source (a newer one closes the source's
+    /// oldest).
     #[arg(long, default_value_t = TunnelLimits::default().handshakes_per_source)]
     tunnel_handshakes_per_source: usize,
     /// Seconds from TCP accept to a completed tunnel TLS handshake.
@@ -121,6 +122,7 @@ impl EdgeArgs {
                 handshake_timeout: self.tunnel_handshake_timeout,
                 idle_timeout: self.tunnel_idle_timeout,
                 write_timeout: self.tunnel_write_timeout,
+                ..TunnelLimits::default()
             },
             MetricsLimits {
                 waiting: self.metrics_max_waiting,

@@ -2,26 +2,26 @@
 //! exposition format; anything else is a 404.
 //!
 //! The port may be reachable by anyone, and a scraper must still get its answer while someone
-//! holds connections open and trickles bytes (slowloris). Requests are at most 8 KiB and must
-//! arrive within a short deadline; connections still sending their request sit in a
-//! [`WaitingRoom`] that always admits a newcomer by closing the oldest waiting connection (of
-//! the newcomer's source if that source is at its cap, else of all), so a scraper that sends its
-//! request at once is answered; answering has its own per-source and total slots and deadline
-//! ([`MetricsLimits`]).
+//! holds connections open and trickles bytes (slowloris). New connections are rate limited per
+//! source; requests are at most 8 KiB and must arrive within a short deadline; connections
+//! still sending their request wait in a [`Lobby`](crate::waiting::Lobby) that always admits a
+//! newcomer by closing the oldest waiting connection (of the newcomer's source if that source
+//! is at its cap, else of all), so a scraper that sends its request at once is answered;
+//! answering has its own per-source and total slots and deadline ([`MetricsLimits`]).
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::server::Shared;
-use crate::sources::{SourceKey, SourceSlots};
+use crate::sources::{SourceBuckets, SourceKey, SourceSlots};
 use crate::tunnel::TunnelCounters;
+use crate::waiting::{Eviction, Lobby, Ticket};
 
 /// A snapshot of everything exported.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -57,13 +57,13 @@ pub struct Snapshot {
     /// TCP tunnels open now.
     pub tunnels_open: u64,
     /// TCP tunnel connections refused, by cap.
-    pub tunnels_refused: [(&'static str, u64); 4],
+    pub tunnels_refused: [(&'static str, u64); 3],
     /// TCP tunnel TLS handshakes that did not complete, by reason.
-    pub tunnel_handshakes_failed: [(&'static str, u64); 2],
+    pub tunnel_handshakes_failed: [(&'static str, u64); 4],
     /// TCP tunnels closed, by reason.
     pub tunnels_closed: [(&'static str, u64); 4],
     /// Metrics connections closed before answering, by reason.
-    pub metrics_dropped: [(&'static str, u64); 4],
+    pub metrics_dropped: [(&'static str, u64); 5],
 }
 
 /// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
@@ -246,17 +246,15 @@ pub(crate) fn snapshot(
         ],
         tunnels_open: get(&tunnel.open),
         tunnels_refused: [
+            ("rate", get(&tunnel.refused_rate)),
             ("tunnels_per_source", get(&tunnel.refused_per_source)),
             ("tunnels_total", get(&tunnel.refused_total)),
-            (
-                "handshakes_per_source",
-                get(&tunnel.refused_handshakes_per_source),
-            ),
-            ("handshakes_total", get(&tunnel.refused_handshakes_total)),
         ],
         tunnel_handshakes_failed: [
             ("timeout", get(&tunnel.handshake_timeouts)),
             ("error", get(&tunnel.handshake_failures)),
+            ("evicted_per_source", get(&tunnel.evicted_per_source)),
+            ("evicted_total", get(&tunnel.evicted_total)),
         ],
         tunnels_closed: [
             ("idle", get(&tunnel.closed_idle)),
@@ -269,21 +267,27 @@ pub(crate) fn snapshot(
             ("evicted_total", get(&scrapes.evicted_total)),
             ("request_timeout", get(&scrapes.request_timeouts)),
             ("responding_full", get(&scrapes.refused_responding)),
+            ("rate", get(&scrapes.refused_rate)),
         ],
     }
 }
 
 /// What the metrics port lets remote parties hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MetricsLimits {
-    /// Connections still sending their request, in all (the waiting room).
+    /// Connections still sending their request, in all (a newer one closes the oldest).
     pub waiting: usize,
-    /// Connections still sending their request, per source.
+    /// Connections still sending their request, per source (a newer one closes the source's
+    /// oldest).
     pub waiting_per_source: usize,
     /// Connections being answered (request read), in all.
     pub responding: usize,
     /// Connections being answered, per source.
     pub responding_per_source: usize,
+    /// New connections per second per source, sustained (more are closed at once).
+    pub connections_per_second: f64,
+    /// Burst of new connections per source.
+    pub connection_burst: f64,
     /// Time from accept to a complete request (an honest scraper sends it at once).
     pub request_timeout: Duration,
     /// Time to hand the response to the client.
@@ -297,6 +301,8 @@ impl Default for MetricsLimits {
             waiting_per_source: 4,
             responding: 64,
             responding_per_source: 4,
+            connections_per_second: 5.0,
+            connection_burst: 20.0,
             request_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(5),
         }
@@ -305,6 +311,9 @@ impl Default for MetricsLimits {
 
 /// Largest request head read (request line and headers).
 const MAX_REQUEST: usize = 8192;
+
+/// Sources whose connection rate is remembered (least recently seen forgotten first).
+const RATE_SOURCES: usize = 4096;
 
 /// What happened on the metrics port, for `/metrics` itself.
 #[derive(Debug, Default)]
@@ -317,114 +326,8 @@ pub struct MetricsCounters {
     pub request_timeouts: AtomicU64,
     /// Requests not answered: every response slot (of the source, or in all) taken.
     pub refused_responding: AtomicU64,
-}
-
-/// Which cap made room for a newcomer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Eviction {
-    /// The newcomer's source held all its waiting places: its own oldest was closed.
-    PerSource,
-    /// The waiting room was full: the oldest waiting connection of all was closed.
-    Total,
-}
-
-/// Connections that have not yet delivered their request, in arrival order.
-///
-/// A newcomer is always admitted: if its source holds all its places, that source's oldest
-/// waiting connection makes room; if the room is full, the oldest of all does. A slowloris
-/// therefore cannot keep a scraper out: whatever it holds is older than the scraper's
-/// connection, and the scraper's request arrives within a round trip. `H` is what the driver
-/// needs to close a connection (dropping it closes it).
-#[derive(Debug)]
-pub struct WaitingRoom<H> {
-    per_source: usize,
-    total: usize,
-    next_id: u64,
-    /// Id (arrival order) -> source and handle.
-    waiting: BTreeMap<u64, (SourceKey, H)>,
-    by_source: HashMap<SourceKey, usize>,
-}
-
-impl<H> WaitingRoom<H> {
-    /// At most `per_source` waiting connections per source and `total` in all (each at least 1).
-    pub fn new(per_source: usize, total: usize) -> Self {
-        WaitingRoom {
-            per_source: per_source.max(1),
-            total: total.max(1),
-            next_id: 0,
-            waiting: BTreeMap::new(),
-            by_source: HashMap::new(),
-        }
-    }
-
-    /// Admits a connection from `source`; returns its id and the connection closed to make
-    /// room, if one was.
-    pub fn admit(&mut self, source: SourceKey, handle: H) -> (u64, Option<(H, Eviction)>) {
-        let evicted = if self.by_source.get(&source).copied().unwrap_or(0) >= self.per_source {
-            let oldest = self
-                .waiting
-                .iter()
-                .find(|(_, (s, _))| *s == source)
-                .map(|(id, _)| *id);
-            oldest
-                .and_then(|id| self.remove(id))
-                .map(|h| (h, Eviction::PerSource))
-        } else if self.waiting.len() >= self.total {
-            let oldest = self.waiting.keys().next().copied();
-            oldest
-                .and_then(|id| self.remove(id))
-                .map(|h| (h, Eviction::Total))
-        } else {
-            None
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        self.waiting.insert(id, (source, handle));
-        *self.by_source.entry(source).or_insert(0) += 1;
-        (id, evicted)
-    }
-
-    /// Takes connection `id` out (its request arrived, or it ended); `None` if it is not here.
-    pub fn remove(&mut self, id: u64) -> Option<H> {
-        let (source, handle) = self.waiting.remove(&id)?;
-        if let Some(n) = self.by_source.get_mut(&source) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_source.remove(&source);
-            }
-        }
-        Some(handle)
-    }
-
-    /// Connections waiting now.
-    pub fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// Whether none is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
-    }
-}
-
-/// The waiting room as the driver shares it: dropping a connection's sender tells it to close.
-type SharedRoom = Arc<Mutex<WaitingRoom<oneshot::Sender<()>>>>;
-
-fn lock_room(room: &SharedRoom) -> std::sync::MutexGuard<'_, WaitingRoom<oneshot::Sender<()>>> {
-    // Updated in single steps: consistent whenever the lock is free.
-    room.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Takes a connection out of the waiting room however its task ends.
-struct Leave {
-    room: SharedRoom,
-    id: u64,
-}
-
-impl Drop for Leave {
-    fn drop(&mut self) {
-        lock_room(&self.room).remove(self.id);
-    }
+    /// Connections closed at accept: the source opens them faster than its rate.
+    pub refused_rate: AtomicU64,
 }
 
 /// Serves `/metrics` until `shutdown` flips.
@@ -436,11 +339,13 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let counters = Arc::new(MetricsCounters::default());
-    let room: SharedRoom = Arc::new(Mutex::new(WaitingRoom::new(
-        limits.waiting_per_source,
-        limits.waiting,
-    )));
+    let lobby = Lobby::new(limits.waiting_per_source, limits.waiting);
     let responding = SourceSlots::new(limits.responding_per_source, limits.responding);
+    let mut rates = SourceBuckets::new(
+        limits.connection_burst,
+        limits.connections_per_second,
+        RATE_SOURCES,
+    );
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (stream, remote) = tokio::select! {
@@ -455,10 +360,12 @@ pub(crate) async fn serve(
             _ = shutdown.changed() => break,
         };
         let source = SourceKey::of(remote.ip());
-        let (evict_tx, evicted) = oneshot::channel();
-        let (id, eviction) = lock_room(&room).admit(source, evict_tx);
-        if let Some((closed, why)) = eviction {
-            drop(closed);
+        if !rates.try_take(source, 1.0, Instant::now()) {
+            counters.refused_rate.fetch_add(1, Ordering::Relaxed);
+            continue; // dropping the stream closes it
+        }
+        let (ticket, eviction) = lobby.enter(source);
+        if let Some(why) = eviction {
             let counter = match why {
                 Eviction::PerSource => &counters.evicted_per_source,
                 Eviction::Total => &counters.evicted_total,
@@ -473,11 +380,7 @@ pub(crate) async fn serve(
             limits,
             source,
         };
-        let leave = Leave {
-            room: room.clone(),
-            id,
-        };
-        tasks.spawn(connection.run(stream, leave, evicted));
+        tasks.spawn(connection.run(stream, ticket));
     }
     tasks.shutdown().await;
 }
@@ -493,27 +396,20 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(
-        self,
-        mut stream: tokio::net::TcpStream,
-        leave: Leave,
-        evicted: oneshot::Receiver<()>,
-    ) {
-        let request = tokio::select! {
-            read = tokio::time::timeout(self.limits.request_timeout, read_request(&mut stream)) => {
-                match read {
-                    Ok(Ok(Some(request))) => request,
-                    Ok(_) => return,
-                    Err(_) => {
-                        self.counters.request_timeouts.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
+    async fn run(self, mut stream: tokio::net::TcpStream, mut ticket: Ticket) {
+        let read = tokio::time::timeout(self.limits.request_timeout, read_request(&mut stream));
+        let request = match ticket.unless_evicted(read).await {
+            Some(Ok(Ok(Some(request)))) => request,
+            Some(Err(_)) => {
+                self.counters
+                    .request_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
             }
-            // Our sender was dropped: a newer connection took our place.
-            _ = evicted => return,
+            // Evicted, closed, or not a request.
+            _ => return,
         };
-        drop(leave);
+        drop(ticket);
         let Ok(_slot) = self.responding.try_acquire(self.source) else {
             self.counters
                 .refused_responding
@@ -602,57 +498,5 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<u64>().is_ok(), "{line}");
         }
-    }
-
-    fn v4(n: u32) -> SourceKey {
-        SourceKey::of(std::net::IpAddr::V4(n.into()))
-    }
-
-    #[test]
-    fn a_newcomer_is_always_admitted_by_closing_the_oldest_waiting_connection() {
-        let mut room = WaitingRoom::new(2, 4);
-        // Source 1 fills its two places; a third closes its own oldest, not anyone else's.
-        assert_eq!(room.admit(v4(1), "1a"), (0, None));
-        assert_eq!(room.admit(v4(1), "1b"), (1, None));
-        assert_eq!(
-            room.admit(v4(1), "1c"),
-            (2, Some(("1a", Eviction::PerSource)))
-        );
-        assert_eq!(room.len(), 2);
-        // Two more sources fill the room; the next newcomer closes the oldest of all.
-        assert_eq!(room.admit(v4(2), "2a").1, None);
-        assert_eq!(room.admit(v4(3), "3a").1, None);
-        assert_eq!(room.len(), 4);
-        let (scraper, evicted) = room.admit(v4(9), "scraper");
-        assert_eq!(evicted, Some(("1b", Eviction::Total)));
-        // The scraper's request arrives: it leaves the room and is never evicted.
-        assert_eq!(room.remove(scraper), Some("scraper"));
-        assert_eq!(room.remove(scraper), None);
-        // A slowloris from many sources only ever closes its own older connections while the
-        // scraper waits: a scraper admitted after the room is full survives
-        // `total - 1` further newcomers.
-        let (scraper, _) = room.admit(v4(9), "scraper");
-        for n in 0..3 {
-            let (_, evicted) = room.admit(v4(100 + n), "attack");
-            assert_ne!(evicted.map(|e| e.0), Some("scraper"));
-        }
-        assert_eq!(room.remove(scraper), Some("scraper"));
-        assert!(room.len() <= 4);
-    }
-
-    #[test]
-    fn the_room_never_holds_more_than_its_caps() {
-        let mut room = WaitingRoom::new(3, 10);
-        for n in 0..10_000u32 {
-            room.admit(v4(n % 7), n);
-            assert!(room.len() <= 10);
-            assert!(room.by_source.values().all(|held| *held <= 3));
-        }
-        assert_eq!(room.len(), 10);
-        let ids: Vec<u64> = room.waiting.keys().copied().collect();
-        for id in ids {
-            room.remove(id);
-        }
-        assert!(room.is_empty() && room.by_source.is_empty());
     }
 }

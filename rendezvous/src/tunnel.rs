@@ -4,16 +4,18 @@
 //! runs unchanged.
 //!
 //! The port is open to the internet, so what one remote party can hold is bounded
-//! ([`TunnelLimits`]): tunnels per source and in all, TLS handshakes in progress per source and
-//! in all, a deadline on the handshake, an idle timeout once TLS is up, a write timeout when the
-//! client stops reading, datagrams no larger than QUIC sends, and a queue towards each tunnel
-//! bounded in packets of bounded size. Refusals close the TCP connection at once and are
-//! counted ([`TunnelCounters`]), not logged per connection (that would be a log flood).
+//! ([`TunnelLimits`]): new connections per second per source, tunnels per source and in all,
+//! TLS handshakes in progress per source and in all (in a [`Lobby`]: a newcomer closes the
+//! oldest handshake, so handshakes that never finish cannot keep an honest peer out), a
+//! deadline on the handshake, an idle timeout once TLS is up, a write timeout when the client
+//! stops reading, datagrams no larger than QUIC sends, and a queue towards each tunnel bounded
+//! in packets of bounded size. Refusals close the TCP connection at once and are counted
+//! ([`TunnelCounters`]), not logged per connection (that would be a log flood).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -22,7 +24,11 @@ use tokio_rustls::TlsAcceptor;
 use transport::tunnel::{TunnelEnd, TunnelTimeouts, MAX_TUNNEL_DATAGRAM};
 use transport::{DemuxSocket, PathTarget, VirtualSink};
 
-use crate::sources::{SlotRefusal, SourceKey, SourceSlots};
+use crate::sources::{SlotRefusal, SourceBuckets, SourceKey, SourceSlots};
+use crate::waiting::{Eviction, Lobby};
+
+/// Sources whose connection rate is remembered (least recently seen forgotten first).
+const RATE_SOURCES: usize = 4096;
 
 /// Datagrams queued towards one tunnel (from the QUIC endpoint to the TCP writer); more are
 /// dropped, as a congested link would. Each is at most one QUIC packet (at most
@@ -33,16 +39,20 @@ pub const TUNNEL_QUEUE: usize = 128;
 pub const TUNNEL_QUEUE_BYTES: usize = TUNNEL_QUEUE * MAX_TUNNEL_DATAGRAM;
 
 /// What the tunnel port lets remote parties hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TunnelLimits {
     /// Tunnels (TCP connections, in handshake or open) in all.
     pub max_tunnels: usize,
     /// Tunnels per source (IPv4 address or IPv6 /64): a few peers behind one NAT.
     pub tunnels_per_source: usize,
-    /// TLS handshakes in progress in all.
+    /// TLS handshakes in progress in all (a newer one closes the oldest).
     pub max_handshakes: usize,
-    /// TLS handshakes in progress per source.
+    /// TLS handshakes in progress per source (a newer one closes the source's oldest).
     pub handshakes_per_source: usize,
+    /// New connections per second per source, sustained (more are closed at once).
+    pub connections_per_second: f64,
+    /// Burst of new connections per source.
+    pub connection_burst: f64,
     /// Time from TCP accept to a completed TLS handshake.
     pub handshake_timeout: Duration,
     /// A tunnel that carries no datagram from the client for this long is closed (QUIC's
@@ -60,6 +70,8 @@ impl Default for TunnelLimits {
             tunnels_per_source: 8,
             max_handshakes: 128,
             handshakes_per_source: 4,
+            connections_per_second: 10.0,
+            connection_burst: 20.0,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(10),
@@ -76,10 +88,12 @@ pub struct TunnelCounters {
     pub refused_per_source: AtomicU64,
     /// Connections refused: all tunnels taken.
     pub refused_total: AtomicU64,
-    /// Connections refused: the source has its handshakes in progress.
-    pub refused_handshakes_per_source: AtomicU64,
-    /// Connections refused: all handshake slots taken.
-    pub refused_handshakes_total: AtomicU64,
+    /// Connections refused: the source opens them faster than its rate.
+    pub refused_rate: AtomicU64,
+    /// Handshakes closed to admit a newer one from the same source.
+    pub evicted_per_source: AtomicU64,
+    /// Handshakes closed to admit a newer one when all handshake places were taken.
+    pub evicted_total: AtomicU64,
     /// Handshakes not finished within the deadline.
     pub handshake_timeouts: AtomicU64,
     /// Handshakes that failed (bad TLS, wrong ALPN, connection closed).
@@ -95,12 +109,18 @@ pub struct TunnelCounters {
 }
 
 impl TunnelCounters {
-    fn refused(&self, handshake: bool, refusal: SlotRefusal) {
-        let counter = match (handshake, refusal) {
-            (false, SlotRefusal::PerSource(_)) => &self.refused_per_source,
-            (false, SlotRefusal::Total(_)) => &self.refused_total,
-            (true, SlotRefusal::PerSource(_)) => &self.refused_handshakes_per_source,
-            (true, SlotRefusal::Total(_)) => &self.refused_handshakes_total,
+    fn refused(&self, refusal: SlotRefusal) {
+        let counter = match refusal {
+            SlotRefusal::PerSource(_) => &self.refused_per_source,
+            SlotRefusal::Total(_) => &self.refused_total,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn evicted(&self, why: Eviction) {
+        let counter = match why {
+            Eviction::PerSource => &self.evicted_per_source,
+            Eviction::Total => &self.evicted_total,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -133,7 +153,12 @@ pub(crate) async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let tunnel_slots = SourceSlots::new(limits.tunnels_per_source, limits.max_tunnels);
-    let handshake_slots = SourceSlots::new(limits.handshakes_per_source, limits.max_handshakes);
+    let handshakes = Lobby::new(limits.handshakes_per_source, limits.max_handshakes);
+    let mut rates = SourceBuckets::new(
+        limits.connection_burst,
+        limits.connections_per_second,
+        RATE_SOURCES,
+    );
     let timeouts = TunnelTimeouts {
         idle: limits.idle_timeout,
         write: limits.write_timeout,
@@ -156,22 +181,22 @@ pub(crate) async fn serve(
         };
         let source = SourceKey::of(remote.ip());
         // Dropping `tcp` on refusal closes the connection at once.
+        if !rates.try_take(source, 1.0, Instant::now()) {
+            counters.refused_rate.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let tunnel_slot = match tunnel_slots.try_acquire(source) {
             Ok(slot) => slot,
             Err(refusal) => {
-                counters.refused(false, refusal);
+                counters.refused(refusal);
                 tracing::debug!(%remote, %refusal, "tunnel refused");
                 continue;
             }
         };
-        let handshake_slot = match handshake_slots.try_acquire(source) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                counters.refused(true, refusal);
-                tracing::debug!(%remote, %refusal, "tunnel handshake refused");
-                continue;
-            }
-        };
+        let (mut handshake, eviction) = handshakes.enter(source);
+        if let Some(why) = eviction {
+            counters.evicted(why);
+        }
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let demux = demux.clone();
@@ -179,24 +204,26 @@ pub(crate) async fn serve(
         let addr = virtual_addr(counter.fetch_add(1, Ordering::Relaxed));
         let mut stop = shutdown.clone();
         tunnels.spawn(async move {
-            let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+            let accept = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
             let tls = tokio::select! {
-                done = handshake => match done {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
+                done = handshake.unless_evicted(accept) => match done {
+                    Some(Ok(Ok(tls))) => tls,
+                    Some(Ok(Err(e))) => {
                         counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%remote, error = %e, "tunnel TLS handshake failed");
                         return;
                     }
-                    Err(_) => {
+                    Some(Err(_)) => {
                         counters.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%remote, "tunnel TLS handshake timed out");
                         return;
                     }
+                    // A newer connection took this one's place (counted when it did).
+                    None => return,
                 },
                 _ = stop.changed() => return,
             };
-            drop(handshake_slot);
+            drop(handshake);
             tracing::debug!(%remote, virtual_addr = %addr, "TCP tunnel open");
             counters.open.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = mpsc::channel(TUNNEL_QUEUE);
