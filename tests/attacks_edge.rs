@@ -115,7 +115,10 @@ async fn scrape(metrics: SocketAddr) -> String {
         .expect("scrape answered in time")
         .expect("scrape");
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    assert!(response.contains("rendezvous_registered_peers "), "{response}");
+    assert!(
+        response.contains("rendezvous_registered_peers "),
+        "{response}"
+    );
     response
 }
 
@@ -238,7 +241,10 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
             idle.push(connect_from(2, edge.tunnel).await.unwrap());
         }
         for (i, conn) in idle.iter_mut().enumerate() {
-            assert!(closed_within(conn, T).await, "idle connection {i} still open");
+            assert!(
+                closed_within(conn, T).await,
+                "idle connection {i} still open"
+            );
         }
     });
     let m = rt.block_on(scrape(edge.metrics));
@@ -289,7 +295,11 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
     });
     let m = rt.block_on(scrape(edge.metrics));
     let closed = "rendezvous_tcp_tunnels_closed_total";
-    assert_eq!(metric(&m, &format!("{closed}{{reason=\"idle\"}}")), 8, "{m}");
+    assert_eq!(
+        metric(&m, &format!("{closed}{{reason=\"idle\"}}")),
+        8,
+        "{m}"
+    );
     assert_eq!(
         metric(&m, &format!("{closed}{{reason=\"oversized_datagram\"}}")),
         1,
@@ -380,7 +390,10 @@ fn metrics_port_answers_scrapes_during_idle_connections_and_a_slowloris() {
             idle.push(connect_from(2, edge.metrics).await.unwrap());
         }
         for (i, conn) in idle.iter_mut().enumerate() {
-            assert!(closed_within(conn, T).await, "idle connection {i} still open");
+            assert!(
+                closed_within(conn, T).await,
+                "idle connection {i} still open"
+            );
         }
     });
     let m = rt.block_on(scrape(edge.metrics));

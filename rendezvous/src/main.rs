@@ -27,6 +27,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve QUIC (control protocol) and STUN on one UDP port.
@@ -139,7 +141,7 @@ fn seconds(text: &str) -> Result<Duration, String> {
     let secs: f64 = text
         .parse()
         .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if !(secs > 0.0) {
+    if secs.is_nan() || secs <= 0.0 {
         return Err(format!("{text:?}: must be more than 0 seconds"));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))

@@ -142,6 +142,18 @@ fn virtual_addr(n: u32) -> SocketAddr {
     SocketAddr::from(([241, b[1], b[2], b[3]], 443))
 }
 
+/// The next virtual address not held by a live tunnel: after 2^24 tunnels the numbering wraps,
+/// and a newcomer must not take over (and, on closing, remove) a long-lived tunnel's route.
+/// At most `max_tunnels` addresses are held, so this skips at most that many.
+fn free_virtual_addr(demux: &DemuxSocket, counter: &AtomicU32) -> SocketAddr {
+    loop {
+        let addr = virtual_addr(counter.fetch_add(1, Ordering::Relaxed));
+        if !matches!(demux.route_of(addr), PathTarget::Virtual(_)) {
+            return addr;
+        }
+    }
+}
+
 /// Accepts tunnels until `shutdown` flips.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -201,7 +213,7 @@ pub(crate) async fn serve(
         let acceptor = acceptor.clone();
         let demux = demux.clone();
         let counters = counters.clone();
-        let addr = virtual_addr(counter.fetch_add(1, Ordering::Relaxed));
+        let addr = free_virtual_addr(&demux, &counter);
         let mut stop = shutdown.clone();
         tunnels.spawn(async move {
             let accept = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
@@ -243,4 +255,24 @@ pub(crate) async fn serve(
         });
     }
     tunnels.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wrapped_numbering_skips_addresses_of_live_tunnels() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (demux, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        // A long-lived tunnel holds the address numbers 5 and 5 + 2^24 both map to.
+        demux.set_route(
+            virtual_addr(5),
+            PathTarget::Virtual(VirtualSink::new([0; 16], tx)),
+        );
+        let counter = AtomicU32::new(5 + (1 << 24));
+        assert_eq!(virtual_addr(5 + (1 << 24)), virtual_addr(5));
+        assert_eq!(free_virtual_addr(&demux, &counter), virtual_addr(6));
+    }
 }

@@ -113,7 +113,8 @@ where
         }
     };
     let write = async move {
-        let mut batch = Vec::with_capacity(WRITE_BATCH + MAX_TUNNEL_DATAGRAM + 2);
+        // Grows to at most WRITE_BATCH + one frame, only on a tunnel that carries that much.
+        let mut batch = Vec::new();
         while let Some(packet) = outgoing.recv().await {
             batch.clear();
             push_frame(&mut batch, &packet.data);
