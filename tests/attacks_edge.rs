@@ -225,8 +225,9 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
         &[
             "--tunnel-handshake-timeout",
             "2",
+            // Long enough to open 9 tunnels one after the other on a loaded machine.
             "--tunnel-idle-timeout",
-            "3",
+            "5",
             "--tunnel-handshakes",
             "16",
         ],
@@ -249,10 +250,14 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
     });
     let m = rt.block_on(scrape(edge.metrics));
     let failed = "rendezvous_tcp_tunnel_handshakes_failed_total";
+    let per_source = "rendezvous_tcp_tunnels_refused_total{cap=\"tunnels_per_source\"}";
     let evicted = metric(&m, &format!("{failed}{{reason=\"evicted_per_source\"}}"));
     let timed_out = metric(&m, &format!("{failed}{{reason=\"timeout\"}}"));
-    assert_eq!(evicted + timed_out, 10, "{m}");
-    assert!(evicted >= 6, "at most 4 handshakes per source: {m}");
+    // An evicted handshake's task may not have given its tunnel slot back yet when the next
+    // connection arrives: that one is refused by the tunnel cap instead (also a bound).
+    let refused = metric(&m, per_source);
+    assert_eq!(evicted + timed_out + refused, 10, "{m}");
+    assert!(timed_out <= 4, "at most 4 handshakes per source: {m}");
 
     // 2. Tunnels with TLS up: at most 8 per source; one trickling a frame that never completes
     // and the idle ones close at the idle deadline; slots come back; a datagram larger than
@@ -286,9 +291,17 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
         for (i, tunnel) in tunnels.iter_mut().enumerate() {
             assert!(closed_within(tunnel, T).await, "idle tunnel {i} still open");
         }
-        let mut oversized = tunnel_from(3, edge.tunnel, &connector)
-            .await
-            .expect("slots are given back");
+        // The slots come back as the server's tasks end, just after the client sees the close.
+        let deadline = tokio::time::Instant::now() + T;
+        let mut oversized = loop {
+            match tunnel_from(3, edge.tunnel, &connector).await {
+                Ok(tunnel) => break tunnel,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    panic!("slots are not given back: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
         oversized.write_all(&[0x08, 0x01]).await.unwrap(); // 2049 bytes announced
         oversized.flush().await.unwrap();
         assert!(closed_within(&mut oversized, T).await);
@@ -305,13 +318,9 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
         1,
         "{m}"
     );
-    assert_eq!(
-        metric(
-            &m,
-            "rendezvous_tcp_tunnels_refused_total{cap=\"tunnels_per_source\"}"
-        ),
-        1,
-        "{m}"
+    assert!(
+        metric(&m, per_source) > refused,
+        "the ninth tunnel was refused: {m}"
     );
 
     // 3. A sustained attack from 12 sources, 6 connections each (idle, or trickling a TLS record
@@ -401,7 +410,7 @@ fn metrics_port_answers_scrapes_during_idle_connections_and_a_slowloris() {
     let evicted = metric(&m, &format!("{dropped}{{reason=\"evicted_per_source\"}}"));
     let timed_out = metric(&m, &format!("{dropped}{{reason=\"request_timeout\"}}"));
     assert_eq!(evicted + timed_out, 10, "{m}");
-    assert!(evicted >= 6, "at most 4 waiting per source: {m}");
+    assert!(timed_out <= 4, "at most 4 waiting per source: {m}");
 
     // 2. A slowloris from 12 sources, 6 connections each (idle, or trickling a request head
     // that never ends), more than the 16 waiting places in all: a connection that keeps
