@@ -3,12 +3,14 @@
 //!
 //! A fixed number of such places with plain refusal is what a slowloris exhausts: it opens
 //! connections and never completes them, and every honest client is refused until they time
-//! out. Here a newcomer takes the place of the oldest waiting connection instead (of its own
-//! source if that source holds its cap, else of all), so whatever an attacker holds is older
-//! than an honest client's connection, and an honest client, which completes within a round
-//! trip or two, is served unless a whole room of newer connections arrives in that time (which
-//! a per-source rate limit on new connections makes hard). [`WaitingRoom`] is the pure logic;
-//! [`Lobby`] is how a tokio driver shares it, with a [`Ticket`] per connection.
+//! out. Here a newcomer always gets a place: when its source holds its cap, its own oldest
+//! connection is closed; when the room is full, the oldest connection of the source that holds
+//! the most places is. An honest client holds one place and completes within a round trip or
+//! two; it is closed only if every source in the room holds no more than it does (the room
+//! holds `total` different sources) and it is the oldest of them, so an attacker needs as many
+//! addresses as the room has places, opening connections faster than the client's round trip
+//! (a per-source rate limit on new connections makes that harder still). [`WaitingRoom`] is the
+//! pure logic; [`Lobby`] is how a tokio driver shares it, with a [`Ticket`] per connection.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -23,17 +25,18 @@ use crate::sources::SourceKey;
 pub enum Eviction {
     /// The newcomer's source held all its waiting places: its own oldest was closed.
     PerSource,
-    /// The waiting room was full: the oldest waiting connection of all was closed.
+    /// The waiting room was full: the oldest waiting connection of the source holding the
+    /// most places was closed.
     Total,
 }
 
 /// Connections that have not yet delivered their request, in arrival order.
 ///
 /// A newcomer is always admitted: if its source holds all its places, that source's oldest
-/// waiting connection makes room; if the room is full, the oldest of all does. A slowloris
-/// therefore cannot keep a scraper out: whatever it holds is older than the scraper's
-/// connection, and the scraper's request arrives within a round trip. `H` is what the driver
-/// needs to close a connection (dropping it closes it).
+/// waiting connection makes room; if the room is full, the oldest connection of the source
+/// holding the most places does (the newcomer's own, if admitting it would make its source
+/// the one holding the most). `H` is what the driver needs to close a connection (dropping it
+/// closes it).
 #[derive(Debug)]
 pub struct WaitingRoom<H> {
     per_source: usize,
@@ -59,20 +62,26 @@ impl<H> WaitingRoom<H> {
     /// Admits a connection from `source`; returns its id and the connection closed to make
     /// room, if one was.
     pub fn admit(&mut self, source: SourceKey, handle: H) -> (u64, Option<(H, Eviction)>) {
-        let evicted = if self.by_source.get(&source).copied().unwrap_or(0) >= self.per_source {
-            let oldest = self
-                .waiting
-                .iter()
-                .find(|(_, (s, _))| *s == source)
-                .map(|(id, _)| *id);
-            oldest
-                .and_then(|id| self.remove(id))
+        let held = self.by_source.get(&source).copied().unwrap_or(0);
+        let evicted = if held >= self.per_source {
+            self.remove_oldest_of(|s| s == source)
                 .map(|h| (h, Eviction::PerSource))
         } else if self.waiting.len() >= self.total {
-            let oldest = self.waiting.keys().next().copied();
-            oldest
-                .and_then(|id| self.remove(id))
-                .map(|h| (h, Eviction::Total))
+            let most = self.by_source.values().copied().max().unwrap_or(0);
+            if held + 1 > most {
+                // Admitted, the newcomer's source would hold the most: it pays.
+                self.remove_oldest_of(|s| s == source)
+            } else {
+                let by_source = &self.by_source;
+                let heaviest = |s: SourceKey| by_source.get(&s).copied() == Some(most);
+                let victim = self
+                    .waiting
+                    .iter()
+                    .find(|(_, (s, _))| heaviest(*s))
+                    .map(|(id, _)| *id);
+                victim.and_then(|id| self.remove(id))
+            }
+            .map(|h| (h, Eviction::Total))
         } else {
             None
         };
@@ -81,6 +90,15 @@ impl<H> WaitingRoom<H> {
         self.waiting.insert(id, (source, handle));
         *self.by_source.entry(source).or_insert(0) += 1;
         (id, evicted)
+    }
+
+    fn remove_oldest_of(&mut self, pick: impl Fn(SourceKey) -> bool) -> Option<H> {
+        let oldest = self
+            .waiting
+            .iter()
+            .find(|(_, (s, _))| pick(*s))
+            .map(|(id, _)| *id);
+        oldest.and_then(|id| self.remove(id))
     }
 
     /// Takes connection `id` out (its request arrived, or it ended); `None` if it is not here.
@@ -208,6 +226,35 @@ mod tests {
         }
         assert_eq!(room.remove(scraper), Some("scraper"));
         assert!(room.len() <= 4);
+    }
+
+    #[test]
+    fn a_full_room_closes_a_connection_of_the_source_holding_the_most() {
+        let mut room = WaitingRoom::new(4, 4);
+        // The honest client came first; an attacker fills the rest from one source.
+        let (honest, _) = room.admit(v4(1), "honest");
+        for _ in 0..3 {
+            assert_eq!(room.admit(v4(2), "attack").1, None);
+        }
+        // Newcomers from the attacker's source and from fresh sources close the attacker's
+        // connections, never the older honest one.
+        assert_eq!(
+            room.admit(v4(2), "attack").1,
+            Some(("attack", Eviction::Total))
+        );
+        for n in 3..5 {
+            assert_eq!(
+                room.admit(v4(n), "fresh").1,
+                Some(("attack", Eviction::Total))
+            );
+        }
+        // Now every source holds one place: the oldest of all goes, which is the honest one.
+        assert_eq!(
+            room.admit(v4(5), "fresh").1,
+            Some(("honest", Eviction::Total))
+        );
+        assert_eq!(room.remove(honest), None);
+        assert_eq!(room.len(), 4);
     }
 
     #[test]
