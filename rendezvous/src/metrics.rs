@@ -494,6 +494,7 @@ mod tests {
             text.contains("rendezvous_relay_dropped_packets_total{reason=\"not_introduced\"} 2\n")
         );
         assert!(text.contains("rendezvous_stun_requests_total{outcome=\"answered\"} 5\n"));
+        assert!(text.contains("rendezvous_tcp_tunnels_open 0\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<u64>().is_ok(), "{line}");
