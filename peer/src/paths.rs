@@ -558,7 +558,9 @@ impl PathKeeper {
             tracing::debug!(%peer, %problem, "accepting an introduction failed");
             if let Some(console) = console {
                 console
-                    .error(format!("accepting the introduction of {peer} failed: {problem}"))
+                    .error(format!(
+                        "accepting the introduction of {peer} failed: {problem}"
+                    ))
                     .await;
             }
         });

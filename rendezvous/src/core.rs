@@ -203,9 +203,7 @@ impl Introductions {
     }
 
     fn get(&self, a: PeerId, b: PeerId, now: OffsetDateTime) -> Option<&Introduction> {
-        self.entries
-            .get(&pair(a, b))
-            .filter(|e| e.expires() > now)
+        self.entries.get(&pair(a, b)).filter(|e| e.expires() > now)
     }
 
     fn len(&self) -> usize {
@@ -860,8 +858,20 @@ mod tests {
         assert!(matches!(out.reply, Some(ControlMessage::Error { .. })));
     }
 
-    fn connect(reg: &mut Registry, conn: ConnId, from: PeerId, to: PeerId, now: OffsetDateTime) -> Outcome {
-        reg.handle(conn, from, addr(4000), ControlMessage::Connect { id: to }, now)
+    fn connect(
+        reg: &mut Registry,
+        conn: ConnId,
+        from: PeerId,
+        to: PeerId,
+        now: OffsetDateTime,
+    ) -> Outcome {
+        reg.handle(
+            conn,
+            from,
+            addr(4000),
+            ControlMessage::Connect { id: to },
+            now,
+        )
     }
 
     fn nonce_of(out: &Outcome) -> u64 {
@@ -871,9 +881,25 @@ mod tests {
         }
     }
 
-    fn accept(reg: &mut Registry, conn: ConnId, target: PeerId, requester: PeerId, nonce: u64, now: OffsetDateTime) -> Option<ControlMessage> {
-        reg.handle(conn, target, addr(5000), ControlMessage::Accept { peer: requester, nonce }, now)
-            .reply
+    fn accept(
+        reg: &mut Registry,
+        conn: ConnId,
+        target: PeerId,
+        requester: PeerId,
+        nonce: u64,
+        now: OffsetDateTime,
+    ) -> Option<ControlMessage> {
+        reg.handle(
+            conn,
+            target,
+            addr(5000),
+            ControlMessage::Accept {
+                peer: requester,
+                nonce,
+            },
+            now,
+        )
+        .reply
     }
 
     #[test]
@@ -888,8 +914,14 @@ mod tests {
         );
         let nonce = nonce_of(&connect(&mut reg, 1, id(1), id(2), T0));
         // Not before the target accepted.
-        assert_eq!(reg.relay_allowed(id(1), id(2), T0), Err(RelayRefusal::NotAccepted));
-        assert_eq!(reg.relay_allowed(id(2), id(1), T0), Err(RelayRefusal::NotAccepted));
+        assert_eq!(
+            reg.relay_allowed(id(1), id(2), T0),
+            Err(RelayRefusal::NotAccepted)
+        );
+        assert_eq!(
+            reg.relay_allowed(id(2), id(1), T0),
+            Err(RelayRefusal::NotAccepted)
+        );
         // Wrong nonce, wrong peer, or the requester accepting its own introduction: refused.
         for (who, conn, peer, n) in [
             (id(2), 2, id(1), nonce.wrapping_add(1)),
@@ -898,15 +930,31 @@ mod tests {
         ] {
             let reply = accept(&mut reg, conn, who, peer, n, T0);
             assert!(
-                matches!(reply, Some(ControlMessage::Error { code: ErrorCode::BadRequest, .. })),
+                matches!(
+                    reply,
+                    Some(ControlMessage::Error {
+                        code: ErrorCode::BadRequest,
+                        ..
+                    })
+                ),
                 "{reply:?}"
             );
         }
-        assert_eq!(reg.relay_allowed(id(1), id(2), T0), Err(RelayRefusal::NotAccepted));
+        assert_eq!(
+            reg.relay_allowed(id(1), id(2), T0),
+            Err(RelayRefusal::NotAccepted)
+        );
         // The target accepts: both directions.
-        assert_eq!(accept(&mut reg, 2, id(2), id(1), nonce, T0), Some(ControlMessage::Ack {}));
+        assert_eq!(
+            accept(&mut reg, 2, id(2), id(1), nonce, T0),
+            Some(ControlMessage::Ack {})
+        );
         assert_eq!(reg.relay_allowed(id(1), id(2), T0), Ok(()));
-        assert_eq!(reg.relay_allowed(id(2), id(1), T0), Ok(()), "both directions");
+        assert_eq!(
+            reg.relay_allowed(id(2), id(1), T0),
+            Ok(()),
+            "both directions"
+        );
         assert_eq!(
             reg.relay_allowed(id(1), id(3), T0),
             Err(RelayRefusal::NotIntroduced)
@@ -921,8 +969,14 @@ mod tests {
         assert_eq!(reg.relay_allowed(id(1), id(2), t1), Ok(()));
         // The consent lasts its TTL from the accept; then the open introduction waits again.
         let later = T0 + INTRODUCTION_TTL + time::Duration::seconds(1);
-        assert_eq!(reg.relay_allowed(id(1), id(2), later), Err(RelayRefusal::NotAccepted));
-        assert_eq!(accept(&mut reg, 1, id(1), id(2), second, later), Some(ControlMessage::Ack {}));
+        assert_eq!(
+            reg.relay_allowed(id(1), id(2), later),
+            Err(RelayRefusal::NotAccepted)
+        );
+        assert_eq!(
+            accept(&mut reg, 1, id(1), id(2), second, later),
+            Some(ControlMessage::Ack {})
+        );
         assert_eq!(reg.relay_allowed(id(1), id(2), later), Ok(()));
         // An accept too late is refused; everything expires.
         let much_later = later + INTRODUCTION_TTL + time::Duration::seconds(1);
@@ -947,24 +1001,45 @@ mod tests {
         for n in 2..(MAX_INTRODUCTIONS_PER_REQUESTER as u8 + 10) {
             match connect(&mut reg, 1, id(1), id(n), T0).reply {
                 Some(ControlMessage::Punch { .. }) => made += 1,
-                Some(ControlMessage::Error { code: ErrorCode::RateLimited, .. }) => {}
+                Some(ControlMessage::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }) => {}
                 other => panic!("{other:?}"),
             }
         }
         assert_eq!(made, MAX_INTRODUCTIONS_PER_REQUESTER);
-        assert_eq!(reg.introductions(), MAX_INTRODUCTIONS_PER_REQUESTER as usize);
+        assert_eq!(
+            reg.introductions(),
+            MAX_INTRODUCTIONS_PER_REQUESTER as usize
+        );
         // Renewing an open one is not a new one.
-        assert!(matches!(connect(&mut reg, 1, id(1), id(2), T0).reply, Some(ControlMessage::Punch { .. })));
+        assert!(matches!(
+            connect(&mut reg, 1, id(1), id(2), T0).reply,
+            Some(ControlMessage::Punch { .. })
+        ));
         // Others may still introduce themselves to the same targets.
-        assert!(matches!(connect(&mut reg, 3, id(3), id(4), T0).reply, Some(ControlMessage::Punch { .. })));
+        assert!(matches!(
+            connect(&mut reg, 3, id(3), id(4), T0).reply,
+            Some(ControlMessage::Punch { .. })
+        ));
         // Many renewals leave the queue compacted, not growing.
         for i in 0..1000 {
-            connect(&mut reg, 1, id(1), id(2), T0 + time::Duration::milliseconds(i));
+            connect(
+                &mut reg,
+                1,
+                id(1),
+                id(2),
+                T0 + time::Duration::milliseconds(i),
+            );
         }
         assert!(reg.introductions.expiry.len() <= 2 * reg.introductions() + 65);
         // After the TTL, the next operation pops them: nothing is left, the requester may again.
         let later = T0 + INTRODUCTION_TTL + time::Duration::seconds(2);
-        assert!(matches!(connect(&mut reg, 1, id(1), id(5), later).reply, Some(ControlMessage::Punch { .. })));
+        assert!(matches!(
+            connect(&mut reg, 1, id(1), id(5), later).reply,
+            Some(ControlMessage::Punch { .. })
+        ));
         assert_eq!(reg.introductions(), 1);
         assert_eq!(reg.introductions.per_requester.get(&id(1)), Some(&1));
         assert_eq!(reg.introductions.per_requester.get(&id(3)), None);
@@ -979,7 +1054,11 @@ mod tests {
         assert!(intros.accept(id(2), id(1), 5, t1));
         let t2 = T0 + INTRODUCTION_TTL + time::Duration::seconds(1);
         intros.expire(t2);
-        assert_eq!(intros.len(), 1, "the stale record did not remove the renewed entry");
+        assert_eq!(
+            intros.len(),
+            1,
+            "the stale record did not remove the renewed entry"
+        );
         assert!(intros.get(id(1), id(2), t2).is_some());
         intros.expire(t1 + INTRODUCTION_TTL + time::Duration::seconds(1));
         assert_eq!(intros.len(), 0);

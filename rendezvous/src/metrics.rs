@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub relay_held_forwarded: u64,
     /// `relay_open` refused: the connection already had a relay stream.
     pub relay_streams_refused: u64,
+    /// Relayed packets held now, waiting for their introduction's accept.
+    pub relay_held: u64,
     /// STUN: answered, rate limited, ignored.
     pub stun: [(&'static str, u64); 3],
 }
@@ -66,7 +68,7 @@ fn labelled(key: &str, values: &[(&str, u64)]) -> Samples {
 
 /// Renders the text exposition format.
 pub fn render(s: &Snapshot) -> String {
-    let metrics: [(&str, &str, &str, Samples); 15] = [
+    let metrics: [(&str, &str, &str, Samples); 16] = [
         (
             "rendezvous_registered_peers",
             "gauge",
@@ -153,6 +155,12 @@ pub fn render(s: &Snapshot) -> String {
             unlabelled(s.relay_held_forwarded),
         ),
         (
+            "rendezvous_relay_held_packets",
+            "gauge",
+            "Relayed packets held now, waiting for their introduction to be accepted.",
+            unlabelled(s.relay_held),
+        ),
+        (
             "rendezvous_relay_streams_refused_total",
             "counter",
             "Relay streams refused: the connection already had one.",
@@ -204,6 +212,7 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
         ],
         relay_held_forwarded: get(&relay.held_then_forwarded),
         relay_streams_refused: get(&relay.refused_streams),
+        relay_held: get(&relay.held_now),
         stun: [
             ("answered", get(&shared.stun.answered)),
             ("rate_limited", get(&shared.stun.rate_limited)),

@@ -124,6 +124,8 @@ pub struct RelayCounters {
     pub held_then_forwarded: AtomicU64,
     /// `relay_open` refused: the connection already has a relay stream.
     pub refused_streams: AtomicU64,
+    /// Packets held for an accept right now (a gauge).
+    pub held_now: AtomicU64,
 }
 
 impl RelayCounters {
@@ -153,6 +155,14 @@ impl RelayCounters {
 fn add(counter: &AtomicU64, n: u64) {
     if n > 0 {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn sub(gauge: &AtomicU64, n: u64) {
+    if n > 0 {
+        let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
     }
 }
 
@@ -236,7 +246,12 @@ pub struct Allowances {
 
 impl Allowances {
     /// `peer`'s allowance, created full if it has none.
-    pub fn get(&mut self, peer: PeerId, limits: RelayLimits, now: Instant) -> Arc<Mutex<Allowance>> {
+    pub fn get(
+        &mut self,
+        peer: PeerId,
+        limits: RelayLimits,
+        now: Instant,
+    ) -> Arc<Mutex<Allowance>> {
         if let Some(a) = self.map.get(&peer) {
             return a.clone();
         }
@@ -438,6 +453,9 @@ impl RelaySession {
                     }
                 }
             };
+            if answer != Permission::Allowed {
+                add(&counters.held_now, 1);
+            }
             batch.push(&self.peer, packet, cost);
         }
     }
@@ -461,6 +479,9 @@ impl RelaySession {
             let to = self.held[i].to;
             let answer = cached_permission(&mut self.permissions, to, now, &mut permission);
             let expired = now.saturating_duration_since(self.held[i].since) >= HOLD_TIME;
+            if answer == Permission::Allowed || expired || answer == Permission::Denied {
+                sub(&counters.held_now, self.held[i].batch.packets);
+            }
             match answer {
                 Permission::Allowed => {
                     let held = self.held.swap_remove(i);
@@ -537,8 +558,7 @@ fn cached_permission(
 fn room_to_hold(held: &[Held], to: PeerId, cost: u64) -> bool {
     match held.iter().find(|h| h.to == to) {
         Some(h) => {
-            (h.batch.packets as usize) < HOLD_PACKETS
-                && h.batch.cost + cost <= HOLD_BYTES as u64
+            (h.batch.packets as usize) < HOLD_PACKETS && h.batch.cost + cost <= HOLD_BYTES as u64
         }
         None => held.len() < HOLD_PAIRS,
     }
@@ -652,6 +672,7 @@ pub(crate) struct Opened {
 
 impl Drop for Opened {
     fn drop(&mut self) {
+        sub(&self.hub.counters.held_now, self.session.held_packets());
         lock(&self.hub.conns).remove(&self.conn);
         let mut sinks = lock(&self.hub.sinks);
         if sinks
@@ -881,7 +902,11 @@ mod tests {
         let (to, b) = &batches[0];
         assert_eq!(*to, id(2));
         assert_eq!((b.packets, b.bytes), (2, 1001));
-        assert_eq!(b.cost, MIN_FRAME_COST + 1018, "a 1-byte packet costs the minimum");
+        assert_eq!(
+            b.cost,
+            MIN_FRAME_COST + 1018,
+            "a 1-byte packet costs the minimum"
+        );
         assert_eq!(batches[1].1.cost, MIN_FRAME_COST);
         // The frames name the sender.
         let mut dec = RelayDecoder::new();
@@ -953,7 +978,10 @@ mod tests {
         let t0 = Instant::now();
         let wire = frames(id(2), &[MAX_RELAY_PACKET; 2]);
         let mut first = hub.open(id(1), 10, tight).unwrap();
-        first.session.receive(&wire, t0, &counters, allowed).unwrap();
+        first
+            .session
+            .receive(&wire, t0, &counters, allowed)
+            .unwrap();
         drop(first);
         // The same peer on a new connection: its bucket did not refill.
         let mut second = hub.open(id(1), 11, tight).unwrap();
@@ -974,7 +1002,10 @@ mod tests {
         // Another connection of the same peer may (it replaces the first's queue).
         let other = hub.open(id(1), 11, limits()).unwrap();
         drop(first);
-        assert!(hub.sink_of(&id(1)).is_some(), "the newer stream keeps its queue");
+        assert!(
+            hub.sink_of(&id(1)).is_some(),
+            "the newer stream keeps its queue"
+        );
         // Once closed, the connection may open one again.
         assert!(hub.open(id(1), 10, limits()).is_some());
         drop(other);
@@ -1034,7 +1065,10 @@ mod tests {
             }
             n += 1;
         }
-        assert!(n <= 4096 / (MIN_FRAME_COST as usize + BATCH_OVERHEAD), "{n}");
+        assert!(
+            n <= 4096 / (MIN_FRAME_COST as usize + BATCH_OVERHEAD),
+            "{n}"
+        );
     }
 
     #[test]
@@ -1045,7 +1079,11 @@ mod tests {
         let mut answer = Permission::AwaitingAccept;
         s.receive(&frames(id(2), &[1200, 1200]), t0, &counters, |_| answer)
             .unwrap();
-        assert_eq!(s.take_batches().count(), 0, "nothing forwarded before the accept");
+        assert_eq!(
+            s.take_batches().count(),
+            0,
+            "nothing forwarded before the accept"
+        );
         assert_eq!(s.held_packets(), 2);
         assert_eq!(s.next_deadline(), Some(t0 + HOLD_TIME));
         // The accept comes; the cached "awaiting" answer does not block it.
@@ -1064,8 +1102,10 @@ mod tests {
         let t0 = Instant::now();
         let counters = RelayCounters::default();
         let mut s = session(limits(), t0);
-        s.receive(&frames(id(2), &[100]), t0, &counters, |_| Permission::Denied)
-            .unwrap();
+        s.receive(&frames(id(2), &[100]), t0, &counters, |_| {
+            Permission::Denied
+        })
+        .unwrap();
         assert_eq!(get(&counters.denied_not_introduced), 1);
         s.consent_changed();
         s.receive(&frames(id(2), &[100]), t0, &counters, allowed)
@@ -1082,10 +1122,18 @@ mod tests {
         s.receive(&frames(id(2), &[100; 20]), t0, &counters, waiting)
             .unwrap();
         assert_eq!(s.held_packets(), HOLD_PACKETS as u64);
-        assert_eq!(get(&counters.dropped_not_accepted), 20 - HOLD_PACKETS as u64);
+        assert_eq!(
+            get(&counters.dropped_not_accepted),
+            20 - HOLD_PACKETS as u64
+        );
         // Bytes too: 16 KiB holds fewer than 8 packets of 2 KiB... (8 * 2066 > 16384).
-        s.receive(&frames(id(3), &[MAX_RELAY_PACKET; 8]), t0, &counters, waiting)
-            .unwrap();
+        s.receive(
+            &frames(id(3), &[MAX_RELAY_PACKET; 8]),
+            t0,
+            &counters,
+            waiting,
+        )
+        .unwrap();
         assert_eq!(s.held_packets(), HOLD_PACKETS as u64 + 7);
         // A few destinations at most.
         for n in 4..10 {

@@ -535,12 +535,14 @@ async fn handle_request(
                     };
                     send(shared, &mut tx, &ready).await?;
                     tracing::debug!(peer = %id, "relay stream open");
-                    let permission = |to: PeerId| {
-                        match lock(&shared.registry).relay_allowed(id, to, OffsetDateTime::now_utc()) {
-                            Ok(()) => Permission::Allowed,
-                            Err(RelayRefusal::NotAccepted) => Permission::AwaitingAccept,
-                            Err(_) => Permission::Denied,
-                        }
+                    let permission = |to: PeerId| match lock(&shared.registry).relay_allowed(
+                        id,
+                        to,
+                        OffsetDateTime::now_utc(),
+                    ) {
+                        Ok(()) => Permission::Allowed,
+                        Err(RelayRefusal::NotAccepted) => Permission::AwaitingAccept,
+                        Err(_) => Permission::Denied,
                     };
                     crate::relay::run(opened, tx, rx, permission).await;
                     return Ok(());
