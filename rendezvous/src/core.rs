@@ -1046,6 +1046,33 @@ mod tests {
     }
 
     #[test]
+    fn introductions_are_bounded_in_all() {
+        let mut intros = Introductions::default();
+        let peer = |n: u32| {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&n.to_be_bytes());
+            PeerId::from_key_digest(&bytes)
+        };
+        let per = MAX_INTRODUCTIONS_PER_REQUESTER;
+        let requesters = (MAX_INTRODUCTIONS as u32).div_ceil(per);
+        for r in 0..requesters {
+            for t in 0..per {
+                let _ = intros.introduce(peer(r), peer(1_000_000 + r * per + t), 1, T0);
+            }
+        }
+        assert_eq!(intros.len(), MAX_INTRODUCTIONS);
+        assert_eq!(
+            intros.introduce(peer(999_999), peer(5), 1, T0),
+            Err(IntroductionRefusal::Full)
+        );
+        // Expiry frees them all at once, through the queue.
+        let later = T0 + INTRODUCTION_TTL + time::Duration::seconds(1);
+        assert_eq!(intros.introduce(peer(999_999), peer(5), 1, later), Ok(()));
+        assert_eq!(intros.len(), 1);
+        assert_eq!(intros.expiry.len(), 1);
+    }
+
+    #[test]
     fn the_expiry_queue_keeps_entries_renewed_after_their_first_record() {
         let mut intros = Introductions::default();
         intros.introduce(id(1), id(2), 5, T0).unwrap();
