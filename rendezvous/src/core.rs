@@ -18,15 +18,19 @@ pub type ConnId = u64;
 /// Keep-alive interval the server asks peers to use (seconds), below common NAT UDP timeouts.
 pub const KEEPALIVE_S: u32 = 15;
 
-/// How long an introduction waits for its target's `accept`, and how long an accepted one allows
-/// relaying between the two peers.
+/// How long an accepted introduction allows relaying between the two peers (from the accept).
 pub const INTRODUCTION_TTL: time::Duration = time::Duration::hours(1);
+
+/// How long an introduction waits for its target's `accept` (and for punch reports). The target
+/// accepts as soon as it gets the push, so this only needs to cover slow links.
+pub const ACCEPT_WINDOW: time::Duration = time::Duration::minutes(2);
 
 /// Introductions remembered in all; a `connect` beyond that is answered `rate_limited`.
 pub const MAX_INTRODUCTIONS: usize = 65_536;
 
-/// Live introductions one peer may have asked for; a `connect` beyond that is answered
-/// `rate_limited`.
+/// Introductions one peer may have waiting for an accept at once; a `connect` beyond that is
+/// answered `rate_limited`. (Accepted ones need the other side's consent, so they are bounded
+/// only in all.)
 pub const MAX_INTRODUCTIONS_PER_REQUESTER: u32 = 32;
 
 /// Why a relayed packet is refused.
@@ -51,10 +55,13 @@ struct Introduction {
     nonce: u64,
     /// Until when the latest introduction can be accepted or reported on.
     open_until: OffsetDateTime,
+    /// The latest introduction waits for its accept (and counts against its requester).
+    pending: bool,
     /// Until when relaying is allowed (an accept was given).
     consent_until: Option<OffsetDateTime>,
-    /// Stamp of the entry's latest record in the expiry queue.
-    stamp: u64,
+    /// Stamps of the entry's latest records in the two expiry queues.
+    open_stamp: u64,
+    consent_stamp: u64,
 }
 
 impl Introduction {
@@ -67,16 +74,22 @@ impl Introduction {
     }
 }
 
-/// Introductions, expiring without sweeps: every change of an entry's expiry appends a record
-/// to a queue, in time order since the TTL is constant; expired records are popped from its
-/// front, and a record whose stamp is not its entry's latest is stale and skipped (lazy
-/// deletion). The queue is compacted when stale records outnumber live entries, so each
-/// operation is amortized O(1). Bounded in all and per requester.
+/// One expiry queue: (when, pair, stamp) records in the order they were made, which is time
+/// order because its TTL is constant.
+type ExpiryQueue = VecDeque<(OffsetDateTime, (PeerId, PeerId), u64)>;
+
+/// Introductions, expiring without sweeps. Each of the two lifetimes ([`ACCEPT_WINDOW`],
+/// [`INTRODUCTION_TTL`]) is constant, so each has a queue of records in time order: expired
+/// records are popped from the front, and a record whose stamp is not its entry's latest is stale
+/// and skipped (lazy deletion). A queue is compacted when stale records outnumber live entries,
+/// so every operation is amortized O(1). Bounded in all ([`MAX_INTRODUCTIONS`]) and in waiting
+/// introductions per requester ([`MAX_INTRODUCTIONS_PER_REQUESTER`]).
 #[derive(Debug, Default)]
 struct Introductions {
     entries: HashMap<(PeerId, PeerId), Introduction>,
-    expiry: VecDeque<(OffsetDateTime, (PeerId, PeerId), u64)>,
-    per_requester: HashMap<PeerId, u32>,
+    open_queue: ExpiryQueue,
+    consent_queue: ExpiryQueue,
+    pending_per_requester: HashMap<PeerId, u32>,
     next_stamp: u64,
 }
 
@@ -85,57 +98,80 @@ struct Introductions {
 enum IntroductionRefusal {
     /// [`MAX_INTRODUCTIONS`] are live.
     Full,
-    /// The requester has [`MAX_INTRODUCTIONS_PER_REQUESTER`] live.
+    /// The requester has [`MAX_INTRODUCTIONS_PER_REQUESTER`] waiting.
     RequesterFull,
 }
 
 impl Introductions {
-    /// Forgets expired entries: pops expired records from the queue's front.
+    /// Ends what expired by `now`: pops expired records from the queues' fronts.
     fn expire(&mut self, now: OffsetDateTime) {
-        while let Some(&(at, key, stamp)) = self.expiry.front() {
+        while let Some(&(at, key, stamp)) = self.open_queue.front() {
             if at > now {
                 break;
             }
-            self.expiry.pop_front();
-            if self.entries.get(&key).is_some_and(|e| e.stamp == stamp) {
-                self.remove(key);
+            self.open_queue.pop_front();
+            let Some(entry) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            if entry.open_stamp != stamp {
+                continue;
+            }
+            if entry.pending {
+                entry.pending = false;
+                let requester = entry.requester;
+                self.uncount(requester);
+            }
+            if self.entries.get(&key).is_some_and(|e| e.expires() <= now) {
+                self.entries.remove(&key);
             }
         }
-    }
-
-    fn remove(&mut self, key: (PeerId, PeerId)) {
-        if let Some(entry) = self.entries.remove(&key) {
-            self.uncount(entry.requester);
+        while let Some(&(at, key, stamp)) = self.consent_queue.front() {
+            if at > now {
+                break;
+            }
+            self.consent_queue.pop_front();
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.consent_stamp == stamp && e.expires() <= now)
+            {
+                // Its open record expired earlier (the accept came after the connect), so it is
+                // no longer pending: nothing to uncount.
+                self.entries.remove(&key);
+            }
         }
     }
 
     fn uncount(&mut self, requester: PeerId) {
-        if let Some(n) = self.per_requester.get_mut(&requester) {
+        if let Some(n) = self.pending_per_requester.get_mut(&requester) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.per_requester.remove(&requester);
+                self.pending_per_requester.remove(&requester);
             }
         }
     }
 
-    /// Records `key`'s (new) expiry in the queue.
-    fn schedule(&mut self, key: (PeerId, PeerId)) {
+    fn stamp(&mut self) -> u64 {
         self.next_stamp += 1;
-        let stamp = self.next_stamp;
-        let Some(entry) = self.entries.get_mut(&key) else {
-            return;
-        };
-        entry.stamp = stamp;
-        self.expiry.push_back((entry.expires(), key, stamp));
-        if self.expiry.len() > 2 * self.entries.len() + 64 {
-            let entries = &self.entries;
-            self.expiry
-                .retain(|(_, key, stamp)| entries.get(key).is_some_and(|e| e.stamp == *stamp));
+        self.next_stamp
+    }
+
+    /// Drops stale records once they outnumber the entries (amortized O(1)).
+    fn compact(&mut self) {
+        let entries = &self.entries;
+        if self.open_queue.len() > 2 * entries.len() + 64 {
+            self.open_queue
+                .retain(|(_, key, stamp)| entries.get(key).is_some_and(|e| e.open_stamp == *stamp));
+        }
+        if self.consent_queue.len() > 2 * entries.len() + 64 {
+            self.consent_queue.retain(|(_, key, stamp)| {
+                entries.get(key).is_some_and(|e| e.consent_stamp == *stamp)
+            });
         }
     }
 
-    /// A new introduction of `target` by `requester`; the pair's earlier consent (if any) stays
-    /// as it was.
+    /// A new introduction of `target` by `requester`, waiting for the target's accept; the
+    /// pair's earlier consent (if any) stays as it was.
     fn introduce(
         &mut self,
         requester: PeerId,
@@ -145,35 +181,47 @@ impl Introductions {
     ) -> Result<(), IntroductionRefusal> {
         self.expire(now);
         let key = pair(requester, target);
-        let previous = self.entries.get(&key).map(|e| e.requester);
-        if previous != Some(requester)
-            && self.per_requester.get(&requester).copied().unwrap_or(0)
+        let existing = self.entries.get(&key).cloned();
+        // Renewing one's own waiting introduction does not count again.
+        let counted_already = existing
+            .as_ref()
+            .is_some_and(|e| e.pending && e.requester == requester);
+        if !counted_already
+            && self
+                .pending_per_requester
+                .get(&requester)
+                .copied()
+                .unwrap_or(0)
                 >= MAX_INTRODUCTIONS_PER_REQUESTER
         {
             return Err(IntroductionRefusal::RequesterFull);
         }
-        if previous.is_none() && self.entries.len() >= MAX_INTRODUCTIONS {
+        if existing.is_none() && self.entries.len() >= MAX_INTRODUCTIONS {
             return Err(IntroductionRefusal::Full);
         }
-        if previous != Some(requester) {
-            if let Some(old) = previous {
-                self.uncount(old);
+        if !counted_already {
+            if let Some(old) = existing.as_ref().filter(|e| e.pending) {
+                self.uncount(old.requester);
             }
-            *self.per_requester.entry(requester).or_default() += 1;
+            *self.pending_per_requester.entry(requester).or_default() += 1;
         }
-        let consent_until = self.entries.get(&key).and_then(|e| e.consent_until);
+        let open_stamp = self.stamp();
+        let open_until = now + ACCEPT_WINDOW;
         self.entries.insert(
             key,
             Introduction {
                 requester,
                 target,
                 nonce,
-                open_until: now + INTRODUCTION_TTL,
-                consent_until,
-                stamp: 0,
+                open_until,
+                pending: true,
+                consent_until: existing.as_ref().and_then(|e| e.consent_until),
+                open_stamp,
+                consent_stamp: existing.as_ref().map_or(0, |e| e.consent_stamp),
             },
         );
-        self.schedule(key);
+        self.open_queue.push_back((open_until, key, open_stamp));
+        self.compact();
         Ok(())
     }
 
@@ -187,18 +235,26 @@ impl Introductions {
     ) -> bool {
         self.expire(now);
         let key = pair(requester, target);
+        let consent_stamp = self.stamp();
         let Some(entry) = self.entries.get_mut(&key) else {
             return false;
         };
-        if entry.target != target
+        if !entry.pending
+            || entry.target != target
             || entry.requester != requester
             || entry.nonce != nonce
             || entry.open_until <= now
         {
             return false;
         }
-        entry.consent_until = Some(now + INTRODUCTION_TTL);
-        self.schedule(key);
+        entry.pending = false;
+        let consent_until = now + INTRODUCTION_TTL;
+        entry.consent_until = Some(consent_until);
+        entry.consent_stamp = consent_stamp;
+        self.uncount(requester);
+        self.consent_queue
+            .push_back((consent_until, key, consent_stamp));
+        self.compact();
         true
     }
 
@@ -528,8 +584,8 @@ impl Registry {
             self.counters.rejected += 1;
             let message = match refusal {
                 IntroductionRefusal::RequesterFull => format!(
-                    "you have {MAX_INTRODUCTIONS_PER_REQUESTER} introductions open; wait for \
-                     some to expire"
+                    "you have {MAX_INTRODUCTIONS_PER_REQUESTER} introductions waiting for an \
+                     accept; try again in a minute"
                 ),
                 IntroductionRefusal::Full => "the server has too many introductions open; \
                                                try again later"
@@ -573,7 +629,8 @@ impl Registry {
 
     /// Whether `from` may relay packets to `to` now: only between registered peers that were
     /// introduced (one asked to connect to the other) and whose introduction the target
-    /// accepted, within [`INTRODUCTION_TTL`] of the accept. Either way round once accepted.
+    /// accepted, within [`INTRODUCTION_TTL`] of the accept; either way round once accepted.
+    /// `NotAccepted` while an introduction waits for its accept (within [`ACCEPT_WINDOW`]).
     pub fn relay_allowed(
         &self,
         from: PeerId,
@@ -585,7 +642,7 @@ impl Registry {
         }
         match self.introductions.get(from, to, now) {
             Some(e) if e.consent_until.is_some_and(|until| until > now) => Ok(()),
-            Some(e) if e.open_until > now => Err(RelayRefusal::NotAccepted),
+            Some(e) if e.pending && e.open_until > now => Err(RelayRefusal::NotAccepted),
             _ => Err(RelayRefusal::NotIntroduced),
         }
     }
@@ -964,7 +1021,7 @@ mod tests {
             Err(RelayRefusal::UnknownPeer)
         );
         // A new introduction of the same pair keeps the consent already given.
-        let t1 = T0 + time::Duration::minutes(30);
+        let t1 = T0 + INTRODUCTION_TTL - time::Duration::seconds(30);
         let second = nonce_of(&connect(&mut reg, 2, id(2), id(1), t1));
         assert_eq!(reg.relay_allowed(id(1), id(2), t1), Ok(()));
         // The consent lasts its TTL from the accept; then the open introduction waits again.
@@ -1033,16 +1090,45 @@ mod tests {
                 T0 + time::Duration::milliseconds(i),
             );
         }
-        assert!(reg.introductions.expiry.len() <= 2 * reg.introductions() + 65);
-        // After the TTL, the next operation pops them: nothing is left, the requester may again.
+        assert!(reg.introductions.open_queue.len() <= 2 * reg.introductions() + 65);
+        // An accepted introduction no longer counts against its requester.
+        let nonce = nonce_of(&connect(&mut reg, 1, id(1), id(2), T0));
+        assert_eq!(
+            accept(&mut reg, 2, id(2), id(1), nonce, T0),
+            Some(ControlMessage::Ack {})
+        );
+        assert!(matches!(
+            connect(
+                &mut reg,
+                1,
+                id(1),
+                id(MAX_INTRODUCTIONS_PER_REQUESTER as u8 + 5),
+                T0
+            )
+            .reply,
+            Some(ControlMessage::Punch { .. })
+        ));
+        // After the accept window, the next operation pops the waiting ones; the accepted one
+        // stays for its TTL.
+        let soon = T0 + ACCEPT_WINDOW + time::Duration::seconds(2);
+        assert!(matches!(
+            connect(&mut reg, 1, id(1), id(5), soon).reply,
+            Some(ControlMessage::Punch { .. })
+        ));
+        assert_eq!(reg.introductions(), 2);
+        assert_eq!(reg.relay_allowed(id(1), id(2), soon), Ok(()));
+        // After the TTL, nothing is left but the newest.
         let later = T0 + INTRODUCTION_TTL + time::Duration::seconds(2);
         assert!(matches!(
             connect(&mut reg, 1, id(1), id(5), later).reply,
             Some(ControlMessage::Punch { .. })
         ));
         assert_eq!(reg.introductions(), 1);
-        assert_eq!(reg.introductions.per_requester.get(&id(1)), Some(&1));
-        assert_eq!(reg.introductions.per_requester.get(&id(3)), None);
+        assert_eq!(
+            reg.introductions.pending_per_requester.get(&id(1)),
+            Some(&1)
+        );
+        assert_eq!(reg.introductions.pending_per_requester.get(&id(3)), None);
     }
 
     #[test]
@@ -1066,20 +1152,22 @@ mod tests {
             Err(IntroductionRefusal::Full)
         );
         // Expiry frees them all at once, through the queue.
-        let later = T0 + INTRODUCTION_TTL + time::Duration::seconds(1);
+        let later = T0 + ACCEPT_WINDOW + time::Duration::seconds(1);
         assert_eq!(intros.introduce(peer(999_999), peer(5), 1, later), Ok(()));
         assert_eq!(intros.len(), 1);
-        assert_eq!(intros.expiry.len(), 1);
+        assert_eq!(intros.open_queue.len(), 1);
+        assert_eq!(intros.pending_per_requester.len(), 1);
     }
 
     #[test]
     fn the_expiry_queue_keeps_entries_renewed_after_their_first_record() {
         let mut intros = Introductions::default();
         intros.introduce(id(1), id(2), 5, T0).unwrap();
-        let t1 = T0 + time::Duration::minutes(30);
+        let t1 = T0 + time::Duration::minutes(1);
         // Accepted later: the entry outlives its first record.
         assert!(intros.accept(id(2), id(1), 5, t1));
-        let t2 = T0 + INTRODUCTION_TTL + time::Duration::seconds(1);
+        assert!(!intros.accept(id(2), id(1), 5, t1), "accepted once");
+        let t2 = T0 + ACCEPT_WINDOW + time::Duration::seconds(1);
         intros.expire(t2);
         assert_eq!(
             intros.len(),
@@ -1089,7 +1177,8 @@ mod tests {
         assert!(intros.get(id(1), id(2), t2).is_some());
         intros.expire(t1 + INTRODUCTION_TTL + time::Duration::seconds(1));
         assert_eq!(intros.len(), 0);
-        assert!(intros.per_requester.is_empty());
+        assert!(intros.pending_per_requester.is_empty());
+        assert!(intros.open_queue.is_empty() && intros.consent_queue.is_empty());
     }
 
     #[test]

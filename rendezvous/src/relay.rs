@@ -723,9 +723,9 @@ impl RelayHub {
         })
     }
 
-    /// An introduction between `a` and `b` was accepted: their relay sessions look at their
-    /// permissions again at once (and flush what they held).
-    pub(crate) fn consented(&self, a: PeerId, b: PeerId) {
+    /// An introduction between `a` and `b` was made or accepted: their relay sessions look at
+    /// their permissions again at once (and flush what they held once it is accepted).
+    pub(crate) fn permissions_changed(&self, a: PeerId, b: PeerId) {
         let sinks = lock(&self.sinks);
         for peer in [a, b] {
             if let Some(sink) = sinks.get(&peer) {
@@ -1148,6 +1148,13 @@ mod tests {
         assert_eq!(s.held_packets(), 0);
         assert_eq!(get(&counters.dropped_not_accepted), dropped + held);
         assert_eq!(s.take_batches().count(), 0);
+    }
+
+    #[test]
+    fn the_stated_memory_bound_is_what_the_docs_say() {
+        let bound = RelaySession::MEMORY_BOUND;
+        eprintln!("RelaySession::MEMORY_BOUND = {bound} bytes");
+        assert!(bound > 600 * 1024 && bound < 700 * 1024, "{bound}");
     }
 
     #[test]

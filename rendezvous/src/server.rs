@@ -147,8 +147,11 @@ impl Shared {
         if let ControlMessage::Connect { id: target } = &msg {
             self.refresh_observed(*target);
         }
-        let accepted = match &msg {
-            ControlMessage::Accept { peer, .. } => Some(*peer),
+        // Introductions and accepts change what the two peers may relay to each other.
+        let other_side = match &msg {
+            ControlMessage::Accept { peer, .. } | ControlMessage::Connect { id: peer } => {
+                Some(*peer)
+            }
             _ => None,
         };
         let Outcome {
@@ -156,9 +159,12 @@ impl Shared {
             pushes,
             persist,
         } = lock(&self.registry).handle(conn, id, observed, msg, OffsetDateTime::now_utc());
-        if let (Some(requester), Some(ControlMessage::Ack {})) = (accepted, &reply) {
-            // Relaying between the two may start: their relay sessions flush what they held.
-            self.relay.consented(requester, id);
+        if let (Some(other), Some(ControlMessage::Ack {} | ControlMessage::Punch { .. })) =
+            (other_side, &reply)
+        {
+            // Their relay sessions forget cached answers about each other (so that an answer
+            // from before does not hold up the new one), and flush what they held on accept.
+            self.relay.permissions_changed(id, other);
         }
         if let Some((who, record)) = persist {
             if durable {
