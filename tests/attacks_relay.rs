@@ -177,6 +177,30 @@ async fn wait_metrics(addr: &str, what: &str, done: impl Fn(&str) -> bool) -> St
     }
 }
 
+/// Bytes of each relayed packet in the flood.
+const PACKET: usize = 1200;
+
+/// Writes `rounds` packets to every one of `targets`, and one empty frame per round; returns
+/// how many empty frames were sent.
+async fn blast(out: &mut quinn::SendStream, targets: &[PeerId], rounds: u64) -> u64 {
+    let packet = [0x5a_u8; PACKET];
+    let mut empties = 0u64;
+    let mut chunk = Vec::with_capacity(64 * 1024);
+    for round in 0..rounds {
+        for to in targets {
+            relay::encode_into(&mut chunk, to, &packet).unwrap();
+        }
+        relay::encode_into(&mut chunk, &targets[round as usize % targets.len()], &[]).unwrap();
+        empties += 1;
+        if chunk.len() > 60 * 1024 {
+            out.write_all(&chunk).await.unwrap();
+            chunk.clear();
+        }
+    }
+    out.write_all(&chunk).await.unwrap();
+    empties
+}
+
 /// Reads relay frames from `rx` until `n` packets came from `from`.
 async fn receive_from(rx: &mut quinn::RecvStream, from: PeerId, n: usize) -> Vec<Vec<u8>> {
     let mut decoder = RelayDecoder::new();
@@ -331,27 +355,12 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
             sinks.push((dest, relay));
         }
         let before = rss(pid);
+        let targets: Vec<PeerId> = sinks.iter().map(|(dest, _)| dest.id).collect();
         // Each destination can take its queue, plus what QUIC lets it buffer unread (its
         // stream window): send twice that to each.
         let per_destination = 2 * (QUEUE_BYTES + 1_250_000);
-        let packet = [0x5a_u8; 1200];
-        let rounds = per_destination / packet.len() as u64;
-        let mut empties = 0u64;
-        let mut chunk = Vec::with_capacity(64 * 1024);
-        for round in 0..rounds {
-            for (dest, _) in &sinks {
-                relay::encode_into(&mut chunk, &dest.id, &packet).unwrap();
-            }
-            // A stream of empty frames alongside.
-            relay::encode_into(&mut chunk, &sinks[round as usize % DESTINATIONS].0.id, &[])
-                .unwrap();
-            empties += 1;
-            if chunk.len() > 60 * 1024 {
-                out.write_all(&chunk).await.unwrap();
-                chunk.clear();
-            }
-        }
-        out.write_all(&chunk).await.unwrap();
+        let rounds = per_destination / PACKET as u64;
+        let mut empties = blast(&mut out, &targets, rounds).await;
         let m = wait_metrics(&metrics, "every frame accounted for", |m| {
             dropped(m, "empty") >= empties && dropped(m, "queue_full") > 0
         })
@@ -360,7 +369,7 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
         let growth = after.saturating_sub(before);
         let sent = rounds * DESTINATIONS as u64;
         eprintln!(
-            "sent {sent} packets of 1200 bytes to {DESTINATIONS} destinations that never read, \
+            "sent {sent} packets of {PACKET} bytes to {DESTINATIONS} destinations that never read, \
              and {empties} empty frames; RSS {} -> {} MiB (+{} MiB); forwarded {}, dropped: \
              queue_full {}, rate {}, empty {}",
             before >> 20,
@@ -372,16 +381,33 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
             dropped(&m, "empty"),
         );
         // Per destination: its byte-bounded queue and what QUIC buffers towards it (at most its
-        // stream window) with allocator slack; plus a fixed allowance.
-        let bound = DESTINATIONS as u64 * (2 * QUEUE_BYTES + 2 * 1_250_000) + 64 * (1 << 20);
+        // stream window); plus a fixed allowance for allocator slack.
+        let bound = DESTINATIONS as u64 * (QUEUE_BYTES + 1_250_000) + 32 * (1 << 20);
         assert!(
             growth < bound,
             "RSS grew by {growth} bytes (bound {bound}); sent {} bytes",
-            sent * 1200
+            sent * PACKET as u64
         );
         assert!(
             sample(&m, "rendezvous_relay_packets_total") < sent,
             "some were dropped"
+        );
+        // The same again: the queues are full, so nothing more is kept.
+        let forwarded = sample(&m, "rendezvous_relay_packets_total");
+        empties += blast(&mut out, &targets, rounds).await;
+        let m = wait_metrics(&metrics, "the second burst accounted for", |m| {
+            dropped(m, "empty") >= empties
+        })
+        .await;
+        let again = rss(pid);
+        eprintln!(
+            "second burst: RSS {} MiB; forwarded {} more",
+            again >> 20,
+            sample(&m, "rendezvous_relay_packets_total") - forwarded
+        );
+        assert!(
+            again < after + 8 * (1 << 20),
+            "RSS kept growing: {after} -> {again}"
         );
         // The server still answers.
         assert_eq!(
