@@ -855,6 +855,101 @@ fn forward(hub: &RelayHub, routes: &mut HashMap<PeerId, Sink>, to: PeerId, batch
     }
 }
 
+/// Drives a [`RelaySession`] and its destinations' [`Sink`]s from an arbitrary script and
+/// panics if a bound breaks: the body of the relay hub's fuzz target (and of a property test).
+///
+/// The script is read as operations, one byte each and their arguments, until it runs out:
+/// `0 len:u16 bytes..` raw bytes from the stream (at most [`READ_CHUNK`]); `1 dest len:u16`
+/// a well-formed frame of `len % (MAX_RELAY_PACKET + 1)` bytes to one of 8 destinations;
+/// `2 ms` the clock moves `ms * 20` milliseconds; `3 dest answer` a destination's permission
+/// changes (allowed, awaiting accept, denied; the session is told); `4 dest` a destination's
+/// writer drains its queue; anything else polls the session. After every operation the session
+/// holds at most [`RelaySession::MEMORY_BOUND`] and every queue at most its limit.
+pub fn run_script(script: &[u8]) {
+    const DESTINATIONS: usize = 8;
+    let dest = |n: u8| {
+        let mut digest = [0u8; 32];
+        digest[0] = n % DESTINATIONS as u8 + 1;
+        PeerId::from_key_digest(&digest)
+    };
+    let sender = PeerId::from_key_digest(&[0xee; 32]);
+    let t0 = Instant::now();
+    let limits = RelayLimits {
+        queue_bytes: 32 * 1024,
+        ..RelayLimits::default()
+    };
+    let counters = RelayCounters::default();
+    let mut session = RelaySession::new(sender, Arc::new(Mutex::new(Allowance::new(limits, t0))));
+    let mut sinks: Vec<(Sink, mpsc::Receiver<Batch>)> = (0..DESTINATIONS)
+        .map(|_| Sink::new(limits.queue_bytes))
+        .collect();
+    let mut answers = [Permission::Allowed; DESTINATIONS];
+    let mut now = t0;
+    let mut closed = false;
+    let mut input = script.iter().copied();
+    let mut next = move || input.next();
+    while let Some(op) = next() {
+        let permission = |to: PeerId| {
+            (0..DESTINATIONS as u8)
+                .find(|&i| dest(i) == to)
+                .map_or(Permission::Denied, |i| answers[i as usize])
+        };
+        match op % 6 {
+            0 | 1 => {
+                let mut bytes = Vec::new();
+                if op % 6 == 0 {
+                    let len = u16::from_be_bytes([next().unwrap_or(0), next().unwrap_or(0)]);
+                    for _ in 0..len.min(READ_CHUNK as u16) {
+                        bytes.push(next().unwrap_or(0));
+                    }
+                } else {
+                    let to = dest(next().unwrap_or(0));
+                    let len = u16::from_be_bytes([next().unwrap_or(0), next().unwrap_or(0)]);
+                    let packet = vec![0xab; len as usize % (MAX_RELAY_PACKET + 1)];
+                    let _ = relay::encode_into(&mut bytes, &to, &packet);
+                }
+                if !closed && session.receive(&bytes, now, &counters, permission).is_err() {
+                    // The driver closes the stream here; the bounds must still hold.
+                    closed = true;
+                }
+            }
+            2 => now += Duration::from_millis(u64::from(next().unwrap_or(0)) * 20),
+            3 => {
+                let i = next().unwrap_or(0) as usize % DESTINATIONS;
+                answers[i] = match next().unwrap_or(0) % 3 {
+                    0 => Permission::Allowed,
+                    1 => Permission::AwaitingAccept,
+                    _ => Permission::Denied,
+                };
+                session.consent_changed();
+            }
+            4 => {
+                let (sink, rx) = &mut sinks[next().unwrap_or(0) as usize % DESTINATIONS];
+                while let Ok(batch) = rx.try_recv() {
+                    sink.written(&batch);
+                }
+            }
+            _ => session.poll(now, &counters, permission),
+        }
+        let batches: Vec<(PeerId, Batch)> = session.take_batches().collect();
+        for (to, batch) in batches {
+            let i = (0..DESTINATIONS as u8)
+                .find(|&i| dest(i) == to)
+                .expect("batches only for known destinations");
+            let _ = sinks[i as usize].0.offer(batch);
+        }
+        assert!(
+            session.memory() <= RelaySession::MEMORY_BOUND,
+            "session memory {} over its bound {}",
+            session.memory(),
+            RelaySession::MEMORY_BOUND
+        );
+        for (sink, _) in &sinks {
+            assert!(sink.queued_bytes() <= sink.limit(), "queue over its limit");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1151,6 +1246,31 @@ mod tests {
     }
 
     #[test]
+    fn a_heavy_script_keeps_its_bounds() {
+        let mut script = Vec::new();
+        // Full-size frames to every destination, some awaiting an accept, nobody draining.
+        script.extend([3, 1, 1, 3, 2, 2]);
+        for i in 0..400u32 {
+            script.extend([1, (i % 8) as u8, 0x08, 0x00]);
+            if i % 50 == 0 {
+                script.extend([2, 60, 5]);
+            }
+        }
+        // One big raw read of back-to-back frames.
+        let mut raw = Vec::new();
+        while raw.len() < READ_CHUNK - 2100 {
+            let mut digest = [0u8; 32];
+            digest[0] = (raw.len() % 8) as u8 + 1;
+            relay::encode_into(&mut raw, &PeerId::from_key_digest(&digest), &[1; 2000]).unwrap();
+        }
+        script.push(0);
+        script.extend((raw.len() as u16).to_be_bytes());
+        script.extend(raw);
+        script.extend([3, 1, 0, 5, 4, 0]);
+        run_script(&script);
+    }
+
+    #[test]
     fn the_stated_memory_bound_is_what_the_docs_say() {
         let bound = RelaySession::MEMORY_BOUND;
         eprintln!("RelaySession::MEMORY_BOUND = {bound} bytes");
@@ -1166,6 +1286,13 @@ mod tests {
     }
 
     proptest! {
+        /// The fuzz target's body, on random scripts (frames are likely enough here: every
+        /// other operation writes one).
+        #[test]
+        fn the_fuzz_script_keeps_its_bounds(script in proptest::collection::vec(any::<u8>(), 0..4000)) {
+            run_script(&script);
+        }
+
         /// Whatever a sender writes and whatever the permissions say, a session holds at most
         /// its stated bound and every destination queue stays under its byte limit.
         #[test]
