@@ -756,8 +756,8 @@ impl RelayHub {
     }
 }
 
-/// Runs a relay stream until it ends: reads at most [`READ_CHUNK`] at a time into the
-/// [`RelaySession`], and forwards its batches. `permission` answers whether the peer may relay
+/// Runs a relay stream until it ends: reads chunks of at most [`READ_CHUNK`] from quinn into
+/// the [`RelaySession`], and forwards its batches. `permission` answers whether the peer may relay
 /// to a destination now.
 pub(crate) async fn run(
     mut opened: Opened,
@@ -788,17 +788,17 @@ pub(crate) async fn run(
     });
 
     let consent = opened.sink.consent.clone();
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut routes: HashMap<PeerId, Sink> = HashMap::new();
     loop {
         let deadline = opened.session.next_deadline();
         tokio::select! {
-            read = recv.read(&mut buf) => {
-                let n = match read {
-                    Ok(Some(n)) => n,
+            // Chunks straight from quinn's buffer: no read buffer of our own per session.
+            read = recv.read_chunk(READ_CHUNK, true) => {
+                let chunk = match read {
+                    Ok(Some(chunk)) => chunk,
                     Ok(None) | Err(_) => break,
                 };
-                if let Err(e) = opened.session.receive(&buf[..n], Instant::now(), &hub.counters, &permission) {
+                if let Err(e) = opened.session.receive(&chunk.bytes, Instant::now(), &hub.counters, &permission) {
                     tracing::warn!(%peer, error = %e, "bad relay frame; closing the relay stream");
                     break;
                 }
