@@ -6,6 +6,7 @@
 //!   memory stays bounded (RSS from /proc) and its metrics show the drops.
 //! - Consent: nothing is relayed to a peer before it accepts the introduction; what the
 //!   requester sent meanwhile is held and delivered on accept, or dropped after the hold time.
+//! - The real peer program accepts the introductions it is pushed.
 //! - One relay stream per connection; wrong accepts are refused; version-1 peers are refused
 //!   with a message telling them to upgrade.
 
@@ -337,6 +338,50 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
             dropped(m, "not_accepted") >= 2 && sample(m, "rendezvous_relay_held_packets") == 0
         })
         .await;
+
+        // --- The real peer program accepts the introductions it is pushed.
+        let m = wait_metrics(&metrics, "a scrape", |_| true).await;
+        let (forwarded, unaccepted) = (
+            sample(&m, "rendezvous_relay_packets_total"),
+            dropped(&m, "not_accepted"),
+        );
+        let (peer_proc, peer_id) = {
+            let rv = &rv;
+            let dir = dir.path().join("peer");
+            tokio::task::spawn_blocking({
+                let args = rv.args();
+                move || {
+                    let mut argv = vec!["listen".to_owned()];
+                    argv.extend(args);
+                    let p = e2e::peer("peer", &dir, &argv);
+                    let id = e2e::wait_registered(&p, T);
+                    (p, id)
+                }
+            })
+            .await
+            .unwrap()
+        };
+        let peer_id: PeerId = peer_id.parse().expect("peer id");
+        sender.connect(peer_id).await;
+        let mut wire = Vec::new();
+        relay::encode_into(&mut wire, &peer_id, &[0x40; 100]).unwrap();
+        // Sent again until it is forwarded: the peer's relay stream may open a moment after
+        // its registration (a packet before that is dropped as `no_route`).
+        let deadline = Instant::now() + T;
+        let m = loop {
+            out.write_all(&wire).await.unwrap();
+            let m = wait_metrics(&metrics, "a scrape", |_| true).await;
+            if sample(&m, "rendezvous_relay_packets_total") > forwarded {
+                break m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never forwarded to the peer:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(dropped(&m, "not_accepted"), unaccepted);
+        drop(peer_proc);
 
         // --- Many destinations that accept and never read.
         let mut sinks = Vec::new();
