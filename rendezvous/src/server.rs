@@ -524,16 +524,13 @@ async fn handle_request(
             ),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(Some(body))) => match ControlMessage::decode(&body) {
-                Ok(ControlMessage::RelayOpen {}) => {
+                Ok(ControlMessage::RelayOpen {}) => 'relay: {
                     let limits = shared.limits.relay;
                     let Some(opened) = shared.relay.open(id, conn_id, limits) else {
-                        let denied = ControlMessage::error(
+                        break 'relay ControlMessage::error(
                             ErrorCode::RelayDenied,
                             "this connection already has a relay stream (one per connection)",
                         );
-                        send(shared, &mut tx, &denied).await?;
-                        let _ = tx.finish();
-                        return Ok(());
                     };
                     let ready = ControlMessage::RelayReady {
                         max_packet: common::relay::MAX_RELAY_PACKET as u32,
