@@ -19,17 +19,25 @@
 //!   plus a per-batch overhead), not by packets: see [`Sink`].
 //!
 //! The decode -> admit -> batch logic is a sans-IO value, [`RelaySession`]: bytes and `now` in,
-//! per-destination batches and counters out. The tokio task ([`run`]) only reads, feeds it and
-//! hands its batches to the destinations' [`Sink`]s. Memory per relay session is bounded by
-//! [`RelaySession::MEMORY_BOUND`] plus the read buffer ([`READ_CHUNK`]); what it makes other
-//! sessions hold is bounded by their queues ([`RelayLimits::queue_bytes`] each).
+//! per-destination batches and counters out. The tokio task (`run`) only reads quinn's chunks,
+//! feeds them in and hands the batches to the destinations' [`Sink`]s. Memory per relay session
+//! is bounded by [`RelaySession::MEMORY_BOUND`] (about 640 KiB: decoder buffer, one read's
+//! batches, held packets, permission cache; no read buffer of its own) plus its own destination
+//! queue ([`RelayLimits::queue_bytes`], 1 MiB by default); what a sender makes others hold is
+//! bounded by their queues. (What quinn buffers towards a destination is bounded by the
+//! destination's flow-control window, set by the transport.)
 //!
-//! Fuzzing: a target drives a [`RelaySession`] with arbitrary byte chunks (each at most
-//! [`READ_CHUNK`]), arbitrary permission answers and a clock that moves forward, hands every
-//! batch from [`RelaySession::take_batches`] to a [`Sink`] per destination (made with
-//! [`Sink::new`], never drained, or drained at random with [`Sink::written`]), and asserts after
-//! every step that [`RelaySession::memory`] <= [`RelaySession::MEMORY_BOUND`] and that every
-//! sink's [`Sink::queued_bytes`] <= its limit.
+//! Fuzzing: [`run_script`] is the body of the relay hub's fuzz target. It drives a
+//! [`RelaySession`] with arbitrary byte chunks (each at most [`READ_CHUNK`]) and frames,
+//! permission answers that change, and a clock that moves forward, hands every batch from
+//! [`RelaySession::take_batches`] to a [`Sink`] per destination (drained at random with
+//! [`Sink::written`]), and asserts after every step that [`RelaySession::memory`] <=
+//! [`RelaySession::MEMORY_BOUND`] and that every sink's [`Sink::queued_bytes`] <= its limit:
+//!
+//! ```ignore
+//! #![no_main]
+//! libfuzzer_sys::fuzz_target!(|data: &[u8]| rendezvous::relay::run_script(data));
+//! ```
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
