@@ -11,8 +11,10 @@ use time::OffsetDateTime;
 
 use crate::PeerId;
 
-/// Version of the control protocol, sent in `register` and echoed in `registered`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the control protocol, sent in `register` and echoed in `registered`. Version 2
+/// added `accept`: the server relays between two peers only once the target of their
+/// introduction accepted it, so version-1 peers (which never accept) are refused.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Most local addresses a peer may announce.
 pub const MAX_LOCAL_ADDRS: usize = 16;
@@ -61,6 +63,15 @@ pub enum ControlMessage {
         /// Addresses where the other side may be reached, best first.
         candidates: Vec<Candidate>,
         /// Shared by both sides of one introduction; probes carry it.
+        nonce: u64,
+    },
+    /// Sent by the target of an introduction (on a request stream of its own) when it gets the
+    /// `punch` push: it agrees to be relayed to and from `peer`. Answered with `ack`, or an error
+    /// if no such introduction is waiting (wrong peer or nonce, expired).
+    Accept {
+        /// The peer that asked for the introduction (the `peer` of the pushed `punch`).
+        peer: PeerId,
+        /// The introduction's nonce (the `nonce` of the pushed `punch`).
         nonce: u64,
     },
     /// First frame of a stream that becomes this peer's relay stream (binary
@@ -130,6 +141,7 @@ impl ControlMessage {
             ControlMessage::PeerInfo(_) => "peer_info",
             ControlMessage::Connect { .. } => "connect",
             ControlMessage::Punch { .. } => "punch",
+            ControlMessage::Accept { .. } => "accept",
             ControlMessage::RelayOpen {} => "relay_open",
             ControlMessage::RelayReady { .. } => "relay_ready",
             ControlMessage::Ping { .. } => "ping",
@@ -148,6 +160,7 @@ const CONTROL_TYPES: &[&str] = &[
     "peer_info",
     "connect",
     "punch",
+    "accept",
     "relay_open",
     "relay_ready",
     "ping",
@@ -473,6 +486,14 @@ mod tests {
             let obj = serde_json::json!({"type": kind, key: value});
             let bytes = serde_json::to_vec(&obj).unwrap();
             let _ = ControlMessage::decode(&bytes);
+        }
+
+        #[test]
+        fn accept_round_trips(nonce in any::<u64>()) {
+            let msg = ControlMessage::Accept { peer: id(), nonce };
+            let json: serde_json::Value = serde_json::from_slice(&msg.encode()).unwrap();
+            prop_assert_eq!(json, serde_json::json!({"type": "accept", "peer": id().to_string(), "nonce": nonce}));
+            prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
         }
 
         #[test]

@@ -60,12 +60,11 @@ impl RelayDecoder {
         Self::default()
     }
 
-    /// Appends received bytes.
+    /// Appends received bytes. What was decoded before is dropped first (moving at most one
+    /// partial frame), so that after decoding every complete frame the buffer holds at most one
+    /// partial frame plus the bytes of one push.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > 64 * 1024 {
+        if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
@@ -75,6 +74,11 @@ impl RelayDecoder {
     /// Bytes buffered and not yet decoded.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// Bytes allocated for the buffer (for memory accounting).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. An error means the stream

@@ -539,7 +539,34 @@ impl PathKeeper {
         }
     }
 
-    /// Answers introductions pushed by the rendezvous: ready the socket for the peer, punch as
+    /// Accepts an introduction pushed by the rendezvous (protocol version 2): without it the
+    /// rendezvous does not relay between us and `peer`. Best effort, in the background; a
+    /// refusal is shown in verbose mode.
+    fn accept_introduction(&self, peer: PeerId, nonce: u64) {
+        let session = self.session.clone();
+        let console = self.verbose.then(|| self.console.clone());
+        tokio::spawn(async move {
+            let reply = session
+                .request(&ControlMessage::Accept { peer, nonce })
+                .await;
+            let problem = match reply {
+                Ok(ControlMessage::Ack {}) => return,
+                Ok(ControlMessage::Error { code, message }) => format!("{code:?}: {message}"),
+                Ok(other) => format!("unexpected `{}`", other.kind()),
+                Err(e) => e.to_string(),
+            };
+            tracing::debug!(%peer, %problem, "accepting an introduction failed");
+            if let Some(console) = console {
+                console
+                    .error(format!(
+                        "accepting the introduction of {peer} failed: {problem}"
+                    ))
+                    .await;
+            }
+        });
+    }
+
+    /// Answers introductions pushed by the rendezvous: accept them, ready the socket for the peer, punch as
     /// the responder, and give a proven path to the peer's link.
     pub async fn serve_introductions(self, mut events: mpsc::Receiver<ServerEvent>) {
         let mut punches = tokio::task::JoinSet::new();
@@ -570,6 +597,10 @@ impl PathKeeper {
                     .await;
                 continue;
             }
+            // Agree to be relayed with the peer first: the rendezvous holds the peer's first
+            // relayed packets (its QUIC handshake) until this arrives. Not awaited: the reply
+            // takes a round trip, and punching should start at once.
+            self.accept_introduction(peer, nonce);
             self.prepare(peer, &candidates);
             let keeper = self.clone();
             punches.spawn(async move {

@@ -58,7 +58,7 @@ enum Command {
         /// Relay rate limit per peer, bytes per second.
         #[arg(long, default_value_t = RelayLimits::default().rate_bytes_per_s)]
         relay_rate: u64,
-        /// Relay byte quota per relay session (0: none).
+        /// Relay byte quota per peer per day (0: none).
         #[arg(long, default_value_t = RelayLimits::default().quota_bytes)]
         relay_quota: u64,
         /// Append every relayed packet to this file (capped at 16 MiB), to inspect what the

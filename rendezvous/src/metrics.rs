@@ -51,7 +51,13 @@ pub struct Snapshot {
     /// Relayed bytes.
     pub relay_bytes: u64,
     /// Relay drops by reason.
-    pub relay_dropped: [(&'static str, u64); 5],
+    pub relay_dropped: Vec<(&'static str, u64)>,
+    /// Relayed packets held until their introduction was accepted, then forwarded.
+    pub relay_held_forwarded: u64,
+    /// `relay_open` refused: the connection already had a relay stream.
+    pub relay_streams_refused: u64,
+    /// Relayed packets held now, waiting for their introduction's accept.
+    pub relay_held: u64,
     /// STUN: answered, rate limited, ignored.
     pub stun: [(&'static str, u64); 3],
     /// TCP tunnels open now.
@@ -83,7 +89,7 @@ fn labelled(key: &str, values: &[(&str, u64)]) -> Samples {
 
 /// Renders the text exposition format.
 pub fn render(s: &Snapshot) -> String {
-    let metrics: [(&str, &str, &str, Samples); 18] = [
+    let metrics: Vec<(&str, &str, &str, Samples)> = vec![
         (
             "rendezvous_registered_peers",
             "gauge",
@@ -164,6 +170,24 @@ pub fn render(s: &Snapshot) -> String {
             labelled("reason", &s.relay_dropped),
         ),
         (
+            "rendezvous_relay_held_forwarded_packets_total",
+            "counter",
+            "Relayed packets held until the introduction was accepted, then forwarded.",
+            unlabelled(s.relay_held_forwarded),
+        ),
+        (
+            "rendezvous_relay_held_packets",
+            "gauge",
+            "Relayed packets held now, waiting for their introduction to be accepted.",
+            unlabelled(s.relay_held),
+        ),
+        (
+            "rendezvous_relay_streams_refused_total",
+            "counter",
+            "Relay streams refused: the connection already had one.",
+            unlabelled(s.relay_streams_refused),
+        ),
+        (
             "rendezvous_stun_requests_total",
             "counter",
             "STUN datagrams, by outcome.",
@@ -232,13 +256,18 @@ pub(crate) fn snapshot(
         relay_sessions: get(&relay.sessions),
         relay_packets: get(&relay.packets),
         relay_bytes: get(&relay.bytes),
-        relay_dropped: [
+        relay_dropped: vec![
             ("queue_full", get(&relay.dropped_queue_full)),
             ("no_route", get(&relay.dropped_no_route)),
             ("not_introduced", get(&relay.denied_not_introduced)),
+            ("not_accepted", get(&relay.dropped_not_accepted)),
             ("rate", get(&relay.denied_rate)),
             ("quota", get(&relay.denied_quota)),
+            ("empty", get(&relay.dropped_empty)),
         ],
+        relay_held_forwarded: get(&relay.held_then_forwarded),
+        relay_streams_refused: get(&relay.refused_streams),
+        relay_held: get(&relay.held_now),
         stun: [
             ("answered", get(&shared.stun.answered)),
             ("rate_limited", get(&shared.stun.rate_limited)),
@@ -474,7 +503,7 @@ mod tests {
     fn renders_the_exposition_format() {
         let text = render(&Snapshot {
             registered: 3,
-            relay_dropped: [
+            relay_dropped: vec![
                 ("queue_full", 1),
                 ("no_route", 0),
                 ("not_introduced", 2),

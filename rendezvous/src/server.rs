@@ -14,9 +14,9 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::core::{ConnId, Outcome, Registry};
+use crate::core::{ConnId, Outcome, Registry, RelayRefusal};
 use crate::ratelimit::TokenBucket;
-use crate::relay::{RelayHub, RelayLimits};
+use crate::relay::{Permission, RelayHub, RelayLimits};
 use crate::store::Store;
 
 /// How long a client has to finish the handshake and send `register`.
@@ -78,7 +78,7 @@ pub(crate) struct Rejections {
 }
 
 /// The codes counted, in the order of [`Rejections::snapshot`].
-pub(crate) const REJECTION_CODES: [(ErrorCode, &str); 8] = [
+pub(crate) const REJECTION_CODES: [(ErrorCode, &str); 9] = [
     (ErrorCode::BadRequest, "bad_request"),
     (ErrorCode::UnknownType, "unknown_type"),
     (ErrorCode::TooLarge, "too_large"),
@@ -87,6 +87,7 @@ pub(crate) const REJECTION_CODES: [(ErrorCode, &str); 8] = [
     (ErrorCode::RateLimited, "rate_limited"),
     (ErrorCode::NotFound, "not_found"),
     (ErrorCode::PeerOffline, "peer_offline"),
+    (ErrorCode::RelayDenied, "relay_denied"),
 ];
 
 impl Rejections {
@@ -146,11 +147,25 @@ impl Shared {
         if let ControlMessage::Connect { id: target } = &msg {
             self.refresh_observed(*target);
         }
+        // Introductions and accepts change what the two peers may relay to each other.
+        let other_side = match &msg {
+            ControlMessage::Accept { peer, .. } | ControlMessage::Connect { id: peer } => {
+                Some(*peer)
+            }
+            _ => None,
+        };
         let Outcome {
             reply,
             pushes,
             persist,
         } = lock(&self.registry).handle(conn, id, observed, msg, OffsetDateTime::now_utc());
+        if let (Some(other), Some(ControlMessage::Ack {} | ControlMessage::Punch { .. })) =
+            (other_side, &reply)
+        {
+            // Their relay sessions forget cached answers about each other (so that an answer
+            // from before does not hold up the new one), and flush what they held on accept.
+            self.relay.permissions_changed(id, other);
+        }
         if let Some((who, record)) = persist {
             if durable {
                 if let Err(e) = self.store.put(who, record).await {
@@ -509,20 +524,30 @@ async fn handle_request(
             ),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(Some(body))) => match ControlMessage::decode(&body) {
-                Ok(ControlMessage::RelayOpen {}) => {
+                Ok(ControlMessage::RelayOpen {}) => 'relay: {
                     let limits = shared.limits.relay;
+                    let Some(opened) = shared.relay.open(id, conn_id, limits) else {
+                        break 'relay ControlMessage::error(
+                            ErrorCode::RelayDenied,
+                            "this connection already has a relay stream (one per connection)",
+                        );
+                    };
                     let ready = ControlMessage::RelayReady {
                         max_packet: common::relay::MAX_RELAY_PACKET as u32,
                         rate_bytes_per_s: limits.rate_bytes_per_s,
                     };
                     send(shared, &mut tx, &ready).await?;
                     tracing::debug!(peer = %id, "relay stream open");
-                    let allowed = |to: PeerId| {
-                        lock(&shared.registry)
-                            .relay_allowed(id, to, OffsetDateTime::now_utc())
-                            .is_ok()
+                    let permission = |to: PeerId| match lock(&shared.registry).relay_allowed(
+                        id,
+                        to,
+                        OffsetDateTime::now_utc(),
+                    ) {
+                        Ok(()) => Permission::Allowed,
+                        Err(RelayRefusal::NotAccepted) => Permission::AwaitingAccept,
+                        Err(_) => Permission::Denied,
                     };
-                    crate::relay::run(shared.relay.clone(), id, limits, tx, rx, allowed).await;
+                    crate::relay::run(opened, tx, rx, permission).await;
                     return Ok(());
                 }
                 Ok(ControlMessage::Register { .. }) => ControlMessage::error(
