@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use rendezvous::core::RegistryLimits;
 use rendezvous::relay::RelayLimits;
 use rendezvous::{Config, Limits, Server};
 
@@ -56,6 +57,13 @@ enum Command {
         /// Relay byte quota per relay session (0: none).
         #[arg(long, default_value_t = RelayLimits::default().quota_bytes)]
         relay_quota: u64,
+        /// Most registered peers (rows, online or not); new identities are refused while the
+        /// registry is full (about 200-300 bytes per row, 700 at most).
+        #[arg(long, default_value_t = RegistryLimits::default().max_registered)]
+        max_registered: usize,
+        /// Delete a registered peer's row once it has been offline this many days.
+        #[arg(long, default_value_t = (RegistryLimits::default().expire_after.as_secs() / 86_400) as u32, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        expire_after_days: u32,
         /// Append every relayed packet to this file (capped at 16 MiB), to inspect what the
         /// server handles (it only ever sees the peers' encrypted QUIC packets).
         #[arg(long, env = "RENDEZVOUS_RELAY_TRACE")]
@@ -102,6 +110,8 @@ async fn main() -> anyhow::Result<()> {
             stun_alt_port,
             stun_alt_ip,
             metrics,
+            max_registered,
+            expire_after_days,
         } => {
             let tcp_required = tcp_listen.as_deref().is_some_and(|t| t != "off");
             let tcp_listen =
@@ -133,6 +143,13 @@ async fn main() -> anyhow::Result<()> {
                     alt_ip: stun_alt_ip,
                 },
                 metrics,
+                registry: RegistryLimits {
+                    max_registered,
+                    expire_after: std::time::Duration::from_secs(
+                        u64::from(expire_after_days) * 86_400,
+                    ),
+                    ..RegistryLimits::default()
+                },
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;

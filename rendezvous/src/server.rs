@@ -25,6 +25,9 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pushes queued for one peer before new ones are dropped.
 const PUSH_QUEUE: usize = 64;
+/// Registry rows expired per hold of the registry lock (each chunk is then deleted from storage
+/// in one durable transaction before the next).
+const EXPIRY_CHUNK: usize = 1024;
 /// Application close codes.
 const CLOSE_SHUTDOWN: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
@@ -225,6 +228,7 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let mut tasks = JoinSet::new();
     tasks.spawn(log_counters(shared.clone(), shutdown.clone()));
+    tasks.spawn(expire_rows(shared.clone(), shutdown.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -276,6 +280,40 @@ async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         }
         if stop {
             return;
+        }
+    }
+}
+
+/// Deletes registry rows whose peers have been offline too long, periodically, in bounded
+/// chunks: from memory under the lock, then durably from storage.
+async fn expire_rows(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    // Often enough that a row outlives its expiry by a small fraction of it (a minute at most),
+    // rarely enough to cost nothing.
+    let expire_after = lock(&shared.registry).limits().expire_after;
+    let every = (expire_after / 8).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        loop {
+            let expired = lock(&shared.registry).expire(OffsetDateTime::now_utc(), EXPIRY_CHUNK);
+            let (n, full_chunk) = (expired.len(), expired.len() == EXPIRY_CHUNK);
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = shared.store.delete_expired(expired).await {
+                // The rows are gone from memory; storage drops them at the next start.
+                tracing::error!(error = %e, rows = n, "could not delete expired rows");
+                break;
+            }
+            tracing::info!(rows = n, "expired registry rows of peers offline too long");
+            if !full_chunk {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
     }
 }

@@ -114,7 +114,10 @@ pub fn open_expiring(
             }
         }
         txn.commit().map_err(|e| db_err(&e))?;
-        tracing::info!(rows = expired.len(), "deleted expired registry rows at start");
+        tracing::info!(
+            rows = expired.len(),
+            "deleted expired registry rows at start"
+        );
     }
     let (writes, rx) = mpsc::channel(WRITE_QUEUE);
     let writer = std::thread::Builder::new()
