@@ -15,7 +15,7 @@
 //! clock.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::message::{Candidate, CandidateKind, PeerInfo, MAX_LOCAL_ADDRS};
@@ -187,6 +187,10 @@ pub struct Registry {
     /// Registrations of new identities, per source.
     new_ids_by_source: SourceBuckets,
     clock: MonotonicClock,
+    /// The real source of each open TCP tunnel, by the tunnel's virtual address (what the
+    /// registry observes for peers registering through it): a fresh virtual address per
+    /// tunnel must not be a fresh source for the rate limits. At most one per open tunnel.
+    tunnel_sources: HashMap<SocketAddr, SourceKey>,
 }
 
 impl Registry {
@@ -225,6 +229,30 @@ impl Registry {
                 limits.sources_remembered,
             ),
             clock: MonotonicClock::default(),
+            tunnel_sources: HashMap::new(),
+        }
+    }
+
+    /// A TCP tunnel from `remote` now carries the packets of `virtual_addr`: registrations
+    /// through it count against `remote`'s source.
+    pub fn tunnel_opened(&mut self, virtual_addr: SocketAddr, remote: IpAddr) {
+        self.tunnel_sources
+            .insert(virtual_addr, SourceKey::of(remote));
+    }
+
+    /// The tunnel of `virtual_addr` closed.
+    pub fn tunnel_closed(&mut self, virtual_addr: SocketAddr) {
+        self.tunnel_sources.remove(&virtual_addr);
+    }
+
+    /// The source a registration from `observed` counts against: its IP (or /64), or for a
+    /// TCP tunnel's virtual address the tunnel's real source. A virtual address without a
+    /// known tunnel (it closed meanwhile) counts against one shared key, never a fresh one.
+    fn source_of(&self, observed: SocketAddr) -> SourceKey {
+        match self.tunnel_sources.get(&observed) {
+            Some(source) => *source,
+            None if is_virtual(&observed) => SourceKey::of(IpAddr::V4(Ipv4Addr::new(240, 0, 0, 0))),
+            None => SourceKey::of(observed.ip()),
         }
     }
 
@@ -469,7 +497,7 @@ impl Registry {
         observed: SocketAddr,
         now: OffsetDateTime,
     ) -> Option<Outcome> {
-        let source = SourceKey::of(observed.ip());
+        let source = self.source_of(observed);
         let mono = self.clock.at(now);
         let limits = self.limits;
         if !self.registrations_by_source.try_take(source, 1.0, mono) {
@@ -1396,6 +1424,39 @@ mod tests {
             addr(2),
             T0 + 30 * DAY
         )));
+    }
+
+    #[test]
+    fn registrations_through_tcp_tunnels_count_against_the_tunnels_real_source() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        let remote: IpAddr = "198.51.100.9".parse().unwrap();
+        let tunnel = |n: u8| SocketAddr::from(([241, 0, 0, n], 443));
+        let burst = RegistryLimits::default().new_ids_burst as u32;
+        // Each identity through a fresh tunnel (a fresh virtual address) from one host.
+        for n in 0..burst {
+            reg.tunnel_opened(tunnel(n as u8), remote);
+            assert!(is_registered(&register_from(
+                &mut reg,
+                n.into(),
+                big_id(n),
+                tunnel(n as u8),
+                T0
+            )));
+            reg.tunnel_closed(tunnel(n as u8));
+        }
+        reg.tunnel_opened(tunnel(200), remote);
+        let message =
+            rate_limited_message(&register_from(&mut reg, 99, big_id(99), tunnel(200), T0));
+        assert!(message.contains("from 198.51.100.9"), "{message}");
+        // The same host over UDP is the same source.
+        rate_limited_message(&register_from(
+            &mut reg,
+            98,
+            big_id(98),
+            SocketAddr::new(remote, 5000),
+            T0,
+        ));
+        assert_eq!(reg.tunnel_sources.len(), 1, "closed tunnels are forgotten");
     }
 
     proptest::proptest! {

@@ -166,6 +166,7 @@ impl Server {
                 tls,
                 demux.clone(),
                 config.limits.max_connections,
+                shared.clone(),
                 shutdown_rx.clone(),
             )));
         }

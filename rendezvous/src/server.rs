@@ -193,6 +193,17 @@ impl Shared {
         )
     }
 
+    /// A TCP tunnel from `remote` carries the packets of `virtual_addr` (`Some`), or closed
+    /// (`None`): registrations through it count against `remote` (see
+    /// [`Registry::tunnel_opened`]).
+    pub(crate) fn tunnel_source(&self, virtual_addr: SocketAddr, remote: Option<std::net::IpAddr>) {
+        let mut registry = lock(&self.registry);
+        match remote {
+            Some(remote) => registry.tunnel_opened(virtual_addr, remote),
+            None => registry.tunnel_closed(virtual_addr),
+        }
+    }
+
     /// Before introducing `target`, take its address from its live connection: after a NAT
     /// rebinding QUIC migrates at once, long before the peer sends another request.
     fn refresh_observed(&self, target: PeerId) {

@@ -29,6 +29,7 @@ pub(crate) async fn serve(
     tls: rustls::ServerConfig,
     demux: Arc<DemuxSocket>,
     max_tunnels: usize,
+    shared: Arc<crate::server::Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
@@ -55,6 +56,7 @@ pub(crate) async fn serve(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let demux = demux.clone();
+        let shared = shared.clone();
         let addr = virtual_addr(counter.fetch_add(1, Ordering::Relaxed));
         let mut stop = shutdown.clone();
         tunnels.spawn(async move {
@@ -70,11 +72,14 @@ pub(crate) async fn serve(
             tracing::info!(%remote, virtual_addr = %addr, "TCP tunnel open");
             let (tx, rx) = mpsc::channel(TUNNEL_QUEUE);
             demux.set_route(addr, PathTarget::Virtual(VirtualSink::new([0; 16], tx)));
+            // Registrations through the tunnel count against its real source.
+            shared.tunnel_source(addr, Some(remote.ip()));
             let reason = tokio::select! {
                 r = transport::tunnel::run_tunnel(tls, demux.injector(), addr, rx) => r,
                 _ = stop.changed() => "server shutting down".to_owned(),
             };
             demux.remove_routes(addr);
+            shared.tunnel_source(addr, None);
             tracing::info!(%remote, %reason, "TCP tunnel closed");
             drop(permit);
         });
