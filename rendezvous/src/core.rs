@@ -1522,9 +1522,9 @@ mod tests {
         }
     }
 
-    /// Memory per registered row, measured from the process's resident set (run alone, in
-    /// release: `cargo test -p rendezvous --release --lib -- --ignored --nocapture
-    /// memory_per_row`).
+    /// Memory per registered row (at the default cap: the hash map's load factor matters), and
+    /// of the registration buckets, measured from the process's resident set (run alone:
+    /// `cargo test -p rendezvous --lib -- --ignored --nocapture memory_per_row`).
     #[test]
     #[ignore = "a measurement, not a check; run alone"]
     fn memory_per_row() {
@@ -1533,7 +1533,28 @@ mod tests {
             let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
             line.split_whitespace().nth(1).unwrap().parse().unwrap()
         }
-        const N: u32 = 200_000;
+        // The two per-source registration buckets, full.
+        let before = rss_kib();
+        let defaults = RegistryLimits::default();
+        let mut buckets = [
+            SourceBuckets::new(1.0, 1.0, defaults.sources_remembered),
+            SourceBuckets::new(1.0, 1.0, defaults.sources_remembered),
+        ];
+        let now = Instant::now();
+        for n in 0..defaults.sources_remembered as u32 {
+            for b in &mut buckets {
+                b.try_take(SourceKey::of(IpAddr::V4(n.into())), 1.0, now);
+            }
+        }
+        let after = rss_kib();
+        println!(
+            "registration buckets: {} KiB for {} sources (both sets), {} bytes per source per set",
+            after - before,
+            defaults.sources_remembered,
+            (after - before) * 1024 / (2 * defaults.sources_remembered as u64)
+        );
+        // (The buckets stay allocated, so the rows below get fresh memory.)
+        const N: u32 = 1_000_000;
         // Kept alive to the end: memory freed by one round would be reused by the next.
         let mut kept = Vec::new();
         for local_addrs in [0usize, 2, MAX_LOCAL_ADDRS] {
