@@ -7,6 +7,9 @@ use rendezvous::core::RegistryLimits;
 use rendezvous::relay::RelayLimits;
 use rendezvous::{Config, Limits, Server};
 
+/// `--expire-after-days` by default: the library's default, in days (a test checks they agree).
+const DEFAULT_EXPIRE_AFTER_DAYS: u32 = 30;
+
 /// The rendezvous server: peers register here, find each other by id, and are introduced for
 /// hole punching.
 #[derive(Parser, Debug)]
@@ -58,11 +61,16 @@ enum Command {
         #[arg(long, default_value_t = RelayLimits::default().quota_bytes)]
         relay_quota: u64,
         /// Most registered peers (rows, online or not); new identities are refused while the
-        /// registry is full (about 200-300 bytes per row, 700 at most).
+        /// registry is full. A row costs about 260-370 bytes of memory, at most about 800 (a
+        /// peer announcing 16 local addresses).
         #[arg(long, default_value_t = RegistryLimits::default().max_registered)]
         max_registered: usize,
         /// Delete a registered peer's row once it has been offline this many days.
-        #[arg(long, default_value_t = (RegistryLimits::default().expire_after.as_secs() / 86_400) as u32, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        #[arg(
+            long,
+            default_value_t = DEFAULT_EXPIRE_AFTER_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=36_500)
+        )]
         expire_after_days: u32,
         /// Append every relayed packet to this file (capped at 16 MiB), to inspect what the
         /// server handles (it only ever sees the peers' encrypted QUIC packets).
@@ -182,4 +190,17 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     transport::shutdown_signal()
         .await
         .context("waiting for SIGINT or SIGTERM")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_expiry_is_the_librarys() {
+        assert_eq!(
+            u64::from(DEFAULT_EXPIRE_AFTER_DAYS) * 86_400,
+            RegistryLimits::default().expire_after.as_secs()
+        );
+    }
 }
