@@ -37,6 +37,10 @@ pub const INTRODUCTION_TTL: time::Duration = time::Duration::hours(1);
 /// Introductions kept before expired ones are swept.
 const INTRODUCTIONS_SWEEP_AT: usize = 4096;
 
+/// The source key registrations from a TCP tunnel's virtual address count against when the
+/// tunnel is not known (it closed meanwhile): one shared key, never a fresh one per tunnel.
+const UNKNOWN_TUNNEL_SOURCE: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 0);
+
 /// Limits on the registry's growth (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RegistryLimits {
@@ -251,7 +255,7 @@ impl Registry {
     fn source_of(&self, observed: SocketAddr) -> SourceKey {
         match self.tunnel_sources.get(&observed) {
             Some(source) => *source,
-            None if is_virtual(&observed) => SourceKey::of(IpAddr::V4(Ipv4Addr::new(240, 0, 0, 0))),
+            None if is_virtual(&observed) => SourceKey::of(IpAddr::V4(UNKNOWN_TUNNEL_SOURCE)),
             None => SourceKey::of(observed.ip()),
         }
     }
