@@ -3,14 +3,27 @@
 //! The driver feeds it who sent what (the id comes from the client certificate, the observed
 //! address from the packets) and the time, and carries out what it returns: a reply, pushes to
 //! other connections, and records to persist. Tests drive it directly.
+//!
+//! The registry bounds its own growth, because identities cost a client nothing (a fresh key
+//! pair): registrations are rate-limited per source address (new identities tightly, all
+//! registrations loosely), the number of rows is capped, and rows of peers that stay offline
+//! longer than [`RegistryLimits::expire_after`] expire. Those decisions live here rather than in
+//! the driver because they depend on the registry's state (whether an id is new, how many rows
+//! there are) and must be taken atomically with the registration itself. Time comes in as
+//! `OffsetDateTime` like everywhere else in the core; the token buckets get a monotonic
+//! reading derived from it ([`Registry`] keeps the mapping), so tests simulate time with one
+//! clock.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use common::message::{Candidate, CandidateKind, PeerInfo, MAX_LOCAL_ADDRS};
 use common::{ControlMessage, ErrorCode, PeerId, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+use crate::sources::{SourceBuckets, SourceKey};
 
 /// Identifies one QUIC connection in the driver.
 pub type ConnId = u64;
@@ -32,6 +45,49 @@ pub const MAX_INTRODUCTIONS: usize = 65_536;
 /// answered `rate_limited`. (Accepted ones need the other side's consent, so they are bounded
 /// only in all.)
 pub const MAX_INTRODUCTIONS_PER_REQUESTER: u32 = 32;
+
+/// The source key registrations from a TCP tunnel's virtual address count against when the
+/// tunnel is not known (it closed meanwhile): one shared key, never a fresh one per tunnel.
+const UNKNOWN_TUNNEL_SOURCE: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 0);
+
+/// Limits on the registry's growth (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RegistryLimits {
+    /// Most registered rows (online or not); a new identity is refused while the registry holds
+    /// this many (known identities still re-register).
+    pub max_registered: usize,
+    /// A row whose peer has been offline this long is deleted (from memory and storage). Online
+    /// peers never expire; a peer's clock starts when it goes offline.
+    pub expire_after: Duration,
+    /// New identities one source (IPv4 address, IPv6 /64) may register at once...
+    pub new_ids_burst: f64,
+    /// ...and per second sustained after that.
+    pub new_ids_per_s: f64,
+    /// Registrations of any identity (re-registrations included) one source may make at once...
+    pub registrations_burst: f64,
+    /// ...and per second sustained after that.
+    pub registrations_per_s: f64,
+    /// Sources whose registration buckets are remembered (least recently used forgotten).
+    pub sources_remembered: usize,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        RegistryLimits {
+            max_registered: 1_000_000,
+            expire_after: Duration::from_secs(30 * 86_400),
+            // A person installs a few peers from one address; a laptop lab perhaps twenty.
+            new_ids_burst: 20.0,
+            new_ids_per_s: 1.0 / 60.0,
+            // Re-registrations are loose: a peer behind a flaky NAT re-registers often, and many
+            // peers behind one carrier-grade NAT share an IPv4 address. A known id costs no
+            // memory; this bounds the durable writes and work one source causes.
+            registrations_burst: 200.0,
+            registrations_per_s: 10.0,
+            sources_remembered: 65_536,
+        }
+    }
+}
 
 /// Why a relayed packet is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +377,34 @@ pub struct Counters {
     pub punches_failed: u64,
     /// Requests refused as invalid.
     pub rejected: u64,
+    /// Registrations refused: the source made too many registrations.
+    pub refused_source_rate: u64,
+    /// Registrations of new identities refused: the source registered too many new identities.
+    pub refused_new_ids_rate: u64,
+    /// Registrations of new identities refused: the registry is full.
+    pub refused_full: u64,
+    /// Rows deleted because their peer was offline longer than the expiry time.
+    pub expired: u64,
+}
+
+/// Maps the core's wall-clock `now` to a monotonic [`Instant`] for the token buckets: the first
+/// reading anchors the mapping, and readings never go backwards (a wall clock stepped back
+/// makes the buckets' time stand still instead of refilling them twice).
+#[derive(Debug, Default)]
+struct MonotonicClock {
+    anchor: Option<(OffsetDateTime, Instant)>,
+    last: Option<Instant>,
+}
+
+impl MonotonicClock {
+    fn at(&mut self, now: OffsetDateTime) -> Instant {
+        let (t0, i0) = *self.anchor.get_or_insert_with(|| (now, Instant::now()));
+        let since = Duration::try_from(now - t0).unwrap_or_default();
+        let reading = i0.checked_add(since).unwrap_or(i0);
+        let reading = self.last.map_or(reading, |last| last.max(reading));
+        self.last = Some(reading);
+        reading
+    }
 }
 
 /// The registry and punch coordinator.
@@ -329,21 +413,148 @@ pub struct Registry {
     peers: HashMap<PeerId, Record>,
     online: HashMap<PeerId, ConnId>,
     introductions: Introductions,
+    /// Exactly the offline peers, keyed by `(last_seen, id)`, oldest first: the expiry order.
+    /// An offline peer's `last_seen` does not change until it registers again, which removes
+    /// its entry, so the key is always known and no entry goes stale.
+    expiry: BTreeSet<(OffsetDateTime, PeerId)>,
     next_nonce: u64,
     counters: Counters,
+    limits: RegistryLimits,
+    /// Registrations of any identity, per source.
+    registrations_by_source: SourceBuckets,
+    /// Registrations of new identities, per source.
+    new_ids_by_source: SourceBuckets,
+    clock: MonotonicClock,
+    /// The real source of each open TCP tunnel, by the tunnel's virtual address (what the
+    /// registry observes for peers registering through it): a fresh virtual address per
+    /// tunnel must not be a fresh source for the rate limits. At most one per open tunnel.
+    tunnel_sources: HashMap<SocketAddr, SourceKey>,
 }
 
 impl Registry {
-    /// A registry holding `records` loaded from storage; nobody online. `nonce_seed` should be
-    /// random so that punch nonces cannot be guessed across restarts.
+    /// A registry holding `records` loaded from storage, with the default [`RegistryLimits`];
+    /// nobody online. `nonce_seed` should be random so that punch nonces cannot be guessed
+    /// across restarts.
     pub fn new(records: impl IntoIterator<Item = (PeerId, Record)>, nonce_seed: u64) -> Self {
+        Self::with_limits(records, nonce_seed, RegistryLimits::default())
+    }
+
+    /// A registry holding `records` loaded from storage, bounded by `limits`; nobody online.
+    /// Records already past their expiry are deleted by the first [`Registry::expire`].
+    pub fn with_limits(
+        records: impl IntoIterator<Item = (PeerId, Record)>,
+        nonce_seed: u64,
+        limits: RegistryLimits,
+    ) -> Self {
+        let peers: HashMap<PeerId, Record> = records.into_iter().collect();
+        let expiry = peers.iter().map(|(id, r)| (r.last_seen, *id)).collect();
         Registry {
-            peers: records.into_iter().collect(),
+            peers,
             online: HashMap::new(),
+            expiry,
             introductions: Introductions::default(),
             next_nonce: nonce_seed,
             counters: Counters::default(),
+            limits,
+            registrations_by_source: SourceBuckets::new(
+                limits.registrations_burst,
+                limits.registrations_per_s,
+                limits.sources_remembered,
+            ),
+            new_ids_by_source: SourceBuckets::new(
+                limits.new_ids_burst,
+                limits.new_ids_per_s,
+                limits.sources_remembered,
+            ),
+            clock: MonotonicClock::default(),
+            tunnel_sources: HashMap::new(),
         }
+    }
+
+    /// A TCP tunnel from `remote` now carries the packets of `virtual_addr`: registrations
+    /// through it count against `remote`'s source.
+    pub fn tunnel_opened(&mut self, virtual_addr: SocketAddr, remote: IpAddr) {
+        self.tunnel_sources
+            .insert(virtual_addr, SourceKey::of(remote));
+    }
+
+    /// The tunnel of `virtual_addr` closed.
+    pub fn tunnel_closed(&mut self, virtual_addr: SocketAddr) {
+        self.tunnel_sources.remove(&virtual_addr);
+    }
+
+    /// The source a registration from `observed` counts against: its IP (or /64), or for a
+    /// TCP tunnel's virtual address the tunnel's real source. A virtual address without a
+    /// known tunnel (it closed meanwhile) counts against one shared key, never a fresh one.
+    fn source_of(&self, observed: SocketAddr) -> SourceKey {
+        match self.tunnel_sources.get(&observed) {
+            Some(source) => *source,
+            None if is_virtual(&observed) => SourceKey::of(IpAddr::V4(UNKNOWN_TUNNEL_SOURCE)),
+            None => SourceKey::of(observed.ip()),
+        }
+    }
+
+    /// The limits this registry enforces.
+    pub fn limits(&self) -> &RegistryLimits {
+        &self.limits
+    }
+
+    /// Deletes the rows of peers offline for longer than [`RegistryLimits::expire_after`] at
+    /// `now`, oldest first, at most `max` per call (the caller holds the registry's lock for
+    /// the call: bounded chunks keep that short). Returns each deleted id with the `last_seen`
+    /// it had, so that storage deletes the row only if it was not written again since.
+    pub fn expire(&mut self, now: OffsetDateTime, max: usize) -> Vec<(PeerId, OffsetDateTime)> {
+        let mut expired = Vec::new();
+        let Ok(expire_after) = time::Duration::try_from(self.limits.expire_after) else {
+            return expired; // longer than time can count: never
+        };
+        let Some(cutoff) = now.checked_sub(expire_after) else {
+            return expired;
+        };
+        while expired.len() < max {
+            let Some(&(last_seen, id)) = self.expiry.first() else {
+                break;
+            };
+            if last_seen > cutoff {
+                break;
+            }
+            self.expiry.pop_first();
+            // The queue holds exactly the offline peers at their `last_seen` (see the field);
+            // anything else would be a bug, and is dropped rather than acted on.
+            let stale = self.peers.get(&id).map(|r| r.last_seen) != Some(last_seen)
+                || self.online.contains_key(&id);
+            debug_assert!(!stale, "stale expiry entry for {id}");
+            if stale {
+                continue;
+            }
+            self.peers.remove(&id);
+            self.counters.expired += 1;
+            expired.push((id, last_seen));
+        }
+        expired
+    }
+
+    /// Checks the registry's internal consistency (for tests and fuzzing): every online peer
+    /// is registered, and the expiry queue holds exactly the offline peers at their
+    /// `last_seen`.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if let Some(id) = self.online.keys().find(|id| !self.peers.contains_key(id)) {
+            return Err(format!("{id} is online but not registered"));
+        }
+        let offline = self.peers.len() - self.online.len();
+        if self.expiry.len() != offline {
+            return Err(format!(
+                "{} expiry entries for {offline} offline peers",
+                self.expiry.len()
+            ));
+        }
+        for (id, record) in &self.peers {
+            let queued = self.expiry.contains(&(record.last_seen, *id));
+            if queued == self.online.contains_key(id) {
+                return Err(format!("{id}: online and queued for expiry disagree"));
+            }
+        }
+        Ok(())
     }
 
     /// Registered peers (online or not).
@@ -495,9 +706,18 @@ impl Registry {
                 ),
             );
         }
+        if let Some(refusal) = self.refuse_registration(id, observed, now) {
+            return refusal;
+        }
         local_addrs.retain(|a| a.port() != 0 && !a.ip().is_unspecified());
         local_addrs.dedup();
         let registered_at = self.peers.get(&id).map_or(now, |r| r.registered_at);
+        if !self.online.contains_key(&id) {
+            // Offline until now: it leaves the expiry queue (its key is its last_seen).
+            if let Some(old) = self.peers.get(&id) {
+                self.expiry.remove(&(old.last_seen, id));
+            }
+        }
         let record = Record {
             observed,
             local_addrs,
@@ -521,9 +741,67 @@ impl Registry {
         }
     }
 
+    /// The refusal of a registration of `id` from `observed`, if a limit refuses it: the
+    /// source's registration bucket, and for a new identity the row cap and the source's
+    /// new-identity bucket. Refused with `rate_limited` and a message saying which limit.
+    fn refuse_registration(
+        &mut self,
+        id: PeerId,
+        observed: SocketAddr,
+        now: OffsetDateTime,
+    ) -> Option<Outcome> {
+        let source = self.source_of(observed);
+        let mono = self.clock.at(now);
+        let limits = self.limits;
+        if !self.registrations_by_source.try_take(source, 1.0, mono) {
+            self.counters.refused_source_rate += 1;
+            return Some(Outcome::error(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many registrations from {source} (at most {} at once, then {}/s); \
+                     try again later",
+                    limits.registrations_burst, limits.registrations_per_s
+                ),
+            ));
+        }
+        if self.peers.contains_key(&id) {
+            return None;
+        }
+        // The cap is checked before the new-identity bucket so that a full registry does not
+        // also use up the sources' allowance.
+        if self.peers.len() >= limits.max_registered {
+            self.counters.refused_full += 1;
+            return Some(Outcome::error(
+                ErrorCode::RateLimited,
+                format!(
+                    "the registry is full ({} peers); new identities are refused until rows \
+                     expire; try again later",
+                    limits.max_registered
+                ),
+            ));
+        }
+        if !self.new_ids_by_source.try_take(source, 1.0, mono) {
+            self.counters.refused_new_ids_rate += 1;
+            return Some(Outcome::error(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many new identities from {source} (at most {} at once, then one every \
+                     {:.0} s); try again later",
+                    limits.new_ids_burst,
+                    1.0 / limits.new_ids_per_s.max(f64::MIN_POSITIVE)
+                ),
+            ));
+        }
+        None
+    }
+
     /// Refreshes `last_seen` in memory, and the observed address if the peer's packets now come
-    /// from elsewhere (NAT rebinding, migration); only the latter needs persisting.
+    /// from elsewhere (NAT rebinding, migration); only the latter needs persisting. Only for
+    /// online peers: an offline peer's `last_seen` is its key in the expiry queue.
     fn touch(&mut self, id: PeerId, observed: SocketAddr, now: OffsetDateTime) -> Outcome {
+        if !self.online.contains_key(&id) {
+            return Outcome::default();
+        }
         let Some(record) = self.peers.get_mut(&id) else {
             return Outcome::default();
         };
@@ -665,7 +943,10 @@ impl Registry {
         }
         self.online.remove(&id);
         let record = self.peers.get_mut(&id)?;
-        record.last_seen = now;
+        // Never move last_seen backwards (a wall clock stepped back): the row would expire
+        // early.
+        record.last_seen = record.last_seen.max(now);
+        self.expiry.insert((record.last_seen, id));
         Some((id, record.clone()))
     }
 }
@@ -1049,7 +1330,12 @@ mod tests {
 
     #[test]
     fn introductions_expire_through_the_queue_and_are_bounded_per_requester() {
-        let mut reg = Registry::new([], 7);
+        // Forty peers from one test address: past the per-source limit on new identities.
+        let limits = RegistryLimits {
+            new_ids_burst: 1000.0,
+            ..RegistryLimits::default()
+        };
+        let mut reg = Registry::with_limits([], 7, limits);
         register(&mut reg, 1, id(1), 4000);
         for n in 2..(MAX_INTRODUCTIONS_PER_REQUESTER as u8 + 10) {
             register(&mut reg, n.into(), id(n), 5000);
@@ -1301,5 +1587,513 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    // --- Registry growth: rate limits, cap, expiry ---
+
+    fn register_from(
+        reg: &mut Registry,
+        conn: ConnId,
+        peer: PeerId,
+        from: SocketAddr,
+        now: OffsetDateTime,
+    ) -> Outcome {
+        let out = reg.handle(
+            conn,
+            peer,
+            from,
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs: vec![],
+            },
+            now,
+        );
+        reg.check_invariants().unwrap();
+        out
+    }
+
+    fn is_registered(out: &Outcome) -> bool {
+        matches!(out.reply, Some(ControlMessage::Registered { .. }))
+    }
+
+    fn rate_limited_message(out: &Outcome) -> String {
+        match &out.reply {
+            Some(ControlMessage::Error {
+                code: ErrorCode::RateLimited,
+                message,
+            }) => {
+                assert!(out.persist.is_none(), "a refusal persists nothing");
+                message.clone()
+            }
+            other => panic!("expected rate_limited, got {other:?}"),
+        }
+    }
+
+    fn big_id(n: u32) -> PeerId {
+        let mut digest = [0u8; 32];
+        digest[..4].copy_from_slice(&n.to_be_bytes());
+        PeerId::from_key_digest(&digest)
+    }
+
+    const DAY: time::Duration = time::Duration::days(1);
+
+    fn limits(expire_days: u64) -> RegistryLimits {
+        RegistryLimits {
+            expire_after: Duration::from_secs(expire_days * 86_400),
+            ..RegistryLimits::default()
+        }
+    }
+
+    #[test]
+    fn offline_rows_expire_after_the_configured_time_and_only_then() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        assert!(is_registered(&register_from(
+            &mut reg,
+            1,
+            id(1),
+            addr(1),
+            T0
+        )));
+        assert!(is_registered(&register_from(
+            &mut reg,
+            2,
+            id(2),
+            addr(2),
+            T0
+        )));
+        let gone_at = T0 + DAY;
+        reg.disconnected(1, id(1), gone_at).unwrap();
+        reg.check_invariants().unwrap();
+        // The clock starts when the peer goes offline, not at registration.
+        let expires = gone_at + 30 * DAY;
+        assert!(reg
+            .expire(expires - time::Duration::seconds(1), 100)
+            .is_empty());
+        assert_eq!(reg.expire(expires, 100), vec![(id(1), gone_at)]);
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.registered(), 1);
+        assert_eq!(reg.counters().expired, 1);
+        // Gone: queries find nothing, relaying to it is refused.
+        let out = reg.handle(
+            2,
+            id(2),
+            addr(2),
+            ControlMessage::Query { id: id(1) },
+            expires,
+        );
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::NotFound,
+                ..
+            })
+        ));
+        assert_eq!(
+            reg.relay_allowed(id(2), id(1), expires),
+            Err(RelayRefusal::UnknownPeer)
+        );
+    }
+
+    #[test]
+    fn online_peers_never_expire() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        register_from(&mut reg, 1, id(1), addr(1), T0);
+        assert!(reg.expire(T0 + 1000 * DAY, 100).is_empty());
+        assert_eq!(reg.registered(), 1);
+        // A stale connection of the same peer closing does not start its clock.
+        register_from(&mut reg, 2, id(1), addr(1), T0 + DAY);
+        assert_eq!(reg.disconnected(1, id(1), T0 + 2 * DAY), None);
+        assert!(reg.expire(T0 + 1000 * DAY, 100).is_empty());
+        reg.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn registering_again_resets_the_expiry_clock() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        register_from(&mut reg, 1, id(1), addr(1), T0);
+        reg.disconnected(1, id(1), T0);
+        register_from(&mut reg, 2, id(1), addr(1), T0 + 20 * DAY);
+        assert!(reg.expire(T0 + 31 * DAY, 100).is_empty(), "online again");
+        reg.disconnected(2, id(1), T0 + 21 * DAY);
+        reg.check_invariants().unwrap();
+        assert!(reg.expire(T0 + 50 * DAY, 100).is_empty());
+        assert_eq!(reg.expire(T0 + 51 * DAY, 100), vec![(id(1), T0 + 21 * DAY)]);
+        reg.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn rows_loaded_from_storage_are_queued_for_expiry() {
+        let record = |last_seen| Record {
+            observed: addr(1),
+            local_addrs: vec![],
+            last_seen,
+            registered_at: T0,
+        };
+        let mut reg = Registry::with_limits(
+            [(id(1), record(T0)), (id(2), record(T0 + 10 * DAY))],
+            1,
+            limits(30),
+        );
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.expire(T0 + 30 * DAY, 100), vec![(id(1), T0)]);
+        // A loaded peer that comes back online leaves the queue.
+        register_from(&mut reg, 1, id(2), addr(1), T0 + 11 * DAY);
+        assert!(reg.expire(T0 + 100 * DAY, 100).is_empty());
+    }
+
+    #[test]
+    fn expiry_is_drained_in_bounded_chunks_oldest_first() {
+        let mut reg = Registry::with_limits([], 1, limits(1));
+        let source = |n: u32| SocketAddr::from(([198, 18, (n >> 8) as u8, n as u8], 1));
+        for n in 0..2_500u32 {
+            let conn = ConnId::from(n);
+            let when = T0 + time::Duration::seconds(n.into());
+            assert!(is_registered(&register_from(
+                &mut reg,
+                conn,
+                big_id(n),
+                source(n),
+                when
+            )));
+            reg.disconnected(conn, big_id(n), when);
+        }
+        reg.check_invariants().unwrap();
+        let late = T0 + 2 * DAY;
+        let first = reg.expire(late, 1024);
+        assert_eq!(first.len(), 1024);
+        assert_eq!(first[0].0, big_id(0), "oldest first");
+        assert_eq!(reg.expire(late, 1024).len(), 1024);
+        assert_eq!(reg.expire(late, 1024).len(), 452);
+        assert!(reg.expire(late, 1024).is_empty());
+        assert_eq!(reg.registered(), 0);
+        reg.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn new_identities_are_rate_limited_per_source() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        let attacker = SocketAddr::from(([198, 51, 100, 7], 5000));
+        let burst = RegistryLimits::default().new_ids_burst as u32;
+        for n in 0..burst {
+            assert!(is_registered(&register_from(
+                &mut reg,
+                n.into(),
+                big_id(n),
+                attacker,
+                T0
+            )));
+        }
+        let refused = register_from(&mut reg, 100, big_id(100), attacker, T0);
+        let message = rate_limited_message(&refused);
+        assert!(
+            message.contains("new identities from 198.51.100.7"),
+            "{message}"
+        );
+        assert_eq!(reg.counters().refused_new_ids_rate, 1);
+        assert_eq!(reg.registered(), burst as usize);
+        // Known identities still re-register from there (another port: the same source).
+        let other_port = SocketAddr::from(([198, 51, 100, 7], 5001));
+        assert!(is_registered(&register_from(
+            &mut reg,
+            200,
+            big_id(0),
+            other_port,
+            T0
+        )));
+        // Other sources are not affected.
+        assert!(is_registered(&register_from(
+            &mut reg,
+            201,
+            big_id(201),
+            addr(1),
+            T0
+        )));
+        // One more new identity a minute later, not two.
+        let later = T0 + time::Duration::seconds(61);
+        assert!(is_registered(&register_from(
+            &mut reg,
+            101,
+            big_id(101),
+            attacker,
+            later
+        )));
+        rate_limited_message(&register_from(&mut reg, 102, big_id(102), attacker, later));
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_source() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        let in_64 = |n: u32| -> SocketAddr {
+            format!("[2001:db8:1:2:{:x}::{:x}]:4000", n >> 16, n & 0xffff)
+                .parse()
+                .unwrap()
+        };
+        let burst = RegistryLimits::default().new_ids_burst as u32;
+        // A fresh address of the /64 for every identity does not help.
+        for n in 0..burst {
+            assert!(is_registered(&register_from(
+                &mut reg,
+                n.into(),
+                big_id(n),
+                in_64(n * 7919 + 1),
+                T0
+            )));
+        }
+        rate_limited_message(&register_from(&mut reg, 99, big_id(99), in_64(123_456), T0));
+        // The neighbouring /64 is another source.
+        let next_64: SocketAddr = "[2001:db8:1:3::1]:4000".parse().unwrap();
+        assert!(is_registered(&register_from(
+            &mut reg,
+            100,
+            big_id(100),
+            next_64,
+            T0
+        )));
+    }
+
+    #[test]
+    fn all_registrations_are_rate_limited_per_source_more_loosely() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        let defaults = RegistryLimits::default();
+        let burst = defaults.registrations_burst as u64;
+        // One peer behind a flaky NAT re-registers many times: more than the new-id burst.
+        for n in 0..burst {
+            assert!(
+                is_registered(&register_from(&mut reg, n, id(1), addr(1), T0)),
+                "registration {n}"
+            );
+        }
+        let message = rate_limited_message(&register_from(&mut reg, 999, id(1), addr(1), T0));
+        assert!(
+            message.contains("too many registrations from 203.0.113.5"),
+            "{message}"
+        );
+        assert_eq!(reg.counters().refused_source_rate, 1);
+        // Refilled at the sustained rate.
+        let later = T0 + time::Duration::seconds(1);
+        let per_s = defaults.registrations_per_s as u64;
+        for n in 0..per_s {
+            assert!(is_registered(&register_from(
+                &mut reg,
+                1000 + n,
+                id(1),
+                addr(1),
+                later
+            )));
+        }
+        rate_limited_message(&register_from(&mut reg, 2000, id(1), addr(1), later));
+        // A wall clock stepped back refills nothing.
+        let earlier = T0 - DAY;
+        rate_limited_message(&register_from(&mut reg, 2001, id(1), addr(1), earlier));
+        rate_limited_message(&register_from(&mut reg, 2002, id(1), addr(1), later));
+    }
+
+    #[test]
+    fn new_identities_are_refused_when_the_registry_is_full() {
+        let mut reg = Registry::with_limits(
+            [],
+            1,
+            RegistryLimits {
+                max_registered: 3,
+                ..limits(30)
+            },
+        );
+        for n in 1..=3 {
+            assert!(is_registered(&register_from(
+                &mut reg,
+                n.into(),
+                id(n),
+                addr(1),
+                T0
+            )));
+        }
+        let message = rate_limited_message(&register_from(&mut reg, 4, id(4), addr(2), T0));
+        assert!(message.contains("registry is full (3 peers)"), "{message}");
+        assert_eq!(reg.counters().refused_full, 1);
+        assert_eq!(reg.registered(), 3);
+        // Known identities still re-register.
+        assert!(is_registered(&register_from(
+            &mut reg,
+            5,
+            id(1),
+            addr(1),
+            T0
+        )));
+        // Room again once a row expires.
+        reg.disconnected(2, id(2), T0);
+        assert_eq!(reg.expire(T0 + 30 * DAY, 10).len(), 1);
+        assert!(is_registered(&register_from(
+            &mut reg,
+            6,
+            id(4),
+            addr(2),
+            T0 + 30 * DAY
+        )));
+    }
+
+    #[test]
+    fn registrations_through_tcp_tunnels_count_against_the_tunnels_real_source() {
+        let mut reg = Registry::with_limits([], 1, limits(30));
+        let remote: IpAddr = "198.51.100.9".parse().unwrap();
+        let tunnel = |n: u8| SocketAddr::from(([241, 0, 0, n], 443));
+        let burst = RegistryLimits::default().new_ids_burst as u32;
+        // Each identity through a fresh tunnel (a fresh virtual address) from one host.
+        for n in 0..burst {
+            reg.tunnel_opened(tunnel(n as u8), remote);
+            assert!(is_registered(&register_from(
+                &mut reg,
+                n.into(),
+                big_id(n),
+                tunnel(n as u8),
+                T0
+            )));
+            reg.tunnel_closed(tunnel(n as u8));
+        }
+        reg.tunnel_opened(tunnel(200), remote);
+        let message =
+            rate_limited_message(&register_from(&mut reg, 99, big_id(99), tunnel(200), T0));
+        assert!(message.contains("from 198.51.100.9"), "{message}");
+        // The same host over UDP is the same source.
+        rate_limited_message(&register_from(
+            &mut reg,
+            98,
+            big_id(98),
+            SocketAddr::new(remote, 5000),
+            T0,
+        ));
+        assert_eq!(reg.tunnel_sources.len(), 1, "closed tunnels are forgotten");
+    }
+
+    proptest::proptest! {
+        /// Any sequence of registrations, requests, disconnections and expiry runs, from a few
+        /// sources, as time moves on: the registry stays consistent and within its cap.
+        #[test]
+        fn invariants_hold_under_any_sequence(ops in proptest::collection::vec(
+            (0u8..5, 0u8..6, 0u8..3, 0u32..200_000), 1..300)
+        ) {
+            let max_registered = 4;
+            let mut reg = Registry::with_limits(
+                [],
+                1,
+                RegistryLimits {
+                    max_registered,
+                    expire_after: Duration::from_secs(3_600),
+                    new_ids_burst: 3.0,
+                    registrations_burst: 5.0,
+                    ..RegistryLimits::default()
+                },
+            );
+            let mut now = T0;
+            let mut conns: HashMap<PeerId, ConnId> = HashMap::new();
+            let mut next_conn = 1;
+            for (op, who, source, dt) in ops {
+                now += time::Duration::seconds(i64::from(dt % 7_200));
+                let peer = id(who);
+                let from = SocketAddr::from(([198, 51, 100, source], 4000));
+                match op {
+                    0 => {
+                        next_conn += 1;
+                        let out = register_from(&mut reg, next_conn, peer, from, now);
+                        if is_registered(&out) {
+                            conns.insert(peer, next_conn);
+                        }
+                    }
+                    1 => {
+                        if let Some(conn) = conns.remove(&peer) {
+                            reg.disconnected(conn, peer, now);
+                        }
+                    }
+                    2 => {
+                        let conn = conns.get(&peer).copied().unwrap_or(0);
+                        reg.handle(conn, peer, from, ControlMessage::Ping { seq: 1 }, now);
+                        reg.observe(peer, from, now);
+                    }
+                    3 => {
+                        for (expired, _) in reg.expire(now, 2) {
+                            proptest::prop_assert!(!conns.contains_key(&expired));
+                        }
+                    }
+                    _ => {
+                        // A stale connection of an online peer closes.
+                        reg.disconnected(0, peer, now);
+                    }
+                }
+                if let Err(e) = reg.check_invariants() {
+                    return Err(proptest::test_runner::TestCaseError::fail(e));
+                }
+                proptest::prop_assert!(reg.registered() <= max_registered);
+                proptest::prop_assert_eq!(reg.online(), conns.len());
+            }
+        }
+    }
+
+    /// Memory per registered row (at the default cap: the hash map's load factor matters), and
+    /// of the registration buckets, measured from the process's resident set (run alone:
+    /// `cargo test -p rendezvous --lib -- --ignored --nocapture memory_per_row`).
+    #[test]
+    #[ignore = "a measurement, not a check; run alone"]
+    fn memory_per_row() {
+        fn rss_kib() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+        // The two per-source registration buckets, full.
+        let before = rss_kib();
+        let defaults = RegistryLimits::default();
+        let mut buckets = [
+            SourceBuckets::new(1.0, 1.0, defaults.sources_remembered),
+            SourceBuckets::new(1.0, 1.0, defaults.sources_remembered),
+        ];
+        let now = Instant::now();
+        for n in 0..defaults.sources_remembered as u32 {
+            for b in &mut buckets {
+                b.try_take(SourceKey::of(IpAddr::V4(n.into())), 1.0, now);
+            }
+        }
+        let after = rss_kib();
+        println!(
+            "registration buckets: {} KiB for {} sources (both sets), {} bytes per source per set",
+            after - before,
+            defaults.sources_remembered,
+            (after - before) * 1024 / (2 * defaults.sources_remembered as u64)
+        );
+        // (The buckets stay allocated, so the rows below get fresh memory.)
+        const N: u32 = 1_000_000;
+        // Kept alive to the end: memory freed by one round would be reused by the next.
+        let mut kept = Vec::new();
+        for local_addrs in [0usize, 2, MAX_LOCAL_ADDRS] {
+            let before = rss_kib();
+            let records = (0..N).map(|n| {
+                let record = Record {
+                    observed: SocketAddr::from(([198, 51, 100, 1], n as u16)),
+                    local_addrs: (0..local_addrs)
+                        .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 4000)))
+                        .collect(),
+                    last_seen: T0 + time::Duration::seconds(n.into()),
+                    registered_at: T0,
+                };
+                (big_id(n), record)
+            });
+            let reg = Registry::with_limits(records, 1, RegistryLimits::default());
+            let after = rss_kib();
+            println!(
+                "{local_addrs} local addresses: {} bytes per offline row ({} rows, RSS +{} KiB)",
+                (after - before) * 1024 / u64::from(N),
+                reg.registered(),
+                after - before
+            );
+            kept.push(reg);
+        }
+        // How long one expiry chunk holds the registry's lock at the cap.
+        let reg = &mut kept[0];
+        let started = Instant::now();
+        let expired = reg.expire(T0 + 1000 * DAY, 1024);
+        println!(
+            "expiring {} of {} rows took {:?}",
+            expired.len(),
+            N,
+            started.elapsed()
+        );
     }
 }

@@ -44,6 +44,8 @@ pub struct Config {
     pub tunnel_limits: tunnel::TunnelLimits,
     /// Caps and timeouts of the metrics port.
     pub metrics_limits: metrics::MetricsLimits,
+    /// Registry growth: registration rate limits per source, row cap, expiry of offline rows.
+    pub registry: core::RegistryLimits,
 }
 
 /// Errors starting the server.
@@ -106,9 +108,13 @@ impl Server {
             source,
         })?;
         let (identity, _) = Identity::load_or_create(&config.data_dir.join("server.pem"))?;
-        let (store, records, writer) = store::open(&config.data_dir)?;
+        // Rows already past their expiry are deleted at load instead of loaded.
+        let expired_before = time::Duration::try_from(config.registry.expire_after)
+            .ok()
+            .and_then(|d| time::OffsetDateTime::now_utc().checked_sub(d));
+        let (store, records, writer) = store::open_expiring(&config.data_dir, expired_before)?;
         let registered = records.len();
-        let registry = core::Registry::new(records, rand::random());
+        let registry = core::Registry::with_limits(records, rand::random(), config.registry);
         let tls = certs::server_config(&identity, &[common::ALPN_RENDEZVOUS])?;
         let (endpoint, demux, stun_rx) = transport::make_endpoint(
             config.listen,
@@ -167,6 +173,7 @@ impl Server {
                 demux.clone(),
                 config.tunnel_limits,
                 tunnel_counters.clone(),
+                shared.clone(),
                 shutdown_rx.clone(),
             )));
         }

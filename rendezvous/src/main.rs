@@ -4,10 +4,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use rendezvous::core::RegistryLimits;
 use rendezvous::metrics::MetricsLimits;
 use rendezvous::relay::RelayLimits;
 use rendezvous::tunnel::TunnelLimits;
 use rendezvous::{Config, Limits, Server};
+
+/// `--expire-after-days` by default: the library's default, in days (a test checks they agree).
+const DEFAULT_EXPIRE_AFTER_DAYS: u32 = 30;
 
 /// The rendezvous server: peers register here, find each other by id, and are introduced for
 /// hole punching.
@@ -61,6 +65,18 @@ enum Command {
         /// Relay byte quota per peer per day (0: none).
         #[arg(long, default_value_t = RelayLimits::default().quota_bytes)]
         relay_quota: u64,
+        /// Most registered peers (rows, online or not); new identities are refused while the
+        /// registry is full. A row costs about 260-370 bytes of memory, at most about 800 (a
+        /// peer announcing 16 local addresses).
+        #[arg(long, default_value_t = RegistryLimits::default().max_registered)]
+        max_registered: usize,
+        /// Delete a registered peer's row once it has been offline this many days.
+        #[arg(
+            long,
+            default_value_t = DEFAULT_EXPIRE_AFTER_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=36_500)
+        )]
+        expire_after_days: u32,
         /// Append every relayed packet to this file (capped at 16 MiB), to inspect what the
         /// server handles (it only ever sees the peers' encrypted QUIC packets).
         #[arg(long, env = "RENDEZVOUS_RELAY_TRACE")]
@@ -181,6 +197,8 @@ async fn main() -> anyhow::Result<()> {
             stun_alt_ip,
             metrics,
             edge,
+            max_registered,
+            expire_after_days,
         } => {
             let (tunnel_limits, metrics_limits) = edge.limits();
             let tcp_required = tcp_listen.as_deref().is_some_and(|t| t != "off");
@@ -215,6 +233,13 @@ async fn main() -> anyhow::Result<()> {
                 metrics,
                 tunnel_limits,
                 metrics_limits,
+                registry: RegistryLimits {
+                    max_registered,
+                    expire_after: std::time::Duration::from_secs(
+                        u64::from(expire_after_days) * 86_400,
+                    ),
+                    ..RegistryLimits::default()
+                },
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;
@@ -265,5 +290,13 @@ mod tests {
         );
         assert!(seconds("0").is_err() && seconds("x").is_err() && seconds("-1").is_err());
         assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn default_expiry_is_the_librarys() {
+        assert_eq!(
+            u64::from(DEFAULT_EXPIRE_AFTER_DAYS) * 86_400,
+            RegistryLimits::default().expire_after.as_secs()
+        );
     }
 }

@@ -44,6 +44,10 @@ pub struct Snapshot {
     pub error_replies: Vec<(&'static str, u64)>,
     /// Requests refused as invalid.
     pub rejected: u64,
+    /// Registrations refused by the registry's growth limits, by reason.
+    pub registrations_refused: [(&'static str, u64); 3],
+    /// Rows deleted because their peer was offline longer than the expiry time.
+    pub expired: u64,
     /// Relay: sessions, packets, bytes.
     pub relay_sessions: u64,
     /// Relayed packets.
@@ -144,6 +148,20 @@ pub fn render(s: &Snapshot) -> String {
             "counter",
             "Requests refused as invalid.",
             unlabelled(s.rejected),
+        ),
+        (
+            "rendezvous_registrations_refused_total",
+            "counter",
+            "Registrations refused (answered `rate_limited`): too many from the source \
+             (source_rate), too many new identities from the source (new_ids_rate), registry \
+             full (full).",
+            labelled("reason", &s.registrations_refused),
+        ),
+        (
+            "rendezvous_expired_peers_total",
+            "counter",
+            "Registry rows deleted because their peer was offline longer than the expiry time.",
+            unlabelled(s.expired),
         ),
         (
             "rendezvous_relay_sessions_total",
@@ -253,6 +271,12 @@ pub(crate) fn snapshot(
         punches_failed: counters.punches_failed,
         error_replies: shared.rejections.snapshot(),
         rejected: counters.rejected,
+        registrations_refused: [
+            ("source_rate", counters.refused_source_rate),
+            ("new_ids_rate", counters.refused_new_ids_rate),
+            ("full", counters.refused_full),
+        ],
+        expired: counters.expired,
         relay_sessions: get(&relay.sessions),
         relay_packets: get(&relay.packets),
         relay_bytes: get(&relay.bytes),
@@ -513,8 +537,14 @@ mod tests {
             stun: [("answered", 5), ("rate_limited", 0), ("ignored", 1)],
             punches_succeeded: 4,
             error_replies: vec![("bad_request", 2), ("too_large", 1)],
+            registrations_refused: [("source_rate", 0), ("new_ids_rate", 7), ("full", 0)],
+            expired: 9,
             ..Snapshot::default()
         });
+        assert!(
+            text.contains("rendezvous_registrations_refused_total{reason=\"new_ids_rate\"} 7\n")
+        );
+        assert!(text.contains("rendezvous_expired_peers_total 9\n"));
         assert!(text.contains("rendezvous_punch_results_total{result=\"direct\"} 4\n"));
         assert!(text.contains("rendezvous_error_replies_total{code=\"too_large\"} 1\n"));
         assert!(text

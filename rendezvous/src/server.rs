@@ -25,6 +25,9 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pushes queued for one peer before new ones are dropped.
 const PUSH_QUEUE: usize = 64;
+/// Registry rows expired per hold of the registry lock (each chunk is then deleted from storage
+/// in one durable transaction before the next).
+const EXPIRY_CHUNK: usize = 1024;
 /// Application close codes.
 const CLOSE_SHUTDOWN: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
@@ -205,6 +208,17 @@ impl Shared {
         )
     }
 
+    /// A TCP tunnel from `remote` carries the packets of `virtual_addr` (`Some`), or closed
+    /// (`None`): registrations through it count against `remote` (see
+    /// [`Registry::tunnel_opened`]).
+    pub(crate) fn tunnel_source(&self, virtual_addr: SocketAddr, remote: Option<std::net::IpAddr>) {
+        let mut registry = lock(&self.registry);
+        match remote {
+            Some(remote) => registry.tunnel_opened(virtual_addr, remote),
+            None => registry.tunnel_closed(virtual_addr),
+        }
+    }
+
     /// Before introducing `target`, take its address from its live connection: after a NAT
     /// rebinding QUIC migrates at once, long before the peer sends another request.
     fn refresh_observed(&self, target: PeerId) {
@@ -240,6 +254,7 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let mut tasks = JoinSet::new();
     tasks.spawn(log_counters(shared.clone(), shutdown.clone()));
+    tasks.spawn(expire_rows(shared.clone(), shutdown.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -291,6 +306,40 @@ async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         }
         if stop {
             return;
+        }
+    }
+}
+
+/// Deletes registry rows whose peers have been offline too long, periodically, in bounded
+/// chunks: from memory under the lock, then durably from storage.
+async fn expire_rows(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    // Often enough that a row outlives its expiry by a small fraction of it (a minute at most),
+    // rarely enough to cost nothing.
+    let expire_after = lock(&shared.registry).limits().expire_after;
+    let every = (expire_after / 8).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        loop {
+            let expired = lock(&shared.registry).expire(OffsetDateTime::now_utc(), EXPIRY_CHUNK);
+            let (n, full_chunk) = (expired.len(), expired.len() == EXPIRY_CHUNK);
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = shared.store.delete_expired(expired).await {
+                // The rows are gone from memory; storage drops them at the next start.
+                tracing::error!(error = %e, rows = n, "could not delete expired rows");
+                break;
+            }
+            tracing::info!(rows = n, "expired registry rows of peers offline too long");
+            if !full_chunk {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
     }
 }

@@ -2,12 +2,15 @@
 //!
 //! Writes go through one writer thread that batches whatever requests are queued into a single
 //! durable transaction (group commit): a registration is acknowledged only once it is on disk,
-//! and many registrations arriving together cost one fsync.
+//! and many registrations arriving together cost one fsync. Expired rows are deleted through
+//! the same thread and queue, so a delete and a later write of the same row are applied in
+//! order; a delete also checks the row was not written again since it expired.
 
 use std::path::{Path, PathBuf};
 
 use common::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::Record;
@@ -43,17 +46,33 @@ pub struct Store {
 }
 
 struct WriteRequest {
-    id: PeerId,
-    record: Record,
+    write: Write,
     done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+enum Write {
+    /// Insert or replace a row.
+    Put(PeerId, Record),
+    /// Delete these rows, each only if its stored `last_seen` is not later than the one given
+    /// (a row written again after it expired in memory is a new registration: kept).
+    DeleteExpired(Vec<(PeerId, OffsetDateTime)>),
 }
 
 /// What [`open`] returns: a handle for writes, the stored records, and the writer thread (which
 /// ends when every handle is dropped).
 pub type Opened = (Store, Vec<(PeerId, Record)>, std::thread::JoinHandle<()>);
 
-/// Opens (or creates) `dir/registry.redb`.
+/// Opens (or creates) `dir/registry.redb` and loads every row.
 pub fn open(dir: &Path) -> Result<Opened, StoreError> {
+    open_expiring(dir, None)
+}
+
+/// Opens (or creates) `dir/registry.redb` and loads its rows, except rows last seen before
+/// `expired_before`: those are deleted (durably) instead of loaded.
+pub fn open_expiring(
+    dir: &Path,
+    expired_before: Option<OffsetDateTime>,
+) -> Result<Opened, StoreError> {
     let path = dir.join("registry.redb");
     let db_err = |e: &dyn std::fmt::Display| StoreError::Db {
         path: path.clone(),
@@ -66,6 +85,7 @@ pub fn open(dir: &Path) -> Result<Opened, StoreError> {
         txn.commit().map_err(|e| db_err(&e))?;
     }
     let mut records = Vec::new();
+    let mut expired = Vec::new();
     {
         let txn = db.begin_read().map_err(|e| db_err(&e))?;
         let table = txn.open_table(PEERS).map_err(|e| db_err(&e))?;
@@ -77,10 +97,27 @@ pub fn open(dir: &Path) -> Result<Opened, StoreError> {
                 continue;
             };
             match serde_json::from_slice::<Record>(value.value()) {
+                Ok(record) if expired_before.is_some_and(|t| record.last_seen < t) => {
+                    expired.push(*key.value());
+                }
                 Ok(record) => records.push((id, record)),
                 Err(e) => tracing::warn!(peer = %id, error = %e, "skipping unreadable record"),
             }
         }
+    }
+    if !expired.is_empty() {
+        let txn = db.begin_write().map_err(|e| db_err(&e))?;
+        {
+            let mut table = txn.open_table(PEERS).map_err(|e| db_err(&e))?;
+            for key in &expired {
+                table.remove(key).map_err(|e| db_err(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| db_err(&e))?;
+        tracing::info!(
+            rows = expired.len(),
+            "deleted expired registry rows at start"
+        );
     }
     let (writes, rx) = mpsc::channel(WRITE_QUEUE);
     let writer = std::thread::Builder::new()
@@ -96,11 +133,26 @@ pub fn open(dir: &Path) -> Result<Opened, StoreError> {
 impl Store {
     /// Writes a record and waits until it is durable.
     pub async fn put(&self, id: PeerId, record: Record) -> Result<(), StoreError> {
+        self.write_durably(Write::Put(id, record)).await
+    }
+
+    /// Deletes rows that expired in memory ([`crate::core::Registry::expire`]'s output) and
+    /// waits until the deletes are durable. A row written again since it expired is kept.
+    pub async fn delete_expired(
+        &self,
+        rows: Vec<(PeerId, OffsetDateTime)>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write_durably(Write::DeleteExpired(rows)).await
+    }
+
+    async fn write_durably(&self, write: Write) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.writes
             .send(WriteRequest {
-                id,
-                record,
+                write,
                 done: Some(done),
             })
             .await
@@ -120,8 +172,7 @@ impl Store {
         if self
             .writes
             .try_send(WriteRequest {
-                id,
-                record,
+                write: Write::Put(id, record),
                 done: None,
             })
             .is_err()
@@ -157,10 +208,27 @@ fn commit(db: &Database, batch: &[WriteRequest]) -> Result<(), String> {
     {
         let mut table = txn.open_table(PEERS).map_err(|e| e.to_string())?;
         for req in batch {
-            let value = serde_json::to_vec(&req.record).map_err(|e| e.to_string())?;
-            table
-                .insert(req.id.as_bytes(), value.as_slice())
-                .map_err(|e| e.to_string())?;
+            match &req.write {
+                Write::Put(id, record) => {
+                    let value = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+                    table
+                        .insert(id.as_bytes(), value.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Write::DeleteExpired(rows) => {
+                    for (id, expired_last_seen) in rows {
+                        let rewritten = match table.get(id.as_bytes()).map_err(|e| e.to_string())? {
+                            None => continue,
+                            // An unreadable row would be skipped at load anyway: delete it.
+                            Some(value) => serde_json::from_slice::<Record>(value.value())
+                                .is_ok_and(|stored| stored.last_seen > *expired_last_seen),
+                        };
+                        if !rewritten {
+                            table.remove(id.as_bytes()).map_err(|e| e.to_string())?;
+                        }
+                    }
+                }
+            }
         }
     }
     txn.commit().map_err(|e| e.to_string())
@@ -171,26 +239,114 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
-    #[tokio::test]
-    async fn records_survive_reopen() {
-        let dir = std::env::temp_dir().join(format!("store-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let id = PeerId::from_key_digest(&[3; 32]);
-        let record = Record {
+    /// A fresh directory, removed on drop (also when the test fails).
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        fn new(tag: &str) -> TestDir {
+            let dir = std::env::temp_dir().join(format!(
+                "store-test-{tag}-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TestDir(dir)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const T0: OffsetDateTime = datetime!(2026-11-25 08:00 UTC);
+
+    fn record(last_seen: OffsetDateTime) -> Record {
+        Record {
             observed: "203.0.113.4:9".parse().unwrap(),
             local_addrs: vec![],
-            last_seen: datetime!(2026-11-25 08:00 UTC),
-            registered_at: datetime!(2026-11-25 08:00 UTC),
-        };
+            last_seen,
+            registered_at: T0,
+        }
+    }
+
+    fn id(n: u8) -> PeerId {
+        PeerId::from_key_digest(&[n; 32])
+    }
+
+    /// Opens, runs `f` on the store, and closes (waiting for the writer to finish).
+    async fn with_store<F, Fut>(dir: &Path, expired_before: Option<OffsetDateTime>, f: F)
+    where
+        F: FnOnce(Store) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (store, _, writer) = open_expiring(dir, expired_before).unwrap();
+        f(store).await;
+        tokio::task::spawn_blocking(move || writer.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    fn sorted(mut records: Vec<(PeerId, Record)>) -> Vec<(PeerId, Record)> {
+        records.sort_by_key(|(id, _)| *id);
+        records
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = TestDir::new("reopen");
+        let record = record(T0);
         {
-            let (store, records, writer) = open(&dir).unwrap();
+            let (store, records, writer) = open(&dir.0).unwrap();
             assert!(records.is_empty());
-            store.put(id, record.clone()).await.unwrap();
+            store.put(id(3), record.clone()).await.unwrap();
             drop(store);
             writer.join().unwrap();
         }
-        let (_store, records, _writer) = open(&dir).unwrap();
-        assert_eq!(records, vec![(id, record)]);
-        std::fs::remove_dir_all(&dir).unwrap();
+        let (_store, records, _writer) = open(&dir.0).unwrap();
+        assert_eq!(records, vec![(id(3), record)]);
+    }
+
+    #[tokio::test]
+    async fn deletes_are_durable_and_spare_rows_written_again() {
+        let dir = TestDir::new("delete");
+        let later = T0 + time::Duration::days(1);
+        with_store(&dir.0, None, |store| async move {
+            for n in 1..=3 {
+                store.put(id(n), record(T0)).await.unwrap();
+            }
+            // Peer 2 registered again after it expired in memory: its newer row stays.
+            store.put(id(2), record(later)).await.unwrap();
+            store
+                .delete_expired(vec![(id(1), T0), (id(2), T0), (id(9), T0)])
+                .await
+                .unwrap();
+        })
+        .await;
+        let (_store, records, _writer) = open(&dir.0).unwrap();
+        assert_eq!(
+            sorted(records),
+            sorted(vec![(id(2), record(later)), (id(3), record(T0))])
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_rows_are_deleted_at_load_not_loaded() {
+        let dir = TestDir::new("load");
+        let recent = T0 + time::Duration::days(40);
+        with_store(&dir.0, None, |store| async move {
+            store.put(id(1), record(T0)).await.unwrap();
+            store.put(id(2), record(recent)).await.unwrap();
+        })
+        .await;
+        let cutoff = T0 + time::Duration::days(10);
+        let (store, records, writer) = open_expiring(&dir.0, Some(cutoff)).unwrap();
+        assert_eq!(records, vec![(id(2), record(recent))]);
+        drop(store);
+        writer.join().unwrap();
+        // Gone from disk, not just skipped.
+        let (_store, records, _writer) = open(&dir.0).unwrap();
+        assert_eq!(records, vec![(id(2), record(recent))]);
     }
 }

@@ -161,6 +161,7 @@ pub(crate) async fn serve(
     demux: Arc<DemuxSocket>,
     limits: TunnelLimits,
     counters: Arc<TunnelCounters>,
+    shared: Arc<crate::server::Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
@@ -212,6 +213,7 @@ pub(crate) async fn serve(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let demux = demux.clone();
+        let shared = shared.clone();
         let counters = counters.clone();
         let addr = free_virtual_addr(&demux, &counter);
         let mut stop = shutdown.clone();
@@ -241,6 +243,8 @@ pub(crate) async fn serve(
             let (tx, rx) = mpsc::channel(TUNNEL_QUEUE);
             demux.set_route(addr, PathTarget::Virtual(VirtualSink::new([0; 16], tx)));
             let injector = demux.injector();
+            // Registrations through the tunnel count against its real source.
+            shared.tunnel_source(addr, Some(remote.ip()));
             let reason = tokio::select! {
                 end = transport::tunnel::run_tunnel_with(tls, injector, addr, rx, timeouts) => {
                     counters.closed(&end);
@@ -251,6 +255,7 @@ pub(crate) async fn serve(
             demux.remove_routes(addr);
             counters.open.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(%remote, %reason, "TCP tunnel closed");
+            shared.tunnel_source(addr, None);
             drop(tunnel_slot);
         });
     }
