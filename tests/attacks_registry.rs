@@ -15,22 +15,16 @@ use common::frame_io::{read_frame, write_frame};
 use common::{ControlMessage, ErrorCode, PeerId, PROTOCOL_VERSION};
 use e2e::TempDir;
 use rendezvous::core::RegistryLimits;
-use rendezvous::{Config, Limits, Server};
+use rendezvous::{Config, Server};
 
 /// Deadline for anything that should happen promptly (generous: a loaded 2-core machine).
 const T: Duration = Duration::from_secs(60);
 
 async fn start(data_dir: &Path, registry: RegistryLimits) -> Server {
     Server::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.to_owned(),
-        limits: Limits::default(),
-        relay_trace: None,
-        tcp_listen: None,
-        tcp_required: false,
-        stun: Default::default(),
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         registry,
+        ..Config::new("127.0.0.1:0".parse().unwrap(), data_dir)
     })
     .await
     .expect("starting the rendezvous")

@@ -48,6 +48,27 @@ pub struct Config {
     pub registry: core::RegistryLimits,
 }
 
+impl Config {
+    /// A server on `listen` keeping its key and registry in `data_dir`, with every limit at its
+    /// default, no TCP tunnel, no metrics, no alternate STUN address and no relay trace: set the
+    /// other fields with struct update syntax.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen,
+            data_dir: data_dir.into(),
+            limits: Limits::default(),
+            relay_trace: None,
+            tcp_listen: None,
+            tcp_required: false,
+            stun: stun::StunConfig::default(),
+            metrics: None,
+            tunnel_limits: tunnel::TunnelLimits::default(),
+            metrics_limits: metrics::MetricsLimits::default(),
+            registry: core::RegistryLimits::default(),
+        }
+    }
+}
+
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
