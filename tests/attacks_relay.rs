@@ -40,8 +40,13 @@ async fn client(server: SocketAddr, version: u32) -> Result<Client, ControlMessa
     )
     .unwrap();
     let config = transport::quic_client_config(tls, Default::default()).unwrap();
+    // Each client from its own loopback address: the registry limits new identities per source,
+    // and this test is about the relay, not about those limits.
+    static NEXT_SOURCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let source = std::net::Ipv4Addr::new(127, 0, 2, (n % 250 + 1) as u8);
     let (endpoint, _, _) = transport::make_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
+        SocketAddr::from((source, 0)),
         None,
         Default::default(),
         8,
