@@ -43,6 +43,14 @@ pub struct Snapshot {
     pub relay_dropped: [(&'static str, u64); 5],
     /// STUN: answered, rate limited, ignored.
     pub stun: [(&'static str, u64); 3],
+    /// Connection attempts sent a QUIC Retry (address validation under load).
+    pub quic_retries: u64,
+    /// Connection attempts refused, by reason.
+    pub connections_refused: [(&'static str, u64); 4],
+    /// QUIC handshakes that did not finish in time.
+    pub handshake_timeouts: u64,
+    /// Peers disconnected for not reading their replies within the write timeout.
+    pub not_reading: u64,
 }
 
 /// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
@@ -62,7 +70,7 @@ fn labelled(key: &str, values: &[(&str, u64)]) -> Samples {
 
 /// Renders the text exposition format.
 pub fn render(s: &Snapshot) -> String {
-    let metrics: [(&str, &str, &str, Samples); 13] = [
+    let metrics: [(&str, &str, &str, Samples); 17] = [
         (
             "rendezvous_registered_peers",
             "gauge",
@@ -148,6 +156,31 @@ pub fn render(s: &Snapshot) -> String {
             "STUN datagrams, by outcome.",
             labelled("outcome", &s.stun),
         ),
+        (
+            "rendezvous_quic_retries_total",
+            "counter",
+            "Connection attempts answered with a QUIC Retry (address validation under load).",
+            unlabelled(s.quic_retries),
+        ),
+        (
+            "rendezvous_connections_refused_total",
+            "counter",
+            "Connection attempts refused, by reason (per-source or total caps on handshakes and \
+             connections).",
+            labelled("reason", &s.connections_refused),
+        ),
+        (
+            "rendezvous_handshake_timeouts_total",
+            "counter",
+            "QUIC handshakes that did not finish in time.",
+            unlabelled(s.handshake_timeouts),
+        ),
+        (
+            "rendezvous_not_reading_disconnects_total",
+            "counter",
+            "Peers disconnected for not reading their replies within the write timeout.",
+            unlabelled(s.not_reading),
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, samples) in metrics {
@@ -189,6 +222,21 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
             ("rate_limited", get(&shared.stun.rate_limited)),
             ("ignored", get(&shared.stun.ignored)),
         ],
+        quic_retries: get(&shared.conns.retries),
+        connections_refused: [
+            (
+                "source_connections",
+                get(&shared.conns.refused_source_connections),
+            ),
+            (
+                "source_handshakes",
+                get(&shared.conns.refused_source_handshakes),
+            ),
+            ("handshakes", get(&shared.conns.refused_handshakes)),
+            ("connections", get(&shared.conns.refused_connections)),
+        ],
+        handshake_timeouts: get(&shared.conns.handshake_timeouts),
+        not_reading: get(&shared.conns.not_reading),
     }
 }
 

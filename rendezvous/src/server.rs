@@ -7,33 +7,85 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::frame_io::{read_frame, write_frame, FrameIoError};
+use common::frame_io::{read_frame_max, write_frame, FrameIoError};
 use common::{ControlMessage, ErrorCode, FrameError, PeerId};
 use quinn::{Connection, RecvStream, SendStream};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::core::{ConnId, Outcome, Registry};
 use crate::ratelimit::TokenBucket;
 use crate::relay::{RelayHub, RelayLimits};
+use crate::sources::{Slot, SlotRefusal, SourceKey, SourceSlots};
 use crate::store::Store;
 
-/// How long a client has to finish the handshake and send `register`.
+/// How long a QUIC handshake may take; it holds a handshake slot meanwhile.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has, once connected, to open its control stream and send `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request stream may take to deliver its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pushes queued for one peer before new ones are dropped.
-const PUSH_QUEUE: usize = 64;
+/// How long one reply or push may take to be accepted by the peer's flow control: a peer that
+/// does not read its streams for this long is disconnected ([`CLOSE_NOT_READING`]).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest frame the server accepts from a peer. The largest legitimate request (`register`
+/// with 16 local addresses) is under 1 KiB; a longer frame is answered `too_large` and the
+/// connection closed (control stream) or the stream answered and ended (request stream).
+pub const MAX_REQUEST_FRAME: usize = 4 * 1024;
+/// Control frames read and waiting for the control loop (each at most [`MAX_REQUEST_FRAME`]).
+const FRAMES_QUEUE: usize = 4;
+/// Replies waiting for the writer of a control stream. The control loop never waits for room:
+/// a full queue means the peer is not reading, and it is disconnected.
+const REPLY_QUEUE: usize = 8;
+/// Pushes (introductions) waiting for the writer of a control stream; more are dropped.
+const PUSH_QUEUE: usize = 32;
 /// Application close codes.
 const CLOSE_SHUTDOWN: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
+/// The peer did not read its replies within [`WRITE_TIMEOUT`].
+pub const CLOSE_NOT_READING: u32 = 3;
+/// The connection was refused: too many from this source, or in all.
+pub const CLOSE_BUSY: u32 = 4;
+
+/// QUIC flow control of control connections: small, since control frames are small. Together
+/// with the queues above they make the per-connection memory budget (see [`Limits`]).
+pub const CONTROL_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// Bytes of the server's writes on a control connection held until acknowledged.
+pub const CONTROL_SEND_WINDOW: u64 = 64 * 1024;
+/// Bidirectional streams a client may have open at once: control, relay, and requests.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Server limits.
+///
+/// Per-connection memory budget of a control connection (enforced by the bounds named):
+/// QUIC receive buffers 64 KiB ([`CONTROL_RECEIVE_WINDOW`]) + QUIC send buffers 64 KiB
+/// ([`CONTROL_SEND_WINDOW`]) + control frames read and queued 5 x 4 KiB ([`FRAMES_QUEUE`] and
+/// the one being read, [`MAX_REQUEST_FRAME`] each) + replies queued 8 x ~4 KiB + pushes queued
+/// 32 x ~1 KiB + partial requests on 14 request streams x 4 KiB + quinn's connection state and
+/// tasks (~40 KiB): about 350 KiB at most. A connection that opened its relay stream gets
+/// `relay_window` for each of its QUIC windows instead (plus the relay's own queues).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Concurrent connections; more are refused at the QUIC level.
     pub max_connections: usize,
+    /// Concurrent connections from one source (IPv4 address or IPv6 /64). Generous because
+    /// carrier-grade NAT puts many users behind one IPv4 address.
+    pub max_connections_per_source: usize,
+    /// QUIC handshakes in progress at once, in all. Separate from `max_connections`, so that a
+    /// flood of half-open handshakes cannot take the slots of established peers.
+    pub max_handshakes: usize,
+    /// QUIC handshakes in progress at once from one source.
+    pub max_handshakes_per_source: usize,
+    /// Above this many handshakes in progress, a client whose address is not validated is sent a
+    /// QUIC Retry (a stateless round trip that proves it receives at its address) first.
+    pub retry_above_handshakes: usize,
+    /// Likewise when its source already has this many handshakes in progress.
+    pub retry_above_source_handshakes: usize,
+    /// QUIC receive and send windows of a connection once it opens its relay stream: relay
+    /// throughput is at most window / RTT (1 MiB: ~52 MB/s at 20 ms).
+    pub relay_window: u32,
     /// Sustained requests per second per connection.
     pub requests_per_second: f64,
     /// Burst of requests per connection.
@@ -42,10 +94,34 @@ pub struct Limits {
     pub relay: RelayLimits,
 }
 
+impl Limits {
+    /// The QUIC transport bounds these limits imply for the endpoint.
+    pub fn server_transport(&self) -> transport::ServerTransport {
+        transport::ServerTransport {
+            receive_window: CONTROL_RECEIVE_WINDOW,
+            // Only the relay stream needs more than a control frame; until it is opened the
+            // connection window above caps every stream.
+            stream_receive_window: self.relay_window.max(CONTROL_RECEIVE_WINDOW),
+            send_window: CONTROL_SEND_WINDOW,
+            max_concurrent_bidi_streams: MAX_STREAMS_PER_CONNECTION,
+            // The accept loop takes each attempt at once; these only absorb bursts.
+            max_incoming: 256,
+            incoming_buffer_size: 16 * 1024,
+            incoming_buffer_size_total: 1024 * 1024,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 20_000,
+            max_connections_per_source: 64,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 16,
+            retry_above_handshakes: 64,
+            retry_above_source_handshakes: 4,
+            relay_window: 1024 * 1024,
             requests_per_second: 20.0,
             request_burst: 50.0,
             relay: RelayLimits::default(),
@@ -55,7 +131,7 @@ impl Default for Limits {
 
 /// What the driver keeps per registered connection.
 struct Online {
-    /// Pushes to its control stream.
+    /// Pushes to its control stream (dropped when full).
     pusher: mpsc::Sender<ControlMessage>,
     /// The connection, to read its current remote address.
     conn: Connection,
@@ -69,6 +145,32 @@ pub(crate) struct Shared {
     pub(crate) relay: Arc<RelayHub>,
     pub(crate) stun: Arc<crate::stun::StunCounters>,
     pub(crate) rejections: Rejections,
+    pub(crate) conns: ConnCounters,
+    /// Established connections, per source and in all.
+    connections: SourceSlots,
+}
+
+/// Connection-level refusals and disconnects, for the operator.
+#[derive(Debug, Default)]
+pub(crate) struct ConnCounters {
+    /// Connection attempts sent a QUIC Retry (address validation under load).
+    pub(crate) retries: AtomicU64,
+    /// Attempts refused: the source holds its maximum of connections.
+    pub(crate) refused_source_connections: AtomicU64,
+    /// Attempts refused: the source holds its maximum of handshakes.
+    pub(crate) refused_source_handshakes: AtomicU64,
+    /// Attempts refused: all handshake slots taken.
+    pub(crate) refused_handshakes: AtomicU64,
+    /// Connections closed after the handshake: all connection slots taken.
+    pub(crate) refused_connections: AtomicU64,
+    /// Handshakes that did not finish in time.
+    pub(crate) handshake_timeouts: AtomicU64,
+    /// Peers disconnected for not reading their replies.
+    pub(crate) not_reading: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Error replies sent, by code: what clients got wrong (or were refused), for the operator.
@@ -130,6 +232,11 @@ impl Shared {
             relay: Arc::new(relay),
             stun,
             rejections: Rejections::default(),
+            conns: ConnCounters::default(),
+            connections: SourceSlots::new(
+                limits.max_connections_per_source,
+                limits.max_connections,
+            ),
         })
     }
 
@@ -222,26 +329,23 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let limits = shared.limits;
+    let handshakes = SourceSlots::new(limits.max_handshakes_per_source, limits.max_handshakes);
     let mut tasks = JoinSet::new();
     tasks.spawn(log_counters(shared.clone(), shutdown.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
-                    incoming.refuse();
-                    continue;
-                };
+                let Some(handshake) = admit(&shared, &handshakes, incoming) else { continue };
+                let (incoming, slot) = handshake;
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
                 tasks.spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = handle_connection(incoming, shared, shutdown).await {
+                    if let Err(e) = handle_connection(incoming, slot, shared, shutdown).await {
                         tracing::debug!(%remote, error = %e, "connection ended");
                     }
-                    drop(permit);
                 });
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -258,6 +362,46 @@ pub(crate) async fn serve(
         tasks.shutdown().await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Decides what becomes of a connection attempt: a QUIC Retry when its address is not validated
+/// and the server is under load (stateless: a spoofed source gets one small packet and holds
+/// nothing), a refusal when its source or the server holds too many, otherwise a handshake slot.
+fn admit(
+    shared: &Shared,
+    handshakes: &SourceSlots,
+    incoming: quinn::Incoming,
+) -> Option<(quinn::Incoming, Slot)> {
+    let limits = &shared.limits;
+    let remote = incoming.remote_address();
+    let source = SourceKey::of(remote.ip());
+    if shared.connections.held_by(source) >= limits.max_connections_per_source {
+        bump(&shared.conns.refused_source_connections);
+        tracing::debug!(%remote, "too many connections from this source; refusing");
+        incoming.refuse();
+        return None;
+    }
+    let under_load = handshakes.held() >= limits.retry_above_handshakes
+        || handshakes.held_by(source) >= limits.retry_above_source_handshakes;
+    if under_load && !incoming.remote_address_validated() && incoming.may_retry() {
+        bump(&shared.conns.retries);
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().refuse();
+        }
+        return None;
+    }
+    match handshakes.try_acquire(source) {
+        Ok(slot) => Some((incoming, slot)),
+        Err(refusal) => {
+            bump(match refusal {
+                SlotRefusal::PerSource(_) => &shared.conns.refused_source_handshakes,
+                SlotRefusal::Total(_) => &shared.conns.refused_handshakes,
+            });
+            tracing::debug!(%remote, %refusal, "handshake refused");
+            incoming.refuse();
+            None
+        }
+    }
 }
 
 /// Logs the relay counters every minute while they change, and once at shutdown.
@@ -292,6 +436,10 @@ enum ConnError {
     Frame(#[from] FrameIoError),
     #[error("stream: {0}")]
     Write(#[from] quinn::WriteError),
+    #[error("refused: {0}")]
+    Refused(#[from] SlotRefusal),
+    #[error("the peer does not read its replies")]
+    NotReading,
     #[error("{0}")]
     Protocol(String),
 }
@@ -316,46 +464,140 @@ async fn send(
 
 async fn handle_connection(
     incoming: quinn::Incoming,
+    handshake: Slot,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let conn = tokio::time::timeout(REGISTER_TIMEOUT, incoming)
-        .await
-        .map_err(|_| ConnError::Timeout("handshake"))??;
+    let source = handshake.source();
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(conn) => conn?,
+        Err(_) => {
+            bump(&shared.conns.handshake_timeouts);
+            return Err(ConnError::Timeout("handshake"));
+        }
+    };
+    drop(handshake);
+    let _slot = match shared.connections.try_acquire(source) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            bump(match refusal {
+                SlotRefusal::PerSource(_) => &shared.conns.refused_source_connections,
+                SlotRefusal::Total(_) => &shared.conns.refused_connections,
+            });
+            conn.close(CLOSE_BUSY.into(), refusal.to_string().as_bytes());
+            return Err(refusal.into());
+        }
+    };
     let id = peer_id_of(&conn)?;
     let conn_id = conn.stable_id() as ConnId;
-    let (mut control_tx, control_rx) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
+    let (control_tx, control_rx) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| ConnError::Timeout("control stream"))??;
 
     // Control frames are read by their own task: reading a frame is not cancel-safe, so it must
-    // not sit in the select! below.
-    let (frames_tx, mut frames) = mpsc::channel(16);
+    // not sit in the select! below. Replies and pushes are written by another, so that the
+    // control loop never waits on the peer.
+    let (frames_tx, frames) = mpsc::channel(FRAMES_QUEUE);
     let reader = tokio::spawn(read_frames(control_rx, frames_tx));
+    let (replies, replies_rx) = mpsc::channel(REPLY_QUEUE);
+    let (pushes, pushes_rx) = mpsc::channel(PUSH_QUEUE);
+    let mut writer = tokio::spawn(write_control(
+        shared.clone(),
+        conn.clone(),
+        control_tx,
+        replies_rx,
+        pushes_rx,
+    ));
+    let control = Control {
+        shared: &shared,
+        conn: &conn,
+        conn_id,
+        id,
+        replies,
+    };
+    let result = control.run(frames, pushes, shutdown).await;
 
-    let result = async {
+    reader.abort();
+    lock(&shared.online).remove(&conn_id);
+    // Every sender is gone now (the loop's and the online entry's): the writer delivers what is
+    // queued (often an error reply), finishes the stream and ends, within its write timeout.
+    if tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    if matches!(result, Err(ConnError::Frame(_))) {
+        // After a bad length the stream cannot be resynchronised.
+        conn.close(CLOSE_PROTOCOL.into(), b"bad frame");
+    }
+    let gone = lock(&shared.registry).disconnected(conn_id, id, OffsetDateTime::now_utc());
+    if let Some((who, record)) = gone {
+        shared.store.put_later(who, record);
+        tracing::info!(peer = %id, "offline");
+    }
+    result
+}
+
+/// One connection's control loop: what it needs to answer requests.
+struct Control<'a> {
+    shared: &'a Arc<Shared>,
+    conn: &'a Connection,
+    conn_id: ConnId,
+    id: PeerId,
+    /// Replies to the control stream's writer.
+    replies: mpsc::Sender<ControlMessage>,
+}
+
+impl Control<'_> {
+    /// Queues a reply without waiting: if the writer has no room the peer has not read its
+    /// replies for a while, and it is disconnected.
+    fn reply(&self, msg: ControlMessage) -> Result<(), ConnError> {
+        match self.replies.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                disconnect_not_reading(self.shared, self.conn);
+                Err(ConnError::NotReading)
+            }
+            // The writer ended: it timed out (and closed the connection) or the stream failed.
+            Err(TrySendError::Closed(_)) => Err(ConnError::NotReading),
+        }
+    }
+
+    /// Registration, then requests until the connection ends.
+    async fn run(
+        &self,
+        mut frames: mpsc::Receiver<Result<Vec<u8>, FrameIoError>>,
+        pushes: mpsc::Sender<ControlMessage>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        let (shared, conn, conn_id, id) = (self.shared, self.conn, self.conn_id, self.id);
         let first = tokio::time::timeout(REGISTER_TIMEOUT, frames.recv())
             .await
             .map_err(|_| ConnError::Timeout("register"))?;
         let first = match first {
             Some(Ok(body)) => body,
-            Some(Err(e)) => return Err(reject_frame(&shared, &conn, &mut control_tx, e).await),
-            None => return Err(ConnError::Protocol("control stream closed before register".into())),
+            Some(Err(e)) => return Err(self.reject_frame(e)),
+            None => {
+                return Err(ConnError::Protocol(
+                    "control stream closed before register".into(),
+                ))
+            }
         };
         let msg = match ControlMessage::decode(&first) {
             Ok(msg @ ControlMessage::Register { .. }) => msg,
             Ok(other) => {
-                let err = ControlMessage::error(
+                self.reply(ControlMessage::error(
                     ErrorCode::NotRegistered,
-                    format!("the first message must be `register`, got `{}`", other.kind()),
-                );
-                send(&shared, &mut control_tx, &err).await?;
-                finish_and_wait(&mut control_tx).await;
+                    format!(
+                        "the first message must be `register`, got `{}`",
+                        other.kind()
+                    ),
+                ))?;
                 return Err(ConnError::Protocol("no register".into()));
             }
             Err(e) => {
-                send(&shared, &mut control_tx, &ControlMessage::error(e.code(), e.to_string())).await?;
-                finish_and_wait(&mut control_tx).await;
+                self.reply(ControlMessage::error(e.code(), e.to_string()))?;
                 return Err(ConnError::Protocol(e.to_string()));
             }
         };
@@ -364,19 +606,17 @@ async fn handle_connection(
             .await;
         let registered = matches!(reply, Some(ControlMessage::Registered { .. }));
         if let Some(reply) = reply {
-            send(&shared, &mut control_tx, &reply).await?;
+            self.reply(reply)?;
         }
         if !registered {
-            finish_and_wait(&mut control_tx).await;
             return Err(ConnError::Protocol("registration refused".into()));
         }
         tracing::info!(peer = %id, observed = %conn.remote_address(), "registered");
 
-        let (push_tx, mut push_rx) = mpsc::channel(PUSH_QUEUE);
         lock(&shared.online).insert(
             conn_id,
             Online {
-                pusher: push_tx,
+                pusher: pushes,
                 conn: conn.clone(),
             },
         );
@@ -399,13 +639,14 @@ async fn handle_connection(
                             Some(ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down"))
                         };
                         if let Some(reply) = reply {
-                            send(&shared, &mut control_tx, &reply).await?;
+                            if let Err(e) = self.reply(reply) {
+                                break Err(e);
+                            }
                         }
                     }
-                    Some(Err(e)) => break Err(reject_frame(&shared, &conn, &mut control_tx, e).await),
+                    Some(Err(e)) => break Err(self.reject_frame(e)),
                     None => break Ok(()),
                 },
-                Some(push) = push_rx.recv() => send(&shared, &mut control_tx, &push).await?,
                 stream = conn.accept_bi() => match stream {
                     Ok((tx, rx)) => {
                         let allowed = limiter.try_take(Instant::now());
@@ -426,16 +667,62 @@ async fn handle_connection(
         requests.shutdown().await;
         outcome
     }
-    .await;
 
-    reader.abort();
-    lock(&shared.online).remove(&conn_id);
-    let gone = lock(&shared.registry).disconnected(conn_id, id, OffsetDateTime::now_utc());
-    if let Some((who, record)) = gone {
-        shared.store.put_later(who, record);
-        tracing::info!(peer = %id, "offline");
+    /// Answers a bad frame on the control stream; the caller closes the connection once the
+    /// answer is out.
+    fn reject_frame(&self, err: FrameIoError) -> ConnError {
+        let code = match &err {
+            FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
+            _ => ErrorCode::BadRequest,
+        };
+        let _ = self.reply(ControlMessage::error(code, err.to_string()));
+        ConnError::Frame(err)
     }
-    result
+}
+
+/// Closes a connection whose peer does not read what it is sent.
+fn disconnect_not_reading(shared: &Shared, conn: &Connection) {
+    bump(&shared.conns.not_reading);
+    tracing::info!(remote = %conn.remote_address(), "peer does not read its replies; disconnecting");
+    conn.close(CLOSE_NOT_READING.into(), b"not reading");
+}
+
+/// Writes replies (first) and pushes to the control stream, each within [`WRITE_TIMEOUT`];
+/// when both queues are closed, finishes the stream. A peer that does not take a write in time
+/// is disconnected.
+async fn write_control(
+    shared: Arc<Shared>,
+    conn: Connection,
+    mut tx: SendStream,
+    mut replies: mpsc::Receiver<ControlMessage>,
+    mut pushes: mpsc::Receiver<ControlMessage>,
+) {
+    let mut pushes_open = true;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            reply = replies.recv() => match reply {
+                Some(msg) => msg,
+                None => break,
+            },
+            push = pushes.recv(), if pushes_open => match push {
+                Some(msg) => msg,
+                None => {
+                    pushes_open = false;
+                    continue;
+                }
+            },
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, send(&shared, &mut tx, &msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                disconnect_not_reading(&shared, &conn);
+                return;
+            }
+        }
+    }
+    finish_and_wait(&mut tx).await;
 }
 
 /// Finishes a stream and waits (briefly) until the peer has it all: dropping the connection
@@ -445,33 +732,9 @@ async fn finish_and_wait(stream: &mut SendStream) {
     let _ = tokio::time::timeout(Duration::from_millis(500), stream.stopped()).await;
 }
 
-/// Answers a bad frame on the control stream and closes the connection: after a bad length the
-/// stream cannot be resynchronised.
-async fn reject_frame(
-    shared: &Shared,
-    conn: &Connection,
-    control_tx: &mut SendStream,
-    err: FrameIoError,
-) -> ConnError {
-    let code = match &err {
-        FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
-        _ => ErrorCode::BadRequest,
-    };
-    let _ = send(
-        shared,
-        control_tx,
-        &ControlMessage::error(code, err.to_string()),
-    )
-    .await;
-    // Give the error a moment to leave before the close frame discards unsent data.
-    finish_and_wait(control_tx).await;
-    conn.close(CLOSE_PROTOCOL.into(), b"bad frame");
-    ConnError::Frame(err)
-}
-
 async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<Result<Vec<u8>, FrameIoError>>) {
     loop {
-        let frame = read_frame(&mut recv).await;
+        let frame = read_frame_max(&mut recv, MAX_REQUEST_FRAME).await;
         let stop = !matches!(frame, Ok(Some(_)));
         let item = match frame {
             Ok(Some(body)) => Ok(body),
@@ -497,7 +760,9 @@ async fn handle_request(
     let reply = if !allowed {
         ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down")
     } else {
-        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut rx)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame_max(&mut rx, MAX_REQUEST_FRAME))
+            .await
+        {
             Err(_) => return Err(ConnError::Timeout("request")),
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(FrameIoError::Frame(e))) => ControlMessage::error(
@@ -515,7 +780,11 @@ async fn handle_request(
                         max_packet: common::relay::MAX_RELAY_PACKET as u32,
                         rate_bytes_per_s: limits.rate_bytes_per_s,
                     };
-                    send(shared, &mut tx, &ready).await?;
+                    // Relay throughput is bounded by window / RTT: this connection now gets the
+                    // relay budget instead of the control windows.
+                    conn.set_receive_window(limits_window(shared));
+                    conn.set_send_window(u64::from(shared.limits.relay_window));
+                    send_in_time(shared, conn, &mut tx, &ready).await?;
                     tracing::debug!(peer = %id, "relay stream open");
                     let allowed = |to: PeerId| {
                         lock(&shared.registry)
@@ -537,8 +806,30 @@ async fn handle_request(
             },
         }
     };
-    send(shared, &mut tx, &reply).await?;
+    send_in_time(shared, conn, &mut tx, &reply).await?;
     let _ = tx.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
     Ok(())
+}
+
+/// The relay receive window as a QUIC variable-length integer (a u32 always fits).
+fn limits_window(shared: &Shared) -> quinn::VarInt {
+    quinn::VarInt::from_u32(shared.limits.relay_window)
+}
+
+/// Sends a reply on a request stream within [`WRITE_TIMEOUT`], disconnecting a peer that does
+/// not read it.
+async fn send_in_time(
+    shared: &Shared,
+    conn: &Connection,
+    stream: &mut SendStream,
+    msg: &ControlMessage,
+) -> Result<(), ConnError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, send(shared, stream, msg)).await {
+        Ok(result) => result,
+        Err(_) => {
+            disconnect_not_reading(shared, conn);
+            Err(ConnError::NotReading)
+        }
+    }
 }
