@@ -364,31 +364,70 @@ pub(crate) async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-/// Decides what becomes of a connection attempt: a QUIC Retry when its address is not validated
-/// and the server is under load (stateless: a spoofed source gets one small packet and holds
-/// nothing), a refusal when its source or the server holds too many, otherwise a handshake slot.
+/// What becomes of a connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Take a handshake slot and run the handshake.
+    Handshake,
+    /// Answer with a QUIC Retry: the client must prove it receives at its address first.
+    Retry,
+    /// Refuse: its source holds its maximum of established connections.
+    RefuseSourceConnections,
+}
+
+/// Decides what becomes of a connection attempt, given what its source and the server hold: a
+/// QUIC Retry when its address is not validated and the server is under load (stateless: a
+/// spoofed source gets one small packet and holds nothing), a refusal when its source holds its
+/// maximum of connections, otherwise a handshake (if a handshake slot is free).
+fn admission(
+    limits: &Limits,
+    validated: bool,
+    source_connections: usize,
+    handshakes: usize,
+    source_handshakes: usize,
+) -> Admission {
+    if source_connections >= limits.max_connections_per_source {
+        return Admission::RefuseSourceConnections;
+    }
+    let under_load = handshakes >= limits.retry_above_handshakes
+        || source_handshakes >= limits.retry_above_source_handshakes;
+    if under_load && !validated {
+        return Admission::Retry;
+    }
+    Admission::Handshake
+}
+
+/// Carries out [`admission`] for one attempt; returns it with its handshake slot if it may go on.
 fn admit(
     shared: &Shared,
     handshakes: &SourceSlots,
     incoming: quinn::Incoming,
 ) -> Option<(quinn::Incoming, Slot)> {
-    let limits = &shared.limits;
     let remote = incoming.remote_address();
     let source = SourceKey::of(remote.ip());
-    if shared.connections.held_by(source) >= limits.max_connections_per_source {
-        bump(&shared.conns.refused_source_connections);
-        tracing::debug!(%remote, "too many connections from this source; refusing");
-        incoming.refuse();
-        return None;
-    }
-    let under_load = handshakes.held() >= limits.retry_above_handshakes
-        || handshakes.held_by(source) >= limits.retry_above_source_handshakes;
-    if under_load && !incoming.remote_address_validated() && incoming.may_retry() {
-        bump(&shared.conns.retries);
-        if let Err(e) = incoming.retry() {
-            e.into_incoming().refuse();
+    // quinn: an attempt that is not validated may always be retried.
+    let validated = incoming.remote_address_validated() || !incoming.may_retry();
+    match admission(
+        &shared.limits,
+        validated,
+        shared.connections.held_by(source),
+        handshakes.held(),
+        handshakes.held_by(source),
+    ) {
+        Admission::RefuseSourceConnections => {
+            bump(&shared.conns.refused_source_connections);
+            tracing::debug!(%remote, "too many connections from this source; refusing");
+            incoming.refuse();
+            return None;
         }
-        return None;
+        Admission::Retry => {
+            bump(&shared.conns.retries);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            return None;
+        }
+        Admission::Handshake => {}
     }
     match handshakes.try_acquire(source) {
         Ok(slot) => Some((incoming, slot)),
@@ -682,6 +721,9 @@ impl Control<'_> {
 
 /// Closes a connection whose peer does not read what it is sent.
 fn disconnect_not_reading(shared: &Shared, conn: &Connection) {
+    if conn.close_reason().is_some() {
+        return; // already closed (by another of its streams' timeouts, say): counted once
+    }
     bump(&shared.conns.not_reading);
     tracing::info!(remote = %conn.remote_address(), "peer does not read its replies; disconnecting");
     conn.close(CLOSE_NOT_READING.into(), b"not reading");
@@ -780,11 +822,12 @@ async fn handle_request(
                         max_packet: common::relay::MAX_RELAY_PACKET as u32,
                         rate_bytes_per_s: limits.rate_bytes_per_s,
                     };
+                    send_in_time(shared, conn, &mut tx, &ready).await?;
                     // Relay throughput is bounded by window / RTT: this connection now gets the
-                    // relay budget instead of the control windows.
+                    // relay budget instead of the control windows (only once it has read the
+                    // answer: a peer that does not read never gets the larger windows).
                     conn.set_receive_window(limits_window(shared));
                     conn.set_send_window(u64::from(shared.limits.relay_window));
-                    send_in_time(shared, conn, &mut tx, &ready).await?;
                     tracing::debug!(peer = %id, "relay stream open");
                     let allowed = |to: PeerId| {
                         lock(&shared.registry)
@@ -831,5 +874,61 @@ async fn send_in_time(
             disconnect_not_reading(shared, conn);
             Err(ConnError::NotReading)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_retries_unvalidated_sources_under_load_and_caps_each_source() {
+        let limits = Limits {
+            max_connections_per_source: 3,
+            retry_above_handshakes: 10,
+            retry_above_source_handshakes: 2,
+            ..Limits::default()
+        };
+        // Quiet server: everyone goes straight to the handshake.
+        assert_eq!(admission(&limits, false, 0, 0, 0), Admission::Handshake);
+        assert_eq!(admission(&limits, false, 2, 9, 1), Admission::Handshake);
+        // Many handshakes in progress, or several from this source: unvalidated ones are retried,
+        // validated ones (they answered a Retry) go on.
+        assert_eq!(admission(&limits, false, 0, 10, 0), Admission::Retry);
+        assert_eq!(admission(&limits, false, 0, 0, 2), Admission::Retry);
+        assert_eq!(admission(&limits, true, 0, 10, 2), Admission::Handshake);
+        // A source at its connection cap is refused, validated or not.
+        assert_eq!(
+            admission(&limits, true, 3, 0, 0),
+            Admission::RefuseSourceConnections
+        );
+        assert_eq!(
+            admission(&limits, false, 3, 50, 5),
+            Admission::RefuseSourceConnections
+        );
+    }
+
+    #[test]
+    fn the_server_transport_keeps_control_connections_small_and_lets_the_relay_stream_grow() {
+        let limits = Limits::default();
+        let t = limits.server_transport();
+        assert_eq!(t.receive_window, CONTROL_RECEIVE_WINDOW);
+        assert_eq!(t.send_window, CONTROL_SEND_WINDOW);
+        assert!(t.stream_receive_window >= limits.relay_window);
+        // ~50 MB/s at 20 ms RTT through the relay.
+        assert!(f64::from(limits.relay_window) / 0.020 >= 50e6);
+        // The largest legitimate request fits the frame cap with room to spare.
+        let register = ControlMessage::Register {
+            version: common::PROTOCOL_VERSION,
+            local_addrs: (0..16u16)
+                .map(|i| SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 65535)))
+                .collect(),
+        };
+        assert!(
+            register.encode().len() < 1024,
+            "{}",
+            register.encode().len()
+        );
+        assert!(register.encode().len() * 2 < MAX_REQUEST_FRAME);
     }
 }
