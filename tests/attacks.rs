@@ -488,3 +488,122 @@ fn an_initial_flood_from_many_sources_is_cheap_and_a_peer_still_registers() {
     );
     assert!(legit.terminate(T).success());
 }
+
+/// A client that connects from `bind` and registers (it reads its replies); returns its
+/// connection, or how the connection attempt failed.
+async fn registered_client(
+    server: SocketAddr,
+    bind: SocketAddr,
+) -> Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream), String> {
+    let mut config = quinn::ClientConfig::new(client_crypto()?);
+    config.transport_config(Arc::new(quinn::TransportConfig::default()));
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+    let conn = endpoint
+        .connect_with(config, server, "rendezvous")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let register = ControlMessage::Register {
+        version: PROTOCOL_VERSION,
+        local_addrs: Vec::new(),
+    };
+    write_frame(&mut tx, &register.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = tokio::time::timeout(T, common::frame_io::read_frame(&mut rx))
+        .await
+        .map_err(|_| "no reply to register".to_owned())?
+        .map_err(|e| e.to_string())?
+        .ok_or("control stream closed")?;
+    match ControlMessage::decode(&reply) {
+        Ok(ControlMessage::Registered { .. }) => Ok((endpoint, conn, tx)),
+        other => Err(format!("register answered {other:?}")),
+    }
+}
+
+#[test]
+fn connections_per_source_address_are_capped_and_other_sources_still_connect() {
+    let _serial = serial();
+    let dir = TempDir::new("per-ip");
+    let program = std::env::var_os("ATTACKS_RENDEZVOUS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| e2e::bin("rendezvous"));
+    let args = rendezvous_args(&dir.path().join("rv"), "127.0.0.1:0");
+    let mut refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    refs.extend(["--tcp-listen", "off", "--max-connections-per-ip", "4"]);
+    let rv = Rendezvous::ready(Proc::spawn("rendezvous", &program, &refs));
+    let rt = runtime();
+    rt.block_on(async {
+        let crowded = SocketAddr::from(([127, 0, 3, 1], 0));
+        let mut held = Vec::new();
+        for i in 0..4 {
+            match registered_client(rv.addr, crowded).await {
+                Ok(client) => held.push(client),
+                Err(e) => panic!("client {i} of the crowded source: {e}"),
+            }
+        }
+        let refused = registered_client(rv.addr, crowded).await;
+        assert!(
+            refused.is_err(),
+            "a fifth connection from one address was accepted"
+        );
+        let other = SocketAddr::from(([127, 0, 3, 2], 0));
+        if let Err(e) = registered_client(rv.addr, other).await {
+            panic!("another address was refused too: {e}");
+        }
+        // A slot is given back when a connection ends.
+        let (_, conn, _) = held.pop().expect("four held");
+        conn.close(0u32.into(), b"bye");
+        let deadline = Instant::now() + T;
+        loop {
+            match registered_client(rv.addr, crowded).await {
+                Ok(client) => {
+                    held.push(client);
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "slot never given back: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
+fn frames_over_the_servers_4_kib_cap_are_answered_too_large() {
+    let _serial = serial();
+    let dir = TempDir::new("cap");
+    let rv = start_rendezvous(&dir.path().join("rv"));
+    let rt = runtime();
+    rt.block_on(async {
+        let bind = SocketAddr::from(([127, 0, 4, 1], 0));
+        let (_endpoint, conn, mut control) =
+            registered_client(rv.addr, bind).await.expect("registers");
+        let too_large = |reply: Vec<u8>| match ControlMessage::decode(&reply) {
+            Ok(ControlMessage::Error { code, message }) => {
+                assert_eq!(code, common::ErrorCode::TooLarge, "{message}");
+                assert!(message.contains("4096-byte limit"), "{message}");
+            }
+            other => panic!("expected too_large, got {other:?}"),
+        };
+        // On a request stream: answered, the connection stays.
+        let (mut tx, mut rx) = conn.open_bi().await.expect("request stream");
+        tx.write_all(&4097u32.to_be_bytes()).await.expect("write");
+        let reply = tokio::time::timeout(T, common::frame_io::read_frame(&mut rx))
+            .await
+            .expect("a reply in time")
+            .expect("a frame")
+            .expect("not the end");
+        too_large(reply);
+        // On the control stream: answered, then the connection is closed (the stream cannot
+        // be resynchronised).
+        control
+            .write_all(&4097u32.to_be_bytes())
+            .await
+            .expect("write");
+        let reason = tokio::time::timeout(T, conn.closed())
+            .await
+            .expect("closed in time");
+        assert!(reason.to_string().contains("bad frame"), "{reason}");
+    });
+}

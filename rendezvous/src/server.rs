@@ -555,6 +555,7 @@ async fn handle_connection(
         replies,
     };
     let result = control.run(frames, pushes, shutdown).await;
+    drop(control);
 
     reader.abort();
     lock(&shared.online).remove(&conn_id);
@@ -824,8 +825,8 @@ async fn handle_request(
                     };
                     send_in_time(shared, conn, &mut tx, &ready).await?;
                     // Relay throughput is bounded by window / RTT: this connection now gets the
-                    // relay budget instead of the control windows (only once it has read the
-                    // answer: a peer that does not read never gets the larger windows).
+                    // relay budget instead of the control windows (only once its flow control
+                    // took the answer: a peer that grants no credit never gets them).
                     conn.set_receive_window(limits_window(shared));
                     conn.set_send_window(u64::from(shared.limits.relay_window));
                     tracing::debug!(peer = %id, "relay stream open");
