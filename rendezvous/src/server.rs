@@ -1,5 +1,10 @@
 //! The tokio driver: accepts QUIC connections, moves frames between streams and the
 //! [`Registry`], writes to the [`Store`], answers STUN. No protocol decisions are made here.
+//!
+//! What a remote party can make this driver hold is bounded here: connection attempts go
+//! through [`admission`] (QUIC Retry under load, per-source caps, handshake slots apart from
+//! connection slots), every connection runs under small QUIC windows and bounded queues, and
+//! every write has a timeout (see [`Limits`] for the per-connection budget).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -61,14 +66,15 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 ///
 /// Per-connection memory budget of a control connection (enforced by the bounds named):
 /// QUIC receive buffers 64 KiB ([`CONTROL_RECEIVE_WINDOW`]) + QUIC send buffers 64 KiB
-/// ([`CONTROL_SEND_WINDOW`]) + control frames read and queued 5 x 4 KiB ([`FRAMES_QUEUE`] and
+/// ([`CONTROL_SEND_WINDOW`]) + control frames read and queued 5 x 4 KiB (4 queued and
 /// the one being read, [`MAX_REQUEST_FRAME`] each) + replies queued 8 x ~4 KiB + pushes queued
 /// 32 x ~1 KiB + partial requests on 14 request streams x 4 KiB + quinn's connection state and
 /// tasks (~40 KiB): about 350 KiB at most. A connection that opened its relay stream gets
 /// `relay_window` for each of its QUIC windows instead (plus the relay's own queues).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Concurrent connections; more are refused at the QUIC level.
+    /// Concurrent established connections; more are closed with [`CLOSE_BUSY`] right after
+    /// the handshake.
     pub max_connections: usize,
     /// Concurrent connections from one source (IPv4 address or IPv6 /64). Generous because
     /// carrier-grade NAT puts many users behind one IPv4 address.
@@ -167,6 +173,24 @@ pub(crate) struct ConnCounters {
     pub(crate) handshake_timeouts: AtomicU64,
     /// Peers disconnected for not reading their replies.
     pub(crate) not_reading: AtomicU64,
+}
+
+impl ConnCounters {
+    /// One log line.
+    fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "connections: {} retried; refused: {} source connections, {} source handshakes, {} \
+             handshakes, {} connections; {} handshake timeouts, {} not reading",
+            get(&self.retries),
+            get(&self.refused_source_connections),
+            get(&self.refused_source_handshakes),
+            get(&self.refused_handshakes),
+            get(&self.refused_connections),
+            get(&self.handshake_timeouts),
+            get(&self.not_reading),
+        )
+    }
 }
 
 fn bump(counter: &AtomicU64) {
@@ -446,6 +470,7 @@ fn admit(
 /// Logs the relay counters every minute while they change, and once at shutdown.
 async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut last = String::new();
+    let mut last_conns = String::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         let stop = tokio::select! {
@@ -456,6 +481,11 @@ async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         if summary != last || stop {
             tracing::info!("{summary}");
             last = summary;
+        }
+        let conns = shared.conns.summary();
+        if conns != last_conns {
+            tracing::info!("{conns}");
+            last_conns = conns;
         }
         if stop {
             return;
