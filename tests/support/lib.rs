@@ -271,6 +271,11 @@ impl Proc {
             })
     }
 
+    /// The process id (to read /proc/<pid>/status, for instance).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Types a line.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is open");
