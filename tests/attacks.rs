@@ -494,7 +494,15 @@ fn an_initial_flood_from_many_sources_is_cheap_and_a_peer_still_registers() {
 async fn registered_client(
     server: SocketAddr,
     bind: SocketAddr,
-) -> Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream), String> {
+) -> Result<
+    (
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+    ),
+    String,
+> {
     let mut config = quinn::ClientConfig::new(client_crypto()?);
     config.transport_config(Arc::new(quinn::TransportConfig::default()));
     let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind {bind}: {e}"))?;
@@ -517,7 +525,7 @@ async fn registered_client(
         .map_err(|e| e.to_string())?
         .ok_or("control stream closed")?;
     match ControlMessage::decode(&reply) {
-        Ok(ControlMessage::Registered { .. }) => Ok((endpoint, conn, tx)),
+        Ok(ControlMessage::Registered { .. }) => Ok((endpoint, conn, tx, rx)),
         other => Err(format!("register answered {other:?}")),
     }
 }
@@ -553,7 +561,7 @@ fn connections_per_source_address_are_capped_and_other_sources_still_connect() {
             panic!("another address was refused too: {e}");
         }
         // A slot is given back when a connection ends.
-        let (_, conn, _) = held.pop().expect("four held");
+        let (_, conn, _, _) = held.pop().expect("four held");
         conn.close(0u32.into(), b"bye");
         let deadline = Instant::now() + T;
         loop {
@@ -577,7 +585,7 @@ fn frames_over_the_servers_4_kib_cap_are_answered_too_large() {
     let rt = runtime();
     rt.block_on(async {
         let bind = SocketAddr::from(([127, 0, 4, 1], 0));
-        let (_endpoint, conn, mut control) =
+        let (_endpoint, conn, mut control, _control_rx) =
             registered_client(rv.addr, bind).await.expect("registers");
         let too_large = |reply: Vec<u8>| match ControlMessage::decode(&reply) {
             Ok(ControlMessage::Error { code, message }) => {
@@ -605,5 +613,65 @@ fn frames_over_the_servers_4_kib_cap_are_answered_too_large() {
             .await
             .expect("closed in time");
         assert!(reason.to_string().contains("bad frame"), "{reason}");
+    });
+}
+
+#[test]
+fn requests_past_the_per_connection_rate_are_answered_rate_limited() {
+    let _serial = serial();
+    let dir = TempDir::new("rate");
+    let rv = start_rendezvous(&dir.path().join("rv"));
+    let rt = runtime();
+    rt.block_on(async {
+        let bind = SocketAddr::from(([127, 0, 5, 1], 0));
+        let (_endpoint, conn, mut tx, mut rx) =
+            registered_client(rv.addr, bind).await.expect("registers");
+        // Far more pings at once than the burst (50): every one is answered, the ones past the
+        // bucket with `rate_limited`, and the connection stays.
+        const SENT: u64 = 200;
+        let mut wire = Vec::new();
+        for seq in 0..SENT {
+            wire.extend(common::frame::encode(&ControlMessage::Ping { seq }.encode()).unwrap());
+        }
+        tx.write_all(&wire).await.expect("write");
+        let (mut pongs, mut limited) = (0u64, 0u64);
+        for _ in 0..SENT {
+            let reply = tokio::time::timeout(T, common::frame_io::read_frame(&mut rx))
+                .await
+                .expect("a reply in time")
+                .expect("a frame")
+                .expect("not the end");
+            match ControlMessage::decode(&reply) {
+                Ok(ControlMessage::Pong { .. }) => pongs += 1,
+                Ok(ControlMessage::Error {
+                    code: common::ErrorCode::RateLimited,
+                    ..
+                }) => limited += 1,
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        // The burst, plus what refilled (20/s) while the pings were handled.
+        assert!(
+            (50..SENT / 2).contains(&pongs),
+            "{pongs} answered, {limited} rate limited"
+        );
+        assert_eq!(pongs + limited, SENT);
+        assert!(conn.close_reason().is_none(), "the connection was closed");
+        // The bucket refills: a ping a little later is answered.
+        let deadline = Instant::now() + T;
+        loop {
+            let ping = ControlMessage::Ping { seq: 1000 };
+            write_frame(&mut tx, &ping.encode()).await.expect("write");
+            let reply = tokio::time::timeout(T, common::frame_io::read_frame(&mut rx))
+                .await
+                .expect("a reply in time")
+                .expect("a frame")
+                .expect("not the end");
+            if matches!(ControlMessage::decode(&reply), Ok(ControlMessage::Pong { .. })) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the bucket never refilled");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     });
 }

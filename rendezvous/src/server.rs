@@ -684,8 +684,9 @@ struct Control<'a> {
 }
 
 impl Control<'_> {
-    /// Queues a reply without waiting: if the writer has no room the peer has not read its
-    /// replies for a while, and it is disconnected.
+    /// Queues a reply without waiting. The request loop only takes a frame when the writer has
+    /// room, so a full queue here means the peer sent something before registering and did not
+    /// read: it is disconnected.
     fn reply(&self, msg: ControlMessage) -> Result<(), ConnError> {
         match self.replies.try_send(msg) {
             Ok(()) => Ok(()),
@@ -762,7 +763,11 @@ impl Control<'_> {
         let mut requests = JoinSet::new();
         let outcome = loop {
             tokio::select! {
-                frame = frames.recv() => match frame {
+                // A peer may send the next requests before it has read the replies to the last
+                // ones: while the writer has no room, the loop takes no more frames, so the
+                // reader and then QUIC's flow control hold the peer back. A peer that reads
+                // nothing at all is disconnected by the writer's timeout.
+                frame = frames.recv(), if self.replies.capacity() > 0 => match frame {
                     Some(Ok(body)) => {
                         let reply = if limiter.try_take(Instant::now()) {
                             match ControlMessage::decode(&body) {
@@ -793,6 +798,13 @@ impl Control<'_> {
                         });
                     }
                     Err(_) => break Ok(()),
+                },
+                room = self.replies.reserve(), if self.replies.capacity() == 0 => match room {
+                    // Room again: the next turn of the loop takes frames.
+                    Ok(permit) => drop(permit),
+                    // The writer ended: it timed out (and closed the connection) or the stream
+                    // failed.
+                    Err(_) => break Err(ConnError::NotReading),
                 },
                 Some(_) = requests.join_next(), if !requests.is_empty() => {}
                 _ = shutdown.changed() => break Ok(()),
