@@ -667,7 +667,10 @@ fn requests_past_the_per_connection_rate_are_answered_rate_limited() {
                 .expect("a reply in time")
                 .expect("a frame")
                 .expect("not the end");
-            if matches!(ControlMessage::decode(&reply), Ok(ControlMessage::Pong { .. })) {
+            if matches!(
+                ControlMessage::decode(&reply),
+                Ok(ControlMessage::Pong { .. })
+            ) {
                 break;
             }
             assert!(Instant::now() < deadline, "the bucket never refilled");
