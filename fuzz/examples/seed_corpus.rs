@@ -191,18 +191,34 @@ fn main() {
         .collect();
     corpus.write("frames", "one_register", &framed[0]);
     corpus.write("frames", "all_control_messages", &framed.concat());
-    corpus.write("frames", "empty_frame", &frame::encode(b"").expect("empty frame"));
+    corpus.write(
+        "frames",
+        "empty_frame",
+        &frame::encode(b"").expect("empty frame"),
+    );
     let mut truncated = framed[3].clone();
     truncated.truncate(truncated.len() - 5);
-    corpus.write("frames", "truncated", &[framed[2].clone(), truncated].concat());
+    corpus.write(
+        "frames",
+        "truncated",
+        &[framed[2].clone(), truncated].concat(),
+    );
     corpus.write("frames", "prefix_truncated", &framed[0][..3]);
     let mut oversized = ((frame::MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
     oversized.extend_from_slice(&bodies[0]);
-    corpus.write("frames", "oversized_prefix", &[framed[1].clone(), oversized].concat());
+    corpus.write(
+        "frames",
+        "oversized_prefix",
+        &[framed[1].clone(), oversized].concat(),
+    );
 
     // Relay batches.
     let mut batch = Vec::new();
-    for (n, packet) in [(2u8, vec![0x40u8; 1200]), (3, vec![0xC3; 60]), (2, Vec::new())] {
+    for (n, packet) in [
+        (2u8, vec![0x40u8; 1200]),
+        (3, vec![0xC3; 60]),
+        (2, Vec::new()),
+    ] {
         relay::encode_into(&mut batch, &id(n), &packet).expect("packet within the cap");
     }
     corpus.write("relay_frames", "batch", &batch);
@@ -218,6 +234,21 @@ fn main() {
     let mut max = relay::encode(&id(4), &[0xAB; relay::MAX_RELAY_PACKET]).expect("at the cap");
     max.truncate(max.len() - 1);
     corpus.write("relay_frames", "max_packet_truncated", &max);
+
+    // The relay hub target reads its input with `arbitrary` (an event script with no stable
+    // byte format): seeds of pseudo-random bytes of a few sizes give it a start.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for size in [64usize, 512, 4096] {
+        let bytes: Vec<u8> = (0..size)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        corpus.write("relay_hub", &format!("random_{size}"), &bytes);
+    }
 
     // STUN: what both codecs write, plus a probe from a peer.
     let txid = [7u8; 12];

@@ -90,14 +90,26 @@ fn reference(mut bytes: &[u8]) -> (Vec<&[u8]>, End) {
             return (frames, End::Clean);
         }
         if bytes.len() < 4 {
-            return (frames, End::Partial { have: bytes.len(), want: 4 });
+            return (
+                frames,
+                End::Partial {
+                    have: bytes.len(),
+                    want: 4,
+                },
+            );
         }
         let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
         if len > MAX_FRAME_LEN {
             return (frames, End::TooLarge { len });
         }
         if bytes.len() < 4 + len {
-            return (frames, End::Partial { have: bytes.len(), want: 4 + len });
+            return (
+                frames,
+                End::Partial {
+                    have: bytes.len(),
+                    want: 4 + len,
+                },
+            );
         }
         frames.push(&bytes[4..4 + len]);
         bytes = &bytes[4 + len..];
@@ -223,8 +235,9 @@ fn read_all(bytes: &[u8], seed: u64) -> (Vec<Vec<u8>>, End) {
 
 fn seed_of(data: &[u8]) -> u64 {
     // FNV-1a: the cuts follow the input, so a crash reproduces from the input alone.
-    data.iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// A body for the round-trip half: literal bytes, or one byte repeated (to reach the cap and
@@ -266,7 +279,13 @@ fn round_trip(input: Bodies) {
                 accepted.push(body);
             }
             Err(err) => {
-                assert_eq!(err, FrameError::TooLarge { len: body.len(), max: MAX_FRAME_LEN });
+                assert_eq!(
+                    err,
+                    FrameError::TooLarge {
+                        len: body.len(),
+                        max: MAX_FRAME_LEN
+                    }
+                );
                 let mut written = Vec::new();
                 assert!(block_on(write_frame(&mut written, &body), 16).is_err());
                 assert!(written.is_empty(), "a refused frame was partly written");
@@ -289,11 +308,20 @@ fuzz_target!(|data: &[u8]| {
     let seed = seed_of(data);
     let (expected, expected_end) = reference(data);
     let (frames, end) = decode_incrementally(data, &mut Cuts::new(seed, 300));
-    assert_eq!(frames, expected, "FrameDecoder disagrees with the reference");
-    assert_eq!(end, expected_end, "FrameDecoder ends differently from the reference");
+    assert_eq!(
+        frames, expected,
+        "FrameDecoder disagrees with the reference"
+    );
+    assert_eq!(
+        end, expected_end,
+        "FrameDecoder ends differently from the reference"
+    );
     let (frames, end) = read_all(data, seed);
     assert_eq!(frames, expected, "read_frame disagrees with the reference");
-    assert_eq!(end, expected_end, "read_frame ends differently from the reference");
+    assert_eq!(
+        end, expected_end,
+        "read_frame ends differently from the reference"
+    );
 
     if let Ok(input) = Bodies::arbitrary(&mut Unstructured::new(data)) {
         round_trip(input);

@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(chat.body.len() <= MAX_BODY_LEN);
         let bytes = chat.encode();
         let back = ChatMessage::decode(&bytes).unwrap_or_else(|e| {
-            panic!("{chat:?} encodes as {:?}: {e}", String::from_utf8_lossy(&bytes))
+            panic!(
+                "{chat:?} encodes as {:?}: {e}",
+                String::from_utf8_lossy(&bytes)
+            )
         });
         assert_eq!(back, chat, "decode(encode(chat)) != chat");
         assert_eq!(back.encode(), bytes, "chat encoding is not canonical");

@@ -72,8 +72,17 @@ fn error_code(msg: &Option<ControlMessage>) -> Option<ErrorCode> {
 
 fn assert_wire_safe(msg: &ControlMessage) {
     let bytes = msg.encode();
-    assert!(bytes.len() <= MAX_FRAME_LEN, "a {}-byte {}", bytes.len(), msg.kind());
-    assert_eq!(ControlMessage::decode(&bytes).as_ref(), Ok(msg), "does not survive the wire");
+    assert!(
+        bytes.len() <= MAX_FRAME_LEN,
+        "a {}-byte {}",
+        bytes.len(),
+        msg.kind()
+    );
+    assert_eq!(
+        ControlMessage::decode(&bytes).as_ref(),
+        Ok(msg),
+        "does not survive the wire"
+    );
 }
 
 impl Driver {
@@ -265,7 +274,8 @@ impl Driver {
                         assert_ne!(target, me, "introduced to itself");
                         assert_eq!(*whom, target);
                         assert!(self.nonces.insert(*nonce), "nonce {nonce} handed out twice");
-                        let target_conn = self.registry.connection_of(&target).expect("target online");
+                        let target_conn =
+                            self.registry.connection_of(&target).expect("target online");
                         assert!(self.live.values().any(|c| c.contains(&target_conn)));
                         assert_eq!(outcome.pushes.len(), 1, "one push, to the target");
                         let (to, push) = &outcome.pushes[0];
@@ -323,7 +333,10 @@ impl Driver {
                         );
                     }
                     ControlMessage::Error { code, .. } => {
-                        assert!(matches!(code, ErrorCode::BadRequest | ErrorCode::RateLimited))
+                        assert!(matches!(
+                            code,
+                            ErrorCode::BadRequest | ErrorCode::RateLimited
+                        ))
                     }
                     other => panic!("punch_result answered with {other:?}"),
                 }
@@ -348,7 +361,10 @@ impl Driver {
                     "peer {p} online on a connection that is not its live one"
                 );
                 assert!(conns.insert(conn), "connection {conn} maps to two peers");
-                assert!(self.registry.observed_of(&id).is_some(), "online but not registered");
+                assert!(
+                    self.registry.observed_of(&id).is_some(),
+                    "online but not registered"
+                );
             }
             for q in 0..PEERS {
                 let other = peer(q);
@@ -371,14 +387,25 @@ impl Driver {
             ("registrations", before.registrations, now.registrations),
             ("queries", before.queries, now.queries),
             ("punches", before.punches, now.punches),
-            ("punches_succeeded", before.punches_succeeded, now.punches_succeeded),
+            (
+                "punches_succeeded",
+                before.punches_succeeded,
+                now.punches_succeeded,
+            ),
             ("punches_failed", before.punches_failed, now.punches_failed),
             ("rejected", before.rejected, now.rejected),
         ] {
             assert!(b >= a, "counter {field} went down: {a} -> {b}");
         }
-        assert_eq!(now.punches, self.nonces.len() as u64, "punches != punch replies");
-        assert_eq!(now.registrations, self.registrations, "registrations != replies");
+        assert_eq!(
+            now.punches,
+            self.nonces.len() as u64,
+            "punches != punch replies"
+        );
+        assert_eq!(
+            now.registrations, self.registrations,
+            "registrations != replies"
+        );
         self.counters = now;
     }
 }

@@ -78,7 +78,11 @@ fn decode(
             };
             match next {
                 Ok(Some((peer, packet))) => {
-                    assert!(packet.len() <= MAX_RELAY_PACKET, "a {}-byte packet", packet.len());
+                    assert!(
+                        packet.len() <= MAX_RELAY_PACKET,
+                        "a {}-byte packet",
+                        packet.len()
+                    );
                     decoded += HEADER + packet.len();
                     frames.push((peer, packet));
                 }
@@ -102,8 +106,9 @@ fn decode(
 }
 
 fn seed_of(data: &[u8]) -> u64 {
-    data.iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[derive(Arbitrary, Debug)]
@@ -130,7 +135,10 @@ fn round_trip(input: Packets) {
             Packet::Repeat { byte, len } => vec![byte; usize::from(len) % (MAX_RELAY_PACKET + 2)],
         };
         let before = batch.clone();
-        match (relay::encode(&peer, &packet), relay::encode_into(&mut batch, &peer, &packet)) {
+        match (
+            relay::encode(&peer, &packet),
+            relay::encode_into(&mut batch, &peer, &packet),
+        ) {
             (Ok(frame), Ok(())) => {
                 assert!(packet.len() <= MAX_RELAY_PACKET);
                 assert_eq!(frame.len(), HEADER + packet.len());
@@ -139,7 +147,11 @@ fn round_trip(input: Packets) {
                 accepted.push((peer, packet));
             }
             (Err(a), Err(b)) => {
-                assert!(packet.len() > MAX_RELAY_PACKET, "{}-byte packet refused", packet.len());
+                assert!(
+                    packet.len() > MAX_RELAY_PACKET,
+                    "{}-byte packet refused",
+                    packet.len()
+                );
                 assert_eq!(a, b);
                 assert!(batch == before, "a refused packet changed the batch");
             }
@@ -159,13 +171,19 @@ fuzz_target!(|data: &[u8]| {
     let (expected, expected_err, expected_left) = reference(data);
     for (by_ref, max_cut) in [(false, 7), (true, 3000)] {
         let (frames, err, left) = decode(data, &mut Cuts::new(seed, max_cut), by_ref);
-        assert_eq!(err, expected_err, "the decoder stops differently from the reference");
+        assert_eq!(
+            err, expected_err,
+            "the decoder stops differently from the reference"
+        );
         assert_eq!(frames.len(), expected.len());
         for ((peer, packet), (want_peer, want_packet)) in frames.iter().zip(&expected) {
             assert_eq!(peer, want_peer);
             assert_eq!(packet, want_packet);
         }
-        assert_eq!(left, expected_left, "bytes left over differ from the reference");
+        assert_eq!(
+            left, expected_left,
+            "bytes left over differ from the reference"
+        );
     }
     if let Ok(input) = Packets::arbitrary(&mut Unstructured::new(data)) {
         round_trip(input);

@@ -62,16 +62,25 @@ fn check_codec(data: &[u8], source: SocketAddr) {
     let decoded = stun::decode(data);
     let answer = stun::answer_binding(data, source);
     if decoded.is_ok() {
-        assert!(stun::is_stun(data), "decoded a datagram that is not STUN-shaped");
+        assert!(
+            stun::is_stun(data),
+            "decoded a datagram that is not STUN-shaped"
+        );
     }
     match decoded {
-        Ok(StunPacket::BindingRequest { transaction, username }) => {
+        Ok(StunPacket::BindingRequest {
+            transaction,
+            username,
+        }) => {
             assert_eq!(&transaction[..], &data[8..20]);
             let answer = answer.unwrap_or_else(|| panic!("a Binding request was not answered"));
             assert_eq!(answer, stun::binding_success(transaction, source));
             assert_eq!(
                 stun::decode(&answer),
-                Ok(StunPacket::BindingSuccess { transaction, mapped: source })
+                Ok(StunPacket::BindingSuccess {
+                    transaction,
+                    mapped: source
+                })
             );
             if let Some(tag) = username.as_deref().and_then(ProbeTag::from_username) {
                 assert_eq!(ProbeTag::from_username(&tag.to_username()), Some(tag));
@@ -91,8 +100,15 @@ fn check_server(data: &[u8], contexts: &[ResponseContext], reason: &str) {
     let Some(request) = stun5780::parse_binding_request(data) else {
         return;
     };
-    assert!(stun::is_stun(data), "parsed a datagram that is not STUN-shaped");
-    assert_eq!(&data[0..2], &[0, 1], "parsed something that is not a Binding request");
+    assert!(
+        stun::is_stun(data),
+        "parsed a datagram that is not STUN-shaped"
+    );
+    assert_eq!(
+        &data[0..2],
+        &[0, 1],
+        "parsed something that is not a Binding request"
+    );
     assert_eq!(&request.transaction[..], &data[8..20]);
     let length = usize::from(u16::from_be_bytes([data[2], data[3]]));
     assert!(HEADER_LEN + length <= data.len());
@@ -106,7 +122,11 @@ fn check_server(data: &[u8], contexts: &[ResponseContext], reason: &str) {
         assert_eq!(response.len(), expected, "response size for {ctx:?}");
         assert!(response.len() <= MAX_RESPONSE);
         if ctx.mapped.is_ipv4() && ctx.origin.is_ipv4() && ctx.other.is_none_or(|o| o.is_ipv4()) {
-            assert!(response.len() <= MAX_RESPONSE_V4, "{} bytes for {ctx:?}", response.len());
+            assert!(
+                response.len() <= MAX_RESPONSE_V4,
+                "{} bytes for {ctx:?}",
+                response.len()
+            );
         }
         assert!(stun::is_stun(&response));
         assert_eq!(
@@ -121,13 +141,24 @@ fn check_server(data: &[u8], contexts: &[ResponseContext], reason: &str) {
             stun5780::parse_response_addresses(&response),
             (Some(ctx.origin), ctx.other)
         );
-        assert_eq!(stun5780::parse_binding_request(&response), None, "a response parses as a request");
+        assert_eq!(
+            stun5780::parse_binding_request(&response),
+            None,
+            "a response parses as a request"
+        );
     }
     let error = stun5780::binding_error(request.transaction, 420, reason);
-    assert!(error.len() <= MAX_ERROR_RESPONSE, "{}-byte error response", error.len());
+    assert!(
+        error.len() <= MAX_ERROR_RESPONSE,
+        "{}-byte error response",
+        error.len()
+    );
     assert!(stun::is_stun(&error));
     assert_eq!(stun5780::parse_binding_request(&error), None);
-    assert!(stun::decode(&error).is_err(), "an error response decodes as a request or success");
+    assert!(
+        stun::decode(&error).is_err(),
+        "an error response decodes as a request or success"
+    );
 }
 
 #[derive(Arbitrary, Debug)]
@@ -148,29 +179,49 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
     let request = stun::binding_request(txid);
     assert_eq!(
         stun::decode(&request),
-        Ok(StunPacket::BindingRequest { transaction: txid, username: None })
+        Ok(StunPacket::BindingRequest {
+            transaction: txid,
+            username: None
+        })
     );
     assert_eq!(
         stun5780::parse_binding_request(&request),
-        Some(BindingRequest { transaction: txid, change_ip: false, change_port: false })
+        Some(BindingRequest {
+            transaction: txid,
+            change_ip: false,
+            change_port: false
+        })
     );
     assert_eq!(
         stun::decode(&stun::binding_success(txid, mapped)),
-        Ok(StunPacket::BindingSuccess { transaction: txid, mapped })
+        Ok(StunPacket::BindingSuccess {
+            transaction: txid,
+            mapped
+        })
     );
     let change = stun5780::binding_request_with_change(txid, e.change_ip, e.change_port);
     assert_eq!(
         stun5780::parse_binding_request(&change),
-        Some(BindingRequest { transaction: txid, change_ip: e.change_ip, change_port: e.change_port })
+        Some(BindingRequest {
+            transaction: txid,
+            change_ip: e.change_ip,
+            change_port: e.change_port
+        })
     );
 
-    let tag = ProbeTag { nonce: e.nonce, sender: PeerId::from_key_digest(&e.sender) };
+    let tag = ProbeTag {
+        nonce: e.nonce,
+        sender: PeerId::from_key_digest(&e.sender),
+    };
     assert_eq!(ProbeTag::from_username(&tag.to_username()), Some(tag));
     let probe = stun::probe_request(&tag, e.counter);
     let transaction = tag.transaction(e.counter);
     assert_eq!(stun::nonce_of_transaction(&transaction), e.nonce);
     match stun::decode(&probe) {
-        Ok(StunPacket::BindingRequest { transaction: t, username: Some(name) }) => {
+        Ok(StunPacket::BindingRequest {
+            transaction: t,
+            username: Some(name),
+        }) => {
             assert_eq!(t, transaction);
             assert_eq!(ProbeTag::from_username(&name), Some(tag));
         }
@@ -181,10 +232,16 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
     assert!(stun::verify_probe(&answer, e.nonce));
     assert_eq!(
         stun::decode(&answer),
-        Ok(StunPacket::BindingSuccess { transaction, mapped })
+        Ok(StunPacket::BindingSuccess {
+            transaction,
+            mapped
+        })
     );
     if e.other_nonce != e.nonce {
-        assert!(!stun::verify_probe(&probe, e.other_nonce), "a probe verifies with another nonce");
+        assert!(
+            !stun::verify_probe(&probe, e.other_nonce),
+            "a probe verifies with another nonce"
+        );
         assert!(!stun::verify_probe(&answer, e.other_nonce));
     }
     // Any change to the transaction id breaks MESSAGE-INTEGRITY.
@@ -192,7 +249,10 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
         let mut tampered = packet.clone();
         let bit = usize::from(e.flip) % 96;
         tampered[8 + bit / 8] ^= 1 << (bit % 8);
-        assert!(!stun::verify_probe(&tampered, e.nonce), "a tampered probe verifies");
+        assert!(
+            !stun::verify_probe(&tampered, e.nonce),
+            "a tampered probe verifies"
+        );
     }
     if let Some(parsed) = ProbeTag::from_username(&e.username) {
         assert_eq!(ProbeTag::from_username(&parsed.to_username()), Some(parsed));
@@ -201,7 +261,9 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let source = socket_addr(&mut u).map(plain).unwrap_or(([192, 0, 2, 1], 9).into());
+    let source = socket_addr(&mut u)
+        .map(plain)
+        .unwrap_or(([192, 0, 2, 1], 9).into());
     let mut contexts = vec![
         ResponseContext {
             mapped: "198.51.100.7:41000".parse().unwrap(),

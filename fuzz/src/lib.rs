@@ -25,8 +25,14 @@ pub fn peer_id(u: &mut Unstructured) -> Result<PeerId> {
 /// socket reports); never a flow label (which no text form carries).
 pub fn socket_addr(u: &mut Unstructured) -> Result<SocketAddr> {
     Ok(match u.int_in_range(0u8..=3)? {
-        0 | 1 => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?)), u.arbitrary()?),
-        2 => SocketAddr::new(IpAddr::V6(Ipv6Addr::from(u.arbitrary::<[u8; 16]>()?)), u.arbitrary()?),
+        0 | 1 => SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?)),
+            u.arbitrary()?,
+        ),
+        2 => SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(u.arbitrary::<[u8; 16]>()?)),
+            u.arbitrary()?,
+        ),
         _ => SocketAddr::V6(SocketAddrV6::new(
             Ipv6Addr::from(u.arbitrary::<[u8; 16]>()?),
             u.arbitrary()?,
@@ -112,8 +118,12 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
             max_packet: u.arbitrary()?,
             rate_bytes_per_s: u.arbitrary()?,
         },
-        8 => ControlMessage::Ping { seq: u.arbitrary()? },
-        9 => ControlMessage::Pong { seq: u.arbitrary()? },
+        8 => ControlMessage::Ping {
+            seq: u.arbitrary()?,
+        },
+        9 => ControlMessage::Pong {
+            seq: u.arbitrary()?,
+        },
         10 => ControlMessage::PunchResult {
             peer: peer_id(u)?,
             direct: u.arbitrary()?,
@@ -151,7 +161,9 @@ pub fn peer_message(u: &mut Unstructured) -> Result<PeerMessage> {
             sha256: u.arbitrary()?,
             message: u.arbitrary()?,
         },
-        3 => PeerMessage::Ping { seq: u.arbitrary()? },
+        3 => PeerMessage::Ping {
+            seq: u.arbitrary()?,
+        },
         4 => PeerMessage::Pong {
             seq: u.arbitrary()?,
             nat: if u.arbitrary()? {
@@ -189,7 +201,11 @@ pub fn assert_control_round_trip(msg: &ControlMessage) {
     });
     assert_eq!(&back, msg, "decode(encode(m)) != m");
     assert_eq!(back.encode(), bytes, "encoding is not canonical");
-    assert_eq!(tag_of(&bytes).as_deref(), Some(msg.kind()), "type tag != kind()");
+    assert_eq!(
+        tag_of(&bytes).as_deref(),
+        Some(msg.kind()),
+        "type tag != kind()"
+    );
 }
 
 /// As [`assert_control_round_trip`], for peer messages.
@@ -212,11 +228,20 @@ pub fn assert_peer_round_trip(msg: &PeerMessage) {
 pub fn assert_decode_error_is_bounded(input: &[u8], err: &MessageError, known: &[&str]) {
     match err {
         MessageError::UnknownType(shown) => {
-            assert!(shown.chars().count() <= 64, "unknown tag echoed in full: {shown:?}");
-            assert!(!known.contains(&shown.as_str()), "a known tag reported unknown: {shown}");
+            assert!(
+                shown.chars().count() <= 64,
+                "unknown tag echoed in full: {shown:?}"
+            );
+            assert!(
+                !known.contains(&shown.as_str()),
+                "a known tag reported unknown: {shown}"
+            );
         }
         MessageError::Invalid { kind, .. } => {
-            assert!(known.contains(&kind.as_str()), "invalid message of unknown kind {kind:?}");
+            assert!(
+                known.contains(&kind.as_str()),
+                "invalid message of unknown kind {kind:?}"
+            );
         }
         MessageError::Json(_) | MessageError::MissingType => {}
     }
@@ -251,7 +276,14 @@ pub const CONTROL_TYPES: &[&str] = &[
 ];
 
 /// The `type` tags [`PeerMessage::decode`] knows.
-pub const PEER_TYPES: &[&str] = &["open", "file_header", "file_result", "ping", "pong", "error"];
+pub const PEER_TYPES: &[&str] = &[
+    "open",
+    "file_header",
+    "file_result",
+    "ping",
+    "pong",
+    "error",
+];
 
 /// Deterministic chunk sizes (1 to `max`) from a seed: how a byte stream is cut into reads.
 pub struct Cuts {
@@ -275,7 +307,11 @@ impl Cuts {
         self.state ^= self.state >> 7;
         self.state ^= self.state << 17;
         // Favour tiny reads (prefix and header boundaries) half the time.
-        let max = if self.state & 1 == 0 { self.max.min(7) } else { self.max };
+        let max = if self.state & 1 == 0 {
+            self.max.min(7)
+        } else {
+            self.max
+        };
         1 + (self.state >> 8) as usize % max
     }
 

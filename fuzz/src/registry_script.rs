@@ -56,7 +56,9 @@ pub const LOCAL: [&str; 8] = [
 
 /// Parses one of the tables above (they are constants: parsing cannot fail).
 pub fn addr(table: &[&str; 8], n: u8) -> SocketAddr {
-    table[usize::from(n) % 8].parse().unwrap_or_else(|_| unreachable!())
+    table[usize::from(n) % 8]
+        .parse()
+        .unwrap_or_else(|_| unreachable!())
 }
 
 /// What a peer sends.
