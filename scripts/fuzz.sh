@@ -14,7 +14,7 @@
 #
 # cargo-fuzz is installed from crates.io if `cargo fuzz` is missing. The targets need nightly
 # compiler flags (sanitizers): a rustup nightly toolchain is used when there is one, otherwise
-# the stable one with RUSTC_BOOTSTRAP=1. They build in release mode with debug assertions and
+# the stable one with RUSTC_BOOTSTRAP=1 (P2P_FUZZ_TOOLCHAIN=stable or =nightly forces one). They build in release mode with debug assertions and
 # overflow checks, under AddressSanitizer, in ${CARGO_TARGET_DIR:-target}/fuzz (apart from the
 # normal build, whose flags differ).
 #
@@ -78,14 +78,24 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
 fi
 cargo_fuzz=(cargo fuzz)
-if command -v rustup >/dev/null 2>&1 && rustup toolchain list | grep -q '^nightly'; then
+toolchain=${P2P_FUZZ_TOOLCHAIN:-auto}
+if [[ $toolchain == auto ]]; then
+    toolchain=stable
+    if command -v rustup >/dev/null 2>&1 && rustup toolchain list | grep -q '^nightly'; then
+        toolchain=nightly
+    fi
+fi
+if [[ $toolchain == nightly ]]; then
     cargo_fuzz=(cargo +nightly fuzz)
     echo "== toolchain: $(rustup run nightly rustc --version)"
 else
     # Stable with the nightly gates opened: -Zsanitizer and the sancov passes cargo-fuzz uses.
     export RUSTC_BOOTSTRAP=1
-    echo "== toolchain: $(rustc --version) with RUSTC_BOOTSTRAP=1 (no nightly toolchain)"
+    echo "== toolchain: $(rustc --version) with RUSTC_BOOTSTRAP=1"
 fi
+
+# The fuzz crate is outside the workspace, so `cargo fmt --all` does not see it.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
 echo "== building ${selected[*]} (release, debug assertions, AddressSanitizer)"
 build_start=$SECONDS

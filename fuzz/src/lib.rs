@@ -300,6 +300,13 @@ impl Cuts {
         }
     }
 
+    /// As [`Cuts::new`], with `max` raised so that `len` bytes make at most about 4096 chunks:
+    /// cuts matter at frame boundaries, and a long stream cut into single bytes only slows the
+    /// fuzzer down.
+    pub fn for_len(seed: u64, max: usize, len: usize) -> Self {
+        Self::new(seed, max.max(len / 1024))
+    }
+
     /// The next chunk size.
     pub fn next_len(&mut self) -> usize {
         // xorshift64: cheap and enough to vary the cuts.
