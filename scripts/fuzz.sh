@@ -14,9 +14,9 @@
 #
 # cargo-fuzz is installed from crates.io if `cargo fuzz` is missing. The targets need nightly
 # compiler flags (sanitizers): a rustup nightly toolchain is used when there is one, otherwise
-# the stable one with RUSTC_BOOTSTRAP=1 (P2P_FUZZ_TOOLCHAIN=stable or =nightly forces one). They build in release mode with debug assertions and
-# overflow checks, under AddressSanitizer, in ${CARGO_TARGET_DIR:-target}/fuzz (apart from the
-# normal build, whose flags differ).
+# the stable one with RUSTC_BOOTSTRAP=1 (P2P_FUZZ_TOOLCHAIN=stable or =nightly forces one).
+# They build in release mode with debug assertions and overflow checks, under AddressSanitizer,
+# in ${CARGO_TARGET_DIR:-target}/fuzz (apart from the normal build, whose flags differ).
 #
 # A crash leaves its input under ${CARGO_TARGET_DIR:-target}/fuzz-runs/<target>/artifacts/; the
 # script prints the path, the input in base64 and the command that replays it.
@@ -41,7 +41,7 @@ while (($#)); do
         --fork=*) fork=${1#*=}; shift ;;
         --seed-corpus) mode=seed; shift ;;
         --list) printf '%s\n' "${TARGETS[@]}"; exit 0 ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
         *)
             if [[ " ${TARGETS[*]} " != *" $1 "* ]]; then

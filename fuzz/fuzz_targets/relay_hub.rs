@@ -3,8 +3,14 @@
 //! destinations only, a token bucket of bytes, a byte quota; time passed in), and the admitted
 //! packets re-encoded with the sender's id into per-destination batches, as
 //! `rendezvous::relay::run` does. The hub's queues and forwarding (`forward`, `Sink`) are behind
-//! tokio channels and not reachable yet: see scripts/fuzz.sh's header for what to add once the
-//! hub is sans-IO.
+//! tokio channels and not reachable yet. Once the hub is sans-IO (sessions opened and closed,
+//! bytes in from a sender, batches taken out by a destination's writer, time passed in), this
+//! target should drive several sessions with `Event`s for those too (a destination reads k
+//! bytes, a session closes and reopens) and assert the hub's bounds after every event: bytes
+//! queued per destination within the stated byte limit, every frame charged at least the
+//! minimum cost (empty packets refused), forwarded + dropped == admitted for every counter,
+//! relaying only to a destination that accepted the introduction, one relay session per
+//! connection.
 //!
 //! Properties:
 //! - a packet is admitted only if the last permission answer for its destination was yes, and
