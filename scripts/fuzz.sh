@@ -147,7 +147,9 @@ for t in "${selected[@]}"; do
     if ((status != 0)) || [[ -n $crashes ]]; then
         failed+=("$t")
         echo "!! $t FAILED (exit $status); log: $run/log"
-        grep -E -m 20 'panicked|assertion|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY' "$run/log" || true
+        # The panic and its message, or the sanitizer's report.
+        grep -E -A3 -m 1 'panicked at' "$run/log" || true
+        grep -E -m 5 'ERROR: AddressSanitizer|ERROR: libFuzzer|SUMMARY' "$run/log" || true
         for input in $crashes; do
             echo "!! crashing input: $input"
             if (($(stat -c %s "$input") <= 4096)); then
