@@ -235,20 +235,42 @@ fn main() {
     max.truncate(max.len() - 1);
     corpus.write("relay_frames", "max_packet_truncated", &max);
 
-    // The relay hub target reads its input with `arbitrary` (an event script with no stable
-    // byte format): seeds of pseudo-random bytes of a few sizes give it a start.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    for size in [64usize, 512, 4096] {
-        let bytes: Vec<u8> = (0..size)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect();
-        corpus.write("relay_hub", &format!("random_{size}"), &bytes);
+    // The relay hub target reads a script of one-byte operations and their arguments (see
+    // `rendezvous::relay::run_script`): 0 raw bytes, 1 a frame to a destination, 2 time passes,
+    // 3 a permission changes (0 allowed, 1 awaiting accept, 2 denied), 4 a destination drains,
+    // 5 the session is polled.
+    let frame = |dest: u8, len: u16| {
+        let [hi, lo] = len.to_be_bytes();
+        vec![1, dest, hi, lo]
+    };
+    // Frames to allowed destinations, a destination that never drains, one that does.
+    let mut script = Vec::new();
+    for i in 0..64u16 {
+        script.extend(frame((i % 3) as u8, 1200));
+        if i % 8 == 0 {
+            script.extend([4, 1]);
+        }
     }
+    corpus.write("relay_hub", "frames_and_drains", &script);
+    // Packets held while an introduction awaits its accept, then the accept, then expiry.
+    let mut script = vec![3, 5, 1];
+    for _ in 0..12 {
+        script.extend(frame(5, 1000));
+    }
+    script.extend([3, 5, 0, 5, 4, 5]);
+    script.extend([3, 6, 1]);
+    script.extend(frame(6, 500));
+    script.extend([2, 255, 5]);
+    corpus.write("relay_hub", "held_then_accepted", &script);
+    // Empty packets, a denied destination, the clock running, raw garbage ending the session.
+    let mut script = Vec::new();
+    for _ in 0..32 {
+        script.extend(frame(2, 0));
+    }
+    script.extend([3, 7, 2]);
+    script.extend(frame(7, 100));
+    script.extend([2, 50, 0, 0, 4, 0, 3, 1, 2]);
+    corpus.write("relay_hub", "empty_denied_garbage", &script);
 
     // STUN: what both codecs write, plus a probe from a peer.
     let txid = [7u8; 12];
