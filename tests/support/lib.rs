@@ -1,8 +1,10 @@
 //! Test support: build and start the real `rendezvous` and `peer` binaries, read their output
 //! line by line with timeouts, and clean up (processes and directories) even when a test fails.
 //!
-//! [`lab`] runs the same binaries inside the network namespaces of `scripts/natlab.sh`.
+//! [`lab`] runs the same binaries inside the network namespaces of `scripts/natlab.sh`;
+//! [`attack`] has the attacks that the attack tests and the soak run against them.
 
+pub mod attack;
 pub mod lab;
 
 use std::io::{BufRead, BufReader, Write};
@@ -269,6 +271,16 @@ impl Proc {
                     tail.join("\n")
                 )
             })
+    }
+
+    /// Its process id (to read /proc/<pid>).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running (not exited, not reaped).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Types a line.

@@ -1,0 +1,767 @@
+//! Reusable attacks on a running rendezvous, for the attack tests (`tests/attacks_*.rs`) and the
+//! soak (`tests/soak.rs`).
+//!
+//! Each attack is an async function that runs until its [`Stop`] is set and records what it did
+//! in [`Counters`] (never panics on what the server does: a refused or closed connection is a
+//! count, not a failure). [`soak_attacks`] lists them by name with the intensity the soak uses;
+//! [`Running`] starts one on a runtime and, when stopped, hands back its counters.
+//!
+//! Every attack sends from its own block of loopback source addresses (Linux routes all of
+//! 127.0.0.0/8 to `lo`), so the server's per-source limits see many attackers and never mix an
+//! attacker with the legitimate load (127.0.0.1, 127.0.1.x, 127.0.2.x). The blocks, by second
+//! octet: 10 tunnel, 11 metrics, 12 STUN, 13 garbage UDP, 14 registration flood, 15 relay flood;
+//! 16 and up are free for new attacks.
+//!
+//! To add an attack: write `async fn my_attack(target: Target, stop: Stop, counters: Counters)`
+//! (or a wrapper choosing its parameters) and add an [`Attack`] for it to [`soak_attacks`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use certs::{Fingerprint, Identity, ServerTrust};
+use common::frame_io::{read_frame, write_frame};
+use common::relay;
+use common::{ControlMessage, ErrorCode, PeerId, PROTOCOL_VERSION};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+
+/// Deadline for one exchange with the server (generous: a loaded 2-core machine).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the attacks go: the rendezvous's ports and key.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// QUIC and STUN (UDP).
+    pub udp: SocketAddr,
+    /// The server's key.
+    pub fingerprint: Fingerprint,
+    /// The TLS tunnel (TCP), if it listens.
+    pub tunnel: Option<SocketAddr>,
+    /// `/metrics` (TCP), if it listens.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Tells an attack to end. Cloned into every task of the attack.
+#[derive(Clone, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    /// Not stopped yet.
+    pub fn new() -> Stop {
+        Stop::default()
+    }
+
+    /// Ends every attack holding a clone of this.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Stop::stop`] was called.
+    pub fn stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `duration`, waking early when stopped; returns false when stopped.
+    pub async fn sleep(&self, duration: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + duration;
+        while !self.stopped() {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
+        }
+        false
+    }
+}
+
+/// Named counters of what an attack did (connections made, closed by the server, requests
+/// sent, answers, refusals...).
+#[derive(Clone, Default)]
+pub struct Counters(Arc<Mutex<BTreeMap<&'static str, u64>>>);
+
+impl Counters {
+    /// Adds `n` to the counter `name` (created at 0).
+    pub fn add(&self, name: &'static str, n: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(name).or_default() += n;
+    }
+
+    /// The counter `name` (0 if never added to).
+    pub fn get(&self, name: &str) -> u64 {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(name).copied().unwrap_or(0)
+    }
+
+    /// Every counter, by name.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
+/// The future an attack runs.
+pub type AttackFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An attack's body: given the target, runs until stopped.
+pub type AttackBody = Arc<dyn Fn(Target, Stop, Counters) -> AttackFuture + Send + Sync>;
+
+/// A named attack.
+#[derive(Clone)]
+pub struct Attack {
+    /// Short name (a column of the soak's summary).
+    pub name: &'static str,
+    /// What it does, in a sentence.
+    pub what: &'static str,
+    /// Runs it.
+    pub body: AttackBody,
+}
+
+impl Attack {
+    /// An attack named `name` running `body`.
+    pub fn new<F, Fut>(name: &'static str, what: &'static str, body: F) -> Attack
+    where
+        F: Fn(Target, Stop, Counters) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Attack {
+            name,
+            what,
+            body: Arc::new(move |target, stop, counters| Box::pin(body(target, stop, counters))),
+        }
+    }
+}
+
+/// The attacks the soak runs, all at once, with their soak intensities (sized so that all of
+/// them together leave the legitimate load some of a 2-core machine).
+pub fn soak_attacks() -> Vec<Attack> {
+    vec![
+        Attack::new(
+            "tunnel_slowloris",
+            "8 sources x 4 TCP connections to the tunnel port, half idle, half trickling a TLS \
+             record that never completes, each reopened once closed",
+            |t: Target, stop, counters| async move {
+                let Some(to) = t.tunnel else { return };
+                let mut all = JoinSet::new();
+                for n in 1..=8 {
+                    all.spawn(hold_connections(
+                        block_ip(10, n),
+                        to,
+                        4,
+                        TLS_SLOWLORIS,
+                        stop.clone(),
+                        counters.clone(),
+                    ));
+                }
+                while all.join_next().await.is_some() {}
+            },
+        ),
+        Attack::new(
+            "metrics_slowloris",
+            "8 sources x 4 TCP connections to the metrics port, half idle, half trickling a \
+             request head that never ends, each reopened once closed",
+            |t: Target, stop, counters| async move {
+                let Some(to) = t.metrics else { return };
+                let mut all = JoinSet::new();
+                for n in 1..=8 {
+                    all.spawn(hold_connections(
+                        block_ip(11, n),
+                        to,
+                        4,
+                        HTTP_SLOWLORIS,
+                        stop.clone(),
+                        counters.clone(),
+                    ));
+                }
+                while all.join_next().await.is_some() {}
+            },
+        ),
+        Attack::new(
+            "stun_flood",
+            "STUN binding requests, 1,000 per second from 256 sources",
+            |t: Target, stop, counters| stun_flood(t.udp, 256, 1000, stop, counters),
+        ),
+        Attack::new(
+            "garbage_udp",
+            "random datagrams (QUIC-looking, STUN-shaped, random), 500 per second from 32 sources",
+            |t: Target, stop, counters| garbage_udp(t.udp, 32, 500, stop, counters),
+        ),
+        Attack::new(
+            "registration_flood",
+            "fresh identities registering, 10 per second from a pool of 64 sources (each \
+             connection closed after the answer: the rows stay, offline)",
+            |t: Target, stop, counters| registration_flood(t, 64, 10, stop, counters),
+        ),
+        Attack::new(
+            "relay_flood",
+            "one sender relaying 2 MB/s to 8 destinations that accepted and never read, plus an \
+             empty frame per round; all nine replaced by fresh identities every 60 s",
+            |t: Target, stop, counters| {
+                relay_flood(t, 8, 2_000_000, Duration::from_secs(60), stop, counters)
+            },
+        ),
+    ]
+}
+
+/// An attack started on a runtime.
+pub struct Running {
+    /// Its name.
+    pub name: &'static str,
+    stop: Stop,
+    counters: Counters,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts `attack` against `target` on `runtime`.
+    pub fn start(runtime: &tokio::runtime::Handle, attack: &Attack, target: &Target) -> Running {
+        let stop = Stop::new();
+        let counters = Counters::default();
+        let handle = runtime.spawn((attack.body)(
+            target.clone(),
+            stop.clone(),
+            counters.clone(),
+        ));
+        Running {
+            name: attack.name,
+            stop,
+            counters,
+            handle,
+        }
+    }
+
+    /// What it did so far.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.counters.snapshot()
+    }
+
+    /// Stops it, waits (at most 30 s, then aborts it) and returns its counters.
+    pub async fn finish(self) -> Vec<(&'static str, u64)> {
+        self.stop.stop();
+        let abort = self.handle.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .is_err()
+        {
+            abort.abort();
+            self.counters.add("aborted_at_stop", 1);
+        }
+        self.counters.snapshot()
+    }
+}
+
+/// 127.`block`.hi.lo, numbering `n` from 1 within the block.
+pub fn block_ip(block: u8, n: u16) -> Ipv4Addr {
+    let [hi, lo] = n.to_be_bytes();
+    Ipv4Addr::new(127, block, hi, lo)
+}
+
+/// A TCP connection from `from` (any port).
+pub async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((from, 0)))?;
+    socket.connect(to).await
+}
+
+/// Waits until the far end closes `stream` (EOF or reset), reading and discarding what it
+/// sends; false if it is still open after `within`.
+pub async fn closed_within<S: AsyncRead + Unpin>(stream: &mut S, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// What an attacking TCP connection sends: `opening` at once, then (if `trickle`) one more
+/// byte every 250 ms, never completing anything.
+#[derive(Clone, Copy, Debug)]
+pub struct Slowloris {
+    /// Sent at once.
+    pub opening: &'static [u8],
+    /// Sent every 250 ms after that.
+    pub trickle: Option<u8>,
+}
+
+/// The opening of a TLS record of 16 KiB that never arrives: the acceptor waits for the rest.
+pub const TLS_SLOWLORIS: Slowloris = Slowloris {
+    opening: &[0x16, 0x03, 0x01, 0x40, 0x00],
+    trickle: Some(0),
+};
+
+/// A request head that never ends.
+pub const HTTP_SLOWLORIS: Slowloris = Slowloris {
+    opening: b"GET /metrics HTTP/1.1\r\n",
+    trickle: Some(b'X'),
+};
+
+/// Connections that only connect.
+pub const IDLE: Slowloris = Slowloris {
+    opening: b"",
+    trickle: None,
+};
+
+/// Keeps `workers` connections from `from` to `to` open, half idle and half `slowloris`,
+/// reopening each once closed, until `stop`. Counts `connections` opened, `closed_by_server`
+/// and `connect_failed`.
+pub async fn hold_connections(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    workers: usize,
+    slowloris: Slowloris,
+    stop: Stop,
+    counters: Counters,
+) {
+    let mut all = JoinSet::new();
+    for w in 0..workers {
+        let kind = if w % 2 == 0 { IDLE } else { slowloris };
+        let stop = stop.clone();
+        let counters = counters.clone();
+        all.spawn(async move {
+            while !stop.stopped() {
+                let Ok(mut stream) = connect_from(from, to).await else {
+                    counters.add("connect_failed", 1);
+                    stop.sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                counters.add("connections", 1);
+                let _ = stream.write_all(kind.opening).await;
+                while !stop.stopped() {
+                    if let Some(byte) = kind.trickle {
+                        let _ = stream.write_all(&[byte]).await;
+                    }
+                    if closed_within(&mut stream, Duration::from_millis(250)).await {
+                        counters.add("closed_by_server", 1);
+                        break;
+                    }
+                }
+                stop.sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+    while all.join_next().await.is_some() {}
+}
+
+/// UDP sockets on 127.`block`.0.1 and up, one per source.
+async fn udp_sources(block: u8, sources: u16) -> Vec<tokio::net::UdpSocket> {
+    let mut sockets = Vec::new();
+    for n in 1..=sources.max(1) {
+        if let Ok(socket) = tokio::net::UdpSocket::bind(SocketAddr::from((block_ip(block, n), 0))).await
+        {
+            sockets.push(socket);
+        }
+    }
+    sockets
+}
+
+/// Sends `per_second` datagrams made by `make` (round robin over `sockets`) until `stop`, in
+/// batches every 10 ms; after each send drains what came back to that socket. Counts `sent`,
+/// `send_failed` and `replies`.
+async fn udp_pump(
+    sockets: Vec<tokio::net::UdpSocket>,
+    to: SocketAddr,
+    per_second: u32,
+    stop: Stop,
+    counters: Counters,
+    mut make: impl FnMut(u64) -> Vec<u8>,
+) {
+    if sockets.is_empty() {
+        counters.add("no_sockets", 1);
+        return;
+    }
+    let per_tick = (per_second / 100).max(1) as u64;
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut i = 0u64;
+    let mut buf = [0u8; 2048];
+    while !stop.stopped() {
+        ticker.tick().await;
+        for _ in 0..per_tick {
+            let socket = &sockets[(i % sockets.len() as u64) as usize];
+            match socket.try_send_to(&make(i), to) {
+                Ok(_) => counters.add("sent", 1),
+                Err(_) => counters.add("send_failed", 1),
+            }
+            while socket.try_recv_from(&mut buf).is_ok() {
+                counters.add("replies", 1);
+            }
+            i += 1;
+        }
+    }
+}
+
+/// STUN binding requests to `to`, `per_second` in all from `sources` addresses in
+/// 127.12.0.0/16. Counts `sent` and `replies` (answers; the server answers each source at a
+/// limited rate).
+pub async fn stun_flood(
+    to: SocketAddr,
+    sources: u16,
+    per_second: u32,
+    stop: Stop,
+    counters: Counters,
+) {
+    let sockets = udp_sources(12, sources).await;
+    udp_pump(sockets, to, per_second, stop, counters, |i| {
+        let mut transaction = [0u8; 12];
+        transaction[..8].copy_from_slice(&i.to_be_bytes());
+        common::stun::binding_request(transaction)
+    })
+    .await
+}
+
+/// Garbage datagrams to `to` (a third with a QUIC long-header first byte, a third STUN-shaped
+/// with the magic cookie, a third random), 1 to 1400 bytes, `per_second` in all from `sources`
+/// addresses in 127.13.0.0/16. Counts `sent` and `replies`.
+pub async fn garbage_udp(
+    to: SocketAddr,
+    sources: u16,
+    per_second: u32,
+    stop: Stop,
+    counters: Counters,
+) {
+    let sockets = udp_sources(13, sources).await;
+    udp_pump(sockets, to, per_second, stop, counters, |i| {
+        let len = 1 + (rand::random::<u32>() % 1400) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        match i % 3 {
+            0 => data[0] |= 0xC0,
+            1 if len >= 20 => {
+                data[0] &= 0x3F;
+                data[4..8].copy_from_slice(&common::stun::MAGIC_COOKIE.to_be_bytes());
+            }
+            _ => {}
+        }
+        data
+    })
+    .await
+}
+
+/// A QUIC endpoint sending from `ip` (a peer's endpoint: demultiplexed socket).
+pub fn endpoint_on(ip: Ipv4Addr) -> Result<quinn::Endpoint, String> {
+    transport::make_endpoint(SocketAddr::from((ip, 0)), None, Default::default(), 8, None)
+        .map(|(endpoint, _, _)| endpoint)
+        .map_err(|e| format!("endpoint on {ip}: {e}"))
+}
+
+/// A registered raw client (its own identity, no peer program): the connection and the
+/// control stream, kept open and unread while it is held.
+pub struct RawClient {
+    /// Its id.
+    pub id: PeerId,
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The control stream, kept open.
+    pub control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// Writes `msg` and reads one reply frame (at most [`REPLY_TIMEOUT`]).
+pub async fn exchange(
+    tx: &mut quinn::SendStream,
+    rx: &mut quinn::RecvStream,
+    msg: &ControlMessage,
+) -> Result<ControlMessage, String> {
+    write_frame(tx, &msg.encode())
+        .await
+        .map_err(|e| format!("writing {}: {e}", msg.kind()))?;
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, read_frame(rx))
+        .await
+        .map_err(|_| format!("no reply to {} in time", msg.kind()))?
+        .map_err(|e| format!("reading the reply to {}: {e}", msg.kind()))?
+        .ok_or_else(|| format!("stream closed before the reply to {}", msg.kind()))?;
+    ControlMessage::decode(&reply).map_err(|e| format!("decoding the reply: {e}"))
+}
+
+impl RawClient {
+    /// Connects over `endpoint` as `identity` and registers with protocol `version`: the
+    /// client, or the server's refusal; `Err` when the exchange itself failed.
+    pub async fn register(
+        endpoint: &quinn::Endpoint,
+        identity: &Identity,
+        server: SocketAddr,
+        trust: ServerTrust,
+        version: u32,
+    ) -> Result<Result<RawClient, ControlMessage>, String> {
+        let tls = certs::client_config_for_server(identity, trust, common::ALPN_RENDEZVOUS)
+            .map_err(|e| format!("client TLS config: {e}"))?;
+        let config = transport::quic_client_config(tls, Default::default())
+            .map_err(|e| format!("client QUIC config: {e}"))?;
+        let connecting = endpoint
+            .connect_with(config, server, "rendezvous")
+            .map_err(|e| format!("connect: {e}"))?;
+        let conn = tokio::time::timeout(REPLY_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "handshake timed out".to_owned())?
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut tx, mut rx) = conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("control stream: {e}"))?;
+        let register = ControlMessage::Register {
+            version,
+            local_addrs: vec![],
+        };
+        match exchange(&mut tx, &mut rx, &register).await? {
+            ControlMessage::Registered { id, .. } if id == identity.id() => Ok(Ok(RawClient {
+                id,
+                conn,
+                control: (tx, rx),
+            })),
+            ControlMessage::Registered { id, .. } => Err(format!("registered as {id}")),
+            other => {
+                conn.close(0u32.into(), b"refused");
+                Ok(Err(other))
+            }
+        }
+    }
+
+    /// One request on its own stream.
+    pub async fn request(&self, msg: &ControlMessage) -> Result<ControlMessage, String> {
+        let (mut tx, mut rx) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("opening a stream: {e}"))?;
+        exchange(&mut tx, &mut rx, msg).await
+    }
+
+    /// Opens a relay stream: the stream, or the server's refusal.
+    #[allow(clippy::type_complexity)]
+    pub async fn relay(
+        &self,
+    ) -> Result<Result<(quinn::SendStream, quinn::RecvStream), ControlMessage>, String> {
+        let (mut tx, mut rx) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("opening a stream: {e}"))?;
+        match exchange(&mut tx, &mut rx, &ControlMessage::RelayOpen {}).await? {
+            ControlMessage::RelayReady { .. } => Ok(Ok((tx, rx))),
+            other => Ok(Err(other)),
+        }
+    }
+
+    /// Asks to be introduced to `target`: the introduction's nonce.
+    pub async fn connect(&self, target: PeerId) -> Result<u64, String> {
+        match self.request(&ControlMessage::Connect { id: target }).await? {
+            ControlMessage::Punch { nonce, .. } => Ok(nonce),
+            other => Err(format!("connect: {other:?}")),
+        }
+    }
+
+    /// Accepts the introduction `nonce` from `peer`.
+    pub async fn accept(&self, peer: PeerId, nonce: u64) -> Result<(), String> {
+        match self
+            .request(&ControlMessage::Accept { peer, nonce })
+            .await?
+        {
+            ControlMessage::Ack {} => Ok(()),
+            other => Err(format!("accept: {other:?}")),
+        }
+    }
+}
+
+/// Registers fresh identities, `per_second` in all, from a pool of `sources` addresses in
+/// 127.14.0.0/16 (round robin), closing each connection after the answer. Counts `registered`,
+/// `refused_rate_limited`, `refused_other` and `failed` (handshake or exchange).
+pub async fn registration_flood(
+    target: Target,
+    sources: u16,
+    per_second: u32,
+    stop: Stop,
+    counters: Counters,
+) {
+    let mut endpoints = Vec::new();
+    for n in 1..=sources.max(1) {
+        match endpoint_on(block_ip(14, n)) {
+            Ok(endpoint) => endpoints.push(endpoint),
+            Err(_) => counters.add("endpoint_failed", 1),
+        }
+    }
+    if endpoints.is_empty() {
+        return;
+    }
+    let interval = Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At most 8 registrations in flight: a slow server slows the flood, not the other way.
+    let mut in_flight = JoinSet::new();
+    let mut i = 0usize;
+    while !stop.stopped() {
+        ticker.tick().await;
+        while in_flight.len() >= 8 {
+            in_flight.join_next().await;
+        }
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        i += 1;
+        let (target, counters) = (target.clone(), counters.clone());
+        in_flight.spawn(async move {
+            let Ok(identity) = Identity::generate() else {
+                counters.add("identity_failed", 1);
+                return;
+            };
+            let trust = ServerTrust::Pinned(target.fingerprint);
+            match RawClient::register(&endpoint, &identity, target.udp, trust, PROTOCOL_VERSION)
+                .await
+            {
+                Ok(Ok(client)) => {
+                    counters.add("registered", 1);
+                    client.conn.close(0u32.into(), b"flood");
+                }
+                Ok(Err(ControlMessage::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                })) => counters.add("refused_rate_limited", 1),
+                Ok(Err(_)) => counters.add("refused_other", 1),
+                Err(_) => counters.add("failed", 1),
+            }
+        });
+    }
+    while in_flight.join_next().await.is_some() {}
+    for endpoint in endpoints {
+        endpoint.close(0u32.into(), b"done");
+    }
+}
+
+/// Bytes of each relayed packet in a flood.
+pub const PACKET: usize = 1200;
+
+/// Writes `rounds` packets of [`PACKET`] bytes to every one of `targets`, and one empty frame
+/// per round; returns how many empty frames were sent.
+pub async fn blast(
+    out: &mut quinn::SendStream,
+    targets: &[PeerId],
+    rounds: u64,
+) -> Result<u64, String> {
+    let packet = [0x5a_u8; PACKET];
+    let mut empties = 0u64;
+    let mut chunk = Vec::with_capacity(64 * 1024);
+    for round in 0..rounds {
+        for to in targets {
+            relay::encode_into(&mut chunk, to, &packet).map_err(|e| e.to_string())?;
+        }
+        relay::encode_into(&mut chunk, &targets[round as usize % targets.len()], &[])
+            .map_err(|e| e.to_string())?;
+        empties += 1;
+        if chunk.len() > 60 * 1024 {
+            out.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            chunk.clear();
+        }
+    }
+    out.write_all(&chunk).await.map_err(|e| e.to_string())?;
+    Ok(empties)
+}
+
+/// One sender relaying about `bytes_per_second` to `destinations` raw clients that accepted
+/// its introductions and never read their relay streams, plus an empty frame per round; every
+/// `cycle` all of them close and fresh identities (from fresh sources in 127.15.0.0/16) take
+/// their place, so what the server keeps per relay session must be freed. Counts `cycles`,
+/// `setup_failed`, `packets`, `bytes`, `empty_frames` and `write_failed`.
+pub async fn relay_flood(
+    target: Target,
+    destinations: usize,
+    bytes_per_second: u64,
+    cycle: Duration,
+    stop: Stop,
+    counters: Counters,
+) {
+    let mut round = 0u16;
+    while !stop.stopped() {
+        // Sources 127.15.r.1 and up for round r: a source registers fresh identities once per
+        // 250 rounds, well within the per-source limits.
+        let r = round % 250;
+        round = round.wrapping_add(1);
+        match relay_cycle(&target, r, destinations, bytes_per_second, cycle, &stop, &counters)
+            .await
+        {
+            Ok(()) => counters.add("cycles", 1),
+            Err(_) => {
+                counters.add("setup_failed", 1);
+                stop.sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn relay_cycle(
+    target: &Target,
+    r: u16,
+    destinations: usize,
+    bytes_per_second: u64,
+    cycle: Duration,
+    stop: &Stop,
+    counters: &Counters,
+) -> Result<(), String> {
+    let mut endpoints = Vec::new();
+    let mut join = || -> Result<quinn::Endpoint, String> {
+        let n = (r << 8) | (endpoints.len() as u16 + 1);
+        let endpoint = endpoint_on(block_ip(15, n))?;
+        endpoints.push(endpoint.clone());
+        Ok(endpoint)
+    };
+    let trust = ServerTrust::Pinned(target.fingerprint);
+    let register = |endpoint: quinn::Endpoint| {
+        let trust = trust.clone();
+        async move {
+            let identity = Identity::generate().map_err(|e| e.to_string())?;
+            RawClient::register(&endpoint, &identity, target.udp, trust, PROTOCOL_VERSION)
+                .await?
+                .map_err(|refusal| format!("register: {refusal:?}"))
+        }
+    };
+    let sender = register(join()?).await?;
+    let (mut out, _sender_in) = sender
+        .relay()
+        .await?
+        .map_err(|e| format!("relay_open: {e:?}"))?;
+    let mut sinks = Vec::new();
+    for _ in 0..destinations.max(1) {
+        let dest = register(join()?).await?;
+        let relay = dest
+            .relay()
+            .await?
+            .map_err(|e| format!("relay_open: {e:?}"))?;
+        let nonce = sender.connect(dest.id).await?;
+        dest.accept(sender.id, nonce).await?;
+        sinks.push((dest, relay));
+    }
+    let targets: Vec<PeerId> = sinks.iter().map(|(dest, _)| dest.id).collect();
+    // Ten bursts a second of one round (a packet to each destination and an empty frame) or
+    // more, to make about `bytes_per_second`.
+    let round_bytes = (PACKET * targets.len()) as u64;
+    let rounds = (bytes_per_second / 10 / round_bytes).max(1);
+    let until = tokio::time::Instant::now() + cycle;
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.stopped() && tokio::time::Instant::now() < until {
+        ticker.tick().await;
+        match tokio::time::timeout(REPLY_TIMEOUT, blast(&mut out, &targets, rounds)).await {
+            Ok(Ok(empties)) => {
+                counters.add("packets", rounds * targets.len() as u64);
+                counters.add("bytes", rounds * round_bytes);
+                counters.add("empty_frames", empties);
+            }
+            _ => {
+                counters.add("write_failed", 1);
+                break;
+            }
+        }
+    }
+    sender.conn.close(0u32.into(), b"cycle");
+    for (dest, _) in &sinks {
+        dest.conn.close(0u32.into(), b"cycle");
+    }
+    for endpoint in endpoints {
+        endpoint.close(0u32.into(), b"cycle");
+    }
+    Ok(())
+}
