@@ -212,7 +212,7 @@ fn chat(dir: PathBuf, server: ServerArgs, stop: Stop, ops: Ops) {
     while sleep_unless(&stop, CHAT_EVERY) {
         n += 1;
         let line = format!("soak-chat-{n}-end");
-        let (sender, receiver) = if n % 2 == 0 {
+        let (sender, receiver) = if n.is_multiple_of(2) {
             (&mut a, &b)
         } else {
             (&mut b, &a)
@@ -507,7 +507,12 @@ fn soak_legitimate_load_with_every_attack_at_once() {
         samples_csv.flush().unwrap();
         for (name, value) in &all {
             // Labels hold commas: quote the series.
-            writeln!(metrics_csv, "{t:.1},\"{}\",{value}", name.replace('"', "\"\"")).unwrap();
+            writeln!(
+                metrics_csv,
+                "{t:.1},\"{}\",{value}",
+                name.replace('"', "\"\"")
+            )
+            .unwrap();
         }
         metrics_csv.flush().unwrap();
         if !all.is_empty() {
@@ -549,7 +554,12 @@ fn soak_legitimate_load_with_every_attack_at_once() {
     server_died |= !rv.proc.running();
 
     // RSS: peak, and the least-squares trend over the second half.
-    let peak_kib = samples.iter().map(|s| s.rss_kib).max().unwrap_or(0).max(hwm_kib);
+    let peak_kib = samples
+        .iter()
+        .map(|s| s.rss_kib)
+        .max()
+        .unwrap_or(0)
+        .max(hwm_kib);
     let half = elapsed.as_secs_f64() / 2.0;
     let second: Vec<&Sample> = samples.iter().filter(|s| s.t >= half).collect();
     let slope_kib_per_s = if second.len() >= 2 {
@@ -642,12 +652,20 @@ fn soak_legitimate_load_with_every_attack_at_once() {
     md += &format!(
         "\n\n{} fresh peers registered during the run; the chat thread {}.\n\n",
         fresh_count,
-        if chat_ok { "ended normally" } else { "PANICKED" }
+        if chat_ok {
+            "ended normally"
+        } else {
+            "PANICKED"
+        }
     );
     md += "## Attacks (all at once, for the whole run)\n\n";
     for (attack, (name, counters)) in attacks.iter().zip(&reports) {
         let list: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        md += &format!("- **{name}**: {}. Counters: {}\n", attack.what, list.join(", "));
+        md += &format!(
+            "- **{name}**: {}. Counters: {}\n",
+            attack.what,
+            list.join(", ")
+        );
     }
     md += "\n## Server metrics at the last sample\n\n```\n";
     for name in SAMPLED_METRICS {
@@ -660,7 +678,11 @@ fn soak_legitimate_load_with_every_attack_at_once() {
 
     assert!(!server_died, "the server exited during the soak");
     assert!(chat_ok, "the chat thread panicked (its setup failed)");
-    assert!(all_ok, "a legitimate operation failed: see {}", out_dir.display());
+    assert!(
+        all_ok,
+        "a legitimate operation failed: see {}",
+        out_dir.display()
+    );
     assert!(
         peak_kib * 1024 < PEAK_RSS_BOUND,
         "peak RSS {} MiB over the bound",

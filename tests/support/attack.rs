@@ -9,8 +9,9 @@
 //! Every attack sends from its own block of loopback source addresses (Linux routes all of
 //! 127.0.0.0/8 to `lo`), so the server's per-source limits see many attackers and never mix an
 //! attacker with the legitimate load (127.0.0.1, 127.0.1.x, 127.0.2.x). The blocks, by second
-//! octet: 10 tunnel, 11 metrics, 12 STUN, 13 garbage UDP, 14 registration flood, 15 relay flood;
-//! 16 and up are free for new attacks.
+//! octet: 10 tunnel, 11 metrics, 12 garbage UDP, 13 registration flood, 14 relay flood, 20 to 23
+//! STUN (a /14: more sources than the server's STUN limiter remembers); 30 and up are free for
+//! new attacks.
 //!
 //! To add an attack: write `async fn my_attack(target: Target, stop: Stop, counters: Counters)`
 //! (or a wrapper choosing its parameters) and add an [`Attack`] for it to [`soak_attacks`].
@@ -184,8 +185,12 @@ pub fn soak_attacks() -> Vec<Attack> {
         ),
         Attack::new(
             "stun_flood",
-            "STUN binding requests, 1,000 per second from 256 sources",
-            |t: Target, stop, counters| stun_flood(t.udp, 256, 1000, stop, counters),
+            "STUN binding requests, 1,000 per second from 256 sources at a time, 128 new \
+             sources a second (moving through 127.20.0.0/14: 262,144 sources, more than the \
+             server's STUN limiter remembers)",
+            |t: Target, stop, counters| {
+                stun_flood(t.udp, 256, 1000, Duration::from_secs(2), stop, counters)
+            },
         ),
         Attack::new(
             "garbage_udp",
@@ -356,12 +361,18 @@ pub async fn hold_connections(
 async fn udp_sources(block: u8, sources: u16) -> Vec<tokio::net::UdpSocket> {
     let mut sockets = Vec::new();
     for n in 1..=sources.max(1) {
-        if let Ok(socket) = tokio::net::UdpSocket::bind(SocketAddr::from((block_ip(block, n), 0))).await
-        {
+        let from = SocketAddr::from((block_ip(block, n), 0));
+        if let Ok(socket) = tokio::net::UdpSocket::bind(from).await {
             sockets.push(socket);
         }
     }
     sockets
+}
+
+/// The `i`th address of 127.20.0.0/14 (wrapping, skipping the block's first).
+fn stun_source(i: u64) -> Ipv4Addr {
+    let n = (i % ((1 << 18) - 1) + 1) as u32;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 20, 0, 0)) | n)
 }
 
 /// Sends `per_second` datagrams made by `make` (round robin over `sockets`) until `stop`, in
@@ -400,28 +411,53 @@ async fn udp_pump(
     }
 }
 
-/// STUN binding requests to `to`, `per_second` in all from `sources` addresses in
-/// 127.12.0.0/16. Counts `sent` and `replies` (answers; the server answers each source at a
-/// limited rate).
+/// STUN binding requests to `to`, `per_second` in all from `sources` addresses at a time in
+/// 127.20.0.0/14; every `rotate` all the sockets move to the next `sources` addresses, so the
+/// server sees ever new sources. Counts `sent`, `replies` (the server answers each source at a
+/// limited rate) and `sources` used.
 pub async fn stun_flood(
     to: SocketAddr,
     sources: u16,
     per_second: u32,
+    rotate: Duration,
     stop: Stop,
     counters: Counters,
 ) {
-    let sockets = udp_sources(12, sources).await;
-    udp_pump(sockets, to, per_second, stop, counters, |i| {
-        let mut transaction = [0u8; 12];
-        transaction[..8].copy_from_slice(&i.to_be_bytes());
-        common::stun::binding_request(transaction)
-    })
-    .await
+    let mut next = 0u64;
+    while !stop.stopped() {
+        let mut sockets = Vec::new();
+        for _ in 0..sources.max(1) {
+            let from = SocketAddr::from((stun_source(next), 0));
+            next += 1;
+            if let Ok(socket) = tokio::net::UdpSocket::bind(from).await {
+                sockets.push(socket);
+            }
+        }
+        counters.add("sources", sockets.len() as u64);
+        let phase = Stop::new();
+        let pump = udp_pump(
+            sockets,
+            to,
+            per_second,
+            phase.clone(),
+            counters.clone(),
+            |i| {
+                let mut transaction = [0u8; 12];
+                transaction[..8].copy_from_slice(&i.to_be_bytes());
+                common::stun::binding_request(transaction)
+            },
+        );
+        let timer = async {
+            stop.sleep(rotate).await;
+            phase.stop();
+        };
+        tokio::join!(pump, timer);
+    }
 }
 
 /// Garbage datagrams to `to` (a third with a QUIC long-header first byte, a third STUN-shaped
 /// with the magic cookie, a third random), 1 to 1400 bytes, `per_second` in all from `sources`
-/// addresses in 127.13.0.0/16. Counts `sent` and `replies`.
+/// addresses in 127.12.0.0/16. Counts `sent` and `replies`.
 pub async fn garbage_udp(
     to: SocketAddr,
     sources: u16,
@@ -429,7 +465,7 @@ pub async fn garbage_udp(
     stop: Stop,
     counters: Counters,
 ) {
-    let sockets = udp_sources(13, sources).await;
+    let sockets = udp_sources(12, sources).await;
     udp_pump(sockets, to, per_second, stop, counters, |i| {
         let len = 1 + (rand::random::<u32>() % 1400) as usize;
         let mut data: Vec<u8> = (0..len).map(|_| rand::random()).collect();
@@ -552,7 +588,10 @@ impl RawClient {
 
     /// Asks to be introduced to `target`: the introduction's nonce.
     pub async fn connect(&self, target: PeerId) -> Result<u64, String> {
-        match self.request(&ControlMessage::Connect { id: target }).await? {
+        match self
+            .request(&ControlMessage::Connect { id: target })
+            .await?
+        {
             ControlMessage::Punch { nonce, .. } => Ok(nonce),
             other => Err(format!("connect: {other:?}")),
         }
@@ -571,7 +610,7 @@ impl RawClient {
 }
 
 /// Registers fresh identities, `per_second` in all, from a pool of `sources` addresses in
-/// 127.14.0.0/16 (round robin), closing each connection after the answer. Counts `registered`,
+/// 127.13.0.0/16 (round robin), closing each connection after the answer. Counts `registered`,
 /// `refused_rate_limited`, `refused_other` and `failed` (handshake or exchange).
 pub async fn registration_flood(
     target: Target,
@@ -582,7 +621,7 @@ pub async fn registration_flood(
 ) {
     let mut endpoints = Vec::new();
     for n in 1..=sources.max(1) {
-        match endpoint_on(block_ip(14, n)) {
+        match endpoint_on(block_ip(13, n)) {
             Ok(endpoint) => endpoints.push(endpoint),
             Err(_) => counters.add("endpoint_failed", 1),
         }
@@ -663,7 +702,7 @@ pub async fn blast(
 
 /// One sender relaying about `bytes_per_second` to `destinations` raw clients that accepted
 /// its introductions and never read their relay streams, plus an empty frame per round; every
-/// `cycle` all of them close and fresh identities (from fresh sources in 127.15.0.0/16) take
+/// `cycle` all of them close and fresh identities (from fresh sources in 127.14.0.0/16) take
 /// their place, so what the server keeps per relay session must be freed. Counts `cycles`,
 /// `setup_failed`, `packets`, `bytes`, `empty_frames` and `write_failed`.
 pub async fn relay_flood(
@@ -676,12 +715,20 @@ pub async fn relay_flood(
 ) {
     let mut round = 0u16;
     while !stop.stopped() {
-        // Sources 127.15.r.1 and up for round r: a source registers fresh identities once per
+        // Sources 127.14.r.1 and up for round r: a source registers fresh identities once per
         // 250 rounds, well within the per-source limits.
         let r = round % 250;
         round = round.wrapping_add(1);
-        match relay_cycle(&target, r, destinations, bytes_per_second, cycle, &stop, &counters)
-            .await
+        match relay_cycle(
+            &target,
+            r,
+            destinations,
+            bytes_per_second,
+            cycle,
+            &stop,
+            &counters,
+        )
+        .await
         {
             Ok(()) => counters.add("cycles", 1),
             Err(_) => {
@@ -704,19 +751,16 @@ async fn relay_cycle(
     let mut endpoints = Vec::new();
     let mut join = || -> Result<quinn::Endpoint, String> {
         let n = (r << 8) | (endpoints.len() as u16 + 1);
-        let endpoint = endpoint_on(block_ip(15, n))?;
+        let endpoint = endpoint_on(block_ip(14, n))?;
         endpoints.push(endpoint.clone());
         Ok(endpoint)
     };
     let trust = ServerTrust::Pinned(target.fingerprint);
-    let register = |endpoint: quinn::Endpoint| {
-        let trust = trust.clone();
-        async move {
-            let identity = Identity::generate().map_err(|e| e.to_string())?;
-            RawClient::register(&endpoint, &identity, target.udp, trust, PROTOCOL_VERSION)
-                .await?
-                .map_err(|refusal| format!("register: {refusal:?}"))
-        }
+    let register = |endpoint: quinn::Endpoint| async move {
+        let identity = Identity::generate().map_err(|e| e.to_string())?;
+        RawClient::register(&endpoint, &identity, target.udp, trust, PROTOCOL_VERSION)
+            .await?
+            .map_err(|refusal| format!("register: {refusal:?}"))
     };
     let sender = register(join()?).await?;
     let (mut out, _sender_in) = sender
