@@ -8,6 +8,9 @@
 #
 #   scripts/soak.sh [--minutes N]      (default 30)
 #
+# SOAK_ATTACKS=name,name (names in tests/support/attack.rs `soak_attacks`; `none` for none) runs
+# only those attacks, to tell which one costs what.
+#
 # Cost: the release build (a few minutes from scratch), then N minutes (plus about a minute of
 # setup and teardown) with both cores of a 2-core machine busy: the attacks and the load run in
 # this process, the server in its own. Loopback only (127.0.0.0/8 sources); nothing else is

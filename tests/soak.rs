@@ -17,6 +17,8 @@
 //! whole run, so a steady RSS growth in the second half can only be a leak (in a rotation,
 //! each phase change would move RSS by itself).
 //!
+//! `SOAK_ATTACKS=name,name` runs only the attacks named (`none`: none), to tell which costs what.
+//!
 //! Output, in `SOAK_OUT` (default `target/soak`): `samples.csv` (time, RSS, fds, threads and the
 //! main metrics, every 5 s), `metrics.csv` (every metrics sample, long format), `summary.md`.
 //! The test fails unless every legitimate operation succeeded, peak RSS stayed under
@@ -450,7 +452,15 @@ fn soak_legitimate_load_with_every_attack_at_once() {
             k
         }
     });
-    let attacks = attack::soak_attacks();
+    // SOAK_ATTACKS=name,name runs only those ("none": none), to tell which attack costs what.
+    let only = std::env::var("SOAK_ATTACKS").ok();
+    let attacks: Vec<attack::Attack> = attack::soak_attacks()
+        .into_iter()
+        .filter(|a| {
+            only.as_deref()
+                .is_none_or(|only| only.split(',').any(|n| n == a.name))
+        })
+        .collect();
     let running: Vec<Running> = attacks
         .iter()
         .map(|a| Running::start(runtime.handle(), a, &target))
