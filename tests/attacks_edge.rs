@@ -101,6 +101,23 @@ async fn scrape(metrics: SocketAddr) -> String {
     response
 }
 
+/// Scrapes until `done` holds for the scrape (the server counts a close just after the client
+/// sees it), at most `T`; returns the last scrape either way (the caller asserts on it).
+fn scrape_until(
+    rt: &tokio::runtime::Runtime,
+    metrics: SocketAddr,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let m = rt.block_on(scrape(metrics));
+        if done(&m) || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The value of the sample `name_and_labels` in a scrape.
 fn metric(scrape: &str, name_and_labels: &str) -> u64 {
     scrape
@@ -186,11 +203,14 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
             );
         }
     });
-    let m = rt.block_on(scrape(edge.metrics));
     let failed = "rendezvous_tcp_tunnel_handshakes_failed_total";
     let per_source = "rendezvous_tcp_tunnels_refused_total{cap=\"tunnels_per_source\"}";
-    let evicted = metric(&m, &format!("{failed}{{reason=\"evicted_per_source\"}}"));
-    let timed_out = metric(&m, &format!("{failed}{{reason=\"timeout\"}}"));
+    let evicted_of = |m: &str| metric(m, &format!("{failed}{{reason=\"evicted_per_source\"}}"));
+    let timed_out_of = |m: &str| metric(m, &format!("{failed}{{reason=\"timeout\"}}"));
+    let m = scrape_until(&rt, edge.metrics, |m| {
+        evicted_of(m) + timed_out_of(m) + metric(m, per_source) >= 10
+    });
+    let (evicted, timed_out) = (evicted_of(&m), timed_out_of(&m));
     // An evicted handshake's task may not have given its tunnel slot back yet when the next
     // connection arrives: that one is refused by the tunnel cap instead (also a bound).
     let refused = metric(&m, per_source);
@@ -244,8 +264,11 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
         oversized.flush().await.unwrap();
         assert!(closed_within(&mut oversized, T).await);
     });
-    let m = rt.block_on(scrape(edge.metrics));
     let closed = "rendezvous_tcp_tunnels_closed_total";
+    let m = scrape_until(&rt, edge.metrics, |m| {
+        metric(m, &format!("{closed}{{reason=\"idle\"}}")) >= 8
+            && metric(m, &format!("{closed}{{reason=\"oversized_datagram\"}}")) >= 1
+    });
     assert_eq!(
         metric(&m, &format!("{closed}{{reason=\"idle\"}}")),
         8,
@@ -343,10 +366,11 @@ fn metrics_port_answers_scrapes_during_idle_connections_and_a_slowloris() {
             );
         }
     });
-    let m = rt.block_on(scrape(edge.metrics));
     let dropped = "rendezvous_metrics_connections_dropped_total";
-    let evicted = metric(&m, &format!("{dropped}{{reason=\"evicted_per_source\"}}"));
-    let timed_out = metric(&m, &format!("{dropped}{{reason=\"request_timeout\"}}"));
+    let evicted_of = |m: &str| metric(m, &format!("{dropped}{{reason=\"evicted_per_source\"}}"));
+    let timed_out_of = |m: &str| metric(m, &format!("{dropped}{{reason=\"request_timeout\"}}"));
+    let m = scrape_until(&rt, edge.metrics, |m| evicted_of(m) + timed_out_of(m) >= 10);
+    let (evicted, timed_out) = (evicted_of(&m), timed_out_of(&m));
     assert_eq!(evicted + timed_out, 10, "{m}");
     assert!(timed_out <= 4, "at most 4 waiting per source: {m}");
 

@@ -199,9 +199,9 @@ pub fn soak_attacks() -> Vec<Attack> {
         ),
         Attack::new(
             "registration_flood",
-            "fresh identities registering, 10 per second from a pool of 64 sources (each \
+            "fresh identities registering, 10 per second from a pool of 32 sources (each \
              connection closed after the answer: the rows stay, offline)",
-            |t: Target, stop, counters| registration_flood(t, 64, 10, stop, counters),
+            |t: Target, stop, counters| registration_flood(t, 32, 10, stop, counters),
         ),
         Attack::new(
             "relay_flood",
