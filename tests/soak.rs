@@ -357,6 +357,7 @@ async fn ping_all(clients: &mut [RawClient], seq: &mut u64, ops: &Ops, kind: &'s
 struct Sample {
     t: f64,
     rss_kib: u64,
+    fds: u64,
 }
 
 #[test]
@@ -528,7 +529,7 @@ fn soak_legitimate_load_with_every_attack_at_once() {
         if !all.is_empty() {
             last_scrape = all;
         }
-        samples.push(Sample { t, rss_kib });
+        samples.push(Sample { t, rss_kib, fds });
         let next = started + SAMPLE_EVERY.mul_f64(samples.len() as f64);
         if next >= started + duration {
             break;
@@ -630,6 +631,12 @@ fn soak_legitimate_load_with_every_attack_at_once() {
         mib(second_max),
         trend_growth_kib / 1024.0,
         GROWTH_TOLERANCE >> 20
+    );
+    md += &format!(
+        "- Open fds: first sample {}, most {}, last sample {}\n",
+        samples.first().map_or(0, |s| s.fds),
+        samples.iter().map(|s| s.fds).max().unwrap_or(0),
+        samples.last().map_or(0, |s| s.fds)
     );
     md += &format!(
         "- Server still running at the end: {}\n\n",
