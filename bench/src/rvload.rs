@@ -39,9 +39,15 @@ pub struct Args {
     /// Peers to register (at most 20,000).
     #[arg(long, default_value_t = 10_000)]
     peers: usize,
-    /// UDP sockets (quinn endpoints) the peers are spread over.
+    /// UDP sockets (quinn endpoints) the peers are spread over. Against a rendezvous on IPv4
+    /// loopback every socket gets its own source address in 127.0.0.0/8 and there are at least
+    /// `--peers / --peers-per-source` of them: the server limits connections and new identities
+    /// per source address, and real peers do not all come from one address.
     #[arg(long, default_value_t = 8)]
     endpoints: usize,
+    /// Peers sharing one source address (loopback servers only; see `--endpoints`).
+    #[arg(long, default_value_t = 16)]
+    peers_per_source: usize,
     /// Registrations in flight at once (more only adds handshake retransmissions on loopback:
     /// 16 already keeps one server core busy).
     #[arg(long, default_value_t = 16)]
@@ -114,13 +120,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .server_key
         .parse()
         .map_err(|e| anyhow::anyhow!("--server-key: {e}"))?;
-    let bind: SocketAddr = if args.server.is_ipv4() {
-        "0.0.0.0:0".parse()?
+    let loopback = matches!(args.server, SocketAddr::V4(v4) if v4.ip().is_loopback());
+    let sockets = if loopback {
+        args.endpoints
+            .max(args.peers.div_ceil(args.peers_per_source.max(1)))
     } else {
-        "[::]:0".parse()?
+        args.endpoints
     };
     let mut endpoints = Vec::new();
-    for _ in 0..args.endpoints.max(1) {
+    for i in 0..sockets.max(1) {
+        let bind: SocketAddr = if loopback {
+            // 127.1.0.1, 127.1.0.2, ...: Linux routes all of 127.0.0.0/8 to the loopback.
+            let n = u32::try_from(i).context("too many sockets")?;
+            SocketAddr::from(([127, 1, (n / 250) as u8, (n % 250 + 1) as u8], 0))
+        } else if args.server.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
         // The same endpoint as a peer's (DemuxSocket, no greased QUIC bit).
         let (endpoint, _socket, _stun) =
             transport::make_endpoint(bind, None, TransportSettings::default(), 16, None)?;

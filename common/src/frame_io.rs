@@ -15,9 +15,26 @@ pub enum FrameIoError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads one frame. `Ok(None)` at a clean end of stream (between frames).
+/// Reads one frame of at most [`frame::MAX_FRAME_LEN`] bytes. `Ok(None)` at a clean end of
+/// stream (between frames).
 pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
+) -> Result<Option<Vec<u8>>, FrameIoError> {
+    read_frame_max(reader, frame::MAX_FRAME_LEN).await
+}
+
+/// Bytes read from the stream at a time while a frame body arrives.
+const READ_CHUNK: usize = 4096;
+
+/// Reads one frame of at most `max` bytes (never more than [`frame::MAX_FRAME_LEN`]): a longer
+/// announced length is [`FrameError::TooLarge`] before any of the body is read. `Ok(None)` at a
+/// clean end of stream (between frames).
+///
+/// The body buffer grows as bytes arrive instead of being allocated at the announced length: a
+/// peer that announces a large frame and sends nothing more costs nothing.
+pub async fn read_frame_max<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max: usize,
 ) -> Result<Option<Vec<u8>>, FrameIoError> {
     let mut prefix = [0u8; PREFIX_LEN];
     let mut have = 0;
@@ -36,18 +53,23 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         have += n;
     }
     let len = frame::decode_prefix(prefix)?;
-    let mut body = vec![0u8; len];
-    let mut have = 0;
-    while have < len {
-        let n = reader.read(&mut body[have..]).await?;
+    let max = max.min(frame::MAX_FRAME_LEN);
+    if len > max {
+        return Err(FrameError::TooLarge { len, max }.into());
+    }
+    let mut body = Vec::new();
+    let mut chunk = [0u8; READ_CHUNK];
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_CHUNK);
+        let n = reader.read(&mut chunk[..want]).await?;
         if n == 0 {
             return Err(FrameError::Truncated {
-                have: PREFIX_LEN + have,
+                have: PREFIX_LEN + body.len(),
                 want: PREFIX_LEN + len,
             }
             .into());
         }
-        have += n;
+        body.extend_from_slice(&chunk[..n]);
     }
     Ok(Some(body))
 }
@@ -94,5 +116,28 @@ mod tests {
             read_frame(&mut b).await,
             Err(FrameIoError::Frame(FrameError::Truncated { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_smaller_cap_refuses_longer_frames_and_the_body_grows_as_it_arrives() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&[0, 0, 0x10, 0]).await.unwrap();
+        assert!(matches!(
+            read_frame_max(&mut b, 1024).await,
+            Err(FrameIoError::Frame(FrameError::TooLarge {
+                len: 4096,
+                max: 1024
+            }))
+        ));
+        // A frame announced at the cap but never sent: the reader waits with nothing allocated
+        // beyond what arrived (checked through the result once the bytes come).
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move { read_frame_max(&mut b, 10_000).await });
+        a.write_all(&9000u32.to_be_bytes()).await.unwrap();
+        for _ in 0..9 {
+            a.write_all(&[5u8; 1000]).await.unwrap();
+        }
+        let body = reader.await.unwrap().unwrap().unwrap();
+        assert_eq!(body, vec![5u8; 9000]);
     }
 }

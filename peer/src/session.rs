@@ -223,6 +223,10 @@ enum AttemptError {
     Fatal(String),
     /// Try again after a backoff.
     Retry(String),
+    /// The server answered and refused for now (rate limited, full, failed to store): try again
+    /// after a backoff, over the same path. UDP works, so the TCP tunnel would only reach the
+    /// same refusal.
+    Refused(String),
 }
 
 async fn run(
@@ -298,7 +302,7 @@ async fn run(
                 state_tx.send_replace(SessionState::Fatal(e));
                 return;
             }
-            Err(AttemptError::Retry(e)) => {
+            Err(AttemptError::Retry(e) | AttemptError::Refused(e)) => {
                 tracing::debug!(error = %e, "registration attempt failed");
                 state_tx.send_replace(SessionState::Connecting {
                     last_error: Some(e),
@@ -522,7 +526,7 @@ async fn register(
             if code == common::ErrorCode::UnsupportedVersion {
                 Err(AttemptError::Fatal(text))
             } else {
-                Err(AttemptError::Retry(text))
+                Err(AttemptError::Refused(text))
             }
         }
         Ok(other) => Err(AttemptError::Retry(format!(

@@ -19,7 +19,10 @@ use std::sync::Arc;
 use certs::{Fingerprint, Identity};
 use tokio::sync::watch;
 
-pub use server::Limits;
+pub use server::{
+    Limits, CLOSE_BUSY, CLOSE_NOT_READING, CONTROL_RECEIVE_WINDOW, CONTROL_SEND_WINDOW,
+    MAX_REQUEST_FRAME, MAX_STREAMS_PER_CONNECTION, WRITE_TIMEOUT,
+};
 
 /// Everything needed to start a server.
 #[derive(Debug, Clone)]
@@ -137,10 +140,11 @@ impl Server {
         let registered = records.len();
         let registry = core::Registry::with_limits(records, rand::random(), config.registry);
         let tls = certs::server_config(&identity, &[common::ALPN_RENDEZVOUS])?;
-        let (endpoint, demux, stun_rx) = transport::make_endpoint(
+        let (endpoint, demux, stun_rx) = transport::make_server_endpoint(
             config.listen,
-            Some(tls),
+            tls,
             transport::TransportSettings::default(),
+            config.limits.server_transport(),
             1024,
             Some(identity.derive_secret("quic stateless reset")),
         )?;

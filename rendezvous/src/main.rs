@@ -59,6 +59,25 @@ enum Command {
         /// Most concurrent peer connections.
         #[arg(long, default_value_t = Limits::default().max_connections)]
         max_connections: usize,
+        /// Most concurrent connections from one IPv4 address or IPv6 /64 (generous: carrier-grade
+        /// NAT puts many users behind one IPv4 address).
+        #[arg(long, default_value_t = Limits::default().max_connections_per_source)]
+        max_connections_per_ip: usize,
+        /// Most QUIC handshakes in progress at once (separate from --max-connections, so that
+        /// half-open handshakes cannot take established peers' slots).
+        #[arg(long, default_value_t = Limits::default().max_handshakes)]
+        max_handshakes: usize,
+        /// Most QUIC handshakes in progress at once from one IPv4 address or IPv6 /64.
+        #[arg(long, default_value_t = Limits::default().max_handshakes_per_source)]
+        max_handshakes_per_ip: usize,
+        /// Above this many handshakes in progress, clients must first prove their address with a
+        /// QUIC Retry (0: always).
+        #[arg(long, default_value_t = Limits::default().retry_above_handshakes)]
+        retry_above_handshakes: usize,
+        /// QUIC receive and send windows of a connection relaying through the server, bytes
+        /// (relay throughput per connection is at most this / RTT).
+        #[arg(long, default_value_t = Limits::default().relay_window)]
+        relay_window: u32,
         /// Relay rate limit per peer, bytes per second.
         #[arg(long, default_value_t = RelayLimits::default().rate_bytes_per_s)]
         relay_rate: u64,
@@ -189,6 +208,11 @@ async fn main() -> anyhow::Result<()> {
             listen,
             data_dir,
             max_connections,
+            max_connections_per_ip,
+            max_handshakes,
+            max_handshakes_per_ip,
+            retry_above_handshakes,
+            relay_window,
             relay_rate,
             relay_quota,
             relay_trace,
@@ -212,6 +236,11 @@ async fn main() -> anyhow::Result<()> {
                 };
             let limits = Limits {
                 max_connections,
+                max_connections_per_source: max_connections_per_ip,
+                max_handshakes,
+                max_handshakes_per_source: max_handshakes_per_ip,
+                retry_above_handshakes,
+                relay_window,
                 relay: RelayLimits {
                     rate_bytes_per_s: relay_rate,
                     quota_bytes: relay_quota,

@@ -74,6 +74,14 @@ pub struct Snapshot {
     pub tunnels_closed: [(&'static str, u64); 4],
     /// Metrics connections closed before answering, by reason.
     pub metrics_dropped: [(&'static str, u64); 5],
+    /// Connection attempts sent a QUIC Retry (address validation under load).
+    pub quic_retries: u64,
+    /// Connection attempts refused, by reason.
+    pub connections_refused: [(&'static str, u64); 4],
+    /// QUIC handshakes that did not finish in time.
+    pub handshake_timeouts: u64,
+    /// Peers disconnected for not reading their replies within the write timeout.
+    pub not_reading: u64,
 }
 
 /// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
@@ -241,6 +249,31 @@ pub fn render(s: &Snapshot) -> String {
             "Metrics connections closed without an answer, by reason.",
             labelled("reason", &s.metrics_dropped),
         ),
+        (
+            "rendezvous_quic_retries_total",
+            "counter",
+            "Connection attempts answered with a QUIC Retry (address validation under load).",
+            unlabelled(s.quic_retries),
+        ),
+        (
+            "rendezvous_connections_refused_total",
+            "counter",
+            "Connection attempts refused, by reason (per-source or total caps on handshakes and \
+             connections).",
+            labelled("reason", &s.connections_refused),
+        ),
+        (
+            "rendezvous_handshake_timeouts_total",
+            "counter",
+            "QUIC handshakes that did not finish in time.",
+            unlabelled(s.handshake_timeouts),
+        ),
+        (
+            "rendezvous_not_reading_disconnects_total",
+            "counter",
+            "Peers disconnected for not reading their replies within the write timeout.",
+            unlabelled(s.not_reading),
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, samples) in metrics {
@@ -322,6 +355,21 @@ pub(crate) fn snapshot(
             ("responding_full", get(&scrapes.refused_responding)),
             ("rate", get(&scrapes.refused_rate)),
         ],
+        quic_retries: get(&shared.conns.retries),
+        connections_refused: [
+            (
+                "source_connections",
+                get(&shared.conns.refused_source_connections),
+            ),
+            (
+                "source_handshakes",
+                get(&shared.conns.refused_source_handshakes),
+            ),
+            ("handshakes", get(&shared.conns.refused_handshakes)),
+            ("connections", get(&shared.conns.refused_connections)),
+        ],
+        handshake_timeouts: get(&shared.conns.handshake_timeouts),
+        not_reading: get(&shared.conns.not_reading),
     }
 }
 

@@ -1,5 +1,10 @@
 //! The tokio driver: accepts QUIC connections, moves frames between streams and the
 //! [`Registry`], writes to the [`Store`], answers STUN. No protocol decisions are made here.
+//!
+//! What a remote party can make this driver hold is bounded here: connection attempts go
+//! through [`admission`] (QUIC Retry under load, per-source caps, handshake slots apart from
+//! connection slots), every connection runs under small QUIC windows and bounded queues, and
+//! every write has a timeout (see [`Limits`] for the per-connection budget).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -7,36 +12,89 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::frame_io::{read_frame, write_frame, FrameIoError};
+use common::frame_io::{read_frame_max, write_frame, FrameIoError};
 use common::{ControlMessage, ErrorCode, FrameError, PeerId};
 use quinn::{Connection, RecvStream, SendStream};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::core::{ConnId, Outcome, Registry, RelayRefusal};
 use crate::ratelimit::TokenBucket;
 use crate::relay::{Permission, RelayHub, RelayLimits};
+use crate::sources::{Slot, SlotRefusal, SourceKey, SourceSlots};
 use crate::store::Store;
 
-/// How long a client has to finish the handshake and send `register`.
+/// How long a QUIC handshake may take; it holds a handshake slot meanwhile.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has, once connected, to open its control stream and send `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request stream may take to deliver its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pushes queued for one peer before new ones are dropped.
-const PUSH_QUEUE: usize = 64;
+/// How long one reply or push may take to be accepted by the peer's flow control: a peer that
+/// does not read its streams for this long is disconnected ([`CLOSE_NOT_READING`]).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest frame the server accepts from a peer. The largest legitimate request (`register`
+/// with 16 local addresses) is under 1 KiB; a longer frame is answered `too_large` and the
+/// connection closed (control stream) or the stream answered and ended (request stream).
+pub const MAX_REQUEST_FRAME: usize = 4 * 1024;
+/// Control frames read and waiting for the control loop (each at most [`MAX_REQUEST_FRAME`]).
+const FRAMES_QUEUE: usize = 4;
+/// Replies waiting for the writer of a control stream. The control loop never waits for room:
+/// a full queue means the peer is not reading, and it is disconnected.
+const REPLY_QUEUE: usize = 8;
+/// Pushes (introductions) waiting for the writer of a control stream; more are dropped.
+const PUSH_QUEUE: usize = 32;
 /// Registry rows expired per hold of the registry lock (each chunk is then deleted from storage
 /// in one durable transaction before the next).
 const EXPIRY_CHUNK: usize = 1024;
 /// Application close codes.
 const CLOSE_SHUTDOWN: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
+/// The peer did not read its replies within [`WRITE_TIMEOUT`].
+pub const CLOSE_NOT_READING: u32 = 3;
+/// The connection was refused: too many from this source, or in all.
+pub const CLOSE_BUSY: u32 = 4;
+
+/// QUIC flow control of control connections: small, since control frames are small. Together
+/// with the queues above they make the per-connection memory budget (see [`Limits`]).
+pub const CONTROL_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// Bytes of the server's writes on a control connection held until acknowledged.
+pub const CONTROL_SEND_WINDOW: u64 = 64 * 1024;
+/// Bidirectional streams a client may have open at once: control, relay, and requests.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Server limits.
+///
+/// Per-connection memory budget of a control connection (enforced by the bounds named):
+/// QUIC receive buffers 64 KiB ([`CONTROL_RECEIVE_WINDOW`]) + QUIC send buffers 64 KiB
+/// ([`CONTROL_SEND_WINDOW`]) + control frames read and queued 5 x 4 KiB (4 queued and
+/// the one being read, [`MAX_REQUEST_FRAME`] each) + replies queued 8 x ~4 KiB + pushes queued
+/// 32 x ~1 KiB + partial requests on 14 request streams x 4 KiB + quinn's connection state and
+/// tasks (~40 KiB): about 350 KiB at most. A connection that opened its relay stream gets
+/// `relay_window` for each of its QUIC windows instead (plus the relay's own queues).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Concurrent connections; more are refused at the QUIC level.
+    /// Concurrent established connections; more are closed with [`CLOSE_BUSY`] right after
+    /// the handshake.
     pub max_connections: usize,
+    /// Concurrent connections from one source (IPv4 address or IPv6 /64). Generous because
+    /// carrier-grade NAT puts many users behind one IPv4 address.
+    pub max_connections_per_source: usize,
+    /// QUIC handshakes in progress at once, in all. Separate from `max_connections`, so that a
+    /// flood of half-open handshakes cannot take the slots of established peers.
+    pub max_handshakes: usize,
+    /// QUIC handshakes in progress at once from one source.
+    pub max_handshakes_per_source: usize,
+    /// Above this many handshakes in progress, a client whose address is not validated is sent a
+    /// QUIC Retry (a stateless round trip that proves it receives at its address) first.
+    pub retry_above_handshakes: usize,
+    /// Likewise when its source already has this many handshakes in progress.
+    pub retry_above_source_handshakes: usize,
+    /// QUIC receive and send windows of a connection once it opens its relay stream: relay
+    /// throughput is at most window / RTT (1 MiB: ~52 MB/s at 20 ms).
+    pub relay_window: u32,
     /// Sustained requests per second per connection.
     pub requests_per_second: f64,
     /// Burst of requests per connection.
@@ -45,10 +103,34 @@ pub struct Limits {
     pub relay: RelayLimits,
 }
 
+impl Limits {
+    /// The QUIC transport bounds these limits imply for the endpoint.
+    pub fn server_transport(&self) -> transport::ServerTransport {
+        transport::ServerTransport {
+            receive_window: CONTROL_RECEIVE_WINDOW,
+            // Only the relay stream needs more than a control frame; until it is opened the
+            // connection window above caps every stream.
+            stream_receive_window: self.relay_window.max(CONTROL_RECEIVE_WINDOW),
+            send_window: CONTROL_SEND_WINDOW,
+            max_concurrent_bidi_streams: MAX_STREAMS_PER_CONNECTION,
+            // The accept loop takes each attempt at once; these only absorb bursts.
+            max_incoming: 256,
+            incoming_buffer_size: 16 * 1024,
+            incoming_buffer_size_total: 1024 * 1024,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 20_000,
+            max_connections_per_source: 64,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 16,
+            retry_above_handshakes: 64,
+            retry_above_source_handshakes: 4,
+            relay_window: 1024 * 1024,
             requests_per_second: 20.0,
             request_burst: 50.0,
             relay: RelayLimits::default(),
@@ -58,7 +140,7 @@ impl Default for Limits {
 
 /// What the driver keeps per registered connection.
 struct Online {
-    /// Pushes to its control stream.
+    /// Pushes to its control stream (dropped when full).
     pusher: mpsc::Sender<ControlMessage>,
     /// The connection, to read its current remote address.
     conn: Connection,
@@ -72,6 +154,50 @@ pub(crate) struct Shared {
     pub(crate) relay: Arc<RelayHub>,
     pub(crate) stun: Arc<crate::stun::StunCounters>,
     pub(crate) rejections: Rejections,
+    pub(crate) conns: ConnCounters,
+    /// Established connections, per source and in all.
+    connections: SourceSlots,
+}
+
+/// Connection-level refusals and disconnects, for the operator.
+#[derive(Debug, Default)]
+pub(crate) struct ConnCounters {
+    /// Connection attempts sent a QUIC Retry (address validation under load).
+    pub(crate) retries: AtomicU64,
+    /// Attempts refused: the source holds its maximum of connections.
+    pub(crate) refused_source_connections: AtomicU64,
+    /// Attempts refused: the source holds its maximum of handshakes.
+    pub(crate) refused_source_handshakes: AtomicU64,
+    /// Attempts refused: all handshake slots taken.
+    pub(crate) refused_handshakes: AtomicU64,
+    /// Connections closed after the handshake: all connection slots taken.
+    pub(crate) refused_connections: AtomicU64,
+    /// Handshakes that did not finish in time.
+    pub(crate) handshake_timeouts: AtomicU64,
+    /// Peers disconnected for not reading their replies.
+    pub(crate) not_reading: AtomicU64,
+}
+
+impl ConnCounters {
+    /// One log line.
+    fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "connections: {} retried; refused: {} source connections, {} source handshakes, {} \
+             handshakes, {} connections; {} handshake timeouts, {} not reading",
+            get(&self.retries),
+            get(&self.refused_source_connections),
+            get(&self.refused_source_handshakes),
+            get(&self.refused_handshakes),
+            get(&self.refused_connections),
+            get(&self.handshake_timeouts),
+            get(&self.not_reading),
+        )
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Error replies sent, by code: what clients got wrong (or were refused), for the operator.
@@ -134,6 +260,11 @@ impl Shared {
             relay: Arc::new(relay),
             stun,
             rejections: Rejections::default(),
+            conns: ConnCounters::default(),
+            connections: SourceSlots::new(
+                limits.max_connections_per_source,
+                limits.max_connections,
+            ),
         })
     }
 
@@ -251,7 +382,8 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let limits = shared.limits;
+    let handshakes = SourceSlots::new(limits.max_handshakes_per_source, limits.max_handshakes);
     let mut tasks = JoinSet::new();
     tasks.spawn(log_counters(shared.clone(), shutdown.clone()));
     tasks.spawn(expire_rows(shared.clone(), shutdown.clone()));
@@ -259,19 +391,15 @@ pub(crate) async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
-                    incoming.refuse();
-                    continue;
-                };
+                let Some(handshake) = admit(&shared, &handshakes, incoming) else { continue };
+                let (incoming, slot) = handshake;
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
                 tasks.spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = handle_connection(incoming, shared, shutdown).await {
+                    if let Err(e) = handle_connection(incoming, slot, shared, shutdown).await {
                         tracing::debug!(%remote, error = %e, "connection ended");
                     }
-                    drop(permit);
                 });
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -290,9 +418,89 @@ pub(crate) async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
+/// What becomes of a connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Take a handshake slot and run the handshake.
+    Handshake,
+    /// Answer with a QUIC Retry: the client must prove it receives at its address first.
+    Retry,
+    /// Refuse: its source holds its maximum of established connections.
+    RefuseSourceConnections,
+}
+
+/// Decides what becomes of a connection attempt, given what its source and the server hold: a
+/// QUIC Retry when its address is not validated and the server is under load (stateless: a
+/// spoofed source gets one small packet and holds nothing), a refusal when its source holds its
+/// maximum of connections, otherwise a handshake (if a handshake slot is free).
+fn admission(
+    limits: &Limits,
+    validated: bool,
+    source_connections: usize,
+    handshakes: usize,
+    source_handshakes: usize,
+) -> Admission {
+    if source_connections >= limits.max_connections_per_source {
+        return Admission::RefuseSourceConnections;
+    }
+    let under_load = handshakes >= limits.retry_above_handshakes
+        || source_handshakes >= limits.retry_above_source_handshakes;
+    if under_load && !validated {
+        return Admission::Retry;
+    }
+    Admission::Handshake
+}
+
+/// Carries out [`admission`] for one attempt; returns it with its handshake slot if it may go on.
+fn admit(
+    shared: &Shared,
+    handshakes: &SourceSlots,
+    incoming: quinn::Incoming,
+) -> Option<(quinn::Incoming, Slot)> {
+    let remote = incoming.remote_address();
+    let source = SourceKey::of(remote.ip());
+    // quinn: an attempt that is not validated may always be retried.
+    let validated = incoming.remote_address_validated() || !incoming.may_retry();
+    match admission(
+        &shared.limits,
+        validated,
+        shared.connections.held_by(source),
+        handshakes.held(),
+        handshakes.held_by(source),
+    ) {
+        Admission::RefuseSourceConnections => {
+            bump(&shared.conns.refused_source_connections);
+            tracing::debug!(%remote, "too many connections from this source; refusing");
+            incoming.refuse();
+            return None;
+        }
+        Admission::Retry => {
+            bump(&shared.conns.retries);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            return None;
+        }
+        Admission::Handshake => {}
+    }
+    match handshakes.try_acquire(source) {
+        Ok(slot) => Some((incoming, slot)),
+        Err(refusal) => {
+            bump(match refusal {
+                SlotRefusal::PerSource(_) => &shared.conns.refused_source_handshakes,
+                SlotRefusal::Total(_) => &shared.conns.refused_handshakes,
+            });
+            tracing::debug!(%remote, %refusal, "handshake refused");
+            incoming.refuse();
+            None
+        }
+    }
+}
+
 /// Logs the relay counters every minute while they change, and once at shutdown.
 async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut last = String::new();
+    let mut last_conns = String::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         let stop = tokio::select! {
@@ -303,6 +511,11 @@ async fn log_counters(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         if summary != last || stop {
             tracing::info!("{summary}");
             last = summary;
+        }
+        let conns = shared.conns.summary();
+        if conns != last_conns {
+            tracing::info!("{conns}");
+            last_conns = conns;
         }
         if stop {
             return;
@@ -356,6 +569,10 @@ enum ConnError {
     Frame(#[from] FrameIoError),
     #[error("stream: {0}")]
     Write(#[from] quinn::WriteError),
+    #[error("refused: {0}")]
+    Refused(#[from] SlotRefusal),
+    #[error("the peer does not read its replies")]
+    NotReading,
     #[error("{0}")]
     Protocol(String),
 }
@@ -380,46 +597,142 @@ async fn send(
 
 async fn handle_connection(
     incoming: quinn::Incoming,
+    handshake: Slot,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let conn = tokio::time::timeout(REGISTER_TIMEOUT, incoming)
-        .await
-        .map_err(|_| ConnError::Timeout("handshake"))??;
+    let source = handshake.source();
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(conn) => conn?,
+        Err(_) => {
+            bump(&shared.conns.handshake_timeouts);
+            return Err(ConnError::Timeout("handshake"));
+        }
+    };
+    drop(handshake);
+    let _slot = match shared.connections.try_acquire(source) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            bump(match refusal {
+                SlotRefusal::PerSource(_) => &shared.conns.refused_source_connections,
+                SlotRefusal::Total(_) => &shared.conns.refused_connections,
+            });
+            conn.close(CLOSE_BUSY.into(), refusal.to_string().as_bytes());
+            return Err(refusal.into());
+        }
+    };
     let id = peer_id_of(&conn)?;
     let conn_id = conn.stable_id() as ConnId;
-    let (mut control_tx, control_rx) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
+    let (control_tx, control_rx) = tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| ConnError::Timeout("control stream"))??;
 
     // Control frames are read by their own task: reading a frame is not cancel-safe, so it must
-    // not sit in the select! below.
-    let (frames_tx, mut frames) = mpsc::channel(16);
+    // not sit in the select! below. Replies and pushes are written by another, so that the
+    // control loop never waits on the peer.
+    let (frames_tx, frames) = mpsc::channel(FRAMES_QUEUE);
     let reader = tokio::spawn(read_frames(control_rx, frames_tx));
+    let (replies, replies_rx) = mpsc::channel(REPLY_QUEUE);
+    let (pushes, pushes_rx) = mpsc::channel(PUSH_QUEUE);
+    let mut writer = tokio::spawn(write_control(
+        shared.clone(),
+        conn.clone(),
+        control_tx,
+        replies_rx,
+        pushes_rx,
+    ));
+    let control = Control {
+        shared: &shared,
+        conn: &conn,
+        conn_id,
+        id,
+        replies,
+    };
+    let result = control.run(frames, pushes, shutdown).await;
+    drop(control);
 
-    let result = async {
+    reader.abort();
+    lock(&shared.online).remove(&conn_id);
+    // Every sender is gone now (the loop's and the online entry's): the writer delivers what is
+    // queued (often an error reply), finishes the stream and ends, within its write timeout.
+    if tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    if matches!(result, Err(ConnError::Frame(_))) {
+        // After a bad length the stream cannot be resynchronised.
+        conn.close(CLOSE_PROTOCOL.into(), b"bad frame");
+    }
+    let gone = lock(&shared.registry).disconnected(conn_id, id, OffsetDateTime::now_utc());
+    if let Some((who, record)) = gone {
+        shared.store.put_later(who, record);
+        tracing::info!(peer = %id, "offline");
+    }
+    result
+}
+
+/// One connection's control loop: what it needs to answer requests.
+struct Control<'a> {
+    shared: &'a Arc<Shared>,
+    conn: &'a Connection,
+    conn_id: ConnId,
+    id: PeerId,
+    /// Replies to the control stream's writer.
+    replies: mpsc::Sender<ControlMessage>,
+}
+
+impl Control<'_> {
+    /// Queues a reply without waiting. The request loop only takes a frame when the writer has
+    /// room, so a full queue here means the peer sent something before registering and did not
+    /// read: it is disconnected.
+    fn reply(&self, msg: ControlMessage) -> Result<(), ConnError> {
+        match self.replies.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                disconnect_not_reading(self.shared, self.conn);
+                Err(ConnError::NotReading)
+            }
+            // The writer ended: it timed out (and closed the connection) or the stream failed.
+            Err(TrySendError::Closed(_)) => Err(ConnError::NotReading),
+        }
+    }
+
+    /// Registration, then requests until the connection ends.
+    async fn run(
+        &self,
+        mut frames: mpsc::Receiver<Result<Vec<u8>, FrameIoError>>,
+        pushes: mpsc::Sender<ControlMessage>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        let (shared, conn, conn_id, id) = (self.shared, self.conn, self.conn_id, self.id);
         let first = tokio::time::timeout(REGISTER_TIMEOUT, frames.recv())
             .await
             .map_err(|_| ConnError::Timeout("register"))?;
         let first = match first {
             Some(Ok(body)) => body,
-            Some(Err(e)) => return Err(reject_frame(&shared, &conn, &mut control_tx, e).await),
-            None => return Err(ConnError::Protocol("control stream closed before register".into())),
+            Some(Err(e)) => return Err(self.reject_frame(e)),
+            None => {
+                return Err(ConnError::Protocol(
+                    "control stream closed before register".into(),
+                ))
+            }
         };
         let msg = match ControlMessage::decode(&first) {
             Ok(msg @ ControlMessage::Register { .. }) => msg,
             Ok(other) => {
-                let err = ControlMessage::error(
+                self.reply(ControlMessage::error(
                     ErrorCode::NotRegistered,
-                    format!("the first message must be `register`, got `{}`", other.kind()),
-                );
-                send(&shared, &mut control_tx, &err).await?;
-                finish_and_wait(&mut control_tx).await;
+                    format!(
+                        "the first message must be `register`, got `{}`",
+                        other.kind()
+                    ),
+                ))?;
                 return Err(ConnError::Protocol("no register".into()));
             }
             Err(e) => {
-                send(&shared, &mut control_tx, &ControlMessage::error(e.code(), e.to_string())).await?;
-                finish_and_wait(&mut control_tx).await;
+                self.reply(ControlMessage::error(e.code(), e.to_string()))?;
                 return Err(ConnError::Protocol(e.to_string()));
             }
         };
@@ -428,19 +741,17 @@ async fn handle_connection(
             .await;
         let registered = matches!(reply, Some(ControlMessage::Registered { .. }));
         if let Some(reply) = reply {
-            send(&shared, &mut control_tx, &reply).await?;
+            self.reply(reply)?;
         }
         if !registered {
-            finish_and_wait(&mut control_tx).await;
             return Err(ConnError::Protocol("registration refused".into()));
         }
         tracing::info!(peer = %id, observed = %conn.remote_address(), "registered");
 
-        let (push_tx, mut push_rx) = mpsc::channel(PUSH_QUEUE);
         lock(&shared.online).insert(
             conn_id,
             Online {
-                pusher: push_tx,
+                pusher: pushes,
                 conn: conn.clone(),
             },
         );
@@ -452,7 +763,11 @@ async fn handle_connection(
         let mut requests = JoinSet::new();
         let outcome = loop {
             tokio::select! {
-                frame = frames.recv() => match frame {
+                // A peer may send the next requests before it has read the replies to the last
+                // ones: while the writer has no room, the loop takes no more frames, so the
+                // reader and then QUIC's flow control hold the peer back. A peer that reads
+                // nothing at all is disconnected by the writer's timeout.
+                frame = frames.recv(), if self.replies.capacity() > 0 => match frame {
                     Some(Ok(body)) => {
                         let reply = if limiter.try_take(Instant::now()) {
                             match ControlMessage::decode(&body) {
@@ -463,13 +778,14 @@ async fn handle_connection(
                             Some(ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down"))
                         };
                         if let Some(reply) = reply {
-                            send(&shared, &mut control_tx, &reply).await?;
+                            if let Err(e) = self.reply(reply) {
+                                break Err(e);
+                            }
                         }
                     }
-                    Some(Err(e)) => break Err(reject_frame(&shared, &conn, &mut control_tx, e).await),
+                    Some(Err(e)) => break Err(self.reject_frame(e)),
                     None => break Ok(()),
                 },
-                Some(push) = push_rx.recv() => send(&shared, &mut control_tx, &push).await?,
                 stream = conn.accept_bi() => match stream {
                     Ok((tx, rx)) => {
                         let allowed = limiter.try_take(Instant::now());
@@ -483,6 +799,13 @@ async fn handle_connection(
                     }
                     Err(_) => break Ok(()),
                 },
+                room = self.replies.reserve(), if self.replies.capacity() == 0 => match room {
+                    // Room again: the next turn of the loop takes frames.
+                    Ok(permit) => drop(permit),
+                    // The writer ended: it timed out (and closed the connection) or the stream
+                    // failed.
+                    Err(_) => break Err(ConnError::NotReading),
+                },
                 Some(_) = requests.join_next(), if !requests.is_empty() => {}
                 _ = shutdown.changed() => break Ok(()),
             }
@@ -490,16 +813,65 @@ async fn handle_connection(
         requests.shutdown().await;
         outcome
     }
-    .await;
 
-    reader.abort();
-    lock(&shared.online).remove(&conn_id);
-    let gone = lock(&shared.registry).disconnected(conn_id, id, OffsetDateTime::now_utc());
-    if let Some((who, record)) = gone {
-        shared.store.put_later(who, record);
-        tracing::info!(peer = %id, "offline");
+    /// Answers a bad frame on the control stream; the caller closes the connection once the
+    /// answer is out.
+    fn reject_frame(&self, err: FrameIoError) -> ConnError {
+        let code = match &err {
+            FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
+            _ => ErrorCode::BadRequest,
+        };
+        let _ = self.reply(ControlMessage::error(code, err.to_string()));
+        ConnError::Frame(err)
     }
-    result
+}
+
+/// Closes a connection whose peer does not read what it is sent.
+fn disconnect_not_reading(shared: &Shared, conn: &Connection) {
+    if conn.close_reason().is_some() {
+        return; // already closed (by another of its streams' timeouts, say): counted once
+    }
+    bump(&shared.conns.not_reading);
+    tracing::info!(remote = %conn.remote_address(), "peer does not read its replies; disconnecting");
+    conn.close(CLOSE_NOT_READING.into(), b"not reading");
+}
+
+/// Writes replies (first) and pushes to the control stream, each within [`WRITE_TIMEOUT`];
+/// when both queues are closed, finishes the stream. A peer that does not take a write in time
+/// is disconnected.
+async fn write_control(
+    shared: Arc<Shared>,
+    conn: Connection,
+    mut tx: SendStream,
+    mut replies: mpsc::Receiver<ControlMessage>,
+    mut pushes: mpsc::Receiver<ControlMessage>,
+) {
+    let mut pushes_open = true;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            reply = replies.recv() => match reply {
+                Some(msg) => msg,
+                None => break,
+            },
+            push = pushes.recv(), if pushes_open => match push {
+                Some(msg) => msg,
+                None => {
+                    pushes_open = false;
+                    continue;
+                }
+            },
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, send(&shared, &mut tx, &msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                disconnect_not_reading(&shared, &conn);
+                return;
+            }
+        }
+    }
+    finish_and_wait(&mut tx).await;
 }
 
 /// Finishes a stream and waits (briefly) until the peer has it all: dropping the connection
@@ -509,33 +881,9 @@ async fn finish_and_wait(stream: &mut SendStream) {
     let _ = tokio::time::timeout(Duration::from_millis(500), stream.stopped()).await;
 }
 
-/// Answers a bad frame on the control stream and closes the connection: after a bad length the
-/// stream cannot be resynchronised.
-async fn reject_frame(
-    shared: &Shared,
-    conn: &Connection,
-    control_tx: &mut SendStream,
-    err: FrameIoError,
-) -> ConnError {
-    let code = match &err {
-        FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
-        _ => ErrorCode::BadRequest,
-    };
-    let _ = send(
-        shared,
-        control_tx,
-        &ControlMessage::error(code, err.to_string()),
-    )
-    .await;
-    // Give the error a moment to leave before the close frame discards unsent data.
-    finish_and_wait(control_tx).await;
-    conn.close(CLOSE_PROTOCOL.into(), b"bad frame");
-    ConnError::Frame(err)
-}
-
 async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<Result<Vec<u8>, FrameIoError>>) {
     loop {
-        let frame = read_frame(&mut recv).await;
+        let frame = read_frame_max(&mut recv, MAX_REQUEST_FRAME).await;
         let stop = !matches!(frame, Ok(Some(_)));
         let item = match frame {
             Ok(Some(body)) => Ok(body),
@@ -561,7 +909,9 @@ async fn handle_request(
     let reply = if !allowed {
         ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down")
     } else {
-        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut rx)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame_max(&mut rx, MAX_REQUEST_FRAME))
+            .await
+        {
             Err(_) => return Err(ConnError::Timeout("request")),
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(FrameIoError::Frame(e))) => ControlMessage::error(
@@ -585,7 +935,12 @@ async fn handle_request(
                         max_packet: common::relay::MAX_RELAY_PACKET as u32,
                         rate_bytes_per_s: limits.rate_bytes_per_s,
                     };
-                    send(shared, &mut tx, &ready).await?;
+                    send_in_time(shared, conn, &mut tx, &ready).await?;
+                    // Relay throughput is bounded by window / RTT: this connection now gets the
+                    // relay budget instead of the control windows (only once its flow control
+                    // took the answer: a peer that grants no credit never gets them).
+                    conn.set_receive_window(limits_window(shared));
+                    conn.set_send_window(u64::from(shared.limits.relay_window));
                     tracing::debug!(peer = %id, "relay stream open");
                     let permission = |to: PeerId| match lock(&shared.registry).relay_allowed(
                         id,
@@ -611,8 +966,86 @@ async fn handle_request(
             },
         }
     };
-    send(shared, &mut tx, &reply).await?;
+    send_in_time(shared, conn, &mut tx, &reply).await?;
     let _ = tx.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
     Ok(())
+}
+
+/// The relay receive window as a QUIC variable-length integer (a u32 always fits).
+fn limits_window(shared: &Shared) -> quinn::VarInt {
+    quinn::VarInt::from_u32(shared.limits.relay_window)
+}
+
+/// Sends a reply on a request stream within [`WRITE_TIMEOUT`], disconnecting a peer that does
+/// not read it.
+async fn send_in_time(
+    shared: &Shared,
+    conn: &Connection,
+    stream: &mut SendStream,
+    msg: &ControlMessage,
+) -> Result<(), ConnError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, send(shared, stream, msg)).await {
+        Ok(result) => result,
+        Err(_) => {
+            disconnect_not_reading(shared, conn);
+            Err(ConnError::NotReading)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_retries_unvalidated_sources_under_load_and_caps_each_source() {
+        let limits = Limits {
+            max_connections_per_source: 3,
+            retry_above_handshakes: 10,
+            retry_above_source_handshakes: 2,
+            ..Limits::default()
+        };
+        // Quiet server: everyone goes straight to the handshake.
+        assert_eq!(admission(&limits, false, 0, 0, 0), Admission::Handshake);
+        assert_eq!(admission(&limits, false, 2, 9, 1), Admission::Handshake);
+        // Many handshakes in progress, or several from this source: unvalidated ones are retried,
+        // validated ones (they answered a Retry) go on.
+        assert_eq!(admission(&limits, false, 0, 10, 0), Admission::Retry);
+        assert_eq!(admission(&limits, false, 0, 0, 2), Admission::Retry);
+        assert_eq!(admission(&limits, true, 0, 10, 2), Admission::Handshake);
+        // A source at its connection cap is refused, validated or not.
+        assert_eq!(
+            admission(&limits, true, 3, 0, 0),
+            Admission::RefuseSourceConnections
+        );
+        assert_eq!(
+            admission(&limits, false, 3, 50, 5),
+            Admission::RefuseSourceConnections
+        );
+    }
+
+    #[test]
+    fn the_server_transport_keeps_control_connections_small_and_lets_the_relay_stream_grow() {
+        let limits = Limits::default();
+        let t = limits.server_transport();
+        assert_eq!(t.receive_window, CONTROL_RECEIVE_WINDOW);
+        assert_eq!(t.send_window, CONTROL_SEND_WINDOW);
+        assert!(t.stream_receive_window >= limits.relay_window);
+        // ~50 MB/s at 20 ms RTT through the relay.
+        assert!(f64::from(limits.relay_window) / 0.020 >= 50e6);
+        // The largest legitimate request fits the frame cap with room to spare.
+        let register = ControlMessage::Register {
+            version: common::PROTOCOL_VERSION,
+            local_addrs: (0..16u16)
+                .map(|i| SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 65535)))
+                .collect(),
+        };
+        assert!(
+            register.encode().len() < 1024,
+            "{}",
+            register.encode().len()
+        );
+        assert!(register.encode().len() * 2 < MAX_REQUEST_FRAME);
+    }
 }

@@ -273,7 +273,7 @@ impl Proc {
             })
     }
 
-    /// Its process id (to read /proc/<pid>).
+    /// The process id (to read /proc/<pid>/status, for instance).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -72,6 +72,53 @@ impl TransportSettings {
     }
 }
 
+/// Flow-control and handshake bounds of a server that any host on the internet may connect to
+/// (the rendezvous). Peer-to-peer connections keep quinn's large windows ([`make_endpoint`]):
+/// file transfers need them, and a peer only talks to peers it chose.
+///
+/// What one connection can make the server hold is bounded by these windows: quinn buffers at
+/// most `receive_window` bytes received and not yet read (all streams together) and
+/// `send_window` bytes written and not yet acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerTransport {
+    /// Bytes the client may send, across all streams, before the server has read them.
+    pub receive_window: u32,
+    /// Bytes the client may send on one stream before the server has read them (the
+    /// connection window above caps the sum).
+    pub stream_receive_window: u32,
+    /// Bytes of the server's writes held until acknowledged, across all streams.
+    pub send_window: u64,
+    /// Bidirectional streams the client may have open at once.
+    pub max_concurrent_bidi_streams: u32,
+    /// Connection attempts (quinn `Incoming`) waiting for the application at once; more are
+    /// refused by quinn.
+    pub max_incoming: usize,
+    /// Bytes buffered for one waiting connection attempt beyond its first packet.
+    pub incoming_buffer_size: u64,
+    /// Bytes buffered for all waiting connection attempts together.
+    pub incoming_buffer_size_total: u64,
+}
+
+impl TransportSettings {
+    fn server_transport_config(&self, limits: &ServerTransport) -> Arc<quinn::TransportConfig> {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(self.keep_alive));
+        if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
+            transport.max_idle_timeout(Some(idle));
+        }
+        transport.initial_rtt(Duration::from_millis(100));
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_concurrent_bidi_streams(limits.max_concurrent_bidi_streams.into());
+        transport.receive_window(limits.receive_window.into());
+        transport.stream_receive_window(limits.stream_receive_window.into());
+        transport.send_window(limits.send_window);
+        // Nothing uses QUIC datagrams: quinn's default would let every client fill 1.25 MB of
+        // datagrams the server never reads.
+        transport.datagram_receive_buffer_size(None);
+        Arc::new(transport)
+    }
+}
+
 /// Binds `addr`, wraps it in a [`DemuxSocket`] and builds a quinn endpoint over it that accepts
 /// connections with `server` (if given) and can dial with per-connection client configs.
 /// `reset_secret` makes stateless resets recognisable across restarts (servers); `None` picks a
@@ -90,9 +137,6 @@ pub fn make_endpoint(
     ),
     EndpointError,
 > {
-    let socket_err = |source| EndpointError::Socket { addr, source };
-    let socket = std::net::UdpSocket::bind(addr).map_err(socket_err)?;
-    let (demux, stun_rx) = DemuxSocket::new(socket, stun_queue).map_err(socket_err)?;
     let server_config = match server {
         Some(tls) => {
             let crypto = QuicServerConfig::try_from(tls)
@@ -103,6 +147,53 @@ pub fn make_endpoint(
         }
         None => None,
     };
+    bind_endpoint(addr, server_config, stun_queue, reset_secret)
+}
+
+/// As [`make_endpoint`] for a public server: accepts connections with `tls` under the
+/// flow-control and handshake bounds of `limits` (see [`ServerTransport`]).
+pub fn make_server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    settings: TransportSettings,
+    limits: ServerTransport,
+    stun_queue: usize,
+    reset_secret: Option<[u8; 32]>,
+) -> Result<
+    (
+        quinn::Endpoint,
+        Arc<DemuxSocket>,
+        mpsc::Receiver<StunDatagram>,
+    ),
+    EndpointError,
+> {
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config
+        .transport_config(settings.server_transport_config(&limits))
+        .max_incoming(limits.max_incoming)
+        .incoming_buffer_size(limits.incoming_buffer_size)
+        .incoming_buffer_size_total(limits.incoming_buffer_size_total);
+    bind_endpoint(addr, Some(config), stun_queue, reset_secret)
+}
+
+fn bind_endpoint(
+    addr: SocketAddr,
+    server_config: Option<quinn::ServerConfig>,
+    stun_queue: usize,
+    reset_secret: Option<[u8; 32]>,
+) -> Result<
+    (
+        quinn::Endpoint,
+        Arc<DemuxSocket>,
+        mpsc::Receiver<StunDatagram>,
+    ),
+    EndpointError,
+> {
+    let socket_err = |source| EndpointError::Socket { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(socket_err)?;
+    let (demux, stun_rx) = DemuxSocket::new(socket, stun_queue).map_err(socket_err)?;
     let mut endpoint_config = match reset_secret {
         Some(secret) => {
             let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(

@@ -12,7 +12,8 @@ pub use demux::{
     DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket, VirtualSink,
 };
 pub use endpoint::{
-    make_endpoint, quic_client_config, remote_certificate, EndpointError, TransportSettings,
+    make_endpoint, make_server_endpoint, quic_client_config, remote_certificate, EndpointError,
+    ServerTransport, TransportSettings,
 };
 
 /// Waits for SIGINT or SIGTERM (how both binaries are asked to stop).
