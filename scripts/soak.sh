@@ -37,8 +37,8 @@ done
 
 out=${SOAK_OUT:-$PWD/target/soak}
 mkdir -p "$out"
-# The test binary and the binaries it starts (tests/support bin(): the same profile directory).
-cargo build --release -p rendezvous -p peer
+# The binaries the test starts (tests/support bin(): the test's own profile) and the test.
+cargo build --release --workspace --bins
 cargo test --release -p e2e --test soak --no-run
 status=0
 SOAK_SECONDS=$((minutes * 60)) SOAK_OUT=$out \

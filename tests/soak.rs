@@ -64,6 +64,10 @@ const GROWTH_TOLERANCE: u64 = 16 << 20;
 const SAMPLED_METRICS: &[&str] = &[
     "rendezvous_registered_peers",
     "rendezvous_online_peers",
+    "rendezvous_connections_refused_total",
+    "rendezvous_handshake_timeouts_total",
+    "rendezvous_quic_retries_total",
+    "rendezvous_not_reading_disconnects_total",
     "rendezvous_registrations_total",
     "rendezvous_registrations_refused_total",
     "rendezvous_error_replies_total",

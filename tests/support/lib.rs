@@ -40,8 +40,18 @@ pub fn ensure_built() {
                 command.env_remove(key.as_ref());
             }
         }
+        command.args(["build", "--quiet", "--workspace", "--bins"]);
+        // The binaries of the test's own profile (a release test, such as the soak under
+        // scripts/soak.sh, starts release binaries: see `bin`).
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile = exe
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name);
+        if profile.is_some_and(|p| p == "release") {
+            command.arg("--release");
+        }
         let status = command
-            .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build");
