@@ -10,8 +10,8 @@
 //! 127.0.0.0/8 to `lo`), so the server's per-source limits see many attackers and never mix an
 //! attacker with the legitimate load (127.0.0.1, 127.0.1.x, 127.0.2.x). The blocks, by second
 //! octet: 10 tunnel, 11 metrics, 12 garbage UDP, 13 registration flood, 14 relay flood, 20 to 23
-//! STUN (a /14: more sources than the server's STUN limiter remembers); 30 and up are free for
-//! new attacks.
+//! STUN (a /14: more sources than the server's STUN limiter remembers), 30 QUIC clients that
+//! never read, 31 Initial flood; 32 and up are free for new attacks.
 //!
 //! To add an attack: write `async fn my_attack(target: Target, stop: Stop, counters: Counters)`
 //! (or a wrapper choosing its parameters) and add an [`Attack`] for it to [`soak_attacks`].
@@ -210,6 +210,19 @@ pub fn soak_attacks() -> Vec<Attack> {
             |t: Target, stop, counters| {
                 relay_flood(t, 8, 2_000_000, Duration::from_secs(60), stop, counters)
             },
+        ),
+        Attack::new(
+            "quic_never_read",
+            "8 QUIC clients at a time that never read (tiny receive windows; every stream the \
+             server allows opened and filled, requests without pause), each replaced by a fresh \
+             one from a fresh source once the server disconnects it",
+            |t: Target, stop, counters| quic_never_read(t.udp, 8, stop, counters),
+        ),
+        Attack::new(
+            "initial_flood",
+            "real QUIC Initials of fresh handshakes that are never continued, 500 per second \
+             from 256 sources (127.31.0.0/16)",
+            |t: Target, stop, counters| initial_flood(t.udp, 256, 500, stop, counters),
         ),
     ]
 }
@@ -808,4 +821,252 @@ async fn relay_cycle(
         endpoint.close(0u32.into(), b"cycle");
     }
     Ok(())
+}
+
+/// A fresh client identity's QUIC crypto config for the rendezvous
+/// (trusting its key on first use).
+pub fn client_crypto() -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, String> {
+    let identity = certs::Identity::generate().map_err(|e| e.to_string())?;
+    let tls = certs::client_config_for_server(
+        &identity,
+        certs::ServerTrust::FirstUse,
+        common::ALPN_RENDEZVOUS,
+    )
+    .map_err(|e| e.to_string())?;
+    quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// How a client that never reads ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The server closed the connection with this application code.
+    ClosedByServer(u64),
+    /// Some other way (reason).
+    Other(String),
+}
+
+/// A client that never reads: tiny receive windows, never reads a stream, registers, opens
+/// every stream the server lets it open and writes as much as it is allowed on each (one relay
+/// stream, the others announcing the largest frame the protocol allows), then sends requests on
+/// its control stream without pause. With `ready`, waits there for the other clients of the
+/// barrier. Returns how its connection ended.
+pub async fn never_reading_client(
+    server: SocketAddr,
+    bind: SocketAddr,
+    ready: Option<Arc<tokio::sync::Barrier>>,
+) -> Ended {
+    let crypto = match client_crypto() {
+        Ok(c) => c,
+        Err(e) => return Ended::Other(e),
+    };
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(8u32.into())
+        .receive_window(8u32.into())
+        .datagram_receive_buffer_size(None)
+        .keep_alive_interval(Some(Duration::from_secs(1)));
+    let mut config = quinn::ClientConfig::new(crypto);
+    config.transport_config(Arc::new(transport));
+    let endpoint = match quinn::Endpoint::client(bind) {
+        Ok(e) => e,
+        Err(e) => return Ended::Other(format!("bind {bind}: {e}")),
+    };
+    let conn = match endpoint.connect_with(config, server, "rendezvous") {
+        Ok(connecting) => match connecting.await {
+            Ok(conn) => conn,
+            Err(e) => return Ended::Other(format!("handshake: {e}")),
+        },
+        Err(e) => return Ended::Other(format!("connect: {e}")),
+    };
+    let (mut control, control_rx) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return Ended::Other(format!("control stream: {e}")),
+    };
+    let register = ControlMessage::Register {
+        version: PROTOCOL_VERSION,
+        local_addrs: (0..16u16)
+            .map(|i| SocketAddr::from(([192, 0, 2, i as u8 + 1], 4000 + i)))
+            .collect(),
+    };
+    if let Err(e) = write_frame(&mut control, &register.encode()).await {
+        return Ended::Other(format!("register: {e}"));
+    }
+    // Streams are held open and never read.
+    let mut held = vec![control_rx];
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let opened = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+        let Ok(Ok((mut tx, rx))) = opened else { break };
+        held.push(rx);
+        writers.spawn(async move {
+            if i == 0 {
+                let open = ControlMessage::RelayOpen {}.encode();
+                if write_frame(&mut tx, &open).await.is_err() {
+                    return;
+                }
+                let to = PeerId::from_key_digest(&[9; 32]);
+                let Ok(frame) = common::relay::encode(&to, &[0u8; 1200]) else {
+                    return;
+                };
+                while tx.write_all(&frame).await.is_ok() {}
+            } else {
+                let largest = common::frame::MAX_FRAME_LEN as u32;
+                if tx.write_all(&largest.to_be_bytes()).await.is_err() {
+                    return;
+                }
+                let filler = vec![b'x'; 64 * 1024];
+                while tx.write_all(&filler).await.is_ok() {}
+            }
+        });
+    }
+    // Every client has filled its streams before the requests start.
+    if let Some(ready) = ready {
+        let _ = tokio::time::timeout(Duration::from_secs(30), ready.wait()).await;
+    }
+    let query = ControlMessage::Query {
+        id: PeerId::from_key_digest(&[7; 32]),
+    }
+    .encode();
+    writers.spawn(async move { while write_frame(&mut control, &query).await.is_ok() {} });
+    let closed = conn.closed().await;
+    writers.shutdown().await;
+    drop(held);
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            Ended::ClosedByServer(close.error_code.into_inner())
+        }
+        other => Ended::Other(other.to_string()),
+    }
+}
+
+/// `count` real QUIC Initials to `server`, each from a fresh client connection (quinn-proto's
+/// sans-IO client: no socket, no state kept).
+pub fn make_initials(server: SocketAddr, count: usize) -> Result<Vec<Vec<u8>>, String> {
+    let crypto = client_crypto()?;
+    let config = quinn::ClientConfig::new(crypto);
+    let mut initials = Vec::with_capacity(count);
+    let mut endpoint = None;
+    for i in 0..count {
+        // A fresh endpoint now and then: it keeps every connection it made.
+        if i % 256 == 0 {
+            endpoint = Some(quinn_proto::Endpoint::new(
+                Arc::new(quinn_proto::EndpointConfig::default()),
+                None,
+                false,
+                None,
+            ));
+        }
+        let Some(endpoint) = endpoint.as_mut() else {
+            return Err("no endpoint".into());
+        };
+        let now = std::time::Instant::now();
+        let (_, mut conn) = endpoint
+            .connect(now, config.clone(), server, "rendezvous")
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut buf = Vec::new();
+        let transmit = conn
+            .poll_transmit(now, 1, &mut buf)
+            .ok_or("a client connection starts with an Initial")?;
+        buf.truncate(transmit.size);
+        initials.push(buf);
+    }
+    Ok(initials)
+}
+
+/// `clients` QUIC clients at a time that never read ([`never_reading_client`]) to `server`,
+/// each from its own source in 127.30.0.0/16 (a fresh one for every client: a fresh identity
+/// per source stays within the per-source limits); each is replaced once its connection ends.
+/// Counts `clients`, `closed_not_reading` (the server's close code 3), `closed_other_code` and
+/// `ended_otherwise`.
+pub async fn quic_never_read(server: SocketAddr, clients: u16, stop: Stop, counters: Counters) {
+    let mut all = JoinSet::new();
+    for w in 0..clients.max(1) {
+        let (stop, counters) = (stop.clone(), counters.clone());
+        all.spawn(async move {
+            let mut round = 0u16;
+            while !stop.stopped() {
+                let n = (round % 250) * clients.max(1) + w + 1;
+                round = round.wrapping_add(1);
+                let bind = SocketAddr::from((block_ip(30, n), 0));
+                counters.add("clients", 1);
+                let client = never_reading_client(server, bind, None);
+                tokio::pin!(client);
+                // Ends with its connection, or when stopped (the connection is dropped).
+                let ended = loop {
+                    tokio::select! {
+                        ended = &mut client => break Some(ended),
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                            if stop.stopped() {
+                                break None;
+                            }
+                        }
+                    }
+                };
+                match ended {
+                    Some(Ended::ClosedByServer(3)) => counters.add("closed_not_reading", 1),
+                    Some(Ended::ClosedByServer(_)) => counters.add("closed_other_code", 1),
+                    Some(Ended::Other(_)) => {
+                        counters.add("ended_otherwise", 1);
+                        stop.sleep(Duration::from_secs(1)).await;
+                    }
+                    None => {}
+                }
+            }
+        });
+    }
+    while all.join_next().await.is_some() {}
+}
+
+/// Real QUIC Initials of fresh handshakes that are never continued, `per_second` to `server`
+/// from `sources` addresses in 127.31.0.0/16, made in batches of a second's worth (off the
+/// runtime's threads). Counts `sent` (Initials), `bytes_sent`, `replies` and `bytes_back` (the
+/// amplification is `bytes_back / bytes_sent`).
+pub async fn initial_flood(
+    server: SocketAddr,
+    sources: u16,
+    per_second: u32,
+    stop: Stop,
+    counters: Counters,
+) {
+    let sockets = udp_sources(31, sources).await;
+    if sockets.is_empty() {
+        counters.add("no_sockets", 1);
+        return;
+    }
+    let per_tick = (per_second / 10).max(1) as usize;
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut i = 0usize;
+    let mut buf = [0u8; 2048];
+    while !stop.stopped() {
+        let count = per_second.max(1) as usize;
+        let batch = tokio::task::spawn_blocking(move || make_initials(server, count)).await;
+        let Ok(Ok(batch)) = batch else {
+            counters.add("make_failed", 1);
+            stop.sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        for chunk in batch.chunks(per_tick) {
+            ticker.tick().await;
+            if stop.stopped() {
+                break;
+            }
+            for initial in chunk {
+                let socket = &sockets[i % sockets.len()];
+                i += 1;
+                if socket.try_send_to(initial, server).is_ok() {
+                    counters.add("sent", 1);
+                    counters.add("bytes_sent", initial.len() as u64);
+                }
+            }
+            for socket in &sockets {
+                while let Ok((n, _)) = socket.try_recv_from(&mut buf) {
+                    counters.add("replies", 1);
+                    counters.add("bytes_back", n as u64);
+                }
+            }
+        }
+    }
 }
