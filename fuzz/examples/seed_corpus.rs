@@ -1,0 +1,406 @@
+//! Writes the seed corpus (`fuzz/corpus/<target>/<name>`) from the real encoders: a few
+//! messages, frame streams, relay batches, STUN packets and registry scripts per target, valid
+//! ones and typical bad ones. Run by `scripts/fuzz.sh --seed-corpus`; commit what it writes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use common::message::{Candidate, CandidateKind, PeerApp, PeerInfo};
+use common::nat::{Behaviour, NatProfile};
+use common::stun::{self, ProbeTag};
+use common::stun5780::{self, ResponseContext};
+use common::{frame, relay, ChatMessage, ControlMessage, ErrorCode, PeerId, PeerMessage};
+use p2p_fuzz::registry_script::{encode, Msg, Op};
+
+fn id(n: u8) -> PeerId {
+    PeerId::from_key_digest(&[n; 32])
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("a constant address")
+}
+
+struct Corpus {
+    dir: PathBuf,
+}
+
+impl Corpus {
+    fn write(&self, target: &str, name: &str, bytes: &[u8]) {
+        let dir = self.dir.join(target);
+        std::fs::create_dir_all(&dir).expect("create the corpus directory");
+        std::fs::write(dir.join(name), bytes).expect("write a seed");
+    }
+}
+
+fn control_messages() -> Vec<(&'static str, ControlMessage)> {
+    let when = time::macros::datetime!(2026-11-25 07:40:58.25 UTC);
+    vec![
+        (
+            "register",
+            ControlMessage::Register {
+                version: common::PROTOCOL_VERSION,
+                local_addrs: vec![addr("10.0.0.2:4000"), addr("[fd00::2]:4000")],
+            },
+        ),
+        (
+            "registered",
+            ControlMessage::Registered {
+                id: id(1),
+                observed: addr("203.0.113.5:4000"),
+                keepalive_s: 15,
+                version: common::PROTOCOL_VERSION,
+            },
+        ),
+        ("query", ControlMessage::Query { id: id(2) }),
+        (
+            "peer_info",
+            ControlMessage::PeerInfo(PeerInfo {
+                id: id(2),
+                observed: addr("[2001:db8::5]:5000"),
+                local_addrs: vec![addr("192.168.1.2:5000")],
+                online: true,
+                last_seen: when,
+            }),
+        ),
+        ("connect", ControlMessage::Connect { id: id(2) }),
+        (
+            "punch",
+            ControlMessage::Punch {
+                peer: id(2),
+                candidates: vec![
+                    Candidate {
+                        addr: addr("203.0.113.6:5000"),
+                        kind: CandidateKind::Observed,
+                    },
+                    Candidate {
+                        addr: addr("10.0.0.3:5000"),
+                        kind: CandidateKind::Local,
+                    },
+                    Candidate {
+                        addr: addr("203.0.113.6:5002"),
+                        kind: CandidateKind::Predicted,
+                    },
+                ],
+                nonce: 0x9E37_79B9_7F4A_7C15,
+            },
+        ),
+        ("relay_open", ControlMessage::RelayOpen {}),
+        (
+            "relay_ready",
+            ControlMessage::RelayReady {
+                max_packet: relay::MAX_RELAY_PACKET as u32,
+                rate_bytes_per_s: 1_000_000,
+            },
+        ),
+        ("ping", ControlMessage::Ping { seq: 7 }),
+        ("pong", ControlMessage::Pong { seq: 7 }),
+        (
+            "punch_result",
+            ControlMessage::PunchResult {
+                peer: id(2),
+                direct: true,
+            },
+        ),
+        ("ack", ControlMessage::Ack {}),
+        (
+            "error",
+            ControlMessage::error(ErrorCode::RateLimited, "too many requests"),
+        ),
+    ]
+}
+
+fn peer_messages() -> Vec<(&'static str, PeerMessage)> {
+    vec![
+        ("open_chat", PeerMessage::Open { app: PeerApp::Chat }),
+        ("open_file", PeerMessage::Open { app: PeerApp::File }),
+        (
+            "file_header",
+            PeerMessage::FileHeader {
+                name: "notes.txt".into(),
+                size: 1234,
+                sha256: "ab".repeat(32),
+            },
+        ),
+        (
+            "file_result",
+            PeerMessage::FileResult {
+                ok: false,
+                sha256: "cd".repeat(32),
+                message: "checksum mismatch".into(),
+            },
+        ),
+        ("ping", PeerMessage::Ping { seq: 3 }),
+        (
+            "pong",
+            PeerMessage::Pong {
+                seq: 3,
+                nat: Some(NatProfile {
+                    udp: true,
+                    no_nat: false,
+                    mapping: Behaviour::EndpointIndependent,
+                    filtering: Behaviour::AddressAndPortDependent,
+                }),
+            },
+        ),
+        (
+            "error",
+            PeerMessage::Error {
+                message: "no such app".into(),
+            },
+        ),
+    ]
+}
+
+fn main() {
+    let dir = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"));
+    let corpus = Corpus { dir };
+
+    // Control and peer messages, and typical bad ones.
+    for (name, msg) in control_messages() {
+        corpus.write("control_message", &format!("{name}.json"), &msg.encode());
+    }
+    for (name, bad) in [
+        ("bad_unknown_type", &br#"{"type":"launch_missiles"}"#[..]),
+        ("bad_no_type", br#"{"id":"x"}"#),
+        ("bad_extra_field", br#"{"type":"ping","seq":1,"evil":true}"#),
+        ("bad_id", br#"{"type":"query","id":"not-a-uuid"}"#),
+        ("bad_json", b"{\"type\":\"ping\",\"seq\":"),
+    ] {
+        corpus.write("control_message", bad_name(name).as_str(), bad);
+        corpus.write("peer_message", bad_name(name).as_str(), bad);
+    }
+    for (name, msg) in peer_messages() {
+        corpus.write("peer_message", &format!("{name}.json"), &msg.encode());
+    }
+    let chat = ChatMessage {
+        from: id(1),
+        to: id(2),
+        sent_at: time::macros::datetime!(2026-11-25 07:40:58.123456789 +01:00),
+        body: "hello \u{1F44B} \"quoted\"\n".into(),
+    };
+    corpus.write("peer_message", "chat.json", &chat.encode());
+
+    // Frame streams: real messages framed, split, truncated, oversized.
+    let bodies: Vec<Vec<u8>> = control_messages().iter().map(|(_, m)| m.encode()).collect();
+    let framed: Vec<Vec<u8>> = bodies
+        .iter()
+        .map(|b| frame::encode(b).expect("a small frame"))
+        .collect();
+    corpus.write("frames", "one_register", &framed[0]);
+    corpus.write("frames", "all_control_messages", &framed.concat());
+    corpus.write(
+        "frames",
+        "empty_frame",
+        &frame::encode(b"").expect("empty frame"),
+    );
+    let mut truncated = framed[3].clone();
+    truncated.truncate(truncated.len() - 5);
+    corpus.write(
+        "frames",
+        "truncated",
+        &[framed[2].clone(), truncated].concat(),
+    );
+    corpus.write("frames", "prefix_truncated", &framed[0][..3]);
+    let mut oversized = ((frame::MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+    oversized.extend_from_slice(&bodies[0]);
+    corpus.write(
+        "frames",
+        "oversized_prefix",
+        &[framed[1].clone(), oversized].concat(),
+    );
+
+    // Relay batches.
+    let mut batch = Vec::new();
+    for (n, packet) in [
+        (2u8, vec![0x40u8; 1200]),
+        (3, vec![0xC3; 60]),
+        (2, Vec::new()),
+    ] {
+        relay::encode_into(&mut batch, &id(n), &packet).expect("packet within the cap");
+    }
+    corpus.write("relay_frames", "batch", &batch);
+    corpus.write(
+        "relay_frames",
+        "one_packet",
+        &relay::encode(&id(2), b"\x41quic short header").expect("small packet"),
+    );
+    corpus.write("relay_frames", "bad_length", &[0, 3, 1, 2, 3]);
+    let mut bad_peer = relay::encode(&id(2), b"x").expect("small packet");
+    bad_peer[2..18].copy_from_slice(&[0; 16]);
+    corpus.write("relay_frames", "bad_peer", &bad_peer);
+    let mut max = relay::encode(&id(4), &[0xAB; relay::MAX_RELAY_PACKET]).expect("at the cap");
+    max.truncate(max.len() - 1);
+    corpus.write("relay_frames", "max_packet_truncated", &max);
+
+    // The relay hub target reads its input with `arbitrary` (an event script with no stable
+    // byte format): seeds of pseudo-random bytes of a few sizes give it a start.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for size in [64usize, 512, 4096] {
+        let bytes: Vec<u8> = (0..size)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        corpus.write("relay_hub", &format!("random_{size}"), &bytes);
+    }
+
+    // STUN: what both codecs write, plus a probe from a peer.
+    let txid = [7u8; 12];
+    let tag = ProbeTag {
+        nonce: 0xdead_beef_0000_0001,
+        sender: id(4),
+    };
+    let ctx = ResponseContext {
+        mapped: addr("198.51.100.7:41000"),
+        origin: addr("203.0.113.10:3478"),
+        other: Some(addr("203.0.113.11:3479")),
+    };
+    for (name, packet) in [
+        ("binding_request", stun::binding_request(txid)),
+        (
+            "binding_success_v4",
+            stun::binding_success(txid, addr("203.0.113.7:41000")),
+        ),
+        (
+            "binding_success_v6",
+            stun::binding_success(txid, addr("[2001:db8::1]:9")),
+        ),
+        ("probe_request", stun::probe_request(&tag, 3)),
+        (
+            "probe_success",
+            stun::probe_success(tag.transaction(3), addr("198.51.100.2:7"), tag.nonce),
+        ),
+        (
+            "change_request_ip_port",
+            stun5780::binding_request_with_change(txid, true, true),
+        ),
+        (
+            "change_request_port",
+            stun5780::binding_request_with_change(txid, false, true),
+        ),
+        ("rfc5780_response", stun5780::binding_response(txid, &ctx)),
+        (
+            "rfc5780_error",
+            stun5780::binding_error(txid, 420, "no alternate address"),
+        ),
+    ] {
+        corpus.write("stun", name, &packet);
+    }
+
+    // Registry scripts.
+    let register = Msg::Register {
+        version_ok: true,
+        locals: 0b0010_0001,
+        repeat: false,
+        too_many: false,
+    };
+    let send = |peer, conn, from, msg| Op::Send {
+        peer,
+        conn,
+        from,
+        msg,
+    };
+    let hour = Op::Wait { secs: 3600 };
+    corpus.write(
+        "registry",
+        "introduce_and_report",
+        &encode(&[
+            send(0, 0, 0, register),
+            send(1, 0, 3, register),
+            send(0, 0, 0, Msg::Query(1)),
+            send(0, 0, 0, Msg::Connect(1)),
+            send(0, 0, 0, Msg::PunchResult(1, true)),
+            send(1, 0, 3, Msg::PunchResult(0, false)),
+            Op::Wait { secs: 30 },
+            send(0, 0, 1, Msg::Ping(1)),
+            hour,
+            send(0, 0, 1, Msg::PunchResult(1, true)),
+            send(2, 0, 2, Msg::Connect(1)),
+        ]),
+    );
+    corpus.write(
+        "registry",
+        "reconnect_and_stale_close",
+        &encode(&[
+            send(0, 0, 0, register),
+            send(0, 1, 1, register),
+            Op::Close { peer: 0, conn: 0 },
+            send(1, 0, 2, register),
+            send(1, 0, 2, Msg::Connect(0)),
+            Op::Close { peer: 0, conn: 0 },
+            send(1, 0, 2, Msg::Connect(0)),
+            send(1, 0, 2, Msg::Query(0)),
+        ]),
+    );
+    corpus.write(
+        "registry",
+        "bad_registrations",
+        &encode(&[
+            send(
+                0,
+                0,
+                0,
+                Msg::Register {
+                    version_ok: false,
+                    locals: 0,
+                    repeat: false,
+                    too_many: false,
+                },
+            ),
+            send(0, 0, 0, Msg::Query(1)),
+            send(
+                0,
+                0,
+                0,
+                Msg::Register {
+                    version_ok: true,
+                    locals: 0xFF,
+                    repeat: false,
+                    too_many: true,
+                },
+            ),
+            send(
+                0,
+                0,
+                5,
+                Msg::Register {
+                    version_ok: true,
+                    locals: 0xFF,
+                    repeat: true,
+                    too_many: false,
+                },
+            ),
+            send(0, 0, 5, Msg::ServerSide(2)),
+            send(0, 0, 5, Msg::Connect(0)),
+            send(1, 0, 0, register),
+            send(1, 0, 0, Msg::Connect(0)),
+        ]),
+    );
+    corpus.write(
+        "registry",
+        "migration_and_expiry",
+        &encode(&[
+            send(0, 0, 0, register),
+            send(1, 0, 3, register),
+            Op::Observe { peer: 0, from: 4 },
+            send(1, 0, 3, Msg::Connect(0)),
+            Op::Close { peer: 0, conn: 0 },
+            Op::Wait {
+                secs: 31 * 24 * 3600,
+            },
+            send(1, 0, 3, Msg::Query(0)),
+            send(1, 0, 3, Msg::Connect(0)),
+            send(0, 0, 6, register),
+        ]),
+    );
+}
+
+fn bad_name(name: &str) -> String {
+    format!("{name}.json")
+}
