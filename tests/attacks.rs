@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::frame_io::write_frame;
-use common::{ControlMessage, PeerId, PROTOCOL_VERSION};
+use common::{ControlMessage, PROTOCOL_VERSION};
+use e2e::attack::{client_crypto, make_initials, never_reading_client, Ended};
 use e2e::{args, listen, peer, rendezvous_args, Proc, Rendezvous, TempDir};
-use quinn::crypto::rustls::QuicClientConfig;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -124,20 +124,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// A fresh client identity's QUIC crypto config for the rendezvous.
-fn client_crypto() -> Result<Arc<QuicClientConfig>, String> {
-    let identity = certs::Identity::generate().map_err(|e| e.to_string())?;
-    let tls = certs::client_config_for_server(
-        &identity,
-        certs::ServerTrust::FirstUse,
-        common::ALPN_RENDEZVOUS,
-    )
-    .map_err(|e| e.to_string())?;
-    QuicClientConfig::try_from(tls)
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
-}
-
 /// The close code of a peer disconnected for not reading (`rendezvous::CLOSE_NOT_READING`).
 const CLOSE_NOT_READING: u64 = 3;
 
@@ -148,106 +134,6 @@ const NON_READERS: usize = 50;
 /// What one of them may cost the server, at most: the documented per-connection budget
 /// (`rendezvous::Limits`, about 350 KiB) with room for the allocator's slack.
 const PER_NON_READER_BOUND: u64 = 768 * 1024;
-
-/// How a client that never reads ended.
-#[derive(Debug)]
-enum Ended {
-    /// The server closed the connection with this application code.
-    ClosedByServer(u64),
-    /// Some other way (reason).
-    Other(String),
-}
-
-/// A client that never reads: tiny receive windows, never reads a stream, registers, opens
-/// every stream the server lets it open and writes as much as it is allowed on each (one relay
-/// stream, the others announcing the largest frame the protocol allows), then sends requests on
-/// its control stream without pause. Returns how its connection ended.
-async fn never_reading_client(
-    server: SocketAddr,
-    bind: SocketAddr,
-    ready: Arc<tokio::sync::Barrier>,
-) -> Ended {
-    let crypto = match client_crypto() {
-        Ok(c) => c,
-        Err(e) => return Ended::Other(e),
-    };
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .stream_receive_window(8u32.into())
-        .receive_window(8u32.into())
-        .datagram_receive_buffer_size(None)
-        .keep_alive_interval(Some(Duration::from_secs(1)));
-    let mut config = quinn::ClientConfig::new(crypto);
-    config.transport_config(Arc::new(transport));
-    let endpoint = match quinn::Endpoint::client(bind) {
-        Ok(e) => e,
-        Err(e) => return Ended::Other(format!("bind {bind}: {e}")),
-    };
-    let conn = match endpoint.connect_with(config, server, "rendezvous") {
-        Ok(connecting) => match connecting.await {
-            Ok(conn) => conn,
-            Err(e) => return Ended::Other(format!("handshake: {e}")),
-        },
-        Err(e) => return Ended::Other(format!("connect: {e}")),
-    };
-    let (mut control, control_rx) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return Ended::Other(format!("control stream: {e}")),
-    };
-    let register = ControlMessage::Register {
-        version: PROTOCOL_VERSION,
-        local_addrs: (0..16u16)
-            .map(|i| SocketAddr::from(([192, 0, 2, i as u8 + 1], 4000 + i)))
-            .collect(),
-    };
-    if let Err(e) = write_frame(&mut control, &register.encode()).await {
-        return Ended::Other(format!("register: {e}"));
-    }
-    // Streams are held open and never read.
-    let mut held = vec![control_rx];
-    let mut writers = tokio::task::JoinSet::new();
-    for i in 0..64 {
-        let opened = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
-        let Ok(Ok((mut tx, rx))) = opened else { break };
-        held.push(rx);
-        writers.spawn(async move {
-            if i == 0 {
-                let open = ControlMessage::RelayOpen {}.encode();
-                if write_frame(&mut tx, &open).await.is_err() {
-                    return;
-                }
-                let to = PeerId::from_key_digest(&[9; 32]);
-                let Ok(frame) = common::relay::encode(&to, &[0u8; 1200]) else {
-                    return;
-                };
-                while tx.write_all(&frame).await.is_ok() {}
-            } else {
-                let largest = common::frame::MAX_FRAME_LEN as u32;
-                if tx.write_all(&largest.to_be_bytes()).await.is_err() {
-                    return;
-                }
-                let filler = vec![b'x'; 64 * 1024];
-                while tx.write_all(&filler).await.is_ok() {}
-            }
-        });
-    }
-    // Every client has filled its streams before the requests start.
-    let _ = tokio::time::timeout(T, ready.wait()).await;
-    let query = ControlMessage::Query {
-        id: PeerId::from_key_digest(&[7; 32]),
-    }
-    .encode();
-    writers.spawn(async move { while write_frame(&mut control, &query).await.is_ok() {} });
-    let closed = conn.closed().await;
-    writers.shutdown().await;
-    drop(held);
-    match closed {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            Ended::ClosedByServer(close.error_code.into_inner())
-        }
-        other => Ended::Other(other.to_string()),
-    }
-}
 
 #[test]
 fn clients_that_never_read_cost_little_and_are_disconnected_while_peers_chat() {
@@ -267,7 +153,7 @@ fn clients_that_never_read_cost_little_and_are_disconnected_while_peers_chat() {
         .map(|i| {
             // Ten clients per source address: the per-source caps are not what saves us here.
             let bind = SocketAddr::from((Ipv4Addr::new(127, 0, 1, 1 + (i / 10) as u8), 0));
-            rt.spawn(never_reading_client(rv.addr, bind, ready.clone()))
+            rt.spawn(never_reading_client(rv.addr, bind, Some(ready.clone())))
         })
         .collect();
 
@@ -339,38 +225,6 @@ const FLOOD_SOURCES: usize = 256;
 const FLOOD_RATE: usize = 2000;
 const FLOOD_SECS: usize = 10;
 
-/// `count` real QUIC Initials to `server`, each from a fresh client connection (quinn-proto's
-/// sans-IO client: no socket, no state kept).
-fn make_initials(server: SocketAddr, count: usize) -> Vec<Vec<u8>> {
-    let crypto = client_crypto().expect("QUIC client config");
-    let config = quinn::ClientConfig::new(crypto);
-    let mut initials = Vec::with_capacity(count);
-    let mut endpoint = None;
-    for i in 0..count {
-        // A fresh endpoint now and then: it keeps every connection it made.
-        if i % 256 == 0 {
-            endpoint = Some(quinn_proto::Endpoint::new(
-                Arc::new(quinn_proto::EndpointConfig::default()),
-                None,
-                false,
-                None,
-            ));
-        }
-        let endpoint = endpoint.as_mut().expect("endpoint made above");
-        let now = Instant::now();
-        let (_, mut conn) = endpoint
-            .connect(now, config.clone(), server, "rendezvous")
-            .expect("connect");
-        let mut buf = Vec::new();
-        let transmit = conn
-            .poll_transmit(now, 1, &mut buf)
-            .expect("a client connection starts with an Initial");
-        buf.truncate(transmit.size);
-        initials.push(buf);
-    }
-    initials
-}
-
 #[test]
 fn an_initial_flood_from_many_sources_is_cheap_and_a_peer_still_registers() {
     let _serial = serial();
@@ -378,7 +232,7 @@ fn an_initial_flood_from_many_sources_is_cheap_and_a_peer_still_registers() {
     let rv = start_rendezvous(&dir.path().join("rv"));
     let pid = rv.proc.pid();
     let total = FLOOD_RATE * FLOOD_SECS;
-    let initials = make_initials(rv.addr, total);
+    let initials = make_initials(rv.addr, total).expect("QUIC Initials");
     let sources: Arc<Vec<UdpSocket>> = Arc::new(
         (0..FLOOD_SOURCES)
             .map(|i| {

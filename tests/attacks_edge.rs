@@ -14,13 +14,13 @@
 //! its endpoint, and the pinned key authenticates it.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use e2e::attack::{self, closed_within, Counters, Slowloris, Stop, HTTP_SLOWLORIS, TLS_SLOWLORIS};
 use e2e::{args, Proc, Rendezvous, TempDir};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -73,30 +73,9 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// 127.0.0.n.
-fn source(n: u8) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::new(127, 0, 0, n), 0))
-}
-
 /// A TCP connection from 127.0.0.n.
 async fn connect_from(n: u8, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(source(n))?;
-    socket.connect(to).await
-}
-
-/// Waits until the far end closes `stream` (EOF or reset), reading and discarding what it
-/// sends; false if it is still open after `within`.
-async fn closed_within<S: AsyncRead + Unpin>(stream: &mut S, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
+    attack::connect_from(Ipv4Addr::new(127, 0, 0, n), to).await
 }
 
 /// `GET /metrics` from 127.0.0.1; panics unless it is answered with 200 within `T`.
@@ -120,6 +99,23 @@ async fn scrape(metrics: SocketAddr) -> String {
         "{response}"
     );
     response
+}
+
+/// Scrapes until `done` holds for the scrape (the server counts a close just after the client
+/// sees it), at most `T`; returns the last scrape either way (the caller asserts on it).
+fn scrape_until(
+    rt: &tokio::runtime::Runtime,
+    metrics: SocketAddr,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let m = rt.block_on(scrape(metrics));
+        if done(&m) || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The value of the sample `name_and_labels` in a scrape.
@@ -154,67 +150,26 @@ async fn tunnel_from(
         .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
 }
 
-/// What an attacking connection sends: `opening` at once, then (if `trickle`) one more byte
-/// every 250 ms, never completing anything.
-#[derive(Clone, Copy)]
-struct Slowloris {
-    opening: &'static [u8],
-    trickle: Option<u8>,
-}
-
-/// The opening of a TLS record of 16 KiB that never arrives: the acceptor waits for the rest.
-const TLS_SLOWLORIS: Slowloris = Slowloris {
-    opening: &[0x16, 0x03, 0x01, 0x40, 0x00],
-    trickle: Some(0),
-};
-
-/// A request head that never ends.
-const HTTP_SLOWLORIS: Slowloris = Slowloris {
-    opening: b"GET /metrics HTTP/1.1\r\n",
-    trickle: Some(b'X'),
-};
-
-/// Connections that only connect.
-const IDLE: Slowloris = Slowloris {
-    opening: b"",
-    trickle: None,
-};
-
 /// Keeps `workers` connections from 127.0.0.n to `to` open, half idle and half slowloris,
-/// reopening each once closed, until `stop`; counts the connections the server closed.
+/// reopening each once closed, until `stop`; counts the connections the server closed (the
+/// attack's `closed_by_server`).
 fn attack(
     rt: &tokio::runtime::Runtime,
     n: u8,
     to: SocketAddr,
     workers: usize,
     slowloris: Slowloris,
-    stop: Arc<AtomicBool>,
-    closed: Arc<AtomicUsize>,
+    stop: Stop,
+    counters: Counters,
 ) {
-    for w in 0..workers {
-        let kind = if w % 2 == 0 { IDLE } else { slowloris };
-        let stop = stop.clone();
-        let closed = closed.clone();
-        rt.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(mut stream) = connect_from(n, to).await else {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                };
-                let _ = stream.write_all(kind.opening).await;
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(byte) = kind.trickle {
-                        let _ = stream.write_all(&[byte]).await;
-                    }
-                    if closed_within(&mut stream, Duration::from_millis(250)).await {
-                        closed.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-    }
+    rt.spawn(attack::hold_connections(
+        Ipv4Addr::new(127, 0, 0, n),
+        to,
+        workers,
+        slowloris,
+        stop,
+        counters,
+    ));
 }
 
 #[test]
@@ -248,11 +203,14 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
             );
         }
     });
-    let m = rt.block_on(scrape(edge.metrics));
     let failed = "rendezvous_tcp_tunnel_handshakes_failed_total";
     let per_source = "rendezvous_tcp_tunnels_refused_total{cap=\"tunnels_per_source\"}";
-    let evicted = metric(&m, &format!("{failed}{{reason=\"evicted_per_source\"}}"));
-    let timed_out = metric(&m, &format!("{failed}{{reason=\"timeout\"}}"));
+    let evicted_of = |m: &str| metric(m, &format!("{failed}{{reason=\"evicted_per_source\"}}"));
+    let timed_out_of = |m: &str| metric(m, &format!("{failed}{{reason=\"timeout\"}}"));
+    let m = scrape_until(&rt, edge.metrics, |m| {
+        evicted_of(m) + timed_out_of(m) + metric(m, per_source) >= 10
+    });
+    let (evicted, timed_out) = (evicted_of(&m), timed_out_of(&m));
     // An evicted handshake's task may not have given its tunnel slot back yet when the next
     // connection arrives: that one is refused by the tunnel cap instead (also a bound).
     let refused = metric(&m, per_source);
@@ -306,8 +264,11 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
         oversized.flush().await.unwrap();
         assert!(closed_within(&mut oversized, T).await);
     });
-    let m = rt.block_on(scrape(edge.metrics));
     let closed = "rendezvous_tcp_tunnels_closed_total";
+    let m = scrape_until(&rt, edge.metrics, |m| {
+        metric(m, &format!("{closed}{{reason=\"idle\"}}")) >= 8
+            && metric(m, &format!("{closed}{{reason=\"oversized_datagram\"}}")) >= 1
+    });
     assert_eq!(
         metric(&m, &format!("{closed}{{reason=\"idle\"}}")),
         8,
@@ -326,8 +287,8 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
     // 3. A sustained attack from 12 sources, 6 connections each (idle, or trickling a TLS record
     // that never completes), more than the 16 handshake places in all: an honest peer still
     // registers through the tunnel, and scrapes are answered.
-    let stop = Arc::new(AtomicBool::new(false));
-    let attacker_closed = Arc::new(AtomicUsize::new(0));
+    let stop = Stop::new();
+    let attacker_closed = Counters::default();
     for n in 10..22 {
         attack(
             &rt,
@@ -360,13 +321,13 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
         rt.block_on(scrape(edge.metrics));
     }
     let deadline = Instant::now() + T;
-    while attacker_closed.load(Ordering::Relaxed) < 100 && Instant::now() < deadline {
+    while attacker_closed.get("closed_by_server") < 100 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     let m = rt.block_on(scrape(edge.metrics));
-    stop.store(true, Ordering::Relaxed);
+    stop.stop();
     assert!(
-        attacker_closed.load(Ordering::Relaxed) >= 100,
+        attacker_closed.get("closed_by_server") >= 100,
         "the attack ran"
     );
     assert!(
@@ -405,18 +366,19 @@ fn metrics_port_answers_scrapes_during_idle_connections_and_a_slowloris() {
             );
         }
     });
-    let m = rt.block_on(scrape(edge.metrics));
     let dropped = "rendezvous_metrics_connections_dropped_total";
-    let evicted = metric(&m, &format!("{dropped}{{reason=\"evicted_per_source\"}}"));
-    let timed_out = metric(&m, &format!("{dropped}{{reason=\"request_timeout\"}}"));
+    let evicted_of = |m: &str| metric(m, &format!("{dropped}{{reason=\"evicted_per_source\"}}"));
+    let timed_out_of = |m: &str| metric(m, &format!("{dropped}{{reason=\"request_timeout\"}}"));
+    let m = scrape_until(&rt, edge.metrics, |m| evicted_of(m) + timed_out_of(m) >= 10);
+    let (evicted, timed_out) = (evicted_of(&m), timed_out_of(&m));
     assert_eq!(evicted + timed_out, 10, "{m}");
     assert!(timed_out <= 4, "at most 4 waiting per source: {m}");
 
     // 2. A slowloris from 12 sources, 6 connections each (idle, or trickling a request head
     // that never ends), more than the 16 waiting places in all: a connection that keeps
     // trickling is closed at the deadline, and every scrape is answered.
-    let stop = Arc::new(AtomicBool::new(false));
-    let attacker_closed = Arc::new(AtomicUsize::new(0));
+    let stop = Stop::new();
+    let attacker_closed = Counters::default();
     for n in 10..22 {
         attack(
             &rt,
@@ -448,13 +410,13 @@ fn metrics_port_answers_scrapes_during_idle_connections_and_a_slowloris() {
         rt.block_on(scrape(edge.metrics));
     }
     let deadline = Instant::now() + T;
-    while attacker_closed.load(Ordering::Relaxed) < 100 && Instant::now() < deadline {
+    while attacker_closed.get("closed_by_server") < 100 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     let m = rt.block_on(scrape(edge.metrics));
-    stop.store(true, Ordering::Relaxed);
+    stop.stop();
     assert!(
-        attacker_closed.load(Ordering::Relaxed) >= 100,
+        attacker_closed.get("closed_by_server") >= 100,
         "the attack ran"
     );
     assert!(

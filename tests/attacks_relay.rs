@@ -13,9 +13,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::frame_io::{read_frame, write_frame};
 use common::relay::{self, RelayDecoder};
 use common::{ControlMessage, ErrorCode, PeerId, PROTOCOL_VERSION};
+use e2e::attack::{self, RawClient, PACKET};
 use e2e::{args, Proc, Rendezvous, TempDir};
 
 const T: Duration = Duration::from_secs(30);
@@ -24,94 +24,49 @@ const DESTINATIONS: usize = 24;
 /// The server's default queue per destination (rendezvous::relay::RelayLimits::queue_bytes).
 const QUEUE_BYTES: u64 = 1024 * 1024;
 
-struct Client {
-    id: PeerId,
-    conn: quinn::Connection,
-    /// Kept open (and unread) for the life of the client.
-    _control: (quinn::SendStream, quinn::RecvStream),
-}
+/// A raw client (the support library's), failing the test on any error.
+struct Client(RawClient);
 
-async fn client(server: SocketAddr, version: u32) -> Result<Client, ControlMessage> {
-    let identity = certs::Identity::generate().unwrap();
-    let tls = certs::client_config_for_server(
-        &identity,
-        certs::ServerTrust::FirstUse,
-        common::ALPN_RENDEZVOUS,
-    )
-    .unwrap();
-    let config = transport::quic_client_config(tls, Default::default()).unwrap();
-    // Each client from its own loopback address: the registry limits new identities per source,
-    // and this test is about the relay, not about those limits.
-    static NEXT_SOURCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let source = std::net::Ipv4Addr::new(127, 0, 2, (n % 250 + 1) as u8);
-    let (endpoint, _, _) = transport::make_endpoint(
-        SocketAddr::from((source, 0)),
-        None,
-        Default::default(),
-        8,
-        None,
-    )
-    .unwrap();
-    let conn = endpoint
-        .connect_with(config, server, "rendezvous")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
-    let register = ControlMessage::Register {
-        version,
-        local_addrs: vec![],
-    };
-    match exchange(&mut tx, &mut rx, &register).await {
-        ControlMessage::Registered { id, .. } => {
-            assert_eq!(id, identity.id());
-            Ok(Client {
-                id,
-                conn,
-                _control: (tx, rx),
-            })
-        }
-        other => Err(other),
+impl std::ops::Deref for Client {
+    type Target = RawClient;
+    fn deref(&self) -> &RawClient {
+        &self.0
     }
 }
 
-async fn exchange(
-    tx: &mut quinn::SendStream,
-    rx: &mut quinn::RecvStream,
-    msg: &ControlMessage,
-) -> ControlMessage {
-    write_frame(tx, &msg.encode()).await.unwrap();
-    let reply = tokio::time::timeout(T, read_frame(rx))
-        .await
-        .expect("a reply in time")
-        .unwrap()
-        .expect("a reply frame");
-    ControlMessage::decode(&reply).unwrap()
+/// Registers a raw client with a fresh identity, each from its own source in 127.0.3.0/24 (the
+/// test registers more new identities than one source may).
+async fn client(server: SocketAddr, version: u32) -> Result<Client, ControlMessage> {
+    static NEXT_SOURCE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let identity = certs::Identity::generate().unwrap();
+    let endpoint = attack::endpoint_on(std::net::Ipv4Addr::new(127, 0, 3, n)).unwrap();
+    RawClient::register(
+        &endpoint,
+        &identity,
+        server,
+        certs::ServerTrust::FirstUse,
+        version,
+    )
+    .await
+    .unwrap()
+    .map(Client)
 }
 
 impl Client {
     /// One request on its own stream.
     async fn request(&self, msg: &ControlMessage) -> ControlMessage {
-        let (mut tx, mut rx) = self.conn.open_bi().await.unwrap();
-        exchange(&mut tx, &mut rx, msg).await
+        self.0.request(msg).await.unwrap()
     }
 
     /// Opens a relay stream (or returns the refusal).
     async fn relay(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ControlMessage> {
-        let (mut tx, mut rx) = self.conn.open_bi().await.unwrap();
-        match exchange(&mut tx, &mut rx, &ControlMessage::RelayOpen {}).await {
-            ControlMessage::RelayReady { .. } => Ok((tx, rx)),
-            other => Err(other),
-        }
+        self.0.relay().await.unwrap()
     }
 
     /// Asks to be introduced to `target`; the nonce.
     async fn connect(&self, target: PeerId) -> u64 {
-        match self.request(&ControlMessage::Connect { id: target }).await {
-            ControlMessage::Punch { nonce, .. } => nonce,
-            other => panic!("connect: {other:?}"),
-        }
+        self.0.connect(target).await.unwrap()
     }
 }
 
@@ -183,28 +138,10 @@ async fn wait_metrics(addr: &str, what: &str, done: impl Fn(&str) -> bool) -> St
     }
 }
 
-/// Bytes of each relayed packet in the flood.
-const PACKET: usize = 1200;
-
 /// Writes `rounds` packets to every one of `targets`, and one empty frame per round; returns
 /// how many empty frames were sent.
 async fn blast(out: &mut quinn::SendStream, targets: &[PeerId], rounds: u64) -> u64 {
-    let packet = [0x5a_u8; PACKET];
-    let mut empties = 0u64;
-    let mut chunk = Vec::with_capacity(64 * 1024);
-    for round in 0..rounds {
-        for to in targets {
-            relay::encode_into(&mut chunk, to, &packet).unwrap();
-        }
-        relay::encode_into(&mut chunk, &targets[round as usize % targets.len()], &[]).unwrap();
-        empties += 1;
-        if chunk.len() > 60 * 1024 {
-            out.write_all(&chunk).await.unwrap();
-            chunk.clear();
-        }
-    }
-    out.write_all(&chunk).await.unwrap();
-    empties
+    attack::blast(out, targets, rounds).await.unwrap()
 }
 
 /// Reads relay frames from `rx` until `n` packets came from `from`.

@@ -1,8 +1,10 @@
 //! Test support: build and start the real `rendezvous` and `peer` binaries, read their output
 //! line by line with timeouts, and clean up (processes and directories) even when a test fails.
 //!
-//! [`lab`] runs the same binaries inside the network namespaces of `scripts/natlab.sh`.
+//! [`lab`] runs the same binaries inside the network namespaces of `scripts/natlab.sh`;
+//! [`attack`] has the attacks that the attack tests and the soak run against them.
 
+pub mod attack;
 pub mod lab;
 
 use std::io::{BufRead, BufReader, Write};
@@ -38,8 +40,18 @@ pub fn ensure_built() {
                 command.env_remove(key.as_ref());
             }
         }
+        command.args(["build", "--quiet", "--workspace", "--bins"]);
+        // The binaries of the test's own profile (a release test, such as the soak under
+        // scripts/soak.sh, starts release binaries: see `bin`).
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile = exe
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name);
+        if profile.is_some_and(|p| p == "release") {
+            command.arg("--release");
+        }
         let status = command
-            .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build");
@@ -274,6 +286,11 @@ impl Proc {
     /// The process id (to read /proc/<pid>/status, for instance).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether it is still running (not exited, not reaped).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Types a line.
