@@ -567,6 +567,8 @@ enum ConnError {
     Timeout(&'static str),
     #[error("frame: {0}")]
     Frame(#[from] FrameIoError),
+    #[error("control stream: {0}")]
+    StreamRead(std::io::Error),
     #[error("stream: {0}")]
     Write(#[from] quinn::WriteError),
     #[error("refused: {0}")]
@@ -815,11 +817,13 @@ impl Control<'_> {
     }
 
     /// Answers a bad frame on the control stream; the caller closes the connection once the
-    /// answer is out.
+    /// answer is out. A stream that failed (the connection was lost or reset) is no bad frame:
+    /// there is no one to answer, and nothing is counted against the peer.
     fn reject_frame(&self, err: FrameIoError) -> ConnError {
-        let code = match &err {
+        let code = match err {
+            FrameIoError::Io(e) => return ConnError::StreamRead(e),
             FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
-            _ => ErrorCode::BadRequest,
+            FrameIoError::Frame(FrameError::Truncated { .. }) => ErrorCode::BadRequest,
         };
         let _ = self.reply(ControlMessage::error(code, err.to_string()));
         ConnError::Frame(err)
