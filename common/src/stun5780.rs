@@ -3,8 +3,8 @@
 //! attribute and write five.
 //!
 //! Responses carry XOR-MAPPED-ADDRESS, MAPPED-ADDRESS (for RFC 3489 clients), RESPONSE-ORIGIN,
-//! OTHER-ADDRESS (when the server has an alternate address) and FINGERPRINT: at most 84 bytes,
-//! whatever the request (the per-source rate limit of the server bounds the rest).
+//! OTHER-ADDRESS (when the server has an alternate address) and FINGERPRINT: 64 or 76 bytes over
+//! IPv4, at most 124 over IPv6, whatever the request (the per-source rate limit of the server bounds the rest).
 
 use std::net::{IpAddr, SocketAddr};
 

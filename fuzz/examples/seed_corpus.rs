@@ -329,21 +329,51 @@ fn main() {
         msg,
     };
     let hour = Op::Wait { secs: 3600 };
+    // Peer 1 accepts peer 0's introduction with the right nonce: relaying is allowed for an
+    // hour, renewed by the accept of a later introduction the other way round; both report
+    // within the accept window, too late afterwards.
     corpus.write(
         "registry",
-        "introduce_and_report",
+        "introduce_accept_and_report",
         &encode(&[
             send(0, 0, 0, register),
             send(1, 0, 3, register),
             send(0, 0, 0, Msg::Query(1)),
             send(0, 0, 0, Msg::Connect(1)),
+            send(1, 0, 3, Msg::Accept(0, true)),
             send(0, 0, 0, Msg::PunchResult(1, true)),
             send(1, 0, 3, Msg::PunchResult(0, false)),
             Op::Wait { secs: 30 },
             send(0, 0, 1, Msg::Ping(1)),
-            hour,
+            Op::Wait { secs: 1800 },
+            send(1, 0, 3, Msg::Connect(0)),
+            send(0, 0, 1, Msg::Accept(1, true)),
+            Op::Wait { secs: 1800 },
             send(0, 0, 1, Msg::PunchResult(1, true)),
+            hour,
+            send(2, 0, 2, register),
             send(2, 0, 2, Msg::Connect(1)),
+            send(1, 0, 3, Msg::Accept(2, true)),
+        ]),
+    );
+    // Accepts that must be refused: a wrong nonce, the requester accepting its own
+    // introduction, the right nonce after the accept window; then one in time.
+    corpus.write(
+        "registry",
+        "accept_refused",
+        &encode(&[
+            send(0, 0, 0, register),
+            send(1, 0, 3, register),
+            send(1, 0, 3, Msg::Accept(0, true)),
+            send(0, 0, 0, Msg::Connect(1)),
+            send(1, 0, 3, Msg::Accept(0, false)),
+            send(0, 0, 0, Msg::Accept(1, true)),
+            Op::Wait { secs: 121 },
+            send(1, 0, 3, Msg::Accept(0, true)),
+            send(0, 0, 0, Msg::Connect(1)),
+            Op::Wait { secs: 60 },
+            send(1, 0, 3, Msg::Accept(0, true)),
+            send(1, 0, 3, Msg::Accept(0, true)),
         ]),
     );
     corpus.write(
@@ -404,23 +434,44 @@ fn main() {
             send(1, 0, 0, Msg::Connect(0)),
         ]),
     );
+    // Offline peers expire after 30 days, oldest first and a batch at a time; an online one
+    // never does, and an expired one registers again as a new identity.
     corpus.write(
         "registry",
         "migration_and_expiry",
         &encode(&[
             send(0, 0, 0, register),
             send(1, 0, 3, register),
+            send(2, 0, 2, register),
             Op::Observe { peer: 0, from: 4 },
             send(1, 0, 3, Msg::Connect(0)),
             Op::Close { peer: 0, conn: 0 },
+            hour,
+            Op::Close { peer: 2, conn: 0 },
             Op::Wait {
-                secs: 31 * 24 * 3600,
+                secs: 30 * 24 * 3600,
             },
+            Op::Expire { max: 7 },
+            hour,
+            send(1, 0, 3, Msg::Query(0)),
+            Op::Expire { max: 0 },
             send(1, 0, 3, Msg::Query(0)),
             send(1, 0, 3, Msg::Connect(0)),
+            Op::Wait {
+                secs: 90 * 24 * 3600,
+            },
+            Op::Expire { max: 7 },
             send(0, 0, 6, register),
+            send(1, 0, 3, Msg::Query(2)),
         ]),
     );
+    // More registrations from one source (two ports of one address) than its burst allows:
+    // the last ones are refused rate_limited, then time refills the bucket.
+    let mut flood: Vec<Op> = (0..205u8)
+        .map(|i| send(i % 6, 0, i % 2, register))
+        .collect();
+    flood.extend([Op::Wait { secs: 2 }, send(0, 0, 0, register)]);
+    corpus.write("registry", "registration_flood", &encode(&flood));
 }
 
 fn bad_name(name: &str) -> String {

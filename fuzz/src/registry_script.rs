@@ -2,12 +2,19 @@
 //! peers, their connections and a clock, each operation a few bytes (so that libFuzzer's
 //! mutations add, drop and change whole steps), and an encoder for writing seed scripts.
 //!
-//! | opcode (byte % 4) | bytes after it | operation |
+//! | opcode (byte % 5) | bytes after it | operation |
 //! | --- | --- | --- |
 //! | 0 | peer, conn, from, kind, a, b | peer sends a control message on one of its connections |
 //! | 1 | peer, conn | one of the peer's connections closes |
 //! | 2 | peer, from | the peer's packets now come from another address (migration) |
-//! | 3 | hi, lo, shift | time moves forward by `(hi << 8 | lo) << (shift % 8)` seconds |
+//! | 3 | hi, lo, shift | time moves forward by `(hi << 8 | lo) << (shift % 8)` seconds (up to 97 days) |
+//! | 4 | max | the server's expiry sweep deletes at most `1 + max % 8` long-offline rows |
+//!
+//! The message of a send is `kind % 7`: 0 `register` (`a`: bit 0 the right version, bit 1
+//! repeated addresses, bit 2 too many; `b`: which local addresses), 1 `query` (`a`: the peer),
+//! 2 `connect` (`a`), 3 `ping` (`a`: seq), 4 `punch_result` (`a`: the peer, `b & 1`: direct),
+//! 5 a message only the server sends (`a`), 6 `accept` (`a`: the requester, `b & 1`: with the
+//! nonce of the pair's last introduction, else a wrong one; the driver fills it in).
 //!
 //! A script ends at the first incomplete operation.
 
@@ -86,6 +93,10 @@ pub enum Msg {
     PunchResult(u8, bool),
     /// A message only the server sends (`pong`, `punch`, `registered`, ...).
     ServerSide(u8),
+    /// `accept` of an introduction asked for by a script peer (the requester): with the nonce
+    /// of the last introduction between the two (`true`) or a wrong one (`false`). The driver
+    /// knows the nonces and passes the one to send to [`Msg::to_message`].
+    Accept(u8, bool),
 }
 
 /// One step of a script.
@@ -122,11 +133,17 @@ pub enum Op {
         /// Seconds.
         secs: u32,
     },
+    /// The server's expiry sweep runs (`Registry::expire`) with a batch of `1 + max % 8`.
+    Expire {
+        /// The batch size, modulo 8, minus one.
+        max: u8,
+    },
 }
 
 impl Msg {
-    /// The control message, for script peers.
-    pub fn to_message(self) -> ControlMessage {
+    /// The control message, for script peers; an `accept` carries `accept_nonce` (ignored by
+    /// the other messages).
+    pub fn to_message(self, accept_nonce: u64) -> ControlMessage {
         match self {
             Msg::Register {
                 version_ok,
@@ -173,6 +190,10 @@ impl Msg {
                 },
                 _ => ControlMessage::RelayOpen {},
             },
+            Msg::Accept(n, _) => ControlMessage::Accept {
+                peer: peer(n),
+                nonce: accept_nonce,
+            },
         }
     }
 
@@ -193,11 +214,12 @@ impl Msg {
             Msg::Ping(seq) => [3, seq, 0],
             Msg::PunchResult(n, direct) => [4, n, u8::from(direct)],
             Msg::ServerSide(n) => [5, n, 0],
+            Msg::Accept(n, right_nonce) => [6, n, u8::from(right_nonce)],
         }
     }
 
     fn decode(kind: u8, a: u8, b: u8) -> Msg {
-        match kind % 6 {
+        match kind % 7 {
             0 => Msg::Register {
                 version_ok: a & 1 != 0,
                 repeat: a & 2 != 0,
@@ -208,7 +230,8 @@ impl Msg {
             2 => Msg::Connect(a),
             3 => Msg::Ping(a),
             4 => Msg::PunchResult(a, b & 1 != 0),
-            _ => Msg::ServerSide(a),
+            5 => Msg::ServerSide(a),
+            _ => Msg::Accept(a, b & 1 != 0),
         }
     }
 }
@@ -237,13 +260,14 @@ impl Op {
                 let v = (secs >> shift) as u16;
                 out.extend_from_slice(&[3, (v >> 8) as u8, v as u8, shift]);
             }
+            Op::Expire { max } => out.extend_from_slice(&[4, max]),
         }
     }
 
     /// Decodes the next operation and advances `input`; `None` at the end.
     pub fn decode(input: &mut &[u8]) -> Option<Op> {
         let (&opcode, rest) = input.split_first()?;
-        let (op, used) = match opcode % 4 {
+        let (op, used) = match opcode % 5 {
             0 => {
                 let &[peer, conn, from, kind, a, b] = rest.get(..6)? else {
                     return None;
@@ -271,12 +295,16 @@ impl Op {
                 };
                 (Op::Observe { peer, from }, 2)
             }
-            _ => {
+            3 => {
                 let &[hi, lo, shift] = rest.get(..3)? else {
                     return None;
                 };
                 let secs = u32::from(u16::from_be_bytes([hi, lo])) << (shift % 8);
                 (Op::Wait { secs }, 3)
+            }
+            _ => {
+                let &max = rest.first()?;
+                (Op::Expire { max }, 1)
             }
         };
         *input = &rest[used..];

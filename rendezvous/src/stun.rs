@@ -3,8 +3,8 @@
 //! an alternate IP: CHANGE-REQUEST is honoured from the matching socket, and every response says
 //! where it came from (RESPONSE-ORIGIN) and where the alternate is (OTHER-ADDRESS).
 //!
-//! No amplification: responses are at most 84 bytes, and each source (IPv4 address or IPv6 /64)
-//! is rate limited by a [`StunLimiter`] that remembers the most recently seen sources.
+//! Bounded reflection: responses are 64 or 76 bytes over IPv4, at most 124 over IPv6, and each
+//! source (IPv4 address or IPv6 /64) is rate limited by a [`StunLimiter`] that remembers the most recently seen sources.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
