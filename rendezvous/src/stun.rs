@@ -4,7 +4,8 @@
 //! where it came from (RESPONSE-ORIGIN) and where the alternate is (OTHER-ADDRESS).
 //!
 //! Bounded reflection: responses are 64 or 76 bytes over IPv4, at most 124 over IPv6, and each
-//! source (IPv4 address or IPv6 /64) is rate limited by a [`StunLimiter`] that remembers the most recently seen sources.
+//! source (IPv4 address or IPv6 /64) is rate limited by a [`StunLimiter`] that remembers the
+//! most recently seen sources.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
