@@ -49,6 +49,11 @@ impl Default for TransportSettings {
 
 impl TransportSettings {
     fn transport_config(&self) -> Arc<quinn::TransportConfig> {
+        Arc::new(self.base_config())
+    }
+
+    /// What every endpoint of ours sets, peers and servers alike.
+    fn base_config(&self) -> quinn::TransportConfig {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(self.keep_alive));
         // Idle timeouts beyond 2^62 ms are refused by quinn; ours are seconds.
@@ -68,7 +73,7 @@ impl TransportSettings {
         // close.
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_concurrent_bidi_streams(MAX_CONCURRENT_BIDI_STREAMS.into());
-        Arc::new(transport)
+        transport
     }
 }
 
@@ -101,13 +106,7 @@ pub struct ServerTransport {
 
 impl TransportSettings {
     fn server_transport_config(&self, limits: &ServerTransport) -> Arc<quinn::TransportConfig> {
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(self.keep_alive));
-        if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
-            transport.max_idle_timeout(Some(idle));
-        }
-        transport.initial_rtt(Duration::from_millis(100));
-        transport.max_concurrent_uni_streams(0u32.into());
+        let mut transport = self.base_config();
         transport.max_concurrent_bidi_streams(limits.max_concurrent_bidi_streams.into());
         transport.receive_window(limits.receive_window.into());
         transport.stream_receive_window(limits.stream_receive_window.into());
