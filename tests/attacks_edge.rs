@@ -172,6 +172,21 @@ fn attack(
     ));
 }
 
+/// Opens `n` TCP connections from one source to `port` that send nothing, and waits until the
+/// server has closed every one (evicted by a newer one, or at its deadline).
+async fn idle_connections_all_closed(port: SocketAddr, n: usize) {
+    let mut idle = Vec::new();
+    for _ in 0..n {
+        idle.push(connect_from(2, port).await.unwrap());
+    }
+    for (i, conn) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_within(conn, T).await,
+            "idle connection {i} still open"
+        );
+    }
+}
+
 #[test]
 fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
     let dir = TempDir::new("edge-tunnel");
@@ -191,18 +206,7 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
 
     // 1. Idle TCP connections from one source, more than its 4 handshake places: each newcomer
     // closes the source's oldest, and the last 4 close at the handshake deadline.
-    rt.block_on(async {
-        let mut idle = Vec::new();
-        for _ in 0..10 {
-            idle.push(connect_from(2, edge.tunnel).await.unwrap());
-        }
-        for (i, conn) in idle.iter_mut().enumerate() {
-            assert!(
-                closed_within(conn, T).await,
-                "idle connection {i} still open"
-            );
-        }
-    });
+    rt.block_on(idle_connections_all_closed(edge.tunnel, 10));
     let failed = "rendezvous_tcp_tunnel_handshakes_failed_total";
     let per_source = "rendezvous_tcp_tunnels_refused_total{cap=\"tunnels_per_source\"}";
     let evicted_of = |m: &str| metric(m, &format!("{failed}{{reason=\"evicted_per_source\"}}"));
@@ -354,18 +358,7 @@ fn metrics_port_answers_scrapes_during_idle_connections_and_a_slowloris() {
 
     // 1. Idle connections from one source, more than its 4 places: each newcomer closes the
     // source's oldest, and the last 4 close at the request deadline.
-    rt.block_on(async {
-        let mut idle = Vec::new();
-        for _ in 0..10 {
-            idle.push(connect_from(2, edge.metrics).await.unwrap());
-        }
-        for (i, conn) in idle.iter_mut().enumerate() {
-            assert!(
-                closed_within(conn, T).await,
-                "idle connection {i} still open"
-            );
-        }
-    });
+    rt.block_on(idle_connections_all_closed(edge.metrics, 10));
     let dropped = "rendezvous_metrics_connections_dropped_total";
     let evicted_of = |m: &str| metric(m, &format!("{dropped}{{reason=\"evicted_per_source\"}}"));
     let timed_out_of = |m: &str| metric(m, &format!("{dropped}{{reason=\"request_timeout\"}}"));

@@ -138,9 +138,7 @@ pub fn make_endpoint(
 > {
     let server_config = match server {
         Some(tls) => {
-            let crypto = QuicServerConfig::try_from(tls)
-                .map_err(|e| EndpointError::Crypto(e.to_string()))?;
-            let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            let mut config = quic_server_config(tls)?;
             config.transport_config(settings.transport_config());
             Some(config)
         }
@@ -166,15 +164,20 @@ pub fn make_server_endpoint(
     ),
     EndpointError,
 > {
-    let crypto =
-        QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut config = quic_server_config(tls)?;
     config
         .transport_config(settings.server_transport_config(&limits))
         .max_incoming(limits.max_incoming)
         .incoming_buffer_size(limits.incoming_buffer_size)
         .incoming_buffer_size_total(limits.incoming_buffer_size_total);
     bind_endpoint(addr, Some(config), stun_queue, reset_secret)
+}
+
+/// A quinn server config over our rustls config (which must speak TLS 1.3 only).
+fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, EndpointError> {
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 
 fn bind_endpoint(
