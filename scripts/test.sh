@@ -69,7 +69,7 @@ if ((netns)); then
     # One row per case, written by tests/natlab.rs (Row::write); a failed case says so.
     echo "== NAT matrix (tests/natlab.rs)"
     {
-        echo "| listener / dialer | impairment | outcome | path | connected | path settled | why no direct path (`peer ping`) |"
+        echo '| listener / dialer | impairment | outcome | path | connected | path settled | why no direct path (`peer ping`) |'
         echo "| --- | --- | --- | --- | --- | --- | --- |"
         if compgen -G "$matrix_dir/*.md" >/dev/null; then
             LC_ALL=C sort "$matrix_dir"/*.md
