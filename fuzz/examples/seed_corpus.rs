@@ -434,8 +434,9 @@ fn main() {
             send(1, 0, 0, Msg::Connect(0)),
         ]),
     );
-    // Offline peers expire after 30 days, oldest first and a batch at a time; an online one
-    // never does, and an expired one registers again as a new identity.
+    // Offline peers expire 30 days after they were last seen (not a second before), oldest
+    // first and a batch at a time; an online one never does, and an expired one registers again
+    // as a new identity.
     corpus.write(
         "registry",
         "migration_and_expiry",
@@ -448,21 +449,27 @@ fn main() {
             Op::Close { peer: 0, conn: 0 },
             hour,
             Op::Close { peer: 2, conn: 0 },
+            // 30 days after peer 0 went offline, minus a second.
             Op::Wait {
-                secs: 30 * 24 * 3600,
+                secs: 29 * 24 * 3600,
             },
+            Op::Wait { secs: 60_000 },
+            Op::Wait { secs: 22_799 },
             Op::Expire { max: 7 },
-            hour,
-            send(1, 0, 3, Msg::Query(0)),
+            Op::Wait { secs: 1 },
             Op::Expire { max: 0 },
             send(1, 0, 3, Msg::Query(0)),
+            send(1, 0, 3, Msg::Query(2)),
+            hour,
+            Op::Expire { max: 7 },
+            send(1, 0, 3, Msg::Query(2)),
             send(1, 0, 3, Msg::Connect(0)),
             Op::Wait {
                 secs: 90 * 24 * 3600,
             },
             Op::Expire { max: 7 },
             send(0, 0, 6, register),
-            send(1, 0, 3, Msg::Query(2)),
+            send(1, 0, 3, Msg::Query(0)),
         ]),
     );
     // More registrations from one source (two ports of one address) than its burst allows:

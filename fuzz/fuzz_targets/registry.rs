@@ -42,7 +42,8 @@
 //!   last_seen it had; they are no longer registered, and an online peer never expires.
 //!
 //! The calls into the registry are in `Driver`: when its API changes, that is the place to
-//! adapt.
+//! adapt. With `REGISTRY_TRACE` set in the environment, replaying an input prints each step
+//! and its reply on stderr.
 
 #![no_main]
 
@@ -129,6 +130,8 @@ struct Driver {
     expected: Counters,
     /// The registry's counters after the last step.
     counters: Counters,
+    /// Print each step (`REGISTRY_TRACE`).
+    trace: bool,
 }
 
 fn pair(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
@@ -206,6 +209,7 @@ impl Driver {
             new_id_takes: HashMap::new(),
             expected: Counters::default(),
             counters: Counters::default(),
+            trace: std::env::var_os("REGISTRY_TRACE").is_some(),
         }
     }
 
@@ -238,6 +242,9 @@ impl Driver {
     }
 
     fn step(&mut self, op: Op) {
+        if self.trace {
+            eprintln!("{} {op:?}", self.now);
+        }
         match op {
             Op::Send {
                 peer: p,
@@ -321,6 +328,9 @@ impl Driver {
         due.sort();
         due.truncate(max);
         let expired = self.registry.expire(self.now, max);
+        if self.trace {
+            eprintln!("  -> expired {expired:?}");
+        }
         assert!(
             expired.len() <= max,
             "{} rows expired, max {max}",
@@ -381,6 +391,9 @@ impl Driver {
             .reply
             .as_ref()
             .unwrap_or_else(|| panic!("no reply to {message:?}"));
+        if self.trace {
+            eprintln!("  {message:?}\n  -> {reply:?}");
+        }
         assert_wire_safe(reply);
         for (_, push) in &outcome.pushes {
             assert_wire_safe(push);
@@ -704,11 +717,14 @@ impl Driver {
         }
         let mut online = 0;
         let mut conns = HashSet::new();
+        let registered: Vec<bool> = (0..PEERS)
+            .map(|p| self.registry.observed_of(&peer(p)).is_some())
+            .collect();
         for p in 0..PEERS {
             let id = peer(p);
-            let registered = self.registry.observed_of(&id).is_some();
+            let is_registered = registered[usize::from(p)];
             assert_eq!(
-                registered,
+                is_registered,
                 self.registered_at.contains_key(&p),
                 "peer {p} registered, or not, behind the driver's back"
             );
@@ -719,11 +735,11 @@ impl Driver {
                     "peer {p} online on a connection that is not its live one"
                 );
                 assert!(conns.insert(conn), "connection {conn} maps to two peers");
-                assert!(registered, "online but not registered");
+                assert!(is_registered, "online but not registered");
                 assert!(!self.offline.contains_key(&p), "peer {p} online again");
             } else {
                 assert_eq!(
-                    registered,
+                    is_registered,
                     self.offline.contains_key(&p),
                     "peer {p} is offline: registered, or not"
                 );
@@ -731,7 +747,7 @@ impl Driver {
             for q in 0..PEERS {
                 let other = peer(q);
                 let intro = self.intros.get(&pair(id, other));
-                let want = if self.registry.observed_of(&other).is_none() {
+                let want = if !registered[usize::from(q)] {
                     Err(RelayRefusal::UnknownPeer)
                 } else {
                     intro.map_or(Err(RelayRefusal::NotIntroduced), |e| e.relay(self.now))
