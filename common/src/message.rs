@@ -153,7 +153,9 @@ impl ControlMessage {
     }
 }
 
-const CONTROL_TYPES: &[&str] = &[
+/// The `type` tags of [`ControlMessage`]: [`ControlMessage::decode`] answers any other with
+/// [`MessageError::UnknownType`].
+pub const CONTROL_TYPES: &[&str] = &[
     "register",
     "registered",
     "query",
@@ -167,6 +169,17 @@ const CONTROL_TYPES: &[&str] = &[
     "pong",
     "punch_result",
     "ack",
+    "error",
+];
+
+/// The `type` tags of [`PeerMessage`]: [`PeerMessage::decode`] answers any other with
+/// [`MessageError::UnknownType`].
+pub const PEER_TYPES: &[&str] = &[
+    "open",
+    "file_header",
+    "file_result",
+    "ping",
+    "pong",
     "error",
 ];
 
@@ -303,17 +316,7 @@ pub enum PeerMessage {
 impl PeerMessage {
     /// Decodes a frame body.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
-        decode_tagged(
-            bytes,
-            &[
-                "open",
-                "file_header",
-                "file_result",
-                "ping",
-                "pong",
-                "error",
-            ],
-        )
+        decode_tagged(bytes, PEER_TYPES)
     }
 
     /// Encodes to JSON bytes.

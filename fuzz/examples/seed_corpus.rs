@@ -101,6 +101,13 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 direct: true,
             },
         ),
+        (
+            "accept",
+            ControlMessage::Accept {
+                peer: id(2),
+                nonce: 0x1000_0000_0000_0000,
+            },
+        ),
         ("ack", ControlMessage::Ack {}),
         (
             "error",

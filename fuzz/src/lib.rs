@@ -73,7 +73,7 @@ fn addrs(u: &mut Unstructured, max: usize) -> Result<Vec<SocketAddr>> {
 
 /// A control message of any kind, with arbitrary field values.
 pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
-    Ok(match u.int_in_range(0u8..=12)? {
+    Ok(match u.int_in_range(0u8..=13)? {
         0 => ControlMessage::Register {
             version: u.arbitrary()?,
             local_addrs: addrs(u, 20)?,
@@ -129,6 +129,10 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
             direct: u.arbitrary()?,
         },
         11 => ControlMessage::Ack {},
+        12 => ControlMessage::Accept {
+            peer: peer_id(u)?,
+            nonce: u.arbitrary()?,
+        },
         _ => ControlMessage::Error {
             code: error_code(u)?,
             message: u.arbitrary()?,
@@ -258,32 +262,8 @@ pub fn assert_decode_error_is_bounded(input: &[u8], err: &MessageError, known: &
     }
 }
 
-/// The `type` tags [`ControlMessage::decode`] knows.
-pub const CONTROL_TYPES: &[&str] = &[
-    "register",
-    "registered",
-    "query",
-    "peer_info",
-    "connect",
-    "punch",
-    "relay_open",
-    "relay_ready",
-    "ping",
-    "pong",
-    "punch_result",
-    "ack",
-    "error",
-];
-
-/// The `type` tags [`PeerMessage::decode`] knows.
-pub const PEER_TYPES: &[&str] = &[
-    "open",
-    "file_header",
-    "file_result",
-    "ping",
-    "pong",
-    "error",
-];
+/// The `type` tags the decoders know (from `common`, so that a new message cannot be missed).
+pub use common::message::{CONTROL_TYPES, PEER_TYPES};
 
 /// Deterministic chunk sizes (1 to `max`) from a seed: how a byte stream is cut into reads.
 pub struct Cuts {
