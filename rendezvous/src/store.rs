@@ -23,6 +23,11 @@ const WRITE_QUEUE: usize = 4096;
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
+/// Bytes of database pages redb keeps in memory. Every row is also held in the registry's own
+/// memory and the database is read only at start, so the cache only speeds up writes; redb's
+/// default (1 GiB) would let the process grow with the file until it reached that.
+pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -78,7 +83,10 @@ pub fn open_expiring(
         path: path.clone(),
         message: e.to_string(),
     };
-    let db = Database::create(&path).map_err(|e| db_err(&e))?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+        .map_err(|e| db_err(&e))?;
     {
         let txn = db.begin_write().map_err(|e| db_err(&e))?;
         txn.open_table(PEERS).map_err(|e| db_err(&e))?;
