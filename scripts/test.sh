@@ -5,8 +5,8 @@
 # (cargo test if nextest is missing), and, when run as root with nftables available, the
 # network-namespace NAT lab self-test and the lab end-to-end tests (tests/natlab.rs, the NAT
 # matrix), then prints the matrix and keeps it in target/lab-matrix.md. Without root the lab test
-# binaries (tests/natlab*.rs) are left out: their tests fail on purpose when P2P_NETNS_TESTS is
-# not 1.
+# binaries (tests/natlab*.rs) are left out (run anyway, as by a plain `cargo test`, their tests
+# skip with a message when P2P_NETNS_TESTS is not 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e::lab::{Lab, RV_LISTEN};
+use e2e::lab::{self, Lab, RV_LISTEN};
 use e2e::{args, bin, rendezvous_args, Proc, Rendezvous, TempDir};
 
 const T: Duration = Duration::from_secs(30);
@@ -37,6 +37,9 @@ fn natlab(args: &[&str]) {
 
 #[test]
 fn keepalives_hold_a_direct_path_through_a_20s_nat_timeout() {
+    if !lab::netns_enabled("keepalives_hold_a_direct_path_through_a_20s_nat_timeout") {
+        return;
+    }
     let lab = Lab::up(
         "keepalive",
         &["--a", "port", "--b", "port", "--udp-timeout", "20"],
@@ -72,6 +75,9 @@ fn keepalives_hold_a_direct_path_through_a_20s_nat_timeout() {
 
 #[test]
 fn nat_rebinding_on_either_side_loses_no_message() {
+    if !lab::netns_enabled("nat_rebinding_on_either_side_loses_no_message") {
+        return;
+    }
     let lab = Lab::up("rebind", &["--a", "port", "--b", "port"]);
     let dir = TempDir::new("rebind");
     let rv = lab.rendezvous(&dir.path().join("rv"));
@@ -114,6 +120,9 @@ fn nat_rebinding_on_either_side_loses_no_message() {
 
 #[test]
 fn a_direct_path_cut_mid_transfer_falls_back_to_the_relay_and_returns() {
+    if !lab::netns_enabled("a_direct_path_cut_mid_transfer_falls_back_to_the_relay_and_returns") {
+        return;
+    }
     // 40 Mbit/s links: a 30 MB transfer lasts about 7 s, long enough to cut and restore.
     let lab = Lab::up(
         "switch",
@@ -181,6 +190,9 @@ fn a_direct_path_cut_mid_transfer_falls_back_to_the_relay_and_returns() {
 
 #[test]
 fn the_relay_never_sees_plaintext() {
+    if !lab::netns_enabled("the_relay_never_sees_plaintext") {
+        return;
+    }
     let lab = Lab::up("plain", &["--a", "sym", "--b", "sym"]);
     let dir = TempDir::new("plain");
     let trace = dir.path().join("relay.trace");
@@ -219,6 +231,9 @@ fn the_relay_never_sees_plaintext() {
 
 #[test]
 fn a_peer_without_udp_connects_through_the_tcp_tunnel() {
+    if !lab::netns_enabled("a_peer_without_udp_connects_through_the_tcp_tunnel") {
+        return;
+    }
     let lab = Lab::up("noudp", &["--a", "port", "--b", "udpblock"]);
     let dir = TempDir::new("noudp");
     let rv = lab.rendezvous(&dir.path().join("rv"));
@@ -239,6 +254,9 @@ fn rand_u64() -> u64 {
 
 #[test]
 fn netcheck_classifies_every_nat_kind_of_the_lab() {
+    if !lab::netns_enabled("netcheck_classifies_every_nat_kind_of_the_lab") {
+        return;
+    }
     // kind -> (udp, mapping, filtering, verdict fragment)
     let cases = [
         (
@@ -365,6 +383,9 @@ fn same_port_nat(case: &str, hairpin: &str) -> Lab {
 
 #[test]
 fn netcheck_detects_hairpinning_and_router_port_mapping() {
+    if !lab::netns_enabled("netcheck_detects_hairpinning_and_router_port_mapping") {
+        return;
+    }
     // Two hosts behind one port-restricted NAT that hairpins, whose router also answers NAT-PMP,
     // PCP and UPnP IGD discovery.
     let lab = same_port_nat("netcheck-hairpin-on", "on");
@@ -449,6 +470,9 @@ fn ping_until_direct(
 
 #[test]
 fn ping_until_direct_reports_when_the_path_became_direct() {
+    if !lab::netns_enabled("ping_until_direct_reports_when_the_path_became_direct") {
+        return;
+    }
     // port-restricted on both sides: the connection starts on the relay and moves to the
     // punched path.
     let (success, summary, stderr) =
@@ -483,6 +507,9 @@ fn ping_until_direct_reports_when_the_path_became_direct() {
 
 #[test]
 fn a_peer_that_reconnects_at_once_is_not_held_up_by_its_old_connection() {
+    if !lab::netns_enabled("a_peer_that_reconnects_at_once_is_not_held_up_by_its_old_connection") {
+        return;
+    }
     // The same identity connects again right after its previous connection closed: the
     // listener still has the old connection's route to the dialer's old (dead) address for a
     // moment. The new connection must not wait for it (it once took until the 20 s dial timeout:
