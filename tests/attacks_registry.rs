@@ -5,7 +5,6 @@
 //! deleted from memory and from disk.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -146,14 +145,7 @@ fn identities(n: usize) -> Vec<Identity> {
 
 /// `GET /metrics`, as an operator's scraper would.
 fn scrape(addr: SocketAddr) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(T)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
+    e2e::scrape(&addr.to_string())
 }
 
 /// The value of the sample `name` (with its labels, if any) in a scrape.

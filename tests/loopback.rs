@@ -567,13 +567,7 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
 
 /// `GET /metrics` from `addr`.
 fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut http = std::net::TcpStream::connect(addr).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    http.read_to_string(&mut text).unwrap();
-    text
+    e2e::scrape(addr)
 }
 
 /// The value of the sample `name` (with labels) in a scrape.

@@ -454,3 +454,28 @@ pub fn wait_registered(p: &Proc, timeout: Duration) -> String {
 macro_rules! args {
     ($($a:expr),* $(,)?) => { Vec::<String>::from([$($a.to_string()),*]) };
 }
+
+/// `GET /metrics` from `addr` (`IP:PORT`), as an operator's scraper would; the response, status
+/// line and headers included. The metrics port limits new connections per source (5/s, burst
+/// 20) and tests scrape often: a refused scrape (closed, reset or not `200`) is tried again,
+/// for up to 30 s.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut http = std::net::TcpStream::connect(addr)?;
+            http.set_read_timeout(Some(Duration::from_secs(10)))?;
+            http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut text = String::new();
+            http.read_to_string(&mut text)?;
+            Ok(text)
+        })();
+        match attempt {
+            Ok(text) if text.starts_with("HTTP/1.1 200") => return text,
+            Ok(text) => assert!(Instant::now() < deadline, "scrape answered {text:?}"),
+            Err(e) => assert!(Instant::now() < deadline, "scrape failed: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
