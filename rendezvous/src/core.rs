@@ -14,7 +14,7 @@
 //! reading derived from it ([`Registry`] keeps the mapping), so tests simulate time with one
 //! clock.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -146,6 +146,9 @@ struct Introductions {
     open_queue: ExpiryQueue,
     consent_queue: ExpiryQueue,
     pending_per_requester: HashMap<PeerId, u32>,
+    /// The pairs whose introduction waits for each target's accept: what is pushed again when
+    /// the target registers (its push may have been lost with its previous connection).
+    pending_per_target: HashMap<PeerId, HashSet<(PeerId, PeerId)>>,
     next_stamp: u64,
 }
 
@@ -174,8 +177,8 @@ impl Introductions {
             }
             if entry.pending {
                 entry.pending = false;
-                let requester = entry.requester;
-                self.uncount(requester);
+                let (requester, target) = (entry.requester, entry.target);
+                self.uncount(requester, target);
             }
             if self.entries.get(&key).is_some_and(|e| e.expires() <= now) {
                 self.entries.remove(&key);
@@ -198,13 +201,32 @@ impl Introductions {
         }
     }
 
-    fn uncount(&mut self, requester: PeerId) {
+    /// The introduction of `target` by `requester` no longer waits for an accept.
+    fn uncount(&mut self, requester: PeerId, target: PeerId) {
         if let Some(n) = self.pending_per_requester.get_mut(&requester) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.pending_per_requester.remove(&requester);
             }
         }
+        if let Some(keys) = self.pending_per_target.get_mut(&target) {
+            keys.remove(&pair(requester, target));
+            if keys.is_empty() {
+                self.pending_per_target.remove(&target);
+            }
+        }
+    }
+
+    /// The introductions waiting for `target`'s accept at `now`: (requester, nonce).
+    fn pending_for(&self, target: PeerId, now: OffsetDateTime) -> Vec<(PeerId, u64)> {
+        let Some(keys) = self.pending_per_target.get(&target) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|key| self.entries.get(key))
+            .filter(|e| e.pending && e.target == target && e.open_until > now)
+            .map(|e| (e.requester, e.nonce))
+            .collect()
     }
 
     fn stamp(&mut self) -> u64 {
@@ -257,7 +279,7 @@ impl Introductions {
         }
         if !counted_already {
             if let Some(old) = existing.as_ref().filter(|e| e.pending) {
-                self.uncount(old.requester);
+                self.uncount(old.requester, old.target);
             }
             *self.pending_per_requester.entry(requester).or_default() += 1;
         }
@@ -277,6 +299,10 @@ impl Introductions {
             },
         );
         self.open_queue.push_back((open_until, key, open_stamp));
+        self.pending_per_target
+            .entry(target)
+            .or_default()
+            .insert(key);
         self.compact();
         Ok(())
     }
@@ -307,7 +333,7 @@ impl Introductions {
         let consent_until = now + INTRODUCTION_TTL;
         entry.consent_until = Some(consent_until);
         entry.consent_stamp = consent_stamp;
-        self.uncount(requester);
+        self.uncount(requester, target);
         self.consent_queue
             .push_back((consent_until, key, consent_stamp));
         self.compact();
@@ -900,6 +926,25 @@ impl Registry {
         self.touch(id, observed, now).persist
     }
 
+    /// The `punch` pushes of the introductions still waiting for `id`'s accept, to push again
+    /// once `id` has (re-)registered: the first push may have gone to a connection that was
+    /// closing (a peer leaving the TCP tunnel, a NAT rebinding), and without the target's accept
+    /// the requester could not be relayed to it.
+    pub fn pending_introductions(&self, id: PeerId, now: OffsetDateTime) -> Vec<ControlMessage> {
+        self.introductions
+            .pending_for(id, now)
+            .into_iter()
+            .filter_map(|(requester, nonce)| {
+                let record = self.peers.get(&requester)?;
+                Some(ControlMessage::Punch {
+                    peer: requester,
+                    candidates: candidates(record),
+                    nonce,
+                })
+            })
+            .collect()
+    }
+
     /// The recorded public address of `id`.
     pub fn observed_of(&self, id: &PeerId) -> Option<SocketAddr> {
         self.peers.get(id).map(|r| r.observed)
@@ -1415,6 +1460,43 @@ mod tests {
             Some(&1)
         );
         assert_eq!(reg.introductions.pending_per_requester.get(&id(3)), None);
+    }
+
+    #[test]
+    fn introductions_waiting_for_an_accept_are_pushed_again_after_the_target_registers() {
+        let mut reg = Registry::new([], 7);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(2), 5000);
+        assert!(reg.pending_introductions(id(2), T0).is_empty());
+        let out = connect(&mut reg, 1, id(1), id(2), T0);
+        let nonce = nonce_of(&out);
+        // The target's connection closes (its push may be lost) and it registers again.
+        reg.disconnected(2, id(2), T0);
+        register(&mut reg, 3, id(2), 5001);
+        let again = reg.pending_introductions(id(2), T0);
+        assert_eq!(again.len(), 1);
+        let ControlMessage::Punch {
+            peer,
+            nonce: same,
+            candidates,
+        } = &again[0]
+        else {
+            panic!("{again:?}")
+        };
+        assert_eq!((*peer, *same), (id(1), nonce));
+        assert_eq!(candidates[0].addr, addr(4000));
+        // Nothing for the requester, and nothing once accepted or expired.
+        assert!(reg.pending_introductions(id(1), T0).is_empty());
+        assert_eq!(
+            accept(&mut reg, 3, id(2), id(1), nonce, T0),
+            Some(ControlMessage::Ack {})
+        );
+        assert!(reg.pending_introductions(id(2), T0).is_empty());
+        let out = connect(&mut reg, 1, id(1), id(2), T0);
+        assert!(!reg.pending_introductions(id(2), T0).is_empty());
+        let late = T0 + ACCEPT_WINDOW + time::Duration::seconds(1);
+        assert!(reg.pending_introductions(id(2), late).is_empty());
+        let _ = out;
     }
 
     #[test]

@@ -750,6 +750,14 @@ impl Control<'_> {
         }
         tracing::info!(peer = %id, observed = %conn.remote_address(), "registered");
 
+        // Introductions still waiting for our accept are pushed again: the first push may have
+        // gone to the connection this registration replaces.
+        let waiting = lock(&shared.registry).pending_introductions(id, OffsetDateTime::now_utc());
+        for punch in waiting {
+            if pushes.try_send(punch).is_err() {
+                tracing::warn!(peer = %id, "push queue full; dropped an introduction");
+            }
+        }
         lock(&shared.online).insert(
             conn_id,
             Online {
