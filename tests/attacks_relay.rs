@@ -162,13 +162,10 @@ async fn receive_from(rx: &mut quinn::RecvStream, from: PeerId, n: usize) -> Vec
 fn relay_memory_stays_bounded_and_relaying_needs_consent() {
     let dir = TempDir::new("attacks-relay");
     let data = dir.path().join("rv");
+    // The server's pid is found by its data directory on its command line.
     let data_arg = data.to_str().unwrap().to_owned();
-    let argv = args![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data_arg,
+    let mut argv = e2e::rendezvous_args(&data, "127.0.0.1:0");
+    argv.extend(args![
         "--tcp-listen",
         "off",
         "--metrics",
@@ -176,7 +173,7 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
         // No rate limit in the way: the queues are what is attacked.
         "--relay-rate",
         "10000000000"
-    ];
+    ]);
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let rv = Rendezvous::ready(Proc::spawn("rendezvous", &e2e::bin("rendezvous"), &refs));
     let metrics_line = rv

@@ -378,19 +378,13 @@ fn soak_legitimate_load_with_every_attack_at_once() {
     let duration = Duration::from_secs(seconds);
 
     let dir = TempDir::new("soak");
-    let data = dir.path().join("rv");
-    let data_arg = data.to_str().expect("utf-8 path").to_owned();
-    let argv = args![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data_arg,
+    let mut argv = e2e::rendezvous_args(&dir.path().join("rv"), "127.0.0.1:0");
+    argv.extend(args![
         "--tcp-listen",
         "127.0.0.1:0",
         "--metrics",
         "127.0.0.1:0"
-    ];
+    ]);
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut rv = Rendezvous::ready(Proc::spawn("rendezvous", &e2e::bin("rendezvous"), &refs));
     let tunnel = address_in(&rv, "tcp tunnel listening on");
