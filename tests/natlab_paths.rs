@@ -172,8 +172,11 @@ fn a_direct_path_cut_mid_transfer_falls_back_to_the_relay_and_returns() {
     let cut = Instant::now();
     b.stdout.wait_for("relayed via rendezvous", T);
     let fallback = cut.elapsed();
+    // The selector leaves a dead path about 1.8 s after its last answer (exactly: the
+    // simulated `punch::path` tests); the slack is for a loaded machine and the queue of a
+    // 40 Mbit/s link full of the transfer.
     assert!(
-        fallback <= Duration::from_millis(2500),
+        fallback <= Duration::from_millis(3000),
         "fell back to the relay {fallback:?} after the cut"
     );
     std::thread::sleep(Duration::from_secs(2));
