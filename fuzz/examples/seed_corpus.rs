@@ -486,6 +486,33 @@ fn main() {
         .collect();
     flood.extend([Op::Wait { secs: 2 }, send(0, 0, 0, register)]);
     corpus.write("registry", "registration_flood", &encode(&flood));
+
+    // The demux target reads a script (see `transport::check_receive_script`): 0 a UDP route,
+    // 1 a route to the virtual path, 2 an alias, 3 routes removed, 4 a received batch (entries:
+    // source, shape, stride, fill, per segment a STUN bit and a length; then the buffer size),
+    // 5 an injected datagram or a send.
+    corpus.write(
+        "demux",
+        "gro_batch_from_an_alias",
+        &[
+            2, 0, 5, 4, 1, 0, 0x84, 0, 40, 9, 0b1, 0, 0b100, 10, 4, 0x60, 0, 0, 1, 0, 20, 0, 10, 0,
+            200,
+        ],
+    );
+    corpus.write(
+        "demux",
+        "routes_sends_and_injections",
+        &[
+            0, 5, 0, 1, 6, 3, 5, 5, 0, 200, 3, 5, 6, 1, 100, 7, 5, 0, 1, 0, 0, 4, 0, 0x10, 0, 0, 2,
+            0, 30, 0, 0, 3, 5, 2, 1, 0, 50,
+        ],
+    );
+    // Many STUN segments in one GRO buffer: more than the STUN channel holds.
+    let mut many = vec![4, 0, 3, 0x04, 0, 24, 1];
+    many.extend([0xff, 0xff, 0xff, 8]);
+    many.extend([4, 2, 0, 0x04, 0, 24, 1, 0xff, 0xff, 0xff, 8]);
+    many.extend([0x10, 0]);
+    corpus.write("demux", "stun_overflow", &many);
 }
 
 fn bad_name(name: &str) -> String {

@@ -148,12 +148,12 @@ struct Routes {
 
 /// Maps IPv4-mapped IPv6 addresses to plain IPv4, so that route keys match whatever family the
 /// endpoint uses.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// `addr` in the family of `like` (quinn on a dual-stack socket sees IPv4 peers as mapped IPv6).
-fn same_family(addr: SocketAddr, like: SocketAddr) -> SocketAddr {
+pub(crate) fn same_family(addr: SocketAddr, like: SocketAddr) -> SocketAddr {
     match (addr, like) {
         (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
             SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
@@ -233,6 +233,14 @@ impl DemuxSocket {
     ) -> io::Result<(Arc<Self>, mpsc::Receiver<StunDatagram>)> {
         let runtime = quinn::TokioRuntime;
         let inner = quinn::Runtime::wrap_udp_socket(&runtime, socket)?;
+        Ok(Self::from_socket(inner, stun_queue))
+    }
+
+    /// Wraps any socket quinn can use (a [`crate::ScriptedSocket`] in tests and fuzzing).
+    pub fn from_socket(
+        inner: Arc<dyn AsyncUdpSocket>,
+        stun_queue: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<StunDatagram>) {
         let (stun_tx, stun_rx) = mpsc::channel(stun_queue.max(1));
         let (injected_tx, injected_rx) = mpsc::channel(INJECT_QUEUE);
         let injector = Injector {
@@ -240,7 +248,7 @@ impl DemuxSocket {
             queued: Arc::default(),
             waker: Arc::default(),
         };
-        Ok((
+        (
             Arc::new(DemuxSocket {
                 inner,
                 stun_tx,
@@ -253,7 +261,7 @@ impl DemuxSocket {
                 virtual_dropped: AtomicU64::new(0),
             }),
             stun_rx,
-        ))
+        )
     }
 
     /// Counters.

@@ -6,6 +6,7 @@
 
 mod demux;
 mod endpoint;
+mod scripted;
 pub mod tunnel;
 
 pub use demux::{
@@ -15,6 +16,7 @@ pub use endpoint::{
     make_endpoint, make_server_endpoint, quic_client_config, remote_certificate, EndpointError,
     ServerTransport, TransportSettings,
 };
+pub use scripted::{check_receive_script, ScriptedDatagram, ScriptedSocket};
 
 /// Waits for SIGINT or SIGTERM (how both binaries are asked to stop).
 pub async fn shutdown_signal() -> std::io::Result<()> {

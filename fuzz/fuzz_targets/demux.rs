@@ -1,0 +1,20 @@
+//! The socket demultiplexer's receive filter and routes: `transport::DemuxSocket` over a
+//! scripted socket, driven by route changes (UDP routes, virtual paths, aliases, removals, with
+//! IPv4, IPv6 and IPv4-mapped addresses), received batches with arbitrary GRO strides and
+//! lengths (past the bytes copied, past the buffer, zero), STUN and QUIC segments mixed,
+//! injected datagrams and sends.
+//!
+//! `check_receive_script` returns an error naming the property broken: quinn gets exactly the
+//! non-STUN bytes, from the translated source; every STUN segment reaches the STUN channel in
+//! order or is counted as dropped when it is full; sends go where the routes say; injected
+//! datagrams all arrive.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Err(broken) = transport::check_receive_script(data) {
+        panic!("{broken}");
+    }
+});
