@@ -215,7 +215,8 @@ fn files_are_never_overwritten_oversized_ones_never_written_and_state_is_private
         err.contains("the receiver refused big.bin") && err.contains("--max-file-size"),
         "{err}"
     );
-    a.stderr.wait_for(&format!("refused a file from {b_id}"), T);
+    a.stderr
+        .wait_for(&format!("did not store a file from {b_id}"), T);
     assert_eq!(names_in(&recv), ["report (1).pdf", "report.pdf"]);
 
     // A name with a control character is refused with a clear error (never printed raw).

@@ -446,7 +446,7 @@ pub async fn receive(
         }
         Err((_, message)) => {
             console
-                .error(format!("refused a file from {peer}: {message}"))
+                .error(format!("did not store a file from {peer}: {message}"))
                 .await
         }
     }
@@ -743,5 +743,198 @@ mod tests {
         });
         assert!(path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The receiver and the sender over a real QUIC connection on loopback.
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use crate::node::Node;
+
+    struct Pair {
+        /// Kept alive: dropping a node's STUN channel or endpoint ends the connection.
+        _nodes: (Node, Node),
+        _stun: Vec<tokio::sync::mpsc::Receiver<transport::StunDatagram>>,
+        dialer: quinn::Connection,
+        acceptor: quinn::Connection,
+        dialer_id: PeerId,
+    }
+
+    async fn pair() -> Pair {
+        let settings = transport::TransportSettings::default();
+        let node = || {
+            let identity = Arc::new(certs::Identity::generate().unwrap());
+            Node::bind("127.0.0.1:0".parse().unwrap(), identity, settings).unwrap()
+        };
+        let ((a, a_stun), (b, b_stun)) = (node(), node());
+        let target = b.local_addr().unwrap();
+        let accept = tokio::spawn({
+            let endpoint = b.endpoint.clone();
+            async move { endpoint.accept().await.unwrap().await.unwrap() }
+        });
+        let dialer = a
+            .dial(b.identity.id(), target, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let acceptor = accept.await.unwrap();
+        let dialer_id = a.identity.id();
+        Pair {
+            _nodes: (a, b),
+            _stun: vec![a_stun, b_stun],
+            dialer,
+            acceptor,
+            dialer_id,
+        }
+    }
+
+    /// Accepts the next stream on `pair.acceptor` and runs [`receive`] on it in a task.
+    fn serve_one(pair: &Pair, inbox: Arc<Inbox>) -> tokio::task::JoinHandle<()> {
+        let conn = pair.acceptor.clone();
+        let peer = pair.dialer_id;
+        tokio::spawn(async move {
+            let (console, _printer) = Console::start_with(true);
+            let (mut tx, mut rx) = conn.accept_bi().await.unwrap();
+            let app = crate::chat::accept(&mut tx, &mut rx).await.unwrap();
+            assert_eq!(app, PeerApp::File);
+            receive(tx, rx, peer, Some(inbox), &console).await
+        })
+    }
+
+    fn temp_inbox(tag: &str, max_size: u64) -> (PathBuf, Arc<Inbox>) {
+        let dir = std::env::temp_dir().join(format!(
+            "files-wire-{tag}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        (dir.clone(), Inbox::new(dir, max_size))
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Opens a file stream and sends a header; returns the stream halves.
+    async fn open_with_header(
+        conn: &quinn::Connection,
+        name: &str,
+        size: u64,
+    ) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut tx, rx) = conn.open_bi().await.unwrap();
+        write_frame(&mut tx, &PeerMessage::Open { app: PeerApp::File }.encode())
+            .await
+            .unwrap();
+        let header = PeerMessage::FileHeader {
+            name: name.into(),
+            size,
+            sha256: "00".repeat(32),
+        };
+        write_frame(&mut tx, &header.encode()).await.unwrap();
+        (tx, rx)
+    }
+
+    #[tokio::test]
+    async fn a_name_with_a_control_character_is_refused_to_the_sender_with_the_reason() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("name", 1 << 20);
+        let served = serve_one(&pair, inbox);
+        let (_tx, mut rx) = open_with_header(&pair.dialer, "esc\u{1b}[2J.txt", 3).await;
+        let reply = read_frame(&mut rx).await.unwrap().unwrap();
+        let PeerMessage::FileResult { ok, message, .. } = PeerMessage::decode(&reply).unwrap()
+        else {
+            panic!("not a file result");
+        };
+        assert!(!ok);
+        assert!(
+            message.contains("control") && message.contains("\\u{1b}"),
+            "{message}"
+        );
+        assert!(!message.contains('\u{1b}'), "{message:?}");
+        served.await.unwrap();
+        assert!(entries(&dir).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_oversized_file_is_refused_before_a_byte_is_written_and_the_sender_says_why() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("big", 1024);
+        let served = serve_one(&pair, inbox);
+        let source_dir = dir.with_extension("src");
+        std::fs::create_dir_all(&source_dir).unwrap();
+        let source = source_dir.join("big.bin");
+        // Far more than the stream window: the sender is still writing when it is refused.
+        std::fs::write(&source, vec![1u8; 8 << 20]).unwrap();
+        let (console, _printer) = Console::start_with(true);
+        let err = send(&pair.dialer, &source, &console).await.unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("the receiver refused big.bin") && err.contains("--max-file-size"),
+            "{err}"
+        );
+        served.await.unwrap();
+        assert!(
+            entries(&dir).is_empty(),
+            "nothing written: {:?}",
+            entries(&dir)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&source_dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_removes_the_part_file() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("lost", 1 << 30);
+        let served = serve_one(&pair, inbox);
+        let (mut tx, _rx) = open_with_header(&pair.dialer, "half.bin", 10 << 20).await;
+        tx.write_all(&vec![5u8; 1 << 20]).await.unwrap();
+        // The .part file appears once the receiver took the header (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !entries(&dir).iter().any(|n| n.ends_with(".part")) {
+            assert!(
+                Instant::now() < deadline,
+                "no .part file: {:?}",
+                entries(&dir)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pair.dialer.close(0u32.into(), b"gone");
+        served.await.unwrap();
+        assert!(entries(&dir).is_empty(), "left behind: {:?}", entries(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_complete_file_is_stored_under_a_free_name_and_verified() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("ok", 1 << 20);
+        std::fs::write(dir.join("notes.txt"), "already here").unwrap();
+        let served = serve_one(&pair, inbox);
+        let source_dir = dir.with_extension("src");
+        std::fs::create_dir_all(&source_dir).unwrap();
+        let source = source_dir.join("notes.txt");
+        std::fs::write(&source, "new notes").unwrap();
+        let (console, _printer) = Console::start_with(true);
+        let summary = send(&pair.dialer, &source, &console).await.unwrap();
+        assert!(summary.contains("stored as notes (1).txt"), "{summary}");
+        served.await.unwrap();
+        assert_eq!(entries(&dir), ["notes (1).txt", "notes.txt"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+            "already here"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes (1).txt")).unwrap(),
+            "new notes"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&source_dir).unwrap();
     }
 }

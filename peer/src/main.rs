@@ -73,7 +73,7 @@ enum Command {
         access: AccessArgs,
         /// Largest file accepted, in bytes (suffixes K, M, G, T: powers of 1024). A larger one
         /// is refused before any byte is written.
-        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        #[arg(long, default_value = "4G", value_parser = parse_size, requires = "accept_files")]
         max_file_size: u64,
     },
     /// Connect to a peer by id and chat: typed lines go to the peer, end of input ends the chat.
@@ -778,6 +778,10 @@ async fn listen(
     inbox: Option<Arc<files::Inbox>>,
     verbose: bool,
 ) -> anyhow::Result<()> {
+    // The handlers are installed before registration is announced: a SIGTERM that follows
+    // "registered with" at once must stop the listener gracefully (removing any `.part` file),
+    // not kill it with the default action.
+    let signal = stop_signals().context("installing the SIGINT/SIGTERM handlers")?;
     let mut ctx = start(identity, dir, server, verbose, Mode::Listen).await?;
     let reg = match ctx.register().await {
         Ok(reg) => reg,
@@ -811,7 +815,6 @@ async fn listen(
     ));
     let mut conns = tokio::task::JoinSet::new();
     let endpoint = ctx.node.endpoint.clone();
-    let signal = wait_for_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
@@ -820,7 +823,7 @@ async fn listen(
                 conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.keeper.clone(), policy.clone(), inbox.clone(), ctx.console.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            r = &mut signal => { r?; break; }
+            () = &mut signal => break,
         }
     }
     ctx.console.say("shutting down").await;
@@ -1410,10 +1413,17 @@ async fn ping_standalone(
     result
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    transport::shutdown_signal()
-        .await
-        .context("waiting for SIGINT or SIGTERM")
+/// Installs SIGINT and SIGTERM handlers now; the future completes at the first of them.
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]
@@ -1452,6 +1462,8 @@ mod tests {
             &id,
             "--allow",
             &id,
+            "--accept-files",
+            "/tmp",
             "--max-file-size",
             "1M",
         ])
@@ -1467,6 +1479,17 @@ mod tests {
         assert_eq!(access.allow.len(), 2);
         assert!(!access.allow_any);
         assert_eq!(max_file_size, 1 << 20);
+        // --max-file-size only with --accept-files; the default needs neither.
+        assert!(Cli::try_parse_from([
+            "peer",
+            "listen",
+            "--server",
+            "h:1",
+            "--max-file-size",
+            "1M"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["peer", "listen", "--server", "h:1"]).is_ok());
         assert!(
             Cli::try_parse_from(["peer", "listen", "--server", "h:1", "--allow", "nope"]).is_err()
         );
