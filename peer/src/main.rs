@@ -174,8 +174,8 @@ enum Command {
 /// Who may connect to a listening peer.
 #[derive(Args, Debug, Clone)]
 struct AccessArgs {
-    /// Accept only this peer (repeatable; added to <config dir>/authorized_peers, which lists one
-    /// id per line with optional `# comments`). Others are refused and told why.
+    /// Accept only this peer (repeatable; together with the ids in <config dir>/authorized_peers,
+    /// one per line with optional `# comments`). Others are refused and told why.
     #[arg(long = "allow", value_name = "ID")]
     allow: Vec<PeerId>,
     /// Accept every peer that knows this peer's id, even with --accept-files (conflicts with an
