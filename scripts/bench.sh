@@ -205,7 +205,7 @@ send_goodput() {
     wait_for "$dir/rv.out" "server key" 10
     local key id speeds=()
     key=$(sed -n 's/^server key //p' "$dir/rv.out")
-    ip netns exec "$lab-a" "$bin/peer" --config-dir "$dir/a" listen --accept-files "$dir/recv" \
+    ip netns exec "$lab-a" "$bin/peer" --config-dir "$dir/a" listen --accept-files "$dir/recv" --allow-any \
         --server 203.0.113.10:7000 --server-key "$key" >"$dir/a.out" 2>"$dir/a.log" </dev/null &
     wait_for "$dir/a.out" "registered with" 10
     id=$(sed -n 's/^peer id //p' "$dir/a.out")

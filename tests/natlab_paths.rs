@@ -138,7 +138,7 @@ fn a_direct_path_cut_mid_transfer_falls_back_to_the_relay_and_returns() {
     std::fs::write(&file, &payload).unwrap();
 
     let rv = lab.rendezvous(&dir.path().join("rv"));
-    let accept = args!["--accept-files", recv.to_str().unwrap()];
+    let accept = args!["--accept-files", recv.to_str().unwrap(), "--allow-any"];
     let mut listen = accept.clone();
     listen.insert(0, "listen".into());
     listen.extend(rv.args());

@@ -1,7 +1,6 @@
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -130,21 +129,15 @@ impl Identity {
         Self::from_key_pair(key)
     }
 
-    /// Writes the key as PEM with mode 0600, atomically (temporary file, then rename).
+    /// Writes the key as PEM with mode 0600 (its directory, if missing, 0700), atomically and
+    /// durably ([`crate::durable::write_atomically`]: a power loss cannot lose the key).
     pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
         let io_err = |source| IdentityError::Io {
             action: "writing",
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io_err)?;
-        }
-        write_atomically(path, self.key_pem.as_bytes(), 0o600).map_err(io_err)
+        crate::durable::write_private_file(path, self.key_pem.as_bytes()).map_err(io_err)
     }
 
     /// The peer id derived from the public key.
@@ -177,26 +170,6 @@ impl Identity {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
     }
-}
-
-/// Replaces `path` with `bytes` atomically: a temporary file beside it (created fresh with `mode`,
-/// before the umask, so a stale one can never lend it wider permissions), synced, then renamed.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let write = || -> std::io::Result<()> {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
 }
 
 pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {

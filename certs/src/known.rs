@@ -80,7 +80,8 @@ impl KnownServers {
         self.entries.get(server).copied()
     }
 
-    /// Remembers `server`'s fingerprint and rewrites the file (atomically).
+    /// Remembers `server`'s fingerprint and rewrites the file (atomically and durably, mode 0600;
+    /// its directory, if missing, 0700).
     pub fn remember(&mut self, server: &str, fp: Fingerprint) -> Result<(), KnownServersError> {
         self.entries.insert(server.to_owned(), fp);
         let io_err = |source| KnownServersError::Io {
@@ -88,15 +89,12 @@ impl KnownServers {
             path: self.path.clone(),
             source,
         };
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(io_err)?;
-        }
         let mut text =
             String::from("# rendezvous servers trusted on first use: SERVER FINGERPRINT\n");
         for (server, fp) in &self.entries {
             text.push_str(&format!("{server} {fp}\n"));
         }
-        crate::identity::write_atomically(&self.path, text.as_bytes(), 0o666).map_err(io_err)
+        crate::durable::write_private_file(&self.path, text.as_bytes()).map_err(io_err)
     }
 }
 

@@ -7,14 +7,17 @@
 //!   key that was asked for: a peer dialing `<uuid>` accepts only a certificate whose key hashes to
 //!   that UUID; a peer talking to the rendezvous accepts only the pinned (or first-seen) key.
 //! - [`KnownServers`]: trust on first use, remembered like ssh's `known_hosts`.
+//! - [`durable`]: the one way local state is written (0600 files, 0700 directories, atomic and
+//!   synced, directory included).
 
+pub mod durable;
 mod identity;
 mod known;
 mod verify;
 
 pub use identity::{
-    fingerprint_of_cert, peer_id_of_cert, spki_of_cert, write_atomically, Fingerprint, Identity,
-    IdentityError, ParseFingerprintError,
+    fingerprint_of_cert, peer_id_of_cert, spki_of_cert, Fingerprint, Identity, IdentityError,
+    ParseFingerprintError,
 };
 pub use known::{KnownServers, KnownServersError};
 pub use verify::{

@@ -77,13 +77,10 @@ impl PeerCache {
         Ok(())
     }
 
+    /// Writes the whole cache: mode 0600, atomically and durably (directory 0700 if missing).
     fn save(&self) -> std::io::Result<()> {
-        let path = &self.path;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir)?;
-        }
         let bytes = serde_json::to_vec_pretty(&self.entries).map_err(std::io::Error::other)?;
-        certs::write_atomically(path, &bytes, 0o666)
+        certs::durable::write_private_file(&self.path, &bytes)
     }
 }
 

@@ -1,14 +1,14 @@
 //! The local control socket: `peer status` and `peer ping` talk to the peer already running with
 //! the same config dir (`listen`, `connect`, `send`) through `<config dir>/control.sock`, a Unix
-//! socket only its owner can open. A second process with the same identity must not register
-//! itself: the rendezvous would then send the running peer's introductions to it.
+//! socket in a directory only its owner can enter (0700). A second process with the same identity
+//! must not register itself: the rendezvous would then send the running peer's introductions to
+//! it.
 //!
 //! One request per connection, as length-prefixed JSON frames (the same codec as everywhere):
 //! `status` is answered with one `status` frame; `ping` with a `ping_reply` frame per pong and a
 //! final `ping_done`.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -236,27 +236,34 @@ pub enum ControlError {
         /// Why.
         source: std::io::Error,
     },
+    /// The directory the socket would be in is not private.
+    #[error("not serving the control socket: {0}")]
+    Dir(#[from] certs::durable::PrivateDirError),
 }
 
 /// Binds the control socket; a socket file left by a peer that is gone is replaced.
+///
+/// The socket is created in a directory only we can enter (created with mode 0700, or refused if
+/// it exists with wider permissions or another owner), so nobody else can reach it at any moment:
+/// a chmod after `bind` would leave a window in which the socket has the umask's permissions.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_owned(),
         source,
     };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    certs::durable::ensure_private_dir(dir)?;
     match UnixListener::bind(path) {
-        Ok(listener) => {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-            Ok(listener)
-        }
+        Ok(listener) => Ok(listener),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(ControlError::InUse(path.to_owned()));
             }
             std::fs::remove_file(path).map_err(io)?;
-            let listener = UnixListener::bind(path).map_err(io)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-            Ok(listener)
+            UnixListener::bind(path).map_err(io)
         }
         Err(e) => Err(io(e)),
     }
@@ -465,6 +472,7 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn requests_are_strict_json() {
@@ -481,17 +489,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
-        let dir = std::env::temp_dir().join(format!("p2p-control-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let root = std::env::temp_dir().join(format!("p2p-control-{}", std::process::id()));
+        let dir = root.join("config");
         let path = socket_path(&dir);
-        let _ = std::fs::remove_file(&path);
         let first = bind(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        // Created with the directory, and the directory with mode 0700.
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
         assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
         drop(first);
         // The file is still there, but nobody listens: taken over.
-        let _second = bind(&path).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let second = bind(&path).unwrap();
+        drop(second);
+        std::fs::remove_file(&path).unwrap();
+        // A directory others can enter: no socket in it.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = bind(&path).unwrap_err();
+        assert!(matches!(err, ControlError::Dir(_)), "{err}");
+        assert!(err.to_string().contains("chmod 700"), "{err}");
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

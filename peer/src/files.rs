@@ -1,8 +1,23 @@
 //! File transfer over a peer connection: `open {app: file}`, a `file_header` (name, size,
 //! SHA-256), the raw bytes, and a `file_result` from the receiver once it has stored and checked
-//! them. The receiver writes to a temporary file and renames it only after the hash matches.
+//! them.
+//!
+//! The receiver ([`Inbox`]) checks the header before it writes anything: the name (a plain name
+//! without control characters, path separators or a leading dot), the size (at most
+//! `--max-file-size`, and room on the disk for it and the transfers already in progress), and
+//! how many transfers are running. It then writes to a hidden `.NAME.RANDOM.part` file (mode
+//! 0600, created exclusively), syncs it once the hash matches, gives it its final name without
+//! ever replacing a file (`name.ext`, else `name (1).ext`, `name (2).ext`, ... taken atomically
+//! with a no-replace rename or a hard link), syncs the directory, and only then answers
+//! "verified". The `.part` file is removed when the transfer fails, the stream or the connection
+//! is lost, or the listener stops (SIGINT/SIGTERM): a drop guard removes it even when the task
+//! is aborted. Only a crash of the process (SIGKILL, power loss) can leave one behind.
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::frame_io::{read_frame, write_frame};
@@ -14,8 +29,41 @@ use crate::console::Console;
 
 const CHUNK: usize = 256 * 1024;
 
+/// Space left free on the receiving disk after every file in progress (so that a peer cannot fill
+/// the disk to the last byte).
+pub const DISK_RESERVE: u64 = 64 << 20;
+/// Files received at once by one listener (from all peers); more are refused.
+pub const MAX_CONCURRENT_RECEIVES: usize = 8;
+/// A transfer that delivers no byte for this long is abandoned.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most `name (N).ext` tried before a name is refused as taken.
+const MAX_SUFFIX: u32 = 9999;
+/// QUIC stream stop code sent when a file is refused (the verdict says why).
+const REFUSED_STREAM: u32 = 1;
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `text` with control and other invisible formatting characters escaped (a peer's words are
+/// never printed raw: they could move the cursor or hide an extension).
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if is_hidden(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Control characters, and the Unicode bidirectional and zero-width formatting characters that
+/// make a name display as something else (`evil\u{202e}fdp.exe` shows as `evilexe.pdf`).
+fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// SHA-256 of a file, hex.
@@ -35,7 +83,19 @@ pub async fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((size, hex(ctx.finish().as_ref())))
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Sends `path` on a new stream of `conn`; returns a summary once the receiver confirmed it.
+///
+/// The receiver's verdict is read while the bytes go out: a receiver that refuses the header
+/// (name, size, disk space) stops the stream at once, and its reason is what the sender reports.
 pub async fn send(
     conn: &quinn::Connection,
     path: &Path,
@@ -46,6 +106,12 @@ pub async fn send(
         .and_then(|n| n.to_str())
         .ok_or_else(|| anyhow::anyhow!("{} has no usable file name", path.display()))?
         .to_owned();
+    if let Err(why) = check_name(&name) {
+        anyhow::bail!(
+            "{}: the receiver would refuse this name: {why}",
+            printable(&path.display().to_string())
+        );
+    }
     let (size, sha256) = sha256_file(path)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
@@ -57,41 +123,66 @@ pub async fn send(
         sha256: sha256.clone(),
     };
     write_frame(&mut tx, &header.encode()).await?;
+    // Reading a frame is not cancel-safe: the verdict is read by a task of its own.
+    let mut verdict = AbortOnDrop(tokio::spawn(async move { read_frame(&mut rx).await }));
     let started = Instant::now();
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut sent = 0u64;
-    let mut last_report = Instant::now();
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let copied: anyhow::Result<()> = async {
+        let mut file = tokio::fs::File::open(path).await?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut sent = 0u64;
+        let mut last_report = Instant::now();
+        loop {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            tx.write_all(&buf[..n]).await?;
+            sent += n as u64;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                console.error(progress(sent, size, started.elapsed())).await;
+            }
         }
-        tx.write_all(&buf[..n]).await?;
-        sent += n as u64;
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
-            console.error(progress(sent, size, started.elapsed())).await;
+        if sent != size {
+            anyhow::bail!("{} changed while it was being sent", path.display());
         }
+        tx.finish()?;
+        Ok(())
     }
-    if sent != size {
-        anyhow::bail!("{} changed while it was being sent", path.display());
-    }
-    tx.finish()?;
-    let reply = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut rx))
-        .await
-        .map_err(|_| anyhow::anyhow!("no confirmation from the receiver within 60 s"))??
-        .ok_or_else(|| anyhow::anyhow!("the receiver closed the stream without a verdict"))?;
+    .await;
+    // After a failed write the receiver has usually said why (it refused the file): wait a little
+    // for that; after a complete one, give it time to sync and check.
+    let wait = if copied.is_ok() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(5)
+    };
+    let reply = match tokio::time::timeout(wait, &mut verdict.0).await {
+        Ok(Ok(Ok(Some(reply)))) => reply,
+        _ => {
+            copied?;
+            match conn.close_reason() {
+                Some(e) => anyhow::bail!("the connection closed without a verdict: {e}"),
+                None => anyhow::bail!("no verdict from the receiver within {} s", wait.as_secs()),
+            }
+        }
+    };
     let elapsed = started.elapsed();
     match PeerMessage::decode(&reply)? {
-        PeerMessage::FileResult { ok: true, sha256: theirs, .. } if theirs == sha256 => Ok(format!(
-            "sent {name}: {size} bytes in {:.2} s ({:.1} MB/s), verified by the receiver (sha256 {sha256})",
+        PeerMessage::FileResult { ok: true, sha256: theirs, message } if theirs == sha256 && copied.is_ok() => Ok(format!(
+            "sent {name}: {size} bytes in {:.2} s ({:.1} MB/s), verified by the receiver (sha256 {sha256}; {})",
             elapsed.as_secs_f64(),
-            size as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6
+            size as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6,
+            printable(&message),
         )),
-        PeerMessage::FileResult { message, .. } => anyhow::bail!("the receiver refused {name}: {message}"),
-        PeerMessage::Error { message } => anyhow::bail!("the receiver refused {name}: {message}"),
-        other => anyhow::bail!("unexpected reply {other:?}"),
+        PeerMessage::FileResult { ok: true, .. } => {
+            copied?;
+            anyhow::bail!("the receiver stored {name} with another hash")
+        }
+        PeerMessage::FileResult { message, .. } | PeerMessage::Error { message } => {
+            anyhow::bail!("the receiver refused {name}: {}", printable(&message))
+        }
+        other => anyhow::bail!("unexpected reply `{}`", printable(&format!("{other:?}"))),
     }
 }
 
@@ -111,31 +202,227 @@ fn progress(done: u64, total: u64, elapsed: Duration) -> String {
     )
 }
 
-/// A name that cannot escape the directory it is stored in.
-fn safe_name(name: &str) -> Option<&str> {
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\', '\0'])
-        && !name.starts_with('.');
-    ok.then_some(name)
+/// Why a file name is refused (the text goes to the sender).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the name is empty".into());
+    }
+    if name.len() > 255 {
+        return Err(format!(
+            "the name is {} bytes long (at most 255)",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a file name"));
+    }
+    if let Some(c) = name.chars().find(|c| matches!(c, '/' | '\\')) {
+        return Err(format!(
+            "the name contains a path separator ({c:?}): only plain names are accepted"
+        ));
+    }
+    if let Some(c) = name.chars().find(|&c| is_hidden(c)) {
+        return Err(format!(
+            "the name contains a control or invisible formatting character ({})",
+            c.escape_unicode()
+        ));
+    }
+    if name.starts_with('.') {
+        return Err("hidden names (a leading dot) are not accepted".into());
+    }
+    Ok(())
 }
 
-/// Receives one file on a stream whose `open` was already read; stores it in `dir`.
+/// `name`, or `stem (n).ext` for n >= 1.
+fn numbered(name: &str, n: u32) -> String {
+    if n == 0 {
+        return name.to_owned();
+    }
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => format!("{stem} ({n}).{ext}"),
+        _ => format!("{name} ({n})"),
+    }
+}
+
+/// Free bytes for an unprivileged user on the filesystem of `dir` (statvfs).
+pub fn available_bytes(dir: &Path) -> std::io::Result<u64> {
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("the path contains a NUL byte"))?;
+    // SAFETY: an all-zero statvfs is a valid value of a plain C struct.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` a valid, writable statvfs.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+/// Whether `size` more bytes fit on a disk with `available` free bytes of which `reserved` are
+/// promised to transfers in progress, leaving [`DISK_RESERVE`] free.
+fn check_space(size: u64, available: u64, reserved: u64) -> Result<(), String> {
+    let usable = available
+        .saturating_sub(reserved)
+        .saturating_sub(DISK_RESERVE);
+    if size > usable {
+        return Err(format!(
+            "not enough disk space: {size} bytes announced, {usable} usable ({available} free, \
+             {reserved} promised to transfers in progress, {DISK_RESERVE} kept free)"
+        ));
+    }
+    Ok(())
+}
+
+/// Gives `from` the name `to` unless `to` exists (then `AlreadyExists`), atomically: renameat2
+/// with RENAME_NOREPLACE where the kernel and filesystem have it, else a hard link (which also
+/// never replaces) and the removal of `from`.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| std::io::Error::other("the path contains a NUL byte"))
+        };
+        let (from_c, to_c) = (c(from)?, c(to)?);
+        // SAFETY: both paths are NUL-terminated; AT_FDCWD makes them relative to the cwd.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from_c.as_ptr(),
+                libc::AT_FDCWD,
+                to_c.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        // EINVAL / ENOSYS: the filesystem or kernel has no RENAME_NOREPLACE.
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
+}
+
+/// Where received files go, and the bounds on them.
+#[derive(Debug)]
+pub struct Inbox {
+    dir: PathBuf,
+    max_size: u64,
+    /// Transfers in progress and the bytes they announced.
+    in_progress: Mutex<(usize, u64)>,
+}
+
+impl Inbox {
+    /// Files into `dir`, each at most `max_size` bytes.
+    pub fn new(dir: PathBuf, max_size: u64) -> Arc<Inbox> {
+        Arc::new(Inbox {
+            dir,
+            max_size,
+            in_progress: Mutex::new((0, 0)),
+        })
+    }
+
+    /// Takes a slot for a file of `size` bytes if the bounds allow it.
+    fn admit(self: &Arc<Self>, size: u64) -> Result<Slot, String> {
+        if size > self.max_size {
+            return Err(format!(
+                "the file is {size} bytes, more than this peer accepts ({} bytes, \
+                 --max-file-size)",
+                self.max_size
+            ));
+        }
+        // statvfs before taking the lock: the lock is never held across a system call.
+        let available = available_bytes(&self.dir)
+            .map_err(|e| format!("cannot check the free space of the receiving disk: {e}"))?;
+        let mut guard = self
+            .in_progress
+            .lock()
+            .map_err(|_| "internal error: the inbox lock is poisoned".to_owned())?;
+        let (count, reserved) = &mut *guard;
+        if *count >= MAX_CONCURRENT_RECEIVES {
+            return Err(format!(
+                "{MAX_CONCURRENT_RECEIVES} files are being received already; try again later"
+            ));
+        }
+        check_space(size, available, *reserved)?;
+        *count += 1;
+        *reserved += size;
+        Ok(Slot {
+            inbox: self.clone(),
+            size,
+        })
+    }
+}
+
+/// A transfer's place in the [`Inbox`] bounds, given back when dropped.
+struct Slot {
+    inbox: Arc<Inbox>,
+    size: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut guard) = self.inbox.in_progress.lock() {
+            guard.0 = guard.0.saturating_sub(1);
+            guard.1 = guard.1.saturating_sub(self.size);
+        }
+    }
+}
+
+/// A `.part` file, removed when dropped unless it was given its final name: on any error, on a
+/// lost stream or connection, and when the task receiving it is aborted.
+struct PartFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What a successful receive stored.
+#[derive(Debug)]
+struct Stored {
+    path: PathBuf,
+    sha256: String,
+    size: u64,
+}
+
+/// Receives one file on a stream whose `open` was already read; stores it in `inbox`'s
+/// directory (or refuses it when this peer takes no files).
 pub async fn receive(
     mut tx: quinn::SendStream,
     mut rx: quinn::RecvStream,
     peer: PeerId,
-    dir: Option<&Path>,
+    inbox: Option<Arc<Inbox>>,
     console: &Console,
 ) {
-    let result = receive_inner(&mut rx, peer, dir, console).await;
+    let result = receive_inner(&mut rx, peer, inbox, console).await;
+    if result.is_err() {
+        // Stop the sender's bytes at once; the verdict below tells it why.
+        let _ = rx.stop(REFUSED_STREAM.into());
+    }
     let reply = match &result {
-        Ok((_, sha256, _)) => PeerMessage::FileResult {
+        Ok(stored) => PeerMessage::FileResult {
             ok: true,
-            sha256: sha256.clone(),
-            message: "stored".into(),
+            sha256: stored.sha256.clone(),
+            message: format!(
+                "stored as {}",
+                stored
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ),
         },
         Err((sha256, message)) => PeerMessage::FileResult {
             ok: false,
@@ -147,18 +434,19 @@ pub async fn receive(
     let _ = tx.finish();
     let _ = tokio::time::timeout(Duration::from_secs(5), tx.stopped()).await;
     match result {
-        Ok((path, sha256, size)) => {
+        Ok(stored) => {
             console
                 .say(format!(
-                    "received {} ({size} bytes) from {peer}, sha256 {sha256} verified",
-                    path.display()
+                    "received {} ({} bytes) from {peer}, sha256 {} verified",
+                    stored.path.display(),
+                    stored.size,
+                    stored.sha256
                 ))
                 .await
         }
         Err((_, message)) => {
-            let _ = rx.stop(1u32.into());
             console
-                .error(format!("refused a file from {peer}: {message}"))
+                .error(format!("did not store a file from {peer}: {message}"))
                 .await
         }
     }
@@ -167,11 +455,11 @@ pub async fn receive(
 async fn receive_inner(
     rx: &mut quinn::RecvStream,
     peer: PeerId,
-    dir: Option<&Path>,
+    inbox: Option<Arc<Inbox>>,
     console: &Console,
-) -> Result<(PathBuf, String, u64), (String, String)> {
+) -> Result<Stored, (String, String)> {
     let fail = |m: String| (String::new(), m);
-    let Some(dir) = dir else {
+    let Some(inbox) = inbox else {
         return Err(fail(
             "this peer does not accept files (start it with --accept-files DIR)".into(),
         ));
@@ -183,17 +471,34 @@ async fn receive_inner(
         .ok_or_else(|| fail("stream closed before the file header".into()))?;
     let (name, size, sha256) = match PeerMessage::decode(&header) {
         Ok(PeerMessage::FileHeader { name, size, sha256 }) => (name, size, sha256),
-        Ok(other) => return Err(fail(format!("expected a file header, got {other:?}"))),
-        Err(e) => return Err(fail(e.to_string())),
+        Ok(other) => {
+            return Err(fail(format!(
+                "expected a file header, got `{}`",
+                printable(&format!("{other:?}"))
+            )))
+        }
+        Err(e) => return Err(fail(printable(&e.to_string()))),
     };
-    let name = safe_name(&name)
-        .ok_or_else(|| fail(format!("refusing the file name {name:?}")))?
-        .to_owned();
-    let final_path = dir.join(&name);
-    let temp_path = dir.join(format!(".{name}.{}.part", rand::random::<u32>()));
-    let mut file = tokio::fs::File::create(&temp_path)
-        .await
-        .map_err(|e| fail(format!("cannot create {}: {e}", temp_path.display())))?;
+    check_name(&name).map_err(|why| {
+        fail(format!(
+            "refusing the file name \"{}\": {why}",
+            printable(&name)
+        ))
+    })?;
+    // Every bound is checked before anything is written.
+    let slot = inbox.admit(size).map_err(fail)?;
+    let dir = &inbox.dir;
+    let part = PartFile {
+        path: dir.join(format!(".{name}.{:016x}.part", rand::random::<u64>())),
+        keep: false,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&part.path)
+        .map(tokio::fs::File::from_std)
+        .map_err(|e| fail(format!("cannot create {}: {e}", part.path.display())))?;
     console
         .say(format!("receiving {name} ({size} bytes) from {peer}"))
         .await;
@@ -202,10 +507,16 @@ async fn receive_inner(
     let mut got = 0u64;
     let outcome: Result<(), String> = async {
         loop {
-            let n = match rx.read(&mut buf).await {
-                Ok(Some(n)) => n,
-                Ok(None) => break,
-                Err(e) => return Err(format!("transfer failed: {e}")),
+            let n = match tokio::time::timeout(STALL_TIMEOUT, rx.read(&mut buf)).await {
+                Ok(Ok(Some(n))) => n,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => return Err(format!("transfer failed: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "no data for {} s after {got} of {size} bytes",
+                        STALL_TIMEOUT.as_secs()
+                    ))
+                }
             };
             got += n as u64;
             if got > size {
@@ -214,9 +525,8 @@ async fn receive_inner(
             ctx.update(&buf[..n]);
             file.write_all(&buf[..n])
                 .await
-                .map_err(|e| format!("cannot write {}: {e}", temp_path.display()))?;
+                .map_err(|e| format!("cannot write {}: {e}", part.path.display()))?;
         }
-        file.flush().await.map_err(|e| e.to_string())?;
         if got != size {
             return Err(format!("stream ended after {got} of {size} bytes"));
         }
@@ -224,53 +534,407 @@ async fn receive_inner(
     }
     .await;
     let computed = hex(ctx.finish().as_ref());
-    let verified = outcome.and_then(|()| {
-        if computed == sha256 {
-            Ok(())
-        } else {
-            Err(format!(
-                "sha256 mismatch: announced {sha256}, received {computed}"
-            ))
-        }
-    });
-    match verified {
-        Ok(()) => {
-            tokio::fs::rename(&temp_path, &final_path)
-                .await
-                .map_err(|e| {
-                    (
-                        computed.clone(),
-                        format!("cannot store {}: {e}", final_path.display()),
-                    )
-                })?;
-            Ok((final_path, computed, size))
-        }
-        Err(message) => {
-            let _ = tokio::fs::remove_file(&temp_path).await;
-            Err((computed, message))
+    let fail = |m: String| (computed.clone(), m);
+    outcome.map_err(fail)?;
+    if computed != sha256 {
+        return Err(fail(format!(
+            "sha256 mismatch: announced {}, received {computed}",
+            printable(&sha256)
+        )));
+    }
+    // The data reaches the disk before the file gets its name, and the name before the verdict.
+    file.flush()
+        .await
+        .and(file.sync_all().await)
+        .map_err(|e| fail(format!("cannot sync {}: {e}", part.path.display())))?;
+    drop(file);
+    let mut part = part;
+    let final_path = store(&part.path, dir, &name).map_err(fail)?;
+    part.keep = true;
+    certs::durable::sync_dir(dir)
+        .map_err(|e| fail(format!("cannot sync the directory {}: {e}", dir.display())))?;
+    drop(slot);
+    Ok(Stored {
+        path: final_path,
+        sha256: computed,
+        size,
+    })
+}
+
+/// Gives the synced `.part` file the first free name of `name`, `name (1)`, ... in `dir`.
+fn store(part: &Path, dir: &Path, name: &str) -> Result<PathBuf, String> {
+    for n in 0..=MAX_SUFFIX {
+        let candidate = dir.join(numbered(name, n));
+        match rename_no_replace(part, &candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("cannot store {}: {e}", candidate.display())),
         }
     }
+    Err(format!(
+        "{} and {MAX_SUFFIX} numbered variants of it exist already in {}",
+        printable(name),
+        dir.display()
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "files-{tag}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
-    fn names_cannot_escape_the_directory() {
-        assert_eq!(safe_name("report.pdf"), Some("report.pdf"));
-        for bad in [
-            "",
-            ".",
-            "..",
-            "../etc/passwd",
-            "a/b",
-            "a\\b",
-            ".hidden",
-            "x\0y",
+    fn names_cannot_escape_the_directory_or_hide_characters() {
+        assert_eq!(check_name("report.pdf"), Ok(()));
+        assert_eq!(check_name("résumé final.txt"), Ok(()));
+        for (bad, why) in [
+            ("", "empty"),
+            (".", "not a file name"),
+            ("..", "not a file name"),
+            ("../etc/passwd", "path separator"),
+            ("a/b", "path separator"),
+            ("a\\b", "path separator"),
+            (".hidden", "leading dot"),
+            ("x\0y", "control"),
+            ("bell\u{7}", "control"),
+            ("esc\u{1b}[2J", "control"),
+            ("new\nline", "control"),
+            ("del\u{7f}", "control"),
+            ("c1\u{9b}", "control"),
+            ("evil\u{202e}fdp.exe", "invisible"),
         ] {
-            assert_eq!(safe_name(bad), None, "{bad:?}");
+            let err = check_name(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            // The reason never carries the character itself.
+            assert!(!err.chars().any(is_hidden), "{err:?}");
         }
-        assert_eq!(safe_name(&"x".repeat(256)), None);
+        assert!(check_name(&"x".repeat(256)).unwrap_err().contains("255"));
+        assert_eq!(check_name(&"x".repeat(255)), Ok(()));
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_obey() {
+        assert_eq!(printable("plain ü"), "plain ü");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
+    }
+
+    #[test]
+    fn numbered_names_keep_the_extension() {
+        assert_eq!(numbered("report.pdf", 0), "report.pdf");
+        assert_eq!(numbered("report.pdf", 1), "report (1).pdf");
+        assert_eq!(numbered("archive.tar.gz", 2), "archive.tar (2).gz");
+        assert_eq!(numbered("README", 3), "README (3)");
+    }
+
+    #[test]
+    fn storing_never_replaces_a_file() {
+        let dir = temp_dir("store");
+        let mut stored = Vec::new();
+        for content in ["first", "second", "third"] {
+            let part = dir.join(format!(".{content}.part"));
+            std::fs::write(&part, content).unwrap();
+            stored.push(store(&part, &dir, "report.pdf").unwrap());
+            assert!(!part.exists(), "the .part file is gone once stored");
+        }
+        assert_eq!(
+            stored,
+            vec![
+                dir.join("report.pdf"),
+                dir.join("report (1).pdf"),
+                dir.join("report (2).pdf")
+            ]
+        );
+        for (path, content) in stored.iter().zip(["first", "second", "third"]) {
+            assert_eq!(std::fs::read_to_string(path).unwrap(), content);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_stores_of_one_name_all_get_their_own_file() {
+        let dir = temp_dir("race");
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let part = dir.join(format!(".x.{i}.part"));
+                    std::fs::write(&part, i.to_string()).unwrap();
+                    store(&part, &dir, "same.bin").unwrap()
+                })
+            })
+            .collect();
+        let mut paths: Vec<PathBuf> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), 16, "every store got a distinct name");
+        let mut contents: Vec<u32> = paths
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap().parse().unwrap())
+            .collect();
+        contents.sort();
+        assert_eq!(
+            contents,
+            (0..16).collect::<Vec<u32>>(),
+            "nothing overwritten"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn space_check_counts_transfers_in_progress_and_the_reserve() {
+        let gib = 1u64 << 30;
+        assert!(check_space(gib, 2 * gib, 0).is_ok());
+        assert!(check_space(gib, 2 * gib, gib).is_err());
+        assert!(check_space(gib, gib, 0).is_err(), "the reserve stays free");
+        assert!(check_space(u64::MAX, u64::MAX, 0).is_err());
+        let err = check_space(10, DISK_RESERVE, 0).unwrap_err();
+        assert!(err.contains("not enough disk space"), "{err}");
+    }
+
+    #[test]
+    fn the_inbox_bounds_size_and_concurrency_and_frees_slots() {
+        let dir = temp_dir("inbox");
+        let inbox = Inbox::new(dir.clone(), 1000);
+        let err = inbox.admit(1001).err().unwrap();
+        assert!(err.contains("--max-file-size"), "{err}");
+        assert!(available_bytes(&dir).unwrap() > 0);
+        let slots: Vec<Slot> = (0..MAX_CONCURRENT_RECEIVES)
+            .map(|_| inbox.admit(1000).unwrap())
+            .collect();
+        let err = inbox.admit(1).err().unwrap();
+        assert!(err.contains("being received already"), "{err}");
+        assert_eq!(
+            *inbox.in_progress.lock().unwrap(),
+            (
+                MAX_CONCURRENT_RECEIVES,
+                1000 * MAX_CONCURRENT_RECEIVES as u64
+            )
+        );
+        drop(slots);
+        assert_eq!(*inbox.in_progress.lock().unwrap(), (0, 0));
+        assert!(inbox.admit(1000).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_part_file_is_removed_unless_kept() {
+        let dir = temp_dir("part");
+        let path = dir.join(".f.part");
+        std::fs::write(&path, "x").unwrap();
+        drop(PartFile {
+            path: path.clone(),
+            keep: false,
+        });
+        assert!(!path.exists());
+        std::fs::write(&path, "x").unwrap();
+        drop(PartFile {
+            path: path.clone(),
+            keep: true,
+        });
+        assert!(path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The receiver and the sender over a real QUIC connection on loopback.
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use crate::node::Node;
+
+    struct Pair {
+        /// Kept alive: dropping a node's STUN channel or endpoint ends the connection.
+        _nodes: (Node, Node),
+        _stun: Vec<tokio::sync::mpsc::Receiver<transport::StunDatagram>>,
+        dialer: quinn::Connection,
+        acceptor: quinn::Connection,
+        dialer_id: PeerId,
+    }
+
+    async fn pair() -> Pair {
+        let settings = transport::TransportSettings::default();
+        let node = || {
+            let identity = Arc::new(certs::Identity::generate().unwrap());
+            Node::bind("127.0.0.1:0".parse().unwrap(), identity, settings).unwrap()
+        };
+        let ((a, a_stun), (b, b_stun)) = (node(), node());
+        let target = b.local_addr().unwrap();
+        let accept = tokio::spawn({
+            let endpoint = b.endpoint.clone();
+            async move { endpoint.accept().await.unwrap().await.unwrap() }
+        });
+        let dialer = a
+            .dial(b.identity.id(), target, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let acceptor = accept.await.unwrap();
+        let dialer_id = a.identity.id();
+        Pair {
+            _nodes: (a, b),
+            _stun: vec![a_stun, b_stun],
+            dialer,
+            acceptor,
+            dialer_id,
+        }
+    }
+
+    /// Accepts the next stream on `pair.acceptor` and runs [`receive`] on it in a task.
+    fn serve_one(pair: &Pair, inbox: Arc<Inbox>) -> tokio::task::JoinHandle<()> {
+        let conn = pair.acceptor.clone();
+        let peer = pair.dialer_id;
+        tokio::spawn(async move {
+            let (console, _printer) = Console::start_with(true);
+            let (mut tx, mut rx) = conn.accept_bi().await.unwrap();
+            let app = crate::chat::accept(&mut tx, &mut rx).await.unwrap();
+            assert_eq!(app, PeerApp::File);
+            receive(tx, rx, peer, Some(inbox), &console).await
+        })
+    }
+
+    fn temp_inbox(tag: &str, max_size: u64) -> (PathBuf, Arc<Inbox>) {
+        let dir = std::env::temp_dir().join(format!(
+            "files-wire-{tag}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        (dir.clone(), Inbox::new(dir, max_size))
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Opens a file stream and sends a header; returns the stream halves.
+    async fn open_with_header(
+        conn: &quinn::Connection,
+        name: &str,
+        size: u64,
+    ) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut tx, rx) = conn.open_bi().await.unwrap();
+        write_frame(&mut tx, &PeerMessage::Open { app: PeerApp::File }.encode())
+            .await
+            .unwrap();
+        let header = PeerMessage::FileHeader {
+            name: name.into(),
+            size,
+            sha256: "00".repeat(32),
+        };
+        write_frame(&mut tx, &header.encode()).await.unwrap();
+        (tx, rx)
+    }
+
+    #[tokio::test]
+    async fn a_name_with_a_control_character_is_refused_to_the_sender_with_the_reason() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("name", 1 << 20);
+        let served = serve_one(&pair, inbox);
+        let (_tx, mut rx) = open_with_header(&pair.dialer, "esc\u{1b}[2J.txt", 3).await;
+        let reply = read_frame(&mut rx).await.unwrap().unwrap();
+        let PeerMessage::FileResult { ok, message, .. } = PeerMessage::decode(&reply).unwrap()
+        else {
+            panic!("not a file result");
+        };
+        assert!(!ok);
+        assert!(
+            message.contains("control") && message.contains("\\u{1b}"),
+            "{message}"
+        );
+        assert!(!message.contains('\u{1b}'), "{message:?}");
+        served.await.unwrap();
+        assert!(entries(&dir).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_oversized_file_is_refused_before_a_byte_is_written_and_the_sender_says_why() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("big", 1024);
+        let served = serve_one(&pair, inbox);
+        let source_dir = dir.with_extension("src");
+        std::fs::create_dir_all(&source_dir).unwrap();
+        let source = source_dir.join("big.bin");
+        // Far more than the stream window: the sender is still writing when it is refused.
+        std::fs::write(&source, vec![1u8; 8 << 20]).unwrap();
+        let (console, _printer) = Console::start_with(true);
+        let err = send(&pair.dialer, &source, &console).await.unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("the receiver refused big.bin") && err.contains("--max-file-size"),
+            "{err}"
+        );
+        served.await.unwrap();
+        assert!(
+            entries(&dir).is_empty(),
+            "nothing written: {:?}",
+            entries(&dir)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&source_dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_removes_the_part_file() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("lost", 1 << 30);
+        let served = serve_one(&pair, inbox);
+        let (mut tx, _rx) = open_with_header(&pair.dialer, "half.bin", 10 << 20).await;
+        tx.write_all(&vec![5u8; 1 << 20]).await.unwrap();
+        // The .part file appears once the receiver took the header (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !entries(&dir).iter().any(|n| n.ends_with(".part")) {
+            assert!(
+                Instant::now() < deadline,
+                "no .part file: {:?}",
+                entries(&dir)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pair.dialer.close(0u32.into(), b"gone");
+        served.await.unwrap();
+        assert!(entries(&dir).is_empty(), "left behind: {:?}", entries(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_complete_file_is_stored_under_a_free_name_and_verified() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("ok", 1 << 20);
+        std::fs::write(dir.join("notes.txt"), "already here").unwrap();
+        let served = serve_one(&pair, inbox);
+        let source_dir = dir.with_extension("src");
+        std::fs::create_dir_all(&source_dir).unwrap();
+        let source = source_dir.join("notes.txt");
+        std::fs::write(&source, "new notes").unwrap();
+        let (console, _printer) = Console::start_with(true);
+        let summary = send(&pair.dialer, &source, &console).await.unwrap();
+        assert!(summary.contains("stored as notes (1).txt"), "{summary}");
+        served.await.unwrap();
+        assert_eq!(entries(&dir), ["notes (1).txt", "notes.txt"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+            "already here"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes (1).txt")).unwrap(),
+            "new notes"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&source_dir).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! `peer`: register with a rendezvous, find other peers by id, and chat with them over
 //! end-to-end encrypted QUIC.
 
+mod access;
 mod cache;
 mod chat;
 mod console;
@@ -64,9 +65,16 @@ enum Command {
     Listen {
         #[command(flatten)]
         server: ServerArgs,
-        /// Accept files that peers send (`peer send`) into this directory.
+        /// Accept files that peers send (`peer send`) into this directory. Needs an allow-list
+        /// (--allow or <config dir>/authorized_peers) or --allow-any.
         #[arg(long)]
         accept_files: Option<PathBuf>,
+        #[command(flatten)]
+        access: AccessArgs,
+        /// Largest file accepted, in bytes (suffixes K, M, G, T: powers of 1024). A larger one
+        /// is refused before any byte is written.
+        #[arg(long, default_value = "4G", value_parser = parse_size, requires = "accept_files")]
+        max_file_size: u64,
     },
     /// Connect to a peer by id and chat: typed lines go to the peer, end of input ends the chat.
     Connect {
@@ -163,6 +171,43 @@ enum Command {
     },
 }
 
+/// Who may connect to a listening peer.
+#[derive(Args, Debug, Clone)]
+struct AccessArgs {
+    /// Accept only this peer (repeatable; together with the ids in <config dir>/authorized_peers,
+    /// one per line with optional `# comments`). Others are refused and told why.
+    #[arg(long = "allow", value_name = "ID")]
+    allow: Vec<PeerId>,
+    /// Accept every peer that knows this peer's id, even with --accept-files (conflicts with an
+    /// allow-list).
+    #[arg(long)]
+    allow_any: bool,
+}
+
+/// A byte count: digits, optionally followed by K, M, G or T (powers of 1024; `B`, `iB` and
+/// `IB` suffixes after them are accepted too).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(digits_end);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (digits, then K, M, G or T)"))?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => return Err(format!("unknown size suffix {other:?} (K, M, G or T)")),
+    };
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[derive(Args, Debug, Clone)]
 struct ServerArgs {
     /// The rendezvous, HOST:PORT.
@@ -249,6 +294,9 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = config_dir(&cli);
+    // Created with mode 0700 before anything is written into it (an existing one is kept).
+    certs::durable::create_private_dir(&dir)
+        .with_context(|| format!("cannot create the config dir {}", dir.display()))?;
     let identity_path = cli
         .identity
         .clone()
@@ -270,7 +318,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Listen {
             server,
             accept_files,
-        } => listen(identity, &dir, server, accept_files, cli.verbose).await,
+            access,
+            max_file_size,
+        } => {
+            let policy = access::policy(
+                &access.allow,
+                access.allow_any,
+                &dir.join(access::FILE_NAME),
+                accept_files.is_some(),
+            )?;
+            let inbox = match accept_files {
+                Some(files) => {
+                    if !files.is_dir() {
+                        bail!("--accept-files {}: not a directory", files.display());
+                    }
+                    Some(files::Inbox::new(files, max_file_size))
+                }
+                None => None,
+            };
+            listen(identity, &dir, server, Arc::new(policy), inbox, cli.verbose).await
+        }
         Command::Netcheck {
             server,
             stun,
@@ -707,15 +774,14 @@ async fn listen(
     identity: Arc<Identity>,
     dir: &std::path::Path,
     server: ServerArgs,
-    accept_files: Option<PathBuf>,
+    policy: Arc<access::Access>,
+    inbox: Option<Arc<files::Inbox>>,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    if let Some(dir) = &accept_files {
-        if !dir.is_dir() {
-            bail!("--accept-files {}: not a directory", dir.display());
-        }
-    }
-    let accept_files = accept_files.map(Arc::new);
+    // The handlers are installed before registration is announced: a SIGTERM that follows
+    // "registered with" at once must stop the listener gracefully (removing any `.part` file),
+    // not kill it with the default action.
+    let signal = stop_signals().context("installing the SIGINT/SIGTERM handlers")?;
     let mut ctx = start(identity, dir, server, verbose, Mode::Listen).await?;
     let reg = match ctx.register().await {
         Ok(reg) => reg,
@@ -726,6 +792,11 @@ async fn listen(
     };
     let me = reg.id;
     ctx.console.say(format!("peer id {me}")).await;
+    if let access::Access::Only(ids) = &*policy {
+        ctx.console
+            .say(format!("accepting only {} allowed peer(s)", ids.len()))
+            .await;
+    }
     let how = if reg.over_tcp {
         "through the TCP tunnel: UDP is blocked".to_owned()
     } else {
@@ -744,16 +815,15 @@ async fn listen(
     ));
     let mut conns = tokio::task::JoinSet::new();
     let endpoint = ctx.node.endpoint.clone();
-    let signal = wait_for_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.keeper.clone(), accept_files.clone(), ctx.console.clone()));
+                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.keeper.clone(), policy.clone(), inbox.clone(), ctx.console.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            r = &mut signal => { r?; break; }
+            () = &mut signal => break,
         }
     }
     ctx.console.say("shutting down").await;
@@ -838,7 +908,8 @@ async fn serve_peer(
     me: PeerId,
     hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
     keeper: paths::PathKeeper,
-    accept_files: Option<Arc<PathBuf>>,
+    policy: Arc<access::Access>,
+    inbox: Option<Arc<files::Inbox>>,
     console: Console,
 ) {
     let remote = incoming.remote_address();
@@ -852,6 +923,7 @@ async fn serve_peer(
         }
         Err(_) => return,
     };
+    // The id the TLS handshake proved (the hash of the client certificate's key).
     let Some(peer) = node::remote_id(&conn) else {
         conn.close(2u32.into(), b"no identity");
         return;
@@ -860,6 +932,19 @@ async fn serve_peer(
         transport::PathTarget::Udp(addr) => format!("from {addr}"),
         transport::PathTarget::Virtual(_) => keeper.relay_label().to_owned(),
     };
+    if !policy.allows(&peer) {
+        conn.close(
+            access::REFUSED_CODE.into(),
+            access::REFUSED_REASON.as_bytes(),
+        );
+        console
+            .error(format!(
+                "refused {peer} ({path}): {}",
+                access::REFUSED_REASON
+            ))
+            .await;
+        return;
+    }
     console.say(format!("connected: {peer} {path}")).await;
     keeper.start_link(peer, conn.clone(), "the peer's address");
     let mut streams = tokio::task::JoinSet::new();
@@ -912,11 +997,8 @@ async fn serve_peer(
                 streams.spawn(ping::serve(tx, rx, keeper.clone()));
             }
             common::message::PeerApp::File => {
-                let dir = accept_files.clone();
-                streams.spawn(async move {
-                    files::receive(tx, rx, peer, dir.as_deref().map(|d| d.as_path()), &console)
-                        .await
-                });
+                let inbox = inbox.clone();
+                streams.spawn(async move { files::receive(tx, rx, peer, inbox, &console).await });
             }
         }
     }
@@ -1003,7 +1085,9 @@ async fn send(
         Mode::Send,
     )
     .await?;
-    let result = files::send(&conn, &file, &ctx.console).await;
+    let result = files::send(&conn, &file, &ctx.console)
+        .await
+        .map_err(|e| access::refusal(peer, &conn).unwrap_or(e));
     if let Ok(summary) = &result {
         ctx.console.say(summary.clone()).await;
     }
@@ -1044,6 +1128,10 @@ async fn connect(
             ctx.console.clone(),
         )
         .await;
+        // Read before our own close replaces the reason the connection ended with.
+        if let Some(refused) = access::refusal(peer, &conn) {
+            return Err(refused);
+        }
         conn.close(0u32.into(), b"chat over");
         match end {
             chat::ChatEnd::InputClosed => Ok(()),
@@ -1054,7 +1142,8 @@ async fn connect(
             chat::ChatEnd::Failed(e) => Err(anyhow!("connection to {peer} lost: {e}")),
         }
     }
-    .await;
+    .await
+    .map_err(|e| access::refusal(peer, &conn).unwrap_or(e));
     ctx.finish().await;
     result
 }
@@ -1309,7 +1398,9 @@ async fn ping_standalone(
             &replies_tx,
         )
         .await
-        .map_err(|e| anyhow!("ping failed: {e}"));
+        .map_err(|e| {
+            access::refusal(peer, &opened.conn).unwrap_or_else(|| anyhow!("ping failed: {e}"))
+        });
         drop(replies_tx);
         let _ = printer.await;
         let summary = summary?;
@@ -1322,8 +1413,85 @@ async fn ping_standalone(
     result
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    transport::shutdown_signal()
-        .await
-        .context("waiting for SIGINT or SIGTERM")
+/// Installs SIGINT and SIGTERM handlers now; the future completes at the first of them.
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes_and_refuse_garbage() {
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("2 kb"), Ok(2048));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in [
+            "",
+            "G",
+            "-1",
+            "1.5G",
+            "3X",
+            "99999999999999999999",
+            "17179869184T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn listen_takes_allow_list_flags() {
+        let id = PeerId::from_key_digest(&[1; 32]).to_string();
+        let cli = Cli::try_parse_from([
+            "peer",
+            "listen",
+            "--server",
+            "h:1",
+            "--allow",
+            &id,
+            "--allow",
+            &id,
+            "--accept-files",
+            "/tmp",
+            "--max-file-size",
+            "1M",
+        ])
+        .unwrap();
+        let Command::Listen {
+            access,
+            max_file_size,
+            ..
+        } = cli.command
+        else {
+            panic!("not listen");
+        };
+        assert_eq!(access.allow.len(), 2);
+        assert!(!access.allow_any);
+        assert_eq!(max_file_size, 1 << 20);
+        // --max-file-size only with --accept-files; the default needs neither.
+        assert!(Cli::try_parse_from([
+            "peer",
+            "listen",
+            "--server",
+            "h:1",
+            "--max-file-size",
+            "1M"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["peer", "listen", "--server", "h:1"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["peer", "listen", "--server", "h:1", "--allow", "nope"]).is_err()
+        );
+    }
 }

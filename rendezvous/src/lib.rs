@@ -127,9 +127,11 @@ impl Server {
     /// Opens the data dir (creating the key and registry on first start), binds, and starts
     /// serving in the background.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-            path: config.data_dir.clone(),
-            source,
+        certs::durable::create_private_dir(&config.data_dir).map_err(|source| {
+            StartError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            }
         })?;
         let (identity, _) = Identity::load_or_create(&config.data_dir.join("server.pem"))?;
         // Rows already past their expiry are deleted at load instead of loaded.
@@ -293,7 +295,7 @@ impl Server {
 
 /// The fingerprint of the key in `data_dir`, creating the key if there is none.
 pub fn fingerprint(data_dir: &std::path::Path) -> Result<Fingerprint, StartError> {
-    std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
+    certs::durable::create_private_dir(data_dir).map_err(|source| StartError::DataDir {
         path: data_dir.to_owned(),
         source,
     })?;
