@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -97,6 +97,23 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), PrivateDirError> {
     Ok(())
 }
 
+/// Makes an existing `dir` that we own private (mode 0700) if group or others can enter it;
+/// returns its old mode when it changed. For the peer's own config dir, which holds its identity
+/// key and control socket: one made by an older version (or by hand) with wider permissions is
+/// tightened rather than left unusable. A directory another user owns is left alone (and
+/// [`ensure_private_dir`] refuses it).
+pub fn tighten_own_dir(dir: &Path) -> std::io::Result<Option<u32>> {
+    let meta = fs::symlink_metadata(dir)?;
+    let mode = meta.mode() & 0o7777;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o700))?;
+    Ok(Some(mode))
+}
+
 /// A name in `dir`, starting with `prefix`, that no other write of this process uses at the same
 /// time (another process's clash is caught by `create_new`).
 fn temp_path_in(dir: &Path, prefix: &str) -> PathBuf {
@@ -141,7 +158,6 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn temp_dir(tag: &str) -> PathBuf {
         std::env::temp_dir().join(format!(
@@ -237,6 +253,19 @@ mod tests {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let err = ensure_private_dir(&dir).unwrap_err();
         assert!(err.to_string().contains("chmod 700"), "{err}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_open_dir_of_ours_is_tightened_once() {
+        let root = temp_dir("tighten");
+        let dir = root.join("config");
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(tighten_own_dir(&dir).unwrap(), Some(0o755));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(tighten_own_dir(&dir).unwrap(), None);
+        ensure_private_dir(&dir).unwrap();
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -297,6 +297,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Created with mode 0700 before anything is written into it (an existing one is kept).
     certs::durable::create_private_dir(&dir)
         .with_context(|| format!("cannot create the config dir {}", dir.display()))?;
+    match certs::durable::tighten_own_dir(&dir) {
+        Ok(Some(old)) => eprintln!(
+            "made the config dir {} private (mode {old:o} -> 700): it holds the identity key \
+             and the control socket",
+            dir.display()
+        ),
+        Ok(None) => {}
+        Err(e) => eprintln!(
+            "warning: cannot make the config dir {} private: {e}",
+            dir.display()
+        ),
+    }
     let identity_path = cli
         .identity
         .clone()
