@@ -118,6 +118,14 @@ impl TransportSettings {
     }
 }
 
+/// A bound endpoint: quinn's endpoint, the one UDP socket under it (for STUN and routes), and the
+/// STUN datagrams the socket takes out of quinn's receive path.
+pub type BoundEndpoint = (
+    quinn::Endpoint,
+    Arc<DemuxSocket>,
+    mpsc::Receiver<StunDatagram>,
+);
+
 /// Binds `addr`, wraps it in a [`DemuxSocket`] and builds a quinn endpoint over it that accepts
 /// connections with `server` (if given) and can dial with per-connection client configs.
 /// `reset_secret` makes stateless resets recognisable across restarts (servers); `None` picks a
@@ -128,14 +136,7 @@ pub fn make_endpoint(
     settings: TransportSettings,
     stun_queue: usize,
     reset_secret: Option<[u8; 32]>,
-) -> Result<
-    (
-        quinn::Endpoint,
-        Arc<DemuxSocket>,
-        mpsc::Receiver<StunDatagram>,
-    ),
-    EndpointError,
-> {
+) -> Result<BoundEndpoint, EndpointError> {
     let server_config = match server {
         Some(tls) => {
             let mut config = quic_server_config(tls)?;
@@ -156,14 +157,7 @@ pub fn make_server_endpoint(
     limits: ServerTransport,
     stun_queue: usize,
     reset_secret: Option<[u8; 32]>,
-) -> Result<
-    (
-        quinn::Endpoint,
-        Arc<DemuxSocket>,
-        mpsc::Receiver<StunDatagram>,
-    ),
-    EndpointError,
-> {
+) -> Result<BoundEndpoint, EndpointError> {
     let mut config = quic_server_config(tls)?;
     config
         .transport_config(settings.server_transport_config(&limits))
@@ -185,14 +179,7 @@ fn bind_endpoint(
     server_config: Option<quinn::ServerConfig>,
     stun_queue: usize,
     reset_secret: Option<[u8; 32]>,
-) -> Result<
-    (
-        quinn::Endpoint,
-        Arc<DemuxSocket>,
-        mpsc::Receiver<StunDatagram>,
-    ),
-    EndpointError,
-> {
+) -> Result<BoundEndpoint, EndpointError> {
     let socket_err = |source| EndpointError::Socket { addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(socket_err)?;
     let (demux, stun_rx) = DemuxSocket::new(socket, stun_queue).map_err(socket_err)?;

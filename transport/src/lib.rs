@@ -13,8 +13,8 @@ pub use demux::{
     DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket, VirtualSink,
 };
 pub use endpoint::{
-    make_endpoint, make_server_endpoint, quic_client_config, remote_certificate, EndpointError,
-    ServerTransport, TransportSettings,
+    make_endpoint, make_server_endpoint, quic_client_config, remote_certificate, BoundEndpoint,
+    EndpointError, ServerTransport, TransportSettings,
 };
 pub use scripted::{check_receive_script, ScriptedDatagram, ScriptedSocket};
 
