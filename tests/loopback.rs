@@ -1,11 +1,11 @@
 //! End-to-end tests on loopback: the real binaries, port 0, temporary directories.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::frame_io::{read_frame, write_frame};
 use common::{ControlMessage, ErrorCode, PROTOCOL_VERSION};
-use e2e::{args, listen, peer, peer_run, Rendezvous, TempDir};
+use e2e::{args, listen, peer, peer_run, Proc, Rendezvous, TempDir};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -846,4 +846,133 @@ fn netcheck_understands_a_standard_stun_server() {
         "{report}"
     );
     drop(turn);
+}
+
+/// Piped chats (`printf 'line\n' | peer connect ID`) reusing one listener, in parallel slots: a
+/// connector exits 0 only once the listener has shown its line (the `end`/`end_ack` exchange),
+/// and none is lost. Closing the connection used to discard a line the listener had not read
+/// yet while the connector exited 0.
+#[test]
+fn two_hundred_piped_chats_lose_nothing() {
+    const CHATS: usize = 200;
+    // Each slot has its own identity (the rendezvous lets one address register 20 new ones at
+    // once) and runs its chats one after another.
+    const SLOTS: usize = 10;
+    let dir = TempDir::new("piped");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let (mut a, a_id) = listen("a", &dir.path().join("a"), &rv);
+    let mut connect = args!["connect", a_id];
+    connect.extend(rv.args());
+    std::thread::scope(|scope| {
+        for slot in 0..SLOTS {
+            let (a, connect, slot_dir) = (&a, &connect, dir.path().join(format!("s{slot}")));
+            scope.spawn(move || {
+                for chat in (slot..CHATS).step_by(SLOTS) {
+                    let line = format!("piped line {chat} of {CHATS}");
+                    let mut b = peer(&format!("b{chat}"), &slot_dir, connect);
+                    b.send_line(&line);
+                    b.close_stdin();
+                    let status = b.wait(T);
+                    assert!(
+                        status.success(),
+                        "chat {chat}: {status}\n{}",
+                        b.stderr.text()
+                    );
+                    // The listener wrote the line before acknowledging; this test's reader
+                    // thread may still be a moment behind.
+                    a.stdout.wait_for(&line, Duration::from_secs(5));
+                }
+            });
+        }
+    });
+    let shown = a.stdout.text();
+    for chat in 0..CHATS {
+        let line = format!("piped line {chat} of {CHATS}\n");
+        assert_eq!(shown.matches(&line).count(), 1, "chat {chat} shown once");
+    }
+    assert!(a.terminate(T).success());
+}
+
+/// A connector whose listener never acknowledges (stopped with SIGSTOP after the connection is
+/// up) exits non-zero within the end timeout, saying its lines may be lost.
+#[test]
+fn a_chat_the_listener_never_acknowledges_fails_within_the_timeout() {
+    let dir = TempDir::new("noack");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let (mut a, a_id) = listen("a", &dir.path().join("a"), &rv);
+    let mut connect = args!["connect", a_id];
+    connect.extend(rv.args());
+    let mut b = peer("b", &dir.path().join("b"), &connect);
+    b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    a.stdout.wait_for("connected: ", T);
+    let signal = |sig: &str, p: &Proc| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &p.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP", &a);
+    let stopped = Instant::now();
+    b.send_line("into the void");
+    b.close_stdin();
+    let status = b.wait(common::chat::END_TIMEOUT + T);
+    let waited = stopped.elapsed();
+    signal("-CONT", &a);
+    assert_eq!(status.code(), Some(1), "{}", b.stderr.text());
+    let err = b.stderr.text();
+    assert!(
+        err.contains("did not confirm") && err.contains("may be lost"),
+        "{err}"
+    );
+    assert!(
+        waited >= common::chat::END_TIMEOUT,
+        "failed only after the timeout: {waited:?}"
+    );
+    assert!(a.terminate(T).success());
+}
+
+/// A peer of protocol version 1 (ALPN `p2p-peer/1`, whose chat could lose lines) cannot connect
+/// to a version-2 listener: the handshake fails.
+#[test]
+fn a_version_1_peer_cannot_connect() {
+    let dir = TempDir::new("oldpeer");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let (mut a, a_id) = listen("a", &dir.path().join("a"), &rv);
+    let mut lookup = args!["lookup", a_id];
+    lookup.extend(rv.args());
+    let (status, out, err) = peer_run(&dir.path().join("q"), &lookup, T);
+    assert!(status.success(), "{out}\n{err}");
+    let addr: SocketAddr = out
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .and_then(|w| w.parse().ok())
+        .expect("the listener's address");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let error = runtime.block_on(async {
+        let identity = certs::Identity::generate().unwrap();
+        let tls =
+            certs::client_config_for_peer(&identity, a_id.parse().unwrap(), b"p2p-peer/1").unwrap();
+        let client = transport::quic_client_config(tls, Default::default()).unwrap();
+        let (endpoint, _, _) = transport::make_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            Default::default(),
+            8,
+            None,
+        )
+        .unwrap();
+        let connecting = endpoint.connect_with(client, addr, "peer").unwrap();
+        tokio::time::timeout(T, connecting)
+            .await
+            .expect("the handshake ends")
+            .expect_err("a version-1 peer is refused")
+    });
+    assert!(
+        error.to_string().contains("120") || error.to_string().contains("protocol"),
+        "{error}"
+    );
+    a.stderr.wait_for("refused connection from", T);
+    assert!(a.terminate(T).success());
 }

@@ -16,15 +16,22 @@ pub mod relay;
 pub mod stun;
 pub mod stun5780;
 
-pub use chat::{ChatError, ChatMessage};
+pub use chat::{ChatError, ChatFrame, ChatMessage};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use id::{ParsePeerIdError, PeerId};
-pub use message::{ControlMessage, ErrorCode, MessageError, PeerMessage, PROTOCOL_VERSION};
+pub use message::{
+    ControlMessage, ErrorCode, MessageError, PeerMessage, PEER_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 /// ALPN of the control protocol between a peer and the rendezvous.
 pub const ALPN_RENDEZVOUS: &[u8] = b"p2p-rendezvous/1";
-/// ALPN of the protocol between two peers.
-pub const ALPN_PEER: &[u8] = b"p2p-peer/1";
+/// ALPN of the protocol between two peers: `p2p-peer/` and
+/// [`PEER_PROTOCOL_VERSION`](message::PEER_PROTOCOL_VERSION). A peer accepts only this one, so a
+/// peer of another version fails in the handshake; it dials offering the older ones too
+/// ([`ALPN_PEER_OLDER`]) so that it can name an older peer's version in its error.
+pub const ALPN_PEER: &[u8] = b"p2p-peer/2";
+/// ALPNs of earlier peer protocol versions, newest first (offered when dialing, never accepted).
+pub const ALPN_PEER_OLDER: &[&[u8]] = &[b"p2p-peer/1"];
 
 /// ALPN of the TLS-over-TCP tunnel that carries a peer's QUIC packets to the rendezvous when UDP
 /// is blocked.

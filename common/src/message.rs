@@ -16,6 +16,12 @@ use crate::PeerId;
 /// introduction accepted it, so version-1 peers (which never accept) are refused.
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// Version of the protocol between two peers, carried in their ALPN
+/// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
+/// `end`/`end_ack` (see [`chat`](crate::chat)), so that a piped line is never lost while the
+/// sender reports success; version-1 peers cannot complete the handshake with version-2 peers.
+pub const PEER_PROTOCOL_VERSION: u32 = 2;
+
 /// Most local addresses a peer may announce.
 pub const MAX_LOCAL_ADDRS: usize = 16;
 
@@ -329,7 +335,7 @@ impl PeerMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerApp {
-    /// Chat: frames of [`ChatMessage`](crate::ChatMessage) both ways.
+    /// Chat: [`ChatFrame`](crate::ChatFrame)s both ways (messages, then `end`/`end_ack`).
     Chat,
     /// One file: a `file_header`, the bytes, and a `file_result` back.
     File,

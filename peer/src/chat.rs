@@ -1,11 +1,13 @@
-//! Chat over a QUIC stream: lines typed go out as [`ChatMessage`] frames, frames received are
-//! shown with sender and time.
+//! Chat over a QUIC stream: lines typed go out as [`ChatFrame::Message`] frames, messages
+//! received are shown with sender and time, and the chat ends with the `end`/`end_ack` exchange
+//! of [`common::chat`], so that neither side reports success before the other has read it all.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use common::chat::{ChatEnding, EndedBy};
 use common::frame_io::{read_frame, write_frame, FrameIoError};
 use common::message::PeerApp;
-use common::{ChatMessage, PeerId, PeerMessage};
+use common::{ChatFrame, ChatMessage, PeerId, PeerMessage};
 use tokio::sync::mpsc;
 
 use crate::console::Console;
@@ -13,11 +15,17 @@ use crate::console::Console;
 /// How a chat ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ChatEnd {
-    /// Our input ended; everything we sent was acknowledged.
+    /// Our input ended first; the peer acknowledged reading everything we sent, and we read
+    /// everything it sent.
     InputClosed,
-    /// The other side closed its half.
-    PeerClosed,
-    /// The connection failed.
+    /// The peer ended the chat first; the same acknowledgements were exchanged. `unsent` lines
+    /// of our input were already queued and not sent (the chat was over).
+    PeerClosed {
+        /// Queued input lines that were not sent.
+        unsent: usize,
+    },
+    /// The connection failed, the peer broke the protocol, or it did not acknowledge our end in
+    /// time: what we sent may not have been read.
     Failed(String),
 }
 
@@ -57,7 +65,13 @@ pub async fn accept(
     }
 }
 
-/// Runs the chat until our input ends or the stream does.
+/// How long a side that is done waits for the peer's finish before it moves on (the peer
+/// finishes as soon as it has our `end_ack`; this only bounds a peer that never does).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Runs the chat until it ends (see [`common::chat`] for how an ending is made lossless): our
+/// input ending, or the peer's `end`, starts the ending; it completes once both sides
+/// acknowledged each other's `end`, or fails after `end_timeout`.
 pub async fn run(
     mut tx: quinn::SendStream,
     rx: quinn::RecvStream,
@@ -65,40 +79,114 @@ pub async fn run(
     peer: PeerId,
     mut lines: mpsc::Receiver<String>,
     console: Console,
+    end_timeout: Duration,
 ) -> ChatEnd {
     // Reading a frame is not cancel-safe, so the reader runs as its own task.
     let (frames_tx, mut frames) = mpsc::channel(64);
     let reader = tokio::spawn(read_all(rx, frames_tx));
-    let end = loop {
+    let mut ending = ChatEnding::new(end_timeout);
+    let result: Result<(), String> = loop {
+        if ending.is_done() {
+            break Ok(());
+        }
+        let deadline = ending.deadline();
+        let expired = async move {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            line = lines.recv() => match line {
-                Some(line) => {
-                    let msg = match ChatMessage::new(me, peer, line) {
-                        Ok(msg) => msg,
+            line = lines.recv(), if ending.may_send() => {
+                let frame = match line {
+                    Some(line) => match ChatMessage::new(me, peer, line) {
+                        Ok(msg) => ChatFrame::Message(msg),
                         Err(e) => {
                             console.error(format!("not sent: {e}")).await;
                             continue;
                         }
-                    };
-                    if let Err(e) = write_frame(&mut tx, &msg.encode()).await {
-                        break ChatEnd::Failed(e.to_string());
+                    },
+                    None => match ending.input_ended(Instant::now()) {
+                        Some(end) => end,
+                        None => continue,
+                    },
+                };
+                if let Err(e) = write_frame(&mut tx, &frame.encode()).await {
+                    break Err(e.to_string());
+                }
+            }
+            frame = frames.recv() => match frame {
+                Some(Ok(body)) => match ChatFrame::decode(&body) {
+                    Ok(ChatFrame::Message(msg)) => {
+                        if let Err(e) = ending.on_message() {
+                            break Err(e.to_string());
+                        }
+                        match msg.check(peer, me) {
+                            Ok(()) => console.message(&msg).await,
+                            Err(e) => console.error(format!("dropped a message from {peer}: {e}")).await,
+                        }
+                    }
+                    Ok(ChatFrame::EndAck {}) => {
+                        if let Err(e) = ending.on_ack() {
+                            break Err(e.to_string());
+                        }
+                    }
+                    Ok(ChatFrame::End {}) => {
+                        let replies = match ending.on_end(Instant::now()) {
+                            Ok(replies) => replies,
+                            Err(e) => break Err(e.to_string()),
+                        };
+                        // The acknowledgement says every line was shown: make it true first.
+                        console.flush().await;
+                        let mut failed = None;
+                        for reply in replies {
+                            if let Err(e) = write_frame(&mut tx, &reply.encode()).await {
+                                failed = Some(e.to_string());
+                                break;
+                            }
+                        }
+                        if let Some(e) = failed {
+                            break Err(e);
+                        }
+                    }
+                    Err(e) => console.error(format!("dropped a frame from {peer}: {e}")).await,
+                },
+                Some(Err(e)) => break Err(e),
+                None => {
+                    if let Err(e) = ending.on_peer_finished() {
+                        break Err(e.to_string());
                     }
                 }
-                None => {
-                    let _ = tx.finish();
-                    // Wait until the peer has everything we wrote, then we are done.
-                    let _ = tokio::time::timeout(Duration::from_secs(5), tx.stopped()).await;
-                    break ChatEnd::InputClosed;
+            },
+            _ = expired => {
+                if let Err(e) = ending.poll_timeout(Instant::now()) {
+                    break Err(e.to_string());
                 }
-            },
-            frame = frames.recv() => match frame {
-                Some(Ok(body)) => match ChatMessage::decode_from(&body, peer, me) {
-                    Ok(msg) => console.message(&msg).await,
-                    Err(e) => console.error(format!("dropped a message from {peer}: {e}")).await,
-                },
-                Some(Err(e)) => break ChatEnd::Failed(e),
-                None => break ChatEnd::PeerClosed,
-            },
+            }
+        }
+    };
+    let end = match result {
+        Ok(()) => {
+            // Done: everything both ways was read. Finish our side; the peer finishes its side
+            // once it has our last `end_ack`, and the dialing side closes the connection only
+            // after that, so the peer never loses it.
+            let _ = tx.finish();
+            let linger = async { while let Some(Ok(_)) = frames.recv().await {} };
+            let _ = tokio::time::timeout(LINGER, linger).await;
+            match ending.ended_by() {
+                Some(EndedBy::Peer) => {
+                    let mut unsent = 0;
+                    while lines.try_recv().is_ok() {
+                        unsent += 1;
+                    }
+                    ChatEnd::PeerClosed { unsent }
+                }
+                _ => ChatEnd::InputClosed,
+            }
+        }
+        Err(e) => {
+            let _ = tx.reset(0u32.into());
+            ChatEnd::Failed(e)
         }
     };
     reader.abort();

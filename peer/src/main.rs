@@ -983,19 +983,32 @@ async fn serve_peer(
         let console = console.clone();
         match app {
             common::message::PeerApp::Chat => {
-                let key = tx.id().index();
+                // One key per chat in this process: stream indices repeat on every connection, and
+                // a second chat under the same key would end the first one's input.
+                static NEXT_CHAT: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(0);
+                let key = NEXT_CHAT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (line_tx, line_rx) = mpsc::channel(64);
                 if let Ok(mut h) = hub.lock() {
                     h.insert(key, line_tx);
                 }
                 let hub = hub.clone();
                 streams.spawn(async move {
-                    let end = chat::run(tx, rx, me, peer, line_rx, console.clone()).await;
+                    let end = chat::run(
+                        tx,
+                        rx,
+                        me,
+                        peer,
+                        line_rx,
+                        console.clone(),
+                        common::chat::END_TIMEOUT,
+                    )
+                    .await;
                     if let Ok(mut h) = hub.lock() {
                         h.remove(&key);
                     }
                     match end {
-                        chat::ChatEnd::PeerClosed => {
+                        chat::ChatEnd::PeerClosed { .. } => {
                             console.say(format!("chat with {peer} ended")).await
                         }
                         chat::ChatEnd::Failed(e) => {
@@ -1138,6 +1151,7 @@ async fn connect(
             peer,
             console::stdin_lines(),
             ctx.console.clone(),
+            common::chat::END_TIMEOUT,
         )
         .await;
         // Read before our own close replaces the reason the connection ended with.
@@ -1147,11 +1161,14 @@ async fn connect(
         conn.close(0u32.into(), b"chat over");
         match end {
             chat::ChatEnd::InputClosed => Ok(()),
-            chat::ChatEnd::PeerClosed => {
+            chat::ChatEnd::PeerClosed { unsent: 0 } => {
                 ctx.console.say(format!("{peer} ended the chat")).await;
                 Ok(())
             }
-            chat::ChatEnd::Failed(e) => Err(anyhow!("connection to {peer} lost: {e}")),
+            chat::ChatEnd::PeerClosed { unsent } => Err(anyhow!(
+                "{peer} ended the chat before {unsent} line(s) of input could be sent"
+            )),
+            chat::ChatEnd::Failed(e) => Err(anyhow!("chat with {peer} failed: {e}")),
         }
     }
     .await

@@ -27,6 +27,18 @@ pub enum DialError {
         /// How long we waited.
         timeout: Duration,
     },
+    /// The peer runs an older peer protocol (it chose an older ALPN): the connection was
+    /// closed at once, since the two cannot chat without losing lines.
+    #[error(
+        "the peer at {addr} speaks {found}, but this peer needs p2p-peer/{}: upgrade the other peer",
+        common::PEER_PROTOCOL_VERSION
+    )]
+    OldProtocol {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// The ALPN it chose.
+        found: String,
+    },
     /// The handshake failed otherwise.
     #[error("connection to {addr} failed: {reason}")]
     Failed {
@@ -84,8 +96,12 @@ impl Node {
         timeout: Duration,
     ) -> Result<quinn::Connection, DialError> {
         let failed = |reason: String| DialError::Failed { addr, reason };
-        let tls = certs::client_config_for_peer(&self.identity, peer, common::ALPN_PEER)
+        let mut tls = certs::client_config_for_peer(&self.identity, peer, common::ALPN_PEER)
             .map_err(|e| failed(e.to_string()))?;
+        // Offered so that an older peer completes the handshake and can be named in the error
+        // below; never accepted by our own listener.
+        tls.alpn_protocols
+            .extend(common::ALPN_PEER_OLDER.iter().map(|a| a.to_vec()));
         let client = transport::quic_client_config(tls, self.transport)
             .map_err(|e| failed(e.to_string()))?;
         let connecting = self
@@ -94,7 +110,17 @@ impl Node {
             .map_err(|e| failed(e.to_string()))?;
         match tokio::time::timeout(timeout, connecting).await {
             Err(_) => Err(DialError::Timeout { addr, timeout }),
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => match negotiated_protocol(&conn) {
+                Some(alpn) if alpn == common::ALPN_PEER => Ok(conn),
+                other => {
+                    let found = other.map_or_else(
+                        || "no protocol".to_owned(),
+                        |a| String::from_utf8_lossy(&a).into_owned(),
+                    );
+                    conn.close(3u32.into(), b"peer protocol version mismatch");
+                    Err(DialError::OldProtocol { addr, found })
+                }
+            },
             Ok(Err(e)) => {
                 let text = e.to_string();
                 match text.find("peer key mismatch") {
@@ -106,6 +132,14 @@ impl Node {
             }
         }
     }
+}
+
+/// The ALPN a connection's handshake settled on.
+fn negotiated_protocol(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The authenticated id of the other side of a connection.
@@ -130,5 +164,63 @@ pub fn local_addrs(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
     match ip {
         Ok(ip) if !ip.is_unspecified() => vec![SocketAddr::new(ip, bound.port())],
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer of an older protocol (it accepts only `p2p-peer/1`) is named in the error and the
+    /// connection is not used.
+    #[tokio::test]
+    async fn an_older_peer_is_refused_with_its_version_named() {
+        let old = Identity::generate().unwrap();
+        let old_id = old.id();
+        let tls = certs::server_config(&old, &[common::ALPN_PEER_OLDER[0]]).unwrap();
+        let (server, _, _) = transport::make_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(tls),
+            TransportSettings::default(),
+            8,
+            None,
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Some(incoming) = server.accept().await {
+                if let Ok(conn) = incoming.await {
+                    let _ = closed_tx.send(conn.closed().await);
+                }
+            }
+        });
+        let identity = Arc::new(Identity::generate().unwrap());
+        let (node, _stun) = Node::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            identity,
+            TransportSettings::default(),
+        )
+        .unwrap();
+        let err = node
+            .dial(old_id, addr, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DialError::OldProtocol { found, .. } if found == "p2p-peer/1"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade the other peer"), "{err}");
+        // The old peer sees the connection closed with the reason.
+        let reason = tokio::time::timeout(Duration::from_secs(10), closed_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            reason
+                .to_string()
+                .contains("peer protocol version mismatch"),
+            "{reason}"
+        );
     }
 }
