@@ -17,7 +17,8 @@ pub enum Behaviour {
     AddressDependent,
     /// Depends on the destination's IP and port.
     AddressAndPortDependent,
-    /// Not measurable (the STUN server offers no alternate address, or UDP is blocked).
+    /// Not measured: the STUN server offers no alternate address, UDP is blocked, or the tests
+    /// got no answer (which says nothing about the server).
     Unknown,
 }
 
@@ -143,22 +144,24 @@ pub fn forecast(ours: Option<&NatProfile>, theirs: Option<&NatProfile>) -> Forec
     match (unknown(ours), unknown(theirs)) {
         (true, true) => {
             return Forecast::Unknown(
-                "neither NAT's behaviour could be measured (the rendezvous offers no RFC 5780 \
-                 behaviour discovery: start it with --stun-alt-port and --stun-alt-ip)"
+                "neither NAT's behaviour could be measured (the behaviour tests got no answer, \
+                 or the rendezvous offers no RFC 5780 behaviour discovery: `peer netcheck` \
+                 tells which)"
                     .into(),
             )
         }
         (true, false) => {
             return Forecast::Unknown(
-                "your NAT's behaviour could not be measured (the rendezvous offers no RFC 5780 \
-                 behaviour discovery: start it with --stun-alt-port and --stun-alt-ip)"
+                "your NAT's behaviour could not be measured (the behaviour tests got no answer, \
+                 or the rendezvous offers no RFC 5780 behaviour discovery: `peer netcheck` \
+                 tells which)"
                     .into(),
             )
         }
         (false, true) => {
             return Forecast::Unknown(
-                "the peer's NAT behaviour could not be measured (the rendezvous offers no RFC \
-                 5780 behaviour discovery: start it with --stun-alt-port and --stun-alt-ip)"
+                "the peer's NAT behaviour could not be measured (its behaviour tests got no \
+                 answer, or the rendezvous offers no RFC 5780 behaviour discovery)"
                     .into(),
             )
         }

@@ -184,7 +184,7 @@ pub fn classify(obs: &Observations) -> Report {
         _ => Behaviour::Unknown,
     };
     let port_preserved = obs.local.map(|l| l.port() == public.port());
-    let verdict = verdict(no_nat, mapping, filtering);
+    let verdict = verdict(no_nat, mapping, filtering, other.is_some());
     Report {
         udp: true,
         tcp_443: obs.tcp_443,
@@ -212,7 +212,10 @@ fn server_answers(obs: &Observations) -> Vec<ServerAnswer> {
         .collect()
 }
 
-fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour) -> String {
+/// The verdict in words. `discovery`: the server offered RFC 5780 behaviour discovery
+/// (OTHER-ADDRESS), so an unknown behaviour means its tests got no answer (lost or blocked on
+/// the way), not that the server cannot tell.
+fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour, discovery: bool) -> String {
     use Behaviour::*;
     if no_nat && filtering == EndpointIndependent {
         return "no NAT and no filtering: every peer can reach you directly".to_owned();
@@ -229,18 +232,27 @@ fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour) -> String {
              behind no NAT or a cone NAT; peers behind symmetric NATs will be relayed"
                 .to_owned()
         }
-        (EndpointIndependent, Unknown) => {
-            "your NAT keeps one public port per socket (its filtering is unknown: the STUN server \
-             offers no behaviour discovery): direct paths will work with peers behind no NAT or a \
-             cone NAT, and with symmetric NATs only if your NAT lets their new ports in"
-                .to_owned()
-        }
+        (EndpointIndependent, Unknown) => format!(
+            "your NAT keeps one public port per socket (its filtering is unknown: {}): direct \
+             paths will work with peers behind no NAT or a cone NAT, and with symmetric NATs only \
+             if your NAT lets their new ports in",
+            if discovery {
+                "the filtering tests got no answer at all, not even to a plain request"
+            } else {
+                "the STUN server offers no behaviour discovery"
+            }
+        ),
         (AddressDependent | AddressAndPortDependent, _) => {
             "your NAT gives a new public port for every destination (symmetric): direct paths will \
              work only with peers behind no NAT or a full or address-restricted cone NAT; peers \
              behind port-restricted cone or symmetric NATs will be relayed"
                 .to_owned()
         }
+        _ if discovery => "the STUN server offers behaviour discovery, but its tests got no \
+                           answer from its alternate address (lost or blocked on the way), so the \
+                           NAT's behaviour is unknown; connections fall back to the relay when \
+                           punching fails"
+            .to_owned(),
         _ => "the STUN server does not offer behaviour discovery (no OTHER-ADDRESS), so the NAT's \
               behaviour is unknown; connections fall back to the relay when punching fails"
             .to_owned(),
@@ -291,60 +303,248 @@ impl Report {
     }
 }
 
-/// Tries of an exchange whose answer is expected (mapping tests): with 10 % loss each way a try
-/// fails about one time in five, so five tries leave a wrong "unknown" about 3 times in 10,000.
-const TRIES_EXPECTED: usize = 5;
-/// Tries of an exchange that a filtering NAT is expected to drop (filtering tests): every try
-/// costs `wait` when no answer comes.
-const TRIES_FILTERED: usize = 3;
+/// How long one STUN transaction retransmits before it concludes "no answer" (RFC 5389 section
+/// 7.2.1): the request is sent `sends` times (Rc), the interval starting at `rto` and doubling
+/// after each send, capped at `max_rto`; after the last send the client waits `last_wait`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retransmit {
+    /// First retransmission timeout (RTO).
+    pub rto: Duration,
+    /// Largest interval between two sends (RFC 5389 has no cap: `Duration::MAX`).
+    pub max_rto: Duration,
+    /// Requests sent in all (Rc).
+    pub sends: u32,
+    /// Wait after the last send before giving up (RFC 5389: Rm times the RTO).
+    pub last_wait: Duration,
+}
 
-/// One Binding exchange: up to `tries` tries of `wait` each; the answer's mapped address and
-/// where it came from.
-async fn exchange(
-    socket: &UdpSocket,
-    request: &[u8],
-    transaction: [u8; 12],
-    to: SocketAddr,
-    (wait, tries): (Duration, usize),
-) -> Option<(SocketAddr, SocketAddr, Vec<u8>, Duration)> {
-    let mut buf = [0u8; 1500];
-    for _ in 0..tries {
-        let sent = Instant::now();
-        socket.send_to(request, to).await.ok()?;
-        let deadline = sent + wait;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+impl Retransmit {
+    /// RFC 5389's defaults (the reference the budgets below shorten; the tests check the
+    /// schedule against the RFC's own example): RTO 500 ms doubling, Rc = 7, Rm = 16: sends at 0, 0.5, 1.5, 3.5, 7.5,
+    /// 15.5 and 31.5 s, no answer concluded at 39.5 s.
+    #[cfg(test)]
+    pub const RFC5389: Retransmit = Retransmit {
+        rto: Duration::from_millis(500),
+        max_rto: Duration::MAX,
+        sends: 7,
+        last_wait: Duration::from_millis(16 * 500),
+    };
+
+    /// Ours for an exchange whose answer is expected (test I and the mapping tests): RFC 5389's
+    /// RTO and Rc with the interval capped at 1 s and a last wait of 2 s (sends at 0, 0.5, 1.5,
+    /// 2.5, 3.5, 4.5 and 5.5 s; no answer at 7.5 s), so that a blocked network is reported in
+    /// seconds, not in 39.5 s. With 10 % loss each way, all seven round trips fail about once in
+    /// 100,000 measurements (0.19^7).
+    pub const EXPECTED: Retransmit = Retransmit {
+        rto: Duration::from_millis(500),
+        max_rto: Duration::from_secs(1),
+        sends: 7,
+        last_wait: Duration::from_secs(2),
+    };
+
+    /// Ours for an exchange that a filtering NAT drops by design (the filtering tests, where
+    /// "no answer" is the result on most NATs and costs the whole budget): five sends (0, 0.5,
+    /// 1.5, 2.5, 3.5 s), no answer at 4.5 s. With 10 % loss each way, an answer that should come
+    /// is missed about 2.5 times in 10,000 (0.19^5); the filtering tests run concurrently, so a
+    /// filtering NAT costs 4.5 s once.
+    pub const FILTERED: Retransmit = Retransmit {
+        rto: Duration::from_millis(500),
+        max_rto: Duration::from_secs(1),
+        sends: 5,
+        last_wait: Duration::from_secs(1),
+    };
+
+    /// When each request is sent, after the first, and when "no answer" is concluded.
+    #[cfg(test)]
+    pub fn timeline(&self) -> (Vec<Duration>, Duration) {
+        let mut sends = Vec::new();
+        let mut at = Duration::ZERO;
+        let mut interval = self.rto;
+        for i in 0..self.sends {
+            if i > 0 {
+                at = at.saturating_add(interval.min(self.max_rto));
+                interval = interval.saturating_mul(2);
             }
-            let Ok(Ok((n, from))) = tokio::time::timeout(left, socket.recv_from(&mut buf)).await
-            else {
-                break;
-            };
-            if let Ok(StunPacket::BindingSuccess {
-                transaction: t,
-                mapped,
-            }) = stun::decode(&buf[..n])
-            {
-                if t == transaction {
-                    return Some((mapped, from, buf[..n].to_vec(), sent.elapsed()));
+            sends.push(at);
+        }
+        (sends, at.saturating_add(self.last_wait))
+    }
+}
+
+/// What a [`Transaction`] wants done now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Send the request (again).
+    Send,
+    /// Nothing to do before this instant (unless an answer arrives).
+    Wait(Instant),
+    /// The budget is spent without an answer.
+    GiveUp,
+}
+
+/// One STUN transaction's retransmissions, without I/O: time is passed in. An answer to any
+/// copy of the request ends it (the caller stops polling).
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    schedule: Retransmit,
+    sent: u32,
+    interval: Duration,
+    next: Instant,
+}
+
+impl Transaction {
+    /// A transaction whose first request is due at `now`.
+    pub fn new(schedule: Retransmit, now: Instant) -> Self {
+        Transaction {
+            schedule,
+            sent: 0,
+            interval: schedule.rto,
+            next: now,
+        }
+    }
+
+    /// What to do at `now`. After [`Step::Send`], poll again (the next step is a wait).
+    pub fn poll(&mut self, now: Instant) -> Step {
+        if now < self.next {
+            return Step::Wait(self.next);
+        }
+        if self.sent >= self.schedule.sends {
+            return Step::GiveUp;
+        }
+        self.sent += 1;
+        self.next = if self.sent == self.schedule.sends {
+            now + self.schedule.last_wait
+        } else {
+            let wait = self.interval.min(self.schedule.max_rto);
+            self.interval = self.interval.saturating_mul(2);
+            now + wait
+        };
+        Step::Send
+    }
+}
+
+/// The retransmission budgets of a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Patience {
+    /// For exchanges whose answer is expected.
+    pub expected: Retransmit,
+    /// For the filtering tests.
+    pub filtered: Retransmit,
+}
+
+impl Default for Patience {
+    fn default() -> Self {
+        Patience {
+            expected: Retransmit::EXPECTED,
+            filtered: Retransmit::FILTERED,
+        }
+    }
+}
+
+/// An answer: the mapped address, where it came from, the raw response, the round trip since the
+/// first request.
+type Answer = (SocketAddr, SocketAddr, Vec<u8>, Duration);
+
+/// One Binding request to send, retransmitted on its schedule.
+struct Pending {
+    request: Vec<u8>,
+    transaction_id: [u8; 12],
+    to: SocketAddr,
+    retransmit: Transaction,
+    answer: Option<Answer>,
+    done: bool,
+}
+
+/// Binding exchanges run together from one socket (each with its own transaction id and
+/// schedule); each answer is the first response to any copy of its request.
+async fn exchanges(
+    socket: &UdpSocket,
+    requests: Vec<(Vec<u8>, [u8; 12], SocketAddr, Retransmit)>,
+) -> Vec<Option<Answer>> {
+    let started = Instant::now();
+    let mut pending: Vec<Pending> = requests
+        .into_iter()
+        .map(|(request, transaction_id, to, schedule)| Pending {
+            request,
+            transaction_id,
+            to,
+            retransmit: Transaction::new(schedule, started),
+            answer: None,
+            done: false,
+        })
+        .collect();
+    let mut buf = [0u8; 1500];
+    loop {
+        let now = Instant::now();
+        let mut wake: Option<Instant> = None;
+        for p in pending.iter_mut().filter(|p| !p.done) {
+            loop {
+                match p.retransmit.poll(now) {
+                    Step::Send => {
+                        // A failed send is a lost request: the schedule sends again.
+                        let _ = socket.send_to(&p.request, p.to).await;
+                    }
+                    Step::Wait(at) => {
+                        wake = Some(wake.map_or(at, |w| w.min(at)));
+                        break;
+                    }
+                    Step::GiveUp => {
+                        p.done = true;
+                        break;
+                    }
                 }
             }
         }
+        let Some(wake) = wake else { break };
+        let left = wake.saturating_duration_since(Instant::now());
+        let (n, from) = match tokio::time::timeout(left, socket.recv_from(&mut buf)).await {
+            Ok(Ok(received)) => received,
+            // A receive error (an ICMP error reported on the socket): nothing arrived; wait for
+            // the schedule rather than spin on the error.
+            Ok(Err(_)) => {
+                tokio::time::sleep_until(wake.into()).await;
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if let Ok(StunPacket::BindingSuccess {
+            transaction,
+            mapped,
+        }) = stun::decode(&buf[..n])
+        {
+            if let Some(p) = pending
+                .iter_mut()
+                .find(|p| !p.done && p.transaction_id == transaction)
+            {
+                p.answer = Some((mapped, from, buf[..n].to_vec(), started.elapsed()));
+                p.done = true;
+            }
+        }
     }
-    None
+    pending.into_iter().map(|p| p.answer).collect()
+}
+
+/// A Binding request with the given CHANGE-REQUEST flags: (request, transaction id).
+fn request_with_change((change_ip, change_port): (bool, bool)) -> (Vec<u8>, [u8; 12]) {
+    let transaction: [u8; 12] = rand::random();
+    (
+        stun5780::binding_request_with_change(transaction, change_ip, change_port),
+        transaction,
+    )
 }
 
 /// A Binding request with the given CHANGE-REQUEST flags, and its answer.
 async fn ask(
     socket: &UdpSocket,
     to: SocketAddr,
-    (change_ip, change_port): (bool, bool),
-    patience: (Duration, usize),
-) -> Option<(SocketAddr, SocketAddr, Vec<u8>, Duration)> {
-    let transaction: [u8; 12] = rand::random();
-    let request = stun5780::binding_request_with_change(transaction, change_ip, change_port);
-    exchange(socket, &request, transaction, to, patience).await
+    change: (bool, bool),
+    schedule: Retransmit,
+) -> Option<Answer> {
+    let (request, transaction) = request_with_change(change);
+    exchanges(socket, vec![(request, transaction, to, schedule)])
+        .await
+        .pop()
+        .flatten()
 }
 
 /// What to test besides the STUN behaviour tests.
@@ -359,8 +559,18 @@ pub struct Options {
 }
 
 /// Runs the tests against `servers` (STUN servers; the first that offers RFC 5780 behaviour
-/// discovery is used for the mapping and filtering tests, the others are compared with it).
+/// discovery is used for the mapping and filtering tests, the others are compared with it), with
+/// the default retransmission budgets.
 pub async fn run(servers: &[SocketAddr], options: &Options) -> std::io::Result<Report> {
+    run_with(servers, options, Patience::default()).await
+}
+
+/// [`run`] with the given retransmission budgets.
+pub async fn run_with(
+    servers: &[SocketAddr],
+    options: &Options,
+    patience: Patience,
+) -> std::io::Result<Report> {
     let Some(&first) = servers.first() else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -378,8 +588,7 @@ pub async fn run(servers: &[SocketAddr], options: &Options) -> std::io::Result<R
         .port_mapping
         .then(|| tokio::spawn(crate::portmap::probe(crate::portmap::default_gateway())));
     let socket = UdpSocket::bind(bind).await?;
-    let wait = Duration::from_millis(500);
-    let (expected, filtered) = ((wait, TRIES_EXPECTED), (wait, TRIES_FILTERED));
+    let (expected, filtered) = (patience.expected, patience.filtered);
     let same = (false, false);
     let mut obs = Observations {
         local: crate::node::local_addrs(socket.local_addr()?, first)
@@ -387,10 +596,18 @@ pub async fn run(servers: &[SocketAddr], options: &Options) -> std::io::Result<R
             .copied(),
         ..Observations::default()
     };
-    // Test I against every server, from one socket.
+    // Test I against every server, from one socket, all at once (a silent server costs its
+    // budget once, not once per server).
     let mut discovery = None;
-    for &server in servers {
-        let answer = ask(&socket, server, same, expected).await;
+    let requests = servers
+        .iter()
+        .map(|&server| {
+            let (request, transaction) = request_with_change(same);
+            (request, transaction, server, expected)
+        })
+        .collect();
+    let answers = exchanges(&socket, requests).await;
+    for (&server, answer) in servers.iter().zip(answers) {
         obs.servers
             .push((server, answer.as_ref().map(|(m, _, _, rtt)| (*m, *rtt))));
         if let Some((mapped, _, raw, rtt)) = answer {
@@ -413,16 +630,33 @@ pub async fn run(servers: &[SocketAddr], options: &Options) -> std::io::Result<R
         // Filtering is tested from a fresh socket (a fresh mapping) that has only ever sent to
         // the primary address: the mapping tests above opened the first socket's filter to
         // the alternate IP.
+        // Both filtering tests (answers from the other IP and port, and from the other port)
+        // run at once with a plain request beside them: every request goes to the primary
+        // address only, so none opens the filter for another, and no answer to the plain one
+        // means nothing got through at all: the filtering is then unknown, not "filtered".
         let fresh = UdpSocket::bind(bind).await?;
-        let both = ask(&fresh, server, (true, true), filtered).await.is_some();
-        obs.filter_change_both = Some(both);
-        if !both {
-            obs.filter_change_port =
-                Some(ask(&fresh, server, (false, true), filtered).await.is_some());
+        let (control, control_id) = request_with_change(same);
+        let (both, both_id) = request_with_change((true, true));
+        let (port, port_id) = request_with_change((false, true));
+        let answers = exchanges(
+            &fresh,
+            vec![
+                (control, control_id, server, expected),
+                (both, both_id, server, filtered),
+                (port, port_id, server, filtered),
+            ],
+        )
+        .await;
+        if answers[0].is_some() {
+            let both = answers[1].is_some();
+            obs.filter_change_both = Some(both);
+            if !both {
+                obs.filter_change_port = Some(answers[2].is_some());
+            }
         }
     }
     if let (true, Some((mapped, _, _))) = (options.hairpin, obs.primary) {
-        obs.hairpin = Some(hairpin(&socket, mapped, first, bind, wait).await?);
+        obs.hairpin = Some(hairpin(&socket, mapped, first, bind, expected).await?);
     }
     if let Some(tcp) = options.tcp_443 {
         let connect = tokio::net::TcpStream::connect(tcp);
@@ -460,11 +694,10 @@ async fn hairpin(
     mapped: SocketAddr,
     server: SocketAddr,
     bind: SocketAddr,
-    wait: Duration,
+    expected: Retransmit,
 ) -> std::io::Result<bool> {
     let second = UdpSocket::bind(bind).await?;
-    let Some((second_mapped, _, _, _)) =
-        ask(&second, server, (false, false), (wait, TRIES_EXPECTED)).await
+    let Some((second_mapped, _, _, _)) = ask(&second, server, (false, false), expected).await
     else {
         return Ok(false);
     };
@@ -590,6 +823,278 @@ mod tests {
         assert_eq!(r.mapping, Behaviour::Unknown);
         assert!(r.verdict.contains("unknown"));
         assert_eq!(r.port_preserved, Some(false));
+    }
+
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    /// Drives a transaction with time passed in, never answered: when it sent, when it gave up.
+    fn drive(schedule: Retransmit) -> (Vec<Duration>, Duration) {
+        let start = Instant::now();
+        let mut t = Transaction::new(schedule, start);
+        let mut now = start;
+        let mut sends = Vec::new();
+        loop {
+            match t.poll(now) {
+                Step::Send => sends.push(now - start),
+                Step::Wait(at) => {
+                    assert!(at > now, "a wait is in the future");
+                    // Polling early changes nothing.
+                    assert_eq!(t.poll(now + (at - now) / 2), Step::Wait(at));
+                    now = at;
+                }
+                Step::GiveUp => return (sends, now - start),
+            }
+        }
+    }
+
+    #[test]
+    fn retransmissions_follow_rfc_5389_and_the_documented_budgets() {
+        // RFC 5389 section 7.2.1's own example.
+        let rfc = (
+            ms(&[0, 500, 1500, 3500, 7500, 15500, 31500]),
+            Duration::from_millis(39500),
+        );
+        assert_eq!(Retransmit::RFC5389.timeline(), rfc);
+        assert_eq!(drive(Retransmit::RFC5389), rfc);
+        let expected = (
+            ms(&[0, 500, 1500, 2500, 3500, 4500, 5500]),
+            Duration::from_millis(7500),
+        );
+        assert_eq!(Retransmit::EXPECTED.timeline(), expected);
+        assert_eq!(drive(Retransmit::EXPECTED), expected);
+        let filtered = (ms(&[0, 500, 1500, 2500, 3500]), Duration::from_millis(4500));
+        assert_eq!(Retransmit::FILTERED.timeline(), filtered);
+        assert_eq!(drive(Retransmit::FILTERED), filtered);
+        // A late poll sends once, not a burst for every missed slot.
+        let start = Instant::now();
+        let mut t = Transaction::new(Retransmit::RFC5389, start);
+        assert_eq!(t.poll(start), Step::Send);
+        let late = start + Duration::from_secs(5);
+        assert_eq!(t.poll(late), Step::Send);
+        assert_eq!(t.poll(late), Step::Wait(late + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn unknown_is_not_blamed_on_a_server_that_offers_discovery() {
+        // The server offered OTHER-ADDRESS, but the answer from its alternate IP never came.
+        let lost = Observations {
+            filter_change_both: Some(true),
+            ..base()
+        };
+        let r = classify(&lost);
+        assert_eq!(r.mapping, Behaviour::Unknown);
+        assert!(r.verdict.contains("got no answer"), "{}", r.verdict);
+        assert!(!r.verdict.contains("does not offer"), "{}", r.verdict);
+        // Filtering tests without even a plain answer: unknown, not "filtered".
+        let silent = Observations {
+            via_alt_ip: Some(a("203.0.113.21:40000")),
+            ..base()
+        };
+        let r = classify(&silent);
+        assert_eq!(
+            (r.mapping, r.filtering),
+            (Behaviour::EndpointIndependent, Behaviour::Unknown)
+        );
+        assert!(r.verdict.contains("got no answer"), "{}", r.verdict);
+        // A server without discovery is still named as the cause.
+        let plain = Observations {
+            primary: Some((a("203.0.113.21:40000"), Duration::from_millis(5), None)),
+            ..base()
+        };
+        assert!(classify(&plain).verdict.contains("does not offer"));
+    }
+
+    /// What the lossy responder drops.
+    #[derive(Clone, Copy, Debug)]
+    enum Loss {
+        /// The first three copies of every transaction (old budgets of three tries concluded
+        /// "filtered" from this).
+        FirstThree,
+        /// Every other request it receives (50 %).
+        EveryOther,
+        /// Everything sent to the alternate IP (and nothing else).
+        AltIp,
+    }
+
+    /// The NAT the responder pretends the client is behind (it writes the mapped addresses and
+    /// drops what that NAT's filter would drop).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Nat {
+        FullCone,
+        PortRestricted,
+        Symmetric,
+    }
+
+    /// An RFC 5780 STUN server on 127.0.0.1 and 127.0.0.2, two ports each, that drops requests
+    /// deterministically. Returns the primary address.
+    async fn lossy_responder(nat: Nat, loss: Loss) -> SocketAddr {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex};
+        let ips = [
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            std::net::IpAddr::from([127, 0, 0, 2]),
+        ];
+        // Ports free on both IPs.
+        let sockets = 'bind: loop {
+            let p1 = UdpSocket::bind((ips[0], 0)).await.unwrap();
+            let p2 = UdpSocket::bind((ips[0], 0)).await.unwrap();
+            let (port1, port2) = (
+                p1.local_addr().unwrap().port(),
+                p2.local_addr().unwrap().port(),
+            );
+            let (Ok(q1), Ok(q2)) = (
+                UdpSocket::bind((ips[1], port1)).await,
+                UdpSocket::bind((ips[1], port2)).await,
+            ) else {
+                continue 'bind;
+            };
+            break [Arc::new(p1), Arc::new(p2), Arc::new(q1), Arc::new(q2)];
+        };
+        let addrs: Vec<SocketAddr> = sockets.iter().map(|s| s.local_addr().unwrap()).collect();
+        let other = addrs[3];
+        let copies: Arc<Mutex<(HashMap<[u8; 12], u32>, u64)>> = Arc::default();
+        for (index, socket) in sockets.iter().enumerate() {
+            let (sockets, addrs, copies) = (sockets.clone(), addrs.clone(), copies.clone());
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                    let Some(req) = stun5780::parse_binding_request(&buf[..n]) else {
+                        continue;
+                    };
+                    let drop_it = {
+                        let mut copies = copies.lock().unwrap();
+                        copies.1 += 1;
+                        let total = copies.1;
+                        let seen = copies.0.entry(req.transaction).or_insert(0);
+                        *seen += 1;
+                        match loss {
+                            Loss::FirstThree => *seen <= 3,
+                            Loss::EveryOther => total % 2 == 1,
+                            Loss::AltIp => index >= 2,
+                        }
+                    };
+                    // The emulated NAT's filter drops answers from an address or port the
+                    // client has not sent to.
+                    let changed = req.change_ip || req.change_port;
+                    if drop_it || (changed && nat != Nat::FullCone) {
+                        continue;
+                    }
+                    let reply_from = index
+                        ^ (if req.change_ip { 2 } else { 0 })
+                        ^ (if req.change_port { 1 } else { 0 });
+                    let port = match nat {
+                        Nat::Symmetric => 40000 + index as u16,
+                        _ => 40000,
+                    };
+                    let ctx = stun5780::ResponseContext {
+                        mapped: SocketAddr::from(([203, 0, 113, 7], port)),
+                        origin: addrs[reply_from],
+                        other: Some(other),
+                    };
+                    let response = stun5780::binding_response(req.transaction, &ctx);
+                    let _ = sockets[reply_from].send_to(&response, from).await;
+                }
+            });
+        }
+        addrs[0]
+    }
+
+    /// Budgets shaped like the defaults but ten times faster, with a long last wait, so that a
+    /// loaded machine cannot make an answer that comes late look lost.
+    const FAST: Patience = Patience {
+        expected: Retransmit {
+            rto: Duration::from_millis(50),
+            max_rto: Duration::from_millis(100),
+            sends: 7,
+            last_wait: Duration::from_secs(3),
+        },
+        filtered: Retransmit {
+            rto: Duration::from_millis(50),
+            max_rto: Duration::from_millis(100),
+            sends: 5,
+            last_wait: Duration::from_secs(3),
+        },
+    };
+
+    #[tokio::test]
+    async fn a_lossy_responder_still_gives_the_right_conclusion() {
+        use Behaviour::*;
+        let cases = [
+            (
+                Nat::FullCone,
+                Loss::FirstThree,
+                EndpointIndependent,
+                EndpointIndependent,
+            ),
+            (
+                Nat::FullCone,
+                Loss::EveryOther,
+                EndpointIndependent,
+                EndpointIndependent,
+            ),
+            (
+                Nat::PortRestricted,
+                Loss::FirstThree,
+                EndpointIndependent,
+                AddressAndPortDependent,
+            ),
+            (
+                Nat::PortRestricted,
+                Loss::EveryOther,
+                EndpointIndependent,
+                AddressAndPortDependent,
+            ),
+            (
+                Nat::Symmetric,
+                Loss::FirstThree,
+                AddressAndPortDependent,
+                AddressAndPortDependent,
+            ),
+            (
+                Nat::Symmetric,
+                Loss::EveryOther,
+                AddressAndPortDependent,
+                AddressAndPortDependent,
+            ),
+        ];
+        let runs = cases.map(|(nat, loss, mapping, filtering)| async move {
+            let server = lossy_responder(nat, loss).await;
+            let report = run_with(&[server], &Options::default(), FAST)
+                .await
+                .unwrap();
+            (nat, loss, mapping, filtering, report)
+        });
+        for (nat, loss, mapping, filtering, report) in futures_join_all(runs).await {
+            assert!(report.udp && !report.no_nat, "{nat:?} {loss:?}: {report:?}");
+            assert_eq!(
+                (report.mapping, report.filtering),
+                (mapping, filtering),
+                "{nat:?} {loss:?}: {}",
+                report.verdict
+            );
+        }
+        // Everything to the alternate IP lost: the mapping is unknown, and said to be for lack
+        // of answers, not for lack of discovery.
+        let server = lossy_responder(Nat::FullCone, Loss::AltIp).await;
+        let report = run_with(&[server], &Options::default(), FAST)
+            .await
+            .unwrap();
+        assert_eq!(report.mapping, Unknown, "{report:?}");
+        assert!(
+            report.verdict.contains("got no answer"),
+            "{}",
+            report.verdict
+        );
+    }
+
+    /// Runs futures concurrently on this task and returns their outputs in order.
+    async fn futures_join_all<F: std::future::Future>(futures: [F; 6]) -> Vec<F::Output> {
+        let [a, b, c, d, e, f] = futures;
+        let (a, b, c, d, e, f) = tokio::join!(a, b, c, d, e, f);
+        vec![a, b, c, d, e, f]
     }
 
     #[test]
