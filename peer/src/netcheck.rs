@@ -954,7 +954,9 @@ mod tests {
         };
         let addrs: Vec<SocketAddr> = sockets.iter().map(|s| s.local_addr().unwrap()).collect();
         let other = addrs[3];
-        let copies: Arc<Mutex<(HashMap<[u8; 12], u32>, u64)>> = Arc::default();
+        // Copies seen per transaction, and requests seen in all.
+        type Seen = (HashMap<[u8; 12], u32>, u64);
+        let copies: Arc<Mutex<Seen>> = Arc::default();
         for (index, socket) in sockets.iter().enumerate() {
             let (sockets, addrs, copies) = (sockets.clone(), addrs.clone(), copies.clone());
             let socket = socket.clone();
