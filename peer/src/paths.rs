@@ -237,8 +237,7 @@ impl PathKeeper {
     }
 
     /// Readies the socket for talking to `peer` before any path is known: its stable address
-    /// goes through the relay (if it is up) and packets from any of its candidates are shown to
-    /// quinn as coming from the stable address. Returns the stable address.
+    /// goes through the relay (if it is up). Returns the stable address.
     pub fn prepare(&self, peer: PeerId, candidates: &[Candidate]) -> SocketAddr {
         let stable = stable_addr(&peer);
         // A new introduction: a closed connection's link must not take the routes set up from
@@ -272,9 +271,10 @@ impl PathKeeper {
                 .socket
                 .set_route(stable, PathTarget::Virtual(self.relay.sink(&peer)));
         }
-        for candidate in candidates {
-            self.node.socket.add_alias(candidate.addr, stable);
-        }
+        // No candidate is aliased to the peer here: a candidate is only what the peer (or the
+        // rendezvous) claims, and may be another peer's address. Addresses are aliased once a
+        // probe or an answer authenticated with the introduction's key came from them
+        // (`punching`), and never away from another live connection.
         stable
     }
 
@@ -341,6 +341,8 @@ impl PathKeeper {
             PathTarget::Virtual(_) => Current::Relay,
             PathTarget::Udp(addr) => Current::Direct(addr),
         };
+        // Its address is the connection's: no alias takes it away while the link runs.
+        self.node.socket.claim(quinn_addr);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let now = Instant::now();
         let status = Arc::new(Mutex::new(LinkStatus {
@@ -524,6 +526,13 @@ impl PathKeeper {
                 table.links.remove(&peer);
                 self.relay.forget(&peer);
                 self.node.socket.remove_routes(quinn_addr);
+            } else if table
+                .links
+                .get(&peer)
+                .is_none_or(|h| h.conn.remote_address() != quinn_addr)
+            {
+                // A newer connection on another address took over: ours is no longer claimed.
+                self.node.socket.release(quinn_addr);
             }
         }
     }

@@ -204,8 +204,29 @@ impl Session {
                 }
             }
             while let Some(event) = self.puncher.poll_event() {
-                if let (Event::ProbeReceived { from }, Some(alias)) = (&event, self.alias) {
-                    self.node.socket.add_alias(*from, alias);
+                // The peer proved it sends from this address (an authenticated probe, or an
+                // authenticated answer): its packets from there are the connection's.
+                let proven = match &event {
+                    Event::ProbeReceived { from } | Event::Answered { from, .. } => Some(*from),
+                    _ => None,
+                };
+                if let (Some(from), Some(alias)) = (proven, self.alias) {
+                    if let Err(refusal) = self.node.socket.add_alias(from, alias) {
+                        tracing::debug!(%peer, %from, ?refusal, "address not aliased to the peer");
+                        if let Some(console) = &self.verbose {
+                            console
+                                .error(format!(
+                                    "punch {}: {from} not taken as the peer's address: {}",
+                                    peer.short(),
+                                    match refusal {
+                                        transport::AliasRefusal::OwnedByAnother(_) =>
+                                            "it belongs to another live connection",
+                                        transport::AliasRefusal::Full => "too many addresses",
+                                    }
+                                ))
+                                .await;
+                        }
+                    }
                 }
                 if let Some(console) = &self.verbose {
                     console.error(describe(peer, &event)).await;
