@@ -220,7 +220,7 @@ impl Session {
                                     peer.short(),
                                     match refusal {
                                         transport::AliasRefusal::OwnedByAnother(_) =>
-                                            "it belongs to another live connection",
+                                            "a live connection already uses it",
                                         transport::AliasRefusal::Full => "too many addresses",
                                     }
                                 ))
