@@ -73,7 +73,7 @@ fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() 
         .build()
         .unwrap();
     let v_peer: PeerId = v_id.parse().unwrap();
-    let (introduced, refused) = runtime.block_on(async {
+    let (attacker, mut relayed_to_attacker, introduced, refused) = runtime.block_on(async {
         let identity = certs::Identity::generate().unwrap();
         let endpoint = attack::endpoint_on(std::net::Ipv4Addr::new(127, 0, 4, 1)).unwrap();
         let attacker = RawClient::register_announcing(
@@ -87,6 +87,13 @@ fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() 
         .await
         .unwrap()
         .expect("the attacker registers");
+        // Its relay stream: were V to take P's packets for the attacker's, V's answers (P's
+        // QUIC packets) would be relayed here, since V accepts the attacker's introductions.
+        let (_relay_tx, relay_rx) = attacker
+            .relay()
+            .await
+            .unwrap()
+            .expect("the relay stream opens");
         let (mut introduced, mut refused) = (0u32, 0u32);
         // 45: under the per-connection request limit (burst 50), which would answer first.
         for _ in 0..45 {
@@ -111,7 +118,7 @@ fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() 
                 other => panic!("connect answered {other:?}"),
             }
         }
-        (introduced, refused)
+        (attacker, relay_rx, introduced, refused)
     });
     // 20 at once, then 5 a second: the loop takes well under 2 s.
     assert!(
@@ -130,6 +137,16 @@ fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() 
     assert_eq!(conns.len(), 1, "{report}");
     assert_eq!(conns[0]["peer"], p_id.as_str(), "{report}");
     assert_eq!(direct_addr(&v_dir), p_addr, "{report}");
+    // Nothing of V's reached the attacker through the relay.
+    let mut buf = [0u8; 4096];
+    let read = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(2), relayed_to_attacker.read(&mut buf)).await
+    });
+    assert!(
+        !matches!(read, Ok(Ok(Some(n))) if n > 0),
+        "V sent packets to the attacker: {read:?}"
+    );
+    drop(attacker);
     let since = v.stdout.lines()[lines_before..].join("\n");
     assert!(
         !since.contains("relayed via"),
