@@ -102,8 +102,9 @@ impl Default for RegistryLimits {
             registrations_per_s: 10.0,
             sources_remembered: 65_536,
             // A peer connects to a few peers, and re-punches each with backoff; a burst covers
-            // starting many chats or transfers at once.
-            introductions_burst: 20.0,
+            // starting many chats or transfers at once (as many as may wait for an accept,
+            // MAX_INTRODUCTIONS_PER_REQUESTER).
+            introductions_burst: 32.0,
             introductions_per_s: 5.0,
             introductions_to_target_burst: 40.0,
             introductions_to_target_per_s: 10.0,
