@@ -13,8 +13,10 @@ use crate::PeerId;
 
 /// Version of the control protocol, sent in `register` and echoed in `registered`. Version 2
 /// added `accept`: the server relays between two peers only once the target of their
-/// introduction accepted it, so version-1 peers (which never accept) are refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// introduction accepted it, so version-1 peers (which never accept) are refused. Version 3
+/// added the secret `key` of `punch` (probes and answers are authenticated with it instead of
+/// the public nonce), so version-2 peers, whose probes new peers would ignore, are refused.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -68,8 +70,12 @@ pub enum ControlMessage {
         peer: PeerId,
         /// Addresses where the other side may be reached, best first.
         candidates: Vec<Candidate>,
-        /// Shared by both sides of one introduction; probes carry it.
+        /// Shared by both sides of one introduction; probes carry it in clear (it routes them
+        /// to their session). Random.
         nonce: u64,
+        /// The introduction's secret: probes and answers carry MESSAGE-INTEGRITY keyed by it.
+        /// Only ever sent on the TLS control streams of the two peers.
+        key: crate::stun::PunchKey,
     },
     /// Sent by the target of an introduction (on a request stream of its own) when it gets the
     /// `punch` push: it agrees to be relayed to and from `peer`. Answered with `ack`, or an error
@@ -214,6 +220,34 @@ pub struct Candidate {
     pub addr: SocketAddr,
     /// Its origin.
     pub kind: CandidateKind,
+}
+
+/// Most candidates of one peer the rendezvous hands out in a `punch`, and that a peer probes
+/// (the rest are ignored): each costs the other side probes.
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Whether `addr` may be handed out and probed as a candidate: not unspecified, multicast,
+/// broadcast, port 0, or a reserved 240.0.0.0/4 address (the rendezvous's TCP tunnels and the
+/// peers' stable per-peer addresses live there), and loopback only when `allow_loopback` (both
+/// peers and the rendezvous run on one host, as in tests). A candidate is an address the other
+/// peer will send probes to, so these rules keep a peer from aiming another at addresses that
+/// are no peer's (its own host, a subnet's broadcast, a multicast group).
+pub fn usable_candidate(addr: SocketAddr, allow_loopback: bool) -> bool {
+    use std::net::IpAddr;
+    if addr.port() == 0 {
+        return false;
+    }
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_unspecified() || ip.is_multicast() || (ip.is_loopback() && !allow_loopback) {
+        return false;
+    }
+    match ip {
+        IpAddr::V4(v4) => !v4.is_broadcast() && v4.octets()[0] < 240,
+        IpAddr::V6(_) => true,
+    }
 }
 
 /// Origin of a [`Candidate`].
@@ -477,6 +511,32 @@ mod tests {
         assert_eq!(msg, ControlMessage::error(ErrorCode::Unknown, "m"));
     }
 
+    #[test]
+    fn unusable_candidates_are_refused() {
+        for bad in [
+            "0.0.0.0:1",
+            "[::]:1",
+            "203.0.113.1:0",
+            "224.0.0.251:5353",
+            "[ff02::1]:9",
+            "255.255.255.255:9",
+            "240.0.0.1:9",
+            "[::ffff:127.0.0.1]:9",
+            "[::ffff:255.255.255.255]:9",
+        ] {
+            let addr: SocketAddr = bad.parse().unwrap();
+            assert!(!usable_candidate(addr, false), "{bad}");
+        }
+        for (loopback, allowed) in [("127.0.0.1:9", true), ("[::1]:9", true)] {
+            let addr: SocketAddr = loopback.parse().unwrap();
+            assert!(!usable_candidate(addr, false), "{loopback}");
+            assert_eq!(usable_candidate(addr, true), allowed, "{loopback}");
+        }
+        for good in ["10.0.0.2:4000", "203.0.113.9:1", "[2001:db8::1]:9"] {
+            assert!(usable_candidate(good.parse().unwrap(), false), "{good}");
+        }
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -506,11 +566,12 @@ mod tests {
         }
 
         #[test]
-        fn punch_round_trips(nonce in any::<u64>(), port in 1u16..) {
+        fn punch_round_trips(nonce in any::<u64>(), port in 1u16.., key in any::<[u8; 16]>()) {
             let msg = ControlMessage::Punch {
                 peer: id(),
                 candidates: vec![Candidate { addr: SocketAddr::from(([203, 0, 113, 9], port)), kind: CandidateKind::Observed }],
                 nonce,
+                key: crate::stun::PunchKey::from_bytes(key),
             };
             prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
         }

@@ -138,8 +138,9 @@ pub fn answer_binding(datagram: &[u8], source: SocketAddr) -> Option<Vec<u8>> {
 
 /// What a hole-punching probe says about itself, in its USERNAME attribute
 /// (`p2p1:<nonce as 16 hex digits>:<sender id, 32 hex digits>`), the way ICE connectivity checks
-/// carry their credentials. The nonce comes from the rendezvous's introduction and is known only
-/// to the two peers, so the receiver can tell its peer's probes from anything else.
+/// carry their credentials. The tag is public (it travels in clear in every probe): it only
+/// routes datagrams to the right session. What proves a probe or an answer comes from the peer
+/// is its MESSAGE-INTEGRITY, keyed by the introduction's secret [`PunchKey`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeTag {
     /// The introduction's nonce.
@@ -190,17 +191,71 @@ pub fn nonce_of_transaction(transaction: &[u8; 12]) -> u64 {
     u64::from_be_bytes(nonce)
 }
 
-/// The MESSAGE-INTEGRITY key of an introduction: the nonce is known only to the two peers and
-/// the rendezvous, so a stranger that happens to answer at a candidate address (another host
-/// with the same private address, a generic STUN responder) cannot pass for the peer.
-fn probe_password(nonce: u64) -> String {
-    format!("p2p-punch-{nonce:016x}")
+/// The secret of one introduction (or of one direct link's heartbeats): the MESSAGE-INTEGRITY
+/// key of its probes and answers, ICE's short-term password. The rendezvous draws a fresh one
+/// from a CSPRNG for every introduction and hands it to the two peers only inside the `punch`
+/// messages on their TLS control streams; it never travels in a datagram, so a host that sees
+/// every probe (and so knows the USERNAME, the nonce and the transaction ids) still cannot
+/// forge a probe or an answer. In JSON it is 32 hex digits; `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PunchKey([u8; PunchKey::LEN]);
+
+impl PunchKey {
+    /// Length of a key in bytes (128 bits).
+    pub const LEN: usize = 16;
+
+    /// The key with these bytes (which must come from a CSPRNG or a key exporter).
+    pub fn from_bytes(bytes: [u8; PunchKey::LEN]) -> Self {
+        PunchKey(bytes)
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8; PunchKey::LEN] {
+        &self.0
+    }
+
+    /// The key as 32 lowercase hex digits (its JSON form, and the STUN short-term password).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 32 hex digits.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        if text.len() != 2 * PunchKey::LEN || !text.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; PunchKey::LEN];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(PunchKey(bytes))
+    }
 }
 
-fn seal(mut message: Message<Attribute>, nonce: u64) -> Vec<u8> {
-    if let Ok(integrity) =
-        MessageIntegrity::new_short_term_credential(&message, &probe_password(nonce))
-    {
+impl std::fmt::Debug for PunchKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A secret: never in logs.
+        f.write_str("PunchKey(..)")
+    }
+}
+
+impl serde::Serialize for PunchKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PunchKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        PunchKey::from_hex(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!("a punch key is {} hex digits", 2 * PunchKey::LEN))
+        })
+    }
+}
+
+fn seal(mut message: Message<Attribute>, key: &PunchKey) -> Vec<u8> {
+    if let Ok(integrity) = MessageIntegrity::new_short_term_credential(&message, &key.to_hex()) {
         message.add_attribute(integrity);
     }
     if let Ok(fingerprint) = Fingerprint::new(&message) {
@@ -210,8 +265,8 @@ fn seal(mut message: Message<Attribute>, nonce: u64) -> Vec<u8> {
 }
 
 /// Encodes a probe: a Binding request with the tag in USERNAME and MESSAGE-INTEGRITY keyed by
-/// the introduction's nonce.
-pub fn probe_request(tag: &ProbeTag, counter: u32) -> Vec<u8> {
+/// the introduction's secret key.
+pub fn probe_request(tag: &ProbeTag, counter: u32, key: &PunchKey) -> Vec<u8> {
     let mut message = Message::<Attribute>::new(
         MessageClass::Request,
         BINDING,
@@ -220,33 +275,30 @@ pub fn probe_request(tag: &ProbeTag, counter: u32) -> Vec<u8> {
     if let Ok(username) = Username::new(tag.to_username()) {
         message.add_attribute(username);
     }
-    seal(message, tag.nonce)
+    seal(message, key)
 }
 
 /// Encodes the answer to a probe: a Binding success response with XOR-MAPPED-ADDRESS and
-/// MESSAGE-INTEGRITY keyed by the nonce.
-pub fn probe_success(transaction: [u8; 12], mapped: SocketAddr, nonce: u64) -> Vec<u8> {
+/// MESSAGE-INTEGRITY keyed by the introduction's secret key.
+pub fn probe_success(transaction: [u8; 12], mapped: SocketAddr, key: &PunchKey) -> Vec<u8> {
     let mut message = Message::<Attribute>::new(
         MessageClass::SuccessResponse,
         BINDING,
         TransactionId::new(transaction),
     );
     message.add_attribute(XorMappedAddress::new(mapped));
-    seal(message, nonce)
+    seal(message, key)
 }
 
-/// True if the datagram carries a MESSAGE-INTEGRITY that checks with the nonce's key.
-pub fn verify_probe(datagram: &[u8], nonce: u64) -> bool {
+/// True if the datagram carries a MESSAGE-INTEGRITY that checks with `key`.
+pub fn verify_probe(datagram: &[u8], key: &PunchKey) -> bool {
     let mut decoder = MessageDecoder::<Attribute>::new();
     let Ok(Ok(message)) = decoder.decode_from_bytes(datagram) else {
         return false;
     };
     message
         .get_attribute::<MessageIntegrity>()
-        .is_some_and(|mi| {
-            mi.check_short_term_credential(&probe_password(nonce))
-                .is_ok()
-        })
+        .is_some_and(|mi| mi.check_short_term_credential(&key.to_hex()).is_ok())
 }
 
 fn encode(message: Message<Attribute>) -> Vec<u8> {
@@ -294,13 +346,17 @@ mod tests {
         );
     }
 
+    fn key(n: u8) -> PunchKey {
+        PunchKey::from_bytes([n; PunchKey::LEN])
+    }
+
     #[test]
     fn probes_carry_their_tag() {
         let tag = ProbeTag {
             nonce: 0xdead_beef_0000_0001,
             sender: PeerId::from_key_digest(&[4; 32]),
         };
-        let probe = probe_request(&tag, 7);
+        let probe = probe_request(&tag, 7, &key(1));
         let Ok(StunPacket::BindingRequest {
             transaction,
             username: Some(username),
@@ -311,12 +367,12 @@ mod tests {
         assert_eq!(ProbeTag::from_username(&username), Some(tag));
         assert_eq!(nonce_of_transaction(&transaction), tag.nonce);
         assert_eq!(transaction, tag.transaction(7));
-        assert!(verify_probe(&probe, tag.nonce));
-        assert!(!verify_probe(&probe, tag.nonce + 1));
+        assert!(verify_probe(&probe, &key(1)));
+        assert!(!verify_probe(&probe, &key(2)));
         let from: SocketAddr = "198.51.100.2:7".parse().unwrap();
-        let answer = probe_success(transaction, from, tag.nonce);
-        assert!(verify_probe(&answer, tag.nonce));
-        assert!(!verify_probe(&answer, 1));
+        let answer = probe_success(transaction, from, &key(1));
+        assert!(verify_probe(&answer, &key(1)));
+        assert!(!verify_probe(&answer, &key(2)));
         assert_eq!(
             decode(&answer),
             Ok(StunPacket::BindingSuccess {
@@ -325,14 +381,11 @@ mod tests {
             })
         );
         // A generic answer (no integrity) does not verify.
-        assert!(!verify_probe(
-            &binding_success(transaction, from),
-            tag.nonce
-        ));
+        assert!(!verify_probe(&binding_success(transaction, from), &key(1)));
         let mut tampered = answer.clone();
         let last = tampered.len() - 9;
         tampered[last] ^= 1;
-        assert!(!verify_probe(&tampered, tag.nonce));
+        assert!(!verify_probe(&tampered, &key(1)));
         for bad in [
             "",
             "p2p1:",
@@ -341,6 +394,50 @@ mod tests {
             "other",
         ] {
             assert_eq!(ProbeTag::from_username(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_public_parts_of_a_probe_do_not_make_its_key() {
+        // Everything an on-path host learns from a probe: the USERNAME, the nonce, the
+        // transaction id. The integrity the old scheme derived from the nonce no longer checks,
+        // nor does any key built from those public values.
+        let tag = ProbeTag {
+            nonce: 0x0123_4567_89ab_cdef,
+            sender: PeerId::from_key_digest(&[4; 32]),
+        };
+        let secret = key(0x5a);
+        let from: SocketAddr = "198.51.100.2:7".parse().unwrap();
+        let genuine = probe_success(tag.transaction(1), from, &secret);
+        let mut guesses = vec![key(0)];
+        let mut nonce_key = [0u8; PunchKey::LEN];
+        nonce_key[..8].copy_from_slice(&tag.nonce.to_be_bytes());
+        guesses.push(PunchKey::from_bytes(nonce_key));
+        let mut txid_key = [0u8; PunchKey::LEN];
+        txid_key[..12].copy_from_slice(&tag.transaction(1));
+        guesses.push(PunchKey::from_bytes(txid_key));
+        for guess in &guesses {
+            let forged = probe_success(tag.transaction(1), from, guess);
+            assert!(!verify_probe(&forged, &secret));
+            assert!(!verify_probe(&genuine, guess));
+        }
+    }
+
+    #[test]
+    fn keys_are_hex_in_json_and_hidden_in_debug() {
+        let k = PunchKey::from_bytes(*b"0123456789abcdef");
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(json, "\"30313233343536373839616263646566\"");
+        assert_eq!(serde_json::from_str::<PunchKey>(&json).unwrap(), k);
+        assert_eq!(format!("{k:?}"), "PunchKey(..)");
+        for bad in [
+            "\"\"",
+            "\"0123\"",
+            "\"zz313233343536373839616263646566\"",
+            "12",
+            "\"303132333435363738396162636465\u{e9}\"",
+        ] {
+            assert!(serde_json::from_str::<PunchKey>(bad).is_err(), "{bad}");
         }
     }
 
@@ -382,7 +479,7 @@ mod tests {
                 let len = (bytes.len() - HEADER_LEN) as u16 & !3;
                 bytes[2..4].copy_from_slice(&len.to_be_bytes());
                 let _ = decode(&bytes);
-                let _ = verify_probe(&bytes, 1);
+                let _ = verify_probe(&bytes, &key(1));
                 let _ = answer_binding(&bytes, "192.0.2.1:1".parse().unwrap());
             }
         }

@@ -82,6 +82,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                     },
                 ],
                 nonce: 0x9E37_79B9_7F4A_7C15,
+                key: stun::PunchKey::from_bytes(*b"sixteen byte key"),
             },
         ),
         ("relay_open", ControlMessage::RelayOpen {}),
@@ -285,6 +286,7 @@ fn main() {
         nonce: 0xdead_beef_0000_0001,
         sender: id(4),
     };
+    let probe_key = stun::PunchKey::from_bytes([0x5a; 16]);
     let ctx = ResponseContext {
         mapped: addr("198.51.100.7:41000"),
         origin: addr("203.0.113.10:3478"),
@@ -300,10 +302,10 @@ fn main() {
             "binding_success_v6",
             stun::binding_success(txid, addr("[2001:db8::1]:9")),
         ),
-        ("probe_request", stun::probe_request(&tag, 3)),
+        ("probe_request", stun::probe_request(&tag, 3, &probe_key)),
         (
             "probe_success",
-            stun::probe_success(tag.transaction(3), addr("198.51.100.2:7"), tag.nonce),
+            stun::probe_success(tag.transaction(3), addr("198.51.100.2:7"), &probe_key),
         ),
         (
             "change_request_ip_port",

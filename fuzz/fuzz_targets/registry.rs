@@ -29,7 +29,7 @@
 //!   `connect` (either side, accepted or not);
 //! - pushes come only with a `punch` and go to the target's connection with the same nonce;
 //!   nonces never repeat; candidates never include a virtual (240/4) address, a port 0 or an
-//!   unspecified address, and are at most 1 + MAX_LOCAL_ADDRS;
+//!   unspecified address, and are at most MAX_CANDIDATES;
 //! - a persisted record is the sender's, holds its current address and at most MAX_LOCAL_ADDRS;
 //! - every reply and push encodes within MAX_FRAME_LEN and decodes back to itself;
 //! - counters never decrease, and each counts exactly the replies (and expiries) that say so;
@@ -50,13 +50,13 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use common::message::{CandidateKind, MAX_LOCAL_ADDRS};
+use common::message::{CandidateKind, MAX_CANDIDATES, MAX_LOCAL_ADDRS};
 use common::{ControlMessage, ErrorCode, PeerId, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use libfuzzer_sys::fuzz_target;
 use p2p_fuzz::registry_script::{addr, peer, Msg, Op, CONNS_PER_PEER, FROM, PEERS};
 use rendezvous::core::{
-    ConnId, Counters, Outcome, Record, Registry, RelayRefusal, ACCEPT_WINDOW, INTRODUCTION_TTL,
-    MAX_INTRODUCTIONS_PER_REQUESTER,
+    ConnId, Counters, Outcome, Record, Registry, RegistryLimits, RelayRefusal, ACCEPT_WINDOW,
+    INTRODUCTION_TTL, MAX_INTRODUCTIONS_PER_REQUESTER,
 };
 use rendezvous::sources::SourceKey;
 use time::OffsetDateTime;
@@ -197,7 +197,17 @@ fn assert_wire_safe(msg: &ControlMessage) {
 impl Driver {
     fn new() -> Self {
         Driver {
-            registry: Registry::new([], 0x5eed),
+            // The introduction rates (per requester and per target) are unit-tested in
+            // `core::tests`; the model here does not predict them, so they are out of the way.
+            registry: Registry::with_limits(
+                [],
+                [0x5e; 32],
+                RegistryLimits {
+                    introductions_burst: 1e12,
+                    introductions_to_target_burst: 1e12,
+                    ..RegistryLimits::default()
+                },
+            ),
             now: T0,
             next_conn: 1,
             live: HashMap::new(),
@@ -643,6 +653,7 @@ impl Driver {
                 peer: whom,
                 candidates,
                 nonce,
+                key,
             } => {
                 assert_ne!(target, me, "introduced to itself");
                 assert_eq!(*whom, target);
@@ -657,8 +668,10 @@ impl Driver {
                         peer: requester,
                         candidates: theirs,
                         nonce: same,
+                        key: same_key,
                     } => {
                         assert_eq!((*requester, *same), (me, *nonce));
+                        assert_eq!(same_key, key, "both sides get the same key");
                         for c in candidates.iter().chain(theirs) {
                             assert!(!is_virtual(&c.addr), "virtual candidate {c:?}");
                             assert!(c.addr.port() != 0 && !c.addr.ip().is_unspecified());
@@ -666,8 +679,8 @@ impl Driver {
                                 assert_eq!(c.kind, CandidateKind::Local);
                             }
                         }
-                        assert!(candidates.len() <= 1 + MAX_LOCAL_ADDRS);
-                        assert!(theirs.len() <= 1 + MAX_LOCAL_ADDRS);
+                        assert!(candidates.len() <= MAX_CANDIDATES);
+                        assert!(theirs.len() <= MAX_CANDIDATES);
                     }
                     other => panic!("the target was pushed {other:?}"),
                 }

@@ -12,7 +12,7 @@
 //!   most 124 with IPv6, that another implementation (stun_codec) decodes, and that is not itself
 //!   a request; error responses are at most 68 bytes;
 //! - encoders round-trip: requests, responses, CHANGE-REQUEST flags, probe tags; a probe
-//!   verifies with its nonce only, and not once its transaction id is changed.
+//!   verifies with its key only, and not once its transaction id is changed.
 
 #![no_main]
 
@@ -92,7 +92,7 @@ fn check_codec(data: &[u8], source: SocketAddr) {
         }
         Err(_) => assert_eq!(answer, None, "something that does not decode was answered"),
     }
-    let _ = stun::verify_probe(data, 0);
+    let _ = stun::verify_probe(data, &stun::PunchKey::from_bytes([0; 16]));
 }
 
 fn check_server(data: &[u8], contexts: &[ResponseContext], reason: &str) {
@@ -165,7 +165,8 @@ fn check_server(data: &[u8], contexts: &[ResponseContext], reason: &str) {
 struct Encoders {
     transaction: [u8; 12],
     nonce: u64,
-    other_nonce: u64,
+    key: [u8; 16],
+    other_key: [u8; 16],
     sender: [u8; 32],
     counter: u32,
     change_ip: bool,
@@ -214,7 +215,9 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
         sender: PeerId::from_key_digest(&e.sender),
     };
     assert_eq!(ProbeTag::from_username(&tag.to_username()), Some(tag));
-    let probe = stun::probe_request(&tag, e.counter);
+    let key = stun::PunchKey::from_bytes(e.key);
+    let other_key = stun::PunchKey::from_bytes(e.other_key);
+    let probe = stun::probe_request(&tag, e.counter, &key);
     let transaction = tag.transaction(e.counter);
     assert_eq!(stun::nonce_of_transaction(&transaction), e.nonce);
     match stun::decode(&probe) {
@@ -227,9 +230,9 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
         }
         other => panic!("a probe decodes as {other:?}"),
     }
-    assert!(stun::verify_probe(&probe, e.nonce));
-    let answer = stun::probe_success(transaction, mapped, e.nonce);
-    assert!(stun::verify_probe(&answer, e.nonce));
+    assert!(stun::verify_probe(&probe, &key));
+    let answer = stun::probe_success(transaction, mapped, &key);
+    assert!(stun::verify_probe(&answer, &key));
     assert_eq!(
         stun::decode(&answer),
         Ok(StunPacket::BindingSuccess {
@@ -237,12 +240,12 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
             mapped
         })
     );
-    if e.other_nonce != e.nonce {
+    if e.other_key != e.key {
         assert!(
-            !stun::verify_probe(&probe, e.other_nonce),
-            "a probe verifies with another nonce"
+            !stun::verify_probe(&probe, &other_key),
+            "a probe verifies with another key"
         );
-        assert!(!stun::verify_probe(&answer, e.other_nonce));
+        assert!(!stun::verify_probe(&answer, &other_key));
     }
     // Any change to the transaction id breaks MESSAGE-INTEGRITY.
     for packet in [&probe, &answer] {
@@ -250,7 +253,7 @@ fn check_encoders(e: &Encoders, mapped: SocketAddr) {
         let bit = usize::from(e.flip) % 96;
         tampered[8 + bit / 8] ^= 1 << (bit % 8);
         assert!(
-            !stun::verify_probe(&tampered, e.nonce),
+            !stun::verify_probe(&tampered, &key),
             "a tampered probe verifies"
         );
     }

@@ -111,6 +111,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
                 peer: peer_id(u)?,
                 candidates,
                 nonce: u.arbitrary()?,
+                key: common::stun::PunchKey::from_bytes(u.arbitrary()?),
             }
         }
         6 => ControlMessage::RelayOpen {},

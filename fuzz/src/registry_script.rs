@@ -187,6 +187,7 @@ impl Msg {
                     peer: peer(n),
                     candidates: Vec::new(),
                     nonce: n.into(),
+                    key: common::stun::PunchKey::from_bytes([n; 16]),
                 },
                 _ => ControlMessage::RelayOpen {},
             },

@@ -81,14 +81,20 @@ pub async fn establish(
             }
         }
     }
-    let (candidates, nonce) = match keeper
+    let (candidates, introduction) = match keeper
         .session
         .request(&ControlMessage::Connect { id: peer })
         .await?
     {
         ControlMessage::Punch {
-            candidates, nonce, ..
-        } => (candidates, nonce),
+            candidates,
+            nonce,
+            key,
+            ..
+        } => (
+            keeper.screen_candidates(&candidates),
+            punch::Introduction { nonce, key },
+        ),
         ControlMessage::Error {
             code: ErrorCode::NotFound,
             ..
@@ -129,7 +135,7 @@ pub async fn establish(
         let candidates = candidates.clone();
         tokio::spawn(async move {
             keeper
-                .punch(peer, nonce, punch::Role::Initiator, &candidates)
+                .punch(peer, introduction, punch::Role::Initiator, &candidates)
                 .await
         })
     };

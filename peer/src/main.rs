@@ -940,6 +940,18 @@ async fn serve_peer(
         conn.close(2u32.into(), b"no identity");
         return;
     };
+    // A connection that arrives on a peer's stable address (relayed, or from an address aliased
+    // to that peer by an authenticated probe) must be that peer's: the TLS id decides, not the
+    // address map.
+    if is_stable_addr(remote) && remote != relay::stable_addr(&peer) {
+        console
+            .error(format!(
+                "refused a connection from {peer}: it came on the address of another peer"
+            ))
+            .await;
+        conn.close(2u32.into(), b"address of another peer");
+        return;
+    }
     let path = match keeper.node.socket.route_of(remote) {
         transport::PathTarget::Udp(addr) => format!("from {addr}"),
         transport::PathTarget::Virtual(_) => keeper.relay_label().to_owned(),
@@ -1523,4 +1535,9 @@ mod tests {
             Cli::try_parse_from(["peer", "listen", "--server", "h:1", "--allow", "nope"]).is_err()
         );
     }
+}
+
+/// Whether `addr` is a stable per-peer address (240.0.0.0/4, see [`relay::stable_addr`]).
+fn is_stable_addr(addr: SocketAddr) -> bool {
+    matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
 }

@@ -6,17 +6,22 @@
 //! direct path as soon as a punch proves one (make-before-break), sends heartbeats on the direct
 //! path and falls back to the relay when they go unanswered, and punches again with backoff, and
 //! at once when our public address changes (NAT rebinding).
+//!
+//! Heartbeats are authenticated ([`punch::heartbeat`]) with keys both ends derive from the
+//! connection's TLS exporter, so a host that sees them cannot keep a dead path alive, and an
+//! answer counts only from the address the heartbeat went to.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::message::Candidate;
-use common::stun::{self, ProbeTag, StunPacket};
+use common::message::{usable_candidate, Candidate, MAX_CANDIDATES};
+use common::stun::{self, ProbeTag, PunchKey, StunPacket};
 use common::{ControlMessage, PeerId};
+use punch::heartbeat::{HeartbeatInput, HeartbeatKeys, Heartbeats, EXPORTER_LABEL};
 use punch::path::{Action, Current, PathConfig, PathSelector};
-use punch::{Role, State};
+use punch::{Introduction, Role, State};
 use tokio::sync::{mpsc, watch};
 use transport::PathTarget;
 
@@ -216,9 +221,23 @@ impl PathKeeper {
         }
     }
 
+    /// The candidates of an introduction that we will probe: usable ones only
+    /// ([`usable_candidate`]: loopback only when our rendezvous is on loopback too, as in tests),
+    /// never the rendezvous's own address, at most [`MAX_CANDIDATES`]. The rendezvous applies
+    /// the same rules; we do not rely on it.
+    pub fn screen_candidates(&self, candidates: &[Candidate]) -> Vec<Candidate> {
+        let server = self.session.server_addr();
+        let allow_loopback = server.ip().is_loopback();
+        candidates
+            .iter()
+            .filter(|c| c.addr != server && usable_candidate(c.addr, allow_loopback))
+            .take(MAX_CANDIDATES)
+            .copied()
+            .collect()
+    }
+
     /// Readies the socket for talking to `peer` before any path is known: its stable address
-    /// goes through the relay (if it is up) and packets from any of its candidates are shown to
-    /// quinn as coming from the stable address. Returns the stable address.
+    /// goes through the relay (if it is up). Returns the stable address.
     pub fn prepare(&self, peer: PeerId, candidates: &[Candidate]) -> SocketAddr {
         let stable = stable_addr(&peer);
         // A new introduction: a closed connection's link must not take the routes set up from
@@ -252,9 +271,10 @@ impl PathKeeper {
                 .socket
                 .set_route(stable, PathTarget::Virtual(self.relay.sink(&peer)));
         }
-        for candidate in candidates {
-            self.node.socket.add_alias(candidate.addr, stable);
-        }
+        // No candidate is aliased to the peer here: a candidate is only what the peer (or the
+        // rendezvous) claims, and may be another peer's address. Addresses are aliased once a
+        // probe or an answer authenticated with the introduction's key came from them
+        // (`punching`), and never away from another live connection.
         stable
     }
 
@@ -262,7 +282,7 @@ impl PathKeeper {
     pub async fn punch(
         &self,
         peer: PeerId,
-        nonce: u64,
+        introduction: Introduction,
         role: Role,
         candidates: &[Candidate],
     ) -> State {
@@ -272,7 +292,7 @@ impl PathKeeper {
             &self.node,
             &self.router,
             peer,
-            nonce,
+            introduction,
             role,
             candidates,
             log,
@@ -321,6 +341,8 @@ impl PathKeeper {
             PathTarget::Virtual(_) => Current::Relay,
             PathTarget::Udp(addr) => Current::Direct(addr),
         };
+        // Its address is the connection's: no alias takes it away while the link runs.
+        self.node.socket.claim(quinn_addr);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let now = Instant::now();
         let status = Arc::new(Mutex::new(LinkStatus {
@@ -379,14 +401,9 @@ impl PathKeeper {
         };
         self.relay.set_quinn_addr(peer, quinn_addr);
         let mut selector = PathSelector::new(initial, Instant::now(), PathConfig::default());
-        let nonce = rand::random::<u64>();
+        let mut heartbeats = heartbeats_of(&conn, self.node.identity.id(), peer);
+        let nonce = heartbeats.nonce();
         let mut answers = self.router.register_raw(nonce);
-        let tag = ProbeTag {
-            nonce,
-            sender: self.node.identity.id(),
-        };
-        let mut counter = 0u32;
-        let mut heartbeats: HashMap<[u8; 12], SocketAddr> = HashMap::new();
         let mut explained = false;
         loop {
             let now = Instant::now();
@@ -427,17 +444,8 @@ impl PathKeeper {
                             .await;
                     }
                     Action::Heartbeat(addr) => {
-                        counter = counter.wrapping_add(1);
-                        let transaction = tag.transaction(counter);
-                        if heartbeats.len() > 64 {
-                            heartbeats.clear();
-                        }
-                        heartbeats.insert(transaction, addr);
-                        let _ = self
-                            .node
-                            .socket
-                            .send_to(&stun::binding_request(transaction), addr)
-                            .await;
+                        let beat = heartbeats.request(addr);
+                        let _ = self.node.socket.send_to(&beat.contents, addr).await;
                     }
                     Action::Repunch => {
                         let keeper = self.clone();
@@ -480,9 +488,24 @@ impl PathKeeper {
                 },
                 answer = answers.recv() => {
                     let Some(answer) = answer else { break };
-                    if let Ok(StunPacket::BindingSuccess { transaction, .. }) = stun::decode(&answer.data) {
-                        if let Some(addr) = heartbeats.remove(&transaction) {
+                    match heartbeats.handle(answer.from, &answer.data) {
+                        HeartbeatInput::Answered(addr) => {
                             selector.heartbeat_answered(addr, Instant::now());
+                        }
+                        HeartbeatInput::Reply(reply) => {
+                            let _ = self.node.socket.send_to(&reply.contents, reply.destination).await;
+                        }
+                        HeartbeatInput::Ignored(why) => {
+                            tracing::debug!(%peer, from = %answer.from, ?why, "heartbeat datagram ignored");
+                            // The first few in -v; the count in the log.
+                            if self.verbose && heartbeats.ignored() <= 8 {
+                                self.console
+                                    .error(format!(
+                                        "path to {peer}: ignored a heartbeat datagram from {}: {why:?}",
+                                        answer.from
+                                    ))
+                                    .await;
+                            }
                         }
                     }
                 }
@@ -503,6 +526,13 @@ impl PathKeeper {
                 table.links.remove(&peer);
                 self.relay.forget(&peer);
                 self.node.socket.remove_routes(quinn_addr);
+            } else if table
+                .links
+                .get(&peer)
+                .is_none_or(|h| h.conn.remote_address() != quinn_addr)
+            {
+                // A newer connection on another address took over: ours is no longer claimed.
+                self.node.socket.release(quinn_addr);
             }
         }
     }
@@ -513,17 +543,26 @@ impl PathKeeper {
             .session
             .request(&ControlMessage::Connect { id: peer })
             .await;
-        let (candidates, nonce) = match reply {
+        let (candidates, introduction) = match reply {
             Ok(ControlMessage::Punch {
-                candidates, nonce, ..
-            }) => (candidates, nonce),
+                candidates,
+                nonce,
+                key,
+                ..
+            }) => (
+                self.screen_candidates(&candidates),
+                Introduction { nonce, key },
+            ),
             Ok(other) => {
                 return LinkEvent::PunchFailed(format!("the rendezvous answered {}", other.kind()))
             }
             Err(e) => return LinkEvent::PunchFailed(e.to_string()),
         };
         self.prepare(peer, &candidates);
-        match self.punch(peer, nonce, Role::Initiator, &candidates).await {
+        match self
+            .punch(peer, introduction, Role::Initiator, &candidates)
+            .await
+        {
             State::Direct(path) => {
                 self.report_punch(peer, true);
                 LinkEvent::DirectProven {
@@ -579,7 +618,9 @@ impl PathKeeper {
                 peer,
                 candidates,
                 nonce,
+                key,
             } = event;
+            let candidates = self.screen_candidates(&candidates);
             if self.verbose {
                 let list: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
                 self.console
@@ -605,7 +646,12 @@ impl PathKeeper {
             let keeper = self.clone();
             punches.spawn(async move {
                 let event = match keeper
-                    .punch(peer, nonce, Role::Responder, &candidates)
+                    .punch(
+                        peer,
+                        Introduction { nonce, key },
+                        Role::Responder,
+                        &candidates,
+                    )
                     .await
                 {
                     State::Direct(path) => LinkEvent::DirectProven {
@@ -703,4 +749,24 @@ impl PathKeeper {
         }
         self.router.unregister(nonce);
     }
+}
+
+/// The heartbeats of `conn` between `me` and `peer`, keyed from the connection's TLS exporter
+/// (see [`punch::heartbeat`]). If the exporter fails (it does not once the handshake is done),
+/// random keys: the peer's answers then never count and the link falls back to the relay,
+/// which is safe.
+fn heartbeats_of(conn: &quinn::Connection, me: PeerId, peer: PeerId) -> Heartbeats {
+    let keys = HeartbeatKeys::derive(me, peer, |out, context| {
+        conn.export_keying_material(out, EXPORTER_LABEL, context)
+            .is_ok()
+    })
+    .unwrap_or_else(|| {
+        tracing::warn!(%peer, "TLS exporter unavailable; heartbeats to this peer cannot be answered");
+        HeartbeatKeys {
+            nonce: rand::random(),
+            mine: PunchKey::from_bytes(rand::random()),
+            theirs: PunchKey::from_bytes(rand::random()),
+        }
+    });
+    Heartbeats::new(me, peer, keys)
 }

@@ -1,6 +1,10 @@
 //! The tokio side of hole punching: routes STUN datagrams from the shared socket to punching
 //! sessions (by the nonce in the probe's USERNAME or its transaction id), runs a
 //! [`punch::Puncher`] against real time, and answers everyone else's Binding requests.
+//!
+//! Every datagram a punching session sends goes through one [`ProbeBudget`] shared by all
+//! sessions ([`punch::budget::DEFAULT_BURST`] at once, [`punch::budget::DEFAULT_PER_SECOND`]
+//! per second): whoever gets us introduced to them, however often, cannot make us send more.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +13,8 @@ use std::time::Instant;
 use common::message::Candidate;
 use common::stun::{self, ProbeTag, StunPacket};
 use common::PeerId;
-use punch::{Event, PunchConfig, Puncher, Role, State};
+use punch::budget::ProbeBudget;
+use punch::{Event, Introduction, PunchConfig, Puncher, Role, State};
 use tokio::sync::{mpsc, watch};
 use transport::StunDatagram;
 
@@ -19,10 +24,11 @@ use crate::node::Node;
 /// Datagrams queued for one punching session.
 const SESSION_QUEUE: usize = 64;
 
-/// Active punching sessions by nonce.
+/// Active punching sessions by nonce, and the budget they share.
 #[derive(Clone, Default)]
 pub struct Router {
     sessions: Arc<Mutex<HashMap<u64, mpsc::Sender<StunDatagram>>>>,
+    budget: Arc<Mutex<ProbeBudget>>,
 }
 
 impl Router {
@@ -37,6 +43,19 @@ impl Router {
             sessions.insert(nonce, tx);
         }
         rx
+    }
+
+    /// Whether the shared budget lets one more punching datagram out now (taking it if so).
+    pub fn may_send(&self, now: Instant) -> bool {
+        self.budget
+            .lock()
+            .map(|mut b| b.try_send(now))
+            .unwrap_or(false)
+    }
+
+    /// Punching datagrams dropped by the shared budget so far.
+    pub fn dropped(&self) -> u64 {
+        self.budget.lock().map(|b| b.dropped()).unwrap_or(0)
     }
 
     /// Stops routing `nonce`.
@@ -108,17 +127,17 @@ pub async fn run(
     node: &Node,
     router: &Router,
     peer: PeerId,
-    nonce: u64,
+    introduction: Introduction,
     role: Role,
     candidates: &[Candidate],
     verbose: Option<Console>,
     alias: Option<std::net::SocketAddr>,
 ) -> State {
-    let inbox = router.register(nonce);
+    let inbox = router.register(introduction.nonce);
     let puncher = Puncher::new(
         node.identity.id(),
         peer,
-        nonce,
+        introduction,
         role,
         candidates,
         Instant::now(),
@@ -152,10 +171,29 @@ struct Session {
 impl Session {
     async fn drive(mut self) {
         let peer = self.puncher.peer();
+        let mut over_budget = false;
         loop {
             let now = Instant::now();
             self.puncher.handle_timeout(now);
             while let Some(transmit) = self.puncher.poll_transmit(now) {
+                if !self.router.may_send(now) {
+                    // Dropped as the network might drop it; said once per session.
+                    if !over_budget {
+                        over_budget = true;
+                        tracing::debug!(%peer, "punching budget exhausted; dropping datagrams");
+                        if let Some(console) = &self.verbose {
+                            console
+                                .error(format!(
+                                    "punch {}: over the budget of punching datagrams per \
+                                     second; dropping some ({} so far)",
+                                    peer.short(),
+                                    self.router.dropped()
+                                ))
+                                .await;
+                        }
+                    }
+                    continue;
+                }
                 if let Err(e) = self
                     .node
                     .socket
@@ -166,8 +204,29 @@ impl Session {
                 }
             }
             while let Some(event) = self.puncher.poll_event() {
-                if let (Event::ProbeReceived { from }, Some(alias)) = (&event, self.alias) {
-                    self.node.socket.add_alias(*from, alias);
+                // The peer proved it sends from this address (an authenticated probe, or an
+                // authenticated answer): its packets from there are the connection's.
+                let proven = match &event {
+                    Event::ProbeReceived { from } | Event::Answered { from, .. } => Some(*from),
+                    _ => None,
+                };
+                if let (Some(from), Some(alias)) = (proven, self.alias) {
+                    if let Err(refusal) = self.node.socket.add_alias(from, alias) {
+                        tracing::debug!(%peer, %from, ?refusal, "address not aliased to the peer");
+                        if let Some(console) = &self.verbose {
+                            console
+                                .error(format!(
+                                    "punch {}: {from} not taken as the peer's address: {}",
+                                    peer.short(),
+                                    match refusal {
+                                        transport::AliasRefusal::OwnedByAnother(_) =>
+                                            "a live connection already uses it",
+                                        transport::AliasRefusal::Full => "too many addresses",
+                                    }
+                                ))
+                                .await;
+                        }
+                    }
                 }
                 if let Some(console) = &self.verbose {
                     console.error(describe(peer, &event)).await;
@@ -215,6 +274,11 @@ fn describe(peer: PeerId, event: &Event) -> String {
         Event::PeerReflexive { addr } => {
             format!("punch {peer}: new address {addr} learned from its probe; probing it")
         }
+        Event::Unauthenticated { from, probe } => format!(
+            "punch {peer}: ignored {} from {from} with this introduction's nonce but a wrong or \
+             missing MESSAGE-INTEGRITY (forged?)",
+            if *probe { "a probe" } else { "an answer" }
+        ),
         Event::Answered { from, rtt } => format!(
             "punch {peer}: answer from {from} after {:.1} ms",
             rtt.as_secs_f64() * 1000.0

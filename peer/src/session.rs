@@ -63,8 +63,10 @@ pub enum ServerEvent {
         peer: PeerId,
         /// Where it may be reached.
         candidates: Vec<common::message::Candidate>,
-        /// Shared nonce.
+        /// Shared nonce (public: it routes probes).
         nonce: u64,
+        /// The introduction's secret key (probes and answers are authenticated with it).
+        key: common::stun::PunchKey,
     },
 }
 
@@ -94,6 +96,7 @@ pub struct SessionConfig {
 pub struct Session {
     state: watch::Receiver<SessionState>,
     udp_works: Arc<tokio::sync::Notify>,
+    server_addr: SocketAddr,
 }
 
 /// Errors of a request to the rendezvous.
@@ -128,6 +131,7 @@ impl Session {
         let (state_tx, state) = watch::channel(SessionState::Connecting { last_error: None });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let udp_works = Arc::new(tokio::sync::Notify::new());
+        let server_addr = config.server_addr;
         let task = tokio::spawn(run(
             endpoint,
             identity,
@@ -137,7 +141,15 @@ impl Session {
             udp_works.clone(),
             shutdown,
         ));
-        (Session { state, udp_works }, events, task)
+        (
+            Session {
+                state,
+                udp_works,
+                server_addr,
+            },
+            events,
+            task,
+        )
     }
 
     /// UDP to the rendezvous works (a STUN answer came back): if the session runs through the
@@ -146,6 +158,11 @@ impl Session {
         if matches!(&*self.state.borrow(), SessionState::Registered(r) if r.over_tcp) {
             self.udp_works.notify_one();
         }
+    }
+
+    /// The rendezvous's address.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.server_addr
     }
 
     /// The current state.
@@ -512,7 +529,19 @@ async fn register(
         .map_err(|e| retry(&e))?
         .ok_or_else(|| AttemptError::Retry("server closed the control stream".into()))?;
     match ControlMessage::decode(&reply) {
-        Ok(ControlMessage::Registered { id, observed, .. }) => {
+        Ok(ControlMessage::Registered {
+            id,
+            observed,
+            version,
+            ..
+        }) => {
+            if version != PROTOCOL_VERSION {
+                return Err(AttemptError::Fatal(format!(
+                    "the rendezvous speaks protocol version {version} and this peer speaks \
+                     version {PROTOCOL_VERSION}: upgrade the rendezvous or use a peer of its \
+                     version"
+                )));
+            }
             if id != identity.id() {
                 return Err(AttemptError::Fatal(format!(
                     "the rendezvous registered us as {id}, but our id is {}",
@@ -567,11 +596,13 @@ async fn pump_events(
                 peer,
                 candidates,
                 nonce,
+                key,
             }) => {
                 let event = ServerEvent::Punch {
                     peer,
                     candidates,
                     nonce,
+                    key,
                 };
                 if events_tx.try_send(event).is_err() {
                     tracing::warn!("event queue full; dropping a punch request");

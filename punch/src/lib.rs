@@ -13,13 +13,21 @@
 //!   such path for its QUIC connection. Both sides stop probing once a path is proven but keep
 //!   answering the other's probes until the deadline, so that the other side can prove its path
 //!   too;
-//! - probes and answers carry MESSAGE-INTEGRITY keyed by the nonce: only the peer (which learned
-//!   the nonce from the rendezvous) can produce an answer that counts, so a stranger answering
-//!   at a candidate address is not mistaken for it.
+//! - probes and answers carry MESSAGE-INTEGRITY keyed by the introduction's secret key
+//!   ([`PunchKey`], ICE's short-term password; the nonce in the USERNAME and transaction ids is
+//!   public and only routes datagrams): only the peer, which learned the key from the rendezvous
+//!   over TLS, can produce a probe or an answer that counts, so neither a stranger answering at
+//!   a candidate address nor a host that sees every probe can steer the path. Datagrams that
+//!   carry our nonce but fail the check are ignored and counted ([`Event::Unauthenticated`]);
+//! - what one session may send is bounded: at most [`MAX_CANDIDATES`] usable candidates (see
+//!   [`usable_candidate`]), and at most [`PunchConfig::max_probes`] probes and
+//!   [`PunchConfig::max_answers`] answers, whatever the candidates and the peer's probes.
 //!
 //! If nothing is answered by the deadline, the puncher fails with a report of what it saw, from
 //! which [`FailureReport::reason`] explains why in words.
 
+pub mod budget;
+pub mod heartbeat;
 pub mod path;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,13 +36,17 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::message::{Candidate, CandidateKind};
-use common::stun::{self, ProbeTag, StunPacket};
+use common::stun::{self, ProbeTag, PunchKey, StunPacket};
 use common::PeerId;
 
 /// Most addresses probed in one session (candidates plus peer-reflexive ones).
 pub const MAX_TARGETS: usize = 32;
 /// Most probes awaiting an answer.
 const MAX_PENDING: usize = 512;
+pub use common::message::{usable_candidate, MAX_CANDIDATES};
+/// [`Event::Unauthenticated`] is reported for this many datagrams per session, then only
+/// counted (a flood of forgeries must not flood the log).
+const UNAUTHENTICATED_EVENTS: u32 = 8;
 
 /// Timing of a punching session.
 #[derive(Debug, Clone)]
@@ -44,6 +56,11 @@ pub struct PunchConfig {
     pub schedule: Vec<Duration>,
     /// When to give up, counted from the start.
     pub deadline: Duration,
+    /// Most probes the session sends (scheduled and triggered): whoever the candidates are,
+    /// one introduction makes us send no more than this.
+    pub max_probes: u32,
+    /// Most answers the session sends to the peer's (authenticated) probes.
+    pub max_answers: u32,
 }
 
 impl Default for PunchConfig {
@@ -54,6 +71,10 @@ impl Default for PunchConfig {
         PunchConfig {
             schedule: ms.iter().map(|&m| Duration::from_millis(m)).collect(),
             deadline: Duration::from_secs(5),
+            // The schedule times MAX_CANDIDATES targets and a few peer-reflexive ones: a normal
+            // session sends far fewer (probing stops at the first answer).
+            max_probes: 160,
+            max_answers: 160,
         }
     }
 }
@@ -114,6 +135,8 @@ pub struct FailureReport {
     pub answers_received: u32,
     /// Addresses the peer's probes came from.
     pub peer_sources: Vec<SocketAddr>,
+    /// Datagrams with our nonce whose MESSAGE-INTEGRITY did not check (forged or corrupted).
+    pub unauthenticated: u32,
     /// How long we tried.
     pub elapsed: Duration,
 }
@@ -134,6 +157,18 @@ impl FailureReport {
             .filter(|s| !self.candidates.iter().any(|c| c.addr == **s))
             .map(|s| s.to_string())
             .collect();
+        let reason = self.reason_from_probes(&tried, &new_ports);
+        if self.unauthenticated == 0 {
+            return reason;
+        }
+        format!(
+            "{reason}; {} datagram(s) with this introduction's nonce failed authentication \
+             (forged by a host that sees the probes, or corrupted)",
+            self.unauthenticated
+        )
+    }
+
+    fn reason_from_probes(&self, tried: &str, new_ports: &[String]) -> String {
         if self.probes_received == 0 {
             format!(
                 "nothing from the peer got through and none of our probes was answered ({tried}): \
@@ -203,6 +238,15 @@ pub enum Event {
         /// The address.
         addr: SocketAddr,
     },
+    /// A datagram with our nonce (a probe, or an answer to one of our probes) whose
+    /// MESSAGE-INTEGRITY is missing or does not check with the introduction's key: ignored.
+    /// Reported for the first few per session, then only counted.
+    Unauthenticated {
+        /// From where.
+        from: SocketAddr,
+        /// A probe (`true`) or an answer.
+        probe: bool,
+    },
     /// One of our probes was answered.
     Answered {
         /// By whom.
@@ -225,6 +269,7 @@ struct Target {
 #[derive(Debug)]
 pub struct Puncher {
     tag: ProbeTag,
+    key: PunchKey,
     peer: PeerId,
     role: Role,
     config: PunchConfig,
@@ -242,22 +287,39 @@ pub struct Puncher {
     probes_sent: u32,
     probes_received: u32,
     answers_received: u32,
+    answers_sent: u32,
+    unauthenticated: u32,
     peer_sources: Vec<SocketAddr>,
 }
 
+/// What the rendezvous handed both sides of one introduction.
+#[derive(Debug, Clone)]
+pub struct Introduction {
+    /// The nonce: public, it routes probes and answers to the session.
+    pub nonce: u64,
+    /// The secret key probes and answers are authenticated with.
+    pub key: PunchKey,
+}
+
 impl Puncher {
-    /// Starts a session: `me` probes `peer`'s `candidates`, tagging probes with `nonce`.
+    /// Starts a session: `me` probes `peer`'s `candidates` (the first [`MAX_CANDIDATES`]
+    /// distinct ones; the caller drops unusable ones with [`usable_candidate`]), tagging probes
+    /// with the introduction's nonce and authenticating them with its key.
     pub fn new(
         me: PeerId,
         peer: PeerId,
-        nonce: u64,
+        introduction: Introduction,
         role: Role,
         candidates: &[Candidate],
         now: Instant,
         config: PunchConfig,
     ) -> Self {
         let mut puncher = Puncher {
-            tag: ProbeTag { nonce, sender: me },
+            tag: ProbeTag {
+                nonce: introduction.nonce,
+                sender: me,
+            },
+            key: introduction.key,
             peer,
             role,
             config,
@@ -274,11 +336,16 @@ impl Puncher {
             probes_sent: 0,
             probes_received: 0,
             answers_received: 0,
+            answers_sent: 0,
+            unauthenticated: 0,
             peer_sources: Vec::new(),
         };
         for candidate in candidates {
             if puncher.candidates.iter().any(|c| c.addr == candidate.addr) {
                 continue;
+            }
+            if puncher.candidates.len() >= MAX_CANDIDATES {
+                break;
             }
             puncher.candidates.push(*candidate);
             puncher.add_target(candidate.addr, PathKind::Candidate(candidate.kind), now);
@@ -336,6 +403,19 @@ impl Puncher {
         Some(self.targets.len() - 1)
     }
 
+    /// Datagrams with our nonce that failed authentication so far.
+    pub fn unauthenticated(&self) -> u32 {
+        self.unauthenticated
+    }
+
+    fn reject(&mut self, from: SocketAddr, probe: bool) {
+        self.unauthenticated = self.unauthenticated.saturating_add(1);
+        if self.unauthenticated <= UNAUTHENTICATED_EVENTS {
+            self.events
+                .push_back(Event::Unauthenticated { from, probe });
+        }
+    }
+
     fn probing(&self) -> bool {
         // The responder stops probing once one of its probes was answered: the path is open in
         // both NATs and the initiator's QUIC packets can follow it.
@@ -353,21 +433,27 @@ impl Puncher {
                 let Some(tag) = ProbeTag::from_username(&username) else {
                     return false;
                 };
-                if tag.nonce != self.tag.nonce
-                    || tag.sender != self.peer
-                    || !stun::verify_probe(data, self.tag.nonce)
-                {
+                if tag.nonce != self.tag.nonce || tag.sender != self.peer {
                     return false;
+                }
+                if !stun::verify_probe(data, &self.key) {
+                    // Ours by its tag, but not from the peer: claimed (no one else should
+                    // answer it), counted, and otherwise ignored.
+                    self.reject(from, true);
+                    return true;
                 }
                 self.probes_received = self.probes_received.saturating_add(1);
                 if !self.peer_sources.contains(&from) && self.peer_sources.len() < MAX_TARGETS {
                     self.peer_sources.push(from);
                 }
                 self.events.push_back(Event::ProbeReceived { from });
-                self.replies.push_back(Transmit {
-                    destination: from,
-                    contents: stun::probe_success(transaction, from, self.tag.nonce),
-                });
+                if self.answers_sent < self.config.max_answers {
+                    self.answers_sent += 1;
+                    self.replies.push_back(Transmit {
+                        destination: from,
+                        contents: stun::probe_success(transaction, from, &self.key),
+                    });
+                }
                 if self.probing() && now < self.started + self.config.deadline {
                     let known = self.targets.iter().any(|t| t.addr == from);
                     if let Some(i) = self.add_target(from, PathKind::PeerReflexive, now) {
@@ -385,10 +471,14 @@ impl Puncher {
                 transaction,
                 mapped,
             }) => {
-                if !self.pending.contains_key(&transaction)
-                    || !stun::verify_probe(data, self.tag.nonce)
-                {
+                if !self.pending.contains_key(&transaction) {
                     return false;
+                }
+                if !stun::verify_probe(data, &self.key) {
+                    // A forged answer to one of our probes (its transaction id is public): the
+                    // probe stays pending, so that the peer's real answer still counts.
+                    self.reject(from, false);
+                    return true;
                 }
                 let Some((index, sent_at)) = self.pending.remove(&transaction) else {
                     return false;
@@ -425,7 +515,10 @@ impl Puncher {
         if let Some(reply) = self.replies.pop_front() {
             return Some(reply);
         }
-        if !self.probing() || now >= self.started + self.config.deadline {
+        if !self.probing()
+            || now >= self.started + self.config.deadline
+            || self.probes_sent >= self.config.max_probes
+        {
             return None;
         }
         if let Some(i) = self.triggered.pop_front() {
@@ -444,7 +537,7 @@ impl Puncher {
 
     fn probe(&mut self, index: usize, now: Instant, scheduled: bool) -> Transmit {
         self.counter = self.counter.wrapping_add(1);
-        let contents = stun::probe_request(&self.tag, self.counter);
+        let contents = stun::probe_request(&self.tag, self.counter, &self.key);
         if self.pending.len() >= MAX_PENDING {
             // Forget the oldest probe: its answer, if it ever comes, is stale anyway.
             if let Some(oldest) = self
@@ -479,7 +572,9 @@ impl Puncher {
         if self.expired && self.replies.is_empty() {
             return None;
         }
-        if !self.replies.is_empty() || !self.triggered.is_empty() {
+        if !self.replies.is_empty()
+            || (!self.triggered.is_empty() && self.probes_sent < self.config.max_probes)
+        {
             return Some(self.started);
         }
         let deadline = self.started + self.config.deadline;
@@ -490,6 +585,7 @@ impl Puncher {
         let next_probe = self
             .targets
             .iter()
+            .filter(|_| self.probes_sent < self.config.max_probes)
             .filter(|t| !t.validated)
             .filter_map(|t| self.config.schedule.get(t.attempt).map(|o| t.known_at + *o))
             .min();
@@ -511,6 +607,7 @@ impl Puncher {
                 probes_received: self.probes_received,
                 answers_received: self.answers_received,
                 peer_sources: self.peer_sources.clone(),
+                unauthenticated: self.unauthenticated,
                 elapsed: now.saturating_duration_since(self.started),
             });
         }

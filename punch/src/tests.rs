@@ -1,9 +1,21 @@
 //! Basic exchanges without NATs; `tests/sim.rs` drives pairs through simulated NATs.
 
 use super::*;
+use std::collections::HashMap;
 
 fn id(n: u8) -> PeerId {
     PeerId::from_key_digest(&[n; 32])
+}
+
+fn key(n: u8) -> PunchKey {
+    PunchKey::from_bytes([n; PunchKey::LEN])
+}
+
+fn intro(nonce: u64) -> Introduction {
+    Introduction {
+        nonce,
+        key: key(nonce as u8),
+    }
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -24,7 +36,7 @@ fn two_open_hosts_find_each_other_in_one_round_trip() {
     let mut a = Puncher::new(
         id(1),
         id(2),
-        9,
+        intro(9),
         Role::Initiator,
         &[observed("203.0.113.32:2000")],
         t0,
@@ -33,7 +45,7 @@ fn two_open_hosts_find_each_other_in_one_round_trip() {
     let mut b = Puncher::new(
         id(2),
         id(1),
-        9,
+        intro(9),
         Role::Responder,
         &[observed("203.0.113.31:1000")],
         t0,
@@ -67,7 +79,7 @@ fn foreign_datagrams_are_not_claimed() {
     let mut a = Puncher::new(
         id(1),
         id(2),
-        9,
+        intro(9),
         Role::Initiator,
         &[observed("203.0.113.32:2000")],
         t0,
@@ -81,6 +93,7 @@ fn foreign_datagrams_are_not_claimed() {
             sender: id(2),
         },
         1,
+        &key(10),
     );
     let other_sender = stun::probe_request(
         &ProbeTag {
@@ -88,6 +101,7 @@ fn foreign_datagrams_are_not_claimed() {
             sender: id(3),
         },
         1,
+        &key(9),
     );
     for datagram in [
         other_nonce,
@@ -117,7 +131,7 @@ fn gives_up_at_the_deadline_with_a_reason() {
     let mut a = Puncher::new(
         id(1),
         id(2),
-        9,
+        intro(9),
         Role::Initiator,
         &[observed("203.0.113.32:2000")],
         t0,
@@ -147,4 +161,260 @@ fn gives_up_at_the_deadline_with_a_reason() {
         "{}",
         report.reason()
     );
+}
+
+/// Everything an on-path host learns from the probes (USERNAME, nonce, transaction ids) is not
+/// enough to forge a probe or an answer: the integrity is keyed by the introduction's secret.
+/// The observer forges answers to every probe it sees (from the probed address and from its
+/// own), and probes in the name of each side; neither side takes a path from them, answers
+/// them, or probes the observer; both still find the real path.
+#[test]
+fn an_observer_of_every_probe_cannot_steer_either_side() {
+    let t0 = Instant::now();
+    let (a_addr, b_addr) = (addr("203.0.113.31:1000"), addr("203.0.113.32:2000"));
+    let eve = addr("198.51.100.66:6666");
+    let secret = Introduction {
+        nonce: 0x1234_5678_9abc_def0,
+        key: PunchKey::from_bytes(*b"only-a-and-b-kno"),
+    };
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        secret.clone(),
+        Role::Initiator,
+        &[observed("203.0.113.32:2000")],
+        t0,
+        PunchConfig::default(),
+    );
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        secret.clone(),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig::default(),
+    );
+    // Keys an attacker might try: none at all (a plain answer), the old scheme's (derived from
+    // the public nonce), one built from the nonce's bytes, one of its own.
+    let guesses: Vec<Option<PunchKey>> = {
+        let mut nonce_key = [0u8; PunchKey::LEN];
+        nonce_key[..8].copy_from_slice(&secret.nonce.to_be_bytes());
+        vec![None, Some(PunchKey::from_bytes(nonce_key)), Some(key(0xee))]
+    };
+    let forge_answer = |txid: [u8; 12], mapped: SocketAddr, guess: &Option<PunchKey>| match guess {
+        None => stun::binding_success(txid, mapped),
+        Some(k) => stun::probe_success(txid, mapped, k),
+    };
+    let forge_probe = |sender: PeerId, counter: u32, guess: &Option<PunchKey>| {
+        let tag = ProbeTag {
+            nonce: secret.nonce,
+            sender,
+        };
+        stun::probe_request(&tag, counter, guess.as_ref().unwrap_or(&key(0)))
+    };
+    let mut forged = 0;
+    let mut now = t0;
+    // A few rounds of the schedule: each probe either side sends is seen by the observer,
+    // which answers it first (from the probed address and from its own) and probes the sender
+    // in the name of the other side. The genuine probes are lost (the observer is faster and
+    // the path drops them), so nothing but forgeries reaches either side.
+    for _ in 0..6 {
+        for (me, sender_of_forged_probes) in [(0, id(2)), (1, id(1))] {
+            let puncher = if me == 0 { &mut a } else { &mut b };
+            puncher.handle_timeout(now);
+            while let Some(t) = puncher.poll_transmit(now) {
+                assert_ne!(t.destination, eve, "a puncher sent to the observer");
+                let Ok(StunPacket::BindingRequest { transaction, .. }) = stun::decode(&t.contents)
+                else {
+                    continue;
+                };
+                for guess in &guesses {
+                    for from in [t.destination, eve] {
+                        let answer = forge_answer(transaction, eve, guess);
+                        puncher.handle_datagram(from, &answer, now);
+                        let probe = forge_probe(sender_of_forged_probes, 99, guess);
+                        puncher.handle_datagram(from, &probe, now);
+                        forged += 2;
+                    }
+                }
+            }
+            assert_eq!(puncher.state(), &State::Probing, "forgeries made a path");
+            // Nothing forged is answered, and the observer's address is not probed.
+            while let Some(t) = puncher.poll_transmit(now) {
+                assert_ne!(t.destination, eve);
+                assert!(
+                    matches!(
+                        stun::decode(&t.contents),
+                        Ok(StunPacket::BindingRequest { .. })
+                    ),
+                    "a forged probe was answered"
+                );
+            }
+        }
+        now += Duration::from_millis(20);
+    }
+    assert_eq!(a.unauthenticated() + b.unauthenticated(), forged);
+    let mut events = Vec::new();
+    while let Some(e) = a.poll_event() {
+        events.push(e);
+    }
+    assert!(events
+        .iter()
+        .all(|e| !matches!(e, Event::PeerReflexive { .. } | Event::Answered { .. })));
+    assert!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Unauthenticated { .. }))
+            .count()
+            <= UNAUTHENTICATED_EVENTS as usize,
+        "forgeries flood the events"
+    );
+    // The genuine exchange still works, and the path is the real one.
+    let probe = a
+        .poll_transmit(now + Duration::from_secs(1))
+        .expect("a probes again");
+    assert!(b.handle_datagram(a_addr, &probe.contents, now));
+    let answer = b.poll_transmit(now).expect("b answers");
+    assert!(a.handle_datagram(b_addr, &answer.contents, now));
+    let State::Direct(path) = a.state() else {
+        panic!("{:?}", a.state())
+    };
+    assert_eq!(path.addr, b_addr);
+    // Once direct, forged answers to the next probes change nothing either.
+    let before = a.state().clone();
+    for counter in 0..200 {
+        let txid = ProbeTag {
+            nonce: secret.nonce,
+            sender: id(1),
+        }
+        .transaction(counter);
+        for guess in &guesses {
+            a.handle_datagram(eve, &forge_answer(txid, eve, guess), now);
+        }
+    }
+    assert_eq!(a.state(), &before);
+}
+
+/// One introduction makes us send at most `max_probes` probes and `max_answers` answers, and
+/// probe at most MAX_CANDIDATES of the candidates, whatever the peer announces and sends.
+#[test]
+fn one_introduction_sends_no_more_than_its_budget() {
+    let t0 = Instant::now();
+    let config = PunchConfig::default();
+    let victims: Vec<Candidate> = (0..40)
+        .map(|i| observed(&format!("192.0.2.{}:{}", 1 + i % 200, 1000 + i)))
+        .collect();
+    let the_key = key(3);
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        Introduction {
+            nonce: 3,
+            key: the_key.clone(),
+        },
+        Role::Responder,
+        &victims,
+        t0,
+        config.clone(),
+    );
+    let mut probes_to = HashMap::<SocketAddr, u32>::new();
+    let mut answers = 0u32;
+    let mut now = t0;
+    let mut counter = 0u32;
+    while let Some(wake) = b.poll_timeout() {
+        now = wake.max(now);
+        b.handle_timeout(now);
+        // The malicious peer knows the key: it sends authenticated probes from ever new
+        // sources (each one a "peer-reflexive" address to probe and to answer).
+        for _ in 0..20 {
+            counter += 1;
+            let probe = stun::probe_request(
+                &ProbeTag {
+                    nonce: 3,
+                    sender: id(1),
+                },
+                counter,
+                &the_key,
+            );
+            let from = SocketAddr::from(([198, 51, 100, (counter % 250) as u8], counter as u16));
+            b.handle_datagram(from, &probe, now);
+        }
+        while let Some(t) = b.poll_transmit(now) {
+            match stun::decode(&t.contents) {
+                Ok(StunPacket::BindingRequest { .. }) => {
+                    *probes_to.entry(t.destination).or_default() += 1
+                }
+                _ => answers += 1,
+            }
+        }
+        now += Duration::from_millis(10);
+        assert!(now < t0 + Duration::from_secs(60), "never finished");
+    }
+    let probes: u32 = probes_to.values().sum();
+    assert!(probes <= config.max_probes, "{probes} probes");
+    assert!(answers <= config.max_answers, "{answers} answers");
+    let candidates_probed = victims
+        .iter()
+        .filter(|v| probes_to.contains_key(&v.addr))
+        .count();
+    assert_eq!(candidates_probed, MAX_CANDIDATES);
+}
+
+/// A peer announcing a victim's addresses as its candidates and getting itself introduced to
+/// us 20 times a second for 10 s: through the shared per-second budget (as the peer's
+/// punching driver applies it) we send the victim no more than the budget allows.
+#[test]
+fn repeated_introductions_make_us_send_no_more_than_the_budget() {
+    use crate::budget::{ProbeBudget, DEFAULT_BURST, DEFAULT_PER_SECOND};
+    let t0 = Instant::now();
+    let victims: Vec<Candidate> = (0..8)
+        .map(|i| observed(&format!("192.0.2.77:{}", 5000 + i)))
+        .collect();
+    let mut budget = ProbeBudget::default();
+    let mut sessions: Vec<Puncher> = Vec::new();
+    let mut sent_to_victim = 0u64;
+    let mut offered = 0u64;
+    let run_for = Duration::from_secs(10);
+    let mut now = t0;
+    let mut next_intro = t0;
+    let mut nonce = 0u64;
+    while now <= t0 + run_for + PunchConfig::default().deadline {
+        if now >= next_intro && now < t0 + run_for {
+            nonce += 1;
+            sessions.push(Puncher::new(
+                id(2),
+                id(1),
+                Introduction {
+                    nonce,
+                    key: key(nonce as u8),
+                },
+                Role::Responder,
+                &victims,
+                now,
+                PunchConfig::default(),
+            ));
+            next_intro += Duration::from_millis(50);
+        }
+        for s in &mut sessions {
+            s.handle_timeout(now);
+            while let Some(t) = s.poll_transmit(now) {
+                offered += 1;
+                if budget.try_send(now) && t.destination.ip() == victims[0].addr.ip() {
+                    sent_to_victim += 1;
+                }
+            }
+        }
+        sessions.retain(|s| !s.is_finished(now));
+        now += Duration::from_millis(5);
+    }
+    let elapsed = (now - t0).as_secs_f64();
+    let bound = f64::from(DEFAULT_BURST) + f64::from(DEFAULT_PER_SECOND) * elapsed;
+    assert!(
+        (sent_to_victim as f64) <= bound,
+        "{sent_to_victim} datagrams to the victim in {elapsed:.1} s, budget {bound}"
+    );
+    // The budget is what held: the sessions wanted to send far more.
+    assert!(offered as f64 > 2.0 * bound, "{offered} offered");
+    assert_eq!(budget.dropped(), offered - sent_to_victim);
 }

@@ -28,9 +28,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use common::message::{Candidate, CandidateKind};
-use common::stun::{self, ProbeTag, StunPacket};
+use common::stun::{self, ProbeTag, PunchKey, StunPacket};
 use common::PeerId;
-use punch::{Event, FailureReport, Path, PathKind, PunchConfig, Puncher, Role, State};
+use punch::{
+    Event, FailureReport, Introduction, Path, PathKind, PunchConfig, Puncher, Role, State,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic randomness
@@ -771,6 +773,22 @@ fn id(n: u8) -> PeerId {
     PeerId::from_key_digest(&[n; 32])
 }
 
+/// The key the simulated rendezvous hands out with `nonce` (a function of it, for brevity: the
+/// garbage the tests forge never uses it).
+fn key_of(nonce: u64) -> PunchKey {
+    let mut key = [0x5au8; PunchKey::LEN];
+    key[..8].copy_from_slice(&nonce.to_le_bytes());
+    PunchKey::from_bytes(key)
+}
+
+/// The introduction with `nonce`.
+fn intro(nonce: u64) -> Introduction {
+    Introduction {
+        nonce,
+        key: key_of(nonce),
+    }
+}
+
 struct Sim {
     net: Net,
     now: Instant,
@@ -977,7 +995,7 @@ impl Sim {
                 peer.puncher = Some(Puncher::new(
                     peer.id,
                     other,
-                    self.nonce,
+                    intro(self.nonce),
                     peer.role,
                     &peer.candidates,
                     self.now,
@@ -1420,7 +1438,10 @@ fn make_garbage(
                     sender: PeerId::from_key_digest(&[0xEE; 32]),
                 }
             };
-            (stun::probe_request(&tag, rng.below(1000) as u32), true)
+            (
+                stun::probe_request(&tag, rng.below(1000) as u32, &key_of(nonce)),
+                true,
+            )
         }
         // An answer to a transaction we never used (another nonce).
         5 => {
@@ -1901,7 +1922,7 @@ fn duplicate_answer_and_probe_at_the_api() {
     let mut a = Puncher::new(
         id(1),
         id(2),
-        7,
+        intro(7),
         Role::Initiator,
         &[cand(b_addr)],
         t0,
@@ -1910,7 +1931,7 @@ fn duplicate_answer_and_probe_at_the_api() {
     let mut b = Puncher::new(
         id(2),
         id(1),
-        7,
+        intro(7),
         Role::Responder,
         &[cand(a_addr)],
         t0,
@@ -2003,7 +2024,7 @@ fn arbitrary_datagrams_never_panic_at_the_api() {
     let mut a = Puncher::new(
         id(1),
         id(2),
-        7,
+        intro(7),
         Role::Initiator,
         &[cand(b_addr)],
         t0,
@@ -2012,7 +2033,7 @@ fn arbitrary_datagrams_never_panic_at_the_api() {
     let mut b = Puncher::new(
         id(2),
         id(1),
-        7,
+        intro(7),
         Role::Responder,
         &[cand(a_addr)],
         t0,
@@ -2176,7 +2197,7 @@ fn responder_is_finished_at_its_deadline() {
     let mut b = Puncher::new(
         id(2),
         id(1),
-        7,
+        intro(7),
         Role::Responder,
         &[cand],
         t0,
@@ -2228,7 +2249,7 @@ fn poll_timeout_is_none_after_failed_even_with_a_late_triggered_check() {
     let mut a = Puncher::new(
         id(1),
         id(2),
-        7,
+        intro(7),
         Role::Initiator,
         &[candidate],
         t0,
@@ -2252,6 +2273,7 @@ fn poll_timeout_is_none_after_failed_even_with_a_late_triggered_check() {
             sender: id(2),
         },
         1,
+        &key_of(7),
     );
     assert!(a.handle_datagram(addr("203.0.113.20:40001"), &probe, now));
     // The driver's next turn is at the deadline: timer first, then transmits.
@@ -2283,7 +2305,8 @@ fn poll_timeout_is_none_after_failed_even_with_a_late_triggered_check() {
     }
 }
 
-/// Was a design bug (fixed: probes and answers carry MESSAGE-INTEGRITY keyed by the nonce): an
+/// Was a design bug (fixed: probes and answers carry MESSAGE-INTEGRITY, keyed by the nonce at
+/// first and now by the introduction's secret key): an
 /// answer was accepted from whoever echoed the transaction id, so any STUN responder at one of
 /// the peer's candidate addresses "proved" a path to the peer.
 ///

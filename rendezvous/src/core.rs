@@ -18,8 +18,13 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::message::{Candidate, CandidateKind, PeerInfo, MAX_LOCAL_ADDRS};
+use common::message::{
+    usable_candidate, Candidate, CandidateKind, PeerInfo, MAX_CANDIDATES, MAX_LOCAL_ADDRS,
+};
+use common::stun::PunchKey;
 use common::{ControlMessage, ErrorCode, PeerId, PROTOCOL_VERSION};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -69,6 +74,17 @@ pub struct RegistryLimits {
     pub registrations_per_s: f64,
     /// Sources whose registration buckets are remembered (least recently used forgotten).
     pub sources_remembered: usize,
+    /// Introductions (`connect`s) one peer may ask for at once...
+    pub introductions_burst: f64,
+    /// ...and per second sustained after that.
+    pub introductions_per_s: f64,
+    /// Introductions to one peer (from anyone) at once...
+    pub introductions_to_target_burst: f64,
+    /// ...and per second sustained after that. Each introduction makes the target probe the
+    /// requester's candidates, so this bounds how often anyone can make a peer do that.
+    pub introductions_to_target_per_s: f64,
+    /// Peers whose introduction buckets are remembered (least recently used forgotten).
+    pub introduction_peers_remembered: usize,
 }
 
 impl Default for RegistryLimits {
@@ -85,6 +101,14 @@ impl Default for RegistryLimits {
             registrations_burst: 200.0,
             registrations_per_s: 10.0,
             sources_remembered: 65_536,
+            // A peer connects to a few peers, and re-punches each with backoff; a burst covers
+            // starting many chats or transfers at once (as many as may wait for an accept,
+            // MAX_INTRODUCTIONS_PER_REQUESTER).
+            introductions_burst: 32.0,
+            introductions_per_s: 5.0,
+            introductions_to_target_burst: 40.0,
+            introductions_to_target_per_s: 10.0,
+            introduction_peers_remembered: 65_536,
         }
     }
 }
@@ -109,6 +133,9 @@ struct Introduction {
     target: PeerId,
     /// The latest introduction's nonce.
     nonce: u64,
+    /// The latest introduction's secret key (pushed again with the nonce if the target
+    /// re-registers before accepting).
+    key: PunchKey,
     /// Until when the latest introduction can be accepted or reported on.
     open_until: OffsetDateTime,
     /// The latest introduction waits for its accept (and counts against its requester).
@@ -217,15 +244,15 @@ impl Introductions {
         }
     }
 
-    /// The introductions waiting for `target`'s accept at `now`: (requester, nonce).
-    fn pending_for(&self, target: PeerId, now: OffsetDateTime) -> Vec<(PeerId, u64)> {
+    /// The introductions waiting for `target`'s accept at `now`: (requester, nonce, key).
+    fn pending_for(&self, target: PeerId, now: OffsetDateTime) -> Vec<(PeerId, u64, PunchKey)> {
         let Some(keys) = self.pending_per_target.get(&target) else {
             return Vec::new();
         };
         keys.iter()
             .filter_map(|key| self.entries.get(key))
             .filter(|e| e.pending && e.target == target && e.open_until > now)
-            .map(|e| (e.requester, e.nonce))
+            .map(|e| (e.requester, e.nonce, e.key.clone()))
             .collect()
     }
 
@@ -255,6 +282,7 @@ impl Introductions {
         requester: PeerId,
         target: PeerId,
         nonce: u64,
+        secret: PunchKey,
         now: OffsetDateTime,
     ) -> Result<(), IntroductionRefusal> {
         self.expire(now);
@@ -291,6 +319,7 @@ impl Introductions {
                 requester,
                 target,
                 nonce,
+                key: secret,
                 open_until,
                 pending: true,
                 consent_until: existing.as_ref().and_then(|e| e.consent_until),
@@ -409,6 +438,9 @@ pub struct Counters {
     pub refused_new_ids_rate: u64,
     /// Registrations of new identities refused: the registry is full.
     pub refused_full: u64,
+    /// Introductions refused: their requester asked for too many, or their target was asked
+    /// for too often.
+    pub refused_introduction_rate: u64,
     /// Rows deleted because their peer was offline longer than the expiry time.
     pub expired: u64,
 }
@@ -443,7 +475,15 @@ pub struct Registry {
     /// An offline peer's `last_seen` does not change until it registers again, which removes
     /// its entry, so the key is always known and no entry goes stale.
     expiry: BTreeSet<(OffsetDateTime, PeerId)>,
-    next_nonce: u64,
+    /// Draws the introductions' nonces and secret keys: a CSPRNG (ChaCha) seeded from the
+    /// operating system's by the driver, from a fixed seed in tests.
+    rng: StdRng,
+    /// The server's own addresses: never handed out as a peer's candidate.
+    own_addrs: Vec<SocketAddr>,
+    /// Introductions asked for, per requester.
+    introductions_by_requester: SourceBuckets<PeerId>,
+    /// Introductions asked for, per target.
+    introductions_by_target: SourceBuckets<PeerId>,
     counters: Counters,
     limits: RegistryLimits,
     /// Registrations of any identity, per source.
@@ -459,17 +499,18 @@ pub struct Registry {
 
 impl Registry {
     /// A registry holding `records` loaded from storage, with the default [`RegistryLimits`];
-    /// nobody online. `nonce_seed` should be random so that punch nonces cannot be guessed
-    /// across restarts.
-    pub fn new(records: impl IntoIterator<Item = (PeerId, Record)>, nonce_seed: u64) -> Self {
-        Self::with_limits(records, nonce_seed, RegistryLimits::default())
+    /// nobody online. The introductions' nonces and secret keys are drawn from a CSPRNG seeded
+    /// with `seed`, which must come from the operating system's CSPRNG (a fixed one in tests
+    /// only): anyone who knows it can forge every probe.
+    pub fn new(records: impl IntoIterator<Item = (PeerId, Record)>, seed: [u8; 32]) -> Self {
+        Self::with_limits(records, seed, RegistryLimits::default())
     }
 
     /// A registry holding `records` loaded from storage, bounded by `limits`; nobody online.
     /// Records already past their expiry are deleted by the first [`Registry::expire`].
     pub fn with_limits(
         records: impl IntoIterator<Item = (PeerId, Record)>,
-        nonce_seed: u64,
+        seed: [u8; 32],
         limits: RegistryLimits,
     ) -> Self {
         let peers: HashMap<PeerId, Record> = records.into_iter().collect();
@@ -479,7 +520,18 @@ impl Registry {
             online: HashMap::new(),
             expiry,
             introductions: Introductions::default(),
-            next_nonce: nonce_seed,
+            rng: StdRng::from_seed(seed),
+            own_addrs: Vec::new(),
+            introductions_by_requester: SourceBuckets::new(
+                limits.introductions_burst,
+                limits.introductions_per_s,
+                limits.introduction_peers_remembered,
+            ),
+            introductions_by_target: SourceBuckets::new(
+                limits.introductions_to_target_burst,
+                limits.introductions_to_target_per_s,
+                limits.introduction_peers_remembered,
+            ),
             counters: Counters::default(),
             limits,
             registrations_by_source: SourceBuckets::new(
@@ -495,6 +547,12 @@ impl Registry {
             clock: MonotonicClock::default(),
             tunnel_sources: HashMap::new(),
         }
+    }
+
+    /// The server listens on `addrs`: they are never handed out as a peer's candidate (a peer
+    /// announcing them would aim the other peer's probes at the server).
+    pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
+        self.own_addrs = addrs;
     }
 
     /// A TCP tunnel from `remote` now carries the packets of `virtual_addr`: registrations
@@ -855,7 +913,8 @@ impl Registry {
                 Vec::new(),
             );
         }
-        let Some(target_record) = self.peers.get(&target) else {
+        // Cloned (a few addresses): the rate limits below need the registry mutably.
+        let Some(target_record) = self.peers.get(&target).cloned() else {
             return (
                 ControlMessage::error(
                     ErrorCode::NotFound,
@@ -877,14 +936,21 @@ impl Registry {
                 Vec::new(),
             );
         };
-        let Some(from_record) = self.peers.get(&from) else {
+        let Some(from_record) = self.peers.get(&from).cloned() else {
             return (
                 ControlMessage::error(ErrorCode::NotRegistered, "register first"),
                 Vec::new(),
             );
         };
-        let nonce = self.next_nonce.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        if let Err(refusal) = self.introductions.introduce(from, target, nonce, now) {
+        if let Some(refusal) = self.refuse_introduction(from, target, now) {
+            return (refusal, Vec::new());
+        }
+        let nonce: u64 = self.rng.random();
+        let key = PunchKey::from_bytes(self.rng.random());
+        if let Err(refusal) = self
+            .introductions
+            .introduce(from, target, nonce, key.clone(), now)
+        {
             self.counters.rejected += 1;
             let message = match refusal {
                 IntroductionRefusal::RequesterFull => format!(
@@ -900,19 +966,49 @@ impl Registry {
                 Vec::new(),
             );
         }
-        self.next_nonce = nonce;
         self.counters.punches += 1;
         let to_requester = ControlMessage::Punch {
             peer: target,
-            candidates: candidates(target_record),
+            candidates: candidates(&target_record, &from_record, &self.own_addrs),
             nonce,
+            key: key.clone(),
         };
         let to_target = ControlMessage::Punch {
             peer: from,
-            candidates: candidates(from_record),
+            candidates: candidates(&from_record, &target_record, &self.own_addrs),
             nonce,
+            key,
         };
         (to_requester, vec![(target_conn, to_target)])
+    }
+
+    /// The refusal of an introduction of `target` by `from`, if its requester or its target
+    /// is over its rate (answered `rate_limited`, saying which).
+    fn refuse_introduction(
+        &mut self,
+        from: PeerId,
+        target: PeerId,
+        now: OffsetDateTime,
+    ) -> Option<ControlMessage> {
+        let mono = self.clock.at(now);
+        let limits = self.limits;
+        let message = if !self.introductions_by_requester.try_take(from, 1.0, mono) {
+            format!(
+                "you asked for too many introductions (at most {} at once, then {}/s); try \
+                 again in a moment",
+                limits.introductions_burst, limits.introductions_per_s
+            )
+        } else if !self.introductions_by_target.try_take(target, 1.0, mono) {
+            format!(
+                "peer {target} was asked for too many introductions (at most {} at once, then \
+                 {}/s); try again in a moment",
+                limits.introductions_to_target_burst, limits.introductions_to_target_per_s
+            )
+        } else {
+            return None;
+        };
+        self.counters.refused_introduction_rate += 1;
+        Some(ControlMessage::error(ErrorCode::RateLimited, message))
     }
 
     /// The driver saw `id`'s packets come from `observed` (QUIC migration after a NAT rebinding):
@@ -934,12 +1030,14 @@ impl Registry {
         self.introductions
             .pending_for(id, now)
             .into_iter()
-            .filter_map(|(requester, nonce)| {
+            .filter_map(|(requester, nonce, key)| {
                 let record = self.peers.get(&requester)?;
+                let target = self.peers.get(&id)?;
                 Some(ControlMessage::Punch {
                     peer: requester,
-                    candidates: candidates(record),
+                    candidates: candidates(record, target, &self.own_addrs),
                     nonce,
+                    key,
                 })
             })
             .collect()
@@ -1011,18 +1109,30 @@ fn is_virtual(addr: &SocketAddr) -> bool {
     matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
 }
 
-fn candidates(record: &Record) -> Vec<Candidate> {
+/// The candidates of `record`'s peer to hand to `recipient`'s: its observed address first,
+/// then its announced interface addresses, only usable ones ([`usable_candidate`]; loopback
+/// only when the server sees both peers on loopback, i.e. all three run on one host), never the
+/// server's own addresses, at most [`MAX_CANDIDATES`].
+fn candidates(record: &Record, recipient: &Record, own_addrs: &[SocketAddr]) -> Vec<Candidate> {
+    let allow_loopback =
+        record.observed.ip().is_loopback() && recipient.observed.ip().is_loopback();
+    let usable = |addr: &SocketAddr| {
+        !is_virtual(addr) && usable_candidate(*addr, allow_loopback) && !own_addrs.contains(addr)
+    };
     let mut out = Vec::new();
-    if !is_virtual(&record.observed) {
+    if usable(&record.observed) {
         out.push(Candidate {
             addr: record.observed,
             kind: CandidateKind::Observed,
         });
     }
-    for &addr in &record.local_addrs {
-        if addr != record.observed && !is_virtual(&addr) {
+    for addr in &record.local_addrs {
+        if out.len() >= MAX_CANDIDATES {
+            break;
+        }
+        if *addr != record.observed && usable(addr) && !out.iter().any(|c| c.addr == *addr) {
             out.push(Candidate {
-                addr,
+                addr: *addr,
                 kind: CandidateKind::Local,
             });
         }
@@ -1060,7 +1170,7 @@ mod tests {
 
     #[test]
     fn register_reports_the_observed_address_and_persists() {
-        let mut reg = Registry::new([], 1);
+        let mut reg = Registry::new([], [1; 32]);
         let out = register(&mut reg, 1, id(1), 4000);
         assert_eq!(
             out.reply,
@@ -1079,7 +1189,7 @@ mod tests {
 
     #[test]
     fn requests_before_register_are_refused() {
-        let mut reg = Registry::new([], 1);
+        let mut reg = Registry::new([], [1; 32]);
         let out = reg.handle(1, id(1), addr(1), ControlMessage::Query { id: id(2) }, T0);
         assert!(matches!(
             out.reply,
@@ -1092,7 +1202,7 @@ mod tests {
 
     #[test]
     fn query_found_not_found_and_offline() {
-        let mut reg = Registry::new([], 1);
+        let mut reg = Registry::new([], [1; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
         let out = reg.handle(
@@ -1143,7 +1253,7 @@ mod tests {
 
     #[test]
     fn connect_pushes_punch_to_both_with_the_same_nonce() {
-        let mut reg = Registry::new([], 7);
+        let mut reg = Registry::new([], [7; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
         let out = reg.handle(
@@ -1157,6 +1267,7 @@ mod tests {
             peer,
             candidates,
             nonce,
+            key,
         }) = out.reply
         else {
             panic!("{:?}", out.reply)
@@ -1172,6 +1283,7 @@ mod tests {
                 peer: pushed_peer,
                 nonce: pushed_nonce,
                 candidates: pushed,
+                key: pushed_key,
             },
         ) = &out.pushes[0]
         else {
@@ -1180,13 +1292,202 @@ mod tests {
         assert_eq!(*conn, 2);
         assert_eq!(*pushed_peer, id(1));
         assert_eq!(*pushed_nonce, nonce);
+        assert_eq!(*pushed_key, key, "both sides get the same secret");
         assert_eq!(pushed[0].addr, addr(4000));
         assert_eq!(reg.counters().punches, 1);
     }
 
     #[test]
+    fn every_introduction_gets_a_fresh_random_nonce_and_key() {
+        let limits = RegistryLimits {
+            introductions_burst: 1e9,
+            introductions_to_target_burst: 1e9,
+            ..RegistryLimits::default()
+        };
+        let mut reg = Registry::with_limits([], [7; 32], limits);
+        register(&mut reg, 1, id(1), 4000);
+        register(&mut reg, 2, id(2), 5000);
+        let mut seen = Vec::new();
+        for i in 0..50 {
+            let out = connect(&mut reg, 1, id(1), id(2), T0 + time::Duration::seconds(i));
+            let Some(ControlMessage::Punch { nonce, key, .. }) = out.reply else {
+                panic!("{:?}", out.reply)
+            };
+            seen.push((nonce, key));
+        }
+        let nonces: HashSet<u64> = seen.iter().map(|(n, _)| *n).collect();
+        let keys: HashSet<[u8; 16]> = seen.iter().map(|(_, k)| *k.as_bytes()).collect();
+        assert_eq!((nonces.len(), keys.len()), (50, 50));
+        // Not an arithmetic sequence (as the nonces once were): the steps differ.
+        let steps: HashSet<u64> = seen
+            .windows(2)
+            .map(|w| w[1].0.wrapping_sub(w[0].0))
+            .collect();
+        assert!(steps.len() > 40, "{steps:?}");
+        // The key is not derived from the nonce.
+        assert!(seen
+            .iter()
+            .all(|(n, k)| k.as_bytes()[..8] != n.to_be_bytes()[..]
+                && k.as_bytes()[..8] != n.to_le_bytes()[..]));
+        // Another seed, other secrets.
+        let mut other = Registry::with_limits([], [8; 32], limits);
+        register(&mut other, 1, id(1), 4000);
+        register(&mut other, 2, id(2), 5000);
+        let Some(ControlMessage::Punch { key, .. }) =
+            connect(&mut other, 1, id(1), id(2), T0).reply
+        else {
+            panic!()
+        };
+        assert!(!keys.contains(key.as_bytes()));
+    }
+
+    #[test]
+    fn introductions_are_rate_limited_per_requester_and_per_target() {
+        let limits = RegistryLimits {
+            new_ids_burst: 1000.0,
+            ..RegistryLimits::default()
+        };
+        let mut reg = Registry::with_limits([], [7; 32], limits);
+        for n in 1..=60u8 {
+            register(&mut reg, n.into(), id(n), 4000 + u16::from(n));
+        }
+        let is_punch = |out: &Outcome| matches!(out.reply, Some(ControlMessage::Punch { .. }));
+        let limited = |out: &Outcome| {
+            matches!(&out.reply, Some(ControlMessage::Error { code: ErrorCode::RateLimited, message })
+                if message.contains("too many introductions"))
+        };
+        // One requester introducing itself over and over to one target: the burst, then
+        // refusals.
+        let burst = limits.introductions_burst as usize;
+        let made = (0..100)
+            .filter(|_| is_punch(&connect(&mut reg, 1, id(1), id(2), T0)))
+            .count();
+        assert_eq!(made, burst);
+        let refused = connect(&mut reg, 1, id(1), id(2), T0);
+        assert!(limited(&refused), "{refused:?}");
+        assert!(
+            refused.pushes.is_empty(),
+            "a refused introduction pushes nothing"
+        );
+        // A second later, its sustained rate.
+        let t1 = T0 + time::Duration::seconds(1);
+        let made = (0..100)
+            .filter(|_| is_punch(&connect(&mut reg, 1, id(1), id(2), t1)))
+            .count();
+        assert_eq!(made, limits.introductions_per_s as usize);
+        // Many requesters (each within its own rate) aiming at one target: the target's
+        // bucket holds (id(1) took `burst` and then its sustained rate from it).
+        let target_left = limits.introductions_to_target_burst as usize - burst
+            + limits.introductions_to_target_per_s as usize
+            - limits.introductions_per_s as usize;
+        let made = (3..=60u8)
+            .filter(|&n| is_punch(&connect(&mut reg, n.into(), id(n), id(2), t1)))
+            .count();
+        assert_eq!(made, target_left);
+        assert!(limited(&connect(&mut reg, 60, id(60), id(2), t1)));
+        // Others are not affected.
+        assert!(is_punch(&connect(&mut reg, 60, id(60), id(59), t1)));
+        assert!(reg.counters().refused_introduction_rate > 0);
+    }
+
+    #[test]
+    fn only_usable_candidates_are_handed_out() {
+        let mut reg = Registry::new([], [7; 32]);
+        let server: SocketAddr = "203.0.113.100:3478".parse().unwrap();
+        reg.set_own_addrs(vec![server]);
+        let mut local_addrs: Vec<SocketAddr> = [
+            "127.0.0.1:4000",
+            "[::1]:4000",
+            "224.0.0.1:4000",
+            "255.255.255.255:4000",
+            "0.0.0.0:4000",
+            "240.0.0.9:4000",
+            "203.0.113.100:3478",
+            "10.0.0.1:0",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        local_addrs.extend((1..=8).map(|i| SocketAddr::from(([10, 0, 0, i], 4000))));
+        assert_eq!(local_addrs.len(), MAX_LOCAL_ADDRS);
+        reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs,
+            },
+            T0,
+        );
+        register(&mut reg, 2, id(2), 5000);
+        let out = reg.handle(
+            2,
+            id(2),
+            addr(5000),
+            ControlMessage::Connect { id: id(1) },
+            T0,
+        );
+        let Some(ControlMessage::Punch { candidates, .. }) = out.reply else {
+            panic!("{:?}", out.reply)
+        };
+        assert_eq!(candidates.len(), MAX_CANDIDATES);
+        assert_eq!(candidates[0].addr, addr(4000));
+        for c in &candidates[1..] {
+            assert!(
+                matches!(c.addr, SocketAddr::V4(v4) if v4.ip().octets()[..3] == [10, 0, 0] && v4.port() == 4000),
+                "{candidates:?}"
+            );
+        }
+        // Loopback candidates only between peers the server sees on loopback (all on one host,
+        // as in tests).
+        let lo = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut reg = Registry::new([], [7; 32]);
+        for (conn, n, observed) in [(1, 1, lo(4001)), (2, 2, lo(4002)), (3, 3, addr(4003))] {
+            reg.handle(
+                conn,
+                id(n),
+                observed,
+                ControlMessage::Register {
+                    version: PROTOCOL_VERSION,
+                    local_addrs: vec![lo(7000 + u16::from(n))],
+                },
+                T0,
+            );
+        }
+        let punch_candidates = |reg: &mut Registry, conn, from: u8, observed, to: u8| match reg
+            .handle(
+                conn,
+                id(from),
+                observed,
+                ControlMessage::Connect { id: id(to) },
+                T0,
+            )
+            .reply
+        {
+            Some(ControlMessage::Punch { candidates, .. }) => {
+                candidates.iter().map(|c| c.addr).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            punch_candidates(&mut reg, 1, 1, lo(4001), 2),
+            vec![lo(4002), lo(7002)]
+        );
+        // A public peer is not handed a loopback peer's addresses, nor the other way round.
+        assert_eq!(
+            punch_candidates(&mut reg, 3, 3, addr(4003), 1),
+            Vec::<SocketAddr>::new()
+        );
+        assert_eq!(
+            punch_candidates(&mut reg, 1, 1, lo(4001), 3),
+            vec![addr(4003)]
+        );
+    }
+
+    #[test]
     fn punch_results_are_counted_only_after_an_introduction() {
-        let mut reg = Registry::new([], 7);
+        let mut reg = Registry::new([], [7; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
         let report = |direct| ControlMessage::PunchResult {
@@ -1287,7 +1588,7 @@ mod tests {
 
     #[test]
     fn relaying_needs_an_introduction_accepted_by_its_target() {
-        let mut reg = Registry::new([], 7);
+        let mut reg = Registry::new([], [7; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
         register(&mut reg, 3, id(3), 6000);
@@ -1375,12 +1676,15 @@ mod tests {
 
     #[test]
     fn introductions_expire_through_the_queue_and_are_bounded_per_requester() {
-        // Forty peers from one test address: past the per-source limit on new identities.
+        // Forty peers from one test address: past the per-source limit on new identities. The
+        // introduction rates are not what this tests.
         let limits = RegistryLimits {
             new_ids_burst: 1000.0,
+            introductions_burst: 1e9,
+            introductions_to_target_burst: 1e9,
             ..RegistryLimits::default()
         };
-        let mut reg = Registry::with_limits([], 7, limits);
+        let mut reg = Registry::with_limits([], [7; 32], limits);
         register(&mut reg, 1, id(1), 4000);
         for n in 2..(MAX_INTRODUCTIONS_PER_REQUESTER as u8 + 10) {
             register(&mut reg, n.into(), id(n), 5000);
@@ -1464,7 +1768,7 @@ mod tests {
 
     #[test]
     fn introductions_waiting_for_an_accept_are_pushed_again_after_the_target_registers() {
-        let mut reg = Registry::new([], 7);
+        let mut reg = Registry::new([], [7; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
         assert!(reg.pending_introductions(id(2), T0).is_empty());
@@ -1479,6 +1783,7 @@ mod tests {
             peer,
             nonce: same,
             candidates,
+            ..
         } = &again[0]
         else {
             panic!("{again:?}")
@@ -1511,17 +1816,32 @@ mod tests {
         let requesters = (MAX_INTRODUCTIONS as u32).div_ceil(per);
         for r in 0..requesters {
             for t in 0..per {
-                let _ = intros.introduce(peer(r), peer(1_000_000 + r * per + t), 1, T0);
+                let _ = intros.introduce(
+                    peer(r),
+                    peer(1_000_000 + r * per + t),
+                    1,
+                    PunchKey::from_bytes([0; 16]),
+                    T0,
+                );
             }
         }
         assert_eq!(intros.len(), MAX_INTRODUCTIONS);
         assert_eq!(
-            intros.introduce(peer(999_999), peer(5), 1, T0),
+            intros.introduce(peer(999_999), peer(5), 1, PunchKey::from_bytes([0; 16]), T0),
             Err(IntroductionRefusal::Full)
         );
         // Expiry frees them all at once, through the queue.
         let later = T0 + ACCEPT_WINDOW + time::Duration::seconds(1);
-        assert_eq!(intros.introduce(peer(999_999), peer(5), 1, later), Ok(()));
+        assert_eq!(
+            intros.introduce(
+                peer(999_999),
+                peer(5),
+                1,
+                PunchKey::from_bytes([0; 16]),
+                later
+            ),
+            Ok(())
+        );
         assert_eq!(intros.len(), 1);
         assert_eq!(intros.open_queue.len(), 1);
         assert_eq!(intros.pending_per_requester.len(), 1);
@@ -1530,7 +1850,9 @@ mod tests {
     #[test]
     fn the_expiry_queue_keeps_entries_renewed_after_their_first_record() {
         let mut intros = Introductions::default();
-        intros.introduce(id(1), id(2), 5, T0).unwrap();
+        intros
+            .introduce(id(1), id(2), 5, PunchKey::from_bytes([0; 16]), T0)
+            .unwrap();
         let t1 = T0 + time::Duration::minutes(1);
         // Accepted later: the entry outlives its first record.
         assert!(intros.accept(id(2), id(1), 5, t1));
@@ -1551,7 +1873,7 @@ mod tests {
 
     #[test]
     fn connect_to_offline_unknown_or_self_is_an_error() {
-        let mut reg = Registry::new([], 1);
+        let mut reg = Registry::new([], [1; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
         reg.disconnected(2, id(2), T0);
@@ -1577,7 +1899,7 @@ mod tests {
 
     #[test]
     fn virtual_tunnel_addresses_are_not_candidates() {
-        let mut reg = Registry::new([], 7);
+        let mut reg = Registry::new([], [7; 32]);
         register(&mut reg, 1, id(1), 4000);
         let tunnel: SocketAddr = "241.0.0.1:443".parse().unwrap();
         reg.handle(
@@ -1606,7 +1928,7 @@ mod tests {
 
     #[test]
     fn a_stale_connection_closing_does_not_take_the_new_one_offline() {
-        let mut reg = Registry::new([], 1);
+        let mut reg = Registry::new([], [1; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(1), 4001);
         assert_eq!(reg.disconnected(1, id(1), T0), None);
@@ -1614,8 +1936,38 @@ mod tests {
     }
 
     #[test]
+    fn version_2_peers_whose_probes_use_the_nonce_as_key_are_refused_clearly() {
+        assert_eq!(PROTOCOL_VERSION, 3);
+        let mut reg = Registry::new([], [1; 32]);
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(1),
+            ControlMessage::Register {
+                version: 2,
+                local_addrs: vec![],
+            },
+            T0,
+        );
+        let Some(ControlMessage::Error {
+            code: ErrorCode::UnsupportedVersion,
+            message,
+        }) = out.reply
+        else {
+            panic!("{:?}", out.reply)
+        };
+        assert!(
+            message.contains("version 3")
+                && message.contains("version 2")
+                && message.contains("upgrade"),
+            "{message}"
+        );
+        assert_eq!(reg.online(), 0);
+    }
+
+    #[test]
     fn address_change_is_persisted_and_bad_registrations_refused() {
-        let mut reg = Registry::new([], 1);
+        let mut reg = Registry::new([], [1; 32]);
         register(&mut reg, 1, id(1), 4000);
         let out = reg.handle(1, id(1), addr(4444), ControlMessage::Ping { seq: 3 }, T0);
         assert_eq!(out.reply, Some(ControlMessage::Pong { seq: 3 }));
@@ -1659,7 +2011,7 @@ mod tests {
 
     #[test]
     fn server_side_messages_from_peers_are_refused() {
-        let mut reg = Registry::new([], 1);
+        let mut reg = Registry::new([], [1; 32]);
         register(&mut reg, 1, id(1), 4000);
         let out = reg.handle(1, id(1), addr(4000), ControlMessage::Pong { seq: 1 }, T0);
         assert!(matches!(
@@ -1728,7 +2080,7 @@ mod tests {
 
     #[test]
     fn offline_rows_expire_after_the_configured_time_and_only_then() {
-        let mut reg = Registry::with_limits([], 1, limits(30));
+        let mut reg = Registry::with_limits([], [1; 32], limits(30));
         assert!(is_registered(&register_from(
             &mut reg,
             1,
@@ -1778,7 +2130,7 @@ mod tests {
 
     #[test]
     fn online_peers_never_expire() {
-        let mut reg = Registry::with_limits([], 1, limits(30));
+        let mut reg = Registry::with_limits([], [1; 32], limits(30));
         register_from(&mut reg, 1, id(1), addr(1), T0);
         assert!(reg.expire(T0 + 1000 * DAY, 100).is_empty());
         assert_eq!(reg.registered(), 1);
@@ -1791,7 +2143,7 @@ mod tests {
 
     #[test]
     fn registering_again_resets_the_expiry_clock() {
-        let mut reg = Registry::with_limits([], 1, limits(30));
+        let mut reg = Registry::with_limits([], [1; 32], limits(30));
         register_from(&mut reg, 1, id(1), addr(1), T0);
         reg.disconnected(1, id(1), T0);
         register_from(&mut reg, 2, id(1), addr(1), T0 + 20 * DAY);
@@ -1813,7 +2165,7 @@ mod tests {
         };
         let mut reg = Registry::with_limits(
             [(id(1), record(T0)), (id(2), record(T0 + 10 * DAY))],
-            1,
+            [1; 32],
             limits(30),
         );
         reg.check_invariants().unwrap();
@@ -1825,7 +2177,7 @@ mod tests {
 
     #[test]
     fn expiry_is_drained_in_bounded_chunks_oldest_first() {
-        let mut reg = Registry::with_limits([], 1, limits(1));
+        let mut reg = Registry::with_limits([], [1; 32], limits(1));
         let source = |n: u32| SocketAddr::from(([198, 18, (n >> 8) as u8, n as u8], 1));
         for n in 0..2_500u32 {
             let conn = ConnId::from(n);
@@ -1853,7 +2205,7 @@ mod tests {
 
     #[test]
     fn new_identities_are_rate_limited_per_source() {
-        let mut reg = Registry::with_limits([], 1, limits(30));
+        let mut reg = Registry::with_limits([], [1; 32], limits(30));
         let attacker = SocketAddr::from(([198, 51, 100, 7], 5000));
         let burst = RegistryLimits::default().new_ids_burst as u32;
         for n in 0..burst {
@@ -1904,7 +2256,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_64_is_one_source() {
-        let mut reg = Registry::with_limits([], 1, limits(30));
+        let mut reg = Registry::with_limits([], [1; 32], limits(30));
         let in_64 = |n: u32| -> SocketAddr {
             format!("[2001:db8:1:2:{:x}::{:x}]:4000", n >> 16, n & 0xffff)
                 .parse()
@@ -1935,7 +2287,7 @@ mod tests {
 
     #[test]
     fn all_registrations_are_rate_limited_per_source_more_loosely() {
-        let mut reg = Registry::with_limits([], 1, limits(30));
+        let mut reg = Registry::with_limits([], [1; 32], limits(30));
         let defaults = RegistryLimits::default();
         let burst = defaults.registrations_burst as u64;
         // One peer behind a flaky NAT re-registers many times: more than the new-id burst.
@@ -1974,7 +2326,7 @@ mod tests {
     fn new_identities_are_refused_when_the_registry_is_full() {
         let mut reg = Registry::with_limits(
             [],
-            1,
+            [1; 32],
             RegistryLimits {
                 max_registered: 3,
                 ..limits(30)
@@ -2015,7 +2367,7 @@ mod tests {
 
     #[test]
     fn registrations_through_tcp_tunnels_count_against_the_tunnels_real_source() {
-        let mut reg = Registry::with_limits([], 1, limits(30));
+        let mut reg = Registry::with_limits([], [1; 32], limits(30));
         let remote: IpAddr = "198.51.100.9".parse().unwrap();
         let tunnel = |n: u8| SocketAddr::from(([241, 0, 0, n], 443));
         let burst = RegistryLimits::default().new_ids_burst as u32;
@@ -2056,7 +2408,7 @@ mod tests {
             let max_registered = 4;
             let mut reg = Registry::with_limits(
                 [],
-                1,
+                [1; 32],
                 RegistryLimits {
                     max_registered,
                     expire_after: Duration::from_secs(3_600),
@@ -2157,7 +2509,7 @@ mod tests {
                 };
                 (big_id(n), record)
             });
-            let reg = Registry::with_limits(records, 1, RegistryLimits::default());
+            let reg = Registry::with_limits(records, [1; 32], RegistryLimits::default());
             let after = rss_kib();
             println!(
                 "{local_addrs} local addresses: {} bytes per offline row ({} rows, RSS +{} KiB)",

@@ -140,7 +140,9 @@ impl Server {
             .and_then(|d| time::OffsetDateTime::now_utc().checked_sub(d));
         let (store, records, writer) = store::open_expiring(&config.data_dir, expired_before)?;
         let registered = records.len();
-        let registry = core::Registry::with_limits(records, rand::random(), config.registry);
+        // The seed of the introductions' nonces and secret keys, from the operating system's
+        // CSPRNG (rand's thread rng is a ChaCha seeded from it).
+        let mut registry = core::Registry::with_limits(records, rand::random(), config.registry);
         let tls = certs::server_config(&identity, &[common::ALPN_RENDEZVOUS])?;
         let (endpoint, demux, stun_rx) = transport::make_server_endpoint(
             config.listen,
@@ -157,6 +159,7 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        registry.set_own_addrs(vec![local_addr]);
         let trace = match &config.relay_trace {
             Some(path) => {
                 Some(

@@ -53,21 +53,22 @@ impl std::fmt::Display for SourceKey {
     }
 }
 
-/// A token bucket per source, at most `capacity` sources remembered; the least recently used
-/// source is forgotten to make room (it starts again with a full bucket if it comes back).
+/// A token bucket per source (or per any other key: the registry also limits introductions
+/// per peer id), at most `capacity` keys remembered; the least recently used key is forgotten to
+/// make room (it starts again with a full bucket if it comes back).
 #[derive(Debug)]
-pub struct SourceBuckets {
+pub struct SourceBuckets<K = SourceKey> {
     burst: f64,
     rate: f64,
     capacity: usize,
     /// Bucket and the stamp of its last use.
-    buckets: HashMap<SourceKey, (TokenBucket, u64)>,
+    buckets: HashMap<K, (TokenBucket, u64)>,
     /// Last-use stamp -> source, oldest first.
-    by_use: BTreeMap<u64, SourceKey>,
+    by_use: BTreeMap<u64, K>,
     next_stamp: u64,
 }
 
-impl SourceBuckets {
+impl<K: Copy + Eq + std::hash::Hash> SourceBuckets<K> {
     /// `burst` events at once and `rate` per second sustained for each source; at most
     /// `capacity` sources (at least 1) remembered.
     pub fn new(burst: f64, rate: f64, capacity: usize) -> Self {
@@ -82,7 +83,7 @@ impl SourceBuckets {
     }
 
     /// Takes `cost` tokens from `source`'s bucket if it has them.
-    pub fn try_take(&mut self, source: SourceKey, cost: f64, now: Instant) -> bool {
+    pub fn try_take(&mut self, source: K, cost: f64, now: Instant) -> bool {
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         if let Some((_, old)) = self.buckets.get(&source) {

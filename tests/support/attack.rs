@@ -540,6 +540,19 @@ impl RawClient {
         trust: ServerTrust,
         version: u32,
     ) -> Result<Result<RawClient, ControlMessage>, String> {
+        Self::register_announcing(endpoint, identity, server, trust, version, vec![]).await
+    }
+
+    /// As [`RawClient::register`], announcing `local_addrs` as its interface addresses (which
+    /// the rendezvous hands out as its candidates).
+    pub async fn register_announcing(
+        endpoint: &quinn::Endpoint,
+        identity: &Identity,
+        server: SocketAddr,
+        trust: ServerTrust,
+        version: u32,
+        local_addrs: Vec<SocketAddr>,
+    ) -> Result<Result<RawClient, ControlMessage>, String> {
         let tls = certs::client_config_for_server(identity, trust, common::ALPN_RENDEZVOUS)
             .map_err(|e| format!("client TLS config: {e}"))?;
         let config = transport::quic_client_config(tls, Default::default())
@@ -557,7 +570,7 @@ impl RawClient {
             .map_err(|e| format!("control stream: {e}"))?;
         let register = ControlMessage::Register {
             version,
-            local_addrs: vec![],
+            local_addrs,
         };
         match exchange(&mut tx, &mut rx, &register).await? {
             ControlMessage::Registered { id, .. } if id == identity.id() => Ok(Ok(RawClient {

@@ -144,6 +144,9 @@ struct Routes {
     out: AddrMap<PathTarget>,
     /// real source address -> quinn's address.
     back: AddrMap<SocketAddr>,
+    /// Real addresses quinn itself uses for a live connection (one accepted from, or dialed
+    /// to, the peer's real address): never aliased to another address.
+    claimed: AddrMap<()>,
 }
 
 /// Maps IPv4-mapped IPv6 addresses to plain IPv4, so that route keys match whatever family the
@@ -215,6 +218,21 @@ pub struct DemuxSocket {
 
 /// Datagrams waiting to be injected into quinn.
 const INJECT_QUEUE: usize = 4096;
+/// Most aliases (real addresses shown as one quinn address) per quinn address: a peer's
+/// candidates and the addresses its probes came from, for one peer.
+pub const MAX_ALIASES_PER_ADDR: usize = 16;
+/// Most aliases in all.
+pub const MAX_ALIASES: usize = 4096;
+
+/// Why [`DemuxSocket::add_alias`] refused an alias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AliasRefusal {
+    /// The real address is already shown as another quinn address that has a route (a live
+    /// connection's, or one being set up): it is not taken away from it.
+    OwnedByAnother(SocketAddr),
+    /// The quinn address has [`MAX_ALIASES_PER_ADDR`] aliases, or the socket [`MAX_ALIASES`].
+    Full,
+}
 
 impl fmt::Debug for DemuxSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -313,22 +331,61 @@ impl DemuxSocket {
         );
     }
 
-    /// Shows packets from `real` to quinn as coming from `quinn_addr` (other addresses of the
-    /// same peer, such as its candidates, before any of them is chosen).
-    pub fn add_alias(&self, real: SocketAddr, quinn_addr: SocketAddr) {
+    /// Shows packets from `real` to quinn as coming from `quinn_addr` (another address of the
+    /// same peer, proven by an authenticated probe). Never takes `real` away from another quinn
+    /// address that has a route (a live connection's), and bounded
+    /// ([`MAX_ALIASES_PER_ADDR`], [`MAX_ALIASES`]); aliases go with
+    /// [`DemuxSocket::remove_routes`] of their quinn address.
+    pub fn add_alias(&self, real: SocketAddr, quinn_addr: SocketAddr) -> Result<(), AliasRefusal> {
         let (real, quinn_addr) = (canonical(real), canonical(quinn_addr));
         if real == quinn_addr {
-            return;
+            return Ok(());
         }
         let mut routes = self.write_routes();
+        if routes.claimed.contains_key(&real) {
+            return Err(AliasRefusal::OwnedByAnother(real));
+        }
+        match routes.back.get(&real) {
+            Some(owner) if *owner == quinn_addr => return Ok(()),
+            Some(owner) if routes.out.contains_key(owner) => {
+                return Err(AliasRefusal::OwnedByAnother(*owner));
+            }
+            _ => {}
+        }
+        let replacing = routes.back.contains_key(&real);
+        if !replacing
+            && (routes.back.len() >= MAX_ALIASES
+                || routes.back.values().filter(|q| **q == quinn_addr).count()
+                    >= MAX_ALIASES_PER_ADDR)
+        {
+            return Err(AliasRefusal::Full);
+        }
         routes.back.insert(real, quinn_addr);
         self.has_routes.store(true, Ordering::Release);
+        Ok(())
     }
 
-    /// Forgets every route and alias of `quinn_addr`.
+    /// Marks `quinn_addr` as the address of a live connection: if it is a real address, it is
+    /// never aliased to another (see [`DemuxSocket::add_alias`]) until
+    /// [`DemuxSocket::remove_routes`] or [`DemuxSocket::release`].
+    pub fn claim(&self, quinn_addr: SocketAddr) {
+        let quinn_addr = canonical(quinn_addr);
+        let mut routes = self.write_routes();
+        if routes.claimed.len() < MAX_ALIASES {
+            routes.claimed.insert(quinn_addr, ());
+        }
+    }
+
+    /// `quinn_addr` is no longer a live connection's (its routes stay).
+    pub fn release(&self, quinn_addr: SocketAddr) {
+        self.write_routes().claimed.remove(&canonical(quinn_addr));
+    }
+
+    /// Forgets every route and alias of `quinn_addr`, and its claim.
     pub fn remove_routes(&self, quinn_addr: SocketAddr) {
         let quinn_addr = canonical(quinn_addr);
         let mut routes = self.write_routes();
+        routes.claimed.remove(&quinn_addr);
         routes.out.remove(&quinn_addr);
         routes.back.retain(|_, q| *q != quinn_addr);
         self.has_routes.store(
@@ -693,5 +750,75 @@ mod tests {
         // Removing the routes restores plain addressing.
         socket.remove_routes(stable);
         assert!(matches!(socket.route_of(stable), PathTarget::Udp(a) if a == stable));
+    }
+
+    #[test]
+    fn aliases_never_steal_a_live_connections_address_and_are_bounded() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        let victim: SocketAddr = "240.1.1.1:1".parse().unwrap();
+        let attacker: SocketAddr = "240.2.2.2:2".parse().unwrap();
+        let victims_addr: SocketAddr = "203.0.113.5:4000".parse().unwrap();
+        // The victim's connection runs on its address.
+        socket.set_route(victim, PathTarget::Udp(victims_addr));
+        // Another peer (whose introduction has routes too) cannot take that address.
+        socket.set_route(attacker, PathTarget::Udp("198.51.100.9:9".parse().unwrap()));
+        assert_eq!(
+            socket.add_alias(victims_addr, attacker),
+            Err(AliasRefusal::OwnedByAnother(victim))
+        );
+        let back = |real: SocketAddr| {
+            socket
+                .read_routes()
+                .and_then(|r| r.back.get(&real).copied())
+        };
+        assert_eq!(back(victims_addr), Some(victim));
+        // Nor an alias of the victim (an address its probes came from).
+        let victims_other: SocketAddr = "203.0.113.5:4001".parse().unwrap();
+        assert_eq!(socket.add_alias(victims_other, victim), Ok(()));
+        assert_eq!(
+            socket.add_alias(victims_other, attacker),
+            Err(AliasRefusal::OwnedByAnother(victim))
+        );
+        assert_eq!(back(victims_other), Some(victim));
+        // A connection quinn runs on a real address (accepted from it before any introduction)
+        // keeps it too.
+        let direct_conn: SocketAddr = "203.0.113.7:7000".parse().unwrap();
+        socket.claim(direct_conn);
+        assert_eq!(
+            socket.add_alias(direct_conn, attacker),
+            Err(AliasRefusal::OwnedByAnother(direct_conn))
+        );
+        socket.release(direct_conn);
+        assert_eq!(socket.add_alias(direct_conn, attacker), Ok(()));
+        // Once the victim's connection is gone, its addresses are free again.
+        socket.remove_routes(victim);
+        assert_eq!(back(victims_other), None);
+        assert_eq!(socket.add_alias(victims_other, attacker), Ok(()));
+        // Bounded per quinn address...
+        let mut refused = 0;
+        for port in 1..=100u16 {
+            let real = SocketAddr::from(([192, 0, 2, 1], port));
+            if socket.add_alias(real, attacker) == Err(AliasRefusal::Full) {
+                refused += 1;
+            }
+        }
+        let of_attacker = socket
+            .read_routes()
+            .map(|r| r.back.values().filter(|q| **q == attacker).count());
+        assert_eq!(of_attacker, Some(MAX_ALIASES_PER_ADDR));
+        assert!(refused > 0);
+        // ...and in all.
+        for n in 0..(MAX_ALIASES as u32 + 100) {
+            let quinn = SocketAddr::from(([240, 9, (n >> 8) as u8, n as u8], 1));
+            let real = SocketAddr::from(([192, 0, 3, 1], 1 + n as u16));
+            let _ = socket.add_alias(real, quinn);
+        }
+        assert!(socket.read_routes().map(|r| r.back.len()) <= Some(MAX_ALIASES));
     }
 }

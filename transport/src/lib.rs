@@ -10,7 +10,8 @@ mod scripted;
 pub mod tunnel;
 
 pub use demux::{
-    DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket, VirtualSink,
+    AliasRefusal, DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket,
+    VirtualSink, MAX_ALIASES, MAX_ALIASES_PER_ADDR,
 };
 pub use endpoint::{
     make_endpoint, make_server_endpoint, quic_client_config, remote_certificate, BoundEndpoint,
