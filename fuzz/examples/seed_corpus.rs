@@ -492,7 +492,7 @@ fn main() {
     // The demux target reads a script (see `transport::check_receive_script`): 0 a UDP route,
     // 1 a route to the virtual path, 2 an alias, 3 routes removed, 4 a received batch (entries:
     // source, shape, stride, fill, per segment a STUN bit and a length; then the buffer size),
-    // 5 an injected datagram or a send.
+    // 5 an injected datagram or a send, 6 a claim, 7 a release.
     corpus.write(
         "demux",
         "gro_batch_from_an_alias",
@@ -508,6 +508,13 @@ fn main() {
             0, 5, 0, 1, 6, 3, 5, 5, 0, 200, 3, 5, 6, 1, 100, 7, 5, 0, 1, 0, 0, 4, 0, 0x10, 0, 0, 2,
             0, 30, 0, 0, 3, 5, 2, 1, 0, 50,
         ],
+    );
+    // A claimed address and one owned by a routed stable address are never aliased away;
+    // after the release and the removal they are.
+    corpus.write(
+        "demux",
+        "claimed_and_routed_owners",
+        &[6, 0, 2, 0, 5, 0, 5, 2, 2, 2, 6, 7, 0, 2, 0, 5, 3, 5, 2, 2, 6],
     );
     // Many STUN segments in one GRO buffer: more than the STUN channel holds.
     let mut many = vec![4, 0, 3, 0x04, 0, 24, 1];

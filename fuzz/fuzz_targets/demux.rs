@@ -2,11 +2,12 @@
 //! scripted socket, driven by route changes (UDP routes, virtual paths, aliases, removals, with
 //! IPv4, IPv6 and IPv4-mapped addresses), received batches with arbitrary GRO strides and
 //! lengths (past the bytes copied, past the buffer, zero), STUN and QUIC segments mixed,
-//! injected datagrams and sends.
+//! injected datagrams, sends, claims and releases of live connections' addresses.
 //!
 //! `check_receive_script` returns an error naming the property broken: quinn gets exactly the
 //! non-STUN bytes, from the translated source; every STUN segment reaches the STUN channel in
-//! order or is counted as dropped when it is full; sends go where the routes say; injected
+//! order or is counted as dropped when it is full; sends go where the routes say; aliases are
+//! taken or refused as the model says (claims, owners with routes, bounds); injected
 //! datagrams all arrive.
 
 #![no_main]

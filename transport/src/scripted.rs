@@ -115,14 +115,15 @@ impl AsyncUdpSocket for ScriptedSocket {
 /// received batches with arbitrary GRO strides and lengths, injected datagrams, sends) and checks
 /// every step against a model of the routes: what quinn receives (bytes, translated source),
 /// which segments go to the STUN channel (in order, exactly once, or counted as dropped when it
-/// is full), where sends go. The fuzz target `demux` and the property tests run it. `Err` names
+/// is full), where sends go, which aliases are taken or refused (claims, owners with routes,
+/// bounds). The fuzz target `demux` and the property tests run it. `Err` names
 /// the first property broken.
 pub fn check_receive_script(script: &[u8]) -> Result<(), String> {
     model::run(script).map(|_| ())
 }
 
 mod model {
-    use std::collections::{HashMap, VecDeque};
+    use std::collections::{HashMap, HashSet, VecDeque};
     use std::io::IoSliceMut;
     use std::net::SocketAddr;
     use std::sync::atomic::Ordering;
@@ -134,7 +135,7 @@ mod model {
     use tokio::sync::mpsc;
 
     use super::{ScriptedDatagram, ScriptedSocket};
-    use crate::demux::{canonical, same_family};
+    use crate::demux::{canonical, same_family, MAX_ALIASES, MAX_ALIASES_PER_ADDR};
     use crate::{DemuxSocket, PathTarget, VirtualPacket, VirtualSink};
 
     /// Room in the STUN channel: small, so that scripts reach the full-channel case.
@@ -198,6 +199,7 @@ mod model {
     struct Routes {
         out: HashMap<SocketAddr, Option<SocketAddr>>, // None: the virtual path
         back: HashMap<SocketAddr, SocketAddr>,
+        claimed: HashSet<SocketAddr>,
     }
 
     impl Routes {
@@ -220,15 +222,40 @@ mod model {
             }
         }
 
-        fn alias(&mut self, real: SocketAddr, quinn: SocketAddr) {
+        /// Whether the alias is taken: never away from a claimed address or from another
+        /// quinn address with a route, and within the bounds.
+        fn alias(&mut self, real: SocketAddr, quinn: SocketAddr) -> bool {
             let (real, quinn) = (canonical(real), canonical(quinn));
-            if real != quinn {
-                self.back.insert(real, quinn);
+            if real == quinn {
+                return true;
+            }
+            if self.claimed.contains(&real) {
+                return false;
+            }
+            match self.back.get(&real) {
+                Some(owner) if *owner == quinn => return true,
+                Some(owner) if self.out.contains_key(owner) => return false,
+                _ => {}
+            }
+            let per_addr = self.back.values().filter(|q| **q == quinn).count();
+            if !self.back.contains_key(&real)
+                && (self.back.len() >= MAX_ALIASES || per_addr >= MAX_ALIASES_PER_ADDR)
+            {
+                return false;
+            }
+            self.back.insert(real, quinn);
+            true
+        }
+
+        fn claim(&mut self, quinn: SocketAddr) {
+            if self.claimed.len() < MAX_ALIASES {
+                self.claimed.insert(canonical(quinn));
             }
         }
 
         fn remove(&mut self, quinn: SocketAddr) {
             let quinn = canonical(quinn);
+            self.claimed.remove(&quinn);
             self.out.remove(&quinn);
             self.back.retain(|_, q| *q != quinn);
         }
@@ -299,8 +326,8 @@ mod model {
         let mut step = 0usize;
         while let Some(op) = r.byte() {
             step += 1;
-            let at = |what: String| format!("step {step} (op {}): {what}", op % 6);
-            match op % 6 {
+            let at = |what: String| format!("step {step} (op {}): {what}", op % 8);
+            match op % 8 {
                 0 | 1 => {
                     let (quinn, real) = (pool(r.byte().unwrap_or(0)), pool(r.byte().unwrap_or(0)));
                     if op % 6 == 0 {
@@ -313,8 +340,23 @@ mod model {
                 }
                 2 => {
                     let (real, quinn) = (pool(r.byte().unwrap_or(0)), pool(r.byte().unwrap_or(0)));
-                    socket.add_alias(real, quinn);
-                    routes.alias(real, quinn);
+                    let taken = socket.add_alias(real, quinn).is_ok();
+                    if taken != routes.alias(real, quinn) {
+                        return Err(at(format!(
+                            "alias {real} -> {quinn} {} against the model",
+                            if taken { "taken" } else { "refused" }
+                        )));
+                    }
+                }
+                6 => {
+                    let quinn = pool(r.byte().unwrap_or(0));
+                    socket.claim(quinn);
+                    routes.claim(quinn);
+                }
+                7 => {
+                    let quinn = pool(r.byte().unwrap_or(0));
+                    socket.release(quinn);
+                    routes.claimed.remove(&canonical(quinn));
                 }
                 3 => {
                     let quinn = pool(r.byte().unwrap_or(0));
@@ -445,6 +487,7 @@ mod model {
                     }
                 }
                 _ => {
+                    // 5: an injected datagram or a send.
                     let target = pool(r.byte().unwrap_or(0));
                     let len = usize::from(r.u16().unwrap_or(0) % 3000);
                     let fill = r.byte().unwrap_or(0);
