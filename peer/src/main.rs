@@ -1467,6 +1467,11 @@ fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// Whether `addr` is a stable per-peer address (240.0.0.0/4, see [`relay::stable_addr`]).
+fn is_stable_addr(addr: SocketAddr) -> bool {
+    matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1535,9 +1540,4 @@ mod tests {
             Cli::try_parse_from(["peer", "listen", "--server", "h:1", "--allow", "nope"]).is_err()
         );
     }
-}
-
-/// Whether `addr` is a stable per-peer address (240.0.0.0/4, see [`relay::stable_addr`]).
-fn is_stable_addr(addr: SocketAddr) -> bool {
-    matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
 }
