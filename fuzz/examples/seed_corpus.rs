@@ -514,8 +514,32 @@ fn main() {
     corpus.write(
         "demux",
         "claimed_and_routed_owners",
-        &[6, 0, 2, 0, 5, 0, 5, 2, 2, 2, 6, 7, 0, 2, 0, 5, 3, 5, 2, 2, 6],
+        &[
+            6, 0, 2, 0, 5, 0, 5, 2, 2, 2, 6, 7, 0, 2, 0, 5, 3, 5, 2, 2, 6,
+        ],
     );
+    // The puncher target reads a script (see `punch::script::check_puncher_script`): a head
+    // byte (role, candidate count), the candidates, then operations of three bytes (op, address,
+    // pick): 0 time passes, 1 sends, 2 a genuine answer, 3 a genuine probe, 4 a forged answer,
+    // 5 a forged probe, 6 arbitrary bytes (pick of them follow), 7 an answer to no probe.
+    corpus.write(
+        "puncher",
+        "initiator_forgery_then_answer",
+        &[0, 5, 1, 0, 0, 4, 9, 0, 2, 5, 0, 0, 0, 50, 1, 0, 0],
+    );
+    let mut responder = vec![7, 1, 2, 3, 4];
+    for round in 0..20u8 {
+        responder.extend([3, 20 + round, round, 5, 30, round, 1, 0, 0, 0, 0, 10]);
+        responder.extend([4, 40, round, 6, 41, 3, 0x00, 0x01, 0x00]);
+    }
+    responder.extend([2, 1, 0, 7, 2, 9, 0, 0, 255, 0, 0, 255, 1, 0, 0]);
+    corpus.write("puncher", "responder_under_attack", &responder);
+    // Many candidates, the whole schedule, no answer: the session's probe budget.
+    let mut budget = vec![14, 0, 1, 2, 3, 4, 5, 6, 7];
+    for _ in 0..40 {
+        budget.extend([0, 0, 20, 1, 0, 0]);
+    }
+    corpus.write("puncher", "schedule_without_answers", &budget);
     // Many STUN segments in one GRO buffer: more than the STUN channel holds.
     let mut many = vec![4, 0, 3, 0x04, 0, 24, 1];
     many.extend([0xff, 0xff, 0xff, 8]);
