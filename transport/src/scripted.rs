@@ -439,25 +439,20 @@ mod model {
                     }
                     inner.push_batch(batch);
                     let got = receive_all(&socket, buffer)?;
-                    // Injected datagrams may come first or in between; the rest in order.
-                    for g in got {
-                        if expect.front() == Some(&g) {
-                            expect.pop_front();
-                            quic_seen += 1;
-                        } else if injected.front().map(|i| i.cut(buffer)) == Some(g.cut(buffer)) {
-                            injected.pop_front();
-                            injected_seen += 1;
-                        } else {
-                            return Err(at(format!(
-                                "quinn got {g:?}; expected {:?} or injected {:?}",
-                                expect.front(),
-                                injected.front()
-                            )));
-                        }
+                    // The receive drains both sources: quinn gets every entry of the batch and
+                    // every injected datagram (cut to the buffer), each source in its order, the
+                    // two interleaved in any way.
+                    let expect: Vec<Delivered> = expect.into_iter().collect();
+                    let injected_now: Vec<Delivered> =
+                        injected.drain(..).map(|i| i.cut(buffer)).collect();
+                    if !interleaves(&got, &expect, &injected_now) {
+                        return Err(at(format!(
+                            "quinn got {got:?}; expected {expect:?} interleaved with injected \
+                             {injected_now:?}"
+                        )));
                     }
-                    if let Some(missing) = expect.front() {
-                        return Err(at(format!("quinn never got {missing:?}")));
-                    }
+                    quic_seen += expect.len() as u64;
+                    injected_seen += injected_now.len() as u64;
                     // STUN: in order, each once, the overflow counted.
                     let mut delivered = Vec::new();
                     while let Ok(d) = stun_rx.try_recv() {
@@ -553,6 +548,31 @@ mod model {
             stun: stun_seen,
             injected: injected_seen + rest.len() as u64,
         })
+    }
+
+    /// Whether `got` is `a` and `b` interleaved, each in its order (a merge of two queues).
+    fn interleaves(got: &[Delivered], a: &[Delivered], b: &[Delivered]) -> bool {
+        if got.len() != a.len() + b.len() {
+            return false;
+        }
+        // reach[i][j]: the first i of `a` and j of `b` make the first i + j of `got`.
+        let mut reach = vec![vec![false; b.len() + 1]; a.len() + 1];
+        reach[0][0] = true;
+        for i in 0..=a.len() {
+            for j in 0..=b.len() {
+                if !reach[i][j] || i + j == got.len() {
+                    continue;
+                }
+                let next = &got[i + j];
+                if a.get(i) == Some(next) {
+                    reach[i + 1][j] = true;
+                }
+                if b.get(j) == Some(next) {
+                    reach[i][j + 1] = true;
+                }
+            }
+        }
+        reach[a.len()][b.len()]
     }
 
     /// Receives until the socket has nothing more, into fresh zeroed buffers of `size` bytes.
