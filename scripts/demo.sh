@@ -45,11 +45,13 @@ wait_for() { # FILE PATTERN SECONDS
     done
 }
 
-# in_host HOST CMD...: run CMD on that host (a lab namespace, or here on loopback)
+# in_host HOST CMD... &: run CMD on that host (a lab namespace, or here on loopback). Only in the
+# background: it execs, so that the subshell running it *is* the process and `kill $!` at the end
+# stops it (a plain call would leave the program running when the subshell is killed).
 in_host() {
     local host=$1
     shift
-    if [[ $mode == nat ]]; then ip netns exec "$lab-$host" "$@"; else "$@"; fi
+    if [[ $mode == nat ]]; then exec ip netns exec "$lab-$host" "$@"; else exec "$@"; fi
 }
 
 if [[ $mode == nat ]]; then
