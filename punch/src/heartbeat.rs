@@ -142,14 +142,7 @@ impl Heartbeats {
         self.counter = self.counter.wrapping_add(1);
         if self.pending.len() >= MAX_PENDING {
             // Forget the oldest: an answer that late says nothing about the path now.
-            if let Some(oldest) = self
-                .pending
-                .iter()
-                .min_by_key(|(_, (_, n))| *n)
-                .map(|(k, _)| *k)
-            {
-                self.pending.remove(&oldest);
-            }
+            crate::forget_oldest(&mut self.pending, |(_, n)| *n);
         }
         self.pending
             .insert(self.tag.transaction(self.counter), (to, self.counter));

@@ -541,14 +541,7 @@ impl Puncher {
         let contents = stun::probe_request(&self.tag, self.counter, &self.key);
         if self.pending.len() >= MAX_PENDING {
             // Forget the oldest probe: its answer, if it ever comes, is stale anyway.
-            if let Some(oldest) = self
-                .pending
-                .iter()
-                .min_by_key(|(_, (_, sent))| *sent)
-                .map(|(k, _)| *k)
-            {
-                self.pending.remove(&oldest);
-            }
+            forget_oldest(&mut self.pending, |(_, sent)| *sent);
         }
         self.pending
             .insert(self.tag.transaction(self.counter), (index, now));
@@ -612,6 +605,14 @@ impl Puncher {
                 elapsed: now.saturating_duration_since(self.started),
             });
         }
+    }
+}
+
+/// Removes the entry of `pending` with the smallest `age` (the oldest outstanding request of a
+/// bounded table: probes here, heartbeats in [`heartbeat`]).
+pub(crate) fn forget_oldest<V, T: Ord>(pending: &mut HashMap<[u8; 12], V>, age: impl Fn(&V) -> T) {
+    if let Some(oldest) = pending.iter().min_by_key(|(_, v)| age(v)).map(|(k, _)| *k) {
+        pending.remove(&oldest);
     }
 }
 
