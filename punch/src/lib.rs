@@ -29,6 +29,7 @@
 pub mod budget;
 pub mod heartbeat;
 pub mod path;
+pub mod peer_paths;
 pub mod script;
 
 use std::collections::{HashMap, VecDeque};

@@ -221,7 +221,10 @@ impl PathSelector {
         };
         if self.direct.is_some() {
             consider(self.next_heartbeat);
-            if self.current != Current::Relay {
+            // The silence deadline matters only once enough heartbeats went unanswered (until
+            // then the next heartbeat is the next event); considered earlier, a past deadline
+            // would be returned again and again and spin the driver until the path is dead.
+            if self.current != Current::Relay && self.unanswered >= self.config.unanswered {
                 consider(
                     self.last_answer
                         .map(|at| at + self.config.silence + Duration::from_millis(1)),
