@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail};
 use common::{ControlMessage, ErrorCode, PeerId};
 
 use crate::cache::PeerCache;
-use crate::paths::{self, PathKeeper};
+use crate::paths::PathKeeper;
 use crate::relay;
 
 /// The path a connection was made on, for the user.
@@ -55,7 +55,7 @@ pub async fn establish(
         // peer's NAT lets anyone in (or there is none), and then it answers at once: keep this
         // attempt short.
         let cached = entry.candidates[0].addr;
-        socket.set_route(stable, transport::PathTarget::Udp(cached));
+        keeper.dialing_cached(peer, cached);
         if verbose {
             console
                 .error(format!("dialing cached address {cached}"))
@@ -65,7 +65,7 @@ pub async fn establish(
         match keeper.node.dial(peer, stable, timeout).await {
             Ok(conn) => return Ok((conn, Via::direct(cached, "cached address"))),
             Err(e) => {
-                socket.remove_routes(stable);
+                keeper.cached_dial_failed(peer);
                 console
                     .error(format!(
                         "cached address {cached} of {peer} failed ({}); asking the rendezvous",
@@ -129,7 +129,7 @@ pub async fn establish(
     }
     // The relay stream opens just after registration: give it a moment.
     keeper.relay.wait_ready(Duration::from_secs(2)).await;
-    keeper.prepare(peer, &candidates);
+    keeper.prepare(peer, introduction.nonce, &candidates);
     let punch = {
         let keeper = keeper.clone();
         let candidates = candidates.clone();
@@ -156,7 +156,7 @@ pub async fn establish(
             }
             _ => bail!("punching to {peer} stopped"),
         };
-        socket.set_route(stable, transport::PathTarget::Udp(path.addr));
+        // The peer's machine routed the stable address to the proven path.
         let conn = keeper
             .node
             .dial(peer, stable, dial_timeout)
@@ -164,31 +164,24 @@ pub async fn establish(
             .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
         return Ok((conn, Via::direct(path.addr, path.kind.describe())));
     }
-    // Relay first, direct as soon as proven: the punch result goes to the connection's link
-    // (or straight to the socket's route while the handshake is still running).
+    // Relay first, direct as soon as proven: the punch result goes to the peer's machine, which
+    // moves the connection (or, while the handshake is still running, the stable address's
+    // route) to the proven path.
     let proven: Arc<Mutex<Option<&'static str>>> = Arc::default();
     {
         let keeper = keeper.clone();
         let proven = proven.clone();
         tokio::spawn(async move {
-            let event = match punch.await {
+            match punch.await {
                 Ok(punch::State::Direct(path)) => {
                     keeper.report_punch(peer, true);
                     if let Ok(mut how) = proven.lock() {
                         *how = Some(path.kind.describe());
                     }
-                    paths::LinkEvent::DirectProven {
-                        addr: path.addr,
-                        describe: path.kind.describe(),
-                    }
                 }
-                Ok(punch::State::Failed(report)) => {
-                    keeper.report_punch(peer, false);
-                    paths::LinkEvent::PunchFailed(report.reason())
-                }
-                _ => return,
-            };
-            keeper.notify(peer, event).await;
+                Ok(punch::State::Failed(_)) => keeper.report_punch(peer, false),
+                _ => {}
+            }
         });
     }
     let conn = keeper

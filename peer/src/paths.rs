@@ -1,11 +1,15 @@
 //! Keeping every peer connection on the best path, without the connection noticing.
 //!
 //! quinn talks to one stable address per peer ([`crate::relay::stable_addr`]); the socket sends
-//! each packet on the current path, direct UDP or the relay. For each connection a link task runs
-//! a [`punch::path::PathSelector`]: it starts on the relay or a proven direct path, moves to a
-//! direct path as soon as a punch proves one (make-before-break), sends heartbeats on the direct
-//! path and falls back to the relay when they go unanswered, and punches again with backoff, and
-//! at once when our public address changes (NAT rebinding).
+//! each packet on the current path, direct UDP or the relay. Every decision about a peer's
+//! routes is taken by its [`punch::peer_paths::PeerPaths`], a sans-IO state machine; this module
+//! is its thin tokio driver: it feeds introductions, punch results, connections, heartbeat
+//! answers, address changes and time in, and carries out route, alias and claim changes on the
+//! socket. For each connection a link task sends its heartbeats, reads their answers, wakes the
+//! machine at its timers and tells the user when the path changes: the connection starts on the
+//! relay or a proven direct path, moves to a direct path as soon as a punch proves one
+//! (make-before-break), falls back to the relay when heartbeats go unanswered, and punches again
+//! with backoff, and at once when our public address changes (NAT rebinding).
 //!
 //! Heartbeats are authenticated ([`punch::heartbeat`]) with keys both ends derive from the
 //! connection's TLS exporter, so a host that sees them cannot keep a dead path alive, and an
@@ -20,7 +24,8 @@ use common::message::{usable_candidate, Candidate, MAX_CANDIDATES};
 use common::stun::{self, ProbeTag, PunchKey, StunPacket};
 use common::{ControlMessage, PeerId};
 use punch::heartbeat::{HeartbeatInput, HeartbeatKeys, Heartbeats, EXPORTER_LABEL};
-use punch::path::{Action, Current, PathConfig, PathSelector};
+use punch::path::{Current, PathConfig};
+use punch::peer_paths::{ConnId, PathOutput, PeerPaths, PunchOutcome, RouteTarget, CLOSE_LINGER};
 use punch::{Introduction, Role, State};
 use tokio::sync::{mpsc, watch};
 use transport::PathTarget;
@@ -37,29 +42,10 @@ pub const MAPPING_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Most punching sessions run at once in answer to introductions.
 const MAX_RESPONDER_PUNCHES: usize = 64;
 /// Events queued for one link.
-const LINK_QUEUE: usize = 16;
-/// How long a path proven before its connection arrived is kept for it.
-const PENDING_PATH_TTL: Duration = Duration::from_secs(30);
-
-/// What a link is told.
-#[derive(Debug, Clone)]
-pub enum LinkEvent {
-    /// A punch proved this direct path.
-    DirectProven {
-        /// The peer's address on it.
-        addr: SocketAddr,
-        /// How it was found, for the user.
-        describe: &'static str,
-    },
-    /// A punch found nothing.
-    PunchFailed(String),
-    /// Our public address changed.
-    AddressChanged,
-}
+const LINK_QUEUE: usize = 64;
 
 struct LinkHandle {
-    conn_id: usize,
-    tx: mpsc::Sender<LinkEvent>,
+    tx: mpsc::Sender<PathOutput>,
     conn: quinn::Connection,
     status: Arc<Mutex<LinkStatus>>,
 }
@@ -107,29 +93,75 @@ pub struct PathKeeper {
     pub verbose: bool,
     /// Our NAT, once measured.
     pub nat: watch::Receiver<Option<crate::netcheck::Report>>,
-    table: Arc<Mutex<LinkTable>>,
+    table: Arc<Mutex<PeerTable>>,
 }
 
-/// Links by peer, and punch results that arrived before their connection. One lock for both, so
-/// that a result cannot slip between "no link yet" and "link created".
+/// One peer: its path state machine and the link tasks of its connections.
+struct PeerEntry {
+    paths: PeerPaths,
+    links: HashMap<ConnId, LinkHandle>,
+}
+
+/// Peers with anything to manage. One lock for the machines and the links, so that an input
+/// and the outputs it causes are never interleaved with another's.
 #[derive(Default)]
-struct LinkTable {
-    links: HashMap<PeerId, LinkHandle>,
-    pending: HashMap<PeerId, (LinkEvent, Instant)>,
+struct PeerTable {
+    peers: HashMap<PeerId, PeerEntry>,
 }
 
-impl LinkTable {
-    /// Drops `peer`'s link if its connection has closed; its task then ends without touching
-    /// the peer's routes (which belong to the next connection).
-    fn forget_closed(&mut self, peer: &PeerId) {
-        if self
-            .links
-            .get(peer)
-            .is_some_and(|h| h.conn.close_reason().is_some())
-        {
-            self.links.remove(peer);
-        }
+/// What executing a machine's outputs left for the caller.
+#[derive(Default)]
+struct Executed {
+    /// Outputs for the link task that fed the input (it handles them itself).
+    mine: Vec<PathOutput>,
+    /// Lines for the user in verbose mode.
+    verbose_lines: Vec<String>,
+}
+
+/// What a punching session tells its peer's [`PeerPaths`]: authenticated probes and answers
+/// (their addresses become the peer's aliases) and its end.
+#[derive(Clone)]
+pub struct PunchWitness {
+    keeper: PathKeeper,
+    peer: PeerId,
+}
+
+impl PunchWitness {
+    /// A probe or an answer authenticated with introduction `nonce`'s key came from `from`.
+    /// Returns what to show in verbose mode.
+    pub fn authenticated(&self, nonce: u64, from: SocketAddr) -> Vec<String> {
+        self.keeper
+            .feed(self.peer, None, |p| p.probe_authenticated(nonce, from))
+            .1
+            .verbose_lines
     }
+
+    /// Introduction `nonce`'s punch ended with `state` (its first result; a session stopped
+    /// without one counts as failed).
+    pub fn result(&self, nonce: u64, state: &State) {
+        let outcome = match state {
+            State::Direct(path) => PunchOutcome::Direct {
+                addr: path.addr,
+                describe: path.kind.describe(),
+            },
+            State::Failed(report) => PunchOutcome::Failed(report.reason()),
+            State::Probing => PunchOutcome::Failed("punch stopped".into()),
+        };
+        self.keeper.feed(self.peer, None, |p| {
+            p.punch_result(nonce, outcome, Instant::now())
+        });
+    }
+
+    /// Introduction `nonce`'s punching session ended.
+    pub fn ended(&self, nonce: u64) {
+        self.keeper.feed(self.peer, None, |p| {
+            p.introduction_ended(nonce, Instant::now())
+        });
+    }
+}
+
+fn conn_id(conn: &quinn::Connection) -> ConnId {
+    conn.stable_id() as ConnId
 }
 
 impl PathKeeper {
@@ -155,35 +187,117 @@ impl PathKeeper {
         }
     }
 
+    /// Feeds one input to `peer`'s machine (created if needed) and carries out what it asks of
+    /// the socket and the relay; outputs for other links go to their tasks, those for `me` are
+    /// returned. The machine is dropped once it has nothing left to manage.
+    fn feed<R>(
+        &self,
+        peer: PeerId,
+        me: Option<ConnId>,
+        input: impl FnOnce(&mut PeerPaths) -> R,
+    ) -> (R, Executed) {
+        let Ok(mut table) = self.table.lock() else {
+            // A poisoned table: a task panicked holding it; nothing sensible is left to do.
+            let mut scratch = PeerPaths::new(stable_addr(&peer), PathConfig::default());
+            return (input(&mut scratch), Executed::default());
+        };
+        let entry = table.peers.entry(peer).or_insert_with(|| PeerEntry {
+            paths: PeerPaths::new(stable_addr(&peer), PathConfig::default()),
+            links: HashMap::new(),
+        });
+        let result = input(&mut entry.paths);
+        let mut executed = Executed::default();
+        while let Some(output) = entry.paths.poll_output() {
+            self.execute(peer, entry, me, output, &mut executed);
+        }
+        if entry.paths.is_idle() && entry.links.is_empty() {
+            table.peers.remove(&peer);
+        }
+        (result, executed)
+    }
+
+    /// Carries out one output (socket and relay changes are synchronous and cheap).
+    fn execute(
+        &self,
+        peer: PeerId,
+        entry: &PeerEntry,
+        me: Option<ConnId>,
+        output: PathOutput,
+        executed: &mut Executed,
+    ) {
+        let socket = &self.node.socket;
+        match output {
+            PathOutput::SetRoute { quinn_addr, target } => {
+                let target = match target {
+                    RouteTarget::Direct(addr) => PathTarget::Udp(addr),
+                    RouteTarget::Relay => PathTarget::Virtual(self.relay.sink(&peer)),
+                };
+                socket.set_route(quinn_addr, target);
+            }
+            PathOutput::RemoveRoutes { quinn_addr } => socket.remove_routes(quinn_addr),
+            PathOutput::Claim { quinn_addr } => socket.claim(quinn_addr),
+            PathOutput::Release { quinn_addr } => socket.release(quinn_addr),
+            PathOutput::AddAlias { real, quinn_addr } => {
+                if let Err(refusal) = socket.add_alias(real, quinn_addr) {
+                    tracing::debug!(%peer, from = %real, ?refusal, "address not aliased to the peer");
+                    if self.verbose {
+                        executed.verbose_lines.push(format!(
+                            "punch {}: {real} not taken as the peer's address: {}",
+                            peer.short(),
+                            match refusal {
+                                transport::AliasRefusal::OwnedByAnother(_) =>
+                                    "a live connection already uses it",
+                                transport::AliasRefusal::Full => "too many addresses",
+                            }
+                        ));
+                    }
+                }
+            }
+            PathOutput::RemoveAlias { real, quinn_addr } => socket.remove_alias(real, quinn_addr),
+            PathOutput::RelaySource(None) => self.relay.forget(&peer),
+            PathOutput::RelaySource(Some(addr)) => self.relay.set_quinn_addr(peer, addr),
+            PathOutput::PathChanged { conn, .. }
+            | PathOutput::PunchFailed { conn, .. }
+            | PathOutput::Heartbeat { conn, .. }
+            | PathOutput::Repunch { conn } => {
+                if me == Some(conn) {
+                    executed.mine.push(output);
+                } else if let Some(link) = entry.links.get(&conn) {
+                    // A full queue drops it: a heartbeat is retried, and the link re-reads the
+                    // path from the machine.
+                    let _ = link.tx.try_send(output);
+                }
+            }
+        }
+    }
+
     /// Every connection with a link, by peer.
     pub fn links(&self) -> Vec<LinkInfo> {
         let Ok(table) = self.table.lock() else {
             return Vec::new();
         };
         let mut links: Vec<LinkInfo> = table
-            .links
+            .peers
             .iter()
-            .filter(|(_, h)| h.conn.close_reason().is_none())
-            .map(|(peer, h)| LinkInfo {
-                peer: *peer,
-                conn: h.conn.clone(),
-                status: h
-                    .status
-                    .lock()
-                    .map(|s| s.clone())
-                    .unwrap_or_else(|p| p.into_inner().clone()),
+            .flat_map(|(peer, entry)| {
+                let current = entry.paths.link().map(|l| l.conn);
+                entry
+                    .links
+                    .iter()
+                    .filter(move |(id, h)| Some(**id) == current && h.conn.close_reason().is_none())
+                    .map(move |(_, h)| LinkInfo {
+                        peer: *peer,
+                        conn: h.conn.clone(),
+                        status: h
+                            .status
+                            .lock()
+                            .map(|s| s.clone())
+                            .unwrap_or_else(|p| p.into_inner().clone()),
+                    })
             })
             .collect();
         links.sort_by_key(|l| l.status.started);
         links
-    }
-
-    /// Whether the link of connection `conn_id` is the one that manages `peer`'s route.
-    fn is_current_link(&self, peer: &PeerId, conn_id: usize) -> bool {
-        self.table
-            .lock()
-            .map(|t| t.links.get(peer).is_some_and(|h| h.conn_id == conn_id))
-            .unwrap_or(false)
     }
 
     /// The link of `conn`, if it has one.
@@ -236,49 +350,30 @@ impl PathKeeper {
             .collect()
     }
 
-    /// Readies the socket for talking to `peer` before any path is known: its stable address
-    /// goes through the relay (if it is up). Returns the stable address.
-    pub fn prepare(&self, peer: PeerId, candidates: &[Candidate]) -> SocketAddr {
-        let stable = stable_addr(&peer);
-        // A new introduction: a closed connection's link must not take the routes set up from
-        // here with it when its task ends.
-        let live_link = match self.table.lock() {
-            Ok(mut table) => {
-                table.forget_closed(&peer);
-                table.links.contains_key(&peer)
-            }
-            Err(_) => false,
-        };
-        if !live_link {
-            // Relayed packets from the peer go to the connection about to be made on the stable
-            // address, not to an old connection's address (a connection dialed straight to a
-            // cached address knows the peer by its real address).
-            self.relay.forget(&peer);
-        }
-        // A direct route to an address the peer no longer announces is stale (the peer restarted
-        // or moved while an old connection of ours still routed to it): the new handshake's
-        // answers would go there and be lost until the old connection timed out.
-        let usable_route = match self.node.socket.route_of(stable) {
-            PathTarget::Udp(a) if a == stable => false,
-            PathTarget::Udp(a) => candidates.iter().any(|c| c.addr == a),
-            PathTarget::Virtual(_) => true,
-        };
-        // Route through the relay even if its stream is not open yet (it is re-opened after a
-        // re-registration): packets sent meanwhile are dropped and QUIC retransmits them, whereas
-        // a missing route would send them to an unroutable address for good.
-        if !usable_route {
-            self.node
-                .socket
-                .set_route(stable, PathTarget::Virtual(self.relay.sink(&peer)));
-        }
-        // No candidate is aliased to the peer here: a candidate is only what the peer (or the
-        // rendezvous) claims, and may be another peer's address. Addresses are aliased once a
-        // probe or an answer authenticated with the introduction's key came from them
-        // (`punching`), and never away from another live connection.
-        stable
+    /// Readies the socket for talking to `peer` under introduction `nonce` before any path is
+    /// known (see [`PeerPaths::introduction`]: through the relay unless a direct route to an
+    /// address the peer still announces is in place). Returns the stable address.
+    pub fn prepare(&self, peer: PeerId, nonce: u64, candidates: &[Candidate]) -> SocketAddr {
+        let addrs: Vec<SocketAddr> = candidates.iter().map(|c| c.addr).collect();
+        self.feed(peer, None, |p| {
+            p.introduction(nonce, &addrs, Instant::now());
+        });
+        stable_addr(&peer)
     }
 
-    /// Punches `peer`; probes from the peer's addresses are aliased to its stable address.
+    /// We dial `peer` at its cached address `addr` (the handshake authenticates it).
+    pub fn dialing_cached(&self, peer: PeerId, addr: SocketAddr) {
+        self.feed(peer, None, |p| p.dialing_cached(addr));
+    }
+
+    /// The cached address of `peer` did not answer.
+    pub fn cached_dial_failed(&self, peer: PeerId) {
+        self.feed(peer, None, |p| p.cached_dial_failed());
+    }
+
+    /// Punches `peer` (after [`PathKeeper::prepare`] with the same introduction); probes from
+    /// the peer's addresses are aliased to its stable address, and the result goes to the peer's
+    /// [`PeerPaths`] (its connection, or the one about to arrive).
     pub async fn punch(
         &self,
         peer: PeerId,
@@ -287,7 +382,10 @@ impl PathKeeper {
         candidates: &[Candidate],
     ) -> State {
         let log = self.verbose.then(|| self.console.clone());
-        let alias = Some(stable_addr(&peer));
+        let witness = PunchWitness {
+            keeper: self.clone(),
+            peer,
+        };
         punching::run(
             &self.node,
             &self.router,
@@ -296,204 +394,90 @@ impl PathKeeper {
             role,
             candidates,
             log,
-            alias,
+            Some(witness),
         )
         .await
-    }
-
-    /// Hands a punch result to `peer`'s link, or keeps it for the connection about to arrive
-    /// (moving that connection's handshake to the proven direct path at once).
-    pub async fn notify(&self, peer: PeerId, event: LinkEvent) {
-        let tx = {
-            let Ok(mut table) = self.table.lock() else {
-                return;
-            };
-            // A link whose connection has closed (its task lingers a moment for the close) is
-            // no link: the result is for the connection about to arrive.
-            table.forget_closed(&peer);
-            match table.links.get(&peer) {
-                Some(handle) => Some(handle.tx.clone()),
-                None => {
-                    // No connection yet (its handshake may be running over the relay right
-                    // now): move it to the proven path at once; its link starts from there.
-                    if let LinkEvent::DirectProven { addr, .. } = &event {
-                        self.node
-                            .socket
-                            .set_route(stable_addr(&peer), PathTarget::Udp(*addr));
-                    }
-                    table
-                        .pending
-                        .retain(|_, (_, at)| at.elapsed() < PENDING_PATH_TTL);
-                    table.pending.insert(peer, (event.clone(), Instant::now()));
-                    None
-                }
-            }
-        };
-        if let Some(tx) = tx {
-            let _ = tx.send(event).await;
-        }
     }
 
     /// Starts the link task of a new connection; its path starts as the socket routes it now.
     pub fn start_link(&self, peer: PeerId, conn: quinn::Connection, describe: &'static str) {
         let quinn_addr = conn.remote_address();
-        let initial = match self.node.socket.route_of(quinn_addr) {
-            PathTarget::Virtual(_) => Current::Relay,
-            PathTarget::Udp(addr) => Current::Direct(addr),
-        };
-        // Its address is the connection's: no alias takes it away while the link runs.
-        self.node.socket.claim(quinn_addr);
+        let id = conn_id(&conn);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let now = Instant::now();
         let status = Arc::new(Mutex::new(LinkStatus {
-            path: initial,
+            path: Current::Relay,
             describe,
             started: now,
             since: now,
             punch_failure: None,
         }));
-        let early = match self.table.lock() {
-            Ok(mut table) => {
-                table.links.insert(
-                    peer,
-                    LinkHandle {
-                        conn_id: conn.stable_id(),
-                        tx: tx.clone(),
-                        conn: conn.clone(),
-                        status: status.clone(),
-                    },
-                );
-                table
-                    .pending
-                    .remove(&peer)
-                    .filter(|(_, at)| at.elapsed() < PENDING_PATH_TTL)
-                    .map(|(event, _)| event)
-            }
-            Err(_) => None,
-        };
-        if let Some(event) = early {
-            let _ = tx.try_send(event);
+        // The handle goes in first, so that outputs of the connection's start reach its task.
+        if let Ok(mut table) = self.table.lock() {
+            let entry = table.peers.entry(peer).or_insert_with(|| PeerEntry {
+                paths: PeerPaths::new(stable_addr(&peer), PathConfig::default()),
+                links: HashMap::new(),
+            });
+            entry.links.insert(
+                id,
+                LinkHandle {
+                    tx,
+                    conn: conn.clone(),
+                    status: status.clone(),
+                },
+            );
+        }
+        let (initial, _) = self.feed(peer, None, |p| {
+            p.connection_up(id, quinn_addr, describe, now)
+        });
+        if let Ok(mut s) = status.lock() {
+            s.path = initial;
         }
         let keeper = self.clone();
-        tokio::spawn(async move {
-            keeper
-                .run_link(peer, conn, quinn_addr, initial, describe, tx, rx, status)
-                .await
-        });
+        tokio::spawn(async move { keeper.run_link(peer, conn, rx, status).await });
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Drives one connection's part of its peer's machine: its timers, heartbeats and their
+    /// answers, and what the machine asks of it, until the connection closes or a newer one
+    /// takes over; then waits out the close linger.
     async fn run_link(
         self,
         peer: PeerId,
         conn: quinn::Connection,
-        quinn_addr: SocketAddr,
-        initial: Current,
-        mut describe: &'static str,
-        tx: mpsc::Sender<LinkEvent>,
-        mut rx: mpsc::Receiver<LinkEvent>,
+        mut rx: mpsc::Receiver<PathOutput>,
         status: Arc<Mutex<LinkStatus>>,
     ) {
-        let update = |f: &dyn Fn(&mut LinkStatus)| {
-            if let Ok(mut s) = status.lock() {
-                f(&mut s);
-            }
-        };
-        self.relay.set_quinn_addr(peer, quinn_addr);
-        let mut selector = PathSelector::new(initial, Instant::now(), PathConfig::default());
+        let id = conn_id(&conn);
         let mut heartbeats = heartbeats_of(&conn, self.node.identity.id(), peer);
         let nonce = heartbeats.nonce();
         let mut answers = self.router.register_raw(nonce);
-        let mut explained = false;
         loop {
-            let now = Instant::now();
             if conn.close_reason().is_some() {
                 break;
             }
             // A newer connection to the same peer (it restarted, or dialed us as we dialed it)
             // took over the peer's route: only its link manages the route from now on.
-            if !self.is_current_link(&peer, conn.stable_id()) {
+            let (current, wake) = self.peek(peer, |p| {
+                (p.link().is_some_and(|l| l.conn == id), p.poll_timeout())
+            });
+            if !current {
                 break;
             }
-            while let Some(action) = selector.poll(now) {
-                match action {
-                    Action::Switch(Current::Relay) => {
-                        update(&|s| {
-                            s.path = Current::Relay;
-                            s.since = Instant::now();
-                        });
-                        self.node
-                            .socket
-                            .set_route(quinn_addr, PathTarget::Virtual(self.relay.sink(&peer)));
-                        self.console
-                            .say(format!("path to {peer}: {}", self.relay_label()))
-                            .await;
-                    }
-                    Action::Switch(Current::Direct(addr)) => {
-                        update(&|s| {
-                            s.path = Current::Direct(addr);
-                            s.describe = describe;
-                            s.since = Instant::now();
-                            s.punch_failure = None;
-                        });
-                        self.node
-                            .socket
-                            .set_route(quinn_addr, PathTarget::Udp(addr));
-                        self.console
-                            .say(format!("path to {peer}: direct to {addr} ({describe})"))
-                            .await;
-                    }
-                    Action::Heartbeat(addr) => {
-                        let beat = heartbeats.request(addr);
-                        let _ = self.node.socket.send_to(&beat.contents, addr).await;
-                    }
-                    Action::Repunch => {
-                        let keeper = self.clone();
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let event = keeper.repunch(peer).await;
-                            let _ = tx.send(event).await;
-                        });
-                    }
-                }
-            }
-            let wake = selector
-                .poll_timeout()
-                .unwrap_or(now + Duration::from_secs(60));
-            tokio::select! {
-                event = rx.recv() => match event {
-                    Some(LinkEvent::DirectProven { addr, describe: how }) => {
-                        describe = how;
-                        selector.direct_proven(addr, Instant::now());
-                    }
-                    Some(LinkEvent::PunchFailed(reason)) => {
-                        update(&|s| s.punch_failure = Some(reason.clone()));
-                        // Say once why the connection stays relayed; later retries only in -v.
-                        if !explained && selector.current() == Current::Relay {
-                            explained = true;
-                            self.console
-                                .say(format!(
-                                    "path to {peer}: {}, no direct path: {reason}; \
-                                     retrying in the background",
-                                    self.relay_label()
-                                ))
-                                .await;
-                        } else if self.verbose {
-                            self.console.error(format!("punch to {peer}: {reason}")).await;
-                        }
-                        selector.punch_failed(Instant::now());
-                    }
-                    Some(LinkEvent::AddressChanged) => selector.address_changed(Instant::now()),
+            let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            let mine = tokio::select! {
+                output = rx.recv() => match output {
+                    Some(output) => vec![output],
                     None => break,
                 },
                 answer = answers.recv() => {
                     let Some(answer) = answer else { break };
                     match heartbeats.handle(answer.from, &answer.data) {
                         HeartbeatInput::Answered(addr) => {
-                            selector.heartbeat_answered(addr, Instant::now());
+                            self.feed(peer, Some(id), |p| p.heartbeat_answered(id, addr, Instant::now())).1.mine
                         }
                         HeartbeatInput::Reply(reply) => {
                             let _ = self.node.socket.send_to(&reply.contents, reply.destination).await;
+                            Vec::new()
                         }
                         HeartbeatInput::Ignored(why) => {
                             tracing::debug!(%peer, from = %answer.from, ?why, "heartbeat datagram ignored");
@@ -506,39 +490,117 @@ impl PathKeeper {
                                     ))
                                     .await;
                             }
+                            Vec::new()
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    self.feed(peer, Some(id), |p| p.handle_timeout(Instant::now())).1.mine
+                }
                 _ = conn.closed() => break,
+            };
+            for output in mine {
+                self.link_output(peer, output, &status, &mut heartbeats)
+                    .await;
             }
         }
         self.router.unregister(nonce);
+        self.feed(peer, Some(id), |p| p.connection_closed(id, Instant::now()));
         // The close frame (and its retransmissions while the connection drains) still need the
-        // route: keep it a moment.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // route: the machine keeps it for CLOSE_LINGER unless something newer takes it over.
+        tokio::time::sleep(CLOSE_LINGER).await;
         if let Ok(mut table) = self.table.lock() {
-            if table
-                .links
-                .get(&peer)
-                .is_some_and(|h| h.conn_id == conn.stable_id())
-            {
-                table.links.remove(&peer);
-                self.relay.forget(&peer);
-                self.node.socket.remove_routes(quinn_addr);
-            } else if table
-                .links
-                .get(&peer)
-                .is_none_or(|h| h.conn.remote_address() != quinn_addr)
-            {
-                // A newer connection on another address took over: ours is no longer claimed.
-                self.node.socket.release(quinn_addr);
+            if let Some(entry) = table.peers.get_mut(&peer) {
+                entry.links.remove(&id);
             }
+        }
+        self.feed(peer, Some(id), |p| p.handle_timeout(Instant::now()));
+    }
+
+    /// Reads `peer`'s machine (None if it has none).
+    fn peek<R: Default>(&self, peer: PeerId, read: impl FnOnce(&PeerPaths) -> R) -> R {
+        self.table
+            .lock()
+            .ok()
+            .and_then(|t| t.peers.get(&peer).map(|e| read(&e.paths)))
+            .unwrap_or_default()
+    }
+
+    /// Does what the machine asked of this link.
+    async fn link_output(
+        &self,
+        peer: PeerId,
+        output: PathOutput,
+        status: &Mutex<LinkStatus>,
+        heartbeats: &mut Heartbeats,
+    ) {
+        let update = |f: &dyn Fn(&mut LinkStatus)| {
+            if let Ok(mut s) = status.lock() {
+                f(&mut s);
+            }
+        };
+        match output {
+            PathOutput::PathChanged {
+                path: Current::Relay,
+                ..
+            } => {
+                update(&|s| {
+                    s.path = Current::Relay;
+                    s.since = Instant::now();
+                });
+                self.console
+                    .say(format!("path to {peer}: {}", self.relay_label()))
+                    .await;
+            }
+            PathOutput::PathChanged {
+                path: Current::Direct(addr),
+                describe,
+                ..
+            } => {
+                update(&|s| {
+                    s.path = Current::Direct(addr);
+                    s.describe = describe;
+                    s.since = Instant::now();
+                    s.punch_failure = None;
+                });
+                self.console
+                    .say(format!("path to {peer}: direct to {addr} ({describe})"))
+                    .await;
+            }
+            PathOutput::PunchFailed {
+                reason, explain, ..
+            } => {
+                update(&|s| s.punch_failure = Some(reason.clone()));
+                // Say once why the connection stays relayed; later retries only in -v.
+                if explain {
+                    self.console
+                        .say(format!(
+                            "path to {peer}: {}, no direct path: {reason}; \
+                             retrying in the background",
+                            self.relay_label()
+                        ))
+                        .await;
+                } else if self.verbose {
+                    self.console
+                        .error(format!("punch to {peer}: {reason}"))
+                        .await;
+                }
+            }
+            PathOutput::Heartbeat { addr, .. } => {
+                let beat = heartbeats.request(addr);
+                let _ = self.node.socket.send_to(&beat.contents, addr).await;
+            }
+            PathOutput::Repunch { .. } => {
+                let keeper = self.clone();
+                tokio::spawn(async move { keeper.repunch(peer).await });
+            }
+            // Socket and relay outputs are carried out where they are fed.
+            _ => {}
         }
     }
 
-    /// Asks for a new introduction to `peer` and punches.
-    async fn repunch(&self, peer: PeerId) -> LinkEvent {
+    /// Asks for a new introduction to `peer` and punches; the result goes to the peer's machine.
+    async fn repunch(&self, peer: PeerId) {
         let reply = self
             .session
             .request(&ControlMessage::Connect { id: peer })
@@ -554,33 +616,30 @@ impl PathKeeper {
                 Introduction { nonce, key },
             ),
             Ok(other) => {
-                return LinkEvent::PunchFailed(format!("the rendezvous answered {}", other.kind()))
+                let reason = format!("the rendezvous answered {}", other.kind());
+                self.repunch_failed(peer, reason).await;
+                return;
             }
-            Err(e) => return LinkEvent::PunchFailed(e.to_string()),
+            Err(e) => {
+                self.repunch_failed(peer, e.to_string()).await;
+                return;
+            }
         };
-        self.prepare(peer, &candidates);
+        self.prepare(peer, introduction.nonce, &candidates);
         match self
             .punch(peer, introduction, Role::Initiator, &candidates)
             .await
         {
-            State::Direct(path) => {
-                self.report_punch(peer, true);
-                LinkEvent::DirectProven {
-                    addr: path.addr,
-                    describe: path.kind.describe(),
-                }
-            }
-            State::Failed(report) => {
-                self.report_punch(peer, false);
-                LinkEvent::PunchFailed(report.reason())
-            }
-            State::Probing => LinkEvent::PunchFailed("punch stopped".into()),
+            State::Direct(_) => self.report_punch(peer, true),
+            State::Failed(_) => self.report_punch(peer, false),
+            State::Probing => {}
         }
     }
 
-    /// Accepts an introduction pushed by the rendezvous (protocol version 2): without it the
-    /// rendezvous does not relay between us and `peer`. Best effort, in the background; a
-    /// refusal is shown in verbose mode.
+    async fn repunch_failed(&self, peer: PeerId, reason: String) {
+        self.feed(peer, None, |p| p.repunch_failed(reason, Instant::now()));
+    }
+
     fn accept_introduction(&self, peer: PeerId, nonce: u64) {
         let session = self.session.clone();
         let console = self.verbose.then(|| self.console.clone());
@@ -642,26 +701,18 @@ impl PathKeeper {
             // relayed packets (its QUIC handshake) until this arrives. Not awaited: the reply
             // takes a round trip, and punching should start at once.
             self.accept_introduction(peer, nonce);
-            self.prepare(peer, &candidates);
+            self.prepare(peer, nonce, &candidates);
             let keeper = self.clone();
             punches.spawn(async move {
-                let event = match keeper
+                // The result goes to the peer's machine.
+                keeper
                     .punch(
                         peer,
                         Introduction { nonce, key },
                         Role::Responder,
                         &candidates,
                     )
-                    .await
-                {
-                    State::Direct(path) => LinkEvent::DirectProven {
-                        addr: path.addr,
-                        describe: path.kind.describe(),
-                    },
-                    State::Failed(report) => LinkEvent::PunchFailed(report.reason()),
-                    State::Probing => return,
-                };
-                keeper.notify(peer, event).await;
+                    .await;
             });
         }
     }
@@ -729,20 +780,28 @@ impl PathKeeper {
                         seq: counter.into(),
                     })
                     .await;
-                let links: Vec<mpsc::Sender<LinkEvent>> = self
+                let peers: Vec<PeerId> = self
                     .table
                     .lock()
-                    .map(|t| t.links.values().map(|h| h.tx.clone()).collect())
+                    .map(|t| {
+                        t.peers
+                            .iter()
+                            .filter(|(_, e)| e.paths.link().is_some())
+                            .map(|(peer, _)| *peer)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 self.console
                     .say(format!(
                         "our public address changed from {previous} to {mapped} (NAT rebinding); \
                          re-punching {} connection(s)",
-                        links.len()
+                        peers.len()
                     ))
                     .await;
-                for link in links {
-                    let _ = link.send(LinkEvent::AddressChanged).await;
+                for peer in peers {
+                    let (_, executed) =
+                        self.feed(peer, None, |p| p.address_changed(Instant::now()));
+                    debug_assert!(executed.mine.is_empty());
                 }
             }
             last = Some(mapped);

@@ -131,7 +131,7 @@ pub async fn run(
     role: Role,
     candidates: &[Candidate],
     verbose: Option<Console>,
-    alias: Option<std::net::SocketAddr>,
+    witness: Option<crate::paths::PunchWitness>,
 ) -> State {
     let inbox = router.register(introduction.nonce);
     let puncher = Puncher::new(
@@ -150,7 +150,7 @@ pub async fn run(
         puncher,
         inbox,
         verbose,
-        alias,
+        witness,
         first: Some(first_tx),
     };
     tokio::spawn(session.drive());
@@ -163,12 +163,25 @@ struct Session {
     puncher: Puncher,
     inbox: mpsc::Receiver<StunDatagram>,
     verbose: Option<Console>,
-    // Probes of the peer arrive from its real addresses; show them to quinn as this address.
-    alias: Option<std::net::SocketAddr>,
+    // Told of the peer's authenticated probes and answers (its machine aliases their addresses
+    // to the peer's stable address) and of the session's end.
+    witness: Option<crate::paths::PunchWitness>,
     first: Option<tokio::sync::oneshot::Sender<State>>,
 }
 
 impl Session {
+    /// Hands the session's first result to the peer's machine (before the session's end
+    /// releases the introduction) and to the caller, once.
+    fn report_first(&mut self) {
+        if let Some(first) = self.first.take() {
+            let state = self.puncher.state().clone();
+            if let Some(witness) = &self.witness {
+                witness.result(self.puncher.nonce(), &state);
+            }
+            let _ = first.send(state);
+        }
+    }
+
     async fn drive(mut self) {
         let peer = self.puncher.peer();
         let mut over_budget = false;
@@ -210,21 +223,11 @@ impl Session {
                     Event::ProbeReceived { from } | Event::Answered { from, .. } => Some(*from),
                     _ => None,
                 };
-                if let (Some(from), Some(alias)) = (proven, self.alias) {
-                    if let Err(refusal) = self.node.socket.add_alias(from, alias) {
-                        tracing::debug!(%peer, %from, ?refusal, "address not aliased to the peer");
-                        if let Some(console) = &self.verbose {
-                            console
-                                .error(format!(
-                                    "punch {}: {from} not taken as the peer's address: {}",
-                                    peer.short(),
-                                    match refusal {
-                                        transport::AliasRefusal::OwnedByAnother(_) =>
-                                            "a live connection already uses it",
-                                        transport::AliasRefusal::Full => "too many addresses",
-                                    }
-                                ))
-                                .await;
+                if let (Some(from), Some(witness)) = (proven, &self.witness) {
+                    let refused = witness.authenticated(self.puncher.nonce(), from);
+                    if let Some(console) = &self.verbose {
+                        for line in refused {
+                            console.error(line).await;
                         }
                     }
                 }
@@ -233,9 +236,7 @@ impl Session {
                 }
             }
             if !matches!(self.puncher.state(), State::Probing) {
-                if let Some(first) = self.first.take() {
-                    let _ = first.send(self.puncher.state().clone());
-                }
+                self.report_first();
             }
             if self.puncher.is_finished(now) {
                 break;
@@ -253,10 +254,11 @@ impl Session {
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
-        if let Some(first) = self.first.take() {
-            let _ = first.send(self.puncher.state().clone());
-        }
+        self.report_first();
         self.router.unregister(self.puncher.nonce());
+        if let Some(witness) = &self.witness {
+            witness.ended(self.puncher.nonce());
+        }
     }
 }
 

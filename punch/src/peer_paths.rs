@@ -257,14 +257,15 @@ impl PeerPaths {
             })
     }
 
-    /// Nothing left to manage: no connection, none closing, no introduction, no result waiting.
-    /// The driver may drop the machine (the routes it leaves are what the next connection
-    /// starts from, as before: drop it only when that does not matter).
+    /// Nothing left to manage: no connection, none closing, no introduction, no result waiting,
+    /// no route in place. The driver may drop the machine (a fresh one starts from the same
+    /// state).
     pub fn is_idle(&self) -> bool {
         self.link.is_none()
             && self.lingering.is_empty()
             && self.introductions.is_empty()
             && self.pending.is_none()
+            && self.routes.is_empty()
     }
 
     /// The next thing to do, if any.
@@ -426,6 +427,15 @@ impl PeerPaths {
                 });
                 link.selector.punch_failed(now);
             }
+        }
+    }
+
+    /// A re-punch asked for by the live connection could not start (the rendezvous did not
+    /// introduce us): counts as a failed punch, retried with backoff.
+    pub fn repunch_failed(&mut self, reason: String, now: Instant) {
+        if let Some(link) = self.link.as_mut().filter(|l| l.closed_at.is_none()) {
+            Self::apply(link, PunchOutcome::Failed(reason), now, &mut self.outputs);
+            self.drain_link(now);
         }
     }
 
@@ -912,7 +922,7 @@ mod tests {
         paths.introduction_ended(3, t(t0, 5000));
         socket.run(&mut paths);
         assert!(socket.aliases.is_empty(), "{socket:?}");
-        assert!(paths.is_idle() || paths.pending.is_some());
+        assert!(paths.introductions.is_empty() && paths.link.is_none());
         // With a live connection on the stable address, the connection takes them and they go
         // with its routes.
         paths.introduction(5, &[a], t(t0, 6000));
@@ -1176,7 +1186,9 @@ mod tests {
                 prop_assert!(socket.aliases.keys().all(|a| socket.routes.values().any(|r| *r == RouteTarget::Direct(*a))),
                     "aliases left: {:?}", socket);
                 prop_assert!(socket.claims.is_empty(), "claims left: {:?}", socket);
-                prop_assert!(paths.is_idle());
+                prop_assert!(paths.link.is_none() && paths.lingering.is_empty());
+                prop_assert!(paths.introductions.is_empty() && paths.pending.is_none());
+                prop_assert_eq!(paths.is_idle(), paths.routes.is_empty());
                 prop_assert_eq!(paths.poll_timeout(), None);
             }
         }

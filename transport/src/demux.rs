@@ -365,6 +365,22 @@ impl DemuxSocket {
         Ok(())
     }
 
+    /// Undoes [`DemuxSocket::add_alias`]: packets from `real` are no longer shown as coming from
+    /// `quinn_addr`, unless `real` is where `quinn_addr` is routed now (the route keeps it).
+    pub fn remove_alias(&self, real: SocketAddr, quinn_addr: SocketAddr) {
+        let (real, quinn_addr) = (canonical(real), canonical(quinn_addr));
+        let mut routes = self.write_routes();
+        let routed_there =
+            matches!(routes.out.get(&quinn_addr), Some(PathTarget::Udp(r)) if *r == real);
+        if routes.back.get(&real) == Some(&quinn_addr) && !routed_there {
+            routes.back.remove(&real);
+            self.has_routes.store(
+                !routes.out.is_empty() || !routes.back.is_empty(),
+                Ordering::Release,
+            );
+        }
+    }
+
     /// Marks `quinn_addr` as the address of a live connection: if it is a real address, it is
     /// never aliased to another (see [`DemuxSocket::add_alias`]) until
     /// [`DemuxSocket::remove_routes`] or [`DemuxSocket::release`].
@@ -750,6 +766,41 @@ mod tests {
         // Removing the routes restores plain addressing.
         socket.remove_routes(stable);
         assert!(matches!(socket.route_of(stable), PathTarget::Udp(a) if a == stable));
+    }
+
+    #[test]
+    fn remove_alias_undoes_only_that_alias_and_never_a_route() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        let stable: SocketAddr = "240.1.1.1:1".parse().unwrap();
+        let other: SocketAddr = "240.2.2.2:2".parse().unwrap();
+        let (a, b) = (
+            "203.0.113.5:4000".parse().unwrap(),
+            "203.0.113.5:4001".parse().unwrap(),
+        );
+        let back = |real: SocketAddr| {
+            socket
+                .read_routes()
+                .and_then(|r| r.back.get(&real).copied())
+        };
+        socket.set_route(stable, PathTarget::Udp(a));
+        assert_eq!(socket.add_alias(b, stable), Ok(()));
+        // The routed address stays; another quinn address's removal touches nothing.
+        socket.remove_alias(a, stable);
+        socket.remove_alias(b, other);
+        assert_eq!((back(a), back(b)), (Some(stable), Some(stable)));
+        socket.remove_alias(b, stable);
+        assert_eq!((back(a), back(b)), (Some(stable), None));
+        // The last entry gone, the fast path without routes is back.
+        socket.remove_routes(stable);
+        assert_eq!(socket.add_alias(b, stable), Ok(()));
+        socket.remove_alias(b, stable);
+        assert!(socket.read_routes().is_none());
     }
 
     #[test]
