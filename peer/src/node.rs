@@ -10,8 +10,7 @@ use common::PeerId;
 use tokio::sync::mpsc;
 use transport::{DemuxSocket, StunDatagram, TransportSettings};
 
-/// Server name sent when dialing a peer (verifiers check keys, not names).
-const PEER_SERVER_NAME: &str = "peer";
+use crate::register::PEER_SERVER_NAME;
 
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]

@@ -61,7 +61,8 @@ struct LinkHandle {
     conn_id: usize,
     tx: mpsc::Sender<LinkEvent>,
     conn: quinn::Connection,
-    status: Arc<Mutex<LinkStatus>>,
+    /// Published so that a library user can follow the path ([`PathKeeper::watch_path`]).
+    status: watch::Sender<LinkStatus>,
 }
 
 /// Where a link stands, for `peer status` and `peer ping`.
@@ -167,11 +168,7 @@ impl PathKeeper {
             .map(|(peer, h)| LinkInfo {
                 peer: *peer,
                 conn: h.conn.clone(),
-                status: h
-                    .status
-                    .lock()
-                    .map(|s| s.clone())
-                    .unwrap_or_else(|p| p.into_inner().clone()),
+                status: h.status.borrow().clone(),
             })
             .collect();
         links.sort_by_key(|l| l.status.started);
@@ -190,6 +187,17 @@ impl PathKeeper {
     pub fn link_of_conn(&self, conn: &quinn::Connection) -> Option<LinkInfo> {
         let id = conn.stable_id();
         self.links().into_iter().find(|l| l.conn.stable_id() == id)
+    }
+
+    /// A watch on the path of `conn` (ends when its link does), if it has a link.
+    pub fn watch_path(&self, conn: &quinn::Connection) -> Option<watch::Receiver<LinkStatus>> {
+        let id = conn.stable_id();
+        let table = self.table.lock().ok()?;
+        table
+            .links
+            .values()
+            .find(|h| h.conn_id == id)
+            .map(|h| h.status.subscribe())
     }
 
     /// The live connection to `peer`, if there is one.
@@ -345,13 +353,13 @@ impl PathKeeper {
         self.node.socket.claim(quinn_addr);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let now = Instant::now();
-        let status = Arc::new(Mutex::new(LinkStatus {
+        let (status, _) = watch::channel(LinkStatus {
             path: initial,
             describe,
             started: now,
             since: now,
             punch_failure: None,
-        }));
+        });
         let early = match self.table.lock() {
             Ok(mut table) => {
                 table.links.insert(
@@ -392,13 +400,9 @@ impl PathKeeper {
         mut describe: &'static str,
         tx: mpsc::Sender<LinkEvent>,
         mut rx: mpsc::Receiver<LinkEvent>,
-        status: Arc<Mutex<LinkStatus>>,
+        status: watch::Sender<LinkStatus>,
     ) {
-        let update = |f: &dyn Fn(&mut LinkStatus)| {
-            if let Ok(mut s) = status.lock() {
-                f(&mut s);
-            }
-        };
+        let update = |f: &dyn Fn(&mut LinkStatus)| status.send_modify(|s| f(s));
         self.relay.set_quinn_addr(peer, quinn_addr);
         let mut selector = PathSelector::new(initial, Instant::now(), PathConfig::default());
         let mut heartbeats = heartbeats_of(&conn, self.node.identity.id(), peer);

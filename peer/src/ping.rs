@@ -442,3 +442,61 @@ mod tests {
         assert!(why.starts_with("cannot tell why"), "{why}");
     }
 }
+
+/// How a ping line reads.
+pub fn render_reply(peer: PeerId, reply: &PingReply) -> String {
+    format!(
+        "pong from {peer} seq={} via {} in {:.2} ms",
+        reply.seq, reply.path, reply.rtt_ms
+    )
+}
+
+/// Why a ping over a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    /// The peer closed the connection: its allow-list does not name us.
+    #[error(transparent)]
+    Refused(#[from] crate::access::Refused),
+    /// Anything else.
+    #[error("ping failed: {0}")]
+    Failed(String),
+}
+
+/// Pings the peer of `conn` (made by `endpoint`), showing each pong on the endpoint's output
+/// unless `quiet`; the summary, once every ping is answered or timed out.
+pub async fn over_connection(
+    endpoint: &crate::endpoint::Endpoint,
+    conn: &crate::endpoint::Connection,
+    options: PingOptions,
+    quiet: bool,
+) -> Result<PingSummary, PingError> {
+    let peer = conn.peer();
+    let (replies_tx, mut replies) = mpsc::channel(16);
+    let console = endpoint.console().clone();
+    let printer = tokio::spawn(async move {
+        while let Some(reply) = replies.recv().await {
+            if !quiet {
+                console.say(render_reply(peer, &reply)).await;
+            }
+        }
+    });
+    let summary = run(
+        endpoint.path_keeper(),
+        peer,
+        conn,
+        options,
+        conn.started(),
+        Some(conn.connect_time().as_secs_f64() * 1000.0),
+        &replies_tx,
+    )
+    .await
+    .map_err(|e| match crate::access::refusal(peer, conn) {
+        Some(refused) => PingError::Refused(refused),
+        None => PingError::Failed(e),
+    });
+    drop(replies_tx);
+    let _ = printer.await;
+    let summary = summary?;
+    endpoint.console().flush().await;
+    Ok(summary)
+}
