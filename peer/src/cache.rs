@@ -96,6 +96,25 @@ impl PeerCache {
     }
 }
 
+/// The candidates of what the rendezvous knows about a peer: its observed address first, then
+/// the interface addresses it announced (without a repeat of the observed one).
+pub fn candidates_of(info: &common::message::PeerInfo) -> Vec<Candidate> {
+    let mut candidates = vec![Candidate {
+        addr: info.observed,
+        kind: common::message::CandidateKind::Observed,
+    }];
+    candidates.extend(
+        info.local_addrs
+            .iter()
+            .filter(|a| **a != info.observed)
+            .map(|&addr| Candidate {
+                addr,
+                kind: common::message::CandidateKind::Local,
+            }),
+    );
+    candidates
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

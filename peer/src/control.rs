@@ -563,6 +563,54 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Why `peer status` got no report.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// No peer runs with this config dir.
+    #[error("{reason}; start `peer listen` (or connect, send) with --config-dir {}", dir.display())]
+    NotRunning {
+        /// What the client saw.
+        reason: String,
+        /// The config dir.
+        dir: PathBuf,
+    },
+    /// The exchange failed.
+    #[error(transparent)]
+    Client(ClientError),
+    /// The running peer answered with an error.
+    #[error("the running peer refused: {0}")]
+    Refused(String),
+    /// It closed without a report.
+    #[error("the running peer sent no status")]
+    NoReport,
+}
+
+/// Asks the peer running with `config_dir` for its status (`peer status`).
+pub async fn status(config_dir: &Path) -> Result<StatusReport, StatusError> {
+    let mut report = None;
+    let mut error = None;
+    request(config_dir, &Request::Status {}, |reply| {
+        match reply {
+            Reply::Status(r) => report = Some(r),
+            Reply::Error { message } => error = Some(message),
+            _ => {}
+        }
+        false
+    })
+    .await
+    .map_err(|e| match e {
+        ClientError::NotRunning(_) => StatusError::NotRunning {
+            reason: e.to_string(),
+            dir: config_dir.to_owned(),
+        },
+        other => StatusError::Client(other),
+    })?;
+    if let Some(message) = error {
+        return Err(StatusError::Refused(message));
+    }
+    report.map(|r| *r).ok_or(StatusError::NoReport)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

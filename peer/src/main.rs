@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use certs::{Fingerprint, Identity};
 use clap::{Args, Parser, Subcommand};
-use common::message::{Candidate, CandidateKind};
 use common::PeerId;
 use peer::cache::PeerCache;
 use peer::endpoint::{
@@ -349,7 +348,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stun,
             json,
             no_port_mapping,
-        } => netcheck_command(server, stun, json, no_port_mapping).await,
+        } => {
+            let report = netcheck::check(server.as_deref(), &stun, !no_port_mapping).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
         Command::Send {
             peer,
             file,
@@ -573,55 +580,6 @@ async fn chat(endpoint: &Endpoint, conn: &Connection) -> anyhow::Result<()> {
     result.map_err(|e| refused_or(peer, conn, e))
 }
 
-/// `peer netcheck`.
-async fn netcheck_command(
-    server: Option<String>,
-    stun: Vec<String>,
-    json: bool,
-    no_port_mapping: bool,
-) -> anyhow::Result<()> {
-    let targets: Vec<String> = if stun.is_empty() {
-        server.iter().cloned().collect()
-    } else {
-        stun
-    };
-    if targets.is_empty() {
-        bail!("netcheck needs --server HOST:PORT or --stun HOST:PORT");
-    }
-    let mut servers = Vec::new();
-    for target in &targets {
-        servers.push(
-            tokio::net::lookup_host(target)
-                .await
-                .with_context(|| format!("cannot resolve {target:?}"))?
-                .next()
-                .ok_or_else(|| anyhow!("{target:?} has no address"))?,
-        );
-    }
-    let tcp_443 = match &server {
-        Some(s) => tokio::net::lookup_host(s)
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .map(|a| SocketAddr::new(a.ip(), 443)),
-        None => None,
-    };
-    let options = netcheck::Options {
-        tcp_443,
-        hairpin: true,
-        port_mapping: !no_port_mapping,
-    };
-    let report = netcheck::run(&servers, &options)
-        .await
-        .context("running the network checks")?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render());
-    }
-    Ok(())
-}
-
 /// `peer lookup`: from the cache, else from the rendezvous (and cached).
 async fn lookup(
     identity: Arc<Identity>,
@@ -648,19 +606,7 @@ async fn lookup(
     let result = endpoint.query(peer).await;
     endpoint.close().await;
     let info = result?;
-    let mut candidates = vec![Candidate {
-        addr: info.observed,
-        kind: CandidateKind::Observed,
-    }];
-    candidates.extend(
-        info.local_addrs
-            .iter()
-            .filter(|a| **a != info.observed)
-            .map(|&addr| Candidate {
-                addr,
-                kind: CandidateKind::Local,
-            }),
-    );
+    let candidates = peer::cache::candidates_of(&info);
     if let Err(e) = cache.put(peer, candidates.clone()) {
         eprintln!("warning: cannot write the peer cache: {e}");
     }
@@ -682,28 +628,7 @@ fn format_time(t: time::OffsetDateTime) -> String {
 
 /// `peer status`: asks the running peer.
 async fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
-    let mut report = None;
-    let mut error = None;
-    control::request(dir, &control::Request::Status {}, |reply| {
-        match reply {
-            control::Reply::Status(r) => report = Some(r),
-            control::Reply::Error { message } => error = Some(message),
-            _ => {}
-        }
-        false
-    })
-    .await
-    .map_err(|e| match e {
-        control::ClientError::NotRunning(_) => anyhow!(
-            "{e}; start `peer listen` (or connect, send) with --config-dir {}",
-            dir.display()
-        ),
-        other => anyhow!(other),
-    })?;
-    if let Some(message) = error {
-        bail!("the running peer refused: {message}");
-    }
-    let report = report.ok_or_else(|| anyhow!("the running peer sent no status"))?;
+    let report = control::status(dir).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -724,34 +649,15 @@ async fn ping_command(
     dial_timeout: Duration,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let request = control::Request::Ping { peer, options };
-    let mut summary = None;
-    let mut error = None;
-    let through_daemon = control::request(dir, &request, |reply| {
-        match reply {
-            control::Reply::PingReply(r) if !json => println!("{}", ping::render_reply(peer, &r)),
-            control::Reply::PingConnected { message } if !json => println!("{message}"),
-            control::Reply::PingDone(s) => {
-                summary = Some(*s);
-                return false;
-            }
-            control::Reply::Error { message } => {
-                error = Some(message);
-                return false;
-            }
-            _ => {}
+    let through_daemon = ping::through_running_peer(dir, peer, options, |line| {
+        if !json {
+            println!("{line}");
         }
-        true
     })
     .await;
     let summary = match through_daemon {
-        Ok(()) => {
-            if let Some(message) = error {
-                bail!("{message}");
-            }
-            summary.ok_or_else(|| anyhow!("the running peer ended the ping without a summary"))?
-        }
-        Err(control::ClientError::NotRunning(path)) => {
+        Ok(summary) => summary,
+        Err(ping::ThroughPeerError::Client(control::ClientError::NotRunning(path))) => {
             let Some(server) = server else {
                 bail!(
                     "no peer is running with config dir {} (no {}); start `peer listen`, or \

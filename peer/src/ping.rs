@@ -500,3 +500,55 @@ pub async fn over_connection(
     endpoint.console().flush().await;
     Ok(summary)
 }
+
+/// Why a ping through the running peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ThroughPeerError {
+    /// No peer runs with this config dir, or the exchange failed.
+    #[error(transparent)]
+    Client(#[from] crate::control::ClientError),
+    /// The running peer could not ping (its message).
+    #[error("{0}")]
+    Refused(String),
+    /// It closed without a summary.
+    #[error("the running peer ended the ping without a summary")]
+    NoSummary,
+}
+
+/// Pings `peer` through the peer running with `config_dir` (its control socket): each pong and
+/// the "connected" line go to `on_line` as they arrive; the summary at the end.
+pub async fn through_running_peer(
+    config_dir: &std::path::Path,
+    peer: PeerId,
+    options: PingOptions,
+    mut on_line: impl FnMut(String),
+) -> Result<PingSummary, ThroughPeerError> {
+    use crate::control::{self, Reply};
+    let mut summary = None;
+    let mut error = None;
+    control::request(
+        config_dir,
+        &control::Request::Ping { peer, options },
+        |reply| {
+            match reply {
+                Reply::PingReply(r) => on_line(render_reply(peer, &r)),
+                Reply::PingConnected { message } => on_line(message),
+                Reply::PingDone(s) => {
+                    summary = Some(*s);
+                    return false;
+                }
+                Reply::Error { message } => {
+                    error = Some(message);
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        },
+    )
+    .await?;
+    if let Some(message) = error {
+        return Err(ThroughPeerError::Refused(message));
+    }
+    summary.ok_or(ThroughPeerError::NoSummary)
+}
