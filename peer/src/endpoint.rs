@@ -180,12 +180,13 @@ pub enum EndpointError {
     #[error("--server-tcp {0:?} has no address")]
     NoTunnelAddress(String),
     /// The socket or the QUIC endpoint could not be set up.
-    #[error("cannot bind {addr}: {reason}")]
+    #[error("cannot bind {addr}")]
     Bind {
         /// What we tried to bind.
         addr: SocketAddr,
         /// Why it failed.
-        reason: String,
+        #[source]
+        source: node::BindError,
     },
     /// The socket has no local address.
     #[error("reading the bound address")]
@@ -339,7 +340,7 @@ impl Endpoint {
             Node::bind(config.bind, identity.clone(), transport).map_err(|e| {
                 EndpointError::Bind {
                     addr: config.bind,
-                    reason: format!("{e:#}"),
+                    source: e,
                 }
             })?;
         let local = node.local_addr().map_err(EndpointError::LocalAddr)?;

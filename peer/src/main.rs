@@ -380,7 +380,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let console = endpoint.console().clone();
             let result = files::send(&conn, &file, &console)
                 .await
-                .map_err(|e| refused_or(peer, &conn, e));
+                .map_err(|e| refused_or(peer, &conn, e.into()));
             if let Ok(summary) = &result {
                 console.say(summary.clone()).await;
             }
@@ -404,9 +404,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Mode::Connect,
             )
             .await?;
-            let result = chat(&endpoint, &conn).await;
+            let result = chat::converse(&endpoint, &conn, console::stdin_lines()).await;
             endpoint.close().await;
-            result
+            Ok(result?)
         }
         Command::Lookup {
             peer,
@@ -539,45 +539,6 @@ async fn open_connection(
 /// connection on us, else `e`.
 fn refused_or(peer: PeerId, conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
     access::refusal(peer, conn).map_or(e, Into::into)
-}
-
-/// `peer connect`: typed lines to the peer until end of input.
-async fn chat(endpoint: &Endpoint, conn: &Connection) -> anyhow::Result<()> {
-    let peer = conn.peer();
-    let console = endpoint.console().clone();
-    let result = async {
-        let (tx, rx) = chat::open(conn)
-            .await
-            .map_err(|e| anyhow!("cannot open the chat stream: {e}"))?;
-        let end = chat::run(
-            tx,
-            rx,
-            endpoint.id(),
-            peer,
-            console::stdin_lines(),
-            console.clone(),
-            common::chat::END_TIMEOUT,
-        )
-        .await;
-        // Read before our own close replaces the reason the connection ended with.
-        if let Some(refused) = access::refusal(peer, conn) {
-            return Err(refused.into());
-        }
-        conn.close(0u32.into(), b"chat over");
-        match end {
-            chat::ChatEnd::InputClosed => Ok(()),
-            chat::ChatEnd::PeerClosed { unsent: 0 } => {
-                console.say(format!("{peer} ended the chat")).await;
-                Ok(())
-            }
-            chat::ChatEnd::PeerClosed { unsent } => Err(anyhow!(
-                "{peer} ended the chat before {unsent} line(s) of input could be sent"
-            )),
-            chat::ChatEnd::Failed(e) => Err(anyhow!("chat with {peer} failed: {e}")),
-        }
-    }
-    .await;
-    result.map_err(|e| refused_or(peer, conn, e))
 }
 
 /// `peer lookup`: from the cache, else from the rendezvous (and cached).

@@ -48,6 +48,17 @@ pub enum DialError {
     },
 }
 
+/// Why [`Node::bind`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The TLS configuration could not be built from the identity.
+    #[error(transparent)]
+    Tls(#[from] certs::TlsConfigError),
+    /// The socket or the QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Endpoint(#[from] transport::EndpointError),
+}
+
 /// Our endpoint and identity.
 #[derive(Clone)]
 pub struct Node {
@@ -67,7 +78,7 @@ impl Node {
         bind: SocketAddr,
         identity: Arc<Identity>,
         transport: TransportSettings,
-    ) -> anyhow::Result<(Node, mpsc::Receiver<StunDatagram>)> {
+    ) -> Result<(Node, mpsc::Receiver<StunDatagram>), BindError> {
         let tls = certs::server_config(&identity, &[common::ALPN_PEER])?;
         let (endpoint, socket, stun_rx) =
             transport::make_endpoint(bind, Some(tls), transport, 256, None)?;
