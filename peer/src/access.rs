@@ -5,6 +5,9 @@
 //! The id checked is the one the TLS handshake proved (the hash of the key in the client
 //! certificate the connection was authenticated with), never one a peer claims in a message. A
 //! refused connection is closed with [`REFUSED_CODE`] and a reason the dialer prints.
+//!
+//! Why it is a module of its own: the allow-list is read from a user's file and checked against
+//! the network's claims, so its parser and its one decision are kept small and tested apart.
 
 use std::collections::BTreeSet;
 use std::io::Read;

@@ -1,6 +1,9 @@
 //! Chat over a QUIC stream: lines typed go out as [`ChatFrame::Message`] frames, messages
 //! received are shown with sender and time, and the chat ends with the `end`/`end_ack` exchange
 //! of [`common::chat`], so that neither side reports success before the other has read it all.
+//!
+//! Why it is a module of its own: both `peer listen` and `peer connect` speak it, and its ending
+//! protocol is what lets `peer connect` exit 0 only when nothing was lost.
 
 use std::time::{Duration, Instant};
 

@@ -12,6 +12,9 @@
 //! "verified". The `.part` file is removed when the transfer fails, the stream or the connection
 //! is lost, or the listener stops (SIGINT/SIGTERM): a drop guard removes it even when the task
 //! is aborted. Only a crash of the process (SIGKILL, power loss) can leave one behind.
+//!
+//! Why it is a module of its own: a received file is the one thing a remote peer writes to our
+//! disk, so every check and bound on it lives here, next to the sender that must obey them.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

@@ -5,6 +5,9 @@
 //! or port?), filtering (do answers from another IP, or another port, get in?), hairpinning, port
 //! preservation, and whether UDP and TCP 443 get out. [`classify`] turns the observations into a
 //! report without any I/O, so it is tested on its own.
+//!
+//! Why it is a module of its own: knowing the NAT's behaviour explains why a path is relayed
+//! (`peer ping`, `peer status`) and is measured once per endpoint, apart from any connection.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,5 +1,9 @@
 //! The peer's QUIC endpoint: one UDP socket, our identity, dialing with the peer's key pinned,
 //! and the id of whoever connected to us.
+//!
+//! Why it is a module of its own: every dial must pin the peer's key and refuse an older
+//! protocol, and every accepted connection must be named by the key it proved; one place does
+//! both so no caller can forget.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;

@@ -2,6 +2,10 @@
 //! every re-registration). Packets quinn sends to a relayed peer arrive here through the
 //! socket's virtual path and leave as `{to, packet}` frames; frames `{from, packet}` from the
 //! server are injected into quinn as if they came from that peer's address.
+//!
+//! Why it is a module of its own: the relay is a path like any other for quinn (a virtual
+//! route in the socket), so the framing and the per-peer stable addresses live apart from the
+//! decision of when to use it.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};

@@ -3,6 +3,9 @@
 //!
 //! The state is published in a `watch` channel; readers clone what they need and never hold a
 //! borrow across an `.await`.
+//!
+//! Why it is a module of its own: registration outlives every connection (it is retried with
+//! backoff, moves to the TCP tunnel and back) and everything else only needs its current state.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
