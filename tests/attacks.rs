@@ -361,7 +361,7 @@ async fn registered_client(
     config.transport_config(Arc::new(quinn::TransportConfig::default()));
     let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind {bind}: {e}"))?;
     let conn = endpoint
-        .connect_with(config, server, "rendezvous")
+        .connect_with(config, server, peer::register::RENDEZVOUS_SERVER_NAME)
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;

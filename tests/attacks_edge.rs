@@ -144,7 +144,8 @@ async fn tunnel_from(
     connector: &tokio_rustls::TlsConnector,
 ) -> std::io::Result<Tunnel> {
     let tcp = connect_from(n, to).await?;
-    let name = rustls::pki_types::ServerName::try_from("rendezvous").unwrap();
+    let name =
+        rustls::pki_types::ServerName::try_from(peer::register::RENDEZVOUS_SERVER_NAME).unwrap();
     tokio::time::timeout(T, connector.connect(name, tcp))
         .await
         .map_err(|_| std::io::Error::other("TLS handshake timed out"))?

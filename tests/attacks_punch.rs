@@ -153,3 +153,142 @@ fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() 
         "V's path to P fell back to the relay:\n{since}"
     );
 }
+
+/// `peer status --json` of the peer running with `dir`, once registered: the public address the
+/// rendezvous sees it at (on loopback, the address of its one UDP socket).
+fn observed_addr(dir: &Path) -> SocketAddr {
+    let report = status_json(dir);
+    report["registration"]["observed"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no observed address: {report}"))
+}
+
+/// Item 3 of issue 12, the order the test above cannot catch: the attacker announces P's address
+/// *before* P connects to V, when no live connection of V's owns that address yet (the claim
+/// that protects a running connection does not apply). Before issue 12, V mapped every candidate
+/// of an introduction to the introducer at once: once the attacker had been introduced, P's
+/// packets reached V's QUIC as the attacker's. P, dialing V at V's cached address (as a peer
+/// that talked to V before does, with no introduction), was then refused by V ("it came on the
+/// address of another peer": the TLS id is P's, the address the attacker's), and V would not map
+/// P's own address to P when P punched ("a live connection already uses it"). Now V maps an
+/// address to a peer only after a probe authenticated with that introduction's key came from it,
+/// which the attacker cannot produce for P's address: P's cached dial is accepted at once, on
+/// P's own address, and every ping is answered on a direct path.
+#[test]
+fn a_peer_that_announces_an_address_before_its_owner_connects_cannot_take_it() {
+    let dir = TempDir::new("punchsteal");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let v_dir = dir.path().join("v");
+    let mut v_args = args!["-v", "listen"];
+    v_args.extend(rv.args());
+    let v = peer("v", &v_dir, &v_args);
+    let v_id = e2e::wait_registered(&v, T);
+    let v_addr = observed_addr(&v_dir);
+    // P runs too (listening), with no connection to anyone yet: its socket and address are
+    // fixed, so the attacker can announce them before P dials V.
+    let p_dir = dir.path().join("p");
+    let (p, p_id) = listen("p", &p_dir, &rv);
+    let p_addr = observed_addr(&p_dir);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let v_peer: PeerId = v_id.parse().unwrap();
+    let (attacker, introduced) = runtime.block_on(async {
+        let identity = certs::Identity::generate().unwrap();
+        let endpoint = attack::endpoint_on(std::net::Ipv4Addr::new(127, 0, 4, 2)).unwrap();
+        let attacker = RawClient::register_announcing(
+            &endpoint,
+            &identity,
+            rv.addr,
+            certs::ServerTrust::FirstUse,
+            PROTOCOL_VERSION,
+            vec![p_addr],
+        )
+        .await
+        .unwrap()
+        .expect("the attacker registers");
+        let mut introduced = 0u32;
+        // As many introductions as the rendezvous allows at once (the rest are rate-limited).
+        for _ in 0..40 {
+            match attacker
+                .request(&ControlMessage::Connect { id: v_peer })
+                .await
+                .unwrap()
+            {
+                ControlMessage::Punch { .. } => introduced += 1,
+                ControlMessage::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                } => {}
+                other => panic!("connect answered {other:?}"),
+            }
+        }
+        (attacker, introduced)
+    });
+    assert!(introduced >= 30, "{introduced} introductions");
+    let attacker_id = attacker.id.short();
+    // V took every introduction: it probed P's address for the attacker, over each session's
+    // whole schedule (the last scheduled probe is #14, 4.5 s in), and P's plain answers (P
+    // knows no key of the attacker's introductions) were refused as unauthenticated. Waiting for
+    // all of them also lets V's punching budget, which these sessions spent, fill up again
+    // before P dials (the budget is the subject of the test above, not of this one).
+    let last_probe = format!("punch {attacker_id}: probe #14 -> {p_addr}");
+    v.stderr
+        .wait_for_nth(&last_probe, introduced as usize, Duration::from_secs(60));
+    let forged = format!("punch {attacker_id}: ignored an answer from {p_addr}");
+    v.stderr.wait_for(&forged, T);
+
+    // P talked to V before: V's address is in P's peer cache, and P dials it straight away.
+    let cache = serde_json::json!({
+        v_id.as_str(): {
+            "candidates": [{ "addr": v_addr.to_string(), "kind": "observed" }],
+            "updated": "2026-01-01T00:00:00Z",
+        }
+    });
+    std::fs::write(p_dir.join("peers.json"), cache.to_string()).unwrap();
+    // `peer ping` goes through P's running process (its socket, its address).
+    let (status, out, err) = peer_run(
+        &p_dir,
+        &args!["ping", &v_id, "--count", "5", "--interval", "0.1", "--json"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        status.success(),
+        "P cannot ping V after the attacker announced P's address\nstdout:\n{out}\nstderr:\n{err}\n\
+         V's stderr:\n{}",
+        v.stderr.text()
+    );
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("ping JSON");
+    assert_eq!(summary["received"], 5, "{summary}");
+    assert_eq!(summary["direct"], true, "{summary}");
+    assert_eq!(summary["direct_addr"], v_addr.to_string(), "{summary}");
+    // V accepted P's connection at once, as P's, from P's own address: the dial to the cached
+    // address worked (with P's address mapped to the attacker, V's answers went to the attacker
+    // and P gave up on the cached address after 1 s, and asked the rendezvous).
+    let connected = v.stdout.wait_for(&format!("connected: {p_id}"), T);
+    assert_eq!(connected.trim(), format!("connected: {p_id} from {p_addr}"));
+    let failed = format!("cached address {v_addr} of {v_id} failed");
+    assert!(
+        !p.stderr.text().contains(&failed),
+        "P's dial to V's cached address failed:\n{}\nV's stderr:\n{}",
+        p.stderr.text(),
+        v.stderr.text()
+    );
+    for stolen in [
+        format!("introduced to {p_id}"),
+        format!("refused a connection from {p_id}"),
+        format!("{p_addr} not taken as the peer's address"),
+    ] {
+        assert!(
+            !v.stderr.text().contains(&stolen),
+            "V took P's address for the attacker's ({stolen:?}):\n{}",
+            v.stderr.text()
+        );
+    }
+    drop(attacker);
+    drop(p);
+}

@@ -74,23 +74,22 @@ async fn register_and_stay(
     let config = transport::quic_client_config(tls, Default::default()).unwrap();
     let conn = tokio::time::timeout(
         T,
-        endpoint.connect_with(config, server, "rendezvous").unwrap(),
+        endpoint
+            .connect_with(config, server, peer::register::RENDEZVOUS_SERVER_NAME)
+            .unwrap(),
     )
     .await
     .expect("handshake in time")
     .expect("handshake");
-    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
-    let register = ControlMessage::Register {
-        version: PROTOCOL_VERSION,
-        local_addrs: vec![],
-    };
-    write_frame(&mut tx, &register.encode()).await.unwrap();
-    let body = tokio::time::timeout(T, read_frame(&mut rx))
+    // The peer's own register handshake.
+    let peer::register::RegisterExchange {
+        send: tx,
+        recv: rx,
+        reply,
+    } = peer::register::register(&conn, PROTOCOL_VERSION, vec![], T)
         .await
-        .expect("a reply in time")
-        .expect("reading the reply")
-        .expect("a reply before the stream ends");
-    let reply = match ControlMessage::decode(&body).unwrap() {
+        .expect("a reply to register in time");
+    let reply = match reply {
         ControlMessage::Registered { id, .. } => {
             assert_eq!(id, identity.id());
             Reply::Registered

@@ -234,7 +234,7 @@ async fn raw_client(server: SocketAddr) -> quinn::Connection {
     )
     .unwrap();
     endpoint
-        .connect_with(client, server, "rendezvous")
+        .connect_with(client, server, peer::register::RENDEZVOUS_SERVER_NAME)
         .unwrap()
         .await
         .unwrap()
@@ -963,7 +963,9 @@ fn a_version_1_peer_cannot_connect() {
             None,
         )
         .unwrap();
-        let connecting = endpoint.connect_with(client, addr, "peer").unwrap();
+        let connecting = endpoint
+            .connect_with(client, addr, peer::register::PEER_SERVER_NAME)
+            .unwrap();
         tokio::time::timeout(T, connecting)
             .await
             .expect("the handshake ends")
@@ -975,4 +977,43 @@ fn a_version_1_peer_cannot_connect() {
     );
     a.stderr.wait_for("refused connection from", T);
     assert!(a.terminate(T).success());
+}
+
+/// The library's echo examples, run as the README tells a newcomer to: a server and a client that
+/// finds it by id through a loopback rendezvous; the message comes back byte for byte, and each
+/// side names the other by the id its handshake proved.
+#[test]
+fn echo_examples_round_trip_through_the_library() {
+    let dir = TempDir::new("echo");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let addr = rv.addr.to_string();
+    let server = Proc::spawn(
+        "echo_server",
+        &e2e::example("echo_server"),
+        &[&addr, &rv.fingerprint],
+    );
+    let (line, _) = server.wait_for_line("echo server ", T);
+    let server_id = line
+        .split_whitespace()
+        .nth(2)
+        .expect("id in the echo server's first line")
+        .to_owned();
+    let message = "bytes through the peer library";
+    let mut client = Proc::spawn(
+        "echo_client",
+        &e2e::example("echo_client"),
+        &[&addr, &rv.fingerprint, &server_id, message],
+    );
+    client.wait_for_line(&format!("connected to {server_id} in "), T);
+    let (echoed, _) = client.wait_for_line("echoed: ", T);
+    assert_eq!(echoed.trim_end(), format!("echoed: {message}"));
+    assert!(client.wait(T).success(), "{}", client.stderr.text());
+    let (from, _) = server.wait_for_line("connection from ", T);
+    let client_id = from
+        .split_whitespace()
+        .nth(2)
+        .expect("client id")
+        .to_owned();
+    assert_ne!(client_id, server_id);
+    server.wait_for_line(&format!("echoed {} bytes to {client_id}", message.len()), T);
 }

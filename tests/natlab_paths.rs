@@ -3,6 +3,7 @@
 //! in the middle of a file transfer and restored, a relay that never sees plaintext, and a peer
 //! whose network blocks UDP.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -545,4 +546,435 @@ fn a_peer_that_reconnects_at_once_is_not_held_up_by_its_old_connection() {
         assert!(b.wait(T).success(), "run {run}");
     }
     lab.down();
+}
+
+/// An on-path host that sees every datagram between two peers and forges and replays their
+/// probes, probe answers and heartbeats from its own address (issue 12 item 1, in the lab).
+mod on_path {
+    use std::collections::HashSet;
+    use std::io;
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+
+    use common::stun::{self, ProbeTag, PunchKey, StunPacket};
+
+    /// `sll_pkttype` of a packet the host itself sends (a forwarded packet is seen twice: coming
+    /// in on one link, and going out on the other as `PACKET_OUTGOING`).
+    const PACKET_OUTGOING: u8 = 4;
+
+    /// What the attacker saw and did.
+    #[derive(Debug, Default, Clone)]
+    pub struct Seen {
+        /// STUN Binding requests between the peers (probes and heartbeats).
+        pub requests: u64,
+        /// STUN Binding success responses between the peers (probe and heartbeat answers).
+        pub answers: u64,
+        /// Other datagrams between the peers (QUIC).
+        pub other: u64,
+        /// The nonces in the requests' USERNAMEs: the introduction's, and the heartbeats'.
+        pub nonces: HashSet<u64>,
+        /// Genuine requests sent again, unchanged, from the attacker's address.
+        pub replayed_requests: u64,
+        /// Requests with a seen USERNAME and transaction id, sealed with a wrong key.
+        pub forged_requests: u64,
+        /// Answers to seen requests (their transaction ids), sealed with a wrong key.
+        pub forged_answers: u64,
+        /// Genuine answers sent again, unchanged, from the attacker's address.
+        pub replayed_answers: u64,
+        /// Datagrams the peers sent to the attacker's own address (answers to the replays, and
+        /// probes of the address a replayed probe came from).
+        pub received: u64,
+        /// Of those, Binding requests the attacker answered with a wrong key.
+        pub answered_to_us: u64,
+    }
+
+    /// The attacker's thread; stopped (and joined) on drop or by [`Attacker::stop`].
+    pub struct Attacker {
+        stop: Arc<AtomicBool>,
+        seen: Arc<Mutex<Seen>>,
+        thread: Option<JoinHandle<io::Result<()>>>,
+    }
+
+    impl Attacker {
+        /// Starts the attacker in network namespace `netns` (the lab's internet router, which
+        /// forwards every datagram between the peers): it sniffs UDP between `peers` on every
+        /// link with a packet socket, and sends its forgeries from a UDP socket of its own,
+        /// whose source address is the router's. Returns once both sockets are open, so that
+        /// nothing sent after this is missed.
+        pub fn start(netns: &str, peers: [Ipv4Addr; 2]) -> Attacker {
+            let stop = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let name = netns.to_owned();
+            let thread = {
+                let (stop, seen) = (stop.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let sockets = enter_netns(&name).and_then(|()| {
+                        let sniffer = packet_socket()?;
+                        let own = UdpSocket::bind("0.0.0.0:0")?;
+                        own.set_nonblocking(true)?;
+                        Ok((sniffer, own))
+                    });
+                    let (sniffer, own) = match sockets {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return Ok(());
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    run(&sniffer, &own, peers, &stop, &seen)
+                })
+            };
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("starting the on-path attacker in {netns}: {e}"),
+                Err(_) => panic!("the on-path attacker thread died"),
+            }
+            Attacker {
+                stop,
+                seen,
+                thread: Some(thread),
+            }
+        }
+
+        /// What it has seen and done so far.
+        pub fn seen(&self) -> Seen {
+            self.seen.lock().unwrap().clone()
+        }
+
+        /// Stops it; what it saw and did.
+        pub fn stop(mut self) -> Seen {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = self.thread.take() {
+                match thread.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => panic!("the on-path attacker failed: {e}"),
+                    Err(_) => panic!("the on-path attacker panicked"),
+                }
+            }
+            self.seen()
+        }
+    }
+
+    impl Drop for Attacker {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Moves this thread (only) into the named network namespace.
+    fn enter_netns(netns: &str) -> io::Result<()> {
+        let file = std::fs::File::open(format!("/run/netns/{netns}"))?;
+        // SAFETY: setns(2) on an open namespace file; it changes the network namespace of the
+        // calling thread alone (a thread of our own), and touches no memory.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// An `AF_PACKET` socket that receives every IPv4 packet on every interface of the
+    /// namespace (without the link header), waking up every 100 ms to check for a stop.
+    fn packet_socket() -> io::Result<OwnedFd> {
+        let protocol = i32::from((libc::ETH_P_IP as u16).to_be());
+        // SAFETY: plain socket(2); the descriptor is owned right below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                protocol,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: setsockopt(2) reads a timeval of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::addr_of!(timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+
+    /// One packet from the packet socket: its length and `sll_pkttype`, or `None` on timeout.
+    fn recv_packet(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(usize, u8)>> {
+        // SAFETY: an all-zero sockaddr_ll is a valid value; recvfrom(2) writes at most
+        // buf.len() bytes into buf and at most `len` bytes into `from`.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                std::ptr::addr_of_mut!(from).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some((n as usize, from.sll_pkttype)))
+    }
+
+    /// The UDP datagram in an IPv4 packet: (source, destination, payload). Fragments and
+    /// anything else are skipped.
+    fn udp_of(packet: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, &[u8])> {
+        let ihl = usize::from(packet.first()? & 0x0f) * 4;
+        if packet[0] >> 4 != 4 || ihl < 20 || packet.len() < ihl + 8 || packet[9] != 17 {
+            return None;
+        }
+        // More fragments, or a fragment offset.
+        if u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0 {
+            return None;
+        }
+        let ip =
+            |at: usize| Ipv4Addr::new(packet[at], packet[at + 1], packet[at + 2], packet[at + 3]);
+        let port = |at: usize| u16::from_be_bytes([packet[at], packet[at + 1]]);
+        let udp_len = usize::from(port(ihl + 4));
+        let payload = packet.get(ihl + 8..ihl + udp_len.max(8))?;
+        Some((
+            SocketAddrV4::new(ip(12), port(ihl)),
+            SocketAddrV4::new(ip(16), port(ihl + 2)),
+            payload,
+        ))
+    }
+
+    fn wrong_key() -> PunchKey {
+        PunchKey::from_bytes(rand::random())
+    }
+
+    fn run(
+        sniffer: &OwnedFd,
+        own: &UdpSocket,
+        peers: [Ipv4Addr; 2],
+        stop: &AtomicBool,
+        seen: &Mutex<Seen>,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        let mut reply = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            // Whatever the peers sent to our own address: answer their requests with a wrong key.
+            loop {
+                match own.recv_from(&mut reply) {
+                    Ok((n, from)) => {
+                        let mut seen = seen.lock().unwrap();
+                        seen.received += 1;
+                        if let Ok(StunPacket::BindingRequest { transaction, .. }) =
+                            stun::decode(&reply[..n])
+                        {
+                            let forged = stun::probe_success(transaction, from, &wrong_key());
+                            own.send_to(&forged, from)?;
+                            seen.answered_to_us += 1;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some((n, pkttype)) = recv_packet(sniffer, &mut buf)? else {
+                continue;
+            };
+            if pkttype == PACKET_OUTGOING {
+                continue;
+            }
+            let Some((src, dst, payload)) = udp_of(&buf[..n]) else {
+                continue;
+            };
+            if !(peers.contains(src.ip()) && peers.contains(dst.ip()) && src.ip() != dst.ip()) {
+                continue;
+            }
+            let (src, dst) = (SocketAddr::V4(src), SocketAddr::V4(dst));
+            let mut seen = seen.lock().unwrap();
+            match stun::decode(payload) {
+                Ok(StunPacket::BindingRequest {
+                    transaction,
+                    username: Some(username),
+                }) => {
+                    let Some(tag) = ProbeTag::from_username(&username) else {
+                        continue;
+                    };
+                    seen.requests += 1;
+                    seen.nonces.insert(tag.nonce);
+                    // The same request from us: authentic, but from the wrong address.
+                    own.send_to(payload, dst)?;
+                    seen.replayed_requests += 1;
+                    // Its public USERNAME and transaction id under a key of our own.
+                    let counter = u32::from_be_bytes([
+                        transaction[8],
+                        transaction[9],
+                        transaction[10],
+                        transaction[11],
+                    ]);
+                    own.send_to(&stun::probe_request(&tag, counter, &wrong_key()), dst)?;
+                    seen.forged_requests += 1;
+                    // An answer to it, racing the real one: the right transaction id, a wrong key.
+                    own.send_to(&stun::probe_success(transaction, src, &wrong_key()), src)?;
+                    seen.forged_answers += 1;
+                }
+                Ok(StunPacket::BindingSuccess { .. }) => {
+                    seen.answers += 1;
+                    // The genuine answer again, from us: authentic, but from the wrong address.
+                    own.send_to(payload, dst)?;
+                    seen.replayed_answers += 1;
+                }
+                _ => seen.other += 1,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `peer status --json` of the peer running in `host` with `config_dir`.
+fn lab_status(lab: &Lab, host: &str, config_dir: &Path) -> serde_json::Value {
+    let mut p = lab.peer(host, "status", config_dir, &args!["status", "--json"]);
+    let code = lab::exit_code(&mut p, T);
+    assert_eq!(code, Some(0), "peer status: {}", p.stderr.text());
+    serde_json::from_str(&p.stdout.text()).expect("status JSON")
+}
+
+#[test]
+fn an_on_path_host_that_forges_and_replays_probes_and_heartbeats_steers_no_path() {
+    if !lab::netns_enabled(
+        "an_on_path_host_that_forges_and_replays_probes_and_heartbeats_steers_no_path",
+    ) {
+        return;
+    }
+    // No NAT (open): every datagram the attacker sends reaches the peers' sockets, so each
+    // forgery is really put to the test (a NAT's filter would drop most of them first).
+    let lab = Lab::up("onpath", &["--a", "open", "--b", "open"]);
+    let dir = TempDir::new("onpath");
+    let (a_ip, b_ip) = (
+        Ipv4Addr::new(203, 0, 113, 31),
+        Ipv4Addr::new(203, 0, 113, 32),
+    );
+    // The internet router forwards every datagram between the two sides: the attacker sniffs
+    // there and sends from the router's own address.
+    let attacker_ip = "203.0.113.1:";
+    let attacker = on_path::Attacker::start(&lab.netns("inet"), [a_ip, b_ip]);
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (mut a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &args!["-v"], T);
+    let mut b_args = args!["-v", "connect", a_id];
+    b_args.extend(rv.args());
+    let mut b = lab.peer("b", "b", &dir.path().join("b"), &b_args);
+    b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    let (accepted, _) = a.wait_for_line("connected: ", T);
+    let b_id = accepted.split_whitespace().nth(1).expect("id").to_owned();
+    b.stdout.wait_for("direct to 203.0.113.31:", T);
+
+    // Both peers received the attacker's forgeries and refused them: its heartbeats and answers
+    // with a wrong key, and its replays of their genuine heartbeat answers. The punch sessions
+    // refused its forged probes and answers.
+    let heartbeat = format!("ignored a heartbeat datagram from {attacker_ip}");
+    // Four on each side: more than one heartbeat round was attacked (-v shows up to 8).
+    a.stderr.wait_for_nth(&heartbeat, 4, T);
+    b.stderr.wait_for_nth(&heartbeat, 4, T);
+    let punch_refusals = |p: &Proc| {
+        p.stderr
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(&format!("from {attacker_ip}")) && l.contains("(forged?)"))
+            .count()
+    };
+    assert!(
+        punch_refusals(&a) + punch_refusals(&b) >= 1,
+        "no forged probe or answer reached a punch session\na:\n{}\nb:\n{}",
+        a.stderr.text(),
+        b.stderr.text()
+    );
+    // The attack goes on while the peers talk: a line each way, and a ping.
+    b.send_line("through the on-path attacker");
+    a.stdout.wait_for("through the on-path attacker", T);
+    a.send_line("and back through it");
+    b.stdout.wait_for("and back through it", T);
+    let mut ping = lab.peer(
+        "b",
+        "ping",
+        &dir.path().join("b"),
+        &args!["ping", a_id, "--count", "3", "--json"],
+    );
+    assert_eq!(
+        lab::exit_code(&mut ping, T),
+        Some(0),
+        "{}",
+        ping.stderr.text()
+    );
+    let summary: serde_json::Value = serde_json::from_str(&ping.stdout.text()).expect("ping JSON");
+    assert_eq!(summary["received"], 3, "{summary}");
+    assert_eq!(summary["direct"], true, "{summary}");
+    let direct = summary["direct_addr"].as_str().unwrap_or_default();
+    assert!(direct.starts_with("203.0.113.31:"), "{summary}");
+
+    // Each side's path is the other's own address, and always was.
+    for (host, dir_name, other_id, other_ip) in [
+        ("a", "a", b_id.as_str(), "203.0.113.32:"),
+        ("b", "b", a_id.as_str(), "203.0.113.31:"),
+    ] {
+        let report = lab_status(&lab, host, &dir.path().join(dir_name));
+        let conns = report["connections"].as_array().expect("connections");
+        assert_eq!(conns.len(), 1, "{host}: {report}");
+        assert_eq!(conns[0]["peer"], other_id, "{host}: {report}");
+        let addr = conns[0]["direct_addr"].as_str().unwrap_or_default();
+        assert!(addr.starts_with(other_ip), "{host}'s path: {report}");
+    }
+    for (name, p) in [("a", &a), ("b", &b)] {
+        for line in p.stdout.lines() {
+            assert!(
+                !(line.contains("direct to ") && line.contains(attacker_ip)),
+                "{name} took the attacker's address: {line}"
+            );
+            assert!(
+                !line.starts_with("path to") || line.contains("direct to 203.0.113.3"),
+                "{name}'s path left the direct path: {line}"
+            );
+        }
+    }
+
+    // The attack was real: the attacker saw the probes, the answers and the heartbeats (two
+    // nonces at least: the introduction's and the heartbeats'), and sent its forgeries.
+    let seen = attacker.stop();
+    eprintln!("[onpath] the attacker: {seen:?}");
+    assert!(seen.nonces.len() >= 2, "{seen:?}");
+    assert!(seen.requests >= 4 && seen.answers >= 2, "{seen:?}");
+    assert!(seen.other >= 10, "the attacker saw no QUIC: {seen:?}");
+    // The replays were authentic, so the peers answered them, at the attacker's address (one
+    // answer each, the bounded reflection the threat model allows).
+    assert!(seen.received >= 2, "{seen:?}");
+    assert!(
+        seen.replayed_requests >= 4
+            && seen.forged_requests >= 4
+            && seen.forged_answers >= 4
+            && seen.replayed_answers >= 2,
+        "{seen:?}"
+    );
+    b.close_stdin();
+    assert_eq!(lab::exit_code(&mut b, T), Some(0), "{}", b.stderr.text());
 }

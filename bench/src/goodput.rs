@@ -3,14 +3,15 @@
 //! The client times from the moment the connection is up (handshake excluded) until the server
 //! has confirmed every stream's byte count. Both sides report their own CPU seconds over the test.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use certs::Identity;
-use common::PeerId;
+use peer::register::PEER_SERVER_NAME;
+use peer::stable_addr;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
@@ -23,19 +24,8 @@ const SERVER_ID: &str = "server.pem";
 const CLIENT_ID: &str = "client.pem";
 const QUINN_CERT: &str = "quinn-cert.der";
 const QUINN_KEY: &str = "quinn-key.der";
-/// What the peer binary uses as TLS server name when dialing a peer (the verifier checks the key).
-const PEER_SERVER_NAME: &str = "peer";
 /// Bytes per write.
 const CHUNK: usize = 64 * 1024;
-
-/// The address quinn uses for `peer` in the peer binary (`peer::relay::stable_addr`, copied
-/// because `peer` is a binary crate): in 240.0.0.0/4, only reachable through a route.
-pub fn stable_addr(peer: &PeerId) -> SocketAddr {
-    let b = peer.as_bytes();
-    let ip = Ipv4Addr::new(240 | (b[0] & 0x0f), b[1], b[2], b[3]);
-    let port = u16::from_be_bytes([b[4], b[5]]).max(1);
-    SocketAddr::from((ip, port))
-}
 
 /// Writes two Ed25519 identities (ours) and an rcgen certificate (plain quinn) into `dir`.
 pub fn write_keys(dir: &Path) -> anyhow::Result<()> {

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use certs::{Fingerprint, Identity, ServerTrust};
-use common::frame_io::{read_frame, write_frame};
 use common::{ControlMessage, PROTOCOL_VERSION};
+use peer::register::RENDEZVOUS_SERVER_NAME as SERVER_NAME;
 use tokio::task::JoinSet;
 use transport::TransportSettings;
 
@@ -24,8 +24,6 @@ use crate::usage;
 
 /// The most peers one run may simulate.
 const MAX_PEERS: usize = 20_000;
-/// What the peer binary uses as TLS server name for the rendezvous.
-const SERVER_NAME: &str = "rendezvous";
 
 /// Options of `bench rv-load`.
 #[derive(clap::Args, Debug)]
@@ -87,17 +85,14 @@ async fn register_one(
         .connect_with(config, server, SERVER_NAME)?
         .await
         .context("handshake")?;
-    let (mut tx, mut rx) = conn.open_bi().await?;
-    let register = ControlMessage::Register {
-        version: PROTOCOL_VERSION,
-        local_addrs: Vec::new(),
-    };
-    write_frame(&mut tx, &register.encode()).await?;
-    let reply = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rx))
-        .await
-        .context("no reply to register within 10 s")??
-        .context("the server closed the control stream")?;
-    match ControlMessage::decode(&reply)? {
+    // The peer's own register handshake.
+    let peer::register::RegisterExchange {
+        send: tx,
+        recv: rx,
+        reply,
+    } = peer::register::register(&conn, PROTOCOL_VERSION, Vec::new(), Duration::from_secs(10))
+        .await?;
+    match reply {
         ControlMessage::Registered { id, .. } if id == identity.id() => Ok(Registered {
             conn,
             _control: (tx, rx),

@@ -5,6 +5,9 @@
 //! The id checked is the one the TLS handshake proved (the hash of the key in the client
 //! certificate the connection was authenticated with), never one a peer claims in a message. A
 //! refused connection is closed with [`REFUSED_CODE`] and a reason the dialer prints.
+//!
+//! Why it is a module of its own: the allow-list is read from a user's file and checked against
+//! the network's claims, so its parser and its one decision are kept small and tested apart.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -72,16 +75,26 @@ impl Access {
     }
 }
 
+/// A peer closed our connection because its allow-list does not name us.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{peer} refused the connection: {reason}")]
+pub struct Refused {
+    /// The peer that refused.
+    pub peer: PeerId,
+    /// The reason it gave (control characters replaced).
+    pub reason: String,
+}
+
 /// The error to report when `conn` was closed by a peer that refused us ([`REFUSED_CODE`]), with
 /// the reason it gave; `None` when it was closed otherwise or is still open. Call it before
 /// closing `conn` ourselves: a local close replaces the reason.
-pub fn refusal(peer: PeerId, conn: &quinn::Connection) -> Option<anyhow::Error> {
+pub fn refusal(peer: PeerId, conn: &quinn::Connection) -> Option<Refused> {
     match conn.close_reason()? {
         quinn::ConnectionError::ApplicationClosed(close)
             if close.error_code == quinn::VarInt::from_u32(REFUSED_CODE) =>
         {
             let reason = crate::files::printable(&String::from_utf8_lossy(&close.reason));
-            Some(anyhow::anyhow!("{peer} refused the connection: {reason}"))
+            Some(Refused { peer, reason })
         }
         _ => None,
     }

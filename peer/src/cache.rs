@@ -23,7 +23,8 @@ pub struct CacheEntry {
 /// The cache, loaded from and saved to a JSON file.
 #[derive(Debug)]
 pub struct PeerCache {
-    path: PathBuf,
+    /// Where it is saved; `None` for a cache kept in memory only.
+    path: Option<PathBuf>,
     entries: HashMap<PeerId, CacheEntry>,
 }
 
@@ -32,7 +33,7 @@ impl PeerCache {
     /// in the returned warning and ignored (it is only a cache).
     pub fn load(path: &Path) -> (Self, Option<String>) {
         let mut cache = PeerCache {
-            path: path.to_owned(),
+            path: Some(path.to_owned()),
             entries: HashMap::new(),
         };
         let warning = match fs::read(path) {
@@ -50,6 +51,14 @@ impl PeerCache {
             Err(e) => Some(format!("cannot read peer cache {}: {e}", path.display())),
         };
         (cache, warning)
+    }
+
+    /// An empty cache that is never written to disk (a library endpoint without a cache file).
+    pub fn in_memory() -> Self {
+        PeerCache {
+            path: None,
+            entries: HashMap::new(),
+        }
     }
 
     /// The cached entry for `id`.
@@ -79,9 +88,31 @@ impl PeerCache {
 
     /// Writes the whole cache: mode 0600, atomically and durably (directory 0700 if missing).
     fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         let bytes = serde_json::to_vec_pretty(&self.entries).map_err(std::io::Error::other)?;
-        certs::durable::write_private_file(&self.path, &bytes)
+        certs::durable::write_private_file(path, &bytes)
     }
+}
+
+/// The candidates of what the rendezvous knows about a peer: its observed address first, then
+/// the interface addresses it announced (without a repeat of the observed one).
+pub fn candidates_of(info: &common::message::PeerInfo) -> Vec<Candidate> {
+    let mut candidates = vec![Candidate {
+        addr: info.observed,
+        kind: common::message::CandidateKind::Observed,
+    }];
+    candidates.extend(
+        info.local_addrs
+            .iter()
+            .filter(|a| **a != info.observed)
+            .map(|&addr| Candidate {
+                addr,
+                kind: common::message::CandidateKind::Local,
+            }),
+    );
+    candidates
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! Chat over a QUIC stream: lines typed go out as [`ChatFrame::Message`] frames, messages
 //! received are shown with sender and time, and the chat ends with the `end`/`end_ack` exchange
 //! of [`common::chat`], so that neither side reports success before the other has read it all.
+//!
+//! Why it is a module of its own: both `peer listen` and `peer connect` speak it, and its ending
+//! protocol is what lets `peer connect` exit 0 only when nothing was lost.
 
 use std::time::{Duration, Instant};
 
@@ -205,5 +208,73 @@ async fn read_all(mut rx: quinn::RecvStream, frames: mpsc::Sender<Result<Vec<u8>
         if frames.send(item).await.is_err() || stop {
             return;
         }
+    }
+}
+
+/// Why `peer connect`'s chat did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ConverseError {
+    /// The peer closed the connection: its allow-list does not name us.
+    #[error(transparent)]
+    Refused(#[from] crate::access::Refused),
+    /// The chat stream could not be opened.
+    #[error("cannot open the chat stream: {0}")]
+    Open(String),
+    /// The peer ended the chat before all our input was sent.
+    #[error("{peer} ended the chat before {unsent} line(s) of input could be sent")]
+    Unsent {
+        /// The peer.
+        peer: PeerId,
+        /// Input lines not sent.
+        unsent: usize,
+    },
+    /// The chat failed (see [`ChatEnd::Failed`]).
+    #[error("chat with {peer} failed: {reason}")]
+    Failed {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `peer connect`: chats with the peer of `conn` (which `endpoint` made), `lines` going out,
+/// until our input ends or the peer ends the chat; closes the connection.
+pub async fn converse(
+    endpoint: &crate::endpoint::Endpoint,
+    conn: &crate::endpoint::Connection,
+    lines: mpsc::Receiver<String>,
+) -> Result<(), ConverseError> {
+    let peer = conn.peer();
+    let console = endpoint.console().clone();
+    let (tx, rx) = open(conn)
+        .await
+        .map_err(|e| match crate::access::refusal(peer, conn) {
+            Some(refused) => ConverseError::Refused(refused),
+            None => ConverseError::Open(e),
+        })?;
+    let end = run(
+        tx,
+        rx,
+        endpoint.id(),
+        peer,
+        lines,
+        console.clone(),
+        common::chat::END_TIMEOUT,
+    )
+    .await;
+    // Read before our own close replaces the reason the connection ended with.
+    if let Some(refused) = crate::access::refusal(peer, conn) {
+        return Err(refused.into());
+    }
+    conn.close(0u32.into(), b"chat over");
+    match end {
+        ChatEnd::InputClosed => Ok(()),
+        ChatEnd::PeerClosed { unsent: 0 } => {
+            console.say(format!("{peer} ended the chat")).await;
+            Ok(())
+        }
+        ChatEnd::PeerClosed { unsent } => Err(ConverseError::Unsent { peer, unsent }),
+        ChatEnd::Failed(reason) => Err(ConverseError::Failed { peer, reason }),
     }
 }

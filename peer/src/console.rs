@@ -1,4 +1,6 @@
-//! One task owns stdout; everyone else sends it lines. Typed input is read by a plain thread
+//! Why this exists: many tasks (links, punches, chats) report events, and their lines must not
+//! interleave mid-line or block each other. One task owns stdout (or the log, for a library
+//! endpoint); everyone else sends it lines. Typed input is read by a plain thread
 //! (a blocking read cannot be cancelled, so it must not hold up the runtime at exit).
 
 use std::io::BufRead;
@@ -58,6 +60,28 @@ impl Console {
                 }
             }
             let _ = stdout.flush().await;
+        });
+        (Console { tx }, task)
+    }
+
+    /// Starts a printer that sends every line to [`tracing`] instead of the terminal: events at
+    /// `info`, warnings at `warn`. What a library endpoint uses unless told otherwise (a program
+    /// embedding the peer owns its stdout).
+    pub fn to_log() -> (Console, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Item>(CONSOLE_QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                match item {
+                    Item::Line {
+                        is_error: true,
+                        text,
+                    } => tracing::warn!("{text}"),
+                    Item::Line { text, .. } => tracing::info!("{text}"),
+                    Item::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
         });
         (Console { tx }, task)
     }

@@ -469,6 +469,148 @@ pub async fn request(
     }
 }
 
+impl StatusReport {
+    /// The report as `peer status` prints it.
+    pub fn render(&self) -> String {
+        let r = self;
+        let mut out = String::new();
+        let mut line = |label: &str, value: String| {
+            out.push_str(&format!("{:<16}{value}\n", format!("{label}:")));
+        };
+        line("peer id", r.id.to_string());
+        line(
+            "running",
+            format!("`peer {}`, pid {}, for {:.0} s", r.mode, r.pid, r.uptime_s),
+        );
+        let reg = &r.registration;
+        match (reg.state.as_str(), reg.observed) {
+            ("registered", Some(observed)) if reg.over_tcp => line(
+                "rendezvous",
+                format!(
+                    "registered with {} through the TCP 443 tunnel (UDP blocked; tunnel address \
+                 {observed})",
+                    r.server
+                ),
+            ),
+            ("registered", Some(observed)) => {
+                line("rendezvous", format!("registered with {}", r.server));
+                line("observed addr", observed.to_string());
+            }
+            (state, _) => line(
+                "rendezvous",
+                format!(
+                    "{state} ({})",
+                    reg.error.clone().unwrap_or_else(|| "no error yet".into())
+                ),
+            ),
+        }
+        if let Some(local) = r.local_addr {
+            line("local socket", local.to_string());
+        }
+        line(
+            "relay",
+            if r.relay_ready { "ready" } else { "not open" }.to_owned(),
+        );
+        let nat = match &r.nat {
+            Some(n) => {
+                let p = n.profile();
+                format!(
+                    "{} ({} mapping, {} filtering)",
+                    p.kind(),
+                    n.mapping.words(),
+                    n.filtering.words()
+                )
+            }
+            None => "not measured yet".to_owned(),
+        };
+        line("NAT", nat);
+        if r.connections.is_empty() {
+            out.push_str("connections:    none\n");
+        } else {
+            out.push_str(&format!("connections:    {}\n", r.connections.len()));
+            for c in &r.connections {
+                out.push_str(&format!(
+                    "  {}  {}  rtt {:.1} ms  sent {}  received {}  up {:.0} s\n",
+                    c.peer,
+                    c.path,
+                    c.rtt_ms,
+                    human_bytes(c.tx_bytes),
+                    human_bytes(c.rx_bytes),
+                    c.age_s
+                ));
+                if let (Some(why), None) = (&c.punch_failure, c.direct_addr) {
+                    out.push_str(&format!("      no direct path: {why}\n"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A byte count for people: `512 B`, `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Why `peer status` got no report.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// No peer runs with this config dir.
+    #[error("{reason}; start `peer listen` (or connect, send) with --config-dir {}", dir.display())]
+    NotRunning {
+        /// What the client saw.
+        reason: String,
+        /// The config dir.
+        dir: PathBuf,
+    },
+    /// The exchange failed.
+    #[error(transparent)]
+    Client(ClientError),
+    /// The running peer answered with an error.
+    #[error("the running peer refused: {0}")]
+    Refused(String),
+    /// It closed without a report.
+    #[error("the running peer sent no status")]
+    NoReport,
+}
+
+/// Asks the peer running with `config_dir` for its status (`peer status`).
+pub async fn status(config_dir: &Path) -> Result<StatusReport, StatusError> {
+    let mut report = None;
+    let mut error = None;
+    request(config_dir, &Request::Status {}, |reply| {
+        match reply {
+            Reply::Status(r) => report = Some(r),
+            Reply::Error { message } => error = Some(message),
+            _ => {}
+        }
+        false
+    })
+    .await
+    .map_err(|e| match e {
+        ClientError::NotRunning(_) => StatusError::NotRunning {
+            reason: e.to_string(),
+            dir: config_dir.to_owned(),
+        },
+        other => StatusError::Client(other),
+    })?;
+    if let Some(message) = error {
+        return Err(StatusError::Refused(message));
+    }
+    report.map(|r| *r).ok_or(StatusError::NoReport)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,9 @@
 //! Connecting to a peer: cache first, then an introduction by the rendezvous; the connection
 //! starts on the relay and moves to a direct path as soon as punching proves one.
+//!
+//! Why it is a module of its own: connecting is the one place where the cache, the rendezvous's
+//! introduction, punching and the relay meet for a single peer, in an order that decides how fast
+//! the first byte flows (the relay at once, direct when proven).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -12,6 +12,9 @@
 //! "verified". The `.part` file is removed when the transfer fails, the stream or the connection
 //! is lost, or the listener stops (SIGINT/SIGTERM): a drop guard removes it even when the task
 //! is aborted. Only a crash of the process (SIGKILL, power loss) can leave one behind.
+//!
+//! Why it is a module of its own: a received file is the one thing a remote peer writes to our
+//! disk, so every check and bound on it lives here, next to the sender that must obey them.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -20,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::frame_io::{read_frame, write_frame};
+use common::frame_io::{read_frame, write_frame, FrameIoError};
 use common::message::PeerApp;
 use common::{PeerId, PeerMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,6 +95,32 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Why sending a file failed. Each variant reads as the underlying error.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection failed.
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing or reading a frame failed.
+    #[error(transparent)]
+    Frame(#[from] FrameIoError),
+    /// Reading the file failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Writing the bytes failed.
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    /// The stream was already closed.
+    #[error(transparent)]
+    Finish(#[from] quinn::ClosedStream),
+    /// The receiver's reply is not a message.
+    #[error(transparent)]
+    Decode(#[from] common::MessageError),
+    /// The file, the receiver's verdict or the connection (the text says which).
+    #[error("{0}")]
+    Other(String),
+}
+
 /// Sends `path` on a new stream of `conn`; returns a summary once the receiver confirmed it.
 ///
 /// The receiver's verdict is read while the bytes go out: a receiver that refuses the header
@@ -100,21 +129,21 @@ pub async fn send(
     conn: &quinn::Connection,
     path: &Path,
     console: &Console,
-) -> anyhow::Result<String> {
+) -> Result<String, SendError> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| anyhow::anyhow!("{} has no usable file name", path.display()))?
+        .ok_or_else(|| SendError::Other(format!("{} has no usable file name", path.display())))?
         .to_owned();
     if let Err(why) = check_name(&name) {
-        anyhow::bail!(
+        return Err(SendError::Other(format!(
             "{}: the receiver would refuse this name: {why}",
             printable(&path.display().to_string())
-        );
+        )));
     }
     let (size, sha256) = sha256_file(path)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        .map_err(|e| SendError::Other(format!("cannot read {}: {e}", path.display())))?;
     let (mut tx, mut rx) = conn.open_bi().await?;
     write_frame(&mut tx, &PeerMessage::Open { app: PeerApp::File }.encode()).await?;
     let header = PeerMessage::FileHeader {
@@ -126,7 +155,7 @@ pub async fn send(
     // Reading a frame is not cancel-safe: the verdict is read by a task of its own.
     let mut verdict = AbortOnDrop(tokio::spawn(async move { read_frame(&mut rx).await }));
     let started = Instant::now();
-    let copied: anyhow::Result<()> = async {
+    let copied: Result<(), SendError> = async {
         let mut file = tokio::fs::File::open(path).await?;
         let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
@@ -144,7 +173,10 @@ pub async fn send(
             }
         }
         if sent != size {
-            anyhow::bail!("{} changed while it was being sent", path.display());
+            return Err(SendError::Other(format!(
+                "{} changed while it was being sent",
+                path.display()
+            )));
         }
         tx.finish()?;
         Ok(())
@@ -161,10 +193,15 @@ pub async fn send(
         Ok(Ok(Ok(Some(reply)))) => reply,
         _ => {
             copied?;
-            match conn.close_reason() {
-                Some(e) => anyhow::bail!("the connection closed without a verdict: {e}"),
-                None => anyhow::bail!("no verdict from the receiver within {} s", wait.as_secs()),
-            }
+            return match conn.close_reason() {
+                Some(e) => Err(SendError::Other(format!(
+                    "the connection closed without a verdict: {e}"
+                ))),
+                None => Err(SendError::Other(format!(
+                    "no verdict from the receiver within {} s",
+                    wait.as_secs()
+                ))),
+            };
         }
     };
     let elapsed = started.elapsed();
@@ -177,12 +214,20 @@ pub async fn send(
         )),
         PeerMessage::FileResult { ok: true, .. } => {
             copied?;
-            anyhow::bail!("the receiver stored {name} with another hash")
+            Err(SendError::Other(format!(
+                "the receiver stored {name} with another hash"
+            )))
         }
         PeerMessage::FileResult { message, .. } | PeerMessage::Error { message } => {
-            anyhow::bail!("the receiver refused {name}: {}", printable(&message))
+            Err(SendError::Other(format!(
+                "the receiver refused {name}: {}",
+                printable(&message)
+            )))
         }
-        other => anyhow::bail!("unexpected reply `{}`", printable(&format!("{other:?}"))),
+        other => Err(SendError::Other(format!(
+            "unexpected reply `{}`",
+            printable(&format!("{other:?}"))
+        ))),
     }
 }
 

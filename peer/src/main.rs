@@ -1,41 +1,25 @@
 //! `peer`: register with a rendezvous, find other peers by id, and chat with them over
 //! end-to-end encrypted QUIC.
+//!
+//! The command line only: argument parsing, output and dispatch. Everything else is the `peer`
+//! library (`src/lib.rs`), which other programs can use as well.
 
-mod access;
-mod cache;
-mod chat;
-mod console;
-mod control;
-mod dial;
-mod files;
-mod netcheck;
-mod node;
-mod paths;
-mod ping;
-mod portmap;
-mod punching;
-mod relay;
-mod session;
-
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use certs::{Fingerprint, Identity};
 use clap::{Args, Parser, Subcommand};
-use common::message::Candidate;
-use common::{ControlMessage, ErrorCode, PeerId};
-use tokio::sync::{mpsc, watch};
-use transport::TransportSettings;
-
-use crate::cache::PeerCache;
-use crate::console::Console;
-use crate::node::Node;
-use crate::session::{ServerEvent, Session, SessionConfig, SessionState};
+use common::PeerId;
+use peer::cache::PeerCache;
+use peer::endpoint::{
+    Connection, ControlSocket, Endpoint, EndpointConfig, Output, Rendezvous, RendezvousTrust,
+    TcpTunnel,
+};
+use peer::{access, chat, console, control, dial, files, listener, netcheck, ping};
 
 /// A peer: registers with a rendezvous and talks to other peers by id over QUIC.
 #[derive(Parser, Debug)]
@@ -322,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let identity = Arc::new(identity);
+    let verbose = cli.verbose;
     match cli.command {
         Command::Id => {
             println!("{}", identity.id());
@@ -348,7 +333,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            listen(identity, &dir, server, Arc::new(policy), inbox, cli.verbose).await
+            // The handlers are installed before registration is announced: a SIGTERM that
+            // follows "registered with" at once must stop the listener gracefully (removing any
+            // `.part` file), not kill it with the default action.
+            let signal = stop_signals().context("installing the SIGINT/SIGTERM handlers")?;
+            let mut config = endpoint_config(&server, &dir, verbose, Mode::Listen)?;
+            config.access = policy.clone();
+            let endpoint = Endpoint::bind(identity, config).await?;
+            listener::run(endpoint, &policy, inbox, signal).await?;
+            Ok(())
         }
         Command::Netcheck {
             server,
@@ -356,40 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             no_port_mapping,
         } => {
-            let targets: Vec<String> = if stun.is_empty() {
-                server.iter().cloned().collect()
-            } else {
-                stun
-            };
-            if targets.is_empty() {
-                bail!("netcheck needs --server HOST:PORT or --stun HOST:PORT");
-            }
-            let mut servers = Vec::new();
-            for target in &targets {
-                servers.push(
-                    tokio::net::lookup_host(target)
-                        .await
-                        .with_context(|| format!("cannot resolve {target:?}"))?
-                        .next()
-                        .ok_or_else(|| anyhow!("{target:?} has no address"))?,
-                );
-            }
-            let tcp_443 = match &server {
-                Some(s) => tokio::net::lookup_host(s)
-                    .await
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .map(|a| SocketAddr::new(a.ip(), 443)),
-                None => None,
-            };
-            let options = netcheck::Options {
-                tcp_443,
-                hairpin: true,
-                port_mapping: !no_port_mapping,
-            };
-            let report = netcheck::run(&servers, &options)
-                .await
-                .context("running the network checks")?;
+            let report = netcheck::check(server.as_deref(), &stun, !no_port_mapping).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -404,16 +364,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dial_timeout,
         } => {
             let dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
-            send(
+            if !file.is_file() {
+                bail!("{}: not a readable file", file.display());
+            }
+            let (endpoint, conn) = open_connection(
                 identity,
                 &dir,
-                server,
+                &server,
                 peer,
-                file,
                 dial_timeout,
-                cli.verbose,
+                verbose,
+                Mode::Send,
             )
-            .await
+            .await?;
+            let console = endpoint.console().clone();
+            let result = files::send(&conn, &file, &console)
+                .await
+                .map_err(|e| refused_or(peer, &conn, e.into()));
+            if let Ok(summary) = &result {
+                console.say(summary.clone()).await;
+            }
+            conn.close(0u32.into(), b"done");
+            endpoint.close().await;
+            result.map(|_| ())
         }
         Command::Connect {
             peer,
@@ -421,7 +394,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dial_timeout,
         } => {
             let dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
-            connect(identity, &dir, server, peer, dial_timeout, cli.verbose).await
+            let (endpoint, conn) = open_connection(
+                identity,
+                &dir,
+                &server,
+                peer,
+                dial_timeout,
+                verbose,
+                Mode::Connect,
+            )
+            .await?;
+            let result = chat::converse(&endpoint, &conn, console::stdin_lines()).await;
+            endpoint.close().await;
+            Ok(result?)
         }
         Command::Lookup {
             peer,
@@ -456,53 +441,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 options,
                 json,
                 dial_timeout,
-                cli.verbose,
+                verbose,
             )
             .await
         }
     }
 }
 
-/// What every networked command starts with.
-struct Context_ {
-    node: Node,
-    keeper: paths::PathKeeper,
-    server_addr: SocketAddr,
-    session: Session,
-    events: mpsc::Receiver<ServerEvent>,
-    console: Console,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    console_task: tokio::task::JoinHandle<()>,
-    server: ServerArgs,
-}
-
-/// Measures our NAT against the rendezvous's STUN service once registered, for `peer status` and
-/// for the pongs we send (so that peers can say why their path to us is relayed).
-async fn measure_nat(
-    session: Session,
-    server: SocketAddr,
-    out: watch::Sender<Option<netcheck::Report>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let measure = async {
-        // Registration tells whether UDP works at all (or the tunnel is in use).
-        let _ = session.wait_registered(Duration::from_secs(30)).await;
-        netcheck::run(&[server], &netcheck::Options::default()).await
-    };
-    tokio::select! {
-        report = measure => match report {
-            Ok(report) => {
-                tracing::debug!(mapping = ?report.mapping, filtering = ?report.filtering, "NAT measured");
-                out.send_replace(Some(report));
-            }
-            Err(e) => tracing::debug!(error = %e, "NAT measurement failed"),
-        },
-        _ = shutdown.changed() => {}
-    }
-}
-
-/// What a networked command is.
+/// What a networked command is (its endpoint's output and what it starts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Listen,
@@ -524,189 +470,81 @@ impl Mode {
     }
 }
 
-async fn start(
-    identity: Arc<Identity>,
-    dir: &std::path::Path,
-    server: ServerArgs,
+/// The endpoint a command runs, from its flags.
+fn endpoint_config(
+    server: &ServerArgs,
+    dir: &Path,
     verbose: bool,
     mode: Mode,
-) -> anyhow::Result<Context_> {
-    let process_started = Instant::now();
-    let server_addr = tokio::net::lookup_host(&server.server)
-        .await
-        .with_context(|| format!("cannot resolve rendezvous address {:?}", server.server))?
-        .find(|a| a.is_ipv4() == server.session.bind.is_ipv4())
-        .ok_or_else(|| {
-            anyhow!(
-                "rendezvous address {:?} has no address of the bind family",
-                server.server
-            )
-        })?;
-    let transport = TransportSettings::default();
-    let (node, stun_rx) = Node::bind(server.session.bind, identity.clone(), transport)
-        .with_context(|| format!("cannot bind {}", server.session.bind))?;
-    let local = node.local_addr().context("reading the bound address")?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let (console, console_task) = Console::start_with(matches!(mode, Mode::Ping { json: true }));
-    let tcp_server = match server.session.server_tcp.as_deref() {
-        Some("off") => None,
-        Some(addr) => Some(
-            tokio::net::lookup_host(addr)
-                .await
-                .with_context(|| format!("cannot resolve --server-tcp {addr:?}"))?
-                .next()
-                .ok_or_else(|| anyhow!("--server-tcp {addr:?} has no address"))?,
-        ),
-        None => Some(SocketAddr::new(server_addr.ip(), 443)),
+) -> anyhow::Result<EndpointConfig> {
+    let trust = match server.session.server_key {
+        Some(fp) => RendezvousTrust::Pinned(fp),
+        None => RendezvousTrust::KnownServers(dir.join("known_servers")),
     };
-    let config = SessionConfig {
-        server_name: server.server.clone(),
-        server_addr,
-        pinned: server.session.server_key,
-        known_servers: dir.join("known_servers"),
-        local_addrs: node::local_addrs(local, server_addr),
-        transport,
-        tcp_server,
-        socket: node.socket.clone(),
+    let tcp_tunnel = match server.session.server_tcp.as_deref() {
+        Some("off") => TcpTunnel::Off,
+        Some(addr) => TcpTunnel::At(addr.to_owned()),
+        None => TcpTunnel::SameHost,
     };
-    let (session, events, session_task) =
-        Session::start(node.endpoint.clone(), identity, config, shutdown_rx.clone());
-    let router = punching::Router::default();
-    let stun_task = tokio::spawn(punching::dispatch(
-        node.clone(),
-        router.clone(),
-        stun_rx,
-        shutdown_rx.clone(),
-    ));
-    let (relay, relay_task) =
-        relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx.clone());
-    // A lookup is over in a moment: it neither measures nor serves the control socket.
+    let mut config = EndpointConfig::new(Rendezvous {
+        address: server.server.clone(),
+        trust,
+        tcp_tunnel,
+    });
+    config.bind = server.session.bind;
+    config.register_timeout = seconds(server.session.register_timeout, "--register-timeout")?;
+    config.peer_cache = Some(dir.join("peers.json"));
+    config.output = Output::Terminal {
+        events_to_stderr: matches!(mode, Mode::Ping { json: true }),
+    };
+    config.verbose = verbose;
+    // A lookup is over in a moment: it neither keeps paths, measures, nor serves the control
+    // socket.
     let long_lived = mode != Mode::Lookup;
-    let (nat_tx, nat_rx) = watch::channel(None);
-    let nat_task = tokio::spawn(measure_nat(
-        session.clone(),
-        server_addr,
-        nat_tx,
-        shutdown_rx.clone(),
-    ));
-    if !long_lived {
-        nat_task.abort();
-    }
-    let keeper = paths::PathKeeper::new(
-        node.clone(),
-        router,
-        relay,
-        session.clone(),
-        console.clone(),
-        verbose,
-        nat_rx,
-    );
-    let mut tasks = vec![session_task, stun_task, relay_task, nat_task];
-    // The control socket (peer status, peer ping) of this config dir.
-    let control_path = control::socket_path(dir);
-    let control = if long_lived {
-        Some(control::bind(&control_path))
-    } else {
-        None
-    };
-    match control {
-        None => {}
-        Some(Ok(listener)) => {
-            let ctx = control::ControlContext {
-                keeper: keeper.clone(),
-                mode: mode.name(),
-                server: server.server.clone(),
-                config_dir: dir.to_owned(),
-                started: process_started,
-                dial_timeout: Duration::from_secs(20),
-            };
-            tasks.push(tokio::spawn(control::serve(
-                listener,
-                control_path,
-                ctx,
-                shutdown_rx,
-            )));
-        }
-        Some(Err(e)) => {
-            console
-                .error(format!(
-                    "warning: {e}; `peer status` and `peer ping` will not reach this process"
-                ))
-                .await
-        }
-    }
-    Ok(Context_ {
-        node,
-        keeper,
-        server_addr,
-        session,
-        events,
-        console,
-        shutdown,
-        tasks,
-        console_task,
-        server,
-    })
+    config.keep_paths = long_lived;
+    config.measure_nat = long_lived;
+    config.control = long_lived.then(|| ControlSocket {
+        config_dir: dir.to_owned(),
+        mode: mode.name(),
+    });
+    Ok(config)
 }
 
-impl Context_ {
-    async fn register(&self) -> anyhow::Result<session::Registration> {
-        let timeout = seconds(self.server.session.register_timeout, "--register-timeout")?;
-        self.session.wait_registered(timeout).await.map_err(|e| {
-            anyhow!(
-                "cannot register with the rendezvous at {}: {e}",
-                self.server.server
-            )
-        })
-    }
-
-    /// Starts the tasks that keep paths working: answering introductions and watching our
-    /// public mapping.
-    fn keep_paths(&mut self) {
-        let events = std::mem::replace(&mut self.events, mpsc::channel(1).1);
-        self.tasks.push(tokio::spawn(
-            self.keeper.clone().serve_introductions(events),
-        ));
-        self.tasks.push(tokio::spawn(
-            self.keeper
-                .clone()
-                .watch_mapping(self.server_addr, self.shutdown.subscribe()),
-        ));
-    }
-
-    async fn finish(self) {
-        let Context_ {
-            node,
-            console,
-            shutdown,
-            tasks,
-            console_task,
-            ..
-        } = self;
-        // The session closes its own connection when told to stop; close the endpoint after,
-        // so that the session does not mistake the shutdown for a lost server.
-        let _ = shutdown.send(true);
-        console.flush().await;
-        for task in tasks {
-            if tokio::time::timeout(Duration::from_secs(2), task)
-                .await
-                .is_err()
-            {
-                tracing::debug!("a task did not stop within 2 s");
-            }
+/// Starts an endpoint, registers, and connects to `peer`; connections we make answer pings.
+async fn open_connection(
+    identity: Arc<Identity>,
+    dir: &Path,
+    server: &ServerArgs,
+    peer: PeerId,
+    dial_timeout: Duration,
+    verbose: bool,
+    mode: Mode,
+) -> anyhow::Result<(Endpoint, Connection)> {
+    let mut config = endpoint_config(server, dir, verbose, mode)?;
+    config.dial_timeout = dial_timeout;
+    let endpoint = Endpoint::bind(identity, config).await?;
+    match endpoint.connect(peer).await {
+        Ok(conn) => {
+            dial::answer_pings(endpoint.path_keeper().clone(), conn.quinn().clone());
+            Ok((endpoint, conn))
         }
-        // Link tasks still hold console handles, so the printer would never end by itself;
-        // everything queued was written by the flush above.
-        console.flush().await;
-        console_task.abort();
-        node.endpoint.close(0u32.into(), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(1), node.endpoint.wait_idle()).await;
+        Err(e) => {
+            endpoint.close().await;
+            Err(e.into())
+        }
     }
 }
 
+/// The error to show when an exchange with `peer` failed: its refusal if it closed the
+/// connection on us, else `e`.
+fn refused_or(peer: PeerId, conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
+    access::refusal(peer, conn).map_or(e, Into::into)
+}
+
+/// `peer lookup`: from the cache, else from the rendezvous (and cached).
 async fn lookup(
     identity: Arc<Identity>,
-    dir: &std::path::Path,
+    dir: &Path,
     server: ServerArgs,
     peer: PeerId,
     refresh: bool,
@@ -724,57 +562,24 @@ async fn lookup(
             return Ok(());
         }
     }
-    let ctx = start(identity, dir, server, false, Mode::Lookup).await?;
-    let result = async {
-        ctx.register().await?;
-        match ctx
-            .session
-            .request(&ControlMessage::Query { id: peer })
-            .await?
-        {
-            ControlMessage::PeerInfo(info) => {
-                let mut candidates = vec![Candidate {
-                    addr: info.observed,
-                    kind: common::message::CandidateKind::Observed,
-                }];
-                candidates.extend(
-                    info.local_addrs
-                        .iter()
-                        .filter(|a| **a != info.observed)
-                        .map(|&addr| Candidate {
-                            addr,
-                            kind: common::message::CandidateKind::Local,
-                        }),
-                );
-                if let Err(e) = cache.put(peer, candidates.clone()) {
-                    eprintln!("warning: cannot write the peer cache: {e}");
-                }
-                let status = if info.online { "online" } else { "offline" };
-                println!(
-                    "{peer} (from the rendezvous: {status}, last seen {})",
-                    format_time(info.last_seen)
-                );
-                for c in &candidates {
-                    println!("  {} ({})", c.addr, c.kind.describe());
-                }
-                Ok(())
-            }
-            ControlMessage::Error {
-                code: ErrorCode::NotFound,
-                ..
-            } => Err(anyhow!("peer {peer} is not registered with the rendezvous")),
-            ControlMessage::Error { code, message } => {
-                Err(anyhow!("the rendezvous refused ({code:?}): {message}"))
-            }
-            other => Err(anyhow!(
-                "unexpected reply `{}` from the rendezvous",
-                other.kind()
-            )),
-        }
+    let config = endpoint_config(&server, dir, false, Mode::Lookup)?;
+    let endpoint = Endpoint::bind(identity, config).await?;
+    let result = endpoint.query(peer).await;
+    endpoint.close().await;
+    let info = result?;
+    let candidates = peer::cache::candidates_of(&info);
+    if let Err(e) = cache.put(peer, candidates.clone()) {
+        eprintln!("warning: cannot write the peer cache: {e}");
     }
-    .await;
-    ctx.finish().await;
-    result
+    let status = if info.online { "online" } else { "offline" };
+    println!(
+        "{peer} (from the rendezvous: {status}, last seen {})",
+        format_time(info.last_seen)
+    );
+    for c in &candidates {
+        println!("  {} ({})", c.addr, c.kind.describe());
+    }
+    Ok(())
 }
 
 fn format_time(t: time::OffsetDateTime) -> String {
@@ -782,547 +587,22 @@ fn format_time(t: time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-async fn listen(
-    identity: Arc<Identity>,
-    dir: &std::path::Path,
-    server: ServerArgs,
-    policy: Arc<access::Access>,
-    inbox: Option<Arc<files::Inbox>>,
-    verbose: bool,
-) -> anyhow::Result<()> {
-    // The handlers are installed before registration is announced: a SIGTERM that follows
-    // "registered with" at once must stop the listener gracefully (removing any `.part` file),
-    // not kill it with the default action.
-    let signal = stop_signals().context("installing the SIGINT/SIGTERM handlers")?;
-    let mut ctx = start(identity, dir, server, verbose, Mode::Listen).await?;
-    let reg = match ctx.register().await {
-        Ok(reg) => reg,
-        Err(e) => {
-            ctx.finish().await;
-            return Err(e);
-        }
-    };
-    let me = reg.id;
-    ctx.console.say(format!("peer id {me}")).await;
-    if let access::Access::Only(ids) = &*policy {
-        ctx.console
-            .say(format!("accepting only {} allowed peer(s)", ids.len()))
-            .await;
-    }
-    let how = if reg.over_tcp {
-        "through the TCP tunnel: UDP is blocked".to_owned()
-    } else {
-        format!("observed address {}", reg.observed)
-    };
-    ctx.console
-        .say(format!("registered with {} ({how})", ctx.server.server))
-        .await;
-    let watcher = tokio::spawn(watch_session(ctx.session.watch(), ctx.console.clone()));
-    ctx.keep_paths();
-    let hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>> = Arc::default();
-    let input_task = tokio::spawn(broadcast_input(
-        console::stdin_lines(),
-        hub.clone(),
-        ctx.console.clone(),
-    ));
-    let mut conns = tokio::task::JoinSet::new();
-    let endpoint = ctx.node.endpoint.clone();
-    tokio::pin!(signal);
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                conns.spawn(serve_peer(incoming, me, hub.clone(), ctx.keeper.clone(), policy.clone(), inbox.clone(), ctx.console.clone()));
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            () = &mut signal => break,
-        }
-    }
-    ctx.console.say("shutting down").await;
-    conns.abort_all();
-    for task in [watcher, input_task] {
-        task.abort();
-    }
-    ctx.finish().await;
-    Ok(())
-}
-
-/// Tells the user when the registration is lost and when it is back.
-async fn watch_session(mut state: watch::Receiver<SessionState>, console: Console) {
-    let mut generation = state.borrow().clone().registered_generation();
-    let mut lost = false;
-    while state.changed().await.is_ok() {
-        let current = state.borrow_and_update().clone();
-        match current {
-            SessionState::Registered(reg) if Some(reg.generation) != generation => {
-                generation = Some(reg.generation);
-                lost = false;
-                console
-                    .say(format!(
-                        "re-registered with the rendezvous (observed address {})",
-                        reg.observed
-                    ))
-                    .await;
-            }
-            SessionState::Connecting { last_error } if !lost => {
-                lost = true;
-                console
-                    .error(format!(
-                        "lost the rendezvous ({}); retrying",
-                        last_error.unwrap_or_default()
-                    ))
-                    .await;
-            }
-            SessionState::Fatal(e) => {
-                console.error(format!("rendezvous: {e}")).await;
-                return;
-            }
-            _ => {}
-        }
-    }
-}
-
-impl SessionState {
-    fn registered_generation(&self) -> Option<u64> {
-        match self {
-            SessionState::Registered(reg) => Some(reg.generation),
-            _ => None,
-        }
-    }
-}
-
-async fn broadcast_input(
-    mut lines: mpsc::Receiver<String>,
-    hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
-    console: Console,
-) {
-    while let Some(line) = lines.recv().await {
-        // Clone the senders and release the lock before any await.
-        let targets: Vec<mpsc::Sender<String>> = hub
-            .lock()
-            .map(|h| h.values().cloned().collect())
-            .unwrap_or_default();
-        if targets.is_empty() {
-            console.error("no peer is connected; line not sent").await;
-        }
-        for target in targets {
-            if target.try_send(line.clone()).is_err() {
-                console
-                    .error("a peer is not keeping up; line dropped for it")
-                    .await;
-            }
-        }
-    }
-}
-
-async fn serve_peer(
-    incoming: quinn::Incoming,
-    me: PeerId,
-    hub: Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>,
-    keeper: paths::PathKeeper,
-    policy: Arc<access::Access>,
-    inbox: Option<Arc<files::Inbox>>,
-    console: Console,
-) {
-    let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            console
-                .error(format!("refused connection from {remote}: {e}"))
-                .await;
-            return;
-        }
-        Err(_) => return,
-    };
-    // The id the TLS handshake proved (the hash of the client certificate's key).
-    let Some(peer) = node::remote_id(&conn) else {
-        conn.close(2u32.into(), b"no identity");
-        return;
-    };
-    // A connection that arrives on a peer's stable address (relayed, or from an address aliased
-    // to that peer by an authenticated probe) must be that peer's: the TLS id decides, not the
-    // address map.
-    if is_stable_addr(remote) && remote != relay::stable_addr(&peer) {
-        console
-            .error(format!(
-                "refused a connection from {peer}: it came on the address of another peer"
-            ))
-            .await;
-        conn.close(2u32.into(), b"address of another peer");
-        return;
-    }
-    let path = match keeper.node.socket.route_of(remote) {
-        transport::PathTarget::Udp(addr) => format!("from {addr}"),
-        transport::PathTarget::Virtual(_) => keeper.relay_label().to_owned(),
-    };
-    if !policy.allows(&peer) {
-        conn.close(
-            access::REFUSED_CODE.into(),
-            access::REFUSED_REASON.as_bytes(),
-        );
-        console
-            .error(format!(
-                "refused {peer} ({path}): {}",
-                access::REFUSED_REASON
-            ))
-            .await;
-        return;
-    }
-    console.say(format!("connected: {peer} {path}")).await;
-    keeper.start_link(peer, conn.clone(), "the peer's address");
-    let mut streams = tokio::task::JoinSet::new();
-    loop {
-        let (mut tx, mut rx) = tokio::select! {
-            accepted = conn.accept_bi() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    console.say(format!("disconnected: {peer} ({e})")).await;
-                    break;
-                }
-            },
-            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
-        };
-        let app = match chat::accept(&mut tx, &mut rx).await {
-            Ok(app) => app,
-            Err(e) => {
-                console
-                    .error(format!("refused a stream from {peer}: {e}"))
-                    .await;
-                continue;
-            }
-        };
-        let console = console.clone();
-        match app {
-            common::message::PeerApp::Chat => {
-                // One key per chat in this process: stream indices repeat on every connection, and
-                // a second chat under the same key would end the first one's input.
-                static NEXT_CHAT: std::sync::atomic::AtomicU64 =
-                    std::sync::atomic::AtomicU64::new(0);
-                let key = NEXT_CHAT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let (line_tx, line_rx) = mpsc::channel(64);
-                if let Ok(mut h) = hub.lock() {
-                    h.insert(key, line_tx);
-                }
-                let hub = hub.clone();
-                streams.spawn(async move {
-                    let end = chat::run(
-                        tx,
-                        rx,
-                        me,
-                        peer,
-                        line_rx,
-                        console.clone(),
-                        common::chat::END_TIMEOUT,
-                    )
-                    .await;
-                    if let Ok(mut h) = hub.lock() {
-                        h.remove(&key);
-                    }
-                    match end {
-                        chat::ChatEnd::PeerClosed { .. } => {
-                            console.say(format!("chat with {peer} ended")).await
-                        }
-                        chat::ChatEnd::Failed(e) => {
-                            console.error(format!("chat with {peer} failed: {e}")).await
-                        }
-                        chat::ChatEnd::InputClosed => {}
-                    }
-                });
-            }
-            common::message::PeerApp::Ping => {
-                streams.spawn(ping::serve(tx, rx, keeper.clone()));
-            }
-            common::message::PeerApp::File => {
-                let inbox = inbox.clone();
-                streams.spawn(async move { files::receive(tx, rx, peer, inbox, &console).await });
-            }
-        }
-    }
-    streams.shutdown().await;
-}
-
-/// A connection made by [`open_connection`].
-struct Opened {
-    conn: quinn::Connection,
-    /// When the connect began (after registration).
-    started: Instant,
-    /// How long it took.
-    connect_ms: f64,
-}
-
-/// Starts a session, registers, and connects to `peer`; returns the context and connection.
-async fn open_connection(
-    identity: Arc<Identity>,
-    dir: &std::path::Path,
-    server: ServerArgs,
-    peer: PeerId,
-    dial_timeout: Duration,
-    verbose: bool,
-    mode: Mode,
-) -> anyhow::Result<(Context_, Opened)> {
-    let mut ctx = start(identity, dir, server, verbose, mode).await?;
-    ctx.keep_paths();
-    let connected = async {
-        let me = ctx.register().await?.id;
-        if peer == me {
-            bail!("{peer} is this peer's own id");
-        }
-        let started = Instant::now();
-        let (mut cache, warning) = PeerCache::load(&dir.join("peers.json"));
-        if let Some(w) = warning {
-            ctx.console.error(format!("warning: {w}")).await;
-        }
-        let (conn, via) =
-            dial::establish(&ctx.keeper, &mut cache, peer, dial_timeout, verbose).await?;
-        let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
-        ctx.console
-            .say(format!(
-                "connected to {peer} in {connect_ms:.0} ms: {}",
-                via.text
-            ))
-            .await;
-        ctx.keeper.start_link(peer, conn.clone(), via.describe);
-        dial::answer_pings(ctx.keeper.clone(), conn.clone());
-        Ok(Opened {
-            conn,
-            started,
-            connect_ms,
-        })
-    }
-    .await;
-    match connected {
-        Ok(opened) => Ok((ctx, opened)),
-        Err(e) => {
-            ctx.finish().await;
-            Err(e)
-        }
-    }
-}
-
-async fn send(
-    identity: Arc<Identity>,
-    dir: &std::path::Path,
-    server: ServerArgs,
-    peer: PeerId,
-    file: PathBuf,
-    dial_timeout: Duration,
-    verbose: bool,
-) -> anyhow::Result<()> {
-    if !file.is_file() {
-        bail!("{}: not a readable file", file.display());
-    }
-    let (ctx, Opened { conn, .. }) = open_connection(
-        identity,
-        dir,
-        server,
-        peer,
-        dial_timeout,
-        verbose,
-        Mode::Send,
-    )
-    .await?;
-    let result = files::send(&conn, &file, &ctx.console)
-        .await
-        .map_err(|e| access::refusal(peer, &conn).unwrap_or(e));
-    if let Ok(summary) = &result {
-        ctx.console.say(summary.clone()).await;
-    }
-    conn.close(0u32.into(), b"done");
-    ctx.finish().await;
-    result.map(|_| ())
-}
-
-async fn connect(
-    identity: Arc<Identity>,
-    dir: &std::path::Path,
-    server: ServerArgs,
-    peer: PeerId,
-    dial_timeout: Duration,
-    verbose: bool,
-) -> anyhow::Result<()> {
-    let me = identity.id();
-    let (ctx, Opened { conn, .. }) = open_connection(
-        identity,
-        dir,
-        server,
-        peer,
-        dial_timeout,
-        verbose,
-        Mode::Connect,
-    )
-    .await?;
-    let result = async {
-        let (tx, rx) = chat::open(&conn)
-            .await
-            .map_err(|e| anyhow!("cannot open the chat stream: {e}"))?;
-        let end = chat::run(
-            tx,
-            rx,
-            me,
-            peer,
-            console::stdin_lines(),
-            ctx.console.clone(),
-            common::chat::END_TIMEOUT,
-        )
-        .await;
-        // Read before our own close replaces the reason the connection ended with.
-        if let Some(refused) = access::refusal(peer, &conn) {
-            return Err(refused);
-        }
-        conn.close(0u32.into(), b"chat over");
-        match end {
-            chat::ChatEnd::InputClosed => Ok(()),
-            chat::ChatEnd::PeerClosed { unsent: 0 } => {
-                ctx.console.say(format!("{peer} ended the chat")).await;
-                Ok(())
-            }
-            chat::ChatEnd::PeerClosed { unsent } => Err(anyhow!(
-                "{peer} ended the chat before {unsent} line(s) of input could be sent"
-            )),
-            chat::ChatEnd::Failed(e) => Err(anyhow!("chat with {peer} failed: {e}")),
-        }
-    }
-    .await
-    .map_err(|e| access::refusal(peer, &conn).unwrap_or(e));
-    ctx.finish().await;
-    result
-}
-
 /// `peer status`: asks the running peer.
-async fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let mut report = None;
-    let mut error = None;
-    control::request(dir, &control::Request::Status {}, |reply| {
-        match reply {
-            control::Reply::Status(r) => report = Some(r),
-            control::Reply::Error { message } => error = Some(message),
-            _ => {}
-        }
-        false
-    })
-    .await
-    .map_err(|e| match e {
-        control::ClientError::NotRunning(_) => anyhow!(
-            "{e}; start `peer listen` (or connect, send) with --config-dir {}",
-            dir.display()
-        ),
-        other => anyhow!(other),
-    })?;
-    if let Some(message) = error {
-        bail!("the running peer refused: {message}");
-    }
-    let report = report.ok_or_else(|| anyhow!("the running peer sent no status"))?;
+async fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let report = control::status(dir).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render_status(&report));
+        print!("{}", report.render());
     }
     Ok(())
-}
-
-fn render_status(r: &control::StatusReport) -> String {
-    let mut out = String::new();
-    let mut line = |label: &str, value: String| {
-        out.push_str(&format!("{:<16}{value}\n", format!("{label}:")));
-    };
-    line("peer id", r.id.to_string());
-    line(
-        "running",
-        format!("`peer {}`, pid {}, for {:.0} s", r.mode, r.pid, r.uptime_s),
-    );
-    let reg = &r.registration;
-    match (reg.state.as_str(), reg.observed) {
-        ("registered", Some(observed)) if reg.over_tcp => line(
-            "rendezvous",
-            format!(
-                "registered with {} through the TCP 443 tunnel (UDP blocked; tunnel address \
-                 {observed})",
-                r.server
-            ),
-        ),
-        ("registered", Some(observed)) => {
-            line("rendezvous", format!("registered with {}", r.server));
-            line("observed addr", observed.to_string());
-        }
-        (state, _) => line(
-            "rendezvous",
-            format!(
-                "{state} ({})",
-                reg.error.clone().unwrap_or_else(|| "no error yet".into())
-            ),
-        ),
-    }
-    if let Some(local) = r.local_addr {
-        line("local socket", local.to_string());
-    }
-    line(
-        "relay",
-        if r.relay_ready { "ready" } else { "not open" }.to_owned(),
-    );
-    let nat = match &r.nat {
-        Some(n) => {
-            let p = n.profile();
-            format!(
-                "{} ({} mapping, {} filtering)",
-                p.kind(),
-                n.mapping.words(),
-                n.filtering.words()
-            )
-        }
-        None => "not measured yet".to_owned(),
-    };
-    line("NAT", nat);
-    if r.connections.is_empty() {
-        out.push_str("connections:    none\n");
-    } else {
-        out.push_str(&format!("connections:    {}\n", r.connections.len()));
-        for c in &r.connections {
-            out.push_str(&format!(
-                "  {}  {}  rtt {:.1} ms  sent {}  received {}  up {:.0} s\n",
-                c.peer,
-                c.path,
-                c.rtt_ms,
-                human_bytes(c.tx_bytes),
-                human_bytes(c.rx_bytes),
-                c.age_s
-            ));
-            if let (Some(why), None) = (&c.punch_failure, c.direct_addr) {
-                out.push_str(&format!("      no direct path: {why}\n"));
-            }
-        }
-    }
-    out
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// How a ping line reads.
-fn render_ping_reply(peer: PeerId, reply: &ping::PingReply) -> String {
-    format!(
-        "pong from {peer} seq={} via {} in {:.2} ms",
-        reply.seq, reply.path, reply.rtt_ms
-    )
 }
 
 /// `peer ping`: through the running peer if there is one, else by registering ourselves.
 #[allow(clippy::too_many_arguments)]
 async fn ping_command(
     identity: Arc<Identity>,
-    dir: &std::path::Path,
+    dir: &Path,
     server: Option<ServerArgs>,
     peer: PeerId,
     options: ping::PingOptions,
@@ -1330,34 +610,15 @@ async fn ping_command(
     dial_timeout: Duration,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let request = control::Request::Ping { peer, options };
-    let mut summary = None;
-    let mut error = None;
-    let through_daemon = control::request(dir, &request, |reply| {
-        match reply {
-            control::Reply::PingReply(r) if !json => println!("{}", render_ping_reply(peer, &r)),
-            control::Reply::PingConnected { message } if !json => println!("{message}"),
-            control::Reply::PingDone(s) => {
-                summary = Some(*s);
-                return false;
-            }
-            control::Reply::Error { message } => {
-                error = Some(message);
-                return false;
-            }
-            _ => {}
+    let through_daemon = ping::through_running_peer(dir, peer, options, |line| {
+        if !json {
+            println!("{line}");
         }
-        true
     })
     .await;
     let summary = match through_daemon {
-        Ok(()) => {
-            if let Some(message) = error {
-                bail!("{message}");
-            }
-            summary.ok_or_else(|| anyhow!("the running peer ended the ping without a summary"))?
-        }
-        Err(control::ClientError::NotRunning(path)) => {
+        Ok(summary) => summary,
+        Err(ping::ThroughPeerError::Client(control::ClientError::NotRunning(path))) => {
             let Some(server) = server else {
                 bail!(
                     "no peer is running with config dir {} (no {}); start `peer listen`, or \
@@ -1366,17 +627,22 @@ async fn ping_command(
                     path.display()
                 );
             };
-            ping_standalone(
+            // Registers, connects, waits for our NAT measurement (to explain a relayed path),
+            // pings.
+            let (endpoint, conn) = open_connection(
                 identity,
                 dir,
-                server,
+                &server,
                 peer,
-                options,
-                json,
                 dial_timeout,
                 verbose,
+                Mode::Ping { json },
             )
-            .await?
+            .await?;
+            let result = ping::over_connection(&endpoint, &conn, options, json).await;
+            conn.close(0u32.into(), b"ping done");
+            endpoint.close().await;
+            result?
         }
         Err(e) => return Err(e.into()),
     };
@@ -1397,63 +663,6 @@ async fn ping_command(
     Ok(())
 }
 
-/// Registers, connects, waits for our NAT measurement (to explain a relayed path), pings.
-#[allow(clippy::too_many_arguments)]
-async fn ping_standalone(
-    identity: Arc<Identity>,
-    dir: &std::path::Path,
-    server: ServerArgs,
-    peer: PeerId,
-    options: ping::PingOptions,
-    json: bool,
-    dial_timeout: Duration,
-    verbose: bool,
-) -> anyhow::Result<ping::PingSummary> {
-    let (ctx, opened) = open_connection(
-        identity,
-        dir,
-        server,
-        peer,
-        dial_timeout,
-        verbose,
-        Mode::Ping { json },
-    )
-    .await?;
-    let result = async {
-        let (replies_tx, mut replies) = mpsc::channel(16);
-        let console = ctx.console.clone();
-        let printer = tokio::spawn(async move {
-            while let Some(reply) = replies.recv().await {
-                if !json {
-                    console.say(render_ping_reply(peer, &reply)).await;
-                }
-            }
-        });
-        let summary = ping::run(
-            &ctx.keeper,
-            peer,
-            &opened.conn,
-            options,
-            opened.started,
-            Some(opened.connect_ms),
-            &replies_tx,
-        )
-        .await
-        .map_err(|e| {
-            access::refusal(peer, &opened.conn).unwrap_or_else(|| anyhow!("ping failed: {e}"))
-        });
-        drop(replies_tx);
-        let _ = printer.await;
-        let summary = summary?;
-        ctx.console.flush().await;
-        Ok(summary)
-    }
-    .await;
-    opened.conn.close(0u32.into(), b"ping done");
-    ctx.finish().await;
-    result
-}
-
 /// Installs SIGINT and SIGTERM handlers now; the future completes at the first of them.
 fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -1465,11 +674,6 @@ fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
-}
-
-/// Whether `addr` is a stable per-peer address (240.0.0.0/4, see [`relay::stable_addr`]).
-fn is_stable_addr(addr: SocketAddr) -> bool {
-    matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 //! or port?), filtering (do answers from another IP, or another port, get in?), hairpinning, port
 //! preservation, and whether UDP and TCP 443 get out. [`classify`] turns the observations into a
 //! report without any I/O, so it is tested on its own.
+//!
+//! Why it is a module of its own: knowing the NAT's behaviour explains why a path is relayed
+//! (`peer ping`, `peer status`) and is measured once per endpoint, apart from any connection.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -556,6 +559,64 @@ pub struct Options {
     pub hairpin: bool,
     /// Probe the default gateway for UPnP IGD, NAT-PMP and PCP.
     pub port_mapping: bool,
+}
+
+/// Why `peer netcheck` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// Neither a rendezvous nor a STUN server was given.
+    #[error("netcheck needs --server HOST:PORT or --stun HOST:PORT")]
+    NoServer,
+    /// A name did not resolve.
+    #[error("cannot resolve {0:?}")]
+    Resolve(String, #[source] std::io::Error),
+    /// A name resolved to nothing.
+    #[error("{0:?} has no address")]
+    NoAddress(String),
+    /// The checks failed (the socket could not be bound).
+    #[error("running the network checks")]
+    Run(#[source] std::io::Error),
+}
+
+/// `peer netcheck`: the checks against the STUN servers `stun`, or the rendezvous `server`'s STUN
+/// service when there are none (its TCP 443 is tried too); `port_mapping` probes the gateway.
+pub async fn check(
+    server: Option<&str>,
+    stun: &[String],
+    port_mapping: bool,
+) -> Result<Report, CheckError> {
+    let targets: Vec<&str> = if stun.is_empty() {
+        server.into_iter().collect()
+    } else {
+        stun.iter().map(String::as_str).collect()
+    };
+    if targets.is_empty() {
+        return Err(CheckError::NoServer);
+    }
+    let mut servers = Vec::new();
+    for target in targets {
+        servers.push(
+            tokio::net::lookup_host(target)
+                .await
+                .map_err(|e| CheckError::Resolve(target.to_owned(), e))?
+                .next()
+                .ok_or_else(|| CheckError::NoAddress(target.to_owned()))?,
+        );
+    }
+    let tcp_443 = match server {
+        Some(s) => tokio::net::lookup_host(s)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .map(|a| SocketAddr::new(a.ip(), 443)),
+        None => None,
+    };
+    let options = Options {
+        tcp_443,
+        hairpin: true,
+        port_mapping,
+    };
+    run(&servers, &options).await.map_err(CheckError::Run)
 }
 
 /// Runs the tests against `servers` (STUN servers; the first that offers RFC 5780 behaviour

@@ -1,5 +1,9 @@
 //! The peer's QUIC endpoint: one UDP socket, our identity, dialing with the peer's key pinned,
 //! and the id of whoever connected to us.
+//!
+//! Why it is a module of its own: every dial must pin the peer's key and refuse an older
+//! protocol, and every accepted connection must be named by the key it proved; one place does
+//! both so no caller can forget.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -10,8 +14,7 @@ use common::PeerId;
 use tokio::sync::mpsc;
 use transport::{DemuxSocket, StunDatagram, TransportSettings};
 
-/// Server name sent when dialing a peer (verifiers check keys, not names).
-const PEER_SERVER_NAME: &str = "peer";
+use crate::register::PEER_SERVER_NAME;
 
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,17 @@ pub enum DialError {
     },
 }
 
+/// Why [`Node::bind`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The TLS configuration could not be built from the identity.
+    #[error(transparent)]
+    Tls(#[from] certs::TlsConfigError),
+    /// The socket or the QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Endpoint(#[from] transport::EndpointError),
+}
+
 /// Our endpoint and identity.
 #[derive(Clone)]
 pub struct Node {
@@ -68,7 +82,7 @@ impl Node {
         bind: SocketAddr,
         identity: Arc<Identity>,
         transport: TransportSettings,
-    ) -> anyhow::Result<(Node, mpsc::Receiver<StunDatagram>)> {
+    ) -> Result<(Node, mpsc::Receiver<StunDatagram>), BindError> {
         let tls = certs::server_config(&identity, &[common::ALPN_PEER])?;
         let (endpoint, socket, stun_rx) =
             transport::make_endpoint(bind, Some(tls), transport, 256, None)?;

@@ -47,7 +47,8 @@ const LINK_QUEUE: usize = 64;
 struct LinkHandle {
     tx: mpsc::Sender<PathOutput>,
     conn: quinn::Connection,
-    status: Arc<Mutex<LinkStatus>>,
+    /// Published so that a library user can follow the path ([`PathKeeper::watch_path`]).
+    status: watch::Sender<LinkStatus>,
 }
 
 /// Where a link stands, for `peer status` and `peer ping`.
@@ -288,11 +289,7 @@ impl PathKeeper {
                     .map(move |(_, h)| LinkInfo {
                         peer: *peer,
                         conn: h.conn.clone(),
-                        status: h
-                            .status
-                            .lock()
-                            .map(|s| s.clone())
-                            .unwrap_or_else(|p| p.into_inner().clone()),
+                        status: h.status.borrow().clone(),
                     })
             })
             .collect();
@@ -304,6 +301,17 @@ impl PathKeeper {
     pub fn link_of_conn(&self, conn: &quinn::Connection) -> Option<LinkInfo> {
         let id = conn.stable_id();
         self.links().into_iter().find(|l| l.conn.stable_id() == id)
+    }
+
+    /// A watch on the path of `conn` (ends when its link does), if it has a link.
+    pub fn watch_path(&self, conn: &quinn::Connection) -> Option<watch::Receiver<LinkStatus>> {
+        let id = conn_id(conn);
+        let table = self.table.lock().ok()?;
+        table
+            .peers
+            .values()
+            .find_map(|e| e.links.get(&id))
+            .map(|h| h.status.subscribe())
     }
 
     /// The live connection to `peer`, if there is one.
@@ -405,13 +413,13 @@ impl PathKeeper {
         let id = conn_id(&conn);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let now = Instant::now();
-        let status = Arc::new(Mutex::new(LinkStatus {
+        let (status, _) = watch::channel(LinkStatus {
             path: Current::Relay,
             describe,
             started: now,
             since: now,
             punch_failure: None,
-        }));
+        });
         // The handle goes in first, so that outputs of the connection's start reach its task.
         if let Ok(mut table) = self.table.lock() {
             let entry = table.peers.entry(peer).or_insert_with(|| PeerEntry {
@@ -430,9 +438,7 @@ impl PathKeeper {
         let (initial, _) = self.feed(peer, None, |p| {
             p.connection_up(id, quinn_addr, describe, now)
         });
-        if let Ok(mut s) = status.lock() {
-            s.path = initial;
-        }
+        status.send_modify(|s| s.path = initial);
         let keeper = self.clone();
         tokio::spawn(async move { keeper.run_link(peer, conn, rx, status).await });
     }
@@ -445,7 +451,7 @@ impl PathKeeper {
         peer: PeerId,
         conn: quinn::Connection,
         mut rx: mpsc::Receiver<PathOutput>,
-        status: Arc<Mutex<LinkStatus>>,
+        status: watch::Sender<LinkStatus>,
     ) {
         let id = conn_id(&conn);
         let mut heartbeats = heartbeats_of(&conn, self.node.identity.id(), peer);
@@ -531,14 +537,10 @@ impl PathKeeper {
         &self,
         peer: PeerId,
         output: PathOutput,
-        status: &Mutex<LinkStatus>,
+        status: &watch::Sender<LinkStatus>,
         heartbeats: &mut Heartbeats,
     ) {
-        let update = |f: &dyn Fn(&mut LinkStatus)| {
-            if let Ok(mut s) = status.lock() {
-                f(&mut s);
-            }
-        };
+        let update = |f: &dyn Fn(&mut LinkStatus)| status.send_modify(|s| f(s));
         match output {
             PathOutput::PathChanged {
                 path: Current::Relay,

@@ -442,3 +442,113 @@ mod tests {
         assert!(why.starts_with("cannot tell why"), "{why}");
     }
 }
+
+/// How a ping line reads.
+pub fn render_reply(peer: PeerId, reply: &PingReply) -> String {
+    format!(
+        "pong from {peer} seq={} via {} in {:.2} ms",
+        reply.seq, reply.path, reply.rtt_ms
+    )
+}
+
+/// Why a ping over a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    /// The peer closed the connection: its allow-list does not name us.
+    #[error(transparent)]
+    Refused(#[from] crate::access::Refused),
+    /// Anything else.
+    #[error("ping failed: {0}")]
+    Failed(String),
+}
+
+/// Pings the peer of `conn` (made by `endpoint`), showing each pong on the endpoint's output
+/// unless `quiet`; the summary, once every ping is answered or timed out.
+pub async fn over_connection(
+    endpoint: &crate::endpoint::Endpoint,
+    conn: &crate::endpoint::Connection,
+    options: PingOptions,
+    quiet: bool,
+) -> Result<PingSummary, PingError> {
+    let peer = conn.peer();
+    let (replies_tx, mut replies) = mpsc::channel(16);
+    let console = endpoint.console().clone();
+    let printer = tokio::spawn(async move {
+        while let Some(reply) = replies.recv().await {
+            if !quiet {
+                console.say(render_reply(peer, &reply)).await;
+            }
+        }
+    });
+    let summary = run(
+        endpoint.path_keeper(),
+        peer,
+        conn,
+        options,
+        conn.started(),
+        Some(conn.connect_time().as_secs_f64() * 1000.0),
+        &replies_tx,
+    )
+    .await
+    .map_err(|e| match crate::access::refusal(peer, conn) {
+        Some(refused) => PingError::Refused(refused),
+        None => PingError::Failed(e),
+    });
+    drop(replies_tx);
+    let _ = printer.await;
+    let summary = summary?;
+    endpoint.console().flush().await;
+    Ok(summary)
+}
+
+/// Why a ping through the running peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ThroughPeerError {
+    /// No peer runs with this config dir, or the exchange failed.
+    #[error(transparent)]
+    Client(#[from] crate::control::ClientError),
+    /// The running peer could not ping (its message).
+    #[error("{0}")]
+    Refused(String),
+    /// It closed without a summary.
+    #[error("the running peer ended the ping without a summary")]
+    NoSummary,
+}
+
+/// Pings `peer` through the peer running with `config_dir` (its control socket): each pong and
+/// the "connected" line go to `on_line` as they arrive; the summary at the end.
+pub async fn through_running_peer(
+    config_dir: &std::path::Path,
+    peer: PeerId,
+    options: PingOptions,
+    mut on_line: impl FnMut(String),
+) -> Result<PingSummary, ThroughPeerError> {
+    use crate::control::{self, Reply};
+    let mut summary = None;
+    let mut error = None;
+    control::request(
+        config_dir,
+        &control::Request::Ping { peer, options },
+        |reply| {
+            match reply {
+                Reply::PingReply(r) => on_line(render_reply(peer, &r)),
+                Reply::PingConnected { message } => on_line(message),
+                Reply::PingDone(s) => {
+                    summary = Some(*s);
+                    return false;
+                }
+                Reply::Error { message } => {
+                    error = Some(message);
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        },
+    )
+    .await?;
+    if let Some(message) = error {
+        return Err(ThroughPeerError::Refused(message));
+    }
+    summary.ok_or(ThroughPeerError::NoSummary)
+}

@@ -3,6 +3,9 @@
 //!
 //! Only availability is probed: nothing is mapped. The encoders and parsers are pure and tested
 //! on bytes; [`probe`] is the thin I/O around them.
+//!
+//! Why it is a module of its own: the probes speak three binary protocols whose parsers take
+//! bytes from the LAN; keeping them pure makes them testable and fuzzable without a router.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

@@ -5,6 +5,10 @@
 //! Every datagram a punching session sends goes through one [`ProbeBudget`] shared by all
 //! sessions ([`punch::budget::DEFAULT_BURST`] at once, [`punch::budget::DEFAULT_PER_SECOND`]
 //! per second): whoever gets us introduced to them, however often, cannot make us send more.
+//!
+//! Why it is a module of its own: the socket is shared by quinn, STUN and every punching
+//! session at once; this is the one place that decides which session a datagram belongs to and
+//! how many probes we may send in all.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

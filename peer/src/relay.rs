@@ -2,6 +2,10 @@
 //! every re-registration). Packets quinn sends to a relayed peer arrive here through the
 //! socket's virtual path and leave as `{to, packet}` frames; frames `{from, packet}` from the
 //! server are injected into quinn as if they came from that peer's address.
+//!
+//! Why it is a module of its own: the relay is a path like any other for quinn (a virtual
+//! route in the socket), so the framing and the per-peer stable addresses live apart from the
+//! decision of when to use it.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,6 +30,11 @@ pub fn stable_addr(peer: &PeerId) -> SocketAddr {
     let ip = Ipv4Addr::new(240 | (b[0] & 0x0f), b[1], b[2], b[3]);
     let port = u16::from_be_bytes([b[4], b[5]]).max(1);
     SocketAddr::from((ip, port))
+}
+
+/// Whether `addr` is a stable per-peer address (in 240.0.0.0/4, see [`stable_addr`]).
+pub fn is_stable_addr(addr: SocketAddr) -> bool {
+    matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
 }
 
 /// Handle to the relay.

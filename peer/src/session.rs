@@ -3,6 +3,9 @@
 //!
 //! The state is published in a `watch` channel; readers clone what they need and never hold a
 //! borrow across an `.await`.
+//!
+//! Why it is a module of its own: registration outlives every connection (it is retried with
+//! backoff, moves to the TCP tunnel and back) and everything else only needs its current state.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use transport::TransportSettings;
 
 /// Server name sent in the TLS handshake (our verifiers check keys, not names).
-const SERVER_NAME: &str = "rendezvous";
+use crate::register::RENDEZVOUS_SERVER_NAME as SERVER_NAME;
 /// Longest wait for one request's reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backoff between registration attempts.
@@ -515,26 +518,25 @@ async fn register(
         );
         *trust = ServerTrust::Pinned(fp);
     }
-    let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| retry(&e))?;
-    let register = ControlMessage::Register {
-        version: PROTOCOL_VERSION,
-        local_addrs: config.local_addrs.clone(),
-    };
-    write_frame(&mut tx, &register.encode())
-        .await
-        .map_err(|e| retry(&e))?;
-    let reply = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut rx))
-        .await
-        .map_err(|_| AttemptError::Retry("no reply to register within 5 s".into()))?
-        .map_err(|e| retry(&e))?
-        .ok_or_else(|| AttemptError::Retry("server closed the control stream".into()))?;
-    match ControlMessage::decode(&reply) {
-        Ok(ControlMessage::Registered {
+    let crate::register::RegisterExchange {
+        send: tx,
+        recv: rx,
+        reply,
+    } = crate::register::register(
+        &conn,
+        PROTOCOL_VERSION,
+        config.local_addrs.clone(),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| retry(&e))?;
+    match reply {
+        ControlMessage::Registered {
             id,
             observed,
             version,
             ..
-        }) => {
+        } => {
             if version != PROTOCOL_VERSION {
                 return Err(AttemptError::Fatal(format!(
                     "the rendezvous speaks protocol version {version} and this peer speaks \
@@ -550,7 +552,7 @@ async fn register(
             }
             Ok((conn, tx, rx, id, observed))
         }
-        Ok(ControlMessage::Error { code, message }) => {
+        ControlMessage::Error { code, message } => {
             let text = format!("registration refused ({code:?}): {message}");
             if code == common::ErrorCode::UnsupportedVersion {
                 Err(AttemptError::Fatal(text))
@@ -558,11 +560,10 @@ async fn register(
                 Err(AttemptError::Refused(text))
             }
         }
-        Ok(other) => Err(AttemptError::Retry(format!(
+        other => Err(AttemptError::Retry(format!(
             "unexpected reply `{}` to register",
             other.kind()
         ))),
-        Err(e) => Err(retry(&e)),
     }
 }
 

@@ -558,21 +558,21 @@ impl RawClient {
         let config = transport::quic_client_config(tls, Default::default())
             .map_err(|e| format!("client QUIC config: {e}"))?;
         let connecting = endpoint
-            .connect_with(config, server, "rendezvous")
+            .connect_with(config, server, peer::register::RENDEZVOUS_SERVER_NAME)
             .map_err(|e| format!("connect: {e}"))?;
         let conn = tokio::time::timeout(REPLY_TIMEOUT, connecting)
             .await
             .map_err(|_| "handshake timed out".to_owned())?
             .map_err(|e| format!("handshake: {e}"))?;
-        let (mut tx, mut rx) = conn
-            .open_bi()
+        // The peer's own register handshake, with the version under test.
+        let peer::register::RegisterExchange {
+            send: tx,
+            recv: rx,
+            reply,
+        } = peer::register::register(&conn, version, local_addrs, REPLY_TIMEOUT)
             .await
-            .map_err(|e| format!("control stream: {e}"))?;
-        let register = ControlMessage::Register {
-            version,
-            local_addrs,
-        };
-        match exchange(&mut tx, &mut rx, &register).await? {
+            .map_err(|e| format!("register: {e}"))?;
+        match reply {
             ControlMessage::Registered { id, .. } if id == identity.id() => Ok(Ok(RawClient {
                 id,
                 conn,
@@ -886,7 +886,7 @@ pub async fn never_reading_client(
         Ok(e) => e,
         Err(e) => return Ended::Other(format!("bind {bind}: {e}")),
     };
-    let conn = match endpoint.connect_with(config, server, "rendezvous") {
+    let conn = match endpoint.connect_with(config, server, peer::register::RENDEZVOUS_SERVER_NAME) {
         Ok(connecting) => match connecting.await {
             Ok(conn) => conn,
             Err(e) => return Ended::Other(format!("handshake: {e}")),
@@ -976,7 +976,12 @@ pub fn make_initials(server: SocketAddr, count: usize) -> Result<Vec<Vec<u8>>, S
         };
         let now = std::time::Instant::now();
         let (_, mut conn) = endpoint
-            .connect(now, config.clone(), server, "rendezvous")
+            .connect(
+                now,
+                config.clone(),
+                server,
+                peer::register::RENDEZVOUS_SERVER_NAME,
+            )
             .map_err(|e| format!("connect: {e}"))?;
         let mut buf = Vec::new();
         let transmit = conn

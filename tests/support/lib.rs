@@ -40,7 +40,8 @@ pub fn ensure_built() {
                 command.env_remove(key.as_ref());
             }
         }
-        command.args(["build", "--quiet", "--workspace", "--bins"]);
+        // The examples too: the echo test runs the library's examples as a newcomer would.
+        command.args(["build", "--quiet", "--workspace", "--bins", "--examples"]);
         // The binaries of the test's own profile (a release test, such as the soak under
         // scripts/soak.sh, starts release binaries: see `bin`).
         let exe = std::env::current_exe().expect("current_exe");
@@ -65,6 +66,11 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("tests/ has a parent")
         .to_owned()
+}
+
+/// Path of a workspace example (`examples/NAME.rs` of a member) built like the binaries.
+pub fn example(name: &str) -> PathBuf {
+    bin("examples").join(name)
 }
 
 /// Path of a workspace binary in the same profile directory as this test.

@@ -1,0 +1,240 @@
+//! `peer listen`: accept connections and serve what each peer opens on them (chat, ping, files).
+//!
+//! Why this exists apart from [`crate::endpoint`]: the endpoint gives a program connections; what
+//! runs on them is the application's business. This module is the `peer` program's application,
+//! the inbound stream dispatch: every stream starts with an `open {app}` frame, and the app
+//! decides who serves it. Typed lines go to every open chat through a hub.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use common::PeerId;
+use tokio::sync::{mpsc, watch};
+
+use crate::access::Access;
+use crate::chat;
+use crate::console::{self, Console};
+use crate::endpoint::{Endpoint, Incoming, RegisterError};
+use crate::files;
+use crate::paths::PathKeeper;
+use crate::ping;
+use crate::session::SessionState;
+
+/// Lines typed by the user, by chat: each open chat's input queue.
+pub type ChatHub = Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>;
+
+/// Runs `peer listen` on `endpoint` until `stop` completes: registers, tells the user, serves
+/// every connection, and closes the endpoint. `policy` is only shown (the endpoint enforces it);
+/// `inbox` receives files (refused without one).
+pub async fn run(
+    endpoint: Endpoint,
+    policy: &Access,
+    inbox: Option<Arc<files::Inbox>>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), RegisterError> {
+    let reg = match endpoint.registered().await {
+        Ok(reg) => reg,
+        Err(e) => {
+            endpoint.close().await;
+            return Err(e);
+        }
+    };
+    let console = endpoint.console().clone();
+    let me = reg.id;
+    console.say(format!("peer id {me}")).await;
+    if let Access::Only(ids) = policy {
+        console
+            .say(format!("accepting only {} allowed peer(s)", ids.len()))
+            .await;
+    }
+    let how = if reg.over_tcp {
+        "through the TCP tunnel: UDP is blocked".to_owned()
+    } else {
+        format!("observed address {}", reg.observed)
+    };
+    console
+        .say(format!("registered with {} ({how})", endpoint.rendezvous()))
+        .await;
+    let watcher = tokio::spawn(watch_session(endpoint.registration(), console.clone()));
+    let hub: ChatHub = Arc::default();
+    let input_task = tokio::spawn(broadcast_input(
+        console::stdin_lines(),
+        hub.clone(),
+        console.clone(),
+    ));
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                conns.spawn(serve_peer(
+                    incoming,
+                    me,
+                    hub.clone(),
+                    endpoint.path_keeper().clone(),
+                    inbox.clone(),
+                    console.clone(),
+                ));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            () = &mut stop => break,
+        }
+    }
+    console.say("shutting down").await;
+    conns.abort_all();
+    for task in [watcher, input_task] {
+        task.abort();
+    }
+    endpoint.close().await;
+    Ok(())
+}
+
+/// Tells the user when the registration is lost and when it is back.
+pub async fn watch_session(mut state: watch::Receiver<SessionState>, console: Console) {
+    let mut generation = registered_generation(&state.borrow());
+    let mut lost = false;
+    while state.changed().await.is_ok() {
+        let current = state.borrow_and_update().clone();
+        match current {
+            SessionState::Registered(reg) if Some(reg.generation) != generation => {
+                generation = Some(reg.generation);
+                lost = false;
+                console
+                    .say(format!(
+                        "re-registered with the rendezvous (observed address {})",
+                        reg.observed
+                    ))
+                    .await;
+            }
+            SessionState::Connecting { last_error } if !lost => {
+                lost = true;
+                console
+                    .error(format!(
+                        "lost the rendezvous ({}); retrying",
+                        last_error.unwrap_or_default()
+                    ))
+                    .await;
+            }
+            SessionState::Fatal(e) => {
+                console.error(format!("rendezvous: {e}")).await;
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn registered_generation(state: &SessionState) -> Option<u64> {
+    match state {
+        SessionState::Registered(reg) => Some(reg.generation),
+        _ => None,
+    }
+}
+
+/// Sends every typed line to every open chat (a chat that is not keeping up loses the line).
+pub async fn broadcast_input(mut lines: mpsc::Receiver<String>, hub: ChatHub, console: Console) {
+    while let Some(line) = lines.recv().await {
+        // Clone the senders and release the lock before any await.
+        let targets: Vec<mpsc::Sender<String>> = hub
+            .lock()
+            .map(|h| h.values().cloned().collect())
+            .unwrap_or_default();
+        if targets.is_empty() {
+            console.error("no peer is connected; line not sent").await;
+        }
+        for target in targets {
+            if target.try_send(line.clone()).is_err() {
+                console
+                    .error("a peer is not keeping up; line dropped for it")
+                    .await;
+            }
+        }
+    }
+}
+
+/// Accepts one connection and serves the streams its peer opens until it closes.
+pub async fn serve_peer(
+    incoming: Incoming,
+    me: PeerId,
+    hub: ChatHub,
+    keeper: PathKeeper,
+    inbox: Option<Arc<files::Inbox>>,
+    console: Console,
+) {
+    // Refusals are reported by the endpoint.
+    let Ok(conn) = incoming.await else {
+        return;
+    };
+    let peer = conn.peer();
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        let (mut tx, mut rx) = tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    console.say(format!("disconnected: {peer} ({e})")).await;
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+        };
+        let app = match chat::accept(&mut tx, &mut rx).await {
+            Ok(app) => app,
+            Err(e) => {
+                console
+                    .error(format!("refused a stream from {peer}: {e}"))
+                    .await;
+                continue;
+            }
+        };
+        let console = console.clone();
+        match app {
+            common::message::PeerApp::Chat => {
+                // One key per chat in this process: stream indices repeat on every connection, and
+                // a second chat under the same key would end the first one's input.
+                static NEXT_CHAT: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(0);
+                let key = NEXT_CHAT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (line_tx, line_rx) = mpsc::channel(64);
+                if let Ok(mut h) = hub.lock() {
+                    h.insert(key, line_tx);
+                }
+                let hub = hub.clone();
+                streams.spawn(async move {
+                    let end = chat::run(
+                        tx,
+                        rx,
+                        me,
+                        peer,
+                        line_rx,
+                        console.clone(),
+                        common::chat::END_TIMEOUT,
+                    )
+                    .await;
+                    if let Ok(mut h) = hub.lock() {
+                        h.remove(&key);
+                    }
+                    match end {
+                        chat::ChatEnd::PeerClosed { .. } => {
+                            console.say(format!("chat with {peer} ended")).await
+                        }
+                        chat::ChatEnd::Failed(e) => {
+                            console.error(format!("chat with {peer} failed: {e}")).await
+                        }
+                        chat::ChatEnd::InputClosed => {}
+                    }
+                });
+            }
+            common::message::PeerApp::Ping => {
+                streams.spawn(ping::serve(tx, rx, keeper.clone()));
+            }
+            common::message::PeerApp::File => {
+                let inbox = inbox.clone();
+                streams.spawn(async move { files::receive(tx, rx, peer, inbox, &console).await });
+            }
+        }
+    }
+    streams.shutdown().await;
+}
