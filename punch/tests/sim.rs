@@ -20,7 +20,9 @@
 //! candidates and a shared nonce, as `rendezvous/src/core.rs` does. Peer `a` is the initiator,
 //! `b` the responder.
 //!
-//! The last two tests are regressions for bugs this simulator found (see their doc comments).
+//! The two tests before the `PeerPaths` section are regressions for bugs this simulator found
+//! (see their doc comments); the last section runs a peer's `punch::peer_paths::PeerPaths` over
+//! the simulated network.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
