@@ -247,6 +247,16 @@ mod model {
             true
         }
 
+        /// Undoes the alias `real -> quinn` unless `quinn` is routed to `real` (then it is
+        /// the route's return path, not an alias).
+        fn unalias(&mut self, real: SocketAddr, quinn: SocketAddr) {
+            let (real, quinn) = (canonical(real), canonical(quinn));
+            let routed_there = self.out.get(&quinn) == Some(&Some(real));
+            if self.back.get(&real) == Some(&quinn) && !routed_there {
+                self.back.remove(&real);
+            }
+        }
+
         fn claim(&mut self, quinn: SocketAddr) {
             if self.claimed.len() < MAX_ALIASES {
                 self.claimed.insert(canonical(quinn));
@@ -337,6 +347,13 @@ mod model {
                         socket.set_route(quinn, PathTarget::Virtual(sink.clone()));
                         routes.set(quinn, None);
                     }
+                }
+                2 if op / 8 % 4 == 3 => {
+                    // A quarter of the alias operations undo one (an introduction that ended
+                    // without a connection): only that alias goes, never a route's.
+                    let (real, quinn) = (pool(r.byte().unwrap_or(0)), pool(r.byte().unwrap_or(0)));
+                    socket.remove_alias(real, quinn);
+                    routes.unalias(real, quinn);
                 }
                 2 => {
                     let (real, quinn) = (pool(r.byte().unwrap_or(0)), pool(r.byte().unwrap_or(0)));
@@ -619,6 +636,25 @@ mod model {
                     panic!("{e}");
                 }
             }
+        }
+
+        /// An alias taken and then undone: the datagram from that address reaches quinn from
+        /// the address itself again (the model checks every source), and undoing an alias
+        /// that is a route's return path changes nothing.
+        #[test]
+        fn an_undone_alias_no_longer_translates() {
+            let script = [
+                2, 0, 5, // alias pool 0 -> pool 5
+                26, 0, 5, // undo it
+                0, 3, 2, // route pool 3 -> pool 2 (its return path: pool 2 -> pool 3)
+                26, 2, 3, // "undo" the return path: refused, the route stays
+                4, 1, // a batch of two entries:
+                0, 0x60, 0, 0, 1, 0, 20, 0, 10, // from pool 0, one QUIC datagram
+                2, 0x60, 0, 0, 1, 0, 20, 0, 10, // from pool 2, one QUIC datagram
+                0, 200, // 200-byte buffers
+            ];
+            let summary = super::run(&script).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(summary.quic, 2);
         }
 
         /// A batch of GRO segments mixing STUN and QUIC, from an aliased address, with a full STUN
