@@ -64,6 +64,7 @@
 pub mod access;
 pub mod cache;
 pub mod chat;
+pub mod commands;
 pub mod console;
 pub mod control;
 pub mod dial;
@@ -79,6 +80,7 @@ pub mod punching;
 pub mod register;
 pub mod relay;
 pub mod session;
+pub mod tasks;
 
 pub use certs::{Fingerprint, Identity};
 pub use common::PeerId;
@@ -90,4 +92,4 @@ pub use paths::LinkStatus;
 pub use punch::path::Current as PathKind;
 pub use quinn;
 pub use relay::stable_addr;
-pub use session::{Registration, SessionState};
+pub use session::{FirstUseTrust, Registration, SessionState};
