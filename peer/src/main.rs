@@ -279,20 +279,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// A command's endpoint, bound, with the rendezvous key's trust on first use printed on stderr
-/// as soon as the session reports it.
-struct Bound {
-    endpoint: Endpoint,
-    first_use: FirstUseNotice,
-}
-
-async fn bind(identity: Arc<Identity>, config: EndpointConfig) -> anyhow::Result<Bound> {
+/// Binds a command's endpoint, runs `command` on it (which closes it), and prints the
+/// rendezvous key's trust on first use on stderr as soon as the session reports it.
+async fn with_endpoint<T, E, F>(
+    identity: Arc<Identity>,
+    config: EndpointConfig,
+    command: impl FnOnce(Endpoint) -> F,
+) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
     let endpoint = Endpoint::bind(identity, config).await?;
-    let first_use = FirstUseNotice::start(&endpoint);
-    Ok(Bound {
-        endpoint,
-        first_use,
-    })
+    let notice = FirstUseNotice::start(&endpoint);
+    let result = command(endpoint).await;
+    notice.finish().await;
+    Ok(result?)
 }
 
 /// Prints the rendezvous key's trust on first use once: when it happens, or at the end if the
@@ -391,10 +393,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config =
                 commands::endpoint_config(&server.options()?, &dir, verbose, Role::Listen);
             config.access = policy.clone();
-            let bound = bind(identity, config).await?;
-            let result = listener::run(bound.endpoint, &policy, inbox, signal).await;
-            bound.first_use.finish().await;
-            Ok(result?)
+            with_endpoint(identity, config, |endpoint| {
+                listener::run(endpoint, &policy, inbox, signal)
+            })
+            .await
         }
         Command::Netcheck {
             server,
@@ -423,10 +425,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config =
                 commands::endpoint_config(&server.options()?, &dir, verbose, Role::Send);
             config.dial_timeout = dial_timeout;
-            let bound = bind(identity, config).await?;
-            let result = commands::send_file(bound.endpoint, peer, &file).await;
-            bound.first_use.finish().await;
-            Ok(result?)
+            with_endpoint(identity, config, |endpoint| {
+                commands::send_file(endpoint, peer, &file)
+            })
+            .await
         }
         Command::Connect {
             peer,
@@ -437,10 +439,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config =
                 commands::endpoint_config(&server.options()?, &dir, verbose, Role::Connect);
             config.dial_timeout = dial_timeout;
-            let bound = bind(identity, config).await?;
-            let result = commands::chat(bound.endpoint, peer, console::stdin_lines()).await;
-            bound.first_use.finish().await;
-            Ok(result?)
+            with_endpoint(identity, config, |endpoint| {
+                commands::chat(endpoint, peer, console::stdin_lines())
+            })
+            .await
         }
         Command::Lookup {
             peer,
@@ -456,10 +458,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let config = commands::endpoint_config(&server.options()?, &dir, false, Role::Lookup);
-            let bound = bind(identity, config).await?;
-            let result = lookup.ask(bound.endpoint, peer).await;
-            bound.first_use.finish().await;
-            let (found, warning) = result?;
+            let (found, warning) =
+                with_endpoint(identity, config, |endpoint| lookup.ask(endpoint, peer)).await?;
             if let Some(w) = warning {
                 eprintln!("warning: {w}");
             }
@@ -515,10 +515,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let mut config =
                         commands::endpoint_config(&server, &dir, verbose, Role::Ping { json });
                     config.dial_timeout = dial_timeout;
-                    let bound = bind(identity, config).await?;
-                    let result = commands::ping(bound.endpoint, peer, options, json).await;
-                    bound.first_use.finish().await;
-                    result?
+                    with_endpoint(identity, config, |endpoint| {
+                        commands::ping(endpoint, peer, options, json)
+                    })
+                    .await?
                 }
                 Err(e) => return Err(e.into()),
             };
