@@ -170,7 +170,7 @@ async fn close_ends_every_task_even_with_a_live_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_use_trust_is_reported_once_and_not_printed() {
+async fn first_use_trust_is_reported_as_a_value_once() {
     let (server, dir) = start_rendezvous("tofu").await;
     let addr = server.local_addr().to_string();
     let known = dir.join("known_servers");
