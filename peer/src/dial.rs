@@ -134,15 +134,18 @@ pub async fn establish(
     // The relay stream opens just after registration: give it a moment.
     keeper.relay.wait_ready(Duration::from_secs(2)).await;
     keeper.prepare(peer, introduction.nonce, &candidates);
-    let punch = {
-        let keeper = keeper.clone();
+    // Started at once; the result is awaited below (no relay) or in a task of the endpoint.
+    let (punch_tx, punch) = tokio::sync::oneshot::channel();
+    {
+        let keeper2 = keeper.clone();
         let candidates = candidates.clone();
-        tokio::spawn(async move {
-            keeper
+        keeper.tasks.spawn(async move {
+            let state = keeper2
                 .punch(peer, introduction, punch::Role::Initiator, &candidates)
-                .await
-        })
-    };
+                .await;
+            let _ = punch_tx.send(state);
+        });
+    }
     let relayed = keeper.relay.is_ready();
     if !relayed {
         // No relay: the connection has to wait for a direct path.
@@ -175,7 +178,7 @@ pub async fn establish(
     {
         let keeper = keeper.clone();
         let proven = proven.clone();
-        tokio::spawn(async move {
+        keeper.tasks.clone().spawn(async move {
             match punch.await {
                 Ok(punch::State::Direct(path)) => {
                     keeper.report_punch(peer, true);
@@ -211,7 +214,8 @@ pub async fn establish(
 /// anything else is refused (chat and files are served by `peer listen`). Ends with the
 /// connection.
 pub fn answer_pings(keeper: PathKeeper, conn: quinn::Connection) {
-    tokio::spawn(async move {
+    let tasks = keeper.tasks.clone();
+    tasks.spawn(async move {
         let mut streams = tokio::task::JoinSet::new();
         loop {
             let (mut tx, mut rx) = tokio::select! {

@@ -407,6 +407,7 @@ impl Endpoint {
             console.clone(),
             config.verbose,
             nat_rx,
+            crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
         match &config.control {
             None => {}
@@ -512,6 +513,13 @@ impl Endpoint {
         self.session.watch()
     }
 
+    /// Becomes `Some` once the rendezvous's key was trusted on first use (no pinned key, and the
+    /// known-servers file did not name the server) and saved there. The endpoint prints nothing:
+    /// tell the user if you like (the `peer` program prints the value's text on stderr).
+    pub fn first_use_trust(&self) -> watch::Receiver<Option<crate::session::FirstUseTrust>> {
+        self.session.first_use_trust()
+    }
+
     /// Our NAT's behaviour, once measured (`None` before, or with `measure_nat` off).
     pub fn nat(&self) -> watch::Receiver<Option<netcheck::Report>> {
         self.keeper.nat.clone()
@@ -615,12 +623,14 @@ impl Endpoint {
     }
 
     /// Stops everything this endpoint started: the session (closing the registration), the
-    /// relay, STUN routing, punching, the control socket; then closes every connection and the
-    /// endpoint and waits (at most a second) for the closes to go out. Each connection's link
-    /// task ends with its connection, keeping the route two seconds more for the close frame.
+    /// relay, STUN routing, punching, the control socket, every connection's link task; then
+    /// closes every connection and the endpoint and waits (at most a second) for the closes to
+    /// go out. When it returns, no task the endpoint spawned is still running. The routes stay
+    /// as they were, so that the close frames take the connections' paths.
     pub async fn close(self) {
         let Endpoint {
             node,
+            keeper,
             console,
             shutdown,
             tasks,
@@ -631,18 +641,23 @@ impl Endpoint {
         // so that the session does not mistake the shutdown for a lost server.
         let _ = shutdown.send(true);
         console.flush().await;
-        for task in tasks {
-            if tokio::time::timeout(Duration::from_secs(2), task)
+        for mut task in tasks {
+            if tokio::time::timeout(Duration::from_secs(2), &mut task)
                 .await
                 .is_err()
             {
-                tracing::debug!("a task did not stop within 2 s");
+                tracing::debug!("a task did not stop within 2 s; aborting it");
+                task.abort();
+                let _ = task.await;
             }
         }
-        // Link tasks still hold console handles, so the printer would never end by itself;
-        // everything queued was written by the flush above.
+        // Links, punches, introduction replies: each ends at the shutdown signal.
+        keeper.tasks.join().await;
+        // Clones of the console outlive the endpoint (in the caller's hands), so the printer
+        // would never end by itself; everything queued was written by the flush above.
         console.flush().await;
         console_task.abort();
+        let _ = console_task.await;
         node.endpoint.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), node.endpoint.wait_idle()).await;
     }

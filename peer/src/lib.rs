@@ -55,8 +55,10 @@
 //! - The machinery under it: [`node`] (socket and QUIC endpoint), [`session`] (registration),
 //!   [`register`] (the register handshake and TLS names), [`relay`], [`punching`], [`dial`],
 //!   [`paths`] (keeping each connection on its best path), [`netcheck`] and [`portmap`] (what
-//!   the NAT does), [`cache`] (addresses that worked).
-//! - The `peer` program's applications, on top of the endpoint: [`listener`] (inbound stream
+//!   the NAT does), [`cache`] (addresses that worked), [`tasks`] (the tasks an endpoint spawns
+//!   as it goes, all ended and awaited by [`Endpoint::close`]).
+//! - The `peer` program's applications, on top of the endpoint: [`commands`] (each command as
+//!   a library call, so that the program only parses arguments and prints), [`listener`] (inbound stream
 //!   dispatch), [`chat`], [`files`], [`ping`], [`access`] (allow-lists), [`control`] (the local
 //!   control socket and `peer status`), [`console`] (where events are written).
 #![warn(missing_docs)]
@@ -64,6 +66,7 @@
 pub mod access;
 pub mod cache;
 pub mod chat;
+pub mod commands;
 pub mod console;
 pub mod control;
 pub mod dial;
@@ -79,6 +82,7 @@ pub mod punching;
 pub mod register;
 pub mod relay;
 pub mod session;
+pub mod tasks;
 
 pub use certs::{Fingerprint, Identity};
 pub use common::PeerId;
@@ -90,4 +94,4 @@ pub use paths::LinkStatus;
 pub use punch::path::Current as PathKind;
 pub use quinn;
 pub use relay::stable_addr;
-pub use session::{Registration, SessionState};
+pub use session::{FirstUseTrust, Registration, SessionState};

@@ -5,7 +5,7 @@
 //! library (`src/lib.rs`), which other programs can use as well.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +14,10 @@ use anyhow::{anyhow, bail, Context};
 use certs::{Fingerprint, Identity};
 use clap::{Args, Parser, Subcommand};
 use common::PeerId;
-use peer::cache::PeerCache;
-use peer::endpoint::{
-    Connection, ControlSocket, Endpoint, EndpointConfig, Output, Rendezvous, RendezvousTrust,
-    TcpTunnel,
-};
-use peer::{access, chat, console, control, dial, files, listener, netcheck, ping};
+use peer::commands::{self, DirPrivacy, PeerLookup, Role, ServerOptions};
+use peer::endpoint::{Endpoint, EndpointConfig, TcpTunnel};
+use peer::{access, console, control, files, listener, netcheck, ping, FirstUseTrust};
+use tokio::sync::watch;
 
 /// A peer: registers with a rendezvous and talks to other peers by id over QUIC.
 #[derive(Parser, Debug)]
@@ -220,22 +218,27 @@ struct SessionArgs {
     server_tcp: Option<String>,
 }
 
-fn config_dir(cli: &Cli) -> PathBuf {
-    if let Some(dir) = &cli.config_dir {
-        return dir.clone();
-    }
-    if let Some(xdg) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(xdg).join("p2p");
-    }
-    match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".config").join("p2p"),
-        None => PathBuf::from(".p2p"),
-    }
-}
-
 fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| anyhow!("{what} must be a non-negative number of seconds"))
+}
+
+impl ServerArgs {
+    /// The library's view of the rendezvous flags.
+    fn options(&self) -> anyhow::Result<ServerOptions> {
+        let session = &self.session;
+        Ok(ServerOptions {
+            address: self.server.clone(),
+            server_key: session.server_key,
+            bind: session.bind,
+            register_timeout: seconds(session.register_timeout, "--register-timeout")?,
+            tcp_tunnel: match session.server_tcp.as_deref() {
+                Some("off") => TcpTunnel::Off,
+                Some(addr) => TcpTunnel::At(addr.to_owned()),
+                None => TcpTunnel::SameHost,
+            },
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -276,19 +279,72 @@ fn main() -> ExitCode {
     }
 }
 
+/// Binds a command's endpoint, runs `command` on it (which closes it), and prints the
+/// rendezvous key's trust on first use on stderr as soon as the session reports it.
+async fn with_endpoint<T, E, F>(
+    identity: Arc<Identity>,
+    config: EndpointConfig,
+    command: impl FnOnce(Endpoint) -> F,
+) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let endpoint = Endpoint::bind(identity, config).await?;
+    let notice = FirstUseNotice::start(&endpoint);
+    let result = command(endpoint).await;
+    notice.finish().await;
+    Ok(result?)
+}
+
+/// Prints the rendezvous key's trust on first use once: when it happens, or at the end if the
+/// command finished before the printer saw it.
+struct FirstUseNotice {
+    printer: tokio::task::JoinHandle<bool>,
+    trust: watch::Receiver<Option<FirstUseTrust>>,
+}
+
+impl FirstUseNotice {
+    fn start(endpoint: &Endpoint) -> Self {
+        let trust = endpoint.first_use_trust();
+        let mut watching = trust.clone();
+        let printer = tokio::spawn(async move {
+            match watching.wait_for(Option::is_some).await {
+                Ok(trusted) => {
+                    if let Some(trusted) = &*trusted {
+                        eprintln!("{trusted}");
+                    }
+                    true
+                }
+                Err(_) => false,
+            }
+        });
+        FirstUseNotice { printer, trust }
+    }
+
+    async fn finish(self) {
+        self.printer.abort();
+        if !matches!(self.printer.await, Ok(true)) {
+            if let Some(trusted) = &*self.trust.borrow() {
+                eprintln!("{trusted}");
+            }
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let dir = config_dir(&cli);
-    // Created with mode 0700 before anything is written into it (an existing one is kept).
-    certs::durable::create_private_dir(&dir)
-        .with_context(|| format!("cannot create the config dir {}", dir.display()))?;
-    match certs::durable::tighten_own_dir(&dir) {
-        Ok(Some(old)) => eprintln!(
-            "made the config dir {} private (mode {old:o} -> 700): it holds the identity key \
-             and the control socket",
+    let dir = cli
+        .config_dir
+        .clone()
+        .unwrap_or_else(commands::default_config_dir);
+    match commands::prepare_config_dir(&dir)? {
+        DirPrivacy::Tightened { old_mode } => eprintln!(
+            "made the config dir {} private (mode {old_mode:o} -> 700): it holds the identity \
+             key and the control socket",
             dir.display()
         ),
-        Ok(None) => {}
-        Err(e) => eprintln!(
+        DirPrivacy::Unchanged => {}
+        DirPrivacy::Failed(e) => eprintln!(
             "warning: cannot make the config dir {} private: {e}",
             dir.display()
         ),
@@ -296,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let identity_path = cli
         .identity
         .clone()
-        .unwrap_or_else(|| dir.join("identity.pem"));
+        .unwrap_or_else(|| dir.join(commands::IDENTITY_FILE));
     let (identity, created) = Identity::load_or_create(&identity_path)?;
     if created {
         eprintln!(
@@ -325,23 +381,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 accept_files.is_some(),
             )?;
             let inbox = match accept_files {
-                Some(files) => {
-                    if !files.is_dir() {
-                        bail!("--accept-files {}: not a directory", files.display());
-                    }
-                    Some(files::Inbox::new(files, max_file_size))
+                Some(files) if !files.is_dir() => {
+                    bail!("--accept-files {}: not a directory", files.display())
                 }
+                Some(files) => Some(files::Inbox::new(files, max_file_size)),
                 None => None,
             };
-            // The handlers are installed before registration is announced: a SIGTERM that
-            // follows "registered with" at once must stop the listener gracefully (removing any
-            // `.part` file), not kill it with the default action.
-            let signal = stop_signals().context("installing the SIGINT/SIGTERM handlers")?;
-            let mut config = endpoint_config(&server, &dir, verbose, Mode::Listen)?;
+            // Installed before registration is announced (see `stop_signals`).
+            let signal =
+                commands::stop_signals().context("installing the SIGINT/SIGTERM handlers")?;
+            let mut config =
+                commands::endpoint_config(&server.options()?, &dir, verbose, Role::Listen);
             config.access = policy.clone();
-            let endpoint = Endpoint::bind(identity, config).await?;
-            listener::run(endpoint, &policy, inbox, signal).await?;
-            Ok(())
+            with_endpoint(identity, config, |endpoint| {
+                listener::run(endpoint, &policy, inbox, signal)
+            })
+            .await
         }
         Command::Netcheck {
             server,
@@ -367,26 +422,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !file.is_file() {
                 bail!("{}: not a readable file", file.display());
             }
-            let (endpoint, conn) = open_connection(
-                identity,
-                &dir,
-                &server,
-                peer,
-                dial_timeout,
-                verbose,
-                Mode::Send,
-            )
-            .await?;
-            let console = endpoint.console().clone();
-            let result = files::send(&conn, &file, &console)
-                .await
-                .map_err(|e| refused_or(peer, &conn, e.into()));
-            if let Ok(summary) = &result {
-                console.say(summary.clone()).await;
-            }
-            conn.close(0u32.into(), b"done");
-            endpoint.close().await;
-            result.map(|_| ())
+            let mut config =
+                commands::endpoint_config(&server.options()?, &dir, verbose, Role::Send);
+            config.dial_timeout = dial_timeout;
+            with_endpoint(identity, config, |endpoint| {
+                commands::send_file(endpoint, peer, &file)
+            })
+            .await
         }
         Command::Connect {
             peer,
@@ -394,26 +436,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dial_timeout,
         } => {
             let dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
-            let (endpoint, conn) = open_connection(
-                identity,
-                &dir,
-                &server,
-                peer,
-                dial_timeout,
-                verbose,
-                Mode::Connect,
-            )
-            .await?;
-            let result = chat::converse(&endpoint, &conn, console::stdin_lines()).await;
-            endpoint.close().await;
-            Ok(result?)
+            let mut config =
+                commands::endpoint_config(&server.options()?, &dir, verbose, Role::Connect);
+            config.dial_timeout = dial_timeout;
+            with_endpoint(identity, config, |endpoint| {
+                commands::chat(endpoint, peer, console::stdin_lines())
+            })
+            .await
         }
         Command::Lookup {
             peer,
             server,
             refresh,
-        } => lookup(identity, &dir, server, peer, refresh).await,
-        Command::Status { json } => status(&dir, json).await,
+        } => {
+            let (lookup, warning) = PeerLookup::open(&dir);
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            if let Some(cached) = lookup.cached(peer).filter(|_| !refresh) {
+                print!("{}", cached.render());
+                return Ok(());
+            }
+            let config = commands::endpoint_config(&server.options()?, &dir, false, Role::Lookup);
+            let (found, warning) =
+                with_endpoint(identity, config, |endpoint| lookup.ask(endpoint, peer)).await?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", found.render());
+            Ok(())
+        }
+        Command::Status { json } => {
+            let report = control::status(&dir).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
         Command::Ping {
             peer,
             count,
@@ -425,7 +486,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             session,
             dial_timeout,
         } => {
-            let server = server.map(|server| ServerArgs { server, session });
             let options = ping::PingOptions {
                 count: count.max(1),
                 interval_ms: seconds(interval, "--interval")?.as_millis() as u64,
@@ -433,247 +493,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout_ms: seconds(timeout, "--timeout")?.as_millis() as u64,
             };
             let dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
-            ping_command(
-                identity,
-                &dir,
-                server,
-                peer,
-                options,
-                json,
-                dial_timeout,
-                verbose,
-            )
-            .await
-        }
-    }
-}
-
-/// What a networked command is (its endpoint's output and what it starts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Listen,
-    Connect,
-    Send,
-    Lookup,
-    Ping { json: bool },
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Listen => "listen",
-            Mode::Connect => "connect",
-            Mode::Send => "send",
-            Mode::Lookup => "lookup",
-            Mode::Ping { .. } => "ping",
-        }
-    }
-}
-
-/// The endpoint a command runs, from its flags.
-fn endpoint_config(
-    server: &ServerArgs,
-    dir: &Path,
-    verbose: bool,
-    mode: Mode,
-) -> anyhow::Result<EndpointConfig> {
-    let trust = match server.session.server_key {
-        Some(fp) => RendezvousTrust::Pinned(fp),
-        None => RendezvousTrust::KnownServers(dir.join("known_servers")),
-    };
-    let tcp_tunnel = match server.session.server_tcp.as_deref() {
-        Some("off") => TcpTunnel::Off,
-        Some(addr) => TcpTunnel::At(addr.to_owned()),
-        None => TcpTunnel::SameHost,
-    };
-    let mut config = EndpointConfig::new(Rendezvous {
-        address: server.server.clone(),
-        trust,
-        tcp_tunnel,
-    });
-    config.bind = server.session.bind;
-    config.register_timeout = seconds(server.session.register_timeout, "--register-timeout")?;
-    config.peer_cache = Some(dir.join("peers.json"));
-    config.output = Output::Terminal {
-        events_to_stderr: matches!(mode, Mode::Ping { json: true }),
-    };
-    config.verbose = verbose;
-    // A lookup is over in a moment: it neither keeps paths, measures, nor serves the control
-    // socket.
-    let long_lived = mode != Mode::Lookup;
-    config.keep_paths = long_lived;
-    config.measure_nat = long_lived;
-    config.control = long_lived.then(|| ControlSocket {
-        config_dir: dir.to_owned(),
-        mode: mode.name(),
-    });
-    Ok(config)
-}
-
-/// Starts an endpoint, registers, and connects to `peer`; connections we make answer pings.
-async fn open_connection(
-    identity: Arc<Identity>,
-    dir: &Path,
-    server: &ServerArgs,
-    peer: PeerId,
-    dial_timeout: Duration,
-    verbose: bool,
-    mode: Mode,
-) -> anyhow::Result<(Endpoint, Connection)> {
-    let mut config = endpoint_config(server, dir, verbose, mode)?;
-    config.dial_timeout = dial_timeout;
-    let endpoint = Endpoint::bind(identity, config).await?;
-    match endpoint.connect(peer).await {
-        Ok(conn) => {
-            dial::answer_pings(endpoint.path_keeper().clone(), conn.quinn().clone());
-            Ok((endpoint, conn))
-        }
-        Err(e) => {
-            endpoint.close().await;
-            Err(e.into())
-        }
-    }
-}
-
-/// The error to show when an exchange with `peer` failed: its refusal if it closed the
-/// connection on us, else `e`.
-fn refused_or(peer: PeerId, conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
-    access::refusal(peer, conn).map_or(e, Into::into)
-}
-
-/// `peer lookup`: from the cache, else from the rendezvous (and cached).
-async fn lookup(
-    identity: Arc<Identity>,
-    dir: &Path,
-    server: ServerArgs,
-    peer: PeerId,
-    refresh: bool,
-) -> anyhow::Result<()> {
-    let (mut cache, warning) = PeerCache::load(&dir.join("peers.json"));
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
-    if !refresh {
-        if let Some(entry) = cache.get(&peer) {
-            println!("{peer} (cached {})", format_time(entry.updated));
-            for c in &entry.candidates {
-                println!("  {} ({})", c.addr, c.kind.describe());
-            }
-            return Ok(());
-        }
-    }
-    let config = endpoint_config(&server, dir, false, Mode::Lookup)?;
-    let endpoint = Endpoint::bind(identity, config).await?;
-    let result = endpoint.query(peer).await;
-    endpoint.close().await;
-    let info = result?;
-    let candidates = peer::cache::candidates_of(&info);
-    if let Err(e) = cache.put(peer, candidates.clone()) {
-        eprintln!("warning: cannot write the peer cache: {e}");
-    }
-    let status = if info.online { "online" } else { "offline" };
-    println!(
-        "{peer} (from the rendezvous: {status}, last seen {})",
-        format_time(info.last_seen)
-    );
-    for c in &candidates {
-        println!("  {} ({})", c.addr, c.kind.describe());
-    }
-    Ok(())
-}
-
-fn format_time(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
-}
-
-/// `peer status`: asks the running peer.
-async fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
-    let report = control::status(dir).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render());
-    }
-    Ok(())
-}
-
-/// `peer ping`: through the running peer if there is one, else by registering ourselves.
-#[allow(clippy::too_many_arguments)]
-async fn ping_command(
-    identity: Arc<Identity>,
-    dir: &Path,
-    server: Option<ServerArgs>,
-    peer: PeerId,
-    options: ping::PingOptions,
-    json: bool,
-    dial_timeout: Duration,
-    verbose: bool,
-) -> anyhow::Result<()> {
-    let through_daemon = ping::through_running_peer(dir, peer, options, |line| {
-        if !json {
-            println!("{line}");
-        }
-    })
-    .await;
-    let summary = match through_daemon {
-        Ok(summary) => summary,
-        Err(ping::ThroughPeerError::Client(control::ClientError::NotRunning(path))) => {
-            let Some(server) = server else {
-                bail!(
-                    "no peer is running with config dir {} (no {}); start `peer listen`, or \
-                     give --server to ping from a peer of its own",
-                    dir.display(),
-                    path.display()
-                );
+            // Through the peer running with this config dir if there is one.
+            let through_running = ping::through_running_peer(&dir, peer, options, |line| {
+                if !json {
+                    println!("{line}");
+                }
+            })
+            .await;
+            let summary = match through_running {
+                Ok(summary) => summary,
+                Err(ping::ThroughPeerError::Client(control::ClientError::NotRunning(path))) => {
+                    let Some(server) = server else {
+                        bail!(
+                            "no peer is running with config dir {} (no {}); start `peer listen`, \
+                             or give --server to ping from a peer of its own",
+                            dir.display(),
+                            path.display()
+                        );
+                    };
+                    let server = ServerArgs { server, session }.options()?;
+                    let mut config =
+                        commands::endpoint_config(&server, &dir, verbose, Role::Ping { json });
+                    config.dial_timeout = dial_timeout;
+                    with_endpoint(identity, config, |endpoint| {
+                        commands::ping(endpoint, peer, options, json)
+                    })
+                    .await?
+                }
+                Err(e) => return Err(e.into()),
             };
-            // Registers, connects, waits for our NAT measurement (to explain a relayed path),
-            // pings.
-            let (endpoint, conn) = open_connection(
-                identity,
-                dir,
-                &server,
-                peer,
-                dial_timeout,
-                verbose,
-                Mode::Ping { json },
-            )
-            .await?;
-            let result = ping::over_connection(&endpoint, &conn, options, json).await;
-            conn.close(0u32.into(), b"ping done");
-            endpoint.close().await;
-            result?
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", ping::render(&summary));
+            }
+            Ok(commands::ping_verdict(peer, &options, &summary)?)
         }
-        Err(e) => return Err(e.into()),
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print!("{}", ping::render(&summary));
     }
-    if options.until_direct && !summary.direct {
-        bail!(
-            "no direct path to {peer} within {} s",
-            options.timeout_ms / 1000
-        );
-    }
-    if summary.received == 0 {
-        bail!("no answer from {peer}");
-    }
-    Ok(())
-}
-
-/// Installs SIGINT and SIGTERM handlers now; the future completes at the first of them.
-fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ use crate::node::Node;
 use crate::punching::{self, Router};
 use crate::relay::{stable_addr, Relay};
 use crate::session::{ServerEvent, Session, SessionState};
+use crate::tasks::TaskSet;
 
 /// How often we ask the rendezvous (over STUN) how it sees us. Also keeps the NAT mapping
 /// towards it fresh.
@@ -94,6 +95,9 @@ pub struct PathKeeper {
     pub verbose: bool,
     /// Our NAT, once measured.
     pub nat: watch::Receiver<Option<crate::netcheck::Report>>,
+    /// The tasks spawned for links, punches and introductions: they end at the endpoint's
+    /// shutdown, and [`Endpoint::close`](crate::endpoint::Endpoint::close) waits for them.
+    pub tasks: TaskSet,
     table: Arc<Mutex<PeerTable>>,
 }
 
@@ -167,6 +171,7 @@ fn conn_id(conn: &quinn::Connection) -> ConnId {
 
 impl PathKeeper {
     /// A keeper with no links yet.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: Node,
         router: Router,
@@ -175,6 +180,7 @@ impl PathKeeper {
         console: Console,
         verbose: bool,
         nat: watch::Receiver<Option<crate::netcheck::Report>>,
+        tasks: TaskSet,
     ) -> Self {
         PathKeeper {
             node,
@@ -184,6 +190,7 @@ impl PathKeeper {
             console,
             verbose,
             nat,
+            tasks,
             table: Arc::default(),
         }
     }
@@ -323,7 +330,7 @@ impl PathKeeper {
     /// Best effort: the request ends by itself within the request timeout.
     pub fn report_punch(&self, peer: PeerId, direct: bool) {
         let session = self.session.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _ = session
                 .request(&ControlMessage::PunchResult { peer, direct })
                 .await;
@@ -403,6 +410,7 @@ impl PathKeeper {
             candidates,
             log,
             Some(witness),
+            &self.tasks,
         )
         .await
     }
@@ -440,7 +448,10 @@ impl PathKeeper {
         });
         status.send_modify(|s| s.path = initial);
         let keeper = self.clone();
-        tokio::spawn(async move { keeper.run_link(peer, conn, rx, status).await });
+        // At shutdown the task is dropped where it waits: the route stays as it is, for the
+        // close frames the endpoint sends last.
+        self.tasks
+            .spawn(async move { keeper.run_link(peer, conn, rx, status).await });
     }
 
     /// Drives one connection's part of its peer's machine: its timers, heartbeats and their
@@ -594,7 +605,7 @@ impl PathKeeper {
             }
             PathOutput::Repunch { .. } => {
                 let keeper = self.clone();
-                tokio::spawn(async move { keeper.repunch(peer).await });
+                self.tasks.spawn(async move { keeper.repunch(peer).await });
             }
             // Socket and relay outputs are carried out where they are fed.
             _ => {}
@@ -645,7 +656,7 @@ impl PathKeeper {
     fn accept_introduction(&self, peer: PeerId, nonce: u64) {
         let session = self.session.clone();
         let console = self.verbose.then(|| self.console.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let reply = session
                 .request(&ControlMessage::Accept { peer, nonce })
                 .await;

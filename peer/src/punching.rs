@@ -136,6 +136,7 @@ pub async fn run(
     candidates: &[Candidate],
     verbose: Option<Console>,
     witness: Option<crate::paths::PunchWitness>,
+    tasks: &crate::tasks::TaskSet,
 ) -> State {
     let inbox = router.register(introduction.nonce);
     let puncher = Puncher::new(
@@ -157,7 +158,10 @@ pub async fn run(
         witness,
         first: Some(first_tx),
     };
-    tokio::spawn(session.drive());
+    // The session outlives this call (see above) but not the endpoint.
+    if !tasks.spawn(session.drive()) {
+        return State::Probing;
+    }
     first_rx.await.unwrap_or(State::Probing)
 }
 

@@ -158,12 +158,16 @@ async fn run(
                             }
                         }
                         _ = shutdown.changed() => {
+                            // Awaited: the endpoint's close waits for this task, and so for
+                            // the reader.
                             reader.abort();
+                            let _ = reader.await;
                             return;
                         }
                     }
                 }
                 reader.abort();
+                let _ = reader.await;
                 ready.send_replace(false);
             }
             Err(e) => {

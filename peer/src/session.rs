@@ -73,6 +73,32 @@ pub enum ServerEvent {
     },
 }
 
+/// The rendezvous's key was trusted on first use (no `--server-key`, and the known-servers file
+/// did not name the server) and saved for next time. The session does not print: the caller
+/// decides whether to tell the user (the `peer` program prints [`FirstUseTrust`]'s text on
+/// stderr, as ssh does for a new host key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstUseTrust {
+    /// The server as the user wrote it (its key in the known-servers file).
+    pub server_name: String,
+    /// The key's fingerprint, now pinned for the life of the process and remembered.
+    pub fingerprint: Fingerprint,
+    /// The known-servers file it was saved in.
+    pub saved_in: PathBuf,
+}
+
+impl std::fmt::Display for FirstUseTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trusting rendezvous {} key {} on first use (saved in {})",
+            self.server_name,
+            self.fingerprint,
+            self.saved_in.display()
+        )
+    }
+}
+
 /// How to reach and trust the rendezvous.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -98,6 +124,7 @@ pub struct SessionConfig {
 #[derive(Clone)]
 pub struct Session {
     state: watch::Receiver<SessionState>,
+    first_use: watch::Receiver<Option<FirstUseTrust>>,
     udp_works: Arc<tokio::sync::Notify>,
     server_addr: SocketAddr,
 }
@@ -133,6 +160,7 @@ impl Session {
     ) {
         let (state_tx, state) = watch::channel(SessionState::Connecting { last_error: None });
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (first_use_tx, first_use) = watch::channel(None);
         let udp_works = Arc::new(tokio::sync::Notify::new());
         let server_addr = config.server_addr;
         let task = tokio::spawn(run(
@@ -141,12 +169,14 @@ impl Session {
             config,
             state_tx,
             events_tx,
+            first_use_tx,
             udp_works.clone(),
             shutdown,
         ));
         (
             Session {
                 state,
+                first_use,
                 udp_works,
                 server_addr,
             },
@@ -176,6 +206,12 @@ impl Session {
     /// A watch on the state, to follow re-registrations.
     pub fn watch(&self) -> watch::Receiver<SessionState> {
         self.state.clone()
+    }
+
+    /// A watch that becomes `Some` (once, for the life of the session) when the rendezvous's key
+    /// is trusted on first use; the value stays, so a late reader still sees it.
+    pub fn first_use_trust(&self) -> watch::Receiver<Option<FirstUseTrust>> {
+        self.first_use.clone()
     }
 
     /// Waits for a registration; fails with the last error after `timeout`, or at once if the
@@ -249,12 +285,14 @@ enum AttemptError {
     Refused(String),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     endpoint: quinn::Endpoint,
     identity: Arc<Identity>,
     config: SessionConfig,
     state_tx: watch::Sender<SessionState>,
     events_tx: mpsc::Sender<ServerEvent>,
+    first_use: watch::Sender<Option<FirstUseTrust>>,
     udp_works: Arc<tokio::sync::Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -277,7 +315,7 @@ async fn run(
     let mut tunnel = Tunnel::default();
     loop {
         let attempt = tokio::select! {
-            r = attempt(&endpoint, &identity, &config, &mut trust, &mut tunnel) => r,
+            r = attempt(&endpoint, &identity, &config, &mut trust, &first_use, &mut tunnel) => r,
             _ = shutdown.changed() => {
                 tunnel.close(&config);
                 return;
@@ -424,6 +462,7 @@ async fn attempt(
     identity: &Identity,
     config: &SessionConfig,
     trust: &mut ServerTrust,
+    first_use: &watch::Sender<Option<FirstUseTrust>>,
     tunnel: &mut Tunnel,
 ) -> Result<Registered, AttemptError> {
     let mut udp_error = None;
@@ -434,7 +473,7 @@ async fn attempt(
         } else {
             Duration::from_secs(5)
         };
-        match register(endpoint, identity, config, trust, timeout).await {
+        match register(endpoint, identity, config, trust, first_use, timeout).await {
             Err(AttemptError::Retry(e)) if config.tcp_server.is_some() => udp_error = Some(e),
             other => return other,
         }
@@ -444,7 +483,15 @@ async fn attempt(
     };
     let result = async {
         tunnel.open(identity, config, *trust, tcp_server).await?;
-        register(endpoint, identity, config, trust, Duration::from_secs(5)).await
+        register(
+            endpoint,
+            identity,
+            config,
+            trust,
+            first_use,
+            Duration::from_secs(5),
+        )
+        .await
     }
     .await;
     match result {
@@ -477,6 +524,7 @@ async fn register(
     identity: &Identity,
     config: &SessionConfig,
     trust: &mut ServerTrust,
+    first_use: &watch::Sender<Option<FirstUseTrust>>,
     timeout: Duration,
 ) -> Result<Registered, AttemptError> {
     let retry = |e: &dyn std::fmt::Display| AttemptError::Retry(e.to_string());
@@ -511,11 +559,13 @@ async fn register(
         known
             .remember(&config.server_name, fp)
             .map_err(|e| AttemptError::Fatal(e.to_string()))?;
-        eprintln!(
-            "trusting rendezvous {} key {fp} on first use (saved in {})",
-            config.server_name,
-            config.known_servers.display()
-        );
+        let trusted = FirstUseTrust {
+            server_name: config.server_name.clone(),
+            fingerprint: fp,
+            saved_in: config.known_servers.clone(),
+        };
+        tracing::info!(server = %trusted.server_name, fingerprint = %fp, "rendezvous key trusted on first use");
+        first_use.send_replace(Some(trusted));
         *trust = ServerTrust::Pinned(fp);
     }
     let crate::register::RegisterExchange {

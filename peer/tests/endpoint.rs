@@ -111,3 +111,114 @@ async fn connect_by_id_accept_echo_and_close() {
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts a rendezvous on loopback with its data in a fresh directory.
+async fn start_rendezvous(name: &str) -> (rendezvous::Server, std::path::PathBuf) {
+    let dir =
+        std::env::temp_dir().join(format!("peer-endpoint-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let server = rendezvous::Server::start(rendezvous::Config::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &dir,
+    ))
+    .await
+    .expect("rendezvous starts");
+    (server, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_every_task_even_with_a_live_connection() {
+    let (server, dir) = start_rendezvous("close").await;
+    let addr = server.local_addr().to_string();
+    let key = server.fingerprint();
+    let a = Endpoint::bind(Arc::new(Identity::generate().unwrap()), config(&addr, key))
+        .await
+        .expect("a binds");
+    let b = Endpoint::bind(Arc::new(Identity::generate().unwrap()), config(&addr, key))
+        .await
+        .expect("b binds");
+    a.registered().await.expect("a registers");
+    b.registered().await.expect("b registers");
+    let accepting = async { a.accept().await.expect("endpoint open").await };
+    let (accepted, dialed) =
+        tokio::time::timeout(T, async { tokio::join!(accepting, b.connect(a.id())) })
+            .await
+            .expect("connect and accept in time");
+    let accepted = accepted.expect("accepted");
+    let conn = dialed.expect("connected");
+    // Each side runs a link task for its connection (and maybe punch sessions).
+    let a_tasks = a.path_keeper().tasks.clone();
+    let b_tasks = b.path_keeper().tasks.clone();
+    assert!(b_tasks.running() >= 1, "b's link task runs");
+    assert!(a_tasks.running() >= 1, "a's link task runs");
+
+    // Both connections are still open when their endpoints close.
+    assert!(conn.close_reason().is_none() && accepted.close_reason().is_none());
+    tokio::time::timeout(T, b.close())
+        .await
+        .expect("b closes in time");
+    assert_eq!(b_tasks.running(), 0, "a task of b outlived close()");
+    // Nothing spawns after close either.
+    assert!(!b_tasks.spawn(std::future::pending()));
+    tokio::time::timeout(T, a.close())
+        .await
+        .expect("a closes in time");
+    assert_eq!(a_tasks.running(), 0, "a task of a outlived close()");
+    drop((conn, accepted));
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_use_trust_is_reported_as_a_value_once() {
+    let (server, dir) = start_rendezvous("tofu").await;
+    let addr = server.local_addr().to_string();
+    let known = dir.join("known_servers");
+    let tofu_config = || {
+        let mut rendezvous = Rendezvous::known_servers(addr.clone(), known.clone());
+        rendezvous.tcp_tunnel = TcpTunnel::Off;
+        let mut config = EndpointConfig::new(rendezvous);
+        config.bind = "127.0.0.1:0".parse().unwrap();
+        config.measure_nat = false;
+        config
+    };
+    let first = Endpoint::bind(Arc::new(Identity::generate().unwrap()), tofu_config())
+        .await
+        .expect("binds");
+    tokio::time::timeout(T, first.registered())
+        .await
+        .expect("registers in time")
+        .expect("registers");
+    let trusted = first
+        .first_use_trust()
+        .borrow()
+        .clone()
+        .expect("the key was trusted on first use");
+    assert_eq!(trusted.fingerprint, server.fingerprint());
+    assert_eq!(trusted.server_name, addr);
+    assert_eq!(trusted.saved_in, known);
+    assert_eq!(
+        trusted.to_string(),
+        format!(
+            "trusting rendezvous {addr} key {} on first use (saved in {})",
+            server.fingerprint(),
+            known.display()
+        )
+    );
+    let saved = std::fs::read_to_string(&known).expect("known servers written");
+    assert!(saved.contains(&server.fingerprint().to_string()), "{saved}");
+    first.close().await;
+
+    // The second time the key is known: nothing to report.
+    let second = Endpoint::bind(Arc::new(Identity::generate().unwrap()), tofu_config())
+        .await
+        .expect("binds");
+    tokio::time::timeout(T, second.registered())
+        .await
+        .expect("registers in time")
+        .expect("registers");
+    assert!(second.first_use_trust().borrow().is_none());
+    second.close().await;
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
