@@ -25,7 +25,9 @@ use common::stun::{self, ProbeTag, PunchKey, StunPacket};
 use common::{ControlMessage, PeerId};
 use punch::heartbeat::{HeartbeatInput, HeartbeatKeys, Heartbeats, EXPORTER_LABEL};
 use punch::path::{Current, PathConfig};
-use punch::peer_paths::{ConnId, PathOutput, PeerPaths, PunchOutcome, RouteTarget, CLOSE_LINGER};
+use punch::peer_paths::{
+    ConnId, ConnectionEnd, PathOutput, PeerPaths, PunchOutcome, RouteTarget, CLOSE_LINGER,
+};
 use punch::{Introduction, Role, State};
 use tokio::sync::{mpsc, watch};
 use transport::PathTarget;
@@ -522,9 +524,13 @@ impl PathKeeper {
             }
         }
         self.router.unregister(nonce);
-        self.feed(peer, Some(id), |p| p.connection_closed(id, Instant::now()));
-        // The close frame (and its retransmissions while the connection drains) still need the
-        // route: the machine keeps it for CLOSE_LINGER unless something newer takes it over.
+        let end = connection_end(&conn);
+        self.feed(peer, Some(id), |p| {
+            p.connection_closed(id, end, Instant::now())
+        });
+        // The close frame we send (and its retransmissions while the connection closes) still
+        // need the route: the machine keeps it for CLOSE_LINGER unless something newer takes
+        // it over. One the peer closed gave its routes up at once (ConnectionEnd::Remote).
         tokio::time::sleep(CLOSE_LINGER).await;
         if let Ok(mut table) = self.table.lock() {
             if let Some(entry) = table.peers.get_mut(&peer) {
@@ -827,6 +833,19 @@ impl PathKeeper {
 /// (see [`punch::heartbeat`]). If the exporter fails (it does not once the handshake is done),
 /// random keys: the peer's answers then never count and the link falls back to the relay,
 /// which is safe.
+/// Whether a connection's routes must outlive it: only when we send its close frame (and answer
+/// the peer's late packets with it); a connection the peer closed, or that timed out or was
+/// reset, sends nothing more. Still open (the task stops at shutdown): we are about to close it.
+fn connection_end(conn: &quinn::Connection) -> ConnectionEnd {
+    use quinn::ConnectionError as E;
+    match conn.close_reason() {
+        Some(E::ApplicationClosed(_) | E::ConnectionClosed(_) | E::TimedOut | E::Reset) => {
+            ConnectionEnd::Remote
+        }
+        _ => ConnectionEnd::Local,
+    }
+}
+
 fn heartbeats_of(conn: &quinn::Connection, me: PeerId, peer: PeerId) -> Heartbeats {
     let keys = HeartbeatKeys::derive(me, peer, |out, context| {
         conn.export_keying_material(out, EXPORTER_LABEL, context)

@@ -171,6 +171,19 @@ struct Link {
     closed_at: Option<Instant>,
 }
 
+/// How a connection ended, which decides whether its routes must outlive it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// We closed it (or are about to): quinn answers the peer's late packets with its close
+    /// frame for a while, which still needs the routes, so they stay for [`CLOSE_LINGER`].
+    Local,
+    /// The peer closed it, or it timed out or was reset: nothing more is sent on it, and its
+    /// routes go at once. Kept, they would take the next user of the peer's address (a port
+    /// the OS or a NAT hands out again) for this peer: that party's new connection would
+    /// arrive on this peer's stable address and be refused.
+    Remote,
+}
+
 /// A connection that no longer manages the routes, waiting out [`CLOSE_LINGER`].
 #[derive(Debug)]
 struct Lingering {
@@ -582,15 +595,23 @@ impl PeerPaths {
         initial
     }
 
-    /// Connection `conn` closed: it stops managing the path, and its routes go after
-    /// [`CLOSE_LINGER`] unless a new introduction, punch result or connection comes first.
-    pub fn connection_closed(&mut self, conn: ConnId, now: Instant) {
-        if let Some(link) = self
+    /// Connection `conn` closed: it stops managing the path. If we closed it, its routes go
+    /// after [`CLOSE_LINGER`] unless a new introduction, punch result or connection comes
+    /// first; if the peer closed it (or it timed out or was reset), they go at once.
+    pub fn connection_closed(&mut self, conn: ConnId, end: ConnectionEnd, now: Instant) {
+        let Some(link) = self
             .link
             .as_mut()
             .filter(|l| l.conn == conn && l.closed_at.is_none())
-        {
-            link.closed_at = Some(now);
+        else {
+            return;
+        };
+        link.closed_at = Some(now);
+        if end == ConnectionEnd::Remote {
+            let quinn_addr = link.quinn_addr;
+            self.link = None;
+            self.outputs.push_back(PathOutput::RelaySource(None));
+            self.remove_routes(quinn_addr);
         }
     }
 
@@ -872,7 +893,7 @@ mod tests {
         socket.run(&mut paths);
         let mut now = t0;
         run_until(&mut paths, &mut socket, &mut now, t(t0, 3000), 1, |_| true);
-        paths.connection_closed(1, now);
+        paths.connection_closed(1, ConnectionEnd::Local, now);
         // The peer restarted on another port and is introduced again 100 ms later.
         now += Duration::from_millis(100);
         paths.introduction(2, &[new], now);
@@ -919,7 +940,7 @@ mod tests {
         paths.connection_up(1, cached, "cached address", t0);
         socket.run(&mut paths);
         assert_eq!(socket.relay_source, Some(cached));
-        paths.connection_closed(1, t(t0, 1000));
+        paths.connection_closed(1, ConnectionEnd::Local, t(t0, 1000));
         // The next one, right after (while the old one waits out its close), goes through an
         // introduction and the relay.
         let mut now = t(t0, 1100);
@@ -939,6 +960,59 @@ mod tests {
         );
         socket.run(&mut paths);
         assert_eq!(socket.relay_source, Some(stable()));
+    }
+
+    /// Found by `loopback::two_hundred_piped_chats_lose_nothing` under load: a peer's
+    /// connection on its stable address (punched direct to its port) is closed by the peer,
+    /// whose process exits; within the close linger the OS gives that port to another peer,
+    /// whose new connection was translated to the first peer's stable address and refused.
+    /// A connection the peer closed needs no linger (we send nothing more on it): its routes,
+    /// claim and aliases go at once; one we closed keeps them for the close frames.
+    #[test]
+    fn a_connection_the_peer_closed_leaves_its_address_at_once() {
+        let t0 = Instant::now();
+        let real = addr("127.0.0.1:40073");
+        for end in [ConnectionEnd::Remote, ConnectionEnd::Local] {
+            let mut socket = Socket::default();
+            let mut paths = PeerPaths::new(stable(), PathConfig::default());
+            paths.introduction(1, &[real], t0);
+            paths.probe_authenticated(1, real);
+            paths.punch_result(1, direct(real), t0);
+            paths.connection_up(1, stable(), "public address", t0);
+            socket.run(&mut paths);
+            assert_eq!(socket.aliases.get(&real), Some(&stable()));
+            // The punching session is still running (it ends after its deadline).
+            paths.connection_closed(1, end, t(t0, 100));
+            socket.run(&mut paths);
+            match end {
+                ConnectionEnd::Remote => {
+                    assert!(
+                        !socket.routes.contains_key(&stable())
+                            && !socket.aliases.contains_key(&real)
+                            && socket.claims.is_empty(),
+                        "{socket:?}"
+                    );
+                    assert!(paths.link().is_none());
+                }
+                ConnectionEnd::Local => {
+                    assert_eq!(
+                        socket.routes.get(&stable()),
+                        Some(&RouteTarget::Direct(real)),
+                        "the close frames still need the route"
+                    );
+                    let mut now = t(t0, 100);
+                    run_until(&mut paths, &mut socket, &mut now, t(t0, 3000), 1, |_| true);
+                    assert!(!socket.routes.contains_key(&stable()), "{socket:?}");
+                }
+            }
+            // Nothing of it comes back when its punching session ends.
+            paths.introduction_ended(1, t(t0, 5000));
+            socket.run(&mut paths);
+            assert!(
+                socket.routes.is_empty() && socket.aliases.is_empty() && socket.claims.is_empty(),
+                "{end:?}: {socket:?}"
+            );
+        }
     }
 
     /// Issue 12 item 3: aliases of a punch that never became a connection go when its
@@ -969,7 +1043,7 @@ mod tests {
         paths.introduction_ended(5, t(t0, 7000));
         socket.run(&mut paths);
         assert_eq!(socket.aliases.get(&a), Some(&stable()));
-        paths.connection_closed(9, t(t0, 8000));
+        paths.connection_closed(9, ConnectionEnd::Local, t(t0, 8000));
         let mut now = t(t0, 8000);
         run_until(&mut paths, &mut socket, &mut now, t(t0, 20_000), 9, |_| {
             false
@@ -995,7 +1069,7 @@ mod tests {
         paths.probe_authenticated(1, first);
         paths.punch_result(1, direct(first), t0);
         paths.connection_up(1, stable(), "public address", t0);
-        paths.connection_closed(1, t(t0, 500));
+        paths.connection_closed(1, ConnectionEnd::Local, t(t0, 500));
         paths.connection_up(2, second, "the peer's address", t(t0, 600));
         socket.run(&mut paths);
         let mut now = t(t0, 600);
@@ -1120,7 +1194,7 @@ mod tests {
             Cached(u8),
             CachedFailed,
             Up(u8, Option<u8>),
-            Closed(u8),
+            Closed(u8, bool),
             Answered(u8, u8),
             AddressChanged,
             Wait(u16),
@@ -1140,7 +1214,7 @@ mod tests {
                 (0u8..8).prop_map(Input::Cached),
                 Just(Input::CachedFailed),
                 (0u8..4, proptest::option::of(0u8..8)).prop_map(|(c, a)| Input::Up(c, a)),
-                (0u8..4).prop_map(Input::Closed),
+                (0u8..4, any::<bool>()).prop_map(|(c, by_peer)| Input::Closed(c, by_peer)),
                 (0u8..4, 0u8..8).prop_map(|(c, a)| Input::Answered(c, a)),
                 Just(Input::AddressChanged),
                 (0u16..5000).prop_map(Input::Wait),
@@ -1210,9 +1284,10 @@ mod tests {
                             conns.insert(c.into());
                             paths.connection_up(c.into(), q, "x", now);
                         }
-                        Input::Closed(c) => {
+                        Input::Closed(c, by_peer) => {
                             conns.remove(&u64::from(c));
-                            paths.connection_closed(c.into(), now)
+                            let end = if by_peer { ConnectionEnd::Remote } else { ConnectionEnd::Local };
+                            paths.connection_closed(c.into(), end, now)
                         }
                         Input::Answered(c, a) => paths.heartbeat_answered(c.into(), real(a), now),
                         Input::AddressChanged => paths.address_changed(now),
@@ -1250,7 +1325,7 @@ mod tests {
                 }
                 // Everything ends.
                 for c in conns.drain() {
-                    paths.connection_closed(c, now);
+                    paths.connection_closed(c, ConnectionEnd::Local, now);
                 }
                 for n in 0..8u64 {
                     paths.introduction_ended(n, now);
