@@ -776,7 +776,11 @@ impl Incoming {
                 console.error(e.to_string()).await;
                 return Err(e);
             }
-            Err(_) => return Err(AcceptError::Timeout(remote)),
+            Err(_) => {
+                let e = AcceptError::Timeout(remote);
+                console.error(e.to_string()).await;
+                return Err(e);
+            }
         };
         // The id the TLS handshake proved (the hash of the client certificate's key).
         let Some(peer) = node::remote_id(&conn) else {

@@ -196,6 +196,23 @@ impl Session {
         loop {
             let now = Instant::now();
             self.puncher.handle_timeout(now);
+            // The peer proved it sends from these addresses (authenticated probes or answers):
+            // its packets from there are the connection's. Taken before our answers go out:
+            // the peer dials as soon as it has an answer, and a handshake packet that arrived
+            // before the alias would show quinn the real address and the next ones the stable
+            // address; quinn drops a handshake that changes address (the connection would
+            // never come up on our side). What to say about them is said after the sends.
+            let mut said = Vec::new();
+            while let Some(event) = self.puncher.poll_event() {
+                let proven = match &event {
+                    Event::ProbeReceived { from } | Event::Answered { from, .. } => Some(*from),
+                    _ => None,
+                };
+                if let (Some(from), Some(witness)) = (proven, &self.witness) {
+                    said.extend(witness.authenticated(self.puncher.nonce(), from));
+                }
+                said.push(describe(peer, &event));
+            }
             while let Some(transmit) = self.puncher.poll_transmit(now) {
                 if !self.router.may_send(now) {
                     // Dropped as the network might drop it; said once per session.
@@ -224,23 +241,9 @@ impl Session {
                     tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
                 }
             }
-            while let Some(event) = self.puncher.poll_event() {
-                // The peer proved it sends from this address (an authenticated probe, or an
-                // authenticated answer): its packets from there are the connection's.
-                let proven = match &event {
-                    Event::ProbeReceived { from } | Event::Answered { from, .. } => Some(*from),
-                    _ => None,
-                };
-                if let (Some(from), Some(witness)) = (proven, &self.witness) {
-                    let refused = witness.authenticated(self.puncher.nonce(), from);
-                    if let Some(console) = &self.verbose {
-                        for line in refused {
-                            console.error(line).await;
-                        }
-                    }
-                }
-                if let Some(console) = &self.verbose {
-                    console.error(describe(peer, &event)).await;
+            if let Some(console) = &self.verbose {
+                for line in said {
+                    console.error(line).await;
                 }
             }
             if !matches!(self.puncher.state(), State::Probing) {
