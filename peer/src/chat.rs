@@ -84,116 +84,119 @@ pub async fn run(
     console: Console,
     end_timeout: Duration,
 ) -> ChatEnd {
-    // Reading a frame is not cancel-safe, so the reader runs as its own task.
+    // Reading a frame is not cancel-safe, so the reader runs alongside the chat (in this task,
+    // so that it ends with it).
     let (frames_tx, mut frames) = mpsc::channel(64);
-    let reader = tokio::spawn(read_all(rx, frames_tx));
+    let reader = read_all(rx, frames_tx);
     let mut ending = ChatEnding::new(end_timeout);
-    let result: Result<(), String> = loop {
-        if ending.is_done() {
-            break Ok(());
-        }
-        let deadline = ending.deadline();
-        let expired = async move {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-                None => std::future::pending().await,
+    let chatting = async {
+        let result: Result<(), String> = loop {
+            if ending.is_done() {
+                break Ok(());
             }
-        };
-        tokio::select! {
-            line = lines.recv(), if ending.may_send() => {
-                let frame = match line {
-                    Some(line) => match ChatMessage::new(me, peer, line) {
-                        Ok(msg) => ChatFrame::Message(msg),
-                        Err(e) => {
-                            console.error(format!("not sent: {e}")).await;
-                            continue;
-                        }
-                    },
-                    None => match ending.input_ended(Instant::now()) {
-                        Some(end) => end,
-                        None => continue,
-                    },
-                };
-                if let Err(e) = write_frame(&mut tx, &frame.encode()).await {
-                    break Err(e.to_string());
+            let deadline = ending.deadline();
+            let expired = async move {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                    None => std::future::pending().await,
                 }
-            }
-            frame = frames.recv() => match frame {
-                Some(Ok(body)) => match ChatFrame::decode(&body) {
-                    Ok(ChatFrame::Message(msg)) => {
-                        if let Err(e) = ending.on_message() {
-                            break Err(e.to_string());
-                        }
-                        match msg.check(peer, me) {
-                            Ok(()) => console.message(&msg).await,
-                            Err(e) => console.error(format!("dropped a message from {peer}: {e}")).await,
-                        }
-                    }
-                    Ok(ChatFrame::EndAck {}) => {
-                        if let Err(e) = ending.on_ack() {
-                            break Err(e.to_string());
-                        }
-                    }
-                    Ok(ChatFrame::End {}) => {
-                        let replies = match ending.on_end(Instant::now()) {
-                            Ok(replies) => replies,
-                            Err(e) => break Err(e.to_string()),
-                        };
-                        // The acknowledgement says every line was shown: make it true first.
-                        console.flush().await;
-                        let mut failed = None;
-                        for reply in replies {
-                            if let Err(e) = write_frame(&mut tx, &reply.encode()).await {
-                                failed = Some(e.to_string());
-                                break;
+            };
+            tokio::select! {
+                line = lines.recv(), if ending.may_send() => {
+                    let frame = match line {
+                        Some(line) => match ChatMessage::new(me, peer, line) {
+                            Ok(msg) => ChatFrame::Message(msg),
+                            Err(e) => {
+                                console.error(format!("not sent: {e}")).await;
+                                continue;
                             }
-                        }
-                        if let Some(e) = failed {
-                            break Err(e);
-                        }
-                    }
-                    Err(e) => console.error(format!("dropped a frame from {peer}: {e}")).await,
-                },
-                Some(Err(e)) => break Err(e),
-                None => {
-                    if let Err(e) = ending.on_peer_finished() {
+                        },
+                        None => match ending.input_ended(Instant::now()) {
+                            Some(end) => end,
+                            None => continue,
+                        },
+                    };
+                    if let Err(e) = write_frame(&mut tx, &frame.encode()).await {
                         break Err(e.to_string());
                     }
                 }
-            },
-            _ = expired => {
-                if let Err(e) = ending.poll_timeout(Instant::now()) {
-                    break Err(e.to_string());
-                }
-            }
-        }
-    };
-    let end = match result {
-        Ok(()) => {
-            // Done: everything both ways was read. Finish our side; the peer finishes its side
-            // once it has our last `end_ack`, and the dialing side closes the connection only
-            // after that, so the peer never loses it.
-            let _ = tx.finish();
-            let linger = async { while let Some(Ok(_)) = frames.recv().await {} };
-            let _ = tokio::time::timeout(LINGER, linger).await;
-            match ending.ended_by() {
-                Some(EndedBy::Peer) => {
-                    let mut unsent = 0;
-                    while lines.try_recv().is_ok() {
-                        unsent += 1;
+                frame = frames.recv() => match frame {
+                    Some(Ok(body)) => match ChatFrame::decode(&body) {
+                        Ok(ChatFrame::Message(msg)) => {
+                            if let Err(e) = ending.on_message() {
+                                break Err(e.to_string());
+                            }
+                            match msg.check(peer, me) {
+                                Ok(()) => console.message(&msg).await,
+                                Err(e) => console.error(format!("dropped a message from {peer}: {e}")).await,
+                            }
+                        }
+                        Ok(ChatFrame::EndAck {}) => {
+                            if let Err(e) = ending.on_ack() {
+                                break Err(e.to_string());
+                            }
+                        }
+                        Ok(ChatFrame::End {}) => {
+                            let replies = match ending.on_end(Instant::now()) {
+                                Ok(replies) => replies,
+                                Err(e) => break Err(e.to_string()),
+                            };
+                            // The acknowledgement says every line was shown: make it true first.
+                            console.flush().await;
+                            let mut failed = None;
+                            for reply in replies {
+                                if let Err(e) = write_frame(&mut tx, &reply.encode()).await {
+                                    failed = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                            if let Some(e) = failed {
+                                break Err(e);
+                            }
+                        }
+                        Err(e) => console.error(format!("dropped a frame from {peer}: {e}")).await,
+                    },
+                    Some(Err(e)) => break Err(e),
+                    None => {
+                        if let Err(e) = ending.on_peer_finished() {
+                            break Err(e.to_string());
+                        }
                     }
-                    ChatEnd::PeerClosed { unsent }
+                },
+                _ = expired => {
+                    if let Err(e) = ending.poll_timeout(Instant::now()) {
+                        break Err(e.to_string());
+                    }
                 }
-                _ => ChatEnd::InputClosed,
             }
-        }
-        Err(e) => {
-            let _ = tx.reset(0u32.into());
-            ChatEnd::Failed(e)
-        }
+        };
+        let end = match result {
+            Ok(()) => {
+                // Done: everything both ways was read. Finish our side; the peer finishes its side
+                // once it has our last `end_ack`, and the dialing side closes the connection only
+                // after that, so the peer never loses it.
+                let _ = tx.finish();
+                let linger = async { while let Some(Ok(_)) = frames.recv().await {} };
+                let _ = tokio::time::timeout(LINGER, linger).await;
+                match ending.ended_by() {
+                    Some(EndedBy::Peer) => {
+                        let mut unsent = 0;
+                        while lines.try_recv().is_ok() {
+                            unsent += 1;
+                        }
+                        ChatEnd::PeerClosed { unsent }
+                    }
+                    _ => ChatEnd::InputClosed,
+                }
+            }
+            Err(e) => {
+                let _ = tx.reset(0u32.into());
+                ChatEnd::Failed(e)
+            }
+        };
+        end
     };
-    reader.abort();
-    end
+    crate::tasks::alongside(chatting, reader).await.0
 }
 
 async fn read_all(mut rx: quinn::RecvStream, frames: mpsc::Sender<Result<Vec<u8>, String>>) {

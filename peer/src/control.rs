@@ -301,15 +301,6 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Closes a connection this server made when dropped.
 struct CloseOnDrop(quinn::Connection);
 
@@ -340,14 +331,19 @@ async fn handle(mut stream: UnixStream, ctx: ControlContext) {
         }
         Ok(Request::Ping { peer, options }) => {
             let (tx, mut rx) = mpsc::channel(64);
-            // Aborted when this handler ends for any reason: the client went away, or the
-            // server shuts down and aborts its clients.
-            let _ping = AbortOnDrop(tokio::spawn(ping_for_client(ctx, peer, options, tx)));
-            while let Some(reply) = rx.recv().await {
-                if !send(&mut stream, &reply).await {
-                    return;
+            // The replies go out until the ping has sent its last one (dropping `tx`), or the
+            // client went away.
+            let forward = async {
+                while let Some(reply) = rx.recv().await {
+                    if !send(&mut stream, &reply).await {
+                        return;
+                    }
                 }
-            }
+            };
+            // The ping runs in this handler's task: it ends with the handler for any reason
+            // (the client went away, or the server shuts down and aborts its clients, awaiting
+            // them).
+            crate::tasks::alongside(forward, ping_for_client(ctx, peer, options, tx)).await;
         }
     }
 }
@@ -390,28 +386,28 @@ async fn ping_for_client(
         }
     };
     let (replies_tx, mut replies) = mpsc::channel(16);
-    let forward = {
-        let out = out.clone();
-        tokio::spawn(async move {
-            while let Some(reply) = replies.recv().await {
-                if out.send(Reply::PingReply(reply)).await.is_err() {
-                    return;
-                }
+    // Forwards each reply as it comes, until the ping is done (dropping `replies_tx`).
+    let forward = async {
+        while let Some(reply) = replies.recv().await {
+            if out.send(Reply::PingReply(reply)).await.is_err() {
+                return;
             }
-        })
+        }
     };
-    let result = crate::ping::run(
-        keeper,
-        peer,
-        &conn,
-        options,
-        started,
-        connect_ms,
-        &replies_tx,
-    )
-    .await;
-    drop(replies_tx);
-    let _ = forward.await;
+    let ping = async {
+        let replies_tx = replies_tx;
+        crate::ping::run(
+            keeper,
+            peer,
+            &conn,
+            options,
+            started,
+            connect_ms,
+            &replies_tx,
+        )
+        .await
+    };
+    let (result, ()) = tokio::join!(ping, forward);
     let reply = match result {
         Ok(summary) => Reply::PingDone(Box::new(summary)),
         Err(message) => Reply::Error { message },

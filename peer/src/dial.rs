@@ -215,19 +215,17 @@ pub async fn establish(
 /// connection.
 pub fn answer_pings(keeper: PathKeeper, conn: quinn::Connection) {
     let tasks = keeper.tasks.clone();
-    tasks.spawn(async move {
-        let mut streams = tokio::task::JoinSet::new();
+    tasks.clone().spawn(async move {
         loop {
-            let (mut tx, mut rx) = tokio::select! {
-                accepted = conn.accept_bi() => match accepted {
-                    Ok(pair) => pair,
-                    Err(_) => break,
-                },
-                Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+            let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
+                break;
             };
             match crate::chat::accept(&mut tx, &mut rx).await {
                 Ok(common::message::PeerApp::Ping) => {
-                    streams.spawn(crate::ping::serve(tx, rx, keeper.clone()));
+                    // In the endpoint's task set (not a set of this task's, which would be
+                    // aborted but not awaited when the shutdown drops this task): close()
+                    // waits for it. It ends with its stream, so with the connection too.
+                    tasks.spawn(crate::ping::serve(tx, rx, keeper.clone()));
                 }
                 Ok(app) => {
                     let refusal = common::PeerMessage::Error {
@@ -242,6 +240,5 @@ pub fn answer_pings(keeper: PathKeeper, conn: quinn::Connection) {
                 Err(_) => {}
             }
         }
-        streams.shutdown().await;
     });
 }

@@ -625,8 +625,12 @@ impl Endpoint {
     /// Stops everything this endpoint started: the session (closing the registration), the
     /// relay, STUN routing, punching, the control socket, every connection's link task; then
     /// closes every connection and the endpoint and waits (at most a second) for the closes to
-    /// go out. When it returns, no task the endpoint spawned is still running. The routes stay
-    /// as they were, so that the close frames take the connections' paths.
+    /// go out. When it returns, no task the endpoint spawned is still running: that includes
+    /// the control socket's clients and the pings they run, the punches answering
+    /// introductions and the pings answered on connections we made. A ping, chat or file
+    /// transfer the caller runs on a connection spawns no task (its stream reader is a future
+    /// inside it): it ends by itself once the connection is closed, or when the caller drops
+    /// it. The routes stay as they were, so that the close frames take the connections' paths.
     pub async fn close(self) {
         let Endpoint {
             node,

@@ -86,15 +86,6 @@ pub async fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((size, hex(ctx.finish().as_ref())))
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Why sending a file failed. Each variant reads as the underlying error.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -152,10 +143,11 @@ pub async fn send(
         sha256: sha256.clone(),
     };
     write_frame(&mut tx, &header.encode()).await?;
-    // Reading a frame is not cancel-safe: the verdict is read by a task of its own.
-    let mut verdict = AbortOnDrop(tokio::spawn(async move { read_frame(&mut rx).await }));
+    // Reading a frame is not cancel-safe: the verdict is read alongside the copy, by a future
+    // of this one (so that it ends with it), and waited for after.
+    let mut verdict = Box::pin(async move { read_frame(&mut rx).await });
     let started = Instant::now();
-    let copied: Result<(), SendError> = async {
+    let copy = async {
         let mut file = tokio::fs::File::open(path).await?;
         let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
@@ -179,9 +171,9 @@ pub async fn send(
             )));
         }
         tx.finish()?;
-        Ok(())
-    }
-    .await;
+        Ok::<(), SendError>(())
+    };
+    let (copied, early_verdict) = crate::tasks::alongside(copy, verdict.as_mut()).await;
     // After a failed write the receiver has usually said why (it refused the file): wait a little
     // for that; after a complete one, give it time to sync and check.
     let wait = if copied.is_ok() {
@@ -189,8 +181,12 @@ pub async fn send(
     } else {
         Duration::from_secs(5)
     };
-    let reply = match tokio::time::timeout(wait, &mut verdict.0).await {
-        Ok(Ok(Ok(Some(reply)))) => reply,
+    let verdict = match early_verdict {
+        Some(read) => Some(read),
+        None => tokio::time::timeout(wait, verdict.as_mut()).await.ok(),
+    };
+    let reply = match verdict {
+        Some(Ok(Some(reply))) => reply,
         _ => {
             copied?;
             return match conn.close_reason() {

@@ -83,9 +83,11 @@ pub async fn run(
         }
     }
     console.say("shutting down").await;
-    conns.abort_all();
+    // Aborted and awaited: nothing of this listener runs on after it returns.
+    conns.shutdown().await;
     for task in [watcher, input_task] {
         task.abort();
+        let _ = task.await;
     }
     endpoint.close().await;
     Ok(())

@@ -645,91 +645,101 @@ pub async fn run_with(
     }
     .parse()
     .unwrap_or(first);
-    let portmap = options
-        .port_mapping
-        .then(|| tokio::spawn(crate::portmap::probe(crate::portmap::default_gateway())));
-    let socket = UdpSocket::bind(bind).await?;
-    let (expected, filtered) = (patience.expected, patience.filtered);
-    let same = (false, false);
-    let mut obs = Observations {
-        local: crate::node::local_addrs(socket.local_addr()?, first)
-            .first()
-            .copied(),
-        ..Observations::default()
-    };
-    // Test I against every server, from one socket, all at once (a silent server costs its
-    // budget once, not once per server).
-    let mut discovery = None;
-    let requests = servers
-        .iter()
-        .map(|&server| {
-            let (request, transaction) = request_with_change(same);
-            (request, transaction, server, expected)
-        })
-        .collect();
-    let answers = exchanges(&socket, requests).await;
-    for (&server, answer) in servers.iter().zip(answers) {
-        obs.servers
-            .push((server, answer.as_ref().map(|(m, _, _, rtt)| (*m, *rtt))));
-        if let Some((mapped, _, raw, rtt)) = answer {
-            let (_, other) = stun5780::parse_response_addresses(&raw);
-            if obs.primary.is_none() || (discovery.is_none() && other.is_some()) {
-                obs.primary = Some((mapped, rtt, other));
-                if other.is_some() {
-                    discovery = Some(server);
+    // The port-mapping probe runs alongside the STUN tests, in this task: it ends with them
+    // (a spawned probe would run on, detached, after an error or a dropped check).
+    let mut portmap = Box::pin(async {
+        match options.port_mapping {
+            true => Some(crate::portmap::probe(crate::portmap::default_gateway()).await),
+            false => None,
+        }
+    });
+    let measure = async {
+        let socket = UdpSocket::bind(bind).await?;
+        let (expected, filtered) = (patience.expected, patience.filtered);
+        let same = (false, false);
+        let mut obs = Observations {
+            local: crate::node::local_addrs(socket.local_addr()?, first)
+                .first()
+                .copied(),
+            ..Observations::default()
+        };
+        // Test I against every server, from one socket, all at once (a silent server costs its
+        // budget once, not once per server).
+        let mut discovery = None;
+        let requests = servers
+            .iter()
+            .map(|&server| {
+                let (request, transaction) = request_with_change(same);
+                (request, transaction, server, expected)
+            })
+            .collect();
+        let answers = exchanges(&socket, requests).await;
+        for (&server, answer) in servers.iter().zip(answers) {
+            obs.servers
+                .push((server, answer.as_ref().map(|(m, _, _, rtt)| (*m, *rtt))));
+            if let Some((mapped, _, raw, rtt)) = answer {
+                let (_, other) = stun5780::parse_response_addresses(&raw);
+                if obs.primary.is_none() || (discovery.is_none() && other.is_some()) {
+                    obs.primary = Some((mapped, rtt, other));
+                    if other.is_some() {
+                        discovery = Some(server);
+                    }
                 }
             }
         }
-    }
-    if let (Some(server), Some((mapped, _, Some(other)))) = (discovery, obs.primary) {
-        // Mapping: does the public address change with the destination's IP, then port?
-        let alt_ip = SocketAddr::new(other.ip(), server.port());
-        obs.via_alt_ip = ask(&socket, alt_ip, same, expected).await.map(|r| r.0);
-        if obs.via_alt_ip.is_some() && obs.via_alt_ip != Some(mapped) {
-            obs.via_alt_both = ask(&socket, other, same, expected).await.map(|r| r.0);
-        }
-        // Filtering is tested from a fresh socket (a fresh mapping) that has only ever sent to
-        // the primary address: the mapping tests above opened the first socket's filter to
-        // the alternate IP.
-        // Both filtering tests (answers from the other IP and port, and from the other port)
-        // run at once with a plain request beside them: every request goes to the primary
-        // address only, so none opens the filter for another, and no answer to the plain one
-        // means nothing got through at all: the filtering is then unknown, not "filtered".
-        let fresh = UdpSocket::bind(bind).await?;
-        let (control, control_id) = request_with_change(same);
-        let (both, both_id) = request_with_change((true, true));
-        let (port, port_id) = request_with_change((false, true));
-        let answers = exchanges(
-            &fresh,
-            vec![
-                (control, control_id, server, expected),
-                (both, both_id, server, filtered),
-                (port, port_id, server, filtered),
-            ],
-        )
-        .await;
-        if answers[0].is_some() {
-            let both = answers[1].is_some();
-            obs.filter_change_both = Some(both);
-            if !both {
-                obs.filter_change_port = Some(answers[2].is_some());
+        if let (Some(server), Some((mapped, _, Some(other)))) = (discovery, obs.primary) {
+            // Mapping: does the public address change with the destination's IP, then port?
+            let alt_ip = SocketAddr::new(other.ip(), server.port());
+            obs.via_alt_ip = ask(&socket, alt_ip, same, expected).await.map(|r| r.0);
+            if obs.via_alt_ip.is_some() && obs.via_alt_ip != Some(mapped) {
+                obs.via_alt_both = ask(&socket, other, same, expected).await.map(|r| r.0);
+            }
+            // Filtering is tested from a fresh socket (a fresh mapping) that has only ever sent to
+            // the primary address: the mapping tests above opened the first socket's filter to
+            // the alternate IP.
+            // Both filtering tests (answers from the other IP and port, and from the other port)
+            // run at once with a plain request beside them: every request goes to the primary
+            // address only, so none opens the filter for another, and no answer to the plain one
+            // means nothing got through at all: the filtering is then unknown, not "filtered".
+            let fresh = UdpSocket::bind(bind).await?;
+            let (control, control_id) = request_with_change(same);
+            let (both, both_id) = request_with_change((true, true));
+            let (port, port_id) = request_with_change((false, true));
+            let answers = exchanges(
+                &fresh,
+                vec![
+                    (control, control_id, server, expected),
+                    (both, both_id, server, filtered),
+                    (port, port_id, server, filtered),
+                ],
+            )
+            .await;
+            if answers[0].is_some() {
+                let both = answers[1].is_some();
+                obs.filter_change_both = Some(both);
+                if !both {
+                    obs.filter_change_port = Some(answers[2].is_some());
+                }
             }
         }
-    }
-    if let (true, Some((mapped, _, _))) = (options.hairpin, obs.primary) {
-        obs.hairpin = Some(hairpin(&socket, mapped, first, bind, expected).await?);
-    }
-    if let Some(tcp) = options.tcp_443 {
-        let connect = tokio::net::TcpStream::connect(tcp);
-        obs.tcp_443 = Some(matches!(
-            tokio::time::timeout(Duration::from_secs(3), connect).await,
-            Ok(Ok(_))
-        ));
-    }
-    let mut report = classify(&obs);
-    if let Some(task) = portmap {
-        report.port_mapping = task.await.ok();
-    }
+        if let (true, Some((mapped, _, _))) = (options.hairpin, obs.primary) {
+            obs.hairpin = Some(hairpin(&socket, mapped, first, bind, expected).await?);
+        }
+        if let Some(tcp) = options.tcp_443 {
+            let connect = tokio::net::TcpStream::connect(tcp);
+            obs.tcp_443 = Some(matches!(
+                tokio::time::timeout(Duration::from_secs(3), connect).await,
+                Ok(Ok(_))
+            ));
+        }
+        Ok::<_, std::io::Error>(classify(&obs))
+    };
+    let (measured, probed) = crate::tasks::alongside(measure, portmap.as_mut()).await;
+    let mut report = measured?;
+    report.port_mapping = match probed {
+        Some(probed) => probed,
+        None => portmap.await,
+    };
     Ok(report)
 }
 

@@ -734,6 +734,9 @@ impl PathKeeper {
                     .await;
             });
         }
+        // Aborted and awaited here (dropping the set would only abort them): the endpoint's
+        // close awaits this task, and so every punch it started.
+        punches.shutdown().await;
     }
 
     /// Asks the rendezvous how it sees us every [`MAPPING_CHECK_INTERVAL`]; when our public

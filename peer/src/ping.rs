@@ -183,9 +183,10 @@ pub async fn run(
     write_frame(&mut tx, &PeerMessage::Open { app: PeerApp::Ping }.encode())
         .await
         .map_err(|e| format!("cannot open a ping stream: {e}"))?;
-    // Reading a frame is not cancel-safe: the reader runs as its own task.
+    // Reading a frame is not cancel-safe: the reader runs alongside the loop (in this task, so
+    // that it ends with it).
     let (pong_tx, mut pongs) = mpsc::channel(16);
-    let reader = tokio::spawn(read_pongs(rx, pong_tx));
+    let mut reader = Box::pin(read_pongs(rx, pong_tx));
     let deadline = started.max(Instant::now()) + Duration::from_millis(options.timeout_ms);
     let interval = Duration::from_millis(options.interval_ms.max(10));
     let mut sent = 0u32;
@@ -199,79 +200,83 @@ pub async fn run(
     // After the last ping, a relayed path still needs both NAT profiles to be explained: ours
     // may still be being measured, the peer's comes with its pongs.
     let mut explain_until: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        let direct_seen = direct_after_ms.is_some();
-        let unexplained = !last_direct && (peer_nat.is_none() || keeper.nat_profile().is_none());
-        let counted = sent >= options.count && (!options.until_direct || direct_seen);
-        if counted {
-            let until = *explain_until.get_or_insert(now + EXPLAIN_WAIT);
-            if !unexplained || now >= until {
+    let pinging = async {
+        loop {
+            let now = Instant::now();
+            let direct_seen = direct_after_ms.is_some();
+            let unexplained =
+                !last_direct && (peer_nat.is_none() || keeper.nat_profile().is_none());
+            let counted = sent >= options.count && (!options.until_direct || direct_seen);
+            if counted {
+                let until = *explain_until.get_or_insert(now + EXPLAIN_WAIT);
+                if !unexplained || now >= until {
+                    break;
+                }
+            }
+            if now >= deadline {
                 break;
             }
-        }
-        if now >= deadline {
-            break;
-        }
-        let seq = u64::from(sent);
-        let sent_at = Instant::now();
-        if let Err(e) = write_frame(&mut tx, &PeerMessage::Ping { seq }.encode()).await {
-            failure = Some(format!("connection lost: {e}"));
-            break;
-        }
-        sent += 1;
-        let wait_until = (sent_at + PONG_TIMEOUT).min(deadline);
-        loop {
-            let pong = tokio::time::timeout_at(wait_until.into(), pongs.recv()).await;
-            match pong {
-                Ok(Some(Ok((pong_seq, nat)))) if pong_seq == seq => {
-                    let rtt_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
-                    received += 1;
-                    if nat.is_some() {
-                        peer_nat = nat;
+            let seq = u64::from(sent);
+            let sent_at = Instant::now();
+            if let Err(e) = write_frame(&mut tx, &PeerMessage::Ping { seq }.encode()).await {
+                failure = Some(format!("connection lost: {e}"));
+                break;
+            }
+            sent += 1;
+            let wait_until = (sent_at + PONG_TIMEOUT).min(deadline);
+            loop {
+                let pong = tokio::time::timeout_at(wait_until.into(), pongs.recv()).await;
+                match pong {
+                    Ok(Some(Ok((pong_seq, nat)))) if pong_seq == seq => {
+                        let rtt_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
+                        received += 1;
+                        if nat.is_some() {
+                            peer_nat = nat;
+                        }
+                        let since_start = started.elapsed().as_secs_f64() * 1000.0;
+                        first_reply_ms.get_or_insert(since_start);
+                        let (path, direct_addr) = path_now(keeper, conn);
+                        let direct = direct_addr.is_some();
+                        last_direct = direct;
+                        if direct {
+                            direct_after_ms.get_or_insert(since_start);
+                        }
+                        samples.push((rtt_ms, direct));
+                        let _ = replies
+                            .send(PingReply {
+                                seq,
+                                rtt_ms,
+                                path,
+                                direct,
+                            })
+                            .await;
+                        break;
                     }
-                    let since_start = started.elapsed().as_secs_f64() * 1000.0;
-                    first_reply_ms.get_or_insert(since_start);
-                    let (path, direct_addr) = path_now(keeper, conn);
-                    let direct = direct_addr.is_some();
-                    last_direct = direct;
-                    if direct {
-                        direct_after_ms.get_or_insert(since_start);
+                    // A late pong of an earlier ping.
+                    Ok(Some(Ok(_))) => continue,
+                    Ok(Some(Err(e))) => {
+                        failure = Some(e);
+                        break;
                     }
-                    samples.push((rtt_ms, direct));
-                    let _ = replies
-                        .send(PingReply {
-                            seq,
-                            rtt_ms,
-                            path,
-                            direct,
-                        })
-                        .await;
-                    break;
+                    Ok(None) => {
+                        failure = Some("the peer closed the ping stream".to_owned());
+                        break;
+                    }
+                    Err(_) => break, // lost
                 }
-                // A late pong of an earlier ping.
-                Ok(Some(Ok(_))) => continue,
-                Ok(Some(Err(e))) => {
-                    failure = Some(e);
-                    break;
-                }
-                Ok(None) => {
-                    failure = Some("the peer closed the ping stream".to_owned());
-                    break;
-                }
-                Err(_) => break, // lost
+            }
+            if failure.is_some() {
+                break;
+            }
+            let next = sent_at + interval;
+            if next < deadline {
+                tokio::time::sleep_until(next.into()).await;
             }
         }
-        if failure.is_some() {
-            break;
-        }
-        let next = sent_at + interval;
-        if next < deadline {
-            tokio::time::sleep_until(next.into()).await;
-        }
-    }
+    };
+    crate::tasks::alongside(pinging, reader.as_mut()).await;
     let _ = tx.finish();
-    reader.abort();
+    drop(reader);
     if let (Some(failure), 0) = (&failure, received) {
         return Err(failure.clone());
     }
@@ -473,29 +478,33 @@ pub async fn over_connection(
     let peer = conn.peer();
     let (replies_tx, mut replies) = mpsc::channel(16);
     let console = endpoint.console().clone();
-    let printer = tokio::spawn(async move {
+    // Shows each pong as it comes, until the ping is done (dropping `replies_tx`); in this
+    // task, so that it ends with the ping.
+    let printer = async move {
         while let Some(reply) = replies.recv().await {
             if !quiet {
                 console.say(render_reply(peer, &reply)).await;
             }
         }
-    });
-    let summary = run(
-        endpoint.path_keeper(),
-        peer,
-        conn,
-        options,
-        conn.started(),
-        Some(conn.connect_time().as_secs_f64() * 1000.0),
-        &replies_tx,
-    )
-    .await
-    .map_err(|e| match crate::access::refusal(peer, conn) {
+    };
+    let pinging = async move {
+        let replies_tx = replies_tx;
+        run(
+            endpoint.path_keeper(),
+            peer,
+            conn,
+            options,
+            conn.started(),
+            Some(conn.connect_time().as_secs_f64() * 1000.0),
+            &replies_tx,
+        )
+        .await
+    };
+    let (summary, ()) = tokio::join!(pinging, printer);
+    let summary = summary.map_err(|e| match crate::access::refusal(peer, conn) {
         Some(refused) => PingError::Refused(refused),
         None => PingError::Failed(e),
     });
-    drop(replies_tx);
-    let _ = printer.await;
     let summary = summary?;
     endpoint.console().flush().await;
     Ok(summary)

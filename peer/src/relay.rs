@@ -127,47 +127,51 @@ async fn run(
             Ok((mut send, recv)) => {
                 ready.send_replace(true);
                 tracing::debug!("relay stream open");
+                // A task of its own (not a future of this one) so that reading and writing the
+                // relay stream run in parallel: relayed throughput. Aborted and awaited on every
+                // way out below, so it ends with this task (which the endpoint's close awaits).
                 let reader = tokio::spawn(read_relayed(recv, injector.clone(), addrs.clone()));
                 let mut batch =
                     Vec::with_capacity(relay::RELAY_WRITE_BATCH + 2 * relay::MAX_RELAY_PACKET);
-                loop {
-                    tokio::select! {
-                        packet = rx.recv() => {
-                            let Some(packet) = packet else { return };
-                            // Everything quinn has queued meanwhile goes out in the same write.
-                            batch.clear();
-                            encode_packet(&mut batch, &packet);
-                            while batch.len() < relay::RELAY_WRITE_BATCH {
-                                let Ok(packet) = rx.try_recv() else { break };
+                // `true`: the relay stops; `false`: the stream is opened again.
+                let writing = async {
+                    loop {
+                        tokio::select! {
+                            packet = rx.recv() => {
+                                let Some(packet) = packet else { return true };
+                                // Everything quinn has queued meanwhile goes out in the same write.
+                                batch.clear();
                                 encode_packet(&mut batch, &packet);
+                                while batch.len() < relay::RELAY_WRITE_BATCH {
+                                    let Ok(packet) = rx.try_recv() else { break };
+                                    encode_packet(&mut batch, &packet);
+                                }
+                                if batch.is_empty() {
+                                    continue;
+                                }
+                                if send.write_all(&batch).await.is_err() {
+                                    break false;
+                                }
                             }
-                            if batch.is_empty() {
-                                continue;
+                            r = state.changed() => {
+                                if r.is_err() {
+                                    return true;
+                                }
+                                let same = matches!(&*state.borrow(), SessionState::Registered(r) if r.generation == reg.generation);
+                                if !same {
+                                    break false;
+                                }
                             }
-                            if send.write_all(&batch).await.is_err() {
-                                break;
-                            }
-                        }
-                        r = state.changed() => {
-                            if r.is_err() {
-                                return;
-                            }
-                            let same = matches!(&*state.borrow(), SessionState::Registered(r) if r.generation == reg.generation);
-                            if !same {
-                                break;
-                            }
-                        }
-                        _ = shutdown.changed() => {
-                            // Awaited: the endpoint's close waits for this task, and so for
-                            // the reader.
-                            reader.abort();
-                            let _ = reader.await;
-                            return;
+                            _ = shutdown.changed() => return true,
                         }
                     }
-                }
+                };
+                let stop = writing.await;
                 reader.abort();
                 let _ = reader.await;
+                if stop {
+                    return;
+                }
                 ready.send_replace(false);
             }
             Err(e) => {

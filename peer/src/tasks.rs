@@ -2,6 +2,9 @@
 //! sessions, introduction replies, ping answering), kept so that [`Endpoint::close`] can end
 //! them and wait until they have: a closed endpoint leaves nothing running.
 //!
+//! Helpers that only serve one piece of work (a stream's reader, a forwarder, a probe) are not
+//! spawned at all: [`alongside`] runs them inside the future that needs them.
+//!
 //! [`Endpoint::close`]: crate::endpoint::Endpoint::close
 
 use std::future::Future;
@@ -82,6 +85,25 @@ impl TaskSet {
     }
 }
 
+/// Runs `main` and, in the same task, `helper` (a stream reader, a forwarder, a probe) until
+/// `main` ends; returns `main`'s output and `helper`'s if it ended first. `helper` is dropped
+/// with this future, so it cannot outlive the code that needs it (a spawned helper would run
+/// on, detached, if its owner were dropped mid-way).
+pub async fn alongside<T, H>(
+    main: impl Future<Output = T>,
+    helper: impl Future<Output = H>,
+) -> (T, Option<H>) {
+    tokio::pin!(main);
+    tokio::pin!(helper);
+    let mut helped = None;
+    loop {
+        tokio::select! {
+            out = &mut main => return (out, helped),
+            done = &mut helper, if helped.is_none() => helped = Some(done),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +134,56 @@ mod tests {
             "spawned after shutdown"
         );
         assert_eq!(tasks.running(), 0);
+    }
+
+    /// Drops a flag's sender when dropped: tells whether a future was dropped.
+    struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.take();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_helper_runs_alongside_and_ends_with_its_main_future() {
+        // The helper feeds the main future, which ends on the third item.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        let guard = Dropped(Some(dropped_tx));
+        let helper = async move {
+            let _guard = guard;
+            for i in 0u32.. {
+                if tx.send(i).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let main = async {
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                got.push(rx.recv().await.unwrap());
+            }
+            got
+        };
+        let (got, helped) = alongside(main, helper).await;
+        assert_eq!(got, [0, 1, 2]);
+        assert!(helped.is_none(), "the helper never ends by itself");
+        // Already dropped, not left running.
+        let mut dropped_rx = dropped_rx;
+        assert_eq!(
+            dropped_rx.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        );
+        // A helper that ends first gives its output.
+        let (out, helped) = alongside(
+            async {
+                tokio::task::yield_now().await;
+                1
+            },
+            async { 2 },
+        )
+        .await;
+        assert_eq!((out, helped), (1, Some(2)));
     }
 }

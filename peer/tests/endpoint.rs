@@ -169,6 +169,123 @@ async fn close_ends_every_task_even_with_a_live_connection() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The peers' runtime's tasks that are not in either endpoint's task set (console printers,
+/// session, relay, quinn's drivers...). Read on a current-thread runtime, between awaits, so
+/// that nothing runs meanwhile.
+fn tasks_outside(handle: &tokio::runtime::Handle, sets: &[&peer::tasks::TaskSet]) -> usize {
+    let in_sets: usize = sets.iter().map(|set| set.running()).sum();
+    handle.metrics().num_alive_tasks() - in_sets
+}
+
+/// A ping and a chat in both directions run in the caller's futures, with their stream readers
+/// and forwarders inside them: running them spawns no task of their own (a spawned reader would
+/// outlive a dropped ping or chat), and closing both endpoints while they run ends every task
+/// of the endpoints, then the ping and the chat themselves.
+#[test]
+fn a_ping_and_a_chat_running_at_close_spawn_nothing_and_leave_nothing() {
+    use peer::chat;
+    use peer::ping::{self, PingOptions};
+    use tokio::sync::mpsc;
+
+    // The rendezvous runs on a runtime of its own: its tasks are not counted.
+    let server_rt = tokio::runtime::Runtime::new().unwrap();
+    let (server, dir) = server_rt.block_on(start_rendezvous("ping-chat"));
+    let peers_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = peers_rt.handle().clone();
+    let addr = server.local_addr().to_string();
+    let key = server.fingerprint();
+    peers_rt.block_on(async {
+        let a = Endpoint::bind(Arc::new(Identity::generate().unwrap()), config(&addr, key))
+            .await
+            .expect("a binds");
+        let b = Endpoint::bind(Arc::new(Identity::generate().unwrap()), config(&addr, key))
+            .await
+            .expect("b binds");
+        a.registered().await.expect("a registers");
+        b.registered().await.expect("b registers");
+        let (a_id, b_id) = (a.id(), b.id());
+        let accepting = async { a.accept().await.expect("endpoint open").await };
+        let (accepted, dialed) =
+            tokio::time::timeout(T, async { tokio::join!(accepting, b.connect(a_id)) })
+                .await
+                .expect("connect and accept in time");
+        let accepted = accepted.expect("accepted");
+        let conn = dialed.expect("connected");
+        let a_tasks = a.path_keeper().tasks.clone();
+        let b_tasks = b.path_keeper().tasks.clone();
+        let (a_keeper, b_keeper) = (a.path_keeper().clone(), b.path_keeper().clone());
+        let (a_console, b_console) = (a.console().clone(), b.console().clone());
+        let before = tasks_outside(&handle, &[&a_tasks, &b_tasks]);
+
+        // The chat's input stays open (the senders live to the end): it runs until the close.
+        let (_a_input, a_lines) = mpsc::channel::<String>(4);
+        let (_b_input, b_lines) = mpsc::channel::<String>(4);
+        // A answers the chat stream, then the ping stream, as a listener does.
+        let a_side = async {
+            let (mut tx, mut rx) = accepted.accept_bi().await.expect("the chat stream");
+            let app = chat::accept(&mut tx, &mut rx).await.expect("a header");
+            assert_eq!(app, common::message::PeerApp::Chat);
+            let chatting = chat::run(tx, rx, a_id, b_id, a_lines, a_console, T);
+            let (mut ptx, mut prx) = accepted.accept_bi().await.expect("the ping stream");
+            let app = chat::accept(&mut ptx, &mut prx).await.expect("a header");
+            assert_eq!(app, common::message::PeerApp::Ping);
+            tokio::join!(chatting, ping::serve(ptx, prx, a_keeper));
+        };
+        let (replies_tx, mut replies) = mpsc::channel(16);
+        let b_side = async {
+            let (tx, rx) = chat::open(&conn).await.expect("chat opens");
+            let chatting = chat::run(tx, rx, b_id, a_id, b_lines, b_console, T);
+            let options = PingOptions {
+                count: u32::MAX,
+                interval_ms: 20,
+                until_direct: false,
+                timeout_ms: 600_000,
+            };
+            let started = std::time::Instant::now();
+            let pinging = ping::run(&b_keeper, a_id, &conn, options, started, None, &replies_tx);
+            let (_, pinged) = tokio::join!(chatting, pinging);
+            pinged
+        };
+        let both = async { tokio::join!(a_side, b_side).1 };
+        tokio::pin!(both);
+        // Two pongs: both chats and the ping (on both sides) have been running a while.
+        for _ in 0..2 {
+            tokio::select! {
+                _ = &mut both => panic!("the ping and the chat ended before the close"),
+                reply = tokio::time::timeout(T, replies.recv()) => {
+                    reply.expect("a pong in time").expect("the ping runs");
+                }
+            }
+        }
+        let during = tasks_outside(&handle, &[&a_tasks, &b_tasks]);
+        assert_eq!(
+            during, before,
+            "running a ping and a chat spawned tasks outside the endpoints' task sets"
+        );
+
+        tokio::time::timeout(T, b.close())
+            .await
+            .expect("b closes in time");
+        tokio::time::timeout(T, a.close())
+            .await
+            .expect("a closes in time");
+        assert_eq!(b_tasks.running(), 0, "a task of b outlived close()");
+        assert_eq!(a_tasks.running(), 0, "a task of a outlived close()");
+        // The ping and the chat end by themselves once their connection is closed.
+        let pinged = tokio::time::timeout(T, both)
+            .await
+            .expect("the ping and the chat end after the close");
+        let summary = pinged.expect("pongs came before the close");
+        assert!(summary.received >= 2, "{summary:?}");
+    });
+    drop(peers_rt);
+    server_rt.block_on(server.shutdown());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_use_trust_is_reported_as_a_value_once() {
     let (server, dir) = start_rendezvous("tofu").await;
