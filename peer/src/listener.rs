@@ -64,11 +64,15 @@ pub async fn run(
         console.clone(),
     ));
     let mut conns = tokio::task::JoinSet::new();
+    // Tells every connection's server to stop, so that each stops its streams and waits for
+    // them (aborting it would only abort them).
+    let (stop_serving, serving) = watch::channel(false);
     tokio::pin!(stop);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let mut serving = serving.clone();
                 conns.spawn(serve_peer(
                     incoming,
                     me,
@@ -76,6 +80,9 @@ pub async fn run(
                     endpoint.path_keeper().clone(),
                     inbox.clone(),
                     console.clone(),
+                    async move {
+                        let _ = serving.wait_for(|stop| *stop).await;
+                    },
                 ));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -83,8 +90,10 @@ pub async fn run(
         }
     }
     console.say("shutting down").await;
-    // Aborted and awaited: nothing of this listener runs on after it returns.
-    conns.shutdown().await;
+    // Each server stops at once (every await of it is raced with the signal) and waits for
+    // its streams: nothing of this listener runs on after it returns.
+    stop_serving.send_replace(true);
+    while conns.join_next().await.is_some() {}
     for task in [watcher, input_task] {
         task.abort();
         let _ = task.await;
@@ -156,7 +165,8 @@ pub async fn broadcast_input(mut lines: mpsc::Receiver<String>, hub: ChatHub, co
     }
 }
 
-/// Accepts one connection and serves the streams its peer opens until it closes.
+/// Accepts one connection and serves the streams its peer opens until it closes or `stop`
+/// completes; either way the streams still being served are ended and waited for.
 pub async fn serve_peer(
     incoming: Incoming,
     me: PeerId,
@@ -164,9 +174,15 @@ pub async fn serve_peer(
     keeper: PathKeeper,
     inbox: Option<Arc<files::Inbox>>,
     console: Console,
+    stop: impl Future<Output = ()>,
 ) {
+    tokio::pin!(stop);
     // Refusals are reported by the endpoint.
-    let Ok(conn) = incoming.await else {
+    let accepted = tokio::select! {
+        accepted = std::future::IntoFuture::into_future(incoming) => accepted,
+        () = &mut stop => return,
+    };
+    let Ok(conn) = accepted else {
         return;
     };
     let peer = conn.peer();
@@ -181,8 +197,13 @@ pub async fn serve_peer(
                 }
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+            () = &mut stop => break,
         };
-        let app = match chat::accept(&mut tx, &mut rx).await {
+        let header = tokio::select! {
+            header = chat::accept(&mut tx, &mut rx) => header,
+            () = &mut stop => break,
+        };
+        let app = match header {
             Ok(app) => app,
             Err(e) => {
                 console
