@@ -313,69 +313,71 @@ async fn run(
         },
     };
     let mut tunnel = Tunnel::default();
-    loop {
-        let attempt = tokio::select! {
-            r = attempt(&endpoint, &identity, &config, &mut trust, &first_use, &mut tunnel) => r,
-            _ = shutdown.changed() => {
-                tunnel.close(&config);
-                return;
+    // Every way out of the loop below ends here, where the tunnel's task is stopped and
+    // awaited: the endpoint's close awaits this task, and so the tunnel's.
+    let registering = async {
+        loop {
+            let attempt = tokio::select! {
+                r = attempt(&endpoint, &identity, &config, &mut trust, &first_use, &mut tunnel) => r,
+                _ = shutdown.changed() => return,
+            };
+            match attempt {
+                Ok((conn, control_tx, mut control_rx, id, observed)) => {
+                    generation += 1;
+                    backoff = BACKOFF_MIN;
+                    state_tx.send_replace(SessionState::Registered(Registration {
+                        conn: conn.clone(),
+                        id,
+                        observed,
+                        generation,
+                        over_tcp: tunnel.is_open(),
+                    }));
+                    tracing::info!(%observed, generation, over_tcp = tunnel.is_open(), "registered with the rendezvous");
+                    let reason = tokio::select! {
+                        r = pump_events(&mut control_rx, &events_tx) => r,
+                        e = conn.closed() => e.to_string(),
+                        _ = udp_works.notified(), if tunnel.is_open() => {
+                            tunnel.preferred = false;
+                            "UDP to the rendezvous works again; leaving the TCP tunnel".to_owned()
+                        }
+                        _ = shutdown.changed() => {
+                            conn.close(0u32.into(), b"peer shutting down");
+                            // Let the close frame leave before the tunnel goes.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                    };
+                    drop(control_tx);
+                    tracing::warn!(%reason, "lost the rendezvous connection; re-registering");
+                    conn.close(0u32.into(), b"re-registering");
+                    state_tx.send_replace(SessionState::Connecting {
+                        last_error: Some(reason),
+                    });
+                }
+                Err(AttemptError::Fatal(e)) => {
+                    tracing::error!(error = %e, "giving up on the rendezvous");
+                    state_tx.send_replace(SessionState::Fatal(e));
+                    return;
+                }
+                Err(AttemptError::Retry(e) | AttemptError::Refused(e)) => {
+                    tracing::debug!(error = %e, "registration attempt failed");
+                    state_tx.send_replace(SessionState::Connecting {
+                        last_error: Some(e),
+                    });
+                }
             }
-        };
-        match attempt {
-            Ok((conn, control_tx, mut control_rx, id, observed)) => {
-                generation += 1;
-                backoff = BACKOFF_MIN;
-                state_tx.send_replace(SessionState::Registered(Registration {
-                    conn: conn.clone(),
-                    id,
-                    observed,
-                    generation,
-                    over_tcp: tunnel.is_open(),
-                }));
-                tracing::info!(%observed, generation, over_tcp = tunnel.is_open(), "registered with the rendezvous");
-                let reason = tokio::select! {
-                    r = pump_events(&mut control_rx, &events_tx) => r,
-                    e = conn.closed() => e.to_string(),
-                    _ = udp_works.notified(), if tunnel.is_open() => {
-                        tunnel.preferred = false;
-                        "UDP to the rendezvous works again; leaving the TCP tunnel".to_owned()
-                    }
-                    _ = shutdown.changed() => {
-                        conn.close(0u32.into(), b"peer shutting down");
-                        // Let the close frame leave before the tunnel goes.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        tunnel.close(&config);
-                        return;
-                    }
-                };
-                drop(control_tx);
-                tracing::warn!(%reason, "lost the rendezvous connection; re-registering");
-                conn.close(0u32.into(), b"re-registering");
-                state_tx.send_replace(SessionState::Connecting {
-                    last_error: Some(reason),
-                });
+            // Jitter spreads out the reconnect storm after a server restart.
+            let jitter =
+                Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = shutdown.changed() => return,
             }
-            Err(AttemptError::Fatal(e)) => {
-                tracing::error!(error = %e, "giving up on the rendezvous");
-                state_tx.send_replace(SessionState::Fatal(e));
-                return;
-            }
-            Err(AttemptError::Retry(e) | AttemptError::Refused(e)) => {
-                tracing::debug!(error = %e, "registration attempt failed");
-                state_tx.send_replace(SessionState::Connecting {
-                    last_error: Some(e),
-                });
-            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        // Jitter spreads out the reconnect storm after a server restart.
-        let jitter =
-            Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
-        tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
-            _ = shutdown.changed() => return,
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
+    };
+    registering.await;
+    tunnel.stop(&config).await;
 }
 
 /// The TLS-over-TCP tunnel to the rendezvous, when UDP does not get through.
@@ -395,6 +397,15 @@ impl Tunnel {
         if let Some(task) = self.task.take() {
             task.abort();
             config.socket.remove_routes(config.server_addr);
+        }
+    }
+
+    /// Like [`Tunnel::close`], and waits until the tunnel's task has ended.
+    async fn stop(&mut self, config: &SessionConfig) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            config.socket.remove_routes(config.server_addr);
+            let _ = task.await;
         }
     }
 
