@@ -211,7 +211,9 @@ impl Session {
                 if let (Some(from), Some(witness)) = (proven, &self.witness) {
                     said.extend(witness.authenticated(self.puncher.nonce(), from));
                 }
-                said.push(describe(peer, &event));
+                if self.verbose.is_some() {
+                    said.push(describe(peer, &event));
+                }
             }
             while let Some(transmit) = self.puncher.poll_transmit(now) {
                 if !self.router.may_send(now) {

@@ -353,6 +353,15 @@ impl PeerPaths {
         }
     }
 
+    /// The closed connection in charge is done: relayed packets no longer appear from its
+    /// address, and its routes (with its claim and the aliases it had taken over) go.
+    fn drop_closed_link(&mut self) {
+        if let Some(link) = self.link.take() {
+            self.outputs.push_back(PathOutput::RelaySource(None));
+            self.remove_routes(link.quinn_addr);
+        }
+    }
+
     /// Removes the routes of `quinn_addr` if nothing holds them any more: no connection on it
     /// (live or closing), none waiting out its close, and, for the stable address, no
     /// introduction running, no result waiting for its connection and no cached dial.
@@ -608,10 +617,7 @@ impl PeerPaths {
         };
         link.closed_at = Some(now);
         if end == ConnectionEnd::Remote {
-            let quinn_addr = link.quinn_addr;
-            self.link = None;
-            self.outputs.push_back(PathOutput::RelaySource(None));
-            self.remove_routes(quinn_addr);
+            self.drop_closed_link();
         }
     }
 
@@ -642,16 +648,13 @@ impl PeerPaths {
                 self.end_linger(done);
             }
         }
-        if let Some(link) = self
+        if self
             .link
             .as_ref()
-            .filter(|l| l.closed_at.is_some_and(|at| at + CLOSE_LINGER <= now))
+            .is_some_and(|l| l.closed_at.is_some_and(|at| at + CLOSE_LINGER <= now))
         {
             // Still the peer's connection: nothing newer took the routes, they go.
-            let quinn_addr = link.quinn_addr;
-            self.link = None;
-            self.outputs.push_back(PathOutput::RelaySource(None));
-            self.remove_routes(quinn_addr);
+            self.drop_closed_link();
         }
         if self
             .pending
