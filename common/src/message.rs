@@ -22,7 +22,12 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
 /// `end`/`end_ack` (see [`chat`](crate::chat)), so that a piped line is never lost while the
 /// sender reports success; version-1 peers cannot complete the handshake with version-2 peers.
-pub const PEER_PROTOCOL_VERSION: u32 = 2;
+/// Version 3 adds the `service` application (`service_open`/`service_reply`, then raw bytes:
+/// `peer pipe` and `peer forward`) and resumable files (the receiver answers a `file_header`
+/// with `file_resume`, the sender says where it starts with `file_start`); a version-2 peer
+/// would wait for bytes a version-3 sender holds back, so the two refuse each other in the
+/// handshake, naming the older version.
+pub const PEER_PROTOCOL_VERSION: u32 = 3;
 
 /// Most local addresses a peer may announce.
 pub const MAX_LOCAL_ADDRS: usize = 16;
@@ -190,6 +195,10 @@ pub const PEER_TYPES: &[&str] = &[
     "open",
     "file_header",
     "file_result",
+    "file_resume",
+    "file_start",
+    "service_open",
+    "service_reply",
     "ping",
     "pong",
     "error",
@@ -324,6 +333,21 @@ pub enum PeerMessage {
         /// SHA-256 of the bytes, hex.
         sha256: String,
     },
+    /// The receiver's answer to a `file_header`: how much of this file (same sender, name, size
+    /// and SHA-256) it already holds from an interrupted transfer, and the SHA-256 of those
+    /// bytes. `offset` 0 (and the empty string's hash) when it has nothing.
+    FileResume {
+        /// Bytes the receiver holds (at most the announced size).
+        offset: u64,
+        /// SHA-256 of those bytes, hex.
+        prefix_sha256: String,
+    },
+    /// The sender's answer to `file_resume`: the raw bytes from `offset` to the end follow.
+    /// Either the receiver's offset (the prefix hashes matched) or 0 (start over).
+    FileStart {
+        /// Where the bytes that follow start.
+        offset: u64,
+    },
     /// The receiver's verdict on a file.
     FileResult {
         /// Stored and verified.
@@ -331,6 +355,23 @@ pub enum PeerMessage {
         /// SHA-256 the receiver computed, hex.
         sha256: String,
         /// Detail for the sender.
+        message: String,
+    },
+    /// Sent after `open {app: service}`: which exposed TCP service the stream is for.
+    ServiceOpen {
+        /// The service's name (`peer listen --expose NAME=HOST:PORT`).
+        name: String,
+        /// Only ask whether the service is exposed to us (no TCP connection is made); the
+        /// reply ends the stream.
+        #[serde(default)]
+        probe: bool,
+    },
+    /// The answer to `service_open`: with `ok`, the TCP connection is up and raw bytes follow
+    /// both ways (each side finishing its half when its reader ends); otherwise why not.
+    ServiceReply {
+        /// Connected (or, for a probe, exposed to us).
+        ok: bool,
+        /// Why not, or what the stream is connected to.
         message: String,
     },
     /// On a `ping` stream: echo this `seq` at once.
@@ -371,10 +412,14 @@ impl PeerMessage {
 pub enum PeerApp {
     /// Chat: [`ChatFrame`](crate::ChatFrame)s both ways (messages, then `end`/`end_ack`).
     Chat,
-    /// One file: a `file_header`, the bytes, and a `file_result` back.
+    /// One file: a `file_header`, `file_resume` back, `file_start`, the bytes from there, and a
+    /// `file_result` back.
     File,
     /// Round trips: `ping` frames answered by `pong` frames.
     Ping,
+    /// A byte stream to a TCP service the other side exposes: `service_open`, `service_reply`,
+    /// then raw bytes both ways.
+    Service,
 }
 
 /// Why a frame body is not a valid message.

@@ -154,7 +154,7 @@ fn behaviour(u: &mut Unstructured) -> Result<Behaviour> {
 pub fn peer_message(u: &mut Unstructured) -> Result<PeerMessage> {
     Ok(match u.int_in_range(0u8..=5)? {
         0 => PeerMessage::Open {
-            app: *u.choose(&[PeerApp::Chat, PeerApp::File, PeerApp::Ping])?,
+            app: *u.choose(&[PeerApp::Chat, PeerApp::File, PeerApp::Ping, PeerApp::Service])?,
         },
         1 => PeerMessage::FileHeader {
             name: u.arbitrary()?,

@@ -52,6 +52,42 @@ pub(crate) enum Command {
         /// is refused before any byte is written.
         #[arg(long, default_value = "4G", value_parser = parse_size, requires = "accept_files")]
         max_file_size: u64,
+        /// Offer the TCP service at HOST:PORT under NAME to the peers of the allow-list
+        /// (repeatable): they reach it with `peer pipe` and `peer forward`. Needs an allow-list
+        /// (--allow or <config dir>/authorized_peers); refused with --allow-any.
+        #[arg(long, value_name = "NAME=HOST:PORT", value_parser = peer::services::parse_expose)]
+        expose: Vec<(String, String)>,
+    },
+    /// Join stdin and stdout to a TCP service the peer exposes (`peer listen --expose`), until
+    /// both sides ended. Usable as ssh's ProxyCommand:
+    /// `ssh -o ProxyCommand='peer pipe %h ssh --server HOST:PORT' PEER_ID`.
+    Pipe {
+        /// The peer's id.
+        peer: PeerId,
+        /// The service's name.
+        #[arg(default_value = "ssh")]
+        service: String,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Seconds to wait for the peer to answer the connection.
+        #[arg(long, default_value_t = 20.0)]
+        dial_timeout: f64,
+    },
+    /// Listen on a local TCP address and carry every connection accepted there to a TCP
+    /// service the peer exposes (`peer listen --expose`), until SIGINT/SIGTERM.
+    Forward {
+        /// The peer's id.
+        peer: PeerId,
+        /// The service's name.
+        service: String,
+        /// The local address to listen on (port 0: any free port, printed).
+        #[arg(long, value_name = "ADDR")]
+        local: SocketAddr,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Seconds to wait for the peer to answer the connection.
+        #[arg(long, default_value_t = 20.0)]
+        dial_timeout: f64,
     },
     /// Connect to a peer by id and chat: typed lines go to the peer, end of input ends the chat.
     Connect {

@@ -90,6 +90,10 @@ pub enum Role {
     Send,
     /// `peer lookup`: over in a moment.
     Lookup,
+    /// `peer pipe`: stdout carries the service's bytes, so every event goes to stderr.
+    Pipe,
+    /// `peer forward`.
+    Forward,
     /// `peer ping`; with `json`, stdout carries only the summary.
     Ping {
         /// The summary is printed as JSON.
@@ -105,6 +109,8 @@ impl Role {
             Role::Connect => "connect",
             Role::Send => "send",
             Role::Lookup => "lookup",
+            Role::Pipe => "pipe",
+            Role::Forward => "forward",
             Role::Ping { .. } => "ping",
         }
     }
@@ -147,7 +153,7 @@ pub fn endpoint_config(
     config.register_timeout = server.register_timeout;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
-        events_to_stderr: matches!(role, Role::Ping { json: true }),
+        events_to_stderr: matches!(role, Role::Ping { json: true } | Role::Pipe),
     };
     config.verbose = verbose;
     let long_lived = role != Role::Lookup;

@@ -1,4 +1,5 @@
-//! `peer listen`: accept connections and serve what each peer opens on them (chat, ping, files).
+//! `peer listen`: accept connections and serve what each peer opens on them (chat, ping, files,
+//! exposed TCP services).
 //!
 //! Why this exists apart from [`crate::endpoint`]: the endpoint gives a program connections; what
 //! runs on them is the application's business. This module is the `peer` program's application,
@@ -19,6 +20,7 @@ use crate::endpoint::{Endpoint, Incoming, RegisterError};
 use crate::files;
 use crate::paths::PathKeeper;
 use crate::ping;
+use crate::services::{self, Exposed};
 use crate::session::SessionState;
 
 /// Lines typed by the user, by chat: each open chat's input queue.
@@ -26,11 +28,13 @@ pub type ChatHub = Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>;
 
 /// Runs `peer listen` on `endpoint` until `stop` completes: registers, tells the user, serves
 /// every connection, and closes the endpoint. `policy` is only shown (the endpoint enforces it);
-/// `inbox` receives files (refused without one).
+/// `inbox` receives files (refused without one); `exposed` are the TCP services offered (none
+/// without).
 pub async fn run(
     endpoint: Endpoint,
     policy: &Access,
     inbox: Option<Arc<files::Inbox>>,
+    exposed: Option<Arc<Exposed>>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), RegisterError> {
     let reg = match endpoint.registered().await {
@@ -46,6 +50,14 @@ pub async fn run(
     if let Access::Only(ids) = policy {
         console
             .say(format!("accepting only {} allowed peer(s)", ids.len()))
+            .await;
+    }
+    if let Some(exposed) = &exposed {
+        console
+            .say(format!(
+                "exposing {} to the allowed peers",
+                exposed.describe().join(", ")
+            ))
             .await;
     }
     let how = if reg.over_tcp {
@@ -79,6 +91,7 @@ pub async fn run(
                     hub.clone(),
                     endpoint.path_keeper().clone(),
                     inbox.clone(),
+                    exposed.clone(),
                     console.clone(),
                     async move {
                         let _ = serving.wait_for(|stop| *stop).await;
@@ -173,6 +186,7 @@ pub async fn serve_peer(
     hub: ChatHub,
     keeper: PathKeeper,
     inbox: Option<Arc<files::Inbox>>,
+    exposed: Option<Arc<Exposed>>,
     console: Console,
     stop: impl Future<Output = ()>,
 ) {
@@ -256,6 +270,9 @@ pub async fn serve_peer(
             common::message::PeerApp::File => {
                 let inbox = inbox.clone();
                 streams.spawn(async move { files::receive(tx, rx, peer, inbox, &console).await });
+            }
+            common::message::PeerApp::Service => {
+                streams.spawn(services::serve(tx, rx, peer, exposed.clone(), console));
             }
         }
     }

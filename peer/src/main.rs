@@ -13,7 +13,7 @@ use certs::Identity;
 use clap::Parser;
 use peer::commands::{self, DirPrivacy, PeerLookup, Role};
 use peer::endpoint::{Endpoint, EndpointConfig};
-use peer::{access, console, control, files, listener, netcheck, ping, FirstUseTrust};
+use peer::{access, console, control, files, listener, netcheck, ping, services, FirstUseTrust};
 use tokio::sync::watch;
 mod cli;
 
@@ -151,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             accept_files,
             access,
             max_file_size,
+            expose,
         } => {
             let policy = access::policy(
                 &access.allow,
@@ -158,6 +159,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &dir.join(access::FILE_NAME),
                 accept_files.is_some(),
             )?;
+            let exposed = if expose.is_empty() {
+                None
+            } else {
+                Some(services::Exposed::new(
+                    expose,
+                    &policy,
+                    &dir.join(access::FILE_NAME),
+                )?)
+            };
             let inbox = match accept_files {
                 Some(files) if !files.is_dir() => {
                     bail!("--accept-files {}: not a directory", files.display())
@@ -172,7 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 commands::endpoint_config(&server.options()?, &dir, verbose, Role::Listen);
             config.access = policy.clone();
             with_endpoint(identity, config, |endpoint| {
-                listener::run(endpoint, &policy, inbox, signal)
+                listener::run(endpoint, &policy, inbox, exposed, signal)
             })
             .await
         }
@@ -205,6 +215,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.dial_timeout = dial_timeout;
             with_endpoint(identity, config, |endpoint| {
                 commands::send_file(endpoint, peer, &file)
+            })
+            .await
+        }
+        Command::Pipe {
+            peer,
+            service,
+            server,
+            dial_timeout,
+        } => {
+            services::check_name(&service).map_err(|e| anyhow::anyhow!("{service:?}: {e}"))?;
+            let mut config =
+                commands::endpoint_config(&server.options()?, &dir, verbose, Role::Pipe);
+            config.dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
+            with_endpoint(identity, config, |endpoint| {
+                services::pipe(
+                    endpoint,
+                    peer,
+                    &service,
+                    tokio::io::stdin(),
+                    tokio::io::stdout(),
+                )
+            })
+            .await
+            .map(|_| ())
+        }
+        Command::Forward {
+            peer,
+            service,
+            local,
+            server,
+            dial_timeout,
+        } => {
+            services::check_name(&service).map_err(|e| anyhow::anyhow!("{service:?}: {e}"))?;
+            let signal =
+                commands::stop_signals().context("installing the SIGINT/SIGTERM handlers")?;
+            let mut config =
+                commands::endpoint_config(&server.options()?, &dir, verbose, Role::Forward);
+            config.dial_timeout = seconds(dial_timeout, "--dial-timeout")?;
+            with_endpoint(identity, config, |endpoint| {
+                services::forward(endpoint, peer, &service, local, |_| {}, signal)
             })
             .await
         }
