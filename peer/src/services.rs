@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::access::Refused;
 use crate::console::Console;
-use crate::endpoint::{ConnectError, Connection, Endpoint};
+use crate::endpoint::{ConnectError, Endpoint};
 use crate::files::printable;
 
 /// Service streams one peer may have open at once on a listener (all its connections
@@ -469,14 +469,14 @@ pub enum ServiceError {
     },
 }
 
-/// Opens a stream to service `name` of the peer of `conn`; with `probe`, only asks whether it
+/// Opens a stream to service `name` of `peer` (the other side of `conn`); with `probe`, only asks whether it
 /// is exposed to us (the stream then ends).
 pub async fn open(
-    conn: &Connection,
+    conn: &quinn::Connection,
+    peer: PeerId,
     name: &str,
     probe: bool,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), ServiceError> {
-    let peer = conn.peer();
     let failed = |reason: String| match crate::access::refusal(peer, conn) {
         Some(refused) => ServiceError::Refused(refused),
         None => ServiceError::Stream {
@@ -549,7 +549,7 @@ where
 {
     let (endpoint, conn) = crate::commands::open_connection(endpoint, peer).await?;
     let result = async {
-        let (mut tx, mut rx) = open(&conn, name, false).await?;
+        let (mut tx, mut rx) = open(&conn, peer, name, false).await?;
         splice(input, output, &mut tx, &mut rx).await.map_err(
             |reason| match crate::access::refusal(peer, &conn) {
                 Some(refused) => ServiceError::Refused(refused),
@@ -592,7 +592,7 @@ pub async fn forward(
     let bound = listener.local_addr().unwrap_or(local);
     let (endpoint, mut conn) = crate::commands::open_connection(endpoint, peer).await?;
     // Refusals (not allowed, not exposed) are reported now, not at the first local connection.
-    if let Err(e) = open(&conn, name, true).await {
+    if let Err(e) = open(&conn, peer, name, true).await {
         conn.close(0u32.into(), b"refused");
         endpoint.close().await;
         return Err(e);
@@ -655,7 +655,7 @@ pub async fn forward(
         let (conn, console, name) = (conn.clone(), console.clone(), name.to_owned());
         carried.spawn(async move {
             let _slot = slot;
-            let (mut tx, mut rx) = match open(&conn, &name, false).await {
+            let (mut tx, mut rx) = match open(&conn, peer, &name, false).await {
                 Ok(pair) => pair,
                 Err(e) => {
                     // The local client learns of it by a reset; the reason goes to the log.
@@ -759,5 +759,96 @@ mod tests {
         drop(slots);
         assert!(exposed.open.lock().unwrap().is_empty());
         assert!(exposed.admit(a).is_ok());
+    }
+
+    /// A peer opening service streams over several connections at once: the bound holds across
+    /// them, the one over it is told why, and a closed stream gives its place back.
+    #[tokio::test]
+    async fn a_peer_cannot_hold_more_service_streams_than_the_bound() {
+        use crate::node::Node;
+        let settings = transport::TransportSettings::default();
+        let node = || {
+            let identity = Arc::new(certs::Identity::generate().unwrap());
+            Node::bind("127.0.0.1:0".parse().unwrap(), identity, settings).unwrap()
+        };
+        let ((a, _a_stun), (b, _b_stun)) = (node(), node());
+        // The service holds every connection it accepts.
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = service.local_addr().unwrap().to_string();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = service.accept().await {
+                held.push(tcp);
+            }
+        });
+        let exposed = Exposed::new(
+            vec![("svc".into(), target)],
+            &Access::Only(Default::default()),
+            std::path::Path::new("x"),
+        )
+        .unwrap();
+        let (console, _printer) = Console::start_with(true);
+        let a_id = a.identity.id();
+        let server = tokio::spawn({
+            let endpoint = b.endpoint.clone();
+            async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                while let Some(incoming) = endpoint.accept().await {
+                    let Ok(conn) = incoming.await else { continue };
+                    let (exposed, console) = (exposed.clone(), console.clone());
+                    tasks.spawn(async move {
+                        let mut streams = tokio::task::JoinSet::new();
+                        while let Ok((mut tx, mut rx)) = conn.accept_bi().await {
+                            let app = crate::chat::accept(&mut tx, &mut rx).await.unwrap();
+                            assert_eq!(app, PeerApp::Service);
+                            streams.spawn(serve(
+                                tx,
+                                rx,
+                                a_id,
+                                Some(exposed.clone()),
+                                console.clone(),
+                            ));
+                        }
+                        streams.shutdown().await;
+                    });
+                }
+            }
+        });
+        let target = b.local_addr().unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(
+                a.dial(b.identity.id(), target, Duration::from_secs(10))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let b_id = b.identity.id();
+        let mut open_streams = Vec::new();
+        for i in 0..MAX_STREAMS_PER_PEER {
+            let conn = &conns[i % conns.len()];
+            open_streams.push(open(conn, b_id, "svc", false).await.unwrap());
+        }
+        let err = open(&conns[0], b_id, "svc", false).await.unwrap_err();
+        assert!(
+            matches!(&err, ServiceError::Denied { reason, .. } if reason.contains("open already")),
+            "{err}"
+        );
+        // One stream ends: its place is free again (once the server has seen the end).
+        let (mut tx, _rx) = open_streams.pop().unwrap();
+        tx.reset(0u32.into()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match open(&conns[1], b_id, "svc", false).await {
+                Ok(pair) => {
+                    open_streams.push(pair);
+                    break;
+                }
+                Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.abort();
+        holder.abort();
     }
 }
