@@ -122,6 +122,34 @@ fn peer_messages() -> Vec<(&'static str, PeerMessage)> {
         ("open_chat", PeerMessage::Open { app: PeerApp::Chat }),
         ("open_file", PeerMessage::Open { app: PeerApp::File }),
         (
+            "open_service",
+            PeerMessage::Open {
+                app: PeerApp::Service,
+            },
+        ),
+        (
+            "file_resume",
+            PeerMessage::FileResume {
+                offset: 4096,
+                prefix_sha256: "cd".repeat(32),
+            },
+        ),
+        ("file_start", PeerMessage::FileStart { offset: 4096 }),
+        (
+            "service_open",
+            PeerMessage::ServiceOpen {
+                name: "ssh".into(),
+                probe: false,
+            },
+        ),
+        (
+            "service_reply",
+            PeerMessage::ServiceReply {
+                ok: false,
+                message: "service ssh (127.0.0.1:22) is down".into(),
+            },
+        ),
+        (
             "file_header",
             PeerMessage::FileHeader {
                 name: "notes.txt".into(),

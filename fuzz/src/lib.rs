@@ -152,9 +152,29 @@ fn behaviour(u: &mut Unstructured) -> Result<Behaviour> {
 
 /// A peer-to-peer message of any kind, with arbitrary field values.
 pub fn peer_message(u: &mut Unstructured) -> Result<PeerMessage> {
-    Ok(match u.int_in_range(0u8..=5)? {
+    Ok(match u.int_in_range(0u8..=9)? {
+        6 => PeerMessage::FileResume {
+            offset: u.arbitrary()?,
+            prefix_sha256: u.arbitrary()?,
+        },
+        7 => PeerMessage::FileStart {
+            offset: u.arbitrary()?,
+        },
+        8 => PeerMessage::ServiceOpen {
+            name: u.arbitrary()?,
+            probe: u.arbitrary()?,
+        },
+        9 => PeerMessage::ServiceReply {
+            ok: u.arbitrary()?,
+            message: u.arbitrary()?,
+        },
         0 => PeerMessage::Open {
-            app: *u.choose(&[PeerApp::Chat, PeerApp::File, PeerApp::Ping, PeerApp::Service])?,
+            app: *u.choose(&[
+                PeerApp::Chat,
+                PeerApp::File,
+                PeerApp::Ping,
+                PeerApp::Service,
+            ])?,
         },
         1 => PeerMessage::FileHeader {
             name: u.arbitrary()?,

@@ -23,6 +23,16 @@ use crate::ping;
 use crate::services::{self, Exposed};
 use crate::session::SessionState;
 
+/// What a listener offers besides chat and ping: an inbox for files and exposed TCP services
+/// (each refused to peers when absent).
+#[derive(Debug, Clone, Default)]
+pub struct Offered {
+    /// Where received files go.
+    pub inbox: Option<Arc<files::Inbox>>,
+    /// The TCP services peers may reach.
+    pub exposed: Option<Arc<Exposed>>,
+}
+
 /// Lines typed by the user, by chat: each open chat's input queue.
 pub type ChatHub = Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>;
 
@@ -90,8 +100,10 @@ pub async fn run(
                     me,
                     hub.clone(),
                     endpoint.path_keeper().clone(),
-                    inbox.clone(),
-                    exposed.clone(),
+                    Offered {
+                        inbox: inbox.clone(),
+                        exposed: exposed.clone(),
+                    },
                     console.clone(),
                     async move {
                         let _ = serving.wait_for(|stop| *stop).await;
@@ -185,8 +197,7 @@ pub async fn serve_peer(
     me: PeerId,
     hub: ChatHub,
     keeper: PathKeeper,
-    inbox: Option<Arc<files::Inbox>>,
-    exposed: Option<Arc<Exposed>>,
+    offered: Offered,
     console: Console,
     stop: impl Future<Output = ()>,
 ) {
@@ -268,11 +279,17 @@ pub async fn serve_peer(
                 streams.spawn(ping::serve(tx, rx, keeper.clone()));
             }
             common::message::PeerApp::File => {
-                let inbox = inbox.clone();
+                let inbox = offered.inbox.clone();
                 streams.spawn(async move { files::receive(tx, rx, peer, inbox, &console).await });
             }
             common::message::PeerApp::Service => {
-                streams.spawn(services::serve(tx, rx, peer, exposed.clone(), console));
+                streams.spawn(services::serve(
+                    tx,
+                    rx,
+                    peer,
+                    offered.exposed.clone(),
+                    console,
+                ));
             }
         }
     }
