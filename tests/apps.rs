@@ -443,12 +443,15 @@ fn refused_peers_and_services_get_a_clear_error() {
 
     // The allowed peer and the exposed service: bytes cross both ways, and `pipe` exits 0
     // once the service closed its side and every byte of ours was acknowledged.
+    // The service answers only once it has read to the end: it needs the client's half-close.
     let server = std::thread::spawn(move || {
-        let (mut tcp, _) = service.accept().unwrap();
-        let mut got = Vec::new();
-        tcp.read_to_end(&mut got).unwrap();
-        got.reverse();
-        tcp.write_all(&got).unwrap();
+        for _ in 0..2 {
+            let (mut tcp, _) = service.accept().unwrap();
+            let mut got = Vec::new();
+            tcp.read_to_end(&mut got).unwrap();
+            got.reverse();
+            tcp.write_all(&got).unwrap();
+        }
     });
     let mut pipe = peer("pipe", &b_dir, &{
         let mut all = args!["pipe", a_id, "echo"];
@@ -459,6 +462,25 @@ fn refused_peers_and_services_get_a_clear_error() {
     pipe.close_stdin();
     assert!(pipe.wait(T).success(), "{}", pipe.stderr.text());
     pipe.stdout.wait_closed(T);
-    server.join().unwrap();
     assert_eq!(pipe.stdout.text().trim(), "epip eht hguorht olleh");
+
+    // The same through `peer forward`: the local client's half-close reaches the service, and
+    // the answer and the service's end of data come back.
+    let mut forward = args!["forward", a_id, "echo", "--local", "127.0.0.1:0"];
+    forward.extend(rv.args());
+    let mut forward = peer("forward", &b_dir, &forward);
+    let (line, _) = forward.wait_for_line("forwarding 127.0.0.1:", T);
+    let local: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let mut tcp = TcpStream::connect(local).unwrap();
+    tcp.set_read_timeout(Some(T)).unwrap();
+    tcp.write_all(b"half-closed").unwrap();
+    tcp.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "desolc-flah");
+    server.join().unwrap();
+    assert!(forward.terminate(T).success());
 }

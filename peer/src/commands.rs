@@ -159,7 +159,9 @@ pub fn endpoint_config(
     let long_lived = role != Role::Lookup;
     config.keep_paths = long_lived;
     config.measure_nat = long_lived;
-    config.control = long_lived.then(|| ControlSocket {
+    // A pipe runs under ssh, once per login: it would only warn that the config dir's peer
+    // already serves the socket.
+    config.control = (long_lived && role != Role::Pipe).then(|| ControlSocket {
         config_dir: config_dir.to_owned(),
         mode: role.name(),
     });
