@@ -125,8 +125,11 @@ pub enum SendError {
 
 /// Sends `path` on a new stream of `conn`; returns a summary once the receiver confirmed it.
 ///
-/// The receiver's verdict is read while the bytes go out: a receiver that refuses the header
-/// (name, size, disk space) stops the stream at once, and its reason is what the sender reports.
+/// A receiver that refuses the header (name, size, disk space) answers with its reason instead
+/// of `file_resume`, before any byte goes out; otherwise the transfer starts where the receiver's
+/// kept bytes end if they hash like ours (else at 0), and the verdict is read while the bytes go
+/// out (a receiver that fails mid-way stops the stream and says why). An interrupted send says
+/// that sending the same file again resumes.
 pub async fn send(
     conn: &quinn::Connection,
     path: &Path,
@@ -242,10 +245,14 @@ pub async fn send(
     let reply = match verdict {
         Some(Ok(Some(reply))) => reply,
         _ => {
-            copied?;
+            // Interrupted: the receiver keeps what it got, and says so to the next send.
+            const AGAIN: &str = "sending the same file again resumes from what the receiver kept";
+            if let Err(e) = copied {
+                return Err(SendError::Other(format!("{e}; {AGAIN}")));
+            }
             return match conn.close_reason() {
                 Some(e) => Err(SendError::Other(format!(
-                    "the connection closed without a verdict: {e}"
+                    "the connection closed without a verdict: {e}; {AGAIN}"
                 ))),
                 None => Err(SendError::Other(format!(
                     "no verdict from the receiver within {} s",
@@ -1270,7 +1277,8 @@ mod wire_tests {
         let source_dir = dir.with_extension("src");
         std::fs::create_dir_all(&source_dir).unwrap();
         let source = source_dir.join("big.bin");
-        // Far more than the stream window: the sender is still writing when it is refused.
+        // Far more than the stream window: the refusal comes instead of `file_resume`, before
+        // the sender writes a byte of it.
         std::fs::write(&source, vec![1u8; 8 << 20]).unwrap();
         let (console, _printer) = Console::start_with(true);
         let err = send(&pair.dialer, &source, &console).await.unwrap_err();
