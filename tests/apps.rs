@@ -397,17 +397,13 @@ fn refused_peers_and_services_get_a_clear_error() {
     );
     let b_id = id_of(&b_dir);
     let m_id = id_of(&m_dir);
-    let a = listen_with(
-        "a",
-        &a_dir,
-        &rv,
-        &args![
-            "--expose",
-            format!("echo=127.0.0.1:{port}"),
-            "--allow",
-            b_id
-        ],
-    );
+    let listen_args = args![
+        "--expose",
+        format!("echo=127.0.0.1:{port}"),
+        "--allow",
+        b_id
+    ];
+    let mut a = listen_with("a", &a_dir, &rv, &listen_args);
     let a_id = id_of(&a_dir);
 
     // A peer not on the allow-list: pipe and forward both fail with the reason.
@@ -445,7 +441,7 @@ fn refused_peers_and_services_get_a_clear_error() {
     // once the service closed its side and every byte of ours was acknowledged.
     // The service answers only once it has read to the end: it needs the client's half-close.
     let server = std::thread::spawn(move || {
-        for _ in 0..2 {
+        for _ in 0..3 {
             let (mut tcp, _) = service.accept().unwrap();
             let mut got = Vec::new();
             tcp.read_to_end(&mut got).unwrap();
@@ -474,13 +470,22 @@ fn refused_peers_and_services_get_a_clear_error() {
         .split_whitespace()
         .find_map(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no address in {line:?}"));
-    let mut tcp = TcpStream::connect(local).unwrap();
-    tcp.set_read_timeout(Some(T)).unwrap();
-    tcp.write_all(b"half-closed").unwrap();
-    tcp.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).unwrap();
-    assert_eq!(answer, "desolc-flah");
+    let exchange = |text: &str| {
+        let mut tcp = TcpStream::connect(local).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        tcp.write_all(text.as_bytes()).unwrap();
+        tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(exchange("half-closed"), "desolc-flah");
+    // The listener restarts: forward says the connection was lost, and the next local
+    // connection dials the listener again.
+    assert!(a.terminate(T).success());
+    forward.stderr.wait_for("was lost", T);
+    let _a = listen_with("a2", &a_dir, &rv, &listen_args);
+    assert_eq!(exchange("again"), "niaga");
     server.join().unwrap();
     assert!(forward.terminate(T).success());
 }

@@ -605,17 +605,34 @@ pub async fn forward(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_LOCAL_CONNECTIONS));
     let mut carried = tokio::task::JoinSet::new();
     tokio::pin!(stop);
+    // Whether the loss of the current connection was said already.
+    let mut loss_said = false;
     let result = loop {
         let (tcp, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Out of file descriptors and the like: said, and the next accept retried.
+                    // Out of file descriptors and the like: said, and the next accept retried
+                    // a moment later.
                     console.error(format!("accepting on {bound}: {e}")).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             Some(_) = carried.join_next(), if !carried.is_empty() => continue,
+            reason = conn.closed(), if !loss_said => {
+                loss_said = true;
+                if let Some(refused) = crate::access::refusal(peer, &conn) {
+                    break Err(ServiceError::Refused(refused));
+                }
+                console
+                    .error(format!(
+                        "the connection to {peer} was lost ({reason}); dialing again at the \
+                         next local connection"
+                    ))
+                    .await;
+                continue;
+            }
             () = &mut stop => break Ok(()),
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -632,11 +649,9 @@ pub async fn forward(
             if let Some(refused) = crate::access::refusal(peer, &conn) {
                 break Err(ServiceError::Refused(refused));
             }
-            console
-                .error(format!("the connection to {peer} was lost; dialing again"))
-                .await;
             match endpoint.connect(peer).await {
                 Ok(fresh) => {
+                    loss_said = false;
                     crate::dial::answer_pings(
                         endpoint.path_keeper().clone(),
                         fresh.quinn().clone(),
