@@ -55,14 +55,40 @@ fn pseudo_random(len: usize) -> Vec<u8> {
     out
 }
 
-/// A free TCP port on 127.0.0.1 for a server that cannot be told to pick one and report it
-/// (sshd). The port is released just before the server binds it.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Serves one SSH connection the way inetd does: a listener on 127.0.0.1 port 0 (so no port
+/// is guessed and none can be taken by another process), and `sshd -i` run on the accepted
+/// connection. Returns the address and a thread that yields sshd's log once it exits.
+fn sshd_on_one_connection(
+    sshd: &Path,
+    config: &Path,
+) -> (SocketAddr, std::thread::JoinHandle<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sshd, config) = (sshd.to_owned(), config.to_owned());
+    let server = std::thread::spawn(move || {
+        let (conn, _) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(err) => return format!("accept failed: {err}"),
+        };
+        let input = match conn.try_clone() {
+            Ok(input) => input,
+            Err(err) => return format!("dup failed: {err}"),
+        };
+        let output = Command::new(&sshd)
+            .arg("-i")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdin(std::os::fd::OwnedFd::from(input))
+            .stdout(std::os::fd::OwnedFd::from(conn))
+            .stderr(Stdio::piped())
+            .output();
+        match output {
+            Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+            Err(err) => format!("sshd did not start: {err}"),
+        }
+    });
+    (addr, server)
 }
 
 #[test]
@@ -92,12 +118,11 @@ fn ssh_runs_through_peer_pipe_to_a_real_sshd() {
         // sshd's privilege separation directory (Debian's service unit creates it).
         std::fs::create_dir_all("/run/sshd").unwrap();
     }
-    let port = free_port();
     let config = dir.path().join("sshd_config");
     std::fs::write(
         &config,
         format!(
-            "ListenAddress 127.0.0.1:{port}\nHostKey {host}\nPidFile none\n\
+            "HostKey {host}\nPidFile none\n\
              AuthorizedKeysFile {auth}\nStrictModes no\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n\
              LogLevel VERBOSE\n",
@@ -106,10 +131,7 @@ fn ssh_runs_through_peer_pipe_to_a_real_sshd() {
         ),
     )
     .unwrap();
-    let sshd_proc = Proc::spawn("sshd", sshd, &["-D", "-e", "-f", config.to_str().unwrap()]);
-    sshd_proc
-        .stderr
-        .wait_for(&format!("Server listening on 127.0.0.1 port {port}"), T);
+    let (sshd_addr, sshd_log) = sshd_on_one_connection(sshd, &config);
 
     let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
@@ -118,7 +140,7 @@ fn ssh_runs_through_peer_pipe_to_a_real_sshd() {
         "a",
         &a_dir,
         &rv,
-        &args!["--expose", format!("ssh=127.0.0.1:{port}"), "--allow", b_id],
+        &args!["--expose", format!("ssh={sshd_addr}"), "--allow", b_id],
     );
     a.wait_for_line("exposing ssh=127.0.0.1:", T);
     let a_id = id_of(&a_dir);
@@ -172,11 +194,17 @@ fn ssh_runs_through_peer_pipe_to_a_real_sshd() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // sshd -i ends with the connection; if ssh never reached it, its thread is still waiting.
+    let sshd_text = match sshd_log.is_finished() {
+        true => sshd_log
+            .join()
+            .unwrap_or_else(|_| "sshd thread panicked".to_owned()),
+        false => "(sshd got no connection)".to_owned(),
+    };
     assert!(
         out.status.success(),
-        "ssh failed ({:?}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nsshd:\n{}\nlistener:\n{}",
+        "ssh failed ({:?}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nsshd:\n{sshd_text}\nlistener:\n{}",
         out.status,
-        sshd_proc.stderr.text(),
         a.stderr.text()
     );
     assert!(stdout.contains("through-the-pipe"), "{stdout}");
