@@ -16,7 +16,9 @@ use crate::PeerId;
 /// introduction accepted it, so version-1 peers (which never accept) are refused. Version 3
 /// added the secret `key` of `punch` (probes and answers are authenticated with it instead of
 /// the public nonce), so version-2 peers, whose probes new peers would ignore, are refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4 added the port-mapped candidate: `mapped_port` in `register` and the
+/// `mapped_port` message, which version-3 servers would refuse as unknown fields and types.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -39,6 +41,11 @@ pub enum ControlMessage {
         /// The peer's own interface addresses (for peers on the same LAN).
         #[serde(default)]
         local_addrs: Vec<SocketAddr>,
+        /// The external port our router maps to our UDP port (PCP, NAT-PMP or UPnP IGD), if
+        /// any. Only the port: the rendezvous pairs it with the address it observes, so that a
+        /// peer can never aim others at an address that is not its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mapped_port: Option<u16>,
     },
     /// Reply to `register`.
     Registered {
@@ -114,6 +121,12 @@ pub enum ControlMessage {
         /// A direct path was proven.
         direct: bool,
     },
+    /// The external port our router maps to our UDP port changed (`None`: no mapping any
+    /// more), sent after `register` whenever it changes. Answered with `ack`.
+    MappedPort {
+        /// As `mapped_port` of `register`.
+        port: Option<u16>,
+    },
     /// Reply to a report that needs no other answer.
     Ack {},
     /// A request failed.
@@ -159,6 +172,7 @@ impl ControlMessage {
             ControlMessage::Ping { .. } => "ping",
             ControlMessage::Pong { .. } => "pong",
             ControlMessage::PunchResult { .. } => "punch_result",
+            ControlMessage::MappedPort { .. } => "mapped_port",
             ControlMessage::Ack {} => "ack",
             ControlMessage::Error { .. } => "error",
         }
@@ -180,6 +194,7 @@ pub const CONTROL_TYPES: &[&str] = &[
     "ping",
     "pong",
     "punch_result",
+    "mapped_port",
     "ack",
     "error",
 ];
@@ -270,7 +285,7 @@ impl CandidateKind {
         match self {
             CandidateKind::Observed => "public address",
             CandidateKind::Local => "same LAN",
-            CandidateKind::Mapped => "router port mapping",
+            CandidateKind::Mapped => "port mapping",
             CandidateKind::Predicted => "predicted port",
         }
     }
@@ -461,7 +476,8 @@ mod tests {
             register,
             ControlMessage::Register {
                 version: 1,
-                local_addrs: vec![]
+                local_addrs: vec![],
+                mapped_port: None,
             }
         );
         let info = ControlMessage::PeerInfo(PeerInfo {

@@ -77,6 +77,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
         0 => ControlMessage::Register {
             version: u.arbitrary()?,
             local_addrs: addrs(u, 20)?,
+            mapped_port: None,
         },
         1 => ControlMessage::Registered {
             id: peer_id(u)?,

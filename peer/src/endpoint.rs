@@ -140,6 +140,10 @@ pub struct EndpointConfig {
     pub measure_nat: bool,
     /// Serve a control socket. Default none.
     pub control: Option<ControlSocket>,
+    /// Ask the default gateway to map our UDP port (PCP, NAT-PMP, UPnP IGD) and announce the
+    /// mapping as a candidate ([`crate::portmap`]); deleted on [`Endpoint::close`]. Default on;
+    /// never done when the socket or the rendezvous is on loopback (everything on one host).
+    pub port_mapping: bool,
     /// QUIC timers.
     pub transport: TransportSettings,
 }
@@ -159,6 +163,7 @@ impl EndpointConfig {
             keep_paths: true,
             measure_nat: true,
             control: None,
+            port_mapping: true,
             transport: TransportSettings::default(),
         }
     }
@@ -364,7 +369,9 @@ impl Endpoint {
             RendezvousTrust::Pinned(fp) => (Some(*fp), PathBuf::new()),
             RendezvousTrust::KnownServers(path) => (None, path.clone()),
         };
+        let (mapping_tx, mapping_rx) = watch::channel(None);
         let session_config = SessionConfig {
+            mapped_port: mapping_rx.clone(),
             server_name: name.clone(),
             server_addr,
             pinned,
@@ -391,6 +398,25 @@ impl Endpoint {
             relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx.clone());
         let (nat_tx, nat_rx) = watch::channel(None);
         let mut tasks = vec![session_task, stun_task, relay_task];
+        let map_port = config.port_mapping
+            && local.is_ipv4()
+            && !local.ip().is_loopback()
+            && !server_addr.ip().is_loopback();
+        if map_port {
+            tasks.push(tokio::spawn(crate::portmap::driver::run(
+                crate::portmap::mapper::MapperConfig::default(),
+                local.port(),
+                console.clone(),
+                config.verbose,
+                mapping_tx,
+                shutdown_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(crate::portmap::driver::announce(
+                session.clone(),
+                mapping_rx.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         if config.measure_nat {
             tasks.push(tokio::spawn(measure_nat(
                 session.clone(),
@@ -423,6 +449,7 @@ impl Endpoint {
                             config_dir: socket.config_dir.clone(),
                             started: process_started,
                             dial_timeout: Duration::from_secs(20),
+                            port_mapping: mapping_rx.clone(),
                         };
                         tasks.push(tokio::spawn(control::serve(
                             listener,
