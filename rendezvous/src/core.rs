@@ -778,6 +778,7 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         conn: ConnId,

@@ -223,8 +223,7 @@ async fn upnp_map(
         client,
         lifetime,
     )
-    .await
-    .map(|(port, lease)| (port, lease));
+    .await;
     let result = match result {
         Ok((external_port, lifetime)) => {
             let external_ip = soap(gateway, &service, "GetExternalIPAddress", &[])

@@ -1,0 +1,165 @@
+//! Port mapping against a real router implementation, in the network-namespace NAT lab (root
+//! only): Debian's `miniupnpd-nftables` (UPnP IGD, NAT-PMP, PCP) runs on the listener's NAT
+//! router and installs its mappings into that router's nftables (`natlab.sh upnp`). Both sides
+//! are symmetric NATs, a pair that is relayed without the mapping.
+//!
+//! One test, in order: the listener maps its port (PCP) and announces it; a dialer goes direct
+//! through the mapping (`port mapping` in the connect line, `peer status` and `peer ping`); the
+//! router's mapping service stops (losing its mappings) and comes back, and the listener notices
+//! the restart through the PCP epoch and maps again, so that a second dialer goes direct too;
+//! the listener's clean exit deletes the mapping from the router's ruleset.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::lab::{self, Lab};
+use e2e::{args, Proc, Rendezvous, TempDir};
+
+const T: Duration = Duration::from_secs(30);
+const MINIUPNPD: &str = "/usr/sbin/miniupnpd";
+
+fn natlab(args: &[&str]) -> String {
+    let out = Command::new(lab::natlab_sh())
+        .args(args)
+        .output()
+        .expect("running natlab.sh");
+    assert!(
+        out.status.success(),
+        "natlab.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The router's miniupnpd DNAT rules (`natlab.sh upnp LAB nata list`).
+fn router_mappings(lab: &Lab) -> String {
+    natlab(&["upnp", lab.name(), "nata", "list"])
+}
+
+/// Waits until the router's ruleset maps `port` to the listener (`present`) or no longer does.
+fn wait_router_mapping(lab: &Lab, port: u16, present: bool) {
+    let rule = format!("dport {port} dnat ip to 10.0.1.2:");
+    let deadline = Instant::now() + T;
+    loop {
+        let list = router_mappings(lab);
+        if list.contains(&rule) == present {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "router mapping of {port} present={present} expected, ruleset has:\n{list}"
+        );
+        // Polling the router's ruleset: nothing to wait on but the file of rules itself.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `port mapping: 192.0.3.21:PORT by PCP (router 10.0.1.1)` -> PORT, the `n`th such line.
+fn mapped_port(listener: &Proc, n: usize) -> u16 {
+    let line = listener
+        .stdout
+        .wait_for_nth("port mapping: 192.0.3.21:", n, T);
+    let parse = || {
+        let (_, rest) = line.split_once("192.0.3.21:")?;
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    parse().unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// A dialer on `LAB-b` connects to `id` and must go direct to the listener's mapped port.
+fn dial_through_mapping(lab: &Lab, dir: &Path, rv: &Rendezvous, id: &str, port: u16, tag: &str) {
+    let mut connect = args!["connect", id];
+    connect.extend(rv.args());
+    let mut dialer = lab.peer("b", tag, &dir.join(tag), &connect);
+    let expected = format!("direct to 203.0.113.21:{port} (port mapping)");
+    let (line, _) = dialer.wait_for_line(&format!("connected to {id} in "), T);
+    if !line.contains(&expected) {
+        dialer.wait_for_line(&format!("path to {id}: {expected}"), T);
+    }
+    // `peer status` and `peer ping` through the running dialer's control socket say so too.
+    let mut status = lab.peer("b", "status", &dir.join(tag), &args!["status"]);
+    assert_eq!(lab::exit_code(&mut status, T), Some(0));
+    assert!(
+        status.stdout.text().contains(&expected),
+        "peer status:\n{}",
+        status.stdout.text()
+    );
+    let mut ping = lab.peer(
+        "b",
+        "ping",
+        &dir.join(tag),
+        &args!["ping", id, "--count", "2", "--json"],
+    );
+    assert_eq!(lab::exit_code(&mut ping, T), Some(0));
+    let summary: serde_json::Value = serde_json::from_str(&ping.stdout.text())
+        .unwrap_or_else(|e| panic!("ping --json ({e}): {}", ping.stdout.text()));
+    assert_eq!(summary["direct"], true, "{summary}");
+    assert!(
+        summary["path"]
+            .as_str()
+            .is_some_and(|p| p.contains("(port mapping)")),
+        "{summary}"
+    );
+    dialer.close_stdin();
+    assert_eq!(lab::exit_code(&mut dialer, T), Some(0));
+}
+
+#[test]
+fn sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restart() {
+    let case = "sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restart";
+    if !lab::netns_enabled(case) {
+        return;
+    }
+    if !Path::new(MINIUPNPD).exists() {
+        eprintln!("skipped {case}: {MINIUPNPD} is missing (apt-get install miniupnpd-nftables)");
+        return;
+    }
+    let lab = Lab::up("portmap", &["--a", "sym", "--b", "sym"]);
+    // PCP lifetimes of at most 10 s: renewals every 5 s, so the restart is noticed quickly.
+    natlab(&["upnp", lab.name(), "nata", "start", "--max-lifetime", "10"]);
+    let dir = TempDir::new("portmap");
+    {
+        let rv = lab.rendezvous(&dir.path().join("rv"));
+        let (mut listener, id) =
+            lab.listen("a", "listener", &dir.path().join("a"), &rv, &args!["-v"], T);
+        let port = mapped_port(&listener, 1);
+        assert!(
+            listener
+                .stdout
+                .wait_for("port mapping: 192.0.3.21:", T)
+                .contains("by PCP"),
+            "PCP is tried first and miniupnpd speaks it"
+        );
+        wait_router_mapping(&lab, port, true);
+        dial_through_mapping(&lab, dir.path(), &rv, &id, port, "b1");
+
+        // The router's mapping service stops (its mappings go with it) and comes back.
+        natlab(&["upnp", lab.name(), "nata", "stop"]);
+        wait_router_mapping(&lab, port, false);
+        natlab(&["upnp", lab.name(), "nata", "start", "--max-lifetime", "10"]);
+        listener.wait_for_line("port mapping: router 10.0.1.1 restarted", T);
+        // The listener asked again with its old port; the router may give another.
+        let deadline = Instant::now() + T;
+        let port = loop {
+            let list = router_mappings(&lab);
+            if let Some(rule) = list.lines().find(|l| l.contains("dnat ip to 10.0.1.2:")) {
+                let after = rule.split("dport ").nth(1).unwrap_or_default();
+                break after
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .expect("a port in the rule");
+            }
+            assert!(Instant::now() < deadline, "no mapping after the restart");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        dial_through_mapping(&lab, dir.path(), &rv, &id, port, "b2");
+
+        // A clean exit deletes the mapping.
+        let status = listener.terminate(T);
+        assert!(status.success(), "the listener exits cleanly: {status:?}");
+        wait_router_mapping(&lab, port, false);
+    }
+    lab.down();
+}
