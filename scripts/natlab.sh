@@ -16,7 +16,7 @@
 #   natlab.sh flush LAB HOST
 #   natlab.sh block LAB HOST | unblock LAB HOST
 #   natlab.sh addr LAB HOST
-#   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S]
+#   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S] [--upnp-only]
 #
 # KIND: open full addr port sym cgnat udpblock
 # HOST: inet rv a b nata natb cgnata cgnatb (cgnat = whichever exists)
@@ -752,7 +752,7 @@ cmd_status() {
 # dstnat-priority prerouting chain for its DNATs and an accept-policy forward chain; the lab's
 # own forward chain already accepts DNATed traffic, `ct status dnat`).  See scripts/lab/README.md.
 upnp_conf() {
-	local host=$1 lannet=$2 max_lifetime=$3 ext_ip=$4
+	local host=$1 lannet=$2 max_lifetime=$3 ext_ip=$4 natpmp=$5
 	cat <<EOF
 # natlab: miniupnpd on $host
 ext_ifname=wan
@@ -762,7 +762,8 @@ ext_ifname=wan
 ext_ip=$ext_ip
 listening_ip=lan
 http_port=0
-enable_natpmp=yes
+# NAT-PMP and PCP (one switch in miniupnpd); off with --upnp-only.
+enable_natpmp=$natpmp
 enable_upnp=yes
 secure_mode=yes
 # The NAT-PMP/PCP epoch counts from miniupnpd's start, so a restart shows.
@@ -812,10 +813,11 @@ cmd_upnp() {
 	local lab=${1:-} host=${2:-} action=${3:-}
 	[[ -n $lab && -n $host && -n $action ]] || usage
 	shift 3
-	local max_lifetime=10
+	local max_lifetime=10 natpmp=yes
 	while (($#)); do
 		case $1 in
 		--max-lifetime) max_lifetime=${2:?}; shift 2 ;;
+		--upnp-only) natpmp=no; shift ;;
 		*) die "unknown option '$1'" ;;
 		esac
 	done
@@ -832,7 +834,7 @@ cmd_upnp() {
 	case $action in
 	start)
 		[[ ! -s $pidfile ]] || die "upnp: miniupnpd already runs on $host"
-		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime"
+		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp"
 		echo "natlab: miniupnpd runs on $lab-$host (pid $(cat "$pidfile"), max lifetime ${max_lifetime}s)"
 		;;
 	stop)
@@ -843,7 +845,7 @@ cmd_upnp() {
 		;;
 	restart)
 		upnp_stop "$pidfile"
-		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime"
+		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp"
 		echo "natlab: miniupnpd restarted on $lab-$host with no mappings (pid $(cat "$pidfile"))"
 		;;
 	list)
@@ -867,7 +869,7 @@ upnp_stop() {
 }
 
 upnp_start() {
-	local n=$1 host=$2 conf=$3 log=$4 pidfile=$5 max_lifetime=$6 wan lannet i
+	local n=$1 host=$2 conf=$3 log=$4 pidfile=$5 max_lifetime=$6 natpmp=$7 wan lannet i
 	[[ -x /usr/sbin/miniupnpd ]] || die "upnp: /usr/sbin/miniupnpd is missing (apt-get install miniupnpd-nftables)"
 	# A router that comes up has no mappings: the tables start empty.
 	upnp_tables | nsx "$n" nft -f -
@@ -875,13 +877,13 @@ upnp_start() {
 	lannet=$(ip -n "$n" -4 -o route show dev lan scope link | awk '{print $1}' | head -n1)
 	[[ -n $wan && -n $lannet ]] || die "upnp: $host has no wan address or lan route"
 	wan=${wan%/*}
-	upnp_conf "$host" "$lannet" "$max_lifetime" "192.0.3.${wan##*.}" >"$conf"
+	upnp_conf "$host" "$lannet" "$max_lifetime" "192.0.3.${wan##*.}" "$natpmp" >"$conf"
 	# setsid + full redirection: it outlives this command; `down` finds it in the namespace.
 	# It writes its own pid file (-P; the default one in /var/run is not per namespace).
 	rm -f "$pidfile"
 	nsx "$n" setsid /usr/sbin/miniupnpd -f "$conf" -P "$pidfile" -d </dev/null >>"$log" 2>&1 &
 	for ((i = 0; i < 100; i++)); do
-		[[ -s $pidfile ]] && grep -q "Listening for NAT-PMP/PCP traffic" "$log" 2>/dev/null && return 0
+		[[ -s $pidfile ]] && grep -q -e "Listening for NAT-PMP/PCP traffic" -e "HTTP listening on port" "$log" 2>/dev/null && return 0
 		sleep 0.05
 	done
 	cat "$log" >&2

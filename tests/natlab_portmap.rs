@@ -3,11 +3,13 @@
 //! router and installs its mappings into that router's nftables (`natlab.sh upnp`). Both sides
 //! are symmetric NATs, a pair that is relayed without the mapping.
 //!
-//! One test, in order: the listener maps its port (PCP) and announces it; a dialer goes direct
-//! through the mapping (`port mapping` in the connect line, `peer status` and `peer ping`); the
-//! router's mapping service stops (losing its mappings) and comes back, and the listener notices
-//! the restart through the PCP epoch and maps again, so that a second dialer goes direct too;
-//! the listener's clean exit deletes the mapping from the router's ruleset.
+//! The main test, in order: the listener maps its port (PCP) and announces it; a dialer goes
+//! direct through the mapping (`port mapping` in the connect line, `peer status` and `peer
+//! ping`); the router's mapping service stops (losing its mappings) and comes back, and the
+//! listener notices the restart through the PCP epoch and maps again, so that a second dialer
+//! goes direct too; the listener's clean exit deletes the mapping from the router's ruleset.
+//! The second runs miniupnpd with NAT-PMP and PCP off: the listener falls back to UPnP IGD
+//! `AddPortMapping`, goes direct the same way and `DeletePortMapping`s on exit.
 
 use std::path::Path;
 use std::process::Command;
@@ -105,14 +107,50 @@ fn dial_through_mapping(lab: &Lab, dir: &Path, rv: &Rendezvous, id: &str, port: 
     assert_eq!(lab::exit_code(&mut dialer, T), Some(0));
 }
 
-#[test]
-fn sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restart() {
-    let case = "sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restart";
+/// Whether the lab test `case` can run here (says why not).
+fn enabled(case: &str) -> bool {
     if !lab::netns_enabled(case) {
-        return;
+        return false;
     }
     if !Path::new(MINIUPNPD).exists() {
         eprintln!("skipped {case}: {MINIUPNPD} is missing (apt-get install miniupnpd-nftables)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn sym_sym_goes_direct_through_a_upnp_igd_mapping_when_pcp_and_nat_pmp_are_off() {
+    if !enabled("sym_sym_goes_direct_through_a_upnp_igd_mapping_when_pcp_and_nat_pmp_are_off") {
+        return;
+    }
+    let lab = Lab::up("upnp", &["--a", "sym", "--b", "sym"]);
+    natlab(&["upnp", lab.name(), "nata", "start", "--upnp-only"]);
+    let dir = TempDir::new("upnp");
+    {
+        let rv = lab.rendezvous(&dir.path().join("rv"));
+        let (mut listener, id) =
+            lab.listen("a", "listener", &dir.path().join("a"), &rv, &args!["-v"], T);
+        let port = mapped_port(&listener, 1);
+        assert!(
+            listener
+                .stdout
+                .wait_for("port mapping: 192.0.3.21:", T)
+                .contains("by UPnP IGD"),
+            "port 5351 is closed: UPnP IGD"
+        );
+        wait_router_mapping(&lab, port, true);
+        dial_through_mapping(&lab, dir.path(), &rv, &id, port, "b1");
+        let status = listener.terminate(T);
+        assert!(status.success(), "the listener exits cleanly: {status:?}");
+        wait_router_mapping(&lab, port, false);
+    }
+    lab.down();
+}
+
+#[test]
+fn sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restart() {
+    if !enabled("sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restart") {
         return;
     }
     let lab = Lab::up("portmap", &["--a", "sym", "--b", "sym"]);

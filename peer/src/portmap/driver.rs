@@ -21,6 +21,8 @@ use crate::console::Console;
 use crate::session::{Session, SessionState};
 use common::ControlMessage;
 
+/// Wait before a `mapped_port` the rendezvous did not acknowledge is sent again.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait for one TCP exchange with the gateway's UPnP server.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -405,6 +407,7 @@ pub async fn announce(
             SessionState::Registered(reg) => Some((reg.generation, reg.mapped_port)),
             _ => None,
         };
+        let mut failed = false;
         if let Some((generation, registered_with)) = registration {
             if known.is_none_or(|(g, _)| g != generation) {
                 known = Some((generation, registered_with));
@@ -414,15 +417,21 @@ pub async fn announce(
                 match session.request(&message).await {
                     Ok(ControlMessage::Ack {}) => known = Some((generation, wanted)),
                     Ok(other) => {
+                        failed = true;
                         tracing::debug!(reply = other.kind(), "mapped_port not acknowledged")
                     }
-                    Err(e) => tracing::debug!(error = %e, "mapped_port not sent"),
+                    Err(e) => {
+                        failed = true;
+                        tracing::debug!(error = %e, "mapped_port not sent")
+                    }
                 }
             }
         }
         tokio::select! {
             r = mapping.changed() => if r.is_err() { return },
             r = state.changed() => if r.is_err() { return },
+            // A lost request is sent again (one every ANNOUNCE_RETRY at most).
+            _ = tokio::time::sleep(ANNOUNCE_RETRY), if failed => {}
             _ = shutdown.changed() => return,
         }
     }
