@@ -480,6 +480,31 @@ mod tests {
                 mapped_port: None,
             }
         );
+        // Version 4: the router-mapped port, in `register` and on its own.
+        let register = ControlMessage::decode(
+            br#"{"type":"register","version":4,"local_addrs":[],"mapped_port":41000}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            register,
+            ControlMessage::Register {
+                mapped_port: Some(41000),
+                ..
+            }
+        ));
+        let json: serde_json::Value =
+            serde_json::from_slice(&ControlMessage::MappedPort { port: Some(41000) }.encode())
+                .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "mapped_port", "port": 41000})
+        );
+        assert_eq!(
+            ControlMessage::decode(br#"{"type":"mapped_port","port":null}"#).unwrap(),
+            ControlMessage::MappedPort { port: None }
+        );
+        assert!(ControlMessage::decode(br#"{"type":"mapped_port","port":70000}"#).is_err());
+        assert_eq!(CandidateKind::Mapped.describe(), "port mapping");
         let info = ControlMessage::PeerInfo(PeerInfo {
             id: id(),
             observed: "203.0.113.2:4000".parse().unwrap(),

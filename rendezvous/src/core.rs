@@ -2064,33 +2064,37 @@ mod tests {
 
     #[test]
     fn version_2_peers_whose_probes_use_the_nonce_as_key_are_refused_clearly() {
-        assert_eq!(PROTOCOL_VERSION, 3);
-        let mut reg = Registry::new([], [1; 32]);
-        let out = reg.handle(
-            1,
-            id(1),
-            addr(1),
-            ControlMessage::Register {
-                version: 2,
-                local_addrs: vec![],
-                mapped_port: None,
-            },
-            T0,
-        );
-        let Some(ControlMessage::Error {
-            code: ErrorCode::UnsupportedVersion,
-            message,
-        }) = out.reply
-        else {
-            panic!("{:?}", out.reply)
-        };
-        assert!(
-            message.contains("version 3")
-                && message.contains("version 2")
-                && message.contains("upgrade"),
-            "{message}"
-        );
-        assert_eq!(reg.online(), 0);
+        // Version 3 peers too: they would not announce their port mapping, and a version-3
+        // server would refuse ours.
+        assert_eq!(PROTOCOL_VERSION, 4);
+        for version in [2, 3] {
+            let mut reg = Registry::new([], [1; 32]);
+            let out = reg.handle(
+                1,
+                id(1),
+                addr(1),
+                ControlMessage::Register {
+                    version,
+                    local_addrs: vec![],
+                    mapped_port: None,
+                },
+                T0,
+            );
+            let Some(ControlMessage::Error {
+                code: ErrorCode::UnsupportedVersion,
+                message,
+            }) = out.reply
+            else {
+                panic!("{:?}", out.reply)
+            };
+            assert!(
+                message.contains("version 4")
+                    && message.contains(&format!("version {version}"))
+                    && message.contains("upgrade"),
+                "{message}"
+            );
+            assert_eq!(reg.online(), 0);
+        }
     }
 
     #[test]
