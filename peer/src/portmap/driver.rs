@@ -444,3 +444,54 @@ pub fn announced_port(mapping: Option<Mapping>) -> Option<u16> {
         .filter(Mapping::usable_from_outside)
         .map(|m| m.external_port)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A "gateway" that answers an HTTP request with endless bytes (or a never-ending header)
+    /// makes us read no more than MAX_HTTP_RESPONSE.
+    #[tokio::test]
+    async fn an_endless_http_answer_is_cut_at_the_cap() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let chunk = vec![b'a'; 16 * 1024];
+            let mut sent = 0usize;
+            while stream.write_all(&chunk).await.is_ok() {
+                sent += chunk.len();
+                if sent > 4 * upnp::MAX_HTTP_RESPONSE {
+                    break;
+                }
+            }
+            sent
+        });
+        let result = http(
+            Ipv4Addr::LOCALHOST,
+            port,
+            &upnp::http_get(Ipv4Addr::LOCALHOST, port, "/"),
+        )
+        .await;
+        let err = result.expect_err("an over-long answer is refused");
+        assert!(err.contains("over 65536 bytes"), "{err}");
+        // We stopped reading: the server could not push everything it wanted through.
+        let sent = server.await.unwrap();
+        assert!(sent <= 4 * upnp::MAX_HTTP_RESPONSE + 16 * 1024);
+    }
+
+    #[test]
+    fn only_a_public_mapping_is_announced() {
+        let mapping = |ip: [u8; 4]| Mapping {
+            protocol: super::super::mapper::Protocol::Pcp,
+            external_ip: Some(Ipv4Addr::from(ip)),
+            external_port: 41000,
+            lifetime: Some(Duration::from_secs(60)),
+            renewed: std::time::Instant::now(),
+        };
+        assert_eq!(announced_port(Some(mapping([203, 0, 113, 21]))), Some(41000));
+        assert_eq!(announced_port(Some(mapping([192, 168, 1, 1]))), None);
+        assert_eq!(announced_port(None), None);
+    }
+}
