@@ -5,11 +5,12 @@
 //!
 //! The main test, in order: the listener maps its port (PCP) and announces it; a dialer goes
 //! direct through the mapping (`port mapping` in the connect line, `peer status` and `peer
-//! ping`); the router's mapping service stops (losing its mappings) and comes back, and the
-//! listener notices the restart through the PCP epoch and maps again, so that a second dialer
-//! goes direct too; the listener's clean exit deletes the mapping from the router's ruleset.
-//! The second runs miniupnpd with NAT-PMP and PCP off: the listener falls back to UPnP IGD
-//! `AddPortMapping`, goes direct the same way and `DeletePortMapping`s on exit.
+//! ping`); the router's mapping service stops (losing its mappings) until the listener's
+//! mapping expires, and comes back; the listener notices the restart through the PCP epoch and
+//! maps again, so that a second dialer goes direct too; the listener's clean exit deletes the mapping from the router's ruleset.
+//! The second runs miniupnpd with NAT-PMP and PCP off on the *dialer's* router: the dialer falls
+//! back to UPnP IGD `AddPortMapping` as it starts, the listener reaches it through the mapping,
+//! and the dialer `DeletePortMapping`s when its input ends.
 
 use std::path::Path;
 use std::process::Command;
@@ -34,17 +35,23 @@ fn natlab(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The router's miniupnpd DNAT rules (`natlab.sh upnp LAB nata list`).
-fn router_mappings(lab: &Lab) -> String {
-    natlab(&["upnp", lab.name(), "nata", "list"])
+/// The miniupnpd DNAT rules of `router` (`natlab.sh upnp LAB ROUTER list`).
+fn router_mappings(lab: &Lab, router: &str) -> String {
+    natlab(&["upnp", lab.name(), router, "list"])
 }
 
-/// Waits until the router's ruleset maps `port` to the listener (`present`) or no longer does.
+/// Waits until the listener's router (`nata`) maps `port` to the listener (`present`) or no
+/// longer does.
 fn wait_router_mapping(lab: &Lab, port: u16, present: bool) {
-    let rule = format!("dport {port} dnat ip to 10.0.1.2:");
+    wait_mapping_on(lab, "nata", "10.0.1.2", port, present)
+}
+
+/// Waits until `router` maps `port` to `host` (`present`) or no longer does.
+fn wait_mapping_on(lab: &Lab, router: &str, host: &str, port: u16, present: bool) {
+    let rule = format!("dport {port} dnat ip to {host}:");
     let deadline = Instant::now() + T;
     loop {
-        let list = router_mappings(lab);
+        let list = router_mappings(lab, router);
         if list.contains(&rule) == present {
             return;
         }
@@ -59,11 +66,15 @@ fn wait_router_mapping(lab: &Lab, port: u16, present: bool) {
 
 /// `port mapping: 192.0.3.21:PORT by PCP (router 10.0.1.1)` -> PORT, the `n`th such line.
 fn mapped_port(listener: &Proc, n: usize) -> u16 {
-    let line = listener
-        .stdout
-        .wait_for_nth("port mapping: 192.0.3.21:", n, T);
+    mapped_port_on(listener, "192.0.3.21", n)
+}
+
+/// As [`mapped_port`], for the router whose stand-in external address is `external`.
+fn mapped_port_on(peer: &Proc, external: &str, n: usize) -> u16 {
+    let needle = format!("port mapping: {external}:");
+    let line = peer.stdout.wait_for_nth(&needle, n, T);
     let parse = || {
-        let (_, rest) = line.split_once("192.0.3.21:")?;
+        let (_, rest) = line.split_once(&needle)?;
         rest.split_whitespace().next()?.parse().ok()
     };
     parse().unwrap_or_else(|| panic!("no port in {line:?}"))
@@ -119,31 +130,57 @@ fn enabled(case: &str) -> bool {
     true
 }
 
+/// The mapping is on the *dialer's* router, which offers only UPnP IGD: the dialer maps its
+/// port right after it starts (the dial waits for a gateway that has answered), the listener
+/// reaches it through the mapping, and the dialer's end of input (a clean exit) deletes it.
 #[test]
-fn sym_sym_goes_direct_through_a_upnp_igd_mapping_when_pcp_and_nat_pmp_are_off() {
-    if !enabled("sym_sym_goes_direct_through_a_upnp_igd_mapping_when_pcp_and_nat_pmp_are_off") {
+fn sym_sym_goes_direct_through_the_dialers_upnp_igd_mapping_when_pcp_and_nat_pmp_are_off() {
+    if !enabled(
+        "sym_sym_goes_direct_through_the_dialers_upnp_igd_mapping_when_pcp_and_nat_pmp_are_off",
+    ) {
         return;
     }
     let lab = Lab::up("upnp", &["--a", "sym", "--b", "sym"]);
-    natlab(&["upnp", lab.name(), "nata", "start", "--upnp-only"]);
+    natlab(&["upnp", lab.name(), "natb", "start", "--upnp-only"]);
     let dir = TempDir::new("upnp");
     {
         let rv = lab.rendezvous(&dir.path().join("rv"));
-        let (mut listener, id) =
-            lab.listen("a", "listener", &dir.path().join("a"), &rv, &args!["-v"], T);
-        let port = mapped_port(&listener, 1);
+        let (listener, id) = lab.listen("a", "listener", &dir.path().join("a"), &rv, &[], T);
+        let mut connect = args!["-v", "connect", id];
+        connect.extend(rv.args());
+        let mut dialer = lab.peer("b", "dialer", &dir.path().join("b"), &connect);
+        let port = mapped_port_on(&dialer, "192.0.3.22", 1);
         assert!(
-            listener
+            dialer
                 .stdout
-                .wait_for("port mapping: 192.0.3.21:", T)
+                .wait_for("port mapping: 192.0.3.22:", T)
                 .contains("by UPnP IGD"),
             "port 5351 is closed: UPnP IGD"
         );
-        wait_router_mapping(&lab, port, true);
-        dial_through_mapping(&lab, dir.path(), &rv, &id, port, "b1");
-        let status = listener.terminate(T);
-        assert!(status.success(), "the listener exits cleanly: {status:?}");
-        wait_router_mapping(&lab, port, false);
+        wait_mapping_on(&lab, "natb", "10.0.2.2", port, true);
+        // The dialer goes direct to the listener's probe source (the listener's NAT is
+        // symmetric); the listener's path is the dialer's mapping.
+        dialer.wait_for_line(&format!("path to {id}: direct to 203.0.113.21:"), T);
+        let expected = format!("direct to 203.0.113.22:{port} (port mapping)");
+        let deadline = Instant::now() + T;
+        loop {
+            let mut status = lab.peer("a", "status", &dir.path().join("a"), &args!["status"]);
+            assert_eq!(lab::exit_code(&mut status, T), Some(0));
+            if status.stdout.text().contains(&expected) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the listener's peer status shows no {expected:?}:\n{}",
+                status.stdout.text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        dialer.send_line("through the dialer's mapping");
+        listener.stdout.wait_for("through the dialer's mapping", T);
+        dialer.close_stdin();
+        assert_eq!(lab::exit_code(&mut dialer, T), Some(0));
+        wait_mapping_on(&lab, "natb", "10.0.2.2", port, false);
     }
     lab.down();
 }
@@ -172,15 +209,21 @@ fn sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restar
         wait_router_mapping(&lab, port, true);
         dial_through_mapping(&lab, dir.path(), &rv, &id, port, "b1");
 
-        // The router's mapping service stops (its mappings go with it) and comes back.
+        // The router's mapping service stops (its mappings go with it): the listener's
+        // renewals go unanswered until the mapping expires (10 s at most), and a round of all
+        // three protocols fails. Then it comes back, and the listener's next round (10 s
+        // later) finds it restarted (its epoch went back) and maps again.
         natlab(&["upnp", lab.name(), "nata", "stop"]);
         wait_router_mapping(&lab, port, false);
+        listener.wait_for_line("port mapping lost: ", T);
+        // Its next round finds nothing either (`-v` says so); the one after it is 10 s later.
+        listener.wait_for_line("port mapping: none from router 10.0.1.1", T);
         natlab(&["upnp", lab.name(), "nata", "start", "--max-lifetime", "10"]);
         listener.wait_for_line("port mapping: router 10.0.1.1 restarted", T);
         // The listener asked again with its old port; the router may give another.
         let deadline = Instant::now() + T;
         let port = loop {
-            let list = router_mappings(&lab);
+            let list = router_mappings(&lab, "nata");
             if let Some(rule) = list.lines().find(|l| l.contains("dnat ip to 10.0.1.2:")) {
                 let after = rule.split("dport ").nth(1).unwrap_or_default();
                 break after

@@ -169,6 +169,9 @@ impl EndpointConfig {
     }
 }
 
+/// Longest wait of a dial for a port mapping the gateway is still granting.
+const PORT_MAPPING_WAIT: Duration = Duration::from_secs(1);
+
 /// Why an endpoint could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -297,6 +300,10 @@ pub struct Endpoint {
     peer_cache: Option<PathBuf>,
     access: Arc<Access>,
     verbose: bool,
+    /// Tells the rendezvous our router's port mapping (`None`: port mapping off).
+    announcer: Option<crate::portmap::driver::Announcer>,
+    /// A port mapping is probably on its way ([`crate::portmap::mapper::Mapper::settling`]).
+    mapping_settling: watch::Receiver<bool>,
 }
 
 /// Measures our NAT against the rendezvous's STUN service once registered, for `peer status` and
@@ -370,6 +377,7 @@ impl Endpoint {
             RendezvousTrust::KnownServers(path) => (None, path.clone()),
         };
         let (mapping_tx, mapping_rx) = watch::channel(None);
+        let (settling_tx, settling_rx) = watch::channel(false);
         let session_config = SessionConfig {
             mapped_port: mapping_rx.clone(),
             server_name: name.clone(),
@@ -409,14 +417,16 @@ impl Endpoint {
                 console.clone(),
                 config.verbose,
                 mapping_tx,
-                shutdown_rx.clone(),
-            )));
-            tasks.push(tokio::spawn(crate::portmap::driver::announce(
-                session.clone(),
-                mapping_rx.clone(),
+                settling_tx,
                 shutdown_rx.clone(),
             )));
         }
+        let announcer = map_port.then(|| {
+            let announcer =
+                crate::portmap::driver::Announcer::new(session.clone(), mapping_rx.clone());
+            tasks.push(tokio::spawn(announcer.clone().run(shutdown_rx.clone())));
+            announcer
+        });
         if config.measure_nat {
             tasks.push(tokio::spawn(measure_nat(
                 session.clone(),
@@ -485,6 +495,8 @@ impl Endpoint {
             peer_cache: config.peer_cache,
             access: Arc::new(config.access),
             verbose: config.verbose,
+            announcer,
+            mapping_settling: settling_rx,
         };
         if config.keep_paths {
             endpoint.keep_paths();
@@ -606,6 +618,14 @@ impl Endpoint {
         };
         if let Some(w) = warning {
             self.console.error(format!("warning: {w}")).await;
+        }
+        if let Some(announcer) = &self.announcer {
+            // A mapping granted after we registered must be a candidate of this introduction
+            // (no request when the rendezvous already knows it). A gateway that has answered
+            // but not granted yet gets a moment; one that answers nothing delays nobody.
+            let mut settling = self.mapping_settling.clone();
+            let _ = tokio::time::timeout(PORT_MAPPING_WAIT, settling.wait_for(|s| !*s)).await;
+            announcer.sync().await;
         }
         let (conn, via) = dial::establish(
             &self.keeper,

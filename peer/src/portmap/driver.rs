@@ -8,6 +8,7 @@
 //! QUIC demultiplexer). The mapping is for the peer's single UDP port; nothing else is mapped.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,15 +28,18 @@ const ANNOUNCE_RETRY: Duration = Duration::from_secs(5);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the mapping of UDP port `internal_port` until `shutdown`, then deletes it (bounded:
-/// about a second). The current mapping is published on `out`.
+/// about a second). The current mapping is published on `out`, and on `settling` whether one
+/// is probably on its way ([`Mapper::settling`]).
 pub async fn run(
     config: MapperConfig,
     internal_port: u16,
     console: Console,
     verbose: bool,
     out: watch::Sender<Option<Mapping>>,
+    settling: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let settling = Arc::new(settling);
     let Some(gateway) = super::default_gateway() else {
         tracing::debug!("port mapping: no IPv4 default gateway");
         return;
@@ -78,8 +82,11 @@ pub async fn run(
                     lifetime,
                 } => {
                     let service = upnp_service.clone();
+                    // Only the first round's discovery makes dials wait for it.
+                    let found = mapper.first_round().then(|| settling.clone());
                     upnp_task = Some(Box::pin(upnp_map(
                         gateway,
+                        found,
                         service,
                         external_port,
                         internal_port,
@@ -107,6 +114,12 @@ pub async fn run(
             *current = now;
             changed
         });
+        settling.send_if_modified(|current| {
+            let now = mapper.settling();
+            let changed = *current != now;
+            *current = now;
+            changed
+        });
         if mapper.is_closed() {
             return;
         }
@@ -130,6 +143,7 @@ pub async fn run(
                 upnp_task = None;
                 let (service, result) = outcome;
                 if service.is_some() {
+                    mapper.gateway_answered();
                     upnp_service = service;
                 }
                 mapper.handle_upnp(std::time::Instant::now(), result);
@@ -204,6 +218,7 @@ type UpnpOutcome = (Option<UpnpService>, Result<UpnpGrant, String>);
 /// Discovery (when not cached), `AddPortMapping`, `GetExternalIPAddress`.
 async fn upnp_map(
     gateway: Ipv4Addr,
+    found: Option<Arc<watch::Sender<bool>>>,
     cached: Option<UpnpService>,
     external_port: u16,
     internal_port: u16,
@@ -217,6 +232,10 @@ async fn upnp_map(
             Err(e) => return (None, Err(e)),
         },
     };
+    if let Some(settling) = found {
+        // The gateway has a UPnP IGD: a mapping is probably a few round trips away.
+        settling.send_replace(true);
+    }
     let result = add_mapping(
         gateway,
         &service,
@@ -391,48 +410,85 @@ async fn http(gateway: Ipv4Addr, port: u16, request: &[u8]) -> Result<(u16, Stri
         .map_err(|_| format!("no answer from {gateway}:{port} within {HTTP_TIMEOUT:?}"))?
 }
 
-/// Tells the rendezvous the external port our router maps to us (or that there is none), after
-/// each registration and whenever it changes. Ends at `shutdown`.
-pub async fn announce(
+/// Tells the rendezvous the external port our router maps to us (or that there is none): after
+/// each registration and whenever it changes, from a task of its own ([`Announcer::run`]), and
+/// from [`crate::Endpoint::connect`] before it asks for an introduction ([`Announcer::sync`]),
+/// so that a mapping granted just after registering is already a candidate in the first one.
+#[derive(Clone)]
+pub struct Announcer {
     session: Session,
-    mut mapping: watch::Receiver<Option<Mapping>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut state = session.watch();
-    // (registration generation, port) the rendezvous knows.
-    let mut known: Option<(u64, Option<u16>)> = None;
-    loop {
-        let wanted = announced_port(*mapping.borrow_and_update());
-        let registration = match &*state.borrow_and_update() {
-            SessionState::Registered(reg) => Some((reg.generation, reg.mapped_port)),
-            _ => None,
+    mapping: watch::Receiver<Option<Mapping>>,
+    known: Arc<Mutex<Known>>,
+}
+
+/// The (registration generation, mapped port) the rendezvous knows, if any.
+type Known = Option<(u64, Option<u16>)>;
+
+impl Announcer {
+    /// An announcer of `mapping` on `session`.
+    pub fn new(session: Session, mapping: watch::Receiver<Option<Mapping>>) -> Announcer {
+        Announcer {
+            session,
+            mapping,
+            known: Arc::default(),
+        }
+    }
+
+    /// Sends `mapped_port` if the current registration does not know the current mapping;
+    /// `false` when it could not (not registered, no acknowledgement).
+    pub async fn sync(&self) -> bool {
+        let wanted = announced_port(*self.mapping.borrow());
+        let SessionState::Registered(reg) = self.session.state() else {
+            return false;
         };
-        let mut failed = false;
-        if let Some((generation, registered_with)) = registration {
-            if known.is_none_or(|(g, _)| g != generation) {
-                known = Some((generation, registered_with));
+        {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if known.is_none_or(|(g, _)| g != reg.generation) {
+                *known = Some((reg.generation, reg.mapped_port));
             }
-            if known != Some((generation, wanted)) {
-                let message = ControlMessage::MappedPort { port: wanted };
-                match session.request(&message).await {
-                    Ok(ControlMessage::Ack {}) => known = Some((generation, wanted)),
-                    Ok(other) => {
-                        failed = true;
-                        tracing::debug!(reply = other.kind(), "mapped_port not acknowledged")
-                    }
-                    Err(e) => {
-                        failed = true;
-                        tracing::debug!(error = %e, "mapped_port not sent")
-                    }
-                }
+            if *known == Some((reg.generation, wanted)) {
+                return true;
             }
         }
-        tokio::select! {
-            r = mapping.changed() => if r.is_err() { return },
-            r = state.changed() => if r.is_err() { return },
-            // A lost request is sent again (one every ANNOUNCE_RETRY at most).
-            _ = tokio::time::sleep(ANNOUNCE_RETRY), if failed => {}
-            _ = shutdown.changed() => return,
+        match self
+            .session
+            .request(&ControlMessage::MappedPort { port: wanted })
+            .await
+        {
+            Ok(ControlMessage::Ack {}) => {
+                let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+                if known.is_none_or(|(g, _)| g <= reg.generation) {
+                    *known = Some((reg.generation, wanted));
+                }
+                true
+            }
+            Ok(other) => {
+                tracing::debug!(reply = other.kind(), "mapped_port not acknowledged");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "mapped_port not sent");
+                false
+            }
+        }
+    }
+
+    /// Keeps the rendezvous up to date until `shutdown`: after each registration and each
+    /// change of the mapping; a request that failed is sent again after [`ANNOUNCE_RETRY`].
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut mapping = self.mapping.clone();
+        let mut state = self.session.watch();
+        loop {
+            mapping.borrow_and_update();
+            state.borrow_and_update();
+            let failed =
+                !self.sync().await && matches!(self.session.state(), SessionState::Registered(_));
+            tokio::select! {
+                r = mapping.changed() => if r.is_err() { return },
+                r = state.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(ANNOUNCE_RETRY), if failed => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }
@@ -490,7 +546,10 @@ mod tests {
             lifetime: Some(Duration::from_secs(60)),
             renewed: std::time::Instant::now(),
         };
-        assert_eq!(announced_port(Some(mapping([203, 0, 113, 21]))), Some(41000));
+        assert_eq!(
+            announced_port(Some(mapping([203, 0, 113, 21]))),
+            Some(41000)
+        );
         assert_eq!(announced_port(Some(mapping([192, 168, 1, 1]))), None);
         assert_eq!(announced_port(None), None);
     }

@@ -43,6 +43,10 @@ pub struct MapperConfig {
     pub max_renew_interval: Duration,
     /// After every protocol failed, wait this long before trying again. Default 5 min.
     pub retry_after_failure: Duration,
+    /// After a mapping was lost (the gateway stopped answering: a router rebooting), the
+    /// first wait before trying again; it doubles with each round that fails, up to
+    /// `retry_after_failure`. Default 10 s.
+    pub retry_after_loss: Duration,
 }
 
 impl Default for MapperConfig {
@@ -56,6 +60,7 @@ impl Default for MapperConfig {
             min_renew_interval: Duration::from_secs(2),
             max_renew_interval: Duration::from_secs(120),
             retry_after_failure: Duration::from_secs(300),
+            retry_after_loss: Duration::from_secs(10),
         }
     }
 }
@@ -222,6 +227,13 @@ pub struct Mapper {
     pmp_external_ip: Option<Ipv4Addr>,
     /// Why each protocol failed this round, for [`Event::Unavailable`].
     failures: Vec<String>,
+    /// The first round (PCP, NAT-PMP, UPnP) has not ended yet.
+    first_round: bool,
+    /// The gateway answered something this round (so a mapping may well be coming).
+    gateway_answered: bool,
+    /// The wait before the next round after this one fails, when a mapping was held before
+    /// (`None`: never mapped, wait `retry_after_failure`).
+    loss_backoff: Option<Duration>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -254,6 +266,9 @@ impl Mapper {
             epoch: None,
             pmp_external_ip: None,
             failures: Vec::new(),
+            first_round: true,
+            gateway_answered: false,
+            loss_backoff: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -262,6 +277,25 @@ impl Mapper {
     /// The current mapping.
     pub fn mapping(&self) -> Option<Mapping> {
         self.mapping
+    }
+
+    /// Whether a mapping is probably on its way: the first round has not ended and the gateway
+    /// answered something (a PCP or NAT-PMP datagram, or UPnP discovery, see
+    /// [`Mapper::gateway_answered`]). A dial right after start waits for it, briefly, so that
+    /// the mapping is a candidate of its first introduction; a gateway that answers nothing
+    /// delays nobody.
+    pub fn settling(&self) -> bool {
+        self.first_round && self.gateway_answered && self.state != State::Closed
+    }
+
+    /// Whether the first round (PCP, NAT-PMP, UPnP) is still on.
+    pub fn first_round(&self) -> bool {
+        self.first_round
+    }
+
+    /// The driver's UPnP discovery found the gateway's service.
+    pub fn gateway_answered(&mut self) {
+        self.gateway_answered = true;
     }
 
     /// Whether the machine has nothing more to do (after [`Mapper::close`]).
@@ -497,8 +531,16 @@ impl Mapper {
                     self.failures.join("; ")
                 };
                 self.events.push_back(Event::Unavailable(reason));
+                self.first_round = false;
+                let wait = match self.loss_backoff {
+                    Some(wait) => {
+                        self.loss_backoff = Some((wait * 2).min(self.config.retry_after_failure));
+                        wait
+                    }
+                    None => self.config.retry_after_failure,
+                };
                 self.state = State::Idle {
-                    retry_at: now + self.config.retry_after_failure,
+                    retry_at: now + wait,
                 };
             }
         }
@@ -554,6 +596,7 @@ impl Mapper {
 
     fn handle_pcp(&mut self, now: Instant, data: &[u8]) {
         if wire::pcp_unsupported_version(data) {
+            self.gateway_answered = true;
             self.failures
                 .push("PCP: the gateway speaks only NAT-PMP".to_owned());
             self.next_protocol(Protocol::Pcp, now);
@@ -565,6 +608,7 @@ impl Mapper {
         if response.nonce != self.nonce || response.internal_port != self.internal_port {
             return; // not ours (or stale)
         }
+        self.gateway_answered = true;
         self.check_epoch(response.epoch, now);
         if response.result != 0 {
             self.failures
@@ -590,6 +634,7 @@ impl Mapper {
 
     fn handle_pmp(&mut self, now: Instant, data: &[u8]) {
         if let Some((result, epoch, ip)) = wire::parse_pmp_address_response(data) {
+            self.gateway_answered = true;
             self.check_epoch(epoch, now);
             if result == 0 {
                 self.pmp_external_ip = Some(ip);
@@ -599,6 +644,7 @@ impl Mapper {
         let Some(response) = wire::parse_pmp_map_response(data) else {
             return;
         };
+        self.gateway_answered = true;
         self.check_epoch(response.epoch, now);
         if response.result != 0 {
             self.failures
@@ -651,6 +697,8 @@ impl Mapper {
         });
         self.mapping = Some(mapping);
         self.suggested_port = external_port;
+        self.first_round = false;
+        self.loss_backoff = Some(self.config.retry_after_loss);
         if changed {
             self.events.push_back(Event::Mapped(mapping));
         }
@@ -868,6 +916,46 @@ mod tests {
     }
 
     #[test]
+    fn only_a_gateway_that_answers_makes_dials_wait() {
+        let t0 = Instant::now();
+        // Silent gateway: nobody waits, ever.
+        let mut m = mapper(MapperConfig::default(), t0);
+        while m
+            .poll_timeout()
+            .is_some_and(|t| t < t0 + Duration::from_secs(60))
+        {
+            advance(&mut m);
+            drain(&mut m);
+            assert!(!m.settling());
+        }
+        // A NAT-PMP gateway: settling from its first answer until the mapping.
+        let mut m = mapper(MapperConfig::default(), t0);
+        drain(&mut m);
+        assert!(!m.settling());
+        m.handle_udp(t0, gw(), &[0, 0x81, 0, 1, 0, 0, 0, 50]);
+        assert!(m.settling());
+        m.handle_udp(t0, gw(), &pmp_ok(42000, 3600, 50));
+        assert!(!m.settling());
+        // UPnP discovery answered, then every protocol failed: settling ends with the round.
+        let config = MapperConfig {
+            tries: 1,
+            ..MapperConfig::default()
+        };
+        let mut m = mapper(config, t0);
+        let mut now = t0;
+        while !drain(&mut m)
+            .iter()
+            .any(|t| matches!(t, Transmit::UpnpMap { .. }))
+        {
+            now = advance(&mut m);
+        }
+        m.gateway_answered();
+        assert!(m.settling());
+        m.handle_upnp(now, Err("AddPortMapping: UPnP error 606".into()));
+        assert!(!m.settling());
+    }
+
+    #[test]
     fn nat_pmp_only_gateway_is_used_at_once() {
         let t0 = Instant::now();
         let mut m = mapper(MapperConfig::default(), t0);
@@ -1049,6 +1137,36 @@ mod tests {
         assert!(m.mapping().is_none());
         let sent = drain(&mut m);
         assert_eq!(udp(&sent[0]), &[0, 0], "moved on to NAT-PMP");
+    }
+
+    #[test]
+    fn a_router_that_goes_silent_is_asked_again_soon_then_less_often() {
+        let t0 = Instant::now();
+        let mut m = mapper(MapperConfig::default(), t0);
+        drain(&mut m);
+        m.handle_udp(t0, gw(), &pcp_ok(NONCE, 41000, 20, 10));
+        events(&mut m);
+        // Silence from now on: the mapping expires, a round fails, the next is 10 s later,
+        // then 20, 40, ... up to 5 min.
+        let mut idle_waits = Vec::new();
+        while idle_waits.len() < 7 {
+            let now = advance(&mut m);
+            drain(&mut m);
+            if let Some(Event::Unavailable(_)) = events(&mut m).last() {
+                idle_waits.push((m.poll_timeout().expect("a retry") - now).as_secs());
+            }
+        }
+        assert_eq!(idle_waits, [10, 20, 40, 80, 160, 300, 300]);
+        // A router that never mapped is asked every 5 min.
+        let mut never = mapper(MapperConfig::default(), t0);
+        loop {
+            let now = advance(&mut never);
+            drain(&mut never);
+            if let Some(Event::Unavailable(_)) = events(&mut never).last() {
+                assert_eq!(never.poll_timeout(), Some(now + Duration::from_secs(300)));
+                break;
+            }
+        }
     }
 
     #[test]
