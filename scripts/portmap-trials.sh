@@ -63,7 +63,7 @@ trial() {
 		--data-dir "$dir/rv" >"$dir/rv.log" 2>&1 &
 	local fp
 	fp=$(wait_line "$dir/rv.log" "sha256:" 10 | grep -o 'sha256:[0-9a-f]*' | head -n1) || return 1
-	"$NATLAB" exec "$LAB" a -- "$BIN/peer" --config-dir "$dir/a" listen \
+	"$NATLAB" exec "$LAB" a -- "$BIN/peer" --config-dir "$dir/a" -v listen \
 		--server 203.0.113.10:7000 --server-key "$fp" </dev/null >"$dir/a.log" 2>&1 &
 	local id
 	id=$(wait_line "$dir/a.log" "peer id" 15 | awk '{print $NF}') || return 1
@@ -74,9 +74,10 @@ trial() {
 	mkfifo "$dir/in"
 	sleep 60 >"$dir/in" &
 	local holder=$!
-	"$NATLAB" exec "$LAB" b -- "$BIN/peer" --config-dir "$dir/b" connect "$id" \
+	"$NATLAB" exec "$LAB" b -- "$BIN/peer" --config-dir "$dir/b" -v connect "$id" \
 		--server 203.0.113.10:7000 --server-key "$fp" <"$dir/in" >"$dir/b.log" 2>&1 &
-	if line=$(wait_line "$dir/b.log" "(port mapping)" 10); then
+	# The first direct path (the connect line, or a path line after the relay).
+	if line=$(wait_line "$dir/b.log" "direct to 203.0.113.21:" 10) && [[ $line == *"(port mapping)"* ]]; then
 		end=$(now_ms)
 		echo "direct $((end - start)) ms: $line"
 	else
