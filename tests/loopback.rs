@@ -326,6 +326,7 @@ fn server_survives_garbage_datagrams_and_malformed_frames() {
         let register = ControlMessage::Register {
             version: PROTOCOL_VERSION,
             local_addrs: vec![],
+            mapped_port: None,
         };
         assert!(matches!(
             exchange(&mut tx, &mut rx, &register.encode()).await,

@@ -16,7 +16,9 @@ use crate::PeerId;
 /// introduction accepted it, so version-1 peers (which never accept) are refused. Version 3
 /// added the secret `key` of `punch` (probes and answers are authenticated with it instead of
 /// the public nonce), so version-2 peers, whose probes new peers would ignore, are refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4 added the port-mapped candidate: `mapped_port` in `register` and the
+/// `mapped_port` message, which version-3 servers would refuse as unknown fields and types.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -44,6 +46,11 @@ pub enum ControlMessage {
         /// The peer's own interface addresses (for peers on the same LAN).
         #[serde(default)]
         local_addrs: Vec<SocketAddr>,
+        /// The external port our router maps to our UDP port (PCP, NAT-PMP or UPnP IGD), if
+        /// any. Only the port: the rendezvous pairs it with the address it observes, so that a
+        /// peer can never aim others at an address that is not its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mapped_port: Option<u16>,
     },
     /// Reply to `register`.
     Registered {
@@ -119,6 +126,12 @@ pub enum ControlMessage {
         /// A direct path was proven.
         direct: bool,
     },
+    /// The external port our router maps to our UDP port changed (`None`: no mapping any
+    /// more), sent after `register` whenever it changes. Answered with `ack`.
+    MappedPort {
+        /// As `mapped_port` of `register`.
+        port: Option<u16>,
+    },
     /// Reply to a report that needs no other answer.
     Ack {},
     /// A request failed.
@@ -164,6 +177,7 @@ impl ControlMessage {
             ControlMessage::Ping { .. } => "ping",
             ControlMessage::Pong { .. } => "pong",
             ControlMessage::PunchResult { .. } => "punch_result",
+            ControlMessage::MappedPort { .. } => "mapped_port",
             ControlMessage::Ack {} => "ack",
             ControlMessage::Error { .. } => "error",
         }
@@ -185,6 +199,7 @@ pub const CONTROL_TYPES: &[&str] = &[
     "ping",
     "pong",
     "punch_result",
+    "mapped_port",
     "ack",
     "error",
 ];
@@ -279,7 +294,7 @@ impl CandidateKind {
         match self {
             CandidateKind::Observed => "public address",
             CandidateKind::Local => "same LAN",
-            CandidateKind::Mapped => "router port mapping",
+            CandidateKind::Mapped => "port mapping",
             CandidateKind::Predicted => "predicted port",
         }
     }
@@ -506,9 +521,35 @@ mod tests {
             register,
             ControlMessage::Register {
                 version: 1,
-                local_addrs: vec![]
+                local_addrs: vec![],
+                mapped_port: None,
             }
         );
+        // Version 4: the router-mapped port, in `register` and on its own.
+        let register = ControlMessage::decode(
+            br#"{"type":"register","version":4,"local_addrs":[],"mapped_port":41000}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            register,
+            ControlMessage::Register {
+                mapped_port: Some(41000),
+                ..
+            }
+        ));
+        let json: serde_json::Value =
+            serde_json::from_slice(&ControlMessage::MappedPort { port: Some(41000) }.encode())
+                .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "mapped_port", "port": 41000})
+        );
+        assert_eq!(
+            ControlMessage::decode(br#"{"type":"mapped_port","port":null}"#).unwrap(),
+            ControlMessage::MappedPort { port: None }
+        );
+        assert!(ControlMessage::decode(br#"{"type":"mapped_port","port":70000}"#).is_err());
+        assert_eq!(CandidateKind::Mapped.describe(), "port mapping");
         let info = ControlMessage::PeerInfo(PeerInfo {
             id: id(),
             observed: "203.0.113.2:4000".parse().unwrap(),

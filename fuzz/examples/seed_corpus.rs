@@ -40,6 +40,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
             ControlMessage::Register {
                 version: common::PROTOCOL_VERSION,
                 local_addrs: vec![addr("10.0.0.2:4000"), addr("[fd00::2]:4000")],
+                mapped_port: None,
             },
         ),
         (

@@ -73,10 +73,11 @@ fn addrs(u: &mut Unstructured, max: usize) -> Result<Vec<SocketAddr>> {
 
 /// A control message of any kind, with arbitrary field values.
 pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
-    Ok(match u.int_in_range(0u8..=13)? {
+    Ok(match u.int_in_range(0u8..=14)? {
         0 => ControlMessage::Register {
             version: u.arbitrary()?,
             local_addrs: addrs(u, 20)?,
+            mapped_port: u.arbitrary()?,
         },
         1 => ControlMessage::Registered {
             id: peer_id(u)?,
@@ -133,6 +134,9 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
         12 => ControlMessage::Accept {
             peer: peer_id(u)?,
             nonce: u.arbitrary()?,
+        },
+        13 => ControlMessage::MappedPort {
+            port: u.arbitrary()?,
         },
         _ => ControlMessage::Error {
             code: error_code(u)?,

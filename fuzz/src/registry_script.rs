@@ -171,6 +171,7 @@ impl Msg {
                         PROTOCOL_VERSION.wrapping_add(1)
                     },
                     local_addrs,
+                    mapped_port: None,
                 }
             }
             Msg::Query(n) => ControlMessage::Query { id: peer(n) },

@@ -247,6 +247,9 @@ pub(crate) struct SessionArgs {
     /// (default: the server's host, port 443; `off` disables it).
     #[arg(long)]
     pub(crate) server_tcp: Option<String>,
+    /// Do not ask the router to map our UDP port (PCP, NAT-PMP, UPnP IGD).
+    #[arg(long)]
+    pub(crate) no_port_mapping: bool,
 }
 
 pub(crate) fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
@@ -268,6 +271,7 @@ impl ServerArgs {
                 Some(addr) => TcpTunnel::At(addr.to_owned()),
                 None => TcpTunnel::SameHost,
             },
+            port_mapping: !session.no_port_mapping,
         })
     }
 }
@@ -339,5 +343,37 @@ mod tests {
         assert!(
             Cli::try_parse_from(["peer", "listen", "--server", "h:1", "--allow", "nope"]).is_err()
         );
+    }
+
+    #[test]
+    fn every_command_that_opens_the_endpoint_takes_no_port_mapping() {
+        let id = PeerId::from_key_digest(&[1; 32]).to_string();
+        let commands: [&[&str]; 6] = [
+            &["listen"],
+            &["connect", &id],
+            &["send", &id, "/etc/hostname"],
+            &["ping", &id, "--server", "h:1"],
+            &["pipe", &id, "ssh"],
+            &["forward", &id, "web", "--local", "127.0.0.1:8080"],
+        ];
+        for command in commands {
+            let mut args = vec!["peer"];
+            args.extend_from_slice(command);
+            if !command.contains(&"ping") {
+                args.extend(["--server", "h:1"]);
+            }
+            args.push("--no-port-mapping");
+            let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let session = match cli.command {
+                Command::Listen { server, .. }
+                | Command::Connect { server, .. }
+                | Command::Send { server, .. }
+                | Command::Pipe { server, .. }
+                | Command::Forward { server, .. } => server.session,
+                Command::Ping { session, .. } => session,
+                _ => panic!("{args:?}"),
+            };
+            assert!(session.no_port_mapping, "{args:?}");
+        }
     }
 }

@@ -129,6 +129,8 @@ pub struct ServerOptions {
     pub register_timeout: Duration,
     /// The rendezvous's TLS tunnel.
     pub tcp_tunnel: TcpTunnel,
+    /// Ask the router for a port mapping (`--no-port-mapping` turns it off).
+    pub port_mapping: bool,
 }
 
 /// The endpoint configuration of a command run with `config_dir`: events on the terminal, the
@@ -159,6 +161,8 @@ pub fn endpoint_config(
     let long_lived = role != Role::Lookup;
     config.keep_paths = long_lived;
     config.measure_nat = long_lived;
+    // A lookup is over in a moment: a mapping would be deleted as soon as it was made.
+    config.port_mapping = long_lived && server.port_mapping;
     // A pipe runs under ssh, once per login: it would only warn that the config dir's peer
     // already serves the socket.
     config.control = (long_lived && role != Role::Pipe).then(|| ControlSocket {
@@ -442,6 +446,7 @@ mod tests {
             bind: "0.0.0.0:0".parse().unwrap(),
             register_timeout: Duration::from_secs(3),
             tcp_tunnel: TcpTunnel::Off,
+            port_mapping: true,
         }
     }
 
@@ -450,6 +455,7 @@ mod tests {
         let dir = Path::new("/cfg");
         let lookup = endpoint_config(&server(), dir, false, Role::Lookup);
         assert!(!lookup.keep_paths && !lookup.measure_nat && lookup.control.is_none());
+        assert!(!lookup.port_mapping, "a lookup maps no port");
         for role in [
             Role::Listen,
             Role::Connect,
@@ -458,8 +464,16 @@ mod tests {
         ] {
             let config = endpoint_config(&server(), dir, true, role);
             assert!(
-                config.keep_paths && config.measure_nat && config.verbose,
+                config.keep_paths && config.measure_nat && config.verbose && config.port_mapping,
                 "{role:?}"
+            );
+            let off = ServerOptions {
+                port_mapping: false,
+                ..server()
+            };
+            assert!(
+                !endpoint_config(&off, dir, true, role).port_mapping,
+                "--no-port-mapping: {role:?}"
             );
             let control = config.control.expect("a control socket");
             assert_eq!(

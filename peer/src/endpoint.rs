@@ -140,6 +140,10 @@ pub struct EndpointConfig {
     pub measure_nat: bool,
     /// Serve a control socket. Default none.
     pub control: Option<ControlSocket>,
+    /// Ask the default gateway to map our UDP port (PCP, NAT-PMP, UPnP IGD) and announce the
+    /// mapping as a candidate ([`crate::portmap`]); deleted on [`Endpoint::close`]. Default on;
+    /// never done when the socket or the rendezvous is on loopback (everything on one host).
+    pub port_mapping: bool,
     /// QUIC timers.
     pub transport: TransportSettings,
 }
@@ -159,10 +163,14 @@ impl EndpointConfig {
             keep_paths: true,
             measure_nat: true,
             control: None,
+            port_mapping: true,
             transport: TransportSettings::default(),
         }
     }
 }
+
+/// Longest wait of a dial for a port mapping the gateway is still granting.
+const PORT_MAPPING_WAIT: Duration = Duration::from_secs(1);
 
 /// Why an endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +300,10 @@ pub struct Endpoint {
     peer_cache: Option<PathBuf>,
     access: Arc<Access>,
     verbose: bool,
+    /// Tells the rendezvous our router's port mapping (`None`: port mapping off).
+    announcer: Option<crate::portmap::driver::Announcer>,
+    /// A port mapping is probably on its way ([`crate::portmap::mapper::Mapper::settling`]).
+    mapping_settling: watch::Receiver<bool>,
 }
 
 /// Measures our NAT against the rendezvous's STUN service once registered, for `peer status` and
@@ -364,7 +376,10 @@ impl Endpoint {
             RendezvousTrust::Pinned(fp) => (Some(*fp), PathBuf::new()),
             RendezvousTrust::KnownServers(path) => (None, path.clone()),
         };
+        let (mapping_tx, mapping_rx) = watch::channel(None);
+        let (settling_tx, settling_rx) = watch::channel(false);
         let session_config = SessionConfig {
+            mapped_port: mapping_rx.clone(),
             server_name: name.clone(),
             server_addr,
             pinned,
@@ -391,6 +406,27 @@ impl Endpoint {
             relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx.clone());
         let (nat_tx, nat_rx) = watch::channel(None);
         let mut tasks = vec![session_task, stun_task, relay_task];
+        let map_port = config.port_mapping
+            && local.is_ipv4()
+            && !local.ip().is_loopback()
+            && !server_addr.ip().is_loopback();
+        if map_port {
+            tasks.push(tokio::spawn(crate::portmap::driver::run(
+                crate::portmap::mapper::MapperConfig::default(),
+                local.port(),
+                console.clone(),
+                config.verbose,
+                mapping_tx,
+                settling_tx,
+                shutdown_rx.clone(),
+            )));
+        }
+        let announcer = map_port.then(|| {
+            let announcer =
+                crate::portmap::driver::Announcer::new(session.clone(), mapping_rx.clone());
+            tasks.push(tokio::spawn(announcer.clone().run(shutdown_rx.clone())));
+            announcer
+        });
         if config.measure_nat {
             tasks.push(tokio::spawn(measure_nat(
                 session.clone(),
@@ -423,6 +459,7 @@ impl Endpoint {
                             config_dir: socket.config_dir.clone(),
                             started: process_started,
                             dial_timeout: Duration::from_secs(20),
+                            port_mapping: mapping_rx.clone(),
                         };
                         tasks.push(tokio::spawn(control::serve(
                             listener,
@@ -458,6 +495,8 @@ impl Endpoint {
             peer_cache: config.peer_cache,
             access: Arc::new(config.access),
             verbose: config.verbose,
+            announcer,
+            mapping_settling: settling_rx,
         };
         if config.keep_paths {
             endpoint.keep_paths();
@@ -579,6 +618,14 @@ impl Endpoint {
         };
         if let Some(w) = warning {
             self.console.error(format!("warning: {w}")).await;
+        }
+        if let Some(announcer) = &self.announcer {
+            // A mapping granted after we registered must be a candidate of this introduction
+            // (no request when the rendezvous already knows it). A gateway that has answered
+            // but not granted yet gets a moment; one that answers nothing delays nobody.
+            let mut settling = self.mapping_settling.clone();
+            let _ = tokio::time::timeout(PORT_MAPPING_WAIT, settling.wait_for(|s| !*s)).await;
+            announcer.sync().await;
         }
         let (conn, via) = dial::establish(
             &self.keeper,

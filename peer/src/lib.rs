@@ -55,7 +55,7 @@
 //! - The machinery under it: [`node`] (socket and QUIC endpoint), [`session`] (registration),
 //!   [`register`] (the register handshake and TLS names), [`relay`], [`punching`], [`dial`],
 //!   [`paths`] (keeping each connection on its best path), [`netcheck`] and [`portmap`] (what
-//!   the NAT does), [`cache`] (addresses that worked), [`tasks`] (the tasks an endpoint spawns
+//!   the NAT does; the router's port mapping of our socket), [`cache`] (addresses that worked), [`tasks`] (the tasks an endpoint spawns
 //!   as it goes, all ended and awaited by [`Endpoint::close`]).
 //! - The `peer` program's applications, on top of the endpoint: [`commands`] (each command as
 //!   a library call, so that the program only parses arguments and prints), [`listener`] (inbound stream
