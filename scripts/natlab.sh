@@ -8,17 +8,20 @@
 #
 #   natlab.sh up LAB --a KIND --b KIND [--same-nat] [--hairpin on|off]
 #             [--delay MS] [--jitter MS] [--loss PCT] [--rate RATE]
-#             [--udp-timeout SECONDS]
+#             [--udp-timeout SECONDS] [--ipv6 SIDES] [--ipv6-only SIDES]
 #   natlab.sh exec LAB HOST -- CMD...
 #   natlab.sh status LAB
 #   natlab.sh down LAB
 #   natlab.sh down-all
 #   natlab.sh flush LAB HOST
 #   natlab.sh block LAB HOST | unblock LAB HOST
-#   natlab.sh addr LAB HOST
+#   natlab.sh addr LAB HOST | addr6 LAB HOST
 #   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S] [--upnp-only]
 #
 # KIND: open full addr port sym cgnat udpblock
+# SIDES: a, b or ab.  --ipv6 makes those sides (and rv, inet) dual-stack in
+# 2001:db8::/32, each behind its router's stateful IPv6 firewall (no NAT66);
+# --ipv6-only also takes their IPv4 default route away.  Default: IPv4 only.
 # HOST: inet rv a b nata natb cgnata cgnatb (cgnat = whichever exists)
 set -euo pipefail
 
@@ -327,9 +330,11 @@ write_state() {
 		printf 'KIND_A=%q\nKIND_B=%q\nSAME_NAT=%q\nHAIRPIN=%q\n' "$KIND_A" "$KIND_B" "$SAME_NAT" "$HAIRPIN"
 		printf 'DELAY=%q\nJITTER=%q\nLOSS=%q\nRATE=%q\nUDP_TIMEOUT=%q\n' "$DELAY" "$JITTER" "$LOSS" "$RATE" "$UDP_TIMEOUT"
 		printf 'HOSTS=%q\nROUTERS=%q\n' "${HOSTS[*]}" "${ROUTERS[*]}"
+		printf 'IPV6=%q\nIPV6_ONLY=%q\n' "$IPV6" "$IPV6_ONLY"
 		local h
 		for h in "${HOSTS[@]}"; do
 			printf 'ADDR_%s=%q\n' "$h" "${ADDR[$h]}"
+			[[ -z ${ADDR6[$h]:-} ]] || printf 'ADDR6_%s=%q\n' "$h" "${ADDR6[$h]}"
 		done
 		for h in "${ROUTERS[@]}"; do
 			printf 'MODE_%s=%q\n' "$h" "${MODE[$h]}"
@@ -429,12 +434,86 @@ start_shim() {
 	die "impairment shim for side $side did not start"
 }
 
+# ---------------------------------------------------------------------------
+# IPv6 (--ipv6 / --ipv6-only)
+# ---------------------------------------------------------------------------
+readonly INET6_GW=2001:db8::1
+
+v6_on() { nsx "$1" sysctl -q -w "net.ipv6.conf.$2.disable_ipv6=0" >/dev/null; }
+
+# v6_link EDGE_NS EDGE_DEV EDGE_ADDR6 INET_DEV: the IPv6 twin of link_to_inet on
+# the same (already built) point-to-point link.
+v6_link() {
+	local edge=$1 edev=$2 eaddr=$3 idev=$4 inet
+	inet=$(ns "$LAB" inet)
+	v6_on "$edge" "$edev"
+	v6_on "$inet" "$idev"
+	ip -n "$edge" -6 addr add "$eaddr/128" dev "$edev" nodad
+	ip -n "$edge" -6 route add "$INET6_GW/128" dev "$edev"
+	ip -n "$edge" -6 route add default via "$INET6_GW" dev "$edev" onlink
+	ip -n "$inet" -6 addr add "$INET6_GW/128" dev "$idev" nodad
+	ip -n "$inet" -6 route add "$eaddr/128" dev "$idev"
+}
+
+# A stateful IPv6 firewall on ROUTER_NS (no NAT66): replies to what the LAN
+# sent (conntrack: same addresses and ports) pass, anything new from the WAN is
+# dropped, so a LAN host is reachable like behind a port-restricted cone.
+v6_firewall() {
+	nsx "$1" nft -f - <<'EOF'
+table ip6 natlab6 {
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "wan" ct state established,related accept
+		iifname "wan" drop
+	}
+}
+EOF
+}
+
+# IPv6 for rv and the --ipv6 sides: rv 2001:db8::10, an open peer
+# 2001:db8::3<idx>, a router WAN 2001:db8::2<idx> with LAN 2001:db8:<idx>::/64
+# (router ::1, peer ::2).
+add_ipv6() {
+	local inet rv side idx peer nat
+	inet=$(ns "$LAB" inet)
+	rv=$(ns "$LAB" rv)
+	nsx "$inet" sysctl -q -w net.ipv6.conf.all.forwarding=1 >/dev/null
+	v6_link "$rv" eth0 2001:db8::10 to-rv
+	ADDR6[rv]=2001:db8::10
+	for side in a b; do
+		[[ $IPV6 == *$side* ]] || continue
+		[[ $side == a ]] && idx=1 || idx=2
+		peer=$(ns "$LAB" "$side")
+		nat=$(ns "$LAB" "nat$side")
+		if ! ns_exists "$nat"; then
+			v6_link "$peer" eth0 "2001:db8::3$idx" "to-$side"
+			ADDR6[$side]=2001:db8::3$idx
+		else
+			nsx "$nat" sysctl -q -w net.ipv6.conf.all.forwarding=1 >/dev/null
+			v6_link "$nat" wan "2001:db8::2$idx" "to-nat$side"
+			ip -n "$inet" -6 route add "2001:db8:$idx::/64" via "2001:db8::2$idx" dev "to-nat$side" onlink
+			v6_on "$nat" lan
+			ip -n "$nat" -6 addr add "2001:db8:$idx::1/64" dev lan nodad
+			v6_on "$peer" eth0
+			ip -n "$peer" -6 addr add "2001:db8:$idx::2/64" dev eth0 nodad
+			ip -n "$peer" -6 route add default via "2001:db8:$idx::1" dev eth0
+			v6_firewall "$nat"
+			ADDR6[nat$side]=2001:db8::2$idx
+			ADDR6[$side]=2001:db8:$idx::2
+		fi
+		if [[ $IPV6_ONLY == *$side* ]]; then
+			ip -n "$peer" -4 route del default
+		fi
+	done
+}
+
 cmd_up() {
 	LAB=${1:-}
 	[[ -n $LAB ]] || usage
 	shift
 	check_lab "$LAB"
 	KIND_A="" KIND_B="" SAME_NAT=0 HAIRPIN=off DELAY=0 JITTER=0 LOSS=0 RATE="" UDP_TIMEOUT=""
+	IPV6="" IPV6_ONLY=""
 	while (($#)); do
 		case $1 in
 		--a) KIND_A=${2:?}; shift 2 ;;
@@ -446,6 +525,8 @@ cmd_up() {
 		--loss) LOSS=${2:?}; shift 2 ;;
 		--rate) RATE=${2:?}; shift 2 ;;
 		--udp-timeout) UDP_TIMEOUT=${2:?}; shift 2 ;;
+		--ipv6) IPV6=${2:?}; shift 2 ;;
+		--ipv6-only) IPV6_ONLY=${2:?}; shift 2 ;;
 		*) die "unknown option '$1'" ;;
 		esac
 	done
@@ -466,6 +547,18 @@ cmd_up() {
 	awk -v x="$LOSS" 'BEGIN { exit !(x <= 100) }' || die "--loss is a percentage (0-100)"
 	[[ -z $UDP_TIMEOUT || $UDP_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--udp-timeout must be a positive integer (seconds)"
 	[[ -z $RATE ]] || rate_bps "$RATE" >/dev/null
+	[[ -z $IPV6 || $IPV6 =~ ^(a|b|ab)$ ]] || die "--ipv6 takes a, b or ab"
+	[[ -z $IPV6_ONLY || $IPV6_ONLY =~ ^(a|b|ab)$ ]] || die "--ipv6-only takes a, b or ab"
+	# IPv6-only sides are IPv6 sides.
+	[[ $IPV6_ONLY != *a* || $IPV6 == *a* ]] || IPV6+=a
+	[[ $IPV6_ONLY != *b* || $IPV6 == *b* ]] || IPV6+=b
+	if [[ -n $IPV6 ]]; then
+		((!SAME_NAT)) || die "--ipv6 with --same-nat is not supported"
+		for k in "$KIND_A" "$KIND_B"; do
+			[[ $k != cgnat ]] || die "--ipv6 with a cgnat side is not supported"
+		done
+		! impaired || die "--ipv6 with impairment is not supported (the shim is IPv4-only)"
+	fi
 
 	if [[ -n $(lab_namespaces "$LAB") ]]; then
 		die "lab '$LAB' already exists; run: $0 down $LAB"
@@ -476,7 +569,7 @@ cmd_up() {
 	# Half-built labs are removed on any failure.
 	trap 'rc=$?; if ((rc != 0)); then echo "natlab: up $LAB failed, tearing down" >&2; cmd_down "$LAB" >/dev/null 2>&1 || true; fi' EXIT
 
-	declare -gA ADDR=() MODE=() LANNET=() UPLINK_EDGE=() UPLINK_INET=()
+	declare -gA ADDR=() ADDR6=() MODE=() LANNET=() UPLINK_EDGE=() UPLINK_INET=()
 	HOSTS=(inet rv) ROUTERS=() SIDE=""
 	local inet rv
 	inet=$(ns "$LAB" inet)
@@ -513,6 +606,7 @@ cmd_up() {
 		t=${UDP_TIMEOUT:-$(nsx "$rns" cat /proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream)}
 		nat_ruleset "$mode" "${ADDR[$r]}" "${LANNET[$r]}" "$t" | nsx "$rns" nft -f -
 	done
+	[[ -z $IPV6 ]] || add_ipv6
 	write_state
 	if impaired; then
 		local s
@@ -557,6 +651,17 @@ cmd_addr() {
 	host=$(resolve_host "$lab" "$host")
 	v=ADDR_$host
 	[[ -n ${!v:-} ]] || die "no address recorded for $host"
+	echo "${!v}"
+}
+
+cmd_addr6() {
+	local lab=${1:-} host=${2:-} v
+	[[ -n $lab && -n $host ]] || usage
+	check_lab "$lab"
+	load_state "$lab"
+	host=$(resolve_host "$lab" "$host")
+	v=ADDR6_$host
+	[[ -n ${!v:-} ]] || die "no IPv6 address recorded for $host (lab up without --ipv6?)"
 	echo "${!v}"
 }
 
@@ -906,6 +1011,7 @@ main() {
 	block) cmd_block "$@" ;;
 	unblock) cmd_unblock "$@" ;;
 	addr) cmd_addr "$@" ;;
+	addr6) cmd_addr6 "$@" ;;
 	upnp) cmd_upnp "$@" ;;
 	*) usage ;;
 	esac

@@ -237,8 +237,9 @@ pub(crate) struct SessionArgs {
     /// it the key is trusted on first use and remembered.
     #[arg(long)]
     pub(crate) server_key: Option<Fingerprint>,
-    /// Local UDP address to bind (one socket carries all traffic).
-    #[arg(long, default_value = "0.0.0.0:0")]
+    /// Local UDP address to bind (one socket carries all traffic). The default `[::]:0` is one
+    /// dual-stack socket for IPv4 and IPv6; `0.0.0.0:0` keeps the peer on IPv4 only.
+    #[arg(long, default_value = "[::]:0")]
     pub(crate) bind: SocketAddr,
     /// Seconds to wait for the first registration.
     #[arg(long, default_value_t = 10.0)]

@@ -119,7 +119,8 @@ pub struct ControlSocket {
 pub struct EndpointConfig {
     /// The rendezvous.
     pub rendezvous: Rendezvous,
-    /// Local UDP address to bind (one socket carries all traffic). Default `0.0.0.0:0`.
+    /// Local UDP address to bind (one socket carries all traffic). Default `[::]:0`: one
+    /// dual-stack socket for IPv4 and IPv6 (IPv4 only on a host without IPv6).
     pub bind: SocketAddr,
     /// Longest wait for a registration in [`Endpoint::registered`]. Default 10 s.
     pub register_timeout: Duration,
@@ -153,7 +154,7 @@ impl EndpointConfig {
     pub fn new(rendezvous: Rendezvous) -> Self {
         EndpointConfig {
             rendezvous,
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            bind: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
             register_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(20),
             peer_cache: None,
@@ -342,10 +343,12 @@ impl Endpoint {
     ) -> Result<Endpoint, EndpointError> {
         let process_started = Instant::now();
         let name = config.rendezvous.address.clone();
-        let server_addr = tokio::net::lookup_host(&name)
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host(&name)
             .await
             .map_err(|e| EndpointError::Resolve(name.clone(), e))?
-            .find(|a| a.is_ipv4() == config.bind.is_ipv4())
+            .map(transport::canonical)
+            .collect();
+        let server_addr = node::pick_server_addr(&resolved, config.bind)
             .ok_or_else(|| EndpointError::NoAddress(name.clone()))?;
         let transport = config.transport;
         let (node, stun_rx) =
@@ -407,7 +410,7 @@ impl Endpoint {
         let (nat_tx, nat_rx) = watch::channel(None);
         let mut tasks = vec![session_task, stun_task, relay_task];
         let map_port = config.port_mapping
-            && local.is_ipv4()
+            && (local.is_ipv4() || local.ip().is_unspecified())
             && !local.ip().is_loopback()
             && !server_addr.ip().is_loopback();
         if map_port {
@@ -809,7 +812,7 @@ impl Incoming {
     /// Where it comes from (a peer's stable address when it arrived relayed or from an address
     /// proven to be that peer's).
     pub fn remote_address(&self) -> SocketAddr {
-        self.incoming.remote_address()
+        transport::canonical(self.incoming.remote_address())
     }
 
     async fn establish(self) -> Result<Connection, AcceptError> {
@@ -819,7 +822,7 @@ impl Incoming {
             access: policy,
         } = self;
         let console = &keeper.console;
-        let remote = incoming.remote_address();
+        let remote = transport::canonical(incoming.remote_address());
         let conn = match tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, incoming).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(source)) => {

@@ -5,7 +5,7 @@
 //! protocol, and every accepted connection must be named by the key it proved; one place does
 //! both so no caller can forget.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,23 +162,92 @@ pub fn remote_id(conn: &quinn::Connection) -> Option<PeerId> {
     certs::peer_id_of_cert(&cert).ok()
 }
 
-/// Our addresses as other hosts on the same network would reach them: the interface address the
-/// OS would use towards `server` (found without sending anything) with our bound port.
+/// Where the OS would send from towards `target` (found by connecting a UDP socket, which sends
+/// nothing), if it has a route there.
+fn source_towards(target: SocketAddr) -> Option<IpAddr> {
+    let probe_bind: SocketAddr = match target.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let ip = UdpSocket::bind(probe_bind)
+        .and_then(|s| s.connect(target).and_then(|_| s.local_addr()))
+        .ok()?
+        .ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// A global IPv6 address, used only to ask the routing table which source address we would use
+/// for the IPv6 internet (nothing is sent to it).
+const IPV6_ROUTE_PROBE: SocketAddr = SocketAddr::new(
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0x4860, 0x4860, 0, 0, 0, 0, 0x8888)),
+    443,
+);
+
+/// A global IPv4 address, as [`IPV6_ROUTE_PROBE`] for IPv4.
+const IPV4_ROUTE_PROBE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), 443);
+
+/// Whether `ip` is worth announcing as a candidate of another family than the rendezvous's:
+/// an IPv6 address others can route to (not link-local, which needs a scope, nor loopback).
+fn announceable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && (v6.segments()[0] & 0xffc0) != 0xfe80
+                && v6.to_ipv4_mapped().is_none()
+        }
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified() && !v4.is_link_local(),
+    }
+}
+
+/// Our addresses as other hosts would reach them, with our bound port: the interface address the
+/// OS would use towards `server`, and on a dual-stack socket also the one it would use for the
+/// other family (our IPv6 address when we reach the rendezvous over IPv4: with no NAT in IPv6,
+/// other peers can reach it through our firewall once we have sent to them). Found without
+/// sending anything.
 pub fn local_addrs(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
     if !bound.ip().is_unspecified() {
         return vec![bound];
     }
-    let probe_bind: SocketAddr = match server.ip() {
-        IpAddr::V4(_) => (IpAddr::from([0u8, 0, 0, 0]), 0).into(),
-        IpAddr::V6(_) => (IpAddr::from([0u16; 8]), 0).into(),
-    };
-    let ip = UdpSocket::bind(probe_bind)
-        .and_then(|s| s.connect(server).and_then(|_| s.local_addr()))
-        .map(|a| a.ip());
-    match ip {
-        Ok(ip) if !ip.is_unspecified() => vec![SocketAddr::new(ip, bound.port())],
-        _ => Vec::new(),
+    let mut out = Vec::new();
+    if let Some(ip) = source_towards(server) {
+        out.push(SocketAddr::new(ip, bound.port()));
     }
+    if bound.is_ipv6() {
+        let other = if server.is_ipv4() {
+            IPV6_ROUTE_PROBE
+        } else {
+            IPV4_ROUTE_PROBE
+        };
+        if let Some(ip) = source_towards(other).filter(|ip| announceable(*ip)) {
+            let addr = SocketAddr::new(ip, bound.port());
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}
+
+/// Which of the rendezvous's resolved addresses to register with, for a socket bound to `bind`.
+/// A dual-stack socket prefers IPv4 when we have an IPv4 route: the rendezvous records the
+/// address it sees, and only over IPv4 is that our NAT's public mapping, which IPv4 punching
+/// needs; our IPv6 address (no NAT) is announced beside it (see [`local_addrs`]). An IPv6-only
+/// host registers over IPv6. A socket of one family uses that family only.
+pub fn pick_server_addr(resolved: &[SocketAddr], bind: SocketAddr) -> Option<SocketAddr> {
+    let dual = bind.is_ipv6() && bind.ip().is_unspecified();
+    if !dual {
+        return resolved
+            .iter()
+            .find(|a| a.is_ipv4() == bind.is_ipv4())
+            .copied();
+    }
+    resolved
+        .iter()
+        .find(|a| a.is_ipv4() && source_towards(**a).is_some())
+        .or_else(|| resolved.iter().find(|a| a.is_ipv6()))
+        .or_else(|| resolved.first())
+        .copied()
 }
 
 #[cfg(test)]

@@ -419,7 +419,7 @@ impl PathKeeper {
 
     /// Starts the link task of a new connection; its path starts as the socket routes it now.
     pub fn start_link(&self, peer: PeerId, conn: quinn::Connection, describe: &'static str) {
-        let quinn_addr = conn.remote_address();
+        let quinn_addr = transport::canonical(conn.remote_address());
         let id = conn_id(&conn);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let now = Instant::now();

@@ -34,7 +34,8 @@ pub fn stable_addr(peer: &PeerId) -> SocketAddr {
 
 /// Whether `addr` is a stable per-peer address (in 240.0.0.0/4, see [`stable_addr`]).
 pub fn is_stable_addr(addr: SocketAddr) -> bool {
-    matches!(addr, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
+    // A dual-stack socket shows it v4-mapped (`::ffff:240.x.y.z`).
+    matches!(transport::canonical(addr), SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
 }
 
 /// Handle to the relay.

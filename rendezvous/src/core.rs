@@ -813,6 +813,10 @@ impl Registry {
             return refusal;
         }
         local_addrs.retain(|a| a.port() != 0 && !a.ip().is_unspecified());
+        // One spelling per address: `::ffff:a.b.c.d` is a.b.c.d.
+        for addr in local_addrs.iter_mut() {
+            *addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        }
         local_addrs.dedup();
         let registered_at = self.peers.get(&id).map_or(now, |r| r.registered_at);
         if !self.online.contains_key(&id) {

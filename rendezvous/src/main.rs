@@ -37,8 +37,9 @@ enum LogFormat {
 enum Command {
     /// Serve QUIC (control protocol) and STUN on one UDP port.
     Serve {
-        /// UDP address to listen on.
-        #[arg(long, default_value = "0.0.0.0:7000")]
+        /// UDP address to listen on. The default `[::]:7000` is one dual-stack socket (IPv4 and
+        /// IPv6); `0.0.0.0:7000` serves IPv4 only.
+        #[arg(long, default_value = "[::]:7000")]
         listen: SocketAddr,
         /// Directory for the server key and the registry.
         #[arg(long, default_value = "./rendezvous-data")]

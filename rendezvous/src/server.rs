@@ -278,6 +278,9 @@ impl Shared {
         msg: ControlMessage,
         durable: bool,
     ) -> Option<ControlMessage> {
+        // The socket is dual-stack: IPv4 peers arrive v4-mapped; records and candidates keep
+        // them plain IPv4.
+        let observed = transport::canonical(observed);
         if let ControlMessage::Connect { id: target } = &msg {
             self.refresh_observed(*target);
         }
@@ -363,7 +366,7 @@ impl Shared {
         let Some(conn_id) = conn_id else { return };
         let current = lock(&self.online)
             .get(&conn_id)
-            .map(|o| o.conn.remote_address());
+            .map(|o| transport::canonical(o.conn.remote_address()));
         let Some(current) = current else { return };
         if Some(current) == recorded {
             return;
@@ -748,7 +751,7 @@ impl Control<'_> {
         if !registered {
             return Err(ConnError::Protocol("registration refused".into()));
         }
-        tracing::info!(peer = %id, observed = %conn.remote_address(), "registered");
+        tracing::info!(peer = %id, observed = %transport::canonical(conn.remote_address()), "registered");
 
         // Introductions still waiting for our accept are pushed again: the first push may have
         // gone to the connection this registration replaces.

@@ -76,7 +76,16 @@ impl Socket {
     async fn send_to(&self, data: &[u8], to: SocketAddr) -> std::io::Result<()> {
         match self {
             Socket::Shared(demux) => demux.send_to(data, to).await,
-            Socket::Plain(socket) => socket.send_to(data, to).await.map(|_| ()),
+            Socket::Plain(socket) => {
+                // A dual-stack socket takes IPv4 destinations v4-mapped.
+                let to = match (to, socket.local_addr()) {
+                    (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
+                        SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+                    }
+                    _ => to,
+                };
+                socket.send_to(data, to).await.map(|_| ())
+            }
         }
     }
 }
@@ -169,7 +178,11 @@ pub(crate) async fn start(
                 continue;
             };
             let addr = SocketAddr::new(*ip, *port);
-            let socket = Arc::new(tokio::net::UdpSocket::bind(addr).await?);
+            // SO_REUSEPORT: a socket on the second IP with the primary port binds beside the
+            // primary's dual-stack wildcard (`[::]:port` covers every IPv4 address too).
+            let socket = Arc::new(tokio::net::UdpSocket::from_std(
+                transport::bind_udp_beside(addr)?,
+            )?);
             let bound = socket.local_addr()?;
             sockets[i][p] = Some((Socket::Plain(socket.clone()), bound));
             plain.push((socket, i, p));
@@ -202,7 +215,9 @@ pub(crate) async fn start(
                         },
                         _ = stop.changed() => return,
                     };
-                    service.handle(&buf[..n], from, i, p).await;
+                    service
+                        .handle(&buf[..n], transport::canonical(from), i, p)
+                        .await;
                 }
             });
         }

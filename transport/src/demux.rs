@@ -150,8 +150,9 @@ struct Routes {
 }
 
 /// Maps IPv4-mapped IPv6 addresses to plain IPv4, so that route keys match whatever family the
-/// endpoint uses.
-pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+/// endpoint uses. A dual-stack socket reports IPv4 peers as `::ffff:a.b.c.d`; everything above
+/// the socket (candidates, path lines, the rendezvous's records) compares and shows them plain.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
@@ -214,6 +215,8 @@ pub struct DemuxSocket {
     // Alternates which source poll_recv serves first, so neither starves the other.
     injected_first: AtomicBool,
     virtual_dropped: AtomicU64,
+    // The socket is IPv6 (dual-stack): IPv4 destinations must be written v4-mapped.
+    ipv6: bool,
 }
 
 /// Datagrams waiting to be injected into quinn.
@@ -259,6 +262,7 @@ impl DemuxSocket {
         inner: Arc<dyn AsyncUdpSocket>,
         stun_queue: usize,
     ) -> (Arc<Self>, mpsc::Receiver<StunDatagram>) {
+        let ipv6 = inner.local_addr().is_ok_and(|a| a.is_ipv6());
         let (stun_tx, stun_rx) = mpsc::channel(stun_queue.max(1));
         let (injected_tx, injected_rx) = mpsc::channel(INJECT_QUEUE);
         let injector = Injector {
@@ -277,6 +281,7 @@ impl DemuxSocket {
                 injector,
                 injected_first: AtomicBool::new(false),
                 virtual_dropped: AtomicU64::new(0),
+                ipv6,
             }),
             stun_rx,
         )
@@ -490,7 +495,10 @@ impl DemuxSocket {
             let len = data.len().min(bufs[n].len());
             bufs[n][..len].copy_from_slice(&data[..len]);
             meta[n] = RecvMeta {
-                addr: from,
+                // quinn on a dual-stack socket knows IPv4 peers only v4-mapped: a relayed packet
+                // must show the same spelling as a direct one from that peer, or quinn drops it
+                // as coming from an unexpected remote.
+                addr: self.native(from).unwrap_or(from),
                 len,
                 stride: len,
                 ..RecvMeta::default()
@@ -501,8 +509,11 @@ impl DemuxSocket {
         n
     }
 
-    /// Sends one datagram (a STUN message, a probe) from the shared socket.
+    /// Sends one datagram (a STUN message, a probe) from the shared socket. An IPv4
+    /// `destination` is written v4-mapped on a dual-stack socket; one of a family the socket
+    /// cannot reach (IPv6 from an IPv4 socket) is an error, never a panic.
     pub async fn send_to(&self, data: &[u8], destination: SocketAddr) -> io::Result<()> {
+        let destination = self.native(destination)?;
         let mut poller = self.inner.clone().create_io_poller();
         loop {
             let transmit = Transmit {
@@ -521,10 +532,35 @@ impl DemuxSocket {
         }
     }
 
+    /// `addr` as the socket's family needs it.
+    fn native(&self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        match addr {
+            SocketAddr::V4(v4) if self.ipv6 => Ok(SocketAddr::new(
+                IpAddr::V6(v4.ip().to_ipv6_mapped()),
+                v4.port(),
+            )),
+            SocketAddr::V6(v6) if !self.ipv6 => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => Ok(SocketAddr::new(IpAddr::V4(v4), v6.port())),
+                None => Err(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("cannot send to {addr} from an IPv4-only socket"),
+                )),
+            },
+            _ => Ok(addr),
+        }
+    }
+
+    /// Whether the socket can send to IPv6 addresses (it is bound to an IPv6 address).
+    pub fn is_ipv6(&self) -> bool {
+        self.ipv6
+    }
+
     fn divert(&self, from: SocketAddr, to: Option<IpAddr>, data: &[u8]) {
+        // Plain IPv4 for IPv4 senders on a dual-stack socket: the STUN and punching code
+        // compares these with candidates and observed addresses.
         let datagram = StunDatagram {
-            from,
-            to,
+            from: canonical(from),
+            to: to.map(|ip| ip.to_canonical()),
             data: data.to_vec(),
         };
         match self.stun_tx.try_send(datagram) {

@@ -145,7 +145,7 @@ pub fn make_endpoint(
         }
         None => None,
     };
-    bind_endpoint(addr, server_config, stun_queue, reset_secret)
+    bind_endpoint(addr, false, server_config, stun_queue, reset_secret)
 }
 
 /// As [`make_endpoint`] for a public server: accepts connections with `tls` under the
@@ -164,7 +164,7 @@ pub fn make_server_endpoint(
         .max_incoming(limits.max_incoming)
         .incoming_buffer_size(limits.incoming_buffer_size)
         .incoming_buffer_size_total(limits.incoming_buffer_size_total);
-    bind_endpoint(addr, Some(config), stun_queue, reset_secret)
+    bind_endpoint(addr, true, Some(config), stun_queue, reset_secret)
 }
 
 /// A quinn server config over our rustls config (which must speak TLS 1.3 only).
@@ -176,12 +176,13 @@ fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, 
 
 fn bind_endpoint(
     addr: SocketAddr,
+    share_port: bool,
     server_config: Option<quinn::ServerConfig>,
     stun_queue: usize,
     reset_secret: Option<[u8; 32]>,
 ) -> Result<BoundEndpoint, EndpointError> {
     let socket_err = |source| EndpointError::Socket { addr, source };
-    let socket = std::net::UdpSocket::bind(addr).map_err(socket_err)?;
+    let socket = bind_udp(addr, share_port).map_err(socket_err)?;
     let (demux, stun_rx) = DemuxSocket::new(socket, stun_queue).map_err(socket_err)?;
     let mut endpoint_config = match reset_secret {
         Some(secret) => {
@@ -212,6 +213,52 @@ fn bind_endpoint(
     )
     .map_err(socket_err)?;
     Ok((endpoint, demux, stun_rx))
+}
+
+/// Binds `addr`. An IPv6 wildcard (`[::]:port`) is bound dual-stack (IPV6_V6ONLY off, whatever
+/// the host's `net.ipv6.bindv6only` says), so that one socket carries both families: the
+/// one-socket design (QUIC, STUN and punch probes share it, see [`DemuxSocket`]) keeps working,
+/// and IPv4 peers show up as v4-mapped addresses that the demultiplexer normalises.
+/// `share_port` (the rendezvous) sets SO_REUSEPORT on it, so that the server's STUN sockets on
+/// a second IPv4 address with the same port ([`bind_udp_beside`]) can bind beside the wildcard;
+/// only processes of the same user can share the port.
+pub fn bind_udp(addr: SocketAddr, share_port: bool) -> std::io::Result<std::net::UdpSocket> {
+    if !(addr.is_ipv6() && addr.ip().is_unspecified()) {
+        return std::net::UdpSocket::bind(addr);
+    }
+    let socket = match socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    ) {
+        Ok(socket) => socket,
+        // A host without IPv6 (disabled in the kernel): the IPv4 wildcard on the same port.
+        Err(e) if e.raw_os_error() == Some(97) /* EAFNOSUPPORT */ => {
+            tracing::debug!("no IPv6 on this host: binding IPv4 only");
+            return std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], addr.port())));
+        }
+        Err(e) => return Err(e),
+    };
+    socket.set_only_v6(false)?;
+    if share_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Binds `addr` (a specific address) with SO_REUSEPORT, beside a dual-stack wildcard socket
+/// bound by [`bind_udp`] with `share_port` on the same port. Non-blocking, for tokio.
+pub fn bind_udp_beside(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// Wraps a rustls client config for quinn with our transport timers.

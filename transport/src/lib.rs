@@ -10,12 +10,12 @@ mod scripted;
 pub mod tunnel;
 
 pub use demux::{
-    AliasRefusal, DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket,
-    VirtualSink, MAX_ALIASES, MAX_ALIASES_PER_ADDR,
+    canonical, AliasRefusal, DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram,
+    VirtualPacket, VirtualSink, MAX_ALIASES, MAX_ALIASES_PER_ADDR,
 };
 pub use endpoint::{
-    make_endpoint, make_server_endpoint, quic_client_config, remote_certificate, BoundEndpoint,
-    EndpointError, ServerTransport, TransportSettings,
+    bind_udp, bind_udp_beside, make_endpoint, make_server_endpoint, quic_client_config,
+    remote_certificate, BoundEndpoint, EndpointError, ServerTransport, TransportSettings,
 };
 pub use scripted::{check_receive_script, ScriptedDatagram, ScriptedSocket};
 
