@@ -246,6 +246,31 @@ pub struct Candidate {
     pub kind: CandidateKind,
 }
 
+impl Candidate {
+    /// How a path to this candidate is described to users (see [`describe_candidate`]).
+    pub fn describe(&self) -> &'static str {
+        describe_candidate(self.kind, self.addr)
+    }
+}
+
+/// How a path to `addr`, a candidate of `kind`, is described: as [`CandidateKind::describe`],
+/// except that an interface address that is a global IPv6 address is a "public IPv6
+/// address", not a LAN one: IPv6 has no NAT, so a peer's interface address is its public one.
+pub fn describe_candidate(kind: CandidateKind, addr: SocketAddr) -> &'static str {
+    match (kind, addr.ip()) {
+        (CandidateKind::Local, std::net::IpAddr::V6(v6)) if is_global_ipv6(&v6) => {
+            "public IPv6 address"
+        }
+        _ => kind.describe(),
+    }
+}
+
+/// Whether `ip` is in the IPv6 global unicast range (2000::/3), where every public IPv6
+/// address is today (documentation addresses, 2001:db8::/32, included: the lab uses them).
+pub fn is_global_ipv6(ip: &std::net::Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xe000 == 0x2000
+}
+
 /// Most candidates of one peer the rendezvous hands out in a `punch`, and that a peer probes
 /// (the rest are ignored): each costs the other side probes.
 pub const MAX_CANDIDATES: usize = 8;

@@ -292,7 +292,7 @@ impl Lookup {
             }
         };
         for c in &self.candidates {
-            out.push_str(&format!("  {} ({})\n", c.addr, c.kind.describe()));
+            out.push_str(&format!("  {} ({})\n", c.addr, c.describe()));
         }
         out
     }

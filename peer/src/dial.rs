@@ -120,7 +120,7 @@ pub async fn establish(
     if verbose {
         let list: Vec<String> = candidates
             .iter()
-            .map(|c| format!("{} ({})", c.addr, c.kind.describe()))
+            .map(|c| format!("{} ({})", c.addr, c.describe()))
             .collect();
         console
             .error(format!("candidates of {peer}: {}", list.join(", ")))
@@ -169,7 +169,7 @@ pub async fn establish(
             .dial(peer, stable, dial_timeout)
             .await
             .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
-        return Ok((conn, Via::direct(path.addr, path.kind.describe())));
+        return Ok((conn, Via::direct(path.addr, path.kind.describe_at(path.addr))));
     }
     // Relay first, direct as soon as proven: the punch result goes to the peer's machine, which
     // moves the connection (or, while the handshake is still running, the stable address's
@@ -183,7 +183,7 @@ pub async fn establish(
                 Ok(punch::State::Direct(path)) => {
                     keeper.report_punch(peer, true);
                     if let Ok(mut how) = proven.lock() {
-                        *how = Some(path.kind.describe());
+                        *how = Some(path.kind.describe_at(path.addr));
                     }
                 }
                 Ok(punch::State::Failed(_)) => keeper.report_punch(peer, false),
@@ -219,9 +219,7 @@ fn path_kind_of(addr: SocketAddr, candidates: &[common::message::Candidate]) -> 
     candidates
         .iter()
         .find(|c| c.addr == addr)
-        .map_or(punch::PathKind::PeerReflexive.describe(), |c| {
-            c.kind.describe()
-        })
+        .map_or(punch::PathKind::PeerReflexive.describe(), |c| c.describe())
 }
 
 /// Answers the streams the other side opens on a connection we made: `ping` streams are served,

@@ -149,7 +149,7 @@ impl PunchWitness {
         let outcome = match state {
             State::Direct(path) => PunchOutcome::Direct {
                 addr: path.addr,
-                describe: path.kind.describe(),
+                describe: path.kind.describe_at(path.addr),
             },
             State::Failed(report) => PunchOutcome::Failed(report.reason()),
             State::Probing => PunchOutcome::Failed("punch stopped".into()),

@@ -109,6 +109,17 @@ impl PathKind {
     }
 }
 
+impl PathKind {
+    /// How a path of this kind to `addr` is described to users (a global IPv6 interface
+    /// address is a public address, see [`common::message::describe_candidate`]).
+    pub fn describe_at(&self, addr: SocketAddr) -> &'static str {
+        match self {
+            PathKind::Candidate(kind) => common::message::describe_candidate(*kind, addr),
+            PathKind::PeerReflexive => self.describe(),
+        }
+    }
+}
+
 /// A working direct path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {

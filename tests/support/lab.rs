@@ -18,6 +18,10 @@ pub const NETNS_GATE: &str = "needs root and P2P_NETNS_TESTS=1 (scripts/test.sh 
 
 /// Where the rendezvous listens in every lab (`LAB-rv`).
 pub const RV_LISTEN: &str = "203.0.113.10:7000";
+/// Where the rendezvous listens in a lab up with `--ipv6`: one dual-stack socket.
+pub const RV_LISTEN_DUAL: &str = "[::]:7000";
+/// The rendezvous's IPv6 address in a lab up with `--ipv6` (`LAB-rv`, 2001:db8::10).
+pub const RV_LISTEN6: &str = "[2001:db8::10]:7000";
 
 /// Whether lab tests may run here (`P2P_NETNS_TESTS=1`, which `scripts/test.sh` sets when it
 /// runs as root with nftables). When not, says so on stderr: a lab test then returns at once
@@ -179,6 +183,22 @@ impl Lab {
             "203.0.113.11"
         ]);
         Rendezvous::ready(self.spawn("rv", "rendezvous", &bin("rendezvous"), &args))
+    }
+
+    /// As [`Lab::rendezvous`], for a lab up with `--ipv6`: the rendezvous listens on one
+    /// dual-stack socket ([`RV_LISTEN_DUAL`]), reachable at [`RV_LISTEN`] and [`RV_LISTEN6`];
+    /// the returned [`Rendezvous::args`] name the IPv4 address.
+    pub fn rendezvous_dual_stack(&self, data_dir: &Path) -> Rendezvous {
+        let mut args = rendezvous_args(data_dir, RV_LISTEN_DUAL);
+        args.extend(crate::args![
+            "--stun-alt-port",
+            "7001",
+            "--stun-alt-ip",
+            "203.0.113.11"
+        ]);
+        let mut rv = Rendezvous::ready(self.spawn("rv", "rendezvous", &bin("rendezvous"), &args));
+        rv.addr = RV_LISTEN.parse().expect("RV_LISTEN is an address");
+        rv
     }
 
     /// Starts `peer --config-dir CONFIG_DIR ARGS...` in `host`'s namespace.

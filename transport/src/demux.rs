@@ -498,7 +498,12 @@ impl DemuxSocket {
                 // quinn on a dual-stack socket knows IPv4 peers only v4-mapped: a relayed packet
                 // must show the same spelling as a direct one from that peer, or quinn drops it
                 // as coming from an unexpected remote.
-                addr: self.native(from).unwrap_or(from),
+                addr: match from {
+                    SocketAddr::V4(v4) if self.ipv6 => {
+                        SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+                    }
+                    _ => from,
+                },
                 len,
                 stride: len,
                 ..RecvMeta::default()
@@ -907,5 +912,77 @@ mod tests {
             let _ = socket.add_alias(real, quinn);
         }
         assert!(socket.read_routes().map(|r| r.back.len()) <= Some(MAX_ALIASES));
+    }
+
+    /// On a dual-stack socket, IPv4 peers arrive v4-mapped: the STUN path sees them plain
+    /// (as candidates and observed addresses are spelled), `send_to` takes plain IPv4, quinn
+    /// sees relayed packets v4-mapped like direct ones, and routes keyed by the plain address
+    /// translate packets from the mapped one.
+    #[tokio::test]
+    async fn a_dual_stack_socket_shows_ipv4_peers_plain_above_and_mapped_to_quinn() {
+        let std_socket = crate::endpoint::bind_udp("[::]:0".parse().unwrap(), false).unwrap();
+        let (socket, mut stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        if !socket.is_ipv6() {
+            eprintln!("skipped: this host has no IPv6 (the socket fell back to IPv4)");
+            return;
+        }
+        let port = socket.local_addr().unwrap().port();
+        let v4_local = SocketAddr::from(([127, 0, 0, 1], port));
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+
+        // STUN from an IPv4 peer: its source is plain IPv4.
+        let request = common::stun::binding_request([7; 12]);
+        other.send_to(&request, v4_local).await.unwrap();
+        // quinn's receive (which diverts STUN) runs until the STUN channel has it.
+        let mut storage = [0u8; 64];
+        let mut bufs = [IoSliceMut::new(&mut storage)];
+        let mut meta = [RecvMeta::default()];
+        let datagram = tokio::select! {
+            d = stun.recv() => d.unwrap(),
+            r = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta)) => {
+                panic!("STUN reached quinn: {r:?}")
+            }
+        };
+        assert_eq!(datagram.from, other_addr, "plain IPv4, not ::ffff:127.0.0.1");
+        assert_eq!(datagram.to, Some(IpAddr::from([127, 0, 0, 1])));
+
+        // send_to a plain IPv4 address works from the IPv6 socket.
+        socket.send_to(b"plain", other_addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from), (&b"plain"[..], v4_local));
+
+        // A route keyed by the plain address translates the mapped source for quinn.
+        let stable: SocketAddr = "240.1.2.3:4567".parse().unwrap();
+        let mapped_stable = same_family(stable, "[::1]:1".parse().unwrap());
+        socket.set_route(stable, PathTarget::Udp(other_addr));
+        other.send_to(b"back", v4_local).await.unwrap();
+        assert_eq!(recv_one(&socket).await, (mapped_stable, b"back".to_vec()));
+
+        // Relayed packets from a stable address reach quinn v4-mapped, as direct ones do.
+        assert!(socket.injector().inject(stable, b"relayed".to_vec()));
+        assert_eq!(recv_one(&socket).await, (mapped_stable, b"relayed".to_vec()));
+    }
+
+    /// An IPv4 socket cannot reach an IPv6 address: an error, not a panic; a v4-mapped
+    /// destination is sent as plain IPv4.
+    #[tokio::test]
+    async fn an_ipv4_socket_refuses_ipv6_destinations_and_unmaps_mapped_ones() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        assert!(!socket.is_ipv6());
+        let err = socket
+            .send_to(b"x", "[2001:db8::1]:9".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrNotAvailable);
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let mapped = same_family(other_addr, "[::1]:1".parse().unwrap());
+        socket.send_to(b"unmapped", mapped).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"unmapped");
     }
 }

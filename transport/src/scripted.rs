@@ -442,7 +442,12 @@ mod model {
                         };
                         for s in segments {
                             if common::stun::is_stun(s) {
-                                stun_expected.push((d.meta.addr, d.meta.dst_ip, s.to_vec()));
+                                // The STUN path sees IPv4 peers plain, never v4-mapped.
+                                stun_expected.push((
+                                    canonical(d.meta.addr),
+                                    d.meta.dst_ip.map(|ip| ip.to_canonical()),
+                                    s.to_vec(),
+                                ));
                             } else {
                                 kept.extend_from_slice(s);
                             }

@@ -1,0 +1,112 @@
+//! IPv6 in the network-namespace NAT lab (root only; `natlab.sh up --ipv6`): peers and the
+//! rendezvous get documentation-range addresses (2001:db8::/32), each peer behind its router's
+//! stateful IPv6 firewall (established and related pass, anything new from outside is dropped:
+//! filtering like a port-restricted cone, no NAT). Both sides are symmetric IPv4 NATs, a pair
+//! that is relayed over IPv4 only.
+//!
+//! - `sym_sym_dual_stack_goes_direct_over_ipv6`: both peers dual-stack, registered over IPv4;
+//!   the dialer goes direct to the listener's IPv6 address through both firewalls.
+//! - `ipv6_only_peer_reaches_dual_stack_peer`: the dialer has no IPv4 route and registers over
+//!   IPv6; the dual-stack listener (registered over IPv4) is reached over IPv6.
+
+use std::path::Path;
+use std::time::Duration;
+
+use e2e::lab::{self, Lab, RV_LISTEN6};
+use e2e::{args, Proc, Rendezvous, TempDir};
+
+const STEP: Duration = Duration::from_secs(30);
+
+/// The listener's IPv6 address in every `--ipv6` lab (side a behind a router).
+const LISTENER6: &str = "[2001:db8:1::2]:";
+/// The dialer's.
+const DIALER6: &str = "[2001:db8:2::2]:";
+
+/// A listener on `LAB-a` registered over IPv4, a dialer on `LAB-b` that connects to it with
+/// `server` (the rendezvous's IPv4 or IPv6 address): the dialer must end up direct to the
+/// listener's IPv6 address, the listener must see the dialer's, and a line must pass each way.
+fn direct_over_ipv6(lab: &Lab, rv: &Rendezvous, dir: &Path, server: &str) {
+    let (mut listener, l_id) = lab.listen("a", "listener", &dir.join("a"), rv, &args!["-v"], STEP);
+    let connect = args![
+        "-v",
+        "connect",
+        l_id,
+        "--server",
+        server,
+        "--server-key",
+        rv.fingerprint
+    ];
+    let mut dialer = lab.peer("b", "dialer", &dir.join("b"), &connect);
+    let (line, _) = dialer.wait_for_line(&format!("connected to {l_id} in "), STEP);
+    let direct = format!("direct to {LISTENER6}");
+    if !line.contains(&direct) {
+        // Started on the relay: the path moves once the punch succeeds.
+        dialer.wait_for_line(&format!("path to {l_id}: {direct}"), STEP);
+    }
+    let (accepted, _) = listener.wait_for_line("connected: ", STEP);
+    let d_id = accepted.split_whitespace().nth(1).expect("id").to_owned();
+    exchange(&mut listener, &l_id, &mut dialer, &d_id);
+    // The listener's path to the dialer is its IPv6 address too (its path lines or the accept).
+    let on_ipv6 = accepted.contains(DIALER6)
+        || listener
+            .stdout
+            .lines()
+            .iter()
+            .any(|l| l.contains(&format!("path to {d_id}: direct to {DIALER6}")));
+    assert!(
+        on_ipv6,
+        "the listener reaches the dialer over IPv6:\n{}",
+        listener.stdout.text()
+    );
+    dialer.close_stdin();
+    assert_eq!(
+        lab::exit_code(&mut dialer, STEP),
+        Some(0),
+        "the dialer exits 0 at the end of its input\nstderr:\n{}",
+        dialer.stderr.text()
+    );
+}
+
+/// One chat line each way.
+fn exchange(listener: &mut Proc, l_id: &str, dialer: &mut Proc, d_id: &str) {
+    let to_listener = format!("hello listener from dialer {d_id}");
+    dialer.send_line(&to_listener);
+    let (got, _) = listener.wait_for_line(&to_listener, STEP);
+    assert!(got.contains(&format!("{d_id}: {to_listener}")), "{got}");
+    let to_dialer = format!("hello dialer from listener {l_id}");
+    listener.send_line(&to_dialer);
+    let (got, _) = dialer.wait_for_line(&to_dialer, STEP);
+    assert!(got.contains(&format!("{l_id}: {to_dialer}")), "{got}");
+}
+
+fn run(case: &str, options: &[&str], server: &str) {
+    if !lab::netns_enabled(case) {
+        return;
+    }
+    let dir = TempDir::new(case);
+    let lab = Lab::up(case, options);
+    {
+        let rv = lab.rendezvous_dual_stack(&dir.path().join("rv"));
+        direct_over_ipv6(&lab, &rv, dir.path(), server);
+        // The processes are killed here, before the lab goes down.
+    }
+    lab.down();
+}
+
+#[test]
+fn sym_sym_dual_stack_goes_direct_over_ipv6() {
+    run(
+        "ipv6_sym_sym",
+        &["--a", "sym", "--b", "sym", "--ipv6", "ab"],
+        lab::RV_LISTEN,
+    );
+}
+
+#[test]
+fn ipv6_only_peer_reaches_dual_stack_peer() {
+    run(
+        "ipv6_only_dual",
+        &["--a", "sym", "--b", "sym", "--ipv6", "ab", "--ipv6-only", "b"],
+        RV_LISTEN6,
+    );
+}
