@@ -527,6 +527,24 @@ fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A global IPv6 interface address is a public address (no NAT in IPv6); LAN, link-local,
+    /// unique-local and IPv4 interface addresses stay "same LAN".
+    #[test]
+    fn a_global_ipv6_interface_address_is_described_as_public() {
+        let describe = |addr: &str| describe_candidate(CandidateKind::Local, addr.parse().unwrap());
+        assert_eq!(describe("[2001:db8:1::2]:5000"), "public IPv6 address");
+        assert_eq!(describe("[2a00:1450::1]:5000"), "public IPv6 address");
+        assert_eq!(describe("[fd00::2]:5000"), "same LAN");
+        assert_eq!(describe("[fe80::1]:5000"), "same LAN");
+        assert_eq!(describe("10.0.1.2:5000"), "same LAN");
+        assert_eq!(describe("[::ffff:10.0.1.2]:5000"), "same LAN");
+        // Other kinds keep their description whatever the family.
+        assert_eq!(
+            describe_candidate(CandidateKind::Observed, "[2001:db8::2]:1".parse().unwrap()),
+            "public address"
+        );
+    }
     use proptest::prelude::*;
 
     fn id() -> PeerId {

@@ -254,6 +254,52 @@ pub fn pick_server_addr(resolved: &[SocketAddr], bind: SocketAddr) -> Option<Soc
 mod tests {
     use super::*;
 
+    /// A dual-stack socket registers over IPv4 when there is a route (the rendezvous must see
+    /// our NAT's IPv4 mapping), whatever order the resolver returned; a socket of one family
+    /// only uses that family.
+    #[test]
+    fn the_rendezvous_address_prefers_ipv4_on_a_dual_stack_socket() {
+        let v4: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let v6: SocketAddr = "[::1]:7000".parse().unwrap();
+        let dual: SocketAddr = "[::]:0".parse().unwrap();
+        assert_eq!(pick_server_addr(&[v6, v4], dual), Some(v4));
+        assert_eq!(pick_server_addr(&[v6], dual), Some(v6));
+        assert_eq!(pick_server_addr(&[v6, v4], "0.0.0.0:0".parse().unwrap()), Some(v4));
+        assert_eq!(pick_server_addr(&[v6], "0.0.0.0:0".parse().unwrap()), None);
+        assert_eq!(pick_server_addr(&[v4, v6], "[::1]:0".parse().unwrap()), Some(v6));
+        assert_eq!(pick_server_addr(&[], dual), None);
+    }
+
+    /// Only addresses another host can route to are announced for the other family.
+    #[test]
+    fn only_routable_addresses_of_the_other_family_are_announced() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(announceable(ip("2001:db8:1::2")));
+        assert!(announceable(ip("fd00::2")), "unique-local: a LAN address, as 10/8 is");
+        assert!(!announceable(ip("fe80::1")), "link-local needs a scope id");
+        assert!(!announceable(ip("::1")));
+        assert!(!announceable(ip("::")));
+        assert!(!announceable(ip("::ffff:10.0.0.2")));
+        assert!(announceable(ip("10.0.0.2")));
+        assert!(!announceable(ip("127.0.0.1")));
+        assert!(!announceable(ip("169.254.1.1")));
+    }
+
+    /// A socket bound to one address announces that; a wildcard announces at least the address
+    /// towards the rendezvous, with the bound port, and never twice.
+    #[test]
+    fn local_addrs_carry_the_bound_port_without_duplicates() {
+        let server: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let bound: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        assert_eq!(local_addrs(bound, server), vec![bound]);
+        let addrs = local_addrs("[::]:4242".parse().unwrap(), server);
+        assert_eq!(addrs.first(), Some(&bound));
+        assert!(addrs.iter().all(|a| a.port() == 4242));
+        let mut unique = addrs.clone();
+        unique.dedup();
+        assert_eq!(unique, addrs);
+    }
+
     /// A peer of an older protocol (it accepts only `p2p-peer/2`) is named in the error and the
     /// connection is not used.
     #[tokio::test]

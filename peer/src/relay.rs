@@ -32,7 +32,8 @@ pub fn stable_addr(peer: &PeerId) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
-/// Whether `addr` is a stable per-peer address (in 240.0.0.0/4, see [`stable_addr`]).
+/// Whether `addr` is a stable per-peer address (in 240.0.0.0/4, see [`stable_addr`]), in
+/// either spelling (a dual-stack socket shows it v4-mapped).
 pub fn is_stable_addr(addr: SocketAddr) -> bool {
     // A dual-stack socket shows it v4-mapped (`::ffff:240.x.y.z`).
     matches!(transport::canonical(addr), SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240)
@@ -245,5 +246,27 @@ async fn read_relayed(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// quinn on a dual-stack socket shows a stable address v4-mapped: it is still one, and the
+    /// same peer's.
+    #[test]
+    fn a_v4_mapped_stable_address_is_a_stable_address() {
+        let peer = PeerId::from_key_digest(&[3; 32]);
+        let stable = stable_addr(&peer);
+        assert!(is_stable_addr(stable));
+        let SocketAddr::V4(v4) = stable else {
+            panic!("stable addresses are IPv4")
+        };
+        let mapped = SocketAddr::new(std::net::IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port());
+        assert!(is_stable_addr(mapped));
+        assert_eq!(transport::canonical(mapped), stable);
+        assert!(!is_stable_addr("[2001:db8::1]:1".parse().unwrap()));
+        assert!(!is_stable_addr("[::ffff:203.0.113.5]:1".parse().unwrap()));
     }
 }

@@ -1301,6 +1301,42 @@ mod tests {
         }
     }
 
+    /// A dual-stack peer registered over IPv4 announces its IPv6 address: the other peer gets
+    /// it after the observed IPv4 mapping; a v4-mapped spelling of an announced address is
+    /// stored plain, so that it is one candidate, not two.
+    #[test]
+    fn an_announced_ipv6_address_is_a_candidate_and_mapped_ipv4_is_stored_plain() {
+        let mut reg = Registry::new([], [7; 32]);
+        register(&mut reg, 1, id(1), 4000);
+        let v6: SocketAddr = "[2001:db8:2::2]:5000".parse().unwrap();
+        let lan = SocketAddr::from(([10, 0, 0, 2], 5000));
+        let lan_mapped = SocketAddr::new(
+            IpAddr::V6(Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped()),
+            5000,
+        );
+        let out = reg.handle(
+            2,
+            id(2),
+            addr(5000),
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs: vec![lan, lan_mapped, v6],
+                mapped_port: None,
+            },
+            T0,
+        );
+        assert_eq!(
+            out.persist.map(|(_, r)| r.local_addrs),
+            Some(vec![lan, v6]),
+            "the mapped spelling is the same address"
+        );
+        let candidates = candidates_of_2(&mut reg);
+        let addrs: Vec<SocketAddr> = candidates.iter().map(|c| c.addr).collect();
+        assert_eq!(addrs, vec![addr(5000), lan, v6]);
+        assert_eq!(candidates[2].kind, CandidateKind::Local);
+        assert_eq!(candidates[2].describe(), "public IPv6 address");
+    }
+
     #[test]
     fn a_mapped_port_is_a_candidate_on_the_observed_address_only() {
         let mut reg = Registry::new([], [7; 32]);
