@@ -439,7 +439,11 @@ start_shim() {
 # ---------------------------------------------------------------------------
 readonly INET6_GW=2001:db8::1
 
-v6_on() { nsx "$1" sysctl -q -w "net.ipv6.conf.$2.disable_ipv6=0" >/dev/null; }
+# No duplicate address detection: link-local addresses would stay tentative
+# (unusable for neighbour discovery) for a second or more after the lab is up.
+v6_on() {
+	nsx "$1" sysctl -q -w "net.ipv6.conf.$2.accept_dad=0" "net.ipv6.conf.$2.disable_ipv6=0" >/dev/null
+}
 
 # v6_link EDGE_NS EDGE_DEV EDGE_ADDR6 INET_DEV: the IPv6 twin of link_to_inet on
 # the same (already built) point-to-point link.

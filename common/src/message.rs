@@ -18,7 +18,7 @@ use crate::PeerId;
 /// the public nonce), so version-2 peers, whose probes new peers would ignore, are refused.
 /// Version 4 added the port-mapped candidate: `mapped_port` in `register` and the
 /// `mapped_port` message, which version-3 servers would refuse as unknown fields and types.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -62,6 +62,12 @@ pub enum ControlMessage {
         keepalive_s: u32,
         /// The server's protocol version.
         version: u32,
+        /// The server's addresses where it answers address-proof requests (a dual-stack
+        /// server: one per family). A dual-stack peer sends a
+        /// [`stun::observe_request`](crate::stun::observe_request) to the one of the other
+        /// family than this connection's and confirms its address with `confirm_address`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        server_addrs: Vec<SocketAddr>,
     },
     /// Ask for a peer's addresses.
     Query {
@@ -132,6 +138,19 @@ pub enum ControlMessage {
         /// As `mapped_port` of `register`.
         port: Option<u16>,
     },
+    /// Our address in the other IP family than this connection's, as the server's answer to our
+    /// address-proof request showed it, with that answer's MESSAGE-INTEGRITY as the proof that
+    /// we receive at `addr` (only the server can compute it, and it sent it only there).
+    /// Answered with `ack`, or an error if the proof does not check (wrong, or older than
+    /// about two minutes). The server then hands `addr` out as a second observed candidate.
+    ConfirmAddress {
+        /// Our address (the XOR-MAPPED-ADDRESS of the answer).
+        addr: SocketAddr,
+        /// The transaction id of our request.
+        transaction: [u8; 12],
+        /// The answer's MESSAGE-INTEGRITY.
+        proof: [u8; 20],
+    },
     /// Reply to a report that needs no other answer.
     Ack {},
     /// A request failed.
@@ -178,6 +197,7 @@ impl ControlMessage {
             ControlMessage::Pong { .. } => "pong",
             ControlMessage::PunchResult { .. } => "punch_result",
             ControlMessage::MappedPort { .. } => "mapped_port",
+            ControlMessage::ConfirmAddress { .. } => "confirm_address",
             ControlMessage::Ack {} => "ack",
             ControlMessage::Error { .. } => "error",
         }
@@ -200,6 +220,7 @@ pub const CONTROL_TYPES: &[&str] = &[
     "pong",
     "punch_result",
     "mapped_port",
+    "confirm_address",
     "ack",
     "error",
 ];

@@ -290,6 +290,36 @@ pub fn probe_success(transaction: [u8; 12], mapped: SocketAddr, key: &PunchKey) 
     seal(message, key)
 }
 
+/// USERNAME of a Binding request that asks the rendezvous for an address proof: a peer sends
+/// one to the rendezvous's address in the other IP family than its control connection, and the
+/// answer's MESSAGE-INTEGRITY (keyed by a secret of the server and the request's source
+/// address) is the proof it returns over TLS (`confirm_address`).
+pub const OBSERVE_USERNAME: &str = "p2p-observe";
+
+/// Encodes an address-proof request (see [`OBSERVE_USERNAME`]).
+pub fn observe_request(transaction: [u8; 12]) -> Vec<u8> {
+    let mut message = Message::<Attribute>::new(
+        MessageClass::Request,
+        BINDING,
+        TransactionId::new(transaction),
+    );
+    if let Ok(username) = Username::new(OBSERVE_USERNAME.to_owned()) {
+        message.add_attribute(username);
+    }
+    encode(message)
+}
+
+/// The MESSAGE-INTEGRITY value (HMAC-SHA1) of a STUN message, if it has one.
+pub fn integrity_of(datagram: &[u8]) -> Option<[u8; 20]> {
+    let mut decoder = MessageDecoder::<Attribute>::new();
+    let Ok(Ok(message)) = decoder.decode_from_bytes(datagram) else {
+        return None;
+    };
+    message
+        .get_attribute::<MessageIntegrity>()
+        .map(|mi| mi.hmac_sha1())
+}
+
 /// True if the datagram carries a MESSAGE-INTEGRITY that checks with `key`.
 pub fn verify_probe(datagram: &[u8], key: &PunchKey) -> bool {
     let mut decoder = MessageDecoder::<Attribute>::new();

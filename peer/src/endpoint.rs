@@ -438,6 +438,14 @@ impl Endpoint {
                 shutdown_rx.clone(),
             )));
         }
+        tasks.push(tokio::spawn(crate::observe::run(
+            node.clone(),
+            router.clone(),
+            session.clone(),
+            console.clone(),
+            config.verbose,
+            shutdown_rx.clone(),
+        )));
         let keeper = PathKeeper::new(
             node.clone(),
             router,

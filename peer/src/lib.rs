@@ -75,6 +75,7 @@ pub mod files;
 pub mod listener;
 pub mod netcheck;
 pub mod node;
+pub mod observe;
 pub mod paths;
 pub mod ping;
 pub mod portmap;

@@ -43,6 +43,9 @@ pub struct Registration {
     pub over_tcp: bool,
     /// The router-mapped external port this registration announced.
     pub mapped_port: Option<u16>,
+    /// Where the server answers address-proof requests (a dual-stack server; see
+    /// [`crate::observe`]).
+    pub server_addrs: Vec<SocketAddr>,
 }
 
 /// Where the session stands.
@@ -327,7 +330,7 @@ async fn run(
                 _ = shutdown.changed() => return,
             };
             match attempt {
-                Ok((conn, control_tx, mut control_rx, id, observed, mapped_port)) => {
+                Ok((conn, control_tx, mut control_rx, id, observed, mapped_port, server_addrs)) => {
                     generation += 1;
                     backoff = BACKOFF_MIN;
                     state_tx.send_replace(SessionState::Registered(Registration {
@@ -337,6 +340,7 @@ async fn run(
                         generation,
                         over_tcp: tunnel.is_open(),
                         mapped_port,
+                        server_addrs,
                     }));
                     tracing::info!(%observed, generation, over_tcp = tunnel.is_open(), "registered with the rendezvous");
                     let reason = tokio::select! {
@@ -535,6 +539,7 @@ type Registered = (
     PeerId,
     SocketAddr,
     Option<u16>,
+    Vec<SocketAddr>,
 );
 
 async fn register(
@@ -605,6 +610,7 @@ async fn register(
             id,
             observed,
             version,
+            server_addrs,
             ..
         } => {
             if version != PROTOCOL_VERSION {
@@ -620,7 +626,9 @@ async fn register(
                     identity.id()
                 )));
             }
-            Ok((conn, tx, rx, id, observed, mapped_port))
+            // At most one per family is used; a longer list is the server's mistake.
+            let server_addrs = server_addrs.into_iter().take(4).collect();
+            Ok((conn, tx, rx, id, observed, mapped_port, server_addrs))
         }
         ControlMessage::Error { code, message } => {
             let text = format!("registration refused ({code:?}): {message}");

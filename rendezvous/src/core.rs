@@ -389,6 +389,10 @@ pub struct Record {
     /// on the observed address. Records stored before version 4 have none.
     #[serde(default)]
     pub mapped_port: Option<u16>,
+    /// The peer's address in the other IP family than `observed`, proven by the peer
+    /// (`confirm_address`, see [`crate::observe`]); cleared by every registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_other: Option<SocketAddr>,
     /// Last time the server heard from the peer.
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
@@ -484,6 +488,11 @@ pub struct Registry {
     rng: StdRng,
     /// The server's own addresses: never handed out as a peer's candidate.
     own_addrs: Vec<SocketAddr>,
+    /// Keys the address proofs (see [`crate::observe`]).
+    observe_secret: [u8; 32],
+    /// Where the server answers address-proof requests (`registered.server_addrs`): its
+    /// addresses of both families when dual-stack, else none.
+    proof_addrs: Vec<SocketAddr>,
     /// Introductions asked for, per requester.
     introductions_by_requester: SourceBuckets<PeerId>,
     /// Introductions asked for, per target.
@@ -526,6 +535,8 @@ impl Registry {
             introductions: Introductions::default(),
             rng: StdRng::from_seed(seed),
             own_addrs: Vec::new(),
+            observe_secret: [0; 32],
+            proof_addrs: Vec::new(),
             introductions_by_requester: SourceBuckets::new(
                 limits.introductions_burst,
                 limits.introductions_per_s,
@@ -557,6 +568,13 @@ impl Registry {
     /// announcing them would aim the other peer's probes at the server).
     pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
         self.own_addrs = addrs;
+    }
+
+    /// Address proofs: keyed by `secret` (the STUN side answers with the same one), requested
+    /// at `addrs` (told to peers in `registered`; empty: the server is not dual-stack).
+    pub fn set_address_proofs(&mut self, secret: [u8; 32], addrs: Vec<SocketAddr>) {
+        self.observe_secret = secret;
+        self.proof_addrs = addrs;
     }
 
     /// A TCP tunnel from `remote` now carries the packets of `virtual_addr`: registrations
@@ -756,6 +774,11 @@ impl Registry {
                 outcome.reply = Some(ControlMessage::Ack {});
                 outcome
             }
+            ControlMessage::ConfirmAddress {
+                addr,
+                transaction,
+                proof,
+            } => self.confirm_address(id, observed, addr, transaction, &proof, now),
             ControlMessage::Accept { peer, nonce } => {
                 if !self.introductions.accept(id, peer, nonce, now) {
                     self.counters.rejected += 1;
@@ -829,6 +852,7 @@ impl Registry {
             observed,
             local_addrs,
             mapped_port: mapped_port.filter(|&p| p != 0),
+            observed_other: None,
             last_seen: now,
             registered_at,
         };
@@ -843,10 +867,53 @@ impl Registry {
                 observed,
                 keepalive_s: KEEPALIVE_S,
                 version: PROTOCOL_VERSION,
+                server_addrs: self.proof_addrs.clone(),
             }),
             pushes: Vec::new(),
             persist: Some((id, record)),
         }
+    }
+
+    /// `id` proves `addr` (its address in the other family than its connection's) with `proof`,
+    /// the MESSAGE-INTEGRITY of the server's answer to its request `transaction`: recorded
+    /// only if the proof checks (see [`crate::observe`]) and the address is usable.
+    fn confirm_address(
+        &mut self,
+        id: PeerId,
+        observed: SocketAddr,
+        addr: SocketAddr,
+        transaction: [u8; 12],
+        proof: &[u8; 20],
+        now: OffsetDateTime,
+    ) -> Outcome {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        let refuse = |reg: &mut Self, why: &str| {
+            reg.counters.rejected += 1;
+            Outcome::error(ErrorCode::BadRequest, why.to_owned())
+        };
+        if addr.is_ipv4() == observed.is_ipv4() || !usable_candidate(addr, false) {
+            return refuse(
+                self,
+                "confirm_address takes a usable address of the other IP family than this connection's",
+            );
+        }
+        if self.proof_addrs.is_empty()
+            || !crate::observe::verify(&self.observe_secret, transaction, addr, proof, now)
+        {
+            return refuse(
+                self,
+                "the address proof does not check (not the server's answer to that address, or                  older than two minutes)",
+            );
+        }
+        let mut outcome = self.touch(id, observed, now);
+        if let Some(record) = self.peers.get_mut(&id) {
+            if record.observed_other != Some(addr) {
+                record.observed_other = Some(addr);
+                outcome.persist = Some((id, record.clone()));
+            }
+        }
+        outcome.reply = Some(ControlMessage::Ack {});
+        outcome
     }
 
     /// The refusal of a registration of `id` from `observed`, if a limit refuses it: the
@@ -1150,6 +1217,16 @@ fn candidates(record: &Record, recipient: &Record, own_addrs: &[SocketAddr]) -> 
             addr: record.observed,
             kind: CandidateKind::Observed,
         });
+    }
+    // The proven address of the other family (IPv6 beside an IPv4 mapping, usually): a public
+    // address too, and the one that goes direct where IPv4 NATs do not.
+    if let Some(other) = record.observed_other {
+        if other != record.observed && usable(&other) {
+            out.push(Candidate {
+                addr: other,
+                kind: CandidateKind::Observed,
+            });
+        }
     }
     if let Some(port) = record.mapped_port {
         let mapped = SocketAddr::new(record.observed.ip(), port);

@@ -3,6 +3,7 @@
 
 pub mod core;
 pub mod metrics;
+pub mod observe;
 pub mod ratelimit;
 pub mod relay;
 mod server;
@@ -160,6 +161,13 @@ impl Server {
                     source,
                 })?;
         registry.set_own_addrs(vec![local_addr]);
+        // Dual-stack: peers prove their address of the other family (see `observe`).
+        let observe_secret = identity.derive_secret("address proof");
+        let proof_addrs = observe::own_addrs(local_addr);
+        if !proof_addrs.is_empty() {
+            tracing::info!(addrs = ?proof_addrs, "dual-stack: address proofs for peers' other family");
+        }
+        registry.set_address_proofs(observe_secret, proof_addrs);
         let trace = match &config.relay_trace {
             Some(path) => {
                 Some(
@@ -213,6 +221,7 @@ impl Server {
             config.stun,
             stun_rx,
             stun_counters,
+            observe_secret,
             shutdown_rx.clone(),
         )
         .await

@@ -99,11 +99,25 @@ pub struct StunConfig {
     pub alt_ip: Option<IpAddr>,
 }
 
+/// The transaction id of an address-proof request (a Binding request with USERNAME
+/// [`common::stun::OBSERVE_USERNAME`]).
+fn observe_transaction(data: &[u8]) -> Option<[u8; 12]> {
+    match common::stun::decode(data) {
+        Ok(common::stun::StunPacket::BindingRequest {
+            transaction,
+            username: Some(username),
+        }) if username == common::stun::OBSERVE_USERNAME => Some(transaction),
+        _ => None,
+    }
+}
+
 struct Service {
     sockets: [[Option<(Socket, SocketAddr)>; 2]; 2],
     other: Option<SocketAddr>,
     limiter: Mutex<StunLimiter>,
     counters: Arc<StunCounters>,
+    /// Keys the answers to address-proof requests (see [`crate::observe`]).
+    observe_secret: [u8; 32],
 }
 
 impl Service {
@@ -115,6 +129,30 @@ impl Service {
     }
 
     async fn handle(&self, data: &[u8], from: SocketAddr, ip: usize, port: usize) {
+        if let Some(transaction) = observe_transaction(data) {
+            // An address-proof request: answered from the primary socket only, rate-limited as
+            // any Binding request (the answer is no larger than the request's usual answer).
+            if ip != 0 || port != 0 {
+                self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if !self.allow(from.ip(), Instant::now()) {
+                self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if let Some((socket, _)) = &self.sockets[0][0] {
+                let reply = crate::observe::answer(
+                    &self.observe_secret,
+                    transaction,
+                    from,
+                    time::OffsetDateTime::now_utc(),
+                );
+                if socket.send_to(&reply, from).await.is_ok() {
+                    self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         let Some(request) = stun5780::parse_binding_request(data) else {
             self.counters.ignored.fetch_add(1, Ordering::Relaxed);
             return;
@@ -162,6 +200,7 @@ pub(crate) async fn start(
     config: StunConfig,
     mut stun_rx: mpsc::Receiver<StunDatagram>,
     counters: Arc<StunCounters>,
+    observe_secret: [u8; 32],
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut sockets: [[Option<(Socket, SocketAddr)>; 2]; 2] = Default::default();
@@ -199,6 +238,7 @@ pub(crate) async fn start(
         other,
         limiter: Mutex::new(StunLimiter::default()),
         counters,
+        observe_secret,
     });
     Ok(tokio::spawn(async move {
         let mut tasks = JoinSet::new();
