@@ -106,7 +106,16 @@ fn sym_sym_dual_stack_goes_direct_over_ipv6() {
 fn ipv6_only_peer_reaches_dual_stack_peer() {
     run(
         "ipv6_only_dual",
-        &["--a", "sym", "--b", "sym", "--ipv6", "ab", "--ipv6-only", "b"],
+        &[
+            "--a",
+            "sym",
+            "--b",
+            "sym",
+            "--ipv6",
+            "ab",
+            "--ipv6-only",
+            "b",
+        ],
         RV_LISTEN6,
     );
 }

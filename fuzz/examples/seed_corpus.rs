@@ -50,6 +50,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 observed: addr("203.0.113.5:4000"),
                 keepalive_s: 15,
                 version: common::PROTOCOL_VERSION,
+                server_addrs: vec![addr("203.0.113.10:7000"), addr("[2001:db8::10]:7000")],
             },
         ),
         ("query", ControlMessage::Query { id: id(2) }),

@@ -73,7 +73,7 @@ fn addrs(u: &mut Unstructured, max: usize) -> Result<Vec<SocketAddr>> {
 
 /// A control message of any kind, with arbitrary field values.
 pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
-    Ok(match u.int_in_range(0u8..=14)? {
+    Ok(match u.int_in_range(0u8..=15)? {
         0 => ControlMessage::Register {
             version: u.arbitrary()?,
             local_addrs: addrs(u, 20)?,
@@ -84,6 +84,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
             observed: socket_addr(u)?,
             keepalive_s: u.arbitrary()?,
             version: u.arbitrary()?,
+            server_addrs: addrs(u, 4)?,
         },
         2 => ControlMessage::Query { id: peer_id(u)? },
         3 => ControlMessage::PeerInfo(PeerInfo {
@@ -137,6 +138,11 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
         },
         13 => ControlMessage::MappedPort {
             port: u.arbitrary()?,
+        },
+        14 => ControlMessage::ConfirmAddress {
+            addr: socket_addr(u)?,
+            transaction: u.arbitrary()?,
+            proof: u.arbitrary()?,
         },
         _ => ControlMessage::Error {
             code: error_code(u)?,

@@ -169,7 +169,10 @@ pub async fn establish(
             .dial(peer, stable, dial_timeout)
             .await
             .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
-        return Ok((conn, Via::direct(path.addr, path.kind.describe_at(path.addr))));
+        return Ok((
+            conn,
+            Via::direct(path.addr, path.kind.describe_at(path.addr)),
+        ));
     }
     // Relay first, direct as soon as proven: the punch result goes to the peer's machine, which
     // moves the connection (or, while the handshake is still running, the stable address's

@@ -264,9 +264,15 @@ mod tests {
         let dual: SocketAddr = "[::]:0".parse().unwrap();
         assert_eq!(pick_server_addr(&[v6, v4], dual), Some(v4));
         assert_eq!(pick_server_addr(&[v6], dual), Some(v6));
-        assert_eq!(pick_server_addr(&[v6, v4], "0.0.0.0:0".parse().unwrap()), Some(v4));
+        assert_eq!(
+            pick_server_addr(&[v6, v4], "0.0.0.0:0".parse().unwrap()),
+            Some(v4)
+        );
         assert_eq!(pick_server_addr(&[v6], "0.0.0.0:0".parse().unwrap()), None);
-        assert_eq!(pick_server_addr(&[v4, v6], "[::1]:0".parse().unwrap()), Some(v6));
+        assert_eq!(
+            pick_server_addr(&[v4, v6], "[::1]:0".parse().unwrap()),
+            Some(v6)
+        );
         assert_eq!(pick_server_addr(&[], dual), None);
     }
 
@@ -275,7 +281,10 @@ mod tests {
     fn only_routable_addresses_of_the_other_family_are_announced() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(announceable(ip("2001:db8:1::2")));
-        assert!(announceable(ip("fd00::2")), "unique-local: a LAN address, as 10/8 is");
+        assert!(
+            announceable(ip("fd00::2")),
+            "unique-local: a LAN address, as 10/8 is"
+        );
         assert!(!announceable(ip("fe80::1")), "link-local needs a scope id");
         assert!(!announceable(ip("::1")));
         assert!(!announceable(ip("::")));

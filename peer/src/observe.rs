@@ -63,9 +63,9 @@ pub(crate) async fn run(
                 session.server_addr(),
                 node.socket.is_ipv6(),
             );
-            if let Some(target) = target.filter(|_| {
-                reg.generation != proven_generation && !reg.over_tcp
-            }) {
+            if let Some(target) =
+                target.filter(|_| reg.generation != proven_generation && !reg.over_tcp)
+            {
                 proven_generation = reg.generation;
                 let outcome = tokio::select! {
                     r = prove(&node, &router, &session, target) => r,
@@ -76,7 +76,9 @@ pub(crate) async fn run(
                         tracing::info!(%addr, server = %target, "address of the other family proven");
                         if verbose {
                             console
-                                .say(format!("address {addr} proven to the rendezvous (via {target})"))
+                                .say(format!(
+                                    "address {addr} proven to the rendezvous (via {target})"
+                                ))
                                 .await;
                         }
                     }

@@ -1290,7 +1290,8 @@ mod tests {
                 id: id(1),
                 observed: addr(4000),
                 keepalive_s: KEEPALIVE_S,
-                version: PROTOCOL_VERSION
+                version: PROTOCOL_VERSION,
+                server_addrs: vec![],
             })
         );
         let (who, record) = out.persist.unwrap();
@@ -2182,9 +2183,10 @@ mod tests {
     #[test]
     fn version_2_peers_whose_probes_use_the_nonce_as_key_are_refused_clearly() {
         // Version 3 peers too: they would not announce their port mapping, and a version-3
-        // server would refuse ours.
-        assert_eq!(PROTOCOL_VERSION, 4);
-        for version in [2, 3] {
+        // server would refuse ours; version 4 peers would not prove their IPv6 address, and
+        // a version-4 server would refuse `confirm_address`.
+        assert_eq!(PROTOCOL_VERSION, 5);
+        for version in [2, 3, 4] {
             let mut reg = Registry::new([], [1; 32]);
             let out = reg.handle(
                 1,
@@ -2205,7 +2207,7 @@ mod tests {
                 panic!("{:?}", out.reply)
             };
             assert!(
-                message.contains("version 4")
+                message.contains("version 5")
                     && message.contains(&format!("version {version}"))
                     && message.contains("upgrade"),
                 "{message}"
@@ -2413,6 +2415,7 @@ mod tests {
             observed: addr(1),
             local_addrs: vec![],
             mapped_port: None,
+            observed_other: None,
             last_seen,
             registered_at: T0,
         };
@@ -2758,6 +2761,7 @@ mod tests {
                         .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 4000)))
                         .collect(),
                     mapped_port: None,
+                    observed_other: None,
                     last_seen: T0 + time::Duration::seconds(n.into()),
                     registered_at: T0,
                 };

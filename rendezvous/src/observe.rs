@@ -69,7 +69,12 @@ fn bucket_of(now: OffsetDateTime) -> i64 {
 }
 
 /// The answer to an address-proof request with `transaction` from `from`, at `now`.
-pub fn answer(secret: &[u8; 32], transaction: [u8; 12], from: SocketAddr, now: OffsetDateTime) -> Vec<u8> {
+pub fn answer(
+    secret: &[u8; 32],
+    transaction: [u8; 12],
+    from: SocketAddr,
+    now: OffsetDateTime,
+) -> Vec<u8> {
     stun::probe_success(transaction, from, &key_for(secret, from, bucket_of(now)))
 }
 
@@ -108,8 +113,20 @@ mod tests {
         let reply = answer(&secret, tx, addr, T0);
         let proof = stun::integrity_of(&reply).expect("the answer is sealed");
         assert!(verify(&secret, tx, addr, &proof, T0));
-        assert!(verify(&secret, tx, addr, &proof, T0 + time::Duration::seconds(60)));
-        assert!(!verify(&secret, tx, addr, &proof, T0 + time::Duration::seconds(150)));
+        assert!(verify(
+            &secret,
+            tx,
+            addr,
+            &proof,
+            T0 + time::Duration::seconds(60)
+        ));
+        assert!(!verify(
+            &secret,
+            tx,
+            addr,
+            &proof,
+            T0 + time::Duration::seconds(150)
+        ));
         let other: SocketAddr = "[2001:db8:1::3]:4000".parse().unwrap();
         assert!(!verify(&secret, tx, other, &proof, T0));
         assert!(!verify(&secret, [6u8; 12], addr, &proof, T0));

@@ -275,6 +275,7 @@ mod tests {
             observed: "203.0.113.4:9".parse().unwrap(),
             local_addrs: vec![],
             mapped_port: None,
+            observed_other: None,
             last_seen,
             registered_at: T0,
         }

@@ -944,7 +944,10 @@ mod tests {
                 panic!("STUN reached quinn: {r:?}")
             }
         };
-        assert_eq!(datagram.from, other_addr, "plain IPv4, not ::ffff:127.0.0.1");
+        assert_eq!(
+            datagram.from, other_addr,
+            "plain IPv4, not ::ffff:127.0.0.1"
+        );
         assert_eq!(datagram.to, Some(IpAddr::from([127, 0, 0, 1])));
 
         // send_to a plain IPv4 address works from the IPv6 socket.
@@ -962,7 +965,10 @@ mod tests {
 
         // Relayed packets from a stable address reach quinn v4-mapped, as direct ones do.
         assert!(socket.injector().inject(stable, b"relayed".to_vec()));
-        assert_eq!(recv_one(&socket).await, (mapped_stable, b"relayed".to_vec()));
+        assert_eq!(
+            recv_one(&socket).await,
+            (mapped_stable, b"relayed".to_vec())
+        );
     }
 
     /// An IPv4 socket cannot reach an IPv6 address: an error, not a panic; a v4-mapped
