@@ -1415,6 +1415,115 @@ mod tests {
         assert_eq!(candidates[2].describe(), "public IPv6 address");
     }
 
+    /// A peer's address of the other family is recorded only with a proof the server made for
+    /// that very address: claims without one, with a proof of another address or an old one,
+    /// or of the connection's own family are refused and change nothing; a proven one is the
+    /// second observed candidate, and the next registration forgets it.
+    #[test]
+    fn an_address_of_the_other_family_is_recorded_only_when_proven() {
+        let secret = [3u8; 32];
+        let mut reg = Registry::new([], [7; 32]);
+        reg.set_address_proofs(
+            secret,
+            vec![addr(7000), "[2001:db8::10]:7000".parse().unwrap()],
+        );
+        let out = register(&mut reg, 1, id(1), 4000);
+        match out.reply {
+            Some(ControlMessage::Registered { server_addrs, .. }) => {
+                assert_eq!(server_addrs.len(), 2, "told where to ask for a proof")
+            }
+            other => panic!("{other:?}"),
+        }
+        register(&mut reg, 2, id(2), 5000);
+        let mine: SocketAddr = "[2001:db8:2::2]:5000".parse().unwrap();
+        let victim: SocketAddr = "[2001:db8:9::9]:80".parse().unwrap();
+        let tx = [4u8; 12];
+        let proof_for = |a: SocketAddr, at: OffsetDateTime| {
+            common::stun::integrity_of(&crate::observe::answer(&secret, tx, a, at)).unwrap()
+        };
+        let confirm = |reg: &mut Registry, a: SocketAddr, proof: [u8; 20], at| {
+            reg.handle(
+                2,
+                id(2),
+                addr(5000),
+                ControlMessage::ConfirmAddress {
+                    addr: a,
+                    transaction: tx,
+                    proof,
+                },
+                at,
+            )
+        };
+        let refused = |out: &Outcome| {
+            matches!(
+                out.reply,
+                Some(ControlMessage::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                })
+            ) && out.persist.is_none()
+        };
+        // No proof of the victim's address: a proof of ours does not cover it, nor zeros.
+        assert!(refused(&confirm(&mut reg, victim, proof_for(mine, T0), T0)));
+        assert!(refused(&confirm(&mut reg, victim, [0; 20], T0)));
+        // Ours, but stale.
+        let stale = T0 - time::Duration::minutes(5);
+        assert!(refused(&confirm(
+            &mut reg,
+            mine,
+            proof_for(mine, stale),
+            T0
+        )));
+        // The connection's own family: that is what the connection itself shows.
+        let v4 = SocketAddr::from(([198, 51, 100, 9], 5000));
+        assert!(refused(&confirm(&mut reg, v4, proof_for(v4, T0), T0)));
+        assert!(candidates_of_2(&mut reg)
+            .iter()
+            .all(|c| c.addr != victim && c.addr != mine));
+
+        let out = confirm(&mut reg, mine, proof_for(mine, T0), T0);
+        assert_eq!(out.reply, Some(ControlMessage::Ack {}));
+        assert_eq!(out.persist.map(|(_, r)| r.observed_other), Some(Some(mine)));
+        let candidates = candidates_of_2(&mut reg);
+        assert_eq!(candidates[0].addr, addr(5000));
+        assert_eq!(
+            candidates[1],
+            Candidate {
+                addr: mine,
+                kind: CandidateKind::Observed
+            }
+        );
+        register(&mut reg, 3, id(2), 5001);
+        assert!(candidates_of_2(&mut reg).iter().all(|c| c.addr != mine));
+    }
+
+    /// Without address proofs (a server of one family), every claim is refused.
+    #[test]
+    fn a_server_of_one_family_refuses_address_proofs() {
+        let mut reg = Registry::new([], [7; 32]);
+        register(&mut reg, 1, id(1), 4000);
+        let mine: SocketAddr = "[2001:db8:1::2]:4000".parse().unwrap();
+        let proof =
+            common::stun::integrity_of(&crate::observe::answer(&[0; 32], [1; 12], mine, T0))
+                .unwrap();
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::ConfirmAddress {
+                addr: mine,
+                transaction: [1; 12],
+                proof,
+            },
+            T0,
+        );
+        assert!(
+            matches!(out.reply, Some(ControlMessage::Error { .. })),
+            "{:?}",
+            out.reply
+        );
+    }
+
     #[test]
     fn a_mapped_port_is_a_candidate_on_the_observed_address_only() {
         let mut reg = Registry::new([], [7; 32]);
