@@ -8,6 +8,8 @@
 //!   the dialer goes direct to the listener's IPv6 address through both firewalls.
 //! - `ipv6_only_peer_reaches_dual_stack_peer`: the dialer has no IPv4 route and registers over
 //!   IPv6; the dual-stack listener (registered over IPv4) is reached over IPv6.
+//! - `netcheck_reports_ipv6_reachability`: `peer netcheck` on a dual-stack peer says IPv6 works
+//!   and shows its address as the server saw it; on the IPv4-only side it says there is none.
 
 use std::path::Path;
 use std::time::Duration;
@@ -118,4 +120,50 @@ fn ipv6_only_peer_reaches_dual_stack_peer() {
         ],
         RV_LISTEN6,
     );
+}
+
+#[test]
+fn netcheck_reports_ipv6_reachability() {
+    let case = "ipv6_netcheck";
+    if !lab::netns_enabled(case) {
+        return;
+    }
+    let dir = TempDir::new(case);
+    let lab = Lab::up(case, &["--a", "sym", "--b", "port", "--ipv6", "a"]);
+    {
+        let rv = lab.rendezvous_dual_stack(&dir.path().join("rv"));
+        let netcheck = |host: &str| {
+            let args = args![
+                "netcheck",
+                "--server",
+                lab::RV_LISTEN,
+                "--stun6",
+                RV_LISTEN6,
+                "--no-port-mapping"
+            ];
+            let mut p = lab.peer(
+                host,
+                &format!("netcheck-{host}"),
+                &dir.path().join(host),
+                &args,
+            );
+            p.close_stdin();
+            assert_eq!(lab::exit_code(&mut p, STEP), Some(0), "{}", p.stderr.text());
+            p.stdout.text()
+        };
+        let dual = netcheck("a");
+        assert!(
+            dual.contains(&format!(
+                "IPv6:             works: {RV_LISTEN6} sees {LISTENER6}"
+            )) && dual.contains("(no NAT"),
+            "{dual}"
+        );
+        let v4_only = netcheck("b");
+        assert!(
+            v4_only.contains("IPv6:             no global IPv6 address (IPv4 only)"),
+            "{v4_only}"
+        );
+        drop(rv);
+    }
+    lab.down();
 }

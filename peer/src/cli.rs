@@ -125,6 +125,10 @@ pub(crate) enum Command {
         /// servers reveal a symmetric NAT even without RFC 5780.
         #[arg(long)]
         stun: Vec<String>,
+        /// Test IPv6 reachability against this STUN server, HOST:PORT of an IPv6 address (default:
+        /// the IPv6 address of --server or the first --stun, if its name has one).
+        #[arg(long)]
+        stun6: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,

@@ -189,10 +189,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Netcheck {
             server,
             stun,
+            stun6,
             json,
             no_port_mapping,
         } => {
-            let report = netcheck::check(server.as_deref(), &stun, !no_port_mapping).await?;
+            let report =
+                netcheck::check(server.as_deref(), &stun, stun6.as_deref(), !no_port_mapping)
+                    .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -41,6 +41,53 @@ pub struct Observations {
     pub tcp_443: Option<bool>,
     /// Every STUN server asked from the same socket: (server, mapped address and round trip).
     pub servers: Vec<(SocketAddr, Option<(SocketAddr, Duration)>)>,
+    /// IPv6: our global address, and the server tried over IPv6 with what it saw.
+    pub ipv6: Ipv6Report,
+}
+
+/// IPv6 reachability, for people and for `--json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Ipv6Report {
+    /// The address the routing table would send from to the IPv6 internet (`None`: no IPv6
+    /// route or no routable address: IPv4 only).
+    pub address: Option<std::net::IpAddr>,
+    /// The STUN server asked over IPv6 (`None`: none has an IPv6 address; not tested).
+    pub server: Option<SocketAddr>,
+    /// Our address as it saw it (`None`: no answer, or not tested).
+    pub public_addr: Option<SocketAddr>,
+    /// Round trip of its answer, ms.
+    pub rtt_ms: Option<u64>,
+}
+
+impl Ipv6Report {
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        match (self.address, self.server, self.public_addr) {
+            (None, _, None) | (None, None, Some(_)) => {
+                "no global IPv6 address (IPv4 only)".to_owned()
+            }
+            (_, Some(server), Some(public)) => {
+                let no_nat = if self.address == Some(public.ip()) {
+                    " (no NAT: peers reach it through the firewall by punching)"
+                } else {
+                    ""
+                };
+                let rtt = match self.rtt_ms {
+                    Some(0) => ", under 1 ms".to_owned(),
+                    Some(ms) => format!(", {ms} ms"),
+                    None => String::new(),
+                };
+                format!("works: {server} sees {public}{no_nat}{rtt}")
+            }
+            (Some(address), Some(server), None) => {
+                format!("address {address}, but no answer from {server} over IPv6 (blocked?)")
+            }
+            (Some(address), None, _) => format!(
+                "address {address}; not tested (the server has no IPv6 address; --stun6 \
+                 HOST:PORT tests with another)"
+            ),
+        }
+    }
 }
 
 /// The result, for people and for `--json`.
@@ -68,6 +115,9 @@ pub struct Report {
     pub servers: Vec<ServerAnswer>,
     /// What the router offers for port mapping (`None`: not probed).
     pub port_mapping: Option<PortMapping>,
+    /// IPv6 reachability.
+    #[serde(default)]
+    pub ipv6: Ipv6Report,
     /// In plain words, with which peers a direct path will work.
     pub verdict: String,
 }
@@ -147,6 +197,7 @@ pub fn classify(obs: &Observations) -> Report {
             tcp_443: obs.tcp_443,
             servers: server_answers(obs),
             port_mapping: None,
+            ipv6: obs.ipv6.clone(),
             public_addr: None,
             rtt_ms: None,
             no_nat: false,
@@ -187,12 +238,19 @@ pub fn classify(obs: &Observations) -> Report {
         _ => Behaviour::Unknown,
     };
     let port_preserved = obs.local.map(|l| l.port() == public.port());
-    let verdict = verdict(no_nat, mapping, filtering, other.is_some());
+    let mut verdict = verdict(no_nat, mapping, filtering, other.is_some());
+    if obs.ipv6.public_addr.is_some() {
+        verdict.push_str(
+            "; over IPv6, which works here, direct paths work with every peer that has IPv6 too, \
+             whatever its IPv4 NAT",
+        );
+    }
     Report {
         udp: true,
         tcp_443: obs.tcp_443,
         servers: server_answers(obs),
         port_mapping: None,
+        ipv6: obs.ipv6.clone(),
         public_addr: Some(public),
         rtt_ms: Some(rtt.as_secs_f64() * 1000.0),
         no_nat,
@@ -265,6 +323,7 @@ fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour, discovery: bo
 impl Report {
     /// The report for people.
     pub fn render(&self) -> String {
+        let ipv6 = self.ipv6.describe();
         let yes_no = |b: Option<bool>| match b {
             Some(true) => "yes",
             Some(false) => "no",
@@ -301,6 +360,7 @@ impl Report {
             Some(pm) => pm.describe(),
         };
         line("port mapping", &mapping);
+        line("IPv6", &ipv6);
         line("verdict", &self.verdict);
         out
     }
@@ -559,6 +619,8 @@ pub struct Options {
     pub hairpin: bool,
     /// Probe the default gateway for UPnP IGD, NAT-PMP and PCP.
     pub port_mapping: bool,
+    /// Ask this STUN server over IPv6 (the server's IPv6 address).
+    pub ipv6: Option<SocketAddr>,
 }
 
 /// Why `peer netcheck` could not run.
@@ -583,6 +645,7 @@ pub enum CheckError {
 pub async fn check(
     server: Option<&str>,
     stun: &[String],
+    stun6: Option<&str>,
     port_mapping: bool,
 ) -> Result<Report, CheckError> {
     let targets: Vec<&str> = if stun.is_empty() {
@@ -590,6 +653,7 @@ pub async fn check(
     } else {
         stun.iter().map(String::as_str).collect()
     };
+    let targets_first = targets.first().copied();
     if targets.is_empty() {
         return Err(CheckError::NoServer);
     }
@@ -611,10 +675,19 @@ pub async fn check(
             .map(|a| SocketAddr::new(a.ip(), 443)),
         None => None,
     };
+    // IPv6: the given server, else the first target's IPv6 address if its name has one.
+    let ipv6 = match stun6.or(targets_first) {
+        Some(name) => tokio::net::lookup_host(name)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.find(|a| a.is_ipv6() && a.ip().to_canonical().is_ipv6())),
+        None => None,
+    };
     let options = Options {
         tcp_443,
         hairpin: true,
         port_mapping,
+        ipv6,
     };
     run(&servers, &options).await.map_err(CheckError::Run)
 }
@@ -725,6 +798,15 @@ pub async fn run_with(
         if let (true, Some((mapped, _, _))) = (options.hairpin, obs.primary) {
             obs.hairpin = Some(hairpin(&socket, mapped, first, bind, expected).await?);
         }
+        obs.ipv6.address = crate::node::global_ipv6();
+        if let Some(server6) = options.ipv6 {
+            obs.ipv6.server = Some(server6);
+            let socket6 = UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).await?;
+            if let Some((mapped, _, _, rtt)) = ask(&socket6, server6, same, expected).await {
+                obs.ipv6.public_addr = Some(mapped);
+                obs.ipv6.rtt_ms = Some(rtt.as_millis().try_into().unwrap_or(u64::MAX));
+            }
+        }
         if let Some(tcp) = options.tcp_443 {
             let connect = tokio::net::TcpStream::connect(tcp);
             obs.tcp_443 = Some(matches!(
@@ -804,6 +886,62 @@ async fn hairpin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The IPv6 line says whether IPv6 works, and what is missing when it does not.
+    #[test]
+    fn the_ipv6_line_says_what_works_and_what_is_missing() {
+        let addr = Some("2001:db8:1::2".parse().unwrap());
+        let server: Option<SocketAddr> = Some("[2001:db8::10]:7000".parse().unwrap());
+        let none = Ipv6Report::default();
+        assert_eq!(none.describe(), "no global IPv6 address (IPv4 only)");
+        let untested = Ipv6Report {
+            address: addr,
+            ..Ipv6Report::default()
+        };
+        assert!(
+            untested.describe().contains("not tested"),
+            "{}",
+            untested.describe()
+        );
+        let blocked = Ipv6Report {
+            address: addr,
+            server,
+            ..Ipv6Report::default()
+        };
+        assert!(blocked
+            .describe()
+            .contains("no answer from [2001:db8::10]:7000"));
+        let works = Ipv6Report {
+            address: addr,
+            server,
+            public_addr: Some("[2001:db8:1::2]:4000".parse().unwrap()),
+            rtt_ms: Some(12),
+        };
+        let line = works.describe();
+        assert!(
+            line.starts_with("works: [2001:db8::10]:7000 sees [2001:db8:1::2]:4000 (no NAT"),
+            "{line}"
+        );
+        assert!(line.ends_with("12 ms"), "{line}");
+        // A report with working IPv6 says so in its verdict.
+        let obs = Observations {
+            local: Some("10.0.0.2:4000".parse().unwrap()),
+            primary: Some((
+                "203.0.113.5:4000".parse().unwrap(),
+                Duration::from_millis(3),
+                None,
+            )),
+            ipv6: works.clone(),
+            ..Observations::default()
+        };
+        let report = classify(&obs);
+        assert!(report.verdict.contains("over IPv6"), "{}", report.verdict);
+        assert!(
+            report.render().contains("IPv6:             works"),
+            "{}",
+            report.render()
+        );
+    }
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()

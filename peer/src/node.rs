@@ -229,6 +229,12 @@ pub fn local_addrs(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
     out
 }
 
+/// Our global IPv6 address: the one the routing table would send from to the IPv6 internet, if
+/// it is routable (see [`local_addrs`]). `None` on an IPv4-only host.
+pub fn global_ipv6() -> Option<IpAddr> {
+    source_towards(IPV6_ROUTE_PROBE).filter(|ip| ip.is_ipv6() && announceable(*ip))
+}
+
 /// Which of the rendezvous's resolved addresses to register with, for a socket bound to `bind`.
 /// A dual-stack socket prefers IPv4 when we have an IPv4 route: the rendezvous records the
 /// address it sees, and only over IPv4 is that our NAT's public mapping, which IPv4 punching
