@@ -74,6 +74,9 @@ pub struct Node {
     pub identity: Arc<Identity>,
     /// QUIC timers.
     pub transport: TransportSettings,
+    /// Our IPv6 address was proven to the rendezvous (see [`crate::observe`]): punching
+    /// prefers IPv6 paths (see [`punch::PunchConfig::prefer_ipv6`]).
+    pub ipv6_proven: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Node {
@@ -92,6 +95,7 @@ impl Node {
                 socket,
                 identity,
                 transport,
+                ipv6_proven: Arc::default(),
             },
             stun_rx,
         ))

@@ -71,6 +71,10 @@ pub(crate) async fn run(
                     r = prove(&node, &router, &session, target) => r,
                     _ = shutdown.changed() => return,
                 };
+                node.ipv6_proven.store(
+                    outcome.as_ref().is_ok_and(|a| a.is_ipv6()),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 match outcome {
                     Ok(addr) => {
                         tracing::info!(%addr, server = %target, "address of the other family proven");

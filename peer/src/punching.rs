@@ -146,7 +146,10 @@ pub async fn run(
         role,
         candidates,
         Instant::now(),
-        PunchConfig::default(),
+        PunchConfig {
+            prefer_ipv6: node.ipv6_proven.load(std::sync::atomic::Ordering::Relaxed),
+            ..PunchConfig::default()
+        },
     );
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let session = Session {

@@ -63,6 +63,10 @@ pub struct PunchConfig {
     pub max_probes: u32,
     /// Most answers the session sends to the peer's (authenticated) probes.
     pub max_answers: u32,
+    /// We have IPv6 that works (our address was proven to the rendezvous): an IPv4 path proven
+    /// while the peer's proven IPv6 address is still being probed waits briefly for it (see
+    /// `IPV6_PREFERENCE_RTTS`). Off by default.
+    pub prefer_ipv6: bool,
 }
 
 impl Default for PunchConfig {
@@ -77,6 +81,7 @@ impl Default for PunchConfig {
             // session sends far fewer (probing stops at the first answer).
             max_probes: 160,
             max_answers: 160,
+            prefer_ipv6: false,
         }
     }
 }
@@ -303,7 +308,21 @@ pub struct Puncher {
     answers_sent: u32,
     unauthenticated: u32,
     peer_sources: Vec<SocketAddr>,
+    // An IPv4 path proven while the peer's IPv6 probes already reach us: held until the IPv6
+    // answer (preferred) or the instant given, whichever comes first (see `IPV6_PREFERENCE_*`).
+    held: Option<(Path, Instant)>,
 }
+
+/// How long a proven IPv4 path waits for the IPv6 one, as a multiple of its round trip, when the
+/// peer's IPv6 probes already reach us (so IPv6 works one way, and our answer to it, or our
+/// own probe, is at most about a round trip away). Like Happy Eyeballs, IPv6 wins a near tie;
+/// unlike it, there is no wait at all unless IPv6 has been seen working: a pair without IPv6,
+/// or whose IPv6 is blocked, is never slower.
+const IPV6_PREFERENCE_RTTS: u32 = 2;
+/// Bounds of that wait.
+const IPV6_PREFERENCE_MIN: Duration = Duration::from_millis(20);
+/// As Happy Eyeballs' connection attempt delay (RFC 8305: 250 ms recommended).
+const IPV6_PREFERENCE_MAX: Duration = Duration::from_millis(250);
 
 /// What the rendezvous handed both sides of one introduction.
 #[derive(Debug, Clone)]
@@ -352,6 +371,7 @@ impl Puncher {
             answers_sent: 0,
             unauthenticated: 0,
             peer_sources: Vec::new(),
+            held: None,
         };
         for candidate in candidates {
             if puncher.candidates.iter().any(|c| c.addr == candidate.addr) {
@@ -432,7 +452,24 @@ impl Puncher {
     fn probing(&self) -> bool {
         // The responder stops probing once one of its probes was answered: the path is open in
         // both NATs and the initiator's QUIC packets can follow it.
-        matches!(self.state, State::Probing) && !self.targets.iter().any(|t| t.validated)
+        matches!(self.state, State::Probing)
+            && (self.held.is_some() || !self.targets.iter().any(|t| t.validated))
+    }
+
+    /// Whether an IPv4 path just proven should wait for IPv6: an IPv6 target is still unproven,
+    /// and IPv6 is known to work on both sides: the peer's probes reach us over IPv6, or both
+    /// our address and the target were proven to the rendezvous (ours: `prefer_ipv6`; theirs:
+    /// an observed candidate).
+    fn ipv6_on_the_way(&self) -> bool {
+        let unproven = |t: &&Target| t.addr.is_ipv6() && !t.validated;
+        let seen = self.peer_sources.iter().any(|a| a.is_ipv6());
+        let both_proven = self.config.prefer_ipv6
+            && self
+                .targets
+                .iter()
+                .filter(unproven)
+                .any(|t| t.kind == PathKind::Candidate(CandidateKind::Observed));
+        self.targets.iter().any(|t| unproven(&t)) && (seen || both_proven)
     }
 
     /// Offers a received datagram. Returns true if it belonged to this session (a probe of the
@@ -512,8 +549,18 @@ impl Puncher {
                         our_mapping: Some(mapped),
                         elapsed: now.saturating_duration_since(self.started),
                     };
+                    if path.addr.is_ipv4() && self.ipv6_on_the_way() {
+                        // The first IPv4 path is kept; IPv6 gets a short head start.
+                        if self.held.is_none() {
+                            let wait = (rtt * IPV6_PREFERENCE_RTTS)
+                                .clamp(IPV6_PREFERENCE_MIN, IPV6_PREFERENCE_MAX);
+                            self.held = Some((path, now + wait));
+                        }
+                        return true;
+                    }
                     // The responder records the path too, but goes on answering until the deadline.
                     self.state = State::Direct(path);
+                    self.held = None;
                     self.triggered.clear();
                 }
                 true
@@ -588,6 +635,10 @@ impl Puncher {
             // Nothing more to probe; keep answering the peer until the deadline.
             return Some(deadline);
         }
+        let deadline = match &self.held {
+            Some((_, until)) => deadline.min(*until),
+            None => deadline,
+        };
         let next_probe = self
             .targets
             .iter()
@@ -600,6 +651,15 @@ impl Puncher {
 
     /// Advances time: fails the session at the deadline if no path was proven.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((_, until)) = &self.held {
+            if now >= *until && self.state == State::Probing {
+                // IPv6 did not answer in time: the IPv4 path it was waiting beside wins.
+                if let Some((path, _)) = self.held.take() {
+                    self.state = State::Direct(path);
+                    self.triggered.clear();
+                }
+            }
+        }
         if now >= self.started + self.config.deadline {
             self.expired = true;
             self.triggered.clear();
