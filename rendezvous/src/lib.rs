@@ -147,6 +147,8 @@ impl Server {
         let tls = certs::server_config(&identity, &[common::ALPN_RENDEZVOUS])?;
         let (endpoint, demux, stun_rx) = transport::make_server_endpoint(
             config.listen,
+            // The STUN socket on the second IP takes the main port too (see `stun::start`).
+            config.stun.alt_ip.is_some(),
             tls,
             transport::TransportSettings::default(),
             config.limits.server_transport(),

@@ -217,11 +217,19 @@ pub(crate) async fn start(
                 continue;
             };
             let addr = SocketAddr::new(*ip, *port);
-            // SO_REUSEPORT: a socket on the second IP with the primary port binds beside the
-            // primary's dual-stack wildcard (`[::]:port` covers every IPv4 address too).
-            let socket = Arc::new(tokio::net::UdpSocket::from_std(
-                transport::bind_udp_beside(addr)?,
-            )?);
+            // With a second IP, every socket of a port is bound with SO_REUSEPORT (the primary
+            // too), so that the second IP's binds beside a dual-stack wildcard of the same port
+            // (`[::]:port` covers every IPv4 address too).
+            let socket = if config.alt_ip.is_some() {
+                Arc::new(tokio::net::UdpSocket::from_std(
+                    transport::bind_udp_beside(addr)?,
+                )?)
+            } else {
+                // Dual-stack like the primary when it is the IPv6 wildcard.
+                let socket = transport::bind_udp(addr, false)?;
+                socket.set_nonblocking(true)?;
+                Arc::new(tokio::net::UdpSocket::from_std(socket)?)
+            };
             let bound = socket.local_addr()?;
             sockets[i][p] = Some((Socket::Plain(socket.clone()), bound));
             plain.push((socket, i, p));

@@ -149,9 +149,12 @@ pub fn make_endpoint(
 }
 
 /// As [`make_endpoint`] for a public server: accepts connections with `tls` under the
-/// flow-control and handshake bounds of `limits` (see [`ServerTransport`]).
+/// flow-control and handshake bounds of `limits` (see [`ServerTransport`]). `share_port`: a
+/// socket on another IP of this host will bind the same port beside this one (see
+/// [`bind_udp`]).
 pub fn make_server_endpoint(
     addr: SocketAddr,
+    share_port: bool,
     tls: rustls::ServerConfig,
     settings: TransportSettings,
     limits: ServerTransport,
@@ -164,7 +167,7 @@ pub fn make_server_endpoint(
         .max_incoming(limits.max_incoming)
         .incoming_buffer_size(limits.incoming_buffer_size)
         .incoming_buffer_size_total(limits.incoming_buffer_size_total);
-    bind_endpoint(addr, true, Some(config), stun_queue, reset_secret)
+    bind_endpoint(addr, share_port, Some(config), stun_queue, reset_secret)
 }
 
 /// A quinn server config over our rustls config (which must speak TLS 1.3 only).
@@ -247,14 +250,18 @@ pub fn bind_udp(addr: SocketAddr, share_port: bool) -> std::io::Result<std::net:
     Ok(socket.into())
 }
 
-/// Binds `addr` (a specific address) with SO_REUSEPORT, beside a dual-stack wildcard socket
-/// bound by [`bind_udp`] with `share_port` on the same port. Non-blocking, for tokio.
+/// Binds `addr` with SO_REUSEPORT, beside a dual-stack wildcard socket bound by [`bind_udp`]
+/// with `share_port` on the same port, or as such a wildcard (dual-stack too) that a specific
+/// address binds beside. Non-blocking, for tokio.
 pub fn bind_udp_beside(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
