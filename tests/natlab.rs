@@ -448,17 +448,17 @@ matrix! {
     port_full: pair("port", "full") => Direct;
     port_addr: pair("port", "addr") => Direct;
     port_port: pair("port", "port") => Direct;
-    port_sym: pair("port", "sym") => RELAYED;
+    port_sym: pair("port", "sym") => Direct;
     sym_open: pair("sym", "open") => Direct;
     sym_full: pair("sym", "full") => Direct;
     sym_addr: pair("sym", "addr") => Direct;
-    sym_port: pair("sym", "port") => RELAYED;
+    sym_port: pair("sym", "port") => Direct;
     sym_sym: pair("sym", "sym") => RELAYED;
 
     cgnat_port: pair("cgnat", "port") => Direct;
     port_cgnat: pair("port", "cgnat") => Direct;
-    cgnat_sym: pair("cgnat", "sym") => RELAYED;
-    sym_cgnat: pair("sym", "cgnat") => RELAYED;
+    cgnat_sym: pair("cgnat", "sym") => Direct;
+    sym_cgnat: pair("sym", "cgnat") => Direct;
     full_cgnat: pair("full", "cgnat") => Direct;
 
     same_nat_port_hairpin_off: same_nat("port", false) => SameLan;

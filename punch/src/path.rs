@@ -136,6 +136,12 @@ impl PathSelector {
     /// A punch found no path: try again later, backing off.
     pub fn punch_failed(&mut self, now: Instant) {
         self.punching = false;
+        if self.direct.is_some() && self.current != Current::Relay {
+            // A late failure of an older punch (two may run at once: a plain one and the
+            // birthday one that followed our NAT measurement): the path in use stands, and if
+            // it dies the switch to the relay schedules the next punch.
+            return;
+        }
         self.repunch_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(self.config.repunch_max);
     }
