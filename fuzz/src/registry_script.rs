@@ -188,6 +188,7 @@ impl Msg {
                     candidates: Vec::new(),
                     nonce: n.into(),
                     key: common::stun::PunchKey::from_bytes([n; 16]),
+                    nat: None,
                 },
                 _ => ControlMessage::RelayOpen {},
             },

@@ -211,6 +211,10 @@ pub(crate) struct SessionArgs {
     /// (default: the server's host, port 443; `off` disables it).
     #[arg(long)]
     pub(crate) server_tcp: Option<String>,
+    /// Never use birthday punching (many extra sockets or probes to get through a symmetric
+    /// NAT); such pairs stay relayed.
+    #[arg(long)]
+    pub(crate) no_birthday_punch: bool,
 }
 
 pub(crate) fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
@@ -232,6 +236,7 @@ impl ServerArgs {
                 Some(addr) => TcpTunnel::At(addr.to_owned()),
                 None => TcpTunnel::SameHost,
             },
+            birthday_punch: !session.no_birthday_punch,
         })
     }
 }

@@ -123,6 +123,8 @@ pub struct ServerOptions {
     pub register_timeout: Duration,
     /// The rendezvous's TLS tunnel.
     pub tcp_tunnel: TcpTunnel,
+    /// Use birthday punching for pairs that need it (`--no-birthday-punch` turns it off).
+    pub birthday_punch: bool,
 }
 
 /// The endpoint configuration of a command run with `config_dir`: events on the terminal, the
@@ -145,6 +147,7 @@ pub fn endpoint_config(
     });
     config.bind = server.bind;
     config.register_timeout = server.register_timeout;
+    config.birthday_punch = server.birthday_punch;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
         events_to_stderr: matches!(role, Role::Ping { json: true }),
@@ -434,6 +437,7 @@ mod tests {
             bind: "0.0.0.0:0".parse().unwrap(),
             register_timeout: Duration::from_secs(3),
             tcp_tunnel: TcpTunnel::Off,
+            birthday_punch: true,
         }
     }
 

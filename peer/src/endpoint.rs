@@ -138,6 +138,9 @@ pub struct EndpointConfig {
     pub keep_paths: bool,
     /// Measure our NAT once registered ([`Endpoint::nat`]). Default on.
     pub measure_nat: bool,
+    /// Birthday punching ([`punch::birthday`]) for pairs that need it: a symmetric NAT
+    /// against a port-restricted one. Default on.
+    pub birthday_punch: bool,
     /// Serve a control socket. Default none.
     pub control: Option<ControlSocket>,
     /// QUIC timers.
@@ -158,6 +161,7 @@ impl EndpointConfig {
             access: Access::Anyone,
             keep_paths: true,
             measure_nat: true,
+            birthday_punch: true,
             control: None,
             transport: TransportSettings::default(),
         }
@@ -341,10 +345,7 @@ async fn report_nat(
         let profile = nat.borrow_and_update().as_ref().map(|r| r.profile());
         if let (Some(generation), Some(profile)) = (generation, profile) {
             if reported != Some((generation, profile)) {
-                match session
-                    .request(&ControlMessage::Nat { nat: profile })
-                    .await
-                {
+                match session.request(&ControlMessage::Nat { nat: profile }).await {
                     Ok(ControlMessage::Ack {}) => {
                         reported = Some((generation, profile));
                         if std::mem::replace(&mut first, false) {
@@ -352,7 +353,10 @@ async fn report_nat(
                         }
                     }
                     Ok(other) => {
-                        tracing::debug!(reply = other.kind(), "the rendezvous did not take our NAT profile");
+                        tracing::debug!(
+                            reply = other.kind(),
+                            "the rendezvous did not take our NAT profile"
+                        );
                         reported = Some((generation, profile));
                     }
                     Err(e) => tracing::debug!(error = %e, "reporting our NAT profile failed"),
@@ -428,7 +432,8 @@ impl Endpoint {
             session_config,
             shutdown_rx.clone(),
         );
-        let router = punching::Router::default();
+        let mut router = punching::Router::default();
+        router.birthday = config.birthday_punch;
         let stun_task = tokio::spawn(punching::dispatch(
             node.clone(),
             router.clone(),

@@ -635,11 +635,7 @@ impl PathKeeper {
             Ok(table) => table
                 .peers
                 .iter()
-                .filter(|(_, e)| {
-                    e.paths
-                        .link()
-                        .is_some_and(|l| l.path == Current::Relay)
-                })
+                .filter(|(_, e)| e.paths.link().is_some_and(|l| l.path == Current::Relay))
                 .map(|(peer, _)| *peer)
                 .collect(),
             Err(_) => return,

@@ -219,6 +219,11 @@ pub async fn run(
     let plan = birthday.and_then(|role| {
         if role == BirthdayRole::Hard {
             extras = node.socket.open_extras(usize::from(config.sockets));
+            if extras.is_empty() {
+                // Over the cap of extra sockets (another hard-side punch holds them), or the
+                // system gives none: a plain punch.
+                return None;
+            }
         }
         let sockets = u16::try_from(extras.len()).unwrap_or(u16::MAX);
         punch::birthday::plan(role, candidates, sockets)
@@ -245,11 +250,11 @@ pub async fn run(
             console
                 .error(match &plan {
                     punch::birthday::BirthdayPlan::Hard { toward, sockets } => format!(
-                        "punch {}: birthday punching (our NAT is symmetric): {sockets} extra                          sockets send to {toward}",
+                        "punch {}: birthday punching (our NAT is symmetric): {sockets} extra sockets send to {toward}",
                         peer.short()
                     ),
                     punch::birthday::BirthdayPlan::Easy { ip, .. } => format!(
-                        "punch {}: birthday punching (the peer's NAT is symmetric): up to {}                          probes to ports of {ip} at {}/s",
+                        "punch {}: birthday punching (the peer's NAT is symmetric): up to {} probes to ports of {ip} at {}/s",
                         peer.short(),
                         config.probes,
                         config.per_second
@@ -481,5 +486,59 @@ fn describe(peer: PeerId, event: &Event) -> String {
             "punch {peer}: answer from {from} after {:.1} ms",
             rtt.as_secs_f64() * 1000.0
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerId {
+        PeerId::from_key_digest(&[n; 32])
+    }
+
+    /// Whoever gets us introduced, however often: at most BIRTHDAY_PER_PEER birthday punches
+    /// with one peer per window, a bounded table of peers, and BIRTHDAY_PER_SECOND birthday
+    /// datagrams per second in all.
+    #[test]
+    fn birthday_punching_is_bounded_per_peer_and_in_all() {
+        let router = Router::default();
+        let t0 = Instant::now();
+        let started = (0..10)
+            .filter(|_| router.may_start_birthday(peer(1), t0))
+            .count();
+        assert_eq!(started, BIRTHDAY_PER_PEER);
+        // Another peer has its own allowance; the first gets its back after the window.
+        assert!(router.may_start_birthday(peer(2), t0));
+        assert!(!router.may_start_birthday(peer(1), t0 + BIRTHDAY_PEER_WINDOW / 2));
+        assert!(router.may_start_birthday(peer(1), t0 + BIRTHDAY_PEER_WINDOW));
+        // The table of peers is bounded: past it, new peers get no birthday punch until
+        // entries age out.
+        let router = Router::default();
+        let mut refused = 0;
+        for n in 0..(BIRTHDAY_PEERS_REMEMBERED + 50) {
+            let digest = [(n % 251) as u8, (n / 251) as u8, 7, 7, 7, 7, 7, 7];
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&digest);
+            if !router.may_start_birthday(PeerId::from_key_digest(&key), t0) {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 50);
+        assert!(router.may_start_birthday(peer(3), t0 + BIRTHDAY_PEER_WINDOW));
+        // The datagram budget: a burst, then the rate.
+        let sent = (0..5000).filter(|_| router.may_send_birthday(t0)).count();
+        assert_eq!(sent, BIRTHDAY_BURST as usize);
+        // Asked without pause for the next second: the rate, give or take a rounding.
+        let sent: usize = (1..=1000u64)
+            .map(|ms| {
+                let at = t0 + Duration::from_millis(ms);
+                (0..50).filter(|_| router.may_send_birthday(at)).count()
+            })
+            .sum();
+        assert!(
+            (BIRTHDAY_PER_SECOND as usize - 2..=BIRTHDAY_PER_SECOND as usize).contains(&sent),
+            "{sent}"
+        );
     }
 }

@@ -249,9 +249,7 @@ impl Spray {
         }
         let port = self.next_port()?;
         self.sent += 1;
-        let earliest = now
-            .checked_sub(self.interval * SPRAY_BURST)
-            .unwrap_or(now);
+        let earliest = now.checked_sub(self.interval * SPRAY_BURST).unwrap_or(now);
         self.next_at = self.next_at.max(earliest) + self.interval;
         Some(SocketAddr::new(self.ip, port))
     }
@@ -340,9 +338,7 @@ impl Opening {
             self.round += 1;
         }
         self.sent += 1;
-        let earliest = now
-            .checked_sub(self.interval * SPRAY_BURST)
-            .unwrap_or(now);
+        let earliest = now.checked_sub(self.interval * SPRAY_BURST).unwrap_or(now);
         self.next_at = self.next_at.max(earliest) + self.interval;
         Some(socket)
     }
@@ -476,7 +472,9 @@ mod tests {
         assert_eq!(sent.len(), 40);
         let first: Vec<u16> = sent[..20].iter().map(|(_, s)| *s).collect();
         assert_eq!(first, (0..20).collect::<Vec<_>>());
-        assert!(sent[20..].iter().all(|(at, _)| *at >= Duration::from_secs(1)));
+        assert!(sent[20..]
+            .iter()
+            .all(|(at, _)| *at >= Duration::from_secs(1)));
         assert_eq!(opening.due(), None);
     }
 }

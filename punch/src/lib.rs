@@ -513,11 +513,13 @@ impl Puncher {
         now: Instant,
         via: Option<u16>,
     ) -> bool {
+        let events_before = self.events.len();
         let taken = self.handle_stun(from, data, now, via);
         if taken && via.is_some() {
-            // Only an authenticated probe or answer leaves its event; forgeries leave none.
+            // Only an authenticated probe or answer leaves its event (forgeries leave none):
+            // one among the events this datagram left.
             if let (Some(socket), None) = (via, self.birthday_winner) {
-                let proven = self.events.iter().any(|e| {
+                let proven = self.events.iter().skip(events_before).any(|e| {
                     matches!(e, Event::ProbeReceived { from: f } | Event::Answered { from: f, .. } if *f == from)
                 });
                 if proven {
@@ -569,13 +571,12 @@ impl Puncher {
                     let known = self.targets.iter().any(|t| t.addr == from);
                     // Heard on an extra socket, or from a port of the NAT we spray: a birthday
                     // path if it is proven.
-                    let kind = if via.is_some()
-                        || self.spray.as_ref().is_some_and(|s| s.covers(from))
-                    {
-                        PathKind::Birthday
-                    } else {
-                        PathKind::PeerReflexive
-                    };
+                    let kind =
+                        if via.is_some() || self.spray.as_ref().is_some_and(|s| s.covers(from)) {
+                            PathKind::Birthday
+                        } else {
+                            PathKind::PeerReflexive
+                        };
                     if let Some(i) = self.add_target(from, kind, now) {
                         if !known {
                             self.events.push_back(Event::PeerReflexive { addr: from });

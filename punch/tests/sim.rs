@@ -2559,7 +2559,6 @@ fn peer_paths_keep_a_lossy_path_and_leave_a_dead_one_within_two_seconds() {
     );
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Birthday punching (punch::birthday): symmetric x port-restricted
 // ---------------------------------------------------------------------------------------------
@@ -2591,7 +2590,11 @@ fn pump(net: &mut Net, now: Instant) {
 /// with the birthday plan their roles give, as `peer/src/punching.rs` does: opening probes
 /// leave from their extra socket, and once the hard side has heard the easy side on an extra
 /// socket, everything to that address leaves from it (the demux's pin).
-fn birthday_trial(seed: u64, config: &punch::birthday::BirthdayConfig, link: Link) -> BirthdayTrial {
+fn birthday_trial(
+    seed: u64,
+    config: &punch::birthday::BirthdayConfig,
+    link: Link,
+) -> BirthdayTrial {
     use punch::birthday::{plan, BirthdayRole};
     use punch::BirthdayTransmit;
     let mut net = Net::new(seed);
@@ -2658,10 +2661,26 @@ fn birthday_trial(seed: u64, config: &punch::birthday::BirthdayConfig, link: Lin
     let hard_plan =
         plan(BirthdayRole::Hard, &candidates(b_seen), config.sockets).expect("observed");
     let easy_plan = plan(BirthdayRole::Easy, &candidates(a_seen), 0).expect("observed");
-    let mut hard = Puncher::new(id(1), id(2), intro(nonce), Role::Initiator, &candidates(b_seen), now, punch_config.clone())
-        .with_birthday(hard_plan, config, seed.rotate_left(7), now);
-    let mut easy = Puncher::new(id(2), id(1), intro(nonce), Role::Responder, &candidates(a_seen), now, punch_config.clone())
-        .with_birthday(easy_plan, config, seed.rotate_left(13), now);
+    let mut hard = Puncher::new(
+        id(1),
+        id(2),
+        intro(nonce),
+        Role::Initiator,
+        &candidates(b_seen),
+        now,
+        punch_config.clone(),
+    )
+    .with_birthday(hard_plan, config, seed.rotate_left(7), now);
+    let mut easy = Puncher::new(
+        id(2),
+        id(1),
+        intro(nonce),
+        Role::Responder,
+        &candidates(a_seen),
+        now,
+        punch_config.clone(),
+    )
+    .with_birthday(easy_plan, config, seed.rotate_left(13), now);
     let deadline = start + punch_config.deadline;
     let mut direct = [None, None];
     for _ in 0..1_000_000 {
@@ -2772,11 +2791,17 @@ fn birthday_success_matches_the_model() {
             let after = trial
                 .direct_after
                 .unwrap_or_else(|| panic!("{label}: seed {seed} found no path: {trial:?}"));
-            assert!(after <= Duration::from_secs(5), "{label}: seed {seed}: {after:?}");
+            assert!(
+                after <= Duration::from_secs(5),
+                "{label}: seed {seed}: {after:?}"
+            );
             assert!(trial.via_extra || trial.birthday_sent > 0, "{trial:?}");
             times.push(after);
         }
         times.sort();
-        eprintln!("birthday {label}: 20/20 direct, median {:?}, worst {:?}", times[10], times[19]);
+        eprintln!(
+            "birthday {label}: 20/20 direct, median {:?}, worst {:?}",
+            times[10], times[19]
+        );
     }
 }

@@ -1323,7 +1323,13 @@ mod tests {
         // Gone with the peer's connection (or a new registration).
         reg.disconnected(2, id(2), T0);
         register(&mut reg, 2, id(2), 5000);
-        let again = reg.handle(1, id(1), addr(4000), ControlMessage::Connect { id: id(2) }, T0);
+        let again = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
         assert!(
             matches!(again.reply, Some(ControlMessage::Punch { nat: None, .. })),
             "{again:?}"
@@ -1975,33 +1981,37 @@ mod tests {
     }
 
     #[test]
-    fn version_2_peers_whose_probes_use_the_nonce_as_key_are_refused_clearly() {
-        assert_eq!(PROTOCOL_VERSION, 3);
-        let mut reg = Registry::new([], [1; 32]);
-        let out = reg.handle(
-            1,
-            id(1),
-            addr(1),
-            ControlMessage::Register {
-                version: 2,
-                local_addrs: vec![],
-            },
-            T0,
-        );
-        let Some(ControlMessage::Error {
-            code: ErrorCode::UnsupportedVersion,
-            message,
-        }) = out.reply
-        else {
-            panic!("{:?}", out.reply)
-        };
-        assert!(
-            message.contains("version 3")
-                && message.contains("version 2")
-                && message.contains("upgrade"),
-            "{message}"
-        );
-        assert_eq!(reg.online(), 0);
+    fn older_peers_are_refused_clearly() {
+        // Version 2 keyed probes by the public nonce; version 3 never reports its NAT profile
+        // nor takes part in birthday punching.
+        assert_eq!(PROTOCOL_VERSION, 4);
+        for old in [2, 3] {
+            let mut reg = Registry::new([], [1; 32]);
+            let out = reg.handle(
+                1,
+                id(1),
+                addr(1),
+                ControlMessage::Register {
+                    version: old,
+                    local_addrs: vec![],
+                },
+                T0,
+            );
+            let Some(ControlMessage::Error {
+                code: ErrorCode::UnsupportedVersion,
+                message,
+            }) = out.reply
+            else {
+                panic!("{:?}", out.reply)
+            };
+            assert!(
+                message.contains("version 4")
+                    && message.contains(&format!("version {old}"))
+                    && message.contains("upgrade"),
+                "{message}"
+            );
+            assert_eq!(reg.online(), 0);
+        }
     }
 
     #[test]

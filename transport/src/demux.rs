@@ -533,13 +533,20 @@ impl DemuxSocket {
         for id in ids {
             routes.held.remove(id);
         }
-        routes.pinned.retain(|_, id| Some(*id) == keep || !ids.contains(id));
+        routes
+            .pinned
+            .retain(|_, id| Some(*id) == keep || !ids.contains(id));
         let mut freed = routes.prune_pins();
         self.has_routes.store(routes.any(), Ordering::Release);
         let pinned_now: Vec<ExtraId> = routes.pinned.values().copied().collect();
         drop(routes);
         freed.extend(ids.iter().filter(|id| !pinned_now.contains(id)));
         self.close_extras(&freed);
+    }
+
+    /// The local address of extra socket `id`, while it is open.
+    pub fn extra_local_addr(&self, id: ExtraId) -> Option<SocketAddr> {
+        self.extra(id).and_then(|s| s.local_addr().ok())
     }
 
     /// Extra sockets open now.
@@ -578,9 +585,9 @@ impl DemuxSocket {
         data: &[u8],
         destination: SocketAddr,
     ) -> io::Result<()> {
-        let socket = self.extra(id).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "the extra socket is closed")
-        })?;
+        let socket = self
+            .extra(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the extra socket is closed"))?;
         send_on(&socket, data, destination).await
     }
 
@@ -1003,6 +1010,77 @@ mod tests {
         // Removing the routes restores plain addressing.
         socket.remove_routes(stable);
         assert!(matches!(socket.route_of(stable), PathTarget::Udp(a) if a == stable));
+    }
+
+    #[tokio::test]
+    async fn extra_sockets_carry_a_pinned_address_both_ways_and_close_when_released() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, mut stun) = DemuxSocket::new(std_socket, 8).unwrap();
+        let primary = socket.local_addr().unwrap();
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let ids = socket.open_extras(3);
+        assert_eq!((ids.len(), socket.extras_open()), (3, 3));
+        let winner = ids[1];
+        let winner_addr = socket.extra_local_addr(winner).unwrap();
+        assert_ne!(winner_addr.port(), primary.port());
+        let mut buf = [0u8; 256];
+
+        // An opening probe from one extra socket.
+        socket.send_from(ids[0], b"open", other_addr).await.unwrap();
+        let (n, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"open"[..], socket.extra_local_addr(ids[0]).unwrap().port()));
+
+        // STUN arriving on the winner reaches the STUN channel, tagged with it.
+        let probe = common::stun::binding_request([9; 12]);
+        other.send_to(&probe, winner_addr).await.unwrap();
+        let stable: SocketAddr = "240.1.2.3:4567".parse().unwrap();
+        socket.set_route(stable, PathTarget::Udp(other_addr));
+        // (a packet for quinn makes poll_recv run, which polls the extra sockets too)
+        other.send_to(b"quic", winner_addr).await.unwrap();
+        assert_eq!(recv_one(&socket).await, (stable, b"quic".to_vec()));
+        let datagram = stun.recv().await.unwrap();
+        assert_eq!((datagram.from, datagram.via), (other_addr, Some(winner)));
+
+        // Pinned: quinn's packets to the stable address, and STUN sends, leave from the winner.
+        socket.pin(other_addr, winner);
+        send(&socket, &transmit(stable, b"out")).await;
+        let (n, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"out"[..], winner_addr.port()));
+        socket.send_to(b"beat", other_addr).await.unwrap();
+        let (_, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!(from.port(), winner_addr.port());
+
+        // Released: the losers close at once; the winner stays while the route uses its
+        // address, and closes with the route.
+        socket.release_extras(&ids, Some(winner));
+        assert_eq!(socket.extras_open(), 1);
+        assert_eq!(socket.pinned(other_addr), Some(winner));
+        socket.remove_routes(stable);
+        assert_eq!(socket.extras_open(), 0);
+        assert_eq!(socket.pinned(other_addr), None);
+        socket.send_to(b"plain", other_addr).await.unwrap();
+        let (_, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!(from, primary);
+
+        // A session that found nothing releases everything.
+        let ids = socket.open_extras(4);
+        socket.release_extras(&ids, None);
+        assert_eq!(socket.extras_open(), 0);
+    }
+
+    #[tokio::test]
+    async fn extra_sockets_are_capped() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 8).unwrap();
+        let first = socket.open_extras(MAX_EXTRA_SOCKETS - 10);
+        let second = socket.open_extras(256);
+        assert_eq!(first.len() + second.len(), MAX_EXTRA_SOCKETS);
+        assert!(socket.open_extras(1).is_empty());
+        socket.release_extras(&first, None);
+        assert_eq!(socket.extras_open(), second.len());
+        socket.release_extras(&second, None);
+        assert_eq!(socket.extras_open(), 0);
     }
 
     #[test]
