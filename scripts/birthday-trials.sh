@@ -23,6 +23,6 @@ for c in ${BIRTHDAY_CASES//,/ }; do rm -f "$target/lab-matrix/birthday-$c-"*.md;
 cargo build -q -p peer -p rendezvous --bins
 cargo test -q -p e2e --test natlab_birthday -- --ignored --nocapture birthday_trials
 echo
-echo "| pair (listener / dialer) | impairment | direct | time to direct | worst | failures |"
-echo "|---|---|---|---|---|---|"
+echo "| pair (listener / dialer) | impairment | direct | time to direct (from the dialer's start) | worst | the birthday punch itself | failures |"
+echo "|---|---|---|---|---|---|---|"
 cat "$target"/lab-matrix/birthday-*.md

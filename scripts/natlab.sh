@@ -270,8 +270,12 @@ EOF
 		echo "		oifname \"wan\" masquerade"
 	elif [[ $mode == seqsym ]]; then
 		# Symmetric with sequential ports: every new flow (any inside host, any destination)
-		# takes the next public port, as carrier NATs that allocate in sequence do.
-		echo "		oifname \"wan\" meta l4proto udp snat ip to $wanip : numgen inc mod 64000 offset 1024"
+		# takes the next public port, as carrier NATs that allocate in sequence do: 20000 to
+		# 24095, then round again. (A map, not `numgen ... offset`: nft would put the
+		# counter's bytes into the port in host order.)
+		local seq
+		seq=$(awk 'BEGIN { for (i = 0; i < 4096; i++) printf "%s%d : %d", (i ? ", " : ""), i, 20000 + i }')
+		echo "		oifname \"wan\" meta l4proto udp snat ip to $wanip : numgen inc mod 4096 map { $seq }"
 		echo "		oifname \"wan\" masquerade"
 	else
 		echo "		oifname \"wan\" masquerade fully-random"

@@ -43,8 +43,19 @@ fn flush(lab: &Lab, host: &str) {
     assert!(status.success(), "natlab.sh flush {} {host}", lab.name());
 }
 
-/// One trial: the time to a direct path, and how it was found, or why not.
-fn trial(lab: &Lab, listener_kind: &str, dialer_kind: &str) -> Result<(Duration, String), String> {
+/// How one trial went direct.
+struct Direct {
+    /// From the dialer's start to its `direct to` line.
+    after: Duration,
+    /// From the dialer's `birthday punching` line (its punch with both NAT profiles known) to
+    /// the `direct to` line, when it printed one.
+    punch: Option<Duration>,
+    /// How the path was found, as the dialer says.
+    how: String,
+}
+
+/// One trial: how it went direct, or why not.
+fn trial(lab: &Lab, listener_kind: &str, dialer_kind: &str) -> Result<Direct, String> {
     for host in routers(listener_kind, "a")
         .into_iter()
         .chain(routers(dialer_kind, "b"))
@@ -83,7 +94,16 @@ fn trial(lab: &Lab, listener_kind: &str, dialer_kind: &str) -> Result<(Duration,
                 .rsplit_once('(')
                 .map(|(_, how)| how.trim_end_matches(')').to_owned())
                 .unwrap_or_default();
-            Ok((at.saturating_duration_since(started), how))
+            let punch = dialer
+                .stderr
+                .try_wait_for_at("birthday punching", Duration::ZERO)
+                .ok()
+                .map(|(_, from)| at.saturating_duration_since(from));
+            Ok(Direct {
+                after: at.saturating_duration_since(started),
+                punch,
+                how,
+            })
         }
         Err(()) => {
             let mut dialer = dialer;
@@ -134,14 +154,17 @@ fn birthday_trials() {
             }
             let lab = Lab::up(&format!("bd-{case}-{impairment}"), &options);
             let mut times = Vec::new();
+            let mut punches = Vec::new();
             let mut ok = 0u32;
             let mut failures = Vec::new();
             for n in 1..=trials {
                 match trial(&lab, listener, dialer) {
-                    Ok((after, how)) => {
+                    Ok(Direct { after, punch, how }) => {
                         eprintln!(
-                            "[birthday] {case} {impairment} #{n}: direct after {after:?} ({how})"
+                            "[birthday] {case} {impairment} #{n}: direct after {after:?} ({how}; \
+                             birthday punch {punch:?})"
                         );
+                        punches.extend(punch);
                         if after <= within {
                             ok += 1;
                         } else {
@@ -157,13 +180,17 @@ fn birthday_trials() {
             }
             lab.down();
             times.sort();
+            punches.sort();
             let ms =
                 |d: Option<&Duration>| d.map_or("-".into(), |d| format!("{} ms", d.as_millis()));
             let mut row = format!(
-                "| {listener} / {dialer} | {impairment} | {ok}/{trials} within {} s | median {} | worst {} |",
+                "| {listener} / {dialer} | {impairment} | {ok}/{trials} within {} s | median {} | \
+                 worst {} | median {}, worst {} |",
                 within.as_secs(),
                 ms(times.get(times.len() / 2)),
                 ms(times.last()),
+                ms(punches.get(punches.len() / 2)),
+                ms(punches.last()),
             );
             if !failures.is_empty() {
                 let _ = write!(row, " {} |", failures.join("; "));

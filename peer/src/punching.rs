@@ -58,6 +58,8 @@ pub struct Router {
     budget: Arc<Mutex<ProbeBudget>>,
     birthday_budget: Arc<Mutex<ProbeBudget>>,
     birthday_starts: Arc<Mutex<HashMap<PeerId, Vec<Instant>>>>,
+    /// Peers with a birthday punch running (one at a time per peer).
+    birthday_active: Arc<Mutex<std::collections::HashSet<PeerId>>>,
     /// Birthday punching at all (`--no-birthday-punch` turns it off).
     pub birthday: bool,
 }
@@ -72,6 +74,7 @@ impl Default for Router {
                 BIRTHDAY_PER_SECOND,
             ))),
             birthday_starts: Arc::default(),
+            birthday_active: Arc::default(),
             birthday: true,
         }
     }
@@ -107,9 +110,16 @@ impl Router {
             .unwrap_or(false)
     }
 
-    /// Whether an introduction with `peer` may use birthday punching now (at most
-    /// [`BIRTHDAY_PER_PEER`] per [`BIRTHDAY_PEER_WINDOW`]); counts it if so.
+    /// Whether an introduction with `peer` may use birthday punching now (none running with
+    /// it, at most [`BIRTHDAY_PER_PEER`] per [`BIRTHDAY_PEER_WINDOW`]); counts it and marks it
+    /// running if so (until [`Router::birthday_ended`]).
     pub fn may_start_birthday(&self, peer: PeerId, now: Instant) -> bool {
+        let Ok(mut active) = self.birthday_active.lock() else {
+            return false;
+        };
+        if active.contains(&peer) {
+            return false;
+        }
         let Ok(mut starts) = self.birthday_starts.lock() else {
             return false;
         };
@@ -126,7 +136,15 @@ impl Router {
             return false;
         }
         times.push(now);
+        active.insert(peer);
         true
+    }
+
+    /// The birthday punch with `peer` is over.
+    pub fn birthday_ended(&self, peer: PeerId) {
+        if let Ok(mut active) = self.birthday_active.lock() {
+            active.remove(&peer);
+        }
     }
 
     /// Punching datagrams dropped by the shared budget so far.
@@ -278,6 +296,7 @@ pub async fn run(
         first: Some(first_tx),
         extras,
         pinned: None,
+        birthday: birthday.is_some(),
     };
     // The session outlives this call (see above) but not the endpoint.
     if !tasks.spawn(session.drive()) {
@@ -300,6 +319,8 @@ struct Session {
     // the one the peer was reached through, once pinned.
     extras: Vec<transport::ExtraId>,
     pinned: Option<transport::ExtraId>,
+    // This session is the peer's running birthday punch (see Router::may_start_birthday).
+    birthday: bool,
 }
 
 impl Session {
@@ -373,7 +394,8 @@ impl Session {
             return;
         };
         if let Some(id) = self.extras.get(usize::from(socket)) {
-            self.node.socket.pin(from, *id);
+            let quinn_addr = crate::relay::stable_addr(&self.puncher.peer());
+            self.node.socket.pin(from, *id, quinn_addr);
             self.pinned = Some(*id);
             tracing::debug!(peer = %self.puncher.peer(), %from, "birthday punch: pinned the winning socket");
         }
@@ -456,6 +478,9 @@ impl Session {
         }
         self.report_first();
         self.release_extras();
+        if self.birthday {
+            self.router.birthday_ended(self.puncher.peer());
+        }
         self.router.unregister(self.puncher.nonce());
         if let Some(witness) = &self.witness {
             witness.ended(self.puncher.nonce());
@@ -504,12 +529,22 @@ mod tests {
     fn birthday_punching_is_bounded_per_peer_and_in_all() {
         let router = Router::default();
         let t0 = Instant::now();
-        let started = (0..10)
-            .filter(|_| router.may_start_birthday(peer(1), t0))
-            .count();
+        // One at a time per peer.
+        assert!(router.may_start_birthday(peer(1), t0));
+        assert!(!router.may_start_birthday(peer(1), t0));
+        router.birthday_ended(peer(1));
+        let started = 1
+            + (0..10)
+                .filter(|_| {
+                    let started = router.may_start_birthday(peer(1), t0);
+                    router.birthday_ended(peer(1));
+                    started
+                })
+                .count();
         assert_eq!(started, BIRTHDAY_PER_PEER);
         // Another peer has its own allowance; the first gets its back after the window.
         assert!(router.may_start_birthday(peer(2), t0));
+        router.birthday_ended(peer(2));
         assert!(!router.may_start_birthday(peer(1), t0 + BIRTHDAY_PEER_WINDOW / 2));
         assert!(router.may_start_birthday(peer(1), t0 + BIRTHDAY_PEER_WINDOW));
         // The table of peers is bounded: past it, new peers get no birthday punch until

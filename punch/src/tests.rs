@@ -475,7 +475,11 @@ fn birthday_probes_are_bounded_aimed_and_stop_at_the_first_answer() {
         }
         now += Duration::from_millis(7);
     }
-    assert_eq!(sprayed.len(), 300, "the budget, all of it without an answer");
+    assert_eq!(
+        sprayed.len(),
+        300,
+        "the budget, all of it without an answer"
+    );
     // Paced: never more than the rate over any second, plus a small burst.
     for (i, (at, _)) in sprayed.iter().enumerate() {
         let in_window = sprayed[i..]
@@ -597,7 +601,11 @@ fn birthday_opening_probes_go_to_the_peer_only_and_the_first_heard_socket_wins()
     assert_eq!(hard.birthday_winner(), Some((5, easy_addr)));
     let again = stun::probe_request(&peer_tag, 3, &key(5));
     assert!(hard.handle_datagram_via(easy_addr, &again, now, Some(6)));
-    assert_eq!(hard.birthday_winner(), Some((5, easy_addr)), "the first stays");
+    assert_eq!(
+        hard.birthday_winner(),
+        Some((5, easy_addr)),
+        "the first stays"
+    );
     let answers: Vec<Transmit> = std::iter::from_fn(|| hard.poll_transmit(now)).collect();
     assert!(answers.len() >= 3, "{answers:?}");
     assert!(answers

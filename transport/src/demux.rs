@@ -164,8 +164,9 @@ struct Routes {
     /// to, the peer's real address): never aliased to another address.
     claimed: AddrMap<()>,
     /// Real addresses reached through an extra socket (a birthday path): every datagram to
-    /// them leaves from that socket, whoever sends it (quinn, heartbeats, probes).
-    pinned: AddrMap<ExtraId>,
+    /// them leaves from that socket, whoever sends it (quinn, heartbeats, probes); with the
+    /// quinn address (the peer) whose routes they go with.
+    pinned: AddrMap<(ExtraId, SocketAddr)>,
     /// Extra sockets a punching session still holds: their pins stay until it releases them
     /// (its route or alias may not be in place yet).
     held: std::collections::HashSet<ExtraId>,
@@ -176,31 +177,18 @@ impl Routes {
         !self.out.is_empty() || !self.back.is_empty() || !self.pinned.is_empty()
     }
 
-    /// Unpins the real addresses that no route or alias refers to any more (their paths are
-    /// gone); returns the extra sockets that no pin holds now.
-    fn prune_pins(&mut self) -> Vec<ExtraId> {
-        let Routes {
-            out,
-            back,
-            pinned,
-            held,
-            ..
-        } = self;
-        let held = &*held;
-        let mut freed = Vec::new();
-        pinned.retain(|real, id| {
-            let used = held.contains(id)
-                || back.contains_key(real)
-                || out
-                    .values()
-                    .any(|t| matches!(t, PathTarget::Udp(r) if r == real));
-            if !used {
-                freed.push(*id);
-            }
-            used
-        });
-        freed.retain(|id| !pinned.values().any(|p| p == id));
-        freed
+    /// Whether a route or an alias refers to `real`.
+    fn refers_to(&self, real: &SocketAddr) -> bool {
+        self.back.contains_key(real)
+            || self
+                .out
+                .values()
+                .any(|t| matches!(t, PathTarget::Udp(r) if r == real))
+    }
+
+    /// Whether extra socket `id` carries a pinned address.
+    fn carries(&self, id: ExtraId) -> bool {
+        self.pinned.values().any(|(p, _)| *p == id)
     }
 }
 
@@ -387,10 +375,10 @@ impl DemuxSocket {
                 routes.out.insert(quinn_addr, virtual_target);
             }
         }
-        let freed = routes.prune_pins();
+        // Pins stay: a path left for the relay is still tested by heartbeats through its
+        // socket, and taken back when they are answered. They go with the connection's routes
+        // (remove_routes).
         self.has_routes.store(routes.any(), Ordering::Release);
-        drop(routes);
-        self.close_extras(&freed);
     }
 
     /// Shows packets from `real` to quinn as coming from `quinn_addr` (another address of the
@@ -463,7 +451,16 @@ impl DemuxSocket {
         routes.claimed.remove(&quinn_addr);
         routes.out.remove(&quinn_addr);
         routes.back.retain(|_, q| *q != quinn_addr);
-        let freed = routes.prune_pins();
+        // The peer's birthday sockets go with its routes (unless a punch still holds them).
+        let mut freed: Vec<ExtraId> = Vec::new();
+        routes.pinned.retain(|_, (id, owner)| {
+            let gone = *owner == quinn_addr;
+            if gone {
+                freed.push(*id);
+            }
+            !gone
+        });
+        freed.retain(|id| !routes.held.contains(id) && !routes.carries(*id));
         self.has_routes.store(routes.any(), Ordering::Release);
         drop(routes);
         self.close_extras(&freed);
@@ -512,35 +509,58 @@ impl DemuxSocket {
     }
 
     /// Datagrams to `real` leave from extra socket `id` from now on (the birthday path found
-    /// through it). A later pin of the same address replaces it.
-    pub fn pin(&self, real: SocketAddr, id: ExtraId) {
+    /// through it to the peer quinn knows as `quinn_addr`, whose
+    /// [`DemuxSocket::remove_routes`] ends it). A later pin of the same address replaces it.
+    pub fn pin(&self, real: SocketAddr, id: ExtraId, quinn_addr: SocketAddr) {
         let mut routes = self.write_routes();
-        routes.pinned.insert(canonical(real), id);
+        let old = routes
+            .pinned
+            .insert(canonical(real), (id, canonical(quinn_addr)));
         self.has_routes.store(true, Ordering::Release);
+        // The socket it replaces closes unless a punch still holds it or it carries another
+        // address.
+        let freed = old
+            .map(|(old, _)| old)
+            .filter(|old| *old != id && !routes.held.contains(old) && !routes.carries(*old));
+        drop(routes);
+        if let Some(old) = freed {
+            self.close_extras(&[old]);
+        }
     }
 
     /// The extra socket `real` is pinned to, if any.
     pub fn pinned(&self, real: SocketAddr) -> Option<ExtraId> {
         self.read_routes()
-            .and_then(|r| r.pinned.get(&canonical(real)).copied())
+            .and_then(|r| r.pinned.get(&canonical(real)).map(|(id, _)| *id))
     }
 
     /// A punching session is done with its extra sockets `ids`: all but `keep` are closed at
-    /// once; `keep` (the winner) stays open while a route or alias refers to an address pinned
-    /// to it, and closes when none does.
+    /// once; `keep` (the winner) stays open if a route or alias uses the address pinned to it
+    /// (the peer's connection took the path), until that peer's routes go
+    /// ([`DemuxSocket::remove_routes`]).
     pub fn release_extras(&self, ids: &[ExtraId], keep: Option<ExtraId>) {
         let mut routes = self.write_routes();
         for id in ids {
             routes.held.remove(id);
         }
-        routes
+        let unused: Vec<SocketAddr> = routes
             .pinned
-            .retain(|_, id| Some(*id) == keep || !ids.contains(id));
-        let mut freed = routes.prune_pins();
+            .iter()
+            .filter(|(real, (id, _))| {
+                ids.contains(id) && (Some(*id) != keep || !routes.refers_to(real))
+            })
+            .map(|(real, _)| *real)
+            .collect();
+        for real in unused {
+            routes.pinned.remove(&real);
+        }
         self.has_routes.store(routes.any(), Ordering::Release);
-        let pinned_now: Vec<ExtraId> = routes.pinned.values().copied().collect();
+        let freed: Vec<ExtraId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !routes.carries(*id))
+            .collect();
         drop(routes);
-        freed.extend(ids.iter().filter(|id| !pinned_now.contains(id)));
         self.close_extras(&freed);
     }
 
@@ -808,7 +828,7 @@ impl AsyncUdpSocket for DemuxSocket {
                 }
                 None => {}
             }
-            pinned = routes.pinned.get(&canonical(destination)).copied();
+            pinned = routes.pinned.get(&canonical(destination)).map(|(id, _)| *id);
         }
         if let Some(socket) = pinned.and_then(|id| self.extra(id)) {
             // A birthday path: out of the socket whose NAT mapping the peer reaches. A full
@@ -1029,7 +1049,13 @@ mod tests {
         // An opening probe from one extra socket.
         socket.send_from(ids[0], b"open", other_addr).await.unwrap();
         let (n, from) = other.recv_from(&mut buf).await.unwrap();
-        assert_eq!((&buf[..n], from.port()), (&b"open"[..], socket.extra_local_addr(ids[0]).unwrap().port()));
+        assert_eq!(
+            (&buf[..n], from.port()),
+            (
+                &b"open"[..],
+                socket.extra_local_addr(ids[0]).unwrap().port()
+            )
+        );
 
         // STUN arriving on the winner reaches the STUN channel, tagged with it.
         let probe = common::stun::binding_request([9; 12]);
@@ -1043,7 +1069,7 @@ mod tests {
         assert_eq!((datagram.from, datagram.via), (other_addr, Some(winner)));
 
         // Pinned: quinn's packets to the stable address, and STUN sends, leave from the winner.
-        socket.pin(other_addr, winner);
+        socket.pin(other_addr, winner, stable);
         send(&socket, &transmit(stable, b"out")).await;
         let (n, from) = other.recv_from(&mut buf).await.unwrap();
         assert_eq!((&buf[..n], from.port()), (&b"out"[..], winner_addr.port()));
@@ -1056,6 +1082,11 @@ mod tests {
         socket.release_extras(&ids, Some(winner));
         assert_eq!(socket.extras_open(), 1);
         assert_eq!(socket.pinned(other_addr), Some(winner));
+        // A fallback to the relay keeps it (heartbeats still test the path through it).
+        let (tx, _rx) = mpsc::channel(1);
+        socket.set_route(stable, PathTarget::Virtual(VirtualSink::new([1; 16], tx)));
+        assert_eq!(socket.pinned(other_addr), Some(winner));
+        assert_eq!(socket.extras_open(), 1);
         socket.remove_routes(stable);
         assert_eq!(socket.extras_open(), 0);
         assert_eq!(socket.pinned(other_addr), None);
