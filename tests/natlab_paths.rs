@@ -217,8 +217,7 @@ fn a_birthday_path_is_kept_falls_back_and_returns() {
         b.stdout
             .lines()
             .into_iter()
-            .filter(|l| l.contains(&format!("path to {a_id}: ")))
-            .last()
+            .rfind(|l| l.contains(&format!("path to {a_id}: ")))
             .unwrap_or_default()
     };
     assert!(last_path(&b).contains("direct to "), "{}", last_path(&b));

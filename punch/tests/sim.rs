@@ -2725,8 +2725,8 @@ fn birthday_trial(
             Some(t) if t <= deadline => now = now.max(t),
             _ => break,
         }
-        while let Some(_) = hard.poll_event() {}
-        while let Some(_) = easy.poll_event() {}
+        while hard.poll_event().is_some() {}
+        while easy.poll_event().is_some() {}
     }
     BirthdayTrial {
         direct_after: match direct {

@@ -828,7 +828,10 @@ impl AsyncUdpSocket for DemuxSocket {
                 }
                 None => {}
             }
-            pinned = routes.pinned.get(&canonical(destination)).map(|(id, _)| *id);
+            pinned = routes
+                .pinned
+                .get(&canonical(destination))
+                .map(|(id, _)| *id);
         }
         if let Some(socket) = pinned.and_then(|id| self.extra(id)) {
             // A birthday path: out of the socket whose NAT mapping the peer reaches. A full
