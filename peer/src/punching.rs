@@ -325,7 +325,7 @@ struct Session {
 
 impl Session {
     /// Gives the extra sockets back once the session has its result: all but the winner close
-    /// at once (the winner stays while a route or alias uses its address).
+    /// at once (the winner stays with the peer's connection, see DemuxSocket::release_extras).
     fn release_extras(&mut self) {
         if self.extras.is_empty() {
             return;
