@@ -41,7 +41,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::message::{Candidate, CandidateKind};
-use common::nat::{Behaviour, NatProfile};
+use common::nat::NatProfile;
 
 /// The lowest port probed: NATs (Linux's included) map to ports from here up.
 pub const FIRST_PORT: u16 = 1024;
@@ -113,27 +113,12 @@ pub enum BirthdayPlan {
     },
 }
 
-fn hard(p: &NatProfile) -> bool {
-    p.udp
-        && !p.no_nat
-        && matches!(
-            p.mapping,
-            Behaviour::AddressDependent | Behaviour::AddressAndPortDependent
-        )
-}
-
-fn easy(p: &NatProfile) -> bool {
-    p.udp
-        && (p.no_nat || p.mapping == Behaviour::EndpointIndependent)
-        && p.filtering == Behaviour::AddressAndPortDependent
-}
-
 /// Our role in a birthday punch with a peer, from both NAT profiles; `None` for every pair that
 /// plain punching opens (or that birthday punching cannot: two symmetric NATs, an unknown side).
 pub fn role(ours: &NatProfile, theirs: &NatProfile) -> Option<BirthdayRole> {
-    if hard(ours) && easy(theirs) {
+    if ours.is_birthday_hard() && theirs.is_birthday_easy() {
         Some(BirthdayRole::Hard)
-    } else if easy(ours) && hard(theirs) {
+    } else if ours.is_birthday_easy() && theirs.is_birthday_hard() {
         Some(BirthdayRole::Easy)
     } else {
         None
@@ -347,6 +332,7 @@ impl Opening {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::nat::Behaviour;
 
     fn profile(mapping: Behaviour, filtering: Behaviour) -> NatProfile {
         NatProfile {
@@ -378,14 +364,14 @@ mod tests {
         ] {
             assert_eq!(role(easy_pair.0, easy_pair.1), None, "{easy_pair:?}");
         }
-        // Every pair given a role is one the forecast calls relayed, and the roles agree.
+        // Every pair given a role is one the forecast calls a birthday pair, and the roles agree.
         let kinds = [sym, port, addr, full, unknown];
         for a in &kinds {
             for b in &kinds {
                 if let Some(r) = role(a, b) {
                     assert!(matches!(
                         common::nat::forecast(Some(a), Some(b)),
-                        common::nat::Forecast::Relayed(_)
+                        common::nat::Forecast::Birthday(_)
                     ));
                     let other = role(b, a);
                     assert_eq!(
