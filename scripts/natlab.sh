@@ -18,7 +18,7 @@
 #   natlab.sh addr LAB HOST | addr6 LAB HOST
 #   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S] [--upnp-only]
 #
-# KIND: open full addr port sym cgnat udpblock
+# KIND: open full addr port sym seqsym cgnat udpblock
 # SIDES: a, b or ab.  --ipv6 makes those sides (and rv, inet) dual-stack in
 # 2001:db8::/32, each behind its router's stateful IPv6 firewall (no NAT66);
 # --ipv6-only also takes their IPv4 default route away.  Default: IPv4 only.
@@ -39,7 +39,7 @@ else
 	PYTHON=$(command -v python3)
 fi
 
-readonly KINDS="open full addr port sym cgnat udpblock"
+readonly KINDS="open full addr port sym seqsym cgnat udpblock"
 # Every host name a lab can contain; used to find a lab's namespaces without
 # touching namespaces that merely share a prefix.
 readonly ALL_HOSTS="inet rv a b nata natb cgnata cgnatb"
@@ -195,7 +195,7 @@ peer_on_lan() {
 }
 
 # nat_ruleset MODE WANIP LANNET TIMEOUT_S -> nft script on stdout
-#   MODE: full | addr | port | sym | udpblock
+#   MODE: full | addr | port | sym | seqsym | udpblock
 # See scripts/lab/README.md "KINDs and how they are built in nft".  The cone kinds do NOT rely on
 # masquerade's port preservation: the first flow of an inside endpoint gets a
 # random public port (`masquerade random`), which is learnt into eim_out /
@@ -205,7 +205,7 @@ peer_on_lan() {
 nat_ruleset() {
 	local mode=$1 wanip=$2 lannet=$3 t=$4
 	local cone=1
-	[[ $mode == sym ]] && cone=0
+	[[ $mode == sym || $mode == seqsym ]] && cone=0
 	cat <<EOF
 table ip natlab {
 	# public udp port -> inside endpoint (inbound DNAT for full/addr, hairpin)
@@ -271,6 +271,15 @@ EOF
 	if ((cone)); then
 		echo "		oifname \"wan\" ip saddr . udp sport @eim_out snat ip to ip saddr . udp sport map @eim_out"
 		echo "		oifname \"wan\" meta l4proto udp masquerade random"
+		echo "		oifname \"wan\" masquerade"
+	elif [[ $mode == seqsym ]]; then
+		# Symmetric with sequential ports: every new flow (any inside host, any destination)
+		# takes the next public port, as carrier NATs that allocate in sequence do: 20000 to
+		# 24095, then round again. (A map, not `numgen ... offset`: nft would put the
+		# counter's bytes into the port in host order.)
+		local seq
+		seq=$(awk 'BEGIN { for (i = 0; i < 4096; i++) printf "%s%d : %d", (i ? ", " : ""), i, 20000 + i }')
+		echo "		oifname \"wan\" meta l4proto udp snat ip to $wanip : numgen inc mod 4096 map { $seq }"
 		echo "		oifname \"wan\" masquerade"
 	else
 		echo "		oifname \"wan\" masquerade fully-random"
@@ -739,7 +748,7 @@ cmd_flush() {
 	mode=$(router_mode "$host")
 	[[ -n $mode ]] || die "flush: $host is not a NAT router"
 	local maps="flush map ip natlab eim_in"
-	[[ $mode != sym ]] && maps+=$'\nflush map ip natlab eim_out\nflush set ip natlab eim_pair'
+	[[ $mode != sym && $mode != seqsym ]] && maps+=$'\nflush map ip natlab eim_out\nflush set ip natlab eim_pair'
 	[[ $mode == addr ]] && maps+=$'\nflush set ip natlab adf'
 	# Hold forwarded UDP while both the mapping maps and conntrack are
 	# emptied, otherwise a packet in between would re-learn the old port.

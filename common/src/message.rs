@@ -16,8 +16,12 @@ use crate::PeerId;
 /// introduction accepted it, so version-1 peers (which never accept) are refused. Version 3
 /// added the secret `key` of `punch` (probes and answers are authenticated with it instead of
 /// the public nonce), so version-2 peers, whose probes new peers would ignore, are refused.
-/// Version 4 added the port-mapped candidate: `mapped_port` in `register` and the
-/// `mapped_port` message, which version-3 servers would refuse as unknown fields and types.
+/// Version 4 added the port-mapped candidate (`mapped_port` in `register` and the
+/// `mapped_port` message) and `nat` (a peer tells the rendezvous its measured NAT behaviour,
+/// handed to the other side in `punch`, from which both sides decide on birthday punching,
+/// `punch::birthday`); version-3 peers would never take part, so they are refused. Version 5
+/// added IPv6 address proofs (`server_addrs` in `registered`, the `confirm_address` message),
+/// which a version-4 server would refuse as unknown fields and types.
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Version of the protocol between two peers, carried in their ALPN
@@ -94,6 +98,10 @@ pub enum ControlMessage {
         /// The introduction's secret: probes and answers carry MESSAGE-INTEGRITY keyed by it.
         /// Only ever sent on the TLS control streams of the two peers.
         key: crate::stun::PunchKey,
+        /// The other side's NAT behaviour as it reported it (`nat`), if it did: with ours, it
+        /// decides whether this pair needs birthday punching and which side plays which role.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nat: Option<crate::nat::NatProfile>,
     },
     /// Sent by the target of an introduction (on a request stream of its own) when it gets the
     /// `punch` push: it agrees to be relayed to and from `peer`. Answered with `ack`, or an error
@@ -137,6 +145,13 @@ pub enum ControlMessage {
     MappedPort {
         /// As `mapped_port` of `register`.
         port: Option<u16>,
+    },
+    /// The peer's NAT behaviour, as it measured it against the rendezvous's STUN service; sent
+    /// once measured and again after every registration. Kept while the peer is online and
+    /// handed to the other side of its introductions (in `punch`). Answered with `ack`.
+    Nat {
+        /// The measured profile.
+        nat: crate::nat::NatProfile,
     },
     /// Our address in the other IP family than this connection's, as the server's answer to our
     /// address-proof request showed it, with that answer's MESSAGE-INTEGRITY as the proof that
@@ -198,6 +213,7 @@ impl ControlMessage {
             ControlMessage::PunchResult { .. } => "punch_result",
             ControlMessage::MappedPort { .. } => "mapped_port",
             ControlMessage::ConfirmAddress { .. } => "confirm_address",
+            ControlMessage::Nat { .. } => "nat",
             ControlMessage::Ack {} => "ack",
             ControlMessage::Error { .. } => "error",
         }
@@ -221,6 +237,7 @@ pub const CONTROL_TYPES: &[&str] = &[
     "punch_result",
     "mapped_port",
     "confirm_address",
+    "nat",
     "ack",
     "error",
 ];
@@ -722,6 +739,12 @@ mod tests {
                 candidates: vec![Candidate { addr: SocketAddr::from(([203, 0, 113, 9], port)), kind: CandidateKind::Observed }],
                 nonce,
                 key: crate::stun::PunchKey::from_bytes(key),
+                nat: (port % 2 == 0).then_some(crate::nat::NatProfile {
+                    udp: true,
+                    no_nat: false,
+                    mapping: crate::nat::Behaviour::AddressAndPortDependent,
+                    filtering: crate::nat::Behaviour::AddressAndPortDependent,
+                }),
             };
             prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
         }

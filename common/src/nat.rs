@@ -78,6 +78,26 @@ impl NatProfile {
             Behaviour::EndpointIndependent | Behaviour::AddressDependent
         )
     }
+
+    /// The hard side of a birthday punch: behind a NAT that gives a new public port for every
+    /// destination (symmetric), so the other side cannot know which port to answer.
+    pub fn is_birthday_hard(&self) -> bool {
+        self.udp
+            && !self.no_nat
+            && matches!(
+                self.mapping,
+                Behaviour::AddressDependent | Behaviour::AddressAndPortDependent
+            )
+    }
+
+    /// The easy side of a birthday punch: one public port per socket (or no NAT), but only
+    /// packets from the exact address and port it sent to get in, so it must guess the hard
+    /// side's port.
+    pub fn is_birthday_easy(&self) -> bool {
+        self.udp
+            && self.maps_independently()
+            && self.filtering == Behaviour::AddressAndPortDependent
+    }
 }
 
 /// Whether a direct path can exist between two peers, from their NAT profiles.
@@ -85,6 +105,10 @@ impl NatProfile {
 pub enum Forecast {
     /// Hole punching works for this pair.
     Direct,
+    /// Plain hole punching cannot work (the reason, from our side's point of view), but birthday
+    /// punching can: one side is symmetric, the other keeps its port but filters by address and
+    /// port. It finds a direct path with high probability, not certainty.
+    Birthday(String),
     /// No direct path can exist; the reason, from our side's point of view.
     Relayed(String),
     /// One side's behaviour is not known; what is missing.
@@ -178,16 +202,28 @@ pub fn forecast(ours: Option<&NatProfile>, theirs: Option<&NatProfile>) -> Forec
         // The side with the stable port must let in packets from a port it has not sent to.
         (true, false) if ours.admits_new_ports() => Forecast::Direct,
         (false, true) if theirs.admits_new_ports() => Forecast::Direct,
-        (true, false) => Forecast::Relayed(format!(
-            "the peer's NAT gives a new public port for every destination (symmetric) and your \
-             {} only accepts packets from addresses and ports it has sent to",
-            if ours.no_nat { "firewall" } else { "NAT" }
-        )),
-        (false, true) => Forecast::Relayed(format!(
-            "your NAT gives a new public port for every destination (symmetric) and the peer's \
-             {} only accepts packets from addresses and ports it has sent to",
-            if theirs.no_nat { "firewall" } else { "NAT" }
-        )),
+        (true, false) => {
+            let reason = format!(
+                "the peer's NAT gives a new public port for every destination (symmetric) and \
+                 your {} only accepts packets from addresses and ports it has sent to",
+                if ours.no_nat { "firewall" } else { "NAT" }
+            );
+            match ours.is_birthday_easy() && theirs.is_birthday_hard() {
+                true => Forecast::Birthday(reason),
+                false => Forecast::Relayed(reason),
+            }
+        }
+        (false, true) => {
+            let reason = format!(
+                "your NAT gives a new public port for every destination (symmetric) and the \
+                 peer's {} only accepts packets from addresses and ports it has sent to",
+                if theirs.no_nat { "firewall" } else { "NAT" }
+            );
+            match ours.is_birthday_hard() && theirs.is_birthday_easy() {
+                true => Forecast::Birthday(reason),
+                false => Forecast::Relayed(reason),
+            }
+        }
     }
 }
 
@@ -232,13 +268,17 @@ mod tests {
         for a in kinds {
             for b in kinds {
                 let f = cast(a, b);
-                let relayed = a == "udpblock"
-                    || b == "udpblock"
-                    || (a == "sym" && matches!(b, "port" | "cgnat" | "sym"))
+                let relayed = a == "udpblock" || b == "udpblock" || (a == "sym" && b == "sym");
+                let birthday = (a == "sym" && matches!(b, "port" | "cgnat"))
                     || (b == "sym" && matches!(a, "port" | "cgnat"));
                 assert_eq!(
                     matches!(f, Forecast::Relayed(_)),
                     relayed,
+                    "{a} x {b}: {f:?}"
+                );
+                assert_eq!(
+                    matches!(f, Forecast::Birthday(_)),
+                    birthday,
                     "{a} x {b}: {f:?}"
                 );
                 assert!(!matches!(f, Forecast::Unknown(_)), "{a} x {b}: {f:?}");
@@ -248,13 +288,18 @@ mod tests {
                     relayed,
                     "{b} x {a}"
                 );
+                assert_eq!(
+                    matches!(cast(b, a), Forecast::Birthday(_)),
+                    birthday,
+                    "{b} x {a}"
+                );
             }
         }
     }
 
     #[test]
     fn reasons_name_the_right_side() {
-        let Forecast::Relayed(r) = cast("sym", "port") else {
+        let Forecast::Birthday(r) = cast("sym", "port") else {
             panic!()
         };
         assert!(
@@ -262,7 +307,7 @@ mod tests {
                 && r.contains("the peer's NAT only accepts packets from addresses and ports"),
             "{r}"
         );
-        let Forecast::Relayed(r) = cast("port", "sym") else {
+        let Forecast::Birthday(r) = cast("port", "sym") else {
             panic!()
         };
         assert!(
@@ -282,12 +327,12 @@ mod tests {
             panic!()
         };
         assert!(r.starts_with("the peer's network blocks UDP"), "{r}");
-        let Forecast::Relayed(r) = cast("sym", "firewall") else {
+        let Forecast::Birthday(r) = cast("sym", "firewall") else {
             panic!()
         };
         assert!(r.contains("the peer's firewall only accepts"), "{r}");
         assert_eq!(cast("addrmap", "addr"), Forecast::Direct);
-        assert!(matches!(cast("addrmap", "port"), Forecast::Relayed(_)));
+        assert!(matches!(cast("addrmap", "port"), Forecast::Birthday(_)));
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 ],
                 nonce: 0x9E37_79B9_7F4A_7C15,
                 key: stun::PunchKey::from_bytes(*b"sixteen byte key"),
+                nat: None,
             },
         ),
         ("relay_open", ControlMessage::RelayOpen {}),
@@ -97,6 +98,17 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
         ),
         ("ping", ControlMessage::Ping { seq: 7 }),
         ("pong", ControlMessage::Pong { seq: 7 }),
+        (
+            "nat",
+            ControlMessage::Nat {
+                nat: common::nat::NatProfile {
+                    udp: true,
+                    no_nat: false,
+                    mapping: common::nat::Behaviour::AddressAndPortDependent,
+                    filtering: common::nat::Behaviour::AddressAndPortDependent,
+                },
+            },
+        ),
         (
             "punch_result",
             ControlMessage::PunchResult {

@@ -114,6 +114,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
                 candidates,
                 nonce: u.arbitrary()?,
                 key: common::stun::PunchKey::from_bytes(u.arbitrary()?),
+                nat: None,
             }
         }
         6 => ControlMessage::RelayOpen {},

@@ -189,6 +189,7 @@ impl Msg {
                     candidates: Vec::new(),
                     nonce: n.into(),
                     key: common::stun::PunchKey::from_bytes([n; 16]),
+                    nat: None,
                 },
                 _ => ControlMessage::RelayOpen {},
             },

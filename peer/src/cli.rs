@@ -255,6 +255,10 @@ pub(crate) struct SessionArgs {
     /// Do not ask the router to map our UDP port (PCP, NAT-PMP, UPnP IGD).
     #[arg(long)]
     pub(crate) no_port_mapping: bool,
+    /// Never use birthday punching (many extra sockets or probes to get through a symmetric
+    /// NAT); such pairs stay relayed.
+    #[arg(long)]
+    pub(crate) no_birthday_punch: bool,
 }
 
 pub(crate) fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
@@ -277,6 +281,7 @@ impl ServerArgs {
                 None => TcpTunnel::SameHost,
             },
             port_mapping: !session.no_port_mapping,
+            birthday_punch: !session.no_birthday_punch,
         })
     }
 }

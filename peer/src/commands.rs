@@ -131,6 +131,8 @@ pub struct ServerOptions {
     pub tcp_tunnel: TcpTunnel,
     /// Ask the router for a port mapping (`--no-port-mapping` turns it off).
     pub port_mapping: bool,
+    /// Use birthday punching for pairs that need it (`--no-birthday-punch` turns it off).
+    pub birthday_punch: bool,
 }
 
 /// The endpoint configuration of a command run with `config_dir`: events on the terminal, the
@@ -153,6 +155,7 @@ pub fn endpoint_config(
     });
     config.bind = server.bind;
     config.register_timeout = server.register_timeout;
+    config.birthday_punch = server.birthday_punch;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
         events_to_stderr: matches!(role, Role::Ping { json: true } | Role::Pipe),
@@ -447,6 +450,7 @@ mod tests {
             register_timeout: Duration::from_secs(3),
             tcp_tunnel: TcpTunnel::Off,
             port_mapping: true,
+            birthday_punch: true,
         }
     }
 

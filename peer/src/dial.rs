@@ -85,7 +85,7 @@ pub async fn establish(
             }
         }
     }
-    let (candidates, introduction) = match keeper
+    let (candidates, introduction, peer_nat) = match keeper
         .session
         .request(&ControlMessage::Connect { id: peer })
         .await?
@@ -94,10 +94,12 @@ pub async fn establish(
             candidates,
             nonce,
             key,
+            nat,
             ..
         } => (
             keeper.screen_candidates(&candidates),
             punch::Introduction { nonce, key },
+            nat,
         ),
         ControlMessage::Error {
             code: ErrorCode::NotFound,
@@ -141,7 +143,13 @@ pub async fn establish(
         let candidates = candidates.clone();
         keeper.tasks.spawn(async move {
             let state = keeper2
-                .punch(peer, introduction, punch::Role::Initiator, &candidates)
+                .punch(
+                    peer,
+                    introduction,
+                    punch::Role::Initiator,
+                    &candidates,
+                    peer_nat,
+                )
                 .await;
             let _ = punch_tx.send(state);
         });

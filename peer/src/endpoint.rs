@@ -139,6 +139,9 @@ pub struct EndpointConfig {
     pub keep_paths: bool,
     /// Measure our NAT once registered ([`Endpoint::nat`]). Default on.
     pub measure_nat: bool,
+    /// Birthday punching ([`punch::birthday`]) for pairs that need it: a symmetric NAT
+    /// against a port-restricted one. Default on.
+    pub birthday_punch: bool,
     /// Serve a control socket. Default none.
     pub control: Option<ControlSocket>,
     /// Ask the default gateway to map our UDP port (PCP, NAT-PMP, UPnP IGD) and announce the
@@ -163,6 +166,7 @@ impl EndpointConfig {
             access: Access::Anyone,
             keep_paths: true,
             measure_nat: true,
+            birthday_punch: true,
             control: None,
             port_mapping: true,
             transport: TransportSettings::default(),
@@ -332,6 +336,54 @@ async fn measure_nat(
     }
 }
 
+/// Tells the rendezvous our NAT profile once measured, and again after every new registration
+/// (a new registration drops the profile the rendezvous had): it hands it to the other side of
+/// our introductions, which decides on birthday punching with it.
+async fn report_nat(
+    session: Session,
+    keeper: PathKeeper,
+    mut nat: watch::Receiver<Option<netcheck::Report>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut first = true;
+    let mut state = session.watch();
+    let mut reported: Option<(u64, common::nat::NatProfile)> = None;
+    // The measurement's sender is dropped once it has measured: its last value stays.
+    let mut nat_open = true;
+    loop {
+        let generation = match &*state.borrow_and_update() {
+            SessionState::Registered(reg) => Some(reg.generation),
+            _ => None,
+        };
+        let profile = nat.borrow_and_update().as_ref().map(|r| r.profile());
+        if let (Some(generation), Some(profile)) = (generation, profile) {
+            if reported != Some((generation, profile)) {
+                match session.request(&ControlMessage::Nat { nat: profile }).await {
+                    Ok(ControlMessage::Ack {}) => {
+                        reported = Some((generation, profile));
+                        if std::mem::replace(&mut first, false) {
+                            keeper.nat_measured();
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::debug!(
+                            reply = other.kind(),
+                            "the rendezvous did not take our NAT profile"
+                        );
+                        reported = Some((generation, profile));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reporting our NAT profile failed"),
+                }
+            }
+        }
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            r = nat.changed(), if nat_open => nat_open = r.is_ok(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 impl Endpoint {
     /// Binds the socket and starts everything: the rendezvous session (it registers in the
     /// background, see [`Endpoint::registered`]), STUN routing, the relay, and (per `config`)
@@ -398,7 +450,8 @@ impl Endpoint {
             session_config,
             shutdown_rx.clone(),
         );
-        let router = punching::Router::default();
+        let mut router = punching::Router::default();
+        router.birthday = config.birthday_punch;
         let stun_task = tokio::spawn(punching::dispatch(
             node.clone(),
             router.clone(),
@@ -456,6 +509,12 @@ impl Endpoint {
             nat_rx,
             crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
+        tasks.push(tokio::spawn(report_nat(
+            session.clone(),
+            keeper.clone(),
+            keeper.nat.clone(),
+            shutdown_rx.clone(),
+        )));
         match &config.control {
             None => {}
             Some(socket) => {

@@ -19,7 +19,8 @@ use crate::paths::PathKeeper;
 
 /// How long one ping waits for its pong.
 const PONG_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long pinging goes on after `count` to learn both NAT profiles for a relayed path.
+/// How long pinging goes on after `count` to learn both NAT profiles for a relayed path (and,
+/// for a pair that only birthday punching opens, to give that punch its time).
 const EXPLAIN_WAIT: Duration = Duration::from_secs(8);
 /// A ping stream the other side leaves idle this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -161,6 +162,18 @@ pub fn explain(
             ),
             None => "both NATs allow a direct path; punching has not found one yet".to_owned(),
         },
+        Forecast::Birthday(reason) => match punch_failure {
+            Some(failure) => format!(
+                "{reason}: only birthday punching (guessing the symmetric side's port with many \
+                 probes) can open a direct path, and it found none ({failure}); retrying in the \
+                 background"
+            ),
+            None => format!(
+                "{reason}: only birthday punching (guessing the symmetric side's port with many \
+                 probes) can open a direct path; it has not found one yet (or is off on one \
+                 side: --no-birthday-punch)"
+            ),
+        },
         Forecast::Unknown(missing) => format!("cannot tell why: {missing}"),
     }
 }
@@ -204,12 +217,19 @@ pub async fn run(
         loop {
             let now = Instant::now();
             let direct_seen = direct_after_ms.is_some();
-            let unexplained =
-                !last_direct && (peer_nat.is_none() || keeper.nat_profile().is_none());
+            let our_nat = keeper.nat_profile();
+            let unexplained = !last_direct && (peer_nat.is_none() || our_nat.is_none());
+            // A pair that only birthday punching opens goes direct a moment after both
+            // profiles are known: a relayed answer then would only be early.
+            let birthday_pending = !last_direct
+                && matches!(
+                    forecast(our_nat.as_ref(), peer_nat.as_ref()),
+                    Forecast::Birthday(_)
+                );
             let counted = sent >= options.count && (!options.until_direct || direct_seen);
             if counted {
                 let until = *explain_until.get_or_insert(now + EXPLAIN_WAIT);
-                if !unexplained || now >= until {
+                if !(unexplained || birthday_pending) || now >= until {
                     break;
                 }
             }
@@ -441,6 +461,15 @@ mod tests {
         };
         let why = explain(Some(&sym), Some(&port), None);
         assert!(why.starts_with("your NAT gives a new public port"), "{why}");
+        assert!(why.contains("only birthday punching"), "{why}");
+        let why = explain(Some(&port), Some(&sym), Some("no answer to 2048 probes"));
+        assert!(
+            why.starts_with("the peer's NAT gives a new public port")
+                && why.contains("found none (no answer to 2048 probes)"),
+            "{why}"
+        );
+        let why = explain(Some(&sym), Some(&sym), None);
+        assert!(why.starts_with("both NATs give a new public port"), "{why}");
         let why = explain(Some(&port), Some(&port), Some("no answer to 12 probes"));
         assert!(why.contains("no answer to 12 probes"), "{why}");
         let why = explain(None, Some(&port), None);

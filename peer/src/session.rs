@@ -75,6 +75,8 @@ pub enum ServerEvent {
         nonce: u64,
         /// The introduction's secret key (probes and answers are authenticated with it).
         key: common::stun::PunchKey,
+        /// The peer's NAT behaviour as it reported it to the rendezvous, if it did.
+        nat: Option<common::nat::NatProfile>,
     },
 }
 
@@ -676,12 +678,14 @@ async fn pump_events(
                 candidates,
                 nonce,
                 key,
+                nat,
             }) => {
                 let event = ServerEvent::Punch {
                     peer,
                     candidates,
                     nonce,
                     key,
+                    nat,
                 };
                 if events_tx.try_send(event).is_err() {
                     tracing::warn!("event queue full; dropping a punch request");

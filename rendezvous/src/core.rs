@@ -478,6 +478,9 @@ impl MonotonicClock {
 pub struct Registry {
     peers: HashMap<PeerId, Record>,
     online: HashMap<PeerId, ConnId>,
+    /// The NAT profile each online peer reported (`nat`): one per online peer at most, dropped
+    /// when it goes offline or registers again (its network may have changed).
+    nat_profiles: HashMap<PeerId, common::nat::NatProfile>,
     introductions: Introductions,
     /// Exactly the offline peers, keyed by `(last_seen, id)`, oldest first: the expiry order.
     /// An offline peer's `last_seen` does not change until it registers again, which removes
@@ -531,6 +534,7 @@ impl Registry {
         Registry {
             peers,
             online: HashMap::new(),
+            nat_profiles: HashMap::new(),
             expiry,
             introductions: Introductions::default(),
             rng: StdRng::from_seed(seed),
@@ -779,6 +783,13 @@ impl Registry {
                 transaction,
                 proof,
             } => self.confirm_address(id, observed, addr, transaction, &proof, now),
+            ControlMessage::Nat { nat } => {
+                // Registered here, so online: the map holds at most one entry per online peer.
+                self.nat_profiles.insert(id, nat);
+                let mut outcome = self.touch(id, observed, now);
+                outcome.reply = Some(ControlMessage::Ack {});
+                outcome
+            }
             ControlMessage::Accept { peer, nonce } => {
                 if !self.introductions.accept(id, peer, nonce, now) {
                     self.counters.rejected += 1;
@@ -857,6 +868,8 @@ impl Registry {
             registered_at,
         };
         self.peers.insert(id, record.clone());
+        // A new registration may come from another network: its profile is reported again.
+        self.nat_profiles.remove(&id);
         // A newer connection replaces an older one (a peer that re-registers after a network
         // change while the server has not yet noticed the old connection died).
         self.online.insert(id, conn);
@@ -1063,12 +1076,14 @@ impl Registry {
             candidates: candidates(&target_record, &from_record, &self.own_addrs),
             nonce,
             key: key.clone(),
+            nat: self.nat_profiles.get(&target).copied(),
         };
         let to_target = ControlMessage::Punch {
             peer: from,
             candidates: candidates(&from_record, &target_record, &self.own_addrs),
             nonce,
             key,
+            nat: self.nat_profiles.get(&from).copied(),
         };
         (to_requester, vec![(target_conn, to_target)])
     }
@@ -1129,6 +1144,7 @@ impl Registry {
                     candidates: candidates(record, target, &self.own_addrs),
                     nonce,
                     key,
+                    nat: self.nat_profiles.get(&requester).copied(),
                 })
             })
             .collect()
@@ -1176,6 +1192,7 @@ impl Registry {
             return None;
         }
         self.online.remove(&id);
+        self.nat_profiles.remove(&id);
         let record = self.peers.get_mut(&id)?;
         // Never move last_seen backwards (a wall clock stepped back): the row would expire
         // early.
@@ -1607,6 +1624,15 @@ mod tests {
         let mut reg = Registry::new([], [7; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
+        // The target reported its NAT; the requester did not.
+        let sym = common::nat::NatProfile {
+            udp: true,
+            no_nat: false,
+            mapping: common::nat::Behaviour::AddressAndPortDependent,
+            filtering: common::nat::Behaviour::AddressAndPortDependent,
+        };
+        let ack = reg.handle(2, id(2), addr(5000), ControlMessage::Nat { nat: sym }, T0);
+        assert_eq!(ack.reply, Some(ControlMessage::Ack {}));
         let out = reg.handle(
             1,
             id(1),
@@ -1619,6 +1645,7 @@ mod tests {
             candidates,
             nonce,
             key,
+            nat,
         }) = out.reply
         else {
             panic!("{:?}", out.reply)
@@ -1635,17 +1662,36 @@ mod tests {
                 nonce: pushed_nonce,
                 candidates: pushed,
                 key: pushed_key,
+                nat: pushed_nat,
             },
         ) = &out.pushes[0]
         else {
             panic!()
         };
+        // Each side learns the other's profile, as reported.
+        assert_eq!(nat, Some(sym));
+        assert_eq!(*pushed_nat, None);
+        // Gone with the peer's connection (or a new registration).
+        reg.disconnected(2, id(2), T0);
+        register(&mut reg, 2, id(2), 5000);
+        let again = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
+        assert!(
+            matches!(again.reply, Some(ControlMessage::Punch { nat: None, .. })),
+            "{again:?}"
+        );
         assert_eq!(*conn, 2);
         assert_eq!(*pushed_peer, id(1));
         assert_eq!(*pushed_nonce, nonce);
         assert_eq!(*pushed_key, key, "both sides get the same secret");
         assert_eq!(pushed[0].addr, addr(4000));
-        assert_eq!(reg.counters().punches, 1);
+        // Two introductions: the one above and the one after the reconnection.
+        assert_eq!(reg.counters().punches, 2);
     }
 
     #[test]
@@ -2290,10 +2336,10 @@ mod tests {
     }
 
     #[test]
-    fn version_2_peers_whose_probes_use_the_nonce_as_key_are_refused_clearly() {
-        // Version 3 peers too: they would not announce their port mapping, and a version-3
-        // server would refuse ours; version 4 peers would not prove their IPv6 address, and
-        // a version-4 server would refuse `confirm_address`.
+    fn older_peers_are_refused_clearly() {
+        // Version 2 keyed probes by the public nonce; version 3 would not announce its port
+        // mapping nor report its NAT profile for birthday punching; version 4 would not prove
+        // its IPv6 address, and a version-4 server would refuse `confirm_address`.
         assert_eq!(PROTOCOL_VERSION, 5);
         for version in [2, 3, 4] {
             let mut reg = Registry::new([], [1; 32]);

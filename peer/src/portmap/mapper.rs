@@ -644,6 +644,9 @@ impl Mapper {
         let Some(response) = wire::parse_pmp_map_response(data) else {
             return;
         };
+        if response.internal_port != self.internal_port {
+            return; // not ours: its refusal must not cost us our mapping
+        }
         self.gateway_answered = true;
         self.check_epoch(response.epoch, now);
         if response.result != 0 {
@@ -654,9 +657,6 @@ impl Mapper {
                 now,
             );
             self.next_protocol(Protocol::NatPmp, now);
-            return;
-        }
-        if response.internal_port != self.internal_port {
             return;
         }
         if response.lifetime == 0 || response.external_port == 0 {
@@ -970,6 +970,26 @@ mod tests {
         assert_eq!(mapping.protocol, Protocol::NatPmp);
         assert_eq!(mapping.external_ip, Some(Ipv4Addr::new(203, 0, 113, 21)));
         assert_eq!(mapping.describe(), "203.0.113.21:42000 by NAT-PMP");
+    }
+
+    #[test]
+    fn a_nat_pmp_refusal_for_another_port_is_not_ours() {
+        let t0 = Instant::now();
+        let mut m = mapper(MapperConfig::default(), t0);
+        drain(&mut m);
+        m.handle_udp(t0, gw(), &[0, 0x81, 0, 1, 0, 0, 0, 50]);
+        drain(&mut m);
+        // A refusal (result 3) for another host's internal port: not an answer to us.
+        let mut foreign = pmp_ok(42000, 0, 50);
+        foreign[3] = 3;
+        foreign[8..10].copy_from_slice(&(PORT + 1).to_be_bytes());
+        m.handle_udp(t0, gw(), &foreign);
+        assert!(
+            drain(&mut m).is_empty(),
+            "no move to UPnP on another port's refusal"
+        );
+        m.handle_udp(t0, gw(), &pmp_ok(42000, 3600, 50));
+        assert_eq!(m.mapping().expect("mapped").protocol, Protocol::NatPmp);
     }
 
     #[test]
