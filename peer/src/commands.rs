@@ -121,6 +121,8 @@ pub struct ServerOptions {
     pub bind: SocketAddr,
     /// How long to wait for the first registration.
     pub register_timeout: Duration,
+    /// IP TTL of the opening probes (`None`: none).
+    pub opening_ttl: Option<u8>,
     /// The rendezvous's TLS tunnel.
     pub tcp_tunnel: TcpTunnel,
 }
@@ -145,6 +147,7 @@ pub fn endpoint_config(
     });
     config.bind = server.bind;
     config.register_timeout = server.register_timeout;
+    config.opening_ttl = server.opening_ttl;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
         events_to_stderr: matches!(role, Role::Ping { json: true }),
@@ -433,6 +436,7 @@ mod tests {
             server_key: None,
             bind: "0.0.0.0:0".parse().unwrap(),
             register_timeout: Duration::from_secs(3),
+            opening_ttl: Some(2),
             tcp_tunnel: TcpTunnel::Off,
         }
     }

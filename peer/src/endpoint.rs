@@ -142,6 +142,9 @@ pub struct EndpointConfig {
     pub control: Option<ControlSocket>,
     /// QUIC timers.
     pub transport: TransportSettings,
+    /// IP TTL of the opening probes of punching ([`punch::PunchConfig::opening_ttl`]; `None`:
+    /// none). Default [`punch::DEFAULT_OPENING_TTL`].
+    pub opening_ttl: Option<u8>,
 }
 
 impl EndpointConfig {
@@ -160,6 +163,7 @@ impl EndpointConfig {
             measure_nat: true,
             control: None,
             transport: TransportSettings::default(),
+            opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
         }
     }
 }
@@ -399,7 +403,7 @@ impl Endpoint {
                 shutdown_rx.clone(),
             )));
         }
-        let keeper = PathKeeper::new(
+        let mut keeper = PathKeeper::new(
             node.clone(),
             router,
             relay,
@@ -409,6 +413,7 @@ impl Endpoint {
             nat_rx,
             crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
+        keeper.opening_ttl = config.opening_ttl;
         match &config.control {
             None => {}
             Some(socket) => {

@@ -100,6 +100,8 @@ pub struct PathKeeper {
     /// The tasks spawned for links, punches and introductions: they end at the endpoint's
     /// shutdown, and [`Endpoint::close`](crate::endpoint::Endpoint::close) waits for them.
     pub tasks: TaskSet,
+    /// IP TTL of punching's opening probes (`None`: none); see [`punching::config_for`].
+    pub opening_ttl: Option<u8>,
     table: Arc<Mutex<PeerTable>>,
 }
 
@@ -193,6 +195,7 @@ impl PathKeeper {
             verbose,
             nat,
             tasks,
+            opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
             table: Arc::default(),
         }
     }
@@ -413,6 +416,9 @@ impl PathKeeper {
             log,
             Some(witness),
             &self.tasks,
+            punching::config_for(self.nat_profile().as_ref(), self.opening_ttl),
+            // The initiator's relayed handshake tells a responder that it is under way.
+            (role == Role::Responder).then(|| self.relay.next_packet_from(peer)),
         )
         .await
     }

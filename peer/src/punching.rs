@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::message::Candidate;
+use common::nat::{Behaviour, NatProfile};
 use common::stun::{self, ProbeTag, StunPacket};
 use common::PeerId;
 use punch::budget::ProbeBudget;
@@ -123,6 +124,29 @@ pub async fn dispatch(
     }
 }
 
+/// The punching timing for a peer whose own NAT is `ours` (as measured), with opening probes
+/// of IP TTL `opening_ttl` (`None`: none, and no hold). The responder's hold
+/// ([`PunchConfig::responder_hold`]) protects an initiator behind a NAT that an early packet
+/// turns symmetric; it is left out when the initiator's probes could not reach us anyway, so
+/// that they cannot end it early (our NAT maps per destination) or when nothing in front of us
+/// translates (no NAT), as waiting would only delay the path.
+pub fn config_for(ours: Option<&NatProfile>, opening_ttl: Option<u8>) -> PunchConfig {
+    let mut config = PunchConfig {
+        opening_ttl,
+        ..PunchConfig::default()
+    };
+    if let Some(p) = ours {
+        let per_destination = matches!(
+            p.mapping,
+            Behaviour::AddressDependent | Behaviour::AddressAndPortDependent
+        );
+        if p.no_nat || per_destination {
+            config.responder_hold = std::time::Duration::ZERO;
+        }
+    }
+    config
+}
+
 /// Runs one punching session. Returns as soon as a path is proven (or the session failed); a
 /// session with a proven path goes on in the background until its deadline, answering the
 /// peer's probes so that the peer can prove its side too.
@@ -137,6 +161,8 @@ pub async fn run(
     verbose: Option<Console>,
     witness: Option<crate::paths::PunchWitness>,
     tasks: &crate::tasks::TaskSet,
+    config: PunchConfig,
+    initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> State {
     let inbox = router.register(introduction.nonce);
     let puncher = Puncher::new(
@@ -146,7 +172,7 @@ pub async fn run(
         role,
         candidates,
         Instant::now(),
-        PunchConfig::default(),
+        config,
     );
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let session = Session {
@@ -157,6 +183,7 @@ pub async fn run(
         verbose,
         witness,
         first: Some(first_tx),
+        initiator_started,
     };
     // The session outlives this call (see above) but not the endpoint.
     if !tasks.spawn(session.drive()) {
@@ -175,6 +202,8 @@ struct Session {
     // to the peer's stable address) and of the session's end.
     witness: Option<crate::paths::PunchWitness>,
     first: Option<tokio::sync::oneshot::Sender<State>>,
+    // Fires when the initiator is known to be under way (ends the responder's hold).
+    initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Session {
@@ -234,12 +263,21 @@ impl Session {
                     }
                     continue;
                 }
-                if let Err(e) = self
-                    .node
-                    .socket
-                    .send_to(&transmit.contents, transmit.destination)
-                    .await
-                {
+                let sent = match transmit.ttl {
+                    // An opening probe: best effort (it only matters before the peer's probes).
+                    Some(ttl) => self.node.socket.send_with_ttl(
+                        &transmit.contents,
+                        transmit.destination,
+                        ttl,
+                    ),
+                    None => {
+                        self.node
+                            .socket
+                            .send_to(&transmit.contents, transmit.destination)
+                            .await
+                    }
+                };
+                if let Err(e) = sent {
                     tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
                 }
             }
@@ -265,6 +303,17 @@ impl Session {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
+                started = async {
+                    match self.initiator_started.as_mut() {
+                        Some(rx) => rx.await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.initiator_started = None;
+                    if started {
+                        self.puncher.release_hold(Instant::now());
+                    }
+                }
             }
         }
         self.report_first();
@@ -285,6 +334,10 @@ fn describe(peer: PeerId, event: &Event) -> String {
         Event::ProbeSent { to, attempt: None } => {
             format!("punch {peer}: triggered probe -> {to}")
         }
+        Event::OpeningSent { to, ttl } => format!(
+            "punch {peer}: opening probe -> {to} (TTL {ttl}: opens our NAT toward it, dies before \
+             the peer's)"
+        ),
         Event::ProbeReceived { from } => format!("punch {peer}: probe from {from}"),
         Event::PeerReflexive { addr } => {
             format!("punch {peer}: new address {addr} learned from its probe; probing it")
