@@ -163,6 +163,7 @@ pub async fn run(
     tasks: &crate::tasks::TaskSet,
     config: PunchConfig,
     initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
+    first_sent: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> State {
     let inbox = router.register(introduction.nonce);
     let puncher = Puncher::new(
@@ -184,6 +185,7 @@ pub async fn run(
         witness,
         first: Some(first_tx),
         initiator_started,
+        first_sent,
     };
     // The session outlives this call (see above) but not the endpoint.
     if !tasks.spawn(session.drive()) {
@@ -204,6 +206,8 @@ struct Session {
     first: Option<tokio::sync::oneshot::Sender<State>>,
     // Fires when the initiator is known to be under way (ends the responder's hold).
     initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
+    // Told once the first datagrams (the opening probes) are out.
+    first_sent: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Session {
@@ -280,6 +284,9 @@ impl Session {
                 if let Err(e) = sent {
                     tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
                 }
+            }
+            if let Some(first_sent) = self.first_sent.take() {
+                let _ = first_sent.send(());
             }
             if let Some(console) = &self.verbose {
                 for line in said {
