@@ -358,9 +358,9 @@ mod tests {
         assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
     }
 
-    /// `rendezvous serve` with no STUN options serves behaviour discovery on the listen port
-    /// + 1 (optional: a busy port does not stop the server); `off` turns it off; a port given
-    /// must be bound.
+    /// `rendezvous serve` with no STUN options serves behaviour discovery on the port after
+    /// the listen port (optional: a busy port does not stop the server); `off` turns it off; a
+    /// port given must be bound.
     #[test]
     fn stun_discovery_is_on_by_default_on_the_next_port() {
         let stun = |args: &[&str]| {
