@@ -86,10 +86,13 @@ pub struct PunchConfig {
 /// common case), and a peer two hops away hears the probe, which is only a probe.
 pub const DEFAULT_OPENING_TTL: u8 = 2;
 
-/// Default [`PunchConfig::responder_hold`]: longer than the usual gap between the two sides
-/// hearing of the introduction, short enough not to matter when the initiator's probes cannot
-/// reach us (the responder's probes then start after it).
-pub const DEFAULT_RESPONDER_HOLD: Duration = Duration::from_millis(200);
+/// Default [`PunchConfig::responder_hold`]: longer than the gap between the two sides hearing
+/// of the introduction even when the initiator's copy was lost once and sent again (a QUIC
+/// retransmission after a few round trips). It is rarely waited out: the initiator's first
+/// probe ends it, and so does its first packet over the relay (see `peer::punching`), whatever
+/// our NAT; only a responder that neither hears the initiator's probes nor has the relay waits
+/// this long.
+pub const DEFAULT_RESPONDER_HOLD: Duration = Duration::from_secs(1);
 
 impl Default for PunchConfig {
     fn default() -> Self {
