@@ -3,7 +3,7 @@
 # binaries: how often the dialer's connection goes direct, and how soon.
 #
 #   natlab-trials.sh --a KIND --b KIND [--trials N] [--impaired] [--timeout S]
-#                    [--peer-args "ARGS"]
+#                    [--peer-args "ARGS"] [--keep-failed DIR]
 #
 # Each trial brings up a fresh lab (scripts/natlab.sh up; --impaired adds --delay 40 --loss 10
 # on both NAT uplinks), starts the rendezvous on LAB-rv (RFC 5780 discovery on 203.0.113.11 and
@@ -11,7 +11,9 @@
 # and waits at most --timeout seconds (default 10) for the dialer's path to settle: `direct`
 # (with the time from the dialer's start to the direct path) or `relayed` (punching gave up).
 # --peer-args are given to both peers' commands (e.g. "--opening-ttl off" shows a pair without opening
-# probes). Prints one line per trial and a summary line; the lab is torn down after every trial,
+# probes). --keep-failed DIR keeps the logs of every trial that did not go direct (DIR/N/:
+# rendezvous, listener a, dialer b). Prints one line per trial and a summary line; the lab is
+# torn down after every trial,
 # also on failure or Ctrl-C. Needs root and the debug binaries (cargo build -p peer -p
 # rendezvous; $CARGO_TARGET_DIR is honoured).
 set -euo pipefail
@@ -24,7 +26,7 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/debug
 RV=203.0.113.10:7000
 
-A="" B="" TRIALS=20 IMPAIRED=0 TIMEOUT=10 PEER_ARGS=""
+A="" B="" TRIALS=20 IMPAIRED=0 TIMEOUT=10 PEER_ARGS="" KEEP=""
 while (($#)); do
 	case $1 in
 	--a) A=${2:?}; shift 2 ;;
@@ -33,6 +35,7 @@ while (($#)); do
 	--impaired) IMPAIRED=1; shift ;;
 	--timeout) TIMEOUT=${2:?}; shift 2 ;;
 	--peer-args) PEER_ARGS=${2?}; shift 2 ;;
+	--keep-failed) KEEP=${2:?}; shift 2 ;;
 	-h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "natlab-trials: unknown option '$1'" >&2; exit 2 ;;
 	esac
@@ -124,6 +127,11 @@ for ((t = 1; t <= TRIALS; t++)); do
 	esac
 	stop_all
 	exec 3>&-
+	if [[ -n $KEEP && $line != *"direct to "* ]]; then
+		mkdir -p "$KEEP"
+		cp -r "$dir" "$KEEP/$t"
+		rm -f "$KEEP/$t/in"
+	fi
 done
 median=-
 if ((${#times[@]})); then
