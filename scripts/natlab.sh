@@ -16,8 +16,9 @@
 #   natlab.sh flush LAB HOST
 #   natlab.sh block LAB HOST | unblock LAB HOST
 #   natlab.sh addr LAB HOST
+#   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S] [--upnp-only]
 #
-# KIND: open full addr port sym cgnat udpblock early
+# KIND: open full addr port sym seqsym cgnat udpblock early
 # HOST: inet rv a b nata natb cgnata cgnatb (cgnat = whichever exists)
 set -euo pipefail
 
@@ -35,7 +36,7 @@ else
 	PYTHON=$(command -v python3)
 fi
 
-readonly KINDS="open full addr port sym cgnat udpblock early"
+readonly KINDS="open full addr port sym seqsym cgnat udpblock early"
 # Every host name a lab can contain; used to find a lab's namespaces without
 # touching namespaces that merely share a prefix.
 readonly ALL_HOSTS="inet rv a b nata natb cgnata cgnatb"
@@ -191,7 +192,7 @@ peer_on_lan() {
 }
 
 # nat_ruleset MODE WANIP LANNET TIMEOUT_S -> nft script on stdout
-#   MODE: full | addr | port | sym | udpblock
+#   MODE: full | addr | port | sym | seqsym | udpblock
 # See scripts/lab/README.md "KINDs and how they are built in nft".  The cone kinds do NOT rely on
 # masquerade's port preservation: the first flow of an inside endpoint gets a
 # random public port (`masquerade random`), which is learnt into eim_out /
@@ -201,7 +202,7 @@ peer_on_lan() {
 nat_ruleset() {
 	local mode=$1 wanip=$2 lannet=$3 t=$4
 	local cone=1
-	[[ $mode == sym ]] && cone=0
+	[[ $mode == sym || $mode == seqsym ]] && cone=0
 	cat <<EOF
 table ip natlab {
 	# public udp port -> inside endpoint (inbound DNAT for full/addr, hairpin)
@@ -267,6 +268,15 @@ EOF
 	if ((cone)); then
 		echo "		oifname \"wan\" ip saddr . udp sport @eim_out snat ip to ip saddr . udp sport map @eim_out"
 		echo "		oifname \"wan\" meta l4proto udp masquerade random"
+		echo "		oifname \"wan\" masquerade"
+	elif [[ $mode == seqsym ]]; then
+		# Symmetric with sequential ports: every new flow (any inside host, any destination)
+		# takes the next public port, as carrier NATs that allocate in sequence do: 20000 to
+		# 24095, then round again. (A map, not `numgen ... offset`: nft would put the
+		# counter's bytes into the port in host order.)
+		local seq
+		seq=$(awk 'BEGIN { for (i = 0; i < 4096; i++) printf "%s%d : %d", (i ? ", " : ""), i, 20000 + i }')
+		echo "		oifname \"wan\" meta l4proto udp snat ip to $wanip : numgen inc mod 4096 map { $seq }"
 		echo "		oifname \"wan\" masquerade"
 	else
 		echo "		oifname \"wan\" masquerade fully-random"
@@ -670,7 +680,7 @@ cmd_flush() {
 	local maps="flush map ip natlab eim_in"
 	# early has no maps: conntrack is its only state (and masquerade keeps the port).
 	[[ $mode == early ]] && maps=""
-	[[ $mode != sym && $mode != early ]] && maps+=$'\nflush map ip natlab eim_out\nflush set ip natlab eim_pair'
+	[[ $mode != sym && $mode != seqsym && $mode != early ]] && maps+=$'\nflush map ip natlab eim_out\nflush set ip natlab eim_pair'
 	[[ $mode == addr ]] && maps+=$'\nflush set ip natlab adf'
 	# Hold forwarded UDP while both the mapping maps and conntrack are
 	# emptied, otherwise a packet in between would re-learn the old port.
@@ -787,6 +797,149 @@ cmd_status() {
 	done
 }
 
+# miniupnpd (Debian's miniupnpd-nftables: UPnP IGD, NAT-PMP, PCP) on a lab router, installing
+# its mappings into the router's nftables next to the lab's NAT (table inet miniupnpd: a
+# dstnat-priority prerouting chain for its DNATs and an accept-policy forward chain; the lab's
+# own forward chain already accepts DNATed traffic, `ct status dnat`).  See scripts/lab/README.md.
+upnp_conf() {
+	local host=$1 lannet=$2 max_lifetime=$3 ext_ip=$4 natpmp=$5
+	cat <<EOF
+# natlab: miniupnpd on $host
+ext_ifname=wan
+# miniupnpd refuses to map when its external address is reserved, which the lab's
+# 203.0.113.0/24 is: a routable stand-in is declared.  Its DNATs match the WAN interface and
+# the port only, so they apply to the router's real address; peers announce only the port.
+ext_ip=$ext_ip
+listening_ip=lan
+http_port=0
+# NAT-PMP and PCP (one switch in miniupnpd); off with --upnp-only.
+enable_natpmp=$natpmp
+enable_upnp=yes
+secure_mode=yes
+# The NAT-PMP/PCP epoch counts from miniupnpd's start, so a restart shows.
+system_uptime=no
+clean_ruleset_interval=10
+min_lifetime=2
+max_lifetime=$max_lifetime
+upnp_table_name=miniupnpd
+upnp_nat_table_name=miniupnpd
+upnp_forward_chain=miniupnpd
+upnp_nat_chain=prerouting_miniupnpd
+upnp_nat_postrouting_chain=postrouting_miniupnpd
+uuid=6e61746c-6162-4000-8000-$(printf '%012x' "$RANDOM")
+allow 1024-65535 $lannet 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+EOF
+}
+
+upnp_tables() {
+	cat <<'EOF'
+table inet miniupnpd
+delete table inet miniupnpd
+table inet miniupnpd {
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		jump miniupnpd
+	}
+	chain miniupnpd {
+	}
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		jump prerouting_miniupnpd
+	}
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		jump postrouting_miniupnpd
+	}
+	chain prerouting_miniupnpd {
+	}
+	chain postrouting_miniupnpd {
+	}
+}
+EOF
+}
+
+cmd_upnp() {
+	local lab=${1:-} host=${2:-} action=${3:-}
+	[[ -n $lab && -n $host && -n $action ]] || usage
+	shift 3
+	local max_lifetime=10 natpmp=yes
+	while (($#)); do
+		case $1 in
+		--max-lifetime) max_lifetime=${2:?}; shift 2 ;;
+		--upnp-only) natpmp=no; shift ;;
+		*) die "unknown option '$1'" ;;
+		esac
+	done
+	[[ $max_lifetime =~ ^[1-9][0-9]*$ ]] || die "--max-lifetime must be a positive integer (seconds)"
+	check_lab "$lab"
+	load_state "$lab"
+	host=$(resolve_host "$lab" "$host")
+	[[ -n $(router_mode "$host") ]] || die "upnp: $host is not a NAT router"
+	local n pidfile conf log
+	n=$(ns "$lab" "$host")
+	pidfile=$RUN_DIR/miniupnpd-$host.pid
+	conf=$RUN_DIR/miniupnpd-$host.conf
+	log=$RUN_DIR/miniupnpd-$host.log
+	case $action in
+	start)
+		[[ ! -s $pidfile ]] || die "upnp: miniupnpd already runs on $host"
+		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp"
+		echo "natlab: miniupnpd runs on $lab-$host (pid $(cat "$pidfile"), max lifetime ${max_lifetime}s)"
+		;;
+	stop)
+		upnp_stop "$pidfile"
+		# A router whose mapping service stops keeps none of its mappings.
+		upnp_tables | nsx "$n" nft -f -
+		echo "natlab: miniupnpd stopped on $lab-$host, its mappings removed"
+		;;
+	restart)
+		upnp_stop "$pidfile"
+		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp"
+		echo "natlab: miniupnpd restarted on $lab-$host with no mappings (pid $(cat "$pidfile"))"
+		;;
+	list)
+		nsx "$n" nft list chain inet miniupnpd prerouting_miniupnpd 2>/dev/null | grep -E 'dnat' || true
+		;;
+	*) die "upnp: unknown action '$action' (start, stop, restart, list)" ;;
+	esac
+}
+
+upnp_stop() {
+	local pidfile=$1 pid i
+	[[ -s $pidfile ]] || return 0
+	pid=$(cat "$pidfile")
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 40; i++)); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.05
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	rm -f "$pidfile"
+}
+
+upnp_start() {
+	local n=$1 host=$2 conf=$3 log=$4 pidfile=$5 max_lifetime=$6 natpmp=$7 wan lannet i
+	[[ -x /usr/sbin/miniupnpd ]] || die "upnp: /usr/sbin/miniupnpd is missing (apt-get install miniupnpd-nftables)"
+	# A router that comes up has no mappings: the tables start empty.
+	upnp_tables | nsx "$n" nft -f -
+	wan=$(ip -n "$n" -4 -o addr show dev wan | awk '{print $4}' | head -n1)
+	lannet=$(ip -n "$n" -4 -o route show dev lan scope link | awk '{print $1}' | head -n1)
+	[[ -n $wan && -n $lannet ]] || die "upnp: $host has no wan address or lan route"
+	wan=${wan%/*}
+	upnp_conf "$host" "$lannet" "$max_lifetime" "192.0.3.${wan##*.}" "$natpmp" >"$conf"
+	# setsid + full redirection: it outlives this command; `down` finds it in the namespace.
+	# It writes its own pid file (-P; the default one in /var/run is not per namespace).
+	rm -f "$pidfile"
+	nsx "$n" setsid /usr/sbin/miniupnpd -f "$conf" -P "$pidfile" -d </dev/null >>"$log" 2>&1 &
+	for ((i = 0; i < 100; i++)); do
+		[[ -s $pidfile ]] && grep -q -e "Listening for NAT-PMP/PCP traffic" -e "HTTP listening on port" "$log" 2>/dev/null && return 0
+		sleep 0.05
+	done
+	cat "$log" >&2
+	die "upnp: miniupnpd did not start on $host"
+}
+
 main() {
 	(($#)) || usage
 	local cmd=$1
@@ -803,6 +956,7 @@ main() {
 	block) cmd_block "$@" ;;
 	unblock) cmd_unblock "$@" ;;
 	addr) cmd_addr "$@" ;;
+	upnp) cmd_upnp "$@" ;;
 	*) usage ;;
 	esac
 }

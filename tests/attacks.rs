@@ -369,6 +369,7 @@ async fn registered_client(
     let register = ControlMessage::Register {
         version: PROTOCOL_VERSION,
         local_addrs: Vec::new(),
+        mapped_port: None,
     };
     write_frame(&mut tx, &register.encode())
         .await

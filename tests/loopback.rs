@@ -326,6 +326,7 @@ fn server_survives_garbage_datagrams_and_malformed_frames() {
         let register = ControlMessage::Register {
             version: PROTOCOL_VERSION,
             local_addrs: vec![],
+            mapped_port: None,
         };
         assert!(matches!(
             exchange(&mut tx, &mut rx, &register.encode()).await,
@@ -1011,10 +1012,11 @@ fn a_chat_the_listener_never_acknowledges_fails_within_the_timeout() {
     assert!(a.terminate(T).success());
 }
 
-/// A peer of protocol version 1 (ALPN `p2p-peer/1`, whose chat could lose lines) cannot connect
-/// to a version-2 listener: the handshake fails.
+/// Peers of older protocol versions (ALPN `p2p-peer/1`, whose chat could lose lines;
+/// `p2p-peer/2`, without resumable files and services) cannot connect to a version-3 listener:
+/// the handshake fails.
 #[test]
-fn a_version_1_peer_cannot_connect() {
+fn older_peer_versions_cannot_connect() {
     let dir = TempDir::new("oldpeer");
     let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
     let (mut a, a_id) = listen("a", &dir.path().join("a"), &rv);
@@ -1028,32 +1030,33 @@ fn a_version_1_peer_cannot_connect() {
         .and_then(|w| w.parse().ok())
         .expect("the listener's address");
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let error = runtime.block_on(async {
-        let identity = certs::Identity::generate().unwrap();
-        let tls =
-            certs::client_config_for_peer(&identity, a_id.parse().unwrap(), b"p2p-peer/1").unwrap();
-        let client = transport::quic_client_config(tls, Default::default()).unwrap();
-        let (endpoint, _, _) = transport::make_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-            Default::default(),
-            8,
-            None,
-        )
-        .unwrap();
-        let connecting = endpoint
-            .connect_with(client, addr, peer::register::PEER_SERVER_NAME)
+    for (n, old) in [b"p2p-peer/1", b"p2p-peer/2"].into_iter().enumerate() {
+        let error = runtime.block_on(async {
+            let identity = certs::Identity::generate().unwrap();
+            let tls = certs::client_config_for_peer(&identity, a_id.parse().unwrap(), old).unwrap();
+            let client = transport::quic_client_config(tls, Default::default()).unwrap();
+            let (endpoint, _, _) = transport::make_endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                None,
+                Default::default(),
+                8,
+                None,
+            )
             .unwrap();
-        tokio::time::timeout(T, connecting)
-            .await
-            .expect("the handshake ends")
-            .expect_err("a version-1 peer is refused")
-    });
-    assert!(
-        error.to_string().contains("120") || error.to_string().contains("protocol"),
-        "{error}"
-    );
-    a.stderr.wait_for("refused connection from", T);
+            let connecting = endpoint
+                .connect_with(client, addr, peer::register::PEER_SERVER_NAME)
+                .unwrap();
+            tokio::time::timeout(T, connecting)
+                .await
+                .expect("the handshake ends")
+                .expect_err("an older peer is refused")
+        });
+        assert!(
+            error.to_string().contains("120") || error.to_string().contains("protocol"),
+            "{error}"
+        );
+        a.stderr.wait_for_nth("refused connection from", n + 1, T);
+    }
     assert!(a.terminate(T).success());
 }
 

@@ -192,6 +192,68 @@ fn a_direct_path_cut_mid_transfer_falls_back_to_the_relay_and_returns() {
     drop(a);
 }
 
+/// A birthday path (symmetric x port-restricted: it runs through one of the symmetric side's
+/// extra sockets) is kept by its heartbeats, falls back to the relay when cut, and returns
+/// when restored, carrying chat both ways each time.
+#[test]
+fn a_birthday_path_is_kept_falls_back_and_returns() {
+    if !lab::netns_enabled("a_birthday_path_is_kept_falls_back_and_returns") {
+        return;
+    }
+    let lab = Lab::up("bdpath", &["--a", "sym", "--b", "port"]);
+    let dir = TempDir::new("bdpath");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let (mut a, a_id) = lab.listen("a", "a", &dir.path().join("a"), &rv, &args![], T);
+    let mut b = connect(&lab, dir.path(), &rv, &a_id);
+    let (line, _) = b.wait_for_line(&format!("path to {a_id}: direct to "), T);
+    assert!(line.contains("(birthday punch)"), "{line}");
+    // Kept: still direct after a few seconds of heartbeats alone, and chat goes both ways.
+    std::thread::sleep(Duration::from_secs(4));
+    b.send_line("over the birthday path");
+    a.stdout.wait_for("over the birthday path", T);
+    a.send_line("and back");
+    b.stdout.wait_for("and back", T);
+    let last_path = |b: &Proc| {
+        b.stdout
+            .lines()
+            .into_iter()
+            .rfind(|l| l.contains(&format!("path to {a_id}: ")))
+            .unwrap_or_default()
+    };
+    assert!(last_path(&b).contains("direct to "), "{}", last_path(&b));
+
+    // Cut every packet between the two NATs' public addresses (the rendezvous stays reachable).
+    nft(&lab, "inet", "add table ip cut");
+    nft(
+        &lab,
+        "inet",
+        "add chain ip cut cutchain { type filter hook forward priority -10 ; }",
+    );
+    nft(
+        &lab,
+        "inet",
+        "add rule ip cut cutchain ip saddr 203.0.113.21 ip daddr 203.0.113.22 drop",
+    );
+    nft(
+        &lab,
+        "inet",
+        "add rule ip cut cutchain ip saddr 203.0.113.22 ip daddr 203.0.113.21 drop",
+    );
+    b.stdout
+        .wait_for(&format!("path to {a_id}: relayed via rendezvous"), T);
+    b.send_line("over the relay");
+    a.stdout.wait_for("over the relay", T);
+    std::thread::sleep(Duration::from_secs(2));
+    nft(&lab, "inet", "delete table ip cut");
+    // Back: the heartbeats through the winning socket are answered again (or a new punch).
+    b.stdout
+        .wait_for_nth(&format!("path to {a_id}: direct to "), 2, T);
+    b.send_line("direct again");
+    a.stdout.wait_for("direct again", T);
+    a.send_line("and back again");
+    b.stdout.wait_for("and back again", T);
+}
+
 #[test]
 fn the_relay_never_sees_plaintext() {
     if !lab::netns_enabled("the_relay_never_sees_plaintext") {

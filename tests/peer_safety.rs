@@ -1,6 +1,6 @@
 //! End-to-end tests on loopback of what a listening peer lets others do and what it leaves on
 //! disk: the allow-list (refused peers are told why), received files (never overwritten, bounded,
-//! no `.part` left behind), and the modes of local state.
+//! a private `.part` file kept for a resume), and the modes of local state.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -245,7 +245,7 @@ fn files_are_never_overwritten_oversized_ones_never_written_and_state_is_private
 }
 
 #[test]
-fn a_receiver_stopped_mid_transfer_leaves_no_part_file() {
+fn a_receiver_stopped_mid_transfer_keeps_a_private_part_file_for_a_resume() {
     let dir = TempDir::new("files-part");
     let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
@@ -281,9 +281,11 @@ fn a_receiver_stopped_mid_transfer_leaves_no_part_file() {
         "one .part file while receiving: {names:?}"
     );
     assert_eq!(mode(&recv.join(&names[0])), 0o600);
-    // SIGTERM: the listener stops, and the .part file goes with the aborted transfer.
+    // SIGTERM: the listener stops, and the .part file stays (still private) so that the same
+    // file sent again resumes from it (tests/apps.rs resumes one).
     assert!(a.terminate(T).success());
-    assert_eq!(names_in(&recv), Vec::<String>::new(), "nothing left behind");
+    assert_eq!(names_in(&recv), names, "only the .part file is left");
+    assert_eq!(mode(&recv.join(&names[0])), 0o600);
     let _ = Command::new("kill")
         .args(["-CONT", &b.pid().to_string()])
         .status();

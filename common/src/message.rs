@@ -16,13 +16,22 @@ use crate::PeerId;
 /// introduction accepted it, so version-1 peers (which never accept) are refused. Version 3
 /// added the secret `key` of `punch` (probes and answers are authenticated with it instead of
 /// the public nonce), so version-2 peers, whose probes new peers would ignore, are refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4 added the port-mapped candidate (`mapped_port` in `register` and the
+/// `mapped_port` message) and `nat` (a peer tells the rendezvous its measured NAT behaviour,
+/// handed to the other side in `punch`, from which both sides decide on birthday punching,
+/// `punch::birthday`); version-3 peers would never take part, so they are refused.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
 /// `end`/`end_ack` (see [`chat`](crate::chat)), so that a piped line is never lost while the
 /// sender reports success; version-1 peers cannot complete the handshake with version-2 peers.
-pub const PEER_PROTOCOL_VERSION: u32 = 2;
+/// Version 3 adds the `service` application (`service_open`/`service_reply`, then raw bytes:
+/// `peer pipe` and `peer forward`) and resumable files (the receiver answers a `file_header`
+/// with `file_resume`, the sender says where it starts with `file_start`); a version-2 peer
+/// would wait for bytes a version-3 sender holds back, so the two refuse each other in the
+/// handshake, naming the older version.
+pub const PEER_PROTOCOL_VERSION: u32 = 3;
 
 /// Most local addresses a peer may announce.
 pub const MAX_LOCAL_ADDRS: usize = 16;
@@ -39,6 +48,11 @@ pub enum ControlMessage {
         /// The peer's own interface addresses (for peers on the same LAN).
         #[serde(default)]
         local_addrs: Vec<SocketAddr>,
+        /// The external port our router maps to our UDP port (PCP, NAT-PMP or UPnP IGD), if
+        /// any. Only the port: the rendezvous pairs it with the address it observes, so that a
+        /// peer can never aim others at an address that is not its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mapped_port: Option<u16>,
     },
     /// Reply to `register`.
     Registered {
@@ -76,6 +90,10 @@ pub enum ControlMessage {
         /// The introduction's secret: probes and answers carry MESSAGE-INTEGRITY keyed by it.
         /// Only ever sent on the TLS control streams of the two peers.
         key: crate::stun::PunchKey,
+        /// The other side's NAT behaviour as it reported it (`nat`), if it did: with ours, it
+        /// decides whether this pair needs birthday punching and which side plays which role.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nat: Option<crate::nat::NatProfile>,
     },
     /// Sent by the target of an introduction (on a request stream of its own) when it gets the
     /// `punch` push: it agrees to be relayed to and from `peer`. Answered with `ack`, or an error
@@ -113,6 +131,19 @@ pub enum ControlMessage {
         peer: PeerId,
         /// A direct path was proven.
         direct: bool,
+    },
+    /// The external port our router maps to our UDP port changed (`None`: no mapping any
+    /// more), sent after `register` whenever it changes. Answered with `ack`.
+    MappedPort {
+        /// As `mapped_port` of `register`.
+        port: Option<u16>,
+    },
+    /// The peer's NAT behaviour, as it measured it against the rendezvous's STUN service; sent
+    /// once measured and again after every registration. Kept while the peer is online and
+    /// handed to the other side of its introductions (in `punch`). Answered with `ack`.
+    Nat {
+        /// The measured profile.
+        nat: crate::nat::NatProfile,
     },
     /// Reply to a report that needs no other answer.
     Ack {},
@@ -159,6 +190,8 @@ impl ControlMessage {
             ControlMessage::Ping { .. } => "ping",
             ControlMessage::Pong { .. } => "pong",
             ControlMessage::PunchResult { .. } => "punch_result",
+            ControlMessage::MappedPort { .. } => "mapped_port",
+            ControlMessage::Nat { .. } => "nat",
             ControlMessage::Ack {} => "ack",
             ControlMessage::Error { .. } => "error",
         }
@@ -180,6 +213,8 @@ pub const CONTROL_TYPES: &[&str] = &[
     "ping",
     "pong",
     "punch_result",
+    "mapped_port",
+    "nat",
     "ack",
     "error",
 ];
@@ -190,6 +225,10 @@ pub const PEER_TYPES: &[&str] = &[
     "open",
     "file_header",
     "file_result",
+    "file_resume",
+    "file_start",
+    "service_open",
+    "service_reply",
     "ping",
     "pong",
     "error",
@@ -270,7 +309,7 @@ impl CandidateKind {
         match self {
             CandidateKind::Observed => "public address",
             CandidateKind::Local => "same LAN",
-            CandidateKind::Mapped => "router port mapping",
+            CandidateKind::Mapped => "port mapping",
             CandidateKind::Predicted => "predicted port",
         }
     }
@@ -324,6 +363,21 @@ pub enum PeerMessage {
         /// SHA-256 of the bytes, hex.
         sha256: String,
     },
+    /// The receiver's answer to a `file_header`: how much of this file (same sender, name, size
+    /// and SHA-256) it already holds from an interrupted transfer, and the SHA-256 of those
+    /// bytes. `offset` 0 (and the empty string's hash) when it has nothing.
+    FileResume {
+        /// Bytes the receiver holds (at most the announced size).
+        offset: u64,
+        /// SHA-256 of those bytes, hex.
+        prefix_sha256: String,
+    },
+    /// The sender's answer to `file_resume`: the raw bytes from `offset` to the end follow.
+    /// Either the receiver's offset (the prefix hashes matched) or 0 (start over).
+    FileStart {
+        /// Where the bytes that follow start.
+        offset: u64,
+    },
     /// The receiver's verdict on a file.
     FileResult {
         /// Stored and verified.
@@ -331,6 +385,23 @@ pub enum PeerMessage {
         /// SHA-256 the receiver computed, hex.
         sha256: String,
         /// Detail for the sender.
+        message: String,
+    },
+    /// Sent after `open {app: service}`: which exposed TCP service the stream is for.
+    ServiceOpen {
+        /// The service's name (`peer listen --expose NAME=HOST:PORT`).
+        name: String,
+        /// Only ask whether the service is exposed to us (no TCP connection is made); the
+        /// reply ends the stream.
+        #[serde(default)]
+        probe: bool,
+    },
+    /// The answer to `service_open`: with `ok`, the TCP connection is up and raw bytes follow
+    /// both ways (each side finishing its half when its reader ends); otherwise why not.
+    ServiceReply {
+        /// Connected (or, for a probe, exposed to us).
+        ok: bool,
+        /// Why not, or what the stream is connected to.
         message: String,
     },
     /// On a `ping` stream: echo this `seq` at once.
@@ -371,10 +442,14 @@ impl PeerMessage {
 pub enum PeerApp {
     /// Chat: [`ChatFrame`](crate::ChatFrame)s both ways (messages, then `end`/`end_ack`).
     Chat,
-    /// One file: a `file_header`, the bytes, and a `file_result` back.
+    /// One file: a `file_header`, `file_resume` back, `file_start`, the bytes from there, and a
+    /// `file_result` back.
     File,
     /// Round trips: `ping` frames answered by `pong` frames.
     Ping,
+    /// A byte stream to a TCP service the other side exposes: `service_open`, `service_reply`,
+    /// then raw bytes both ways.
+    Service,
 }
 
 /// Why a frame body is not a valid message.
@@ -461,9 +536,35 @@ mod tests {
             register,
             ControlMessage::Register {
                 version: 1,
-                local_addrs: vec![]
+                local_addrs: vec![],
+                mapped_port: None,
             }
         );
+        // Version 4: the router-mapped port, in `register` and on its own.
+        let register = ControlMessage::decode(
+            br#"{"type":"register","version":4,"local_addrs":[],"mapped_port":41000}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            register,
+            ControlMessage::Register {
+                mapped_port: Some(41000),
+                ..
+            }
+        ));
+        let json: serde_json::Value =
+            serde_json::from_slice(&ControlMessage::MappedPort { port: Some(41000) }.encode())
+                .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "mapped_port", "port": 41000})
+        );
+        assert_eq!(
+            ControlMessage::decode(br#"{"type":"mapped_port","port":null}"#).unwrap(),
+            ControlMessage::MappedPort { port: None }
+        );
+        assert!(ControlMessage::decode(br#"{"type":"mapped_port","port":70000}"#).is_err());
+        assert_eq!(CandidateKind::Mapped.describe(), "port mapping");
         let info = ControlMessage::PeerInfo(PeerInfo {
             id: id(),
             observed: "203.0.113.2:4000".parse().unwrap(),
@@ -572,6 +673,12 @@ mod tests {
                 candidates: vec![Candidate { addr: SocketAddr::from(([203, 0, 113, 9], port)), kind: CandidateKind::Observed }],
                 nonce,
                 key: crate::stun::PunchKey::from_bytes(key),
+                nat: (port % 2 == 0).then_some(crate::nat::NatProfile {
+                    udp: true,
+                    no_nat: false,
+                    mapping: crate::nat::Behaviour::AddressAndPortDependent,
+                    filtering: crate::nat::Behaviour::AddressAndPortDependent,
+                }),
             };
             prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
         }

@@ -40,6 +40,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
             ControlMessage::Register {
                 version: common::PROTOCOL_VERSION,
                 local_addrs: vec![addr("10.0.0.2:4000"), addr("[fd00::2]:4000")],
+                mapped_port: None,
             },
         ),
         (
@@ -83,6 +84,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 ],
                 nonce: 0x9E37_79B9_7F4A_7C15,
                 key: stun::PunchKey::from_bytes(*b"sixteen byte key"),
+                nat: None,
             },
         ),
         ("relay_open", ControlMessage::RelayOpen {}),
@@ -95,6 +97,17 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
         ),
         ("ping", ControlMessage::Ping { seq: 7 }),
         ("pong", ControlMessage::Pong { seq: 7 }),
+        (
+            "nat",
+            ControlMessage::Nat {
+                nat: common::nat::NatProfile {
+                    udp: true,
+                    no_nat: false,
+                    mapping: common::nat::Behaviour::AddressAndPortDependent,
+                    filtering: common::nat::Behaviour::AddressAndPortDependent,
+                },
+            },
+        ),
         (
             "punch_result",
             ControlMessage::PunchResult {
@@ -121,6 +134,34 @@ fn peer_messages() -> Vec<(&'static str, PeerMessage)> {
     vec![
         ("open_chat", PeerMessage::Open { app: PeerApp::Chat }),
         ("open_file", PeerMessage::Open { app: PeerApp::File }),
+        (
+            "open_service",
+            PeerMessage::Open {
+                app: PeerApp::Service,
+            },
+        ),
+        (
+            "file_resume",
+            PeerMessage::FileResume {
+                offset: 4096,
+                prefix_sha256: "cd".repeat(32),
+            },
+        ),
+        ("file_start", PeerMessage::FileStart { offset: 4096 }),
+        (
+            "service_open",
+            PeerMessage::ServiceOpen {
+                name: "ssh".into(),
+                probe: false,
+            },
+        ),
+        (
+            "service_reply",
+            PeerMessage::ServiceReply {
+                ok: false,
+                message: "service ssh (127.0.0.1:22) is down".into(),
+            },
+        ),
         (
             "file_header",
             PeerMessage::FileHeader {

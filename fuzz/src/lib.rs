@@ -73,10 +73,11 @@ fn addrs(u: &mut Unstructured, max: usize) -> Result<Vec<SocketAddr>> {
 
 /// A control message of any kind, with arbitrary field values.
 pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
-    Ok(match u.int_in_range(0u8..=13)? {
+    Ok(match u.int_in_range(0u8..=14)? {
         0 => ControlMessage::Register {
             version: u.arbitrary()?,
             local_addrs: addrs(u, 20)?,
+            mapped_port: u.arbitrary()?,
         },
         1 => ControlMessage::Registered {
             id: peer_id(u)?,
@@ -112,6 +113,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
                 candidates,
                 nonce: u.arbitrary()?,
                 key: common::stun::PunchKey::from_bytes(u.arbitrary()?),
+                nat: None,
             }
         }
         6 => ControlMessage::RelayOpen {},
@@ -134,6 +136,9 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
             peer: peer_id(u)?,
             nonce: u.arbitrary()?,
         },
+        13 => ControlMessage::MappedPort {
+            port: u.arbitrary()?,
+        },
         _ => ControlMessage::Error {
             code: error_code(u)?,
             message: u.arbitrary()?,
@@ -152,9 +157,29 @@ fn behaviour(u: &mut Unstructured) -> Result<Behaviour> {
 
 /// A peer-to-peer message of any kind, with arbitrary field values.
 pub fn peer_message(u: &mut Unstructured) -> Result<PeerMessage> {
-    Ok(match u.int_in_range(0u8..=5)? {
+    Ok(match u.int_in_range(0u8..=9)? {
+        6 => PeerMessage::FileResume {
+            offset: u.arbitrary()?,
+            prefix_sha256: u.arbitrary()?,
+        },
+        7 => PeerMessage::FileStart {
+            offset: u.arbitrary()?,
+        },
+        8 => PeerMessage::ServiceOpen {
+            name: u.arbitrary()?,
+            probe: u.arbitrary()?,
+        },
+        9 => PeerMessage::ServiceReply {
+            ok: u.arbitrary()?,
+            message: u.arbitrary()?,
+        },
         0 => PeerMessage::Open {
-            app: *u.choose(&[PeerApp::Chat, PeerApp::File, PeerApp::Ping])?,
+            app: *u.choose(&[
+                PeerApp::Chat,
+                PeerApp::File,
+                PeerApp::Ping,
+                PeerApp::Service,
+            ])?,
         },
         1 => PeerMessage::FileHeader {
             name: u.arbitrary()?,

@@ -171,6 +171,7 @@ impl Msg {
                         PROTOCOL_VERSION.wrapping_add(1)
                     },
                     local_addrs,
+                    mapped_port: None,
                 }
             }
             Msg::Query(n) => ControlMessage::Query { id: peer(n) },
@@ -188,6 +189,7 @@ impl Msg {
                     candidates: Vec::new(),
                     nonce: n.into(),
                     key: common::stun::PunchKey::from_bytes([n; 16]),
+                    nat: None,
                 },
                 _ => ControlMessage::RelayOpen {},
             },

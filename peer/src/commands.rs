@@ -90,6 +90,10 @@ pub enum Role {
     Send,
     /// `peer lookup`: over in a moment.
     Lookup,
+    /// `peer pipe`: stdout carries the service's bytes, so every event goes to stderr.
+    Pipe,
+    /// `peer forward`.
+    Forward,
     /// `peer ping`; with `json`, stdout carries only the summary.
     Ping {
         /// The summary is printed as JSON.
@@ -105,6 +109,8 @@ impl Role {
             Role::Connect => "connect",
             Role::Send => "send",
             Role::Lookup => "lookup",
+            Role::Pipe => "pipe",
+            Role::Forward => "forward",
             Role::Ping { .. } => "ping",
         }
     }
@@ -125,6 +131,10 @@ pub struct ServerOptions {
     pub opening_ttl: Option<u8>,
     /// The rendezvous's TLS tunnel.
     pub tcp_tunnel: TcpTunnel,
+    /// Ask the router for a port mapping (`--no-port-mapping` turns it off).
+    pub port_mapping: bool,
+    /// Use birthday punching for pairs that need it (`--no-birthday-punch` turns it off).
+    pub birthday_punch: bool,
 }
 
 /// The endpoint configuration of a command run with `config_dir`: events on the terminal, the
@@ -148,15 +158,20 @@ pub fn endpoint_config(
     config.bind = server.bind;
     config.register_timeout = server.register_timeout;
     config.opening_ttl = server.opening_ttl;
+    config.birthday_punch = server.birthday_punch;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
-        events_to_stderr: matches!(role, Role::Ping { json: true }),
+        events_to_stderr: matches!(role, Role::Ping { json: true } | Role::Pipe),
     };
     config.verbose = verbose;
     let long_lived = role != Role::Lookup;
     config.keep_paths = long_lived;
     config.measure_nat = long_lived;
-    config.control = long_lived.then(|| ControlSocket {
+    // A lookup is over in a moment: a mapping would be deleted as soon as it was made.
+    config.port_mapping = long_lived && server.port_mapping;
+    // A pipe runs under ssh, once per login: it would only warn that the config dir's peer
+    // already serves the socket.
+    config.control = (long_lived && role != Role::Pipe).then(|| ControlSocket {
         config_dir: config_dir.to_owned(),
         mode: role.name(),
     });
@@ -438,6 +453,8 @@ mod tests {
             register_timeout: Duration::from_secs(3),
             opening_ttl: Some(2),
             tcp_tunnel: TcpTunnel::Off,
+            port_mapping: true,
+            birthday_punch: true,
         }
     }
 
@@ -446,6 +463,7 @@ mod tests {
         let dir = Path::new("/cfg");
         let lookup = endpoint_config(&server(), dir, false, Role::Lookup);
         assert!(!lookup.keep_paths && !lookup.measure_nat && lookup.control.is_none());
+        assert!(!lookup.port_mapping, "a lookup maps no port");
         for role in [
             Role::Listen,
             Role::Connect,
@@ -454,8 +472,16 @@ mod tests {
         ] {
             let config = endpoint_config(&server(), dir, true, role);
             assert!(
-                config.keep_paths && config.measure_nat && config.verbose,
+                config.keep_paths && config.measure_nat && config.verbose && config.port_mapping,
                 "{role:?}"
+            );
+            let off = ServerOptions {
+                port_mapping: false,
+                ..server()
+            };
+            assert!(
+                !endpoint_config(&off, dir, true, role).port_mapping,
+                "--no-port-mapping: {role:?}"
             );
             let control = config.control.expect("a control socket");
             assert_eq!(

@@ -95,8 +95,27 @@ pub struct StatusReport {
     pub relay_ready: bool,
     /// Our NAT, as measured against the rendezvous at start (`None`: not finished yet).
     pub nat: Option<Report>,
+    /// The port mapping our router granted (`None`: none, or port mapping is off).
+    #[serde(default)]
+    pub port_mapping: Option<PortMappingStatus>,
     /// Open peer connections.
     pub connections: Vec<ConnectionStatus>,
+}
+
+/// A port mapping the router granted, as `peer status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortMappingStatus {
+    /// `PCP`, `NAT-PMP` or `UPnP IGD`.
+    pub protocol: String,
+    /// The router's external address, when it said.
+    pub external_ip: Option<std::net::Ipv4Addr>,
+    /// The external port that leads to our UDP socket.
+    pub external_port: u16,
+    /// Granted lifetime, seconds (`None`: a permanent UPnP lease).
+    pub lifetime_s: Option<u64>,
+    /// Announced to the rendezvous as a candidate (not when the router's external address is
+    /// private: another NAT is in front).
+    pub announced: bool,
 }
 
 /// Where the registration stands.
@@ -152,6 +171,8 @@ pub struct ControlContext {
     pub started: Instant,
     /// How long a dial for a ping may take.
     pub dial_timeout: Duration,
+    /// The router's port mapping of our UDP port.
+    pub port_mapping: tokio::sync::watch::Receiver<Option<crate::portmap::mapper::Mapping>>,
 }
 
 impl ControlContext {
@@ -217,6 +238,13 @@ impl ControlContext {
             local_addr: keeper.node.local_addr().ok(),
             relay_ready: keeper.relay.is_ready(),
             nat: keeper.nat.borrow().clone(),
+            port_mapping: self.port_mapping.borrow().map(|m| PortMappingStatus {
+                protocol: m.protocol.to_string(),
+                external_ip: m.external_ip,
+                external_port: m.external_port,
+                lifetime_s: m.lifetime.map(|l| l.as_secs()),
+                announced: m.usable_from_outside(),
+            }),
             connections,
         }
     }
@@ -520,6 +548,24 @@ impl StatusReport {
             None => "not measured yet".to_owned(),
         };
         line("NAT", nat);
+        if let Some(m) = &r.port_mapping {
+            let external = match m.external_ip {
+                Some(ip) => format!("{ip}:{}", m.external_port),
+                None => format!("external port {}", m.external_port),
+            };
+            let lifetime = m
+                .lifetime_s
+                .map_or("permanent lease".to_owned(), |s| format!("lifetime {s} s"));
+            let note = if m.announced {
+                "announced as a candidate"
+            } else {
+                "not announced: the router's address is private"
+            };
+            line(
+                "port mapping",
+                format!("{external} by {} ({lifetime}, {note})", m.protocol),
+            );
+        }
         if r.connections.is_empty() {
             out.push_str("connections:    none\n");
         } else {

@@ -89,7 +89,7 @@ pub async fn establish(
             }
         }
     }
-    let (candidates, introduction) = match keeper
+    let (candidates, introduction, peer_nat) = match keeper
         .session
         .request(&ControlMessage::Connect { id: peer })
         .await?
@@ -98,10 +98,12 @@ pub async fn establish(
             candidates,
             nonce,
             key,
+            nat,
             ..
         } => (
             keeper.screen_candidates(&candidates),
             punch::Introduction { nonce, key },
+            nat,
         ),
         ControlMessage::Error {
             code: ErrorCode::NotFound,
@@ -151,6 +153,7 @@ pub async fn establish(
                     introduction,
                     punch::Role::Initiator,
                     &candidates,
+                    peer_nat,
                     Some(first_sent_tx),
                 )
                 .await;
@@ -213,16 +216,30 @@ pub async fn establish(
         .map_err(|e| anyhow!("cannot reach {peer} through the relay: {e}"))?;
     let via = match socket.route_of(stable) {
         transport::PathTarget::Udp(addr) => {
+            // The punch task may not have recorded its path yet when the handshake ends right
+            // after the route moved: then the kind is that of the candidate at the address
+            // (not a blanket "public address", which mislabelled port mappings).
             let how = proven
                 .lock()
                 .ok()
                 .and_then(|h| *h)
-                .unwrap_or("public address");
+                .unwrap_or_else(|| path_kind_of(addr, &candidates));
             Via::direct(addr, how)
         }
         transport::PathTarget::Virtual(_) => Via::relayed(keeper.relay_label()),
     };
     Ok((conn, via))
+}
+
+/// How the direct path to `addr` was found, from the introduction's `candidates`: the kind of
+/// the candidate at that address, else learned from the peer's probe.
+fn path_kind_of(addr: SocketAddr, candidates: &[common::message::Candidate]) -> &'static str {
+    candidates
+        .iter()
+        .find(|c| c.addr == addr)
+        .map_or(punch::PathKind::PeerReflexive.describe(), |c| {
+            c.kind.describe()
+        })
 }
 
 /// Answers the streams the other side opens on a connection we made: `ping` streams are served,
@@ -256,4 +273,31 @@ pub fn answer_pings(keeper: PathKeeper, conn: quinn::Connection) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::message::{Candidate, CandidateKind};
+
+    #[test]
+    fn a_direct_path_found_before_its_punch_reported_is_named_by_its_candidate() {
+        let candidates = [
+            Candidate {
+                addr: "203.0.113.21:15352".parse().unwrap(),
+                kind: CandidateKind::Observed,
+            },
+            Candidate {
+                addr: "203.0.113.21:56998".parse().unwrap(),
+                kind: CandidateKind::Mapped,
+            },
+        ];
+        let kind = |a: &str| path_kind_of(a.parse().unwrap(), &candidates);
+        assert_eq!(kind("203.0.113.21:56998"), "port mapping");
+        assert_eq!(kind("203.0.113.21:15352"), "public address");
+        assert_eq!(
+            kind("203.0.113.21:40000"),
+            "address learned from the peer's probe"
+        );
+    }
 }

@@ -138,8 +138,15 @@ pub struct EndpointConfig {
     pub keep_paths: bool,
     /// Measure our NAT once registered ([`Endpoint::nat`]). Default on.
     pub measure_nat: bool,
+    /// Birthday punching ([`punch::birthday`]) for pairs that need it: a symmetric NAT
+    /// against a port-restricted one. Default on.
+    pub birthday_punch: bool,
     /// Serve a control socket. Default none.
     pub control: Option<ControlSocket>,
+    /// Ask the default gateway to map our UDP port (PCP, NAT-PMP, UPnP IGD) and announce the
+    /// mapping as a candidate ([`crate::portmap`]); deleted on [`Endpoint::close`]. Default on;
+    /// never done when the socket or the rendezvous is on loopback (everything on one host).
+    pub port_mapping: bool,
     /// QUIC timers.
     pub transport: TransportSettings,
     /// IP TTL of the opening probes of punching ([`punch::PunchConfig::opening_ttl`]; `None`:
@@ -161,12 +168,17 @@ impl EndpointConfig {
             access: Access::Anyone,
             keep_paths: true,
             measure_nat: true,
+            birthday_punch: true,
             control: None,
+            port_mapping: true,
             transport: TransportSettings::default(),
             opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
         }
     }
 }
+
+/// Longest wait of a dial for a port mapping the gateway is still granting.
+const PORT_MAPPING_WAIT: Duration = Duration::from_secs(1);
 
 /// Why an endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +308,10 @@ pub struct Endpoint {
     peer_cache: Option<PathBuf>,
     access: Arc<Access>,
     verbose: bool,
+    /// Tells the rendezvous our router's port mapping (`None`: port mapping off).
+    announcer: Option<crate::portmap::driver::Announcer>,
+    /// A port mapping is probably on its way ([`crate::portmap::mapper::Mapper::settling`]).
+    mapping_settling: watch::Receiver<bool>,
 }
 
 /// Measures our NAT against the rendezvous's STUN service once registered, for `peer status` and
@@ -320,6 +336,54 @@ async fn measure_nat(
             Err(e) => tracing::debug!(error = %e, "NAT measurement failed"),
         },
         _ = shutdown.changed() => {}
+    }
+}
+
+/// Tells the rendezvous our NAT profile once measured, and again after every new registration
+/// (a new registration drops the profile the rendezvous had): it hands it to the other side of
+/// our introductions, which decides on birthday punching with it.
+async fn report_nat(
+    session: Session,
+    keeper: PathKeeper,
+    mut nat: watch::Receiver<Option<netcheck::Report>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut first = true;
+    let mut state = session.watch();
+    let mut reported: Option<(u64, common::nat::NatProfile)> = None;
+    // The measurement's sender is dropped once it has measured: its last value stays.
+    let mut nat_open = true;
+    loop {
+        let generation = match &*state.borrow_and_update() {
+            SessionState::Registered(reg) => Some(reg.generation),
+            _ => None,
+        };
+        let profile = nat.borrow_and_update().as_ref().map(|r| r.profile());
+        if let (Some(generation), Some(profile)) = (generation, profile) {
+            if reported != Some((generation, profile)) {
+                match session.request(&ControlMessage::Nat { nat: profile }).await {
+                    Ok(ControlMessage::Ack {}) => {
+                        reported = Some((generation, profile));
+                        if std::mem::replace(&mut first, false) {
+                            keeper.nat_measured();
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::debug!(
+                            reply = other.kind(),
+                            "the rendezvous did not take our NAT profile"
+                        );
+                        reported = Some((generation, profile));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reporting our NAT profile failed"),
+                }
+            }
+        }
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            r = nat.changed(), if nat_open => nat_open = r.is_ok(),
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
@@ -368,7 +432,10 @@ impl Endpoint {
             RendezvousTrust::Pinned(fp) => (Some(*fp), PathBuf::new()),
             RendezvousTrust::KnownServers(path) => (None, path.clone()),
         };
+        let (mapping_tx, mapping_rx) = watch::channel(None);
+        let (settling_tx, settling_rx) = watch::channel(false);
         let session_config = SessionConfig {
+            mapped_port: mapping_rx.clone(),
             server_name: name.clone(),
             server_addr,
             pinned,
@@ -384,7 +451,8 @@ impl Endpoint {
             session_config,
             shutdown_rx.clone(),
         );
-        let router = punching::Router::default();
+        let mut router = punching::Router::default();
+        router.birthday = config.birthday_punch;
         let stun_task = tokio::spawn(punching::dispatch(
             node.clone(),
             router.clone(),
@@ -395,6 +463,27 @@ impl Endpoint {
             relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx.clone());
         let (nat_tx, nat_rx) = watch::channel(None);
         let mut tasks = vec![session_task, stun_task, relay_task];
+        let map_port = config.port_mapping
+            && local.is_ipv4()
+            && !local.ip().is_loopback()
+            && !server_addr.ip().is_loopback();
+        if map_port {
+            tasks.push(tokio::spawn(crate::portmap::driver::run(
+                crate::portmap::mapper::MapperConfig::default(),
+                local.port(),
+                console.clone(),
+                config.verbose,
+                mapping_tx,
+                settling_tx,
+                shutdown_rx.clone(),
+            )));
+        }
+        let announcer = map_port.then(|| {
+            let announcer =
+                crate::portmap::driver::Announcer::new(session.clone(), mapping_rx.clone());
+            tasks.push(tokio::spawn(announcer.clone().run(shutdown_rx.clone())));
+            announcer
+        });
         if config.measure_nat {
             tasks.push(tokio::spawn(measure_nat(
                 session.clone(),
@@ -414,6 +503,12 @@ impl Endpoint {
             crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
         keeper.opening_ttl = config.opening_ttl;
+        tasks.push(tokio::spawn(report_nat(
+            session.clone(),
+            keeper.clone(),
+            keeper.nat.clone(),
+            shutdown_rx.clone(),
+        )));
         match &config.control {
             None => {}
             Some(socket) => {
@@ -428,6 +523,7 @@ impl Endpoint {
                             config_dir: socket.config_dir.clone(),
                             started: process_started,
                             dial_timeout: Duration::from_secs(20),
+                            port_mapping: mapping_rx.clone(),
                         };
                         tasks.push(tokio::spawn(control::serve(
                             listener,
@@ -463,6 +559,8 @@ impl Endpoint {
             peer_cache: config.peer_cache,
             access: Arc::new(config.access),
             verbose: config.verbose,
+            announcer,
+            mapping_settling: settling_rx,
         };
         if config.keep_paths {
             endpoint.keep_paths();
@@ -584,6 +682,14 @@ impl Endpoint {
         };
         if let Some(w) = warning {
             self.console.error(format!("warning: {w}")).await;
+        }
+        if let Some(announcer) = &self.announcer {
+            // A mapping granted after we registered must be a candidate of this introduction
+            // (no request when the rendezvous already knows it). A gateway that has answered
+            // but not granted yet gets a moment; one that answers nothing delays nobody.
+            let mut settling = self.mapping_settling.clone();
+            let _ = tokio::time::timeout(PORT_MAPPING_WAIT, settling.wait_for(|s| !*s)).await;
+            announcer.sync().await;
         }
         let (conn, via) = dial::establish(
             &self.keeper,

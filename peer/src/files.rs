@@ -1,17 +1,25 @@
 //! File transfer over a peer connection: `open {app: file}`, a `file_header` (name, size,
-//! SHA-256), the raw bytes, and a `file_result` from the receiver once it has stored and checked
-//! them.
+//! SHA-256), the receiver's `file_resume` (how many bytes of this very file it holds already,
+//! and their SHA-256), the sender's `file_start` (there, if its own first bytes hash the same,
+//! else 0), the raw bytes from there, and a `file_result` from the receiver once it has stored
+//! and checked the whole file. Both sides stream from and to disk in 256 KiB chunks: no file is
+//! ever held in memory.
 //!
 //! The receiver ([`Inbox`]) checks the header before it writes anything: the name (a plain name
 //! without control characters, path separators or a leading dot), the size (at most
-//! `--max-file-size`, and room on the disk for it and the transfers already in progress), and
-//! how many transfers are running. It then writes to a hidden `.NAME.RANDOM.part` file (mode
-//! 0600, created exclusively), syncs it once the hash matches, gives it its final name without
+//! `--max-file-size`, and room on the disk for what is left to write and the transfers already
+//! in progress), and how many transfers are running. It writes to a hidden
+//! `.NAME.KEY.part` file (mode 0600, never through a symlink), whose KEY is a hash of the
+//! sender's id, the name, the size and the SHA-256: the same file sent again by the same peer
+//! finds it and resumes, no other peer's transfer ever does. A resume is never trusted
+//! blindly: the sender compares the prefix's hash with its own file, and the receiver checks the
+//! SHA-256 of the whole file at the end. It then syncs the file, gives it its final name without
 //! ever replacing a file (`name.ext`, else `name (1).ext`, `name (2).ext`, ... taken atomically
 //! with a no-replace rename or a hard link), syncs the directory, and only then answers
-//! "verified". The `.part` file is removed when the transfer fails, the stream or the connection
-//! is lost, or the listener stops (SIGINT/SIGTERM): a drop guard removes it even when the task
-//! is aborted. Only a crash of the process (SIGKILL, power loss) can leave one behind.
+//! "verified". A `.part` file stays when the transfer is interrupted (stream or connection lost,
+//! stalled, the listener stopped or killed), to be resumed; it is removed when its bytes are
+//! wrong (hash mismatch, more bytes than announced). At most [`MAX_KEPT_PARTS`] are kept: a
+//! new transfer removes the oldest beyond that.
 //!
 //! Why it is a module of its own: a received file is the one thing a remote peer writes to our
 //! disk, so every check and bound on it lives here, next to the sender that must obey them.
@@ -39,6 +47,9 @@ pub const DISK_RESERVE: u64 = 64 << 20;
 pub const MAX_CONCURRENT_RECEIVES: usize = 8;
 /// A transfer that delivers no byte for this long is abandoned.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// `.part` files of interrupted transfers kept in an inbox (for resuming); starting another
+/// removes the oldest.
+pub const MAX_KEPT_PARTS: usize = 16;
 /// Most `name (N).ext` tried before a name is refused as taken.
 const MAX_SUFFIX: u32 = 9999;
 /// QUIC stream stop code sent when a file is refused (the verdict says why).
@@ -114,8 +125,11 @@ pub enum SendError {
 
 /// Sends `path` on a new stream of `conn`; returns a summary once the receiver confirmed it.
 ///
-/// The receiver's verdict is read while the bytes go out: a receiver that refuses the header
-/// (name, size, disk space) stops the stream at once, and its reason is what the sender reports.
+/// A receiver that refuses the header (name, size, disk space) answers with its reason instead
+/// of `file_resume`, before any byte goes out; otherwise the transfer starts where the receiver's
+/// kept bytes end if they hash like ours (else at 0), and the verdict is read while the bytes go
+/// out (a receiver that fails mid-way stops the stream and says why). An interrupted send says
+/// that sending the same file again resumes.
 pub async fn send(
     conn: &quinn::Connection,
     path: &Path,
@@ -143,14 +157,55 @@ pub async fn send(
         sha256: sha256.clone(),
     };
     write_frame(&mut tx, &header.encode()).await?;
+    // The receiver answers with what it holds of this file already (or refuses it).
+    let answer = tokio::time::timeout(STALL_TIMEOUT, read_frame(&mut rx))
+        .await
+        .map_err(|_| {
+            SendError::Other(format!(
+                "the receiver did not answer the file header within {} s",
+                STALL_TIMEOUT.as_secs()
+            ))
+        })??
+        .ok_or_else(|| {
+            SendError::Other("the receiver closed the stream without an answer".into())
+        })?;
+    let start = match PeerMessage::decode(&answer)? {
+        PeerMessage::FileResume {
+            offset,
+            prefix_sha256,
+        } => resume_point(path, size, offset, &prefix_sha256).await?,
+        PeerMessage::FileResult { message, .. } | PeerMessage::Error { message } => {
+            return Err(SendError::Other(format!(
+                "the receiver refused {name}: {}",
+                printable(&message)
+            )))
+        }
+        other => {
+            return Err(SendError::Other(format!(
+                "unexpected answer `{}`",
+                printable(&format!("{other:?}"))
+            )))
+        }
+    };
+    write_frame(&mut tx, &PeerMessage::FileStart { offset: start }.encode()).await?;
+    if start > 0 {
+        console
+            .error(format!(
+                "resuming {name} at byte {start} of {size} (the receiver holds them, and their \
+                 sha256 matches ours)"
+            ))
+            .await;
+    }
     // Reading a frame is not cancel-safe: the verdict is read alongside the copy, by a future
     // of this one (so that it ends with it), and waited for after.
     let mut verdict = Box::pin(async move { read_frame(&mut rx).await });
     let started = Instant::now();
     let copy = async {
+        use tokio::io::AsyncSeekExt;
         let mut file = tokio::fs::File::open(path).await?;
+        file.seek(std::io::SeekFrom::Start(start)).await?;
         let mut buf = vec![0u8; CHUNK];
-        let mut sent = 0u64;
+        let mut sent = start;
         let mut last_report = Instant::now();
         loop {
             let n = file.read(&mut buf).await?;
@@ -161,7 +216,9 @@ pub async fn send(
             sent += n as u64;
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
-                console.error(progress(sent, size, started.elapsed())).await;
+                console
+                    .error(progress(sent, start, size, started.elapsed()))
+                    .await;
             }
         }
         if sent != size {
@@ -188,10 +245,14 @@ pub async fn send(
     let reply = match verdict {
         Some(Ok(Some(reply))) => reply,
         _ => {
-            copied?;
+            // Interrupted: the receiver keeps what it got, and says so to the next send.
+            const AGAIN: &str = "sending the same file again resumes from what the receiver kept";
+            if let Err(e) = copied {
+                return Err(SendError::Other(format!("{e}; {AGAIN}")));
+            }
             return match conn.close_reason() {
                 Some(e) => Err(SendError::Other(format!(
-                    "the connection closed without a verdict: {e}"
+                    "the connection closed without a verdict: {e}; {AGAIN}"
                 ))),
                 None => Err(SendError::Other(format!(
                     "no verdict from the receiver within {} s",
@@ -201,11 +262,19 @@ pub async fn send(
         }
     };
     let elapsed = started.elapsed();
+    let resumed = if start > 0 {
+        format!(
+            " (resumed at byte {start}: {} bytes sent now)",
+            size - start
+        )
+    } else {
+        String::new()
+    };
     match PeerMessage::decode(&reply)? {
         PeerMessage::FileResult { ok: true, sha256: theirs, message } if theirs == sha256 && copied.is_ok() => Ok(format!(
-            "sent {name}: {size} bytes in {:.2} s ({:.1} MB/s), verified by the receiver (sha256 {sha256}; {})",
+            "sent {name}: {size} bytes{resumed} in {:.2} s ({:.1} MB/s), verified by the receiver (sha256 {sha256}; {})",
             elapsed.as_secs_f64(),
-            size as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6,
+            (size - start) as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6,
             printable(&message),
         )),
         PeerMessage::FileResult { ok: true, .. } => {
@@ -227,7 +296,39 @@ pub async fn send(
     }
 }
 
-fn progress(done: u64, total: u64, elapsed: Duration) -> String {
+/// Where to start sending `path` (`size` bytes) when the receiver holds `offset` bytes of it
+/// whose SHA-256 is `prefix_sha256`: there if our own first `offset` bytes hash the same, else
+/// at 0. An offset beyond the file is a receiver error.
+async fn resume_point(
+    path: &Path,
+    size: u64,
+    offset: u64,
+    prefix_sha256: &str,
+) -> Result<u64, SendError> {
+    if offset > size {
+        return Err(SendError::Other(format!(
+            "the receiver claims {offset} bytes of a {size}-byte file"
+        )));
+    }
+    if offset == 0 {
+        return Ok(0);
+    }
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    if !hash_prefix(&mut file, offset, &mut ctx).await? {
+        return Ok(0);
+    }
+    let ours = hex(ctx.finish().as_ref());
+    Ok(if ours.eq_ignore_ascii_case(prefix_sha256) {
+        offset
+    } else {
+        0
+    })
+}
+
+/// A progress line: bar, share done, bytes, the rate of this run (from `start`) and the time
+/// left at that rate.
+fn progress(done: u64, start: u64, total: u64, elapsed: Duration) -> String {
     let pct = if total == 0 {
         100.0
     } else {
@@ -235,11 +336,18 @@ fn progress(done: u64, total: u64, elapsed: Duration) -> String {
     };
     let width = 30;
     let filled = ((pct / 100.0) * width as f64) as usize;
+    let rate = done.saturating_sub(start) as f64 / elapsed.as_secs_f64().max(1e-9);
+    let left = if rate > 0.0 {
+        let secs = (total.saturating_sub(done) as f64 / rate).round() as u64;
+        format!("{}:{:02} left", secs / 60, secs % 60)
+    } else {
+        "time left unknown".to_owned()
+    };
     format!(
-        "[{}{}] {pct:5.1}% {done}/{total} bytes, {:.1} MB/s",
+        "[{}{}] {pct:5.1}% {done}/{total} bytes, {:.1} MB/s, {left}",
         "#".repeat(filled.min(width)),
         " ".repeat(width - filled.min(width)),
-        done as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6
+        rate / 1e6
     )
 }
 
@@ -354,8 +462,10 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
 pub struct Inbox {
     dir: PathBuf,
     max_size: u64,
-    /// Transfers in progress and the bytes they announced.
+    /// Transfers in progress and the bytes they still have to write.
     in_progress: Mutex<(usize, u64)>,
+    /// The `.part` files being written now.
+    active_parts: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl Inbox {
@@ -365,11 +475,13 @@ impl Inbox {
             dir,
             max_size,
             in_progress: Mutex::new((0, 0)),
+            active_parts: Mutex::new(Default::default()),
         })
     }
 
-    /// Takes a slot for a file of `size` bytes if the bounds allow it.
-    fn admit(self: &Arc<Self>, size: u64) -> Result<Slot, String> {
+    /// Takes a slot for a file of `size` bytes, `remaining` of which are still to be written,
+    /// if the bounds allow it.
+    fn admit(self: &Arc<Self>, size: u64, remaining: u64) -> Result<Slot, String> {
         if size > self.max_size {
             return Err(format!(
                 "the file is {size} bytes, more than this peer accepts ({} bytes, \
@@ -390,12 +502,12 @@ impl Inbox {
                 "{MAX_CONCURRENT_RECEIVES} files are being received already; try again later"
             ));
         }
-        check_space(size, available, *reserved)?;
+        check_space(remaining, available, *reserved)?;
         *count += 1;
-        *reserved += size;
+        *reserved += remaining;
         Ok(Slot {
             inbox: self.clone(),
-            size,
+            size: remaining,
         })
     }
 }
@@ -415,19 +527,88 @@ impl Drop for Slot {
     }
 }
 
-/// A `.part` file, removed when dropped unless it was given its final name: on any error, on a
-/// lost stream or connection, and when the task receiving it is aborted.
+/// A transfer's `.part` file: kept when the transfer is interrupted (so that the same file sent
+/// again resumes from it), removed when its bytes are proven wrong or the file is refused.
 struct PartFile {
     path: PathBuf,
-    keep: bool,
+    inbox: Arc<Inbox>,
 }
 
 impl Drop for PartFile {
     fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
+        if let Ok(mut active) = self.inbox.active_parts.lock() {
+            active.remove(&self.path);
         }
     }
+}
+
+/// The `.part` file of a transfer: one name per sender, file name, size and hash, so that the
+/// same file sent again by the same peer finds it, and no other peer's transfer ever does.
+fn part_path(dir: &Path, peer: &PeerId, name: &str, size: u64, sha256: &str) -> PathBuf {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(peer.to_string().as_bytes());
+    ctx.update(b"\0");
+    ctx.update(name.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(&size.to_be_bytes());
+    ctx.update(sha256.as_bytes());
+    let digest = ctx.finish();
+    dir.join(format!(".{name}.{}.part", hex(&digest.as_ref()[..8])))
+}
+
+/// Removes the oldest `.part` files of `dir` (by modification time) beyond `keep - 1`, leaving
+/// room for one more, and never one being received now (`active`).
+fn prune_parts(dir: &Path, keep: usize, active: &[PathBuf]) -> std::io::Result<usize> {
+    let mut parts = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(".part")) {
+            continue;
+        }
+        let path = entry.path();
+        if active.contains(&path) {
+            continue;
+        }
+        let modified = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        parts.push((modified, path));
+    }
+    parts.sort();
+    let excess = (parts.len() + active.len() + 1).saturating_sub(keep);
+    let mut removed = 0;
+    for (_, path) in parts.into_iter().take(excess) {
+        if std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Hashes the first `len` bytes of `file` (from its start) into `ctx`; `Ok(false)` when the file
+/// is shorter.
+async fn hash_prefix(
+    file: &mut tokio::fs::File,
+    len: u64,
+    ctx: &mut ring::digest::Context,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncSeekExt;
+    file.seek(std::io::SeekFrom::Start(0)).await?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(CHUNK as u64) as usize;
+        let n = file.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        ctx.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(true)
 }
 
 /// What a successful receive stored.
@@ -436,6 +617,7 @@ struct Stored {
     path: PathBuf,
     sha256: String,
     size: u64,
+    resumed_at: u64,
 }
 
 /// Receives one file on a stream whose `open` was already read; stores it in `inbox`'s
@@ -447,7 +629,7 @@ pub async fn receive(
     inbox: Option<Arc<Inbox>>,
     console: &Console,
 ) {
-    let result = receive_inner(&mut rx, peer, inbox, console).await;
+    let result = receive_inner(&mut tx, &mut rx, peer, inbox, console).await;
     if result.is_err() {
         // Stop the sender's bytes at once; the verdict below tells it why.
         let _ = rx.stop(REFUSED_STREAM.into());
@@ -476,9 +658,14 @@ pub async fn receive(
     let _ = tokio::time::timeout(Duration::from_secs(5), tx.stopped()).await;
     match result {
         Ok(stored) => {
+            let resumed = if stored.resumed_at > 0 {
+                format!(", resumed at byte {}", stored.resumed_at)
+            } else {
+                String::new()
+            };
             console
                 .say(format!(
-                    "received {} ({} bytes) from {peer}, sha256 {} verified",
+                    "received {} ({} bytes{resumed}) from {peer}, sha256 {} verified",
                     stored.path.display(),
                     stored.size,
                     stored.sha256
@@ -493,7 +680,16 @@ pub async fn receive(
     }
 }
 
+/// Why a transfer failed, and whether its `.part` file is worth keeping for a resume.
+enum Failure {
+    /// Interrupted (stream or connection lost, stalled): the bytes so far are kept.
+    Interrupted(String),
+    /// The bytes are wrong or the file was refused: the `.part` file goes.
+    Bad(String),
+}
+
 async fn receive_inner(
+    tx: &mut quinn::SendStream,
     rx: &mut quinn::RecvStream,
     peer: PeerId,
     inbox: Option<Arc<Inbox>>,
@@ -526,59 +722,173 @@ async fn receive_inner(
             printable(&name)
         ))
     })?;
-    // Every bound is checked before anything is written.
-    let slot = inbox.admit(size).map_err(fail)?;
-    let dir = &inbox.dir;
-    let part = PartFile {
-        path: dir.join(format!(".{name}.{:016x}.part", rand::random::<u64>())),
-        keep: false,
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(fail("the announced sha256 is not 64 hex digits".into()));
+    }
+    let dir = inbox.dir.clone();
+    let path = part_path(&dir, &peer, &name, size, &sha256);
+    // One transfer per .part file: a second send of the same file waits for the first to end.
+    let active: Vec<PathBuf> = {
+        let mut active = inbox
+            .active_parts
+            .lock()
+            .map_err(|_| fail("internal error: the inbox lock is poisoned".into()))?;
+        if !active.insert(path.clone()) {
+            return Err(fail(format!(
+                "{} is being received from you already",
+                printable(&name)
+            )));
+        }
+        active.iter().filter(|p| **p != path).cloned().collect()
     };
+    let part = PartFile {
+        path,
+        inbox: inbox.clone(),
+    };
+    // What an interrupted transfer left: never trusted blindly, its hash goes to the sender,
+    // who resumes only if it matches its own first bytes.
+    let held = match std::fs::symlink_metadata(&part.path) {
+        Ok(meta) if meta.is_file() && meta.len() <= size => meta.len(),
+        Ok(_) => {
+            let _ = std::fs::remove_file(&part.path);
+            0
+        }
+        Err(_) => 0,
+    };
+    if held == 0 {
+        prune_parts(&dir, MAX_KEPT_PARTS, &active)
+            .map_err(|e| fail(format!("cannot list {}: {e}", dir.display())))?;
+    }
+    // Every bound is checked before anything is written (the bytes held are on the disk
+    // already).
+    let slot = inbox.admit(size, size - held).map_err(fail)?;
     let mut file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&part.path)
         .map(tokio::fs::File::from_std)
         .map_err(|e| fail(format!("cannot create {}: {e}", part.path.display())))?;
-    console
-        .say(format!("receiving {name} ({size} bytes) from {peer}"))
-        .await;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let held = match hash_prefix(&mut file, held, &mut ctx).await {
+        Ok(true) => held,
+        _ => {
+            ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            0
+        }
+    };
+    let resume = PeerMessage::FileResume {
+        offset: held,
+        prefix_sha256: hex(ctx.clone().finish().as_ref()),
+    };
+    write_frame(tx, &resume.encode())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    // The sender hashes its own first bytes before it answers.
+    let start = tokio::time::timeout(STALL_TIMEOUT, read_frame(rx))
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "no file_start within {} s",
+                STALL_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("stream closed before file_start".into()))?;
+    let start = match PeerMessage::decode(&start) {
+        Ok(PeerMessage::FileStart { offset }) if offset == held || offset == 0 => offset,
+        Ok(PeerMessage::FileStart { offset }) => {
+            return Err(fail(format!(
+                "file_start at {offset}: only {held} (what this peer holds) or 0 may be asked"
+            )))
+        }
+        Ok(other) => {
+            return Err(fail(format!(
+                "expected file_start, got `{}`",
+                printable(&format!("{other:?}"))
+            )))
+        }
+        Err(e) => return Err(fail(printable(&e.to_string()))),
+    };
+    if start == 0 && held > 0 {
+        // The sender's first bytes differ from ours: start over.
+        ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    }
+    {
+        use tokio::io::AsyncSeekExt;
+        file.set_len(start)
+            .await
+            .and(file.seek(std::io::SeekFrom::Start(start)).await.map(|_| ()))
+            .map_err(|e| fail(format!("cannot prepare {}: {e}", part.path.display())))?;
+    }
+    if start > 0 {
+        console
+            .say(format!(
+                "receiving {name} ({size} bytes) from {peer}, resuming at byte {start}"
+            ))
+            .await;
+    } else {
+        console
+            .say(format!("receiving {name} ({size} bytes) from {peer}"))
+            .await;
+    }
     let mut buf = vec![0u8; CHUNK];
-    let mut got = 0u64;
-    let outcome: Result<(), String> = async {
+    let mut got = start;
+    let outcome: Result<(), Failure> = async {
         loop {
             let n = match tokio::time::timeout(STALL_TIMEOUT, rx.read(&mut buf)).await {
                 Ok(Ok(Some(n))) => n,
                 Ok(Ok(None)) => break,
-                Ok(Err(e)) => return Err(format!("transfer failed: {e}")),
+                Ok(Err(e)) => return Err(Failure::Interrupted(format!("transfer failed: {e}"))),
                 Err(_) => {
-                    return Err(format!(
+                    return Err(Failure::Interrupted(format!(
                         "no data for {} s after {got} of {size} bytes",
                         STALL_TIMEOUT.as_secs()
-                    ))
+                    )))
                 }
             };
-            got += n as u64;
-            if got > size {
-                return Err(format!("more than the announced {size} bytes"));
+            if got + n as u64 > size {
+                return Err(Failure::Bad(format!(
+                    "more than the announced {size} bytes"
+                )));
             }
+            file.write_all(&buf[..n]).await.map_err(|e| {
+                Failure::Interrupted(format!("cannot write {}: {e}", part.path.display()))
+            })?;
+            got += n as u64;
             ctx.update(&buf[..n]);
-            file.write_all(&buf[..n])
-                .await
-                .map_err(|e| format!("cannot write {}: {e}", part.path.display()))?;
         }
         if got != size {
-            return Err(format!("stream ended after {got} of {size} bytes"));
+            return Err(Failure::Interrupted(format!(
+                "stream ended after {got} of {size} bytes"
+            )));
         }
         Ok(())
     }
     .await;
     let computed = hex(ctx.finish().as_ref());
-    let fail = |m: String| (computed.clone(), m);
-    outcome.map_err(fail)?;
+    let remove = |m: String| {
+        let _ = std::fs::remove_file(&part.path);
+        (computed.clone(), m)
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(Failure::Interrupted(m)) => {
+            // The bytes written so far stay for a resume; they reach the disk first.
+            let _ = file.flush().await;
+            let _ = file.sync_data().await;
+            return Err((
+                computed.clone(),
+                format!("{m}; {got} bytes kept: sending the same file again resumes there"),
+            ));
+        }
+        Err(Failure::Bad(m)) => return Err(remove(m)),
+    }
     if computed != sha256 {
-        return Err(fail(format!(
+        return Err(remove(format!(
             "sha256 mismatch: announced {}, received {computed}",
             printable(&sha256)
         )));
@@ -589,16 +899,15 @@ async fn receive_inner(
         .and(file.sync_all().await)
         .map_err(|e| fail(format!("cannot sync {}: {e}", part.path.display())))?;
     drop(file);
-    let mut part = part;
-    let final_path = store(&part.path, dir, &name).map_err(fail)?;
-    part.keep = true;
-    certs::durable::sync_dir(dir)
+    let final_path = store(&part.path, &dir, &name).map_err(remove)?;
+    certs::durable::sync_dir(&dir)
         .map_err(|e| fail(format!("cannot sync the directory {}: {e}", dir.display())))?;
     drop(slot);
     Ok(Stored {
         path: final_path,
         sha256: computed,
         size,
+        resumed_at: start,
     })
 }
 
@@ -746,13 +1055,13 @@ mod tests {
     fn the_inbox_bounds_size_and_concurrency_and_frees_slots() {
         let dir = temp_dir("inbox");
         let inbox = Inbox::new(dir.clone(), 1000);
-        let err = inbox.admit(1001).err().unwrap();
+        let err = inbox.admit(1001, 1001).err().unwrap();
         assert!(err.contains("--max-file-size"), "{err}");
         assert!(available_bytes(&dir).unwrap() > 0);
         let slots: Vec<Slot> = (0..MAX_CONCURRENT_RECEIVES)
-            .map(|_| inbox.admit(1000).unwrap())
+            .map(|_| inbox.admit(1000, 1000).unwrap())
             .collect();
-        let err = inbox.admit(1).err().unwrap();
+        let err = inbox.admit(1, 1).err().unwrap();
         assert!(err.contains("being received already"), "{err}");
         assert_eq!(
             *inbox.in_progress.lock().unwrap(),
@@ -763,27 +1072,85 @@ mod tests {
         );
         drop(slots);
         assert_eq!(*inbox.in_progress.lock().unwrap(), (0, 0));
-        assert!(inbox.admit(1000).is_ok());
+        assert!(inbox.admit(1000, 1000).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn a_part_file_is_removed_unless_kept() {
-        let dir = temp_dir("part");
-        let path = dir.join(".f.part");
-        std::fs::write(&path, "x").unwrap();
-        drop(PartFile {
-            path: path.clone(),
-            keep: false,
-        });
-        assert!(!path.exists());
-        std::fs::write(&path, "x").unwrap();
-        drop(PartFile {
-            path: path.clone(),
-            keep: true,
-        });
-        assert!(path.exists());
+    fn kept_part_files_are_bounded_oldest_first_and_never_an_active_one() {
+        let dir = temp_dir("prune");
+        let mut paths = Vec::new();
+        for i in 0..MAX_KEPT_PARTS + 4 {
+            let path = dir.join(format!(".f{i:02}.bin.0011223344556677.part"));
+            std::fs::write(&path, "x").unwrap();
+            let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1000 + i as u64);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+            paths.push(path);
+        }
+        std::fs::write(dir.join("received.bin"), "kept").unwrap();
+        // The oldest is being received now: it stays, the next oldest go.
+        let active = vec![paths[0].clone()];
+        let removed = prune_parts(&dir, MAX_KEPT_PARTS, &active).unwrap();
+        assert_eq!(removed, 5);
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".part"))
+            .collect();
+        assert_eq!(
+            left.len(),
+            MAX_KEPT_PARTS - 1,
+            "room for one more: {left:?}"
+        );
+        assert!(paths[0].exists(), "the active one stays");
+        for gone in &paths[1..6] {
+            assert!(!gone.exists(), "{} is among the oldest", gone.display());
+        }
+        assert!(
+            dir.join("received.bin").exists(),
+            "received files are never pruned"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn part_names_differ_by_sender_and_file() {
+        let dir = Path::new("/inbox");
+        let (a, b) = (
+            PeerId::from_key_digest(&[1; 32]),
+            PeerId::from_key_digest(&[2; 32]),
+        );
+        let sha = "ab".repeat(32);
+        let base = part_path(dir, &a, "x.bin", 10, &sha);
+        assert_eq!(base, part_path(dir, &a, "x.bin", 10, &sha));
+        assert!(base
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(".x.bin."));
+        for other in [
+            part_path(dir, &b, "x.bin", 10, &sha),
+            part_path(dir, &a, "y.bin", 10, &sha),
+            part_path(dir, &a, "x.bin", 11, &sha),
+            part_path(dir, &a, "x.bin", 10, &"cd".repeat(32)),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn progress_lines_show_the_rate_and_the_time_left() {
+        let line = progress(60 << 20, 10 << 20, 110 << 20, Duration::from_secs(5));
+        // 50 MiB in 5 s: 10.5 MB/s, 50 MiB left: 5 s.
+        assert!(line.contains("10.5 MB/s"), "{line}");
+        assert!(line.contains("0:05 left"), "{line}");
+        assert!(line.contains(" 54.5%"), "{line}");
     }
 }
 
@@ -910,7 +1277,8 @@ mod wire_tests {
         let source_dir = dir.with_extension("src");
         std::fs::create_dir_all(&source_dir).unwrap();
         let source = source_dir.join("big.bin");
-        // Far more than the stream window: the sender is still writing when it is refused.
+        // Far more than the stream window: the refusal comes instead of `file_resume`, before
+        // the sender writes a byte of it.
         std::fs::write(&source, vec![1u8; 8 << 20]).unwrap();
         let (console, _printer) = Console::start_with(true);
         let err = send(&pair.dialer, &source, &console).await.unwrap_err();
@@ -929,26 +1297,161 @@ mod wire_tests {
         std::fs::remove_dir_all(&source_dir).unwrap();
     }
 
-    #[tokio::test]
-    async fn a_lost_connection_removes_the_part_file() {
-        let pair = pair().await;
-        let (dir, inbox) = temp_inbox("lost", 1 << 30);
-        let served = serve_one(&pair, inbox);
-        let (mut tx, _rx) = open_with_header(&pair.dialer, "half.bin", 10 << 20).await;
-        tx.write_all(&vec![5u8; 1 << 20]).await.unwrap();
-        // The .part file appears once the receiver took the header (bounded wait).
+    /// Reads the receiver's `file_resume` and answers `file_start` at `offset`; returns what
+    /// the receiver said it holds.
+    async fn start_at(
+        tx: &mut quinn::SendStream,
+        rx: &mut quinn::RecvStream,
+        offset: Option<u64>,
+    ) -> u64 {
+        let answer = read_frame(rx).await.unwrap().unwrap();
+        let PeerMessage::FileResume { offset: held, .. } = PeerMessage::decode(&answer).unwrap()
+        else {
+            panic!("not a file_resume");
+        };
+        let start = PeerMessage::FileStart {
+            offset: offset.unwrap_or(held),
+        };
+        write_frame(tx, &start.encode()).await.unwrap();
+        held
+    }
+
+    async fn wait_for_part(dir: &Path, at_least: u64) -> PathBuf {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !entries(&dir).iter().any(|n| n.ends_with(".part")) {
+        loop {
+            let part = entries(dir)
+                .into_iter()
+                .find(|n| n.ends_with(".part"))
+                .map(|n| dir.join(n));
+            if let Some(part) =
+                part.filter(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) >= at_least)
+            {
+                return part;
+            }
             assert!(
                 Instant::now() < deadline,
                 "no .part file: {:?}",
-                entries(&dir)
+                entries(dir)
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        pair.dialer.close(0u32.into(), b"gone");
+    }
+
+    fn pseudo_random(len: usize) -> Vec<u8> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_transfer_keeps_its_part_file_and_the_same_file_resumes_from_it() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("resume", 1 << 30);
+        let source_dir = dir.with_extension("src");
+        std::fs::create_dir_all(&source_dir).unwrap();
+        let source = source_dir.join("half.bin");
+        let content = pseudo_random(4 << 20);
+        std::fs::write(&source, &content).unwrap();
+        let (size, sha256) = sha256_file(&source).await.unwrap();
+        // A first transfer sends 1 MiB and is reset: the receiver keeps what it got.
+        let served = serve_one(&pair, inbox.clone());
+        let (mut tx, mut rx) = pair.dialer.open_bi().await.unwrap();
+        write_frame(&mut tx, &PeerMessage::Open { app: PeerApp::File }.encode())
+            .await
+            .unwrap();
+        let header = PeerMessage::FileHeader {
+            name: "half.bin".into(),
+            size,
+            sha256: sha256.clone(),
+        };
+        write_frame(&mut tx, &header.encode()).await.unwrap();
+        assert_eq!(start_at(&mut tx, &mut rx, None).await, 0);
+        tx.write_all(&content[..1 << 20]).await.unwrap();
+        let part = wait_for_part(&dir, 1 << 20).await;
+        tx.reset(7u32.into()).unwrap();
         served.await.unwrap();
-        assert!(entries(&dir).is_empty(), "left behind: {:?}", entries(&dir));
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), 1 << 20, "kept");
+        assert_eq!(mode_of(&part), 0o600);
+        // The same file again: only the rest crosses, and the whole is verified.
+        let served = serve_one(&pair, inbox);
+        let (console, _printer) = Console::start_with(true);
+        let summary = send(&pair.dialer, &source, &console).await.unwrap();
+        assert!(summary.contains("resumed at byte 1048576"), "{summary}");
+        served.await.unwrap();
+        assert_eq!(entries(&dir), ["half.bin"]);
+        assert_eq!(std::fs::read(dir.join("half.bin")).unwrap(), content);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&source_dir).unwrap();
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn a_part_file_that_does_not_match_the_senders_bytes_is_never_used() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("forged", 1 << 30);
+        let source_dir = dir.with_extension("src");
+        std::fs::create_dir_all(&source_dir).unwrap();
+        let source = source_dir.join("data.bin");
+        let content = pseudo_random(1 << 20);
+        std::fs::write(&source, &content).unwrap();
+        let (size, sha256) = sha256_file(&source).await.unwrap();
+        // Half of the file, but wrong bytes, where this sender's .part file would be.
+        let part = part_path(&dir, &pair.dialer_id, "data.bin", size, &sha256);
+        std::fs::write(&part, vec![0xAA; 512 << 10]).unwrap();
+        let served = serve_one(&pair, inbox);
+        let (console, _printer) = Console::start_with(true);
+        let summary = send(&pair.dialer, &source, &console).await.unwrap();
+        assert!(!summary.contains("resumed"), "{summary}");
+        served.await.unwrap();
+        assert_eq!(entries(&dir), ["data.bin"]);
+        assert_eq!(std::fs::read(dir.join("data.bin")).unwrap(), content);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&source_dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_sender_asking_to_start_past_what_the_receiver_holds_is_refused() {
+        let pair = pair().await;
+        let (dir, inbox) = temp_inbox("offset", 1 << 30);
+        let served = serve_one(&pair, inbox);
+        let (mut tx, mut rx) = open_with_header(&pair.dialer, "skip.bin", 1 << 20).await;
+        assert_eq!(start_at(&mut tx, &mut rx, Some(1000)).await, 0);
+        let reply = read_frame(&mut rx).await.unwrap().unwrap();
+        let PeerMessage::FileResult { ok, message, .. } = PeerMessage::decode(&reply).unwrap()
+        else {
+            panic!("not a file result");
+        };
+        assert!(!ok);
+        assert!(message.contains("file_start at 1000"), "{message}");
+        served.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_receiver_claiming_more_than_the_file_is_not_believed() {
+        let (dir, _inbox) = temp_inbox("claim", 1);
+        let source = dir.join("f.bin");
+        std::fs::write(&source, pseudo_random(1000)).unwrap();
+        let err = resume_point(&source, 1000, 1001, "00").await.unwrap_err();
+        assert!(err.to_string().contains("claims 1001 bytes"), "{err}");
+        assert_eq!(resume_point(&source, 1000, 500, "00").await.unwrap(), 0);
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&pseudo_random(1000)[..500]);
+        let prefix = hex(ctx.finish().as_ref());
+        assert_eq!(
+            resume_point(&source, 1000, 500, &prefix).await.unwrap(),
+            500
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -55,11 +55,11 @@
 //! - The machinery under it: [`node`] (socket and QUIC endpoint), [`session`] (registration),
 //!   [`register`] (the register handshake and TLS names), [`relay`], [`punching`], [`dial`],
 //!   [`paths`] (keeping each connection on its best path), [`netcheck`] and [`portmap`] (what
-//!   the NAT does), [`cache`] (addresses that worked), [`tasks`] (the tasks an endpoint spawns
+//!   the NAT does; the router's port mapping of our socket), [`cache`] (addresses that worked), [`tasks`] (the tasks an endpoint spawns
 //!   as it goes, all ended and awaited by [`Endpoint::close`]).
 //! - The `peer` program's applications, on top of the endpoint: [`commands`] (each command as
 //!   a library call, so that the program only parses arguments and prints), [`listener`] (inbound stream
-//!   dispatch), [`chat`], [`files`], [`ping`], [`access`] (allow-lists), [`control`] (the local
+//!   dispatch), [`chat`], [`files`], [`services`] (`pipe`, `forward`, `--expose`), [`ping`], [`access`] (allow-lists), [`control`] (the local
 //!   control socket and `peer status`), [`console`] (where events are written).
 #![warn(missing_docs)]
 
@@ -81,6 +81,7 @@ pub mod portmap;
 pub mod punching;
 pub mod register;
 pub mod relay;
+pub mod services;
 pub mod session;
 pub mod tasks;
 

@@ -1,4 +1,5 @@
-//! `peer listen`: accept connections and serve what each peer opens on them (chat, ping, files).
+//! `peer listen`: accept connections and serve what each peer opens on them (chat, ping, files,
+//! exposed TCP services).
 //!
 //! Why this exists apart from [`crate::endpoint`]: the endpoint gives a program connections; what
 //! runs on them is the application's business. This module is the `peer` program's application,
@@ -19,18 +20,31 @@ use crate::endpoint::{Endpoint, Incoming, RegisterError};
 use crate::files;
 use crate::paths::PathKeeper;
 use crate::ping;
+use crate::services::{self, Exposed};
 use crate::session::SessionState;
+
+/// What a listener offers besides chat and ping: an inbox for files and exposed TCP services
+/// (each refused to peers when absent).
+#[derive(Debug, Clone, Default)]
+pub struct Offered {
+    /// Where received files go.
+    pub inbox: Option<Arc<files::Inbox>>,
+    /// The TCP services peers may reach.
+    pub exposed: Option<Arc<Exposed>>,
+}
 
 /// Lines typed by the user, by chat: each open chat's input queue.
 pub type ChatHub = Arc<Mutex<HashMap<u64, mpsc::Sender<String>>>>;
 
 /// Runs `peer listen` on `endpoint` until `stop` completes: registers, tells the user, serves
 /// every connection, and closes the endpoint. `policy` is only shown (the endpoint enforces it);
-/// `inbox` receives files (refused without one).
+/// `inbox` receives files (refused without one); `exposed` are the TCP services offered (none
+/// without).
 pub async fn run(
     endpoint: Endpoint,
     policy: &Access,
     inbox: Option<Arc<files::Inbox>>,
+    exposed: Option<Arc<Exposed>>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), RegisterError> {
     let reg = match endpoint.registered().await {
@@ -46,6 +60,14 @@ pub async fn run(
     if let Access::Only(ids) = policy {
         console
             .say(format!("accepting only {} allowed peer(s)", ids.len()))
+            .await;
+    }
+    if let Some(exposed) = &exposed {
+        console
+            .say(format!(
+                "exposing {} to the allowed peers",
+                exposed.describe().join(", ")
+            ))
             .await;
     }
     let how = if reg.over_tcp {
@@ -78,7 +100,10 @@ pub async fn run(
                     me,
                     hub.clone(),
                     endpoint.path_keeper().clone(),
-                    inbox.clone(),
+                    Offered {
+                        inbox: inbox.clone(),
+                        exposed: exposed.clone(),
+                    },
                     console.clone(),
                     async move {
                         let _ = serving.wait_for(|stop| *stop).await;
@@ -172,7 +197,7 @@ pub async fn serve_peer(
     me: PeerId,
     hub: ChatHub,
     keeper: PathKeeper,
-    inbox: Option<Arc<files::Inbox>>,
+    offered: Offered,
     console: Console,
     stop: impl Future<Output = ()>,
 ) {
@@ -254,8 +279,17 @@ pub async fn serve_peer(
                 streams.spawn(ping::serve(tx, rx, keeper.clone()));
             }
             common::message::PeerApp::File => {
-                let inbox = inbox.clone();
+                let inbox = offered.inbox.clone();
                 streams.spawn(async move { files::receive(tx, rx, peer, inbox, &console).await });
+            }
+            common::message::PeerApp::Service => {
+                streams.spawn(services::serve(
+                    tx,
+                    rx,
+                    peer,
+                    offered.exposed.clone(),
+                    console,
+                ));
             }
         }
     }

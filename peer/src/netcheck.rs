@@ -232,7 +232,8 @@ fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour, discovery: bo
         (EndpointIndependent, AddressAndPortDependent) => {
             "your NAT keeps one public port per socket but only accepts packets from the exact \
              address and port you sent to (port-restricted cone): direct paths will work with peers \
-             behind no NAT or a cone NAT; peers behind symmetric NATs will be relayed"
+             behind no NAT or a cone NAT, and with peers behind symmetric NATs by birthday \
+             punching (probing many of their ports; relayed when it finds none in time)"
                 .to_owned()
         }
         (EndpointIndependent, Unknown) => format!(
@@ -247,8 +248,9 @@ fn verdict(no_nat: bool, mapping: Behaviour, filtering: Behaviour, discovery: bo
         ),
         (AddressDependent | AddressAndPortDependent, _) => {
             "your NAT gives a new public port for every destination (symmetric): direct paths will \
-             work only with peers behind no NAT or a full or address-restricted cone NAT; peers \
-             behind port-restricted cone or symmetric NATs will be relayed"
+             work with peers behind no NAT or a full or address-restricted cone NAT, and with \
+             port-restricted cone NATs by birthday punching (many extra sockets; relayed when it \
+             finds no port in time); peers behind symmetric NATs will be relayed"
                 .to_owned()
         }
         _ if discovery => "the STUN server offers behaviour discovery, but its tests got no \
@@ -853,7 +855,7 @@ mod tests {
         let r = classify(&port);
         assert_eq!(r.filtering, Behaviour::AddressAndPortDependent);
         assert!(
-            r.verdict.contains("symmetric NATs will be relayed"),
+            r.verdict.contains("symmetric NATs by birthday punching"),
             "{}",
             r.verdict
         );

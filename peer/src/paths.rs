@@ -400,8 +400,9 @@ impl PathKeeper {
         introduction: Introduction,
         role: Role,
         candidates: &[Candidate],
+        peer_nat: Option<common::nat::NatProfile>,
     ) -> State {
-        self.punch_telling_first_sent(peer, introduction, role, candidates, None)
+        self.punch_telling_first_sent(peer, introduction, role, candidates, peer_nat, None)
             .await
     }
 
@@ -415,9 +416,16 @@ impl PathKeeper {
         introduction: Introduction,
         role: Role,
         candidates: &[Candidate],
+        peer_nat: Option<common::nat::NatProfile>,
         first_sent: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> State {
         let log = self.verbose.then(|| self.console.clone());
+        // Birthday punching only for a pair plain punching cannot open, known from both
+        // profiles (ours measured, theirs handed over by the rendezvous).
+        let birthday = match (self.nat_profile(), peer_nat) {
+            (Some(ours), Some(theirs)) => punch::birthday::role(&ours, &theirs),
+            _ => None,
+        };
         let witness = PunchWitness {
             keeper: self.clone(),
             peer,
@@ -429,6 +437,7 @@ impl PathKeeper {
             introduction,
             role,
             candidates,
+            birthday,
             log,
             Some(witness),
             &self.tasks,
@@ -641,21 +650,43 @@ impl PathKeeper {
         }
     }
 
+    /// Our NAT was just measured (and the rendezvous told): a connection that is relayed now
+    /// may need birthday punching, which its first punch could not choose without the
+    /// profile. Each punches again at once with a new introduction, which carries both
+    /// profiles, instead of waiting for its next retry.
+    pub fn nat_measured(&self) {
+        let relayed: Vec<PeerId> = match self.table.lock() {
+            Ok(table) => table
+                .peers
+                .iter()
+                .filter(|(_, e)| e.paths.link().is_some_and(|l| l.path == Current::Relay))
+                .map(|(peer, _)| *peer)
+                .collect(),
+            Err(_) => return,
+        };
+        for peer in relayed {
+            let keeper = self.clone();
+            self.tasks.spawn(async move { keeper.repunch(peer).await });
+        }
+    }
+
     /// Asks for a new introduction to `peer` and punches; the result goes to the peer's machine.
     async fn repunch(&self, peer: PeerId) {
         let reply = self
             .session
             .request(&ControlMessage::Connect { id: peer })
             .await;
-        let (candidates, introduction) = match reply {
+        let (candidates, introduction, peer_nat) = match reply {
             Ok(ControlMessage::Punch {
                 candidates,
                 nonce,
                 key,
+                nat,
                 ..
             }) => (
                 self.screen_candidates(&candidates),
                 Introduction { nonce, key },
+                nat,
             ),
             Ok(other) => {
                 let reason = format!("the rendezvous answered {}", other.kind());
@@ -669,7 +700,7 @@ impl PathKeeper {
         };
         self.prepare(peer, introduction.nonce, &candidates);
         match self
-            .punch(peer, introduction, Role::Initiator, &candidates)
+            .punch(peer, introduction, Role::Initiator, &candidates, peer_nat)
             .await
         {
             State::Direct(_) => self.report_punch(peer, true),
@@ -720,6 +751,7 @@ impl PathKeeper {
                 candidates,
                 nonce,
                 key,
+                nat,
             } = event;
             let candidates = self.screen_candidates(&candidates);
             if punches.len() >= MAX_RESPONDER_PUNCHES {
@@ -745,6 +777,7 @@ impl PathKeeper {
                         Introduction { nonce, key },
                         Role::Responder,
                         &candidates,
+                        nat,
                     )
                     .await;
             });

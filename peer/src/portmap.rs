@@ -1,11 +1,18 @@
-//! Does the router offer port mapping? Probes the default gateway for NAT-PMP (RFC 6886), PCP
-//! (RFC 6887) and UPnP IGD (SSDP discovery), all at once, as Tailscale's portmapper does.
+//! Port mapping by the router. [`probe`] tells whether the default gateway offers NAT-PMP
+//! (RFC 6886), PCP (RFC 6887) and UPnP IGD (SSDP discovery), all at once, as Tailscale's
+//! portmapper does, for `peer netcheck`; nothing is mapped by it. [`mapper`] (sans-IO) and
+//! [`driver`] (its I/O) ask the gateway to map the peer's UDP port and keep the mapping, which
+//! the rendezvous hands out as a candidate of its own kind (`port mapping`).
 //!
-//! Only availability is probed: nothing is mapped. The encoders and parsers are pure and tested
-//! on bytes; [`probe`] is the thin I/O around them.
+//! The encoders and parsers are pure and tested on bytes ([`wire`], [`upnp`]).
 //!
 //! Why it is a module of its own: the probes speak three binary protocols whose parsers take
 //! bytes from the LAN; keeping them pure makes them testable and fuzzable without a router.
+
+pub mod driver;
+pub mod mapper;
+pub mod upnp;
+pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

@@ -6,20 +6,29 @@
 //! sessions ([`punch::budget::DEFAULT_BURST`] at once, [`punch::budget::DEFAULT_PER_SECOND`]
 //! per second): whoever gets us introduced to them, however often, cannot make us send more.
 //!
+//! Birthday punching ([`punch::birthday`]) has budgets of its own, because its probes are many by
+//! design: every birthday datagram of all sessions goes through one bucket of
+//! [`BIRTHDAY_PER_SECOND`] per second ([`BIRTHDAY_BURST`] at once); one introduction sends at
+//! most [`punch::birthday::DEFAULT_PROBES`] probes (easy side) or
+//! [`punch::birthday::DEFAULT_SOCKETS`] opening probes per round (hard side); and at most
+//! [`BIRTHDAY_PER_PEER`] introductions with the same peer per [`BIRTHDAY_PEER_WINDOW`] use it at
+//! all (later ones punch plainly).
+//!
 //! Why it is a module of its own: the socket is shared by quinn, STUN and every punching
 //! session at once; this is the one place that decides which session a datagram belongs to and
 //! how many probes we may send in all.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::message::Candidate;
 use common::nat::{Behaviour, NatProfile};
 use common::stun::{self, ProbeTag, StunPacket};
 use common::PeerId;
+use punch::birthday::{BirthdayConfig, BirthdayRole};
 use punch::budget::ProbeBudget;
-use punch::{Event, Introduction, PunchConfig, Puncher, Role, State};
+use punch::{BirthdayTransmit, Event, Introduction, PunchConfig, Puncher, Role, State};
 use tokio::sync::{mpsc, watch};
 use transport::StunDatagram;
 
@@ -29,11 +38,47 @@ use crate::node::Node;
 /// Datagrams queued for one punching session.
 const SESSION_QUEUE: usize = 64;
 
-/// Active punching sessions by nonce, and the budget they share.
-#[derive(Clone, Default)]
+/// Birthday datagrams (probes and opening probes) all sessions together send per second...
+pub const BIRTHDAY_PER_SECOND: u32 = 1000;
+/// ...and at once.
+pub const BIRTHDAY_BURST: u32 = 100;
+/// Introductions with one peer that may use birthday punching per [`BIRTHDAY_PEER_WINDOW`].
+pub const BIRTHDAY_PER_PEER: usize = 3;
+/// See [`BIRTHDAY_PER_PEER`].
+pub const BIRTHDAY_PEER_WINDOW: Duration = Duration::from_secs(60);
+/// Peers whose birthday punches are remembered for [`BIRTHDAY_PER_PEER`] (the oldest is
+/// forgotten first).
+const BIRTHDAY_PEERS_REMEMBERED: usize = 1024;
+/// How long a birthday session may take (a plain one takes `PunchConfig::default().deadline`).
+pub const BIRTHDAY_DEADLINE: Duration = Duration::from_secs(8);
+
+/// Active punching sessions by nonce, and the budgets they share.
+#[derive(Clone)]
 pub struct Router {
     sessions: Arc<Mutex<HashMap<u64, mpsc::Sender<StunDatagram>>>>,
     budget: Arc<Mutex<ProbeBudget>>,
+    birthday_budget: Arc<Mutex<ProbeBudget>>,
+    birthday_starts: Arc<Mutex<HashMap<PeerId, Vec<Instant>>>>,
+    /// Peers with a birthday punch running (one at a time per peer).
+    birthday_active: Arc<Mutex<std::collections::HashSet<PeerId>>>,
+    /// Birthday punching at all (`--no-birthday-punch` turns it off).
+    pub birthday: bool,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router {
+            sessions: Arc::default(),
+            budget: Arc::default(),
+            birthday_budget: Arc::new(Mutex::new(ProbeBudget::new(
+                BIRTHDAY_BURST,
+                BIRTHDAY_PER_SECOND,
+            ))),
+            birthday_starts: Arc::default(),
+            birthday_active: Arc::default(),
+            birthday: true,
+        }
+    }
 }
 
 impl Router {
@@ -56,6 +101,51 @@ impl Router {
             .lock()
             .map(|mut b| b.try_send(now))
             .unwrap_or(false)
+    }
+
+    /// Whether the birthday budget lets one more birthday datagram out now (taking it if so).
+    pub fn may_send_birthday(&self, now: Instant) -> bool {
+        self.birthday_budget
+            .lock()
+            .map(|mut b| b.try_send(now))
+            .unwrap_or(false)
+    }
+
+    /// Whether an introduction with `peer` may use birthday punching now (none running with
+    /// it, at most [`BIRTHDAY_PER_PEER`] per [`BIRTHDAY_PEER_WINDOW`]); counts it and marks it
+    /// running if so (until [`Router::birthday_ended`]).
+    pub fn may_start_birthday(&self, peer: PeerId, now: Instant) -> bool {
+        let Ok(mut active) = self.birthday_active.lock() else {
+            return false;
+        };
+        if active.contains(&peer) {
+            return false;
+        }
+        let Ok(mut starts) = self.birthday_starts.lock() else {
+            return false;
+        };
+        starts.retain(|_, times| {
+            times.retain(|t| now.saturating_duration_since(*t) < BIRTHDAY_PEER_WINDOW);
+            !times.is_empty()
+        });
+        if !starts.contains_key(&peer) && starts.len() >= BIRTHDAY_PEERS_REMEMBERED {
+            // Full of peers within the window: no birthday for a new one until one ages out.
+            return false;
+        }
+        let times = starts.entry(peer).or_default();
+        if times.len() >= BIRTHDAY_PER_PEER {
+            return false;
+        }
+        times.push(now);
+        active.insert(peer);
+        true
+    }
+
+    /// The birthday punch with `peer` is over.
+    pub fn birthday_ended(&self, peer: PeerId) {
+        if let Ok(mut active) = self.birthday_active.lock() {
+            active.remove(&peer);
+        }
     }
 
     /// Punching datagrams dropped by the shared budget so far.
@@ -158,23 +248,70 @@ pub async fn run(
     introduction: Introduction,
     role: Role,
     candidates: &[Candidate],
+    birthday: Option<BirthdayRole>,
     verbose: Option<Console>,
     witness: Option<crate::paths::PunchWitness>,
     tasks: &crate::tasks::TaskSet,
-    config: PunchConfig,
+    timing: PunchConfig,
     initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
     first_sent: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> State {
     let inbox = router.register(introduction.nonce);
-    let puncher = Puncher::new(
+    let now = Instant::now();
+    let birthday = birthday.filter(|_| router.birthday && router.may_start_birthday(peer, now));
+    let config = BirthdayConfig::default();
+    let mut extras = Vec::new();
+    let plan = birthday.and_then(|role| {
+        if role == BirthdayRole::Hard {
+            extras = node.socket.open_extras(usize::from(config.sockets));
+            if extras.is_empty() {
+                // Over the cap of extra sockets (another hard-side punch holds them), or the
+                // system gives none: a plain punch.
+                return None;
+            }
+        }
+        let sockets = u16::try_from(extras.len()).unwrap_or(u16::MAX);
+        punch::birthday::plan(role, candidates, sockets)
+    });
+    let punch_config = PunchConfig {
+        deadline: if plan.is_some() {
+            BIRTHDAY_DEADLINE
+        } else {
+            timing.deadline
+        },
+        ..timing
+    };
+    let mut puncher = Puncher::new(
         node.identity.id(),
         peer,
         introduction,
         role,
         candidates,
-        Instant::now(),
-        config,
+        now,
+        punch_config,
     );
+    if let Some(plan) = plan.clone() {
+        if let Some(console) = &verbose {
+            console
+                .error(match &plan {
+                    punch::birthday::BirthdayPlan::Hard { toward, sockets } => format!(
+                        "punch {}: birthday punching (our NAT is symmetric): {sockets} extra sockets send to {toward}",
+                        peer.short()
+                    ),
+                    punch::birthday::BirthdayPlan::Easy { ip, .. } => format!(
+                        "punch {}: birthday punching (the peer's NAT is symmetric): up to {} probes to ports of {ip} at {}/s",
+                        peer.short(),
+                        config.probes,
+                        config.per_second
+                    ),
+                })
+                .await;
+        }
+        puncher = puncher.with_birthday(plan, &config, rand::random(), now);
+    } else if !extras.is_empty() {
+        node.socket.release_extras(&extras, None);
+        extras.clear();
+    }
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let session = Session {
         node: node.clone(),
@@ -186,6 +323,9 @@ pub async fn run(
         first: Some(first_tx),
         initiator_started,
         first_sent,
+        extras,
+        pinned: None,
+        birthday: birthday.is_some(),
     };
     // The session outlives this call (see above) but not the endpoint.
     if !tasks.spawn(session.drive()) {
@@ -208,9 +348,69 @@ struct Session {
     initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
     // Told once the first datagrams (the opening probes) are out.
     first_sent: Option<tokio::sync::oneshot::Sender<()>>,
+    // Birthday punching, hard side: our extra sockets (by the puncher's socket number), and
+    // the one the peer was reached through, once pinned.
+    extras: Vec<transport::ExtraId>,
+    pinned: Option<transport::ExtraId>,
+    // This session is the peer's running birthday punch (see Router::may_start_birthday).
+    birthday: bool,
 }
 
 impl Session {
+    /// Gives the extra sockets back once the session has its result: all but the winner close
+    /// at once (the winner stays with the peer's connection, see DemuxSocket::release_extras).
+    fn release_extras(&mut self) {
+        if self.extras.is_empty() {
+            return;
+        }
+        let keep = self
+            .pinned
+            .filter(|_| matches!(self.puncher.state(), State::Direct(_)));
+        self.node.socket.release_extras(&self.extras, keep);
+        self.extras.clear();
+    }
+
+    /// Sends one punching datagram within its budget; false if the budget dropped it.
+    async fn send(&self, transmit: &punch::Transmit, now: Instant) -> bool {
+        let allowed = match transmit.birthday {
+            None => self.router.may_send(now),
+            Some(_) => self.router.may_send_birthday(now),
+        };
+        if !allowed {
+            return false;
+        }
+        let sent = match transmit.birthday {
+            Some(BirthdayTransmit::Opening { socket }) => {
+                match self.extras.get(usize::from(socket)) {
+                    Some(id) => {
+                        self.node
+                            .socket
+                            .send_from(*id, &transmit.contents, transmit.destination)
+                            .await
+                    }
+                    None => return true,
+                }
+            }
+            // An opening probe: best effort (it only matters before the peer's probes).
+            None if transmit.ttl.is_some() => {
+                let ttl = transmit.ttl.unwrap_or(punch::DEFAULT_OPENING_TTL);
+                self.node
+                    .socket
+                    .send_with_ttl(&transmit.contents, transmit.destination, ttl)
+            }
+            _ => {
+                self.node
+                    .socket
+                    .send_to(&transmit.contents, transmit.destination)
+                    .await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
+        }
+        true
+    }
+
     /// Hands the session's first result to the peer's machine (before the session's end
     /// releases the introduction) and to the caller, once.
     fn report_first(&mut self) {
@@ -220,6 +420,24 @@ impl Session {
                 witness.result(self.puncher.nonce(), &state);
             }
             let _ = first.send(state);
+        }
+    }
+
+    /// Once the peer was heard on one of our extra sockets (authenticated), everything to the
+    /// address it came from leaves from that socket: our answer and probes now, QUIC and
+    /// heartbeats later. Done before the answer goes out.
+    fn pin_winner(&mut self) {
+        if self.pinned.is_some() {
+            return;
+        }
+        let Some((socket, from)) = self.puncher.birthday_winner() else {
+            return;
+        };
+        if let Some(id) = self.extras.get(usize::from(socket)) {
+            let quinn_addr = crate::relay::stable_addr(&self.puncher.peer());
+            self.node.socket.pin(from, *id, quinn_addr);
+            self.pinned = Some(*id);
+            tracing::debug!(peer = %self.puncher.peer(), %from, "birthday punch: pinned the winning socket");
         }
     }
 
@@ -249,7 +467,7 @@ impl Session {
                 }
             }
             while let Some(transmit) = self.puncher.poll_transmit(now) {
-                if !self.router.may_send(now) {
+                if !self.send(&transmit, now).await {
                     // Dropped as the network might drop it; said once per session.
                     if !over_budget {
                         over_budget = true;
@@ -267,23 +485,6 @@ impl Session {
                     }
                     continue;
                 }
-                let sent = match transmit.ttl {
-                    // An opening probe: best effort (it only matters before the peer's probes).
-                    Some(ttl) => self.node.socket.send_with_ttl(
-                        &transmit.contents,
-                        transmit.destination,
-                        ttl,
-                    ),
-                    None => {
-                        self.node
-                            .socket
-                            .send_to(&transmit.contents, transmit.destination)
-                            .await
-                    }
-                };
-                if let Err(e) = sent {
-                    tracing::debug!(to = %transmit.destination, error = %e, "probe not sent");
-                }
             }
             if let Some(first_sent) = self.first_sent.take() {
                 let _ = first_sent.send(());
@@ -295,6 +496,7 @@ impl Session {
             }
             if !matches!(self.puncher.state(), State::Probing) {
                 self.report_first();
+                self.release_extras();
             }
             if self.puncher.is_finished(now) {
                 break;
@@ -305,7 +507,12 @@ impl Session {
             tokio::select! {
                 datagram = self.inbox.recv() => match datagram {
                     Some(d) => {
-                        self.puncher.handle_datagram(d.from, &d.data, Instant::now());
+                        let via = d
+                            .via
+                            .and_then(|id| self.extras.iter().position(|e| *e == id))
+                            .and_then(|i| u16::try_from(i).ok());
+                        self.puncher.handle_datagram_via(d.from, &d.data, Instant::now(), via);
+                        self.pin_winner();
                     }
                     None => break,
                 },
@@ -324,6 +531,10 @@ impl Session {
             }
         }
         self.report_first();
+        self.release_extras();
+        if self.birthday {
+            self.router.birthday_ended(self.puncher.peer());
+        }
         self.router.unregister(self.puncher.nonce());
         if let Some(witness) = &self.witness {
             witness.ended(self.puncher.nonce());
@@ -358,5 +569,69 @@ fn describe(peer: PeerId, event: &Event) -> String {
             "punch {peer}: answer from {from} after {:.1} ms",
             rtt.as_secs_f64() * 1000.0
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerId {
+        PeerId::from_key_digest(&[n; 32])
+    }
+
+    /// Whoever gets us introduced, however often: at most BIRTHDAY_PER_PEER birthday punches
+    /// with one peer per window, a bounded table of peers, and BIRTHDAY_PER_SECOND birthday
+    /// datagrams per second in all.
+    #[test]
+    fn birthday_punching_is_bounded_per_peer_and_in_all() {
+        let router = Router::default();
+        let t0 = Instant::now();
+        // One at a time per peer.
+        assert!(router.may_start_birthday(peer(1), t0));
+        assert!(!router.may_start_birthday(peer(1), t0));
+        router.birthday_ended(peer(1));
+        let started = 1
+            + (0..10)
+                .filter(|_| {
+                    let started = router.may_start_birthday(peer(1), t0);
+                    router.birthday_ended(peer(1));
+                    started
+                })
+                .count();
+        assert_eq!(started, BIRTHDAY_PER_PEER);
+        // Another peer has its own allowance; the first gets its back after the window.
+        assert!(router.may_start_birthday(peer(2), t0));
+        router.birthday_ended(peer(2));
+        assert!(!router.may_start_birthday(peer(1), t0 + BIRTHDAY_PEER_WINDOW / 2));
+        assert!(router.may_start_birthday(peer(1), t0 + BIRTHDAY_PEER_WINDOW));
+        // The table of peers is bounded: past it, new peers get no birthday punch until
+        // entries age out.
+        let router = Router::default();
+        let mut refused = 0;
+        for n in 0..(BIRTHDAY_PEERS_REMEMBERED + 50) {
+            let digest = [(n % 251) as u8, (n / 251) as u8, 7, 7, 7, 7, 7, 7];
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&digest);
+            if !router.may_start_birthday(PeerId::from_key_digest(&key), t0) {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 50);
+        assert!(router.may_start_birthday(peer(3), t0 + BIRTHDAY_PEER_WINDOW));
+        // The datagram budget: a burst, then the rate.
+        let sent = (0..5000).filter(|_| router.may_send_birthday(t0)).count();
+        assert_eq!(sent, BIRTHDAY_BURST as usize);
+        // Asked without pause for the next second: the rate, give or take a rounding.
+        let sent: usize = (1..=1000u64)
+            .map(|ms| {
+                let at = t0 + Duration::from_millis(ms);
+                (0..50).filter(|_| router.may_send_birthday(at)).count()
+            })
+            .sum();
+        assert!(
+            (BIRTHDAY_PER_SECOND as usize - 2..=BIRTHDAY_PER_SECOND as usize).contains(&sent),
+            "{sent}"
+        );
     }
 }

@@ -57,10 +57,23 @@ pub async fn register(
     local_addrs: Vec<SocketAddr>,
     timeout: Duration,
 ) -> Result<RegisterExchange, HandshakeError> {
+    register_with(conn, version, local_addrs, None, timeout).await
+}
+
+/// As [`register`], announcing `mapped_port`, the external port our router maps to our UDP
+/// port.
+pub async fn register_with(
+    conn: &quinn::Connection,
+    version: u32,
+    local_addrs: Vec<SocketAddr>,
+    mapped_port: Option<u16>,
+    timeout: Duration,
+) -> Result<RegisterExchange, HandshakeError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let request = ControlMessage::Register {
         version,
         local_addrs,
+        mapped_port,
     };
     write_frame(&mut send, &request.encode()).await?;
     let body = tokio::time::timeout(timeout, read_frame(&mut recv))

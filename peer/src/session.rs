@@ -41,6 +41,8 @@ pub struct Registration {
     pub generation: u64,
     /// The connection runs through the TLS-over-TCP tunnel (UDP is blocked).
     pub over_tcp: bool,
+    /// The router-mapped external port this registration announced.
+    pub mapped_port: Option<u16>,
 }
 
 /// Where the session stands.
@@ -70,6 +72,8 @@ pub enum ServerEvent {
         nonce: u64,
         /// The introduction's secret key (probes and answers are authenticated with it).
         key: common::stun::PunchKey,
+        /// The peer's NAT behaviour as it reported it to the rendezvous, if it did.
+        nat: Option<common::nat::NatProfile>,
     },
 }
 
@@ -112,6 +116,9 @@ pub struct SessionConfig {
     pub known_servers: PathBuf,
     /// Our interface addresses to announce.
     pub local_addrs: Vec<SocketAddr>,
+    /// The external port our router maps to our UDP port, announced in each `register`
+    /// ([`crate::portmap`]; later changes are sent as `mapped_port`).
+    pub mapped_port: watch::Receiver<Option<crate::portmap::mapper::Mapping>>,
     /// QUIC timers.
     pub transport: TransportSettings,
     /// The rendezvous's TLS tunnel, used when UDP to it fails.
@@ -322,7 +329,7 @@ async fn run(
                 _ = shutdown.changed() => return,
             };
             match attempt {
-                Ok((conn, control_tx, mut control_rx, id, observed)) => {
+                Ok((conn, control_tx, mut control_rx, id, observed, mapped_port)) => {
                     generation += 1;
                     backoff = BACKOFF_MIN;
                     state_tx.send_replace(SessionState::Registered(Registration {
@@ -331,6 +338,7 @@ async fn run(
                         observed,
                         generation,
                         over_tcp: tunnel.is_open(),
+                        mapped_port,
                     }));
                     tracing::info!(%observed, generation, over_tcp = tunnel.is_open(), "registered with the rendezvous");
                     let reason = tokio::select! {
@@ -528,6 +536,7 @@ type Registered = (
     quinn::RecvStream,
     PeerId,
     SocketAddr,
+    Option<u16>,
 );
 
 async fn register(
@@ -579,14 +588,16 @@ async fn register(
         first_use.send_replace(Some(trusted));
         *trust = ServerTrust::Pinned(fp);
     }
+    let mapped_port = crate::portmap::driver::announced_port(*config.mapped_port.borrow());
     let crate::register::RegisterExchange {
         send: tx,
         recv: rx,
         reply,
-    } = crate::register::register(
+    } = crate::register::register_with(
         &conn,
         PROTOCOL_VERSION,
         config.local_addrs.clone(),
+        mapped_port,
         Duration::from_secs(5),
     )
     .await
@@ -611,7 +622,7 @@ async fn register(
                     identity.id()
                 )));
             }
-            Ok((conn, tx, rx, id, observed))
+            Ok((conn, tx, rx, id, observed, mapped_port))
         }
         ControlMessage::Error { code, message } => {
             let text = format!("registration refused ({code:?}): {message}");
@@ -659,12 +670,14 @@ async fn pump_events(
                 candidates,
                 nonce,
                 key,
+                nat,
             }) => {
                 let event = ServerEvent::Punch {
                     peer,
                     candidates,
                     nonce,
                     key,
+                    nat,
                 };
                 if events_tx.try_send(event).is_err() {
                     tracing::warn!("event queue full; dropping a punch request");

@@ -150,6 +150,7 @@ impl Heartbeats {
             destination: to,
             contents: stun::probe_request(&self.tag, self.counter, &self.keys.mine),
             ttl: None,
+            birthday: None,
         }
     }
 
@@ -180,6 +181,7 @@ impl Heartbeats {
                     destination: from,
                     contents: stun::probe_success(transaction, from, &self.keys.theirs),
                     ttl: None,
+                    birthday: None,
                 })
             }
             Ok(StunPacket::BindingSuccess { transaction, .. }) => {

@@ -26,6 +26,7 @@
 //! If nothing is answered by the deadline, the puncher fails with a report of what it saw, from
 //! which [`FailureReport::reason`] explains why in words.
 
+pub mod birthday;
 pub mod budget;
 pub mod heartbeat;
 pub mod path;
@@ -37,6 +38,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use birthday::{BirthdayConfig, BirthdayPlan, Opening, Spray};
 use common::message::{Candidate, CandidateKind};
 use common::stun::{self, ProbeTag, PunchKey, StunPacket};
 use common::PeerId;
@@ -128,6 +130,9 @@ pub enum PathKind {
     Candidate(CandidateKind),
     /// From the source of the peer's probe.
     PeerReflexive,
+    /// Found by birthday punching ([`birthday`]): a port of the peer's symmetric NAT hit by one
+    /// of our probes, or the peer's address reached from one of our extra sockets.
+    Birthday,
 }
 
 impl PathKind {
@@ -136,6 +141,7 @@ impl PathKind {
         match self {
             PathKind::Candidate(kind) => kind.describe(),
             PathKind::PeerReflexive => "address learned from the peer's probe",
+            PathKind::Birthday => "birthday punch",
         }
     }
 }
@@ -254,6 +260,33 @@ pub struct Transmit {
     /// The IP TTL (hop limit) to send with, if not the socket's default: an opening probe
     /// ([`PunchConfig::opening_ttl`]). A driver that cannot set it drops the datagram.
     pub ttl: Option<u8>,
+    /// A birthday-punching datagram (paced and budgeted apart from ordinary probes; an opening
+    /// probe leaves from an extra socket), or `None` for one from the primary socket.
+    pub birthday: Option<BirthdayTransmit>,
+}
+
+/// What kind of birthday-punching datagram a [`Transmit`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BirthdayTransmit {
+    /// The hard side's opening probe, from extra socket number `socket` (0-based, below the
+    /// plan's `sockets`).
+    Opening {
+        /// Which extra socket sends it.
+        socket: u16,
+    },
+    /// The easy side's probe of a port of the peer's NAT.
+    Spray,
+}
+
+/// What a probe in flight was sent to.
+#[derive(Debug, Clone, Copy)]
+enum Probed {
+    /// A target (by index).
+    Target(usize),
+    /// A port of the peer's NAT (birthday spray).
+    Spray(SocketAddr),
+    /// The peer's address, from an extra socket (birthday opening).
+    Opening,
 }
 
 /// Events for logs and `--verbose`.
@@ -326,7 +359,12 @@ pub struct Puncher {
     targets: Vec<Target>,
     triggered: VecDeque<usize>,
     replies: VecDeque<Transmit>,
-    pending: HashMap<[u8; 12], (usize, Instant)>,
+    pending: HashMap<[u8; 12], (Probed, Instant)>,
+    // Birthday punching (see [`birthday`]): the easy side's spray, the hard side's opening
+    // probes, and the extra socket the peer was first heard on with the address it came from.
+    spray: Option<Spray>,
+    opening: Option<Opening>,
+    birthday_winner: Option<(u16, SocketAddr)>,
     counter: u32,
     state: State,
     // The deadline has passed (set by handle_timeout): nothing more will be scheduled.
@@ -386,6 +424,9 @@ impl Puncher {
             triggered: VecDeque::new(),
             replies: VecDeque::new(),
             pending: HashMap::new(),
+            spray: None,
+            opening: None,
+            birthday_winner: None,
             counter: 0,
             state: State::Probing,
             expired: false,
@@ -410,6 +451,39 @@ impl Puncher {
             puncher.add_target(candidate.addr, PathKind::Candidate(candidate.kind), now);
         }
         puncher
+    }
+
+    /// Adds birthday punching to the session (see [`birthday`]), started at `now`: the easy
+    /// side's spray of probes (ports drawn with `seed`), or the hard side's opening probes from
+    /// extra sockets. Both stop at the first answer, as every probe does.
+    pub fn with_birthday(
+        mut self,
+        plan: BirthdayPlan,
+        config: &BirthdayConfig,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
+        match plan {
+            BirthdayPlan::Easy { ip, observed_port } => {
+                self.spray = Some(Spray::new(ip, observed_port, config, seed, now));
+            }
+            BirthdayPlan::Hard { toward, sockets } => {
+                self.opening = Some(Opening::new(toward, sockets, config, now));
+            }
+        }
+        self
+    }
+
+    /// The extra socket (by number) on which the peer was first heard, with an authenticated
+    /// probe or answer, and the address it came from: the birthday path, whose datagrams must
+    /// leave from that socket from then on.
+    pub fn birthday_winner(&self) -> Option<(u16, SocketAddr)> {
+        self.birthday_winner
+    }
+
+    /// Birthday datagrams sent so far (spray probes and opening probes).
+    pub fn birthday_sent(&self) -> u32 {
+        self.spray.as_ref().map_or(0, |s| s.sent()) + self.opening.as_ref().map_or(0, |o| o.sent)
     }
 
     /// The introduction's nonce (datagrams are routed to sessions by it).
@@ -490,6 +564,42 @@ impl Puncher {
     /// Offers a received datagram. Returns true if it belonged to this session (a probe of the
     /// peer with our nonce, or an answer to one of our probes).
     pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) -> bool {
+        self.handle_datagram_via(from, data, now, None)
+    }
+
+    /// [`Puncher::handle_datagram`] for a datagram that arrived on extra socket number `via`
+    /// (birthday punching), or on the primary socket (`None`).
+    pub fn handle_datagram_via(
+        &mut self,
+        from: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        via: Option<u16>,
+    ) -> bool {
+        let events_before = self.events.len();
+        let taken = self.handle_stun(from, data, now, via);
+        if taken && via.is_some() {
+            // Only an authenticated probe or answer leaves its event (forgeries leave none):
+            // one among the events this datagram left.
+            if let (Some(socket), None) = (via, self.birthday_winner) {
+                let proven = self.events.iter().skip(events_before).any(|e| {
+                    matches!(e, Event::ProbeReceived { from: f } | Event::Answered { from: f, .. } if *f == from)
+                });
+                if proven {
+                    self.birthday_winner = Some((socket, from));
+                }
+            }
+        }
+        taken
+    }
+
+    fn handle_stun(
+        &mut self,
+        from: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        via: Option<u16>,
+    ) -> bool {
         match stun::decode(data) {
             Ok(StunPacket::BindingRequest {
                 transaction,
@@ -520,11 +630,20 @@ impl Puncher {
                         destination: from,
                         contents: stun::probe_success(transaction, from, &self.key),
                         ttl: None,
+                        birthday: None,
                     });
                 }
                 if self.probing() && now < self.started + self.config.deadline {
                     let known = self.targets.iter().any(|t| t.addr == from);
-                    if let Some(i) = self.add_target(from, PathKind::PeerReflexive, now) {
+                    // Heard on an extra socket, or from a port of the NAT we spray: a birthday
+                    // path if it is proven.
+                    let kind =
+                        if via.is_some() || self.spray.as_ref().is_some_and(|s| s.covers(from)) {
+                            PathKind::Birthday
+                        } else {
+                            PathKind::PeerReflexive
+                        };
+                    if let Some(i) = self.add_target(from, kind, now) {
                         if !known {
                             self.events.push_back(Event::PeerReflexive { addr: from });
                         }
@@ -548,14 +667,30 @@ impl Puncher {
                     self.reject(from, false);
                     return true;
                 }
-                let Some((index, sent_at)) = self.pending.remove(&transaction) else {
+                let Some((probed, sent_at)) = self.pending.remove(&transaction) else {
                     return false;
                 };
                 self.answers_received = self.answers_received.saturating_add(1);
                 let rtt = now.saturating_duration_since(sent_at);
                 self.events.push_back(Event::Answered { from, rtt });
-                let target = &mut self.targets[index];
+                let index = match probed {
+                    Probed::Target(index) => index,
+                    // A birthday probe hit: the probed address (a port of the peer's NAT, or
+                    // the peer's address reached from an extra socket) becomes a target of its
+                    // own kind, proven at once (it may exceed MAX_TARGETS by this one).
+                    Probed::Spray(addr) => self.birthday_target(addr, now),
+                    Probed::Opening => match self.opening.as_ref().map(|o| o.toward) {
+                        Some(addr) => self.birthday_target(addr, now),
+                        None => return true,
+                    },
+                };
+                let Some(target) = self.targets.get_mut(index) else {
+                    return true;
+                };
                 target.validated = true;
+                if via.is_some() {
+                    target.kind = PathKind::Birthday;
+                }
                 if self.state == State::Probing {
                     // An answer from another address than probed still proves a round trip
                     // (some NATs rewrite the source); report the address probed, which QUIC
@@ -577,38 +712,56 @@ impl Puncher {
         }
     }
 
+    /// The index of the target for `addr`, added (of kind [`PathKind::Birthday`]) if needed.
+    fn birthday_target(&mut self, addr: SocketAddr, now: Instant) -> usize {
+        if let Some(i) = self.targets.iter().position(|t| t.addr == addr) {
+            return i;
+        }
+        self.targets.push(Target {
+            addr,
+            kind: PathKind::Birthday,
+            known_at: now,
+            attempt: usize::MAX,
+            validated: false,
+            opening: false,
+        });
+        self.targets.len() - 1
+    }
+
     /// The next datagram to send now, if any: answers first, then triggered checks, then
-    /// scheduled probes.
+    /// scheduled probes, then birthday datagrams (paced by their own plan).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Some(reply) = self.replies.pop_front() {
             return Some(reply);
         }
-        if !self.probing()
-            || now >= self.started + self.config.deadline
-            || self.probes_sent >= self.config.max_probes
-        {
+        if !self.probing() || now >= self.started + self.config.deadline {
             return None;
         }
-        if let Some(ttl) = self.config.opening_ttl {
-            if let Some(i) = self.targets.iter().position(|t| t.opening) {
-                return Some(self.opening_probe(i, ttl, now));
+        if self.probes_sent < self.config.max_probes {
+            if let Some(ttl) = self.config.opening_ttl {
+                if let Some(i) = self.targets.iter().position(|t| t.opening) {
+                    return Some(self.opening_probe(i, ttl, now));
+                }
+            }
+            if let Some(i) = self.triggered.pop_front() {
+                return Some(self.probe(i, now, false));
+            }
+            // The responder's hold delays its scheduled probes only (not birthday datagrams).
+            if !self.held(now) {
+                let due = self.targets.iter().position(|t| {
+                    !t.validated
+                        && self
+                            .config
+                            .schedule
+                            .get(t.attempt)
+                            .is_some_and(|offset| self.schedule_base(t) + *offset <= now)
+                });
+                if let Some(due) = due {
+                    return Some(self.probe(due, now, true));
+                }
             }
         }
-        if let Some(i) = self.triggered.pop_front() {
-            return Some(self.probe(i, now, false));
-        }
-        if self.held(now) {
-            return None;
-        }
-        let due = self.targets.iter().position(|t| {
-            !t.validated
-                && self
-                    .config
-                    .schedule
-                    .get(t.attempt)
-                    .is_some_and(|offset| self.schedule_base(t) + *offset <= now)
-        })?;
-        Some(self.probe(due, now, true))
+        self.birthday_transmit(now)
     }
 
     /// Ends the responder's hold ([`PunchConfig::responder_hold`]) now: the driver learned
@@ -641,7 +794,33 @@ impl Puncher {
         transmit
     }
 
-    fn probe(&mut self, index: usize, now: Instant, scheduled: bool) -> Transmit {
+    /// The next birthday datagram due at `now`, if any (outside `max_probes`: the plan has its
+    /// own budget).
+    fn birthday_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Some(addr) = self.spray.as_mut().and_then(|s| s.next(now)) {
+            let contents = self.tagged_probe(Probed::Spray(addr), now);
+            return Some(Transmit {
+                destination: addr,
+                contents,
+                birthday: Some(BirthdayTransmit::Spray),
+                ttl: None,
+            });
+        }
+        let (socket, toward) = {
+            let opening = self.opening.as_mut()?;
+            (opening.next(now)?, opening.toward)
+        };
+        let contents = self.tagged_probe(Probed::Opening, now);
+        Some(Transmit {
+            destination: toward,
+            contents,
+            birthday: Some(BirthdayTransmit::Opening { socket }),
+            ttl: None,
+        })
+    }
+
+    /// A new authenticated probe, remembered as in flight to `probed`.
+    fn tagged_probe(&mut self, probed: Probed, now: Instant) -> Vec<u8> {
         self.counter = self.counter.wrapping_add(1);
         let contents = stun::probe_request(&self.tag, self.counter, &self.key);
         if self.pending.len() >= MAX_PENDING {
@@ -649,7 +828,12 @@ impl Puncher {
             forget_oldest(&mut self.pending, |(_, sent)| *sent);
         }
         self.pending
-            .insert(self.tag.transaction(self.counter), (index, now));
+            .insert(self.tag.transaction(self.counter), (probed, now));
+        contents
+    }
+
+    fn probe(&mut self, index: usize, now: Instant, scheduled: bool) -> Transmit {
+        let contents = self.tagged_probe(Probed::Target(index), now);
         let target = &mut self.targets[index];
         let attempt = scheduled.then_some(target.attempt);
         if scheduled {
@@ -664,6 +848,7 @@ impl Puncher {
             destination: target.addr,
             contents,
             ttl: None,
+            birthday: None,
         }
     }
 
@@ -684,6 +869,10 @@ impl Puncher {
             // Nothing more to probe; keep answering the peer until the deadline.
             return Some(deadline);
         }
+        let birthday = [
+            self.spray.as_ref().and_then(|s| s.due()),
+            self.opening.as_ref().and_then(|o| o.due()),
+        ];
         let next_probe = self
             .targets
             .iter()
@@ -695,6 +884,7 @@ impl Puncher {
                     .get(t.attempt)
                     .map(|o| self.schedule_base(t) + *o)
             })
+            .chain(birthday.into_iter().flatten())
             .min();
         Some(next_probe.map_or(deadline, |p| p.min(deadline)))
     }

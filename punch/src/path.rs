@@ -136,6 +136,12 @@ impl PathSelector {
     /// A punch found no path: try again later, backing off.
     pub fn punch_failed(&mut self, now: Instant) {
         self.punching = false;
+        if self.direct.is_some() && self.current != Current::Relay {
+            // A late failure of an older punch (two may run at once: a plain one and the
+            // birthday one that followed our NAT measurement): the path in use stands, and if
+            // it dies the switch to the relay schedules the next punch.
+            return;
+        }
         self.repunch_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(self.config.repunch_max);
     }
@@ -400,5 +406,19 @@ mod tests {
         // No second punch while one is running.
         sel.address_changed(now);
         assert_eq!(sel.poll(now), None);
+    }
+
+    /// Two punches may run at once (a plain one, then the birthday punch that followed our NAT
+    /// measurement): the plain one's late failure leaves the path the other found alone.
+    #[test]
+    fn a_late_failure_does_not_repunch_a_path_in_use() {
+        let t0 = Instant::now();
+        let mut sel = PathSelector::new(Current::Relay, t0, PathConfig::default());
+        sel.direct_proven(addr(), t0);
+        assert_eq!(sel.poll(t0), Some(Action::Switch(Current::Direct(addr()))));
+        sel.punch_failed(t0 + Duration::from_millis(100));
+        let seen = run(&mut sel, t0, t0 + Duration::from_secs(120), |_| true);
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(sel.current(), Current::Direct(addr()));
     }
 }

@@ -609,3 +609,197 @@ fn release_hold_ends_the_hold_at_once() {
     a.release_hold(t1);
     assert_eq!(a.poll_timeout(), before);
 }
+
+/// The easy side's birthday probes: only to ports of the introduced peer's observed IP, paced,
+/// at most the plan's budget, authenticated like every probe (a forged answer neither stops
+/// them nor makes a path), and none after the first genuine answer.
+#[test]
+fn birthday_probes_are_bounded_aimed_and_stop_at_the_first_answer() {
+    use crate::birthday::{BirthdayConfig, BirthdayPlan};
+    let t0 = Instant::now();
+    let hard_ip: std::net::IpAddr = [203, 0, 113, 21].into();
+    let config = BirthdayConfig {
+        probes: 300,
+        per_second: 1000,
+        ..BirthdayConfig::default()
+    };
+    let mut easy = Puncher::new(
+        id(2),
+        id(1),
+        intro(5),
+        Role::Responder,
+        &[observed("203.0.113.21:40000")],
+        t0,
+        PunchConfig::default(),
+    )
+    .with_birthday(
+        BirthdayPlan::Easy {
+            ip: hard_ip,
+            observed_port: 40000,
+        },
+        &config,
+        42,
+        t0,
+    );
+    let mut sprayed = Vec::new();
+    let mut now = t0;
+    let mut forged_once = false;
+    while now < t0 + Duration::from_secs(2) {
+        while let Some(t) = easy.poll_transmit(now) {
+            assert_eq!(t.destination.ip(), hard_ip, "{t:?}");
+            if t.birthday == Some(BirthdayTransmit::Spray) {
+                sprayed.push((now, t));
+            }
+        }
+        if !forged_once && sprayed.len() > 50 {
+            // An answer to a spray probe forged with a guessed key: ignored.
+            forged_once = true;
+            let (_, probe) = &sprayed[10];
+            let Ok(StunPacket::BindingRequest { transaction, .. }) = stun::decode(&probe.contents)
+            else {
+                panic!("a probe")
+            };
+            let forged = stun::probe_success(transaction, probe.destination, &key(0));
+            assert!(easy.handle_datagram(probe.destination, &forged, now));
+            assert_eq!(easy.state(), &State::Probing);
+            assert_eq!(easy.unauthenticated(), 1);
+        }
+        now += Duration::from_millis(7);
+    }
+    assert_eq!(
+        sprayed.len(),
+        300,
+        "the budget, all of it without an answer"
+    );
+    // Paced: never more than the rate over any second, plus a small burst.
+    for (i, (at, _)) in sprayed.iter().enumerate() {
+        let in_window = sprayed[i..]
+            .iter()
+            .take_while(|(later, _)| *later < *at + Duration::from_millis(100))
+            .count();
+        assert!(in_window <= 100 + 10, "{in_window} probes within 100 ms");
+    }
+    // Nothing more of the spray, however long we wait.
+    let later = now + Duration::from_secs(1);
+    assert!(std::iter::from_fn(|| easy.poll_transmit(later)).all(|t| t.birthday.is_none()));
+
+    // A fresh session: the genuine answer to the 20th probe ends the spray at once.
+    let mut easy = Puncher::new(
+        id(2),
+        id(1),
+        intro(5),
+        Role::Responder,
+        &[observed("203.0.113.21:40000")],
+        t0,
+        PunchConfig::default(),
+    )
+    .with_birthday(
+        BirthdayPlan::Easy {
+            ip: hard_ip,
+            observed_port: 40000,
+        },
+        &config,
+        42,
+        t0,
+    );
+    let mut probes = Vec::new();
+    let mut now = t0;
+    while probes.len() < 20 {
+        while let Some(t) = easy.poll_transmit(now) {
+            if t.birthday.is_some() {
+                probes.push(t);
+            }
+        }
+        now += Duration::from_millis(1);
+    }
+    let hit = probes[19].clone();
+    let Ok(StunPacket::BindingRequest { transaction, .. }) = stun::decode(&hit.contents) else {
+        panic!("a probe")
+    };
+    let answer = stun::probe_success(transaction, addr("203.0.113.22:5000"), &key(5));
+    assert!(easy.handle_datagram(hit.destination, &answer, now));
+    match easy.state() {
+        State::Direct(path) => {
+            assert_eq!(path.addr, hit.destination);
+            assert_eq!(path.kind, PathKind::Birthday);
+        }
+        other => panic!("{other:?}"),
+    }
+    let after: Vec<Transmit> =
+        std::iter::from_fn(|| easy.poll_transmit(now + Duration::from_secs(1))).collect();
+    assert!(after.iter().all(|t| t.birthday.is_none()), "{after:?}");
+    assert!(easy.birthday_sent() <= 22);
+}
+
+/// The hard side's opening probes: one per extra socket per round, only to the peer's observed
+/// address; the first authenticated probe heard on an extra socket names the winner, which
+/// answers it; a forged one on another socket names nothing.
+#[test]
+fn birthday_opening_probes_go_to_the_peer_only_and_the_first_heard_socket_wins() {
+    use crate::birthday::{BirthdayConfig, BirthdayPlan};
+    let t0 = Instant::now();
+    let easy_addr = addr("203.0.113.22:5000");
+    let config = BirthdayConfig {
+        open_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
+        ..BirthdayConfig::default()
+    };
+    let mut hard = Puncher::new(
+        id(1),
+        id(2),
+        intro(5),
+        Role::Initiator,
+        &[observed("203.0.113.22:5000")],
+        t0,
+        PunchConfig::default(),
+    )
+    .with_birthday(
+        BirthdayPlan::Hard {
+            toward: easy_addr,
+            sockets: 8,
+        },
+        &config,
+        1,
+        t0,
+    );
+    let mut sockets = Vec::new();
+    let mut now = t0;
+    while now < t0 + Duration::from_millis(1500) {
+        while let Some(t) = hard.poll_transmit(now) {
+            assert_eq!(t.destination, easy_addr);
+            if let Some(BirthdayTransmit::Opening { socket }) = t.birthday {
+                sockets.push(socket);
+            }
+        }
+        now += Duration::from_millis(5);
+    }
+    let mut expected: Vec<u16> = (0..8).collect();
+    expected.extend(0..8);
+    assert_eq!(sockets, expected);
+    // A genuine probe on the primary socket (its event not yet read), a forged one on socket 3,
+    // then the peer's genuine one on socket 5.
+    let peer_tag = ProbeTag {
+        nonce: 5,
+        sender: id(2),
+    };
+    let primary = stun::probe_request(&peer_tag, 7, &key(5));
+    assert!(hard.handle_datagram(easy_addr, &primary, now));
+    assert_eq!(hard.birthday_winner(), None);
+    let forged = stun::probe_request(&peer_tag, 1, &key(0));
+    assert!(hard.handle_datagram_via(easy_addr, &forged, now, Some(3)));
+    assert_eq!(hard.birthday_winner(), None);
+    let genuine = stun::probe_request(&peer_tag, 2, &key(5));
+    assert!(hard.handle_datagram_via(easy_addr, &genuine, now, Some(5)));
+    assert_eq!(hard.birthday_winner(), Some((5, easy_addr)));
+    let again = stun::probe_request(&peer_tag, 3, &key(5));
+    assert!(hard.handle_datagram_via(easy_addr, &again, now, Some(6)));
+    assert_eq!(
+        hard.birthday_winner(),
+        Some((5, easy_addr)),
+        "the first stays"
+    );
+    let answers: Vec<Transmit> = std::iter::from_fn(|| hard.poll_transmit(now)).collect();
+    assert!(answers.len() >= 3, "{answers:?}");
+    assert!(answers
+        .iter()
+        .all(|t| t.destination == easy_addr && t.birthday.is_none()));
+}

@@ -385,6 +385,10 @@ pub struct Record {
     pub observed: SocketAddr,
     /// Interface addresses the peer announced.
     pub local_addrs: Vec<SocketAddr>,
+    /// The external port the peer's router maps to it (`register` / `mapped_port`), handed out
+    /// on the observed address. Records stored before version 4 have none.
+    #[serde(default)]
+    pub mapped_port: Option<u16>,
     /// Last time the server heard from the peer.
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
@@ -470,6 +474,9 @@ impl MonotonicClock {
 pub struct Registry {
     peers: HashMap<PeerId, Record>,
     online: HashMap<PeerId, ConnId>,
+    /// The NAT profile each online peer reported (`nat`): one per online peer at most, dropped
+    /// when it goes offline or registers again (its network may have changed).
+    nat_profiles: HashMap<PeerId, common::nat::NatProfile>,
     introductions: Introductions,
     /// Exactly the offline peers, keyed by `(last_seen, id)`, oldest first: the expiry order.
     /// An offline peer's `last_seen` does not change until it registers again, which removes
@@ -518,6 +525,7 @@ impl Registry {
         Registry {
             peers,
             online: HashMap::new(),
+            nat_profiles: HashMap::new(),
             expiry,
             introductions: Introductions::default(),
             rng: StdRng::from_seed(seed),
@@ -676,7 +684,8 @@ impl Registry {
             ControlMessage::Register {
                 version,
                 local_addrs,
-            } => self.register(conn, id, observed, version, local_addrs, now),
+                mapped_port,
+            } => self.register(conn, id, observed, version, local_addrs, mapped_port, now),
             _ if !registered_here => {
                 self.counters.rejected += 1;
                 Outcome::error(
@@ -739,6 +748,25 @@ impl Registry {
                 outcome.reply = Some(ControlMessage::Ack {});
                 outcome
             }
+            ControlMessage::MappedPort { port } => {
+                let mut outcome = self.touch(id, observed, now);
+                if let Some(record) = self.peers.get_mut(&id) {
+                    let port = port.filter(|&p| p != 0);
+                    if record.mapped_port != port {
+                        record.mapped_port = port;
+                        outcome.persist = Some((id, record.clone()));
+                    }
+                }
+                outcome.reply = Some(ControlMessage::Ack {});
+                outcome
+            }
+            ControlMessage::Nat { nat } => {
+                // Registered here, so online: the map holds at most one entry per online peer.
+                self.nat_profiles.insert(id, nat);
+                let mut outcome = self.touch(id, observed, now);
+                outcome.reply = Some(ControlMessage::Ack {});
+                outcome
+            }
             ControlMessage::Accept { peer, nonce } => {
                 if !self.introductions.accept(id, peer, nonce, now) {
                     self.counters.rejected += 1;
@@ -761,6 +789,7 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         conn: ConnId,
@@ -768,6 +797,7 @@ impl Registry {
         observed: SocketAddr,
         version: u32,
         mut local_addrs: Vec<SocketAddr>,
+        mapped_port: Option<u16>,
         now: OffsetDateTime,
     ) -> Outcome {
         if version != PROTOCOL_VERSION {
@@ -805,10 +835,13 @@ impl Registry {
         let record = Record {
             observed,
             local_addrs,
+            mapped_port: mapped_port.filter(|&p| p != 0),
             last_seen: now,
             registered_at,
         };
         self.peers.insert(id, record.clone());
+        // A new registration may come from another network: its profile is reported again.
+        self.nat_profiles.remove(&id);
         // A newer connection replaces an older one (a peer that re-registers after a network
         // change while the server has not yet noticed the old connection died).
         self.online.insert(id, conn);
@@ -972,12 +1005,14 @@ impl Registry {
             candidates: candidates(&target_record, &from_record, &self.own_addrs),
             nonce,
             key: key.clone(),
+            nat: self.nat_profiles.get(&target).copied(),
         };
         let to_target = ControlMessage::Punch {
             peer: from,
             candidates: candidates(&from_record, &target_record, &self.own_addrs),
             nonce,
             key,
+            nat: self.nat_profiles.get(&from).copied(),
         };
         (to_requester, vec![(target_conn, to_target)])
     }
@@ -1038,6 +1073,7 @@ impl Registry {
                     candidates: candidates(record, target, &self.own_addrs),
                     nonce,
                     key,
+                    nat: self.nat_profiles.get(&requester).copied(),
                 })
             })
             .collect()
@@ -1085,6 +1121,7 @@ impl Registry {
             return None;
         }
         self.online.remove(&id);
+        self.nat_profiles.remove(&id);
         let record = self.peers.get_mut(&id)?;
         // Never move last_seen backwards (a wall clock stepped back): the row would expire
         // early.
@@ -1110,6 +1147,7 @@ fn is_virtual(addr: &SocketAddr) -> bool {
 }
 
 /// The candidates of `record`'s peer to hand to `recipient`'s: its observed address first,
+/// then its router's port mapping (the mapped port on the observed IP: never another IP),
 /// then its announced interface addresses, only usable ones ([`usable_candidate`]; loopback
 /// only when the server sees both peers on loopback, i.e. all three run on one host), never the
 /// server's own addresses, at most [`MAX_CANDIDATES`].
@@ -1125,6 +1163,15 @@ fn candidates(record: &Record, recipient: &Record, own_addrs: &[SocketAddr]) -> 
             addr: record.observed,
             kind: CandidateKind::Observed,
         });
+    }
+    if let Some(port) = record.mapped_port {
+        let mapped = SocketAddr::new(record.observed.ip(), port);
+        if mapped != record.observed && usable(&mapped) {
+            out.push(Candidate {
+                addr: mapped,
+                kind: CandidateKind::Mapped,
+            });
+        }
     }
     for addr in &record.local_addrs {
         if out.len() >= MAX_CANDIDATES {
@@ -1163,6 +1210,7 @@ mod tests {
             ControlMessage::Register {
                 version: PROTOCOL_VERSION,
                 local_addrs: vec![SocketAddr::from(([10, 0, 0, 2], port))],
+                mapped_port: None,
             },
             T0,
         )
@@ -1251,11 +1299,113 @@ mod tests {
         }
     }
 
+    /// The candidates a `connect` from peer 1 gets for peer 2.
+    fn candidates_of_2(reg: &mut Registry) -> Vec<Candidate> {
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
+        match out.reply {
+            Some(ControlMessage::Punch { candidates, .. }) => candidates,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_mapped_port_is_a_candidate_on_the_observed_address_only() {
+        let mut reg = Registry::new([], [7; 32]);
+        register(&mut reg, 1, id(1), 4000);
+        // Peer 2 registers with a router mapping of external port 41000.
+        let out = reg.handle(
+            2,
+            id(2),
+            addr(5000),
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs: vec![SocketAddr::from(([10, 0, 0, 2], 5000))],
+                mapped_port: Some(41000),
+            },
+            T0,
+        );
+        assert_eq!(out.persist.map(|(_, r)| r.mapped_port), Some(Some(41000)));
+        let candidates = candidates_of_2(&mut reg);
+        assert_eq!(candidates[0].kind, CandidateKind::Observed);
+        assert_eq!(
+            candidates[1],
+            Candidate {
+                addr: SocketAddr::new(addr(5000).ip(), 41000),
+                kind: CandidateKind::Mapped
+            },
+            "second, on the observed IP"
+        );
+        assert_eq!(candidates[2].kind, CandidateKind::Local);
+        // The mapping changes, then goes: later introductions follow.
+        let out = reg.handle(
+            2,
+            id(2),
+            addr(5000),
+            ControlMessage::MappedPort { port: Some(42000) },
+            T0,
+        );
+        assert_eq!(out.reply, Some(ControlMessage::Ack {}));
+        assert!(out.persist.is_some());
+        assert_eq!(candidates_of_2(&mut reg)[1].addr.port(), 42000);
+        reg.handle(
+            2,
+            id(2),
+            addr(5000),
+            ControlMessage::MappedPort { port: None },
+            T0,
+        );
+        let candidates = candidates_of_2(&mut reg);
+        assert!(candidates.iter().all(|c| c.kind != CandidateKind::Mapped));
+        // Port 0, or the observed port itself, is no extra candidate.
+        for port in [0, 5000] {
+            reg.handle(
+                2,
+                id(2),
+                addr(5000),
+                ControlMessage::MappedPort { port: Some(port) },
+                T0,
+            );
+            let candidates = candidates_of_2(&mut reg);
+            assert!(candidates.iter().all(|c| c.kind != CandidateKind::Mapped));
+        }
+        // Only a registered peer may announce one.
+        let out = reg.handle(
+            9,
+            id(9),
+            addr(9),
+            ControlMessage::MappedPort { port: Some(1) },
+            T0,
+        );
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::NotRegistered,
+                ..
+            })
+        ));
+        reg.check_invariants().unwrap();
+    }
+
     #[test]
     fn connect_pushes_punch_to_both_with_the_same_nonce() {
         let mut reg = Registry::new([], [7; 32]);
         register(&mut reg, 1, id(1), 4000);
         register(&mut reg, 2, id(2), 5000);
+        // The target reported its NAT; the requester did not.
+        let sym = common::nat::NatProfile {
+            udp: true,
+            no_nat: false,
+            mapping: common::nat::Behaviour::AddressAndPortDependent,
+            filtering: common::nat::Behaviour::AddressAndPortDependent,
+        };
+        let ack = reg.handle(2, id(2), addr(5000), ControlMessage::Nat { nat: sym }, T0);
+        assert_eq!(ack.reply, Some(ControlMessage::Ack {}));
         let out = reg.handle(
             1,
             id(1),
@@ -1268,6 +1418,7 @@ mod tests {
             candidates,
             nonce,
             key,
+            nat,
         }) = out.reply
         else {
             panic!("{:?}", out.reply)
@@ -1284,17 +1435,36 @@ mod tests {
                 nonce: pushed_nonce,
                 candidates: pushed,
                 key: pushed_key,
+                nat: pushed_nat,
             },
         ) = &out.pushes[0]
         else {
             panic!()
         };
+        // Each side learns the other's profile, as reported.
+        assert_eq!(nat, Some(sym));
+        assert_eq!(*pushed_nat, None);
+        // Gone with the peer's connection (or a new registration).
+        reg.disconnected(2, id(2), T0);
+        register(&mut reg, 2, id(2), 5000);
+        let again = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Connect { id: id(2) },
+            T0,
+        );
+        assert!(
+            matches!(again.reply, Some(ControlMessage::Punch { nat: None, .. })),
+            "{again:?}"
+        );
         assert_eq!(*conn, 2);
         assert_eq!(*pushed_peer, id(1));
         assert_eq!(*pushed_nonce, nonce);
         assert_eq!(*pushed_key, key, "both sides get the same secret");
         assert_eq!(pushed[0].addr, addr(4000));
-        assert_eq!(reg.counters().punches, 1);
+        // Two introductions: the one above and the one after the reconnection.
+        assert_eq!(reg.counters().punches, 2);
     }
 
     #[test]
@@ -1417,6 +1587,7 @@ mod tests {
             ControlMessage::Register {
                 version: PROTOCOL_VERSION,
                 local_addrs,
+                mapped_port: None,
             },
             T0,
         );
@@ -1451,6 +1622,7 @@ mod tests {
                 ControlMessage::Register {
                     version: PROTOCOL_VERSION,
                     local_addrs: vec![lo(7000 + u16::from(n))],
+                    mapped_port: None,
                 },
                 T0,
             );
@@ -1909,6 +2081,7 @@ mod tests {
             ControlMessage::Register {
                 version: PROTOCOL_VERSION,
                 local_addrs: vec![SocketAddr::from(([10, 0, 2, 2], 5000))],
+                mapped_port: None,
             },
             T0,
         );
@@ -1936,33 +2109,38 @@ mod tests {
     }
 
     #[test]
-    fn version_2_peers_whose_probes_use_the_nonce_as_key_are_refused_clearly() {
-        assert_eq!(PROTOCOL_VERSION, 3);
-        let mut reg = Registry::new([], [1; 32]);
-        let out = reg.handle(
-            1,
-            id(1),
-            addr(1),
-            ControlMessage::Register {
-                version: 2,
-                local_addrs: vec![],
-            },
-            T0,
-        );
-        let Some(ControlMessage::Error {
-            code: ErrorCode::UnsupportedVersion,
-            message,
-        }) = out.reply
-        else {
-            panic!("{:?}", out.reply)
-        };
-        assert!(
-            message.contains("version 3")
-                && message.contains("version 2")
-                && message.contains("upgrade"),
-            "{message}"
-        );
-        assert_eq!(reg.online(), 0);
+    fn older_peers_are_refused_clearly() {
+        // Version 2 keyed probes by the public nonce; version 3 would not announce its port
+        // mapping nor report its NAT profile for birthday punching.
+        assert_eq!(PROTOCOL_VERSION, 4);
+        for version in [2, 3] {
+            let mut reg = Registry::new([], [1; 32]);
+            let out = reg.handle(
+                1,
+                id(1),
+                addr(1),
+                ControlMessage::Register {
+                    version,
+                    local_addrs: vec![],
+                    mapped_port: None,
+                },
+                T0,
+            );
+            let Some(ControlMessage::Error {
+                code: ErrorCode::UnsupportedVersion,
+                message,
+            }) = out.reply
+            else {
+                panic!("{:?}", out.reply)
+            };
+            assert!(
+                message.contains("version 4")
+                    && message.contains(&format!("version {version}"))
+                    && message.contains("upgrade"),
+                "{message}"
+            );
+            assert_eq!(reg.online(), 0);
+        }
     }
 
     #[test]
@@ -1979,6 +2157,7 @@ mod tests {
             ControlMessage::Register {
                 version: 99,
                 local_addrs: vec![],
+                mapped_port: None,
             },
             T0,
         );
@@ -1996,6 +2175,7 @@ mod tests {
             ControlMessage::Register {
                 version: PROTOCOL_VERSION,
                 local_addrs: vec![addr(1); MAX_LOCAL_ADDRS + 1],
+                mapped_port: None,
             },
             T0,
         );
@@ -2039,6 +2219,7 @@ mod tests {
             ControlMessage::Register {
                 version: PROTOCOL_VERSION,
                 local_addrs: vec![],
+                mapped_port: None,
             },
             now,
         );
@@ -2160,6 +2341,7 @@ mod tests {
         let record = |last_seen| Record {
             observed: addr(1),
             local_addrs: vec![],
+            mapped_port: None,
             last_seen,
             registered_at: T0,
         };
@@ -2504,6 +2686,7 @@ mod tests {
                     local_addrs: (0..local_addrs)
                         .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 4000)))
                         .collect(),
+                    mapped_port: None,
                     last_seen: T0 + time::Duration::seconds(n.into()),
                     registered_at: T0,
                 };

@@ -1052,6 +1052,7 @@ mod tests {
             local_addrs: (0..16u16)
                 .map(|i| SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 65535)))
                 .collect(),
+            mapped_port: None,
         };
         assert!(
             register.encode().len() < 1024,

@@ -274,6 +274,7 @@ mod tests {
         Record {
             observed: "203.0.113.4:9".parse().unwrap(),
             local_addrs: vec![],
+            mapped_port: None,
             last_seen,
             registered_at: T0,
         }

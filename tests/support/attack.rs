@@ -902,6 +902,7 @@ pub async fn never_reading_client(
         local_addrs: (0..16u16)
             .map(|i| SocketAddr::from(([192, 0, 2, i as u8 + 1], 4000 + i)))
             .collect(),
+        mapped_port: None,
     };
     if let Err(e) = write_frame(&mut control, &register.encode()).await {
         return Ended::Other(format!("register: {e}"));

@@ -19,8 +19,24 @@ pub struct StunDatagram {
     pub from: SocketAddr,
     /// The local address it arrived on, when the OS reports it.
     pub to: Option<IpAddr>,
+    /// The extra socket it arrived on ([`DemuxSocket::open_extras`]), or `None` for the
+    /// primary socket.
+    pub via: Option<ExtraId>,
     /// The datagram.
     pub data: Vec<u8>,
+}
+
+/// An extra socket of a [`DemuxSocket`] (birthday punching): a number never reused.
+pub type ExtraId = u32;
+
+/// Most extra sockets open at once (all birthday punches together, and the winning sockets
+/// that carry paths): one hard-side punch opens `punch::birthday::DEFAULT_SOCKETS` (256), so a
+/// second one at the same time gets what is left (and punches without them if nothing is).
+pub const MAX_EXTRA_SOCKETS: usize = 320;
+
+struct Extra {
+    id: ExtraId,
+    socket: Arc<dyn AsyncUdpSocket>,
 }
 
 /// Counters of the demultiplexer.
@@ -147,6 +163,33 @@ struct Routes {
     /// Real addresses quinn itself uses for a live connection (one accepted from, or dialed
     /// to, the peer's real address): never aliased to another address.
     claimed: AddrMap<()>,
+    /// Real addresses reached through an extra socket (a birthday path): every datagram to
+    /// them leaves from that socket, whoever sends it (quinn, heartbeats, probes); with the
+    /// quinn address (the peer) whose routes they go with.
+    pinned: AddrMap<(ExtraId, SocketAddr)>,
+    /// Extra sockets a punching session still holds: their pins stay until it releases them
+    /// (its route or alias may not be in place yet).
+    held: std::collections::HashSet<ExtraId>,
+}
+
+impl Routes {
+    fn any(&self) -> bool {
+        !self.out.is_empty() || !self.back.is_empty() || !self.pinned.is_empty()
+    }
+
+    /// Whether a route or an alias refers to `real`.
+    fn refers_to(&self, real: &SocketAddr) -> bool {
+        self.back.contains_key(real)
+            || self
+                .out
+                .values()
+                .any(|t| matches!(t, PathTarget::Udp(r) if r == real))
+    }
+
+    /// Whether extra socket `id` carries a pinned address.
+    fn carries(&self, id: ExtraId) -> bool {
+        self.pinned.values().any(|(p, _)| *p == id)
+    }
 }
 
 /// Maps IPv4-mapped IPv6 addresses to plain IPv4, so that route keys match whatever family the
@@ -217,6 +260,10 @@ pub struct DemuxSocket {
     // A second handle on the socket quinn owns (same file description), for the few
     // datagrams sent with their own TTL; `None` for sockets that are not OS sockets.
     os_socket: Option<std::net::UdpSocket>,
+    /// Extra sockets (birthday punching), polled with the primary one.
+    extras: RwLock<Vec<Extra>>,
+    has_extras: AtomicBool,
+    next_extra: std::sync::atomic::AtomicU32,
 }
 
 /// Datagrams waiting to be injected into quinn.
@@ -291,6 +338,9 @@ impl DemuxSocket {
                 injected_first: AtomicBool::new(false),
                 virtual_dropped: AtomicU64::new(0),
                 os_socket,
+                extras: RwLock::new(Vec::new()),
+                has_extras: AtomicBool::new(false),
+                next_extra: std::sync::atomic::AtomicU32::new(1),
             }),
             stun_rx,
         )
@@ -339,10 +389,10 @@ impl DemuxSocket {
                 routes.out.insert(quinn_addr, virtual_target);
             }
         }
-        self.has_routes.store(
-            !routes.out.is_empty() || !routes.back.is_empty(),
-            Ordering::Release,
-        );
+        // Pins stay: a path left for the relay is still tested by heartbeats through its
+        // socket, and taken back when they are answered. They go with the connection's routes
+        // (remove_routes).
+        self.has_routes.store(routes.any(), Ordering::Release);
     }
 
     /// Shows packets from `real` to quinn as coming from `quinn_addr` (another address of the
@@ -388,10 +438,7 @@ impl DemuxSocket {
             matches!(routes.out.get(&quinn_addr), Some(PathTarget::Udp(r)) if *r == real);
         if routes.back.get(&real) == Some(&quinn_addr) && !routed_there {
             routes.back.remove(&real);
-            self.has_routes.store(
-                !routes.out.is_empty() || !routes.back.is_empty(),
-                Ordering::Release,
-            );
+            self.has_routes.store(routes.any(), Ordering::Release);
         }
     }
 
@@ -418,10 +465,164 @@ impl DemuxSocket {
         routes.claimed.remove(&quinn_addr);
         routes.out.remove(&quinn_addr);
         routes.back.retain(|_, q| *q != quinn_addr);
-        self.has_routes.store(
-            !routes.out.is_empty() || !routes.back.is_empty(),
-            Ordering::Release,
+        // The peer's birthday sockets go with its routes (unless a punch still holds them).
+        let mut freed: Vec<ExtraId> = Vec::new();
+        routes.pinned.retain(|_, (id, owner)| {
+            let gone = *owner == quinn_addr;
+            if gone {
+                freed.push(*id);
+            }
+            !gone
+        });
+        freed.retain(|id| !routes.held.contains(id) && !routes.carries(*id));
+        self.has_routes.store(routes.any(), Ordering::Release);
+        drop(routes);
+        self.close_extras(&freed);
+    }
+
+    /// Opens up to `count` extra UDP sockets (birthday punching: each gets its own NAT
+    /// mapping), bound like the primary socket but to port 0, at most [`MAX_EXTRA_SOCKETS`] in
+    /// all. They are polled with the primary socket (QUIC packets go to quinn, STUN ones to the
+    /// STUN channel tagged with [`StunDatagram::via`]) and held until
+    /// [`DemuxSocket::release_extras`]. Returns their ids (fewer than asked when over the cap
+    /// or when the system refuses sockets).
+    pub fn open_extras(&self, count: usize) -> Vec<ExtraId> {
+        let Ok(local) = self.inner.local_addr() else {
+            return Vec::new();
+        };
+        let bind = SocketAddr::new(
+            if local.is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            },
+            0,
         );
+        let mut opened = Vec::new();
+        let mut extras = self
+            .extras
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let room = MAX_EXTRA_SOCKETS.saturating_sub(extras.len());
+        for _ in 0..count.min(room) {
+            let socket = match std::net::UdpSocket::bind(bind) {
+                Ok(socket) => socket,
+                Err(_) => break,
+            };
+            let Ok(socket) = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket) else {
+                break;
+            };
+            let id = self.next_extra.fetch_add(1, Ordering::Relaxed);
+            extras.push(Extra { id, socket });
+            opened.push(id);
+        }
+        self.has_extras.store(!extras.is_empty(), Ordering::Release);
+        drop(extras);
+        self.write_routes().held.extend(opened.iter().copied());
+        opened
+    }
+
+    /// Datagrams to `real` leave from extra socket `id` from now on (the birthday path found
+    /// through it to the peer quinn knows as `quinn_addr`, whose
+    /// [`DemuxSocket::remove_routes`] ends it). A later pin of the same address replaces it.
+    pub fn pin(&self, real: SocketAddr, id: ExtraId, quinn_addr: SocketAddr) {
+        let mut routes = self.write_routes();
+        let old = routes
+            .pinned
+            .insert(canonical(real), (id, canonical(quinn_addr)));
+        self.has_routes.store(true, Ordering::Release);
+        // The socket it replaces closes unless a punch still holds it or it carries another
+        // address.
+        let freed = old
+            .map(|(old, _)| old)
+            .filter(|old| *old != id && !routes.held.contains(old) && !routes.carries(*old));
+        drop(routes);
+        if let Some(old) = freed {
+            self.close_extras(&[old]);
+        }
+    }
+
+    /// The extra socket `real` is pinned to, if any.
+    pub fn pinned(&self, real: SocketAddr) -> Option<ExtraId> {
+        self.read_routes()
+            .and_then(|r| r.pinned.get(&canonical(real)).map(|(id, _)| *id))
+    }
+
+    /// A punching session is done with its extra sockets `ids`: all but `keep` are closed at
+    /// once; `keep` (the winner) stays open if a route or alias uses the address pinned to it
+    /// (the peer's connection took the path), until that peer's routes go
+    /// ([`DemuxSocket::remove_routes`]).
+    pub fn release_extras(&self, ids: &[ExtraId], keep: Option<ExtraId>) {
+        let mut routes = self.write_routes();
+        for id in ids {
+            routes.held.remove(id);
+        }
+        let unused: Vec<SocketAddr> = routes
+            .pinned
+            .iter()
+            .filter(|(real, (id, _))| {
+                ids.contains(id) && (Some(*id) != keep || !routes.refers_to(real))
+            })
+            .map(|(real, _)| *real)
+            .collect();
+        for real in unused {
+            routes.pinned.remove(&real);
+        }
+        self.has_routes.store(routes.any(), Ordering::Release);
+        let freed: Vec<ExtraId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !routes.carries(*id))
+            .collect();
+        drop(routes);
+        self.close_extras(&freed);
+    }
+
+    /// The local address of extra socket `id`, while it is open.
+    pub fn extra_local_addr(&self, id: ExtraId) -> Option<SocketAddr> {
+        self.extra(id).and_then(|s| s.local_addr().ok())
+    }
+
+    /// Extra sockets open now.
+    pub fn extras_open(&self) -> usize {
+        self.extras
+            .read()
+            .map(|e| e.len())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().len())
+    }
+
+    fn close_extras(&self, ids: &[ExtraId]) {
+        if ids.is_empty() || !self.has_extras.load(Ordering::Acquire) {
+            return;
+        }
+        let mut extras = self
+            .extras
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        extras.retain(|e| !ids.contains(&e.id));
+        self.has_extras.store(!extras.is_empty(), Ordering::Release);
+    }
+
+    fn extra(&self, id: ExtraId) -> Option<Arc<dyn AsyncUdpSocket>> {
+        self.extras
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.socket.clone())
+    }
+
+    /// Sends one datagram from extra socket `id` (an opening probe of birthday punching).
+    pub async fn send_from(
+        &self,
+        id: ExtraId,
+        data: &[u8],
+        destination: SocketAddr,
+    ) -> io::Result<()> {
+        let socket = self
+            .extra(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the extra socket is closed"))?;
+        send_on(&socket, data, destination).await
     }
 
     /// Where packets for `quinn_addr` go now.
@@ -515,24 +716,13 @@ impl DemuxSocket {
         n
     }
 
-    /// Sends one datagram (a STUN message, a probe) from the shared socket.
+    /// Sends one datagram (a STUN message, a probe) from the shared socket, or from the extra
+    /// socket its destination is pinned to.
     pub async fn send_to(&self, data: &[u8], destination: SocketAddr) -> io::Result<()> {
-        let mut poller = self.inner.clone().create_io_poller();
-        loop {
-            let transmit = Transmit {
-                destination,
-                ecn: None,
-                contents: data,
-                segment_size: None,
-                src_ip: None,
-            };
-            match self.inner.try_send(&transmit) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await?;
-                }
-                other => return other,
-            }
+        if let Some(socket) = self.pinned(destination).and_then(|id| self.extra(id)) {
+            return send_on(&socket, data, destination).await;
         }
+        send_on(&self.inner, data, destination).await
     }
 
     /// Sends one datagram from the shared socket with IP TTL (IPv6 hop limit) `ttl`, for this
@@ -549,10 +739,11 @@ impl DemuxSocket {
         send_with_ttl(socket, data, destination, ttl)
     }
 
-    fn divert(&self, from: SocketAddr, to: Option<IpAddr>, data: &[u8]) {
+    fn divert(&self, from: SocketAddr, to: Option<IpAddr>, via: Option<ExtraId>, data: &[u8]) {
         let datagram = StunDatagram {
             from,
             to,
+            via,
             data: data.to_vec(),
         };
         match self.stun_tx.try_send(datagram) {
@@ -563,12 +754,12 @@ impl DemuxSocket {
 
     /// Removes STUN segments from one received buffer (which may hold several GRO segments of
     /// `stride` bytes, the last one shorter) and returns the length left for quinn.
-    fn filter_segments(&self, buf: &mut [u8], meta: &RecvMeta) -> usize {
+    fn filter_segments(&self, buf: &mut [u8], meta: &RecvMeta, via: Option<ExtraId>) -> usize {
         let len = meta.len.min(buf.len());
         let stride = if meta.stride == 0 { len } else { meta.stride };
         if stride >= len {
             if common::stun::is_stun(&buf[..len]) {
-                self.divert(meta.addr, meta.dst_ip, &buf[..len]);
+                self.divert(meta.addr, meta.dst_ip, via, &buf[..len]);
                 return 0;
             }
             return len;
@@ -578,7 +769,7 @@ impl DemuxSocket {
         while read < len {
             let end = (read + stride).min(len);
             if common::stun::is_stun(&buf[read..end]) {
-                self.divert(meta.addr, meta.dst_ip, &buf[read..end]);
+                self.divert(meta.addr, meta.dst_ip, via, &buf[read..end]);
             } else {
                 if write != read {
                     buf.copy_within(read..end, write);
@@ -591,6 +782,59 @@ impl DemuxSocket {
     }
 }
 
+impl DemuxSocket {
+    /// Receives from the first extra socket that has datagrams (registering the task's waker
+    /// with every one that has none). The extras' lock is released before the caller takes the
+    /// routes' lock.
+    fn poll_extras(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Option<(usize, ExtraId)> {
+        if !self.has_extras.load(Ordering::Acquire) {
+            return None;
+        }
+        let extras = self
+            .extras
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for extra in extras.iter() {
+            match extra.socket.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) if n > 0 => return Some((n, extra.id)),
+                // An error on one extra socket (an ICMP error for a probe) is not the
+                // connection's: that socket is skipped this time.
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// Sends one datagram on `socket`, waiting while its buffer is full.
+async fn send_on(
+    socket: &Arc<dyn AsyncUdpSocket>,
+    data: &[u8],
+    destination: SocketAddr,
+) -> io::Result<()> {
+    let mut poller = socket.clone().create_io_poller();
+    loop {
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: None,
+        };
+        match socket.try_send(&transmit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await?;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl AsyncUdpSocket for DemuxSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         self.inner.clone().create_io_poller()
@@ -600,6 +844,7 @@ impl AsyncUdpSocket for DemuxSocket {
         // Looked up under the read lock, without cloning the target (a virtual sink's clone
         // would touch its channel's reference counts for every packet).
         let mut destination = transmit.destination;
+        let mut pinned = None;
         if let Some(routes) = self.read_routes() {
             match routes.out.get(&canonical(transmit.destination)) {
                 Some(PathTarget::Virtual(sink)) => {
@@ -611,6 +856,25 @@ impl AsyncUdpSocket for DemuxSocket {
                 }
                 None => {}
             }
+            pinned = routes
+                .pinned
+                .get(&canonical(destination))
+                .map(|(id, _)| *id);
+        }
+        if let Some(socket) = pinned.and_then(|id| self.extra(id)) {
+            // A birthday path: out of the socket whose NAT mapping the peer reaches. A full
+            // buffer there drops the datagram (quinn only waits for the primary socket).
+            let sent = socket.try_send(&Transmit {
+                destination,
+                ecn: transmit.ecn,
+                contents: transmit.contents,
+                segment_size: transmit.segment_size,
+                src_ip: None,
+            });
+            return match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                other => other,
+            };
         }
         if destination == transmit.destination {
             return self.inner.try_send(transmit);
@@ -638,23 +902,26 @@ impl AsyncUdpSocket for DemuxSocket {
             }
         }
         loop {
-            let received = match self.inner.poll_recv(cx, bufs, meta) {
-                Poll::Ready(result) => result?,
-                Poll::Pending => {
-                    if !injected_first {
-                        let n = self.poll_injected(cx, bufs, meta);
-                        if n > 0 {
-                            return Poll::Ready(Ok(n));
+            let (received, via) = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(result) => (result?, None),
+                Poll::Pending => match self.poll_extras(cx, bufs, meta) {
+                    Some((n, id)) => (n, Some(id)),
+                    None => {
+                        if !injected_first {
+                            let n = self.poll_injected(cx, bufs, meta);
+                            if n > 0 {
+                                return Poll::Ready(Ok(n));
+                            }
                         }
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
-                }
+                },
             };
             let mut kept = 0;
             // One read lock for the whole batch.
             let routes = self.read_routes();
             for i in 0..received {
-                let left = self.filter_segments(&mut bufs[i], &meta[i]);
+                let left = self.filter_segments(&mut bufs[i], &meta[i], via);
                 if left == 0 {
                     continue;
                 }
@@ -987,6 +1254,88 @@ mod tests {
         // Removing the routes restores plain addressing.
         socket.remove_routes(stable);
         assert!(matches!(socket.route_of(stable), PathTarget::Udp(a) if a == stable));
+    }
+
+    #[tokio::test]
+    async fn extra_sockets_carry_a_pinned_address_both_ways_and_close_when_released() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, mut stun) = DemuxSocket::new(std_socket, 8).unwrap();
+        let primary = socket.local_addr().unwrap();
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let ids = socket.open_extras(3);
+        assert_eq!((ids.len(), socket.extras_open()), (3, 3));
+        let winner = ids[1];
+        let winner_addr = socket.extra_local_addr(winner).unwrap();
+        assert_ne!(winner_addr.port(), primary.port());
+        let mut buf = [0u8; 256];
+
+        // An opening probe from one extra socket.
+        socket.send_from(ids[0], b"open", other_addr).await.unwrap();
+        let (n, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!(
+            (&buf[..n], from.port()),
+            (
+                &b"open"[..],
+                socket.extra_local_addr(ids[0]).unwrap().port()
+            )
+        );
+
+        // STUN arriving on the winner reaches the STUN channel, tagged with it.
+        let probe = common::stun::binding_request([9; 12]);
+        other.send_to(&probe, winner_addr).await.unwrap();
+        let stable: SocketAddr = "240.1.2.3:4567".parse().unwrap();
+        socket.set_route(stable, PathTarget::Udp(other_addr));
+        // (a packet for quinn makes poll_recv run, which polls the extra sockets too)
+        other.send_to(b"quic", winner_addr).await.unwrap();
+        assert_eq!(recv_one(&socket).await, (stable, b"quic".to_vec()));
+        let datagram = stun.recv().await.unwrap();
+        assert_eq!((datagram.from, datagram.via), (other_addr, Some(winner)));
+
+        // Pinned: quinn's packets to the stable address, and STUN sends, leave from the winner.
+        socket.pin(other_addr, winner, stable);
+        send(&socket, &transmit(stable, b"out")).await;
+        let (n, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"out"[..], winner_addr.port()));
+        socket.send_to(b"beat", other_addr).await.unwrap();
+        let (_, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!(from.port(), winner_addr.port());
+
+        // Released: the losers close at once; the winner stays while the route uses its
+        // address, and closes with the route.
+        socket.release_extras(&ids, Some(winner));
+        assert_eq!(socket.extras_open(), 1);
+        assert_eq!(socket.pinned(other_addr), Some(winner));
+        // A fallback to the relay keeps it (heartbeats still test the path through it).
+        let (tx, _rx) = mpsc::channel(1);
+        socket.set_route(stable, PathTarget::Virtual(VirtualSink::new([1; 16], tx)));
+        assert_eq!(socket.pinned(other_addr), Some(winner));
+        assert_eq!(socket.extras_open(), 1);
+        socket.remove_routes(stable);
+        assert_eq!(socket.extras_open(), 0);
+        assert_eq!(socket.pinned(other_addr), None);
+        socket.send_to(b"plain", other_addr).await.unwrap();
+        let (_, from) = other.recv_from(&mut buf).await.unwrap();
+        assert_eq!(from, primary);
+
+        // A session that found nothing releases everything.
+        let ids = socket.open_extras(4);
+        socket.release_extras(&ids, None);
+        assert_eq!(socket.extras_open(), 0);
+    }
+
+    #[tokio::test]
+    async fn extra_sockets_are_capped() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 8).unwrap();
+        let first = socket.open_extras(MAX_EXTRA_SOCKETS - 10);
+        let second = socket.open_extras(256);
+        assert_eq!(first.len() + second.len(), MAX_EXTRA_SOCKETS);
+        assert!(socket.open_extras(1).is_empty());
+        socket.release_extras(&first, None);
+        assert_eq!(socket.extras_open(), second.len());
+        socket.release_extras(&second, None);
+        assert_eq!(socket.extras_open(), 0);
     }
 
     #[test]

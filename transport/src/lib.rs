@@ -10,8 +10,8 @@ mod scripted;
 pub mod tunnel;
 
 pub use demux::{
-    AliasRefusal, DemuxSocket, DemuxStats, Injector, PathTarget, StunDatagram, VirtualPacket,
-    VirtualSink, MAX_ALIASES, MAX_ALIASES_PER_ADDR,
+    AliasRefusal, DemuxSocket, DemuxStats, ExtraId, Injector, PathTarget, StunDatagram,
+    VirtualPacket, VirtualSink, MAX_ALIASES, MAX_ALIASES_PER_ADDR, MAX_EXTRA_SOCKETS,
 };
 pub use endpoint::{
     make_endpoint, make_server_endpoint, quic_client_config, remote_certificate, BoundEndpoint,
