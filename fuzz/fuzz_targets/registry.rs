@@ -654,6 +654,7 @@ impl Driver {
                 candidates,
                 nonce,
                 key,
+                ..
             } => {
                 assert_ne!(target, me, "introduced to itself");
                 assert_eq!(*whom, target);
@@ -669,6 +670,7 @@ impl Driver {
                         candidates: theirs,
                         nonce: same,
                         key: same_key,
+                        ..
                     } => {
                         assert_eq!((*requester, *same), (me, *nonce));
                         assert_eq!(same_key, key, "both sides get the same key");
