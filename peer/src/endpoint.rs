@@ -149,6 +149,9 @@ pub struct EndpointConfig {
     pub port_mapping: bool,
     /// QUIC timers.
     pub transport: TransportSettings,
+    /// IP TTL of the opening probes of punching ([`punch::PunchConfig::opening_ttl`]; `None`:
+    /// none). Default [`punch::DEFAULT_OPENING_TTL`].
+    pub opening_ttl: Option<u8>,
 }
 
 impl EndpointConfig {
@@ -169,6 +172,7 @@ impl EndpointConfig {
             control: None,
             port_mapping: true,
             transport: TransportSettings::default(),
+            opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
         }
     }
 }
@@ -488,7 +492,7 @@ impl Endpoint {
                 shutdown_rx.clone(),
             )));
         }
-        let keeper = PathKeeper::new(
+        let mut keeper = PathKeeper::new(
             node.clone(),
             router,
             relay,
@@ -498,6 +502,7 @@ impl Endpoint {
             nat_rx,
             crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
+        keeper.opening_ttl = config.opening_ttl;
         tasks.push(tokio::spawn(report_nat(
             session.clone(),
             keeper.clone(),

@@ -149,7 +149,8 @@ fn gives_up_at_the_deadline_with_a_reason() {
             panic!("never gave up");
         }
     }
-    assert_eq!(sent, PunchConfig::default().schedule.len());
+    // The opening probe, then the schedule.
+    assert_eq!(sent, PunchConfig::default().schedule.len() + 1);
     let State::Failed(report) = a.state() else {
         panic!("{:?}", a.state())
     };
@@ -417,6 +418,196 @@ fn repeated_introductions_make_us_send_no_more_than_the_budget() {
     // The budget is what held: the sessions wanted to send far more.
     assert!(offered as f64 > 2.0 * bound, "{offered} offered");
     assert_eq!(budget.dropped(), offered - sent_to_victim);
+}
+
+fn local(a: &str) -> Candidate {
+    Candidate {
+        addr: addr(a),
+        kind: CandidateKind::Local,
+    }
+}
+
+/// Everything `p` sends at `now`, as (destination, TTL, is an answer).
+fn drain(p: &mut Puncher, now: Instant) -> Vec<(SocketAddr, Option<u8>, bool)> {
+    std::iter::from_fn(|| p.poll_transmit(now))
+        .map(|t| {
+            let answer = matches!(
+                stun::decode(&t.contents),
+                Ok(StunPacket::BindingSuccess { .. })
+            );
+            (t.destination, t.ttl, answer)
+        })
+        .collect()
+}
+
+/// Each side first sends one opening probe (short TTL) to each public candidate, never to a
+/// LAN address; the initiator's scheduled probes follow at once.
+#[test]
+fn the_initiator_opens_its_nat_then_probes_at_once() {
+    let t0 = Instant::now();
+    let (public, lan) = ("203.0.113.32:2000", "10.0.2.2:2000");
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        intro(9),
+        Role::Initiator,
+        &[observed(public), local(lan)],
+        t0,
+        PunchConfig::default(),
+    );
+    assert_eq!(
+        drain(&mut a, t0),
+        vec![
+            (addr(public), Some(DEFAULT_OPENING_TTL), false),
+            (addr(public), None, false),
+            (addr(lan), None, false),
+        ]
+    );
+    let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    assert_eq!(
+        events.first(),
+        Some(&Event::OpeningSent {
+            to: addr(public),
+            ttl: DEFAULT_OPENING_TTL
+        })
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::OpeningSent { .. }))
+            .count(),
+        1
+    );
+}
+
+/// The responder (told first) opens its NAT and then waits: its probes could otherwise reach
+/// the initiator's NAT before the initiator's own first packet. The initiator's first probe
+/// ends the wait at once (answered, checked, and the schedule starts from there).
+#[test]
+fn the_responder_holds_its_probes_until_the_initiator_probes() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig::default(),
+    );
+    assert_eq!(
+        drain(&mut b, t0),
+        vec![(a_addr, Some(DEFAULT_OPENING_TTL), false)]
+    );
+    assert_eq!(b.poll_timeout(), Some(t0 + DEFAULT_RESPONDER_HOLD));
+    let t1 = t0 + Duration::from_millis(30);
+    assert!(drain(&mut b, t1).is_empty(), "held");
+    let probe = stun::probe_request(
+        &ProbeTag {
+            nonce: 9,
+            sender: id(1),
+        },
+        1,
+        &key(9),
+    );
+    assert!(b.handle_datagram(a_addr, &probe, t1));
+    // The answer, the triggered check, and the first scheduled probe, all at once.
+    assert_eq!(
+        drain(&mut b, t1),
+        vec![
+            (a_addr, None, true),
+            (a_addr, None, false),
+            (a_addr, None, false)
+        ]
+    );
+    // The schedule goes on from the release.
+    let next = PunchConfig::default().schedule[1];
+    assert_eq!(b.poll_timeout(), Some(t1 + next));
+}
+
+/// Without a probe from the initiator (its probes cannot reach us), the responder's probes
+/// start when the hold ends, on the schedule from there.
+#[test]
+fn the_responders_hold_ends_by_itself() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig::default(),
+    );
+    drain(&mut b, t0);
+    let end = t0 + DEFAULT_RESPONDER_HOLD;
+    assert!(drain(&mut b, end - Duration::from_millis(1)).is_empty());
+    b.handle_timeout(end);
+    assert_eq!(drain(&mut b, end), vec![(a_addr, None, false)]);
+    assert_eq!(
+        b.poll_timeout(),
+        Some(end + PunchConfig::default().schedule[1])
+    );
+}
+
+/// `opening_ttl: None` is punching as before: no opening probe, no hold, probes at once.
+#[test]
+fn without_opening_probes_the_responder_probes_at_once() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig {
+            opening_ttl: None,
+            ..PunchConfig::default()
+        },
+    );
+    assert_eq!(drain(&mut b, t0), vec![(a_addr, None, false)]);
+}
+
+/// The driver ends the hold when it learns that the initiator is under way (its relayed
+/// handshake arrived): the schedule starts then. Without a hold, it changes nothing.
+#[test]
+fn release_hold_ends_the_hold_at_once() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig::default(),
+    );
+    drain(&mut b, t0);
+    let t1 = t0 + Duration::from_millis(12);
+    b.release_hold(t1);
+    assert_eq!(drain(&mut b, t1), vec![(a_addr, None, false)]);
+    assert_eq!(
+        b.poll_timeout(),
+        Some(t1 + PunchConfig::default().schedule[1])
+    );
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        intro(9),
+        Role::Initiator,
+        &[observed("203.0.113.32:2000")],
+        t0,
+        PunchConfig::default(),
+    );
+    drain(&mut a, t0);
+    let before = a.poll_timeout();
+    a.release_hold(t1);
+    assert_eq!(a.poll_timeout(), before);
 }
 
 /// The easy side's birthday probes: only to ports of the introduced peer's observed IP, paced,

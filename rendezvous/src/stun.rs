@@ -88,6 +88,46 @@ pub struct StunConfig {
     pub alt_port: Option<u16>,
     /// Second IP of this host: enables RFC 5780 IP changes (needs `alt_port` too).
     pub alt_ip: Option<IpAddr>,
+    /// The alternates were not asked for (`rendezvous serve` picks the listen port + 1 by
+    /// default): one that cannot be bound is left out with a warning instead of failing the
+    /// start.
+    pub optional: bool,
+}
+
+/// The alternate STUN addresses actually bound, and what they offer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StunAlternates {
+    /// The main address.
+    pub primary: Option<SocketAddr>,
+    /// (main IP, alternate port): answers CHANGE-REQUEST "change port".
+    pub port: Option<SocketAddr>,
+    /// (alternate IP, main port): answers "change IP".
+    pub ip: Option<SocketAddr>,
+    /// (alternate IP, alternate port): answers both, and is the OTHER-ADDRESS of every response.
+    pub other: Option<SocketAddr>,
+}
+
+impl StunAlternates {
+    /// What NAT behaviour discovery the server offers, in words (printed at start).
+    pub fn describe(&self) -> String {
+        match (self.port, self.other) {
+            (_, Some(other)) => format!(
+                "STUN behaviour discovery (RFC 5780): full, alternate address {other}: peers \
+                 learn how their NAT maps and filters by IP and by port"
+            ),
+            (Some(port), None) => format!(
+                "STUN behaviour discovery on {port} (one IP): mapping and filtering by port only \
+                 (CHANGE-REQUEST \"change port\" is answered from there); a second IP of this \
+                 host (--stun-alt-ip IP) would add mapping and filtering by IP and OTHER-ADDRESS, \
+                 which RFC 5780 clients such as `peer netcheck` and the peers' NAT diagnosis need \
+                 to classify a NAT"
+            ),
+            (None, None) => "STUN behaviour discovery off: peers learn their public address \
+                 only (Binding on the main port); --stun-alt-port PORT adds mapping and \
+                 filtering by port, and --stun-alt-ip IP with it full RFC 5780 discovery"
+                .to_owned(),
+        }
+    }
 }
 
 struct Service {
@@ -154,7 +194,7 @@ pub(crate) async fn start(
     mut stun_rx: mpsc::Receiver<StunDatagram>,
     counters: Arc<StunCounters>,
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<(tokio::task::JoinHandle<()>, StunAlternates)> {
     let mut sockets: [[Option<(Socket, SocketAddr)>; 2]; 2] = Default::default();
     sockets[0][0] = Some((Socket::Shared(primary), primary_addr));
     let mut plain = Vec::new();
@@ -169,7 +209,14 @@ pub(crate) async fn start(
                 continue;
             };
             let addr = SocketAddr::new(*ip, *port);
-            let socket = Arc::new(tokio::net::UdpSocket::bind(addr).await?);
+            let socket = match tokio::net::UdpSocket::bind(addr).await {
+                Ok(socket) => Arc::new(socket),
+                Err(e) if config.optional => {
+                    tracing::warn!(%addr, error = %e, "STUN alternate address left out: cannot bind");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let bound = socket.local_addr()?;
             sockets[i][p] = Some((Socket::Plain(socket.clone()), bound));
             plain.push((socket, i, p));
@@ -181,13 +228,20 @@ pub(crate) async fn start(
     if let Some(other) = other {
         tracing::info!(%other, "STUN behaviour discovery (RFC 5780) on the alternate address");
     }
+    let bound = |i: usize, p: usize| sockets[i][p].as_ref().map(|(_, addr)| *addr);
+    let alternates = StunAlternates {
+        primary: Some(primary_addr),
+        port: bound(0, 1),
+        ip: bound(1, 0),
+        other,
+    };
     let service = Arc::new(Service {
         sockets,
         other,
         limiter: Mutex::new(StunLimiter::default()),
         counters,
     });
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         for (socket, i, p) in plain {
             let service = service.clone();
@@ -214,7 +268,8 @@ pub(crate) async fn start(
             service.handle(&datagram.data, datagram.from, 0, 0).await;
         }
         tasks.shutdown().await;
-    }))
+    });
+    Ok((task, alternates))
 }
 
 #[cfg(test)]
@@ -246,6 +301,52 @@ mod tests {
         let later = t0 + Duration::from_secs(1);
         let refilled = (0..100).filter(|_| limiter.allow(attacker, later)).count();
         assert_eq!(refilled, PER_SOURCE_RATE as usize);
+    }
+
+    /// The default alternate port is optional: taken by another program, it is left out (the
+    /// server starts with discovery off and says so); a port the operator gave must be bound.
+    #[tokio::test]
+    async fn a_busy_default_alternate_port_is_left_out_and_a_given_one_fails_the_start() {
+        let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let main = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = main.local_addr().unwrap();
+        let (demux, _) = DemuxSocket::new(main, 4).unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let optional = StunConfig {
+            alt_port: Some(port),
+            alt_ip: None,
+            optional: true,
+        };
+        let (_tx, rx) = mpsc::channel(4);
+        let (task, alternates) = start(
+            demux.clone(),
+            addr,
+            optional,
+            rx,
+            Arc::default(),
+            stop_rx.clone(),
+        )
+        .await
+        .expect("starts without the busy port");
+        assert_eq!(
+            alternates,
+            StunAlternates {
+                primary: Some(addr),
+                ..StunAlternates::default()
+            }
+        );
+        assert!(alternates.describe().contains("discovery off"));
+        let _ = stop_tx.send(true);
+        task.await.unwrap();
+        let (_tx, rx) = mpsc::channel(4);
+        let required = StunConfig {
+            optional: false,
+            ..optional
+        };
+        assert!(start(demux, addr, required, rx, Arc::default(), stop_rx)
+            .await
+            .is_err());
     }
 
     #[test]
