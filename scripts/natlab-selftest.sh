@@ -93,6 +93,7 @@ declare -A SPEC=(
 	[${P}6]="--a full --same-nat"
 	[${P}7]="--a port --b open --delay 40 --loss 10"
 	[${P}8]="--a sym --b port --delay 20 --jitter 10 --rate 2mbit"
+	[${P}9]="--a early --b port"
 )
 for l in "${!SPEC[@]}"; do "$NATLAB" down "$l" >/dev/null 2>&1 || true; done
 echo "# bringing up ${#SPEC[@]} labs in parallel"
@@ -162,6 +163,44 @@ mapping_test "${P}2" b sym
 filter_test "${P}2" b sym False False
 mapping_test "${P}3" a cgnat
 filter_test "${P}3" a cgnat False False
+mapping_test "${P}9" a early
+filter_test "${P}9" a early False False
+
+# --------------------------------------------------------------------------
+# (8) early: an unsolicited packet takes the public port for its sender
+# --------------------------------------------------------------------------
+echo "# (8) early: a socket maps via $RV:3478, then $RV:3480 sends to that mapping unsolicited, then the socket sends to $RV:3480"
+# early_poke LAB HOST -> the host's mapping (socket port 44000), poked from $RV:3480
+early_poke() {
+	local m
+	m=$(probe "$1" "$2" map --port 44000 --server $RV:3478 || true)
+	m=$(jget "$m" "['$RV:3478']" 2>/dev/null || echo None)
+	# From rv's port 3480 (nothing answers: NOACK), before the host ever sent there.
+	probe "$1" rv send --port 3480 --to "$m" --count 1 >/dev/null 2>&1 || true
+	echo "$m"
+}
+early_pa=$(early_poke "${P}9" a)
+early_pb=$(early_poke "${P}9" b)
+n=$(lx "${P}9" nata conntrack -L -p udp --orig-src $RV --orig-port-src 3480 2>/dev/null | grep -c UNREPLIED || true)
+check "early: the unsolicited packet left conntrack state in nata" "entries=$n" [ "$n" = 1 ]
+n=$(lx "${P}9" natb conntrack -L -p udp --orig-src $RV --orig-port-src 3480 2>/dev/null | grep -c . || true)
+check "port: the unsolicited packet left no state in natb (silent drop)" "entries=$n" [ "$n" = 0 ]
+"$NATLAB" exec "${P}9" rv -- setsid "$PY" "$PROBE" reflect --udp $RV:3480 --duration 10 \
+	</dev/null >/dev/null 2>&1 &
+for ((i = 0; i < 50; i++)); do
+	probe "${P}9" rv map --port 2 --server $RV:3480 >/dev/null 2>&1 && break
+	sleep 0.1
+done
+out=$(probe "${P}9" a map --port 44000 --server $RV:3478 --server $RV:3480 || true)
+m1=$(jget "$out" "['$RV:3478']" 2>/dev/null || echo None)
+m2=$(jget "$out" "['$RV:3480']" 2>/dev/null || echo None)
+check "early: the poked remote gets a new public port, the others keep it" "$early_pa then $m1 / $m2" \
+	bash -c '[[ $1 != None && $1 == "$2" && $3 != None && $3 != "$2" && ${3%:*} == "${2%:*}" ]]' _ "$early_pa" "$m1" "$m2"
+out=$(probe "${P}9" b map --port 44000 --server $RV:3478 --server $RV:3480 || true)
+m1=$(jget "$out" "['$RV:3478']" 2>/dev/null || echo None)
+m2=$(jget "$out" "['$RV:3480']" 2>/dev/null || echo None)
+check "port: the same poke changes nothing (EIM kept)" "$early_pb then $m1 / $m2" \
+	bash -c '[[ $1 != None && $1 == "$2" && $2 == "$3" ]]' _ "$early_pb" "$m1" "$m2"
 
 # --------------------------------------------------------------------------
 # (4) udpblock

@@ -18,7 +18,7 @@
 #   natlab.sh addr LAB HOST | addr6 LAB HOST
 #   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S] [--upnp-only]
 #
-# KIND: open full addr port sym seqsym cgnat udpblock
+# KIND: open full addr port sym seqsym cgnat udpblock early
 # SIDES: a, b or ab.  --ipv6 makes those sides (and rv, inet) dual-stack in
 # 2001:db8::/32, each behind its router's stateful IPv6 firewall (no NAT66);
 # --ipv6-only also takes their IPv4 default route away.  Default: IPv4 only.
@@ -39,7 +39,7 @@ else
 	PYTHON=$(command -v python3)
 fi
 
-readonly KINDS="open full addr port sym seqsym cgnat udpblock"
+readonly KINDS="open full addr port sym seqsym cgnat udpblock early"
 # Every host name a lab can contain; used to find a lab's namespaces without
 # touching namespaces that merely share a prefix.
 readonly ALL_HOSTS="inet rv a b nata natb cgnata cgnatb"
@@ -333,6 +333,38 @@ EOF
 EOF
 }
 
+# early_ruleset WANIP -> nft script on stdout
+# A plain Linux router: `masquerade` (port-preserving, so EIM while the port is
+# free), conntrack-only filtering (APDF), and an input chain that does NOT drop
+# what arrives unsolicited on the WAN.  Such a packet is delivered to the router
+# itself (the kernel answers with ICMP port unreachable) and so its conntrack
+# entry is confirmed: (remote -> public ip:port).  A later outbound flow from the
+# inside endpoint that owns that public port to the same remote would need the
+# reverse of that tuple, which is taken, so masquerade gives it another port.
+# An early packet turns the NAT symmetric for that one remote.
+early_ruleset() {
+	local wanip=$1
+	cat <<EOF
+table ip natlab {
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "wan" masquerade
+	}
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+		ct state established,related accept
+		iifname "lan" accept
+	}
+	# No drop for what comes unsolicited from the WAN: it reaches the router's own
+	# stack, and its conntrack entry holds the public port for that remote.
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ip daddr $wanip meta l4proto udp ct state new counter comment "unsolicited UDP: accepted (conntrack state), port unreachable"
+	}
+}
+EOF
+}
+
 write_state() {
 	local f=$RUN_DIR/lab.env
 	{
@@ -555,6 +587,9 @@ cmd_up() {
 		[[ " $KINDS " == *" $k "* ]] || die "unknown KIND '$k' (one of: $KINDS)"
 	done
 	[[ $HAIRPIN == on || $HAIRPIN == off ]] || die "--hairpin must be on or off"
+	if [[ $HAIRPIN == on ]] && [[ $KIND_A == early || $KIND_B == early ]]; then
+		die "--hairpin on is not modelled for KIND early (plain masquerade has no hairpin rules)"
+	fi
 	local num='^[0-9]+([.][0-9]+)?$'
 	[[ $DELAY =~ $num && $JITTER =~ $num && $LOSS =~ $num ]] || die "--delay/--jitter/--loss must be non-negative numbers"
 	awk -v x="$LOSS" 'BEGIN { exit !(x <= 100) }' || die "--loss is a percentage (0-100)"
@@ -617,7 +652,11 @@ cmd_up() {
 		rns=$(ns "$LAB" "$r")
 		mode=${MODE[$r]}
 		t=${UDP_TIMEOUT:-$(nsx "$rns" cat /proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream)}
-		nat_ruleset "$mode" "${ADDR[$r]}" "${LANNET[$r]}" "$t" | nsx "$rns" nft -f -
+		if [[ $mode == early ]]; then
+			early_ruleset "${ADDR[$r]}" | nsx "$rns" nft -f -
+		else
+			nat_ruleset "$mode" "${ADDR[$r]}" "${LANNET[$r]}" "$t" | nsx "$rns" nft -f -
+		fi
 	done
 	[[ -z $IPV6 ]] || add_ipv6
 	write_state
@@ -748,7 +787,9 @@ cmd_flush() {
 	mode=$(router_mode "$host")
 	[[ -n $mode ]] || die "flush: $host is not a NAT router"
 	local maps="flush map ip natlab eim_in"
-	[[ $mode != sym && $mode != seqsym ]] && maps+=$'\nflush map ip natlab eim_out\nflush set ip natlab eim_pair'
+	# early has no maps: conntrack is its only state (and masquerade keeps the port).
+	[[ $mode == early ]] && maps=""
+	[[ $mode != sym && $mode != seqsym && $mode != early ]] && maps+=$'\nflush map ip natlab eim_out\nflush set ip natlab eim_pair'
 	[[ $mode == addr ]] && maps+=$'\nflush set ip natlab adf'
 	# Hold forwarded UDP while both the mapping maps and conntrack are
 	# emptied, otherwise a packet in between would re-learn the old port.

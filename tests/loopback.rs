@@ -517,6 +517,84 @@ fn stun_behaviour_discovery_and_metrics() {
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
 }
 
+/// `rendezvous serve` with no STUN option serves behaviour discovery on a second port (the
+/// listen port + 1; with `--listen` port 0, as here, an ephemeral port) and says at start what
+/// one IP offers (port changes only: mapping and filtering by port) and what a second IP would
+/// add; `--stun-alt-port off` serves none and says so.
+#[test]
+fn stun_discovery_on_a_second_port_by_default_and_off() {
+    use common::stun5780::{binding_request_with_change, parse_response_addresses};
+    for off in [false, true] {
+        let dir = TempDir::new(if off { "stunoff" } else { "stundefault" });
+        let data = dir.path().join("rv");
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tcp-listen",
+            "off",
+        ];
+        if off {
+            args.extend(["--stun-alt-port", "off"]);
+        }
+        let rv = Rendezvous::ready(e2e::Proc::spawn(
+            "rendezvous",
+            &e2e::bin("rendezvous"),
+            &args,
+        ));
+        let line = rv
+            .proc
+            .stdout
+            .wait_for("STUN behaviour discovery", Duration::from_secs(10));
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let ask = |request: &[u8]| -> (SocketAddr, Vec<u8>) {
+            let mut buf = [0u8; 1500];
+            for _ in 0..10 {
+                sock.send_to(request, rv.addr).unwrap();
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    return (from, buf[..n].to_vec());
+                }
+            }
+            panic!("no STUN answer from {}", rv.addr);
+        };
+        // Binding error class (0x0111) with ERROR-CODE 420.
+        let is_420 =
+            |r: &[u8]| r.get(..2) == Some(&[0x01, 0x11][..]) && r.windows(2).any(|w| w == [4, 20]);
+        if off {
+            assert!(line.contains("discovery off"), "{line}");
+            assert!(line.contains("--stun-alt-port PORT"), "{line}");
+            let (from, response) = ask(&binding_request_with_change([3; 12], false, true));
+            assert_eq!(from, rv.addr);
+            assert!(is_420(&response), "{response:02x?}");
+            continue;
+        }
+        assert!(line.contains("(one IP)"), "{line}");
+        assert!(
+            line.contains("mapping and filtering by port only"),
+            "{line}"
+        );
+        assert!(line.contains("--stun-alt-ip"), "{line}");
+        let alt: SocketAddr = line
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        assert_eq!(alt.ip(), rv.addr.ip());
+        assert_ne!(alt.port(), rv.addr.port());
+        // A port change is answered from the second port, which says so; with one IP there is
+        // no OTHER-ADDRESS (RFC 5780 promises another IP and port there) and no IP change.
+        let (from, response) = ask(&binding_request_with_change([1; 12], false, true));
+        assert_eq!(from, alt);
+        assert_eq!(parse_response_addresses(&response), (Some(alt), None));
+        let (from, response) = ask(&binding_request_with_change([2; 12], true, false));
+        assert_eq!(from, rv.addr);
+        assert!(is_420(&response), "{response:02x?}");
+    }
+}
+
 /// Interoperability: a standard RFC 5780 client (coturn's `turnutils_natdiscovery`, installed
 /// by `.ci/run`) runs its mapping and filtering discovery against the server.
 #[test]

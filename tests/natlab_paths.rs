@@ -368,6 +368,16 @@ fn netcheck_classifies_every_nat_kind_of_the_lab() {
             "port-restricted",
         ),
         ("udpblock", false, "unknown", "unknown", "TCP 443"),
+        // A Linux router that an early packet turns symmetric: netcheck's mapping tests come
+        // before its filtering tests (whose unsolicited answers are such early packets), so it
+        // measures what peers meet: a port-restricted cone.
+        (
+            "early",
+            true,
+            "endpoint_independent",
+            "address_and_port_dependent",
+            "port-restricted",
+        ),
     ];
     for (kind, udp, mapping, filtering, verdict) in cases {
         let lab = Lab::up(&format!("netcheck-{kind}"), &["--a", kind, "--b", "port"]);

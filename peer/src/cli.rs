@@ -259,6 +259,27 @@ pub(crate) struct SessionArgs {
     /// NAT); such pairs stay relayed.
     #[arg(long)]
     pub(crate) no_birthday_punch: bool,
+    /// IP TTL of the opening probes sent when punching starts: they open our own NAT toward
+    /// the peer and die before the peer's NAT, so that the peer's probes cannot arrive first
+    /// (some routers then give us a new port for that peer). Raise it if more than one NAT of
+    /// your own stands in the way (3 behind a carrier-grade NAT); `off` sends none (and, as the
+    /// responder, does not wait for the initiator's first probe).
+    #[arg(long, default_value = "2", value_parser = opening_ttl)]
+    pub(crate) opening_ttl: OpeningTtl,
+}
+
+/// `--opening-ttl`: 1-255 or `off`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OpeningTtl(pub(crate) Option<u8>);
+
+fn opening_ttl(text: &str) -> Result<OpeningTtl, String> {
+    if text == "off" {
+        return Ok(OpeningTtl(None));
+    }
+    match text.parse::<u8>() {
+        Ok(0) | Err(_) => Err(format!("{text:?} is not a TTL (1-255) or `off`")),
+        Ok(ttl) => Ok(OpeningTtl(Some(ttl))),
+    }
 }
 
 pub(crate) fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
@@ -275,6 +296,7 @@ impl ServerArgs {
             server_key: session.server_key,
             bind: session.bind,
             register_timeout: seconds(session.register_timeout, "--register-timeout")?,
+            opening_ttl: session.opening_ttl.0,
             tcp_tunnel: match session.server_tcp.as_deref() {
                 Some("off") => TcpTunnel::Off,
                 Some(addr) => TcpTunnel::At(addr.to_owned()),

@@ -127,6 +127,8 @@ pub struct ServerOptions {
     pub bind: SocketAddr,
     /// How long to wait for the first registration.
     pub register_timeout: Duration,
+    /// IP TTL of the opening probes (`None`: none).
+    pub opening_ttl: Option<u8>,
     /// The rendezvous's TLS tunnel.
     pub tcp_tunnel: TcpTunnel,
     /// Ask the router for a port mapping (`--no-port-mapping` turns it off).
@@ -155,6 +157,7 @@ pub fn endpoint_config(
     });
     config.bind = server.bind;
     config.register_timeout = server.register_timeout;
+    config.opening_ttl = server.opening_ttl;
     config.birthday_punch = server.birthday_punch;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
@@ -448,6 +451,7 @@ mod tests {
             server_key: None,
             bind: "0.0.0.0:0".parse().unwrap(),
             register_timeout: Duration::from_secs(3),
+            opening_ttl: Some(2),
             tcp_tunnel: TcpTunnel::Off,
             port_mapping: true,
             birthday_punch: true,

@@ -16,6 +16,10 @@ use crate::cache::PeerCache;
 use crate::paths::PathKeeper;
 use crate::relay;
 
+/// Longest wait for our punching session's opening probes before the relayed handshake starts
+/// (they go out at once; this only bounds a session that never starts).
+const FIRST_PROBES_WAIT: Duration = Duration::from_millis(100);
+
 /// The path a connection was made on, for the user.
 pub struct Via {
     /// `direct to ADDR (how)` or `relayed via rendezvous (UDP)`.
@@ -138,22 +142,28 @@ pub async fn establish(
     keeper.prepare(peer, introduction.nonce, &candidates);
     // Started at once; the result is awaited below (no relay) or in a task of the endpoint.
     let (punch_tx, punch) = tokio::sync::oneshot::channel();
+    let (first_sent_tx, first_sent) = tokio::sync::oneshot::channel();
     {
         let keeper2 = keeper.clone();
         let candidates = candidates.clone();
         keeper.tasks.spawn(async move {
             let state = keeper2
-                .punch(
+                .punch_telling_first_sent(
                     peer,
                     introduction,
                     punch::Role::Initiator,
                     &candidates,
                     peer_nat,
+                    Some(first_sent_tx),
                 )
                 .await;
             let _ = punch_tx.send(state);
         });
     }
+    // Our relayed handshake ends the responder's hold on its probes: it goes out only once our
+    // opening probes have opened our NAT toward the responder (at once, normally; bounded in
+    // case the session never starts).
+    let _ = tokio::time::timeout(FIRST_PROBES_WAIT, first_sent).await;
     let relayed = keeper.relay.is_ready();
     if !relayed {
         // No relay: the connection has to wait for a direct path.

@@ -150,6 +150,9 @@ pub struct EndpointConfig {
     pub port_mapping: bool,
     /// QUIC timers.
     pub transport: TransportSettings,
+    /// IP TTL of the opening probes of punching ([`punch::PunchConfig::opening_ttl`]; `None`:
+    /// none). Default [`punch::DEFAULT_OPENING_TTL`].
+    pub opening_ttl: Option<u8>,
 }
 
 impl EndpointConfig {
@@ -170,6 +173,7 @@ impl EndpointConfig {
             control: None,
             port_mapping: true,
             transport: TransportSettings::default(),
+            opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
         }
     }
 }
@@ -499,7 +503,7 @@ impl Endpoint {
             config.verbose,
             shutdown_rx.clone(),
         )));
-        let keeper = PathKeeper::new(
+        let mut keeper = PathKeeper::new(
             node.clone(),
             router,
             relay,
@@ -509,6 +513,7 @@ impl Endpoint {
             nat_rx,
             crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
+        keeper.opening_ttl = config.opening_ttl;
         tasks.push(tokio::spawn(report_nat(
             session.clone(),
             keeper.clone(),

@@ -100,6 +100,8 @@ pub struct PathKeeper {
     /// The tasks spawned for links, punches and introductions: they end at the endpoint's
     /// shutdown, and [`Endpoint::close`](crate::endpoint::Endpoint::close) waits for them.
     pub tasks: TaskSet,
+    /// IP TTL of punching's opening probes (`None`: none); see [`punching::config_for`].
+    pub opening_ttl: Option<u8>,
     table: Arc<Mutex<PeerTable>>,
 }
 
@@ -193,6 +195,7 @@ impl PathKeeper {
             verbose,
             nat,
             tasks,
+            opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
             table: Arc::default(),
         }
     }
@@ -399,6 +402,23 @@ impl PathKeeper {
         candidates: &[Candidate],
         peer_nat: Option<common::nat::NatProfile>,
     ) -> State {
+        self.punch_telling_first_sent(peer, introduction, role, candidates, peer_nat, None)
+            .await
+    }
+
+    /// As [`PathKeeper::punch`], and tells `first_sent` once the session's first datagrams (its
+    /// opening probes) are out: a dialer starts its relayed handshake only then, because that
+    /// handshake ends the responder's hold ([`punch::PunchConfig::responder_hold`]), which must
+    /// not happen before our NAT is open toward the responder.
+    pub async fn punch_telling_first_sent(
+        &self,
+        peer: PeerId,
+        introduction: Introduction,
+        role: Role,
+        candidates: &[Candidate],
+        peer_nat: Option<common::nat::NatProfile>,
+        first_sent: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> State {
         let log = self.verbose.then(|| self.console.clone());
         // Birthday punching only for a pair plain punching cannot open, known from both
         // profiles (ours measured, theirs handed over by the rendezvous).
@@ -421,6 +441,10 @@ impl PathKeeper {
             log,
             Some(witness),
             &self.tasks,
+            punching::config_for(self.nat_profile().as_ref(), self.opening_ttl),
+            // The initiator's relayed handshake tells a responder that it is under way.
+            (role == Role::Responder).then(|| self.relay.next_packet_from(peer)),
+            first_sent,
         )
         .await
     }
@@ -730,15 +754,6 @@ impl PathKeeper {
                 nat,
             } = event;
             let candidates = self.screen_candidates(&candidates);
-            if self.verbose {
-                let list: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
-                self.console
-                    .error(format!(
-                        "introduced to {peer} (candidates {})",
-                        list.join(", ")
-                    ))
-                    .await;
-            }
             if punches.len() >= MAX_RESPONDER_PUNCHES {
                 self.console
                     .error(format!(
@@ -752,6 +767,7 @@ impl PathKeeper {
             // takes a round trip, and punching should start at once.
             self.accept_introduction(peer, nonce);
             self.prepare(peer, nonce, &candidates);
+            let list: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
             let keeper = self.clone();
             punches.spawn(async move {
                 // The result goes to the peer's machine.
@@ -765,6 +781,16 @@ impl PathKeeper {
                     )
                     .await;
             });
+            // Said after the session started: its opening probes should leave before the
+            // initiator's probes can reach our NAT, and the console may keep us waiting.
+            if self.verbose {
+                self.console
+                    .error(format!(
+                        "introduced to {peer} (candidates {})",
+                        list.join(", ")
+                    ))
+                    .await;
+            }
         }
         // Aborted and awaited here (dropping the set would only abort them): the endpoint's
         // close awaits this task, and so every punch it started.

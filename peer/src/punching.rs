@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::message::Candidate;
+use common::nat::{Behaviour, NatProfile};
 use common::stun::{self, ProbeTag, StunPacket};
 use common::PeerId;
 use punch::birthday::{BirthdayConfig, BirthdayRole};
@@ -213,6 +214,29 @@ pub async fn dispatch(
     }
 }
 
+/// The punching timing for a peer whose own NAT is `ours` (as measured), with opening probes
+/// of IP TTL `opening_ttl` (`None`: none, and no hold). The responder's hold
+/// ([`PunchConfig::responder_hold`]) protects an initiator behind a NAT that an early packet
+/// turns symmetric; it is left out when the initiator's probes could not reach us anyway, so
+/// that they cannot end it early (our NAT maps per destination) or when nothing in front of us
+/// translates (no NAT), as waiting would only delay the path.
+pub fn config_for(ours: Option<&NatProfile>, opening_ttl: Option<u8>) -> PunchConfig {
+    let mut config = PunchConfig {
+        opening_ttl,
+        ..PunchConfig::default()
+    };
+    if let Some(p) = ours {
+        let per_destination = matches!(
+            p.mapping,
+            Behaviour::AddressDependent | Behaviour::AddressAndPortDependent
+        );
+        if p.no_nat || per_destination {
+            config.responder_hold = std::time::Duration::ZERO;
+        }
+    }
+    config
+}
+
 /// Runs one punching session. Returns as soon as a path is proven (or the session failed); a
 /// session with a proven path goes on in the background until its deadline, answering the
 /// peer's probes so that the peer can prove its side too.
@@ -228,6 +252,9 @@ pub async fn run(
     verbose: Option<Console>,
     witness: Option<crate::paths::PunchWitness>,
     tasks: &crate::tasks::TaskSet,
+    timing: PunchConfig,
+    initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
+    first_sent: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> State {
     let inbox = router.register(introduction.nonce);
     let now = Instant::now();
@@ -250,10 +277,10 @@ pub async fn run(
         deadline: if plan.is_some() {
             BIRTHDAY_DEADLINE
         } else {
-            PunchConfig::default().deadline
+            timing.deadline
         },
         prefer_ipv6: node.ipv6_proven.load(std::sync::atomic::Ordering::Relaxed),
-        ..PunchConfig::default()
+        ..timing
     };
     let mut puncher = Puncher::new(
         node.identity.id(),
@@ -295,6 +322,8 @@ pub async fn run(
         verbose,
         witness,
         first: Some(first_tx),
+        initiator_started,
+        first_sent,
         extras,
         pinned: None,
         birthday: birthday.is_some(),
@@ -316,6 +345,10 @@ struct Session {
     // to the peer's stable address) and of the session's end.
     witness: Option<crate::paths::PunchWitness>,
     first: Option<tokio::sync::oneshot::Sender<State>>,
+    // Fires when the initiator is known to be under way (ends the responder's hold).
+    initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
+    // Told once the first datagrams (the opening probes) are out.
+    first_sent: Option<tokio::sync::oneshot::Sender<()>>,
     // Birthday punching, hard side: our extra sockets (by the puncher's socket number), and
     // the one the peer was reached through, once pinned.
     extras: Vec<transport::ExtraId>,
@@ -358,6 +391,13 @@ impl Session {
                     }
                     None => return true,
                 }
+            }
+            // An opening probe: best effort (it only matters before the peer's probes).
+            None if transmit.ttl.is_some() => {
+                let ttl = transmit.ttl.unwrap_or(punch::DEFAULT_OPENING_TTL);
+                self.node
+                    .socket
+                    .send_with_ttl(&transmit.contents, transmit.destination, ttl)
             }
             _ => {
                 self.node
@@ -447,6 +487,9 @@ impl Session {
                     continue;
                 }
             }
+            if let Some(first_sent) = self.first_sent.take() {
+                let _ = first_sent.send(());
+            }
             if let Some(console) = &self.verbose {
                 for line in said {
                     console.error(line).await;
@@ -475,6 +518,17 @@ impl Session {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
+                started = async {
+                    match self.initiator_started.as_mut() {
+                        Some(rx) => rx.await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.initiator_started = None;
+                    if started {
+                        self.puncher.release_hold(Instant::now());
+                    }
+                }
             }
         }
         self.report_first();
@@ -499,6 +553,10 @@ fn describe(peer: PeerId, event: &Event) -> String {
         Event::ProbeSent { to, attempt: None } => {
             format!("punch {peer}: triggered probe -> {to}")
         }
+        Event::OpeningSent { to, ttl } => format!(
+            "punch {peer}: opening probe -> {to} (TTL {ttl}: opens our NAT toward it, dies before \
+             the peer's)"
+        ),
         Event::ProbeReceived { from } => format!("punch {peer}: probe from {from}"),
         Event::PeerReflexive { addr } => {
             format!("punch {peer}: new address {addr} learned from its probe; probing it")

@@ -9,13 +9,14 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::frame_io::{read_frame, write_frame};
 use common::relay::{self, RelayDecoder};
 use common::{ControlMessage, PeerId};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use transport::{Injector, VirtualPacket, VirtualSink};
 
 use crate::session::{Session, SessionState};
@@ -45,6 +46,44 @@ pub struct Relay {
     tx: mpsc::Sender<VirtualPacket>,
     ready: watch::Receiver<bool>,
     addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>>,
+    waiters: Arc<Waiters>,
+}
+
+/// Who waits for the next relayed packet of a peer: a responder's punching session, whose
+/// probes wait until the initiator has opened its NAT (see [`punch::PunchConfig::responder_hold`]).
+/// The initiator dials over the relay after it started punching, and the rendezvous forwards
+/// that handshake only once we accepted the introduction, so its first packet tells us the
+/// initiator is under way. One waiter per peer at most; waiters whose session ended are pruned
+/// whenever one is added.
+#[derive(Default)]
+struct Waiters {
+    // Lets the reader skip the lock while nobody waits (the common case).
+    count: AtomicUsize,
+    map: Mutex<HashMap<PeerId, oneshot::Sender<()>>>,
+}
+
+impl Waiters {
+    fn add(&self, peer: PeerId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut map) = self.map.lock() {
+            map.retain(|_, w| !w.is_closed());
+            map.insert(peer, tx);
+            self.count.store(map.len(), Ordering::Release);
+        }
+        rx
+    }
+
+    fn heard(&self, peer: &PeerId) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if let Ok(mut map) = self.map.lock() {
+            if let Some(waiter) = map.remove(peer) {
+                let _ = waiter.send(());
+            }
+            self.count.store(map.len(), Ordering::Release);
+        }
+    }
 }
 
 impl Relay {
@@ -57,15 +96,31 @@ impl Relay {
         let (tx, rx) = mpsc::channel(RELAY_QUEUE);
         let (ready_tx, ready) = watch::channel(false);
         let addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>> = Arc::default();
+        let waiters: Arc<Waiters> = Arc::default();
         let task = tokio::spawn(run(
             session,
             injector,
             rx,
             ready_tx,
             addrs.clone(),
+            waiters.clone(),
             shutdown,
         ));
-        (Relay { tx, ready, addrs }, task)
+        (
+            Relay {
+                tx,
+                ready,
+                addrs,
+                waiters,
+            },
+            task,
+        )
+    }
+
+    /// Fires at the next packet relayed to us from `peer` (see [`Waiters`]). A later call for
+    /// the same peer replaces this one.
+    pub fn next_packet_from(&self, peer: PeerId) -> oneshot::Receiver<()> {
+        self.waiters.add(peer)
     }
 
     /// True while a relay stream is open.
@@ -107,6 +162,7 @@ async fn run(
     mut rx: mpsc::Receiver<VirtualPacket>,
     ready: watch::Sender<bool>,
     addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>>,
+    waiters: Arc<Waiters>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut state = session.watch();
@@ -132,7 +188,12 @@ async fn run(
                 // A task of its own (not a future of this one) so that reading and writing the
                 // relay stream run in parallel: relayed throughput. Aborted and awaited on every
                 // way out below, so it ends with this task (which the endpoint's close awaits).
-                let reader = tokio::spawn(read_relayed(recv, injector.clone(), addrs.clone()));
+                let reader = tokio::spawn(read_relayed(
+                    recv,
+                    injector.clone(),
+                    addrs.clone(),
+                    waiters.clone(),
+                ));
                 let mut batch =
                     Vec::with_capacity(relay::RELAY_WRITE_BATCH + 2 * relay::MAX_RELAY_PACKET);
                 // `true`: the relay stops; `false`: the stream is opened again.
@@ -219,6 +280,7 @@ async fn read_relayed(
     mut recv: quinn::RecvStream,
     injector: Injector,
     addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>>,
+    waiters: Arc<Waiters>,
 ) {
     let mut decoder = RelayDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -238,6 +300,7 @@ async fn read_relayed(
                         .unwrap_or_else(|| stable_addr(&from));
                     // A full queue drops the packet; QUIC recovers.
                     let _ = injector.inject(addr, packet);
+                    waiters.heard(&from);
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -149,6 +149,7 @@ impl Heartbeats {
         Transmit {
             destination: to,
             contents: stun::probe_request(&self.tag, self.counter, &self.keys.mine),
+            ttl: None,
             birthday: None,
         }
     }
@@ -179,6 +180,7 @@ impl Heartbeats {
                 HeartbeatInput::Reply(Transmit {
                     destination: from,
                     contents: stun::probe_success(transaction, from, &self.keys.theirs),
+                    ttl: None,
                     birthday: None,
                 })
             }

@@ -69,7 +69,36 @@ pub struct PunchConfig {
     /// while the peer's proven IPv6 address is still being probed waits briefly for it (see
     /// `IPV6_PREFERENCE_RTTS`). Off by default.
     pub prefer_ipv6: bool,
+    /// IP TTL of the opening probes: one to each public candidate at the start, before any
+    /// probe that can reach the peer. It reaches our own NAT (which then holds a mapping for
+    /// the peer's address) but dies before the peer's NAT. Some NATs (a Linux router whose WAN
+    /// input accepts unsolicited packets) let a packet that arrives before our own first packet
+    /// take our public port for that remote: our mapping toward the peer would then get a new
+    /// port, as behind a symmetric NAT, and a port-restricted peer would drop everything from
+    /// it. `None`: no opening probes.
+    pub opening_ttl: Option<u8>,
+    /// The responder is told of the introduction before the initiator (the rendezvous pushes
+    /// to it first), so its probes could reach the initiator's NAT before the initiator's
+    /// opening probe: the responder sends its opening probes at once but holds its other
+    /// probes until the initiator's first authenticated probe arrives (the initiator has
+    /// opened its NAT by then) or the driver learns otherwise that the initiator is under way
+    /// ([`Puncher::release_hold`]), at most this long. Zero: no hold.
+    pub responder_hold: Duration,
 }
+
+/// Default [`PunchConfig::opening_ttl`]: the first hop is our NAT (or home router) and the second
+/// the next router upstream, where the probe dies. A CGNAT behind the home router is not
+/// opened (its first packet toward the peer still comes from us before the peer's, in the
+/// common case), and a peer two hops away hears the probe, which is only a probe.
+pub const DEFAULT_OPENING_TTL: u8 = 2;
+
+/// Default [`PunchConfig::responder_hold`]: longer than the gap between the two sides hearing
+/// of the introduction even when the initiator's copy was lost once and sent again (a QUIC
+/// retransmission after a few round trips). It is rarely waited out: the initiator's first
+/// probe ends it, and so does its first packet over the relay (see `peer::punching`), whatever
+/// our NAT; only a responder that neither hears the initiator's probes nor has the relay waits
+/// this long.
+pub const DEFAULT_RESPONDER_HOLD: Duration = Duration::from_secs(1);
 
 impl Default for PunchConfig {
     fn default() -> Self {
@@ -84,6 +113,8 @@ impl Default for PunchConfig {
             max_probes: 160,
             max_answers: 160,
             prefer_ipv6: false,
+            opening_ttl: Some(DEFAULT_OPENING_TTL),
+            responder_hold: DEFAULT_RESPONDER_HOLD,
         }
     }
 }
@@ -202,8 +233,10 @@ impl FailureReport {
         } else if !new_ports.is_empty() {
             format!(
                 "the peer's probes reached us from {} (not the address it registered): its NAT gives \
-                 a new port for every destination (symmetric), and our answers to that port were \
-                 dropped on the way back ({tried})",
+                 a new port for every destination (symmetric), or gave one for us because a packet \
+                 of ours reached it before the peer had sent to us (a Linux router that keeps state \
+                 for unsolicited packets), and our answers to that port were dropped on the way \
+                 back ({tried})",
                 new_ports.join(", ")
             )
         } else {
@@ -240,6 +273,9 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// What.
     pub contents: Vec<u8>,
+    /// The IP TTL (hop limit) to send with, if not the socket's default: an opening probe
+    /// ([`PunchConfig::opening_ttl`]). A driver that cannot set it drops the datagram.
+    pub ttl: Option<u8>,
     /// A birthday-punching datagram (paced and budgeted apart from ordinary probes; an opening
     /// probe leaves from an extra socket), or `None` for one from the primary socket.
     pub birthday: Option<BirthdayTransmit>,
@@ -279,6 +315,14 @@ pub enum Event {
         /// Scheduled attempt number for that address (0-based), or `None` for a triggered check.
         attempt: Option<usize>,
     },
+    /// An opening probe was sent: a probe with a short TTL that opens our NAT's mapping toward
+    /// `to` and dies before the peer's NAT ([`PunchConfig::opening_ttl`]).
+    OpeningSent {
+        /// Toward where.
+        to: SocketAddr,
+        /// Its IP TTL.
+        ttl: u8,
+    },
     /// A probe of the peer arrived.
     ProbeReceived {
         /// From where.
@@ -314,6 +358,8 @@ struct Target {
     known_at: Instant,
     attempt: usize,
     validated: bool,
+    // An opening probe is still to be sent toward it.
+    opening: bool,
 }
 
 /// One hole-punching session with one peer.
@@ -349,6 +395,11 @@ pub struct Puncher {
     // An IPv4 path proven while the peer's IPv6 probes already reach us: held until the IPv6
     // answer (preferred) or the instant given, whichever comes first (see `IPV6_PREFERENCE_*`).
     held: Option<(Path, Instant)>,
+    // While set, scheduled probes wait (the responder's hold, PunchConfig::responder_hold).
+    hold_until: Option<Instant>,
+    // When scheduled probes may start: the schedule of a target counts from the later of this
+    // and the moment the target became known.
+    probes_from: Instant,
 }
 
 /// How long a proven IPv4 path waits for the IPv6 one, as a multiple of its round trip, when the
@@ -384,6 +435,10 @@ impl Puncher {
         now: Instant,
         config: PunchConfig,
     ) -> Self {
+        let hold = role == Role::Responder
+            && config.opening_ttl.is_some()
+            && !config.responder_hold.is_zero();
+        let hold_until = hold.then(|| now + config.responder_hold);
         let mut puncher = Puncher {
             tag: ProbeTag {
                 nonce: introduction.nonce,
@@ -413,6 +468,8 @@ impl Puncher {
             unauthenticated: 0,
             peer_sources: Vec::new(),
             held: None,
+            hold_until,
+            probes_from: hold_until.unwrap_or(now),
         };
         for candidate in candidates {
             if puncher.candidates.iter().any(|c| c.addr == candidate.addr) {
@@ -506,6 +563,12 @@ impl Puncher {
             known_at: now,
             attempt: 0,
             validated: false,
+            // Only toward the introduction's public addresses: a mapping is what it opens.
+            opening: self.config.opening_ttl.is_some()
+                && !matches!(
+                    kind,
+                    PathKind::Candidate(CandidateKind::Local) | PathKind::PeerReflexive
+                ),
         });
         Some(self.targets.len() - 1)
     }
@@ -603,6 +666,8 @@ impl Puncher {
                     return true;
                 }
                 self.probes_received = self.probes_received.saturating_add(1);
+                // The initiator probes: its NAT is open toward us, our probes may follow.
+                self.release_hold(now);
                 if !self.peer_sources.contains(&from) && self.peer_sources.len() < MAX_TARGETS {
                     self.peer_sources.push(from);
                 }
@@ -612,6 +677,7 @@ impl Puncher {
                     self.replies.push_back(Transmit {
                         destination: from,
                         contents: stun::probe_success(transaction, from, &self.key),
+                        ttl: None,
                         birthday: None,
                     });
                 }
@@ -715,6 +781,7 @@ impl Puncher {
             known_at: now,
             attempt: usize::MAX,
             validated: false,
+            opening: false,
         });
         self.targets.len() - 1
     }
@@ -729,22 +796,60 @@ impl Puncher {
             return None;
         }
         if self.probes_sent < self.config.max_probes {
+            if let Some(ttl) = self.config.opening_ttl {
+                if let Some(i) = self.targets.iter().position(|t| t.opening) {
+                    return Some(self.opening_probe(i, ttl, now));
+                }
+            }
             if let Some(i) = self.triggered.pop_front() {
                 return Some(self.probe(i, now, false));
             }
-            let due = self.targets.iter().position(|t| {
-                !t.validated
-                    && self
-                        .config
-                        .schedule
-                        .get(t.attempt)
-                        .is_some_and(|offset| t.known_at + *offset <= now)
-            });
-            if let Some(due) = due {
-                return Some(self.probe(due, now, true));
+            // The responder's hold delays its scheduled probes only (not birthday datagrams).
+            if !self.held(now) {
+                let due = self.targets.iter().position(|t| {
+                    !t.validated
+                        && self
+                            .config
+                            .schedule
+                            .get(t.attempt)
+                            .is_some_and(|offset| self.schedule_base(t) + *offset <= now)
+                });
+                if let Some(due) = due {
+                    return Some(self.probe(due, now, true));
+                }
             }
         }
         self.birthday_transmit(now)
+    }
+
+    /// Ends the responder's hold ([`PunchConfig::responder_hold`]) now: the driver learned
+    /// some other way that the initiator is under way (its connection's first packet came over
+    /// the relay). Does nothing when there is no hold.
+    pub fn release_hold(&mut self, now: Instant) {
+        if self.hold_until.take().is_some() {
+            self.probes_from = now;
+        }
+    }
+
+    /// The responder's scheduled probes still wait for the initiator (see
+    /// [`PunchConfig::responder_hold`]).
+    fn held(&self, now: Instant) -> bool {
+        self.hold_until.is_some_and(|until| now < until)
+    }
+
+    fn schedule_base(&self, target: &Target) -> Instant {
+        target.known_at.max(self.probes_from)
+    }
+
+    fn opening_probe(&mut self, index: usize, ttl: u8, now: Instant) -> Transmit {
+        self.targets[index].opening = false;
+        let mut transmit = self.probe(index, now, false);
+        // Not a triggered check: say what it is.
+        if let Some(Event::ProbeSent { to, .. }) = self.events.pop_back() {
+            self.events.push_back(Event::OpeningSent { to, ttl });
+        }
+        transmit.ttl = Some(ttl);
+        transmit
     }
 
     /// The next birthday datagram due at `now`, if any (outside `max_probes`: the plan has its
@@ -756,6 +861,7 @@ impl Puncher {
                 destination: addr,
                 contents,
                 birthday: Some(BirthdayTransmit::Spray),
+                ttl: None,
             });
         }
         let (socket, toward) = {
@@ -767,6 +873,7 @@ impl Puncher {
             destination: toward,
             contents,
             birthday: Some(BirthdayTransmit::Opening { socket }),
+            ttl: None,
         })
     }
 
@@ -798,6 +905,7 @@ impl Puncher {
         Transmit {
             destination: target.addr,
             contents,
+            ttl: None,
             birthday: None,
         }
     }
@@ -807,8 +915,10 @@ impl Puncher {
         if self.expired && self.replies.is_empty() {
             return None;
         }
+        let can_probe = self.probes_sent < self.config.max_probes && self.probing();
         if !self.replies.is_empty()
             || (!self.triggered.is_empty() && self.probes_sent < self.config.max_probes)
+            || (can_probe && self.targets.iter().any(|t| t.opening))
         {
             return Some(self.started);
         }
@@ -830,7 +940,12 @@ impl Puncher {
             .iter()
             .filter(|_| self.probes_sent < self.config.max_probes)
             .filter(|t| !t.validated)
-            .filter_map(|t| self.config.schedule.get(t.attempt).map(|o| t.known_at + *o))
+            .filter_map(|t| {
+                self.config
+                    .schedule
+                    .get(t.attempt)
+                    .map(|o| self.schedule_base(t) + *o)
+            })
             .chain(birthday.into_iter().flatten())
             .min();
         Some(next_probe.map_or(deadline, |p| p.min(deadline)))

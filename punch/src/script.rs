@@ -245,7 +245,7 @@ mod tests {
     fn a_genuine_answer_after_a_forgery_makes_the_path() {
         let script = [
             0, 5, // initiator, one candidate: 203.0.113.5:4002
-            1, 0, 0, // send
+            1, 0, 0, // send: the opening probe and probe #0
             4, 9, 0, // a forged answer (zero key) from 203.0.113.9
             2, 5, 0, // the genuine answer from the candidate
         ];
@@ -254,7 +254,7 @@ mod tests {
             outcome,
             super::ScriptOutcome {
                 direct: true,
-                probes_sent: 1,
+                probes_sent: 2,
                 answers_sent: 0,
                 forged: 1
             }

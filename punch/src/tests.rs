@@ -149,7 +149,8 @@ fn gives_up_at_the_deadline_with_a_reason() {
             panic!("never gave up");
         }
     }
-    assert_eq!(sent, PunchConfig::default().schedule.len());
+    // The opening probe, then the schedule.
+    assert_eq!(sent, PunchConfig::default().schedule.len() + 1);
     let State::Failed(report) = a.state() else {
         panic!("{:?}", a.state())
     };
@@ -419,165 +420,194 @@ fn repeated_introductions_make_us_send_no_more_than_the_budget() {
     assert_eq!(budget.dropped(), offered - sent_to_victim);
 }
 
-/// Everything `p` sends now.
-fn drain(p: &mut Puncher, now: Instant) -> Vec<Transmit> {
-    std::iter::from_fn(|| p.poll_transmit(now)).collect()
+fn local(a: &str) -> Candidate {
+    Candidate {
+        addr: addr(a),
+        kind: CandidateKind::Local,
+    }
 }
 
-/// The one datagram of `sent` to `to`.
-fn sent_to(sent: &[Transmit], to: SocketAddr) -> Vec<u8> {
-    sent.iter()
-        .find(|t| t.destination == to)
-        .unwrap_or_else(|| panic!("nothing sent to {to}: {sent:?}"))
-        .contents
-        .clone()
+/// Everything `p` sends at `now`, as (destination, TTL, is an answer).
+fn drain(p: &mut Puncher, now: Instant) -> Vec<(SocketAddr, Option<u8>, bool)> {
+    std::iter::from_fn(|| p.poll_transmit(now))
+        .map(|t| {
+            let answer = matches!(
+                stun::decode(&t.contents),
+                Ok(StunPacket::BindingSuccess { .. })
+            );
+            (t.destination, t.ttl, answer)
+        })
+        .collect()
 }
 
-/// Two dual-stack hosts, each with an IPv4 and an IPv6 candidate of the other; `a` has sent its
-/// first probes and `b` answered the IPv4 one (not yet delivered). Returns (a, b, a's probes,
-/// b's answer to the IPv4 probe).
-struct DualStack {
-    a: Puncher,
-    b: Puncher,
-    a_probes: Vec<Transmit>,
-    t0: Instant,
-}
-
-const A4: &str = "203.0.113.31:1000";
-const A6: &str = "[2001:db8:1::2]:1000";
-const B4: &str = "203.0.113.32:2000";
-const B6: &str = "[2001:db8:2::2]:2000";
-
-fn dual_stack() -> DualStack {
-    dual_stack_with(PunchConfig::default())
-}
-
-fn dual_stack_with(config: PunchConfig) -> DualStack {
+/// Each side first sends one opening probe (short TTL) to each public candidate, never to a
+/// LAN address; the initiator's scheduled probes follow at once.
+#[test]
+fn the_initiator_opens_its_nat_then_probes_at_once() {
     let t0 = Instant::now();
+    let (public, lan) = ("203.0.113.32:2000", "10.0.2.2:2000");
     let mut a = Puncher::new(
         id(1),
         id(2),
         intro(9),
         Role::Initiator,
-        &[observed(B4), observed(B6)],
+        &[observed(public), local(lan)],
         t0,
-        config,
+        PunchConfig::default(),
     );
-    let b = Puncher::new(
+    assert_eq!(
+        drain(&mut a, t0),
+        vec![
+            (addr(public), Some(DEFAULT_OPENING_TTL), false),
+            (addr(public), None, false),
+            (addr(lan), None, false),
+        ]
+    );
+    let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    assert_eq!(
+        events.first(),
+        Some(&Event::OpeningSent {
+            to: addr(public),
+            ttl: DEFAULT_OPENING_TTL
+        })
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::OpeningSent { .. }))
+            .count(),
+        1
+    );
+}
+
+/// The responder (told first) opens its NAT and then waits: its probes could otherwise reach
+/// the initiator's NAT before the initiator's own first packet. The initiator's first probe
+/// ends the wait at once (answered, checked, and the schedule starts from there).
+#[test]
+fn the_responder_holds_its_probes_until_the_initiator_probes() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
         id(2),
         id(1),
         intro(9),
         Role::Responder,
-        &[observed(A4), observed(A6)],
+        &[observed("203.0.113.31:1000")],
         t0,
         PunchConfig::default(),
     );
-    let a_probes = drain(&mut a, t0);
-    DualStack { a, b, a_probes, t0 }
+    assert_eq!(
+        drain(&mut b, t0),
+        vec![(a_addr, Some(DEFAULT_OPENING_TTL), false)]
+    );
+    assert_eq!(b.poll_timeout(), Some(t0 + DEFAULT_RESPONDER_HOLD));
+    let t1 = t0 + Duration::from_millis(30);
+    assert!(drain(&mut b, t1).is_empty(), "held");
+    let probe = stun::probe_request(
+        &ProbeTag {
+            nonce: 9,
+            sender: id(1),
+        },
+        1,
+        &key(9),
+    );
+    assert!(b.handle_datagram(a_addr, &probe, t1));
+    // The answer, the triggered check, and the first scheduled probe, all at once.
+    assert_eq!(
+        drain(&mut b, t1),
+        vec![
+            (a_addr, None, true),
+            (a_addr, None, false),
+            (a_addr, None, false)
+        ]
+    );
+    // The schedule goes on from the release.
+    let next = PunchConfig::default().schedule[1];
+    assert_eq!(b.poll_timeout(), Some(t1 + next));
 }
 
-impl DualStack {
-    /// `b`'s answer to `a`'s probe to `to`, as `b` received it from `from`.
-    fn answer(&mut self, to: &str, from: &str, now: Instant) -> Vec<u8> {
-        let probe = sent_to(&self.a_probes, addr(to));
-        assert!(self.b.handle_datagram(addr(from), &probe, now));
-        sent_to(&drain(&mut self.b, now), addr(from))
-    }
-
-    /// `b`'s own probe to `a`'s IPv6 address reaches `a`.
-    fn ipv6_probe_reaches_a(&mut self, now: Instant) {
-        let b_probes = drain(&mut self.b, now);
-        let probe = sent_to(&b_probes, addr(A6));
-        assert!(self.a.handle_datagram(addr(B6), &probe, now));
-    }
-}
-
-/// Both paths work and the peer's IPv6 probe has reached us: an IPv4 answer that comes first
-/// waits, and the IPv6 answer a moment later wins (Happy Eyeballs' preference).
+/// Without a probe from the initiator (its probes cannot reach us), the responder's probes
+/// start when the hold ends, on the schedule from there.
 #[test]
-fn an_ipv4_path_waits_briefly_for_ipv6_once_the_peers_ipv6_probes_arrive() {
-    let mut s = dual_stack();
-    let t0 = s.t0;
-    s.ipv6_probe_reaches_a(t0);
-    let v4_answer = s.answer(B4, A4, t0);
-    let v6_answer = s.answer(B6, A6, t0);
-    let at = t0 + Duration::from_millis(3);
-    assert!(s.a.handle_datagram(addr(B4), &v4_answer, at));
-    assert_eq!(*s.a.state(), State::Probing, "the IPv4 path is held");
-    // The wait is short (twice the round trip, at least 20 ms): the session wakes by then.
-    assert!(s.a.poll_timeout() <= Some(at + Duration::from_millis(20)));
-    let later = t0 + Duration::from_millis(5);
-    assert!(s.a.handle_datagram(addr(B6), &v6_answer, later));
-    match s.a.state() {
-        State::Direct(path) => assert_eq!(path.addr, addr(B6)),
-        other => panic!("{other:?}"),
-    }
+fn the_responders_hold_ends_by_itself() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig::default(),
+    );
+    drain(&mut b, t0);
+    let end = t0 + DEFAULT_RESPONDER_HOLD;
+    assert!(drain(&mut b, end - Duration::from_millis(1)).is_empty());
+    b.handle_timeout(end);
+    assert_eq!(drain(&mut b, end), vec![(a_addr, None, false)]);
+    assert_eq!(
+        b.poll_timeout(),
+        Some(end + PunchConfig::default().schedule[1])
+    );
 }
 
-/// IPv6 probes of the peer arrived, but our IPv6 probes get no answer: the held IPv4 path is
-/// taken when the short wait ends, long before the punch's deadline.
+/// `opening_ttl: None` is punching as before: no opening probe, no hold, probes at once.
 #[test]
-fn a_held_ipv4_path_wins_when_ipv6_does_not_answer_in_time() {
-    let mut s = dual_stack();
-    let t0 = s.t0;
-    s.ipv6_probe_reaches_a(t0);
-    let v4_answer = s.answer(B4, A4, t0);
-    let at = t0 + Duration::from_millis(50);
-    assert!(s.a.handle_datagram(addr(B4), &v4_answer, at));
-    assert_eq!(*s.a.state(), State::Probing);
-    let until = at + Duration::from_millis(100);
-    // Twice the 50 ms round trip: the session wakes by then.
-    assert!(s.a.poll_timeout() <= Some(until));
-    s.a.handle_timeout(until - Duration::from_millis(1));
-    assert_eq!(*s.a.state(), State::Probing);
-    s.a.handle_timeout(until);
-    match s.a.state() {
-        State::Direct(path) => {
-            assert_eq!(path.addr, addr(B4));
-            assert_eq!(path.rtt, Duration::from_millis(50));
-        }
-        other => panic!("{other:?}"),
-    }
+fn without_opening_probes_the_responder_probes_at_once() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig {
+            opening_ttl: None,
+            ..PunchConfig::default()
+        },
+    );
+    assert_eq!(drain(&mut b, t0), vec![(a_addr, None, false)]);
 }
 
-/// Without any sign that IPv6 works (no IPv6 probe from the peer), an IPv4 answer is taken at
-/// once: a pair whose IPv6 is missing or blocked is never slower than before.
+/// The driver ends the hold when it learns that the initiator is under way (its relayed
+/// handshake arrived): the schedule starts then. Without a hold, it changes nothing.
 #[test]
-fn without_ipv6_seen_working_an_ipv4_path_is_taken_at_once() {
-    let mut s = dual_stack();
-    let t0 = s.t0;
-    let v4_answer = s.answer(B4, A4, t0);
-    let at = t0 + Duration::from_millis(3);
-    assert!(s.a.handle_datagram(addr(B4), &v4_answer, at));
-    match s.a.state() {
-        State::Direct(path) => assert_eq!(path.addr, addr(B4)),
-        other => panic!("{other:?}"),
-    }
-}
-
-/// Our IPv6 address and the peer's were both proven to the rendezvous (`prefer_ipv6`, an
-/// observed IPv6 candidate): an IPv4 answer that comes before the peer's IPv6 probe still waits
-/// briefly, and the IPv6 answer wins.
-#[test]
-fn with_ipv6_proven_on_both_sides_an_ipv4_path_waits_for_ipv6() {
-    let mut s = dual_stack_with(PunchConfig {
-        prefer_ipv6: true,
-        ..PunchConfig::default()
-    });
-    let t0 = s.t0;
-    let v4_answer = s.answer(B4, A4, t0);
-    let v6_answer = s.answer(B6, A6, t0);
-    assert!(s
-        .a
-        .handle_datagram(addr(B4), &v4_answer, t0 + Duration::from_millis(3)));
-    assert_eq!(*s.a.state(), State::Probing, "held for IPv6");
-    assert!(s
-        .a
-        .handle_datagram(addr(B6), &v6_answer, t0 + Duration::from_millis(4)));
-    match s.a.state() {
-        State::Direct(path) => assert_eq!(path.addr, addr(B6)),
-        other => panic!("{other:?}"),
-    }
+fn release_hold_ends_the_hold_at_once() {
+    let t0 = Instant::now();
+    let a_addr = addr("203.0.113.31:1000");
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed("203.0.113.31:1000")],
+        t0,
+        PunchConfig::default(),
+    );
+    drain(&mut b, t0);
+    let t1 = t0 + Duration::from_millis(12);
+    b.release_hold(t1);
+    assert_eq!(drain(&mut b, t1), vec![(a_addr, None, false)]);
+    assert_eq!(
+        b.poll_timeout(),
+        Some(t1 + PunchConfig::default().schedule[1])
+    );
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        intro(9),
+        Role::Initiator,
+        &[observed("203.0.113.32:2000")],
+        t0,
+        PunchConfig::default(),
+    );
+    drain(&mut a, t0);
+    let before = a.poll_timeout();
+    a.release_hold(t1);
+    assert_eq!(a.poll_timeout(), before);
 }
 
 /// The easy side's birthday probes: only to ports of the introduced peer's observed IP, paced,
@@ -772,4 +802,165 @@ fn birthday_opening_probes_go_to_the_peer_only_and_the_first_heard_socket_wins()
     assert!(answers
         .iter()
         .all(|t| t.destination == easy_addr && t.birthday.is_none()));
+}
+
+/// Everything `p` sends now.
+fn drain_all(p: &mut Puncher, now: Instant) -> Vec<Transmit> {
+    std::iter::from_fn(|| p.poll_transmit(now)).collect()
+}
+
+/// The one datagram of `sent` to `to`.
+fn sent_to(sent: &[Transmit], to: SocketAddr) -> Vec<u8> {
+    sent.iter()
+        .find(|t| t.destination == to)
+        .unwrap_or_else(|| panic!("nothing sent to {to}: {sent:?}"))
+        .contents
+        .clone()
+}
+
+/// Two dual-stack hosts, each with an IPv4 and an IPv6 candidate of the other; `a` has sent its
+/// first probes and `b` answered the IPv4 one (not yet delivered). Returns (a, b, a's probes,
+/// b's answer to the IPv4 probe).
+struct DualStack {
+    a: Puncher,
+    b: Puncher,
+    a_probes: Vec<Transmit>,
+    t0: Instant,
+}
+
+const A4: &str = "203.0.113.31:1000";
+const A6: &str = "[2001:db8:1::2]:1000";
+const B4: &str = "203.0.113.32:2000";
+const B6: &str = "[2001:db8:2::2]:2000";
+
+fn dual_stack() -> DualStack {
+    dual_stack_with(PunchConfig::default())
+}
+
+fn dual_stack_with(config: PunchConfig) -> DualStack {
+    let t0 = Instant::now();
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        intro(9),
+        Role::Initiator,
+        &[observed(B4), observed(B6)],
+        t0,
+        config,
+    );
+    let b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed(A4), observed(A6)],
+        t0,
+        PunchConfig::default(),
+    );
+    let a_probes = drain_all(&mut a, t0);
+    DualStack { a, b, a_probes, t0 }
+}
+
+impl DualStack {
+    /// `b`'s answer to `a`'s probe to `to`, as `b` received it from `from`.
+    fn answer(&mut self, to: &str, from: &str, now: Instant) -> Vec<u8> {
+        let probe = sent_to(&self.a_probes, addr(to));
+        assert!(self.b.handle_datagram(addr(from), &probe, now));
+        sent_to(&drain_all(&mut self.b, now), addr(from))
+    }
+
+    /// `b`'s own probe to `a`'s IPv6 address reaches `a`.
+    fn ipv6_probe_reaches_a(&mut self, now: Instant) {
+        let b_probes = drain_all(&mut self.b, now);
+        let probe = sent_to(&b_probes, addr(A6));
+        assert!(self.a.handle_datagram(addr(B6), &probe, now));
+    }
+}
+
+/// Both paths work and the peer's IPv6 probe has reached us: an IPv4 answer that comes first
+/// waits, and the IPv6 answer a moment later wins (Happy Eyeballs' preference).
+#[test]
+fn an_ipv4_path_waits_briefly_for_ipv6_once_the_peers_ipv6_probes_arrive() {
+    let mut s = dual_stack();
+    let t0 = s.t0;
+    s.ipv6_probe_reaches_a(t0);
+    let v4_answer = s.answer(B4, A4, t0);
+    let v6_answer = s.answer(B6, A6, t0);
+    let at = t0 + Duration::from_millis(3);
+    assert!(s.a.handle_datagram(addr(B4), &v4_answer, at));
+    assert_eq!(*s.a.state(), State::Probing, "the IPv4 path is held");
+    // The wait is short (twice the round trip, at least 20 ms): the session wakes by then.
+    assert!(s.a.poll_timeout() <= Some(at + Duration::from_millis(20)));
+    let later = t0 + Duration::from_millis(5);
+    assert!(s.a.handle_datagram(addr(B6), &v6_answer, later));
+    match s.a.state() {
+        State::Direct(path) => assert_eq!(path.addr, addr(B6)),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// IPv6 probes of the peer arrived, but our IPv6 probes get no answer: the held IPv4 path is
+/// taken when the short wait ends, long before the punch's deadline.
+#[test]
+fn a_held_ipv4_path_wins_when_ipv6_does_not_answer_in_time() {
+    let mut s = dual_stack();
+    let t0 = s.t0;
+    s.ipv6_probe_reaches_a(t0);
+    let v4_answer = s.answer(B4, A4, t0);
+    let at = t0 + Duration::from_millis(50);
+    assert!(s.a.handle_datagram(addr(B4), &v4_answer, at));
+    assert_eq!(*s.a.state(), State::Probing);
+    let until = at + Duration::from_millis(100);
+    // Twice the 50 ms round trip: the session wakes by then.
+    assert!(s.a.poll_timeout() <= Some(until));
+    s.a.handle_timeout(until - Duration::from_millis(1));
+    assert_eq!(*s.a.state(), State::Probing);
+    s.a.handle_timeout(until);
+    match s.a.state() {
+        State::Direct(path) => {
+            assert_eq!(path.addr, addr(B4));
+            assert_eq!(path.rtt, Duration::from_millis(50));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Without any sign that IPv6 works (no IPv6 probe from the peer), an IPv4 answer is taken at
+/// once: a pair whose IPv6 is missing or blocked is never slower than before.
+#[test]
+fn without_ipv6_seen_working_an_ipv4_path_is_taken_at_once() {
+    let mut s = dual_stack();
+    let t0 = s.t0;
+    let v4_answer = s.answer(B4, A4, t0);
+    let at = t0 + Duration::from_millis(3);
+    assert!(s.a.handle_datagram(addr(B4), &v4_answer, at));
+    match s.a.state() {
+        State::Direct(path) => assert_eq!(path.addr, addr(B4)),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Our IPv6 address and the peer's were both proven to the rendezvous (`prefer_ipv6`, an
+/// observed IPv6 candidate): an IPv4 answer that comes before the peer's IPv6 probe still waits
+/// briefly, and the IPv6 answer wins.
+#[test]
+fn with_ipv6_proven_on_both_sides_an_ipv4_path_waits_for_ipv6() {
+    let mut s = dual_stack_with(PunchConfig {
+        prefer_ipv6: true,
+        ..PunchConfig::default()
+    });
+    let t0 = s.t0;
+    let v4_answer = s.answer(B4, A4, t0);
+    let v6_answer = s.answer(B6, A6, t0);
+    assert!(s
+        .a
+        .handle_datagram(addr(B4), &v4_answer, t0 + Duration::from_millis(3)));
+    assert_eq!(*s.a.state(), State::Probing, "held for IPv6");
+    assert!(s
+        .a
+        .handle_datagram(addr(B6), &v6_answer, t0 + Duration::from_millis(4)));
+    match s.a.state() {
+        State::Direct(path) => assert_eq!(path.addr, addr(B6)),
+        other => panic!("{other:?}"),
+    }
 }

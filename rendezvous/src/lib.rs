@@ -115,6 +115,7 @@ pub enum StartError {
 /// A started server. Dropping it without [`Server::shutdown`] aborts nothing: call shutdown.
 pub struct Server {
     local_addr: SocketAddr,
+    stun_alternates: stun::StunAlternates,
     tcp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     fingerprint: Fingerprint,
@@ -217,7 +218,7 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        let stun_task = stun::start(
+        let (stun_task, stun_alternates) = stun::start(
             demux.clone(),
             local_addr,
             config.stun,
@@ -258,6 +259,7 @@ impl Server {
         });
         Ok(Server {
             local_addr,
+            stun_alternates,
             tcp_addr,
             metrics_addr,
             fingerprint: identity.fingerprint(),
@@ -271,6 +273,11 @@ impl Server {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The STUN alternate addresses bound (RFC 5780 behaviour discovery).
+    pub fn stun_alternates(&self) -> stun::StunAlternates {
+        self.stun_alternates
     }
 
     /// The bound metrics address, if enabled.

@@ -51,11 +51,14 @@ enum Command {
         /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
         #[arg(long)]
         metrics: Option<SocketAddr>,
-        /// Second UDP port for STUN behaviour discovery (RFC 5780), on the same IP(s).
+        /// Second UDP port for STUN behaviour discovery (RFC 5780), on the same IP(s)
+        /// (default: the --listen port + 1, left out with a warning if it cannot be bound;
+        /// `off` disables it).
         #[arg(long)]
-        stun_alt_port: Option<u16>,
-        /// Second IP of this host for STUN behaviour discovery (RFC 5780).
-        #[arg(long, requires = "stun_alt_port")]
+        stun_alt_port: Option<String>,
+        /// Second IP of this host for STUN behaviour discovery (RFC 5780): with it, peers
+        /// learn how their NAT maps and filters by IP too (full discovery).
+        #[arg(long)]
         stun_alt_ip: Option<std::net::IpAddr>,
         /// Most concurrent peer connections.
         #[arg(long, default_value_t = Limits::default().max_connections)]
@@ -172,6 +175,41 @@ impl EdgeArgs {
     }
 }
 
+/// The STUN alternates from `--stun-alt-port` and `--stun-alt-ip`: a port given is required
+/// (the start fails if it cannot be bound), the default (the listen port + 1; an ephemeral port
+/// when the listen port is 0) is optional, `off` turns discovery off.
+fn stun_config(
+    alt_port: Option<&str>,
+    alt_ip: Option<std::net::IpAddr>,
+    listen: SocketAddr,
+) -> anyhow::Result<rendezvous::stun::StunConfig> {
+    let (alt_port, optional) = match alt_port {
+        Some("off") => {
+            if let Some(ip) = alt_ip {
+                anyhow::bail!(
+                    "--stun-alt-ip {ip} needs an alternate port: drop `--stun-alt-port off`"
+                );
+            }
+            (None, false)
+        }
+        Some(port) => {
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("--stun-alt-port {port:?} is not a port or `off`"))?;
+            (Some(port), false)
+        }
+        None => match listen.port() {
+            0 => (Some(0), true),
+            port => (port.checked_add(1), true),
+        },
+    };
+    Ok(rendezvous::stun::StunConfig {
+        alt_port,
+        alt_ip,
+        optional,
+    })
+}
+
 /// Parses a positive number of seconds (fractions allowed).
 fn seconds(text: &str) -> Result<Duration, String> {
     let secs: f64 = text
@@ -235,6 +273,7 @@ async fn main() -> anyhow::Result<()> {
                     })?),
                     None => Some(SocketAddr::new(listen.ip(), 443)),
                 };
+            let stun = stun_config(stun_alt_port.as_deref(), stun_alt_ip, listen)?;
             let limits = Limits {
                 max_connections,
                 max_connections_per_source: max_connections_per_ip,
@@ -256,10 +295,7 @@ async fn main() -> anyhow::Result<()> {
                 relay_trace,
                 tcp_listen,
                 tcp_required,
-                stun: rendezvous::stun::StunConfig {
-                    alt_port: stun_alt_port,
-                    alt_ip: stun_alt_ip,
-                },
+                stun,
                 metrics,
                 tunnel_limits,
                 metrics_limits,
@@ -281,6 +317,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(tcp) => println!("tcp tunnel listening on {tcp} (TLS, for peers without UDP)"),
                 None => println!("tcp tunnel off"),
             }
+            println!("{}", server.stun_alternates().describe());
             if let Some(metrics) = server.metrics_addr() {
                 println!("metrics on http://{metrics}/metrics");
             }
@@ -320,6 +357,60 @@ mod tests {
         );
         assert!(seconds("0").is_err() && seconds("x").is_err() && seconds("-1").is_err());
         assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
+    }
+
+    /// `rendezvous serve` with no STUN options serves behaviour discovery on the port after
+    /// the listen port (optional: a busy port does not stop the server); `off` turns it off; a
+    /// port given must be bound.
+    #[test]
+    fn stun_discovery_is_on_by_default_on_the_next_port() {
+        let stun = |args: &[&str]| {
+            let mut all = vec!["rendezvous", "serve"];
+            all.extend_from_slice(args);
+            let cli = Cli::try_parse_from(all).unwrap();
+            let Command::Serve {
+                stun_alt_port,
+                stun_alt_ip,
+                listen,
+                ..
+            } = cli.command
+            else {
+                panic!("serve");
+            };
+            stun_config(stun_alt_port.as_deref(), stun_alt_ip, listen)
+        };
+        let default = stun(&[]).unwrap();
+        assert_eq!(
+            (default.alt_port, default.alt_ip, default.optional),
+            (Some(7001), None, true)
+        );
+        let other = stun(&["--listen", "192.0.2.1:3478"]).unwrap();
+        assert_eq!(other.alt_port, Some(3479));
+        // Port 0: the alternate is an ephemeral port too; no port above 65535.
+        assert_eq!(
+            stun(&["--listen", "127.0.0.1:0"]).unwrap().alt_port,
+            Some(0)
+        );
+        assert_eq!(
+            stun(&["--listen", "127.0.0.1:65535"]).unwrap().alt_port,
+            None
+        );
+        let off = stun(&["--stun-alt-port", "off"]).unwrap();
+        assert_eq!((off.alt_port, off.alt_ip), (None, None));
+        let given = stun(&["--stun-alt-port", "4000", "--stun-alt-ip", "192.0.2.2"]).unwrap();
+        assert_eq!(
+            (given.alt_port, given.alt_ip, given.optional),
+            (Some(4000), Some("192.0.2.2".parse().unwrap()), false)
+        );
+        // A second IP with the default alternate port.
+        let ip_only = stun(&["--stun-alt-ip", "192.0.2.2"]).unwrap();
+        assert_eq!((ip_only.alt_port, ip_only.optional), (Some(7001), true));
+        let err = |args: &[&str]| format!("{:#}", stun(args).unwrap_err());
+        assert!(err(&["--stun-alt-port", "x"]).contains("not a port or `off`"));
+        assert!(
+            err(&["--stun-alt-port", "off", "--stun-alt-ip", "192.0.2.2"])
+                .contains("needs an alternate port")
+        );
     }
 
     #[test]

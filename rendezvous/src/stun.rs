@@ -97,6 +97,46 @@ pub struct StunConfig {
     pub alt_port: Option<u16>,
     /// Second IP of this host: enables RFC 5780 IP changes (needs `alt_port` too).
     pub alt_ip: Option<IpAddr>,
+    /// The alternates were not asked for (`rendezvous serve` picks the listen port + 1 by
+    /// default): one that cannot be bound is left out with a warning instead of failing the
+    /// start.
+    pub optional: bool,
+}
+
+/// The alternate STUN addresses actually bound, and what they offer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StunAlternates {
+    /// The main address.
+    pub primary: Option<SocketAddr>,
+    /// (main IP, alternate port): answers CHANGE-REQUEST "change port".
+    pub port: Option<SocketAddr>,
+    /// (alternate IP, main port): answers "change IP".
+    pub ip: Option<SocketAddr>,
+    /// (alternate IP, alternate port): answers both, and is the OTHER-ADDRESS of every response.
+    pub other: Option<SocketAddr>,
+}
+
+impl StunAlternates {
+    /// What NAT behaviour discovery the server offers, in words (printed at start).
+    pub fn describe(&self) -> String {
+        match (self.port, self.other) {
+            (_, Some(other)) => format!(
+                "STUN behaviour discovery (RFC 5780): full, alternate address {other}: peers \
+                 learn how their NAT maps and filters by IP and by port"
+            ),
+            (Some(port), None) => format!(
+                "STUN behaviour discovery on {port} (one IP): mapping and filtering by port only \
+                 (CHANGE-REQUEST \"change port\" is answered from there); a second IP of this \
+                 host (--stun-alt-ip IP) would add mapping and filtering by IP and OTHER-ADDRESS, \
+                 which RFC 5780 clients such as `peer netcheck` and the peers' NAT diagnosis need \
+                 to classify a NAT"
+            ),
+            (None, None) => "STUN behaviour discovery off: peers learn their public address \
+                 only (Binding on the main port); --stun-alt-port PORT adds mapping and \
+                 filtering by port, and --stun-alt-ip IP with it full RFC 5780 discovery"
+                .to_owned(),
+        }
+    }
 }
 
 /// The transaction id of an address-proof request (a Binding request with USERNAME
@@ -202,7 +242,7 @@ pub(crate) async fn start(
     counters: Arc<StunCounters>,
     observe_secret: [u8; 32],
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<(tokio::task::JoinHandle<()>, StunAlternates)> {
     let mut sockets: [[Option<(Socket, SocketAddr)>; 2]; 2] = Default::default();
     sockets[0][0] = Some((Socket::Shared(primary), primary_addr));
     let mut plain = Vec::new();
@@ -219,16 +259,20 @@ pub(crate) async fn start(
             let addr = SocketAddr::new(*ip, *port);
             // With a second IP, every socket of a port is bound with SO_REUSEPORT (the primary
             // too), so that the second IP's binds beside a dual-stack wildcard of the same port
-            // (`[::]:port` covers every IPv4 address too).
-            let socket = if config.alt_ip.is_some() {
-                Arc::new(tokio::net::UdpSocket::from_std(
-                    transport::bind_udp_beside(addr)?,
-                )?)
+            // (`[::]:port` covers every IPv4 address too). Otherwise dual-stack like the primary
+            // when it is the IPv6 wildcard.
+            let bound = if config.alt_ip.is_some() {
+                transport::bind_udp_beside(addr)
             } else {
-                // Dual-stack like the primary when it is the IPv6 wildcard.
-                let socket = transport::bind_udp(addr, false)?;
-                socket.set_nonblocking(true)?;
-                Arc::new(tokio::net::UdpSocket::from_std(socket)?)
+                transport::bind_udp(addr, false).and_then(|s| s.set_nonblocking(true).map(|()| s))
+            };
+            let socket = match bound.and_then(tokio::net::UdpSocket::from_std) {
+                Ok(socket) => Arc::new(socket),
+                Err(e) if config.optional => {
+                    tracing::warn!(%addr, error = %e, "STUN alternate address left out: cannot bind");
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             let bound = socket.local_addr()?;
             sockets[i][p] = Some((Socket::Plain(socket.clone()), bound));
@@ -241,6 +285,13 @@ pub(crate) async fn start(
     if let Some(other) = other {
         tracing::info!(%other, "STUN behaviour discovery (RFC 5780) on the alternate address");
     }
+    let bound = |i: usize, p: usize| sockets[i][p].as_ref().map(|(_, addr)| *addr);
+    let alternates = StunAlternates {
+        primary: Some(primary_addr),
+        port: bound(0, 1),
+        ip: bound(1, 0),
+        other,
+    };
     let service = Arc::new(Service {
         sockets,
         other,
@@ -248,7 +299,7 @@ pub(crate) async fn start(
         counters,
         observe_secret,
     });
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         for (socket, i, p) in plain {
             let service = service.clone();
@@ -277,7 +328,8 @@ pub(crate) async fn start(
             service.handle(&datagram.data, datagram.from, 0, 0).await;
         }
         tasks.shutdown().await;
-    }))
+    });
+    Ok((task, alternates))
 }
 
 #[cfg(test)]
@@ -309,6 +361,55 @@ mod tests {
         let later = t0 + Duration::from_secs(1);
         let refilled = (0..100).filter(|_| limiter.allow(attacker, later)).count();
         assert_eq!(refilled, PER_SOURCE_RATE as usize);
+    }
+
+    /// The default alternate port is optional: taken by another program, it is left out (the
+    /// server starts with discovery off and says so); a port the operator gave must be bound.
+    #[tokio::test]
+    async fn a_busy_default_alternate_port_is_left_out_and_a_given_one_fails_the_start() {
+        let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let main = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = main.local_addr().unwrap();
+        let (demux, _) = DemuxSocket::new(main, 4).unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let optional = StunConfig {
+            alt_port: Some(port),
+            alt_ip: None,
+            optional: true,
+        };
+        let (_tx, rx) = mpsc::channel(4);
+        let (task, alternates) = start(
+            demux.clone(),
+            addr,
+            optional,
+            rx,
+            Arc::default(),
+            [0; 32],
+            stop_rx.clone(),
+        )
+        .await
+        .expect("starts without the busy port");
+        assert_eq!(
+            alternates,
+            StunAlternates {
+                primary: Some(addr),
+                ..StunAlternates::default()
+            }
+        );
+        assert!(alternates.describe().contains("discovery off"));
+        let _ = stop_tx.send(true);
+        task.await.unwrap();
+        let (_tx, rx) = mpsc::channel(4);
+        let required = StunConfig {
+            optional: false,
+            ..optional
+        };
+        assert!(
+            start(demux, addr, required, rx, Arc::default(), [0; 32], stop_rx)
+                .await
+                .is_err()
+        );
     }
 
     #[test]

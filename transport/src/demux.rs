@@ -260,6 +260,9 @@ pub struct DemuxSocket {
     virtual_dropped: AtomicU64,
     // The socket is IPv6 (dual-stack): IPv4 destinations must be written v4-mapped.
     ipv6: bool,
+    // A second handle on the socket quinn owns (same file description), for the few
+    // datagrams sent with their own TTL; `None` for sockets that are not OS sockets.
+    os_socket: Option<std::net::UdpSocket>,
     /// Extra sockets (birthday punching), polled with the primary one.
     extras: RwLock<Vec<Extra>>,
     has_extras: AtomicBool,
@@ -300,14 +303,24 @@ impl DemuxSocket {
         stun_queue: usize,
     ) -> io::Result<(Arc<Self>, mpsc::Receiver<StunDatagram>)> {
         let runtime = quinn::TokioRuntime;
+        let os_socket = socket.try_clone()?;
         let inner = quinn::Runtime::wrap_udp_socket(&runtime, socket)?;
-        Ok(Self::from_socket(inner, stun_queue))
+        let (demux, stun_rx) = Self::build(inner, stun_queue, Some(os_socket));
+        Ok((demux, stun_rx))
     }
 
     /// Wraps any socket quinn can use (a [`crate::ScriptedSocket`] in tests and fuzzing).
     pub fn from_socket(
         inner: Arc<dyn AsyncUdpSocket>,
         stun_queue: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<StunDatagram>) {
+        Self::build(inner, stun_queue, None)
+    }
+
+    fn build(
+        inner: Arc<dyn AsyncUdpSocket>,
+        stun_queue: usize,
+        os_socket: Option<std::net::UdpSocket>,
     ) -> (Arc<Self>, mpsc::Receiver<StunDatagram>) {
         let ipv6 = inner.local_addr().is_ok_and(|a| a.is_ipv6());
         let (stun_tx, stun_rx) = mpsc::channel(stun_queue.max(1));
@@ -329,6 +342,7 @@ impl DemuxSocket {
                 injected_first: AtomicBool::new(false),
                 virtual_dropped: AtomicU64::new(0),
                 ipv6,
+                os_socket,
                 extras: RwLock::new(Vec::new()),
                 has_extras: AtomicBool::new(false),
                 next_extra: std::sync::atomic::AtomicU32::new(1),
@@ -751,6 +765,20 @@ impl DemuxSocket {
         self.ipv6
     }
 
+    /// Sends one datagram from the shared socket with IP TTL (IPv6 hop limit) `ttl`, for this
+    /// datagram only (a control message of `sendmsg`: quinn's datagrams sent at the same time
+    /// keep the default). Best effort, never waits: a full send buffer is an error
+    /// (`WouldBlock`), and so is a platform or socket that cannot set it (`Unsupported`).
+    pub fn send_with_ttl(&self, data: &[u8], destination: SocketAddr, ttl: u8) -> io::Result<()> {
+        let Some(socket) = &self.os_socket else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "not an OS socket: no per-datagram TTL",
+            ));
+        };
+        send_with_ttl(socket, data, destination, ttl)
+    }
+
     fn divert(&self, from: SocketAddr, to: Option<IpAddr>, via: Option<ExtraId>, data: &[u8]) {
         // Plain IPv4 for IPv4 senders on a dual-stack socket: the STUN and punching code
         // compares these with candidates and observed addresses.
@@ -985,10 +1013,209 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 }
 
+/// `sendmsg` with an `IP_TTL` (IPv4 destination, also from a dual-stack socket) or
+/// `IPV6_HOPLIMIT` (IPv6 destination) control message.
+#[cfg(target_os = "linux")]
+fn send_with_ttl(
+    socket: &std::net::UdpSocket,
+    data: &[u8],
+    destination: SocketAddr,
+    ttl: u8,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let local = socket.local_addr()?;
+    // The address and control message in the C layout sendmsg reads.
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let name_len = match (local, destination) {
+        (SocketAddr::V4(_), SocketAddr::V4(d)) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: d.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(d.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut name as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        (SocketAddr::V6(_), d) => {
+            let (ip, port, flowinfo, scope) = match d {
+                SocketAddr::V6(d) => (d.ip().octets(), d.port(), d.flowinfo(), d.scope_id()),
+                SocketAddr::V4(d) => (d.ip().to_ipv6_mapped().octets(), d.port(), 0, 0),
+            };
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: port.to_be(),
+                sin6_flowinfo: flowinfo,
+                sin6_addr: libc::in6_addr { s6_addr: ip },
+                sin6_scope_id: scope,
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut name as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+        (SocketAddr::V4(_), SocketAddr::V6(_)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an IPv6 destination from an IPv4 socket",
+            ))
+        }
+    };
+    let (level, kind) = match (local, destination) {
+        (SocketAddr::V4(_), _) => (libc::IPPROTO_IP, libc::IP_TTL),
+        // A dual-stack socket sends to an IPv4 peer through the IPv4 stack, which reads IP_TTL
+        // and ignores an IPV6_HOPLIMIT control message.
+        (SocketAddr::V6(_), d) if d.ip().to_canonical().is_ipv4() => {
+            (libc::IPPROTO_IP, libc::IP_TTL)
+        }
+        (SocketAddr::V6(_), _) => (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT),
+    };
+    // Room for one cmsghdr and an int, aligned as cmsghdr.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the sendmsg call, the
+    // control buffer is aligned for cmsghdr and holds CMSG_SPACE(sizeof(int)) bytes, and
+    // CMSG_FIRSTHDR of a msghdr whose controllen covers one header is not null.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = name_len as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        debug_assert!(space <= std::mem::size_of_val(&control));
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(io::Error::other("no room for the TTL control message"));
+        }
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+            libc::c_int::from(ttl),
+        );
+        let sent = libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT);
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// No per-datagram TTL off Linux: opening probes are not sent there.
+#[cfg(not(target_os = "linux"))]
+fn send_with_ttl(
+    _socket: &std::net::UdpSocket,
+    _data: &[u8],
+    _destination: SocketAddr,
+    _ttl: u8,
+) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "per-datagram TTL is only implemented on Linux",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Receives one datagram on a blocking socket with IP_RECVTTL set; returns it and its TTL.
+    #[cfg(target_os = "linux")]
+    fn recv_with_ttl(socket: &std::net::UdpSocket) -> (Vec<u8>, Option<i32>) {
+        use std::os::fd::AsRawFd;
+        let mut data = vec![0u8; 2048];
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: every pointer in msg outlives recvmsg; the control buffer is aligned for
+        // cmsghdr, and the CMSG_ macros walk only what the kernel wrote (msg_controllen).
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, 0);
+            assert!(n >= 0, "recvmsg: {}", io::Error::last_os_error());
+            data.truncate(n as usize);
+            let mut ttl = None;
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_TTL {
+                    ttl = Some(std::ptr::read_unaligned(
+                        libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+                    ));
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            (data, ttl)
+        }
+    }
+
+    /// An opening probe leaves with the TTL it asked for; the datagrams sent before and after
+    /// it (STUN's `send_to`, and so quinn's) keep the socket's default.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn send_with_ttl_sets_the_ttl_of_that_datagram_only() {
+        use std::os::fd::AsRawFd;
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: a valid fd and a c_int option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                receiver.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTTL,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let to = receiver.local_addr().unwrap();
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default_ttl = std_socket.ttl().unwrap() as i32;
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        socket.send_to(b"before", to).await.unwrap();
+        socket.send_with_ttl(b"opening", to, 2).unwrap();
+        socket.send_to(b"after", to).await.unwrap();
+        let got: Vec<_> = (0..3).map(|_| recv_with_ttl(&receiver)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (b"before".to_vec(), Some(default_ttl)),
+                (b"opening".to_vec(), Some(2)),
+                (b"after".to_vec(), Some(default_ttl)),
+            ]
+        );
+        assert_ne!(default_ttl, 2);
+    }
+
+    /// A socket that is not an OS socket (tests, fuzzing) says it cannot, and sends nothing.
+    #[tokio::test]
+    async fn send_with_ttl_needs_an_os_socket() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, std_socket).unwrap();
+        let (socket, _stun) = DemuxSocket::from_socket(inner, 4);
+        let err = socket
+            .send_with_ttl(b"x", "127.0.0.1:9".parse().unwrap(), 2)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+    }
 
     async fn recv_one(socket: &DemuxSocket) -> (SocketAddr, Vec<u8>) {
         let mut storage = vec![0u8; 2048];
