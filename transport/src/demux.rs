@@ -1205,6 +1205,39 @@ mod tests {
         assert_ne!(default_ttl, 2);
     }
 
+    /// From a dual-stack socket to an IPv4 peer the opening probe still leaves with its TTL
+    /// (the IPv4 stack takes IP_TTL; an IPV6_HOPLIMIT control message would be ignored there).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn send_with_ttl_from_a_dual_stack_socket_to_an_ipv4_peer() {
+        use std::os::fd::AsRawFd;
+        let std_socket = crate::endpoint::bind_udp("[::]:0".parse().unwrap(), false).unwrap();
+        if std_socket.local_addr().is_ok_and(|a| a.is_ipv4()) {
+            eprintln!("skipped: this host has no IPv6");
+            return;
+        }
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: a valid fd and a c_int option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                receiver.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTTL,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let to = receiver.local_addr().unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        socket.send_with_ttl(b"opening", to, 2).unwrap();
+        assert_eq!(recv_with_ttl(&receiver), (b"opening".to_vec(), Some(2)));
+    }
+
     /// A socket that is not an OS socket (tests, fuzzing) says it cannot, and sends nothing.
     #[tokio::test]
     async fn send_with_ttl_needs_an_os_socket() {
