@@ -606,7 +606,12 @@ impl Puncher {
                 .iter()
                 .filter(unproven)
                 .any(|t| t.kind == PathKind::Candidate(CandidateKind::Observed));
-        self.targets.iter().any(|t| unproven(&t)) && (seen || both_proven)
+        // The initiator only: it chooses the path its connection is dialed on. A responder that
+        // held out for IPv6 while the initiator took IPv4 would answer from another address
+        // than the one the initiator's QUIC packets come to, which a QUIC client drops.
+        self.role == Role::Initiator
+            && self.targets.iter().any(|t| unproven(&t))
+            && (seen || both_proven)
     }
 
     /// Offers a received datagram. Returns true if it belonged to this session (a probe of the

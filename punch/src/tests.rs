@@ -964,3 +964,43 @@ fn with_ipv6_proven_on_both_sides_an_ipv4_path_waits_for_ipv6() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The responder never holds out for IPv6: it takes the first path that answers, so that it
+/// cannot settle on another family than the path the initiator dials its connection on.
+#[test]
+fn the_responder_takes_the_first_answer_whatever_the_family() {
+    let t0 = Instant::now();
+    let mut b = Puncher::new(
+        id(2),
+        id(1),
+        intro(9),
+        Role::Responder,
+        &[observed(A4), observed(A6)],
+        t0,
+        PunchConfig {
+            prefer_ipv6: true,
+            responder_hold: Duration::ZERO,
+            ..PunchConfig::default()
+        },
+    );
+    let mut a = Puncher::new(
+        id(1),
+        id(2),
+        intro(9),
+        Role::Initiator,
+        &[observed(B4), observed(B6)],
+        t0,
+        PunchConfig::default(),
+    );
+    let a_sent = drain_all(&mut a, t0);
+    let b_sent = drain_all(&mut b, t0);
+    // a's IPv6 probe reaches b (IPv6 works), then a answers b's IPv4 probe.
+    assert!(b.handle_datagram(addr(A6), &sent_to(&a_sent, addr(B6)), t0));
+    assert!(a.handle_datagram(addr(B4), &sent_to(&b_sent, addr(A4)), t0));
+    let answer = sent_to(&drain_all(&mut a, t0), addr(B4));
+    assert!(b.handle_datagram(addr(A4), &answer, t0 + Duration::from_millis(3)));
+    match b.state() {
+        State::Direct(path) => assert_eq!(path.addr, addr(A4)),
+        other => panic!("{other:?}"),
+    }
+}
