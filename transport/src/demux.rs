@@ -853,6 +853,14 @@ impl DemuxSocket {
     }
 }
 
+/// The source address quinn asked for (the local address the peer's packets arrive at), kept
+/// only if it is of the family of `destination`: a path of the other family (the peer's IPv6
+/// address for a connection that came in over IPv4, or the reverse) leaves from the address
+/// the OS picks, since sendmsg refuses an IPv6 source for an IPv4 destination.
+fn source_for(src_ip: Option<IpAddr>, destination: SocketAddr) -> Option<IpAddr> {
+    src_ip.filter(|ip| ip.to_canonical().is_ipv4() == destination.ip().to_canonical().is_ipv4())
+}
+
 /// Sends one datagram on `socket`, waiting while its buffer is full.
 async fn send_on(
     socket: &Arc<dyn AsyncUdpSocket>,
@@ -926,7 +934,7 @@ impl AsyncUdpSocket for DemuxSocket {
             ecn: transmit.ecn,
             contents: transmit.contents,
             segment_size: transmit.segment_size,
-            src_ip: transmit.src_ip,
+            src_ip: source_for(transmit.src_ip, destination),
         })
     }
 
@@ -1236,6 +1244,22 @@ mod tests {
         let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
         socket.send_with_ttl(b"opening", to, 2).unwrap();
         assert_eq!(recv_with_ttl(&receiver), (b"opening".to_vec(), Some(2)));
+    }
+
+    /// A path of the other family than the one a connection came in on leaves without the
+    /// source address quinn pinned (sendmsg would refuse an IPv6 source for an IPv4
+    /// destination, and the reverse).
+    #[test]
+    fn a_source_of_the_other_family_is_dropped() {
+        let v6: IpAddr = "2001:db8:1::2".parse().unwrap();
+        let v4: IpAddr = "10.0.1.2".parse().unwrap();
+        let to4: SocketAddr = "[::ffff:203.0.113.22]:3143".parse().unwrap();
+        let to6: SocketAddr = "[2001:db8:2::2]:3143".parse().unwrap();
+        assert_eq!(source_for(Some(v6), to4), None);
+        assert_eq!(source_for(Some(v4), to6), None);
+        assert_eq!(source_for(Some(v6), to6), Some(v6));
+        assert_eq!(source_for(Some(v4), to4), Some(v4));
+        assert_eq!(source_for(None, to6), None);
     }
 
     /// A socket that is not an OS socket (tests, fuzzing) says it cannot, and sends nothing.
