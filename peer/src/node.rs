@@ -217,7 +217,9 @@ pub fn local_addrs(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
     if let Some(ip) = source_towards(server) {
         out.push(SocketAddr::new(ip, bound.port()));
     }
-    if bound.is_ipv6() {
+    // A rendezvous on loopback is a test or a demo on one host: its peers reach each other over
+    // loopback, and announcing the host's other addresses would take them off it.
+    if bound.is_ipv6() && !server.ip().is_loopback() {
         let other = if server.is_ipv4() {
             IPV6_ROUTE_PROBE
         } else {
@@ -287,6 +289,20 @@ mod tests {
     }
 
     /// Only addresses another host can route to are announced for the other family.
+    #[test]
+    fn a_rendezvous_on_loopback_gets_only_loopback_candidates() {
+        for server in ["127.0.0.1:7000", "[::1]:7000"] {
+            let server: SocketAddr = server.parse().unwrap();
+            let addrs = local_addrs("[::]:4000".parse().unwrap(), server);
+            assert!(
+                addrs
+                    .iter()
+                    .all(|a| a.ip().is_loopback() && a.port() == 4000),
+                "{server}: {addrs:?}"
+            );
+        }
+    }
+
     #[test]
     fn only_routable_addresses_of_the_other_family_are_announced() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
