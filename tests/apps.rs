@@ -11,26 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{args, bin, peer, peer_args, peer_run, wait_registered, Proc, Rendezvous, TempDir};
+use e2e::{
+    args, bin, listen_with, peer, peer_args, peer_id_of, peer_run, Proc, Rendezvous, TempDir,
+};
 
 const T: Duration = Duration::from_secs(20);
-
-/// `peer id` with a config dir (creating the identity).
-fn id_of(config_dir: &Path) -> String {
-    let (status, out, err) = peer_run(config_dir, &args!["id"], T);
-    assert!(status.success(), "{out}\n{err}");
-    out.trim().to_owned()
-}
-
-/// Starts `peer listen EXTRA... --server ...` and returns it once registered.
-fn listen_with(tag: &str, config_dir: &Path, rv: &Rendezvous, extra: &[String]) -> Proc {
-    let mut all = args!["listen"];
-    all.extend(extra.iter().cloned());
-    all.extend(rv.args());
-    let p = peer(tag, config_dir, &all);
-    wait_registered(&p, T);
-    p
-}
 
 /// Whether `program` can be run (`--help`-like probe not needed: it exists and is executable).
 fn have(program: &str) -> bool {
@@ -135,7 +120,7 @@ fn ssh_runs_through_peer_pipe_to_a_real_sshd() {
 
     let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    let b_id = id_of(&b_dir);
+    let b_id = peer_id_of(&b_dir);
     let a = listen_with(
         "a",
         &a_dir,
@@ -143,7 +128,7 @@ fn ssh_runs_through_peer_pipe_to_a_real_sshd() {
         &args!["--expose", format!("ssh={sshd_addr}"), "--allow", b_id],
     );
     a.wait_for_line("exposing ssh=127.0.0.1:", T);
-    let a_id = id_of(&a_dir);
+    let a_id = peer_id_of(&a_dir);
     // ssh knows the host by the peer id (%h), with the key of this test's sshd.
     let host_pub = std::fs::read_to_string(keys.join("host.pub")).unwrap();
     let known = dir.path().join("known_hosts");
@@ -271,7 +256,7 @@ fn http_through_peer_forward_with_many_parallel_requests() {
 
     let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    let b_id = id_of(&b_dir);
+    let b_id = peer_id_of(&b_dir);
     let a = listen_with(
         "a",
         &a_dir,
@@ -283,7 +268,7 @@ fn http_through_peer_forward_with_many_parallel_requests() {
             b_id
         ],
     );
-    let a_id = id_of(&a_dir);
+    let a_id = peer_id_of(&a_dir);
     let mut forward_args = args!["forward", a_id, "web", "--local", "127.0.0.1:0"];
     forward_args.extend(rv.args());
     let mut forward = peer("forward", &b_dir, &forward_args);
@@ -343,10 +328,10 @@ fn a_transfer_interrupted_by_killing_the_receiver_resumes_to_a_verified_file() {
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     let recv = dir.path().join("recv");
     std::fs::create_dir_all(&recv).unwrap();
-    let b_id = id_of(&b_dir);
+    let b_id = peer_id_of(&b_dir);
     let listen_args = args!["--accept-files", recv.to_str().unwrap(), "--allow", b_id];
     let mut a = listen_with("a", &a_dir, &rv, &listen_args);
-    let a_id = id_of(&a_dir);
+    let a_id = peer_id_of(&a_dir);
     const SIZE: usize = 192 << 20;
     let big = dir.path().join("big.bin");
     std::fs::write(&big, pseudo_random(SIZE)).unwrap();
@@ -423,8 +408,8 @@ fn refused_peers_and_services_get_a_clear_error() {
         dir.path().join("b"),
         dir.path().join("m"),
     );
-    let b_id = id_of(&b_dir);
-    let m_id = id_of(&m_dir);
+    let b_id = peer_id_of(&b_dir);
+    let m_id = peer_id_of(&m_dir);
     let listen_args = args![
         "--expose",
         format!("echo=127.0.0.1:{port}"),
@@ -432,7 +417,7 @@ fn refused_peers_and_services_get_a_clear_error() {
         b_id
     ];
     let mut a = listen_with("a", &a_dir, &rv, &listen_args);
-    let a_id = id_of(&a_dir);
+    let a_id = peer_id_of(&a_dir);
 
     // A peer not on the allow-list: pipe and forward both fail with the reason.
     let mut pipe = args!["pipe", a_id, "echo"];

@@ -7,26 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{args, peer, peer_run, wait_registered, Proc, Rendezvous, TempDir};
+use e2e::{args, listen_with, peer, peer_id_of, peer_run, Rendezvous, TempDir};
 
 const T: Duration = Duration::from_secs(20);
-
-/// `peer id` with a config dir (creating the identity).
-fn id_of(config_dir: &Path) -> String {
-    let (status, out, err) = peer_run(config_dir, &args!["id"], T);
-    assert!(status.success(), "{out}\n{err}");
-    out.trim().to_owned()
-}
-
-/// Starts `peer listen EXTRA... --server ...` and returns it once registered.
-fn listen_with(tag: &str, config_dir: &Path, rv: &Rendezvous, extra: &[String]) -> Proc {
-    let mut all = args!["listen"];
-    all.extend(extra.iter().cloned());
-    all.extend(rv.args());
-    let p = peer(tag, config_dir, &all);
-    wait_registered(&p, T);
-    p
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)
@@ -55,9 +38,9 @@ fn a_peer_not_on_the_allow_list_is_refused_told_why_and_logged() {
         dir.path().join("b"),
         dir.path().join("m"),
     );
-    let a_id = id_of(&a_dir);
-    let b_id = id_of(&b_dir);
-    let m_id = id_of(&m_dir);
+    let a_id = peer_id_of(&a_dir);
+    let b_id = peer_id_of(&b_dir);
+    let m_id = peer_id_of(&m_dir);
 
     // A malformed allow-list is an error naming the file and the line.
     let list = a_dir.join("authorized_peers");
@@ -144,7 +127,7 @@ fn accepting_files_needs_an_allow_list_or_allow_any() {
     conflicting.extend(args![
         "--allow-any",
         "--allow",
-        id_of(&dir.path().join("b"))
+        peer_id_of(&dir.path().join("b"))
     ]);
     let (status, _, err) = peer_run(&dir.path().join("a"), &conflicting, T);
     assert!(!status.success());
@@ -158,7 +141,7 @@ fn files_are_never_overwritten_oversized_ones_never_written_and_state_is_private
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     let recv = dir.path().join("recv");
     std::fs::create_dir_all(&recv).unwrap();
-    let b_id = id_of(&b_dir);
+    let b_id = peer_id_of(&b_dir);
     let mut a = listen_with(
         "a",
         &a_dir,
@@ -172,7 +155,7 @@ fn files_are_never_overwritten_oversized_ones_never_written_and_state_is_private
             "1K"
         ],
     );
-    let a_id = id_of(&a_dir);
+    let a_id = peer_id_of(&a_dir);
     let send = |file: &Path| {
         let mut send = args!["send", a_id, file.to_str().unwrap()];
         send.extend(rv.args());
@@ -257,7 +240,7 @@ fn a_receiver_stopped_mid_transfer_keeps_a_private_part_file_for_a_resume() {
         &rv,
         &args!["--accept-files", recv.to_str().unwrap(), "--allow-any"],
     );
-    let a_id = id_of(&a_dir);
+    let a_id = peer_id_of(&a_dir);
     // 1 GiB, sparse: cheap to make and to hash, far more than can cross loopback before the
     // sender is frozen.
     let big = dir.path().join("big.bin");

@@ -447,6 +447,23 @@ pub fn listen(tag: &str, config_dir: &Path, rv: &Rendezvous) -> (Proc, String) {
     (p, id)
 }
 
+/// `peer id` with a config dir (creating the identity there if needed).
+pub fn peer_id_of(config_dir: &Path) -> String {
+    let (status, out, err) = peer_run(config_dir, &crate::args!["id"], Duration::from_secs(20));
+    assert!(status.success(), "{out}\n{err}");
+    out.trim().to_owned()
+}
+
+/// Starts `peer listen EXTRA... --server ...` and returns it once registered.
+pub fn listen_with(tag: &str, config_dir: &Path, rv: &Rendezvous, extra: &[String]) -> Proc {
+    let mut all = crate::args!["listen"];
+    all.extend(extra.iter().cloned());
+    all.extend(rv.args());
+    let p = peer(tag, config_dir, &all);
+    wait_registered(&p, Duration::from_secs(20));
+    p
+}
+
 /// Waits for a started `peer listen` to print its id and register; returns the id.
 pub fn wait_registered(p: &Proc, timeout: Duration) -> String {
     let (line, _) = p.wait_for_line("peer id", timeout);
