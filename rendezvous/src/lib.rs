@@ -1,6 +1,7 @@
 //! The rendezvous server: registry, punch coordination and STUN, as a library so that tests and
 //! benchmarks can run it in-process. The `rendezvous` binary is a thin CLI over [`Server`].
 
+pub mod config_file;
 pub mod core;
 pub mod metrics;
 pub mod observe;

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use rendezvous::core::RegistryLimits;
 use rendezvous::metrics::MetricsLimits;
 use rendezvous::relay::RelayLimits;
@@ -37,6 +37,11 @@ enum LogFormat {
 enum Command {
     /// Serve QUIC (control protocol) and STUN on one UDP port.
     Serve {
+        /// Read options from this TOML file: keys are the option names without `--`
+        /// (`listen = "[::]:7000"`, `max-connections = 50000`); options given on the command
+        /// line override the file's; an unknown key is an error.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// UDP address to listen on. The default `[::]:7000` is one dual-stack socket (IPv4 and
         /// IPv6); `0.0.0.0:7000` serves IPv4 only.
         #[arg(long, default_value = "[::]:7000")]
@@ -234,9 +239,43 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Parses the command line `args` (program name first), merging `serve --config FILE` in (the
+/// command line wins). A usage error exits as clap does (message and usage, status 2).
+fn parse_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
+    let command = Cli::command();
+    let matches = command
+        .clone()
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| e.exit());
+    let merged = match matches.subcommand() {
+        Some(("serve", serve)) => match serve.get_one::<PathBuf>("config") {
+            Some(path) => Some((
+                path.clone(),
+                rendezvous::config_file::merge_args(&command, "serve", serve, &args, path)?,
+            )),
+            None => None,
+        },
+        _ => None,
+    };
+    let Some((path, merged)) = merged else {
+        return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+    };
+    // The command line alone parsed: an error now comes from a value in the file.
+    let matches = command.try_get_matches_from(merged).map_err(|e| {
+        let message = e.to_string();
+        let first = message.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "config file {}: {}",
+            path.display(),
+            first.trim_start_matches("error: ")
+        )
+    })?;
+    Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse_cli(std::env::args_os().collect())?;
     init_logging(cli.log_format);
     match cli.command {
         Command::Fingerprint { data_dir } => {
@@ -244,6 +283,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve {
+            config: _,
             listen,
             data_dir,
             max_connections,
@@ -411,6 +451,125 @@ mod tests {
             err(&["--stun-alt-port", "off", "--stun-alt-ip", "192.0.2.2"])
                 .contains("needs an alternate port")
         );
+    }
+
+    /// A config file in a fresh temporary directory, removed on drop.
+    struct ConfigFile(PathBuf);
+
+    impl ConfigFile {
+        fn new(text: &[u8]) -> ConfigFile {
+            let dir = std::env::temp_dir().join(format!(
+                "rv-config-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("rendezvous.toml");
+            std::fs::write(&path, text).unwrap();
+            ConfigFile(path)
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn serve_with(file: &ConfigFile, extra: &[&str]) -> anyhow::Result<Command> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "rendezvous".into(),
+            "serve".into(),
+            "--config".into(),
+            file.0.clone().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        parse_cli(args).map(|cli| cli.command)
+    }
+
+    /// Every option of the file is used, the command line overrides it, and the file's values
+    /// pass the CLI's own checks.
+    #[test]
+    fn config_file_sets_options_and_the_command_line_wins() {
+        let file = ConfigFile::new(
+            br#"
+# a comment
+listen = "127.0.0.1:7100"
+data-dir = "/var/lib/rendezvous"
+max-connections = 1234
+expire-after-days = 7
+tcp-listen = "off"
+tunnel-handshake-timeout = 2.5
+metrics-per-source = 3
+"#,
+        );
+        let Command::Serve {
+            listen,
+            data_dir,
+            max_connections,
+            expire_after_days,
+            tcp_listen,
+            edge,
+            max_registered,
+            ..
+        } = serve_with(&file, &["--max-connections", "99"]).unwrap()
+        else {
+            panic!("serve");
+        };
+        assert_eq!(listen, "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(data_dir, PathBuf::from("/var/lib/rendezvous"));
+        assert_eq!(max_connections, 99, "the command line overrides the file");
+        assert_eq!(expire_after_days, 7);
+        assert_eq!(tcp_listen.as_deref(), Some("off"));
+        assert_eq!(edge.tunnel_handshake_timeout, Duration::from_millis(2500));
+        assert_eq!(edge.metrics_per_source, 3);
+        // Not in the file: the default.
+        assert_eq!(max_registered, RegistryLimits::default().max_registered);
+    }
+
+    /// A typo is never ignored: the unknown key is named (with the dashed spelling when it is
+    /// only the underscores); values of the wrong type or out of range name the file and key.
+    #[test]
+    fn config_file_errors_name_the_key() {
+        let err = |text: &str| {
+            let file = ConfigFile::new(text.as_bytes());
+            format!("{:#}", serve_with(&file, &[]).unwrap_err())
+        };
+        let typo = err("max_connections = 5\n");
+        assert!(typo.contains("unknown key `max_connections`"), "{typo}");
+        assert!(typo.contains("did you mean `max-connections`"), "{typo}");
+        let unknown = err("listen = \"127.0.0.1:1\"\nfrobnicate = 1\n");
+        assert!(unknown.contains("unknown key `frobnicate`"), "{unknown}");
+        // `config` is not an option of the file (no includes).
+        assert!(err("config = \"/etc/x\"\n").contains("unknown key `config`"));
+        let table = err("[serve]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(table.contains("unknown key `serve`"), "{table}");
+        let list = err("listen = [\"127.0.0.1:1\"]\n");
+        assert!(list.contains("key `listen`: a list"), "{list}");
+        let range = err("expire-after-days = 0\n");
+        assert!(
+            range.contains("config file") && range.contains("0"),
+            "{range}"
+        );
+        let addr = err("listen = \"nowhere\"\n");
+        assert!(
+            addr.contains("config file") && addr.contains("nowhere"),
+            "{addr}"
+        );
+        let syntax = err("listen = \n");
+        assert!(syntax.contains("not valid TOML"), "{syntax}");
+        let big = ConfigFile::new(&vec![b'#'; 100 * 1024]);
+        let too_large = format!("{:#}", serve_with(&big, &[]).unwrap_err());
+        assert!(too_large.contains("at most 65536"), "{too_large}");
+        let missing = parse_cli(vec![
+            "rendezvous".into(),
+            "serve".into(),
+            "--config".into(),
+            "/nonexistent/rendezvous.toml".into(),
+        ]);
+        assert!(format!("{:#}", missing.unwrap_err()).contains("/nonexistent/rendezvous.toml"));
     }
 
     #[test]
