@@ -109,6 +109,14 @@ enum Command {
         /// server handles (it only ever sees the peers' encrypted QUIC packets).
         #[arg(long, env = "RENDEZVOUS_RELAY_TRACE")]
         relay_trace: Option<PathBuf>,
+        /// Share the registry with other rendezvous nodes in Redis: `redis://HOST:PORT/`
+        /// (`redis://:PASSWORD@HOST:PORT/DB` with a password). Needs --node-id. Without it the
+        /// registry is the embedded one in --data-dir.
+        #[arg(long, value_name = "URL")]
+        cluster: Option<String>,
+        /// This node's name in the cluster (1 to 64 letters, digits, `.`, `_`, `-`; unique).
+        #[arg(long, value_name = "NAME")]
+        node_id: Option<String>,
         #[command(flatten)]
         edge: EdgeArgs,
     },
@@ -302,7 +310,17 @@ async fn main() -> anyhow::Result<()> {
             edge,
             max_registered,
             expire_after_days,
+            cluster,
+            node_id,
         } => {
+            let cluster = cluster_config(cluster, node_id)?;
+            let cluster_line = cluster.as_ref().map(|c| {
+                format!(
+                    "cluster node {} (registry in Redis at {})",
+                    c.node_id,
+                    redact_password(&c.url)
+                )
+            });
             let (tunnel_limits, metrics_limits) = edge.limits();
             let tcp_required = tcp_listen.as_deref().is_some_and(|t| t != "off");
             let tcp_listen =
@@ -346,6 +364,7 @@ async fn main() -> anyhow::Result<()> {
                     ),
                     ..RegistryLimits::default()
                 },
+                cluster,
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;
@@ -362,16 +381,51 @@ async fn main() -> anyhow::Result<()> {
                 println!("metrics on http://{metrics}/metrics");
             }
             println!("server key {}", server.fingerprint());
-            println!(
-                "data dir {} ({} registered peers loaded)",
-                data_dir.display(),
-                server.registered_at_start()
-            );
+            match cluster_line {
+                Some(line) => println!("{line}"),
+                None => println!(
+                    "data dir {} ({} registered peers loaded)",
+                    data_dir.display(),
+                    server.registered_at_start()
+                ),
+            }
             wait_for_signal().await?;
             println!("shutting down");
             server.shutdown().await;
             Ok(())
         }
+    }
+}
+
+/// `--cluster URL --node-id NAME`: both or neither (checked here rather than by clap, since
+/// one may come from the config file and the other from the command line).
+fn cluster_config(
+    url: Option<String>,
+    node_id: Option<String>,
+) -> anyhow::Result<Option<rendezvous::cluster::ClusterConfig>> {
+    match (url, node_id) {
+        (Some(url), Some(node_id)) => Ok(Some(rendezvous::cluster::ClusterConfig {
+            url,
+            node_id,
+            timings: Default::default(),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => anyhow::bail!("--cluster needs --node-id NAME (unique in the cluster)"),
+        (None, Some(_)) => anyhow::bail!("--node-id is for a cluster node: add --cluster URL"),
+    }
+}
+
+/// The URL without its password (`redis://user:***@host:port/`), for logs.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -570,6 +624,50 @@ metrics-per-source = 3
             "/nonexistent/rendezvous.toml".into(),
         ]);
         assert!(format!("{:#}", missing.unwrap_err()).contains("/nonexistent/rendezvous.toml"));
+    }
+
+    /// `--cluster` and `--node-id` go together, on the command line or in the file; the
+    /// password in the URL is never printed.
+    #[test]
+    fn cluster_flags_come_together_and_hide_the_password() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["rendezvous", "serve"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all)
+        };
+        let cluster = |args: &[&str]| {
+            let Command::Serve {
+                cluster, node_id, ..
+            } = parse(args).unwrap().command
+            else {
+                panic!("serve");
+            };
+            cluster_config(cluster, node_id).map_err(|e| e.to_string())
+        };
+        assert!(cluster(&["--cluster", "redis://127.0.0.1:6379/"])
+            .unwrap_err()
+            .contains("needs --node-id"));
+        assert!(cluster(&["--node-id", "a"])
+            .unwrap_err()
+            .contains("add --cluster"));
+        assert_eq!(cluster(&[]), Ok(None));
+        let both = cluster(&["--cluster", "redis://127.0.0.1:6379/", "--node-id", "a"]);
+        assert_eq!(both.unwrap().unwrap().node_id, "a");
+        let file = ConfigFile::new(b"cluster = \"redis://10.0.0.5:6379/\"\nnode-id = \"eu-1\"\n");
+        let Command::Serve {
+            cluster, node_id, ..
+        } = serve_with(&file, &["--node-id", "eu-2"]).unwrap()
+        else {
+            panic!("serve");
+        };
+        assert_eq!(cluster.as_deref(), Some("redis://10.0.0.5:6379/"));
+        assert_eq!(node_id.as_deref(), Some("eu-2"));
+        assert_eq!(
+            redact_password("redis://:s3cr@t@10.0.0.5:6379/0"),
+            "redis://:***@10.0.0.5:6379/0"
+        );
+        assert_eq!(redact_password("redis://rv:pw@h:1/"), "redis://rv:***@h:1/");
+        assert_eq!(redact_password("redis://h:1/"), "redis://h:1/");
     }
 
     #[test]
