@@ -670,6 +670,35 @@ metrics-per-source = 3
         assert_eq!(redact_password("redis://h:1/"), "redis://h:1/");
     }
 
+    /// The example config file that docs/deploy.md installs is one `serve` accepts.
+    #[test]
+    fn the_deploy_config_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rendezvous.toml");
+        let cli = parse_cli(vec![
+            "rendezvous".into(),
+            "serve".into(),
+            "--config".into(),
+            path.into(),
+        ])
+        .unwrap();
+        let Command::Serve {
+            listen,
+            data_dir,
+            tcp_listen,
+            metrics,
+            cluster,
+            ..
+        } = cli.command
+        else {
+            panic!("serve");
+        };
+        assert_eq!(listen, "[::]:7000".parse().unwrap());
+        assert_eq!(data_dir, PathBuf::from("/var/lib/rendezvous"));
+        assert_eq!(tcp_listen.as_deref(), Some("[::]:443"));
+        assert_eq!(metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(cluster, None);
+    }
+
     #[test]
     fn default_expiry_is_the_librarys() {
         assert_eq!(
