@@ -3,7 +3,8 @@
 //! the test on a free loopback port, without persistence, in a temporary directory, killed on
 //! drop; real `rendezvous` and `peer` binaries.
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -64,6 +65,24 @@ impl Redis {
         );
         proc.wait_for_line("Ready to accept connections", T);
         Redis { proc, port, dir }
+    }
+
+    /// Sends one command (RESP, as redis-cli would) and returns the first line of the reply.
+    fn command(&self, args: &[&[u8]]) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        stream.set_read_timeout(Some(T)).unwrap();
+        let mut request = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            request.extend_from_slice(arg);
+            request.extend_from_slice(b"\r\n");
+        }
+        stream.write_all(&request).expect("send to redis");
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .expect("redis reply");
+        line.trim_end().to_owned()
     }
 
     fn url(&self) -> String {
@@ -261,4 +280,69 @@ fn redis_down_degrades_clearly_and_the_cluster_recovers() {
     assert!(out.contains("from the rendezvous: online"), "{out}");
     chat("g", dir.path(), &y, &a, &a_id);
     assert_eq!(sample(&y, "rendezvous_cluster_redis_up"), 1);
+}
+
+/// Redis is hostile input too: a record that is not one, an online mark that is not a node id,
+/// pub/sub messages that are garbage or huge. The node answers with a clear error or drops and
+/// counts the message, and keeps serving.
+#[test]
+fn hostile_values_in_redis_are_refused_not_trusted() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-hostile");
+    let x = node(dir.path(), &redis, "x");
+    let y = node(dir.path(), &redis, "y");
+    // A peer that registered on x and left: x no longer rewrites its record.
+    let (mut gone, gone_id) = listen("gone", dir.path(), &x);
+    assert!(gone.terminate(T).success());
+
+    let record_key = format!("rv:peer:{gone_id}");
+    let online_key = format!("rv:online:{gone_id}");
+    assert_eq!(
+        redis.command(&[b"SET", record_key.as_bytes(), b"{not a record"]),
+        "+OK"
+    );
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &gone_id);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("malformed value in the cluster registry") && err.contains(&record_key),
+        "{err}"
+    );
+    // A huge value is not even read whole.
+    let huge = vec![b'x'; 1 << 20];
+    assert_eq!(
+        redis.command(&[b"SET", record_key.as_bytes(), &huge]),
+        "+OK"
+    );
+    let (ok, _, err) = lookup(dir.path(), "q", &y, &gone_id);
+    assert!(!ok && err.contains("longer than"), "{err}");
+    // A good record with an online mark that is no node id.
+    let (mut back, _) = listen("gone", dir.path(), &x);
+    assert!(back.terminate(T).success());
+    assert_eq!(
+        redis.command(&[b"SET", online_key.as_bytes(), b"no such\nnode"]),
+        "+OK"
+    );
+    let (ok, _, err) = lookup(dir.path(), "q", &y, &gone_id);
+    assert!(!ok && err.contains(&online_key), "{err}");
+
+    // Garbage and oversized messages on a node's channel: dropped and counted.
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"rv:punch:x", b"garbage"]),
+        ":1"
+    );
+    let big = vec![b' '; 64 * 1024];
+    assert_eq!(redis.command(&[b"PUBLISH", b"rv:punch:x", &big]), ":1");
+    let dropped = "rendezvous_cluster_introductions_total{direction=\"dropped\"}";
+    x.proc
+        .stderr
+        .wait_for_nth("dropped a cluster message", 2, T);
+    assert_eq!(sample(&x, dropped), 2);
+    // Still serving: a peer registers and is found from the other node.
+    let (mut a, a_id) = listen("a", dir.path(), &x);
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
+    assert!(
+        ok && out.contains("from the rendezvous: online"),
+        "{out}\n{err}"
+    );
+    assert!(a.terminate(T).success());
 }

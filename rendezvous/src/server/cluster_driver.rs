@@ -90,6 +90,13 @@ impl Shared {
             Ok(Some(found)) => found,
             // Unknown to the cluster: the core answers (`not_found`, or a row of its own).
             Ok(None) => return None,
+            Err(e @ ClusterError::Malformed { .. }) => {
+                tracing::warn!(peer = %target, error = %e, "cluster lookup found a malformed value");
+                return Some(error(
+                    ErrorCode::Internal,
+                    format!("peer {target} cannot be looked up: {e}; tell the operator"),
+                ));
+            }
             Err(e) => {
                 tracing::debug!(peer = %target, error = %e, "cluster lookup failed");
                 return Some(unavailable(&e));
