@@ -4,7 +4,7 @@
 //! drop; real `rendezvous` and `peer` binaries.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -145,6 +145,24 @@ fn sample(rv: &Rendezvous, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
 }
 
+/// Whether `rv` answers a STUN Binding request (RFC 5389) on its main port.
+fn stun_answers(rv: &Rendezvous) -> bool {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    request.extend_from_slice(&[7; 12]);
+    socket
+        .send_to(&request, rv.addr)
+        .expect("send binding request");
+    let mut answer = [0u8; 256];
+    matches!(
+        socket.recv_from(&mut answer),
+        Ok((n, _)) if n >= 20 && answer[..2] == [0x01, 0x01] && answer[8..20] == [7; 12]
+    )
+}
+
 /// `peer listen` against `rv`, once registered; with its id.
 fn listen(tag: &str, dir: &Path, rv: &Rendezvous) -> (Proc, String) {
     e2e::listen(tag, &dir.join(tag), rv)
@@ -254,11 +272,12 @@ fn redis_down_degrades_clearly_and_the_cluster_recovers() {
         "{err}"
     );
     assert!(err.contains("peers on this node still can"), "{err}");
-    // This node's peers: found and introduced as on a single node.
+    // STUN, and this node's peers: served as on a single node.
     let (ok, out, err) = lookup(dir.path(), "q", &y, &e_id);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("from the rendezvous: online"), "{out}");
     chat("f", dir.path(), &y, &e, &e_id);
+    assert!(stun_answers(&y), "STUN is served in degraded mode");
     y.proc
         .stderr
         .wait_for("cluster registry (Redis) unreachable: degraded mode", T);
