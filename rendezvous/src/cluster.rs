@@ -99,8 +99,8 @@ pub struct ClusterTimings {
     pub online_ttl: Duration,
     /// How often a node renews its peers' records and online marks.
     pub refresh_every: Duration,
-    /// How often a node in degraded mode tries Redis again (and a lost subscription is
-    /// re-established).
+    /// How often a node pings Redis (so an outage is noticed within this, and in degraded mode
+    /// so is the recovery) and a lost subscription is tried again.
     pub probe_every: Duration,
 }
 
@@ -282,6 +282,9 @@ pub struct Cluster {
     /// The connection (reconnecting by itself); `None` until the first connect succeeds.
     conn: Mutex<Option<ConnectionManager>>,
     available: AtomicBool,
+    /// Bumped each time Redis stops answering: the subscription is re-made then, since a
+    /// connection that hung (rather than closed) would never end by itself.
+    outages: watch::Sender<u64>,
     writes: mpsc::Sender<WriteRequest>,
     timings: ClusterTimings,
     record_ttl_s: u64,
@@ -326,6 +329,7 @@ impl Cluster {
             client,
             conn: Mutex::new(None),
             available: AtomicBool::new(false),
+            outages: watch::Sender::new(0),
             writes,
             timings: config.timings,
             record_ttl_s: record_ttl.as_secs().max(1),
@@ -363,6 +367,7 @@ impl Cluster {
                 tracing::info!(node = %self.node, "cluster registry (Redis) reachable");
             } else {
                 tracing::warn!(node = %self.node, "cluster registry (Redis) unreachable: degraded mode");
+                self.outages.send_modify(|n| *n = n.wrapping_add(1));
             }
         }
         if !ok {
@@ -646,7 +651,12 @@ impl Cluster {
                     recovered = true;
                     continue;
                 }
-            } else if due {
+            } else if !due {
+                // A ping a second notices an outage (and so re-subscribes and, once Redis is
+                // back, writes this node's peers again) within a second, not at the next
+                // refresh.
+                let _ = self.probe().await;
+            } else {
                 let peers = online_peers();
                 match self.refresh(&peers).await {
                     Ok(()) => {
@@ -661,13 +671,8 @@ impl Cluster {
                     Err(e) => tracing::warn!(error = %e, "cluster refresh failed"),
                 }
             }
-            let wait = if self.available() {
-                self.timings.probe_every.min(self.timings.refresh_every)
-            } else {
-                self.timings.probe_every
-            };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(self.timings.probe_every) => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -681,7 +686,9 @@ impl Cluster {
         F: Fn(Envelope) + Send,
     {
         let channel = punch_channel(&self.node);
+        let mut outages = self.outages.subscribe();
         loop {
+            outages.mark_unchanged();
             let subscribed = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
@@ -703,6 +710,9 @@ impl Cluster {
                                     }
                                 }
                             }
+                            // Redis stopped answering: this subscription may be on a
+                            // connection that hung; make a new one once Redis answers.
+                            _ = outages.changed() => break,
                             _ = shutdown.changed() => return,
                         }
                     }
