@@ -365,3 +365,41 @@ fn hostile_values_in_redis_are_refused_not_trusted() {
     );
     assert!(a.terminate(T).success());
 }
+
+/// Two nodes never share a node id (they would share a channel and online marks): a second
+/// node with another key is refused at start while the first is alive; the same node (same
+/// key) restarting right after a crash takes its id back.
+#[test]
+fn a_node_id_is_held_by_one_node_at_a_time() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-ids");
+    let mut x = node(dir.path(), &redis, "x");
+    let url = redis.url();
+    let other = dir.path().join("other");
+    let mut impostor = Proc::spawn(
+        "impostor",
+        &bin("rendezvous"),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            other.to_str().expect("utf-8 path"),
+            "--tcp-listen",
+            "off",
+            "--cluster",
+            &url,
+            "--node-id",
+            "x",
+        ],
+    );
+    assert!(!impostor.wait(T).success());
+    impostor
+        .stderr
+        .wait_for("is in use by a live node with another key", T);
+    // The same node, killed and started again at once (its entry still fresh): accepted.
+    x.proc.kill9();
+    let x = node(dir.path(), &redis, "x");
+    let (_a, a_id) = listen("a", dir.path(), &x);
+    assert!(!a_id.is_empty());
+}

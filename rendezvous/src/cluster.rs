@@ -151,6 +151,17 @@ pub enum ClusterError {
     /// Redis answered with an error.
     #[error("the cluster registry (Redis) failed: {0}")]
     Redis(String),
+    /// Another live node, with another key, holds this node id.
+    #[error(
+        "node id {node:?} is in use by a live node with another key (at {addr}); give each node \
+         its own --node-id (or wait up to a minute after stopping the other one)"
+    )]
+    NodeIdInUse {
+        /// The node id.
+        node: String,
+        /// The other node's address, as it published it.
+        addr: String,
+    },
     /// A value read from Redis is not what a node writes.
     #[error("malformed value in the cluster registry at {key}: {why}")]
     Malformed {
@@ -183,6 +194,15 @@ pub struct ClusterPeer {
     pub record: Record,
     /// The node holding it online, if any.
     pub node: Option<String>,
+}
+
+/// What a node publishes about itself in `rv:node:{node}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its UDP address (QUIC, STUN).
+    pub addr: String,
+    /// Its key's fingerprint.
+    pub fingerprint: String,
 }
 
 /// The pub/sub message: a forwarded introduction, versioned.
@@ -355,9 +375,9 @@ impl Cluster {
         self.available.load(Ordering::Relaxed)
     }
 
-    /// What this node publishes about itself in `rv:node:{node}` (JSON).
-    pub fn set_node_info(&self, info: &serde_json::Value) {
-        *lock(&self.node_info) = info.to_string();
+    /// What this node publishes about itself in `rv:node:{node}`.
+    pub fn set_node_info(&self, info: &NodeInfo) {
+        *lock(&self.node_info) = serde_json::to_string(info).unwrap_or_default();
     }
 
     fn mark(&self, ok: bool) {
@@ -430,6 +450,63 @@ impl Cluster {
         self.timed(redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .map(|_| ())
+    }
+
+    /// Takes this node's id at start: refused ([`ClusterError::NodeIdInUse`]) while another
+    /// node with another key (`fingerprint`) keeps the same id alive, so that two nodes never
+    /// share a channel and online marks; the same node restarting (same key) takes it back.
+    /// Unchecked (a warning) when Redis does not answer, or holds something unreadable there.
+    pub async fn claim_node_id(&self, fingerprint: &str) -> Result<(), ClusterError> {
+        match self.try_claim_node_id(fingerprint).await {
+            Err(e @ ClusterError::NodeIdInUse { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %e, "node id not checked for uniqueness");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    async fn try_claim_node_id(&self, fingerprint: &str) -> Result<(), ClusterError> {
+        let mut conn = self.connection()?;
+        let key = node_key(&self.node);
+        let info = lock(&self.node_info).clone();
+        let online_ttl = self.timings.online_ttl.as_secs().max(1);
+        let set: Option<String> = self
+            .timed(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(info)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(online_ttl)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if set.is_some() {
+            return Ok(());
+        }
+        let held: Vec<u8> = self
+            .timed(
+                redis::cmd("GETRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(MAX_RECORD_BYTES)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let malformed = |why: String| ClusterError::Malformed {
+            key: key.clone(),
+            why,
+        };
+        let held: NodeInfo = serde_json::from_slice(&held).map_err(|e| malformed(e.to_string()))?;
+        if held.fingerprint == fingerprint {
+            return Ok(());
+        }
+        Err(ClusterError::NodeIdInUse {
+            node: self.node.clone(),
+            addr: held.addr.chars().take(64).collect(),
+        })
     }
 
     /// What the cluster registry holds about `id`: its record and the node holding it online.

@@ -221,10 +221,12 @@ impl Server {
         };
         let stun_counters = Arc::new(stun::StunCounters::default());
         if let Some(cluster) = backend.cluster() {
-            cluster.set_node_info(&serde_json::json!({
-                "addr": local_addr.to_string(),
-                "fingerprint": identity.fingerprint().to_string(),
-            }));
+            let fingerprint = identity.fingerprint().to_string();
+            cluster.set_node_info(&cluster::NodeInfo {
+                addr: local_addr.to_string(),
+                fingerprint: fingerprint.clone(),
+            });
+            cluster.claim_node_id(&fingerprint).await?;
         }
         let shared = server::Shared::new(
             registry,
