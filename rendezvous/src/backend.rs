@@ -31,7 +31,8 @@ impl Backend {
             Backend::Embedded(store) => store.put(id, record).await,
             Backend::Cluster(cluster) => {
                 if let Err(e) = cluster.online(id, record).await {
-                    tracing::warn!(peer = %id, error = %e, "registration accepted on this node only until the cluster registry answers");
+                    // Debug only: the outage itself is logged once, when it starts.
+                    tracing::debug!(peer = %id, error = %e, "registration accepted on this node only until the cluster registry answers");
                 }
                 Ok(())
             }

@@ -594,7 +594,7 @@ impl Cluster {
         self.writes
             .try_send(WriteRequest { write, done })
             .map_err(|_| {
-                tracing::warn!("cluster write queue full; the next refresh makes the write good");
+                tracing::debug!("cluster write queue full; the next refresh makes the write good");
                 ClusterError::Unavailable("write queue full".to_owned())
             })
     }
@@ -782,8 +782,13 @@ impl Cluster {
                                 match parse_envelope(&channel, message.get_payload_bytes()) {
                                     Ok(envelope) => deliver(envelope),
                                     Err(e) => {
-                                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                                        tracing::warn!(error = %e, "dropped a cluster message");
+                                        let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                                        // Whoever can PUBLISH can send garbage: the log says so
+                                        // the first times and then at powers of two, not per
+                                        // message (the metric counts them all).
+                                        if n <= 10 || n.is_power_of_two() {
+                                            tracing::warn!(error = %e, total = n, "dropped a cluster message");
+                                        }
                                     }
                                 }
                             }

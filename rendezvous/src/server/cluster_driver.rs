@@ -91,7 +91,8 @@ impl Shared {
             // Unknown to the cluster: the core answers (`not_found`, or a row of its own).
             Ok(None) => return None,
             Err(e @ ClusterError::Malformed { .. }) => {
-                tracing::warn!(peer = %target, error = %e, "cluster lookup found a malformed value");
+                // The peer is told (and asked to tell the operator); not logged per request.
+                tracing::debug!(peer = %target, error = %e, "cluster lookup found a malformed value");
                 return Some(error(
                     ErrorCode::Internal,
                     format!("peer {target} cannot be looked up: {e}; tell the operator"),
