@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::nat::NatProfile;
 use common::PeerId;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -39,6 +40,9 @@ use crate::core::{ForwardedIntroduction, Record};
 /// Largest record read from Redis (a record is at most about 1.5 KB: 16 addresses); a longer
 /// value is malformed.
 pub const MAX_RECORD_BYTES: usize = 8 * 1024;
+
+/// Largest NAT profile read from Redis (one is about 100 bytes); a longer one is ignored.
+pub const MAX_NAT_BYTES: usize = 1024;
 
 /// Largest node id.
 pub const MAX_NODE_ID: usize = 64;
@@ -77,6 +81,12 @@ pub fn peer_key(id: &PeerId) -> String {
 /// The Redis key of a peer's online mark (its value: the node holding it).
 pub fn online_key(id: &PeerId) -> String {
     format!("rv:online:{id}")
+}
+
+/// The Redis key of the NAT profile an online peer reported (handed to the other side of its
+/// introductions, which decides on birthday punching with it).
+pub fn nat_key(id: &PeerId) -> String {
+    format!("rv:nat:{id}")
 }
 
 /// The Redis key of a node's liveness entry.
@@ -194,6 +204,8 @@ pub struct ClusterPeer {
     pub record: Record,
     /// The node holding it online, if any.
     pub node: Option<String>,
+    /// The NAT profile it reported to its node, if any.
+    pub nat: Option<NatProfile>,
 }
 
 /// What a node publishes about itself in `rv:node:{node}`.
@@ -255,6 +267,25 @@ pub fn parse_record(key: &str, bytes: &[u8]) -> Result<Record, ClusterError> {
     })
 }
 
+/// Parses a NAT profile read from `key`: empty is none.
+pub fn parse_nat(key: &str, bytes: &[u8]) -> Result<Option<NatProfile>, ClusterError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if bytes.len() >= MAX_NAT_BYTES {
+        return Err(ClusterError::Malformed {
+            key: key.to_owned(),
+            why: format!("longer than {MAX_NAT_BYTES} bytes"),
+        });
+    }
+    serde_json::from_slice(bytes)
+        .map(Some)
+        .map_err(|e| ClusterError::Malformed {
+            key: key.to_owned(),
+            why: e.to_string(),
+        })
+}
+
 /// Parses an online mark read from `key`: empty is none, else a node id.
 pub fn parse_node(key: &str, bytes: &[u8]) -> Result<Option<String>, ClusterError> {
     if bytes.is_empty() {
@@ -275,6 +306,8 @@ enum Write {
     Online(PeerId, Record),
     /// The peer went offline here: its record, and the online mark deleted if still ours.
     Offline(PeerId, Record),
+    /// The peer (online here) reported its NAT profile.
+    Nat(PeerId, NatProfile),
 }
 
 struct WriteRequest {
@@ -312,6 +345,9 @@ pub struct Cluster {
     /// Counters.
     pub counters: ClusterCounters,
 }
+
+/// A peer online on this node, as a refresh writes it: id, record, reported NAT profile.
+pub type OnlinePeer = (PeerId, Record, Option<NatProfile>);
 
 /// The writer's end of the write queue: run with [`Cluster::run_writer`].
 pub struct WriteQueue(mpsc::Receiver<WriteRequest>);
@@ -522,14 +558,29 @@ impl Cluster {
             .cmd("GETRANGE")
             .arg(&online)
             .arg(0)
-            .arg(MAX_NODE_ID);
-        let (record, node): (Vec<u8>, Vec<u8>) = self.timed(pipe.query_async(&mut conn)).await?;
+            .arg(MAX_NODE_ID)
+            .cmd("GETRANGE")
+            .arg(nat_key(id))
+            .arg(0)
+            .arg(MAX_NAT_BYTES);
+        let (record, node, nat): (Vec<u8>, Vec<u8>, Vec<u8>) =
+            self.timed(pipe.query_async(&mut conn)).await?;
         if record.is_empty() {
             return Ok(None);
         }
+        let node = parse_node(&online, &node)?;
+        // Only a hint for the punching strategy: an unreadable one is left out, not an error.
+        let nat = match parse_nat(&nat_key(id), &nat) {
+            Ok(nat) => nat.filter(|_| node.is_some()),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a NAT profile");
+                None
+            }
+        };
         Ok(Some(ClusterPeer {
             record: parse_record(&peer, &record)?,
-            node: parse_node(&online, &node)?,
+            node,
+            nat,
         }))
     }
 
@@ -578,6 +629,11 @@ impl Cluster {
     /// Queues a write of `id`'s record (online here) without waiting.
     pub fn online_later(&self, id: PeerId, record: Record) {
         let _ = self.queue(Write::Online(id, record), None);
+    }
+
+    /// `id` (online here) reported its NAT profile: queues it for the other nodes.
+    pub fn nat_later(&self, id: PeerId, nat: NatProfile) {
+        let _ = self.queue(Write::Nat(id, nat), None);
     }
 
     /// `id` went offline here: queues its record (with its last-seen time) and the removal of
@@ -633,6 +689,19 @@ impl Cluster {
         for req in batch {
             let (id, record) = match &req.write {
                 Write::Online(id, record) | Write::Offline(id, record) => (id, record),
+                Write::Nat(id, nat) => {
+                    let json = serde_json::to_vec(nat).map_err(|e| ClusterError::Malformed {
+                        key: nat_key(id),
+                        why: e.to_string(),
+                    })?;
+                    pipe.cmd("SET")
+                        .arg(nat_key(id))
+                        .arg(json)
+                        .arg("EX")
+                        .arg(online_ttl)
+                        .ignore();
+                    continue;
+                }
             };
             let json = serde_json::to_vec(record).map_err(|e| ClusterError::Malformed {
                 key: peer_key(id),
@@ -645,13 +714,17 @@ impl Cluster {
                 .arg(self.record_ttl_s)
                 .ignore();
             match &req.write {
-                // A registration here is the newest: it takes the mark from any other node.
+                // A registration here is the newest: it takes the mark from any other node,
+                // and drops the NAT profile (its network may have changed; it reports again).
                 Write::Online(..) => pipe
                     .cmd("SET")
                     .arg(online_key(id))
                     .arg(&self.node)
                     .arg("EX")
                     .arg(online_ttl)
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(nat_key(id))
                     .ignore(),
                 Write::Offline(..) => pipe
                     .cmd("EVAL")
@@ -660,6 +733,7 @@ impl Cluster {
                     .arg(online_key(id))
                     .arg(&self.node)
                     .ignore(),
+                Write::Nat(..) => &mut pipe,
             };
         }
         self.timed(pipe.query_async::<()>(&mut conn)).await
@@ -668,7 +742,7 @@ impl Cluster {
     /// Re-asserts `peers` (the peers online here) and this node's liveness entry, in pipelines
     /// of at most [`REFRESH_BATCH`] peers: renews the records' and marks' TTLs, and after Redis
     /// lost its data (a restart without persistence) writes them again.
-    pub async fn refresh(&self, peers: &[(PeerId, Record)]) -> Result<(), ClusterError> {
+    pub async fn refresh(&self, peers: &[OnlinePeer]) -> Result<(), ClusterError> {
         let mut conn = self.connection()?;
         let online_ttl = self.timings.online_ttl.as_secs().max(1);
         let info = lock(&self.node_info).clone();
@@ -683,10 +757,18 @@ impl Cluster {
         .await?;
         for chunk in peers.chunks(REFRESH_BATCH) {
             let mut pipe = redis::pipe();
-            for (id, record) in chunk {
+            for (id, record, nat) in chunk {
                 let Ok(json) = serde_json::to_vec(record) else {
                     continue;
                 };
+                if let Some(nat) = nat.and_then(|n| serde_json::to_vec(&n).ok()) {
+                    pipe.cmd("SET")
+                        .arg(nat_key(id))
+                        .arg(nat)
+                        .arg("EX")
+                        .arg(online_ttl)
+                        .ignore();
+                }
                 pipe.cmd("SET")
                     .arg(peer_key(id))
                     .arg(json)
@@ -715,7 +797,7 @@ impl Cluster {
         online_peers: F,
         mut shutdown: watch::Receiver<bool>,
     ) where
-        F: Fn() -> Vec<(PeerId, Record)> + Send,
+        F: Fn() -> Vec<OnlinePeer> + Send,
     {
         let mut last_refresh: Option<tokio::time::Instant> = None;
         let mut recovered = false;
@@ -845,6 +927,9 @@ mod tests {
         assert_eq!(parse_node("k", b"n1"), Ok(Some("n1".to_owned())));
         assert!(parse_node("k", b"n 1").is_err());
         assert!(parse_node("k", &[0xff, 0xfe]).is_err());
+        assert_eq!(parse_nat("k", b""), Ok(None));
+        assert!(parse_nat("k", b"{}").is_err());
+        assert!(parse_nat("k", &vec![b' '; MAX_NAT_BYTES]).is_err());
         assert!(parse_envelope("c", b"[]").is_err());
         assert!(parse_envelope("c", &vec![b' '; MAX_MESSAGE_BYTES + 1]).is_err());
         let unknown_field = br#"{"v":1,"from":"a","intro":{},"x":1}"#;

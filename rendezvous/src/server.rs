@@ -294,6 +294,11 @@ impl Shared {
             }
             _ => None,
         };
+        // The other nodes hand it to the other side of this peer's introductions.
+        let nat_report = match &msg {
+            ControlMessage::Nat { nat } => Some(*nat),
+            _ => None,
+        };
         let remote = match self.backend.cluster() {
             Some(cluster) => {
                 self.cluster_outcome(cluster, conn, id, observed, &msg)
@@ -315,6 +320,11 @@ impl Shared {
             // Their relay sessions forget cached answers about each other (so that an answer
             // from before does not hold up the new one), and flush what they held on accept.
             self.relay.permissions_changed(id, other);
+        }
+        if let (Some(nat), Some(ControlMessage::Ack {}), Some(cluster)) =
+            (nat_report, &reply, self.backend.cluster())
+        {
+            cluster.nat_later(id, nat);
         }
         if let Some((who, record)) = persist {
             if durable {

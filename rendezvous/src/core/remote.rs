@@ -105,6 +105,7 @@ impl Registry {
         observed: SocketAddr,
         target: PeerId,
         target_record: &Record,
+        target_nat: Option<NatProfile>,
         now: OffsetDateTime,
     ) -> (Outcome, Option<ForwardedIntroduction>) {
         if self.online.get(&from) != Some(&conn) {
@@ -144,8 +145,8 @@ impl Registry {
             candidates: candidates(target_record, &from_record, &self.own_addrs),
             nonce,
             key: key.clone(),
-            // The target's profile lives on its node only.
-            nat: None,
+            // What the target reported to its node, through the cluster registry.
+            nat: target_nat,
         });
         let forward = ForwardedIntroduction {
             requester: from,
@@ -208,11 +209,15 @@ impl Registry {
         Ok((target_conn, punch))
     }
 
-    /// The records of the peers online here (what a node re-asserts in the cluster registry).
-    pub fn online_records(&self) -> Vec<(PeerId, Record)> {
+    /// The records and reported NAT profiles of the peers online here (what a node re-asserts
+    /// in the cluster registry).
+    pub fn online_records(&self) -> Vec<(PeerId, Record, Option<NatProfile>)> {
         self.online
             .keys()
-            .filter_map(|id| Some((*id, self.peers.get(id)?.clone())))
+            .filter_map(|id| {
+                let record = self.peers.get(id)?.clone();
+                Some((*id, record, self.nat_profiles.get(id).copied()))
+            })
             .collect()
     }
 
@@ -263,21 +268,45 @@ mod tests {
         let mut y = Registry::new([], [2; 32]);
         register(&mut x, 10, id(1), addr(1, 4000));
         register(&mut y, 20, id(2), addr(2, 5000));
-        let target_record = y.online_records().pop().unwrap().1;
-        let (outcome, forward) =
-            x.introduce_remote(10, id(1), addr(1, 4000), id(2), &target_record, T0);
+        let profile = NatProfile {
+            udp: true,
+            no_nat: false,
+            mapping: common::nat::Behaviour::AddressAndPortDependent,
+            filtering: common::nat::Behaviour::AddressAndPortDependent,
+        };
+        let nat = y.handle(
+            20,
+            id(2),
+            addr(2, 5000),
+            ControlMessage::Nat { nat: profile },
+            T0,
+        );
+        assert_eq!(nat.reply, Some(ControlMessage::Ack {}));
+        let (_, target_record, target_nat) = y.online_records().pop().unwrap();
+        assert_eq!(target_nat, Some(profile));
+        let (outcome, forward) = x.introduce_remote(
+            10,
+            id(1),
+            addr(1, 4000),
+            id(2),
+            &target_record,
+            target_nat,
+            T0,
+        );
         let Some(ControlMessage::Punch {
             peer,
             candidates,
             nonce,
             key,
-            ..
+            nat: requester_sees,
         }) = outcome.reply
         else {
             panic!("{:?}", outcome.reply);
         };
         assert_eq!(peer, id(2));
         assert_eq!(candidates[0].addr, addr(2, 5000));
+        // The requester learns the target's NAT from the target's node, as on one node.
+        assert_eq!(requester_sees, Some(profile));
         let forward = forward.unwrap();
         // Through the cluster as JSON.
         let forward: ForwardedIntroduction =
@@ -361,7 +390,7 @@ mod tests {
                 ..
             })
         ));
-        let (out, forward) = x.introduce_remote(1, id(1), addr(1, 1), id(2), &record, T0);
+        let (out, forward) = x.introduce_remote(1, id(1), addr(1, 1), id(2), &record, None, T0);
         assert!(forward.is_none());
         assert!(matches!(
             out.reply,

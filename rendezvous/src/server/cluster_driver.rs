@@ -135,8 +135,15 @@ impl Shared {
                 format!("peer {target} is registered but not online (last seen {last_seen})"),
             ));
         };
-        let (outcome, forward) =
-            lock(&self.registry).introduce_remote(conn, id, observed, target, &remote.record, now);
+        let (outcome, forward) = lock(&self.registry).introduce_remote(
+            conn,
+            id,
+            observed,
+            target,
+            &remote.record,
+            found.nat,
+            now,
+        );
         let Some(forward) = forward else {
             return Some(outcome);
         };
