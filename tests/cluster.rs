@@ -130,6 +130,8 @@ fn node(dir: &Path, redis: &Redis, node: &str) -> Rendezvous {
     rv.proc
         .stderr
         .wait_for("subscribed to this node's introductions", T);
+    // Its first refresh is done: its entry is in Redis, for the nodes started after it.
+    rv.proc.stderr.wait_for("live nodes", T);
     rv
 }
 
@@ -232,6 +234,8 @@ fn peers_on_different_nodes_look_each_other_up_and_chat() {
     assert_eq!(sample(&x, &format!("{introductions}\"received\"}}")), 1);
     assert_eq!(sample(&z, &format!("{introductions}\"received\"}}")), 1);
     assert_eq!(sample(&x, "rendezvous_cluster_redis_up"), 1);
+    // The last node started saw all three at its first refresh.
+    assert_eq!(sample(&z, "rendezvous_cluster_nodes"), 3);
 
     // A peer that leaves is offline for the other nodes at once (its node clears its mark).
     assert!(c.terminate(T).success());

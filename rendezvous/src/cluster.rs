@@ -89,6 +89,12 @@ pub fn nat_key(id: &PeerId) -> String {
     format!("rv:nat:{id}")
 }
 
+/// The sorted set of the live nodes' ids, scored by when their entry expires (Unix seconds).
+pub const NODES_KEY: &str = "rv:nodes";
+
+/// Most nodes counted in the cluster-level metrics.
+pub const MAX_NODES: usize = 256;
+
 /// The Redis key of a node's liveness entry.
 pub fn node_key(node: &str) -> String {
     format!("rv:node:{node}")
@@ -215,6 +221,9 @@ pub struct NodeInfo {
     pub addr: String,
     /// Its key's fingerprint.
     pub fingerprint: String,
+    /// Peers online on it at its latest refresh.
+    #[serde(default)]
+    pub online: u64,
 }
 
 /// The pub/sub message: a forwarded introduction, versioned.
@@ -326,6 +335,11 @@ pub struct ClusterCounters {
     pub dropped: AtomicU64,
     /// Redis calls that failed or timed out.
     pub failures: AtomicU64,
+    /// Live nodes in the cluster, at this node's latest refresh.
+    pub nodes: AtomicU64,
+    /// Peers online on all the live nodes, at this node's latest refresh (each node's count is
+    /// as of its own latest refresh: up to [`ClusterTimings::refresh_every`] old).
+    pub cluster_online: AtomicU64,
 }
 
 /// A node's handle on the cluster registry; shared by the server's tasks.
@@ -341,7 +355,7 @@ pub struct Cluster {
     writes: mpsc::Sender<WriteRequest>,
     timings: ClusterTimings,
     record_ttl_s: u64,
-    node_info: Mutex<String>,
+    node_info: Mutex<NodeInfo>,
     /// Counters.
     pub counters: ClusterCounters,
 }
@@ -389,7 +403,11 @@ impl Cluster {
             writes,
             timings: config.timings,
             record_ttl_s: record_ttl.as_secs().max(1),
-            node_info: Mutex::new(String::new()),
+            node_info: Mutex::new(NodeInfo {
+                addr: String::new(),
+                fingerprint: String::new(),
+                online: 0,
+            }),
             counters: ClusterCounters::default(),
         });
         if let Err(e) = cluster.probe().await {
@@ -413,7 +431,13 @@ impl Cluster {
 
     /// What this node publishes about itself in `rv:node:{node}`.
     pub fn set_node_info(&self, info: &NodeInfo) {
-        *lock(&self.node_info) = serde_json::to_string(info).unwrap_or_default();
+        *lock(&self.node_info) = info.clone();
+    }
+
+    fn node_info_json(&self, online: u64) -> String {
+        let mut info = lock(&self.node_info).clone();
+        info.online = online;
+        serde_json::to_string(&info).unwrap_or_default()
     }
 
     fn mark(&self, ok: bool) {
@@ -506,7 +530,7 @@ impl Cluster {
     async fn try_claim_node_id(&self, fingerprint: &str) -> Result<(), ClusterError> {
         let mut conn = self.connection()?;
         let key = node_key(&self.node);
-        let info = lock(&self.node_info).clone();
+        let info = self.node_info_json(0);
         let online_ttl = self.timings.online_ttl.as_secs().max(1);
         let set: Option<String> = self
             .timed(
@@ -745,16 +769,35 @@ impl Cluster {
     pub async fn refresh(&self, peers: &[OnlinePeer]) -> Result<(), ClusterError> {
         let mut conn = self.connection()?;
         let online_ttl = self.timings.online_ttl.as_secs().max(1);
-        let info = lock(&self.node_info).clone();
-        self.timed(
-            redis::cmd("SET")
-                .arg(node_key(&self.node))
-                .arg(info)
-                .arg("EX")
-                .arg(online_ttl)
-                .query_async::<()>(&mut conn),
-        )
-        .await?;
+        let info = self.node_info_json(peers.len() as u64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // The live nodes: a sorted set scored by when each node's entry expires, trimmed of
+        // the expired ones, read bounded.
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(node_key(&self.node))
+            .arg(info)
+            .arg("EX")
+            .arg(online_ttl)
+            .ignore()
+            .cmd("ZADD")
+            .arg(NODES_KEY)
+            .arg(now.saturating_add(online_ttl))
+            .arg(&self.node)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(NODES_KEY)
+            .arg("-inf")
+            .arg(format!("({now}"))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(NODES_KEY)
+            .arg(0)
+            .arg(MAX_NODES - 1);
+        let (names,): (Vec<Vec<u8>>,) = self.timed(pipe.query_async(&mut conn)).await?;
+        self.count_nodes(&mut conn, names).await?;
         for chunk in peers.chunks(REFRESH_BATCH) {
             let mut pipe = redis::pipe();
             for (id, record, nat) in chunk {
@@ -784,6 +827,48 @@ impl Cluster {
                     .ignore();
             }
             self.timed(pipe.query_async::<()>(&mut conn)).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the live nodes' entries (names from [`NODES_KEY`], hostile: checked) and records
+    /// how many there are and how many peers they hold online.
+    async fn count_nodes(
+        &self,
+        conn: &mut ConnectionManager,
+        names: Vec<Vec<u8>>,
+    ) -> Result<(), ClusterError> {
+        let names: Vec<String> = names
+            .into_iter()
+            .filter_map(|n| String::from_utf8(n).ok())
+            .filter(|n| check_node_id(n).is_ok())
+            .take(MAX_NODES)
+            .collect();
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.cmd("GETRANGE")
+                .arg(node_key(name))
+                .arg(0)
+                .arg(MAX_RECORD_BYTES);
+        }
+        let infos: Vec<Vec<u8>> = if names.is_empty() {
+            Vec::new()
+        } else {
+            self.timed(pipe.query_async(conn)).await?
+        };
+        let (mut nodes, mut online) = (0u64, 0u64);
+        for info in infos {
+            if let Ok(info) = serde_json::from_slice::<NodeInfo>(&info) {
+                nodes += 1;
+                online = online.saturating_add(info.online);
+            }
+        }
+        let before = self.counters.nodes.swap(nodes, Ordering::Relaxed);
+        self.counters
+            .cluster_online
+            .store(online, Ordering::Relaxed);
+        if before != nodes {
+            tracing::info!(nodes, online, "cluster of {nodes} live nodes");
         }
         Ok(())
     }

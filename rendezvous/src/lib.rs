@@ -225,6 +225,7 @@ impl Server {
             cluster.set_node_info(&cluster::NodeInfo {
                 addr: local_addr.to_string(),
                 fingerprint: fingerprint.clone(),
+                online: 0,
             });
             cluster.claim_node_id(&fingerprint).await?;
         }

@@ -96,6 +96,10 @@ pub struct ClusterSnapshot {
     /// Introductions across nodes: forwarded to other nodes, received and pushed here, dropped
     /// here (malformed, or for a peer not online here).
     pub introductions: [(&'static str, u64); 3],
+    /// Live nodes in the cluster.
+    pub nodes: u64,
+    /// Peers online on all the live nodes.
+    pub online: u64,
 }
 
 /// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
@@ -305,6 +309,19 @@ pub fn render(s: &Snapshot) -> String {
                 unlabelled(cluster.redis_failures),
             ),
             (
+                "rendezvous_cluster_nodes",
+                "gauge",
+                "Live nodes in the cluster (as of this node's latest refresh, every 20 s).",
+                unlabelled(cluster.nodes),
+            ),
+            (
+                "rendezvous_cluster_online_peers",
+                "gauge",
+                "Peers online on all the live nodes of the cluster (each node's count as of its \
+                 latest refresh).",
+                unlabelled(cluster.online),
+            ),
+            (
                 "rendezvous_cluster_introductions_total",
                 "counter",
                 "Introductions across nodes: forwarded to another node, received from one and \
@@ -340,6 +357,8 @@ pub(crate) fn snapshot(
                 ("received", get(&cluster.counters.received)),
                 ("dropped", get(&cluster.counters.dropped)),
             ],
+            nodes: get(&cluster.counters.nodes),
+            online: get(&cluster.counters.cluster_online),
         }
     });
     let relay = &shared.relay.counters;
@@ -660,10 +679,14 @@ mod tests {
                 redis_up: 1,
                 redis_failures: 2,
                 introductions: [("forwarded", 3), ("received", 4), ("dropped", 5)],
+                nodes: 3,
+                online: 7,
             }),
             ..Snapshot::default()
         });
         assert!(node.contains("rendezvous_cluster_redis_up 1\n"));
+        assert!(node.contains("rendezvous_cluster_nodes 3\n"));
+        assert!(node.contains("rendezvous_cluster_online_peers 7\n"));
         assert!(node.contains("rendezvous_cluster_introductions_total{direction=\"received\"} 4\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
