@@ -33,16 +33,26 @@ impl Redis {
             eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
             return None;
         }
-        // Redis takes no port 0: a port the kernel just handed out and released.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let dir = TempDir::new("redis");
-        Some(Redis::start_on(port, dir))
+        // Redis takes no port 0: a port the kernel just handed out and released; another test
+        // may take it meanwhile, so a start that fails is tried again on another port.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            if let Some(redis) = Redis::try_start_on(port, TempDir::new("redis")) {
+                return Some(redis);
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
+    /// Starts it again on `port` (after [`Redis::kill`]).
     fn start_on(port: u16, dir: TempDir) -> Redis {
+        Redis::try_start_on(port, dir).expect("redis-server starts again on its port")
+    }
+
+    fn try_start_on(port: u16, dir: TempDir) -> Option<Redis> {
         let port_arg = port.to_string();
         let dir_arg = dir.path().to_str().expect("utf-8 path").to_owned();
         let proc = Proc::spawn(
@@ -63,8 +73,19 @@ impl Redis {
                 "no",
             ],
         );
-        proc.wait_for_line("Ready to accept connections", T);
-        Redis { proc, port, dir }
+        match proc
+            .stdout
+            .try_wait_for_at("Ready to accept connections", T)
+        {
+            Ok(_) => Some(Redis { proc, port, dir }),
+            Err(_) => {
+                eprintln!(
+                    "redis-server did not start on port {port}:\n{}",
+                    proc.stdout.text()
+                );
+                None
+            }
+        }
     }
 
     /// Sends one command (RESP, as redis-cli would) and returns the first line of the reply.
