@@ -30,6 +30,9 @@ use time::OffsetDateTime;
 
 use crate::sources::{SourceBuckets, SourceKey};
 
+mod remote;
+pub use remote::{ForwardRefusal, ForwardedIntroduction, RemotePeer};
+
 /// Identifies one QUIC connection in the driver.
 pub type ConnId = u64;
 
@@ -1056,15 +1059,7 @@ impl Registry {
             .introduce(from, target, nonce, key.clone(), now)
         {
             self.counters.rejected += 1;
-            let message = match refusal {
-                IntroductionRefusal::RequesterFull => format!(
-                    "you have {MAX_INTRODUCTIONS_PER_REQUESTER} introductions waiting for an \
-                     accept; try again in a minute"
-                ),
-                IntroductionRefusal::Full => "the server has too many introductions open; \
-                                               try again later"
-                    .to_owned(),
-            };
+            let message = introduction_refusal_message(refusal);
             return (
                 ControlMessage::error(ErrorCode::RateLimited, message),
                 Vec::new(),
@@ -1199,6 +1194,19 @@ impl Registry {
         record.last_seen = record.last_seen.max(now);
         self.expiry.insert((record.last_seen, id));
         Some((id, record.clone()))
+    }
+}
+
+/// What a peer is told when its introduction cannot be made now.
+fn introduction_refusal_message(refusal: IntroductionRefusal) -> String {
+    match refusal {
+        IntroductionRefusal::RequesterFull => format!(
+            "you have {MAX_INTRODUCTIONS_PER_REQUESTER} introductions waiting for an accept; try \
+             again in a minute"
+        ),
+        IntroductionRefusal::Full => {
+            "the server has too many introductions open; try again later".to_owned()
+        }
     }
 }
 
