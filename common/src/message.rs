@@ -21,8 +21,12 @@ use crate::PeerId;
 /// handed to the other side in `punch`, from which both sides decide on birthday punching,
 /// `punch::birthday`); version-3 peers would never take part, so they are refused. Version 5
 /// added IPv6 address proofs (`server_addrs` in `registered`, the `confirm_address` message),
-/// which a version-4 server would refuse as unknown fields and types.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// which a version-4 server would refuse as unknown fields and types. Version 6 added
+/// `inbound_takes_port` to the NAT profile (`nat`, and the peer's profile in `punch`): an
+/// initiator whose probes could take the port of a responder behind such a NAT holds them until
+/// the responder's first probe (`punch::PunchConfig::initiator_hold`); a version-5 peer would
+/// neither report it nor hold, so it is refused.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -744,6 +748,7 @@ mod tests {
                     no_nat: false,
                     mapping: crate::nat::Behaviour::AddressAndPortDependent,
                     filtering: crate::nat::Behaviour::AddressAndPortDependent,
+                    inbound_takes_port: false,
                 }),
             };
             prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);

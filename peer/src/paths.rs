@@ -430,6 +430,16 @@ impl PathKeeper {
             keeper: self.clone(),
             peer,
         };
+        let timing = punching::config_for(
+            self.nat_profile().as_ref(),
+            peer_nat.as_ref(),
+            self.opening_ttl,
+        );
+        // The initiator's relayed handshake tells a responder that it is under way; the
+        // responder's relayed answer tells a holding initiator the same (its opening probes are
+        // out by then).
+        let peer_started = (role == Role::Responder || !timing.initiator_hold.is_zero())
+            .then(|| self.relay.next_packet_from(peer));
         punching::run(
             &self.node,
             &self.router,
@@ -441,16 +451,23 @@ impl PathKeeper {
             log,
             Some(witness),
             &self.tasks,
-            punching::config_for(self.nat_profile().as_ref(), self.opening_ttl),
-            // The initiator's relayed handshake tells a responder that it is under way.
-            (role == Role::Responder).then(|| self.relay.next_packet_from(peer)),
+            timing,
+            peer_started,
             first_sent,
         )
         .await
     }
 
     /// Starts the link task of a new connection; its path starts as the socket routes it now.
-    pub fn start_link(&self, peer: PeerId, conn: quinn::Connection, describe: &'static str) {
+    /// `announced` is the path the caller told the user the connection is on: if a punch result
+    /// moved the route since, the link says so at once.
+    pub fn start_link(
+        &self,
+        peer: PeerId,
+        conn: quinn::Connection,
+        describe: &'static str,
+        announced: Current,
+    ) {
         let quinn_addr = transport::canonical(conn.remote_address());
         let id = conn_id(&conn);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
@@ -478,7 +495,9 @@ impl PathKeeper {
             );
         }
         let (initial, _) = self.feed(peer, None, |p| {
-            p.connection_up(id, quinn_addr, describe, now)
+            let initial = p.connection_up(id, quinn_addr, describe, now);
+            p.announced(id, announced);
+            initial
         });
         status.send_modify(|s| s.path = initial);
         let keeper = self.clone();
@@ -654,7 +673,21 @@ impl PathKeeper {
     /// may need birthday punching, which its first punch could not choose without the
     /// profile. Each punches again at once with a new introduction, which carries both
     /// profiles, instead of waiting for its next retry.
-    pub fn nat_measured(&self) {
+    /// In verbose mode it says so (`NAT measured: ...`), with what `profile` tells peers.
+    pub async fn nat_measured(&self, profile: &common::nat::NatProfile) {
+        if self.verbose {
+            let early = if profile.inbound_takes_port {
+                "; an early packet takes its port for its sender"
+            } else {
+                ""
+            };
+            self.console
+                .error(format!(
+                    "NAT measured: {}{early} (told the rendezvous)",
+                    profile.kind()
+                ))
+                .await;
+        }
         let relayed: Vec<PeerId> = match self.table.lock() {
             Ok(table) => table
                 .peers
