@@ -276,8 +276,8 @@ impl PathKeeper {
                 if me == Some(conn) {
                     executed.mine.push(output);
                 } else if let Some(link) = entry.links.get(&conn) {
-                    // A full queue drops it: a heartbeat is retried, and the link re-reads the
-                    // path from the machine.
+                    // A full queue drops it: a heartbeat is retried, and the link compares its
+                    // path with the machine's each time it wakes (`run_link`).
                     let _ = link.tx.try_send(output);
                 }
             }
@@ -423,7 +423,8 @@ impl PathKeeper {
         // Birthday punching only for a pair plain punching cannot open, known from both
         // profiles (ours measured, theirs handed over by the rendezvous).
         let birthday = match (self.nat_profile(), peer_nat) {
-            (Some(ours), Some(theirs)) => punch::birthday::role(&ours, &theirs),
+            (Some(ours), Some(theirs)) => punch::birthday::role(&ours, &theirs)
+                .map(|role| (role, punching::birthday_config_for(Some(&theirs)))),
             _ => None,
         };
         let witness = PunchWitness {
@@ -494,12 +495,12 @@ impl PathKeeper {
                 },
             );
         }
-        let (initial, _) = self.feed(peer, None, |p| {
-            let initial = p.connection_up(id, quinn_addr, describe, now);
+        self.feed(peer, None, |p| {
+            p.connection_up(id, quinn_addr, describe, now);
             p.announced(id, announced);
-            initial
         });
-        status.send_modify(|s| s.path = initial);
+        // What the user was told; the link says at once if the machine's path differs.
+        status.send_modify(|s| s.path = announced);
         let keeper = self.clone();
         // At shutdown the task is dropped where it waits: the route stays as it is, for the
         // close frames the endpoint sends last.
@@ -527,11 +528,23 @@ impl PathKeeper {
             }
             // A newer connection to the same peer (it restarted, or dialed us as we dialed it)
             // took over the peer's route: only its link manages the route from now on.
-            let (current, wake) = self.peek(peer, |p| {
-                (p.link().is_some_and(|l| l.conn == id), p.poll_timeout())
+            let (link, wake) = self.peek(peer, |p| {
+                (p.link().filter(|l| l.conn == id), p.poll_timeout())
             });
-            if !current {
+            let Some(link) = link else {
                 break;
+            };
+            // The machine's path, if our status lags behind it: a path change whose output was
+            // dropped on a full queue (see `execute`) is said now rather than never. One still
+            // queued is then said here first and skipped when it comes (`link_output`).
+            if status.borrow().path != link.path {
+                let change = PathOutput::PathChanged {
+                    conn: id,
+                    path: link.path,
+                    describe: link.describe,
+                };
+                self.link_output(peer, change, &status, &mut heartbeats)
+                    .await;
             }
             let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
             let mine = tokio::select! {
@@ -610,6 +623,8 @@ impl PathKeeper {
     ) {
         let update = |f: &dyn Fn(&mut LinkStatus)| status.send_modify(|s| f(s));
         match output {
+            // Already said (the link caught up with the machine before this output came).
+            PathOutput::PathChanged { path, .. } if status.borrow().path == path => {}
             PathOutput::PathChanged {
                 path: Current::Relay,
                 ..

@@ -256,6 +256,21 @@ pub fn config_for(
     config
 }
 
+/// The birthday punch's sizes and pace against a peer whose NAT is `theirs`: the hard side's
+/// fan-out rounds keep the opening TTL while the spray runs
+/// ([`BirthdayConfig::short_ttl_until`]) only against a NAT that says an early packet takes its
+/// port (`inbound_takes_port`), which a fan-out probe arriving before the spray would turn
+/// symmetric for that port. Against any other NAT every round goes all the way from the start,
+/// as before: a round that reaches the peer's NAT after the spray probed its port is found at
+/// once, where a short round would leave it to the first full one.
+pub fn birthday_config_for(theirs: Option<&NatProfile>) -> BirthdayConfig {
+    let mut config = BirthdayConfig::default();
+    if !theirs.is_some_and(|t| t.inbound_takes_port) {
+        config.short_ttl_until = Duration::ZERO;
+    }
+    config
+}
+
 /// Runs one punching session. Returns as soon as a path is proven (or the session failed); a
 /// session with a proven path goes on in the background until its deadline, answering the
 /// peer's probes so that the peer can prove its side too.
@@ -267,7 +282,7 @@ pub async fn run(
     introduction: Introduction,
     role: Role,
     candidates: &[Candidate],
-    birthday: Option<BirthdayRole>,
+    birthday: Option<(BirthdayRole, BirthdayConfig)>,
     verbose: Option<Console>,
     witness: Option<crate::paths::PunchWitness>,
     tasks: &crate::tasks::TaskSet,
@@ -277,8 +292,11 @@ pub async fn run(
 ) -> State {
     let inbox = router.register(introduction.nonce);
     let now = Instant::now();
+    let (birthday, config) = match birthday {
+        Some((role, config)) => (Some(role), config),
+        None => (None, BirthdayConfig::default()),
+    };
     let birthday = birthday.filter(|_| router.birthday && router.may_start_birthday(peer, now));
-    let config = BirthdayConfig::default();
     let mut extras = Vec::new();
     let plan = birthday.and_then(|role| {
         if role == BirthdayRole::Hard {
@@ -606,6 +624,30 @@ mod tests {
 
     fn peer(n: u8) -> PeerId {
         PeerId::from_key_digest(&[n; 32])
+    }
+
+    /// Short fan-out rounds only against a NAT that an early packet turns symmetric; full ones
+    /// from the start against every other (as before).
+    #[test]
+    fn fan_out_rounds_are_short_only_against_a_nat_an_early_packet_turns_symmetric() {
+        let port = NatProfile {
+            udp: true,
+            no_nat: false,
+            mapping: Behaviour::EndpointIndependent,
+            filtering: Behaviour::AddressAndPortDependent,
+            inbound_takes_port: false,
+        };
+        let early = NatProfile {
+            inbound_takes_port: true,
+            ..port
+        };
+        assert_eq!(
+            birthday_config_for(Some(&early)).short_ttl_until,
+            punch::birthday::DEFAULT_SHORT_TTL_UNTIL
+        );
+        for theirs in [Some(&port), None] {
+            assert_eq!(birthday_config_for(theirs).short_ttl_until, Duration::ZERO);
+        }
     }
 
     /// The initiator holds its probes only against a peer whose NAT says an early packet takes

@@ -8,9 +8,9 @@
 //! - the hard side opens [`BirthdayConfig::sockets`] extra sockets (256 by default) and sends an
 //!   authenticated probe from each to the easy side's public address (the one the rendezvous
 //!   observed), a "fan-out probe": its NAT opens as many mappings, each admitting packets from
-//!   that address only. The first rounds of fan-out probes leave with the opening TTL
-//!   ([`crate::PunchConfig::opening_ttl`]: they open our NAT and die before the peer's), see
-//!   below;
+//!   that address only. Against a NAT that an early packet turns symmetric, the first rounds of
+//!   fan-out probes leave with the opening TTL ([`crate::PunchConfig::opening_ttl`]: they open
+//!   our NAT and die before the peer's), see below;
 //! - the easy side sends authenticated probes from its one socket to ports of the hard side's
 //!   public IP (the IP the rendezvous observed), first the [`BirthdayConfig::predicted`] ports
 //!   just above the port the rendezvous observed (a NAT that allocates ports sequentially gives
@@ -38,9 +38,13 @@
 //! public port for that remote. A fan-out probe from mapping `X` that reached such a NAT before
 //! the easy side's spray probed `X` would make the spray's probe to `X` leave from another
 //! port, which mapping `X` (open only to the easy side's observed address) drops: the very
-//! ports that could win would be spoiled. So the fan-out probes stay short until the spray is
-//! over (2,048 probes at 1,000/s: about 2 s, plus the two sides' start skew), and a full round
-//! comes after it.
+//! ports that could win would be spoiled. So against such a NAT (its profile says
+//! `inbound_takes_port`; the driver sets [`BirthdayConfig::short_ttl_until`] from it) the
+//! fan-out probes stay short until the spray is over (2,048 probes at 1,000/s: about 2 s, plus
+//! the two sides' start skew), and a full round comes after it. Against any other NAT the
+//! rounds go all the way from the start: a spray probe that arrived before its mapping existed
+//! is then answered by the next round, which matters when the spray starts well before the
+//! fan-out (the hard side heard of the introduction late).
 //!
 //! Roles come from both sides' NAT profiles ([`role`]), which each side measured itself and the
 //! rendezvous handed to the other at the introduction: only pairs that plain punching cannot
