@@ -490,15 +490,14 @@ for delay in ("10", "40"):
     ms = sorted(float(x) for x in r[f"connect_ms_{delay}"].split(",") if x)
     rv, ab = f(f"rtt_rv_{delay}"), f(f"rtt_ab_{delay}")
     floor = rv + 2 * ab
-    med = statistics.median(ms)
+    median_ms = statistics.median(ms)
     p95 = ms[max(0, math.ceil(0.95 * len(ms)) - 1)]  # nearest rank
     up = statistics.median(float(x) for x in r[f"connected_ms_{delay}"].split(",") if x)
-    for name, v in (("median", med), ("p95", p95)):
+    for name, v in (("median", median_ms), ("p95", p95)):
         row(f"connect time / floor, {2 * int(delay)} ms RTT between peers, {name} of {len(ms)}, to {via}",
             f"{v:.0f} ms / {floor:.0f} ms (RTT rv {rv:.1f} + 2 x {ab:.1f}; connection up after {up:.0f} ms, median)",
             f"{v / floor:.2f}", "<= 1.2", v / floor <= 1.2)
 if "iroh_connect_ms_10" in r:
-    # (`med` was rebound above: the median is spelled out here.)
     # The fourth contestant (--iroh): ours / iroh, each ratio from this run.
     for s in ("1", "4"):
         ours, ir = statistics.median(series(f"gp_lab-ours-{s}")), statistics.median(series(f"gp_lab-iroh-{s}"))
@@ -506,7 +505,7 @@ if "iroh_connect_ms_10" in r:
         row(f"direct goodput ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
             f"{mbs(ours)} / {mbs(ir)}", f"{q:.2f}{spread}", ">= 1", q >= 1)
         c, spread = ratio(f"cpu_lab-ours-{s}", f"cpu_lab-iroh-{s}")
-        row(f"CPU per byte (client + server) ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
+        row(f"CPU s for the same bytes (client + server) ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
             f"{statistics.median(series(f'cpu_lab-ours-{s}')):.2f} / {statistics.median(series(f'cpu_lab-iroh-{s}')):.2f} CPU s", f"{c:.2f}{spread}", "<= 1", c <= 1)
     idr, irl = f("iroh_send_direct"), f("iroh_send_relay")
     row(f"iroh {send_mb} MB stream, port-restricted NATs ({r['iroh_send_direct_path']}) / plain quinn on a lab link",

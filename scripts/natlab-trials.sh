@@ -3,7 +3,7 @@
 # binaries: how often the dialer's connection goes direct, and how soon.
 #
 #   natlab-trials.sh --a KIND --b KIND [--trials N] [--impaired] [--timeout S]
-#                    [--peer-args "ARGS"] [--keep-failed DIR]
+#                    [--peer-args "ARGS"] [--keep-failed DIR] [--listener-measured]
 #
 # Each trial brings up a fresh lab (scripts/natlab.sh up; --impaired adds --delay 40 --loss 10
 # on both NAT uplinks), starts the rendezvous on LAB-rv (RFC 5780 discovery on 203.0.113.11 and
@@ -12,7 +12,11 @@
 # (with the time from the dialer's start to the direct path) or `relayed` (punching gave up).
 # --peer-args are given to both peers' commands (e.g. "--opening-ttl off" shows a pair without opening
 # probes). --keep-failed DIR keeps the logs of every trial that did not go direct (DIR/N/:
-# rendezvous, listener a, dialer b). Prints one line per trial and a summary line; the lab is
+# rendezvous, listener a, dialer b). --listener-measured starts the dialer only once the
+# listener has measured its NAT and told the rendezvous (its `NAT measured` line, -v), as a
+# listener that has been up for a while has: the dialer then gets the listener's NAT profile
+# with the introduction. Without it the dialer connects right after the listener registered,
+# before it measured (the pessimistic case). Prints one line per trial and a summary line; the lab is
 # torn down after every trial,
 # also on failure or Ctrl-C. Needs root and the debug binaries (cargo build -p peer -p
 # rendezvous; $CARGO_TARGET_DIR is honoured).
@@ -26,7 +30,7 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/debug
 RV=203.0.113.10:7000
 
-A="" B="" TRIALS=20 IMPAIRED=0 TIMEOUT=10 PEER_ARGS="" KEEP=""
+A="" B="" TRIALS=20 IMPAIRED=0 TIMEOUT=10 PEER_ARGS="" KEEP="" MEASURED=0
 while (($#)); do
 	case $1 in
 	--a) A=${2:?}; shift 2 ;;
@@ -36,6 +40,7 @@ while (($#)); do
 	--timeout) TIMEOUT=${2:?}; shift 2 ;;
 	--peer-args) PEER_ARGS=${2?}; shift 2 ;;
 	--keep-failed) KEEP=${2:?}; shift 2 ;;
+	--listener-measured) MEASURED=1; shift ;;
 	-h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "natlab-trials: unknown option '$1'" >&2; exit 2 ;;
 	esac
@@ -48,6 +53,11 @@ for b in peer rendezvous; do
 	[[ -x $BIN/$b ]] || { echo "natlab-trials: $BIN/$b missing (cargo build -p peer -p rendezvous)" >&2; exit 1; }
 done
 read -r -a EXTRA <<<"$PEER_ARGS"
+LISTENER_ARGS=()
+# (-v for its `NAT measured` line, unless --peer-args has it already)
+if ((MEASURED)) && [[ " ${EXTRA[*]} " != *" -v "* && " ${EXTRA[*]} " != *" --verbose "* ]]; then
+	LISTENER_ARGS=(-v)
+fi
 
 LAB=tr$$
 LAB=${LAB:0:6}
@@ -98,12 +108,16 @@ for ((t = 1; t <= TRIALS; t++)); do
 	# The peers' standard input (chat ends at its end) is a FIFO this script holds open.
 	mkfifo "$dir/in"
 	exec 3<>"$dir/in"
-	ip netns exec "$LAB-a" "$BIN/peer" --config-dir "$dir/a" listen "${EXTRA[@]}" --server $RV \
+	ip netns exec "$LAB-a" "$BIN/peer" --config-dir "$dir/a" listen "${EXTRA[@]}" "${LISTENER_ARGS[@]}" --server $RV \
 		--server-key "$key" <"$dir/in" >"$dir/a.out" 2>"$dir/a.err" &
 	PIDS+=($!)
 	id=$(wait_for "$dir/a.out" '^peer id ' 20 | awk '{print $3}') || true
 	[[ -n $id ]] || { echo "trial $t: the listener did not start: $(tail -3 "$dir/a.err")" >&2; exit 1; }
 	wait_for "$dir/a.out" '^registered with ' 20 >/dev/null || true
+	if ((MEASURED)); then
+		wait_for "$dir/a.err" '^NAT measured: ' 20 >/dev/null ||
+			echo "trial $t: the listener did not say it measured its NAT" >&2
+	fi
 	start=$(now_ms)
 	ip netns exec "$LAB-b" "$BIN/peer" --config-dir "$dir/b" connect "$id" "${EXTRA[@]}" \
 		--server $RV --server-key "$key" <"$dir/in" >"$dir/b.out" 2>"$dir/b.err" &

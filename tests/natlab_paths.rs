@@ -370,7 +370,8 @@ fn netcheck_classifies_every_nat_kind_of_the_lab() {
         ("udpblock", false, "unknown", "unknown", "TCP 443"),
         // A Linux router that an early packet turns symmetric: netcheck's mapping tests come
         // before its filtering tests (whose unsolicited answers are such early packets), so it
-        // measures what peers meet: a port-restricted cone.
+        // measures what peers meet: a port-restricted cone, whose state for a filtered packet
+        // takes the port (`inbound_takes_port`, checked below).
         (
             "early",
             true,
@@ -413,6 +414,15 @@ fn netcheck_classifies_every_nat_kind_of_the_lab() {
         if kind == "open" {
             assert_eq!(report["no_nat"], true);
         }
+        // Whether a filtered packet took the port: tested where one port per socket is kept
+        // and a packet from another port was filtered; only `early` keeps the state that
+        // takes it.
+        let takes_port = match kind {
+            "early" => serde_json::json!(true),
+            "port" | "cgnat" => serde_json::json!(false),
+            _ => serde_json::Value::Null,
+        };
+        assert_eq!(report["inbound_takes_port"], takes_port, "{kind}: {report}");
         drop(check);
         lab.down();
     }

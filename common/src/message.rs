@@ -23,8 +23,11 @@ use crate::PeerId;
 /// added IPv6 address proofs (`server_addrs` in `registered`, the `confirm_address` message),
 /// which a version-4 server would refuse as unknown fields and types. Version 6 added
 /// `mapped_port` to `peer_info` (the port-mapped candidate in `peer lookup`), which a version-5
-/// peer would refuse as an unknown field.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// peer would refuse as an unknown field. Version 7 added `inbound_takes_port` to the NAT
+/// profile (`nat`, and the peer's profile in `punch`): an initiator whose probes could take the port of a responder behind such a NAT holds them until
+/// the responder's first probe (`punch::PunchConfig::initiator_hold`); a version-6 peer would
+/// neither report it nor hold, so it is refused.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -764,6 +767,7 @@ mod tests {
                     no_nat: false,
                     mapping: crate::nat::Behaviour::AddressAndPortDependent,
                     filtering: crate::nat::Behaviour::AddressAndPortDependent,
+                    inbound_takes_port: false,
                 }),
             };
             prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);

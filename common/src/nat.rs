@@ -45,6 +45,13 @@ pub struct NatProfile {
     pub mapping: Behaviour,
     /// Filtering behaviour.
     pub filtering: Behaviour,
+    /// A packet from outside that the NAT did not let in still took its public port for the
+    /// sender: our next packets to that sender leave from another port, as behind a symmetric
+    /// NAT (a Linux router whose WAN input accepts unsolicited packets; `early` in the lab).
+    /// A peer behind a NAT that filters by port must then not let its probes reach ours before
+    /// we have sent to it (see `peer::punching::config_for`). Absent (older peers): false.
+    #[serde(default)]
+    pub inbound_takes_port: bool,
 }
 
 impl NatProfile {
@@ -255,6 +262,7 @@ mod tests {
             no_nat,
             mapping,
             filtering,
+            inbound_takes_port: false,
         }
     }
 
@@ -364,10 +372,16 @@ mod tests {
         let json = serde_json::to_string(&profile("addr")).unwrap();
         assert_eq!(
             json,
-            r#"{"udp":true,"no_nat":false,"mapping":"endpoint_independent","filtering":"address_dependent"}"#
+            r#"{"udp":true,"no_nat":false,"mapping":"endpoint_independent","filtering":"address_dependent","inbound_takes_port":false}"#
         );
         assert_eq!(
             serde_json::from_str::<NatProfile>(&json).unwrap(),
+            profile("addr")
+        );
+        // Without the field (as a version-5 peer wrote it): false.
+        let old = r#"{"udp":true,"no_nat":false,"mapping":"endpoint_independent","filtering":"address_dependent"}"#;
+        assert_eq!(
+            serde_json::from_str::<NatProfile>(old).unwrap(),
             profile("addr")
         );
     }

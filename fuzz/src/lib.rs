@@ -209,6 +209,7 @@ pub fn peer_message(u: &mut Unstructured) -> Result<PeerMessage> {
                     no_nat: u.arbitrary()?,
                     mapping: behaviour(u)?,
                     filtering: behaviour(u)?,
+                    inbound_takes_port: u.arbitrary()?,
                 })
             } else {
                 None

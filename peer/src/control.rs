@@ -397,7 +397,7 @@ async fn ping_for_client(
             match crate::dial::establish(keeper, &mut cache, peer, ctx.dial_timeout, false).await {
                 Ok((conn, via)) => {
                     let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    keeper.start_link(peer, conn.clone(), via.describe);
+                    keeper.start_link(peer, conn.clone(), via.describe, via.path);
                     crate::dial::answer_pings(keeper.clone(), conn.clone());
                     let message = format!("connected to {peer} in {ms:.0} ms: {}", via.text);
                     let _ = out.send(Reply::PingConnected { message }).await;

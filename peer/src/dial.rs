@@ -26,6 +26,8 @@ pub struct Via {
     pub text: String,
     /// How the path was found, for the link's later messages.
     pub describe: &'static str,
+    /// The path `text` names (see [`crate::paths::PathKeeper::start_link`]).
+    pub path: punch::path::Current,
 }
 
 impl Via {
@@ -33,6 +35,7 @@ impl Via {
         Via {
             text: format!("direct to {addr} ({describe})"),
             describe,
+            path: punch::path::Current::Direct(addr),
         }
     }
 
@@ -40,6 +43,7 @@ impl Via {
         Via {
             text: label.to_owned(),
             describe: "public address",
+            path: punch::path::Current::Relay,
         }
     }
 }

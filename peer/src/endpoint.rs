@@ -366,7 +366,7 @@ async fn report_nat(
                     Ok(ControlMessage::Ack {}) => {
                         reported = Some((generation, profile));
                         if std::mem::replace(&mut first, false) {
-                            keeper.nat_measured();
+                            keeper.nat_measured(&profile).await;
                         }
                     }
                     Ok(other) => {
@@ -723,7 +723,8 @@ impl Endpoint {
                 via.text
             ))
             .await;
-        self.keeper.start_link(peer, conn.clone(), via.describe);
+        self.keeper
+            .start_link(peer, conn.clone(), via.describe, via.path);
         Ok(Connection::new(
             &self.keeper,
             peer,
@@ -923,9 +924,13 @@ impl Incoming {
             conn.close(2u32.into(), b"address of another peer");
             return Err(e);
         }
-        let path = match keeper.node.socket.route_of(remote) {
-            transport::PathTarget::Udp(addr) => format!("from {addr}"),
-            transport::PathTarget::Virtual(_) => keeper.relay_label().to_owned(),
+        let (path, announced) = match keeper.node.socket.route_of(remote) {
+            transport::PathTarget::Udp(addr) => {
+                (format!("from {addr}"), punch::path::Current::Direct(addr))
+            }
+            transport::PathTarget::Virtual(_) => {
+                (keeper.relay_label().to_owned(), punch::path::Current::Relay)
+            }
         };
         if !policy.allows(&peer) {
             conn.close(
@@ -941,7 +946,7 @@ impl Incoming {
             return Err(AcceptError::NotAllowed(peer));
         }
         console.say(format!("connected: {peer} {path}")).await;
-        keeper.start_link(peer, conn.clone(), "the peer's address");
+        keeper.start_link(peer, conn.clone(), "the peer's address", announced);
         Ok(Connection::new(
             &keeper,
             peer,

@@ -35,6 +35,10 @@ pub struct Observations {
     pub filter_change_both: Option<bool>,
     /// An answer asked to come from the other port arrived.
     pub filter_change_port: Option<bool>,
+    /// After an answer from the other port was filtered: the fresh socket's public address as
+    /// the primary address saw it, then as that other port saw it when we sent to it. A NAT
+    /// whose state for the filtered answer took our public port gives the second a new port.
+    pub after_filtered: Option<(SocketAddr, SocketAddr)>,
     /// A datagram to our own public address came back to us.
     pub hairpin: Option<bool>,
     /// A TCP connection to the server's port 443 succeeded.
@@ -109,6 +113,11 @@ pub struct Report {
     pub filtering: Behaviour,
     /// The NAT keeps our local port as the public port.
     pub port_preserved: Option<bool>,
+    /// A packet from outside that the NAT did not let in took our public port for its sender:
+    /// our next packets to that sender left from another port (`None`: not tested; only a NAT
+    /// that maps independently of the destination and filters is tested).
+    #[serde(default)]
+    pub inbound_takes_port: Option<bool>,
     /// Packets to our own public address come back (`None`: not tested).
     pub hairpin: Option<bool>,
     /// Each STUN server asked: what it saw and how far it is.
@@ -141,6 +150,7 @@ impl Report {
             no_nat: self.no_nat,
             mapping: self.mapping,
             filtering: self.filtering,
+            inbound_takes_port: self.inbound_takes_port == Some(true),
         }
     }
 }
@@ -204,6 +214,7 @@ pub fn classify(obs: &Observations) -> Report {
             mapping: Behaviour::Unknown,
             filtering: Behaviour::Unknown,
             port_preserved: None,
+            inbound_takes_port: None,
             hairpin: obs.hairpin,
             verdict,
         };
@@ -238,7 +249,24 @@ pub fn classify(obs: &Observations) -> Report {
         _ => Behaviour::Unknown,
     };
     let port_preserved = obs.local.map(|l| l.port() == public.port());
+    // Only meaningful where one public port per socket is the rule and something was filtered.
+    let inbound_takes_port = match (no_nat, mapping, filtering, obs.after_filtered) {
+        (
+            false,
+            Behaviour::EndpointIndependent,
+            Behaviour::AddressDependent | Behaviour::AddressAndPortDependent,
+            Some((before, after)),
+        ) => Some(before != after),
+        _ => None,
+    };
     let mut verdict = verdict(no_nat, mapping, filtering, other.is_some());
+    if inbound_takes_port == Some(true) {
+        verdict.push_str(
+            "; a packet that reaches your NAT before you sent to its sender takes your public \
+             port for that sender (your next packets to it leave from another port): punching \
+             has a peer that filters by port wait for our probes before it sends its own",
+        );
+    }
     if obs.ipv6.public_addr.is_some() {
         verdict.push_str(
             "; over IPv6, which works here, direct paths work with every peer that has IPv6 too, \
@@ -257,6 +285,7 @@ pub fn classify(obs: &Observations) -> Report {
         mapping,
         filtering,
         port_preserved,
+        inbound_takes_port,
         hairpin: obs.hairpin,
         verdict,
     }
@@ -356,6 +385,11 @@ impl Report {
         line("mapping", self.mapping.words());
         line("filtering", self.filtering.words());
         line("port preserved", yes_no(self.port_preserved));
+        line("early packet", match self.inbound_takes_port {
+            Some(true) => "takes the port (an unsolicited packet moves our next flow to its sender to a new port)",
+            Some(false) => "harmless",
+            None => "not tested",
+        });
         line("hairpinning", yes_no(self.hairpin));
         let mapping = match &self.port_mapping {
             None => "not probed".to_owned(),
@@ -780,20 +814,47 @@ pub async fn run_with(
             let (control, control_id) = request_with_change(same);
             let (both, both_id) = request_with_change((true, true));
             let (port, port_id) = request_with_change((false, true));
-            let answers = exchanges(
-                &fresh,
-                vec![
-                    (control, control_id, server, expected),
-                    (both, both_id, server, filtered),
-                    (port, port_id, server, filtered),
-                ],
-            )
-            .await;
+            // Beside them, on a socket of its own (so that it takes no time of its own): does
+            // the state a filtered packet leaves take our port? Only asked of a NAT that kept
+            // one public port per destination above (for the others it changes nothing).
+            let independent = obs.via_alt_ip == Some(mapped);
+            let after_filtered = async {
+                if !independent {
+                    return None;
+                }
+                let probe = UdpSocket::bind(bind).await.ok()?;
+                // The server answers these from its other port: unsolicited, for a NAT that
+                // filters by port. Twice, as one may be lost.
+                for _ in 0..2 {
+                    let (request, _) = request_with_change((false, true));
+                    let _ = probe.send_to(&request, server).await;
+                }
+                let (before, ..) = ask(&probe, server, same, expected).await?;
+                // Those answers left the server before this one, so they have reached our NAT:
+                // now we send to their source ourselves.
+                let changed_port = SocketAddr::new(server.ip(), other.port());
+                let (after, ..) = ask(&probe, changed_port, same, expected).await?;
+                Some((before, after))
+            };
+            let (answers, after_filtered) = tokio::join!(
+                exchanges(
+                    &fresh,
+                    vec![
+                        (control, control_id, server, expected),
+                        (both, both_id, server, filtered),
+                        (port, port_id, server, filtered),
+                    ],
+                ),
+                after_filtered
+            );
             if answers[0].is_some() {
                 let both = answers[1].is_some();
                 obs.filter_change_both = Some(both);
                 if !both {
                     obs.filter_change_port = Some(answers[2].is_some());
+                }
+                if answers[2].is_none() {
+                    obs.after_filtered = after_filtered;
                 }
             }
         }
@@ -959,6 +1020,51 @@ mod tests {
             )),
             ..Observations::default()
         }
+    }
+
+    /// A port-restricted NAT whose state for a filtered packet took our port (the flow to that
+    /// packet's sender then left from another port) says so, in the report, its verdict and the
+    /// profile peers get; one that kept the port says it is harmless; where mapping depends on
+    /// the destination anyway (or nothing was filtered) it is not judged.
+    #[test]
+    fn an_early_packet_that_takes_the_port_is_reported() {
+        let port = Observations {
+            via_alt_ip: Some(a("203.0.113.21:40000")),
+            filter_change_both: Some(false),
+            filter_change_port: Some(false),
+            ..base()
+        };
+        let early = Observations {
+            after_filtered: Some((a("203.0.113.21:41000"), a("203.0.113.21:52113"))),
+            ..port.clone()
+        };
+        let r = classify(&early);
+        assert_eq!(r.inbound_takes_port, Some(true));
+        assert!(r.profile().inbound_takes_port);
+        assert!(
+            r.verdict.contains("takes your public port"),
+            "{}",
+            r.verdict
+        );
+        assert_eq!(r.profile().kind(), "port-restricted cone");
+        let kept = Observations {
+            after_filtered: Some((a("203.0.113.21:41000"), a("203.0.113.21:41000"))),
+            ..port.clone()
+        };
+        let r = classify(&kept);
+        assert_eq!(r.inbound_takes_port, Some(false));
+        assert!(!r.profile().inbound_takes_port);
+        assert!(!r.verdict.contains("takes your public port"));
+        assert_eq!(classify(&port).inbound_takes_port, None);
+        let sym = Observations {
+            via_alt_ip: Some(a("203.0.113.21:40001")),
+            via_alt_both: Some(a("203.0.113.21:40002")),
+            ..early.clone()
+        };
+        assert_eq!(classify(&sym).inbound_takes_port, None);
+        assert!(!classify(&sym).profile().inbound_takes_port);
+        let json = serde_json::to_string(&classify(&early)).unwrap();
+        assert!(json.contains("\"inbound_takes_port\":true"), "{json}");
     }
 
     #[test]

@@ -277,8 +277,8 @@ impl PathKeeper {
                 if me == Some(conn) {
                     executed.mine.push(output);
                 } else if let Some(link) = entry.links.get(&conn) {
-                    // A full queue drops it: a heartbeat is retried, and the link re-reads the
-                    // path from the machine.
+                    // A full queue drops it: a heartbeat is retried, and the link compares its
+                    // path with the machine's each time it wakes (`run_link`).
                     let _ = link.tx.try_send(output);
                 }
             }
@@ -429,13 +429,24 @@ impl PathKeeper {
         // Birthday punching only for a pair plain punching cannot open, known from both
         // profiles (ours measured, theirs handed over by the rendezvous).
         let birthday = match (self.nat_profile(), peer_nat) {
-            (Some(ours), Some(theirs)) => punch::birthday::role(&ours, &theirs),
+            (Some(ours), Some(theirs)) => punch::birthday::role(&ours, &theirs)
+                .map(|role| (role, punching::birthday_config_for(Some(&theirs)))),
             _ => None,
         };
         let witness = PunchWitness {
             keeper: self.clone(),
             peer,
         };
+        let timing = punching::config_for(
+            self.nat_profile().as_ref(),
+            peer_nat.as_ref(),
+            self.opening_ttl,
+        );
+        // The initiator's relayed handshake tells a responder that it is under way; the
+        // responder's relayed answer tells a holding initiator the same (its opening probes are
+        // out by then).
+        let peer_started = (role == Role::Responder || !timing.initiator_hold.is_zero())
+            .then(|| self.relay.next_packet_from(peer));
         punching::run(
             &self.node,
             &self.router,
@@ -447,16 +458,23 @@ impl PathKeeper {
             log,
             Some(witness),
             &self.tasks,
-            punching::config_for(self.nat_profile().as_ref(), self.opening_ttl),
-            // The initiator's relayed handshake tells a responder that it is under way.
-            (role == Role::Responder).then(|| self.relay.next_packet_from(peer)),
+            timing,
+            peer_started,
             first_sent,
         )
         .await
     }
 
     /// Starts the link task of a new connection; its path starts as the socket routes it now.
-    pub fn start_link(&self, peer: PeerId, conn: quinn::Connection, describe: &'static str) {
+    /// `announced` is the path the caller told the user the connection is on: if a punch result
+    /// moved the route since, the link says so at once.
+    pub fn start_link(
+        &self,
+        peer: PeerId,
+        conn: quinn::Connection,
+        describe: &'static str,
+        announced: Current,
+    ) {
         let quinn_addr = transport::canonical(conn.remote_address());
         let id = conn_id(&conn);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
@@ -483,10 +501,12 @@ impl PathKeeper {
                 },
             );
         }
-        let (initial, _) = self.feed(peer, None, |p| {
-            p.connection_up(id, quinn_addr, describe, now)
+        self.feed(peer, None, |p| {
+            p.connection_up(id, quinn_addr, describe, now);
+            p.announced(id, announced);
         });
-        status.send_modify(|s| s.path = initial);
+        // What the user was told; the link says at once if the machine's path differs.
+        status.send_modify(|s| s.path = announced);
         let keeper = self.clone();
         // At shutdown the task is dropped where it waits: the route stays as it is, for the
         // close frames the endpoint sends last.
@@ -514,11 +534,23 @@ impl PathKeeper {
             }
             // A newer connection to the same peer (it restarted, or dialed us as we dialed it)
             // took over the peer's route: only its link manages the route from now on.
-            let (current, wake) = self.peek(peer, |p| {
-                (p.link().is_some_and(|l| l.conn == id), p.poll_timeout())
+            let (link, wake) = self.peek(peer, |p| {
+                (p.link().filter(|l| l.conn == id), p.poll_timeout())
             });
-            if !current {
+            let Some(link) = link else {
                 break;
+            };
+            // The machine's path, if our status lags behind it: a path change whose output was
+            // dropped on a full queue (see `execute`) is said now rather than never. One still
+            // queued is then said here first and skipped when it comes (`link_output`).
+            if status.borrow().path != link.path {
+                let change = PathOutput::PathChanged {
+                    conn: id,
+                    path: link.path,
+                    describe: link.describe,
+                };
+                self.link_output(peer, change, &status, &mut heartbeats)
+                    .await;
             }
             let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
             let mine = tokio::select! {
@@ -597,6 +629,8 @@ impl PathKeeper {
     ) {
         let update = |f: &dyn Fn(&mut LinkStatus)| status.send_modify(|s| f(s));
         match output {
+            // Already said (the link caught up with the machine before this output came).
+            PathOutput::PathChanged { path, .. } if status.borrow().path == path => {}
             PathOutput::PathChanged {
                 path: Current::Relay,
                 ..
@@ -675,7 +709,21 @@ impl PathKeeper {
     /// may need birthday punching, which its first punch could not choose without the
     /// profile. Each punches again at once with a new introduction, which carries both
     /// profiles, instead of waiting for its next retry.
-    pub fn nat_measured(&self) {
+    /// In verbose mode it says so (`NAT measured: ...`), with what `profile` tells peers.
+    pub async fn nat_measured(&self, profile: &common::nat::NatProfile) {
+        if self.verbose {
+            let early = if profile.inbound_takes_port {
+                "; an early packet takes its port for its sender"
+            } else {
+                ""
+            };
+            self.console
+                .error(format!(
+                    "NAT measured: {}{early} (told the rendezvous)",
+                    profile.kind()
+                ))
+                .await;
+        }
         let relayed: Vec<PeerId> = match self.table.lock() {
             Ok(table) => table
                 .peers

@@ -454,6 +454,7 @@ mod tests {
             no_nat: false,
             mapping: EndpointIndependent,
             filtering: AddressAndPortDependent,
+            inbound_takes_port: false,
         };
         let sym = NatProfile {
             mapping: AddressAndPortDependent,

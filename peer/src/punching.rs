@@ -10,7 +10,7 @@
 //! design: every birthday datagram of all sessions goes through one bucket of
 //! [`BIRTHDAY_PER_SECOND`] per second ([`BIRTHDAY_BURST`] at once); one introduction sends at
 //! most [`punch::birthday::DEFAULT_PROBES`] probes (easy side) or
-//! [`punch::birthday::DEFAULT_SOCKETS`] opening probes per round (hard side); and at most
+//! [`punch::birthday::DEFAULT_SOCKETS`] fan-out probes per round (hard side); and at most
 //! [`BIRTHDAY_PER_PEER`] introductions with the same peer per [`BIRTHDAY_PEER_WINDOW`] use it at
 //! all (later ones punch plainly).
 //!
@@ -38,7 +38,7 @@ use crate::node::Node;
 /// Datagrams queued for one punching session.
 const SESSION_QUEUE: usize = 64;
 
-/// Birthday datagrams (probes and opening probes) all sessions together send per second...
+/// Birthday datagrams (probes and fan-out probes) all sessions together send per second...
 pub const BIRTHDAY_PER_SECOND: u32 = 1000;
 /// ...and at once.
 pub const BIRTHDAY_BURST: u32 = 100;
@@ -214,17 +214,36 @@ pub async fn dispatch(
     }
 }
 
-/// The punching timing for a peer whose own NAT is `ours` (as measured), with opening probes
-/// of IP TTL `opening_ttl` (`None`: none, and no hold). The responder's hold
-/// ([`PunchConfig::responder_hold`]) protects an initiator behind a NAT that an early packet
-/// turns symmetric; it is left out when the initiator's probes could not reach us anyway, so
-/// that they cannot end it early (our NAT maps per destination) or when nothing in front of us
-/// translates (no NAT), as waiting would only delay the path.
-pub fn config_for(ours: Option<&NatProfile>, opening_ttl: Option<u8>) -> PunchConfig {
+/// The punching timing for a peer whose own NAT is `ours` (as measured) with a peer whose NAT
+/// is `theirs` (as it reported it), with opening probes of IP TTL `opening_ttl` (`None`: none,
+/// and no hold). The responder's hold ([`PunchConfig::responder_hold`]) protects an initiator
+/// behind a NAT that an early packet turns symmetric; it is left out when the initiator's
+/// probes could not reach us anyway, so that they cannot end it early (our NAT maps per
+/// destination) or when nothing in front of us translates (no NAT), as waiting would only
+/// delay the path. The initiator's hold ([`PunchConfig::initiator_hold`]) protects a
+/// responder behind such a NAT, and is only set when the peer says its NAT is one
+/// (`inbound_takes_port`) and ours may filter by port (measured so, or not measured yet):
+/// against a NAT that lets the peer's new port in, its packets are learned from anyway, and
+/// every other pair goes on without waiting.
+pub fn config_for(
+    ours: Option<&NatProfile>,
+    theirs: Option<&NatProfile>,
+    opening_ttl: Option<u8>,
+) -> PunchConfig {
     let mut config = PunchConfig {
         opening_ttl,
         ..PunchConfig::default()
     };
+    let we_may_filter_by_port = ours.is_none_or(|p| {
+        !(p.no_nat && p.filtering == Behaviour::EndpointIndependent)
+            && matches!(
+                p.filtering,
+                Behaviour::AddressAndPortDependent | Behaviour::Unknown
+            )
+    });
+    if theirs.is_some_and(|t| t.inbound_takes_port) && we_may_filter_by_port {
+        config.initiator_hold = punch::DEFAULT_INITIATOR_HOLD;
+    }
     if let Some(p) = ours {
         let per_destination = matches!(
             p.mapping,
@@ -233,6 +252,21 @@ pub fn config_for(ours: Option<&NatProfile>, opening_ttl: Option<u8>) -> PunchCo
         if p.no_nat || per_destination {
             config.responder_hold = std::time::Duration::ZERO;
         }
+    }
+    config
+}
+
+/// The birthday punch's sizes and pace against a peer whose NAT is `theirs`: the hard side's
+/// fan-out rounds keep the opening TTL while the spray runs
+/// ([`BirthdayConfig::short_ttl_until`]) only against a NAT that says an early packet takes its
+/// port (`inbound_takes_port`), which a fan-out probe arriving before the spray would turn
+/// symmetric for that port. Against any other NAT every round goes all the way from the start,
+/// as before: a round that reaches the peer's NAT after the spray probed its port is found at
+/// once, where a short round would leave it to the first full one.
+pub fn birthday_config_for(theirs: Option<&NatProfile>) -> BirthdayConfig {
+    let mut config = BirthdayConfig::default();
+    if !theirs.is_some_and(|t| t.inbound_takes_port) {
+        config.short_ttl_until = Duration::ZERO;
     }
     config
 }
@@ -248,18 +282,21 @@ pub async fn run(
     introduction: Introduction,
     role: Role,
     candidates: &[Candidate],
-    birthday: Option<BirthdayRole>,
+    birthday: Option<(BirthdayRole, BirthdayConfig)>,
     verbose: Option<Console>,
     witness: Option<crate::paths::PunchWitness>,
     tasks: &crate::tasks::TaskSet,
     timing: PunchConfig,
-    initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
+    peer_started: Option<tokio::sync::oneshot::Receiver<()>>,
     first_sent: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> State {
     let inbox = router.register(introduction.nonce);
     let now = Instant::now();
+    let (birthday, config) = match birthday {
+        Some((role, config)) => (Some(role), config),
+        None => (None, BirthdayConfig::default()),
+    };
     let birthday = birthday.filter(|_| router.birthday && router.may_start_birthday(peer, now));
-    let config = BirthdayConfig::default();
     let mut extras = Vec::new();
     let plan = birthday.and_then(|role| {
         if role == BirthdayRole::Hard {
@@ -333,7 +370,7 @@ pub async fn run(
         verbose,
         witness,
         first: Some(first_tx),
-        initiator_started,
+        peer_started,
         first_sent,
         extras,
         pinned: None,
@@ -357,8 +394,9 @@ struct Session {
     // to the peer's stable address) and of the session's end.
     witness: Option<crate::paths::PunchWitness>,
     first: Option<tokio::sync::oneshot::Sender<State>>,
-    // Fires when the initiator is known to be under way (ends the responder's hold).
-    initiator_started: Option<tokio::sync::oneshot::Receiver<()>>,
+    // Fires when the other side is known to be under way (its first relayed packet: ends our
+    // hold, PunchConfig::responder_hold or initiator_hold).
+    peer_started: Option<tokio::sync::oneshot::Receiver<()>>,
     // Told once the first datagrams (the opening probes) are out.
     first_sent: Option<tokio::sync::oneshot::Sender<()>>,
     // Birthday punching, hard side: our extra sockets (by the puncher's socket number), and
@@ -395,15 +433,22 @@ impl Session {
             return false;
         }
         let sent = match transmit.birthday {
-            Some(BirthdayTransmit::Opening { socket }) => {
-                match self.extras.get(usize::from(socket)) {
-                    Some(id) => {
+            Some(BirthdayTransmit::FanOut { socket }) => {
+                match (self.extras.get(usize::from(socket)), transmit.ttl) {
+                    // A short round: best effort, as an opening probe.
+                    (Some(id), Some(ttl)) => self.node.socket.send_from_with_ttl(
+                        *id,
+                        &transmit.contents,
+                        transmit.destination,
+                        ttl,
+                    ),
+                    (Some(id), None) => {
                         self.node
                             .socket
                             .send_from(*id, &transmit.contents, transmit.destination)
                             .await
                     }
-                    None => return true,
+                    (None, _) => return true,
                 }
             }
             // An opening probe: best effort (it only matters before the peer's probes).
@@ -533,12 +578,12 @@ impl Session {
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 started = async {
-                    match self.initiator_started.as_mut() {
+                    match self.peer_started.as_mut() {
                         Some(rx) => rx.await.is_ok(),
                         None => std::future::pending().await,
                     }
                 } => {
-                    self.initiator_started = None;
+                    self.peer_started = None;
                     if started {
                         self.puncher.release_hold(Instant::now());
                     }
@@ -612,6 +657,81 @@ mod tests {
 
     fn peer(n: u8) -> PeerId {
         PeerId::from_key_digest(&[n; 32])
+    }
+
+    /// Short fan-out rounds only against a NAT that an early packet turns symmetric; full ones
+    /// from the start against every other (as before).
+    #[test]
+    fn fan_out_rounds_are_short_only_against_a_nat_an_early_packet_turns_symmetric() {
+        let port = NatProfile {
+            udp: true,
+            no_nat: false,
+            mapping: Behaviour::EndpointIndependent,
+            filtering: Behaviour::AddressAndPortDependent,
+            inbound_takes_port: false,
+        };
+        let early = NatProfile {
+            inbound_takes_port: true,
+            ..port
+        };
+        assert_eq!(
+            birthday_config_for(Some(&early)).short_ttl_until,
+            punch::birthday::DEFAULT_SHORT_TTL_UNTIL
+        );
+        for theirs in [Some(&port), None] {
+            assert_eq!(birthday_config_for(theirs).short_ttl_until, Duration::ZERO);
+        }
+    }
+
+    /// The initiator holds its probes only against a peer whose NAT says an early packet takes
+    /// its port, and only when our own NAT may filter by port (measured so, or not yet
+    /// measured); every other pair punches as before.
+    #[test]
+    fn the_initiator_holds_only_against_a_nat_an_early_packet_turns_symmetric() {
+        let profile = |mapping, filtering, inbound_takes_port| NatProfile {
+            udp: true,
+            no_nat: false,
+            mapping,
+            filtering,
+            inbound_takes_port,
+        };
+        use Behaviour::*;
+        let port = profile(EndpointIndependent, AddressAndPortDependent, false);
+        let early = profile(EndpointIndependent, AddressAndPortDependent, true);
+        let sym = profile(AddressAndPortDependent, AddressAndPortDependent, false);
+        let addr = profile(EndpointIndependent, AddressDependent, false);
+        let full = profile(EndpointIndependent, EndpointIndependent, false);
+        let open = NatProfile {
+            no_nat: true,
+            ..full
+        };
+        let hold = |ours: Option<&NatProfile>, theirs: Option<&NatProfile>, ttl| {
+            config_for(ours, theirs, ttl).initiator_hold
+        };
+        let held = punch::DEFAULT_INITIATOR_HOLD;
+        for ours in [Some(&port), Some(&early), Some(&sym), None] {
+            assert_eq!(hold(ours, Some(&early), Some(2)), held, "{ours:?}");
+            for theirs in [Some(&port), Some(&sym), Some(&full), None] {
+                assert_eq!(
+                    hold(ours, theirs, Some(2)),
+                    Duration::ZERO,
+                    "{ours:?} {theirs:?}"
+                );
+            }
+        }
+        // Our NAT lets the peer's new port in: its packets are learned from, no hold.
+        for ours in [&addr, &full, &open] {
+            assert_eq!(
+                hold(Some(ours), Some(&early), Some(2)),
+                Duration::ZERO,
+                "{ours:?}"
+            );
+        }
+        // The responder's hold is unchanged by the peer's profile.
+        assert_eq!(
+            config_for(Some(&port), Some(&early), Some(2)).responder_hold,
+            punch::DEFAULT_RESPONDER_HOLD
+        );
     }
 
     /// Whoever gets us introduced, however often: at most BIRTHDAY_PER_PEER birthday punches

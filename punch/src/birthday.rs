@@ -7,7 +7,10 @@
 //!
 //! - the hard side opens [`BirthdayConfig::sockets`] extra sockets (256 by default) and sends an
 //!   authenticated probe from each to the easy side's public address (the one the rendezvous
-//!   observed): its NAT opens as many mappings, each admitting packets from that address only;
+//!   observed), a "fan-out probe": its NAT opens as many mappings, each admitting packets from
+//!   that address only. Against a NAT that an early packet turns symmetric, the first rounds of
+//!   fan-out probes leave with the opening TTL ([`crate::PunchConfig::opening_ttl`]: they open
+//!   our NAT and die before the peer's), see below;
 //! - the easy side sends authenticated probes from its one socket to ports of the hard side's
 //!   public IP (the IP the rendezvous observed), first the [`BirthdayConfig::predicted`] ports
 //!   just above the port the rendezvous observed (a NAT that allocates ports sequentially gives
@@ -23,9 +26,25 @@
 //! chance that no probe lands is the hypergeometric `C(N-n, k) / C(N, k)`
 //! ([`success_probability`]): with 256 mappings, 1,000 probes succeed about 98 % of the time
 //! and 2,048 about 99.97 %. A probe only counts once it reached a mapping opened before it:
-//! the hard side re-sends from every socket on [`BirthdayConfig::open_schedule`] so that a probe
+//! the hard side re-sends from every socket on [`BirthdayConfig::fan_out_schedule`], and the
+//! rounds from [`BirthdayConfig::short_ttl_until`] on go all the way (full TTL), so that a probe
 //! that arrived before its mapping existed (and opened the easy side's filter for that port)
-//! is answered by the next round.
+//! is answered by such a round; it also covers a symmetric NAT further away than the opening
+//! TTL reaches (a carrier's NAT several hops out), whose mappings only the full rounds open.
+//!
+//! Why the first rounds must not reach the easy side: some NATs that measure as port-restricted
+//! (a Linux router whose WAN input accepts unsolicited packets, `early` in the lab) keep state
+//! for a packet that arrives before they have sent to its source, and that state takes their
+//! public port for that remote. A fan-out probe from mapping `X` that reached such a NAT before
+//! the easy side's spray probed `X` would make the spray's probe to `X` leave from another
+//! port, which mapping `X` (open only to the easy side's observed address) drops: the very
+//! ports that could win would be spoiled. So against such a NAT (its profile says
+//! `inbound_takes_port`; the driver sets [`BirthdayConfig::short_ttl_until`] from it) the
+//! fan-out probes stay short until the spray is over (2,048 probes at 1,000/s: about 2 s, plus
+//! the two sides' start skew), and a full round comes after it. Against any other NAT the
+//! rounds go all the way from the start: a spray probe that arrived before its mapping existed
+//! is then answered by the next round, which matters when the spray starts well before the
+//! fan-out (the hard side heard of the introduction late).
 //!
 //! Roles come from both sides' NAT profiles ([`role`]), which each side measured itself and the
 //! rendezvous handed to the other at the introduction: only pairs that plain punching cannot
@@ -33,7 +52,7 @@
 //!
 //! What this may make a peer send, and where, is bounded (`docs/security.md`): probes go only to
 //! the IP the rendezvous observed for the introduced peer, at most [`BirthdayConfig::probes`] per
-//! introduction at [`BirthdayConfig::per_second`]; opening probes go only to the address the
+//! introduction at [`BirthdayConfig::per_second`]; fan-out probes go only to the address the
 //! rendezvous observed for the peer, [`BirthdayConfig::sockets`] per round.
 
 use std::collections::HashSet;
@@ -62,12 +81,18 @@ pub struct BirthdayConfig {
     pub sockets: u16,
     /// Most probes the easy side sends per introduction.
     pub probes: u32,
-    /// Most probes per second the easy side sends (and opening probes the hard side sends).
+    /// Most probes per second the easy side sends (and fan-out probes the hard side sends).
     pub per_second: u32,
     /// Ports just above the observed one probed first (sequential allocation).
     pub predicted: u16,
-    /// When the hard side (re-)sends from every extra socket, counted from the start.
-    pub open_schedule: Vec<Duration>,
+    /// When the hard side (re-)sends a fan-out probe from every extra socket, counted from the
+    /// start.
+    pub fan_out_schedule: Vec<Duration>,
+    /// Fan-out rounds scheduled before this offset leave with the opening TTL
+    /// ([`crate::PunchConfig::opening_ttl`]; none when that is `None`): they open our NAT's
+    /// mappings without reaching the easy side's NAT while its spray runs (see the module
+    /// documentation). Later rounds leave with the socket's TTL.
+    pub short_ttl_until: Duration,
 }
 
 /// Default extra sockets of the hard side.
@@ -78,6 +103,11 @@ pub const DEFAULT_PROBES: u32 = 2048;
 pub const DEFAULT_PER_SECOND: u32 = 1000;
 /// Default ports probed first above the observed one.
 pub const DEFAULT_PREDICTED: u16 = 64;
+/// Default [`BirthdayConfig::short_ttl_until`]: the default spray (2,048 probes at 1,000/s)
+/// takes about 2.05 s from the easy side's start, which may come a few hundred milliseconds
+/// after ours (the rendezvous tells the two sides one after the other, over links that lose
+/// packets): the rounds at 0, 1 and 2 s stay short, those at 3 and 4.5 s go all the way.
+pub const DEFAULT_SHORT_TTL_UNTIL: Duration = Duration::from_millis(2500);
 
 impl Default for BirthdayConfig {
     fn default() -> Self {
@@ -86,10 +116,11 @@ impl Default for BirthdayConfig {
             probes: DEFAULT_PROBES,
             per_second: DEFAULT_PER_SECOND,
             predicted: DEFAULT_PREDICTED,
-            open_schedule: [0, 1000, 2000, 3000, 4500]
+            fan_out_schedule: [0, 1000, 2000, 3000, 4500]
                 .iter()
                 .map(|&ms| Duration::from_millis(ms))
                 .collect(),
+            short_ttl_until: DEFAULT_SHORT_TTL_UNTIL,
         }
     }
 }
@@ -268,12 +299,13 @@ impl Spray {
     }
 }
 
-/// The hard side's opening probes: from every extra socket to one address, in rounds.
+/// The hard side's fan-out probes: from every extra socket to one address, in rounds.
 #[derive(Debug, Clone)]
-pub(crate) struct Opening {
+pub(crate) struct FanOut {
     pub(crate) toward: SocketAddr,
     sockets: u16,
     schedule: Vec<Duration>,
+    short_ttl_until: Duration,
     started: Instant,
     round: usize,
     next_socket: u16,
@@ -282,17 +314,18 @@ pub(crate) struct Opening {
     pub(crate) sent: u32,
 }
 
-impl Opening {
+impl FanOut {
     pub(crate) fn new(
         toward: SocketAddr,
         sockets: u16,
         config: &BirthdayConfig,
         now: Instant,
-    ) -> Opening {
-        Opening {
+    ) -> FanOut {
+        FanOut {
             toward,
             sockets,
-            schedule: config.open_schedule.clone(),
+            schedule: config.fan_out_schedule.clone(),
+            short_ttl_until: config.short_ttl_until,
             started: now,
             round: 0,
             next_socket: 0,
@@ -302,7 +335,7 @@ impl Opening {
         }
     }
 
-    /// When the next opening probe is due, if any.
+    /// When the next fan-out probe is due, if any.
     pub(crate) fn due(&self) -> Option<Instant> {
         if self.sockets == 0 {
             return None;
@@ -311,11 +344,16 @@ impl Opening {
         Some(round_at.max(self.next_at))
     }
 
-    /// The extra socket to send the next opening probe from at `now`, if one is due.
-    pub(crate) fn next(&mut self, now: Instant) -> Option<u16> {
+    /// The extra socket to send the next fan-out probe from at `now`, if one is due, and
+    /// whether it belongs to a short round (see [`BirthdayConfig::short_ttl_until`]).
+    pub(crate) fn next(&mut self, now: Instant) -> Option<(u16, bool)> {
         if self.due().is_none_or(|at| at > now) {
             return None;
         }
+        let short = self
+            .schedule
+            .get(self.round)
+            .is_some_and(|offset| *offset < self.short_ttl_until);
         let socket = self.next_socket;
         self.next_socket += 1;
         if self.next_socket >= self.sockets {
@@ -325,7 +363,7 @@ impl Opening {
         self.sent += 1;
         let earliest = now.checked_sub(self.interval * SPRAY_BURST).unwrap_or(now);
         self.next_at = self.next_at.max(earliest) + self.interval;
-        Some(socket)
+        Some((socket, short))
     }
 }
 
@@ -340,6 +378,7 @@ mod tests {
             no_nat: false,
             mapping,
             filtering,
+            inbound_takes_port: false,
         }
     }
 
@@ -438,29 +477,41 @@ mod tests {
     }
 
     #[test]
-    fn opening_rounds_cover_every_socket_at_the_pace() {
+    fn fan_out_rounds_cover_every_socket_at_the_pace_short_then_full() {
         let t0 = Instant::now();
         let config = BirthdayConfig {
-            open_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
+            fan_out_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
+            short_ttl_until: Duration::from_millis(500),
             per_second: 1000,
             ..BirthdayConfig::default()
         };
         let toward: SocketAddr = "203.0.113.8:4000".parse().unwrap();
-        let mut opening = Opening::new(toward, 20, &config, t0);
+        let mut fan_out = FanOut::new(toward, 20, &config, t0);
         let mut sent = Vec::new();
         let mut now = t0;
         while now < t0 + Duration::from_secs(3) {
-            while let Some(s) = opening.next(now) {
-                sent.push((now.duration_since(t0), s));
+            while let Some((s, short)) = fan_out.next(now) {
+                sent.push((now.duration_since(t0), s, short));
             }
             now += Duration::from_millis(1);
         }
         assert_eq!(sent.len(), 40);
-        let first: Vec<u16> = sent[..20].iter().map(|(_, s)| *s).collect();
+        let first: Vec<u16> = sent[..20].iter().map(|(_, s, _)| *s).collect();
         assert_eq!(first, (0..20).collect::<Vec<_>>());
+        // The first round (scheduled at 0, before 500 ms) is short, even its packets that leave
+        // late; the second (at 1 s) goes all the way.
+        assert!(sent[..20].iter().all(|(_, _, short)| *short));
         assert!(sent[20..]
             .iter()
-            .all(|(at, _)| *at >= Duration::from_secs(1)));
-        assert_eq!(opening.due(), None);
+            .all(|(at, _, short)| *at >= Duration::from_secs(1) && !*short));
+        assert_eq!(fan_out.due(), None);
+        // The default: the rounds the spray may still overlap are short, a full one follows.
+        let default = BirthdayConfig::default();
+        let spray = Duration::from_secs(1) * default.probes / default.per_second;
+        assert!(default.short_ttl_until > spray);
+        assert!(default
+            .fan_out_schedule
+            .iter()
+            .any(|at| *at >= default.short_ttl_until));
     }
 }

@@ -38,7 +38,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use birthday::{BirthdayConfig, BirthdayPlan, Opening, Spray};
+use birthday::{BirthdayConfig, BirthdayPlan, FanOut, Spray};
 use common::message::{Candidate, CandidateKind};
 use common::stun::{self, ProbeTag, PunchKey, StunPacket};
 use common::PeerId;
@@ -89,6 +89,18 @@ pub struct PunchConfig {
     /// proven one is a candidate): the IPv6 path needs no extra sockets or probes, so the
     /// birthday punch starts only if no direct path was proven by then, and never if one was.
     pub ipv6_before_birthday: Duration,
+    /// The initiator's hold, the mirror image of [`PunchConfig::responder_hold`]: when the
+    /// responder's NAT lets an early packet take its port (its profile says so:
+    /// `NatProfile::inbound_takes_port`) and ours filters by port, a probe of ours that
+    /// reached the responder's NAT before the responder's opening probe (the responder heard
+    /// of the introduction late: its copy was lost once, or its machine is busy) would move the
+    /// responder's packets to us to a new port, which our NAT drops, and the pair would stay
+    /// relayed. So the initiator sends its opening probes at once but holds its other probes
+    /// until the responder's first authenticated probe arrives (the responder's opening probe
+    /// has left by then), at most this long. The responder's own hold ends at our first relayed
+    /// packet, so the two do not wait for each other. Zero (the default): no hold; the driver
+    /// sets it per peer (`peer::punching::config_for`).
+    pub initiator_hold: Duration,
 }
 
 /// Default [`PunchConfig::ipv6_before_birthday`]: a dual-stack pair goes direct over IPv6 in
@@ -102,6 +114,11 @@ pub const DEFAULT_IPV6_BEFORE_BIRTHDAY: Duration = Duration::from_secs(1);
 /// opened (its first packet toward the peer still comes from us before the peer's, in the
 /// common case), and a peer two hops away hears the probe, which is only a probe.
 pub const DEFAULT_OPENING_TTL: u8 = 2;
+
+/// Default [`PunchConfig::initiator_hold`] where the driver sets one: as long as the
+/// responder's, which covers a responder that hears of the introduction one retransmission
+/// late.
+pub const DEFAULT_INITIATOR_HOLD: Duration = DEFAULT_RESPONDER_HOLD;
 
 /// Default [`PunchConfig::responder_hold`]: longer than the gap between the two sides hearing
 /// of the introduction even when the initiator's copy was lost once and sent again (a QUIC
@@ -127,6 +144,7 @@ impl Default for PunchConfig {
             opening_ttl: Some(DEFAULT_OPENING_TTL),
             responder_hold: DEFAULT_RESPONDER_HOLD,
             ipv6_before_birthday: DEFAULT_IPV6_BEFORE_BIRTHDAY,
+            initiator_hold: Duration::ZERO,
         }
     }
 }
@@ -286,9 +304,11 @@ pub struct Transmit {
     /// What.
     pub contents: Vec<u8>,
     /// The IP TTL (hop limit) to send with, if not the socket's default: an opening probe
-    /// ([`PunchConfig::opening_ttl`]). A driver that cannot set it drops the datagram.
+    /// ([`PunchConfig::opening_ttl`]), or a fan-out probe of a short round
+    /// ([`birthday::BirthdayConfig::short_ttl_until`]). A driver that cannot set it drops the
+    /// datagram.
     pub ttl: Option<u8>,
-    /// A birthday-punching datagram (paced and budgeted apart from ordinary probes; an opening
+    /// A birthday-punching datagram (paced and budgeted apart from ordinary probes; a fan-out
     /// probe leaves from an extra socket), or `None` for one from the primary socket.
     pub birthday: Option<BirthdayTransmit>,
 }
@@ -296,9 +316,9 @@ pub struct Transmit {
 /// What kind of birthday-punching datagram a [`Transmit`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BirthdayTransmit {
-    /// The hard side's opening probe, from extra socket number `socket` (0-based, below the
-    /// plan's `sockets`).
-    Opening {
+    /// The hard side's fan-out probe, from extra socket number `socket` (0-based, below the
+    /// plan's `sockets`): it opens a mapping of our NAT toward the peer's observed address.
+    FanOut {
         /// Which extra socket sends it.
         socket: u16,
     },
@@ -313,8 +333,8 @@ enum Probed {
     Target(usize),
     /// A port of the peer's NAT (birthday spray).
     Spray(SocketAddr),
-    /// The peer's address, from an extra socket (birthday opening).
-    Opening,
+    /// The peer's address, from an extra socket (birthday fan-out).
+    FanOut,
 }
 
 /// Events for logs and `--verbose`.
@@ -388,10 +408,10 @@ pub struct Puncher {
     triggered: VecDeque<usize>,
     replies: VecDeque<Transmit>,
     pending: HashMap<[u8; 12], (Probed, Instant)>,
-    // Birthday punching (see [`birthday`]): the easy side's spray, the hard side's opening
+    // Birthday punching (see [`birthday`]): the easy side's spray, the hard side's fan-out
     // probes, and the extra socket the peer was first heard on with the address it came from.
     spray: Option<Spray>,
-    opening: Option<Opening>,
+    fan_out: Option<FanOut>,
     birthday_winner: Option<(u16, SocketAddr)>,
     // A birthday plan waiting for IPv6 (PunchConfig::ipv6_before_birthday): started at the
     // instant given unless a direct path was proven by then.
@@ -410,7 +430,7 @@ pub struct Puncher {
     // An IPv4 path proven while the peer's IPv6 probes already reach us: held until the IPv6
     // answer (preferred) or the instant given, whichever comes first (see `IPV6_PREFERENCE_*`).
     held: Option<(Path, Instant)>,
-    // While set, scheduled probes wait (the responder's hold, PunchConfig::responder_hold).
+    // While set, scheduled probes wait (PunchConfig::responder_hold, initiator_hold).
     hold_until: Option<Instant>,
     // When scheduled probes may start: the schedule of a target counts from the later of this
     // and the moment the target became known.
@@ -450,10 +470,12 @@ impl Puncher {
         now: Instant,
         config: PunchConfig,
     ) -> Self {
-        let hold = role == Role::Responder
-            && config.opening_ttl.is_some()
-            && !config.responder_hold.is_zero();
-        let hold_until = hold.then(|| now + config.responder_hold);
+        // Either side's hold only makes sense behind its opening probes.
+        let hold = match role {
+            Role::Responder => config.responder_hold,
+            Role::Initiator => config.initiator_hold,
+        };
+        let hold_until = (config.opening_ttl.is_some() && !hold.is_zero()).then(|| now + hold);
         let mut puncher = Puncher {
             tag: ProbeTag {
                 nonce: introduction.nonce,
@@ -470,7 +492,7 @@ impl Puncher {
             replies: VecDeque::new(),
             pending: HashMap::new(),
             spray: None,
-            opening: None,
+            fan_out: None,
             birthday_winner: None,
             birthday_after_ipv6: None,
             counter: 0,
@@ -501,7 +523,7 @@ impl Puncher {
     }
 
     /// Adds birthday punching to the session (see [`birthday`]), started at `now`: the easy
-    /// side's spray of probes (ports drawn with `seed`), or the hard side's opening probes from
+    /// side's spray of probes (ports drawn with `seed`), or the hard side's fan-out probes from
     /// extra sockets. Both stop at the first answer, as every probe does. When IPv6 is
     /// available to the pair ([`Puncher::ipv6_available`]) it starts only
     /// [`PunchConfig::ipv6_before_birthday`] later, and only if no path was proven by then.
@@ -550,7 +572,7 @@ impl Puncher {
                 self.spray = Some(Spray::new(ip, observed_port, config, seed, now));
             }
             BirthdayPlan::Hard { toward, sockets } => {
-                self.opening = Some(Opening::new(toward, sockets, config, now));
+                self.fan_out = Some(FanOut::new(toward, sockets, config, now));
             }
         }
     }
@@ -562,9 +584,9 @@ impl Puncher {
         self.birthday_winner
     }
 
-    /// Birthday datagrams sent so far (spray probes and opening probes).
+    /// Birthday datagrams sent so far (spray probes and fan-out probes).
     pub fn birthday_sent(&self) -> u32 {
-        self.spray.as_ref().map_or(0, |s| s.sent()) + self.opening.as_ref().map_or(0, |o| o.sent)
+        self.spray.as_ref().map_or(0, |s| s.sent()) + self.fan_out.as_ref().map_or(0, |o| o.sent)
     }
 
     /// The introduction's nonce (datagrams are routed to sessions by it).
@@ -721,7 +743,8 @@ impl Puncher {
                     return true;
                 }
                 self.probes_received = self.probes_received.saturating_add(1);
-                // The initiator probes: its NAT is open toward us, our probes may follow.
+                // The other side probes: its NAT is open toward us (and it has sent its opening
+                // probes), our probes may follow.
                 self.release_hold(now);
                 if !self.peer_sources.contains(&from) && self.peer_sources.len() < MAX_TARGETS {
                     self.peer_sources.push(from);
@@ -782,7 +805,7 @@ impl Puncher {
                     // the peer's address reached from an extra socket) becomes a target of its
                     // own kind, proven at once (it may exceed MAX_TARGETS by this one).
                     Probed::Spray(addr) => self.birthday_target(addr, now),
-                    Probed::Opening => match self.opening.as_ref().map(|o| o.toward) {
+                    Probed::FanOut => match self.fan_out.as_ref().map(|o| o.toward) {
                         Some(addr) => self.birthday_target(addr, now),
                         None => return true,
                     },
@@ -859,7 +882,7 @@ impl Puncher {
             if let Some(i) = self.triggered.pop_front() {
                 return Some(self.probe(i, now, false));
             }
-            // The responder's hold delays its scheduled probes only (not birthday datagrams).
+            // A hold delays scheduled probes only (not birthday datagrams).
             if !self.held(now) {
                 let due = self.targets.iter().position(|t| {
                     !t.validated
@@ -877,17 +900,17 @@ impl Puncher {
         self.birthday_transmit(now)
     }
 
-    /// Ends the responder's hold ([`PunchConfig::responder_hold`]) now: the driver learned
-    /// some other way that the initiator is under way (its connection's first packet came over
-    /// the relay). Does nothing when there is no hold.
+    /// Ends our hold ([`PunchConfig::responder_hold`], [`PunchConfig::initiator_hold`]) now:
+    /// the driver learned some other way that the other side is under way (the initiator's
+    /// connection's first packet came over the relay). Does nothing when there is no hold.
     pub fn release_hold(&mut self, now: Instant) {
         if self.hold_until.take().is_some() {
             self.probes_from = now;
         }
     }
 
-    /// The responder's scheduled probes still wait for the initiator (see
-    /// [`PunchConfig::responder_hold`]).
+    /// Our scheduled probes still wait for the other side (see [`PunchConfig::responder_hold`]
+    /// and [`PunchConfig::initiator_hold`]).
     fn held(&self, now: Instant) -> bool {
         self.hold_until.is_some_and(|until| now < until)
     }
@@ -919,16 +942,17 @@ impl Puncher {
                 ttl: None,
             });
         }
-        let (socket, toward) = {
-            let opening = self.opening.as_mut()?;
-            (opening.next(now)?, opening.toward)
+        let ((socket, short), toward) = {
+            let fan_out = self.fan_out.as_mut()?;
+            (fan_out.next(now)?, fan_out.toward)
         };
-        let contents = self.tagged_probe(Probed::Opening, now);
+        let contents = self.tagged_probe(Probed::FanOut, now);
         Some(Transmit {
             destination: toward,
             contents,
-            birthday: Some(BirthdayTransmit::Opening { socket }),
-            ttl: None,
+            birthday: Some(BirthdayTransmit::FanOut { socket }),
+            // A short round opens our NAT without reaching the peer's (see birthday::FanOut).
+            ttl: self.config.opening_ttl.filter(|_| short),
         })
     }
 
@@ -988,7 +1012,7 @@ impl Puncher {
         };
         let birthday = [
             self.spray.as_ref().and_then(|s| s.due()),
-            self.opening.as_ref().and_then(|o| o.due()),
+            self.fan_out.as_ref().and_then(|o| o.due()),
             self.birthday_waits_until(),
         ];
         let next_probe = self

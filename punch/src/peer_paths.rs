@@ -655,6 +655,29 @@ impl PeerPaths {
         initial
     }
 
+    /// The driver told the user that connection `conn` is on `path` (its `connected` line,
+    /// read from the socket's route after the handshake). A punch result that came between
+    /// that read and [`PeerPaths::connection_up`] moved the route already, so the connection
+    /// started on the new path with no change to report, and the user would never hear of it:
+    /// then the path it is on is reported now ([`PathOutput::PathChanged`]).
+    pub fn announced(&mut self, conn: ConnId, path: Current) {
+        let Some(link) = self
+            .link
+            .as_ref()
+            .filter(|l| l.conn == conn && l.closed_at.is_none())
+        else {
+            return;
+        };
+        let current = link.selector.current();
+        if current != path {
+            self.outputs.push_back(PathOutput::PathChanged {
+                conn,
+                path: current,
+                describe: link.describe,
+            });
+        }
+    }
+
     /// Connection `conn` closed: it stops managing the path. If we closed it, its routes go
     /// after [`CLOSE_LINGER`] unless a new introduction, punch result or connection comes
     /// first; if the peer closed it (or it timed out or was reset), they go at once.
@@ -957,6 +980,52 @@ mod tests {
         socket.run(&mut paths);
         assert!(socket.claims.contains(&stable()));
         assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(peer)));
+    }
+
+    /// Regression (found in the lab: a dialer said `connected ... relayed` and then never
+    /// `path to ...: direct`, although its punch had been answered): the driver reads the route
+    /// for its `connected` line when the handshake ends, and hands the connection to the machine
+    /// a moment later. A punch result in between moves the route and waits for the connection,
+    /// which then starts on the direct path: nothing changes, so nothing was reported. The
+    /// announced path says what the user was told; a different one is reported at once.
+    #[test]
+    fn a_punch_result_between_the_connected_line_and_the_link_is_still_reported() {
+        let t0 = Instant::now();
+        let mut socket = Socket::default();
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        let peer = addr("203.0.113.5:4000");
+        paths.introduction(7, &[peer], t0);
+        socket.run(&mut paths);
+        // The handshake ended over the relay: the driver says "relayed" ...
+        let told = match socket.routes.get(&stable()) {
+            Some(RouteTarget::Relay) => Current::Relay,
+            other => panic!("{other:?}"),
+        };
+        // ... the punch result comes ...
+        paths.probe_authenticated(7, peer);
+        paths.punch_result(7, direct(peer), t(t0, 30));
+        socket.run(&mut paths);
+        // ... and then the connection reaches the machine.
+        let initial = paths.connection_up(1, stable(), "public address", t(t0, 31));
+        assert_eq!(initial, Current::Direct(peer));
+        let quiet: Vec<PathOutput> = drain(&mut paths)
+            .into_iter()
+            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
+            .collect();
+        assert!(quiet.is_empty(), "{quiet:?}");
+        paths.announced(1, told);
+        assert_eq!(
+            drain(&mut paths),
+            vec![PathOutput::PathChanged {
+                conn: 1,
+                path: Current::Direct(peer),
+                describe: "public address",
+            }]
+        );
+        // Told the path it is on (or about another connection): nothing to say.
+        paths.announced(1, Current::Direct(peer));
+        paths.announced(2, Current::Relay);
+        assert!(drain(&mut paths).is_empty());
     }
 
     /// Regression (commit 912ed4a, found in the lab): the peer reconnects right after its

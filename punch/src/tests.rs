@@ -552,6 +552,89 @@ fn the_responders_hold_ends_by_itself() {
     );
 }
 
+/// The initiator's hold (set by the driver against a responder whose NAT lets an early packet
+/// take its port): the opening probe goes at once, the other probes wait for the responder's
+/// first probe (answered, checked, and the schedule starts from there), or for the driver's
+/// word that the responder is under way (its relayed answer), or at most the hold. Zero, the
+/// default, holds nothing: the initiator probes at once.
+#[test]
+fn the_initiator_holds_its_probes_only_when_told_to_and_until_the_responder_probes() {
+    let t0 = Instant::now();
+    let b_addr = addr("203.0.113.32:2000");
+    let held = PunchConfig {
+        initiator_hold: crate::DEFAULT_INITIATOR_HOLD,
+        ..PunchConfig::default()
+    };
+    let initiator = |config: PunchConfig| {
+        Puncher::new(
+            id(1),
+            id(2),
+            intro(9),
+            Role::Initiator,
+            &[observed("203.0.113.32:2000")],
+            t0,
+            config,
+        )
+    };
+    // Default: no hold.
+    let mut a = initiator(PunchConfig::default());
+    assert_eq!(
+        drain(&mut a, t0),
+        vec![
+            (b_addr, Some(DEFAULT_OPENING_TTL), false),
+            (b_addr, None, false)
+        ]
+    );
+    // Held: the opening probe only, until the responder's probe.
+    let mut a = initiator(held.clone());
+    assert_eq!(
+        drain(&mut a, t0),
+        vec![(b_addr, Some(DEFAULT_OPENING_TTL), false)]
+    );
+    assert_eq!(a.poll_timeout(), Some(t0 + crate::DEFAULT_INITIATOR_HOLD));
+    let t1 = t0 + Duration::from_millis(40);
+    assert!(drain(&mut a, t1).is_empty(), "held");
+    let probe = stun::probe_request(
+        &ProbeTag {
+            nonce: 9,
+            sender: id(2),
+        },
+        1,
+        &key(9),
+    );
+    assert!(a.handle_datagram(b_addr, &probe, t1));
+    assert_eq!(
+        drain(&mut a, t1),
+        vec![
+            (b_addr, None, true),
+            (b_addr, None, false),
+            (b_addr, None, false)
+        ]
+    );
+    assert_eq!(
+        a.poll_timeout(),
+        Some(t1 + PunchConfig::default().schedule[1])
+    );
+    // Held, and the driver says the responder is under way: probes start there.
+    let mut a = initiator(held.clone());
+    drain(&mut a, t0);
+    a.release_hold(t1);
+    assert_eq!(drain(&mut a, t1), vec![(b_addr, None, false)]);
+    // Held, and nothing comes: the probes start when the hold ends.
+    let mut a = initiator(held.clone());
+    drain(&mut a, t0);
+    let end = t0 + crate::DEFAULT_INITIATOR_HOLD;
+    assert!(drain(&mut a, end - Duration::from_millis(1)).is_empty());
+    a.handle_timeout(end);
+    assert_eq!(drain(&mut a, end), vec![(b_addr, None, false)]);
+    // No opening probes, no hold (the hold only makes sense behind them).
+    let mut a = initiator(PunchConfig {
+        opening_ttl: None,
+        ..held
+    });
+    assert_eq!(drain(&mut a, t0), vec![(b_addr, None, false)]);
+}
+
 /// `opening_ttl: None` is punching as before: no opening probe, no hold, probes at once.
 #[test]
 fn without_opening_probes_the_responder_probes_at_once() {
@@ -731,16 +814,16 @@ fn birthday_probes_are_bounded_aimed_and_stop_at_the_first_answer() {
     assert!(easy.birthday_sent() <= 22);
 }
 
-/// The hard side's opening probes: one per extra socket per round, only to the peer's observed
+/// The hard side's fan-out probes: one per extra socket per round, only to the peer's observed
 /// address; the first authenticated probe heard on an extra socket names the winner, which
 /// answers it; a forged one on another socket names nothing.
 #[test]
-fn birthday_opening_probes_go_to_the_peer_only_and_the_first_heard_socket_wins() {
+fn birthday_fan_out_probes_go_to_the_peer_only_and_the_first_heard_socket_wins() {
     use crate::birthday::{BirthdayConfig, BirthdayPlan};
     let t0 = Instant::now();
     let easy_addr = addr("203.0.113.22:5000");
     let config = BirthdayConfig {
-        open_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
+        fan_out_schedule: vec![Duration::ZERO, Duration::from_secs(1)],
         ..BirthdayConfig::default()
     };
     let mut hard = Puncher::new(
@@ -766,7 +849,9 @@ fn birthday_opening_probes_go_to_the_peer_only_and_the_first_heard_socket_wins()
     while now < t0 + Duration::from_millis(1500) {
         while let Some(t) = hard.poll_transmit(now) {
             assert_eq!(t.destination, easy_addr);
-            if let Some(BirthdayTransmit::Opening { socket }) = t.birthday {
+            if let Some(BirthdayTransmit::FanOut { socket }) = t.birthday {
+                // Both rounds (at 0 and 1 s) come before the default short_ttl_until.
+                assert_eq!(t.ttl, Some(crate::DEFAULT_OPENING_TTL));
                 sockets.push(socket);
             }
         }
@@ -802,6 +887,71 @@ fn birthday_opening_probes_go_to_the_peer_only_and_the_first_heard_socket_wins()
     assert!(answers
         .iter()
         .all(|t| t.destination == easy_addr && t.birthday.is_none()));
+}
+
+/// The fan-out rounds the easy side's spray may overlap leave with the opening TTL (they open
+/// our NAT's mappings without reaching a peer's NAT that an early packet would turn
+/// symmetric); the rounds from `short_ttl_until` on go all the way, so that a probe that came
+/// before its mapping existed is still answered. Without opening probes (`opening_ttl: None`)
+/// every round goes all the way, as before.
+#[test]
+fn birthday_fan_out_rounds_are_short_while_the_spray_runs_then_full() {
+    use crate::birthday::{BirthdayConfig, BirthdayPlan};
+    let t0 = Instant::now();
+    let easy_addr = addr("203.0.113.22:5000");
+    let config = BirthdayConfig {
+        fan_out_schedule: [0, 1000, 2000, 3000]
+            .iter()
+            .map(|&ms| Duration::from_millis(ms))
+            .collect(),
+        short_ttl_until: Duration::from_millis(2500),
+        ..BirthdayConfig::default()
+    };
+    let rounds = |opening_ttl: Option<u8>| {
+        let mut hard = Puncher::new(
+            id(1),
+            id(2),
+            intro(5),
+            Role::Initiator,
+            &[observed("203.0.113.22:5000")],
+            t0,
+            PunchConfig {
+                opening_ttl,
+                ..PunchConfig::default()
+            },
+        )
+        .with_birthday(
+            BirthdayPlan::Hard {
+                toward: easy_addr,
+                sockets: 4,
+            },
+            &config,
+            1,
+            t0,
+        );
+        let mut sent = Vec::new();
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(4) {
+            hard.handle_timeout(now);
+            while let Some(t) = hard.poll_transmit(now) {
+                if t.birthday.is_some() {
+                    sent.push((now.duration_since(t0), t.ttl));
+                }
+            }
+            now += Duration::from_millis(5);
+        }
+        sent
+    };
+    let sent = rounds(Some(2));
+    assert_eq!(sent.len(), 16, "{sent:?}");
+    for (at, ttl) in &sent {
+        let expected = (*at < Duration::from_millis(2500)).then_some(2);
+        assert_eq!(*ttl, expected, "a fan-out probe at {at:?}");
+    }
+    assert_eq!(sent.iter().filter(|(_, ttl)| ttl.is_none()).count(), 4);
+    let sent = rounds(None);
+    assert_eq!(sent.len(), 16);
+    assert!(sent.iter().all(|(_, ttl)| ttl.is_none()), "{sent:?}");
 }
 
 /// Everything `p` sends now.

@@ -1651,6 +1651,7 @@ mod tests {
             no_nat: false,
             mapping: common::nat::Behaviour::AddressAndPortDependent,
             filtering: common::nat::Behaviour::AddressAndPortDependent,
+            inbound_takes_port: false,
         };
         let ack = reg.handle(2, id(2), addr(5000), ControlMessage::Nat { nat: sym }, T0);
         assert_eq!(ack.reply, Some(ControlMessage::Ack {}));
@@ -2361,9 +2362,10 @@ mod tests {
         // Version 2 keyed probes by the public nonce; version 3 would not announce its port
         // mapping nor report its NAT profile for birthday punching; version 4 would not prove
         // its IPv6 address, and a version-4 server would refuse `confirm_address`; a version-5
-        // peer would refuse `mapped_port` in `peer_info`.
-        assert_eq!(PROTOCOL_VERSION, 6);
-        for version in [2, 3, 4, 5] {
+        // peer would refuse `mapped_port` in `peer_info`; version 6 would not say that an early
+        // packet takes its NAT's port, nor hold its probes for a peer behind such a NAT.
+        assert_eq!(PROTOCOL_VERSION, 7);
+        for version in [2, 3, 4, 5, 6] {
             let mut reg = Registry::new([], [1; 32]);
             let out = reg.handle(
                 1,
@@ -2384,7 +2386,7 @@ mod tests {
                 panic!("{:?}", out.reply)
             };
             assert!(
-                message.contains("version 6")
+                message.contains("version 7")
                     && message.contains(&format!("version {version}"))
                     && message.contains("upgrade"),
                 "{message}"

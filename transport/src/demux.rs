@@ -37,6 +37,8 @@ pub const MAX_EXTRA_SOCKETS: usize = 320;
 struct Extra {
     id: ExtraId,
     socket: Arc<dyn AsyncUdpSocket>,
+    // The same socket for sendmsg with a per-datagram TTL (a short fan-out round).
+    os: std::net::UdpSocket,
 }
 
 /// Counters of the demultiplexer.
@@ -514,11 +516,14 @@ impl DemuxSocket {
                 Ok(socket) => socket,
                 Err(_) => break,
             };
+            let Ok(os) = socket.try_clone() else {
+                break;
+            };
             let Ok(socket) = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket) else {
                 break;
             };
             let id = self.next_extra.fetch_add(1, Ordering::Relaxed);
-            extras.push(Extra { id, socket });
+            extras.push(Extra { id, socket, os });
             opened.push(id);
         }
         self.has_extras.store(!extras.is_empty(), Ordering::Release);
@@ -617,7 +622,30 @@ impl DemuxSocket {
             .map(|e| e.socket.clone())
     }
 
-    /// Sends one datagram from extra socket `id` (an opening probe of birthday punching).
+    /// Sends one datagram from extra socket `id` with IP TTL `ttl` for that datagram only (a
+    /// fan-out probe of a short round, which opens our NAT and dies before the peer's). Best
+    /// effort, never waits, as [`DemuxSocket::send_with_ttl`]; an IPv4 `destination` is
+    /// written v4-mapped on a dual-stack socket.
+    pub fn send_from_with_ttl(
+        &self,
+        id: ExtraId,
+        data: &[u8],
+        destination: SocketAddr,
+        ttl: u8,
+    ) -> io::Result<()> {
+        let destination = self.native(destination)?;
+        let extras = self
+            .extras
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let extra = extras
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the extra socket is closed"))?;
+        send_with_ttl(&extra.os, data, destination, ttl)
+    }
+
+    /// Sends one datagram from extra socket `id` (a fan-out probe of birthday punching).
     pub async fn send_from(
         &self,
         id: ExtraId,
@@ -1238,6 +1266,61 @@ mod tests {
         assert_eq!(recv_with_ttl(&receiver), (b"opening".to_vec(), Some(2)));
     }
 
+    /// A short fan-out round's probe leaves its extra socket with the TTL asked for; the extra
+    /// socket's ordinary sends keep the default.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn send_from_with_ttl_sets_the_ttl_of_that_datagram_from_the_extra_socket() {
+        use std::os::fd::AsRawFd;
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: a valid fd and a c_int option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                receiver.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTTL,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let to = receiver.local_addr().unwrap();
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default_ttl = std_socket.ttl().unwrap() as i32;
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        let ids = socket.open_extras(2);
+        assert_eq!(ids.len(), 2);
+        socket.send_from_with_ttl(ids[1], b"short", to, 2).unwrap();
+        socket.send_from(ids[1], b"full", to).await.unwrap();
+        let got: Vec<_> = (0..2).map(|_| recv_with_ttl(&receiver)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (b"short".to_vec(), Some(2)),
+                (b"full".to_vec(), Some(default_ttl)),
+            ]
+        );
+        // From the extra socket, not the primary.
+        let probe_from = {
+            socket.send_from_with_ttl(ids[0], b"which", to, 3).unwrap();
+            let mut buf = [0u8; 16];
+            receiver.recv_from(&mut buf).unwrap().1
+        };
+        assert_eq!(
+            Some(probe_from),
+            socket
+                .extra_local_addr(ids[0])
+                .map(|a| { SocketAddr::new(to.ip(), a.port()) })
+        );
+        socket.release_extras(&ids, None);
+        let closed = socket.send_from_with_ttl(ids[0], b"gone", to, 2);
+        assert_eq!(closed.map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+    }
+
     /// A path of the other family than the one a connection came in on leaves without the
     /// source address quinn pinned (sendmsg would refuse an IPv6 source for an IPv4
     /// destination, and the reverse).
@@ -1367,7 +1450,7 @@ mod tests {
         assert_ne!(winner_addr.port(), primary.port());
         let mut buf = [0u8; 256];
 
-        // An opening probe from one extra socket.
+        // A fan-out probe from one extra socket.
         socket.send_from(ids[0], b"open", other_addr).await.unwrap();
         let (n, from) = other.recv_from(&mut buf).await.unwrap();
         assert_eq!(

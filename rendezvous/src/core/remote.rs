@@ -274,6 +274,8 @@ mod tests {
             no_nat: false,
             mapping: common::nat::Behaviour::AddressAndPortDependent,
             filtering: common::nat::Behaviour::AddressAndPortDependent,
+            // Crosses nodes like the rest of the profile (the requester's initiator hold).
+            inbound_takes_port: true,
         };
         let nat = y.handle(
             20,
