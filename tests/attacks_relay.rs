@@ -395,3 +395,165 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
         drop(sinks);
     });
 }
+
+/// Relay datagrams (protocol 6), attacked: malformed ones, ones to unknown and to foreign
+/// (never introduced) peers, ones on a connection without a relay stream, and a flood beyond the
+/// rate limit. Only introduced-and-accepted traffic within the sender's allowance arrives, as
+/// datagrams naming the sender; everything else is counted by reason; the server still answers.
+#[test]
+fn relay_datagrams_need_consent_and_keep_the_rate_limit() {
+    let dir = TempDir::new("attacks-relay-datagrams");
+    let data = dir.path().join("rv");
+    let mut argv = e2e::rendezvous_args(&data, "127.0.0.1:0");
+    // 100 kB/s: the default 4 MB burst, then a trickle.
+    argv.extend(args![
+        "--tcp-listen",
+        "off",
+        "--metrics",
+        "127.0.0.1:0",
+        "--relay-rate",
+        "100000"
+    ]);
+    let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let rv = Rendezvous::ready(Proc::spawn("rendezvous", &e2e::bin("rendezvous"), &refs));
+    let metrics_line = rv
+        .proc
+        .stdout
+        .wait_for("metrics on http://", Duration::from_secs(10));
+    let metrics = metrics_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("metrics address")
+        .to_owned();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let datagram = |to: PeerId, packet: &[u8]| {
+            let mut out = Vec::new();
+            relay::encode_datagram(&mut out, &to, packet).unwrap();
+            out
+        };
+        let sender = client(rv.addr, PROTOCOL_VERSION).await.unwrap();
+        let dest = client(rv.addr, PROTOCOL_VERSION).await.unwrap();
+        let foreign = client(rv.addr, PROTOCOL_VERSION).await.unwrap();
+
+        // --- Before any relay stream: nobody reads the sender's datagrams, nothing moves.
+        for _ in 0..50 {
+            sender
+                .conn
+                .send_datagram(datagram(dest.id, &[1; 1000]).into())
+                .unwrap();
+        }
+        assert_eq!(
+            sender.request(&ControlMessage::Ping { seq: 1 }).await,
+            ControlMessage::Pong { seq: 1 }
+        );
+
+        let (_out, _in) = sender.relay().await.unwrap();
+        let (_dest_out, _dest_in) = dest.relay().await.unwrap();
+        let (_foreign_out, _foreign_in) = foreign.relay().await.unwrap();
+
+        // --- Malformed, unknown and foreign destinations.
+        let unknown = PeerId::from_key_digest(&[0x77; 32]);
+        sender.conn.send_datagram(vec![1u8; 10].into()).unwrap();
+        sender.conn.send_datagram(vec![0u8; 100].into()).unwrap();
+        for _ in 0..5 {
+            sender
+                .conn
+                .send_datagram(datagram(unknown, &[2; 500]).into())
+                .unwrap();
+            sender
+                .conn
+                .send_datagram(datagram(foreign.id, &[3; 500]).into())
+                .unwrap();
+        }
+        let m = wait_metrics(
+            &metrics,
+            "malformed and unintroduced datagrams counted",
+            |m| dropped(m, "malformed") >= 2 && dropped(m, "not_introduced") >= 10,
+        )
+        .await;
+        assert_eq!(sample(&m, "rendezvous_relay_packets_total"), 0);
+
+        // --- Introduced and accepted: datagrams arrive as datagrams naming the sender.
+        let nonce = sender.connect(dest.id).await;
+        dest.accept(sender.id, nonce).await.unwrap();
+        let deadline = Instant::now() + T;
+        let got = loop {
+            sender
+                .conn
+                .send_datagram(datagram(dest.id, b"hello over a datagram").into())
+                .unwrap();
+            match tokio::time::timeout(Duration::from_millis(200), dest.conn.read_datagram()).await
+            {
+                Ok(d) => break d.unwrap(),
+                Err(_) => assert!(Instant::now() < deadline, "no datagram relayed"),
+            }
+        };
+        assert_eq!(
+            relay::split_datagram(&got).unwrap(),
+            (sender.id, &b"hello over a datagram"[..])
+        );
+
+        // --- A flood far beyond the burst: the bucket decides what goes through.
+        let before = wait_metrics(&metrics, "a scrape", |_| true).await;
+        let forwarded_before = sample(&before, "rendezvous_relay_packets_total");
+        let flood = 8000u64; // 8000 x ~1 kB: twice the 4 MB burst
+        let started = Instant::now();
+        for _ in 0..flood {
+            sender
+                .conn
+                .send_datagram_wait(datagram(dest.id, &[4; 1000]).into())
+                .await
+                .unwrap();
+        }
+        // Until the counts settle (quinn drops what the relay task has not read in time from
+        // its bounded datagram buffer without a count: those never reach the relay at all).
+        let handled = |m: &str| {
+            sample(m, "rendezvous_relay_packets_total")
+                + dropped(m, "rate")
+                + dropped(m, "queue_full")
+        };
+        let mut m = wait_metrics(&metrics, "datagrams over the rate", |m| {
+            dropped(m, "rate") > 0
+        })
+        .await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let next = wait_metrics(&metrics, "a scrape", |_| true).await;
+            let settled = handled(&next) == handled(&m);
+            m = next;
+            if settled {
+                break;
+            }
+            assert!(started.elapsed() < T, "the counts never settled:\n{m}");
+        }
+        let forwarded = sample(&m, "rendezvous_relay_packets_total") - forwarded_before;
+        // At most the burst plus the rate over the time it took, in frame costs.
+        let cost = rendezvous::relay::frame_cost(1000);
+        let allowed = (4_000_000 + 100_000 * (started.elapsed().as_secs() + 1)) / cost + 1;
+        eprintln!(
+            "flood of {flood} datagrams: {forwarded} forwarded (allowance {allowed}), {} over the \
+             rate, {} queue full",
+            dropped(&m, "rate"),
+            dropped(&m, "queue_full")
+        );
+        assert!(forwarded <= allowed, "{forwarded} > {allowed}");
+        assert!(forwarded > 0);
+        // The foreign peer got nothing at all.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), foreign.conn.read_datagram())
+                .await
+                .is_err(),
+            "a datagram reached a peer that was never introduced"
+        );
+        assert_eq!(
+            sender.request(&ControlMessage::Ping { seq: 2 }).await,
+            ControlMessage::Pong { seq: 2 }
+        );
+    });
+}
