@@ -21,11 +21,8 @@ use crate::PeerId;
 /// handed to the other side in `punch`, from which both sides decide on birthday punching,
 /// `punch::birthday`); version-3 peers would never take part, so they are refused. Version 5
 /// added IPv6 address proofs (`server_addrs` in `registered`, the `confirm_address` message),
-/// which a version-4 server would refuse as unknown fields and types. Version 6 relays packets
-/// as QUIC DATAGRAM frames on the peer's connection to the rendezvous (`[16-byte peer id]
-/// [packet]`, see [`relay`](crate::relay)) beside the relay stream, which only carries what does
-/// not fit in a datagram; a version-5 peer would neither send nor read them, so it is refused.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// which a version-4 server would refuse as unknown fields and types.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -116,8 +113,7 @@ pub enum ControlMessage {
         nonce: u64,
     },
     /// First frame of a stream that becomes this peer's relay stream (binary
-    /// [`relay`](crate::relay) frames follow in both directions once the server answers). From
-    /// the answer on, relayed packets also flow as QUIC datagrams on the same connection.
+    /// [`relay`](crate::relay) frames follow in both directions once the server answers).
     RelayOpen {},
     /// The relay stream is open.
     RelayReady {

@@ -1,15 +1,4 @@
-//! Relay frames: what flows on a relay stream once it is open, and relay datagrams.
-//!
-//! Since protocol version 6 a relayed packet travels as one QUIC DATAGRAM frame on the peer's
-//! connection to the rendezvous whenever it fits: `[16-byte peer id][packet]`, no length (the
-//! datagram has one). Datagrams are unreliable and unordered, as the UDP path the packet
-//! stands in for: nothing is reassembled or retransmitted by the relay (the end-to-end QUIC
-//! connection retransmits what it needs), and one lost packet does not hold up the others. A
-//! packet that does not fit the connection's current datagram size goes on the relay stream if
-//! it is at most [`STREAM_FALLBACK_MAX`] bytes (the QUIC minimum, which every path must carry:
-//! the outer connection may not have discovered a larger MTU yet), and is dropped otherwise,
-//! as a link with a smaller MTU would (the end-to-end connection's path MTU discovery settles
-//! below it).
+//! Relay frames: what flows on a relay stream once it is open.
 //!
 //! `[u16 length][16-byte peer id][packet]`, big-endian, where the length counts the id and the
 //! packet. From a peer to the rendezvous the id names the destination; from the rendezvous to a
@@ -22,42 +11,6 @@ use crate::PeerId;
 pub const MAX_RELAY_PACKET: usize = 2048;
 
 const HEADER: usize = 2 + 16;
-
-/// Header of a relay datagram: the peer id.
-pub const DATAGRAM_HEADER: usize = 16;
-
-/// Largest packet sent on the relay stream when it does not fit in a datagram: QUIC's minimum
-/// datagram size (RFC 9000, 14.1), which end-to-end connections always use before they have
-/// probed a larger path MTU.
-pub const STREAM_FALLBACK_MAX: usize = 1200;
-
-/// Splits a relay datagram into its peer id and packet.
-pub fn split_datagram(datagram: &[u8]) -> Result<(PeerId, &[u8]), RelayFrameError> {
-    if datagram.len() < DATAGRAM_HEADER || datagram.len() > DATAGRAM_HEADER + MAX_RELAY_PACKET {
-        return Err(RelayFrameError::BadLength(datagram.len()));
-    }
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&datagram[..DATAGRAM_HEADER]);
-    let peer = PeerId::from_bytes(id).map_err(|_| RelayFrameError::BadPeer)?;
-    Ok((peer, &datagram[DATAGRAM_HEADER..]))
-}
-
-/// Writes a relay datagram (`peer`, then `packet`) into `out`, which is cleared first. Packets
-/// over [`MAX_RELAY_PACKET`] are refused.
-pub fn encode_datagram(
-    out: &mut Vec<u8>,
-    peer: &PeerId,
-    packet: &[u8],
-) -> Result<(), RelayFrameError> {
-    if packet.len() > MAX_RELAY_PACKET {
-        return Err(RelayFrameError::BadLength(DATAGRAM_HEADER + packet.len()));
-    }
-    out.clear();
-    out.reserve(DATAGRAM_HEADER + packet.len());
-    out.extend_from_slice(peer.as_bytes());
-    out.extend_from_slice(packet);
-    Ok(())
-}
 
 /// A relay frame that cannot be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -215,27 +168,6 @@ mod tests {
         frame[2..18].copy_from_slice(&[0; 16]);
         dec.push(&frame);
         assert_eq!(dec.next_frame(), Err(RelayFrameError::BadPeer));
-    }
-
-    #[test]
-    fn datagrams_round_trip_and_bad_ones_are_refused() {
-        let mut out = Vec::new();
-        encode_datagram(&mut out, &id(), b"packet").unwrap();
-        assert_eq!(split_datagram(&out), Ok((id(), &b"packet"[..])));
-        encode_datagram(&mut out, &id(), &[]).unwrap();
-        assert_eq!(split_datagram(&out), Ok((id(), &[][..])));
-        assert!(encode_datagram(&mut out, &id(), &[0; MAX_RELAY_PACKET + 1]).is_err());
-        assert_eq!(
-            split_datagram(&[1; 15]),
-            Err(RelayFrameError::BadLength(15))
-        );
-        let mut over = id().as_bytes().to_vec();
-        over.extend([0; MAX_RELAY_PACKET + 1]);
-        assert_eq!(
-            split_datagram(&over),
-            Err(RelayFrameError::BadLength(over.len()))
-        );
-        assert_eq!(split_datagram(&[0; 40]), Err(RelayFrameError::BadPeer));
     }
 
     proptest! {

@@ -1,10 +1,7 @@
 //! The peer's end of the relay: one relay stream on the rendezvous connection (re-opened after
 //! every re-registration). Packets quinn sends to a relayed peer arrive here through the
-//! socket's virtual path and leave as QUIC datagrams `[to][packet]` on the rendezvous
-//! connection when they fit (protocol 6), else as `{to, packet}` frames on the relay stream
-//! (at most [`relay::STREAM_FALLBACK_MAX`] bytes; larger ones are dropped, as on a link with a
-//! smaller MTU, see [`common::relay`]). Datagrams `[from][packet]` and frames `{from, packet}`
-//! from the server are injected into quinn as if they came from that peer's address.
+//! socket's virtual path and leave as `{to, packet}` frames; frames `{from, packet}` from the
+//! server are injected into quinn as if they came from that peer's address.
 //!
 //! Why it is a module of its own: the relay is a path like any other for quinn (a virtual
 //! route in the socket), so the framing and the per-peer stable addresses live apart from the
@@ -197,13 +194,6 @@ async fn run(
                     addrs.clone(),
                     waiters.clone(),
                 ));
-                let datagram_reader = tokio::spawn(read_relayed_datagrams(
-                    reg.conn.clone(),
-                    injector.clone(),
-                    addrs.clone(),
-                    waiters.clone(),
-                ));
-                let conn = reg.conn.clone();
                 let mut batch =
                     Vec::with_capacity(relay::RELAY_WRITE_BATCH + 2 * relay::MAX_RELAY_PACKET);
                 // `true`: the relay stops; `false`: the stream is opened again.
@@ -212,17 +202,12 @@ async fn run(
                         tokio::select! {
                             packet = rx.recv() => {
                                 let Some(packet) = packet else { return true };
-                                // Datagrams go at once; what needs the stream and everything
-                                // quinn has queued meanwhile go out in the same write.
+                                // Everything quinn has queued meanwhile goes out in the same write.
                                 batch.clear();
-                                if !send_packet(&conn, &mut batch, packet) {
-                                    break false;
-                                }
+                                encode_packet(&mut batch, &packet);
                                 while batch.len() < relay::RELAY_WRITE_BATCH {
                                     let Ok(packet) = rx.try_recv() else { break };
-                                    if !send_packet(&conn, &mut batch, packet) {
-                                        break;
-                                    }
+                                    encode_packet(&mut batch, &packet);
                                 }
                                 if batch.is_empty() {
                                     continue;
@@ -246,9 +231,7 @@ async fn run(
                 };
                 let stop = writing.await;
                 reader.abort();
-                datagram_reader.abort();
                 let _ = reader.await;
-                let _ = datagram_reader.await;
                 if stop {
                     return;
                 }
@@ -265,29 +248,12 @@ async fn run(
     }
 }
 
-/// Sends `packet` as a relay datagram on `conn` if it fits, else appends its relay frame to
-/// `batch` if it is at most [`relay::STREAM_FALLBACK_MAX`] bytes; drops it otherwise (and a
-/// packet with a bad label), as a lossy link would. False when the connection is gone.
-fn send_packet(conn: &quinn::Connection, batch: &mut Vec<u8>, packet: VirtualPacket) -> bool {
-    let Ok(to) = PeerId::from_bytes(packet.label) else {
-        return true;
-    };
-    let len = relay::DATAGRAM_HEADER + packet.data.len();
-    if conn.max_datagram_size().is_some_and(|max| len <= max) {
-        let mut datagram = packet.data;
-        // One copy: the id goes in front of the packet.
-        datagram.splice(0..0, to.as_bytes().iter().copied());
-        // A full datagram buffer drops its oldest, as a congested link would; QUIC recovers.
-        return match conn.send_datagram(bytes::Bytes::from(datagram)) {
-            Ok(()) => true,
-            Err(quinn::SendDatagramError::ConnectionLost(_)) => false,
-            Err(_) => true,
-        };
-    }
-    if packet.data.len() <= relay::STREAM_FALLBACK_MAX {
+/// Appends `packet`'s relay frame to `batch` (a packet with a bad label or size is dropped, as
+/// a lossy link would).
+fn encode_packet(batch: &mut Vec<u8>, packet: &VirtualPacket) {
+    if let Ok(to) = PeerId::from_bytes(packet.label) {
         let _ = relay::encode_into(batch, &to, &packet.data);
     }
-    true
 }
 
 async fn open(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
@@ -343,30 +309,6 @@ async fn read_relayed(
                 }
             }
         }
-    }
-}
-
-/// Reads relayed datagrams (`[from][packet]`) from the rendezvous connection and injects them;
-/// a malformed one is dropped (the path is lossy anyway).
-async fn read_relayed_datagrams(
-    conn: quinn::Connection,
-    injector: Injector,
-    addrs: Arc<Mutex<HashMap<PeerId, SocketAddr>>>,
-    waiters: Arc<Waiters>,
-) {
-    while let Ok(datagram) = conn.read_datagram().await {
-        let Ok((from, packet)) = relay::split_datagram(&datagram) else {
-            tracing::debug!(len = datagram.len(), "malformed relay datagram dropped");
-            continue;
-        };
-        let addr = addrs
-            .lock()
-            .ok()
-            .and_then(|a| a.get(&from).copied())
-            .unwrap_or_else(|| stable_addr(&from));
-        // A full queue drops the packet; QUIC recovers.
-        let _ = injector.inject(addr, packet.to_vec());
-        waiters.heard(&from);
     }
 }
 

@@ -52,8 +52,6 @@ pub struct Snapshot {
     pub relay_sessions: u64,
     /// Relayed packets.
     pub relay_packets: u64,
-    /// Of those, forwarded as QUIC datagrams.
-    pub relay_datagrams: u64,
     /// Relayed bytes.
     pub relay_bytes: u64,
     /// Relay drops by reason.
@@ -186,12 +184,6 @@ pub fn render(s: &Snapshot) -> String {
             unlabelled(s.relay_packets),
         ),
         (
-            "rendezvous_relay_datagrams_total",
-            "counter",
-            "Packets relayed as QUIC datagrams (also counted in rendezvous_relay_packets_total).",
-            unlabelled(s.relay_datagrams),
-        ),
-        (
             "rendezvous_relay_bytes_total",
             "counter",
             "Bytes relayed.",
@@ -320,7 +312,6 @@ pub(crate) fn snapshot(
         expired: counters.expired,
         relay_sessions: get(&relay.sessions),
         relay_packets: get(&relay.packets),
-        relay_datagrams: get(&relay.datagrams),
         relay_bytes: get(&relay.bytes),
         relay_dropped: vec![
             ("queue_full", get(&relay.dropped_queue_full)),
@@ -330,8 +321,6 @@ pub(crate) fn snapshot(
             ("rate", get(&relay.denied_rate)),
             ("quota", get(&relay.denied_quota)),
             ("empty", get(&relay.dropped_empty)),
-            ("malformed", get(&relay.dropped_malformed)),
-            ("too_big", get(&relay.dropped_too_big)),
         ],
         relay_held_forwarded: get(&relay.held_then_forwarded),
         relay_streams_refused: get(&relay.refused_streams),

@@ -117,21 +117,9 @@ impl Limits {
             max_incoming: 256,
             incoming_buffer_size: 16 * 1024,
             incoming_buffer_size_total: 1024 * 1024,
-            // Relayed packets arrive as datagrams (protocol 6); the relay task reads them as
-            // they come, so this only absorbs a burst between two of its turns (about 1.3 ms
-            // at 200 MB/s). A connection without a relay stream has nobody reading: quinn keeps
-            // at most this much of what it sends, dropping the oldest.
-            datagram_receive_buffer: RELAY_DATAGRAM_RECEIVE_BUFFER,
-            // The queue towards a destination, for packets relayed as datagrams: the same
-            // bound as its relay stream's queue.
-            datagram_send_buffer: self.relay.queue_bytes,
         }
     }
 }
-
-/// Bytes of relay datagrams quinn buffers for one connection before the relay task reads them
-/// (see [`Limits::server_transport`]).
-pub const RELAY_DATAGRAM_RECEIVE_BUFFER: usize = 256 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -952,11 +940,7 @@ async fn handle_request(
             Ok(Ok(Some(body))) => match ControlMessage::decode(&body) {
                 Ok(ControlMessage::RelayOpen {}) => 'relay: {
                     let limits = shared.limits.relay;
-                    let Some(opened) =
-                        shared
-                            .relay
-                            .open_on(id, conn_id, limits, Some(conn.clone()))
-                    else {
+                    let Some(opened) = shared.relay.open(id, conn_id, limits) else {
                         break 'relay ControlMessage::error(
                             ErrorCode::RelayDenied,
                             "this connection already has a relay stream (one per connection)",
@@ -982,7 +966,7 @@ async fn handle_request(
                         Err(RelayRefusal::NotAccepted) => Permission::AwaitingAccept,
                         Err(_) => Permission::Denied,
                     };
-                    crate::relay::run(opened, conn.clone(), tx, rx, permission).await;
+                    crate::relay::run(opened, tx, rx, permission).await;
                     return Ok(());
                 }
                 Ok(ControlMessage::Register { .. }) => ControlMessage::error(

@@ -116,11 +116,6 @@ pub struct ServerTransport {
     pub incoming_buffer_size: u64,
     /// Bytes buffered for all waiting connection attempts together.
     pub incoming_buffer_size_total: u64,
-    /// Bytes of QUIC datagrams received and not yet read that quinn keeps per connection (it
-    /// drops the oldest beyond); 0 refuses datagrams.
-    pub datagram_receive_buffer: usize,
-    /// Bytes of QUIC datagrams queued to send per connection.
-    pub datagram_send_buffer: usize,
 }
 
 impl TransportSettings {
@@ -130,11 +125,9 @@ impl TransportSettings {
         transport.receive_window(limits.receive_window.into());
         transport.stream_receive_window(limits.stream_receive_window.into());
         transport.send_window(limits.send_window);
-        // quinn's default would let every client fill 1.25 MB of datagrams.
-        transport.datagram_receive_buffer_size(
-            (limits.datagram_receive_buffer > 0).then_some(limits.datagram_receive_buffer),
-        );
-        transport.datagram_send_buffer_size(limits.datagram_send_buffer);
+        // Nothing uses QUIC datagrams: quinn's default would let every client fill 1.25 MB of
+        // datagrams the server never reads.
+        transport.datagram_receive_buffer_size(None);
         Arc::new(transport)
     }
 }
