@@ -217,6 +217,16 @@ for pid in sys.argv[1:]:
 print(total)' "$@"
 }
 
+# children_cpu_delta BEFORE AFTER: user + system CPU seconds of the children reaped between two
+# outputs of bash's `times` (second line: children's "XmY.YYYs XmY.YYYs")
+children_cpu_delta() {
+    python3 -c 'import re, sys
+def cpu(path):
+    line = open(path).read().splitlines()[1]
+    return sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", line))
+print(cpu(sys.argv[2]) - cpu(sys.argv[1]))' "$1" "$2"
+}
+
 # send LAB KIND_A KIND_B [RENDEZVOUS OPTION...]: median MB/s of $runs `peer send` transfers ->
 # results send_LAB
 send_goodput() {
@@ -227,27 +237,29 @@ send_goodput() {
     labs+=("$lab")
     ip netns exec "$lab-rv" "$bin/rendezvous" serve --listen 203.0.113.10:7000 --data-dir "$dir/rv" \
         --tcp-listen off "$@" >"$dir/rv.out" 2>"$dir/rv.log" </dev/null &
+    local rv_pid=$! # `ip netns exec` execs the program: the same pid
     wait_for "$dir/rv.out" "server key" 10
     local key id speeds=()
     key=$(sed -n 's/^server key //p' "$dir/rv.out")
     ip netns exec "$lab-a" "$bin/peer" --config-dir "$dir/a" listen --accept-files "$dir/recv" --allow-any \
         --server 203.0.113.10:7000 --server-key "$key" >"$dir/a.out" 2>"$dir/a.log" </dev/null &
+    local a_pid=$!
     wait_for "$dir/a.out" "registered with" 10
     id=$(sed -n 's/^peer id //p' "$dir/a.out")
-    local failed=0 rv_pid a_pid cpu_before
+    local failed=0 cpu_before
     # CPU of all three processes over the transfers: the rendezvous and the receiver from /proc,
-    # the sender from /usr/bin/time (its SHA-256 pass included).
-    rv_pid=$(pgrep -f -- "--data-dir $dir/rv" | head -1)
-    a_pid=$(pgrep -f -- "--config-dir $dir/a " | head -1)
+    # each sender from this shell's children's times (its SHA-256 pass included).
     cpu_before=$(proc_cpu "$rv_pid" "$a_pid")
     : >"$dir/sender-cpu"
     for ((i = 0; i < runs; i++)); do
         rm -f "$dir/recv/payload.bin"
         # A fresh config dir each time: every transfer starts with the introduction (a cached
         # address would be dialed first, and fail behind a port-restricted NAT).
-        if ! ip netns exec "$lab-b" timeout 300 /usr/bin/time -a -o "$dir/sender-cpu" -f '%U %S' \
-            "$bin/peer" --config-dir "$dir/b$i" send "$id" "$work/payload.bin" \
+        times >"$dir/times-before" # this shell's children's CPU so far (`times` forks nothing)
+        if ! ip netns exec "$lab-b" timeout 300 "$bin/peer" --config-dir "$dir/b$i" send "$id" "$work/payload.bin" \
             --server 203.0.113.10:7000 --server-key "$key" >"$dir/b.out" 2>"$dir/b.log" </dev/null; then
+            times >"$dir/times-after"
+            children_cpu_delta "$dir/times-before" "$dir/times-after" >>"$dir/sender-cpu"
             # Reported in the table, not hidden; one retry so that one failure does not void the run.
             echo "bench: peer send failed in $lab (run $i; retrying once):" >&2
             cat "$dir/b.out" "$dir/b.log" >&2
@@ -256,6 +268,8 @@ send_goodput() {
             ((i--))
             continue
         fi
+        times >"$dir/times-after"
+        children_cpu_delta "$dir/times-before" "$dir/times-after" >>"$dir/sender-cpu"
         speeds+=("$(sed -n 's/.*(\([0-9.]*\) MB\/s).*/\1/p' "$dir/b.out")")
         if grep -q "direct to" "$dir/b.out"; then echo direct >"$dir/path"; else echo relayed >"$dir/path"; fi
     done
@@ -264,7 +278,7 @@ send_goodput() {
     # rare, and reported).
     record "send_cpu_per_gb_$lab" "$(python3 -c 'import sys
 before, after, runs, mb = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-sender = sum(float(x) for line in open(sys.argv[5]) for x in line.split()[:2] if line[0].isdigit())
+sender = sum(float(line) for line in open(sys.argv[5]) if line.strip())
 print((after - before + sender) / (runs * mb / 1000))' "$cpu_before" "$(proc_cpu "$rv_pid" "$a_pid")" "$runs" "$send_mb" "$dir/sender-cpu")"
     record "path_$lab" "$(cat "$dir/path")"
     record "send_failed_$lab" "$failed"

@@ -57,9 +57,14 @@ impl Default for TransportSettings {
 
 impl TransportSettings {
     fn transport_config(&self) -> Arc<quinn::TransportConfig> {
+        Arc::new(self.base_config())
+    }
+
+    /// For connections between peers: windows for the bandwidth-delay product of a file
+    /// transfer (see [`PEER_STREAM_WINDOW`]). Connections to the rendezvous keep quinn's
+    /// defaults on our side (the server sets its own, small ones).
+    fn peer_transport_config(&self) -> Arc<quinn::TransportConfig> {
         let mut transport = self.base_config();
-        // Windows for the bandwidth-delay product (see PEER_STREAM_WINDOW); a server (the
-        // rendezvous) sets its own, small ones.
         transport.stream_receive_window(PEER_STREAM_WINDOW.into());
         transport.receive_window(PEER_CONNECTION_WINDOW.into());
         transport.send_window(u64::from(PEER_CONNECTION_WINDOW));
@@ -153,8 +158,10 @@ pub fn make_endpoint(
 ) -> Result<BoundEndpoint, EndpointError> {
     let server_config = match server {
         Some(tls) => {
+            // Only peers accept connections on such an endpoint (the rendezvous uses
+            // make_server_endpoint): peer windows.
             let mut config = quic_server_config(tls)?;
-            config.transport_config(settings.transport_config());
+            config.transport_config(settings.peer_transport_config());
             Some(config)
         }
         None => None,
@@ -291,6 +298,19 @@ pub fn quic_client_config(
         QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(settings.transport_config());
+    Ok(config)
+}
+
+/// As [`quic_client_config`], for dialing another peer: with the peer windows (see
+/// [`PEER_STREAM_WINDOW`]).
+pub fn quic_peer_client_config(
+    tls: rustls::ClientConfig,
+    settings: TransportSettings,
+) -> Result<quinn::ClientConfig, EndpointError> {
+    let crypto =
+        QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(settings.peer_transport_config());
     Ok(config)
 }
 
