@@ -13,7 +13,7 @@
 #   - connect time / floor (RTT to the rendezvous + 2 RTT between the peers, RTTs measured with
 #     ICMP inside the lab), median and p95, at 20 and 80 ms injected RTT between the peers.
 #
-#   scripts/bench.sh [--quick] [--size MB] [--keep] [--send-only]
+#   scripts/bench.sh [--quick] [--size MB] [--keep] [--send-only] [--iroh]
 #
 # Full run: about 3 minutes on 2 cores after the release build. --quick: small sizes, one run,
 # 5 connects, 500 peers: about 30 s after the build, for CI (no timing is asserted anywhere; the
@@ -21,6 +21,12 @@
 # --keep leaves the work directory (every program's output and log) in place. --send-only runs
 # only the `peer send` rows (and the 1-stream plain quinn lab-link goodput they are compared
 # with): for work on the relay or on file transfer.
+# --iroh adds iroh (the release in scripts/lab/iroh.sh, with its iroh-relay in dev mode on the
+# rendezvous host, endpoints configured with that relay only) as a fourth contestant on the same
+# lab links: direct goodput and CPU (1 and 4 streams, interleaved with the others), relayed
+# goodput (symmetric NATs, iroh's relay / ours with the rate limit raised), and connect time
+# (first reply, time to direct) at both delays. Its first build fetches and compiles iroh (minutes);
+# the NAT pairs each system gets direct: scripts/iroh-matrix.sh.
 # Results and what limits each missed target: docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +34,7 @@ cd "$(dirname "$0")/.."
 quick=0
 keep=0
 send_only=0
+iroh=0
 send_mb=100      # `peer send` file
 runs=5           # repetitions of every goodput measurement (median)
 loop_mb=1000     # MB per goodput test on loopback
@@ -41,7 +48,8 @@ while [[ $# -gt 0 ]]; do
         --size) send_mb=${2:?--size needs MB}; shift ;;
         --keep) keep=1 ;;
         --send-only) send_only=1 ;;
-        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--send-only]" >&2; exit 2 ;;
+        --iroh) iroh=1 ;;
+        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--send-only] [--iroh]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -58,6 +66,12 @@ if [[ -n ${BENCH_BIN:-} ]]; then
 else
     cargo build --release --quiet -p rendezvous -p peer -p bench
     bin=${CARGO_TARGET_DIR:-$PWD/target}/release
+fi
+if ((iroh)); then
+    ROOT=$PWD
+    # shellcheck source=lab/iroh.sh
+    source scripts/lab/iroh.sh
+    iroh_build
 fi
 work=$(mktemp -d /tmp/p2p-bench.XXXXXX)
 results=$work/results.txt # "key value" lines, turned into the table at the end
@@ -180,6 +194,39 @@ gp() {
         >>"$work/gp-$where-$mode-$streams"
 }
 
+# gp_iroh STREAMS MB: the same test with iroh on the lab link (listener on A, dialer on B, the
+# listener's address given as in ours; the path must be direct before the clock starts).
+gp_iroh() {
+    local streams=$1 mb=$2 sout=$work/gi-server.out cout=$work/gi-client.out id
+    local pin_srv=() pin_cli=()
+    if (($(nproc) >= 2)) && command -v taskset >/dev/null 2>&1; then
+        pin_srv=(taskset -c 0)
+        pin_cli=(taskset -c 1)
+    fi
+    rm -f "$sout" "$cout"
+    ip netns exec "$glab-a" "${pin_srv[@]}" timeout 300 "$IROH_BENCH" listen "${IROH_ARGS[@]}" \
+        --bind 203.0.113.31:9400 >"$sout" 2>"$work/gi-server.log" </dev/null &
+    local spid=$!
+    wait_for "$sout" '^id ' 30
+    id=$(sed -n 's/^id //p' "$sout")
+    ip netns exec "$glab-b" "${pin_cli[@]}" timeout 300 "$IROH_BENCH" dial "${IROH_ARGS[@]}" \
+        --id "$id" --addr 203.0.113.31:9400 --bind 203.0.113.32:9401 --bytes $((mb * 1000 * 1000)) \
+        --streams "$streams" --direct-wait-s 5 >"$cout" 2>"$work/gi-client.log" </dev/null ||
+        { echo "bench: iroh client failed ($streams streams)" >&2; cat "$work/gi-client.log" >&2; exit 1; }
+    [[ $(json_field "$cout" path) == direct* ]] ||
+        { echo "bench: iroh did not go direct on the lab link: $(cat "$cout")" >&2; exit 1; }
+    wait_for "$sout" '^{' 20
+    kill "$spid" 2>/dev/null || true
+    wait "$spid" 2>/dev/null || true
+    python3 -c 'import sys; print(float(sys.argv[1]), float(sys.argv[2]) + float(sys.argv[3]))' \
+        "$(json_field "$cout" bytes_per_s)" "$(json_field "$cout" cpu_s)" "$(json_field "$sout" cpu_s)" \
+        >>"$work/gp-lab-iroh-$streams"
+}
+if ((iroh)); then
+    iroh_relay_start "$glab" "$work/iroh-relay-gp"
+    pids+=("$IROH_RELAY_PID")
+fi
+
 say "goodput: ${loop_mb} MB on loopback, ${lab_mb} MB on a lab link, median of $runs, quinn / ours / TCP interleaved"
 for ((r = 0; r < runs; r++)); do
     if ((send_only)); then
@@ -193,6 +240,7 @@ for ((r = 0; r < runs; r++)); do
             for mode in quinn ours tcp; do
                 gp "$where" "$mode" "$streams" "$mb"
             done
+            if ((iroh)) && [[ $where == lab ]]; then gp_iroh "$streams" "$mb"; fi
         done
     done
 done
@@ -294,6 +342,32 @@ send_goodput "$rlab" sym sym
 # the relay path itself can carry.
 qlab=kq$tag
 send_goodput "$qlab" sym sym --relay-rate 10000000000
+# iroh_send LAB KEY: iroh's goodput for the same bytes as `peer send` in LAB (a raw stream, no
+# file or hashing: a handicap for ours), through its relay in dev mode on LAB-rv.
+iroh_send() {
+    local lab=$1 key=$2 dir="$work/$1/iroh" id speeds=() path
+    mkdir -p "$dir"
+    iroh_relay_start "$lab" "$dir"
+    pids+=("$IROH_RELAY_PID")
+    ip netns exec "$lab-a" "$IROH_BENCH" listen "${IROH_ARGS[@]}" >"$dir/a.out" 2>"$dir/a.log" </dev/null &
+    pids+=($!)
+    wait_for "$dir/a.out" '^id ' 30
+    id=$(sed -n 's/^id //p' "$dir/a.out")
+    for ((i = 0; i < runs; i++)); do
+        ip netns exec "$lab-b" timeout 300 "$IROH_BENCH" dial "${IROH_ARGS[@]}" --id "$id" \
+            --bytes $((send_mb * 1000 * 1000)) --direct-wait-s 5 >"$dir/b.out" 2>"$dir/b.log" </dev/null ||
+            { echo "bench: iroh dial failed in $lab" >&2; cat "$dir/b.log" >&2; exit 1; }
+        speeds+=("$(python3 -c 'import sys; print(float(sys.argv[1]) / 1e6)' "$(json_field "$dir/b.out" bytes_per_s)")")
+        path=$(json_field "$dir/b.out" final_path)
+    done
+    record "$key" "$(printf '%s\n' "${speeds[@]}" | median)"
+    record "${key}_path" "${path%% *}"
+}
+if ((iroh)); then
+    say "iroh: ${send_mb} MB, direct (port-restricted NATs) and relayed (symmetric NATs), median of $runs"
+    iroh_send "$dlab" iroh_send_direct
+    iroh_send "$qlab" iroh_send_relay
+fi
 record send_direct_lab "$dlab"
 record send_relay_lab "$rlab"
 record send_relay_uncapped_lab "$qlab"
@@ -369,7 +443,8 @@ connect_times() {
             # --json prints one JSON document (and nothing else) on stdout.
             python3 -c 'import json,sys
 d = json.load(open(sys.argv[1]))
-print(d["first_reply_ms"], d["connect_ms"])' "$out" >>"$dir/ms"
+direct = d.get("direct_after_ms")
+print(d["first_reply_ms"], d["connect_ms"], "nan" if direct is None else direct)' "$out" >>"$dir/ms"
         else
             ip netns exec "$lab-b" timeout 60 "$bin/peer" --config-dir "$dir/b$i" connect "$id" \
                 --server 203.0.113.10:7000 --server-key "$key" >"$out" 2>"$dir/b$i.log" </dev/null ||
@@ -377,9 +452,31 @@ print(d["first_reply_ms"], d["connect_ms"])' "$out" >>"$dir/ms"
             sed -n 's/^connected to .* in \([0-9]*\) ms.*/\1 \1/p' "$out" >>"$dir/ms"
         fi
     done
+    if ((iroh)); then
+        iroh_relay_start "$lab" "$dir/iroh"
+        pids+=("$IROH_RELAY_PID")
+        ip netns exec "$lab-a" "$IROH_BENCH" listen "${IROH_ARGS[@]}" \
+            >"$dir/ia.out" 2>"$dir/ia.log" </dev/null &
+        pids+=($!)
+        wait_for "$dir/ia.out" '^id ' 30
+        local iid
+        iid=$(sed -n 's/^id //p' "$dir/ia.out")
+        : >"$dir/iroh-ms"
+        for ((i = 0; i < connects; i++)); do
+            ip netns exec "$lab-b" timeout 60 "$IROH_BENCH" dial "${IROH_ARGS[@]}" --id "$iid" \
+                --direct-wait-s 10 >"$dir/ib$i.out" 2>"$dir/ib$i.log" </dev/null ||
+                { echo "bench: iroh dial failed" >&2; cat "$dir/ib$i.log" >&2; exit 1; }
+            python3 -c 'import json,sys
+d = json.loads([l for l in open(sys.argv[1]) if l.startswith("{")][-1])
+print(d["first_reply_ms"], d["direct_ms"] if d["direct_ms"] is not None else "nan")' "$dir/ib$i.out" >>"$dir/iroh-ms"
+        done
+        record "iroh_connect_ms_$delay" "$(cut -d' ' -f1 "$dir/iroh-ms" | paste -sd,)"
+        record "iroh_direct_ms_$delay" "$(cut -d' ' -f2 "$dir/iroh-ms" | paste -sd,)"
+    fi
     # Column 1: the measured time (first reply, or connection up); column 2: connection up.
     record "connect_ms_$delay" "$(cut -d' ' -f1 "$dir/ms" | paste -sd,)"
     record "connected_ms_$delay" "$(cut -d' ' -f2 "$dir/ms" | paste -sd,)"
+    if [[ $connect_via == ping ]]; then record "direct_ms_$delay" "$(cut -d' ' -f3 "$dir/ms" | paste -sd,)"; fi
     scripts/natlab.sh down "$lab" >/dev/null 2>&1
 }
 
@@ -472,6 +569,39 @@ for delay in ("10", "40"):
         row(f"connect time / floor, {2 * int(delay)} ms RTT between peers, {name} of {len(ms)}, to {via}",
             f"{v:.0f} ms / {floor:.0f} ms (RTT rv {rv:.1f} + 2 x {ab:.1f}; connection up after {up:.0f} ms, median)",
             f"{v / floor:.2f}", "<= 1.2", v / floor <= 1.2)
+if "iroh_connect_ms_10" in r:
+    # (`med` was rebound above: the median is spelled out here.)
+    # The fourth contestant (--iroh): ours / iroh, each ratio from this run.
+    for s in ("1", "4"):
+        ours, ir = statistics.median(series(f"gp_lab-ours-{s}")), statistics.median(series(f"gp_lab-iroh-{s}"))
+        q, spread = ratio(f"gp_lab-ours-{s}", f"gp_lab-iroh-{s}")
+        row(f"direct goodput ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
+            f"{mbs(ours)} / {mbs(ir)}", f"{q:.2f}{spread}", ">= 1", q >= 1)
+        c, spread = ratio(f"cpu_lab-ours-{s}", f"cpu_lab-iroh-{s}")
+        row(f"CPU per byte (client + server) ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
+            f"{statistics.median(series(f'cpu_lab-ours-{s}')):.2f} / {statistics.median(series(f'cpu_lab-iroh-{s}')):.2f} CPU s", f"{c:.2f}{spread}", "<= 1", c <= 1)
+    idr, irl = f("iroh_send_direct"), f("iroh_send_relay")
+    row(f"iroh {send_mb} MB stream, port-restricted NATs ({r['iroh_send_direct_path']}) / plain quinn on a lab link",
+        f"{idr:.1f} / {pq:.0f} MB/s", f"{idr / pq:.2f}")
+    row(f"relayed goodput ours (`peer send`, rate limit raised) / iroh (stream through iroh-relay), symmetric NATs ({r['iroh_send_relay_path']})",
+        f"{ru:.1f} / {irl:.1f} MB/s", f"{ru / irl:.2f}", ">= 1", ru / irl >= 1)
+    row("relayed / direct goodput, iroh, same links", f"{irl:.1f} / {idr:.1f} MB/s", f"{irl / idr:.2f}")
+    for delay in ("10", "40"):
+        ours_ms = statistics.median(float(x) for x in r[f"connect_ms_{delay}"].split(",") if x)
+        iroh_ms = statistics.median(float(x) for x in r[f"iroh_connect_ms_{delay}"].split(",") if x)
+        row(f"first reply from the dial, ours / iroh, port-restricted NATs, {2 * int(delay)} ms RTT between peers, median",
+            f"{ours_ms:.0f} / {iroh_ms:.0f} ms", f"{ours_ms / iroh_ms:.2f}", "<= 1", ours_ms <= iroh_ms)
+        if f"direct_ms_{delay}" in r:
+            od = [float(x) for x in r[f"direct_ms_{delay}"].split(",") if x and x != "nan"]
+            idd = [float(x) for x in r[f"iroh_direct_ms_{delay}"].split(",") if x and x != "nan"]
+            n = len(r[f"direct_ms_{delay}"].split(","))
+            if od and idd:
+                o, i = statistics.median(od), statistics.median(idd)
+                row(f"time to a direct path from the dial, ours / iroh, {2 * int(delay)} ms RTT, median",
+                    f"{o:.0f} ms ({len(od)}/{n} direct) / {i:.0f} ms ({len(idd)}/{n} direct)", f"{o / i:.2f}", "<= 1", o <= i)
+            else:
+                row(f"time to a direct path from the dial, {2 * int(delay)} ms RTT",
+                    f"ours {len(od)}/{n} direct, iroh {len(idd)}/{n} direct", "-")
 print()
 print("| measurement | value | ratio | target |")
 print("|---|---|---|---|")

@@ -16,7 +16,7 @@
 #   natlab.sh flush LAB HOST
 #   natlab.sh block LAB HOST | unblock LAB HOST
 #   natlab.sh addr LAB HOST | addr6 LAB HOST
-#   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S] [--upnp-only]
+#   natlab.sh upnp LAB ROUTER start|stop|restart|list [--max-lifetime S] [--upnp-only|--no-pcp]
 #
 # KIND: open full addr port sym seqsym cgnat udpblock early
 # SIDES: a, b or ab.  --ipv6 makes those sides (and rv, inet) dual-stack in
@@ -605,7 +605,6 @@ cmd_up() {
 		for k in "$KIND_A" "$KIND_B"; do
 			[[ $k != cgnat ]] || die "--ipv6 with a cgnat side is not supported"
 		done
-		! impaired || die "--ipv6 with impairment is not supported (the shim is IPv4-only)"
 	fi
 
 	if [[ -n $(lab_namespaces "$LAB") ]]; then
@@ -972,14 +971,16 @@ cmd_upnp() {
 	local lab=${1:-} host=${2:-} action=${3:-}
 	[[ -n $lab && -n $host && -n $action ]] || usage
 	shift 3
-	local max_lifetime=10 natpmp=yes
+	local max_lifetime=10 natpmp=yes pcp=yes
 	while (($#)); do
 		case $1 in
 		--max-lifetime) max_lifetime=${2:?}; shift 2 ;;
 		--upnp-only) natpmp=no; shift ;;
+		--no-pcp) pcp=no; shift ;;
 		*) die "unknown option '$1'" ;;
 		esac
 	done
+	[[ $natpmp == yes || $pcp == yes ]] || die "--upnp-only and --no-pcp: choose one"
 	[[ $max_lifetime =~ ^[1-9][0-9]*$ ]] || die "--max-lifetime must be a positive integer (seconds)"
 	check_lab "$lab"
 	load_state "$lab"
@@ -993,8 +994,8 @@ cmd_upnp() {
 	case $action in
 	start)
 		[[ ! -s $pidfile ]] || die "upnp: miniupnpd already runs on $host"
-		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp"
-		echo "natlab: miniupnpd runs on $lab-$host (pid $(cat "$pidfile"), max lifetime ${max_lifetime}s)"
+		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp" "$pcp"
+		echo "natlab: miniupnpd runs on $lab-$host (pid $(cat "$pidfile"), max lifetime ${max_lifetime}s$([[ $pcp == yes ]] || echo ", PCP dropped"))"
 		;;
 	stop)
 		upnp_stop "$pidfile"
@@ -1004,7 +1005,7 @@ cmd_upnp() {
 		;;
 	restart)
 		upnp_stop "$pidfile"
-		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp"
+		upnp_start "$n" "$host" "$conf" "$log" "$pidfile" "$max_lifetime" "$natpmp" "$pcp"
 		echo "natlab: miniupnpd restarted on $lab-$host with no mappings (pid $(cat "$pidfile"))"
 		;;
 	list)
@@ -1027,11 +1028,30 @@ upnp_stop() {
 	rm -f "$pidfile"
 }
 
+# pcp_drop_table yes|no: for "no" (--no-pcp) the router's LAN input drops PCP requests (UDP
+# 5351 whose first payload byte, the version, is 2) and passes NAT-PMP ones (version 0); for
+# "yes" it drops nothing.  miniupnpd turns NAT-PMP and PCP on and off together, so a router that
+# speaks only NAT-PMP is made by filtering in front of it.
+pcp_drop_table() {
+	echo "table inet natlab_pcp"
+	echo "delete table inet natlab_pcp"
+	[[ $1 == yes ]] && return 0
+	cat <<'EOF'
+table inet natlab_pcp {
+	chain input {
+		type filter hook input priority filter - 1; policy accept;
+		iifname "lan" udp dport 5351 @th,64,8 2 counter drop
+	}
+}
+EOF
+}
+
 upnp_start() {
-	local n=$1 host=$2 conf=$3 log=$4 pidfile=$5 max_lifetime=$6 natpmp=$7 wan lannet i
+	local n=$1 host=$2 conf=$3 log=$4 pidfile=$5 max_lifetime=$6 natpmp=$7 pcp=${8:-yes} wan lannet i
 	[[ -x /usr/sbin/miniupnpd ]] || die "upnp: /usr/sbin/miniupnpd is missing (apt-get install miniupnpd-nftables)"
 	# A router that comes up has no mappings: the tables start empty.
 	upnp_tables | nsx "$n" nft -f -
+	pcp_drop_table "$pcp" | nsx "$n" nft -f -
 	wan=$(ip -n "$n" -4 -o addr show dev wan | awk '{print $4}' | head -n1)
 	lannet=$(ip -n "$n" -4 -o route show dev lan scope link | awk '{print $1}' | head -n1)
 	[[ -n $wan && -n $lannet ]] || die "upnp: $host has no wan address or lan route"

@@ -15,11 +15,11 @@ cd "$(dirname "$0")/.."
 if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     if ! command -v nft >/dev/null 2>&1 || ! command -v turnutils_natdiscovery >/dev/null 2>&1 \
         || ! command -v conntrack >/dev/null 2>&1 || ! test -x /usr/sbin/sshd \
-        || ! [[ -x /usr/sbin/miniupnpd ]]; then
-        echo "== installing nftables, iproute2, conntrack, coturn, openssh-server, miniupnpd-nftables (root, missing)"
+        || ! [[ -x /usr/sbin/miniupnpd ]] || ! command -v redis-server >/dev/null 2>&1; then
+        echo "== installing nftables, iproute2, conntrack, coturn, openssh-server, miniupnpd-nftables, redis-server (root, missing)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq nftables iproute2 conntrack python3 coturn openssh-server openssh-client miniupnpd-nftables >/dev/null
+        apt-get install -y -qq nftables iproute2 conntrack python3 coturn openssh-server openssh-client miniupnpd-nftables redis-server >/dev/null
     fi
 fi
 

@@ -8,7 +8,11 @@
 //! ping`); the router's mapping service stops (losing its mappings) until the listener's
 //! mapping expires, and comes back; the listener notices the restart through the PCP epoch and
 //! maps again, so that a second dialer goes direct too; the listener's clean exit deletes the mapping from the router's ruleset.
-//! The second runs miniupnpd with NAT-PMP and PCP off on the *dialer's* router: the dialer falls
+//! Another drops PCP requests in front of the listener's miniupnpd (`natlab.sh upnp --no-pcp`:
+//! miniupnpd switches NAT-PMP and PCP together), so that the listener maps by NAT-PMP, a dialer
+//! goes direct through that mapping (`peer lookup` shows it as the listener's `(port mapping)`
+//! candidate), and the listener's clean exit deletes it.
+//! The last runs miniupnpd with NAT-PMP and PCP off on the *dialer's* router: the dialer falls
 //! back to UPnP IGD `AddPortMapping` as it starts, the listener reaches it through the mapping,
 //! and the dialer `DeletePortMapping`s when its input ends.
 
@@ -236,6 +240,68 @@ fn sym_sym_goes_direct_through_a_miniupnpd_mapping_that_survives_a_router_restar
             std::thread::sleep(Duration::from_millis(100));
         };
         dial_through_mapping(&lab, dir.path(), &rv, &id, port, "b2");
+
+        // A clean exit deletes the mapping.
+        let status = listener.terminate(T);
+        assert!(status.success(), "the listener exits cleanly: {status:?}");
+        wait_router_mapping(&lab, port, false);
+    }
+    lab.down();
+}
+
+/// A router that speaks NAT-PMP but not PCP (the lab drops PCP requests on the router's LAN
+/// input, by their version byte): the listener's PCP requests go unanswered, it falls back to
+/// NAT-PMP, a dialer goes direct through that mapping, and a clean exit deletes it (NAT-PMP
+/// lifetime 0).
+#[test]
+fn sym_sym_goes_direct_through_a_nat_pmp_mapping_when_the_router_drops_pcp() {
+    if !enabled("sym_sym_goes_direct_through_a_nat_pmp_mapping_when_the_router_drops_pcp") {
+        return;
+    }
+    let lab = Lab::up("natpmp", &["--a", "sym", "--b", "sym"]);
+    natlab(&["upnp", lab.name(), "nata", "start", "--no-pcp"]);
+    let dir = TempDir::new("natpmp");
+    {
+        let rv = lab.rendezvous(&dir.path().join("rv"));
+        let (mut listener, id) =
+            lab.listen("a", "listener", &dir.path().join("a"), &rv, &args!["-v"], T);
+        let port = mapped_port(&listener, 1);
+        assert!(
+            listener
+                .stdout
+                .wait_for("port mapping: 192.0.3.21:", T)
+                .contains("by NAT-PMP"),
+            "PCP is dropped: NAT-PMP"
+        );
+        // PCP was asked first and the router dropped it (the drop rule counted packets).
+        let rules = natlab(&[
+            "exec",
+            lab.name(),
+            "nata",
+            "--",
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "natlab_pcp",
+        ]);
+        assert!(
+            rules.contains("counter packets ") && !rules.contains("counter packets 0 "),
+            "no PCP request was dropped:\n{rules}"
+        );
+        wait_router_mapping(&lab, port, true);
+        // `peer lookup` shows the mapping as the listener's port-mapped candidate.
+        let mut query = args!["lookup", id];
+        query.extend(rv.args());
+        let mut lookup = lab.peer("b", "lookup", &dir.path().join("lookup"), &query);
+        assert_eq!(lab::exit_code(&mut lookup, T), Some(0));
+        let expected = format!("203.0.113.21:{port} (port mapping)");
+        assert!(
+            lookup.stdout.text().contains(&expected),
+            "peer lookup shows no {expected:?}:\n{}",
+            lookup.stdout.text()
+        );
+        dial_through_mapping(&lab, dir.path(), &rv, &id, port, "b1");
 
         // A clean exit deletes the mapping.
         let status = listener.terminate(T);

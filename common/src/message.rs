@@ -21,8 +21,10 @@ use crate::PeerId;
 /// handed to the other side in `punch`, from which both sides decide on birthday punching,
 /// `punch::birthday`); version-3 peers would never take part, so they are refused. Version 5
 /// added IPv6 address proofs (`server_addrs` in `registered`, the `confirm_address` message),
-/// which a version-4 server would refuse as unknown fields and types.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// which a version-4 server would refuse as unknown fields and types. Version 6 added
+/// `mapped_port` to `peer_info` (the port-mapped candidate in `peer lookup`), which a version-5
+/// peer would refuse as an unknown field.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -267,6 +269,10 @@ pub struct PeerInfo {
     pub observed: SocketAddr,
     /// Its interface addresses as it announced them.
     pub local_addrs: Vec<SocketAddr>,
+    /// The external port its router maps to it (`register` / `mapped_port`), if any: with the
+    /// observed IP, its port-mapped candidate (shown by `peer lookup` as `(port mapping)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_port: Option<u16>,
     /// Whether it has a live control connection now.
     pub online: bool,
     /// When the server last heard from it.
@@ -635,13 +641,27 @@ mod tests {
             id: id(),
             observed: "203.0.113.2:4000".parse().unwrap(),
             local_addrs: vec!["10.0.0.2:4000".parse().unwrap()],
+            mapped_port: Some(41000),
             online: true,
             last_seen: time::macros::datetime!(2026-11-25 07:40:58 UTC),
         });
         let json: serde_json::Value = serde_json::from_slice(&info.encode()).unwrap();
         assert_eq!(json["type"], "peer_info");
         assert_eq!(json["last_seen"], "2026-11-25T07:40:58Z");
+        assert_eq!(json["mapped_port"], 41000);
         assert_eq!(ControlMessage::decode(&info.encode()).unwrap(), info);
+        // No mapping: no field (and its absence decodes as none).
+        let ControlMessage::PeerInfo(mut unmapped) = info else {
+            unreachable!()
+        };
+        unmapped.mapped_port = None;
+        let encoded = ControlMessage::PeerInfo(unmapped.clone()).encode();
+        let json: serde_json::Value = serde_json::from_slice(&encoded).unwrap();
+        assert!(json.get("mapped_port").is_none(), "{json}");
+        assert_eq!(
+            ControlMessage::decode(&encoded).unwrap(),
+            ControlMessage::PeerInfo(unmapped)
+        );
         let err = ControlMessage::error(ErrorCode::NotFound, "no such peer");
         let json: serde_json::Value = serde_json::from_slice(&err.encode()).unwrap();
         assert_eq!(json["code"], "not_found");

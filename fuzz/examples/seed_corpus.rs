@@ -60,6 +60,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 id: id(2),
                 observed: addr("[2001:db8::5]:5000"),
                 local_addrs: vec![addr("192.168.1.2:5000")],
+                mapped_port: Some(41000),
                 online: true,
                 last_seen: when,
             }),

@@ -91,6 +91,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
             id: peer_id(u)?,
             observed: socket_addr(u)?,
             local_addrs: addrs(u, 20)?,
+            mapped_port: u.arbitrary()?,
             online: u.arbitrary()?,
             last_seen: timestamp(u)?,
         }),

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use common::message::Candidate;
@@ -97,7 +98,8 @@ impl PeerCache {
 }
 
 /// The candidates of what the rendezvous knows about a peer: its observed address first, then
-/// the interface addresses it announced (without a repeat of the observed one).
+/// its router's mapping of its port (at the observed IP), then the interface addresses it
+/// announced (without a repeat of the observed one).
 pub fn candidates_of(info: &common::message::PeerInfo) -> Vec<Candidate> {
     let mut candidates = vec![Candidate {
         addr: info.observed,
@@ -112,6 +114,20 @@ pub fn candidates_of(info: &common::message::PeerInfo) -> Vec<Candidate> {
                 kind: common::message::CandidateKind::Local,
             }),
     );
+    // The router's mapping of its port: at the observed IP, as the rendezvous hands it out in
+    // an introduction.
+    if let Some(port) = info.mapped_port.filter(|&p| p != 0) {
+        let addr = SocketAddr::new(info.observed.ip(), port);
+        if addr != info.observed {
+            candidates.insert(
+                1,
+                Candidate {
+                    addr,
+                    kind: common::message::CandidateKind::Mapped,
+                },
+            );
+        }
+    }
     candidates
 }
 

@@ -580,4 +580,48 @@ mod tests {
             format!("no answer from {peer}")
         );
     }
+
+    /// What the rendezvous says about a peer whose router maps its port: the lookup shows the
+    /// mapping at the observed IP as `(port mapping)`, beside the observed and LAN addresses;
+    /// a mapping of port 0 or of the observed port itself is no extra line.
+    #[test]
+    fn a_lookup_shows_the_port_mapped_candidate() {
+        let peer = PeerId::from_key_digest(&[3; 32]);
+        let mut info = common::message::PeerInfo {
+            id: peer,
+            observed: "203.0.113.21:15352".parse().unwrap(),
+            local_addrs: vec!["10.0.1.2:15352".parse().unwrap()],
+            mapped_port: Some(56998),
+            online: true,
+            last_seen: time::macros::datetime!(2026-11-26 13:00:00 UTC),
+        };
+        let lookup = Lookup {
+            peer,
+            source: LookupSource::Rendezvous {
+                online: true,
+                last_seen: info.last_seen,
+            },
+            candidates: crate::cache::candidates_of(&info),
+        };
+        let text = lookup.render();
+        let lines: Vec<&str> = text.lines().skip(1).map(str::trim).collect();
+        assert_eq!(
+            lines,
+            [
+                "203.0.113.21:15352 (public address)",
+                "203.0.113.21:56998 (port mapping)",
+                "10.0.1.2:15352 (same LAN)",
+            ],
+            "{text}"
+        );
+        for port in [Some(0), Some(15352), None] {
+            info.mapped_port = port;
+            let candidates = crate::cache::candidates_of(&info);
+            assert!(
+                candidates.iter().all(|c| c.kind != CandidateKind::Mapped),
+                "{port:?}: {candidates:?}"
+            );
+            assert_eq!(candidates.len(), 2);
+        }
+    }
 }

@@ -495,17 +495,9 @@ impl Endpoint {
                 shutdown_rx.clone(),
             )));
         }
-        tasks.push(tokio::spawn(crate::observe::run(
-            node.clone(),
-            router.clone(),
-            session.clone(),
-            console.clone(),
-            config.verbose,
-            shutdown_rx.clone(),
-        )));
         let mut keeper = PathKeeper::new(
             node.clone(),
-            router,
+            router.clone(),
             relay,
             session.clone(),
             console.clone(),
@@ -514,6 +506,15 @@ impl Endpoint {
             crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
         keeper.opening_ttl = config.opening_ttl;
+        tasks.push(tokio::spawn(crate::observe::run(
+            node.clone(),
+            router,
+            session.clone(),
+            keeper.clone(),
+            console.clone(),
+            config.verbose,
+            shutdown_rx.clone(),
+        )));
         tasks.push(tokio::spawn(report_nat(
             session.clone(),
             keeper.clone(),

@@ -50,6 +50,7 @@ pub(crate) async fn run(
     node: Node,
     router: Router,
     session: Session,
+    keeper: crate::paths::PathKeeper,
     console: Console,
     verbose: bool,
     mut shutdown: watch::Receiver<bool>,
@@ -71,10 +72,14 @@ pub(crate) async fn run(
                     r = prove(&node, &router, &session, target) => r,
                     _ = shutdown.changed() => return,
                 };
-                node.ipv6_proven.store(
-                    outcome.as_ref().is_ok_and(|a| a.is_ipv6()),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                let proven = outcome.as_ref().is_ok_and(|a| a.is_ipv6());
+                let before = node
+                    .ipv6_proven
+                    .swap(proven, std::sync::atomic::Ordering::Relaxed);
+                if proven && !before {
+                    // Connections made before it (relayed, or direct over IPv4) may move now.
+                    keeper.ipv6_proven();
+                }
                 match outcome {
                     Ok(addr) => {
                         tracing::info!(%addr, server = %target, "address of the other family proven");

@@ -272,7 +272,8 @@ impl PathKeeper {
             PathOutput::PathChanged { conn, .. }
             | PathOutput::PunchFailed { conn, .. }
             | PathOutput::Heartbeat { conn, .. }
-            | PathOutput::Repunch { conn } => {
+            | PathOutput::Repunch { conn }
+            | PathOutput::PunchForIpv6 { conn } => {
                 if me == Some(conn) {
                     executed.mine.push(output);
                 } else if let Some(link) = entry.links.get(&conn) {
@@ -375,7 +376,12 @@ impl PathKeeper {
     /// address the peer still announces is in place). Returns the stable address.
     pub fn prepare(&self, peer: PeerId, nonce: u64, candidates: &[Candidate]) -> SocketAddr {
         let addrs: Vec<SocketAddr> = candidates.iter().map(|c| c.addr).collect();
+        let ours_ipv6 = self
+            .node
+            .ipv6_proven
+            .load(std::sync::atomic::Ordering::Relaxed);
         self.feed(peer, None, |p| {
+            p.our_ipv6(ours_ipv6);
             p.introduction(nonce, &addrs, Instant::now());
         });
         stable_addr(&peer)
@@ -643,7 +649,22 @@ impl PathKeeper {
             }
             PathOutput::Repunch { .. } => {
                 let keeper = self.clone();
-                self.tasks.spawn(async move { keeper.repunch(peer).await });
+                self.tasks
+                    .spawn(async move { keeper.repunch(peer, true).await });
+            }
+            PathOutput::PunchForIpv6 { .. } => {
+                if self.verbose {
+                    self.console
+                        .error(format!(
+                            "punch {}: direct over IPv4 while both sides have IPv6: punching \
+                             once more for an IPv6 path",
+                            peer.short()
+                        ))
+                        .await;
+                }
+                let keeper = self.clone();
+                self.tasks
+                    .spawn(async move { keeper.repunch(peer, false).await });
             }
             // Socket and relay outputs are carried out where they are fed.
             _ => {}
@@ -666,12 +687,51 @@ impl PathKeeper {
         };
         for peer in relayed {
             let keeper = self.clone();
-            self.tasks.spawn(async move { keeper.repunch(peer).await });
+            self.tasks
+                .spawn(async move { keeper.repunch(peer, true).await });
         }
     }
 
+    /// Our IPv6 address was just proven to the rendezvous: a connection made before (relayed,
+    /// or direct over IPv4 because IPv4 answered first) to a peer that offered an IPv6 address
+    /// may go direct over IPv6 now (see [`PeerPaths::ipv6_upgrade_possible`]). Each punches
+    /// again at once; a proven IPv6 path replaces the one in use, and an IPv4 answer changes
+    /// nothing. Once per proof (after a registration), so at most one extra introduction per
+    /// such peer and registration.
+    pub fn ipv6_proven(&self) {
+        let peers: Vec<PeerId> = match self.table.lock() {
+            Ok(table) => table
+                .peers
+                .iter()
+                .filter(|(_, e)| e.paths.ipv6_upgrade_possible())
+                .map(|(peer, _)| *peer)
+                .collect(),
+            Err(_) => return,
+        };
+        for peer in peers {
+            tracing::debug!(%peer, "our IPv6 address is proven: punching again for an IPv6 path");
+            let keeper = self.clone();
+            // A relayed connection may need a birthday punch; one direct over IPv4 does not.
+            let relayed = self.peer_relayed(peer);
+            self.tasks
+                .spawn(async move { keeper.repunch(peer, relayed).await });
+        }
+    }
+
+    /// Whether `peer`'s live connection is relayed now.
+    fn peer_relayed(&self, peer: PeerId) -> bool {
+        self.table.lock().is_ok_and(|t| {
+            t.peers
+                .get(&peer)
+                .and_then(|e| e.paths.link())
+                .is_some_and(|l| l.path == Current::Relay)
+        })
+    }
+
     /// Asks for a new introduction to `peer` and punches; the result goes to the peer's machine.
-    async fn repunch(&self, peer: PeerId) {
+    /// Without `birthday`, a plain punch whatever the NAT profiles (an IPv6 path sought beside
+    /// a direct one must not cost a birthday punch).
+    async fn repunch(&self, peer: PeerId, birthday: bool) {
         let reply = self
             .session
             .request(&ControlMessage::Connect { id: peer })
@@ -699,6 +759,7 @@ impl PathKeeper {
             }
         };
         self.prepare(peer, introduction.nonce, &candidates);
+        let peer_nat = peer_nat.filter(|_| birthday);
         match self
             .punch(peer, introduction, Role::Initiator, &candidates, peer_nat)
             .await

@@ -292,15 +292,27 @@ pub async fn run(
         punch_config,
     );
     if let Some(plan) = plan.clone() {
+        // A pair that can go direct over IPv6 tries that first (see PunchConfig::
+        // ipv6_before_birthday): the birthday punch waits, and never starts if IPv6 works.
+        puncher = puncher.with_birthday(plan.clone(), &config, rand::random(), now);
+        let waits = puncher
+            .birthday_waits_until()
+            .map(|at| {
+                format!(
+                    " (after {} ms, unless IPv6 goes direct first)",
+                    at.saturating_duration_since(now).as_millis()
+                )
+            })
+            .unwrap_or_default();
         if let Some(console) = &verbose {
             console
                 .error(match &plan {
                     punch::birthday::BirthdayPlan::Hard { toward, sockets } => format!(
-                        "punch {}: birthday punching (our NAT is symmetric): {sockets} extra sockets send to {toward}",
+                        "punch {}: birthday punching (our NAT is symmetric): {sockets} extra sockets send to {toward}{waits}",
                         peer.short()
                     ),
                     punch::birthday::BirthdayPlan::Easy { ip, .. } => format!(
-                        "punch {}: birthday punching (the peer's NAT is symmetric): up to {} probes to ports of {ip} at {}/s",
+                        "punch {}: birthday punching (the peer's NAT is symmetric): up to {} probes to ports of {ip} at {}/s{waits}",
                         peer.short(),
                         config.probes,
                         config.per_second
@@ -308,7 +320,6 @@ pub async fn run(
                 })
                 .await;
         }
-        puncher = puncher.with_birthday(plan, &config, rand::random(), now);
     } else if !extras.is_empty() {
         node.socket.release_extras(&extras, None);
         extras.clear();
@@ -327,6 +338,7 @@ pub async fn run(
         extras,
         pinned: None,
         birthday: birthday.is_some(),
+        birthday_planned: plan.is_some(),
     };
     // The session outlives this call (see above) but not the endpoint.
     if !tasks.spawn(session.drive()) {
@@ -355,6 +367,8 @@ struct Session {
     pinned: Option<transport::ExtraId>,
     // This session is the peer's running birthday punch (see Router::may_start_birthday).
     birthday: bool,
+    // It has a birthday plan (said at its end: how many birthday datagrams it took).
+    birthday_planned: bool,
 }
 
 impl Session {
@@ -533,6 +547,25 @@ impl Session {
         }
         self.report_first();
         self.release_extras();
+        if self.birthday_planned {
+            if let Some(console) = &self.verbose {
+                let sent = self.puncher.birthday_sent();
+                console
+                    .error(if sent == 0 {
+                        format!(
+                            "punch {}: birthday punch not needed (a direct path came first): no \
+                             birthday datagram sent",
+                            peer.short()
+                        )
+                    } else {
+                        format!(
+                            "punch {}: birthday punch sent {sent} birthday datagrams",
+                            peer.short()
+                        )
+                    })
+                    .await;
+            }
+        }
         if self.birthday {
             self.router.birthday_ended(self.puncher.peer());
         }

@@ -52,6 +52,10 @@ pub const MAX_ALIASES_PER_INTRODUCTION: usize = 16;
 /// Most superseded or closed connections waiting out [`CLOSE_LINGER`]; beyond it the oldest
 /// ends at once.
 pub const MAX_LINGERING: usize = 8;
+/// How long after a connection went direct over IPv4, while both sides have IPv6 (ours proven,
+/// the peer's address offered), it punches once more for an IPv6 path: the first punch takes
+/// IPv4 when IPv6 loses a probe or an answer (its short wait for IPv6 is then over).
+pub const IPV6_UPGRADE_AFTER: Duration = Duration::from_secs(3);
 
 /// The driver's name for one connection (quinn's `stable_id`).
 pub type ConnId = u64;
@@ -141,6 +145,13 @@ pub enum PathOutput {
         /// The connection.
         conn: ConnId,
     },
+    /// As [`PathOutput::Repunch`], for an IPv6 path beside the direct IPv4 one in use (see
+    /// [`IPV6_UPGRADE_AFTER`]): a plain punch, never a birthday punch (the connection has its
+    /// direct path).
+    PunchForIpv6 {
+        /// The connection.
+        conn: ConnId,
+    },
 }
 
 /// How a punch ended.
@@ -169,6 +180,10 @@ struct Link {
     /// Aliases of ended introductions, now the connection's (removed with its routes).
     adopted: Vec<SocketAddr>,
     closed_at: Option<Instant>,
+    /// The one punch for an IPv6 path after going direct over IPv4 (see
+    /// [`IPV6_UPGRADE_AFTER`]): when it is due, and whether it was asked for already.
+    ipv6_upgrade_at: Option<Instant>,
+    ipv6_upgrade_asked: bool,
 }
 
 /// How a connection ended, which decides whether its routes must outlive it.
@@ -229,6 +244,10 @@ pub struct PeerPaths {
     /// The routes we set, as the socket has them.
     routes: Vec<(SocketAddr, RouteTarget)>,
     outputs: VecDeque<PathOutput>,
+    /// The peer's last introduction offered an IPv6 address.
+    peer_ipv6: bool,
+    /// Our IPv6 address is proven (the driver says so before each introduction).
+    ours_ipv6: bool,
 }
 
 impl PeerPaths {
@@ -244,7 +263,28 @@ impl PeerPaths {
             dialing: false,
             routes: Vec::new(),
             outputs: VecDeque::new(),
+            peer_ipv6: false,
+            ours_ipv6: false,
         }
+    }
+
+    /// Whether our IPv6 address is proven to the rendezvous now (so that a connection on IPv4
+    /// with a peer that offers IPv6 tries IPv6 once more, see [`IPV6_UPGRADE_AFTER`]).
+    pub fn our_ipv6(&mut self, proven: bool) {
+        self.ours_ipv6 = proven;
+    }
+
+    /// Whether a new punch could move the live connection to IPv6: it is relayed or direct
+    /// over IPv4, and the peer's last introduction offered an IPv6 address. The driver asks
+    /// when our own IPv6 address has just been proven (a connection made before that took
+    /// whichever path answered first, see `PunchConfig::prefer_ipv6`), and punches such a
+    /// peer again: a proven IPv6 path then replaces the IPv4 one as any punch result does.
+    pub fn ipv6_upgrade_possible(&self) -> bool {
+        self.peer_ipv6
+            && self.link().is_some_and(|l| match l.path {
+                Current::Relay => true,
+                Current::Direct(addr) => !is_ipv6(addr),
+            })
     }
 
     /// The peer's stable address.
@@ -385,6 +425,7 @@ impl PeerPaths {
     /// relay unless a direct route to an address the peer still announces is in place.
     pub fn introduction(&mut self, nonce: u64, candidates: &[SocketAddr], now: Instant) {
         self.forget_closed();
+        self.peer_ipv6 = candidates.iter().any(|a| is_ipv6(*a));
         if self.link.is_none() {
             // Relayed packets go to the connection about to be made on the stable address, not
             // to an old connection's address (one dialed straight to a cached address knows the
@@ -463,6 +504,14 @@ impl PeerPaths {
 
     fn apply(link: &mut Link, outcome: PunchOutcome, now: Instant, out: &mut VecDeque<PathOutput>) {
         match outcome {
+            PunchOutcome::Direct { addr, .. }
+                if !is_ipv6(addr)
+                    && matches!(link.selector.current(), Current::Direct(a) if is_ipv6(a)) =>
+            {
+                // A direct IPv6 path in use (alive: a dead one falls back to the relay first)
+                // stays: a later punch may prove IPv4 first (its responder takes the first
+                // answer, e.g. in the other side's punch for IPv6), which is no better.
+            }
             PunchOutcome::Direct { addr, describe } => {
                 link.describe = describe;
                 link.selector.direct_proven(addr, now);
@@ -590,6 +639,8 @@ impl PeerPaths {
             explained: false,
             adopted: Vec::new(),
             closed_at: None,
+            ipv6_upgrade_at: None,
+            ipv6_upgrade_asked: false,
         });
         if let Some((outcome, at)) = self.pending.take() {
             if now.saturating_duration_since(at) < PENDING_PATH_TTL {
@@ -671,7 +722,10 @@ impl PeerPaths {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let link = self.link.as_ref().and_then(|l| match l.closed_at {
             Some(at) => Some(at + CLOSE_LINGER),
-            None => l.selector.poll_timeout(),
+            None => [l.selector.poll_timeout(), l.ipv6_upgrade_at]
+                .into_iter()
+                .flatten()
+                .min(),
         });
         let lingering = self.lingering.iter().map(|l| l.until).min();
         let pending = self.pending.as_ref().map(|(_, at)| *at + PENDING_PATH_TTL);
@@ -684,6 +738,8 @@ impl PeerPaths {
             link,
             routes,
             outputs,
+            peer_ipv6,
+            ours_ipv6,
             ..
         } = self;
         let Some(link) = link.as_mut().filter(|l| l.closed_at.is_none()) else {
@@ -703,6 +759,21 @@ impl PeerPaths {
                 }),
                 Action::Repunch => outputs.push_back(PathOutput::Repunch { conn: link.conn }),
             }
+        }
+        // Direct over IPv4 while both sides have IPv6: one more punch, a little later.
+        let on_ipv4 = matches!(link.selector.current(), Current::Direct(a) if !is_ipv6(a));
+        if !on_ipv4 || !*peer_ipv6 || !*ours_ipv6 || link.ipv6_upgrade_asked {
+            link.ipv6_upgrade_at = None;
+            return;
+        }
+        match link.ipv6_upgrade_at {
+            None => link.ipv6_upgrade_at = Some(now + IPV6_UPGRADE_AFTER),
+            Some(at) if now >= at => {
+                link.ipv6_upgrade_at = None;
+                link.ipv6_upgrade_asked = true;
+                outputs.push_back(PathOutput::PunchForIpv6 { conn: link.conn });
+            }
+            Some(_) => {}
         }
     }
 
@@ -727,6 +798,14 @@ impl PeerPaths {
             path,
             describe: link.describe,
         });
+    }
+}
+
+/// An IPv6 address that is not an IPv4-mapped one.
+fn is_ipv6(addr: SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_none(),
+        std::net::IpAddr::V4(_) => false,
     }
 }
 
@@ -1161,6 +1240,91 @@ mod tests {
             reason: "again".into(),
             explain: false
         }));
+    }
+
+    /// A connection that went direct over IPv4 while the peer offered IPv6 can be moved: a
+    /// later punch that proves the IPv6 address switches the route to it; once there (or
+    /// without an IPv6 address of the peer) there is nothing to upgrade.
+    #[test]
+    fn an_ipv4_connection_moves_to_ipv6_when_a_later_punch_proves_it() {
+        let t0 = Instant::now();
+        let v4 = addr("203.0.113.5:4000");
+        let v6 = addr("[2001:db8:1::2]:4000");
+        let mut socket = Socket::default();
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        assert!(!paths.ipv6_upgrade_possible(), "no connection");
+        paths.introduction(1, &[v4, v6], t0);
+        paths.connection_up(1, stable(), "public address", t0);
+        paths.punch_result(1, direct(v4), t0);
+        socket.run(&mut paths);
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(v4)));
+        assert!(paths.ipv6_upgrade_possible());
+        // The punch the driver starts then (a new introduction) proves the IPv6 address.
+        paths.introduction(2, &[v4, v6], t(t0, 1000));
+        paths.punch_result(2, direct(v6), t(t0, 1100));
+        socket.run(&mut paths);
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(v6)));
+        assert_eq!(socket.routes.get(&stable()), Some(&RouteTarget::Direct(v6)));
+        assert!(!paths.ipv6_upgrade_possible(), "already on IPv6");
+        // A later punch that proves IPv4 (the other side's punch for IPv6, where we answer the
+        // first probe that reaches us) leaves the IPv6 path in use.
+        paths.introduction(3, &[v4, v6], t(t0, 2000));
+        paths.punch_result(3, direct(v4), t(t0, 2100));
+        socket.run(&mut paths);
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(v6)));
+        // A peer whose introduction offers no IPv6 address (an IPv4-mapped one is IPv4).
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        paths.introduction(1, &[v4, addr("[::ffff:203.0.113.5]:4001")], t0);
+        paths.connection_up(1, stable(), "public address", t0);
+        paths.punch_result(1, direct(v4), t0);
+        drain(&mut paths);
+        assert!(!paths.ipv6_upgrade_possible());
+        // With our IPv6 proven, a connection that went direct over IPv4 punches once more for
+        // IPv6 IPV6_UPGRADE_AFTER later, and only once (an IPv4 answer again changes nothing).
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        paths.our_ipv6(true);
+        paths.introduction(1, &[v4, v6], t0);
+        paths.connection_up(1, stable(), "public address", t0);
+        paths.punch_result(1, direct(v4), t0);
+        assert!(!drain(&mut paths).contains(&PathOutput::PunchForIpv6 { conn: 1 }));
+        assert!(paths.poll_timeout() <= Some(t0 + IPV6_UPGRADE_AFTER));
+        let mut repunches = Vec::new();
+        let mut now = t0;
+        while now < t(t0, 60_000) {
+            paths.handle_timeout(now);
+            for out in drain(&mut paths) {
+                match out {
+                    PathOutput::PunchForIpv6 { conn: 1 } => repunches.push(now),
+                    PathOutput::Repunch { .. } => panic!("no other punch"),
+                    PathOutput::Heartbeat { conn: 1, addr } => {
+                        paths.heartbeat_answered(1, addr, now)
+                    }
+                    _ => {}
+                }
+            }
+            if repunches.len() == 1 && paths.introductions.len() == 1 {
+                // The upgrade punch proves IPv4 again.
+                paths.introduction(2, &[v4, v6], now);
+                paths.punch_result(2, direct(v4), now);
+            }
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(repunches, vec![t0 + IPV6_UPGRADE_AFTER], "once, on time");
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(v4)));
+        // Without our IPv6 proven: none.
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        paths.introduction(1, &[v4, v6], t0);
+        paths.connection_up(1, stable(), "public address", t0);
+        paths.punch_result(1, direct(v4), t0);
+        paths.handle_timeout(t(t0, 10_000));
+        assert!(!drain(&mut paths).contains(&PathOutput::PunchForIpv6 { conn: 1 }));
+        // A relayed connection with an IPv6 peer: a punch may still bring it to IPv6.
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        paths.introduction(1, &[v4, v6], t0);
+        paths.connection_up(1, stable(), "relay", t0);
+        drain(&mut paths);
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Relay));
+        assert!(paths.ipv6_upgrade_possible());
     }
 
     #[test]

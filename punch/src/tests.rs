@@ -1004,3 +1004,138 @@ fn the_responder_takes_the_first_answer_whatever_the_family() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The easy side of a birthday pair (we are port-restricted, the peer symmetric) whose peer is
+/// dual-stack too: candidates `B4` and `B6` (both observed), IPv6 proven on our side when
+/// `ipv6`. Returns the session and the birthday plan's first instant of spray.
+fn easy_side_of_a_dual_stack_birthday_pair(ipv6: bool) -> (Puncher, Instant) {
+    use crate::birthday::{BirthdayConfig, BirthdayPlan};
+    let t0 = Instant::now();
+    let easy = Puncher::new(
+        id(1),
+        id(2),
+        intro(9),
+        Role::Initiator,
+        &[observed(B4), observed(B6)],
+        t0,
+        PunchConfig {
+            prefer_ipv6: ipv6,
+            ..PunchConfig::default()
+        },
+    )
+    .with_birthday(
+        BirthdayPlan::Easy {
+            ip: addr(B4).ip(),
+            observed_port: addr(B4).port(),
+        },
+        &BirthdayConfig::default(),
+        42,
+        t0,
+    );
+    (easy, t0)
+}
+
+/// Runs `p` from `from` to `to` in 5 ms steps (answering nothing): what it sent, with when.
+fn run_silent(p: &mut Puncher, from: Instant, to: Instant) -> Vec<(Instant, Transmit)> {
+    let mut sent = Vec::new();
+    let mut now = from;
+    while now < to {
+        p.handle_timeout(now);
+        while let Some(t) = p.poll_transmit(now) {
+            sent.push((now, t));
+        }
+        now += Duration::from_millis(5);
+    }
+    sent
+}
+
+/// A birthday pair that both sides can reach over IPv6 goes direct over IPv6 without a single
+/// birthday datagram: the birthday punch waits for IPv6 first, and a proven path cancels it.
+#[test]
+fn a_birthday_punch_waits_for_ipv6_and_never_starts_when_ipv6_goes_direct() {
+    let (mut easy, t0) = easy_side_of_a_dual_stack_birthday_pair(true);
+    assert!(easy.ipv6_available());
+    assert_eq!(
+        easy.birthday_waits_until(),
+        Some(t0 + DEFAULT_IPV6_BEFORE_BIRTHDAY)
+    );
+    let sent = run_silent(&mut easy, t0, t0 + Duration::from_millis(60));
+    assert!(sent.iter().all(|(_, t)| t.birthday.is_none()), "{sent:?}");
+    // The peer answers our IPv6 probe after 60 ms.
+    let probe = sent_to(
+        &sent.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+        addr(B6),
+    );
+    let Ok(StunPacket::BindingRequest { transaction, .. }) = stun::decode(&probe) else {
+        panic!("a probe")
+    };
+    let answer = stun::probe_success(transaction, addr(A6), &key(9));
+    let at = t0 + Duration::from_millis(60);
+    assert!(easy.handle_datagram(addr(B6), &answer, at));
+    match easy.state() {
+        State::Direct(path) => assert_eq!(path.addr, addr(B6)),
+        other => panic!("{other:?}"),
+    }
+    // Long past the wait: still no birthday datagram.
+    let later = run_silent(&mut easy, at, t0 + Duration::from_secs(3));
+    assert!(later.iter().all(|(_, t)| t.birthday.is_none()), "{later:?}");
+    assert_eq!(easy.birthday_sent(), 0);
+}
+
+/// IPv6 available but silent (a firewall drops it): the birthday punch starts once the wait is
+/// over, not before.
+#[test]
+fn a_birthday_punch_starts_when_ipv6_does_not_answer_in_time() {
+    let (mut easy, t0) = easy_side_of_a_dual_stack_birthday_pair(true);
+    let sent = run_silent(&mut easy, t0, t0 + Duration::from_millis(1500));
+    let first = sent
+        .iter()
+        .find(|(_, t)| t.birthday.is_some())
+        .map(|(at, _)| *at)
+        .expect("the birthday punch started");
+    assert!(
+        first >= t0 + DEFAULT_IPV6_BEFORE_BIRTHDAY
+            && first < t0 + DEFAULT_IPV6_BEFORE_BIRTHDAY + Duration::from_millis(10),
+        "first birthday datagram {:?} after the start",
+        first - t0
+    );
+    assert!(sent.iter().any(|(_, t)| t.destination == addr(B6)));
+    assert!(easy.birthday_sent() > 100, "{}", easy.birthday_sent());
+    assert_eq!(easy.birthday_waits_until(), None);
+}
+
+/// Without IPv6 on our side (not proven), or without the peer's proven IPv6 address, nothing
+/// waits: the birthday punch starts with the session, as before.
+#[test]
+fn without_ipv6_on_both_sides_a_birthday_punch_starts_at_once() {
+    let (mut easy, t0) = easy_side_of_a_dual_stack_birthday_pair(false);
+    assert!(!easy.ipv6_available());
+    assert_eq!(easy.birthday_waits_until(), None);
+    let sent = run_silent(&mut easy, t0, t0 + Duration::from_millis(20));
+    assert!(sent.iter().any(|(at, t)| t.birthday.is_some() && *at == t0));
+
+    use crate::birthday::{BirthdayConfig, BirthdayPlan};
+    let only_v4 = Puncher::new(
+        id(1),
+        id(2),
+        intro(9),
+        Role::Initiator,
+        &[observed(B4)],
+        t0,
+        PunchConfig {
+            prefer_ipv6: true,
+            ..PunchConfig::default()
+        },
+    )
+    .with_birthday(
+        BirthdayPlan::Easy {
+            ip: addr(B4).ip(),
+            observed_port: addr(B4).port(),
+        },
+        &BirthdayConfig::default(),
+        42,
+        t0,
+    );
+    assert!(!only_v4.ipv6_available());
+    assert_eq!(only_v4.birthday_waits_until(), None);
+}

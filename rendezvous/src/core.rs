@@ -30,6 +30,9 @@ use time::OffsetDateTime;
 
 use crate::sources::{SourceBuckets, SourceKey};
 
+mod remote;
+pub use remote::{ForwardRefusal, ForwardedIntroduction, RemotePeer};
+
 /// Identifies one QUIC connection in the driver.
 pub type ConnId = u64;
 
@@ -719,6 +722,7 @@ impl Registry {
                         id: target,
                         observed: record.observed,
                         local_addrs: record.local_addrs.clone(),
+                        mapped_port: record.mapped_port,
                         online: self.online.contains_key(&target),
                         last_seen: if self.online.contains_key(&target) {
                             now
@@ -1056,15 +1060,7 @@ impl Registry {
             .introduce(from, target, nonce, key.clone(), now)
         {
             self.counters.rejected += 1;
-            let message = match refusal {
-                IntroductionRefusal::RequesterFull => format!(
-                    "you have {MAX_INTRODUCTIONS_PER_REQUESTER} introductions waiting for an \
-                     accept; try again in a minute"
-                ),
-                IntroductionRefusal::Full => "the server has too many introductions open; \
-                                               try again later"
-                    .to_owned(),
-            };
+            let message = introduction_refusal_message(refusal);
             return (
                 ControlMessage::error(ErrorCode::RateLimited, message),
                 Vec::new(),
@@ -1199,6 +1195,19 @@ impl Registry {
         record.last_seen = record.last_seen.max(now);
         self.expiry.insert((record.last_seen, id));
         Some((id, record.clone()))
+    }
+}
+
+/// What a peer is told when its introduction cannot be made now.
+fn introduction_refusal_message(refusal: IntroductionRefusal) -> String {
+    match refusal {
+        IntroductionRefusal::RequesterFull => format!(
+            "you have {MAX_INTRODUCTIONS_PER_REQUESTER} introductions waiting for an accept; try \
+             again in a minute"
+        ),
+        IntroductionRefusal::Full => {
+            "the server has too many introductions open; try again later".to_owned()
+        }
     }
 }
 
@@ -1569,6 +1578,18 @@ mod tests {
             "second, on the observed IP"
         );
         assert_eq!(candidates[2].kind, CandidateKind::Local);
+        // A query (`peer lookup`) says so too.
+        let out = reg.handle(
+            1,
+            id(1),
+            addr(4000),
+            ControlMessage::Query { id: id(2) },
+            T0,
+        );
+        match out.reply {
+            Some(ControlMessage::PeerInfo(info)) => assert_eq!(info.mapped_port, Some(41000)),
+            other => panic!("{other:?}"),
+        }
         // The mapping changes, then goes: later introductions follow.
         let out = reg.handle(
             2,
@@ -2339,9 +2360,10 @@ mod tests {
     fn older_peers_are_refused_clearly() {
         // Version 2 keyed probes by the public nonce; version 3 would not announce its port
         // mapping nor report its NAT profile for birthday punching; version 4 would not prove
-        // its IPv6 address, and a version-4 server would refuse `confirm_address`.
-        assert_eq!(PROTOCOL_VERSION, 5);
-        for version in [2, 3, 4] {
+        // its IPv6 address, and a version-4 server would refuse `confirm_address`; a version-5
+        // peer would refuse `mapped_port` in `peer_info`.
+        assert_eq!(PROTOCOL_VERSION, 6);
+        for version in [2, 3, 4, 5] {
             let mut reg = Registry::new([], [1; 32]);
             let out = reg.handle(
                 1,
@@ -2362,7 +2384,7 @@ mod tests {
                 panic!("{:?}", out.reply)
             };
             assert!(
-                message.contains("version 5")
+                message.contains("version 6")
                     && message.contains(&format!("version {version}"))
                     && message.contains("upgrade"),
                 "{message}"

@@ -1,6 +1,9 @@
 //! The rendezvous server: registry, punch coordination and STUN, as a library so that tests and
 //! benchmarks can run it in-process. The `rendezvous` binary is a thin CLI over [`Server`].
 
+pub mod backend;
+pub mod cluster;
+pub mod config_file;
 pub mod core;
 pub mod metrics;
 pub mod observe;
@@ -50,6 +53,8 @@ pub struct Config {
     pub metrics_limits: metrics::MetricsLimits,
     /// Registry growth: registration rate limits per source, row cap, expiry of offline rows.
     pub registry: core::RegistryLimits,
+    /// Share the registry with other nodes in Redis (`None`: the embedded redb registry).
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Config {
@@ -69,6 +74,7 @@ impl Config {
             tunnel_limits: tunnel::TunnelLimits::default(),
             metrics_limits: metrics::MetricsLimits::default(),
             registry: core::RegistryLimits::default(),
+            cluster: None,
         }
     }
 }
@@ -102,6 +108,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The cluster configuration is unusable.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// The TCP tunnel port could not be bound.
     #[error("TCP tunnel on {addr}: {source}")]
     Tcp {
@@ -122,7 +131,13 @@ pub struct Server {
     registered: usize,
     shutdown_tx: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    writer: std::thread::JoinHandle<()>,
+    writer: Writer,
+}
+
+/// What writes the registry: redb's writer thread, or the cluster's writer task.
+enum Writer {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
 }
 
 impl Server {
@@ -140,7 +155,29 @@ impl Server {
         let expired_before = time::Duration::try_from(config.registry.expire_after)
             .ok()
             .and_then(|d| time::OffsetDateTime::now_utc().checked_sub(d));
-        let (store, records, writer) = store::open_expiring(&config.data_dir, expired_before)?;
+        let (backend, records, writer) = match &config.cluster {
+            None => {
+                let (store, records, writer) =
+                    store::open_expiring(&config.data_dir, expired_before)?;
+                (
+                    backend::Backend::Embedded(store),
+                    records,
+                    Writer::Thread(writer),
+                )
+            }
+            // The cluster's records live in Redis; this node's registry starts empty and
+            // holds the peers that register here.
+            Some(cluster_config) => {
+                let (cluster, queue) =
+                    cluster::Cluster::open(cluster_config, config.registry.expire_after).await?;
+                let writer = tokio::spawn(cluster.clone().run_writer(queue));
+                (
+                    backend::Backend::Cluster(cluster),
+                    Vec::new(),
+                    Writer::Task(writer),
+                )
+            }
+        };
         let registered = records.len();
         // The seed of the introductions' nonces and secret keys, from the operating system's
         // CSPRNG (rand's thread rng is a ChaCha seeded from it).
@@ -183,9 +220,18 @@ impl Server {
             None => None,
         };
         let stun_counters = Arc::new(stun::StunCounters::default());
+        if let Some(cluster) = backend.cluster() {
+            let fingerprint = identity.fingerprint().to_string();
+            cluster.set_node_info(&cluster::NodeInfo {
+                addr: local_addr.to_string(),
+                fingerprint: fingerprint.clone(),
+                online: 0,
+            });
+            cluster.claim_node_id(&fingerprint).await?;
+        }
         let shared = server::Shared::new(
             registry,
-            store,
+            backend,
             config.limits,
             relay::RelayHub::new(trace),
             stun_counters.clone(),
@@ -305,7 +351,21 @@ impl Server {
         let _ = self.shutdown_tx.send(true);
         let _ = self.task.await;
         // All store handles lived in the tasks: the writer drains its queue and exits.
-        let _ = tokio::task::spawn_blocking(move || self.writer.join()).await;
+        match self.writer {
+            Writer::Thread(writer) => {
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            }
+            // Its queue's last writes (peers going offline) take at most a call timeout each
+            // batch; Redis being down must not hold the shutdown.
+            Writer::Task(mut writer) => {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), &mut writer)
+                    .await
+                    .is_err()
+                {
+                    writer.abort();
+                }
+            }
+        }
     }
 
     /// Waits until the server stops by itself (it only does on shutdown).

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use rendezvous::core::RegistryLimits;
 use rendezvous::metrics::MetricsLimits;
 use rendezvous::relay::RelayLimits;
@@ -37,6 +37,11 @@ enum LogFormat {
 enum Command {
     /// Serve QUIC (control protocol) and STUN on one UDP port.
     Serve {
+        /// Read options from this TOML file: keys are the option names without `--`
+        /// (`listen = "[::]:7000"`, `max-connections = 50000`); options given on the command
+        /// line override the file's; an unknown key is an error.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// UDP address to listen on. The default `[::]:7000` is one dual-stack socket (IPv4 and
         /// IPv6); `0.0.0.0:7000` serves IPv4 only.
         #[arg(long, default_value = "[::]:7000")]
@@ -104,6 +109,14 @@ enum Command {
         /// server handles (it only ever sees the peers' encrypted QUIC packets).
         #[arg(long, env = "RENDEZVOUS_RELAY_TRACE")]
         relay_trace: Option<PathBuf>,
+        /// Share the registry with other rendezvous nodes in Redis: `redis://HOST:PORT/`
+        /// (`redis://:PASSWORD@HOST:PORT/DB` with a password). Needs --node-id. Without it the
+        /// registry is the embedded one in --data-dir.
+        #[arg(long, value_name = "URL")]
+        cluster: Option<String>,
+        /// This node's name in the cluster (1 to 64 letters, digits, `.`, `_`, `-`; unique).
+        #[arg(long, value_name = "NAME")]
+        node_id: Option<String>,
         #[command(flatten)]
         edge: EdgeArgs,
     },
@@ -234,9 +247,43 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Parses the command line `args` (program name first), merging `serve --config FILE` in (the
+/// command line wins). A usage error exits as clap does (message and usage, status 2).
+fn parse_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
+    let command = Cli::command();
+    let matches = command
+        .clone()
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| e.exit());
+    let merged = match matches.subcommand() {
+        Some(("serve", serve)) => match serve.get_one::<PathBuf>("config") {
+            Some(path) => Some((
+                path.clone(),
+                rendezvous::config_file::merge_args(&command, "serve", serve, &args, path)?,
+            )),
+            None => None,
+        },
+        _ => None,
+    };
+    let Some((path, merged)) = merged else {
+        return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+    };
+    // The command line alone parsed: an error now comes from a value in the file.
+    let matches = command.try_get_matches_from(merged).map_err(|e| {
+        let message = e.to_string();
+        let first = message.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "config file {}: {}",
+            path.display(),
+            first.trim_start_matches("error: ")
+        )
+    })?;
+    Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse_cli(std::env::args_os().collect())?;
     init_logging(cli.log_format);
     match cli.command {
         Command::Fingerprint { data_dir } => {
@@ -244,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve {
+            config: _,
             listen,
             data_dir,
             max_connections,
@@ -262,7 +310,17 @@ async fn main() -> anyhow::Result<()> {
             edge,
             max_registered,
             expire_after_days,
+            cluster,
+            node_id,
         } => {
+            let cluster = cluster_config(cluster, node_id)?;
+            let cluster_line = cluster.as_ref().map(|c| {
+                format!(
+                    "cluster node {} (registry in Redis at {})",
+                    c.node_id,
+                    redact_password(&c.url)
+                )
+            });
             let (tunnel_limits, metrics_limits) = edge.limits();
             let tcp_required = tcp_listen.as_deref().is_some_and(|t| t != "off");
             let tcp_listen =
@@ -306,6 +364,7 @@ async fn main() -> anyhow::Result<()> {
                     ),
                     ..RegistryLimits::default()
                 },
+                cluster,
             })
             .await
             .with_context(|| format!("starting the rendezvous on {listen}"))?;
@@ -322,16 +381,51 @@ async fn main() -> anyhow::Result<()> {
                 println!("metrics on http://{metrics}/metrics");
             }
             println!("server key {}", server.fingerprint());
-            println!(
-                "data dir {} ({} registered peers loaded)",
-                data_dir.display(),
-                server.registered_at_start()
-            );
+            match cluster_line {
+                Some(line) => println!("{line}"),
+                None => println!(
+                    "data dir {} ({} registered peers loaded)",
+                    data_dir.display(),
+                    server.registered_at_start()
+                ),
+            }
             wait_for_signal().await?;
             println!("shutting down");
             server.shutdown().await;
             Ok(())
         }
+    }
+}
+
+/// `--cluster URL --node-id NAME`: both or neither (checked here rather than by clap, since
+/// one may come from the config file and the other from the command line).
+fn cluster_config(
+    url: Option<String>,
+    node_id: Option<String>,
+) -> anyhow::Result<Option<rendezvous::cluster::ClusterConfig>> {
+    match (url, node_id) {
+        (Some(url), Some(node_id)) => Ok(Some(rendezvous::cluster::ClusterConfig {
+            url,
+            node_id,
+            timings: Default::default(),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => anyhow::bail!("--cluster needs --node-id NAME (unique in the cluster)"),
+        (None, Some(_)) => anyhow::bail!("--node-id is for a cluster node: add --cluster URL"),
+    }
+}
+
+/// The URL without its password (`redis://user:***@host:port/`), for logs.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -411,6 +505,198 @@ mod tests {
             err(&["--stun-alt-port", "off", "--stun-alt-ip", "192.0.2.2"])
                 .contains("needs an alternate port")
         );
+    }
+
+    /// A config file in a fresh temporary directory, removed on drop.
+    struct ConfigFile(PathBuf);
+
+    impl ConfigFile {
+        fn new(text: &[u8]) -> ConfigFile {
+            let dir = std::env::temp_dir().join(format!(
+                "rv-config-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("rendezvous.toml");
+            std::fs::write(&path, text).unwrap();
+            ConfigFile(path)
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn serve_with(file: &ConfigFile, extra: &[&str]) -> anyhow::Result<Command> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "rendezvous".into(),
+            "serve".into(),
+            "--config".into(),
+            file.0.clone().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        parse_cli(args).map(|cli| cli.command)
+    }
+
+    /// Every option of the file is used, the command line overrides it, and the file's values
+    /// pass the CLI's own checks.
+    #[test]
+    fn config_file_sets_options_and_the_command_line_wins() {
+        let file = ConfigFile::new(
+            br#"
+# a comment
+listen = "127.0.0.1:7100"
+data-dir = "/var/lib/rendezvous"
+max-connections = 1234
+expire-after-days = 7
+tcp-listen = "off"
+tunnel-handshake-timeout = 2.5
+metrics-per-source = 3
+"#,
+        );
+        let Command::Serve {
+            listen,
+            data_dir,
+            max_connections,
+            expire_after_days,
+            tcp_listen,
+            edge,
+            max_registered,
+            ..
+        } = serve_with(&file, &["--max-connections", "99"]).unwrap()
+        else {
+            panic!("serve");
+        };
+        assert_eq!(listen, "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(data_dir, PathBuf::from("/var/lib/rendezvous"));
+        assert_eq!(max_connections, 99, "the command line overrides the file");
+        assert_eq!(expire_after_days, 7);
+        assert_eq!(tcp_listen.as_deref(), Some("off"));
+        assert_eq!(edge.tunnel_handshake_timeout, Duration::from_millis(2500));
+        assert_eq!(edge.metrics_per_source, 3);
+        // Not in the file: the default.
+        assert_eq!(max_registered, RegistryLimits::default().max_registered);
+    }
+
+    /// A typo is never ignored: the unknown key is named (with the dashed spelling when it is
+    /// only the underscores); values of the wrong type or out of range name the file and key.
+    #[test]
+    fn config_file_errors_name_the_key() {
+        let err = |text: &str| {
+            let file = ConfigFile::new(text.as_bytes());
+            format!("{:#}", serve_with(&file, &[]).unwrap_err())
+        };
+        let typo = err("max_connections = 5\n");
+        assert!(typo.contains("unknown key `max_connections`"), "{typo}");
+        assert!(typo.contains("did you mean `max-connections`"), "{typo}");
+        let unknown = err("listen = \"127.0.0.1:1\"\nfrobnicate = 1\n");
+        assert!(unknown.contains("unknown key `frobnicate`"), "{unknown}");
+        // `config` is not an option of the file (no includes).
+        assert!(err("config = \"/etc/x\"\n").contains("unknown key `config`"));
+        let table = err("[serve]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(table.contains("unknown key `serve`"), "{table}");
+        let list = err("listen = [\"127.0.0.1:1\"]\n");
+        assert!(list.contains("key `listen`: a list"), "{list}");
+        let range = err("expire-after-days = 0\n");
+        assert!(
+            range.contains("config file") && range.contains("0"),
+            "{range}"
+        );
+        let addr = err("listen = \"nowhere\"\n");
+        assert!(
+            addr.contains("config file") && addr.contains("nowhere"),
+            "{addr}"
+        );
+        let syntax = err("listen = \n");
+        assert!(syntax.contains("not valid TOML"), "{syntax}");
+        let big = ConfigFile::new(&vec![b'#'; 100 * 1024]);
+        let too_large = format!("{:#}", serve_with(&big, &[]).unwrap_err());
+        assert!(too_large.contains("at most 65536"), "{too_large}");
+        let missing = parse_cli(vec![
+            "rendezvous".into(),
+            "serve".into(),
+            "--config".into(),
+            "/nonexistent/rendezvous.toml".into(),
+        ]);
+        assert!(format!("{:#}", missing.unwrap_err()).contains("/nonexistent/rendezvous.toml"));
+    }
+
+    /// `--cluster` and `--node-id` go together, on the command line or in the file; the
+    /// password in the URL is never printed.
+    #[test]
+    fn cluster_flags_come_together_and_hide_the_password() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["rendezvous", "serve"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all)
+        };
+        let cluster = |args: &[&str]| {
+            let Command::Serve {
+                cluster, node_id, ..
+            } = parse(args).unwrap().command
+            else {
+                panic!("serve");
+            };
+            cluster_config(cluster, node_id).map_err(|e| e.to_string())
+        };
+        assert!(cluster(&["--cluster", "redis://127.0.0.1:6379/"])
+            .unwrap_err()
+            .contains("needs --node-id"));
+        assert!(cluster(&["--node-id", "a"])
+            .unwrap_err()
+            .contains("add --cluster"));
+        assert_eq!(cluster(&[]), Ok(None));
+        let both = cluster(&["--cluster", "redis://127.0.0.1:6379/", "--node-id", "a"]);
+        assert_eq!(both.unwrap().unwrap().node_id, "a");
+        let file = ConfigFile::new(b"cluster = \"redis://10.0.0.5:6379/\"\nnode-id = \"eu-1\"\n");
+        let Command::Serve {
+            cluster, node_id, ..
+        } = serve_with(&file, &["--node-id", "eu-2"]).unwrap()
+        else {
+            panic!("serve");
+        };
+        assert_eq!(cluster.as_deref(), Some("redis://10.0.0.5:6379/"));
+        assert_eq!(node_id.as_deref(), Some("eu-2"));
+        assert_eq!(
+            redact_password("redis://:s3cr@t@10.0.0.5:6379/0"),
+            "redis://:***@10.0.0.5:6379/0"
+        );
+        assert_eq!(redact_password("redis://rv:pw@h:1/"), "redis://rv:***@h:1/");
+        assert_eq!(redact_password("redis://h:1/"), "redis://h:1/");
+    }
+
+    /// The example config file that docs/deploy.md installs is one `serve` accepts.
+    #[test]
+    fn the_deploy_config_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rendezvous.toml");
+        let cli = parse_cli(vec![
+            "rendezvous".into(),
+            "serve".into(),
+            "--config".into(),
+            path.into(),
+        ])
+        .unwrap();
+        let Command::Serve {
+            listen,
+            data_dir,
+            tcp_listen,
+            metrics,
+            cluster,
+            ..
+        } = cli.command
+        else {
+            panic!("serve");
+        };
+        assert_eq!(listen, "[::]:7000".parse().unwrap());
+        assert_eq!(data_dir, PathBuf::from("/var/lib/rendezvous"));
+        assert_eq!(tcp_listen.as_deref(), Some("[::]:443"));
+        assert_eq!(metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(cluster, None);
     }
 
     #[test]

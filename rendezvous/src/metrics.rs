@@ -82,6 +82,24 @@ pub struct Snapshot {
     pub handshake_timeouts: u64,
     /// Peers disconnected for not reading their replies within the write timeout.
     pub not_reading: u64,
+    /// In a cluster (`--cluster`): what the node did with the cluster registry.
+    pub cluster: Option<ClusterSnapshot>,
+}
+
+/// The cluster side of a node, for the operator.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClusterSnapshot {
+    /// Whether Redis answered the latest call (0: degraded mode).
+    pub redis_up: u64,
+    /// Redis calls that failed or timed out.
+    pub redis_failures: u64,
+    /// Introductions across nodes: forwarded to other nodes, received and pushed here, dropped
+    /// here (malformed, or for a peer not online here).
+    pub introductions: [(&'static str, u64); 3],
+    /// Live nodes in the cluster.
+    pub nodes: u64,
+    /// Peers online on all the live nodes.
+    pub online: u64,
 }
 
 /// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
@@ -275,6 +293,43 @@ pub fn render(s: &Snapshot) -> String {
             unlabelled(s.not_reading),
         ),
     ];
+    let mut metrics = metrics;
+    if let Some(cluster) = &s.cluster {
+        metrics.extend([
+            (
+                "rendezvous_cluster_redis_up",
+                "gauge",
+                "Whether the cluster registry (Redis) answered the latest call (0: degraded mode).",
+                unlabelled(cluster.redis_up),
+            ),
+            (
+                "rendezvous_cluster_redis_failures_total",
+                "counter",
+                "Calls to the cluster registry (Redis) that failed or timed out.",
+                unlabelled(cluster.redis_failures),
+            ),
+            (
+                "rendezvous_cluster_nodes",
+                "gauge",
+                "Live nodes in the cluster (as of this node's latest refresh, every 20 s).",
+                unlabelled(cluster.nodes),
+            ),
+            (
+                "rendezvous_cluster_online_peers",
+                "gauge",
+                "Peers online on all the live nodes of the cluster (each node's count as of its \
+                 latest refresh).",
+                unlabelled(cluster.online),
+            ),
+            (
+                "rendezvous_cluster_introductions_total",
+                "counter",
+                "Introductions across nodes: forwarded to another node, received from one and \
+                 pushed here, dropped here (malformed, or the target is not online here).",
+                labelled("direction", &cluster.introductions),
+            ),
+        ]);
+    }
     let mut out = String::new();
     for (name, kind, help, samples) in metrics {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -292,6 +347,20 @@ pub(crate) fn snapshot(
     scrapes: &MetricsCounters,
 ) -> Snapshot {
     let (registered, online, counters) = shared.registry_view();
+    let cluster = shared.cluster().map(|cluster| {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        ClusterSnapshot {
+            redis_up: u64::from(cluster.available()),
+            redis_failures: get(&cluster.counters.failures),
+            introductions: [
+                ("forwarded", get(&cluster.counters.forwarded)),
+                ("received", get(&cluster.counters.received)),
+                ("dropped", get(&cluster.counters.dropped)),
+            ],
+            nodes: get(&cluster.counters.nodes),
+            online: get(&cluster.counters.cluster_online),
+        }
+    });
     let relay = &shared.relay.counters;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     Snapshot {
@@ -370,6 +439,7 @@ pub(crate) fn snapshot(
         ],
         handshake_timeouts: get(&shared.conns.handshake_timeouts),
         not_reading: get(&shared.conns.not_reading),
+        cluster,
     }
 }
 
@@ -602,6 +672,22 @@ mod tests {
         );
         assert!(text.contains("rendezvous_stun_requests_total{outcome=\"answered\"} 5\n"));
         assert!(text.contains("rendezvous_tcp_tunnels_open 0\n"));
+        // A single node has no cluster metrics; a cluster node has them.
+        assert!(!text.contains("rendezvous_cluster_"));
+        let node = render(&Snapshot {
+            cluster: Some(ClusterSnapshot {
+                redis_up: 1,
+                redis_failures: 2,
+                introductions: [("forwarded", 3), ("received", 4), ("dropped", 5)],
+                nodes: 3,
+                online: 7,
+            }),
+            ..Snapshot::default()
+        });
+        assert!(node.contains("rendezvous_cluster_redis_up 1\n"));
+        assert!(node.contains("rendezvous_cluster_nodes 3\n"));
+        assert!(node.contains("rendezvous_cluster_online_peers 7\n"));
+        assert!(node.contains("rendezvous_cluster_introductions_total{direction=\"received\"} 4\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<u64>().is_ok(), "{line}");

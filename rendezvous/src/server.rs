@@ -20,11 +20,14 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::backend::Backend;
 use crate::core::{ConnId, Outcome, Registry, RelayRefusal};
 use crate::ratelimit::TokenBucket;
 use crate::relay::{Permission, RelayHub, RelayLimits};
 use crate::sources::{Slot, SlotRefusal, SourceKey, SourceSlots};
-use crate::store::Store;
+
+/// The cluster side of the driver (`--cluster`): lookups and introductions across nodes.
+mod cluster_driver;
 
 /// How long a QUIC handshake may take; it holds a handshake slot meanwhile.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -149,7 +152,7 @@ struct Online {
 pub(crate) struct Shared {
     registry: Mutex<Registry>,
     online: Mutex<HashMap<ConnId, Online>>,
-    store: Store,
+    backend: Backend,
     limits: Limits,
     pub(crate) relay: Arc<RelayHub>,
     pub(crate) stun: Arc<crate::stun::StunCounters>,
@@ -247,7 +250,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn new(
         registry: Registry,
-        store: Store,
+        backend: Backend,
         limits: Limits,
         relay: RelayHub,
         stun: Arc<crate::stun::StunCounters>,
@@ -255,7 +258,7 @@ impl Shared {
         Arc::new(Shared {
             registry: Mutex::new(registry),
             online: Mutex::new(HashMap::new()),
-            store,
+            backend,
             limits,
             relay: Arc::new(relay),
             stun,
@@ -291,11 +294,26 @@ impl Shared {
             }
             _ => None,
         };
+        // The other nodes hand it to the other side of this peer's introductions.
+        let nat_report = match &msg {
+            ControlMessage::Nat { nat } => Some(*nat),
+            _ => None,
+        };
+        let remote = match self.backend.cluster() {
+            Some(cluster) => {
+                self.cluster_outcome(cluster, conn, id, observed, &msg)
+                    .await
+            }
+            None => None,
+        };
         let Outcome {
             reply,
             pushes,
             persist,
-        } = lock(&self.registry).handle(conn, id, observed, msg, OffsetDateTime::now_utc());
+        } = match remote {
+            Some(outcome) => outcome,
+            None => lock(&self.registry).handle(conn, id, observed, msg, OffsetDateTime::now_utc()),
+        };
         if let (Some(other), Some(ControlMessage::Ack {} | ControlMessage::Punch { .. })) =
             (other_side, &reply)
         {
@@ -303,9 +321,14 @@ impl Shared {
             // from before does not hold up the new one), and flush what they held on accept.
             self.relay.permissions_changed(id, other);
         }
+        if let (Some(nat), Some(ControlMessage::Ack {}), Some(cluster)) =
+            (nat_report, &reply, self.backend.cluster())
+        {
+            cluster.nat_later(id, nat);
+        }
         if let Some((who, record)) = persist {
             if durable {
-                if let Err(e) = self.store.put(who, record).await {
+                if let Err(e) = self.backend.put(who, record).await {
                     tracing::error!(error = %e, "could not persist registration");
                     return Some(ControlMessage::error(
                         ErrorCode::Internal,
@@ -313,21 +336,31 @@ impl Shared {
                     ));
                 }
             } else {
-                self.store.put_later(who, record);
+                self.backend.put_later(who, record);
             }
         }
         for (target, push) in pushes {
-            let sender = lock(&self.online).get(&target).map(|o| o.pusher.clone());
-            match sender {
-                Some(sender) => {
-                    if sender.try_send(push).is_err() {
-                        tracing::warn!(conn = target, "push queue full or closed; dropped");
-                    }
-                }
-                None => tracing::warn!(conn = target, "push target has no control stream"),
-            }
+            self.push(target, push);
         }
         reply
+    }
+
+    /// Queues `push` on connection `target`'s control stream (dropped if its queue is full).
+    pub(crate) fn push(&self, target: ConnId, push: ControlMessage) -> bool {
+        let sender = lock(&self.online).get(&target).map(|o| o.pusher.clone());
+        match sender {
+            Some(sender) => {
+                let queued = sender.try_send(push).is_ok();
+                if !queued {
+                    tracing::warn!(conn = target, "push queue full or closed; dropped");
+                }
+                queued
+            }
+            None => {
+                tracing::warn!(conn = target, "push target has no control stream");
+                false
+            }
+        }
     }
 }
 
@@ -340,6 +373,11 @@ impl Shared {
             registry.online() as u64,
             registry.counters(),
         )
+    }
+
+    /// The cluster registry, if this node is part of a cluster.
+    pub(crate) fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.backend.cluster()
     }
 
     /// A TCP tunnel from `remote` carries the packets of `virtual_addr` (`Some`), or closed
@@ -374,7 +412,7 @@ impl Shared {
         let persist = lock(&self.registry).observe(target, current, OffsetDateTime::now_utc());
         if let Some((who, record)) = persist {
             tracing::info!(peer = %who, observed = %current, "address changed");
-            self.store.put_later(who, record);
+            self.backend.put_later(who, record);
         }
     }
 }
@@ -390,6 +428,9 @@ pub(crate) async fn serve(
     let mut tasks = JoinSet::new();
     tasks.spawn(log_counters(shared.clone(), shutdown.clone()));
     tasks.spawn(expire_rows(shared.clone(), shutdown.clone()));
+    if let Some(cluster) = shared.backend.cluster() {
+        cluster_driver::spawn(&mut tasks, cluster.clone(), &shared, &shutdown);
+    }
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -546,7 +587,7 @@ async fn expire_rows(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             if n == 0 {
                 break;
             }
-            if let Err(e) = shared.store.delete_expired(expired).await {
+            if let Err(e) = shared.backend.delete_expired(expired).await {
                 // The rows are gone from memory; storage drops them at the next start.
                 tracing::error!(error = %e, rows = n, "could not delete expired rows");
                 break;
@@ -672,7 +713,7 @@ async fn handle_connection(
     }
     let gone = lock(&shared.registry).disconnected(conn_id, id, OffsetDateTime::now_utc());
     if let Some((who, record)) = gone {
-        shared.store.put_later(who, record);
+        shared.backend.offline(who, record);
         tracing::info!(peer = %id, "offline");
     }
     result

@@ -1172,11 +1172,10 @@ mod tests {
         }
     }
 
-    /// An opening probe leaves with the TTL it asked for; the datagrams sent before and after
-    /// it (STUN's `send_to`, and so quinn's) keep the socket's default.
+    /// A blocking socket on 127.0.0.1 (port 0) with IP_RECVTTL set and a 5 s read timeout:
+    /// [`recv_with_ttl`] on it tells the TTL each datagram arrived with.
     #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn send_with_ttl_sets_the_ttl_of_that_datagram_only() {
+    fn ttl_receiver() -> std::net::UdpSocket {
         use std::os::fd::AsRawFd;
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         receiver
@@ -1193,7 +1192,16 @@ mod tests {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        assert_eq!(rc, 0);
+        assert_eq!(rc, 0, "IP_RECVTTL: {}", io::Error::last_os_error());
+        receiver
+    }
+
+    /// An opening probe leaves with the TTL it asked for; the datagrams sent before and after
+    /// it (STUN's `send_to`, and so quinn's) keep the socket's default.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn send_with_ttl_sets_the_ttl_of_that_datagram_only() {
+        let receiver = ttl_receiver();
         let to = receiver.local_addr().unwrap();
         let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let default_ttl = std_socket.ttl().unwrap() as i32;
@@ -1218,28 +1226,12 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn send_with_ttl_from_a_dual_stack_socket_to_an_ipv4_peer() {
-        use std::os::fd::AsRawFd;
         let std_socket = crate::endpoint::bind_udp("[::]:0".parse().unwrap(), false).unwrap();
         if std_socket.local_addr().is_ok_and(|a| a.is_ipv4()) {
             eprintln!("skipped: this host has no IPv6");
             return;
         }
-        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        receiver
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let on: libc::c_int = 1;
-        // SAFETY: a valid fd and a c_int option value of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                receiver.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_RECVTTL,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        let receiver = ttl_receiver();
         let to = receiver.local_addr().unwrap();
         let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
         socket.send_with_ttl(b"opening", to, 2).unwrap();

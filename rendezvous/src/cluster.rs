@@ -1,0 +1,1023 @@
+//! The cluster registry: several rendezvous nodes sharing one registry in Redis
+//! (`rendezvous serve --cluster redis://HOST:PORT/ --node-id NAME`).
+//!
+//! Each node keeps its own peers in its in-memory [`crate::core::Registry`] exactly as a single
+//! node does (their connections, introductions and rate limits live there); Redis holds what the
+//! other nodes need to find them. Keys (`{id}` is a peer id, `{node}` a node id):
+//!
+//! | key | value | TTL |
+//! |---|---|---|
+//! | `rv:peer:{id}` | the peer's record, the JSON of [`Record`] (same as a redb row) | `--expire-after-days`, renewed while online |
+//! | `rv:online:{id}` | the node holding the peer online | [`ClusterTimings::online_ttl`] (60 s), renewed every [`ClusterTimings::refresh_every`] (20 s) |
+//! | `rv:node:{node}` | the node's UDP address and key fingerprint (JSON) | 60 s, renewed likewise |
+//!
+//! and one pub/sub channel per node, `rv:punch:{node}`, carrying the introductions other
+//! nodes forward to that node's peers ([`ForwardedIntroduction`] in a versioned JSON envelope).
+//!
+//! Expiry is Redis's: a record disappears `--expire-after-days` after its last write (a node
+//! rewrites the records of its online peers every refresh), an online mark 60 s after its node
+//! stopped renewing it (a node that died). A newer registration on another node takes the
+//! online mark over; a node's renewal and its going-offline write only touch a mark that is
+//! still its own (small Lua scripts), so an old connection cannot take a peer back.
+//!
+//! Degraded mode (Redis unreachable): see [`Cluster::available`] and docs/cluster.md. Every
+//! Redis call has a timeout, pipelines are bounded, values read are bounded in size and parsed
+//! into typed errors: Redis is hostile input too.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::nat::NatProfile;
+use common::PeerId;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::core::{ForwardedIntroduction, Record};
+
+/// Largest record read from Redis (a record is at most about 1.5 KB: 16 addresses); a longer
+/// value is malformed.
+pub const MAX_RECORD_BYTES: usize = 8 * 1024;
+
+/// Largest NAT profile read from Redis (one is about 100 bytes); a longer one is ignored.
+pub const MAX_NAT_BYTES: usize = 1024;
+
+/// Largest node id.
+pub const MAX_NODE_ID: usize = 64;
+
+/// Largest pub/sub message handled; a longer one is dropped.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// Most writes waiting for the writer task; a write beyond that is dropped (and made good by
+/// the next refresh).
+pub const WRITE_QUEUE: usize = 4096;
+
+/// Most writes in one pipeline.
+pub const WRITE_BATCH: usize = 128;
+
+/// Most peers re-asserted in one pipeline by a refresh.
+pub const REFRESH_BATCH: usize = 256;
+
+/// The version of the pub/sub envelope.
+const ENVELOPE_VERSION: u32 = 1;
+
+/// Sets the online mark only if it is free or already this node's (a renewal never takes a
+/// peer from the node it moved to). KEYS[1] mark, ARGV[1] node, ARGV[2] TTL seconds.
+const CLAIM_IF_FREE_OR_MINE: &str = "local v = redis.call('GET', KEYS[1]) \
+    if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
+    return 1 end return 0";
+
+/// Deletes the online mark only if it is this node's. KEYS[1] mark, ARGV[1] node.
+const RELEASE_IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('DEL', KEYS[1]) end return 0";
+
+/// The Redis key of a peer's record.
+pub fn peer_key(id: &PeerId) -> String {
+    format!("rv:peer:{id}")
+}
+
+/// The Redis key of a peer's online mark (its value: the node holding it).
+pub fn online_key(id: &PeerId) -> String {
+    format!("rv:online:{id}")
+}
+
+/// The Redis key of the NAT profile an online peer reported (handed to the other side of its
+/// introductions, which decides on birthday punching with it).
+pub fn nat_key(id: &PeerId) -> String {
+    format!("rv:nat:{id}")
+}
+
+/// The sorted set of the live nodes' ids, scored by when their entry expires (Unix seconds).
+pub const NODES_KEY: &str = "rv:nodes";
+
+/// Most nodes counted in the cluster-level metrics.
+pub const MAX_NODES: usize = 256;
+
+/// The Redis key of a node's liveness entry.
+pub fn node_key(node: &str) -> String {
+    format!("rv:node:{node}")
+}
+
+/// The pub/sub channel of a node: introductions forwarded to its peers.
+pub fn punch_channel(node: &str) -> String {
+    format!("rv:punch:{node}")
+}
+
+/// Timings of the cluster registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterTimings {
+    /// Most time one Redis call (or pipeline) may take before it counts as failed.
+    pub call_timeout: Duration,
+    /// TTL of a peer's online mark and of a node's liveness entry: how long a dead node's peers
+    /// still look online.
+    pub online_ttl: Duration,
+    /// How often a node renews its peers' records and online marks.
+    pub refresh_every: Duration,
+    /// How often a node pings Redis (so an outage is noticed within this, and in degraded mode
+    /// so is the recovery) and a lost subscription is tried again.
+    pub probe_every: Duration,
+}
+
+impl Default for ClusterTimings {
+    fn default() -> Self {
+        ClusterTimings {
+            call_timeout: Duration::from_secs(2),
+            online_ttl: Duration::from_secs(60),
+            refresh_every: Duration::from_secs(20),
+            probe_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `--cluster URL --node-id NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis URL: `redis://[USER:PASSWORD@]HOST:PORT[/DB]` or `redis+unix:///PATH`.
+    pub url: String,
+    /// This node's name, unique in the cluster.
+    pub node_id: String,
+    /// Timings.
+    pub timings: ClusterTimings,
+}
+
+/// Failures of the cluster registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// The node id is unusable.
+    #[error(
+        "node id {0:?}: 1 to {MAX_NODE_ID} letters, digits, `.`, `_` or `-` (unique in the cluster)"
+    )]
+    BadNodeId(String),
+    /// The Redis URL is unusable.
+    #[error("cluster URL {url:?}: {message}")]
+    BadUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Redis is unreachable (degraded mode).
+    #[error("the cluster registry (Redis) is unreachable: {0}")]
+    Unavailable(String),
+    /// A call took longer than [`ClusterTimings::call_timeout`].
+    #[error("the cluster registry (Redis) did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error.
+    #[error("the cluster registry (Redis) failed: {0}")]
+    Redis(String),
+    /// Another live node, with another key, holds this node id.
+    #[error(
+        "node id {node:?} is in use by a live node with another key (at {addr}); give each node \
+         its own --node-id (or wait up to a minute after stopping the other one)"
+    )]
+    NodeIdInUse {
+        /// The node id.
+        node: String,
+        /// The other node's address, as it published it.
+        addr: String,
+    },
+    /// A value read from Redis is not what a node writes.
+    #[error("malformed value in the cluster registry at {key}: {why}")]
+    Malformed {
+        /// The key (or channel).
+        key: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Checks a node id: 1 to [`MAX_NODE_ID`] ASCII letters, digits, `.`, `_`, `-` (it is part of
+/// Redis keys and channel names).
+pub fn check_node_id(node: &str) -> Result<(), ClusterError> {
+    let ok = !node.is_empty()
+        && node.len() <= MAX_NODE_ID
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ClusterError::BadNodeId(node.to_owned()))
+    }
+}
+
+/// What the cluster registry holds about a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterPeer {
+    /// Its record.
+    pub record: Record,
+    /// The node holding it online, if any.
+    pub node: Option<String>,
+    /// The NAT profile it reported to its node, if any.
+    pub nat: Option<NatProfile>,
+}
+
+/// What a node publishes about itself in `rv:node:{node}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its UDP address (QUIC, STUN).
+    pub addr: String,
+    /// Its key's fingerprint.
+    pub fingerprint: String,
+    /// Peers online on it at its latest refresh.
+    #[serde(default)]
+    pub online: u64,
+}
+
+/// The pub/sub message: a forwarded introduction, versioned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// [`ENVELOPE_VERSION`].
+    pub v: u32,
+    /// The sending node.
+    pub from: String,
+    /// The introduction.
+    pub intro: ForwardedIntroduction,
+}
+
+/// Parses a pub/sub message (hostile: bounded, typed errors).
+pub fn parse_envelope(channel: &str, payload: &[u8]) -> Result<Envelope, ClusterError> {
+    let malformed = |why: String| ClusterError::Malformed {
+        key: channel.to_owned(),
+        why,
+    };
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return Err(malformed(format!(
+            "{} bytes, at most {MAX_MESSAGE_BYTES}",
+            payload.len()
+        )));
+    }
+    let envelope: Envelope =
+        serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
+    if envelope.v != ENVELOPE_VERSION {
+        return Err(malformed(format!(
+            "envelope version {}, this node speaks {ENVELOPE_VERSION}",
+            envelope.v
+        )));
+    }
+    check_node_id(&envelope.from).map_err(|e| malformed(e.to_string()))?;
+    Ok(envelope)
+}
+
+/// Parses a record read from `key` (hostile: bounded, typed errors).
+pub fn parse_record(key: &str, bytes: &[u8]) -> Result<Record, ClusterError> {
+    if bytes.len() >= MAX_RECORD_BYTES {
+        return Err(ClusterError::Malformed {
+            key: key.to_owned(),
+            why: format!("longer than {MAX_RECORD_BYTES} bytes"),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| ClusterError::Malformed {
+        key: key.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+/// Parses a NAT profile read from `key`: empty is none.
+pub fn parse_nat(key: &str, bytes: &[u8]) -> Result<Option<NatProfile>, ClusterError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if bytes.len() >= MAX_NAT_BYTES {
+        return Err(ClusterError::Malformed {
+            key: key.to_owned(),
+            why: format!("longer than {MAX_NAT_BYTES} bytes"),
+        });
+    }
+    serde_json::from_slice(bytes)
+        .map(Some)
+        .map_err(|e| ClusterError::Malformed {
+            key: key.to_owned(),
+            why: e.to_string(),
+        })
+}
+
+/// Parses an online mark read from `key`: empty is none, else a node id.
+pub fn parse_node(key: &str, bytes: &[u8]) -> Result<Option<String>, ClusterError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let malformed = |why: &str| ClusterError::Malformed {
+        key: key.to_owned(),
+        why: why.to_owned(),
+    };
+    let node = std::str::from_utf8(bytes).map_err(|_| malformed("not UTF-8"))?;
+    check_node_id(node).map_err(|_| malformed("not a node id"))?;
+    Ok(Some(node.to_owned()))
+}
+
+/// One queued write.
+enum Write {
+    /// The peer is online here: its record, and the online mark set to this node.
+    Online(PeerId, Record),
+    /// The peer went offline here: its record, and the online mark deleted if still ours.
+    Offline(PeerId, Record),
+    /// The peer (online here) reported its NAT profile.
+    Nat(PeerId, NatProfile),
+}
+
+struct WriteRequest {
+    write: Write,
+    done: Option<oneshot::Sender<Result<(), ClusterError>>>,
+}
+
+/// Counters of the cluster registry, for the operator.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// Introductions forwarded to other nodes.
+    pub forwarded: AtomicU64,
+    /// Introductions received from other nodes and pushed to a peer here.
+    pub received: AtomicU64,
+    /// Pub/sub messages dropped: malformed, or not for a peer online here.
+    pub dropped: AtomicU64,
+    /// Redis calls that failed or timed out.
+    pub failures: AtomicU64,
+    /// Live nodes in the cluster, at this node's latest refresh.
+    pub nodes: AtomicU64,
+    /// Peers online on all the live nodes, at this node's latest refresh (each node's count is
+    /// as of its own latest refresh: up to [`ClusterTimings::refresh_every`] old).
+    pub cluster_online: AtomicU64,
+}
+
+/// A node's handle on the cluster registry; shared by the server's tasks.
+pub struct Cluster {
+    node: String,
+    client: redis::Client,
+    /// The connection (reconnecting by itself); `None` until the first connect succeeds.
+    conn: Mutex<Option<ConnectionManager>>,
+    available: AtomicBool,
+    /// Bumped each time Redis stops answering: the subscription is re-made then, since a
+    /// connection that hung (rather than closed) would never end by itself.
+    outages: watch::Sender<u64>,
+    writes: mpsc::Sender<WriteRequest>,
+    timings: ClusterTimings,
+    record_ttl_s: u64,
+    node_info: Mutex<NodeInfo>,
+    /// Counters.
+    pub counters: ClusterCounters,
+}
+
+/// A peer online on this node, as a refresh writes it: id, record, reported NAT profile.
+pub type OnlinePeer = (PeerId, Record, Option<NatProfile>);
+
+/// The writer's end of the write queue: run with [`Cluster::run_writer`].
+pub struct WriteQueue(mpsc::Receiver<WriteRequest>);
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Cluster {
+    /// Checks the configuration and tries Redis once (within the call timeout). Redis being
+    /// down at start is not fatal: the node starts in degraded mode and connects when it can.
+    /// `record_ttl` is the registry's expiry (`--expire-after-days`).
+    pub async fn open(
+        config: &ClusterConfig,
+        record_ttl: Duration,
+    ) -> Result<(Arc<Cluster>, WriteQueue), ClusterError> {
+        check_node_id(&config.node_id)?;
+        let bad_url = |message: &str| ClusterError::BadUrl {
+            url: config.url.clone(),
+            message: message.to_owned(),
+        };
+        if !(config.url.starts_with("redis://") || config.url.starts_with("redis+unix://")) {
+            return Err(bad_url(
+                "expected redis://HOST:PORT/ (or redis+unix:///PATH); TLS (rediss://) is not \
+                 built in: reach Redis over a private network or a TLS tunnel",
+            ));
+        }
+        let client =
+            redis::Client::open(config.url.as_str()).map_err(|e| bad_url(&e.to_string()))?;
+        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        let cluster = Arc::new(Cluster {
+            node: config.node_id.clone(),
+            client,
+            conn: Mutex::new(None),
+            available: AtomicBool::new(false),
+            outages: watch::Sender::new(0),
+            writes,
+            timings: config.timings,
+            record_ttl_s: record_ttl.as_secs().max(1),
+            node_info: Mutex::new(NodeInfo {
+                addr: String::new(),
+                fingerprint: String::new(),
+                online: 0,
+            }),
+            counters: ClusterCounters::default(),
+        });
+        if let Err(e) = cluster.probe().await {
+            tracing::warn!(error = %e, "cluster registry unreachable at start: degraded mode until it answers");
+        }
+        Ok((cluster, WriteQueue(queue)))
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether Redis answered the latest call. While it does not (degraded mode), lookups of
+    /// peers not online on this node fail at once with [`ClusterError::Unavailable`], writes
+    /// are left to the refresh that follows recovery, and every [`ClusterTimings::probe_every`]
+    /// a ping tries Redis again.
+    pub fn available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    /// What this node publishes about itself in `rv:node:{node}`.
+    pub fn set_node_info(&self, info: &NodeInfo) {
+        *lock(&self.node_info) = info.clone();
+    }
+
+    fn node_info_json(&self, online: u64) -> String {
+        let mut info = lock(&self.node_info).clone();
+        info.online = online;
+        serde_json::to_string(&info).unwrap_or_default()
+    }
+
+    fn mark(&self, ok: bool) {
+        let was = self.available.swap(ok, Ordering::Relaxed);
+        if was != ok {
+            if ok {
+                tracing::info!(node = %self.node, "cluster registry (Redis) reachable");
+            } else {
+                tracing::warn!(node = %self.node, "cluster registry (Redis) unreachable: degraded mode");
+                self.outages.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+        if !ok {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection, failing at once in degraded mode.
+    fn connection(&self) -> Result<ConnectionManager, ClusterError> {
+        if !self.available() {
+            return Err(ClusterError::Unavailable(
+                "degraded mode: waiting for Redis to answer again".to_owned(),
+            ));
+        }
+        lock(&self.conn)
+            .clone()
+            .ok_or_else(|| ClusterError::Unavailable("not connected yet".to_owned()))
+    }
+
+    /// Runs `call` within the call timeout, recording the outcome.
+    async fn timed<T, F>(&self, call: F) -> Result<T, ClusterError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let result = match tokio::time::timeout(self.timings.call_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                Err(ClusterError::Unavailable(e.to_string()))
+            }
+            Ok(Err(e)) => Err(ClusterError::Redis(e.to_string())),
+            Err(_) => Err(ClusterError::Timeout(self.timings.call_timeout)),
+        };
+        self.mark(!matches!(
+            result,
+            Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_))
+        ));
+        result
+    }
+
+    /// Pings Redis (connecting first if never connected): whether it answers.
+    pub async fn probe(&self) -> Result<(), ClusterError> {
+        let existing = lock(&self.conn).clone();
+        let mut conn = match existing {
+            Some(conn) => conn,
+            None => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timings.call_timeout)
+                    .set_response_timeout(self.timings.call_timeout)
+                    .set_number_of_retries(1);
+                let conn = self
+                    .timed(ConnectionManager::new_with_config(
+                        self.client.clone(),
+                        config,
+                    ))
+                    .await?;
+                *lock(&self.conn) = Some(conn.clone());
+                conn
+            }
+        };
+        self.timed(redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
+    /// Takes this node's id at start: refused ([`ClusterError::NodeIdInUse`]) while another
+    /// node with another key (`fingerprint`) keeps the same id alive, so that two nodes never
+    /// share a channel and online marks; the same node restarting (same key) takes it back.
+    /// Unchecked (a warning) when Redis does not answer, or holds something unreadable there.
+    pub async fn claim_node_id(&self, fingerprint: &str) -> Result<(), ClusterError> {
+        match self.try_claim_node_id(fingerprint).await {
+            Err(e @ ClusterError::NodeIdInUse { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %e, "node id not checked for uniqueness");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    async fn try_claim_node_id(&self, fingerprint: &str) -> Result<(), ClusterError> {
+        let mut conn = self.connection()?;
+        let key = node_key(&self.node);
+        let info = self.node_info_json(0);
+        let online_ttl = self.timings.online_ttl.as_secs().max(1);
+        let set: Option<String> = self
+            .timed(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(info)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(online_ttl)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if set.is_some() {
+            return Ok(());
+        }
+        let held: Vec<u8> = self
+            .timed(
+                redis::cmd("GETRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(MAX_RECORD_BYTES)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let malformed = |why: String| ClusterError::Malformed {
+            key: key.clone(),
+            why,
+        };
+        let held: NodeInfo = serde_json::from_slice(&held).map_err(|e| malformed(e.to_string()))?;
+        if held.fingerprint == fingerprint {
+            return Ok(());
+        }
+        Err(ClusterError::NodeIdInUse {
+            node: self.node.clone(),
+            addr: held.addr.chars().take(64).collect(),
+        })
+    }
+
+    /// What the cluster registry holds about `id`: its record and the node holding it online.
+    pub async fn lookup(&self, id: &PeerId) -> Result<Option<ClusterPeer>, ClusterError> {
+        let mut conn = self.connection()?;
+        let (peer, online) = (peer_key(id), online_key(id));
+        let mut pipe = redis::pipe();
+        // GETRANGE bounds what a hostile value can make this node read.
+        pipe.cmd("GETRANGE")
+            .arg(&peer)
+            .arg(0)
+            .arg(MAX_RECORD_BYTES)
+            .cmd("GETRANGE")
+            .arg(&online)
+            .arg(0)
+            .arg(MAX_NODE_ID)
+            .cmd("GETRANGE")
+            .arg(nat_key(id))
+            .arg(0)
+            .arg(MAX_NAT_BYTES);
+        let (record, node, nat): (Vec<u8>, Vec<u8>, Vec<u8>) =
+            self.timed(pipe.query_async(&mut conn)).await?;
+        if record.is_empty() {
+            return Ok(None);
+        }
+        let node = parse_node(&online, &node)?;
+        // Only a hint for the punching strategy: an unreadable one is left out, not an error.
+        let nat = match parse_nat(&nat_key(id), &nat) {
+            Ok(nat) => nat.filter(|_| node.is_some()),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a NAT profile");
+                None
+            }
+        };
+        Ok(Some(ClusterPeer {
+            record: parse_record(&peer, &record)?,
+            node,
+            nat,
+        }))
+    }
+
+    /// Forwards an introduction to `node`'s channel. Returns how many subscribers got it: 0
+    /// means that node is not listening (it died, or its subscription is being re-made).
+    pub async fn forward(
+        &self,
+        node: &str,
+        intro: ForwardedIntroduction,
+    ) -> Result<u64, ClusterError> {
+        let mut conn = self.connection()?;
+        let envelope = Envelope {
+            v: ENVELOPE_VERSION,
+            from: self.node.clone(),
+            intro,
+        };
+        let payload = serde_json::to_vec(&envelope).map_err(|e| ClusterError::Malformed {
+            key: punch_channel(node),
+            why: e.to_string(),
+        })?;
+        let receivers: u64 = self
+            .timed(
+                redis::cmd("PUBLISH")
+                    .arg(punch_channel(node))
+                    .arg(payload)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        Ok(receivers)
+    }
+
+    /// `id` registered here: writes its record and marks it online on this node, and waits
+    /// (at most the call timeout) until Redis has it, so that other nodes find the peer as soon
+    /// as it is told it is registered.
+    pub async fn online(&self, id: PeerId, record: Record) -> Result<(), ClusterError> {
+        let (done, wait) = oneshot::channel();
+        self.queue(Write::Online(id, record), Some(done))?;
+        match tokio::time::timeout(self.timings.call_timeout * 2, wait).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClusterError::Unavailable("the writer stopped".to_owned())),
+            Err(_) => Err(ClusterError::Timeout(self.timings.call_timeout * 2)),
+        }
+    }
+
+    /// Queues a write of `id`'s record (online here) without waiting.
+    pub fn online_later(&self, id: PeerId, record: Record) {
+        let _ = self.queue(Write::Online(id, record), None);
+    }
+
+    /// `id` (online here) reported its NAT profile: queues it for the other nodes.
+    pub fn nat_later(&self, id: PeerId, nat: NatProfile) {
+        let _ = self.queue(Write::Nat(id, nat), None);
+    }
+
+    /// `id` went offline here: queues its record (with its last-seen time) and the removal of
+    /// its online mark, if still this node's.
+    pub fn offline_later(&self, id: PeerId, record: Record) {
+        let _ = self.queue(Write::Offline(id, record), None);
+    }
+
+    fn queue(
+        &self,
+        write: Write,
+        done: Option<oneshot::Sender<Result<(), ClusterError>>>,
+    ) -> Result<(), ClusterError> {
+        self.writes
+            .try_send(WriteRequest { write, done })
+            .map_err(|_| {
+                tracing::debug!("cluster write queue full; the next refresh makes the write good");
+                ClusterError::Unavailable("write queue full".to_owned())
+            })
+    }
+
+    /// Applies queued writes in pipelines of at most [`WRITE_BATCH`] until every handle is
+    /// gone (the server shut down). In degraded mode writes fail at once: the refresh after
+    /// recovery re-asserts every online peer, and offline peers' marks expire by themselves.
+    pub async fn run_writer(self: Arc<Self>, mut queue: WriteQueue) {
+        // Only a weak handle from here: the task must not keep the queue's sender alive.
+        let cluster = Arc::downgrade(&self);
+        drop(self);
+        while let Some(first) = queue.0.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < WRITE_BATCH {
+                match queue.0.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
+            }
+            let Some(cluster) = cluster.upgrade() else {
+                return;
+            };
+            let result = cluster.write_batch(&batch).await;
+            for req in batch {
+                if let Some(done) = req.done {
+                    let _ = done.send(result.clone());
+                }
+            }
+        }
+    }
+
+    async fn write_batch(&self, batch: &[WriteRequest]) -> Result<(), ClusterError> {
+        let mut conn = self.connection()?;
+        let online_ttl = self.timings.online_ttl.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        for req in batch {
+            let (id, record) = match &req.write {
+                Write::Online(id, record) | Write::Offline(id, record) => (id, record),
+                Write::Nat(id, nat) => {
+                    let json = serde_json::to_vec(nat).map_err(|e| ClusterError::Malformed {
+                        key: nat_key(id),
+                        why: e.to_string(),
+                    })?;
+                    pipe.cmd("SET")
+                        .arg(nat_key(id))
+                        .arg(json)
+                        .arg("EX")
+                        .arg(online_ttl)
+                        .ignore();
+                    continue;
+                }
+            };
+            let json = serde_json::to_vec(record).map_err(|e| ClusterError::Malformed {
+                key: peer_key(id),
+                why: e.to_string(),
+            })?;
+            pipe.cmd("SET")
+                .arg(peer_key(id))
+                .arg(json)
+                .arg("EX")
+                .arg(self.record_ttl_s)
+                .ignore();
+            match &req.write {
+                // A registration here is the newest: it takes the mark from any other node,
+                // and drops the NAT profile (its network may have changed; it reports again).
+                Write::Online(..) => pipe
+                    .cmd("SET")
+                    .arg(online_key(id))
+                    .arg(&self.node)
+                    .arg("EX")
+                    .arg(online_ttl)
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(nat_key(id))
+                    .ignore(),
+                Write::Offline(..) => pipe
+                    .cmd("EVAL")
+                    .arg(RELEASE_IF_MINE)
+                    .arg(1)
+                    .arg(online_key(id))
+                    .arg(&self.node)
+                    .ignore(),
+                Write::Nat(..) => &mut pipe,
+            };
+        }
+        self.timed(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Re-asserts `peers` (the peers online here) and this node's liveness entry, in pipelines
+    /// of at most [`REFRESH_BATCH`] peers: renews the records' and marks' TTLs, and after Redis
+    /// lost its data (a restart without persistence) writes them again.
+    pub async fn refresh(&self, peers: &[OnlinePeer]) -> Result<(), ClusterError> {
+        let mut conn = self.connection()?;
+        let online_ttl = self.timings.online_ttl.as_secs().max(1);
+        let info = self.node_info_json(peers.len() as u64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // The live nodes: a sorted set scored by when each node's entry expires, trimmed of
+        // the expired ones, read bounded.
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(node_key(&self.node))
+            .arg(info)
+            .arg("EX")
+            .arg(online_ttl)
+            .ignore()
+            .cmd("ZADD")
+            .arg(NODES_KEY)
+            .arg(now.saturating_add(online_ttl))
+            .arg(&self.node)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(NODES_KEY)
+            .arg("-inf")
+            .arg(format!("({now}"))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(NODES_KEY)
+            .arg(0)
+            .arg(MAX_NODES - 1);
+        let (names,): (Vec<Vec<u8>>,) = self.timed(pipe.query_async(&mut conn)).await?;
+        self.count_nodes(&mut conn, names).await?;
+        for chunk in peers.chunks(REFRESH_BATCH) {
+            let mut pipe = redis::pipe();
+            for (id, record, nat) in chunk {
+                let Ok(json) = serde_json::to_vec(record) else {
+                    continue;
+                };
+                if let Some(nat) = nat.and_then(|n| serde_json::to_vec(&n).ok()) {
+                    pipe.cmd("SET")
+                        .arg(nat_key(id))
+                        .arg(nat)
+                        .arg("EX")
+                        .arg(online_ttl)
+                        .ignore();
+                }
+                pipe.cmd("SET")
+                    .arg(peer_key(id))
+                    .arg(json)
+                    .arg("EX")
+                    .arg(self.record_ttl_s)
+                    .ignore()
+                    .cmd("EVAL")
+                    .arg(CLAIM_IF_FREE_OR_MINE)
+                    .arg(1)
+                    .arg(online_key(id))
+                    .arg(&self.node)
+                    .arg(online_ttl)
+                    .ignore();
+            }
+            self.timed(pipe.query_async::<()>(&mut conn)).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the live nodes' entries (names from [`NODES_KEY`], hostile: checked) and records
+    /// how many there are and how many peers they hold online.
+    async fn count_nodes(
+        &self,
+        conn: &mut ConnectionManager,
+        names: Vec<Vec<u8>>,
+    ) -> Result<(), ClusterError> {
+        let names: Vec<String> = names
+            .into_iter()
+            .filter_map(|n| String::from_utf8(n).ok())
+            .filter(|n| check_node_id(n).is_ok())
+            .take(MAX_NODES)
+            .collect();
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.cmd("GETRANGE")
+                .arg(node_key(name))
+                .arg(0)
+                .arg(MAX_RECORD_BYTES);
+        }
+        let infos: Vec<Vec<u8>> = if names.is_empty() {
+            Vec::new()
+        } else {
+            self.timed(pipe.query_async(conn)).await?
+        };
+        let (mut nodes, mut online) = (0u64, 0u64);
+        for info in infos {
+            if let Ok(info) = serde_json::from_slice::<NodeInfo>(&info) {
+                nodes += 1;
+                online = online.saturating_add(info.online);
+            }
+        }
+        let before = self.counters.nodes.swap(nodes, Ordering::Relaxed);
+        self.counters
+            .cluster_online
+            .store(online, Ordering::Relaxed);
+        if before != nodes {
+            tracing::info!(nodes, online, "cluster of {nodes} live nodes");
+        }
+        Ok(())
+    }
+
+    /// Keeps this node's entries alive: every [`ClusterTimings::refresh_every`] re-asserts the
+    /// peers `online_peers` returns; in degraded mode pings every
+    /// [`ClusterTimings::probe_every`] and refreshes at once when Redis answers again. Ends on
+    /// shutdown.
+    pub async fn run_maintenance<F>(
+        self: Arc<Self>,
+        online_peers: F,
+        mut shutdown: watch::Receiver<bool>,
+    ) where
+        F: Fn() -> Vec<OnlinePeer> + Send,
+    {
+        let mut last_refresh: Option<tokio::time::Instant> = None;
+        let mut recovered = false;
+        loop {
+            let due = last_refresh.is_none_or(|at| at.elapsed() >= self.timings.refresh_every);
+            if !self.available() {
+                if self.probe().await.is_ok() {
+                    // Back (or first connected): Redis may have lost everything meanwhile.
+                    last_refresh = None;
+                    recovered = true;
+                    continue;
+                }
+            } else if !due {
+                // A ping a second notices an outage (and so re-subscribes and, once Redis is
+                // back, writes this node's peers again) within a second, not at the next
+                // refresh.
+                let _ = self.probe().await;
+            } else {
+                let peers = online_peers();
+                match self.refresh(&peers).await {
+                    Ok(()) => {
+                        last_refresh = Some(tokio::time::Instant::now());
+                        if std::mem::take(&mut recovered) {
+                            tracing::info!(
+                                peers = peers.len(),
+                                "cluster registry answers again: this node's peers written again"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cluster refresh failed"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.timings.probe_every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Receives the introductions forwarded to this node (its channel) and hands each, parsed
+    /// and checked, to `deliver`; re-subscribes every [`ClusterTimings::probe_every`] while
+    /// the subscription is down. Ends on shutdown.
+    pub async fn run_subscriber<F>(self: Arc<Self>, deliver: F, mut shutdown: watch::Receiver<bool>)
+    where
+        F: Fn(Envelope) + Send,
+    {
+        let channel = punch_channel(&self.node);
+        let mut outages = self.outages.subscribe();
+        loop {
+            outages.mark_unchanged();
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match tokio::time::timeout(self.timings.call_timeout, subscribed).await {
+                Ok(Ok(mut pubsub)) => {
+                    tracing::info!(%channel, "subscribed to this node's introductions");
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => {
+                                let Some(message) = message else { break };
+                                match parse_envelope(&channel, message.get_payload_bytes()) {
+                                    Ok(envelope) => deliver(envelope),
+                                    Err(e) => {
+                                        let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                                        // Whoever can PUBLISH can send garbage: the log says so
+                                        // the first times and then at powers of two, not per
+                                        // message (the metric counts them all).
+                                        if n <= 10 || n.is_power_of_two() {
+                                            tracing::warn!(error = %e, total = n, "dropped a cluster message");
+                                        }
+                                    }
+                                }
+                            }
+                            // Redis stopped answering: this subscription may be on a
+                            // connection that hung; make a new one once Redis answers.
+                            _ = outages.changed() => break,
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                    tracing::warn!(%channel, "subscription lost; re-subscribing");
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot subscribe yet"),
+                Err(_) => tracing::debug!("subscribing timed out"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.timings.probe_every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_checked() {
+        for good in ["a", "node-1", "eu.west_2", &"x".repeat(64)] {
+            assert!(check_node_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a:b", "nöde", &"x".repeat(65), "a\n"] {
+            assert!(check_node_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Values read from Redis that no node writes are typed errors, never panics.
+    #[test]
+    fn malformed_values_are_typed_errors() {
+        let key = "rv:peer:x";
+        assert!(matches!(
+            parse_record(key, b"not json"),
+            Err(ClusterError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_record(key, &vec![b'{'; MAX_RECORD_BYTES]),
+            Err(ClusterError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_record(key, br#"{"observed":"1.2.3.4:5"}"#),
+            Err(ClusterError::Malformed { .. })
+        ));
+        assert_eq!(parse_node("k", b""), Ok(None));
+        assert_eq!(parse_node("k", b"n1"), Ok(Some("n1".to_owned())));
+        assert!(parse_node("k", b"n 1").is_err());
+        assert!(parse_node("k", &[0xff, 0xfe]).is_err());
+        assert_eq!(parse_nat("k", b""), Ok(None));
+        assert!(parse_nat("k", b"{}").is_err());
+        assert!(parse_nat("k", &vec![b' '; MAX_NAT_BYTES]).is_err());
+        assert!(parse_envelope("c", b"[]").is_err());
+        assert!(parse_envelope("c", &vec![b' '; MAX_MESSAGE_BYTES + 1]).is_err());
+        let unknown_field = br#"{"v":1,"from":"a","intro":{},"x":1}"#;
+        assert!(parse_envelope("c", unknown_field).is_err());
+    }
+}

@@ -1,0 +1,403 @@
+//! Lookups and introductions across the nodes of a cluster (see [`crate::cluster`]), still
+//! without IO: the driver looks the other peer up in the cluster registry and hands the answer
+//! in; the requester's node decides on the introduction (its rate limits, its nonce and key)
+//! and returns what to forward; the target's node records the forwarded introduction (so that
+//! the target's `accept` checks) and returns the `punch` to push.
+
+use common::nat::NatProfile;
+
+use super::*;
+
+/// An introduction decided on the requester's node for a target online on another node: what
+/// the target's node needs to push the target its `punch` and to check its `accept`. Travels
+/// as JSON through the cluster (hostile input on arrival: checked by
+/// [`Registry::forwarded_introduction`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardedIntroduction {
+    /// Who asked (registered on the sending node).
+    pub requester: PeerId,
+    /// The requester's record: the target's node derives the requester's candidates from it,
+    /// with the same filters as for a local introduction.
+    pub requester_record: Record,
+    /// The NAT profile the requester reported, if any.
+    #[serde(default)]
+    pub requester_nat: Option<NatProfile>,
+    /// Who is asked (online on the receiving node).
+    pub target: PeerId,
+    /// The introduction's nonce.
+    pub nonce: u64,
+    /// The introduction's secret key.
+    pub key: PunchKey,
+}
+
+/// A peer as the cluster registry knows it, for a peer not online on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemotePeer {
+    /// Its record.
+    pub record: Record,
+    /// Whether a node holds it online.
+    pub online: bool,
+}
+
+/// Why a forwarded introduction is not pushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardRefusal {
+    /// The target is not online on this node (it left, or moved to another node).
+    #[error("the target is not online on this node")]
+    TargetNotHere,
+    /// The introduction names the target as its own requester.
+    #[error("the requester is the target")]
+    SelfIntroduction,
+    /// The target was asked for too many introductions.
+    #[error("the target was asked for too many introductions")]
+    RateLimited,
+    /// Too many introductions are open on this node.
+    #[error("too many introductions are open")]
+    Full,
+}
+
+impl Registry {
+    /// `id` (registered here on `conn`) asks about `target`, which is not online on this node:
+    /// `remote` is what the cluster registry holds (`None`: not registered anywhere).
+    pub fn query_remote(
+        &mut self,
+        conn: ConnId,
+        id: PeerId,
+        observed: SocketAddr,
+        target: PeerId,
+        remote: Option<RemotePeer>,
+        now: OffsetDateTime,
+    ) -> Outcome {
+        if self.online.get(&id) != Some(&conn) {
+            return self.not_registered();
+        }
+        let mut outcome = self.touch(id, observed, now);
+        self.counters.queries += 1;
+        outcome.reply = Some(match remote {
+            Some(peer) => ControlMessage::PeerInfo(PeerInfo {
+                id: target,
+                observed: peer.record.observed,
+                local_addrs: peer.record.local_addrs,
+                online: peer.online,
+                last_seen: if peer.online {
+                    now
+                } else {
+                    peer.record.last_seen
+                },
+            }),
+            None => ControlMessage::error(
+                ErrorCode::NotFound,
+                format!("peer {target} is not registered"),
+            ),
+        });
+        outcome
+    }
+
+    /// `from` (registered here on `conn`) asks to connect to `target`, online on another node
+    /// with `target_record`. Decided as a local introduction (same rate limits, same bounds):
+    /// the reply is the requester's `punch` or a refusal, and with a `punch` comes what to
+    /// forward to the target's node.
+    #[allow(clippy::too_many_arguments)]
+    pub fn introduce_remote(
+        &mut self,
+        conn: ConnId,
+        from: PeerId,
+        observed: SocketAddr,
+        target: PeerId,
+        target_record: &Record,
+        target_nat: Option<NatProfile>,
+        now: OffsetDateTime,
+    ) -> (Outcome, Option<ForwardedIntroduction>) {
+        if self.online.get(&from) != Some(&conn) {
+            return (self.not_registered(), None);
+        }
+        if target == from {
+            self.counters.rejected += 1;
+            return (
+                Outcome::error(ErrorCode::BadRequest, "cannot connect to yourself"),
+                None,
+            );
+        }
+        let mut outcome = self.touch(from, observed, now);
+        let Some(from_record) = self.peers.get(&from).cloned() else {
+            return (self.not_registered(), None);
+        };
+        if let Some(refusal) = self.refuse_introduction(from, target, now) {
+            outcome.reply = Some(refusal);
+            return (outcome, None);
+        }
+        let nonce: u64 = self.rng.random();
+        let key = PunchKey::from_bytes(self.rng.random());
+        if let Err(refusal) = self
+            .introductions
+            .introduce(from, target, nonce, key.clone(), now)
+        {
+            self.counters.rejected += 1;
+            outcome.reply = Some(ControlMessage::error(
+                ErrorCode::RateLimited,
+                introduction_refusal_message(refusal),
+            ));
+            return (outcome, None);
+        }
+        self.counters.punches += 1;
+        outcome.reply = Some(ControlMessage::Punch {
+            peer: target,
+            candidates: candidates(target_record, &from_record, &self.own_addrs),
+            nonce,
+            key: key.clone(),
+            // What the target reported to its node, through the cluster registry.
+            nat: target_nat,
+        });
+        let forward = ForwardedIntroduction {
+            requester: from,
+            requester_nat: self.nat_profiles.get(&from).copied(),
+            requester_record: from_record,
+            target,
+            nonce,
+            key,
+        };
+        (outcome, Some(forward))
+    }
+
+    /// An introduction forwarded by the requester's node: if its target is online here, it is
+    /// recorded (the target's `accept` then checks here) and the target's `punch` is returned
+    /// with the target's connection. The target's own rate limit applies here too, since any
+    /// node may forward.
+    pub fn forwarded_introduction(
+        &mut self,
+        mut forwarded: ForwardedIntroduction,
+        now: OffsetDateTime,
+    ) -> Result<(ConnId, ControlMessage), ForwardRefusal> {
+        let target = forwarded.target;
+        let requester = forwarded.requester;
+        let Some(&target_conn) = self.online.get(&target) else {
+            return Err(ForwardRefusal::TargetNotHere);
+        };
+        let Some(target_record) = self.peers.get(&target).cloned() else {
+            return Err(ForwardRefusal::TargetNotHere);
+        };
+        if requester == target {
+            self.counters.rejected += 1;
+            return Err(ForwardRefusal::SelfIntroduction);
+        }
+        let mono = self.clock.at(now);
+        if !self.introductions_by_target.try_take(target, 1.0, mono) {
+            self.counters.refused_introduction_rate += 1;
+            return Err(ForwardRefusal::RateLimited);
+        }
+        self.introductions
+            .introduce(
+                requester,
+                target,
+                forwarded.nonce,
+                forwarded.key.clone(),
+                now,
+            )
+            .map_err(|_| ForwardRefusal::Full)?;
+        // Hostile input: as many local addresses as a registration may announce, at most.
+        forwarded
+            .requester_record
+            .local_addrs
+            .truncate(MAX_LOCAL_ADDRS);
+        let punch = ControlMessage::Punch {
+            peer: requester,
+            candidates: candidates(&forwarded.requester_record, &target_record, &self.own_addrs),
+            nonce: forwarded.nonce,
+            key: forwarded.key,
+            nat: forwarded.requester_nat,
+        };
+        Ok((target_conn, punch))
+    }
+
+    /// The records and reported NAT profiles of the peers online here (what a node re-asserts
+    /// in the cluster registry).
+    pub fn online_records(&self) -> Vec<(PeerId, Record, Option<NatProfile>)> {
+        self.online
+            .keys()
+            .filter_map(|id| {
+                let record = self.peers.get(id)?.clone();
+                Some((*id, record, self.nat_profiles.get(id).copied()))
+            })
+            .collect()
+    }
+
+    fn not_registered(&mut self) -> Outcome {
+        self.counters.rejected += 1;
+        Outcome::error(
+            ErrorCode::NotRegistered,
+            "send `register` on the control stream first",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2026-11-26 08:00 UTC);
+
+    fn id(n: u8) -> PeerId {
+        PeerId::from_key_digest(&[n; 32])
+    }
+
+    fn addr(n: u8, port: u16) -> SocketAddr {
+        SocketAddr::from(([203, 0, 113, n], port))
+    }
+
+    fn register(reg: &mut Registry, conn: ConnId, peer: PeerId, at: SocketAddr) {
+        let out = reg.handle(
+            conn,
+            peer,
+            at,
+            ControlMessage::Register {
+                version: PROTOCOL_VERSION,
+                local_addrs: vec![],
+                mapped_port: None,
+            },
+            T0,
+        );
+        assert!(matches!(out.reply, Some(ControlMessage::Registered { .. })));
+    }
+
+    /// Node X introduces its peer 1 to peer 2 of node Y: both get a `punch` with the same nonce
+    /// and key and each other's public address, and Y accepts peer 2's `accept`.
+    #[test]
+    fn an_introduction_crosses_nodes_and_the_target_accepts_on_its_node() {
+        let mut x = Registry::new([], [1; 32]);
+        let mut y = Registry::new([], [2; 32]);
+        register(&mut x, 10, id(1), addr(1, 4000));
+        register(&mut y, 20, id(2), addr(2, 5000));
+        let profile = NatProfile {
+            udp: true,
+            no_nat: false,
+            mapping: common::nat::Behaviour::AddressAndPortDependent,
+            filtering: common::nat::Behaviour::AddressAndPortDependent,
+        };
+        let nat = y.handle(
+            20,
+            id(2),
+            addr(2, 5000),
+            ControlMessage::Nat { nat: profile },
+            T0,
+        );
+        assert_eq!(nat.reply, Some(ControlMessage::Ack {}));
+        let (_, target_record, target_nat) = y.online_records().pop().unwrap();
+        assert_eq!(target_nat, Some(profile));
+        let (outcome, forward) = x.introduce_remote(
+            10,
+            id(1),
+            addr(1, 4000),
+            id(2),
+            &target_record,
+            target_nat,
+            T0,
+        );
+        let Some(ControlMessage::Punch {
+            peer,
+            candidates,
+            nonce,
+            key,
+            nat: requester_sees,
+        }) = outcome.reply
+        else {
+            panic!("{:?}", outcome.reply);
+        };
+        assert_eq!(peer, id(2));
+        assert_eq!(candidates[0].addr, addr(2, 5000));
+        // The requester learns the target's NAT from the target's node, as on one node.
+        assert_eq!(requester_sees, Some(profile));
+        let forward = forward.unwrap();
+        // Through the cluster as JSON.
+        let forward: ForwardedIntroduction =
+            serde_json::from_slice(&serde_json::to_vec(&forward).unwrap()).unwrap();
+        let (conn, push) = y.forwarded_introduction(forward.clone(), T0).unwrap();
+        assert_eq!(conn, 20);
+        let ControlMessage::Punch {
+            peer,
+            candidates,
+            nonce: pushed_nonce,
+            key: pushed_key,
+            ..
+        } = push
+        else {
+            panic!("{push:?}");
+        };
+        assert_eq!(
+            (peer, candidates[0].addr, pushed_nonce, pushed_key),
+            (id(1), addr(1, 4000), nonce, key)
+        );
+        let accept = y.handle(
+            20,
+            id(2),
+            addr(2, 5000),
+            ControlMessage::Accept { peer: id(1), nonce },
+            T0,
+        );
+        assert_eq!(accept.reply, Some(ControlMessage::Ack {}));
+        // A forward for a peer that is not online here is refused, not pushed.
+        let mut elsewhere = forward;
+        elsewhere.target = id(3);
+        assert_eq!(
+            y.forwarded_introduction(elsewhere, T0),
+            Err(ForwardRefusal::TargetNotHere)
+        );
+    }
+
+    /// The target's node applies the target's introduction rate, whoever forwards: a flood of
+    /// forwarded introductions is refused past the burst and never pushed.
+    #[test]
+    fn forwarded_introductions_are_rate_limited_per_target() {
+        let mut y = Registry::new([], [2; 32]);
+        register(&mut y, 20, id(2), addr(2, 5000));
+        let burst = RegistryLimits::default().introductions_to_target_burst as usize;
+        let mut pushed = 0;
+        for n in 0..(burst + 10) {
+            let forward = ForwardedIntroduction {
+                requester: PeerId::from_key_digest(&[(n % 250) as u8 + 3; 32]),
+                requester_record: y.online_records()[0].1.clone(),
+                requester_nat: None,
+                target: id(2),
+                nonce: n as u64,
+                key: PunchKey::from_bytes([7; 16]),
+            };
+            match y.forwarded_introduction(forward, T0) {
+                Ok(_) => pushed += 1,
+                Err(ForwardRefusal::RateLimited) => {}
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert_eq!(pushed, burst);
+    }
+
+    /// Unregistered connections get nothing from the cluster paths.
+    #[test]
+    fn remote_paths_need_a_registration_here() {
+        let mut x = Registry::new([], [1; 32]);
+        let record = Record {
+            observed: addr(2, 5000),
+            local_addrs: vec![],
+            mapped_port: None,
+            observed_other: None,
+            last_seen: T0,
+            registered_at: T0,
+        };
+        let out = x.query_remote(1, id(1), addr(1, 1), id(2), None, T0);
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::NotRegistered,
+                ..
+            })
+        ));
+        let (out, forward) = x.introduce_remote(1, id(1), addr(1, 1), id(2), &record, None, T0);
+        assert!(forward.is_none());
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::NotRegistered,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,187 @@
+//! The driver's cluster side: `query` and `connect` for peers not online on this node go
+//! through the cluster registry, and introductions forwarded by other nodes are pushed to
+//! their targets here. Peers online on this node are answered by the core alone, exactly as
+//! on a single node (and so still are while Redis is down).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::{ControlMessage, ErrorCode, PeerId};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{lock, Shared};
+use crate::cluster::{Cluster, ClusterError, Envelope};
+use crate::core::{ConnId, Outcome, RemotePeer};
+
+/// Starts the node's cluster tasks (renewing its entries, receiving forwarded introductions);
+/// they end on shutdown.
+pub(super) fn spawn(
+    tasks: &mut JoinSet<()>,
+    cluster: Arc<Cluster>,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let for_refresh = shared.clone();
+    tasks.spawn(cluster.clone().run_maintenance(
+        move || lock(&for_refresh.registry).online_records(),
+        shutdown.clone(),
+    ));
+    let for_delivery = shared.clone();
+    tasks.spawn(cluster.run_subscriber(
+        move |envelope| for_delivery.deliver_forwarded(envelope),
+        shutdown.clone(),
+    ));
+}
+
+/// The reply when the cluster registry cannot be asked: a clear error, never a wrong answer
+/// (such as `not_found` for a peer registered on another node).
+fn unavailable(e: &ClusterError) -> Outcome {
+    Outcome {
+        reply: Some(ControlMessage::error(
+            ErrorCode::Internal,
+            format!(
+                "{e}: peers on other nodes of this cluster cannot be looked up or introduced \
+                 until it is back (peers on this node still can); try again later"
+            ),
+        )),
+        ..Outcome::default()
+    }
+}
+
+fn error(code: ErrorCode, message: String) -> Outcome {
+    Outcome {
+        reply: Some(ControlMessage::error(code, message)),
+        ..Outcome::default()
+    }
+}
+
+impl Shared {
+    /// The outcome of a `query` or `connect` from `id` (registered here on `conn`) about a
+    /// peer not online on this node, from the cluster registry; `None` when the core answers
+    /// alone (the target is online here, or unknown to the cluster, or the message is another).
+    pub(super) async fn cluster_outcome(
+        &self,
+        cluster: &Arc<Cluster>,
+        conn: ConnId,
+        id: PeerId,
+        observed: SocketAddr,
+        msg: &ControlMessage,
+    ) -> Option<Outcome> {
+        let (target, connect) = match msg {
+            ControlMessage::Query { id } => (*id, false),
+            ControlMessage::Connect { id } => (*id, true),
+            _ => return None,
+        };
+        {
+            let registry = lock(&self.registry);
+            // Unregistered connections, and targets online here: the core answers as on one
+            // node (so an unregistered connection never costs a Redis call).
+            if target == id
+                || registry.connection_of(&id) != Some(conn)
+                || registry.connection_of(&target).is_some()
+            {
+                return None;
+            }
+        }
+        let found = match cluster.lookup(&target).await {
+            Ok(Some(found)) => found,
+            // Unknown to the cluster: the core answers (`not_found`, or a row of its own).
+            Ok(None) => return None,
+            Err(e @ ClusterError::Malformed { .. }) => {
+                // The peer is told (and asked to tell the operator); not logged per request.
+                tracing::debug!(peer = %target, error = %e, "cluster lookup found a malformed value");
+                return Some(error(
+                    ErrorCode::Internal,
+                    format!("peer {target} cannot be looked up: {e}; tell the operator"),
+                ));
+            }
+            Err(e) => {
+                tracing::debug!(peer = %target, error = %e, "cluster lookup failed");
+                return Some(unavailable(&e));
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        let node = match found.node {
+            // Our own mark without a connection here: stale (the peer just left); the core
+            // answers from its row.
+            Some(node) if node == cluster.node() => return None,
+            node => node,
+        };
+        let remote = RemotePeer {
+            record: found.record,
+            online: node.is_some(),
+        };
+        if !connect {
+            return Some(lock(&self.registry).query_remote(
+                conn,
+                id,
+                observed,
+                target,
+                Some(remote),
+                now,
+            ));
+        }
+        let Some(node) = node else {
+            let last_seen = remote
+                .record
+                .last_seen
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            return Some(error(
+                ErrorCode::PeerOffline,
+                format!("peer {target} is registered but not online (last seen {last_seen})"),
+            ));
+        };
+        let (outcome, forward) = lock(&self.registry).introduce_remote(
+            conn,
+            id,
+            observed,
+            target,
+            &remote.record,
+            found.nat,
+            now,
+        );
+        let Some(forward) = forward else {
+            return Some(outcome);
+        };
+        match cluster.forward(&node, forward).await {
+            Ok(0) => Some(error(
+                ErrorCode::PeerOffline,
+                format!(
+                    "peer {target} is online on node {node}, which is not answering; try again \
+                     later"
+                ),
+            )),
+            Ok(_) => Some(outcome),
+            Err(e) => Some(unavailable(&e)),
+        }
+    }
+
+    /// An introduction forwarded by another node: pushed to its target if it is online here.
+    fn deliver_forwarded(&self, envelope: Envelope) {
+        let Some(cluster) = self.backend.cluster() else {
+            return;
+        };
+        let (requester, target) = (envelope.intro.requester, envelope.intro.target);
+        let result =
+            lock(&self.registry).forwarded_introduction(envelope.intro, OffsetDateTime::now_utc());
+        match result {
+            Ok((conn, punch)) => {
+                if self.push(conn, punch) {
+                    cluster.counters.received.fetch_add(1, Ordering::Relaxed);
+                }
+                self.relay.permissions_changed(target, requester);
+            }
+            Err(refusal) => {
+                cluster.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    from = %envelope.from, %requester, %target, %refusal,
+                    "forwarded introduction not pushed"
+                );
+            }
+        }
+    }
+}

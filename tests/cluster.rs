@@ -1,0 +1,430 @@
+//! Several rendezvous nodes sharing one registry in Redis (`serve --cluster`), on loopback: a
+//! real `redis-server` (Debian's package; the tests skip with a message without it) started by
+//! the test on a free loopback port, without persistence, in a temporary directory, killed on
+//! drop; real `rendezvous` and `peer` binaries.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::{args, bin, peer, peer_run, Proc, Rendezvous, TempDir};
+
+/// Deadline for anything that should happen promptly (generous: a loaded 2-core machine).
+const T: Duration = Duration::from_secs(60);
+
+/// A `redis-server` of the test's own, killed on drop (with its directory).
+struct Redis {
+    proc: Proc,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Redis {
+    /// Starts `redis-server` on a free loopback port, or `None` (with a message) when it is not
+    /// installed.
+    fn start() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        // Redis takes no port 0: a port the kernel just handed out and released; another test
+        // may take it meanwhile, so a start that fails is tried again on another port.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            if let Some(redis) = Redis::try_start_on(port, TempDir::new("redis")) {
+                return Some(redis);
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// Starts it again on `port` (after [`Redis::kill`]).
+    fn start_on(port: u16, dir: TempDir) -> Redis {
+        Redis::try_start_on(port, dir).expect("redis-server starts again on its port")
+    }
+
+    fn try_start_on(port: u16, dir: TempDir) -> Option<Redis> {
+        let port_arg = port.to_string();
+        let dir_arg = dir.path().to_str().expect("utf-8 path").to_owned();
+        let proc = Proc::spawn(
+            "redis",
+            Path::new("redis-server"),
+            &[
+                "--port",
+                &port_arg,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir_arg,
+                "--daemonize",
+                "no",
+            ],
+        );
+        match proc
+            .stdout
+            .try_wait_for_at("Ready to accept connections", T)
+        {
+            Ok(_) => Some(Redis { proc, port, dir }),
+            Err(_) => {
+                eprintln!(
+                    "redis-server did not start on port {port}:\n{}",
+                    proc.stdout.text()
+                );
+                None
+            }
+        }
+    }
+
+    /// Sends one command (RESP, as redis-cli would) and returns the first line of the reply.
+    fn command(&self, args: &[&[u8]]) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        stream.set_read_timeout(Some(T)).unwrap();
+        let mut request = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            request.extend_from_slice(arg);
+            request.extend_from_slice(b"\r\n");
+        }
+        stream.write_all(&request).expect("send to redis");
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .expect("redis reply");
+        line.trim_end().to_owned()
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills it (SIGKILL: nothing saved, as with a crash).
+    fn kill(mut self) -> (u16, TempDir) {
+        self.proc.kill9();
+        (self.port, self.dir)
+    }
+}
+
+/// Starts `rendezvous serve --cluster URL --node-id NODE` on loopback.
+fn node(dir: &Path, redis: &Redis, node: &str) -> Rendezvous {
+    let data = dir.join(node);
+    let data = data.to_str().expect("utf-8 path");
+    let url = redis.url();
+    let proc = Proc::spawn(
+        node,
+        &bin("rendezvous"),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--tcp-listen",
+            "off",
+            "--stun-alt-port",
+            "off",
+            "--metrics",
+            "127.0.0.1:0",
+            "--cluster",
+            &url,
+            "--node-id",
+            node,
+        ],
+    );
+    let rv = Rendezvous::ready(proc);
+    rv.proc
+        .stdout
+        .wait_for(&format!("cluster node {node} (registry in Redis at"), T);
+    // Its subscription is up: introductions forwarded to it are received from now on.
+    rv.proc
+        .stderr
+        .wait_for("subscribed to this node's introductions", T);
+    // Its first refresh is done: its entry is in Redis, for the nodes started after it.
+    rv.proc.stderr.wait_for("live nodes", T);
+    rv
+}
+
+/// The value of the sample `name` (labels included) in `rv`'s metrics.
+fn sample(rv: &Rendezvous, name: &str) -> u64 {
+    let line = rv.proc.stdout.wait_for("metrics on http://", T);
+    let addr = line
+        .trim_start_matches("metrics on http://")
+        .trim_end_matches("/metrics");
+    let text = e2e::scrape(addr);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+}
+
+/// Whether `rv` answers a STUN Binding request (RFC 5389) on its main port.
+fn stun_answers(rv: &Rendezvous) -> bool {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    request.extend_from_slice(&[7; 12]);
+    socket
+        .send_to(&request, rv.addr)
+        .expect("send binding request");
+    let mut answer = [0u8; 256];
+    matches!(
+        socket.recv_from(&mut answer),
+        Ok((n, _)) if n >= 20 && answer[..2] == [0x01, 0x01] && answer[8..20] == [7; 12]
+    )
+}
+
+/// `peer listen` against `rv`, once registered; with its id.
+fn listen(tag: &str, dir: &Path, rv: &Rendezvous) -> (Proc, String) {
+    e2e::listen(tag, &dir.join(tag), rv)
+}
+
+/// `peer connect TARGET` through `rv`, connected, with a message each way.
+fn chat(tag: &str, dir: &Path, rv: &Rendezvous, listener: &Proc, target: &str) {
+    let mut connect = args!["connect", target];
+    connect.extend(rv.args());
+    let mut b = peer(tag, &dir.join(tag), &connect);
+    b.stdout.wait_for(&format!("connected to {target}"), T);
+    let greeting = format!("hello from {tag}");
+    b.send_line(&greeting);
+    listener.stdout.wait_for(&greeting, T);
+    b.close_stdin();
+    assert!(b.wait(T).success(), "{tag} ends its chat cleanly");
+}
+
+/// `peer lookup TARGET --refresh` through `rv`: (succeeded, stdout, stderr).
+fn lookup(dir: &Path, tag: &str, rv: &Rendezvous, target: &str) -> (bool, String, String) {
+    let mut args = args!["lookup", target, "--refresh"];
+    args.extend(rv.args());
+    let (status, out, err) = peer_run(&dir.join(tag), &args, T);
+    (status.success(), out, err)
+}
+
+/// Peers registered on different nodes find each other and connect (direct on loopback), with
+/// a message each way; three nodes share one Redis.
+#[test]
+fn peers_on_different_nodes_look_each_other_up_and_chat() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster");
+    let x = node(dir.path(), &redis, "x");
+    let y = node(dir.path(), &redis, "y");
+    let z = node(dir.path(), &redis, "z");
+    let (mut a, a_id) = listen("a", dir.path(), &x);
+    let (mut c, c_id) = listen("c", dir.path(), &z);
+
+    // Y knows neither peer itself: it finds both in the cluster registry, online.
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("from the rendezvous: online"), "{out}");
+
+    // b on node Y connects to a on node X, and to c on node Z: a message each way.
+    let mut connect = args!["connect", a_id.clone()];
+    connect.extend(y.args());
+    let mut b = peer("b", &dir.path().join("b"), &connect);
+    let line = b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    // From the punch's candidates (b has no cached address of a).
+    assert!(line.contains("direct to 127.0.0.1:"), "{line}");
+    assert!(!line.contains("cached"), "{line}");
+    let b_id = a.stdout.wait_for("connected: ", T);
+    let b_id = b_id.split_whitespace().nth(1).expect("id").to_owned();
+    b.send_line("hello from b on y");
+    let line = a.stdout.wait_for("hello from b on y", T);
+    assert!(line.contains(&b_id), "{line}");
+    a.send_line("hello from a on x");
+    b.stdout.wait_for("hello from a on x", T);
+    b.close_stdin();
+    assert!(b.wait(T).success());
+
+    chat("d", dir.path(), &y, &c, &c_id);
+
+    // Both introductions went from node y to the targets' nodes through Redis.
+    let introductions = "rendezvous_cluster_introductions_total{direction=";
+    assert_eq!(sample(&y, &format!("{introductions}\"forwarded\"}}")), 2);
+    assert_eq!(sample(&x, &format!("{introductions}\"received\"}}")), 1);
+    assert_eq!(sample(&z, &format!("{introductions}\"received\"}}")), 1);
+    assert_eq!(sample(&x, "rendezvous_cluster_redis_up"), 1);
+    // The last node started saw all three at its first refresh.
+    assert_eq!(sample(&z, "rendezvous_cluster_nodes"), 3);
+
+    // A peer that leaves is offline for the other nodes at once (its node clears its mark).
+    assert!(c.terminate(T).success());
+    // Its node's going-offline write is queued when the connection closes: bounded retries of
+    // the lookup (each a whole `peer` run) cover the moment until it is applied.
+    let mut saw_offline = false;
+    for _ in 0..20 {
+        let (ok, out, _) = lookup(dir.path(), "q", &y, &c_id);
+        if ok && out.contains("from the rendezvous: offline") {
+            saw_offline = true;
+            break;
+        }
+    }
+    assert!(saw_offline, "c shows offline through node y");
+    assert!(a.terminate(T).success());
+}
+
+/// Redis down: each node keeps serving its own peers (lookups and introductions between
+/// them, registrations), refuses lookups of other nodes' peers with a clear error; Redis back
+/// (empty: no persistence): the nodes write their peers again and cross-node introductions
+/// work again.
+#[test]
+fn redis_down_degrades_clearly_and_the_cluster_recovers() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-degraded");
+    let x = node(dir.path(), &redis, "x");
+    let y = node(dir.path(), &redis, "y");
+    let (a, a_id) = listen("a", dir.path(), &x);
+    let (e, e_id) = listen("e", dir.path(), &y);
+
+    let (port, redis_dir) = redis.kill();
+
+    // Other nodes' peers: refused, saying why.
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("cluster registry (Redis) is unreachable") || err.contains("did not answer"),
+        "{err}"
+    );
+    assert!(err.contains("peers on this node still can"), "{err}");
+    // STUN, and this node's peers: served as on a single node.
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &e_id);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("from the rendezvous: online"), "{out}");
+    chat("f", dir.path(), &y, &e, &e_id);
+    assert!(stun_answers(&y), "STUN is served in degraded mode");
+    y.proc
+        .stderr
+        .wait_for("cluster registry (Redis) unreachable: degraded mode", T);
+    assert_eq!(sample(&y, "rendezvous_cluster_redis_up"), 0);
+
+    // Redis back, empty.
+    let redis = Redis::start_on(port, redis_dir);
+    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}/"));
+    for rv in [&x, &y] {
+        rv.proc
+            .stderr
+            .wait_for("this node's peers written again", T);
+        rv.proc
+            .stderr
+            .wait_for_nth("subscribed to this node's introductions", 2, T);
+    }
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("from the rendezvous: online"), "{out}");
+    chat("g", dir.path(), &y, &a, &a_id);
+    assert_eq!(sample(&y, "rendezvous_cluster_redis_up"), 1);
+}
+
+/// Redis is hostile input too: a record that is not one, an online mark that is not a node id,
+/// pub/sub messages that are garbage or huge. The node answers with a clear error or drops and
+/// counts the message, and keeps serving.
+#[test]
+fn hostile_values_in_redis_are_refused_not_trusted() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-hostile");
+    let x = node(dir.path(), &redis, "x");
+    let y = node(dir.path(), &redis, "y");
+    // A peer that registered on x and left: x no longer rewrites its record.
+    let (mut gone, gone_id) = listen("gone", dir.path(), &x);
+    assert!(gone.terminate(T).success());
+
+    let record_key = format!("rv:peer:{gone_id}");
+    let online_key = format!("rv:online:{gone_id}");
+    assert_eq!(
+        redis.command(&[b"SET", record_key.as_bytes(), b"{not a record"]),
+        "+OK"
+    );
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &gone_id);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("malformed value in the cluster registry") && err.contains(&record_key),
+        "{err}"
+    );
+    // A huge value is not even read whole.
+    let huge = vec![b'x'; 1 << 20];
+    assert_eq!(
+        redis.command(&[b"SET", record_key.as_bytes(), &huge]),
+        "+OK"
+    );
+    let (ok, _, err) = lookup(dir.path(), "q", &y, &gone_id);
+    assert!(!ok && err.contains("longer than"), "{err}");
+    // A good record with an online mark that is no node id.
+    let (mut back, _) = listen("gone", dir.path(), &x);
+    assert!(back.terminate(T).success());
+    assert_eq!(
+        redis.command(&[b"SET", online_key.as_bytes(), b"no such\nnode"]),
+        "+OK"
+    );
+    let (ok, _, err) = lookup(dir.path(), "q", &y, &gone_id);
+    assert!(!ok && err.contains(&online_key), "{err}");
+
+    // Garbage and oversized messages on a node's channel: dropped and counted.
+    assert_eq!(
+        redis.command(&[b"PUBLISH", b"rv:punch:x", b"garbage"]),
+        ":1"
+    );
+    let big = vec![b' '; 64 * 1024];
+    assert_eq!(redis.command(&[b"PUBLISH", b"rv:punch:x", &big]), ":1");
+    let dropped = "rendezvous_cluster_introductions_total{direction=\"dropped\"}";
+    x.proc
+        .stderr
+        .wait_for_nth("dropped a cluster message", 2, T);
+    assert_eq!(sample(&x, dropped), 2);
+    // Still serving: a peer registers and is found from the other node.
+    let (mut a, a_id) = listen("a", dir.path(), &x);
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
+    assert!(
+        ok && out.contains("from the rendezvous: online"),
+        "{out}\n{err}"
+    );
+    assert!(a.terminate(T).success());
+}
+
+/// Two nodes never share a node id (they would share a channel and online marks): a second
+/// node with another key is refused at start while the first is alive; the same node (same
+/// key) restarting right after a crash takes its id back.
+#[test]
+fn a_node_id_is_held_by_one_node_at_a_time() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-ids");
+    let mut x = node(dir.path(), &redis, "x");
+    let url = redis.url();
+    let other = dir.path().join("other");
+    let mut impostor = Proc::spawn(
+        "impostor",
+        &bin("rendezvous"),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            other.to_str().expect("utf-8 path"),
+            "--tcp-listen",
+            "off",
+            "--cluster",
+            &url,
+            "--node-id",
+            "x",
+        ],
+    );
+    assert!(!impostor.wait(T).success());
+    impostor
+        .stderr
+        .wait_for("is in use by a live node with another key", T);
+    // The same node, killed and started again at once (its entry still fresh): accepted.
+    x.proc.kill9();
+    let x = node(dir.path(), &redis, "x");
+    let (_a, a_id) = listen("a", dir.path(), &x);
+    assert!(!a_id.is_empty());
+}
