@@ -78,6 +78,7 @@ impl Registry {
                 id: target,
                 observed: peer.record.observed,
                 local_addrs: peer.record.local_addrs,
+                mapped_port: peer.record.mapped_port,
                 online: peer.online,
                 last_seen: if peer.online {
                     now
@@ -371,6 +372,43 @@ mod tests {
     }
 
     /// Unregistered connections get nothing from the cluster paths.
+    /// A lookup of a peer held by another node answers what its record holds, the port its
+    /// router maps for it included (`peer lookup` shows that candidate, issue 14).
+    #[test]
+    fn a_remote_lookup_answers_the_record_and_its_mapped_port() {
+        let mut x = Registry::new([], [1; 32]);
+        register(&mut x, 10, id(1), addr(1, 4000));
+        let record = Record {
+            observed: addr(2, 5000),
+            local_addrs: vec![SocketAddr::from(([192, 168, 1, 2], 5000))],
+            mapped_port: Some(6000),
+            observed_other: None,
+            last_seen: T0,
+            registered_at: T0,
+        };
+        let remote = RemotePeer {
+            record: record.clone(),
+            online: true,
+        };
+        let out = x.query_remote(10, id(1), addr(1, 4000), id(2), Some(remote), T0);
+        let Some(ControlMessage::PeerInfo(info)) = out.reply else {
+            panic!("expected peer_info, got {:?}", out.reply);
+        };
+        assert_eq!(info.id, id(2));
+        assert_eq!(info.observed, record.observed);
+        assert_eq!(info.local_addrs, record.local_addrs);
+        assert_eq!(info.mapped_port, Some(6000));
+        assert!(info.online);
+        let out = x.query_remote(10, id(1), addr(1, 4000), id(3), None, T0);
+        assert!(matches!(
+            out.reply,
+            Some(ControlMessage::Error {
+                code: ErrorCode::NotFound,
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn remote_paths_need_a_registration_here() {
         let mut x = Registry::new([], [1; 32]);
