@@ -13,12 +13,14 @@
 #   - connect time / floor (RTT to the rendezvous + 2 RTT between the peers, RTTs measured with
 #     ICMP inside the lab), median and p95, at 20 and 80 ms injected RTT between the peers.
 #
-#   scripts/bench.sh [--quick] [--size MB] [--keep] [--iroh]
+#   scripts/bench.sh [--quick] [--size MB] [--keep] [--send-only] [--iroh]
 #
 # Full run: about 3 minutes on 2 cores after the release build. --quick: small sizes, one run,
 # 5 connects, 500 peers: about 30 s after the build, for CI (no timing is asserted anywhere; the
 # script fails only if a measurement cannot be made). --size sets the `peer send` file size.
-# --keep leaves the work directory (every program's output and log) in place.
+# --keep leaves the work directory (every program's output and log) in place. --send-only runs
+# only the `peer send` rows (and the 1-stream plain quinn lab-link goodput they are compared
+# with): for work on the relay or on file transfer.
 # --iroh adds iroh (the release in scripts/lab/iroh.sh, with its iroh-relay in dev mode on the
 # rendezvous host, endpoints configured with that relay only) as a fourth contestant on the same
 # lab links: direct goodput and CPU (1 and 4 streams, interleaved with the others), relayed
@@ -31,6 +33,7 @@ cd "$(dirname "$0")/.."
 
 quick=0
 keep=0
+send_only=0
 iroh=0
 send_mb=100      # `peer send` file
 runs=5           # repetitions of every goodput measurement (median)
@@ -44,8 +47,9 @@ while [[ $# -gt 0 ]]; do
         --quick) quick=1 send_mb=8 runs=1 loop_mb=200 lab_mb=100 connects=5 rv_peers=500 rv_hold=5 ;;
         --size) send_mb=${2:?--size needs MB}; shift ;;
         --keep) keep=1 ;;
+        --send-only) send_only=1 ;;
         --iroh) iroh=1 ;;
-        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--iroh]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--send-only] [--iroh]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -55,8 +59,14 @@ if [[ $(id -u) -ne 0 ]] || ! command -v nft >/dev/null 2>&1 || ! command -v pyth
 fi
 
 started=$SECONDS
-cargo build --release --quiet -p rendezvous -p peer -p bench
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release
+# BENCH_BIN=DIR measures the rendezvous, peer and bench binaries in DIR instead of building
+# (an older build, for a before/after comparison in the same conditions).
+if [[ -n ${BENCH_BIN:-} ]]; then
+    bin=$BENCH_BIN
+else
+    cargo build --release --quiet -p rendezvous -p peer -p bench
+    bin=${CARGO_TARGET_DIR:-$PWD/target}/release
+fi
 if ((iroh)); then
     ROOT=$PWD
     # shellcheck source=lab/iroh.sh
@@ -219,6 +229,10 @@ fi
 
 say "goodput: ${loop_mb} MB on loopback, ${lab_mb} MB on a lab link, median of $runs, quinn / ours / TCP interleaved"
 for ((r = 0; r < runs; r++)); do
+    if ((send_only)); then
+        gp lab quinn 1 "$lab_mb"
+        continue
+    fi
     for where in loop lab; do
         mb=$loop_mb
         [[ $where == lab ]] && mb=$lab_mb
@@ -232,7 +246,7 @@ for ((r = 0; r < runs; r++)); do
 done
 # Per-run series (in run order): the table uses the median of the per-run ratios, each ratio taken
 # between tests run back to back, which is what survives a shared, noisy machine best.
-for f in "$work"/gp-loop-* "$work"/gp-lab-*; do
+for f in "$work"/gp-lab-* $( ((send_only)) || echo "$work"/gp-loop-*); do
     key=${f##*/gp-}
     record "gp_$key" "$(cut -d' ' -f1 "$f" | paste -sd,)"
     record "cpu_$key" "$(cut -d' ' -f2 "$f" | paste -sd,)"
@@ -240,6 +254,27 @@ done
 record gp_loop_mb "$loop_mb"
 
 # ---------------------------------------------------------------- the product: peer send
+# proc_cpu PID...: utime + stime of the processes, seconds
+proc_cpu() {
+    python3 -c 'import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+total = 0
+for pid in sys.argv[1:]:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    total += (int(fields[11]) + int(fields[12])) / tick
+print(total)' "$@"
+}
+
+# children_cpu_delta BEFORE AFTER: user + system CPU seconds of the children reaped between two
+# outputs of bash's `times` (second line: children's "XmY.YYYs XmY.YYYs")
+children_cpu_delta() {
+    python3 -c 'import re, sys
+def cpu(path):
+    line = open(path).read().splitlines()[1]
+    return sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", line))
+print(cpu(sys.argv[2]) - cpu(sys.argv[1]))' "$1" "$2"
+}
+
 # send LAB KIND_A KIND_B [RENDEZVOUS OPTION...]: median MB/s of $runs `peer send` transfers ->
 # results send_LAB
 send_goodput() {
@@ -250,20 +285,29 @@ send_goodput() {
     labs+=("$lab")
     ip netns exec "$lab-rv" "$bin/rendezvous" serve --listen 203.0.113.10:7000 --data-dir "$dir/rv" \
         --tcp-listen off "$@" >"$dir/rv.out" 2>"$dir/rv.log" </dev/null &
+    local rv_pid=$! # `ip netns exec` execs the program: the same pid
     wait_for "$dir/rv.out" "server key" 10
     local key id speeds=()
     key=$(sed -n 's/^server key //p' "$dir/rv.out")
     ip netns exec "$lab-a" "$bin/peer" --config-dir "$dir/a" listen --accept-files "$dir/recv" --allow-any \
         --server 203.0.113.10:7000 --server-key "$key" >"$dir/a.out" 2>"$dir/a.log" </dev/null &
+    local a_pid=$!
     wait_for "$dir/a.out" "registered with" 10
     id=$(sed -n 's/^peer id //p' "$dir/a.out")
-    local failed=0
+    local failed=0 cpu_before
+    # CPU of all three processes over the transfers: the rendezvous and the receiver from /proc,
+    # each sender from this shell's children's times (its SHA-256 pass included).
+    cpu_before=$(proc_cpu "$rv_pid" "$a_pid")
+    : >"$dir/sender-cpu"
     for ((i = 0; i < runs; i++)); do
         rm -f "$dir/recv/payload.bin"
         # A fresh config dir each time: every transfer starts with the introduction (a cached
         # address would be dialed first, and fail behind a port-restricted NAT).
+        times >"$dir/times-before" # this shell's children's CPU so far (`times` forks nothing)
         if ! ip netns exec "$lab-b" timeout 300 "$bin/peer" --config-dir "$dir/b$i" send "$id" "$work/payload.bin" \
             --server 203.0.113.10:7000 --server-key "$key" >"$dir/b.out" 2>"$dir/b.log" </dev/null; then
+            times >"$dir/times-after"
+            children_cpu_delta "$dir/times-before" "$dir/times-after" >>"$dir/sender-cpu"
             # Reported in the table, not hidden; one retry so that one failure does not void the run.
             echo "bench: peer send failed in $lab (run $i; retrying once):" >&2
             cat "$dir/b.out" "$dir/b.log" >&2
@@ -272,10 +316,18 @@ send_goodput() {
             ((i--))
             continue
         fi
+        times >"$dir/times-after"
+        children_cpu_delta "$dir/times-before" "$dir/times-after" >>"$dir/sender-cpu"
         speeds+=("$(sed -n 's/.*(\([0-9.]*\) MB\/s).*/\1/p' "$dir/b.out")")
         if grep -q "direct to" "$dir/b.out"; then echo direct >"$dir/path"; else echo relayed >"$dir/path"; fi
     done
     record "send_$lab" "$(printf '%s\n' "${speeds[@]}" | median)"
+    # CPU seconds per GB sent, all three processes (the sender's lines of failed runs included:
+    # rare, and reported).
+    record "send_cpu_per_gb_$lab" "$(python3 -c 'import sys
+before, after, runs, mb = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+sender = sum(float(line) for line in open(sys.argv[5]) if line.strip())
+print((after - before + sender) / (runs * mb / 1000))' "$cpu_before" "$(proc_cpu "$rv_pid" "$a_pid")" "$runs" "$send_mb" "$dir/sender-cpu")"
     record "path_$lab" "$(cat "$dir/path")"
     record "send_failed_$lab" "$failed"
 }
@@ -320,6 +372,11 @@ record send_direct_lab "$dlab"
 record send_relay_lab "$rlab"
 record send_relay_uncapped_lab "$qlab"
 for lab in "$glab" "$dlab" "$rlab" "$qlab"; do scripts/natlab.sh down "$lab" >/dev/null 2>&1; done
+record send_only "$send_only"
+
+if ((send_only)); then
+    rv_peers=0
+else
 
 # ---------------------------------------------------------------- the rendezvous under load
 say "rendezvous: $rv_peers simulated peers, kept alive ${rv_hold} s"
@@ -429,6 +486,8 @@ for delay in 10 40; do
     connect_times "$delay"
 done
 
+fi
+
 # ---------------------------------------------------------------- the table
 say "done"
 machine="$(nproc) cores, $(uname -sr), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
@@ -451,31 +510,44 @@ def ratio(a, b):  # median of per-run ratios, and their range
     spread = f" (runs {min(rs):.2f}-{max(rs):.2f})" if len(rs) > 1 else ""
     return med(rs), spread
 mbs = lambda b: f"{b / 1e6:.0f} MB/s"
-for where, label in (("loop", "loopback"), ("lab", "lab link")):
+send_only = r.get("send_only") == "1"
+if not send_only:
+    for where, label in (("loop", "loopback"), ("lab", "lab link")):
+        for s in ("1", "4"):
+            ours, quinn, tcp = (med(series(f"gp_{where}-{m}-{s}")) for m in ("ours", "quinn", "tcp"))
+            n = "1 stream" if s == "1" else f"{s} streams"
+            q, spread = ratio(f"gp_{where}-ours-{s}", f"gp_{where}-quinn-{s}")
+            row(f"direct goodput ours / plain quinn, {label}, {n}",
+                f"{mbs(ours)} / {mbs(quinn)}", f"{q:.2f}{spread}", ">= 0.95", q >= 0.95)
+            t, spread = ratio(f"gp_{where}-ours-{s}", f"gp_{where}-tcp-{s}")
+            row(f"direct goodput ours / plain TCP, {label}, {n}",
+                f"{mbs(ours)} / {mbs(tcp)}", f"{t:.2f}{spread}")
+    gib = f("gp_loop_mb") * 1e6 / 2**30
     for s in ("1", "4"):
-        ours, quinn, tcp = (med(series(f"gp_{where}-{m}-{s}")) for m in ("ours", "quinn", "tcp"))
-        n = "1 stream" if s == "1" else f"{s} streams"
-        q, spread = ratio(f"gp_{where}-ours-{s}", f"gp_{where}-quinn-{s}")
-        row(f"direct goodput ours / plain quinn, {label}, {n}",
-            f"{mbs(ours)} / {mbs(quinn)}", f"{q:.2f}{spread}", ">= 0.95", q >= 0.95)
-        t, spread = ratio(f"gp_{where}-ours-{s}", f"gp_{where}-tcp-{s}")
-        row(f"direct goodput ours / plain TCP, {label}, {n}",
-            f"{mbs(ours)} / {mbs(tcp)}", f"{t:.2f}{spread}")
-gib = f("gp_loop_mb") * 1e6 / 2**30
-for s in ("1", "4"):
-    co, cq = med(series(f"cpu_loop-ours-{s}")) / gib, med(series(f"cpu_loop-quinn-{s}")) / gib
-    c, spread = ratio(f"cpu_loop-ours-{s}", f"cpu_loop-quinn-{s}")
-    row(f"CPU s per GiB (client + server), ours / plain quinn, loopback, {s} stream{'s' if s != '1' else ''}",
-        f"{co:.2f} / {cq:.2f}", f"{c:.2f}{spread}")
+        co, cq = med(series(f"cpu_loop-ours-{s}")) / gib, med(series(f"cpu_loop-quinn-{s}")) / gib
+        c, spread = ratio(f"cpu_loop-ours-{s}", f"cpu_loop-quinn-{s}")
+        row(f"CPU s per GiB (client + server), ours / plain quinn, loopback, {s} stream{'s' if s != '1' else ''}",
+            f"{co:.2f} / {cq:.2f}", f"{c:.2f}{spread}")
 d, rl = f("send_" + r["send_direct_lab"]), f("send_" + r["send_relay_lab"])
 pq = med(series("gp_lab-quinn-1")) / 1e6
 row(f"`peer send` {send_mb} MB direct (port-restricted NATs, {r['path_' + r['send_direct_lab']]}) / plain quinn on a lab link",
-    f"{d:.1f} / {pq:.0f} MB/s", f"{d / pq:.2f}")
+    f"{d:.1f} / {pq:.0f} MB/s", f"{d / pq:.2f}", ">= 0.8", d / pq >= 0.8)
 row(f"`peer send` relayed (symmetric NATs, {r['path_' + r['send_relay_lab']]}) / direct, same links, default relay rate limit (50 MB/s per peer)",
     f"{rl:.1f} / {d:.1f} MB/s", f"{rl / d:.2f}", "- (the operator's `--relay-rate` policy caps it; the next row is the relay's capacity)")
 ru = f("send_" + r["send_relay_uncapped_lab"])
 row(f"`peer send` relayed / direct, same links, relay rate limit raised to 10 GB/s (`--relay-rate`)",
-    f"{ru:.1f} / {d:.1f} MB/s", f"{ru / d:.2f}", ">= 0.5", ru / d >= 0.5)
+    f"{ru:.1f} / {d:.1f} MB/s", f"{ru / d:.2f}", ">= 0.6", ru / d >= 0.6)
+cd, cu = f("send_cpu_per_gb_" + r["send_direct_lab"]), f("send_cpu_per_gb_" + r["send_relay_uncapped_lab"])
+row("`peer send` CPU s per GB (sender + receiver + rendezvous), relayed (rate limit raised) / direct",
+    f"{cu:.2f} / {cd:.2f}", f"{cu / cd:.2f}", "<= 1.6", cu / cd <= 1.6)
+if send_only:
+    rows.append("")
+    rows.append("(--send-only: the other rows were not measured)")
+    print()
+    print("| measurement | value | ratio | target |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
+    sys.exit(0)
 core = "one core" if r.get("rv_pinned") == "yes" else "unpinned"
 n = int(float(r["rv_peers"]))
 row(f"rendezvous registrations/s ({core}; load generator on the other)",

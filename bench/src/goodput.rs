@@ -215,7 +215,7 @@ pub async fn client(
             let stable = stable_addr(&server);
             socket.set_route(stable, PathTarget::Udp(connect));
             let tls = certs::client_config_for_peer(&identity, server, common::ALPN_PEER)?;
-            let config = transport::quic_client_config(tls, settings)?;
+            let config = transport::quic_peer_client_config(tls, settings)?;
             dial_and_send(
                 &endpoint,
                 config,

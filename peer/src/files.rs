@@ -201,19 +201,16 @@ pub async fn send(
     let mut verdict = Box::pin(async move { read_frame(&mut rx).await });
     let started = Instant::now();
     let copy = async {
-        use tokio::io::AsyncSeekExt;
-        let mut file = tokio::fs::File::open(path).await?;
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-        let mut buf = vec![0u8; CHUNK];
+        // A blocking thread reads the file in large chunks, each handed to quinn as it is (no
+        // copy into the stream's buffer), through a short queue: the disk and the network
+        // overlap, and no chunk is a round trip through tokio's blocking pool.
+        let mut chunks = read_chunks(path.to_owned(), start)?;
         let mut sent = start;
         let mut last_report = Instant::now();
-        loop {
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            tx.write_all(&buf[..n]).await?;
-            sent += n as u64;
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk?;
+            sent += chunk.len() as u64;
+            tx.write_chunk(chunk).await?;
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
                 console
@@ -294,6 +291,38 @@ pub async fn send(
             printable(&format!("{other:?}"))
         ))),
     }
+}
+
+/// Bytes the sender reads from the file at once (one chunk handed to quinn).
+const READ_BUFFER: usize = 1024 * 1024;
+/// Chunks read ahead of the stream.
+const READ_QUEUE: usize = 4;
+
+/// Reads `path` from `start` to its end in [`READ_BUFFER`] chunks on a blocking thread, at most
+/// [`READ_QUEUE`] ahead of the receiver; the thread ends at the end of the file, at a read
+/// error (sent as the last item) or when the receiver is dropped.
+fn read_chunks(
+    path: PathBuf,
+    start: u64,
+) -> std::io::Result<tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>> {
+    use std::io::{Read, Seek};
+    let mut file = std::fs::File::open(&path)?;
+    file.seek(std::io::SeekFrom::Start(start))?;
+    let (chunks_tx, chunks) = tokio::sync::mpsc::channel(READ_QUEUE);
+    tokio::task::spawn_blocking(move || loop {
+        let mut buf = Vec::with_capacity(READ_BUFFER);
+        let read = (&mut file).take(READ_BUFFER as u64).read_to_end(&mut buf);
+        let item = match read {
+            Ok(0) => return,
+            Ok(_) => Ok(bytes::Bytes::from(buf)),
+            Err(e) => Err(e),
+        };
+        let last = item.is_err();
+        if chunks_tx.blocking_send(item).is_err() || last {
+            return;
+        }
+    });
+    Ok(chunks)
 }
 
 /// Where to start sending `path` (`size` bytes) when the receiver holds `offset` bytes of it
@@ -611,6 +640,101 @@ async fn hash_prefix(
     Ok(true)
 }
 
+/// Bytes of one buffer between the stream reader and the disk writer of a receive.
+const WRITE_BUFFER: usize = 1024 * 1024;
+/// Buffers queued for the disk writer (so at most this many + 2 MiB in flight per receive).
+const WRITE_QUEUE: usize = 4;
+
+/// The receiving side's disk writer: a blocking thread that hashes and writes the buffers it is
+/// queued (bounded: [`WRITE_QUEUE`] of [`WRITE_BUFFER`] bytes), and hands each buffer back for
+/// reuse. The reader fills [`DiskWriter::space`] and reports with [`DiskWriter::filled`].
+struct DiskWriter {
+    queue: tokio::sync::mpsc::Sender<Vec<u8>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: tokio::task::JoinHandle<DiskWritten>,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+/// What the disk writer did: the file, the hash of every byte it wrote, how many it wrote, and
+/// the write error it stopped at (after which it writes nothing more).
+struct DiskWritten {
+    file: std::fs::File,
+    ctx: ring::digest::Context,
+    bytes: u64,
+    error: Option<std::io::Error>,
+}
+
+impl DiskWriter {
+    fn start(file: std::fs::File, ctx: ring::digest::Context) -> DiskWriter {
+        use std::io::Write;
+        let (queue, mut buffers) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+        let (spare_tx, spare) = std::sync::mpsc::channel();
+        let thread = tokio::task::spawn_blocking(move || {
+            let mut done = DiskWritten {
+                file,
+                ctx,
+                bytes: 0,
+                error: None,
+            };
+            while let Some(buf) = buffers.blocking_recv() {
+                if done.error.is_none() {
+                    match done.file.write_all(&buf) {
+                        Ok(()) => {
+                            done.ctx.update(&buf);
+                            done.bytes += buf.len() as u64;
+                        }
+                        Err(e) => done.error = Some(e),
+                    }
+                }
+                // The reader may be gone already; the buffer is then just freed.
+                let _ = spare_tx.send(buf);
+            }
+            done
+        });
+        DiskWriter {
+            queue,
+            spare,
+            thread,
+            buf: vec![0u8; WRITE_BUFFER],
+            filled: 0,
+        }
+    }
+
+    /// Where the next bytes go.
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.buf[self.filled..]
+    }
+
+    /// `n` bytes were put into [`DiskWriter::space`]; a full buffer is queued for the writer
+    /// (waiting while the queue is full). False if the writer is gone.
+    async fn filled(&mut self, n: usize) -> bool {
+        self.filled += n;
+        if self.filled < self.buf.len() {
+            return true;
+        }
+        let mut next = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| vec![0u8; WRITE_BUFFER]);
+        next.resize(WRITE_BUFFER, 0);
+        let full = std::mem::replace(&mut self.buf, next);
+        self.filled = 0;
+        self.queue.send(full).await.is_ok()
+    }
+
+    /// Queues what is left and waits for the writer to write everything queued. `None` if the
+    /// writer thread failed (it does not, short of a panic).
+    async fn finish(mut self) -> Option<DiskWritten> {
+        if self.filled > 0 {
+            self.buf.truncate(self.filled);
+            let _ = self.queue.send(std::mem::take(&mut self.buf)).await;
+        }
+        drop(self.queue);
+        self.thread.await.ok()
+    }
+}
+
 /// What a successful receive stored.
 #[derive(Debug)]
 struct Stored {
@@ -835,13 +959,16 @@ async fn receive_inner(
             .say(format!("receiving {name} ({size} bytes) from {peer}"))
             .await;
     }
-    let mut buf = vec![0u8; CHUNK];
+    // The stream is read here and the bytes are hashed and written by a blocking thread of
+    // their own, behind a bounded queue: reading the stream never waits for the disk or the
+    // hash, and neither waits for a round trip through tokio's blocking pool per chunk.
+    let mut writer = DiskWriter::start(file.into_std().await, ctx);
     let mut got = start;
     let outcome: Result<(), Failure> = async {
         loop {
-            let n = match tokio::time::timeout(STALL_TIMEOUT, rx.read(&mut buf)).await {
+            let n = match tokio::time::timeout(STALL_TIMEOUT, rx.read(writer.space())).await {
                 Ok(Ok(Some(n))) => n,
-                Ok(Ok(None)) => break,
+                Ok(Ok(None)) => return Ok(()),
                 Ok(Err(e)) => return Err(Failure::Interrupted(format!("transfer failed: {e}"))),
                 Err(_) => {
                     return Err(Failure::Interrupted(format!(
@@ -855,20 +982,40 @@ async fn receive_inner(
                     "more than the announced {size} bytes"
                 )));
             }
-            file.write_all(&buf[..n]).await.map_err(|e| {
-                Failure::Interrupted(format!("cannot write {}: {e}", part.path.display()))
-            })?;
             got += n as u64;
-            ctx.update(&buf[..n]);
+            if !writer.filled(n).await {
+                // The writer stopped; what it says is below.
+                return Ok(());
+            }
         }
-        if got != size {
-            return Err(Failure::Interrupted(format!(
-                "stream ended after {got} of {size} bytes"
-            )));
-        }
-        Ok(())
     }
     .await;
+    let Some(DiskWritten {
+        file,
+        ctx,
+        bytes,
+        error,
+    }) = writer.finish().await
+    else {
+        return Err(fail(format!(
+            "the disk writer of {} failed",
+            part.path.display()
+        )));
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    let got = start + bytes;
+    let outcome = match (outcome, error) {
+        (Err(Failure::Bad(m)), _) => Err(Failure::Bad(m)),
+        (_, Some(e)) => Err(Failure::Interrupted(format!(
+            "cannot write {}: {e}",
+            part.path.display()
+        ))),
+        (Err(e), None) => Err(e),
+        (Ok(()), None) if got != size => Err(Failure::Interrupted(format!(
+            "stream ended after {got} of {size} bytes"
+        ))),
+        (Ok(()), None) => Ok(()),
+    };
     let computed = hex(ctx.finish().as_ref());
     let remove = |m: String| {
         let _ = std::fs::remove_file(&part.path);
@@ -940,6 +1087,66 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    fn sha256_hex(data: &[u8]) -> String {
+        hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+    }
+
+    #[tokio::test]
+    async fn the_disk_writer_writes_and_hashes_every_byte_in_order_and_reports_a_write_error() {
+        let dir = temp_dir("disk-writer");
+        let data: Vec<u8> = (0..5 * WRITE_BUFFER + 12345)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let path = dir.join("out");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut writer = DiskWriter::start(file, ring::digest::Context::new(&ring::digest::SHA256));
+        // Odd-sized pieces, as reads from a stream come.
+        let mut at = 0;
+        while at < data.len() {
+            let space = writer.space();
+            let n = space.len().min(7777).min(data.len() - at);
+            space[..n].copy_from_slice(&data[at..at + n]);
+            at += n;
+            assert!(writer.filled(n).await);
+        }
+        let done = writer.finish().await.unwrap();
+        assert!(done.error.is_none());
+        assert_eq!(done.bytes, data.len() as u64);
+        assert_eq!(hex(done.ctx.finish().as_ref()), sha256_hex(&data));
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+
+        // A file it cannot write: the error is reported, nothing is counted as written.
+        let read_only = std::fs::File::open(&path).unwrap();
+        let mut writer =
+            DiskWriter::start(read_only, ring::digest::Context::new(&ring::digest::SHA256));
+        writer.space()[..10].copy_from_slice(&[1; 10]);
+        assert!(writer.filled(10).await);
+        let done = writer.finish().await.unwrap();
+        assert!(done.error.is_some());
+        assert_eq!(done.bytes, 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_sender_reads_the_file_from_the_start_offset_in_bounded_chunks() {
+        let dir = temp_dir("read-chunks");
+        let data: Vec<u8> = (0..3 * READ_BUFFER + 99).map(|i| (i % 253) as u8).collect();
+        let path = dir.join("in");
+        std::fs::write(&path, &data).unwrap();
+        for start in [0, 1000, data.len() as u64] {
+            let mut chunks = read_chunks(path.clone(), start).unwrap();
+            let mut got = Vec::new();
+            while let Some(chunk) = chunks.recv().await {
+                let chunk = chunk.unwrap();
+                assert!(!chunk.is_empty() && chunk.len() <= READ_BUFFER);
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, data[start as usize..]);
+        }
+        assert!(read_chunks(dir.join("missing"), 0).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

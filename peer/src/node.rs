@@ -120,7 +120,7 @@ impl Node {
         // below; never accepted by our own listener.
         tls.alpn_protocols
             .extend(common::ALPN_PEER_OLDER.iter().map(|a| a.to_vec()));
-        let client = transport::quic_client_config(tls, self.transport)
+        let client = transport::quic_peer_client_config(tls, self.transport)
             .map_err(|e| failed(e.to_string()))?;
         let connecting = self
             .endpoint

@@ -15,7 +15,8 @@ pub use demux::{
 };
 pub use endpoint::{
     bind_udp, bind_udp_beside, make_endpoint, make_server_endpoint, quic_client_config,
-    remote_certificate, BoundEndpoint, EndpointError, ServerTransport, TransportSettings,
+    quic_peer_client_config, remote_certificate, BoundEndpoint, EndpointError, ServerTransport,
+    TransportSettings, PEER_CONNECTION_WINDOW, PEER_STREAM_WINDOW,
 };
 pub use scripted::{check_receive_script, ScriptedDatagram, ScriptedSocket};
 
