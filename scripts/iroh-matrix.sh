@@ -3,14 +3,16 @@
 # by side, in the same lab instance per trial (issue 16).
 #
 #   iroh-matrix.sh [--kinds "open full ..."] [--pairs "a/b a/b ..."] [--trials N] [--impaired]
-#                  [--timeout S] [--keep DIR]
+#                  [--timeout S] [--keep DIR] [--fresh-listener]
 #
 # For every ordered pair (listener's NAT kind / dialer's NAT kind; default: every pair of
 # --kinds, default "open full addr port sym cgnat early"), each trial brings up a fresh lab
 # (scripts/natlab.sh; --impaired adds 40 ms delay and 10 % loss on both NAT uplinks), starts our
 # rendezvous (RFC 5780 discovery on a second IP and port, as the NAT matrix does) and an
 # iroh-relay in dev mode on LAB-rv, then:
-#   - ours: `peer listen` on LAB-a, `peer connect ID` on LAB-b; direct when the dialer prints its
+#   - ours: `peer listen` on LAB-a, `peer connect ID` on LAB-b once the listener has measured its
+#     NAT (its `NAT measured` line: a listener that has been up for a while, as listeners are;
+#     --fresh-listener dials as soon as it is registered); direct when the dialer prints its
 #     direct path within --timeout seconds (default 10) of its start;
 #   - iroh: `bench-iroh listen` on LAB-a, `bench-iroh dial` on LAB-b (relay URL only, no direct
 #     addresses, no address lookup); direct when a direct path is selected within the same time
@@ -29,7 +31,7 @@ NATLAB=$HERE/natlab.sh
 source "$HERE/lab/iroh.sh"
 RV=203.0.113.10:7000
 
-KINDS="open full addr port sym cgnat early" PAIRS="" TRIALS=3 IMPAIRED=0 TIMEOUT=10 KEEP=""
+KINDS="open full addr port sym cgnat early" PAIRS="" TRIALS=3 IMPAIRED=0 TIMEOUT=10 KEEP="" FRESH=0
 while (($#)); do
 	case $1 in
 	--kinds) KINDS=${2:?}; shift 2 ;;
@@ -38,6 +40,7 @@ while (($#)); do
 	--impaired) IMPAIRED=1; shift ;;
 	--timeout) TIMEOUT=${2:?}; shift 2 ;;
 	--keep) KEEP=${2:?}; shift 2 ;;
+	--fresh-listener) FRESH=1; shift ;;
 	-h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "iroh-matrix: unknown option '$1'" >&2; exit 2 ;;
 	esac
@@ -103,24 +106,32 @@ ours() {
 	[[ -n $key ]] || { echo "the rendezvous did not start: $(tail -3 "$dir/rv.err")" >&2; return 1; }
 	mkfifo "$dir/in"
 	exec 3<>"$dir/in"
-	ip netns exec "$LAB-a" "$BIN/peer" --config-dir "$dir/a" listen --server $RV \
+	ip netns exec "$LAB-a" "$BIN/peer" --config-dir "$dir/a" listen -v --server $RV \
 		--server-key "$key" <"$dir/in" >"$dir/a.out" 2>"$dir/a.err" &
 	PIDS+=($!)
 	id=$(wait_for "$dir/a.out" '^peer id ' 20 | awk '{print $3}') || true
 	[[ -n $id ]] || { echo "the listener did not start: $(tail -3 "$dir/a.err")" >&2; return 1; }
 	wait_for "$dir/a.out" '^registered with ' 20 >/dev/null || true
+	if ((!FRESH)); then
+		wait_for "$dir/a.err" '^NAT measured: ' 30 >/dev/null ||
+			echo "the listener did not say it measured its NAT" >&2
+	fi
 	start=$(now_ms)
 	ip netns exec "$LAB-b" "$BIN/peer" --config-dir "$dir/b" connect "$id" \
 		--server $RV --server-key "$key" <"$dir/in" >"$dir/b.out" 2>"$dir/b.err" &
 	PIDS+=($!)
-	line=$(wait_for "$dir/b.out" "(connected to $id in [0-9]+ ms: direct to |path to $id: direct to |no direct path: )" "$TIMEOUT") || line=""
+	# A first punch that fails is not the end: the dialer punches again (with birthday punching
+	# once its own NAT is measured), so only a direct path within the time counts.
+	line=$(wait_for "$dir/b.out" "(connected to $id in [0-9]+ ms: direct to |path to $id: direct to )" "$TIMEOUT") || line=""
 	ms=$(($(now_ms) - start))
 	exec 3>&-
-	case $line in
-	*"direct to "*) echo "direct $ms" ;;
-	*"no direct path"*) echo relayed ;;
-	*) echo unsettled ;;
-	esac
+	if [[ $line == *"direct to "* ]]; then
+		echo "direct $ms"
+	elif grep -q "relayed via" "$dir/b.out"; then
+		echo relayed
+	else
+		echo unsettled
+	fi
 }
 
 # iroh DIR: one trial of iroh; prints "direct MS", "relayed" or "unsettled".
