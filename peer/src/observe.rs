@@ -27,6 +27,21 @@ use crate::session::{Session, SessionState};
 const ATTEMPTS: u32 = 3;
 /// How long to wait for each answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A proof that failed (its requests or answers lost, the path of the other family down for
+/// a while) is tried again within the same registration after this long, then after twice
+/// as long each time, at most [`RETRIES`] times: a peer that registered during a loss burst
+/// would otherwise stay without its IPv6 candidate until its next registration.
+const FIRST_RETRY: Duration = Duration::from_secs(10);
+/// Proofs tried again per registration after the first (10, 20, 40, 80, 160 s: about 5 min).
+const RETRIES: u32 = 5;
+
+/// The wait before proof attempt `failed + 1` of a registration after `failed` failed ones,
+/// or `None` when the registration's attempts are used up.
+fn retry_after(failed: u32) -> Option<Duration> {
+    (1..=RETRIES)
+        .contains(&failed)
+        .then(|| FIRST_RETRY * 2u32.pow(failed - 1))
+}
 
 /// The address of `server_addrs` to prove ours at: the first of the other family than the
 /// control connection's (`control`), if our socket can send there.
@@ -45,7 +60,8 @@ pub fn proof_target(
 }
 
 /// Proves our other-family address after every registration (over UDP, to a dual-stack
-/// server), until `shutdown`.
+/// server), again later within the registration when a proof fails ([`retry_after`]), until
+/// `shutdown`.
 pub(crate) async fn run(
     node: Node,
     router: Router,
@@ -56,7 +72,10 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut state = session.watch();
+    // The registration whose proof is settled (proven, or its retries used up).
     let mut proven_generation = 0;
+    // Failed proofs of the current registration: (its generation, how many, when to retry).
+    let mut failed: Option<(u64, u32, tokio::time::Instant)> = None;
     loop {
         if let SessionState::Registered(reg) = session.state() {
             let target = proof_target(
@@ -64,10 +83,15 @@ pub(crate) async fn run(
                 session.server_addr(),
                 node.socket.is_ipv6(),
             );
+            let due = match failed {
+                Some((generation, _, at)) if generation == reg.generation => {
+                    tokio::time::Instant::now() >= at
+                }
+                _ => true,
+            };
             if let Some(target) =
-                target.filter(|_| reg.generation != proven_generation && !reg.over_tcp)
+                target.filter(|_| reg.generation != proven_generation && !reg.over_tcp && due)
             {
-                proven_generation = reg.generation;
                 let outcome = tokio::select! {
                     r = prove(&node, &router, &session, target) => r,
                     _ = shutdown.changed() => return,
@@ -79,6 +103,31 @@ pub(crate) async fn run(
                 if proven && !before {
                     // Connections made before it (relayed, or direct over IPv4) may move now.
                     keeper.ipv6_proven();
+                }
+                match &outcome {
+                    Ok(_) => {
+                        proven_generation = reg.generation;
+                        failed = None;
+                    }
+                    Err(_) => {
+                        let count = match failed {
+                            Some((generation, n, _)) if generation == reg.generation => n + 1,
+                            _ => 1,
+                        };
+                        match retry_after(count) {
+                            Some(wait) => {
+                                failed = Some((
+                                    reg.generation,
+                                    count,
+                                    tokio::time::Instant::now() + wait,
+                                ))
+                            }
+                            None => {
+                                proven_generation = reg.generation;
+                                failed = None;
+                            }
+                        }
+                    }
                 }
                 match outcome {
                     Ok(addr) => {
@@ -102,10 +151,20 @@ pub(crate) async fn run(
                 }
             }
         }
+        let retry_at = failed.map(|(_, _, at)| at);
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
+            _ = sleep_until(retry_at) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Until `at`, or never.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -174,6 +233,20 @@ async fn prove(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed proof is tried again within the registration on a doubling schedule, a bounded
+    /// number of times (3 requests each): about 5 minutes, then not until the next
+    /// registration.
+    #[test]
+    fn failed_proofs_are_retried_with_backoff_a_bounded_number_of_times() {
+        assert_eq!(retry_after(0), None);
+        let waits: Vec<u64> = (1..=RETRIES)
+            .map(|n| retry_after(n).map(|d| d.as_secs()).unwrap_or(0))
+            .collect();
+        assert_eq!(waits, vec![10, 20, 40, 80, 160]);
+        assert_eq!(retry_after(RETRIES + 1), None);
+        assert_eq!(retry_after(u32::MAX), None);
+    }
 
     /// The proof goes to the server's address of the other family, only from a dual-stack
     /// socket, whatever the spelling of the server's addresses.
