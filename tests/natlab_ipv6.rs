@@ -10,6 +10,9 @@
 //!   IPv6; the dual-stack listener (registered over IPv4) is reached over IPv6.
 //! - `netcheck_reports_ipv6_reachability`: `peer netcheck` on a dual-stack peer says IPv6 works
 //!   and shows its address as the server saw it; on the IPv4-only side it says there is none.
+//! - `a_lost_ipv6_proof_is_tried_again_within_the_registration`: the listener's IPv6 address
+//!   proof is dropped on its way out, then let through: the peer proves its address again
+//!   without registering again.
 
 use std::path::Path;
 use std::time::Duration;
@@ -164,6 +167,78 @@ fn netcheck_reports_ipv6_reachability() {
             "{v4_only}"
         );
         drop(rv);
+    }
+    lab.down();
+}
+
+/// Runs `nft` with `script` on stdin in `LAB-host`.
+fn nft(lab: &Lab, host: &str, script: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-{host}", lab.name()),
+            "nft",
+            "-f",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("running nft in the lab");
+    child
+        .stdin
+        .take()
+        .expect("nft's stdin")
+        .write_all(script.as_bytes())
+        .expect("writing the nft script");
+    assert!(
+        child.wait().expect("waiting for nft").success(),
+        "nft -f - in {host}: {script}"
+    );
+}
+
+#[test]
+fn a_lost_ipv6_proof_is_tried_again_within_the_registration() {
+    let case = "ipv6_proof_retry";
+    if !lab::netns_enabled(case) {
+        return;
+    }
+    let dir = TempDir::new(case);
+    let lab = Lab::up(case, &["--a", "port", "--b", "port", "--ipv6", "ab"]);
+    {
+        let rv = lab.rendezvous_dual_stack(&dir.path().join("rv"));
+        // Every IPv6 datagram from the listener to the rendezvous's port is lost: its proof
+        // requests (3, 2 s apart) get no answer.
+        nft(
+            &lab,
+            "a",
+            "table ip6 proof_loss {\n chain out {\n type filter hook output priority 0;\n udp dport 7000 drop\n }\n}\n",
+        );
+        let (mut listener, _) = lab.listen(
+            "a",
+            "listener",
+            &dir.path().join("a"),
+            &rv,
+            &args!["-v"],
+            STEP,
+        );
+        listener.wait_for_line("no address proven at [2001:db8::10]:7000", STEP);
+        nft(&lab, "a", "delete table ip6 proof_loss\n");
+        // Tried again 10 s after the failure, in the same registration.
+        let (line, _) = listener.wait_for_line("proven to the rendezvous", STEP);
+        assert!(line.contains("2001:db8:1::2"), "{line}");
+        assert_eq!(
+            listener
+                .stdout
+                .lines()
+                .iter()
+                .filter(|l| l.starts_with("registered with "))
+                .count(),
+            1,
+            "proven without registering again:\n{}",
+            listener.stdout.text()
+        );
     }
     lab.down();
 }
