@@ -215,7 +215,7 @@ fn a_lost_ipv6_proof_is_tried_again_within_the_registration() {
             "a",
             "table ip6 proof_loss {\n chain out {\n type filter hook output priority 0;\n udp dport 7000 drop\n }\n}\n",
         );
-        let (mut listener, _) = lab.listen(
+        let (listener, _) = lab.listen(
             "a",
             "listener",
             &dir.path().join("a"),
