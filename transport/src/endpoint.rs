@@ -294,11 +294,7 @@ pub fn quic_client_config(
     tls: rustls::ClientConfig,
     settings: TransportSettings,
 ) -> Result<quinn::ClientConfig, EndpointError> {
-    let crypto =
-        QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(settings.transport_config());
-    Ok(config)
+    client_config_with(tls, settings.transport_config())
 }
 
 /// As [`quic_client_config`], for dialing another peer: with the peer windows (see
@@ -307,10 +303,17 @@ pub fn quic_peer_client_config(
     tls: rustls::ClientConfig,
     settings: TransportSettings,
 ) -> Result<quinn::ClientConfig, EndpointError> {
+    client_config_with(tls, settings.peer_transport_config())
+}
+
+fn client_config_with(
+    tls: rustls::ClientConfig,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, EndpointError> {
     let crypto =
         QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(settings.peer_transport_config());
+    config.transport_config(transport);
     Ok(config)
 }
 
