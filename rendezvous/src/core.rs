@@ -1050,23 +1050,10 @@ impl Registry {
                 Vec::new(),
             );
         };
-        if let Some(refusal) = self.refuse_introduction(from, target, now) {
-            return (refusal, Vec::new());
-        }
-        let nonce: u64 = self.rng.random();
-        let key = PunchKey::from_bytes(self.rng.random());
-        if let Err(refusal) = self
-            .introductions
-            .introduce(from, target, nonce, key.clone(), now)
-        {
-            self.counters.rejected += 1;
-            let message = introduction_refusal_message(refusal);
-            return (
-                ControlMessage::error(ErrorCode::RateLimited, message),
-                Vec::new(),
-            );
-        }
-        self.counters.punches += 1;
+        let (nonce, key) = match self.admit_introduction(from, target, now) {
+            Ok(admitted) => admitted,
+            Err(refusal) => return (refusal, Vec::new()),
+        };
         let to_requester = ControlMessage::Punch {
             peer: target,
             candidates: candidates(&target_record, &from_record, &self.own_addrs),
@@ -1082,6 +1069,35 @@ impl Registry {
             nat: self.nat_profiles.get(&from).copied(),
         };
         (to_requester, vec![(target_conn, to_target)])
+    }
+
+    /// Admits an introduction of `from` to `target`, for a local target and for one on another
+    /// cluster node alike: the refusals of [`Registry::refuse_introduction`], then the
+    /// introductions' own bounds (`introductions.introduce`); draws its nonce and key and counts
+    /// it. A refusal comes back as the reply to send.
+    fn admit_introduction(
+        &mut self,
+        from: PeerId,
+        target: PeerId,
+        now: OffsetDateTime,
+    ) -> Result<(u64, PunchKey), ControlMessage> {
+        if let Some(refusal) = self.refuse_introduction(from, target, now) {
+            return Err(refusal);
+        }
+        let nonce: u64 = self.rng.random();
+        let key = PunchKey::from_bytes(self.rng.random());
+        if let Err(refusal) = self
+            .introductions
+            .introduce(from, target, nonce, key.clone(), now)
+        {
+            self.counters.rejected += 1;
+            return Err(ControlMessage::error(
+                ErrorCode::RateLimited,
+                introduction_refusal_message(refusal),
+            ));
+        }
+        self.counters.punches += 1;
+        Ok((nonce, key))
     }
 
     /// The refusal of an introduction of `target` by `from`, if its requester or its target

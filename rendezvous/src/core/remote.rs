@@ -123,24 +123,13 @@ impl Registry {
         let Some(from_record) = self.peers.get(&from).cloned() else {
             return (self.not_registered(), None);
         };
-        if let Some(refusal) = self.refuse_introduction(from, target, now) {
-            outcome.reply = Some(refusal);
-            return (outcome, None);
-        }
-        let nonce: u64 = self.rng.random();
-        let key = PunchKey::from_bytes(self.rng.random());
-        if let Err(refusal) = self
-            .introductions
-            .introduce(from, target, nonce, key.clone(), now)
-        {
-            self.counters.rejected += 1;
-            outcome.reply = Some(ControlMessage::error(
-                ErrorCode::RateLimited,
-                introduction_refusal_message(refusal),
-            ));
-            return (outcome, None);
-        }
-        self.counters.punches += 1;
+        let (nonce, key) = match self.admit_introduction(from, target, now) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                outcome.reply = Some(refusal);
+                return (outcome, None);
+            }
+        };
         outcome.reply = Some(ControlMessage::Punch {
             peer: target,
             candidates: candidates(target_record, &from_record, &self.own_addrs),
