@@ -52,7 +52,10 @@ if ((nextest)); then
     if ((!netns)); then
         filter=(-E 'not binary(natlab*)')
     fi
-    cargo nextest run --workspace --no-fail-fast --test-threads 4 "${filter[@]}" || status=$?
+    # The output is kept (target/nextest.log) so that the failures' panic messages can be
+    # repeated at the very end, where a CI log cut in the middle still shows them.
+    cargo nextest run --workspace --no-fail-fast --test-threads 4 "${filter[@]}" 2>&1 \
+        | tee "$target/nextest.log" || status=${PIPESTATUS[0]}
 elif ((netns)); then
     cargo test --workspace --no-fail-fast || status=$?
 else
@@ -77,5 +80,10 @@ if ((netns)); then
         fi
     } | tee "$target/lab-matrix.md"
     echo "(written to $target/lab-matrix.md)"
+fi
+if ((status != 0)) && [[ -f $target/nextest.log ]]; then
+    echo "== failed tests: why (the panic messages; the whole output is above and in $target/nextest.log)"
+    grep -E '^ +(FAIL|TIMEOUT|SIGSEGV|SIGABRT) ' "$target/nextest.log" | sort -u || true
+    grep -A 6 "panicked at" "$target/nextest.log" | cut -c1-400 | head -n 120 || true
 fi
 exit "$status"

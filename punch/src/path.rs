@@ -166,6 +166,21 @@ impl PathSelector {
         }
     }
 
+    /// Whether a direct path is known and answered within `silence` (alive by this selector's
+    /// rules, whether in use or not).
+    pub fn answering(&self, now: Instant) -> bool {
+        self.direct.is_some() && !self.silent(now)
+    }
+
+    /// The driver moved the connection's packets off the direct path in use (its route went
+    /// back to the relay): the selector follows, so that what it says and where packets go
+    /// agree, and the path's next answer moves the packets back.
+    pub fn left_direct(&mut self) {
+        if matches!(self.current, Current::Direct(_)) {
+            self.current = Current::Relay;
+        }
+    }
+
     /// No answer for `silence`. Leaving a path in use also needs `unanswered` heartbeats.
     fn silent(&self, now: Instant) -> bool {
         self.last_answer

@@ -25,7 +25,11 @@
 //!   reconnects right after its previous connection closed).
 //! - A new introduction with no live connection shows relayed packets as coming from the stable
 //!   address again (after a connection made straight to a cached address), and a direct route to
-//!   an address the peer no longer announces goes back to the relay.
+//!   an address the peer no longer announces goes back to the relay, unless it is the live
+//!   connection's path and answers its heartbeats (a learned or birthday-punched address is
+//!   never announced).
+//! - The live connection's route always follows its selector: where packets go and what the
+//!   user is told never disagree.
 //! - Aliases of an introduction are released when it ends, unless a live connection on the
 //!   stable address took them (they then go with its routes): whoever gets us introduced cannot
 //!   make entries pile up.
@@ -435,14 +439,44 @@ impl PeerPaths {
         // A direct route to an address the peer no longer announces is stale (the peer restarted
         // or moved): the new handshake's answers would go there and be lost. Without a route,
         // packets would go to the unroutable stable address: the relay, even before its stream
-        // is open (QUIC retransmits what is dropped meanwhile).
-        let usable = match self.route(self.stable) {
-            RouteTarget::Direct(a) if a == self.stable => false,
-            RouteTarget::Direct(a) => candidates.contains(&a),
+        // is open (QUIC retransmits what is dropped meanwhile). Not stale: the live
+        // connection's direct path while it answers its heartbeats. An address learned from
+        // the peer's probe or found by a birthday punch is never among the candidates, and a
+        // second introduction (our NAT just measured, the peer punching again) must not move
+        // such a path to the relay.
+        let stable = self.stable;
+        let live = self
+            .link
+            .as_ref()
+            .filter(|l| l.closed_at.is_none() && l.quinn_addr == stable);
+        let answering = |a: SocketAddr| {
+            live.is_some_and(|l| {
+                l.selector.current() == Current::Direct(a) && l.selector.answering(now)
+            })
+        };
+        let usable = match self.route(stable) {
+            RouteTarget::Direct(a) if a == stable => false,
+            RouteTarget::Direct(a) => candidates.contains(&a) || answering(a),
             RouteTarget::Relay => true,
         };
         if !usable {
-            self.set_route(self.stable, RouteTarget::Relay);
+            self.set_route(stable, RouteTarget::Relay);
+            // The live connection's selector follows the route (it returns to the path at its
+            // next answer); left on the direct path, it would never move the packets back.
+            if let Some(link) = self
+                .link
+                .as_mut()
+                .filter(|l| l.closed_at.is_none() && l.quinn_addr == stable)
+            {
+                if matches!(link.selector.current(), Current::Direct(_)) {
+                    link.selector.left_direct();
+                    self.outputs.push_back(PathOutput::PathChanged {
+                        conn: link.conn,
+                        path: Current::Relay,
+                        describe: link.describe,
+                    });
+                }
+            }
         }
         if self.introductions.iter().any(|i| i.nonce == nonce) {
             return;
@@ -782,6 +816,20 @@ impl PeerPaths {
                 }),
                 Action::Repunch => outputs.push_back(PathOutput::Repunch { conn: link.conn }),
             }
+        }
+        // Where the packets go follows the selector: a punch proving the address already in
+        // use changes nothing in the selector, so a route moved meanwhile would stay moved.
+        let path = link.selector.current();
+        let wanted = match path {
+            Current::Relay => RouteTarget::Relay,
+            Current::Direct(addr) => RouteTarget::Direct(addr),
+        };
+        let routed = routes
+            .iter()
+            .find(|(q, _)| *q == link.quinn_addr)
+            .map_or(RouteTarget::Direct(link.quinn_addr), |(_, t)| *t);
+        if routed != wanted {
+            Self::switch(routes, outputs, link, path);
         }
         // Direct over IPv4 while both sides have IPv6: one more punch, a little later.
         let on_ipv4 = matches!(link.selector.current(), Current::Direct(a) if !is_ipv6(a));
@@ -1282,6 +1330,89 @@ mod tests {
         assert!(outs
             .iter()
             .any(|(_, o)| matches!(o, PathOutput::Repunch { conn: 1 })));
+    }
+
+    /// Regression (found by CI in the lab matrix, `sym / full`, `early / open`, `cgnat / sym`
+    /// impaired): a connection direct over an address learned from the peer's probe (or a
+    /// birthday-punched port), which is never among the candidates, got a second introduction
+    /// (our NAT measured while the first punch was running). The route went back to the relay
+    /// as "stale" while the selector stayed direct, and the second punch proving the same
+    /// address changed nothing: `ping` then said relayed for good. A live path that answers
+    /// stays; one that has gone silent goes to the relay with the selector, and comes back at
+    /// its next answer.
+    #[test]
+    fn a_second_introduction_keeps_a_live_direct_path_that_is_not_a_candidate() {
+        let t0 = Instant::now();
+        let mut socket = Socket::default();
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        let registered = addr("203.0.113.5:4000");
+        let learned = addr("203.0.113.5:6800");
+        paths.introduction(1, &[registered], t0);
+        paths.probe_authenticated(1, learned);
+        paths.punch_result(1, direct(learned), t(t0, 30));
+        paths.connection_up(
+            1,
+            stable(),
+            "address learned from the peer's probe",
+            t(t0, 40),
+        );
+        socket.run(&mut paths);
+        assert_eq!(
+            socket.routes.get(&stable()),
+            Some(&RouteTarget::Direct(learned))
+        );
+        let mut now = t(t0, 40);
+        run_until(&mut paths, &mut socket, &mut now, t(t0, 1_000), 1, |_| true);
+
+        // The second introduction (the candidates again, without the learned address).
+        paths.introduction(2, &[registered], now);
+        let outs = socket.run(&mut paths);
+        assert_eq!(
+            socket.routes.get(&stable()),
+            Some(&RouteTarget::Direct(learned)),
+            "{outs:?}"
+        );
+        paths.probe_authenticated(2, learned);
+        paths.punch_result(2, direct(learned), now);
+        socket.run(&mut paths);
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(learned)));
+        assert_eq!(
+            socket.routes.get(&stable()),
+            Some(&RouteTarget::Direct(learned))
+        );
+
+        // Silent for longer than `silence`, not yet given up: a third introduction moves the
+        // packets to the relay, and the selector says so.
+        let quiet_until = now + Duration::from_millis(1_700);
+        run_until(&mut paths, &mut socket, &mut now, quiet_until, 1, |_| false);
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(learned)));
+        paths.introduction(3, &[registered], now);
+        let outs = socket.run(&mut paths);
+        assert_eq!(
+            socket.routes.get(&stable()),
+            Some(&RouteTarget::Relay),
+            "{outs:?}"
+        );
+        assert!(
+            outs.iter().any(|o| matches!(
+                o,
+                PathOutput::PathChanged {
+                    conn: 1,
+                    path: Current::Relay,
+                    ..
+                }
+            )),
+            "{outs:?}"
+        );
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Relay));
+        // Its next answer moves the packets back.
+        let back_until = now + Duration::from_secs(2);
+        run_until(&mut paths, &mut socket, &mut now, back_until, 1, |_| true);
+        assert_eq!(paths.link().map(|l| l.path), Some(Current::Direct(learned)));
+        assert_eq!(
+            socket.routes.get(&stable()),
+            Some(&RouteTarget::Direct(learned))
+        );
     }
 
     #[test]
