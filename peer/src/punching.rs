@@ -221,10 +221,13 @@ pub async fn dispatch(
 /// probes could not reach us anyway, so that they cannot end it early (our NAT maps per
 /// destination) or when nothing in front of us translates (no NAT), as waiting would only
 /// delay the path. The initiator's hold ([`PunchConfig::initiator_hold`]) protects a
-/// responder behind such a NAT, and is only set when the peer says its NAT is one
-/// (`inbound_takes_port`) and ours may filter by port (measured so, or not measured yet):
-/// against a NAT that lets the peer's new port in, its packets are learned from anyway, and
-/// every other pair goes on without waiting.
+/// responder behind such a NAT, and is only set when the peer's NAT may be one (its profile
+/// says `inbound_takes_port`, or the peer has not measured its NAT yet: a listener dialed in
+/// its first seconds) and ours may filter by port (measured so, or not measured yet): against
+/// a NAT that lets the peer's new port in, its packets are learned from anyway, and every
+/// other pair goes on without waiting. The hold ends at the responder's first probe or relayed
+/// packet, so against an unmeasured peer it costs at most the time until the responder is
+/// under way, which a port-filtering NAT on our side makes us wait for anyway.
 pub fn config_for(
     ours: Option<&NatProfile>,
     theirs: Option<&NatProfile>,
@@ -241,7 +244,7 @@ pub fn config_for(
                 Behaviour::AddressAndPortDependent | Behaviour::Unknown
             )
     });
-    if theirs.is_some_and(|t| t.inbound_takes_port) && we_may_filter_by_port {
+    if theirs.is_none_or(|t| t.inbound_takes_port) && we_may_filter_by_port {
         config.initiator_hold = punch::DEFAULT_INITIATOR_HOLD;
     }
     if let Some(p) = ours {
@@ -684,8 +687,8 @@ mod tests {
     }
 
     /// The initiator holds its probes only against a peer whose NAT says an early packet takes
-    /// its port, and only when our own NAT may filter by port (measured so, or not yet
-    /// measured); every other pair punches as before.
+    /// its port or that has not measured its NAT yet, and only when our own NAT may filter by
+    /// port (measured so, or not yet measured); every other pair punches as before.
     #[test]
     fn the_initiator_holds_only_against_a_nat_an_early_packet_turns_symmetric() {
         let profile = |mapping, filtering, inbound_takes_port| NatProfile {
@@ -711,7 +714,8 @@ mod tests {
         let held = punch::DEFAULT_INITIATOR_HOLD;
         for ours in [Some(&port), Some(&early), Some(&sym), None] {
             assert_eq!(hold(ours, Some(&early), Some(2)), held, "{ours:?}");
-            for theirs in [Some(&port), Some(&sym), Some(&full), None] {
+            assert_eq!(hold(ours, None, Some(2)), held, "{ours:?}");
+            for theirs in [Some(&port), Some(&sym), Some(&full)] {
                 assert_eq!(
                     hold(ours, theirs, Some(2)),
                     Duration::ZERO,
@@ -721,11 +725,13 @@ mod tests {
         }
         // Our NAT lets the peer's new port in: its packets are learned from, no hold.
         for ours in [&addr, &full, &open] {
-            assert_eq!(
-                hold(Some(ours), Some(&early), Some(2)),
-                Duration::ZERO,
-                "{ours:?}"
-            );
+            for theirs in [Some(&early), None] {
+                assert_eq!(
+                    hold(Some(ours), theirs, Some(2)),
+                    Duration::ZERO,
+                    "{ours:?} {theirs:?}"
+                );
+            }
         }
         // The responder's hold is unchanged by the peer's profile.
         assert_eq!(
