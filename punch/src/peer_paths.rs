@@ -631,15 +631,29 @@ impl PeerPaths {
 
     /// The driver dials the peer at `addr` from its cache (no introduction: only a peer whose
     /// NAT lets anyone in answers, and the handshake authenticates it).
+    /// With a live connection on the stable address (a library user connecting again to a
+    /// peer it is connected to), the route stays that connection's: it reaches the peer, so the
+    /// new handshake gets through on it too, and the live connection keeps its path.
     pub fn dialing_cached(&mut self, addr: SocketAddr) {
         self.dialing = true;
-        self.set_route(self.stable, RouteTarget::Direct(addr));
+        if !self.live_on_stable() {
+            self.set_route(self.stable, RouteTarget::Direct(addr));
+        }
+    }
+
+    /// A live connection runs on the stable address (and so owns its route).
+    fn live_on_stable(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.closed_at.is_none() && l.quinn_addr == self.stable)
     }
 
     /// The cached address did not answer.
     pub fn cached_dial_failed(&mut self) {
         self.dialing = false;
-        self.remove_routes(self.stable);
+        if !self.live_on_stable() {
+            self.remove_routes(self.stable);
+        }
     }
 
     /// A connection is up on `quinn_addr`; returns the path it starts on (as the socket routes
@@ -1687,6 +1701,20 @@ mod tests {
                             _ => {}
                         }
                         socket.apply(&out);
+                    }
+                    // Where the live connection's packets go is what its selector says (and
+                    // so what the user is told).
+                    if let Some(link) = paths.link.as_ref().filter(|l| l.closed_at.is_none()) {
+                        let routed = socket
+                            .routes
+                            .get(&link.quinn_addr)
+                            .copied()
+                            .unwrap_or(RouteTarget::Direct(link.quinn_addr));
+                        let said = match link.selector.current() {
+                            Current::Relay => RouteTarget::Relay,
+                            Current::Direct(a) => RouteTarget::Direct(a),
+                        };
+                        prop_assert_eq!(routed, said, "the route and the selector disagree");
                     }
                     prop_assert!(paths.poll_timeout().is_none_or(|at| at + Duration::from_secs(120) > now));
                 }
