@@ -117,6 +117,20 @@ enum Command {
         /// This node's name in the cluster (1 to 64 letters, digits, `.`, `_`, `-`; unique).
         #[arg(long, value_name = "NAME")]
         node_id: Option<String>,
+        /// Relay across the cluster's nodes: listen for the other nodes' links on this UDP
+        /// address (QUIC, authenticated by the cluster key). Needs --cluster and
+        /// --cluster-key-file. Without it, peers on different nodes are not relayed to each
+        /// other.
+        #[arg(long, value_name = "IP:PORT")]
+        cluster_link: Option<SocketAddr>,
+        /// The address the other nodes reach this node's link at (announced in Redis), when
+        /// --cluster-link listens on a wildcard address.
+        #[arg(long, value_name = "IP:PORT")]
+        cluster_link_announce: Option<SocketAddr>,
+        /// The cluster key, shared by every node (64 hex digits, mode 0600; make one with
+        /// `openssl rand -hex 32`): only holders of it can open a node link.
+        #[arg(long, value_name = "FILE")]
+        cluster_key_file: Option<PathBuf>,
         #[command(flatten)]
         edge: EdgeArgs,
     },
@@ -312,8 +326,19 @@ async fn main() -> anyhow::Result<()> {
             expire_after_days,
             cluster,
             node_id,
+            cluster_link,
+            cluster_link_announce,
+            cluster_key_file,
         } => {
-            let cluster = cluster_config(cluster, node_id)?;
+            let mut cluster = cluster_config(cluster, node_id)?;
+            let link = link_config(cluster_link, cluster_link_announce, cluster_key_file)?;
+            match (&mut cluster, link) {
+                (Some(cluster), link) => cluster.link = link,
+                (None, Some(_)) => anyhow::bail!(
+                    "--cluster-link and --cluster-key-file are for a cluster node: add --cluster URL"
+                ),
+                (None, None) => {}
+            }
             let cluster_line = cluster.as_ref().map(|c| {
                 format!(
                     "cluster node {} (registry in Redis at {})",
@@ -381,6 +406,9 @@ async fn main() -> anyhow::Result<()> {
                 println!("metrics on http://{metrics}/metrics");
             }
             println!("server key {}", server.fingerprint());
+            if let Some(link) = server.link_addr() {
+                println!("node link on {link} (cross-node relay, QUIC over UDP)");
+            }
             match cluster_line {
                 Some(line) => println!("{line}"),
                 None => println!(
@@ -408,10 +436,34 @@ fn cluster_config(
             url,
             node_id,
             timings: Default::default(),
+            link: None,
         })),
         (None, None) => Ok(None),
         (Some(_), None) => anyhow::bail!("--cluster needs --node-id NAME (unique in the cluster)"),
         (None, Some(_)) => anyhow::bail!("--node-id is for a cluster node: add --cluster URL"),
+    }
+}
+
+/// `--cluster-link ADDR --cluster-key-file FILE [--cluster-link-announce ADDR]`: the link and
+/// the key go together.
+fn link_config(
+    listen: Option<SocketAddr>,
+    announce: Option<SocketAddr>,
+    key_file: Option<PathBuf>,
+) -> anyhow::Result<Option<rendezvous::nodelink::LinkConfig>> {
+    match (listen, key_file) {
+        (Some(listen), Some(key_file)) => Ok(Some(rendezvous::nodelink::LinkConfig {
+            listen,
+            announce,
+            key: rendezvous::nodelink::ClusterKey::load(&key_file)?,
+        })),
+        (None, None) if announce.is_none() => Ok(None),
+        (None, None) => anyhow::bail!("--cluster-link-announce needs --cluster-link IP:PORT"),
+        (Some(_), None) => anyhow::bail!(
+            "--cluster-link needs --cluster-key-file FILE (the key every node shares; make one \
+             with `openssl rand -hex 32`)"
+        ),
+        (None, Some(_)) => anyhow::bail!("--cluster-key-file needs --cluster-link IP:PORT"),
     }
 }
 

@@ -662,6 +662,9 @@ pub(crate) struct RelayHub {
     pub(crate) counters: RelayCounters,
     trace: Option<Mutex<std::fs::File>>,
     trace_left: AtomicU64,
+    /// The node links of a cluster node (`--cluster-link`): where batches for peers on other
+    /// nodes go.
+    links: std::sync::OnceLock<Arc<crate::nodelink::Links>>,
 }
 
 /// Most bytes written to the relay trace file.
@@ -729,6 +732,81 @@ impl RelayHub {
             rx: Some(rx),
             session: RelaySession::new(peer, allowance),
         })
+    }
+
+    /// Batches for peers that have no relay stream here go to their node over these links.
+    pub(crate) fn set_links(&self, links: Arc<crate::nodelink::Links>) {
+        let _ = self.links.set(links);
+    }
+
+    /// Relay frames (`{from, packet}`) that came over a node link for `to`, a peer here: each
+    /// frame is admitted as a local one would be (`allowed(from)`: the sender is introduced to
+    /// `to` with its accept, and on the node the link comes from), charged against the
+    /// sender's allowance on this node too, and queued for `to`. Returns the packets and bytes
+    /// queued.
+    pub(crate) fn deliver_from_link(
+        &self,
+        to: PeerId,
+        frames: &[u8],
+        limits: RelayLimits,
+        mut allowed: impl FnMut(PeerId) -> bool,
+    ) -> (u64, u64) {
+        let now = Instant::now();
+        let mut decoder = RelayDecoder::new();
+        decoder.push(frames);
+        let Some(sink) = self.sink_of(&to) else {
+            while let Ok(Some(_)) = decoder.next_frame_ref() {
+                add(&self.counters.dropped_no_route, 1);
+            }
+            return (0, 0);
+        };
+        let mut answers: HashMap<PeerId, bool> = HashMap::new();
+        let mut batch = Batch::default();
+        loop {
+            let (from, packet) = match decoder.next_frame_ref() {
+                Ok(Some(frame)) => frame,
+                // Nodes encode whole frames; a bad one ends the batch.
+                Ok(None) | Err(_) => break,
+            };
+            let cost = frame_cost(packet.len());
+            if packet.is_empty() {
+                add(&self.counters.dropped_empty, 1);
+                continue;
+            }
+            if !*answers.entry(from).or_insert_with(|| allowed(from)) {
+                add(&self.counters.denied_not_introduced, 1);
+                continue;
+            }
+            let allowance = lock(&self.allowances).get(from, limits, now);
+            let charged = lock(&allowance).charge(cost, now);
+            match charged {
+                Ok(()) => batch.push(&from, packet, cost),
+                Err(Refusal::Quota) => add(&self.counters.denied_quota, 1),
+                Err(_) => add(&self.counters.denied_rate, 1),
+            }
+        }
+        if batch.packets == 0 {
+            return (0, 0);
+        }
+        let (packets, bytes) = (batch.packets, batch.bytes);
+        if self.trace.is_some() {
+            self.trace(&batch.frames);
+        }
+        match sink.offer(batch) {
+            Ok(()) => {
+                add(&self.counters.packets, packets);
+                add(&self.counters.bytes, bytes);
+                (packets, bytes)
+            }
+            Err((Dropped::QueueFull, _)) => {
+                add(&self.counters.dropped_queue_full, packets);
+                (0, 0)
+            }
+            Err((Dropped::Closed, _)) => {
+                add(&self.counters.dropped_no_route, packets);
+                (0, 0)
+            }
+        }
     }
 
     /// An introduction between `a` and `b` was made or accepted: their relay sessions look at
@@ -840,7 +918,21 @@ fn forward(hub: &RelayHub, routes: &mut HashMap<PeerId, Sink>, to: PeerId, batch
                 sink
             }
             None => {
-                add(&hub.counters.dropped_no_route, batch.packets);
+                // Not here: on another node of the cluster, if an introduction taught where.
+                let packets = batch.packets;
+                let bytes = batch.bytes;
+                let sent = match hub.links.get() {
+                    Some(links) => links.forward(to, batch),
+                    None => Err(Dropped::Closed),
+                };
+                match sent {
+                    Ok(()) => {
+                        add(&hub.counters.packets, packets);
+                        add(&hub.counters.bytes, bytes);
+                    }
+                    Err(Dropped::QueueFull) => add(&hub.counters.dropped_queue_full, packets),
+                    Err(Dropped::Closed) => add(&hub.counters.dropped_no_route, packets),
+                }
                 return;
             }
         },
