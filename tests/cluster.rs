@@ -152,18 +152,25 @@ fn linked_node(dir: &Path, redis: &Redis, name: &str, key_file: &Path) -> (Rende
     (rv, addr)
 }
 
-/// Writes a fresh cluster key (64 hex digits, mode 0600) to `path`.
-fn write_key(path: &Path) -> rendezvous::nodelink::ClusterKey {
-    use std::os::unix::fs::OpenOptionsExt;
-    let key = rendezvous::nodelink::ClusterKey::generate();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .expect("create the key file");
-    writeln!(file, "{}", key.to_hex()).expect("write the key");
-    key
+/// Makes a cluster key at `path` with `rendezvous cluster-key --out` (as the docs say to).
+fn write_key(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let out = Command::new(bin("rendezvous"))
+        .args(["cluster-key", "--out"])
+        .arg(path)
+        .output()
+        .expect("run rendezvous cluster-key");
+    assert!(out.status.success(), "{out:?}");
+    let mode = std::fs::metadata(path)
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let text = std::fs::read_to_string(path).expect("read the key");
+    assert!(
+        rendezvous::nodelink::ClusterKey::parse(&text).is_ok(),
+        "{text}"
+    );
 }
 
 fn node_with(dir: &Path, redis: &Redis, node: &str, extra: &[&str]) -> Rendezvous {

@@ -1446,4 +1446,49 @@ mod tests {
             prop_assert!(s.memory() <= RelaySession::MEMORY_BOUND);
         }
     }
+
+    /// Packets that came over a node link are admitted as local ones: only from senders the
+    /// node allows (introduced and accepted, on the link's node), never empty, charged against
+    /// the sender's allowance here too (its rate), and queued for a destination with a relay
+    /// stream here (none: dropped, counted).
+    #[test]
+    fn link_packets_are_admitted_charged_and_queued_like_local_ones() {
+        let hub = Arc::new(RelayHub::new(None));
+        // A bucket of one maximal frame, refilled at 1 byte/s: the burst is all there is.
+        let limits = RelayLimits {
+            rate_bytes_per_s: 1,
+            burst_bytes: 0,
+            ..RelayLimits::default()
+        };
+        let mut opened = hub.open(id(2), 1, limits).unwrap();
+        let mut rx = opened.rx.take().unwrap();
+        let mut wire = Vec::new();
+        for _ in 0..30 {
+            relay::encode_into(&mut wire, &id(1), &[5u8; 100]).unwrap();
+        }
+        relay::encode_into(&mut wire, &id(3), &[6u8; 100]).unwrap();
+        relay::encode_into(&mut wire, &id(1), &[]).unwrap();
+        let (packets, bytes) = hub.deliver_from_link(id(2), &wire, limits, |from| from == id(1));
+        let fit = (frame_cost(MAX_RELAY_PACKET) / frame_cost(100)) as u64;
+        assert_eq!((packets, bytes), (fit, fit * 100));
+        let c = &hub.counters;
+        assert_eq!(get(&c.denied_rate), 30 - fit);
+        assert_eq!(get(&c.denied_not_introduced), 1);
+        assert_eq!(get(&c.dropped_empty), 1);
+        let batch = rx.try_recv().unwrap();
+        let mut decoder = RelayDecoder::new();
+        decoder.push(&batch.frames);
+        let mut seen = 0;
+        while let Some((from, packet)) = decoder.next_frame().unwrap() {
+            assert_eq!((from, packet), (id(1), vec![5u8; 100]));
+            seen += 1;
+        }
+        assert_eq!(seen, fit);
+        // No relay stream for the destination here.
+        assert_eq!(
+            hub.deliver_from_link(id(9), &wire, limits, |_| true),
+            (0, 0)
+        );
+        assert_eq!(get(&c.dropped_no_route), 32);
+    }
 }
