@@ -762,12 +762,8 @@ impl RelayHub {
         };
         let mut answers: HashMap<PeerId, bool> = HashMap::new();
         let mut batch = Batch::default();
-        loop {
-            let (from, packet) = match decoder.next_frame_ref() {
-                Ok(Some(frame)) => frame,
-                // Nodes encode whole frames; a bad one ends the batch.
-                Ok(None) | Err(_) => break,
-            };
+        // Nodes encode whole frames; a bad one ends the batch.
+        while let Ok(Some((from, packet))) = decoder.next_frame_ref() {
             let cost = frame_cost(packet.len());
             if packet.is_empty() {
                 add(&self.counters.dropped_empty, 1);
@@ -1469,7 +1465,7 @@ mod tests {
         relay::encode_into(&mut wire, &id(3), &[6u8; 100]).unwrap();
         relay::encode_into(&mut wire, &id(1), &[]).unwrap();
         let (packets, bytes) = hub.deliver_from_link(id(2), &wire, limits, |from| from == id(1));
-        let fit = (frame_cost(MAX_RELAY_PACKET) / frame_cost(100)) as u64;
+        let fit = frame_cost(MAX_RELAY_PACKET) / frame_cost(100);
         assert_eq!((packets, bytes), (fit, fit * 100));
         let c = &hub.counters;
         assert_eq!(get(&c.denied_rate), 30 - fit);
