@@ -36,7 +36,7 @@ use common::PeerId;
 use quinn::{Connection, RecvStream, SendStream};
 use ring::hmac;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cluster::{check_node_id, Cluster, ClusterError, MAX_NODES, MAX_NODE_ID};
@@ -64,8 +64,16 @@ pub const MAX_ROUTES: usize = 65_536;
 /// How long a peer's node is remembered after the introduction that taught it: as long as the
 /// introduction's consent lasts.
 pub const ROUTE_TTL: Duration = Duration::from_secs(3600 + 120);
+/// A link this young, dialed by the node whose id sorts first, is kept when the other node's
+/// link arrives (both dialed at once); an older one is replaced (the other node lost it: it
+/// restarted, or the link died on its side).
+const RACE_WINDOW: Duration = Duration::from_secs(10);
+/// How long a replaced link waits for the other side to finish its stream.
+const RETIRE_GRACE: Duration = Duration::from_secs(10);
 /// Most bytes read from a link at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// A link that hears nothing (not even keep-alives, sent every 2 s) for this long is dead.
+pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of the exported keying material the proofs cover.
 const EKM_BYTES: usize = 32;
 /// The exporter label (RFC 5705 / RFC 8446 section 7.5).
@@ -81,7 +89,7 @@ const PACKETS_HEADER: usize = 1 + 16 + 4;
 const CONSENT_FRAME: usize = 1 + 16 + 16 + 8;
 /// Application close codes of a link.
 const CLOSE_REFUSED: u32 = 1;
-const CLOSE_DUPLICATE: u32 = 2;
+const CLOSE_TOO_MANY: u32 = 2;
 const CLOSE_SHUTDOWN: u32 = 3;
 
 /// The key the nodes of a cluster share: whoever holds it may open node-to-node links.
@@ -538,8 +546,14 @@ struct Link {
     id: u64,
     /// Which node dialed it (see the one-link rule in [`Links::adopt`]).
     dialer: String,
+    /// When it was dialed, or established.
+    since: Instant,
     sink: Sink,
     conn: Option<Connection>,
+    /// Dropped with the entry: the link's writer then sends what is queued, finishes its
+    /// stream and the link ends once the other side has finished too (nothing queued is lost
+    /// when a link is replaced).
+    _retire: oneshot::Sender<()>,
 }
 
 /// Peers on other nodes, with their node: learned from cross-node introductions.
@@ -599,8 +613,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         .stream_receive_window((8u32 * 1024 * 1024).into())
         .receive_window((8u32 * 1024 * 1024).into())
         .send_window(8 * 1024 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+        .keep_alive_interval(Some(Duration::from_secs(2)));
+    // A dead node's link is noticed within this (then opened again on the next need).
+    if let Ok(idle) = quinn::IdleTimeout::try_from(LINK_IDLE_TIMEOUT) {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
@@ -754,23 +769,25 @@ impl Links {
                         return Err(Dropped::Closed);
                     };
                     let (sink, rx) = Sink::new(LINK_QUEUE_BYTES);
+                    let (retire_tx, retire) = oneshot::channel();
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     links.insert(
                         node.to_owned(),
                         Link {
                             id,
                             dialer: self.node.clone(),
+                            since: Instant::now(),
                             sink: sink.clone(),
                             conn: None,
+                            _retire: retire_tx,
                         },
                     );
-                    tokio::spawn(self.clone().dial(
-                        node.to_owned(),
-                        id,
+                    let queue = Queue {
                         rx,
-                        sink.clone(),
-                        shutdown,
-                    ));
+                        sink: sink.clone(),
+                        retire,
+                    };
+                    tokio::spawn(self.clone().dial(node.to_owned(), id, queue, shutdown));
                     sink
                 }
             }
@@ -785,8 +802,7 @@ impl Links {
         self: Arc<Self>,
         node: String,
         id: u64,
-        rx: mpsc::Receiver<Batch>,
-        sink: Sink,
+        queue: Queue,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let attempt = async {
@@ -815,14 +831,11 @@ impl Links {
         };
         match result {
             Ok((conn, send, recv)) => {
-                if !self.install(&node, id, &conn) {
-                    // The other node's link won meanwhile (see `adopt`).
-                    conn.close(CLOSE_DUPLICATE.into(), b"duplicate link");
-                    drain(rx, &sink);
-                    return;
-                }
+                // If the other node's link won meanwhile (see `adopt`), this one is retired
+                // already: what was queued on it is sent, then it ends.
+                self.install(&node, id, &conn);
                 tracing::info!(%node, "node link open (dialed)");
-                self.run_link(node, id, conn, send, recv, rx, sink, shutdown)
+                self.run_link(node, id, conn, send, recv, queue, shutdown)
                     .await;
             }
             Err(e) => {
@@ -836,53 +849,59 @@ impl Links {
                     failed.insert(node.clone(), Instant::now());
                 }
                 self.remove(&node, id);
-                drain(rx, &sink);
+                queue.drain();
             }
         }
     }
 
     /// A dialed link is up: records its connection unless another link replaced it.
-    fn install(&self, node: &str, id: u64, conn: &Connection) -> bool {
-        match lock(&self.links).get_mut(node) {
-            Some(link) if link.id == id => {
-                link.conn = Some(conn.clone());
-                true
-            }
-            _ => false,
+    fn install(&self, node: &str, id: u64, conn: &Connection) {
+        if let Some(link) = lock(&self.links).get_mut(node).filter(|l| l.id == id) {
+            link.conn = Some(conn.clone());
+            link.since = Instant::now();
         }
     }
 
-    /// An accepted, authenticated link from `node`: kept unless a link the one-link rule
-    /// prefers exists. Both nodes keep the link dialed by the node whose id sorts first; a
-    /// newer link dialed by the same node replaces the older (that node lost its link).
-    fn adopt(&self, node: &str, conn: &Connection) -> Option<(u64, Sink, mpsc::Receiver<Batch>)> {
+    /// An accepted, authenticated link from `node`: what this node sends to `node` goes over
+    /// it from now on, unless this node dialed `node` itself less than [`RACE_WINDOW`] ago and
+    /// its id sorts first (both dialed at once: both nodes then send over the link dialed by
+    /// the node whose id sorts first, and the other link, retired at once, only delivers what
+    /// was queued on it). A link this node dialed longer ago is replaced: `node` dialing means
+    /// it lost that link (it restarted, or the link died on its side). `None`: refused (too
+    /// many links).
+    fn adopt(&self, node: &str, conn: &Connection) -> Option<(u64, Queue)> {
         let mut links = lock(&self.links);
-        if let Some(existing) = links.get(node) {
-            let existing_wins = existing.dialer == self.node && self.node.as_str() < node;
-            if existing_wins {
-                return None;
-            }
-        } else if links.len() >= MAX_NODES {
-            return None;
-        }
         let (sink, rx) = Sink::new(LINK_QUEUE_BYTES);
+        let (retire_tx, retire) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let old = links.insert(
+        let queue = Queue {
+            rx,
+            sink: sink.clone(),
+            retire,
+        };
+        match links.get(node) {
+            Some(existing)
+                if keeps_own_link(&self.node, node, &existing.dialer, existing.since.elapsed()) =>
+            {
+                // Receive only: retired at once.
+                drop(retire_tx);
+                return Some((id, queue));
+            }
+            None if links.len() >= MAX_NODES => return None,
+            _ => {}
+        }
+        links.insert(
             node.to_owned(),
             Link {
                 id,
                 dialer: node.to_owned(),
-                sink: sink.clone(),
+                since: Instant::now(),
+                sink,
                 conn: Some(conn.clone()),
+                _retire: retire_tx,
             },
         );
-        if let Some(Link {
-            conn: Some(old), ..
-        }) = old
-        {
-            old.close(CLOSE_DUPLICATE.into(), b"replaced by a newer link");
-        }
-        Some((id, sink, rx))
+        Some((id, queue))
     }
 
     fn remove(&self, node: &str, id: u64) {
@@ -892,7 +911,9 @@ impl Links {
         }
     }
 
-    /// Moves frames both ways until the link fails or the node shuts down.
+    /// Moves frames both ways until the link fails or the node shuts down. Once retired (its
+    /// entry replaced), it sends what is still queued, finishes its stream, and reads until the
+    /// other side has finished too (at most [`RETIRE_GRACE`]).
     #[allow(clippy::too_many_arguments)]
     async fn run_link(
         &self,
@@ -901,18 +922,37 @@ impl Links {
         conn: Connection,
         mut send: SendStream,
         mut recv: RecvStream,
-        mut rx: mpsc::Receiver<Batch>,
-        sink: Sink,
+        queue: Queue,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let Queue {
+            mut rx,
+            sink,
+            mut retire,
+        } = queue;
         let writer = async {
-            while let Some(batch) = rx.recv().await {
+            loop {
+                let batch = tokio::select! {
+                    biased;
+                    batch = rx.recv() => batch,
+                    _ = &mut retire => None,
+                };
+                let Some(batch) = batch else { break };
                 let written = send.write_all(&batch.frames).await;
                 sink.written(&batch);
                 if written.is_err() {
-                    break;
+                    return false;
                 }
             }
+            // Retired: what is still queued goes out, then the stream ends.
+            while let Ok(batch) = rx.try_recv() {
+                let written = send.write_all(&batch.frames).await;
+                sink.written(&batch);
+                if written.is_err() {
+                    return false;
+                }
+            }
+            send.finish().is_ok()
         };
         let reader = async {
             let mut decoder = LinkDecoder::default();
@@ -949,14 +989,28 @@ impl Links {
                 }
             }
         };
-        tokio::select! {
-            _ = writer => {}
-            _ = reader => {}
-            _ = shutdown.changed() => {}
+        {
+            tokio::pin!(writer, reader);
+            tokio::select! {
+                finished = &mut writer => {
+                    if finished {
+                        tokio::select! {
+                            _ = &mut reader => {}
+                            _ = tokio::time::sleep(RETIRE_GRACE) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    }
+                }
+                _ = &mut reader => {}
+                _ = shutdown.changed() => {}
+            }
         }
         conn.close(CLOSE_SHUTDOWN.into(), b"link closed");
         self.remove(&node, id);
-        drain(rx, &sink);
+        rx.close();
+        while let Ok(batch) = rx.try_recv() {
+            sink.written(&batch);
+        }
         tracing::info!(%node, "node link closed");
     }
 
@@ -973,7 +1027,13 @@ impl Links {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                    // Attempts being authenticated, and links (at most one in use per node,
+                    // and the retiring ones) are bounded.
+                    let permit = match self.pending.clone().try_acquire_owned() {
+                        Ok(permit) if tasks.len() < 2 * MAX_NODES + MAX_PENDING_LINKS => Ok(permit),
+                        _ => Err(()),
+                    };
+                    let Ok(permit) = permit else {
                         add(&self.counters.refused, 1);
                         incoming.refuse();
                         continue;
@@ -1029,21 +1089,42 @@ impl Links {
                 return;
             }
         };
-        let Some((id, sink, rx)) = self.adopt(&node, &conn) else {
-            conn.close(CLOSE_DUPLICATE.into(), b"duplicate link");
+        let Some((id, queue)) = self.adopt(&node, &conn) else {
+            add(&self.counters.refused, 1);
+            conn.close(CLOSE_TOO_MANY.into(), b"too many node links");
             return;
         };
         tracing::info!(%node, %remote, "node link open (accepted)");
-        self.run_link(node, id, conn, send, recv, rx, sink, shutdown)
+        self.run_link(node, id, conn, send, recv, queue, shutdown)
             .await;
     }
 }
 
-/// Empties a closed link's queue from its byte account.
-fn drain(mut rx: mpsc::Receiver<Batch>, sink: &Sink) {
-    rx.close();
-    while let Ok(batch) = rx.try_recv() {
-        sink.written(&batch);
+/// The one-link rule: when node `me`, holding a link to `node` dialed by `dialer` `age` ago,
+/// accepts a link from `node`, does it keep sending over the one it holds? Only when it dialed
+/// that one itself, its id sorts first, and the link is young enough that both nodes may have
+/// dialed at once; `node` applies the same rule and sends over the same link.
+fn keeps_own_link(me: &str, node: &str, dialer: &str, age: Duration) -> bool {
+    dialer == me && me < node && age < RACE_WINDOW
+}
+
+/// A link's queue, as its task holds it.
+struct Queue {
+    rx: mpsc::Receiver<Batch>,
+    /// For the byte account of what leaves the queue.
+    sink: Sink,
+    /// Fires (its sender is dropped) when the link's entry is replaced or removed.
+    retire: oneshot::Receiver<()>,
+}
+
+impl Queue {
+    /// Empties a queue that will not be sent, from its byte account.
+    fn drain(self) {
+        let Queue { mut rx, sink, .. } = self;
+        rx.close();
+        while let Ok(batch) = rx.try_recv() {
+            sink.written(&batch);
+        }
     }
 }
 
@@ -1116,6 +1197,22 @@ mod tests {
         ] {
             assert!(hmac::verify(&key, &changed, tag.as_ref()).is_err());
         }
+    }
+
+    /// Both nodes of a pair that dialed each other at once end up sending over the same link
+    /// (the one dialed by the node whose id sorts first); a link held longer than a dial takes
+    /// is given up for the other node's new one (that node lost it).
+    #[test]
+    fn both_nodes_of_a_pair_pick_the_same_link() {
+        let young = Duration::from_secs(1);
+        // x < y. At x: its own link (young) against y's: kept. At y: its own link against
+        // x's: given up. Both send over x's.
+        assert!(keeps_own_link("x", "y", "x", young));
+        assert!(!keeps_own_link("y", "x", "y", young));
+        // An older link of x's: y dialing means y lost it (it restarted): replaced.
+        assert!(!keeps_own_link("x", "y", "x", RACE_WINDOW));
+        // A link y dialed earlier, and y dials again: the newer replaces it.
+        assert!(!keeps_own_link("x", "y", "y", young));
     }
 
     #[test]
