@@ -556,7 +556,8 @@ async fn relay_receive(stream: &mut quinn::RecvStream) -> (PeerId, Vec<u8>) {
 /// nothing but the relay joins them): the packets cross from node to node over the node link,
 /// byte for byte as the peers sent them (the nodes forward opaque bytes: the peers' own
 /// end-to-end encrypted QUIC packets), one each way; the metrics count them on both nodes and
-/// show one link per pair, reused.
+/// show one link per pair, reused. The destination's node then restarts (killed): the first
+/// link the new process opens replaces the dead one at once, and a new pair is relayed again.
 #[test]
 fn peers_on_different_nodes_are_relayed_across_the_node_link() {
     let Some(redis) = Redis::start() else { return };
@@ -565,7 +566,7 @@ fn peers_on_different_nodes_are_relayed_across_the_node_link() {
     write_key(&key);
     let (x, _) = linked_node(dir.path(), &redis, "x", &key);
     let (_y, _) = linked_node(dir.path(), &redis, "y", &key);
-    let (z, _) = linked_node(dir.path(), &redis, "z", &key);
+    let (mut z, _) = linked_node(dir.path(), &redis, "z", &key);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let a = raw_client(&x).await;
@@ -599,6 +600,26 @@ fn peers_on_different_nodes_are_relayed_across_the_node_link() {
     assert_eq!(sample(&x, "rendezvous_cluster_links"), 1);
     assert_eq!(sample(&z, "rendezvous_cluster_links"), 1);
     assert_eq!(sample(&z, "rendezvous_cluster_link_refused_total"), 0);
+
+    // z dies and comes back (same id and key, a new process and link port): x still holds the
+    // dead link, and replaces it with the first one the new z opens (z's accept, below).
+    z.proc.kill9();
+    let (z, _) = linked_node(dir.path(), &redis, "z", &key);
+    runtime.block_on(async {
+        let a = raw_client(&x).await;
+        let mut b = raw_client(&z).await;
+        let [(mut a_tx, mut a_rx), (mut b_tx, mut b_rx)] = relayed_pair(&a, &mut b).await;
+        relay_send(&mut a_tx, b.id, b"after the restart").await;
+        assert_eq!(
+            relay_receive(&mut b_rx).await,
+            (a.id, b"after the restart".to_vec())
+        );
+        relay_send(&mut b_tx, a.id, b"back").await;
+        assert_eq!(relay_receive(&mut a_rx).await, (b.id, b"back".to_vec()));
+    });
+    assert_eq!(sample(&x, &format!("{packets}\"sent\"}}")), 3);
+    assert_eq!(sample(&z, &format!("{packets}\"received\"}}")), 1);
+    assert_eq!(sample(&x, "rendezvous_cluster_links"), 1);
 }
 
 /// A stranger without the cluster key cannot open a node link, nor inject into the mesh: it
@@ -637,7 +658,7 @@ fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
             .await
             .expect("the QUIC handshake itself is open to anyone");
         let wrong = nodelink::ClusterKey::generate();
-        let (mut send, mut recv) = nodelink::dialer_hello(&conn, &wrong, "x", "y")
+        let (mut send, mut recv) = nodelink::dialer_hello(&conn, &wrong, "x", "y", 1)
             .await
             .expect("hello sent");
         let forged = relay::encode(&a.id, b"forged").expect("encode");

@@ -7,15 +7,18 @@
 //! - **Authentication.** The nodes share a cluster key (32 random bytes, hex in a file). TLS
 //!   1.3 runs with the nodes' own keys (for encryption only); then each side proves it holds the
 //!   cluster key with an HMAC-SHA256 over a value exported from that very TLS session (RFC
-//!   5705 exporter), its node id and the other's: a stranger without the key cannot complete the
-//!   exchange, a recorded exchange is worth nothing in another session, and a man in the middle
-//!   (two sessions, two exported values) fails both ways. Nothing is read from a link before
+//!   5705 exporter), its node id and the other's, and its incarnation (a random number per
+//!   process, which tells a restarted node from a duplicate link): a stranger without the key
+//!   cannot complete the exchange, a recorded exchange is worth nothing in another session, and
+//!   a man in the middle (two sessions, two exported values) fails both ways. Nothing is read from a link before
 //!   the dialer's proof checked; the dialer sends nothing but its proof before the acceptor's
 //!   proof checked. A refused attempt is closed and counted.
 //! - **Links.** Each node announces its link address in its `rv:node:{node}` entry. A link is
 //!   opened on first need (a packet or an accept for a peer on that node), reused, and opened
-//!   again on the next need after it failed (not sooner than [`REDIAL_AFTER`]). One per pair of
-//!   nodes: if both dial at once, both keep the one dialed by the node whose id sorts first.
+//!   again on the next need after it failed (not sooner than [`REDIAL_AFTER`]); a dead link is
+//!   noticed within [`LINK_IDLE_TIMEOUT`], and a restarted node's new link replaces it at once.
+//!   One per pair of nodes: if both dial at once, both keep the one dialed by the node whose id
+//!   sorts first.
 //! - **Bounds.** A queue of [`LINK_QUEUE_BYTES`] per link (batches beyond it are dropped and
 //!   counted, as for a peer's relay queue), frames of at most [`MAX_LINK_BATCH`] bytes,
 //!   [`MAX_PENDING_LINKS`] attempts being authenticated at once (more are refused), at most
@@ -249,6 +252,14 @@ fn add(counter: &AtomicU64, n: u64) {
     }
 }
 
+fn sub(counter: &AtomicU64, n: u64) {
+    if n > 0 {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -256,8 +267,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What a node does with what arrives over its links (the server's side).
 pub trait LinkHandler: Send + Sync {
     /// Relay frames (`{from, packet}`, as the relay stream carries them) for the peer `to` on
-    /// this node, from the node `node`. Returns the packets and bytes queued for `to`.
-    fn packets(&self, node: &str, to: PeerId, frames: &[u8]) -> (u64, u64);
+    /// this node, from the node `node`; what is queued for `to` is counted in
+    /// [`LinkCounters::packets_received`] and [`LinkCounters::bytes_received`].
+    fn packets(&self, node: &str, to: PeerId, frames: &[u8]);
     /// The node `node` saw `target` accept the introduction `nonce` that `requester` (on this
     /// node) asked for.
     fn consent(&self, node: &str, requester: PeerId, target: PeerId, nonce: u64);
@@ -397,9 +409,16 @@ impl LinkDecoder {
     }
 }
 
-/// The proof a side sends: HMAC(key, role || exported || node ids), see [`signed_input`].
-fn proof(key: &hmac::Key, role: &[u8], ekm: &[u8], first: &str, second: &str) -> hmac::Tag {
-    hmac::sign(key, &signed_input(role, ekm, first, second))
+/// The proof a side sends: HMAC(key, role || exported || node ids || its incarnation), see
+/// [`signed_input`].
+fn proof(
+    key: &hmac::Key,
+    role: &[u8],
+    ekm: &[u8],
+    ids: (&str, &str),
+    incarnation: u64,
+) -> hmac::Tag {
+    hmac::sign(key, &signed_input(role, ekm, ids, incarnation))
 }
 
 fn exported(conn: &Connection) -> Result<[u8; EKM_BYTES], LinkError> {
@@ -414,25 +433,27 @@ fn refused(why: impl Into<String>) -> LinkError {
 }
 
 /// The dialer's first step: opens the link's stream and sends the hello (this node's id, the
-/// id of the node it means to reach, and its proof of `key`). Public for the attack tests: a
-/// stranger with a wrong key gets this far and no further.
+/// id of the node it means to reach, this process's `incarnation` and its proof of `key`).
+/// Public for the attack tests: a stranger with a wrong key gets this far and no further.
 pub async fn dialer_hello(
     conn: &Connection,
     key: &ClusterKey,
     me: &str,
     them: &str,
+    incarnation: u64,
 ) -> Result<(SendStream, RecvStream), LinkError> {
     let ekm = exported(conn)?;
     let (mut send, recv) = conn
         .open_bi()
         .await
         .map_err(|e| LinkError::Connection(e.to_string()))?;
-    let tag = proof(&key.hmac_key(), b"dialer", &ekm, me, them);
+    let tag = proof(&key.hmac_key(), b"dialer", &ekm, (me, them), incarnation);
     let mut hello = MAGIC.to_vec();
     for id in [me, them] {
         hello.push(id.len() as u8);
         hello.extend_from_slice(id.as_bytes());
     }
+    hello.extend_from_slice(&incarnation.to_be_bytes());
     hello.extend_from_slice(tag.as_ref());
     send.write_all(&hello)
         .await
@@ -440,40 +461,51 @@ pub async fn dialer_hello(
     Ok((send, recv))
 }
 
-/// The dialer's second step: checks the acceptor's proof.
+/// The dialer's second step: checks the acceptor's proof; returns the acceptor's incarnation.
 pub async fn dialer_check(
     conn: &Connection,
     recv: &mut RecvStream,
     key: &ClusterKey,
     me: &str,
     them: &str,
-) -> Result<(), LinkError> {
+) -> Result<u64, LinkError> {
     let ekm = exported(conn)?;
-    let mut answer = [0u8; 8 + 32];
+    let mut answer = [0u8; 8 + 8 + 32];
     recv.read_exact(&mut answer)
         .await
         .map_err(|e| refused(format!("node {them} did not answer the hello: {e}")))?;
     if &answer[..8] != MAGIC {
         return Err(refused(format!("node {them} does not speak the node link")));
     }
+    let mut incarnation = [0u8; 8];
+    incarnation.copy_from_slice(&answer[8..16]);
+    let incarnation = u64::from_be_bytes(incarnation);
     // Constant time: ring compares the tags.
     hmac::verify(
         &key.hmac_key(),
-        &signed_input(b"acceptor", &ekm, them, me),
-        &answer[8..],
+        &signed_input(b"acceptor", &ekm, (them, me), incarnation),
+        &answer[16..],
     )
-    .map_err(|_| refused(format!("node {them} did not prove the cluster key")))
+    .map_err(|_| refused(format!("node {them} did not prove the cluster key")))?;
+    Ok(incarnation)
 }
 
-/// What a proof signs: the role, the exported keying material and both node ids (each
-/// length-prefixed, so that no two inputs concatenate alike).
-fn signed_input(role: &[u8], ekm: &[u8], first: &str, second: &str) -> Vec<u8> {
+/// What a proof signs: the role, the exported keying material, both node ids (each
+/// length-prefixed, so that no two inputs concatenate alike; the signer's first) and the
+/// signer's incarnation.
+fn signed_input(
+    role: &[u8],
+    ekm: &[u8],
+    (first, second): (&str, &str),
+    incarnation: u64,
+) -> Vec<u8> {
     let mut out = role.to_vec();
     out.extend_from_slice(ekm);
     out.push(first.len() as u8);
     out.extend_from_slice(first.as_bytes());
     out.push(second.len() as u8);
     out.extend_from_slice(second.as_bytes());
+    out.extend_from_slice(&incarnation.to_be_bytes());
     out
 }
 
@@ -495,12 +527,13 @@ async fn read_id(recv: &mut RecvStream) -> Result<String, LinkError> {
 }
 
 /// The acceptor's side: reads the dialer's hello (bounded), checks its proof, answers with its
-/// own. Returns the dialer's node id and the stream.
+/// own. Returns the dialer's node id and incarnation, and the stream.
 async fn accept_hello(
     conn: &Connection,
     key: &ClusterKey,
     me: &str,
-) -> Result<(String, SendStream, RecvStream), LinkError> {
+    incarnation: u64,
+) -> Result<(String, u64, SendStream, RecvStream), LinkError> {
     let ekm = exported(conn)?;
     let (mut send, mut recv) = conn
         .accept_bi()
@@ -515,14 +548,17 @@ async fn accept_hello(
     }
     let dialer = read_id(&mut recv).await?;
     let meant = read_id(&mut recv).await?;
-    let mut tag = [0u8; 32];
-    recv.read_exact(&mut tag)
+    let mut rest = [0u8; 8 + 32];
+    recv.read_exact(&mut rest)
         .await
         .map_err(|e| refused(format!("hello: {e}")))?;
+    let mut dialer_incarnation = [0u8; 8];
+    dialer_incarnation.copy_from_slice(&rest[..8]);
+    let dialer_incarnation = u64::from_be_bytes(dialer_incarnation);
     hmac::verify(
         &key.hmac_key(),
-        &signed_input(b"dialer", &ekm, &dialer, &meant),
-        &tag,
+        &signed_input(b"dialer", &ekm, (&dialer, &meant), dialer_incarnation),
+        &rest[8..],
     )
     .map_err(|_| refused(format!("{dialer:?} did not prove the cluster key")))?;
     if meant != me {
@@ -534,11 +570,21 @@ async fn accept_hello(
         return Err(refused("a node link to itself"));
     }
     let mut answer = MAGIC.to_vec();
-    answer.extend_from_slice(proof(&key.hmac_key(), b"acceptor", &ekm, me, &dialer).as_ref());
+    answer.extend_from_slice(&incarnation.to_be_bytes());
+    answer.extend_from_slice(
+        proof(
+            &key.hmac_key(),
+            b"acceptor",
+            &ekm,
+            (me, &dialer),
+            incarnation,
+        )
+        .as_ref(),
+    );
     send.write_all(&answer)
         .await
         .map_err(|e| LinkError::Connection(e.to_string()))?;
-    Ok((dialer, send, recv))
+    Ok((dialer, dialer_incarnation, send, recv))
 }
 
 /// One link (established or being dialed) to a node.
@@ -548,6 +594,9 @@ struct Link {
     dialer: String,
     /// When it was dialed, or established.
     since: Instant,
+    /// The other node's incarnation (a random number per process: a restarted node has
+    /// another), once established.
+    remote: Option<u64>,
     sink: Sink,
     conn: Option<Connection>,
     /// Dropped with the entry: the link's writer then sends what is queued, finishes its
@@ -599,6 +648,9 @@ pub struct Links {
     shutdown: OnceLock<watch::Receiver<bool>>,
     pending: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// A random number of this process, sent in the hellos: the other nodes tell a restart of
+    /// this node by it.
+    incarnation: u64,
     announce: SocketAddr,
     /// Counters.
     pub counters: LinkCounters,
@@ -682,6 +734,7 @@ impl Links {
             shutdown: OnceLock::new(),
             pending: Arc::new(Semaphore::new(MAX_PENDING_LINKS)),
             next_id: AtomicU64::new(1),
+            incarnation: rand::random(),
             announce,
             counters: LinkCounters::default(),
         }))
@@ -728,10 +781,14 @@ impl Links {
             bytes,
             cost: batch.cost,
         };
-        self.send(&node, link_batch)?;
+        // Counted before the batch is queued: once queued it may reach the other node (and its
+        // peer) before this thread goes on, and what the counters say must never lag behind.
         add(&self.counters.packets_sent, packets);
         add(&self.counters.bytes_sent, bytes);
-        Ok(())
+        self.send(&node, link_batch).inspect_err(|_| {
+            sub(&self.counters.packets_sent, packets);
+            sub(&self.counters.bytes_sent, bytes);
+        })
     }
 
     /// Tells `node` (the requester's) that `target` (here) accepted `requester`'s introduction.
@@ -777,6 +834,7 @@ impl Links {
                             id,
                             dialer: self.node.clone(),
                             since: Instant::now(),
+                            remote: None,
                             sink: sink.clone(),
                             conn: None,
                             _retire: retire_tx,
@@ -818,22 +876,25 @@ impl Links {
             let conn = connecting
                 .await
                 .map_err(|e| LinkError::Connection(e.to_string()))?;
-            let (send, mut recv) = dialer_hello(&conn, &self.key, &self.node, &node).await?;
-            if let Err(e) = dialer_check(&conn, &mut recv, &self.key, &self.node, &node).await {
-                conn.close(CLOSE_REFUSED.into(), b"no proof of the cluster key");
-                return Err(e);
+            let (send, mut recv) =
+                dialer_hello(&conn, &self.key, &self.node, &node, self.incarnation).await?;
+            match dialer_check(&conn, &mut recv, &self.key, &self.node, &node).await {
+                Ok(remote) => Ok::<_, LinkError>((conn, remote, send, recv)),
+                Err(e) => {
+                    conn.close(CLOSE_REFUSED.into(), b"no proof of the cluster key");
+                    Err(e)
+                }
             }
-            Ok::<_, LinkError>((conn, send, recv))
         };
         let result = tokio::select! {
             r = tokio::time::timeout(AUTH_TIMEOUT, attempt) => r.unwrap_or(Err(LinkError::Timeout)),
             _ = shutdown.changed() => Err(LinkError::Connection("shutting down".into())),
         };
         match result {
-            Ok((conn, send, recv)) => {
+            Ok((conn, remote, send, recv)) => {
                 // If the other node's link won meanwhile (see `adopt`), this one is retired
                 // already: what was queued on it is sent, then it ends.
-                self.install(&node, id, &conn);
+                self.install(&node, id, &conn, remote);
                 tracing::info!(%node, "node link open (dialed)");
                 self.run_link(node, id, conn, send, recv, queue, shutdown)
                     .await;
@@ -855,9 +916,10 @@ impl Links {
     }
 
     /// A dialed link is up: records its connection unless another link replaced it.
-    fn install(&self, node: &str, id: u64, conn: &Connection) {
+    fn install(&self, node: &str, id: u64, conn: &Connection, remote: u64) {
         if let Some(link) = lock(&self.links).get_mut(node).filter(|l| l.id == id) {
             link.conn = Some(conn.clone());
+            link.remote = Some(remote);
             link.since = Instant::now();
         }
     }
@@ -869,7 +931,7 @@ impl Links {
     /// was queued on it). A link this node dialed longer ago is replaced: `node` dialing means
     /// it lost that link (it restarted, or the link died on its side). `None`: refused (too
     /// many links).
-    fn adopt(&self, node: &str, conn: &Connection) -> Option<(u64, Queue)> {
+    fn adopt(&self, node: &str, conn: &Connection, remote: u64) -> Option<(u64, Queue)> {
         let mut links = lock(&self.links);
         let (sink, rx) = Sink::new(LINK_QUEUE_BYTES);
         let (retire_tx, retire) = oneshot::channel();
@@ -881,7 +943,13 @@ impl Links {
         };
         match links.get(node) {
             Some(existing)
-                if keeps_own_link(&self.node, node, &existing.dialer, existing.since.elapsed()) =>
+                if keeps_own_link(
+                    &self.node,
+                    node,
+                    &existing.dialer,
+                    existing.since.elapsed(),
+                    existing.remote.is_none_or(|r| r == remote),
+                ) =>
             {
                 // Receive only: retired at once.
                 drop(retire_tx);
@@ -896,6 +964,7 @@ impl Links {
                 id,
                 dialer: node.to_owned(),
                 since: Instant::now(),
+                remote: Some(remote),
                 sink,
                 conn: Some(conn.clone()),
                 _retire: retire_tx,
@@ -976,9 +1045,7 @@ impl Links {
                     };
                     match frame {
                         LinkFrame::Packets { to, frames } => {
-                            let (packets, bytes) = handler.packets(&node, to, frames);
-                            add(&self.counters.packets_received, packets);
-                            add(&self.counters.bytes_received, bytes);
+                            handler.packets(&node, to, frames);
                         }
                         LinkFrame::Consent {
                             requester,
@@ -1066,8 +1133,8 @@ impl Links {
             let conn = incoming
                 .await
                 .map_err(|e| LinkError::Connection(e.to_string()))?;
-            match accept_hello(&conn, &self.key, &self.node).await {
-                Ok((node, send, recv)) => Ok((conn, node, send, recv)),
+            match accept_hello(&conn, &self.key, &self.node, self.incarnation).await {
+                Ok((node, incarnation, send, recv)) => Ok((conn, node, incarnation, send, recv)),
                 Err(e) => {
                     conn.close(CLOSE_REFUSED.into(), b"no proof of the cluster key");
                     Err(e)
@@ -1078,7 +1145,7 @@ impl Links {
             .await
             .unwrap_or(Err(LinkError::Timeout));
         drop(permit);
-        let (conn, node, send, recv) = match result {
+        let (conn, node, incarnation, send, recv) = match result {
             Ok(accepted) => accepted,
             Err(e) => {
                 let n = self.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1089,7 +1156,7 @@ impl Links {
                 return;
             }
         };
-        let Some((id, queue)) = self.adopt(&node, &conn) else {
+        let Some((id, queue)) = self.adopt(&node, &conn, incarnation) else {
             add(&self.counters.refused, 1);
             conn.close(CLOSE_TOO_MANY.into(), b"too many node links");
             return;
@@ -1102,10 +1169,12 @@ impl Links {
 
 /// The one-link rule: when node `me`, holding a link to `node` dialed by `dialer` `age` ago,
 /// accepts a link from `node`, does it keep sending over the one it holds? Only when it dialed
-/// that one itself, its id sorts first, and the link is young enough that both nodes may have
-/// dialed at once; `node` applies the same rule and sends over the same link.
-fn keeps_own_link(me: &str, node: &str, dialer: &str, age: Duration) -> bool {
-    dialer == me && me < node && age < RACE_WINDOW
+/// that one itself, its id sorts first, the link is young enough that both nodes may have
+/// dialed at once, and it reaches the same process of `node` as the new one (`same_process`:
+/// the incarnations match, or the held link is still being dialed); `node` applies the same
+/// rule and sends over the same link. A node that restarted gets its new link used at once.
+fn keeps_own_link(me: &str, node: &str, dialer: &str, age: Duration, same_process: bool) -> bool {
+    dialer == me && me < node && age < RACE_WINDOW && same_process
 }
 
 /// A link's queue, as its task holds it.
@@ -1186,14 +1255,15 @@ mod tests {
     fn proofs_depend_on_the_key_the_session_and_the_roles() {
         let key = ClusterKey::generate().hmac_key();
         let other = ClusterKey::generate().hmac_key();
-        let input = signed_input(b"dialer", &[1; 32], "x", "y");
-        let tag = proof(&key, b"dialer", &[1; 32], "x", "y");
+        let input = signed_input(b"dialer", &[1; 32], ("x", "y"), 7);
+        let tag = proof(&key, b"dialer", &[1; 32], ("x", "y"), 7);
         assert!(hmac::verify(&key, &input, tag.as_ref()).is_ok());
         assert!(hmac::verify(&other, &input, tag.as_ref()).is_err());
         for changed in [
-            signed_input(b"acceptor", &[1; 32], "x", "y"),
-            signed_input(b"dialer", &[2; 32], "x", "y"),
-            signed_input(b"dialer", &[1; 32], "y", "x"),
+            signed_input(b"acceptor", &[1; 32], ("x", "y"), 7),
+            signed_input(b"dialer", &[2; 32], ("x", "y"), 7),
+            signed_input(b"dialer", &[1; 32], ("y", "x"), 7),
+            signed_input(b"dialer", &[1; 32], ("x", "y"), 8),
         ] {
             assert!(hmac::verify(&key, &changed, tag.as_ref()).is_err());
         }
@@ -1207,12 +1277,14 @@ mod tests {
         let young = Duration::from_secs(1);
         // x < y. At x: its own link (young) against y's: kept. At y: its own link against
         // x's: given up. Both send over x's.
-        assert!(keeps_own_link("x", "y", "x", young));
-        assert!(!keeps_own_link("y", "x", "y", young));
-        // An older link of x's: y dialing means y lost it (it restarted): replaced.
-        assert!(!keeps_own_link("x", "y", "x", RACE_WINDOW));
+        assert!(keeps_own_link("x", "y", "x", young, true));
+        assert!(!keeps_own_link("y", "x", "y", young, true));
+        // An older link of x's: y dialing means y lost it: replaced.
+        assert!(!keeps_own_link("x", "y", "x", RACE_WINDOW, true));
+        // A young one to a process of y that is gone (y restarted): replaced at once.
+        assert!(!keeps_own_link("x", "y", "x", young, false));
         // A link y dialed earlier, and y dials again: the newer replaces it.
-        assert!(!keeps_own_link("x", "y", "y", young));
+        assert!(!keeps_own_link("x", "y", "y", young, true));
     }
 
     #[test]

@@ -743,12 +743,14 @@ impl RelayHub {
     /// frame is admitted as a local one would be (`allowed(from)`: the sender is introduced to
     /// `to` with its accept, and on the node the link comes from), charged against the
     /// sender's allowance on this node too, and queued for `to`. Returns the packets and bytes
-    /// queued.
+    /// queued, also added to `counted` (packets, bytes) and the relay's counters before they
+    /// are queued (once queued they may reach `to` before this thread goes on).
     pub(crate) fn deliver_from_link(
         &self,
         to: PeerId,
         frames: &[u8],
         limits: RelayLimits,
+        counted: [&AtomicU64; 2],
         mut allowed: impl FnMut(PeerId) -> bool,
     ) -> (u64, u64) {
         let now = Instant::now();
@@ -788,21 +790,30 @@ impl RelayHub {
         if self.trace.is_some() {
             self.trace(&batch.frames);
         }
-        match sink.offer(batch) {
-            Ok(()) => {
-                add(&self.counters.packets, packets);
-                add(&self.counters.bytes, bytes);
-                (packets, bytes)
-            }
-            Err((Dropped::QueueFull, _)) => {
-                add(&self.counters.dropped_queue_full, packets);
-                (0, 0)
-            }
-            Err((Dropped::Closed, _)) => {
-                add(&self.counters.dropped_no_route, packets);
-                (0, 0)
-            }
+        let [counted_packets, counted_bytes] = counted;
+        for (counter, n) in [
+            (&self.counters.packets, packets),
+            (&self.counters.bytes, bytes),
+            (counted_packets, packets),
+            (counted_bytes, bytes),
+        ] {
+            add(counter, n);
         }
+        let dropped = match sink.offer(batch) {
+            Ok(()) => return (packets, bytes),
+            Err((Dropped::QueueFull, _)) => &self.counters.dropped_queue_full,
+            Err((Dropped::Closed, _)) => &self.counters.dropped_no_route,
+        };
+        add(dropped, packets);
+        for (counter, n) in [
+            (&self.counters.packets, packets),
+            (&self.counters.bytes, bytes),
+            (counted_packets, packets),
+            (counted_bytes, bytes),
+        ] {
+            sub(counter, n);
+        }
+        (0, 0)
     }
 
     /// An introduction between `a` and `b` was made or accepted: their relay sessions look at
@@ -915,19 +926,24 @@ fn forward(hub: &RelayHub, routes: &mut HashMap<PeerId, Sink>, to: PeerId, batch
             }
             None => {
                 // Not here: on another node of the cluster, if an introduction taught where.
-                let packets = batch.packets;
-                let bytes = batch.bytes;
+                // Counted before it is queued (it may arrive before this thread goes on).
+                let (packets, bytes) = (batch.packets, batch.bytes);
+                add(&hub.counters.packets, packets);
+                add(&hub.counters.bytes, bytes);
                 let sent = match hub.links.get() {
                     Some(links) => links.forward(to, batch),
                     None => Err(Dropped::Closed),
                 };
-                match sent {
-                    Ok(()) => {
-                        add(&hub.counters.packets, packets);
-                        add(&hub.counters.bytes, bytes);
-                    }
-                    Err(Dropped::QueueFull) => add(&hub.counters.dropped_queue_full, packets),
-                    Err(Dropped::Closed) => add(&hub.counters.dropped_no_route, packets),
+                if let Err(dropped) = sent {
+                    sub(&hub.counters.packets, packets);
+                    sub(&hub.counters.bytes, bytes);
+                    add(
+                        match dropped {
+                            Dropped::QueueFull => &hub.counters.dropped_queue_full,
+                            Dropped::Closed => &hub.counters.dropped_no_route,
+                        },
+                        packets,
+                    );
                 }
                 return;
             }
@@ -1464,9 +1480,13 @@ mod tests {
         }
         relay::encode_into(&mut wire, &id(3), &[6u8; 100]).unwrap();
         relay::encode_into(&mut wire, &id(1), &[]).unwrap();
-        let (packets, bytes) = hub.deliver_from_link(id(2), &wire, limits, |from| from == id(1));
+        let received = [AtomicU64::new(0), AtomicU64::new(0)];
+        let counted = [&received[0], &received[1]];
+        let (packets, bytes) =
+            hub.deliver_from_link(id(2), &wire, limits, counted, |from| from == id(1));
         let fit = frame_cost(MAX_RELAY_PACKET) / frame_cost(100);
         assert_eq!((packets, bytes), (fit, fit * 100));
+        assert_eq!((get(&received[0]), get(&received[1])), (fit, fit * 100));
         let c = &hub.counters;
         assert_eq!(get(&c.denied_rate), 30 - fit);
         assert_eq!(get(&c.denied_not_introduced), 1);
@@ -1482,9 +1502,10 @@ mod tests {
         assert_eq!(seen, fit);
         // No relay stream for the destination here.
         assert_eq!(
-            hub.deliver_from_link(id(9), &wire, limits, |_| true),
+            hub.deliver_from_link(id(9), &wire, limits, counted, |_| true),
             (0, 0)
         );
+        assert_eq!(get(&received[0]), fit);
         assert_eq!(get(&c.dropped_no_route), 32);
     }
 }

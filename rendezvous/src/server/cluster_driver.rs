@@ -221,20 +221,25 @@ impl Shared {
 }
 
 impl LinkHandler for Shared {
-    fn packets(&self, node: &str, to: PeerId, frames: &[u8]) -> (u64, u64) {
+    fn packets(&self, node: &str, to: PeerId, frames: &[u8]) {
         let Some(links) = &self.links else {
-            return (0, 0);
+            return;
         };
         let registry = &self.registry;
-        self.relay
-            .deliver_from_link(to, frames, self.limits.relay, |from| {
+        let counted = [
+            &links.counters.packets_received,
+            &links.counters.bytes_received,
+        ];
+        let _ = self
+            .relay
+            .deliver_from_link(to, frames, self.limits.relay, counted, |from| {
                 // The sender is on the node the link comes from, and introduced to `to` with
                 // the accept this node saw.
                 links.route(&from).as_deref() == Some(node)
                     && lock(registry)
                         .relay_allowed(from, to, OffsetDateTime::now_utc())
                         .is_ok()
-            })
+            });
     }
 
     fn consent(&self, node: &str, requester: PeerId, target: PeerId, nonce: u64) {
