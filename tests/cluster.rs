@@ -627,7 +627,9 @@ fn peers_on_different_nodes_are_relayed_across_the_node_link() {
 /// then a forged packet for a peer that accepted a cross-node introduction (as if from the
 /// other side of it). The node closes the connection without the proof it expects, counts the
 /// refusal, and the peer never gets the forged packet: the first packet it receives is the
-/// genuine one sent afterwards through the real link.
+/// genuine one sent afterwards through the real link. Then a flood of attempts that never say
+/// hello: past the slots of attempts being authenticated they are refused at once, each is
+/// closed within its time, and the link already open keeps relaying.
 #[test]
 fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
     let Some(redis) = Redis::start() else { return };
@@ -637,7 +639,7 @@ fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
     let (x, _) = linked_node(dir.path(), &redis, "x", &key);
     let (y, y_link) = linked_node(dir.path(), &redis, "y", &key);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
+    let refused_at_once = runtime.block_on(async {
         let a = raw_client(&x).await;
         let mut b = raw_client(&y).await;
         let [(mut a_tx, _a_rx), (_b_tx, mut b_rx)] = relayed_pair(&a, &mut b).await;
@@ -653,7 +655,7 @@ fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
         let config = transport::quic_client_config(tls, Default::default()).expect("quic");
         let endpoint = attack::endpoint_on(Ipv4Addr::LOCALHOST).expect("endpoint");
         let conn = endpoint
-            .connect_with(config, y_link, "rendezvous-node")
+            .connect_with(config.clone(), y_link, "rendezvous-node")
             .expect("dial")
             .await
             .expect("the QUIC handshake itself is open to anyone");
@@ -676,14 +678,55 @@ fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
         // The genuine packet, through the real link: the first b receives.
         relay_send(&mut a_tx, b.id, b"genuine").await;
         assert_eq!(relay_receive(&mut b_rx).await, (a.id, b"genuine".to_vec()));
+        assert_eq!(sample(&y, "rendezvous_cluster_link_refused_total"), 1);
+
+        // Attempts that complete the QUIC handshake and never say hello hold the slots of
+        // attempts being authenticated: one more is refused at once, and each is closed
+        // within its 5 s. The link already open is not affected.
+        let started = std::time::Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..nodelink::MAX_PENDING_LINKS {
+            let conn = endpoint
+                .connect_with(config.clone(), y_link, "rendezvous-node")
+                .expect("dial")
+                .await
+                .expect("a handshake while slots are free");
+            held.push(conn);
+        }
+        let one_more = endpoint
+            .connect_with(config.clone(), y_link, "rendezvous-node")
+            .expect("dial")
+            .await;
+        // (Unless this machine took longer than an attempt's 5 s for the handshakes above,
+        // so that the first slot was free again: the bound is on attempts at once.)
+        let refused_at_once = one_more.is_err();
+        assert!(
+            refused_at_once || started.elapsed() >= nodelink::AUTH_TIMEOUT,
+            "all slots taken: refused"
+        );
+        for conn in &held {
+            tokio::time::timeout(T, conn.closed())
+                .await
+                .expect("closed within the attempt's time");
+        }
+        relay_send(&mut a_tx, b.id, b"still relayed").await;
+        assert_eq!(
+            relay_receive(&mut b_rx).await,
+            (a.id, b"still relayed".to_vec())
+        );
+        refused_at_once
     });
-    assert_eq!(sample(&y, "rendezvous_cluster_link_refused_total"), 1);
+    let slots = nodelink::MAX_PENDING_LINKS as u64;
+    assert_eq!(
+        sample(&y, "rendezvous_cluster_link_refused_total"),
+        1 + slots + u64::from(refused_at_once)
+    );
     assert_eq!(
         sample(
             &y,
             "rendezvous_cluster_relay_packets_total{direction=\"received\"}"
         ),
-        1
+        2
     );
     assert_eq!(sample(&y, "rendezvous_cluster_links"), 1);
 }
