@@ -2,14 +2,24 @@
 //! real `redis-server` (Debian's package; the tests skip with a message without it) started by
 //! the test on a free loopback port, without persistence, in a temporary directory, killed on
 //! drop; real `rendezvous` and `peer` binaries.
+//!
+//! The cross-node relay tests use raw QUIC clients (the support library's `RawClient`: their
+//! own identities, the real protocol, no peer program) rather than `peer`: the peer program has
+//! no option that turns direct paths off, and on loopback it always finds one. A raw client
+//! that opens its relay stream and sends relay frames is relayed, whatever paths exist.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::frame_io::read_frame;
+use common::relay::{self, RelayDecoder};
+use common::{ControlMessage, PeerId, PROTOCOL_VERSION};
+use e2e::attack::{self, RawClient};
 use e2e::{args, bin, peer, peer_run, Proc, Rendezvous, TempDir};
+use rendezvous::nodelink;
 
 /// Deadline for anything that should happen promptly (generous: a loaded 2-core machine).
 const T: Duration = Duration::from_secs(60);
@@ -119,30 +129,73 @@ impl Redis {
 
 /// Starts `rendezvous serve --cluster URL --node-id NODE` on loopback.
 fn node(dir: &Path, redis: &Redis, node: &str) -> Rendezvous {
+    node_with(dir, redis, node, &[])
+}
+
+/// As [`node`] with a node link on loopback keyed by `key_file` (the cross-node relay); with
+/// the link's address.
+fn linked_node(dir: &Path, redis: &Redis, name: &str, key_file: &Path) -> (Rendezvous, SocketAddr) {
+    let key = key_file.to_str().expect("utf-8 path");
+    let rv = node_with(
+        dir,
+        redis,
+        name,
+        &["--cluster-link", "127.0.0.1:0", "--cluster-key-file", key],
+    );
+    let line = rv.proc.stdout.wait_for("node link on ", T);
+    let addr = line
+        .trim_start_matches("node link on ")
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no link address in {line:?}"));
+    (rv, addr)
+}
+
+/// Makes a cluster key at `path` with `rendezvous cluster-key --out` (as the docs say to).
+fn write_key(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let out = Command::new(bin("rendezvous"))
+        .args(["cluster-key", "--out"])
+        .arg(path)
+        .output()
+        .expect("run rendezvous cluster-key");
+    assert!(out.status.success(), "{out:?}");
+    let mode = std::fs::metadata(path)
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let text = std::fs::read_to_string(path).expect("read the key");
+    assert!(
+        rendezvous::nodelink::ClusterKey::parse(&text).is_ok(),
+        "{text}"
+    );
+}
+
+fn node_with(dir: &Path, redis: &Redis, node: &str, extra: &[&str]) -> Rendezvous {
     let data = dir.join(node);
     let data = data.to_str().expect("utf-8 path");
     let url = redis.url();
-    let proc = Proc::spawn(
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+        "--tcp-listen",
+        "off",
+        "--stun-alt-port",
+        "off",
+        "--metrics",
+        "127.0.0.1:0",
+        "--cluster",
+        &url,
+        "--node-id",
         node,
-        &bin("rendezvous"),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-            "--tcp-listen",
-            "off",
-            "--stun-alt-port",
-            "off",
-            "--metrics",
-            "127.0.0.1:0",
-            "--cluster",
-            &url,
-            "--node-id",
-            node,
-        ],
-    );
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(node, &bin("rendezvous"), &args);
     let rv = Rendezvous::ready(proc);
     rv.proc
         .stdout
@@ -427,4 +480,253 @@ fn a_node_id_is_held_by_one_node_at_a_time() {
     let x = node(dir.path(), &redis, "x");
     let (_a, a_id) = listen("a", dir.path(), &x);
     assert!(!a_id.is_empty());
+}
+
+/// A raw client registered on `rv` from loopback, with a fresh identity.
+async fn raw_client(rv: &Rendezvous) -> RawClient {
+    let identity = certs::Identity::generate().expect("identity");
+    let endpoint = attack::endpoint_on(Ipv4Addr::LOCALHOST).expect("endpoint");
+    RawClient::register(
+        &endpoint,
+        &identity,
+        rv.addr,
+        certs::ServerTrust::FirstUse,
+        PROTOCOL_VERSION,
+    )
+    .await
+    .expect("register exchange")
+    .expect("registered")
+}
+
+/// Reads `client`'s control stream until the `punch` for `from` arrives: its nonce.
+async fn pushed_punch(client: &mut RawClient, from: PeerId) -> u64 {
+    loop {
+        let frame = tokio::time::timeout(T, read_frame(&mut client.control.1))
+            .await
+            .expect("a push in time")
+            .expect("read a push")
+            .expect("control stream open");
+        if let Ok(ControlMessage::Punch { peer, nonce, .. }) = ControlMessage::decode(&frame) {
+            if peer == from {
+                return nonce;
+            }
+        }
+    }
+}
+
+/// `a` (on one node) is introduced to `b` (on another), `b` accepts, both open their relay
+/// streams: the two relay streams, `a`'s first.
+async fn relayed_pair(
+    a: &RawClient,
+    b: &mut RawClient,
+) -> [(quinn::SendStream, quinn::RecvStream); 2] {
+    let a_relay = a.relay().await.expect("relay_open").expect("relay_ready");
+    let b_relay = b.relay().await.expect("relay_open").expect("relay_ready");
+    let nonce = a.connect(b.id).await.expect("connect across nodes");
+    // Pushed to b by its own node, from the introduction forwarded through Redis.
+    assert_eq!(pushed_punch(b, a.id).await, nonce);
+    b.accept(a.id, nonce).await.expect("accept on b's node");
+    [a_relay, b_relay]
+}
+
+/// Sends `packet` to `to` on a relay stream.
+async fn relay_send(stream: &mut quinn::SendStream, to: PeerId, packet: &[u8]) {
+    let frame = relay::encode(&to, packet).expect("encode");
+    stream.write_all(&frame).await.expect("relay write");
+}
+
+/// The next relayed packet on a relay stream: (sender, packet).
+async fn relay_receive(stream: &mut quinn::RecvStream) -> (PeerId, Vec<u8>) {
+    let mut decoder = RelayDecoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(frame) = decoder.next_frame().expect("well-formed relay frames") {
+            return frame;
+        }
+        let n = tokio::time::timeout(T, stream.read(&mut buf))
+            .await
+            .expect("a relayed packet in time")
+            .expect("relay read")
+            .expect("relay stream open");
+        decoder.push(&buf[..n]);
+    }
+}
+
+/// Two peers registered on different nodes of three, relayed to each other (raw clients:
+/// nothing but the relay joins them): the packets cross from node to node over the node link,
+/// byte for byte as the peers sent them (the nodes forward opaque bytes: the peers' own
+/// end-to-end encrypted QUIC packets), one each way; the metrics count them on both nodes and
+/// show one link per pair, reused. The destination's node then restarts (killed): the first
+/// link the new process opens replaces the dead one at once, and a new pair is relayed again.
+#[test]
+fn peers_on_different_nodes_are_relayed_across_the_node_link() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-relay");
+    let key = dir.path().join("cluster.key");
+    write_key(&key);
+    let (x, _) = linked_node(dir.path(), &redis, "x", &key);
+    let (_y, _) = linked_node(dir.path(), &redis, "y", &key);
+    let (mut z, _) = linked_node(dir.path(), &redis, "z", &key);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let a = raw_client(&x).await;
+        let mut b = raw_client(&z).await;
+        let [(mut a_tx, mut a_rx), (mut b_tx, mut b_rx)] = relayed_pair(&a, &mut b).await;
+        relay_send(&mut a_tx, b.id, b"hello from a on x").await;
+        assert_eq!(
+            relay_receive(&mut b_rx).await,
+            (a.id, b"hello from a on x".to_vec())
+        );
+        relay_send(&mut b_tx, a.id, b"hello from b on z").await;
+        assert_eq!(
+            relay_receive(&mut a_rx).await,
+            (b.id, b"hello from b on z".to_vec())
+        );
+        // A second packet takes the same link.
+        relay_send(&mut a_tx, b.id, b"again").await;
+        assert_eq!(relay_receive(&mut b_rx).await, (a.id, b"again".to_vec()));
+    });
+    let packets = "rendezvous_cluster_relay_packets_total{direction=";
+    assert_eq!(sample(&x, &format!("{packets}\"sent\"}}")), 2);
+    assert_eq!(sample(&x, &format!("{packets}\"received\"}}")), 1);
+    assert_eq!(sample(&z, &format!("{packets}\"sent\"}}")), 1);
+    assert_eq!(sample(&z, &format!("{packets}\"received\"}}")), 2);
+    let bytes = "rendezvous_cluster_relay_bytes_total{direction=\"received\"}";
+    assert_eq!(
+        sample(&z, bytes),
+        (b"hello from a on x".len() + b"again".len()) as u64
+    );
+    // One link between x and z, whichever dialed it; none refused.
+    assert_eq!(sample(&x, "rendezvous_cluster_links"), 1);
+    assert_eq!(sample(&z, "rendezvous_cluster_links"), 1);
+    assert_eq!(sample(&z, "rendezvous_cluster_link_refused_total"), 0);
+
+    // z dies and comes back (same id and key, a new process and link port): x still holds the
+    // dead link, and replaces it with the first one the new z opens (z's accept, below).
+    z.proc.kill9();
+    let (z, _) = linked_node(dir.path(), &redis, "z", &key);
+    runtime.block_on(async {
+        let a = raw_client(&x).await;
+        let mut b = raw_client(&z).await;
+        let [(mut a_tx, mut a_rx), (mut b_tx, mut b_rx)] = relayed_pair(&a, &mut b).await;
+        relay_send(&mut a_tx, b.id, b"after the restart").await;
+        assert_eq!(
+            relay_receive(&mut b_rx).await,
+            (a.id, b"after the restart".to_vec())
+        );
+        relay_send(&mut b_tx, a.id, b"back").await;
+        assert_eq!(relay_receive(&mut a_rx).await, (b.id, b"back".to_vec()));
+    });
+    assert_eq!(sample(&x, &format!("{packets}\"sent\"}}")), 3);
+    assert_eq!(sample(&z, &format!("{packets}\"received\"}}")), 1);
+    assert_eq!(sample(&x, "rendezvous_cluster_links"), 1);
+}
+
+/// A stranger without the cluster key cannot open a node link, nor inject into the mesh: it
+/// dials a node's link port claiming to be another node, sends its hello with a wrong key and
+/// then a forged packet for a peer that accepted a cross-node introduction (as if from the
+/// other side of it). The node closes the connection without the proof it expects, counts the
+/// refusal, and the peer never gets the forged packet: the first packet it receives is the
+/// genuine one sent afterwards through the real link. Then a flood of attempts that never say
+/// hello: past the slots of attempts being authenticated they are refused at once, each is
+/// closed within its time, and the link already open keeps relaying.
+#[test]
+fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-link-attack");
+    let key = dir.path().join("cluster.key");
+    write_key(&key);
+    let (x, _) = linked_node(dir.path(), &redis, "x", &key);
+    let (y, y_link) = linked_node(dir.path(), &redis, "y", &key);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let refused_at_once = runtime.block_on(async {
+        let a = raw_client(&x).await;
+        let mut b = raw_client(&y).await;
+        let [(mut a_tx, _a_rx), (_b_tx, mut b_rx)] = relayed_pair(&a, &mut b).await;
+
+        // The stranger: a valid TLS identity of its own, the right ALPN, the wrong key.
+        let identity = certs::Identity::generate().expect("identity");
+        let tls = certs::client_config_for_server(
+            &identity,
+            certs::ServerTrust::FirstUse,
+            nodelink::ALPN_NODE_LINK,
+        )
+        .expect("tls");
+        let config = transport::quic_client_config(tls, Default::default()).expect("quic");
+        let endpoint = attack::endpoint_on(Ipv4Addr::LOCALHOST).expect("endpoint");
+        let conn = endpoint
+            .connect_with(config.clone(), y_link, "rendezvous-node")
+            .expect("dial")
+            .await
+            .expect("the QUIC handshake itself is open to anyone");
+        let wrong = nodelink::ClusterKey::generate();
+        let (mut send, mut recv) = nodelink::dialer_hello(&conn, &wrong, "x", "y", 1)
+            .await
+            .expect("hello sent");
+        let forged = relay::encode(&a.id, b"forged").expect("encode");
+        let frame = nodelink::encode_packets(&b.id, &forged).expect("frame");
+        // It may already be closed: what matters is that nothing is forwarded.
+        let _ = send.write_all(&frame).await;
+        let refused = nodelink::dialer_check(&conn, &mut recv, &wrong, "x", "y").await;
+        assert!(refused.is_err(), "the node did not prove a key to the stranger");
+        let closed = tokio::time::timeout(T, conn.closed()).await.expect("closed in time");
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.reason.as_ref() == b"no proof of the cluster key"),
+            "{closed:?}"
+        );
+
+        // The genuine packet, through the real link: the first b receives.
+        relay_send(&mut a_tx, b.id, b"genuine").await;
+        assert_eq!(relay_receive(&mut b_rx).await, (a.id, b"genuine".to_vec()));
+        assert_eq!(sample(&y, "rendezvous_cluster_link_refused_total"), 1);
+
+        // Attempts that complete the QUIC handshake and never say hello hold the slots of
+        // attempts being authenticated: one more is refused at once, and each is closed
+        // within its 5 s. The link already open is not affected.
+        let started = std::time::Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..nodelink::MAX_PENDING_LINKS {
+            let conn = endpoint
+                .connect_with(config.clone(), y_link, "rendezvous-node")
+                .expect("dial")
+                .await
+                .expect("a handshake while slots are free");
+            held.push(conn);
+        }
+        let one_more = endpoint
+            .connect_with(config.clone(), y_link, "rendezvous-node")
+            .expect("dial")
+            .await;
+        // (Unless this machine took longer than an attempt's 5 s for the handshakes above,
+        // so that the first slot was free again: the bound is on attempts at once.)
+        let refused_at_once = one_more.is_err();
+        assert!(
+            refused_at_once || started.elapsed() >= nodelink::AUTH_TIMEOUT,
+            "all slots taken: refused"
+        );
+        for conn in &held {
+            tokio::time::timeout(T, conn.closed())
+                .await
+                .expect("closed within the attempt's time");
+        }
+        relay_send(&mut a_tx, b.id, b"still relayed").await;
+        assert_eq!(
+            relay_receive(&mut b_rx).await,
+            (a.id, b"still relayed".to_vec())
+        );
+        refused_at_once
+    });
+    let slots = nodelink::MAX_PENDING_LINKS as u64;
+    assert_eq!(
+        sample(&y, "rendezvous_cluster_link_refused_total"),
+        1 + slots + u64::from(refused_at_once)
+    );
+    assert_eq!(
+        sample(
+            &y,
+            "rendezvous_cluster_relay_packets_total{direction=\"received\"}"
+        ),
+        2
+    );
+    assert_eq!(sample(&y, "rendezvous_cluster_links"), 1);
 }

@@ -140,6 +140,9 @@ pub struct ClusterConfig {
     pub node_id: String,
     /// Timings.
     pub timings: ClusterTimings,
+    /// The node-to-node link of the cross-node relay (`--cluster-link`, `--cluster-key-file`);
+    /// `None`: peers on different nodes are not relayed to each other (`relay_denied`).
+    pub link: Option<crate::nodelink::LinkConfig>,
 }
 
 /// Failures of the cluster registry.
@@ -224,6 +227,10 @@ pub struct NodeInfo {
     /// Peers online on it at its latest refresh.
     #[serde(default)]
     pub online: u64,
+    /// Its node-to-node link address (`--cluster-link`), where the other nodes open the link
+    /// of the cross-node relay; absent on a node without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// The pub/sub message: a forwarded introduction, versioned.
@@ -407,6 +414,7 @@ impl Cluster {
                 addr: String::new(),
                 fingerprint: String::new(),
                 online: 0,
+                link: None,
             }),
             counters: ClusterCounters::default(),
         });
@@ -606,6 +614,41 @@ impl Cluster {
             node,
             nat,
         }))
+    }
+
+    /// The node-to-node link address `node` announces in `rv:node:{node}` (hostile: bounded
+    /// read, parsed), or `None` if it announces none (or its entry expired).
+    pub async fn node_link_addr(
+        &self,
+        node: &str,
+    ) -> Result<Option<std::net::SocketAddr>, ClusterError> {
+        check_node_id(node)?;
+        let mut conn = self.connection()?;
+        let key = node_key(node);
+        let info: Vec<u8> = self
+            .timed(
+                redis::cmd("GETRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(MAX_RECORD_BYTES)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if info.is_empty() {
+            return Ok(None);
+        }
+        let malformed = |why: String| ClusterError::Malformed {
+            key: key.clone(),
+            why,
+        };
+        let info: NodeInfo = serde_json::from_slice(&info).map_err(|e| malformed(e.to_string()))?;
+        match info.link {
+            None => Ok(None),
+            Some(addr) => addr
+                .parse()
+                .map(Some)
+                .map_err(|_| malformed(format!("link address {addr:?} is not IP:PORT"))),
+        }
     }
 
     /// Forwards an introduction to `node`'s channel. Returns how many subscribers got it: 0

@@ -1180,6 +1180,42 @@ impl Registry {
         if !self.peers.contains_key(&to) {
             return Err(RelayRefusal::UnknownPeer);
         }
+        self.relay_consent(from, to, now)
+    }
+
+    /// As [`Registry::relay_allowed`] for a destination on another node of a cluster (not
+    /// registered here): the introduction as this node recorded it decides.
+    pub fn relay_allowed_remote(
+        &self,
+        from: PeerId,
+        to: PeerId,
+        now: OffsetDateTime,
+    ) -> Result<(), RelayRefusal> {
+        self.relay_consent(from, to, now)
+    }
+
+    /// `target`, on another node, accepted the introduction `nonce` that `requester` (here)
+    /// asked for (its node says so over the node link): recorded as a local accept would be,
+    /// with the same checks (the introduction waits, the nonce is its latest, in time).
+    pub fn remote_accepted(
+        &mut self,
+        requester: PeerId,
+        target: PeerId,
+        nonce: u64,
+        now: OffsetDateTime,
+    ) -> bool {
+        if !self.online.contains_key(&requester) {
+            return false;
+        }
+        self.introductions.accept(target, requester, nonce, now)
+    }
+
+    fn relay_consent(
+        &self,
+        from: PeerId,
+        to: PeerId,
+        now: OffsetDateTime,
+    ) -> Result<(), RelayRefusal> {
         match self.introductions.get(from, to, now) {
             Some(e) if e.consent_until.is_some_and(|until| until > now) => Ok(()),
             Some(e) if e.pending && e.open_until > now => Err(RelayRefusal::NotAccepted),

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config_file;
 pub mod core;
 pub mod metrics;
+pub mod nodelink;
 pub mod observe;
 pub mod ratelimit;
 pub mod relay;
@@ -111,6 +112,9 @@ pub enum StartError {
     /// The cluster configuration is unusable.
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    /// The node-to-node link cannot be set up.
+    #[error(transparent)]
+    Link(#[from] nodelink::LinkError),
     /// The TCP tunnel port could not be bound.
     #[error("TCP tunnel on {addr}: {source}")]
     Tcp {
@@ -129,6 +133,7 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     fingerprint: Fingerprint,
     registered: usize,
+    link_addr: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     writer: Writer,
@@ -220,21 +225,33 @@ impl Server {
             None => None,
         };
         let stun_counters = Arc::new(stun::StunCounters::default());
+        let mut links = None;
         if let Some(cluster) = backend.cluster() {
             let fingerprint = identity.fingerprint().to_string();
+            if let Some(link) = config.cluster.as_ref().and_then(|c| c.link.as_ref()) {
+                links = Some(nodelink::Links::bind(link, &identity, cluster.clone())?);
+            }
             cluster.set_node_info(&cluster::NodeInfo {
                 addr: local_addr.to_string(),
                 fingerprint: fingerprint.clone(),
                 online: 0,
+                link: links.as_ref().map(|l| l.announce().to_string()),
             });
             cluster.claim_node_id(&fingerprint).await?;
+        }
+        let link_addr = links.as_ref().map(|l| l.announce());
+        let relay_hub = relay::RelayHub::new(trace);
+        if let Some(links) = &links {
+            relay_hub.set_links(links.clone());
+            tracing::info!(announce = %links.announce(), "node link listening (cross-node relay)");
         }
         let shared = server::Shared::new(
             registry,
             backend,
             config.limits,
-            relay::RelayHub::new(trace),
+            relay_hub,
             stun_counters.clone(),
+            links,
         );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let tunnel_counters = Arc::new(tunnel::TunnelCounters::default());
@@ -310,6 +327,7 @@ impl Server {
             metrics_addr,
             fingerprint: identity.fingerprint(),
             registered,
+            link_addr,
             shutdown_tx,
             task,
             writer,
@@ -334,6 +352,11 @@ impl Server {
     /// The bound TCP tunnel address, if enabled.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    /// The node link's address as announced to the other nodes (`--cluster-link`), if any.
+    pub fn link_addr(&self) -> Option<SocketAddr> {
+        self.link_addr
     }
 
     /// The server key's fingerprint, which peers pin.

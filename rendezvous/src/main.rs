@@ -117,8 +117,29 @@ enum Command {
         /// This node's name in the cluster (1 to 64 letters, digits, `.`, `_`, `-`; unique).
         #[arg(long, value_name = "NAME")]
         node_id: Option<String>,
+        /// Relay across the cluster's nodes: listen for the other nodes' links on this UDP
+        /// address (QUIC, authenticated by the cluster key). Needs --cluster and
+        /// --cluster-key-file. Without it, peers on different nodes are not relayed to each
+        /// other.
+        #[arg(long, value_name = "IP:PORT")]
+        cluster_link: Option<SocketAddr>,
+        /// The address the other nodes reach this node's link at (announced in Redis), when
+        /// --cluster-link listens on a wildcard address.
+        #[arg(long, value_name = "IP:PORT")]
+        cluster_link_announce: Option<SocketAddr>,
+        /// The cluster key, shared by every node (64 hex digits, mode 0600; make one with
+        /// `openssl rand -hex 32`): only holders of it can open a node link.
+        #[arg(long, value_name = "FILE")]
+        cluster_key_file: Option<PathBuf>,
         #[command(flatten)]
         edge: EdgeArgs,
+    },
+    /// Make a new cluster key (for --cluster-key-file): 64 hex digits written to FILE with mode
+    /// 0600; copy the same file to every node of the cluster. Never overwrites a file.
+    ClusterKey {
+        /// Where to write it.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Print the server key's fingerprint (what peers pass as --server-key).
     Fingerprint {
@@ -286,6 +307,24 @@ async fn main() -> anyhow::Result<()> {
     let cli = parse_cli(std::env::args_os().collect())?;
     init_logging(cli.log_format);
     match cli.command {
+        Command::ClusterKey { out } => {
+            if out.exists() {
+                anyhow::bail!(
+                    "{} exists: a cluster key is never overwritten (every node must hold the \
+                     same one); remove it first to replace it on every node",
+                    out.display()
+                );
+            }
+            let key = rendezvous::nodelink::ClusterKey::generate();
+            certs::durable::write_private_file(&out, format!("{}\n", key.to_hex()).as_bytes())
+                .with_context(|| format!("writing the cluster key to {}", out.display()))?;
+            println!(
+                "cluster key written to {} (mode 0600): copy it to every node and pass \
+                 --cluster-key-file",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Fingerprint { data_dir } => {
             println!("{}", rendezvous::fingerprint(&data_dir)?);
             Ok(())
@@ -312,8 +351,19 @@ async fn main() -> anyhow::Result<()> {
             expire_after_days,
             cluster,
             node_id,
+            cluster_link,
+            cluster_link_announce,
+            cluster_key_file,
         } => {
-            let cluster = cluster_config(cluster, node_id)?;
+            let mut cluster = cluster_config(cluster, node_id)?;
+            let link = link_config(cluster_link, cluster_link_announce, cluster_key_file)?;
+            match (&mut cluster, link) {
+                (Some(cluster), link) => cluster.link = link,
+                (None, Some(_)) => anyhow::bail!(
+                    "--cluster-link and --cluster-key-file are for a cluster node: add --cluster URL"
+                ),
+                (None, None) => {}
+            }
             let cluster_line = cluster.as_ref().map(|c| {
                 format!(
                     "cluster node {} (registry in Redis at {})",
@@ -381,6 +431,9 @@ async fn main() -> anyhow::Result<()> {
                 println!("metrics on http://{metrics}/metrics");
             }
             println!("server key {}", server.fingerprint());
+            if let Some(link) = server.link_addr() {
+                println!("node link on {link} (cross-node relay, QUIC over UDP)");
+            }
             match cluster_line {
                 Some(line) => println!("{line}"),
                 None => println!(
@@ -408,10 +461,34 @@ fn cluster_config(
             url,
             node_id,
             timings: Default::default(),
+            link: None,
         })),
         (None, None) => Ok(None),
         (Some(_), None) => anyhow::bail!("--cluster needs --node-id NAME (unique in the cluster)"),
         (None, Some(_)) => anyhow::bail!("--node-id is for a cluster node: add --cluster URL"),
+    }
+}
+
+/// `--cluster-link ADDR --cluster-key-file FILE [--cluster-link-announce ADDR]`: the link and
+/// the key go together.
+fn link_config(
+    listen: Option<SocketAddr>,
+    announce: Option<SocketAddr>,
+    key_file: Option<PathBuf>,
+) -> anyhow::Result<Option<rendezvous::nodelink::LinkConfig>> {
+    match (listen, key_file) {
+        (Some(listen), Some(key_file)) => Ok(Some(rendezvous::nodelink::LinkConfig {
+            listen,
+            announce,
+            key: rendezvous::nodelink::ClusterKey::load(&key_file)?,
+        })),
+        (None, None) if announce.is_none() => Ok(None),
+        (None, None) => anyhow::bail!("--cluster-link-announce needs --cluster-link IP:PORT"),
+        (Some(_), None) => anyhow::bail!(
+            "--cluster-link needs --cluster-key-file FILE (the key every node shares; make one \
+             with `openssl rand -hex 32`)"
+        ),
+        (None, Some(_)) => anyhow::bail!("--cluster-key-file needs --cluster-link IP:PORT"),
     }
 }
 
@@ -624,6 +701,58 @@ metrics-per-source = 3
             "/nonexistent/rendezvous.toml".into(),
         ]);
         assert!(format!("{:#}", missing.unwrap_err()).contains("/nonexistent/rendezvous.toml"));
+    }
+
+    /// `--cluster-link` and `--cluster-key-file` go together (and with a cluster); the key
+    /// file must hold 64 hex digits and be private to its owner; the file's keys are the
+    /// options' names.
+    #[test]
+    fn link_flags_come_together_and_the_key_file_is_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |listen: Option<&str>, announce: Option<&str>, key: Option<PathBuf>| {
+            link_config(
+                listen.map(|a| a.parse().unwrap()),
+                announce.map(|a| a.parse().unwrap()),
+                key,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(err(Some("127.0.0.1:7001"), None, None).contains("needs --cluster-key-file"));
+        assert!(err(None, None, Some("k".into())).contains("needs --cluster-link"));
+        assert!(err(None, Some("127.0.0.1:7001"), None).contains("needs --cluster-link"));
+        assert!(link_config(None, None, None).unwrap().is_none());
+        let key = rendezvous::nodelink::ClusterKey::generate();
+        let file = ConfigFile::new(key.to_hex().as_bytes());
+        std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(err(Some("127.0.0.1:7001"), None, Some(file.0.clone())).contains("chmod 600"));
+        std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = link_config(
+            Some("127.0.0.1:7001".parse().unwrap()),
+            None,
+            Some(file.0.clone()),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(link.key, key);
+        std::fs::write(&file.0, "not a key").unwrap();
+        assert!(err(Some("127.0.0.1:7001"), None, Some(file.0.clone())).contains("64 hex digits"));
+        let toml = ConfigFile::new(
+            b"cluster-link = \"10.0.0.1:7001\"\ncluster-key-file = \"/etc/rendezvous/cluster.key\"\n",
+        );
+        let Command::Serve {
+            cluster_link,
+            cluster_key_file,
+            ..
+        } = serve_with(&toml, &[]).unwrap()
+        else {
+            panic!("serve");
+        };
+        assert_eq!(cluster_link, Some("10.0.0.1:7001".parse().unwrap()));
+        assert_eq!(
+            cluster_key_file,
+            Some(PathBuf::from("/etc/rendezvous/cluster.key"))
+        );
     }
 
     /// `--cluster` and `--node-id` go together, on the command line or in the file; the

@@ -100,6 +100,25 @@ pub struct ClusterSnapshot {
     pub nodes: u64,
     /// Peers online on all the live nodes.
     pub online: u64,
+    /// The cross-node relay (`--cluster-link`), if this node has a node link.
+    pub links: Option<LinkSnapshot>,
+}
+
+/// The node links of the cross-node relay, for the operator.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LinkSnapshot {
+    /// Relayed packets sent to other nodes and received from them (queued for a peer here).
+    pub packets: [(&'static str, u64); 2],
+    /// Their packet bytes, likewise.
+    pub bytes: [(&'static str, u64); 2],
+    /// Established links now.
+    pub links: u64,
+    /// Link attempts refused (no proof of the cluster key, too many at once).
+    pub refused: u64,
+    /// Dials to other nodes that failed.
+    pub dial_failures: u64,
+    /// Batches for other nodes dropped (link queue full, or no link).
+    pub dropped: u64,
 }
 
 /// Samples of one metric: (label set, value); an empty label set for an unlabelled metric.
@@ -329,6 +348,49 @@ pub fn render(s: &Snapshot) -> String {
                 labelled("direction", &cluster.introductions),
             ),
         ]);
+        if let Some(links) = &cluster.links {
+            metrics.extend([
+                (
+                    "rendezvous_cluster_relay_packets_total",
+                    "counter",
+                    "Relayed packets that crossed a node link: sent to another node, received \
+                     from one and queued for a peer here.",
+                    labelled("direction", &links.packets),
+                ),
+                (
+                    "rendezvous_cluster_relay_bytes_total",
+                    "counter",
+                    "Bytes of the relayed packets that crossed a node link, likewise.",
+                    labelled("direction", &links.bytes),
+                ),
+                (
+                    "rendezvous_cluster_links",
+                    "gauge",
+                    "Node-to-node links established now.",
+                    unlabelled(links.links),
+                ),
+                (
+                    "rendezvous_cluster_link_refused_total",
+                    "counter",
+                    "Node link attempts refused: no (or a wrong) proof of the cluster key, or \
+                     too many attempts at once.",
+                    unlabelled(links.refused),
+                ),
+                (
+                    "rendezvous_cluster_link_dial_failures_total",
+                    "counter",
+                    "Node links this node could not open (the other node unreachable, or it \
+                     did not prove the cluster key).",
+                    unlabelled(links.dial_failures),
+                ),
+                (
+                    "rendezvous_cluster_link_dropped_total",
+                    "counter",
+                    "Relay batches for another node dropped: its link's queue full, or no link.",
+                    unlabelled(links.dropped),
+                ),
+            ]);
+        }
     }
     let mut out = String::new();
     for (name, kind, help, samples) in metrics {
@@ -359,6 +421,23 @@ pub(crate) fn snapshot(
             ],
             nodes: get(&cluster.counters.nodes),
             online: get(&cluster.counters.cluster_online),
+            links: shared.links.as_ref().map(|links| {
+                let c = &links.counters;
+                LinkSnapshot {
+                    packets: [
+                        ("sent", get(&c.packets_sent)),
+                        ("received", get(&c.packets_received)),
+                    ],
+                    bytes: [
+                        ("sent", get(&c.bytes_sent)),
+                        ("received", get(&c.bytes_received)),
+                    ],
+                    links: links.established(),
+                    refused: get(&c.refused),
+                    dial_failures: get(&c.dial_failures),
+                    dropped: get(&c.dropped),
+                }
+            }),
         }
     });
     let relay = &shared.relay.counters;
@@ -681,9 +760,20 @@ mod tests {
                 introductions: [("forwarded", 3), ("received", 4), ("dropped", 5)],
                 nodes: 3,
                 online: 7,
+                links: Some(LinkSnapshot {
+                    packets: [("sent", 8), ("received", 9)],
+                    bytes: [("sent", 800), ("received", 900)],
+                    links: 2,
+                    refused: 1,
+                    dial_failures: 0,
+                    dropped: 0,
+                }),
             }),
             ..Snapshot::default()
         });
+        assert!(node.contains("rendezvous_cluster_relay_packets_total{direction=\"received\"} 9\n"));
+        assert!(node.contains("rendezvous_cluster_links 2\n"));
+        assert!(node.contains("rendezvous_cluster_link_refused_total 1\n"));
         assert!(node.contains("rendezvous_cluster_redis_up 1\n"));
         assert!(node.contains("rendezvous_cluster_nodes 3\n"));
         assert!(node.contains("rendezvous_cluster_online_peers 7\n"));

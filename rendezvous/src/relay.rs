@@ -662,6 +662,9 @@ pub(crate) struct RelayHub {
     pub(crate) counters: RelayCounters,
     trace: Option<Mutex<std::fs::File>>,
     trace_left: AtomicU64,
+    /// The node links of a cluster node (`--cluster-link`): where batches for peers on other
+    /// nodes go.
+    links: std::sync::OnceLock<Arc<crate::nodelink::Links>>,
 }
 
 /// Most bytes written to the relay trace file.
@@ -729,6 +732,88 @@ impl RelayHub {
             rx: Some(rx),
             session: RelaySession::new(peer, allowance),
         })
+    }
+
+    /// Batches for peers that have no relay stream here go to their node over these links.
+    pub(crate) fn set_links(&self, links: Arc<crate::nodelink::Links>) {
+        let _ = self.links.set(links);
+    }
+
+    /// Relay frames (`{from, packet}`) that came over a node link for `to`, a peer here: each
+    /// frame is admitted as a local one would be (`allowed(from)`: the sender is introduced to
+    /// `to` with its accept, and on the node the link comes from), charged against the
+    /// sender's allowance on this node too, and queued for `to`. Returns the packets and bytes
+    /// queued, also added to `counted` (packets, bytes) and the relay's counters before they
+    /// are queued (once queued they may reach `to` before this thread goes on).
+    pub(crate) fn deliver_from_link(
+        &self,
+        to: PeerId,
+        frames: &[u8],
+        limits: RelayLimits,
+        counted: [&AtomicU64; 2],
+        mut allowed: impl FnMut(PeerId) -> bool,
+    ) -> (u64, u64) {
+        let now = Instant::now();
+        let mut decoder = RelayDecoder::new();
+        decoder.push(frames);
+        let Some(sink) = self.sink_of(&to) else {
+            while let Ok(Some(_)) = decoder.next_frame_ref() {
+                add(&self.counters.dropped_no_route, 1);
+            }
+            return (0, 0);
+        };
+        let mut answers: HashMap<PeerId, bool> = HashMap::new();
+        let mut batch = Batch::default();
+        // Nodes encode whole frames; a bad one ends the batch.
+        while let Ok(Some((from, packet))) = decoder.next_frame_ref() {
+            let cost = frame_cost(packet.len());
+            if packet.is_empty() {
+                add(&self.counters.dropped_empty, 1);
+                continue;
+            }
+            if !*answers.entry(from).or_insert_with(|| allowed(from)) {
+                add(&self.counters.denied_not_introduced, 1);
+                continue;
+            }
+            let allowance = lock(&self.allowances).get(from, limits, now);
+            let charged = lock(&allowance).charge(cost, now);
+            match charged {
+                Ok(()) => batch.push(&from, packet, cost),
+                Err(Refusal::Quota) => add(&self.counters.denied_quota, 1),
+                Err(_) => add(&self.counters.denied_rate, 1),
+            }
+        }
+        if batch.packets == 0 {
+            return (0, 0);
+        }
+        let (packets, bytes) = (batch.packets, batch.bytes);
+        if self.trace.is_some() {
+            self.trace(&batch.frames);
+        }
+        let [counted_packets, counted_bytes] = counted;
+        for (counter, n) in [
+            (&self.counters.packets, packets),
+            (&self.counters.bytes, bytes),
+            (counted_packets, packets),
+            (counted_bytes, bytes),
+        ] {
+            add(counter, n);
+        }
+        let dropped = match sink.offer(batch) {
+            Ok(()) => return (packets, bytes),
+            Err((Dropped::QueueFull, _)) => &self.counters.dropped_queue_full,
+            Err((Dropped::Closed, _)) => &self.counters.dropped_no_route,
+        };
+        add(dropped, packets);
+        for (counter, n) in [
+            (&self.counters.packets, packets),
+            (&self.counters.bytes, bytes),
+            (counted_packets, packets),
+            (counted_bytes, bytes),
+        ] {
+            sub(counter, n);
+        }
+        (0, 0)
     }
 
     /// An introduction between `a` and `b` was made or accepted: their relay sessions look at
@@ -840,7 +925,26 @@ fn forward(hub: &RelayHub, routes: &mut HashMap<PeerId, Sink>, to: PeerId, batch
                 sink
             }
             None => {
-                add(&hub.counters.dropped_no_route, batch.packets);
+                // Not here: on another node of the cluster, if an introduction taught where.
+                // Counted before it is queued (it may arrive before this thread goes on).
+                let (packets, bytes) = (batch.packets, batch.bytes);
+                add(&hub.counters.packets, packets);
+                add(&hub.counters.bytes, bytes);
+                let sent = match hub.links.get() {
+                    Some(links) => links.forward(to, batch),
+                    None => Err(Dropped::Closed),
+                };
+                if let Err(dropped) = sent {
+                    sub(&hub.counters.packets, packets);
+                    sub(&hub.counters.bytes, bytes);
+                    add(
+                        match dropped {
+                            Dropped::QueueFull => &hub.counters.dropped_queue_full,
+                            Dropped::Closed => &hub.counters.dropped_no_route,
+                        },
+                        packets,
+                    );
+                }
                 return;
             }
         },
@@ -1353,5 +1457,55 @@ mod tests {
             let _ = s.receive(&garbage, now, &counters, allowed);
             prop_assert!(s.memory() <= RelaySession::MEMORY_BOUND);
         }
+    }
+
+    /// Packets that came over a node link are admitted as local ones: only from senders the
+    /// node allows (introduced and accepted, on the link's node), never empty, charged against
+    /// the sender's allowance here too (its rate), and queued for a destination with a relay
+    /// stream here (none: dropped, counted).
+    #[test]
+    fn link_packets_are_admitted_charged_and_queued_like_local_ones() {
+        let hub = Arc::new(RelayHub::new(None));
+        // A bucket of one maximal frame, refilled at 1 byte/s: the burst is all there is.
+        let limits = RelayLimits {
+            rate_bytes_per_s: 1,
+            burst_bytes: 0,
+            ..RelayLimits::default()
+        };
+        let mut opened = hub.open(id(2), 1, limits).unwrap();
+        let mut rx = opened.rx.take().unwrap();
+        let mut wire = Vec::new();
+        for _ in 0..30 {
+            relay::encode_into(&mut wire, &id(1), &[5u8; 100]).unwrap();
+        }
+        relay::encode_into(&mut wire, &id(3), &[6u8; 100]).unwrap();
+        relay::encode_into(&mut wire, &id(1), &[]).unwrap();
+        let received = [AtomicU64::new(0), AtomicU64::new(0)];
+        let counted = [&received[0], &received[1]];
+        let (packets, bytes) =
+            hub.deliver_from_link(id(2), &wire, limits, counted, |from| from == id(1));
+        let fit = frame_cost(MAX_RELAY_PACKET) / frame_cost(100);
+        assert_eq!((packets, bytes), (fit, fit * 100));
+        assert_eq!((get(&received[0]), get(&received[1])), (fit, fit * 100));
+        let c = &hub.counters;
+        assert_eq!(get(&c.denied_rate), 30 - fit);
+        assert_eq!(get(&c.denied_not_introduced), 1);
+        assert_eq!(get(&c.dropped_empty), 1);
+        let batch = rx.try_recv().unwrap();
+        let mut decoder = RelayDecoder::new();
+        decoder.push(&batch.frames);
+        let mut seen = 0;
+        while let Some((from, packet)) = decoder.next_frame().unwrap() {
+            assert_eq!((from, packet), (id(1), vec![5u8; 100]));
+            seen += 1;
+        }
+        assert_eq!(seen, fit);
+        // No relay stream for the destination here.
+        assert_eq!(
+            hub.deliver_from_link(id(9), &wire, limits, counted, |_| true),
+            (0, 0)
+        );
+        assert_eq!(get(&received[0]), fit);
+        assert_eq!(get(&c.dropped_no_route), 32);
     }
 }

@@ -160,6 +160,8 @@ pub(crate) struct Shared {
     pub(crate) conns: ConnCounters,
     /// Established connections, per source and in all.
     connections: SourceSlots,
+    /// The node links of the cross-node relay (`--cluster-link`).
+    pub(crate) links: Option<Arc<crate::nodelink::Links>>,
 }
 
 /// Connection-level refusals and disconnects, for the operator.
@@ -254,6 +256,7 @@ impl Shared {
         limits: Limits,
         relay: RelayHub,
         stun: Arc<crate::stun::StunCounters>,
+        links: Option<Arc<crate::nodelink::Links>>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             registry: Mutex::new(registry),
@@ -268,6 +271,7 @@ impl Shared {
                 limits.max_connections_per_source,
                 limits.max_connections,
             ),
+            links,
         })
     }
 
@@ -292,6 +296,11 @@ impl Shared {
             ControlMessage::Accept { peer, .. } | ControlMessage::Connect { id: peer } => {
                 Some(*peer)
             }
+            _ => None,
+        };
+        // An accept of a requester on another node: its node learns of it over the link.
+        let accept_nonce = match &msg {
+            ControlMessage::Accept { nonce, .. } => Some(*nonce),
             _ => None,
         };
         // The other nodes hand it to the other side of this peer's introductions.
@@ -320,6 +329,11 @@ impl Shared {
             // Their relay sessions forget cached answers about each other (so that an answer
             // from before does not hold up the new one), and flush what they held on accept.
             self.relay.permissions_changed(id, other);
+        }
+        if let (Some(nonce), Some(ControlMessage::Ack {})) = (accept_nonce, &reply) {
+            if let Some(other) = other_side {
+                self.consent_to_other_node(other, id, nonce);
+            }
         }
         if let (Some(nat), Some(ControlMessage::Ack {}), Some(cluster)) =
             (nat_report, &reply, self.backend.cluster())
@@ -998,14 +1012,24 @@ async fn handle_request(
                     conn.set_receive_window(limits_window(shared));
                     conn.set_send_window(u64::from(shared.limits.relay_window));
                     tracing::debug!(peer = %id, "relay stream open");
-                    let permission = |to: PeerId| match lock(&shared.registry).relay_allowed(
-                        id,
-                        to,
-                        OffsetDateTime::now_utc(),
-                    ) {
-                        Ok(()) => Permission::Allowed,
-                        Err(RelayRefusal::NotAccepted) => Permission::AwaitingAccept,
-                        Err(_) => Permission::Denied,
+                    let permission = |to: PeerId| {
+                        let now = OffsetDateTime::now_utc();
+                        let answer = lock(&shared.registry).relay_allowed(id, to, now);
+                        // A peer on another node (a cross-node introduction taught where):
+                        // the introduction as this node recorded it.
+                        let answer = match (answer, &shared.links) {
+                            (Err(RelayRefusal::UnknownPeer), Some(links))
+                                if links.route(&to).is_some() =>
+                            {
+                                lock(&shared.registry).relay_allowed_remote(id, to, now)
+                            }
+                            (answer, _) => answer,
+                        };
+                        match answer {
+                            Ok(()) => Permission::Allowed,
+                            Err(RelayRefusal::NotAccepted) => Permission::AwaitingAccept,
+                            Err(_) => Permission::Denied,
+                        }
                     };
                     crate::relay::run(opened, tx, rx, permission).await;
                     return Ok(());

@@ -336,6 +336,59 @@ mod tests {
         );
     }
 
+    /// The relay across nodes: the requester's node lets its packets to the remote target
+    /// through only once the target's node reports the accept (with the introduction's own
+    /// nonce); the target's node, which saw the accept, lets packets through both ways.
+    #[test]
+    fn relay_across_nodes_waits_for_the_accept_reported_by_the_targets_node() {
+        let mut x = Registry::new([], [1; 32]);
+        let mut y = Registry::new([], [2; 32]);
+        register(&mut x, 10, id(1), addr(1, 4000));
+        register(&mut y, 20, id(2), addr(2, 5000));
+        let (_, target_record, _) = y.online_records().pop().unwrap();
+        let (outcome, forward) =
+            x.introduce_remote(10, id(1), addr(1, 4000), id(2), &target_record, None, T0);
+        let Some(ControlMessage::Punch { nonce, .. }) = outcome.reply else {
+            panic!("{:?}", outcome.reply);
+        };
+        // Not registered on x: the local check knows nothing of it.
+        assert_eq!(
+            x.relay_allowed(id(1), id(2), T0),
+            Err(RelayRefusal::UnknownPeer)
+        );
+        assert_eq!(
+            x.relay_allowed_remote(id(1), id(2), T0),
+            Err(RelayRefusal::NotAccepted)
+        );
+        y.forwarded_introduction(forward.unwrap(), T0).unwrap();
+        assert_eq!(
+            y.relay_allowed_remote(id(2), id(1), T0),
+            Err(RelayRefusal::NotAccepted)
+        );
+        let accept = y.handle(
+            20,
+            id(2),
+            addr(2, 5000),
+            ControlMessage::Accept { peer: id(1), nonce },
+            T0,
+        );
+        assert_eq!(accept.reply, Some(ControlMessage::Ack {}));
+        assert_eq!(y.relay_allowed(id(1), id(2), T0), Ok(()));
+        assert_eq!(y.relay_allowed_remote(id(2), id(1), T0), Ok(()));
+        // A report with another nonce, or about a requester not online here, changes nothing.
+        assert!(!x.remote_accepted(id(1), id(2), nonce.wrapping_add(1), T0));
+        assert!(!x.remote_accepted(id(3), id(2), nonce, T0));
+        assert_eq!(
+            x.relay_allowed_remote(id(1), id(2), T0),
+            Err(RelayRefusal::NotAccepted)
+        );
+        assert!(x.remote_accepted(id(1), id(2), nonce, T0));
+        assert_eq!(x.relay_allowed_remote(id(1), id(2), T0), Ok(()));
+        assert_eq!(x.relay_allowed_remote(id(2), id(1), T0), Ok(()));
+        // Once only: the introduction no longer waits.
+        assert!(!x.remote_accepted(id(1), id(2), nonce, T0));
+    }
+
     /// The target's node applies the target's introduction rate, whoever forwards: a flood of
     /// forwarded introductions is refused past the burst and never pushed.
     #[test]

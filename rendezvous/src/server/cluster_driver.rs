@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use super::{lock, Shared};
 use crate::cluster::{Cluster, ClusterError, Envelope};
 use crate::core::{ConnId, Outcome, RemotePeer};
+use crate::nodelink::LinkHandler;
 
 /// Starts the node's cluster tasks (renewing its entries, receiving forwarded introductions);
 /// they end on shutdown.
@@ -34,6 +35,15 @@ pub(super) fn spawn(
         move |envelope| for_delivery.deliver_forwarded(envelope),
         shutdown.clone(),
     ));
+    if let Some(links) = &shared.links {
+        // Weak: the links live in the shared state they hand packets to.
+        let handler: Arc<dyn LinkHandler> = shared.clone();
+        tasks.spawn(
+            links
+                .clone()
+                .run(Arc::downgrade(&handler), shutdown.clone()),
+        );
+    }
 }
 
 /// The reply when the cluster registry cannot be asked: a clear error, never a wrong answer
@@ -147,7 +157,12 @@ impl Shared {
         let Some(forward) = forward else {
             return Some(outcome);
         };
-        match cluster.forward(&node, forward).await {
+        let sent = cluster.forward(&node, forward).await;
+        if let (Ok(1..), Some(links)) = (&sent, &self.links) {
+            // Packets relayed to the target go to its node.
+            links.set_route(target, &node);
+        }
+        match sent {
             Ok(0) => Some(error(
                 ErrorCode::PeerOffline,
                 format!(
@@ -170,6 +185,10 @@ impl Shared {
             lock(&self.registry).forwarded_introduction(envelope.intro, OffsetDateTime::now_utc());
         match result {
             Ok((conn, punch)) => {
+                if let Some(links) = &self.links {
+                    // Packets relayed to the requester go to its node.
+                    links.set_route(requester, &envelope.from);
+                }
                 if self.push(conn, punch) {
                     cluster.counters.received.fetch_add(1, Ordering::Relaxed);
                 }
@@ -182,6 +201,62 @@ impl Shared {
                     "forwarded introduction not pushed"
                 );
             }
+        }
+    }
+}
+
+impl Shared {
+    /// `target` (here) accepted the introduction `nonce` of `requester`: if the requester is on
+    /// another node (an introduction taught which), that node is told over the link, so that
+    /// it lets the requester's relayed packets through too.
+    pub(super) fn consent_to_other_node(&self, requester: PeerId, target: PeerId, nonce: u64) {
+        let Some(links) = &self.links else { return };
+        if lock(&self.registry).connection_of(&requester).is_some() {
+            return;
+        }
+        if let Some(node) = links.route(&requester) {
+            links.send_consent(&node, requester, target, nonce);
+        }
+    }
+}
+
+impl LinkHandler for Shared {
+    fn packets(&self, node: &str, to: PeerId, frames: &[u8]) {
+        let Some(links) = &self.links else {
+            return;
+        };
+        let registry = &self.registry;
+        let counted = [
+            &links.counters.packets_received,
+            &links.counters.bytes_received,
+        ];
+        let _ = self
+            .relay
+            .deliver_from_link(to, frames, self.limits.relay, counted, |from| {
+                // The sender is on the node the link comes from, and introduced to `to` with
+                // the accept this node saw.
+                links.route(&from).as_deref() == Some(node)
+                    && lock(registry)
+                        .relay_allowed(from, to, OffsetDateTime::now_utc())
+                        .is_ok()
+            });
+    }
+
+    fn consent(&self, node: &str, requester: PeerId, target: PeerId, nonce: u64) {
+        let Some(links) = &self.links else { return };
+        // Only from the node the target is on.
+        if links.route(&target).as_deref() != Some(node) {
+            tracing::debug!(%node, %target, "consent from a node that does not hold the target; ignored");
+            return;
+        }
+        let accepted = lock(&self.registry).remote_accepted(
+            requester,
+            target,
+            nonce,
+            OffsetDateTime::now_utc(),
+        );
+        if accepted {
+            self.relay.permissions_changed(requester, target);
         }
     }
 }
