@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=(control_message peer_message frames relay_frames relay_hub stun registry demux puncher)
+TARGETS=(control_message peer_message frames relay_frames relay_hub stun registry demux puncher node_link)
 CARGO_FUZZ_VERSION=0.13.2
 
 seconds=30

@@ -11,6 +11,7 @@ use common::stun::{self, ProbeTag};
 use common::stun5780::{self, ResponseContext};
 use common::{frame, relay, ChatMessage, ControlMessage, ErrorCode, PeerId, PeerMessage};
 use p2p_fuzz::registry_script::{encode, Msg, Op};
+use rendezvous::nodelink;
 
 fn id(n: u8) -> PeerId {
     PeerId::from_key_digest(&[n; 32])
@@ -287,6 +288,26 @@ fn main() {
     let mut max = relay::encode(&id(4), &[0xAB; relay::MAX_RELAY_PACKET]).expect("at the cap");
     max.truncate(max.len() - 1);
     corpus.write("relay_frames", "max_packet_truncated", &max);
+
+    // The node link: a packets frame carrying relay frames, an accept, both in one stream, and
+    // the ways a stream goes bad (unknown tag, a batch over the cap, a bad peer id).
+    let inner = relay::encode(&id(2), b"\x41quic short header").expect("small packet");
+    let packets = nodelink::encode_packets(&id(3), &inner).expect("small batch");
+    let consent = nodelink::encode_consent(&id(2), &id(3), 0x0102_0304_0506_0708);
+    corpus.write("node_link", "packets", &packets);
+    corpus.write("node_link", "consent", &consent);
+    corpus.write(
+        "node_link",
+        "stream",
+        &[packets.clone(), consent.clone(), packets.clone()].concat(),
+    );
+    corpus.write("node_link", "bad_tag", &[7, 0, 0]);
+    let mut too_long = packets.clone();
+    too_long[17..21].copy_from_slice(&u32::MAX.to_be_bytes());
+    corpus.write("node_link", "too_long", &too_long);
+    let mut bad_peer = consent;
+    bad_peer[17..33].copy_from_slice(&[0; 16]);
+    corpus.write("node_link", "bad_peer", &bad_peer);
 
     // The relay hub target reads a script of one-byte operations and their arguments (see
     // `rendezvous::relay::run_script`): 0 raw bytes, 1 a frame to a destination, 2 time passes,

@@ -409,6 +409,11 @@ impl LinkDecoder {
         }
     }
 
+    /// Bytes pushed and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
     /// Bytes held now.
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
