@@ -334,14 +334,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = match through_running {
                 Ok(summary) => summary,
                 Err(ping::ThroughPeerError::Client(control::ClientError::NotRunning(path))) => {
-                    let Some(server) = server else {
+                    if server.is_empty() {
                         bail!(
                             "no peer is running with config dir {} (no {}); start `peer listen`, \
                              or give --server to ping from a peer of its own",
                             dir.display(),
                             path.display()
                         );
-                    };
+                    }
                     let server = ServerArgs { server, session }.options()?;
                     let mut config =
                         commands::endpoint_config(&server, &dir, verbose, Role::Ping { json });
