@@ -149,7 +149,7 @@ pub async fn watch_session(mut state: watch::Receiver<SessionState>, console: Co
                         if moved {
                             "moved to another rendezvous: registered with"
                         } else {
-                            "re-registered with"
+                            "re-registered with the rendezvous"
                         },
                         describe_server(&reg),
                         reg.observed
