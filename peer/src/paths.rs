@@ -772,6 +772,12 @@ impl PathKeeper {
                 let beat = heartbeats.request(addr);
                 let _ = self.node.socket.send_to(&beat.contents, addr).await;
             }
+            PathOutput::Repunch { .. } | PathOutput::PunchForIpv6 { .. } if self.relay_only => {
+                // No direct path is sought: no introduction is asked for (the machine backs off
+                // as after any failed repunch).
+                self.repunch_failed(peer, "no direct path sought (--relay-only)".to_owned())
+                    .await;
+            }
             PathOutput::Repunch { .. } => {
                 let keeper = self.clone();
                 self.tasks
