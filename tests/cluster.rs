@@ -514,6 +514,8 @@ fn a_relayed_chat_survives_the_loss_of_its_node() {
     x.proc.kill9();
     let moved = a.stdout.wait_for("moved to another rendezvous", T);
     assert!(moved.contains(&y.addr.to_string()), "{moved}");
+    let moved = b.stdout.wait_for("moved to another rendezvous", T);
+    assert!(moved.contains(&y.addr.to_string()), "{moved}");
     let report = wait_registered_with(&b_dir, y.addr);
     assert_eq!(report["registration"]["servers"], 3, "{report}");
 

@@ -227,7 +227,18 @@ pub async fn chat(
     lines: tokio::sync::mpsc::Receiver<String>,
 ) -> Result<(), ChatError> {
     let (endpoint, conn) = open_connection(endpoint, peer).await?;
+    // With several servers, say when the registration moves to another (as `listen` does).
+    let watcher = (endpoint.path_keeper().session.server_addrs().len() > 1).then(|| {
+        tokio::spawn(crate::listener::watch_session(
+            endpoint.registration(),
+            endpoint.console().clone(),
+        ))
+    });
     let result = crate::chat::converse(&endpoint, &conn, lines).await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+        let _ = watcher.await;
+    }
     endpoint.close().await;
     Ok(result?)
 }
