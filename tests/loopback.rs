@@ -211,6 +211,33 @@ fn of_several_servers_one_with_a_wrong_key_is_skipped() {
         err.contains(&impostor.addr.to_string()) && err.contains(&rv.addr.to_string()),
         "both servers' reasons: {err}"
     );
+
+    // At most 16 servers; one explicit tunnel address names one server's tunnel.
+    let mut many = args!["listen"];
+    for port in 1..=17 {
+        many.extend(args!["--server", format!("127.0.0.1:{port}")]);
+    }
+    let (status, _, err) = peer_run(&dir.path().join("r"), &many, T);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("17 rendezvous addresses given; at most 16"),
+        "{err}"
+    );
+    let (status, _, err) = peer_run(
+        &dir.path().join("r"),
+        &args![
+            "listen",
+            "--server",
+            impostor.addr,
+            "--server",
+            rv.addr,
+            "--server-tcp",
+            "127.0.0.1:443"
+        ],
+        T,
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("names one server's tunnel"), "{err}");
 }
 
 #[test]
