@@ -279,8 +279,9 @@ impl Session {
         self.state.clone()
     }
 
-    /// A watch that becomes `Some` (once, for the life of the session) when the rendezvous's key
-    /// is trusted on first use; the value stays, so a late reader still sees it.
+    /// A watch that becomes `Some` when the rendezvous's key is trusted on first use (with
+    /// several servers, each server's in turn: the latest); the value stays, so a late reader
+    /// still sees it.
     pub fn first_use_trust(&self) -> watch::Receiver<Option<FirstUseTrust>> {
         self.first_use.clone()
     }
