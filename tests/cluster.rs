@@ -510,6 +510,27 @@ fn a_relayed_chat_survives_the_loss_of_its_node() {
     a.send_line("before the loss, back");
     b.stdout.wait_for("before the loss, back", T);
 
+    // A peer that chooses by round trip (no --prefer-first-server) measures every node and
+    // says which it chose and how far it is.
+    let c_dir = dir.path().join("c");
+    let mut c_args = args!["listen"];
+    for rv in [&x, &y, &z] {
+        c_args.extend(args!["--server", rv.addr, "--server-key", rv.fingerprint]);
+    }
+    c_args.extend(args!["--server-tcp", "off"]);
+    let mut c = peer("c", &c_dir, &c_args);
+    let line = c.stdout.wait_for("registered with", T);
+    assert!(line.contains("round trip"), "{line}");
+    let (status, out, err) = peer_run(&c_dir, &args!["status", "--json"], T);
+    assert!(status.success(), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    let rtt = report["registration"]["server_rtt_ms"].as_f64();
+    assert!(
+        rtt.is_some_and(|ms| (0.0..1000.0).contains(&ms)),
+        "{report}"
+    );
+    assert!(c.terminate(T).success());
+
     // x crashes: both peers move to y, the next in their list.
     x.proc.kill9();
     let moved = a.stdout.wait_for("moved to another rendezvous", T);
