@@ -730,3 +730,146 @@ fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
     );
     assert_eq!(sample(&y, "rendezvous_cluster_links"), 1);
 }
+
+/// `--server ADDR` for each node (in this order), every node's `--server-key`, no TCP tunnel,
+/// relay only (on one host a direct path always works; the relay is what is under test), and
+/// the first given node preferred: round trips on loopback are a matter of scheduling, and both
+/// peers must start on the same node.
+fn servers(nodes: &[&Rendezvous]) -> Vec<String> {
+    let mut out = Vec::new();
+    for rv in nodes {
+        out.extend(args!["--server", rv.addr]);
+    }
+    for rv in nodes {
+        out.extend(args!["--server-key", rv.fingerprint]);
+    }
+    out.extend(args![
+        "--server-tcp",
+        "off",
+        "--relay-only",
+        "--prefer-first-server"
+    ]);
+    out
+}
+
+/// Where `peer status --json` says the peer in `dir` is registered, once it is registered
+/// with `addr`; panics after [`T`] with the last report.
+fn wait_registered_with(dir: &Path, addr: std::net::SocketAddr) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, out, err) = peer_run(dir, &args!["status", "--json"], T);
+        assert!(status.success(), "{out}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        let registration = &report["registration"];
+        if registration["state"] == "registered"
+            && registration["server_addr"] == addr.to_string().as_str()
+        {
+            return report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not registered with {addr}: {report}"
+        );
+        // Each `peer status` is a process start and a round trip on the control socket:
+        // polling paces itself.
+    }
+}
+
+/// Two peers given all three nodes register with the same one and chat through its relay; the
+/// node is killed (SIGKILL, as a crash): both notice within seconds, register with the next
+/// node, introduce themselves again there, and the same chat (the same QUIC connection, no
+/// new handshake) carries a message each way through the new node's relay.
+#[test]
+fn a_relayed_chat_survives_the_loss_of_its_node() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-failover");
+    let mut x = node(dir.path(), &redis, "x");
+    let y = node(dir.path(), &redis, "y");
+    let z = node(dir.path(), &redis, "z");
+    let all = servers(&[&x, &y, &z]);
+
+    let a_dir = dir.path().join("a");
+    let mut listen = args!["listen"];
+    listen.extend(all.clone());
+    let mut a = peer("a", &a_dir, &listen);
+    let a_id = e2e::wait_registered(&a, T);
+    let line = a.stdout.wait_for("registered with", T);
+    assert!(
+        line.contains(&format!("registered with {} (", x.addr)),
+        "{line}"
+    );
+
+    let b_dir = dir.path().join("b");
+    let mut connect = args!["connect", a_id.clone()];
+    connect.extend(all);
+    let mut b = peer("b", &b_dir, &connect);
+    let line = b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    assert!(line.contains("relayed via rendezvous"), "{line}");
+    a.stdout.wait_for("connected: ", T);
+    wait_registered_with(&b_dir, x.addr);
+    b.send_line("before the loss");
+    a.stdout.wait_for("before the loss", T);
+    a.send_line("before the loss, back");
+    b.stdout.wait_for("before the loss, back", T);
+
+    // A peer that chooses by round trip (no --prefer-first-server) measures every node and
+    // says which it chose and how far it is.
+    let c_dir = dir.path().join("c");
+    let mut c_args = args!["listen"];
+    for rv in [&x, &y, &z] {
+        c_args.extend(args!["--server", rv.addr, "--server-key", rv.fingerprint]);
+    }
+    c_args.extend(args!["--server-tcp", "off"]);
+    let mut c = peer("c", &c_dir, &c_args);
+    let line = c.stdout.wait_for("registered with", T);
+    assert!(line.contains("round trip"), "{line}");
+    let (status, out, err) = peer_run(&c_dir, &args!["status", "--json"], T);
+    assert!(status.success(), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    let rtt = report["registration"]["server_rtt_ms"].as_f64();
+    assert!(
+        rtt.is_some_and(|ms| (0.0..1000.0).contains(&ms)),
+        "{report}"
+    );
+    assert!(c.terminate(T).success());
+
+    // x crashes: both peers move to y, the next in their list.
+    x.proc.kill9();
+    let moved = a.stdout.wait_for("moved to another rendezvous", T);
+    assert!(moved.contains(&y.addr.to_string()), "{moved}");
+    let moved = b.stdout.wait_for("moved to another rendezvous", T);
+    assert!(moved.contains(&y.addr.to_string()), "{moved}");
+    let report = wait_registered_with(&b_dir, y.addr);
+    assert_eq!(report["registration"]["servers"], 3, "{report}");
+
+    // The chat goes on: a message each way, through y's relay.
+    b.send_line("after the loss");
+    a.stdout.wait_for("after the loss", T);
+    a.send_line("after the loss, back");
+    b.stdout.wait_for("after the loss, back", T);
+    let report = wait_registered_with(&b_dir, y.addr);
+    let conns = report["connections"].as_array().expect("connections");
+    assert_eq!(conns.len(), 1, "{report}");
+    assert!(
+        conns[0]["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("relayed via rendezvous")),
+        "{report}"
+    );
+    // The same connection all along: one connection on each side, never a second.
+    let connects = |p: &Proc, needle: &str| {
+        p.stdout
+            .lines()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    assert_eq!(connects(&b, "connected to "), 1);
+    assert_eq!(connects(&a, "connected: "), 1);
+    // The messages after the loss went through y's relay.
+    assert!(sample(&y, "rendezvous_relay_packets_total") > 0);
+    b.close_stdin();
+    assert!(b.wait(T).success(), "b ends its chat cleanly");
+    assert!(a.terminate(T).success());
+    drop(z);
+}

@@ -155,6 +155,91 @@ fn wrong_server_key_is_refused_by_pin_and_by_known_servers() {
     assert!(err.contains("rendezvous key mismatch"), "{err}");
 }
 
+/// Of several servers, one whose key is none of those pinned is given up for good and the peer
+/// registers with another; when every server's key is wrong the peer stops with each reason.
+#[test]
+fn of_several_servers_one_with_a_wrong_key_is_skipped() {
+    let dir = TempDir::new("serverkeys");
+    let impostor = Rendezvous::start(&dir.path().join("impostor"), "127.0.0.1:0");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    // The impostor is first in the list (and preferred): its key is not pinned.
+    let p = peer(
+        "p",
+        &dir.path().join("p"),
+        &args![
+            "listen",
+            "--server",
+            impostor.addr,
+            "--server",
+            rv.addr,
+            "--server-key",
+            rv.fingerprint,
+            "--server-key",
+            "sha256:".to_owned() + &"cd".repeat(32),
+            "--prefer-first-server",
+            "--server-tcp",
+            "off"
+        ],
+    );
+    let line = p.stdout.wait_for("registered with", T);
+    assert!(
+        line.contains(&format!("registered with {} (", rv.addr)),
+        "{line}"
+    );
+    drop(p);
+    let (status, _, err) = peer_run(
+        &dir.path().join("q"),
+        &args![
+            "listen",
+            "--server",
+            impostor.addr,
+            "--server",
+            rv.addr,
+            "--server-key",
+            "sha256:".to_owned() + &"cd".repeat(32),
+            "--server-tcp",
+            "off"
+        ],
+        T,
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains("none of the 1 pinned keys") || err.contains("rendezvous key mismatch"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&impostor.addr.to_string()) && err.contains(&rv.addr.to_string()),
+        "both servers' reasons: {err}"
+    );
+
+    // At most 16 servers; one explicit tunnel address names one server's tunnel.
+    let mut many = args!["listen"];
+    for port in 1..=17 {
+        many.extend(args!["--server", format!("127.0.0.1:{port}")]);
+    }
+    let (status, _, err) = peer_run(&dir.path().join("r"), &many, T);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("17 rendezvous addresses given; at most 16"),
+        "{err}"
+    );
+    let (status, _, err) = peer_run(
+        &dir.path().join("r"),
+        &args![
+            "listen",
+            "--server",
+            impostor.addr,
+            "--server",
+            rv.addr,
+            "--server-tcp",
+            "127.0.0.1:443"
+        ],
+        T,
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("names one server's tunnel"), "{err}");
+}
+
 #[test]
 fn unreachable_server_unknown_and_malformed_ids_fail_clearly() {
     let dir = TempDir::new("badinput");

@@ -21,8 +21,8 @@ pub use identity::{
 };
 pub use known::{KnownServers, KnownServersError};
 pub use verify::{
-    client_config_for_peer, client_config_for_server, provider, server_config,
-    tunnel_server_config, PinMismatch, ServerTrust,
+    client_config_for_any_server, client_config_for_peer, client_config_for_server, provider,
+    server_config, tunnel_server_config, PinMismatch, ServerTrust,
 };
 
 /// Errors building TLS configurations.

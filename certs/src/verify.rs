@@ -35,6 +35,13 @@ pub enum PinMismatch {
         /// The fingerprint presented.
         seen: Fingerprint,
     },
+    /// The rendezvous key is none of the pinned ones.
+    ServerAnyOf {
+        /// How many keys were pinned.
+        expected: usize,
+        /// The fingerprint presented.
+        seen: Fingerprint,
+    },
 }
 
 impl fmt::Display for PinMismatch {
@@ -47,6 +54,11 @@ impl fmt::Display for PinMismatch {
             PinMismatch::Server { expected, seen } => write!(
                 f,
                 "rendezvous key mismatch: expected {expected} but the server presented {seen}"
+            ),
+            PinMismatch::ServerAnyOf { expected, seen } => write!(
+                f,
+                "rendezvous key mismatch: the server presented {seen}, none of the \
+                 {expected} pinned keys"
             ),
         }
     }
@@ -79,6 +91,8 @@ pub enum ServerTrust {
 enum Expect {
     Peer(PeerId),
     Server(ServerTrust),
+    /// Any one of these keys (a peer given several rendezvous nodes, each with its own key).
+    ServerAnyOf(Vec<Fingerprint>),
 }
 
 /// Only TLS 1.3 is offered (QUIC requires it), so a TLS 1.2 signature is never expected.
@@ -119,6 +133,15 @@ impl ServerCertVerifier for PinnedServerVerifier {
             }
             Expect::Server(ServerTrust::FirstUse) => {
                 fingerprint_of_cert(end_entity)?;
+            }
+            Expect::ServerAnyOf(ref pinned) => {
+                let seen = fingerprint_of_cert(end_entity)?;
+                if !pinned.contains(&seen) {
+                    return Err(mismatch(PinMismatch::ServerAnyOf {
+                        expected: pinned.len(),
+                        seen,
+                    }));
+                }
             }
         }
         Ok(ServerCertVerified::assertion())
@@ -230,6 +253,18 @@ pub fn client_config_for_server(
     client_config(identity, Expect::Server(trust), alpn)
 }
 
+/// TLS client configuration for a rendezvous whose key must be one of `pinned` (a peer given
+/// several rendezvous nodes pins every node's key; which node has which key does not matter).
+/// The check is in the handshake, before our certificate is sent: a server with another key
+/// learns nothing of us.
+pub fn client_config_for_any_server(
+    identity: &Identity,
+    pinned: &[Fingerprint],
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsConfigError> {
+    client_config(identity, Expect::ServerAnyOf(pinned.to_vec()), alpn)
+}
+
 /// TLS server configuration that requires a client certificate and offers the given ALPNs.
 pub fn server_config(
     identity: &Identity,
@@ -279,6 +314,22 @@ mod tests {
                 UnixTime::now(),
             )
             .map(|_| ())
+    }
+
+    #[test]
+    fn a_set_of_server_pins_accepts_any_of_its_keys_and_no_other() {
+        let node_a = Identity::generate().unwrap();
+        let node_b = Identity::generate().unwrap();
+        let stranger = Identity::generate().unwrap();
+        let fp = |i: &Identity| fingerprint_of_cert(&i.cert_chain()[0]).unwrap();
+        let pinned = vec![fp(&node_a), fp(&node_b)];
+        verify_as(Expect::ServerAnyOf(pinned.clone()), &node_a.cert_chain()[0]).unwrap();
+        verify_as(Expect::ServerAnyOf(pinned.clone()), &node_b.cert_chain()[0]).unwrap();
+        let err = verify_as(Expect::ServerAnyOf(pinned), &stranger.cert_chain()[0]).unwrap_err();
+        let text = format!("{err}");
+        assert!(text.contains("rendezvous key mismatch"), "{text}");
+        assert!(text.contains(&fp(&stranger).to_string()), "{text}");
+        assert!(text.contains("none of the 2 pinned keys"), "{text}");
     }
 
     #[test]

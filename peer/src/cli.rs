@@ -159,10 +159,10 @@ pub(crate) enum Command {
         /// Print the summary as JSON (and nothing else on stdout).
         #[arg(long)]
         json: bool,
-        /// The rendezvous, HOST:PORT: ping from a peer of our own when no peer runs with this
-        /// config dir.
+        /// The rendezvous, HOST:PORT (repeatable: the nodes of one cluster): ping from a peer
+        /// of our own when no peer runs with this config dir.
         #[arg(long)]
-        server: Option<String>,
+        server: Vec<String>,
         #[command(flatten)]
         session: SessionArgs,
         /// Seconds to wait for the peer to answer the connection.
@@ -227,9 +227,11 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ServerArgs {
-    /// The rendezvous, HOST:PORT.
-    #[arg(long)]
-    pub(crate) server: String,
+    /// The rendezvous, HOST:PORT. Repeatable: the nodes of one cluster; the peer registers with
+    /// the fastest and moves to another when its node stops answering. A name with several
+    /// addresses counts as several nodes.
+    #[arg(long, required = true)]
+    pub(crate) server: Vec<String>,
     #[command(flatten)]
     pub(crate) session: SessionArgs,
 }
@@ -237,10 +239,11 @@ pub(crate) struct ServerArgs {
 /// How to reach and trust the rendezvous (besides its address).
 #[derive(Args, Debug, Clone)]
 pub(crate) struct SessionArgs {
-    /// The rendezvous key fingerprint (`sha256:...`, printed by the server at start). Without
-    /// it the key is trusted on first use and remembered.
+    /// The rendezvous key fingerprint (`sha256:...`, printed by the server at start).
+    /// Repeatable: with several servers, give every node's key; each server must present one of
+    /// them. Without it each server's key is trusted on first use and remembered.
     #[arg(long)]
-    pub(crate) server_key: Option<Fingerprint>,
+    pub(crate) server_key: Vec<Fingerprint>,
     /// Local UDP address to bind (one socket carries all traffic). The default `[::]:0` is one
     /// dual-stack socket for IPv4 and IPv6; `0.0.0.0:0` keeps the peer on IPv4 only.
     #[arg(long, default_value = "[::]:0")]
@@ -266,6 +269,15 @@ pub(crate) struct SessionArgs {
     /// responder, does not wait for the initiator's first probe).
     #[arg(long, default_value = "2", value_parser = opening_ttl)]
     pub(crate) opening_ttl: OpeningTtl,
+    /// Never seek a direct path: every connection stays on the rendezvous's relay (to measure
+    /// or test the relay; it does not hide our addresses, which the rendezvous still hands to
+    /// the peers we are introduced to).
+    #[arg(long)]
+    pub(crate) relay_only: bool,
+    /// With several --server: register with the first one given that answers (the others are
+    /// standbys, in the order given) instead of the fastest.
+    #[arg(long)]
+    pub(crate) prefer_first_server: bool,
 }
 
 /// `--opening-ttl`: 1-255 or `off`.
@@ -291,9 +303,14 @@ impl ServerArgs {
     /// The library's view of the rendezvous flags.
     pub(crate) fn options(&self) -> anyhow::Result<ServerOptions> {
         let session = &self.session;
+        let (first, others) = self
+            .server
+            .split_first()
+            .ok_or_else(|| anyhow!("--server is required"))?;
         Ok(ServerOptions {
-            address: self.server.clone(),
-            server_key: session.server_key,
+            address: first.clone(),
+            others: others.to_vec(),
+            server_key: session.server_key.clone(),
             bind: session.bind,
             register_timeout: seconds(session.register_timeout, "--register-timeout")?,
             opening_ttl: session.opening_ttl.0,
@@ -304,6 +321,8 @@ impl ServerArgs {
             },
             port_mapping: !session.no_port_mapping,
             birthday_punch: !session.no_birthday_punch,
+            relay_only: session.relay_only,
+            prefer_first_server: session.prefer_first_server,
         })
     }
 }
@@ -375,6 +394,42 @@ mod tests {
         assert!(
             Cli::try_parse_from(["peer", "listen", "--server", "h:1", "--allow", "nope"]).is_err()
         );
+    }
+
+    #[test]
+    fn server_and_server_key_repeat_and_a_server_is_required() {
+        let key = "sha256:".to_owned() + &"ab".repeat(32);
+        let cli = Cli::try_parse_from([
+            "peer",
+            "listen",
+            "--server",
+            "a:1",
+            "--server",
+            "b:2",
+            "--server-key",
+            &key,
+            "--server-key",
+            &key,
+            "--relay-only",
+        ])
+        .unwrap();
+        let Command::Listen { server, .. } = cli.command else {
+            panic!("not listen");
+        };
+        let options = server.options().unwrap();
+        assert_eq!(options.address, "a:1");
+        assert_eq!(options.others, vec!["b:2".to_owned()]);
+        assert_eq!(options.server_key.len(), 2);
+        assert!(options.relay_only);
+        assert!(Cli::try_parse_from(["peer", "listen"]).is_err());
+        // ping's server is optional (it may go through the running peer), and repeatable.
+        let id = PeerId::from_key_digest(&[1; 32]).to_string();
+        let cli = Cli::try_parse_from(["peer", "ping", &id, "--server", "a:1", "--server", "b:2"])
+            .unwrap();
+        let Command::Ping { server, .. } = cli.command else {
+            panic!("not ping");
+        };
+        assert_eq!(server.len(), 2);
     }
 
     #[test]

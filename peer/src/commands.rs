@@ -121,8 +121,11 @@ impl Role {
 pub struct ServerOptions {
     /// HOST:PORT.
     pub address: String,
-    /// Its key's fingerprint; `None` trusts it on first use (remembered in the config dir).
-    pub server_key: Option<Fingerprint>,
+    /// More nodes of the same cluster, HOST:PORT each (`--server` repeated).
+    pub others: Vec<String>,
+    /// The servers' key fingerprints (each server must present one of them); empty trusts each
+    /// on first use (remembered in the config dir).
+    pub server_key: Vec<Fingerprint>,
     /// Our local UDP address.
     pub bind: SocketAddr,
     /// How long to wait for the first registration.
@@ -135,6 +138,11 @@ pub struct ServerOptions {
     pub port_mapping: bool,
     /// Use birthday punching for pairs that need it (`--no-birthday-punch` turns it off).
     pub birthday_punch: bool,
+    /// Never seek a direct path (`--relay-only`).
+    pub relay_only: bool,
+    /// Of several servers, the first given that answers rather than the fastest
+    /// (`--prefer-first-server`).
+    pub prefer_first_server: bool,
 }
 
 /// The endpoint configuration of a command run with `config_dir`: events on the terminal, the
@@ -146,12 +154,15 @@ pub fn endpoint_config(
     verbose: bool,
     role: Role,
 ) -> EndpointConfig {
-    let trust = match server.server_key {
-        Some(fp) => RendezvousTrust::Pinned(fp),
-        None => RendezvousTrust::KnownServers(config_dir.join(KNOWN_SERVERS_FILE)),
+    let trust = match server.server_key.as_slice() {
+        [] => RendezvousTrust::KnownServers(config_dir.join(KNOWN_SERVERS_FILE)),
+        [fp] => RendezvousTrust::Pinned(*fp),
+        several => RendezvousTrust::PinnedAnyOf(several.to_vec()),
     };
     let mut config = EndpointConfig::new(Rendezvous {
         address: server.address.clone(),
+        others: server.others.clone(),
+        prefer_first: server.prefer_first_server,
         trust,
         tcp_tunnel: server.tcp_tunnel.clone(),
     });
@@ -159,6 +170,7 @@ pub fn endpoint_config(
     config.register_timeout = server.register_timeout;
     config.opening_ttl = server.opening_ttl;
     config.birthday_punch = server.birthday_punch;
+    config.relay_only = server.relay_only;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
         events_to_stderr: matches!(role, Role::Ping { json: true } | Role::Pipe),
@@ -215,7 +227,18 @@ pub async fn chat(
     lines: tokio::sync::mpsc::Receiver<String>,
 ) -> Result<(), ChatError> {
     let (endpoint, conn) = open_connection(endpoint, peer).await?;
+    // With several servers, say when the registration moves to another (as `listen` does).
+    let watcher = (endpoint.path_keeper().session.server_addrs().len() > 1).then(|| {
+        tokio::spawn(crate::listener::watch_session(
+            endpoint.registration(),
+            endpoint.console().clone(),
+        ))
+    });
     let result = crate::chat::converse(&endpoint, &conn, lines).await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+        let _ = watcher.await;
+    }
     endpoint.close().await;
     Ok(result?)
 }
@@ -448,13 +471,16 @@ mod tests {
     fn server() -> ServerOptions {
         ServerOptions {
             address: "rv.example:7000".into(),
-            server_key: None,
+            others: Vec::new(),
+            server_key: Vec::new(),
             bind: "0.0.0.0:0".parse().unwrap(),
             register_timeout: Duration::from_secs(3),
             opening_ttl: Some(2),
             tcp_tunnel: TcpTunnel::Off,
             port_mapping: true,
             birthday_punch: true,
+            relay_only: false,
+            prefer_first_server: false,
         }
     }
 

@@ -131,6 +131,20 @@ pub struct RegistrationStatus {
     pub generation: u64,
     /// The last error (when not registered).
     pub error: Option<String>,
+    /// The server registered with (of several, the one chosen): its name, as given or its
+    /// address when a name gave several.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// That server's UDP address.
+    #[serde(default)]
+    pub server_addr: Option<SocketAddr>,
+    /// The round trip to it measured before choosing, in milliseconds (only with several
+    /// servers).
+    #[serde(default)]
+    pub server_rtt_ms: Option<f64>,
+    /// How many servers the peer was given.
+    #[serde(default)]
+    pub servers: usize,
 }
 
 /// One peer connection.
@@ -186,6 +200,10 @@ impl ControlContext {
                 over_tcp: reg.over_tcp,
                 generation: reg.generation,
                 error: None,
+                server: Some(reg.server.name.clone()),
+                server_addr: Some(reg.server.addr),
+                server_rtt_ms: reg.server.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                servers: keeper.session.server_addrs().len(),
             },
             SessionState::Connecting { last_error } => RegistrationStatus {
                 state: "connecting".into(),
@@ -193,6 +211,10 @@ impl ControlContext {
                 over_tcp: false,
                 generation: 0,
                 error: last_error,
+                server: None,
+                server_addr: None,
+                server_rtt_ms: None,
+                servers: keeper.session.server_addrs().len(),
             },
             SessionState::Fatal(e) => RegistrationStatus {
                 state: "failed".into(),
@@ -200,6 +222,10 @@ impl ControlContext {
                 over_tcp: false,
                 generation: 0,
                 error: Some(e),
+                server: None,
+                server_addr: None,
+                server_rtt_ms: None,
+                servers: keeper.session.server_addrs().len(),
             },
         };
         let connections = keeper
@@ -507,17 +533,27 @@ impl StatusReport {
             format!("`peer {}`, pid {}, for {:.0} s", r.mode, r.pid, r.uptime_s),
         );
         let reg = &r.registration;
+        // Of several servers, which one, where, how far, and out of how many.
+        let server = match (&reg.server, reg.server_addr) {
+            (Some(name), Some(addr)) if reg.servers > 1 => {
+                let rtt = reg
+                    .server_rtt_ms
+                    .map_or(String::new(), |ms| format!(", round trip {ms:.1} ms"));
+                format!("{name} ({addr}{rtt}; one of {} servers)", reg.servers)
+            }
+            (Some(name), _) => name.clone(),
+            _ => r.server.clone(),
+        };
         match (reg.state.as_str(), reg.observed) {
             ("registered", Some(observed)) if reg.over_tcp => line(
                 "rendezvous",
                 format!(
-                    "registered with {} through the TCP 443 tunnel (UDP blocked; tunnel address \
-                 {observed})",
-                    r.server
+                    "registered with {server} through the TCP 443 tunnel (UDP blocked; tunnel \
+                 address {observed})"
                 ),
             ),
             ("registered", Some(observed)) => {
-                line("rendezvous", format!("registered with {}", r.server));
+                line("rendezvous", format!("registered with {server}"));
                 line("observed addr", observed.to_string());
             }
             (state, _) => line(

@@ -62,7 +62,8 @@ pub async fn establish(
     let socket = &keeper.node.socket;
     let console = &keeper.console;
     let stable = relay::stable_addr(&peer);
-    if let Some(entry) = cache.get(&peer) {
+    // With --relay-only no direct address is dialed, not even a cached one.
+    if let Some(entry) = cache.get(&peer).filter(|_| !keeper.relay_only) {
         // The address that worked last time. It only works without an introduction when the
         // peer's NAT lets anyone in (or there is none), and then it answers at once: keep this
         // attempt short.
@@ -124,7 +125,7 @@ pub async fn establish(
         }
         other => bail!("unexpected reply `{}` from the rendezvous", other.kind()),
     };
-    if candidates.is_empty() {
+    if candidates.is_empty() && !keeper.relay_only {
         bail!("the rendezvous knows no address for {peer}");
     }
     if verbose {
@@ -136,7 +137,9 @@ pub async fn establish(
             .error(format!("candidates of {peer}: {}", list.join(", ")))
             .await;
     }
-    if let Err(e) = cache.put(peer, candidates.clone()) {
+    if candidates.is_empty() {
+        // --relay-only: nothing to remember.
+    } else if let Err(e) = cache.put(peer, candidates.clone()) {
         console
             .error(format!("warning: cannot write the peer cache: {e}"))
             .await;

@@ -33,7 +33,7 @@ use crate::node::{self, Node};
 use crate::paths::{LinkStatus, PathKeeper};
 use crate::punching;
 use crate::relay;
-use crate::session::{Registration, ServerEvent, Session, SessionConfig, SessionState};
+use crate::session::{Registration, ServerEvent, ServerSpec, Session, SessionConfig, SessionState};
 
 /// How long an incoming handshake may take before the connection is dropped silently.
 pub const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +43,8 @@ pub const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum RendezvousTrust {
     /// Only this key (the `sha256:...` fingerprint the server prints at start).
     Pinned(Fingerprint),
+    /// Any of these keys: the nodes of a cluster, each with its own key ([`Rendezvous::others`]).
+    PinnedAnyOf(Vec<Fingerprint>),
     /// The key remembered for the server's name in this known-servers file; a server not in it
     /// is trusted on first use and remembered there (as ssh does).
     KnownServers(PathBuf),
@@ -65,6 +67,13 @@ pub enum TcpTunnel {
 pub struct Rendezvous {
     /// `HOST:PORT` (also the name its key is remembered under).
     pub address: String,
+    /// More nodes of the same cluster, `HOST:PORT` each. With any (or when `address` resolves
+    /// to several addresses), the endpoint registers with the fastest node and moves to another
+    /// when its node stops answering ([`crate::failover`]).
+    pub others: Vec<String>,
+    /// Of several servers, register with the first given that answers (the others are standbys
+    /// in the order given) rather than the fastest. Default off.
+    pub prefer_first: bool,
     /// How its key is trusted.
     pub trust: RendezvousTrust,
     /// Its TCP tunnel.
@@ -76,6 +85,8 @@ impl Rendezvous {
     pub fn pinned(address: impl Into<String>, fingerprint: Fingerprint) -> Self {
         Rendezvous {
             address: address.into(),
+            others: Vec::new(),
+            prefer_first: false,
             trust: RendezvousTrust::Pinned(fingerprint),
             tcp_tunnel: TcpTunnel::default(),
         }
@@ -85,6 +96,8 @@ impl Rendezvous {
     pub fn known_servers(address: impl Into<String>, known_servers: PathBuf) -> Self {
         Rendezvous {
             address: address.into(),
+            others: Vec::new(),
+            prefer_first: false,
             trust: RendezvousTrust::KnownServers(known_servers),
             tcp_tunnel: TcpTunnel::default(),
         }
@@ -153,6 +166,9 @@ pub struct EndpointConfig {
     /// IP TTL of the opening probes of punching ([`punch::PunchConfig::opening_ttl`]; `None`:
     /// none). Default [`punch::DEFAULT_OPENING_TTL`].
     pub opening_ttl: Option<u8>,
+    /// Never seek a direct path: every connection stays on the relay (diagnostics, and tests
+    /// of the relay on one host, where a direct path always works). Default off.
+    pub relay_only: bool,
 }
 
 impl EndpointConfig {
@@ -174,6 +190,7 @@ impl EndpointConfig {
             port_mapping: true,
             transport: TransportSettings::default(),
             opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
+            relay_only: false,
         }
     }
 }
@@ -196,6 +213,12 @@ pub enum EndpointError {
     /// It resolved to nothing.
     #[error("--server-tcp {0:?} has no address")]
     NoTunnelAddress(String),
+    /// More servers than [`crate::failover::MAX_SERVERS`] (names and their addresses).
+    #[error("{0} rendezvous addresses given; at most {max} are taken", max = crate::failover::MAX_SERVERS)]
+    TooManyServers(usize),
+    /// An explicit tunnel address with several servers (it would be one server's).
+    #[error("--server-tcp HOST:PORT names one server's tunnel; with several servers use the default (each server's host, port 443) or `off`")]
+    TunnelWithSeveralServers,
     /// The socket or the QUIC endpoint could not be set up.
     #[error("cannot bind {addr}")]
     Bind {
@@ -295,7 +318,6 @@ pub enum QueryError {
 pub struct Endpoint {
     node: Node,
     keeper: PathKeeper,
-    server_addr: SocketAddr,
     server_name: String,
     session: Session,
     console: Console,
@@ -319,14 +341,14 @@ pub struct Endpoint {
 /// for the pongs we send (so that peers can say why their path to us is relayed).
 async fn measure_nat(
     session: Session,
-    server: SocketAddr,
     out: watch::Sender<Option<netcheck::Report>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let measure = async {
         // Registration tells whether UDP works at all (or the tunnel is in use).
         let _ = session.wait_registered(Duration::from_secs(30)).await;
-        netcheck::run(&[server], &netcheck::Options::default()).await
+        // The server registered with (of several, the one chosen).
+        netcheck::run(&[session.server_addr()], &netcheck::Options::default()).await
     };
     tokio::select! {
         report = measure => match report {
@@ -399,13 +421,36 @@ impl Endpoint {
     ) -> Result<Endpoint, EndpointError> {
         let process_started = Instant::now();
         let name = config.rendezvous.address.clone();
-        let resolved: Vec<SocketAddr> = tokio::net::lookup_host(&name)
-            .await
-            .map_err(|e| EndpointError::Resolve(name.clone(), e))?
-            .map(transport::canonical)
-            .collect();
-        let server_addr = node::pick_server_addr(&resolved, config.bind)
-            .ok_or_else(|| EndpointError::NoAddress(name.clone()))?;
+        // Every name given, each resolved: one server per address of the family we use.
+        let mut server_addrs: Vec<(String, SocketAddr)> = Vec::new();
+        for server_name in std::iter::once(&name).chain(&config.rendezvous.others) {
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host(server_name)
+                .await
+                .map_err(|e| EndpointError::Resolve(server_name.clone(), e))?
+                .map(transport::canonical)
+                .collect();
+            let addrs = node::pick_server_addrs(&resolved, config.bind);
+            if addrs.is_empty() {
+                return Err(EndpointError::NoAddress(server_name.clone()));
+            }
+            let several = addrs.len() > 1;
+            for addr in addrs {
+                if server_addrs.iter().any(|(_, a)| *a == addr) {
+                    continue;
+                }
+                // Each address of a name with several is a node of its own, with its own key.
+                let key = if several {
+                    addr.to_string()
+                } else {
+                    server_name.clone()
+                };
+                server_addrs.push((key, addr));
+            }
+        }
+        if server_addrs.len() > crate::failover::MAX_SERVERS {
+            return Err(EndpointError::TooManyServers(server_addrs.len()));
+        }
+        let server_addr = server_addrs[0].1;
         let transport = config.transport;
         let (node, stun_rx) =
             Node::bind(config.bind, identity.clone(), transport).map_err(|e| {
@@ -420,32 +465,48 @@ impl Endpoint {
             Output::Log => Console::to_log(),
             Output::Terminal { events_to_stderr } => Console::start_with(events_to_stderr),
         };
-        let tcp_server = match &config.rendezvous.tcp_tunnel {
-            TcpTunnel::Off => None,
-            TcpTunnel::At(addr) => Some(
-                tokio::net::lookup_host(addr)
-                    .await
-                    .map_err(|e| EndpointError::ResolveTunnel(addr.clone(), e))?
-                    .next()
-                    .ok_or_else(|| EndpointError::NoTunnelAddress(addr.clone()))?,
-            ),
-            TcpTunnel::SameHost => Some(SocketAddr::new(server_addr.ip(), 443)),
+        let explicit_tunnel = match &config.rendezvous.tcp_tunnel {
+            TcpTunnel::At(addr) => {
+                if server_addrs.len() > 1 {
+                    return Err(EndpointError::TunnelWithSeveralServers);
+                }
+                Some(
+                    tokio::net::lookup_host(addr)
+                        .await
+                        .map_err(|e| EndpointError::ResolveTunnel(addr.clone(), e))?
+                        .next()
+                        .ok_or_else(|| EndpointError::NoTunnelAddress(addr.clone()))?,
+                )
+            }
+            _ => None,
         };
+        let servers: Vec<ServerSpec> = server_addrs
+            .iter()
+            .map(|(key, addr)| ServerSpec {
+                name: key.clone(),
+                addr: *addr,
+                tcp: match &config.rendezvous.tcp_tunnel {
+                    TcpTunnel::Off => None,
+                    TcpTunnel::At(_) => explicit_tunnel,
+                    TcpTunnel::SameHost => Some(SocketAddr::new(addr.ip(), 443)),
+                },
+            })
+            .collect();
         let (pinned, known_servers) = match &config.rendezvous.trust {
-            RendezvousTrust::Pinned(fp) => (Some(*fp), PathBuf::new()),
-            RendezvousTrust::KnownServers(path) => (None, path.clone()),
+            RendezvousTrust::Pinned(fp) => (vec![*fp], PathBuf::new()),
+            RendezvousTrust::PinnedAnyOf(fps) => (fps.clone(), PathBuf::new()),
+            RendezvousTrust::KnownServers(path) => (Vec::new(), path.clone()),
         };
         let (mapping_tx, mapping_rx) = watch::channel(None);
         let (settling_tx, settling_rx) = watch::channel(false);
         let session_config = SessionConfig {
             mapped_port: mapping_rx.clone(),
-            server_name: name.clone(),
-            server_addr,
+            servers,
+            measure_rtt: !config.rendezvous.prefer_first,
             pinned,
             known_servers,
             local_addrs: node::local_addrs(local, server_addr),
             transport,
-            tcp_server,
             socket: node.socket.clone(),
         };
         let (session, events, session_task) = Session::start(
@@ -490,7 +551,6 @@ impl Endpoint {
         if config.measure_nat {
             tasks.push(tokio::spawn(measure_nat(
                 session.clone(),
-                server_addr,
                 nat_tx,
                 shutdown_rx.clone(),
             )));
@@ -506,6 +566,7 @@ impl Endpoint {
             crate::tasks::TaskSet::new(shutdown_rx.clone()),
         );
         keeper.opening_ttl = config.opening_ttl;
+        keeper.relay_only = config.relay_only;
         tasks.push(tokio::spawn(crate::observe::run(
             node.clone(),
             router,
@@ -558,7 +619,6 @@ impl Endpoint {
         let mut endpoint = Endpoint {
             node,
             keeper,
-            server_addr,
             server_name: name,
             session,
             console,
@@ -590,9 +650,12 @@ impl Endpoint {
             self.keeper.clone().serve_introductions(events),
         ));
         self.tasks.push(tokio::spawn(
+            self.keeper.clone().watch_mapping(self.shutdown.subscribe()),
+        ));
+        self.tasks.push(tokio::spawn(
             self.keeper
                 .clone()
-                .watch_mapping(self.server_addr, self.shutdown.subscribe()),
+                .reintroduce_after_reregistration(self.shutdown.subscribe()),
         ));
     }
 

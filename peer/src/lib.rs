@@ -71,6 +71,7 @@ pub mod console;
 pub mod control;
 pub mod dial;
 pub mod endpoint;
+pub mod failover;
 pub mod files;
 pub mod listener;
 pub mod netcheck;

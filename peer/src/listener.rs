@@ -76,7 +76,7 @@ pub async fn run(
         format!("observed address {}", reg.observed)
     };
     console
-        .say(format!("registered with {} ({how})", endpoint.rendezvous()))
+        .say(format!("registered with {} ({how})", describe_server(&reg)))
         .await;
     let watcher = tokio::spawn(watch_session(endpoint.registration(), console.clone()));
     let hub: ChatHub = Arc::default();
@@ -130,6 +130,10 @@ pub async fn run(
 /// Tells the user when the registration is lost and when it is back.
 pub async fn watch_session(mut state: watch::Receiver<SessionState>, console: Console) {
     let mut generation = registered_generation(&state.borrow());
+    let mut server = match &*state.borrow() {
+        SessionState::Registered(reg) => Some(reg.server.index),
+        _ => None,
+    };
     let mut lost = false;
     while state.changed().await.is_ok() {
         let current = state.borrow_and_update().clone();
@@ -137,9 +141,17 @@ pub async fn watch_session(mut state: watch::Receiver<SessionState>, console: Co
             SessionState::Registered(reg) if Some(reg.generation) != generation => {
                 generation = Some(reg.generation);
                 lost = false;
+                let moved = server.is_some_and(|s| s != reg.server.index);
+                server = Some(reg.server.index);
                 console
                     .say(format!(
-                        "re-registered with the rendezvous (observed address {})",
+                        "{} {} (observed address {})",
+                        if moved {
+                            "moved to another rendezvous: registered with"
+                        } else {
+                            "re-registered with the rendezvous"
+                        },
+                        describe_server(&reg),
                         reg.observed
                     ))
                     .await;
@@ -159,6 +171,24 @@ pub async fn watch_session(mut state: watch::Receiver<SessionState>, console: Co
             }
             _ => {}
         }
+    }
+}
+
+/// The server of `reg` for the user: its name, and with several servers its address and round
+/// trip.
+pub fn describe_server(reg: &crate::session::Registration) -> String {
+    let server = &reg.server;
+    if server.of <= 1 {
+        return server.name.clone();
+    }
+    match server.rtt {
+        Some(rtt) => format!(
+            "{} ({}, round trip {:.1} ms)",
+            server.name,
+            server.addr,
+            rtt.as_secs_f64() * 1000.0
+        ),
+        None => format!("{} ({})", server.name, server.addr),
     }
 }
 

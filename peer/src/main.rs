@@ -75,37 +75,55 @@ where
     Ok(result?)
 }
 
-/// Prints the rendezvous key's trust on first use once: when it happens, or at the end if the
-/// command finished before the printer saw it.
+/// Prints each rendezvous key trusted on first use (several with several servers): when it
+/// happens, or at the end if the command finished before the printer saw it.
 struct FirstUseNotice {
-    printer: tokio::task::JoinHandle<bool>,
+    printer: tokio::task::JoinHandle<()>,
     trust: watch::Receiver<Option<FirstUseTrust>>,
+    /// The last one printed (the lock is never held across an await).
+    printed: Arc<std::sync::Mutex<Option<FirstUseTrust>>>,
 }
 
 impl FirstUseNotice {
     fn start(endpoint: &Endpoint) -> Self {
         let trust = endpoint.first_use_trust();
         let mut watching = trust.clone();
+        let printed: Arc<std::sync::Mutex<Option<FirstUseTrust>>> = Arc::default();
+        let last = printed.clone();
         let printer = tokio::spawn(async move {
-            match watching.wait_for(Option::is_some).await {
-                Ok(trusted) => {
-                    if let Some(trusted) = &*trusted {
-                        eprintln!("{trusted}");
-                    }
-                    true
+            loop {
+                let current = watching.borrow_and_update().clone();
+                if let Some(trusted) = current {
+                    print_first_use(&last, trusted);
                 }
-                Err(_) => false,
+                if watching.changed().await.is_err() {
+                    return;
+                }
             }
         });
-        FirstUseNotice { printer, trust }
+        FirstUseNotice {
+            printer,
+            trust,
+            printed,
+        }
     }
 
     async fn finish(self) {
         self.printer.abort();
-        if !matches!(self.printer.await, Ok(true)) {
-            if let Some(trusted) = &*self.trust.borrow() {
-                eprintln!("{trusted}");
-            }
+        let _ = self.printer.await;
+        let current = self.trust.borrow().clone();
+        if let Some(trusted) = current {
+            print_first_use(&self.printed, trusted);
+        }
+    }
+}
+
+/// Prints `trusted` unless it is the one printed last.
+fn print_first_use(printed: &std::sync::Mutex<Option<FirstUseTrust>>, trusted: FirstUseTrust) {
+    if let Ok(mut last) = printed.lock() {
+        if last.as_ref() != Some(&trusted) {
+            eprintln!("{trusted}");
+            *last = Some(trusted);
         }
     }
 }
@@ -334,14 +352,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = match through_running {
                 Ok(summary) => summary,
                 Err(ping::ThroughPeerError::Client(control::ClientError::NotRunning(path))) => {
-                    let Some(server) = server else {
+                    if server.is_empty() {
                         bail!(
                             "no peer is running with config dir {} (no {}); start `peer listen`, \
                              or give --server to ping from a peer of its own",
                             dir.display(),
                             path.display()
                         );
-                    };
+                    }
                     let server = ServerArgs { server, session }.options()?;
                     let mut config =
                         commands::endpoint_config(&server, &dir, verbose, Role::Ping { json });

@@ -262,9 +262,38 @@ pub fn pick_server_addr(resolved: &[SocketAddr], bind: SocketAddr) -> Option<Soc
         .copied()
 }
 
+/// Every address of the rendezvous's name to register with: those of the family
+/// [`pick_server_addr`] chooses, in the resolver's order from its choice on, without
+/// duplicates. A name with several addresses of that family names several servers (the nodes of
+/// one cluster); its addresses of the other family are the same nodes again and are left out.
+pub fn pick_server_addrs(resolved: &[SocketAddr], bind: SocketAddr) -> Vec<SocketAddr> {
+    let Some(first) = pick_server_addr(resolved, bind) else {
+        return Vec::new();
+    };
+    let mut out = vec![first];
+    for addr in resolved {
+        if addr.is_ipv4() == first.is_ipv4() && !out.contains(addr) {
+            out.push(*addr);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_with_several_addresses_of_the_chosen_family_names_several_servers() {
+        let a: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:7000".parse().unwrap();
+        let v6: SocketAddr = "[::1]:7000".parse().unwrap();
+        let v4_only: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert_eq!(pick_server_addrs(&[a, v6, b, a], v4_only), vec![a, b]);
+        assert_eq!(pick_server_addrs(&[v6], v4_only), Vec::<SocketAddr>::new());
+        let v6_only: SocketAddr = "[::1]:0".parse().unwrap();
+        assert_eq!(pick_server_addrs(&[a, v6, b], v6_only), vec![v6]);
+    }
 
     /// A dual-stack socket registers over IPv4 when there is a route (the rendezvous must see
     /// our NAT's IPv4 mapping), whatever order the resolver returned; a socket of one family

@@ -102,6 +102,9 @@ pub struct PathKeeper {
     pub tasks: TaskSet,
     /// IP TTL of punching's opening probes (`None`: none); see [`punching::config_for`].
     pub opening_ttl: Option<u8>,
+    /// Never seek a direct path (`--relay-only`): introductions bring no candidates and
+    /// punching ends at once, failed; connections stay on the relay.
+    pub relay_only: bool,
     table: Arc<Mutex<PeerTable>>,
 }
 
@@ -196,6 +199,7 @@ impl PathKeeper {
             nat,
             tasks,
             opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
+            relay_only: false,
             table: Arc::default(),
         }
     }
@@ -361,11 +365,19 @@ impl PathKeeper {
     /// never the rendezvous's own address, at most [`MAX_CANDIDATES`]. The rendezvous applies
     /// the same rules; we do not rely on it.
     pub fn screen_candidates(&self, candidates: &[Candidate]) -> Vec<Candidate> {
+        if self.relay_only {
+            return Vec::new();
+        }
         let server = self.session.server_addr();
+        let servers = self.session.server_addrs();
         let allow_loopback = server.ip().is_loopback();
         candidates
             .iter()
-            .filter(|c| c.addr != server && usable_candidate(c.addr, allow_loopback))
+            .filter(|c| {
+                c.addr != server
+                    && !servers.contains(&c.addr)
+                    && usable_candidate(c.addr, allow_loopback)
+            })
             .take(MAX_CANDIDATES)
             .copied()
             .collect()
@@ -425,6 +437,9 @@ impl PathKeeper {
         peer_nat: Option<common::nat::NatProfile>,
         first_sent: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> State {
+        if self.relay_only {
+            return self.no_punch(peer, introduction.nonce, first_sent);
+        }
         let log = self.verbose.then(|| self.console.clone());
         // Birthday punching only for a pair plain punching cannot open, known from both
         // profiles (ours measured, theirs handed over by the rendezvous).
@@ -463,6 +478,82 @@ impl PathKeeper {
             first_sent,
         )
         .await
+    }
+
+    /// A punch that is not made (`--relay-only`): it fails at once, as one that found nothing
+    /// would, so that the peer's machine keeps the connection on the relay.
+    fn no_punch(
+        &self,
+        peer: PeerId,
+        nonce: u64,
+        first_sent: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> State {
+        if let Some(first_sent) = first_sent {
+            let _ = first_sent.send(());
+        }
+        let now = Instant::now();
+        self.feed(peer, None, |p| {
+            p.punch_result(
+                nonce,
+                PunchOutcome::Failed("no direct path sought (--relay-only)".to_owned()),
+                now,
+            );
+            p.introduction_ended(nonce, now);
+        });
+        State::Failed(punch::FailureReport {
+            candidates: Vec::new(),
+            probes_sent: 0,
+            probes_received: 0,
+            answers_received: 0,
+            peer_sources: Vec::new(),
+            unauthenticated: 0,
+            elapsed: Duration::ZERO,
+        })
+    }
+
+    /// After every re-registration, asks for a new introduction to each peer whose connection
+    /// is relayed now, as a repunch does: the relay lets packets through only between peers
+    /// introduced on the server that relays them, and the server we registered with again may
+    /// not know our introductions (another node of a cluster we moved to, or a server that
+    /// restarted). Each such peer costs one `connect`; a peer that has not re-registered yet
+    /// answers later with its own, as it re-registers too.
+    pub async fn reintroduce_after_reregistration(self, mut shutdown: watch::Receiver<bool>) {
+        let mut state = self.session.watch();
+        let mut seen: Option<u64> = None;
+        loop {
+            let generation = match &*state.borrow_and_update() {
+                SessionState::Registered(reg) => Some((reg.generation, reg.server.name.clone())),
+                _ => None,
+            };
+            if let Some((generation, server)) = generation {
+                if seen.is_some_and(|g| g != generation) {
+                    let relayed: Vec<PeerId> = match self.table.lock() {
+                        Ok(table) => table
+                            .peers
+                            .iter()
+                            .filter(|(_, e)| {
+                                e.paths.link().is_some_and(|l| l.path == Current::Relay)
+                            })
+                            .map(|(peer, _)| *peer)
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    if !relayed.is_empty() {
+                        tracing::info!(%server, peers = relayed.len(), "registered again: introducing relayed peers again");
+                    }
+                    for peer in relayed {
+                        let keeper = self.clone();
+                        self.tasks
+                            .spawn(async move { keeper.repunch(peer, true).await });
+                    }
+                }
+                seen = Some(generation);
+            }
+            tokio::select! {
+                r = state.changed() => if r.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 
     /// Starts the link task of a new connection; its path starts as the socket routes it now.
@@ -680,6 +771,12 @@ impl PathKeeper {
             PathOutput::Heartbeat { addr, .. } => {
                 let beat = heartbeats.request(addr);
                 let _ = self.node.socket.send_to(&beat.contents, addr).await;
+            }
+            PathOutput::Repunch { .. } | PathOutput::PunchForIpv6 { .. } if self.relay_only => {
+                // No direct path is sought: no introduction is asked for (the machine backs off
+                // as after any failed repunch).
+                self.repunch_failed(peer, "no direct path sought (--relay-only)".to_owned())
+                    .await;
             }
             PathOutput::Repunch { .. } => {
                 let keeper = self.clone();
@@ -908,16 +1005,25 @@ impl PathKeeper {
 
     /// Asks the rendezvous how it sees us every [`MAPPING_CHECK_INTERVAL`]; when our public
     /// address changes (the NAT rebound), tells every link.
-    pub async fn watch_mapping(self, server: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+    pub async fn watch_mapping(self, mut shutdown: watch::Receiver<bool>) {
         let nonce = rand::random::<u64>();
         let mut inbox = self.router.register_raw(nonce);
         let mut last: Option<SocketAddr> = None;
+        let mut last_server: Option<SocketAddr> = None;
         let mut counter = 0u32;
         let mut ticker = tokio::time::interval(MAPPING_CHECK_INTERVAL);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => break,
+            }
+            // The server we are registered with now (it changes when we move to another of
+            // several): our mapping towards another server is not comparable (a symmetric NAT
+            // maps each destination apart), so comparisons start over.
+            let server = self.session.server_addr();
+            if last_server != Some(server) {
+                last_server = Some(server);
+                last = None;
             }
             if last.is_none() {
                 if let SessionState::Registered(reg) = self.session.state() {

@@ -9,8 +9,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use certs::{Fingerprint, Identity, KnownServers, ServerTrust};
 use common::frame_io::{read_frame, write_frame};
@@ -27,6 +27,14 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Pushed events queued for the application.
 const EVENT_QUEUE: usize = 64;
+/// With several servers, how often the session checks that its server still answers (a `ping`
+/// request on the registration's connection). QUIC's own idle timeout (30 s) is too slow to
+/// move a relayed connection before the peers' connection times out too.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest wait for the answer to one liveness `ping`.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Liveness pings unanswered in a row after which the server counts as gone.
+pub const LIVENESS_MISSES: u32 = 2;
 
 /// A live registration.
 #[derive(Debug, Clone)]
@@ -46,6 +54,36 @@ pub struct Registration {
     /// Where the server answers address-proof requests (a dual-stack server; see
     /// [`crate::observe`]).
     pub server_addrs: Vec<SocketAddr>,
+    /// The server we are registered with (one of [`SessionConfig::servers`]).
+    pub server: ServerInfo,
+}
+
+/// One rendezvous server a peer may register with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// Its place in [`SessionConfig::servers`].
+    pub index: usize,
+    /// Its name: the known-servers key (`HOST:PORT` as given, or the address when a name gave
+    /// several).
+    pub name: String,
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    /// The round trip measured before choosing (`None`: not measured, or no answer).
+    pub rtt: Option<Duration>,
+    /// How many servers the session may choose from.
+    pub of: usize,
+}
+
+/// How to reach one rendezvous server.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    /// The known-servers key: `HOST:PORT` as the user wrote it, or, for a name that resolved to
+    /// several addresses, the address (each node has its own key).
+    pub name: String,
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    /// Its TLS tunnel, used when UDP to it fails.
+    pub tcp: Option<SocketAddr>,
 }
 
 /// Where the session stands.
@@ -109,12 +147,17 @@ impl std::fmt::Display for FirstUseTrust {
 /// How to reach and trust the rendezvous.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Server address as the user wrote it (the key for the known-servers file).
-    pub server_name: String,
-    /// Resolved address.
-    pub server_addr: SocketAddr,
-    /// A pinned fingerprint (`--server-key`), else trust on first use.
-    pub pinned: Option<Fingerprint>,
+    /// The servers (at least one; the first is used when there is no other): the nodes of
+    /// one cluster. With several, the fastest is chosen ([`crate::failover`]) and the session
+    /// moves to another when it stops answering.
+    pub servers: Vec<ServerSpec>,
+    /// Of several servers, choose the fastest (a STUN round trip to each first); off: the first
+    /// given that answers.
+    pub measure_rtt: bool,
+    /// Pinned fingerprints (`--server-key`, repeatable): every server must present one of
+    /// them. Empty: each server's key is looked up in (or trusted on first use and saved to)
+    /// the known-servers file.
+    pub pinned: Vec<Fingerprint>,
     /// Known-servers file for trust on first use.
     pub known_servers: PathBuf,
     /// Our interface addresses to announce.
@@ -124,8 +167,6 @@ pub struct SessionConfig {
     pub mapped_port: watch::Receiver<Option<crate::portmap::mapper::Mapping>>,
     /// QUIC timers.
     pub transport: TransportSettings,
-    /// The rendezvous's TLS tunnel, used when UDP to it fails.
-    pub tcp_server: Option<SocketAddr>,
     /// Our socket (the tunnel is installed as a route in it).
     pub socket: Arc<transport::DemuxSocket>,
 }
@@ -136,7 +177,9 @@ pub struct Session {
     state: watch::Receiver<SessionState>,
     first_use: watch::Receiver<Option<FirstUseTrust>>,
     udp_works: Arc<tokio::sync::Notify>,
-    server_addr: SocketAddr,
+    /// The server registered with, or being tried now.
+    current: Arc<Mutex<SocketAddr>>,
+    servers: Arc<[SocketAddr]>,
 }
 
 /// Errors of a request to the rendezvous.
@@ -172,7 +215,12 @@ impl Session {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (first_use_tx, first_use) = watch::channel(None);
         let udp_works = Arc::new(tokio::sync::Notify::new());
-        let server_addr = config.server_addr;
+        let servers: Arc<[SocketAddr]> = config.servers.iter().map(|s| s.addr).collect();
+        let first = servers
+            .first()
+            .copied()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let current = Arc::new(Mutex::new(first));
         let task = tokio::spawn(run(
             endpoint,
             identity,
@@ -181,6 +229,7 @@ impl Session {
             events_tx,
             first_use_tx,
             udp_works.clone(),
+            current.clone(),
             shutdown,
         ));
         (
@@ -188,7 +237,8 @@ impl Session {
                 state,
                 first_use,
                 udp_works,
-                server_addr,
+                current,
+                servers,
             },
             events,
             task,
@@ -203,9 +253,20 @@ impl Session {
         }
     }
 
-    /// The rendezvous's address.
+    /// The address of the rendezvous we are registered with (or trying now).
     pub fn server_addr(&self) -> SocketAddr {
-        self.server_addr
+        self.current.lock().map_or(
+            self.servers
+                .first()
+                .copied()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            |c| *c,
+        )
+    }
+
+    /// The addresses of every server we may register with.
+    pub fn server_addrs(&self) -> &[SocketAddr] {
+        &self.servers
     }
 
     /// The current state.
@@ -218,8 +279,9 @@ impl Session {
         self.state.clone()
     }
 
-    /// A watch that becomes `Some` (once, for the life of the session) when the rendezvous's key
-    /// is trusted on first use; the value stays, so a late reader still sees it.
+    /// A watch that becomes `Some` when the rendezvous's key is trusted on first use (with
+    /// several servers, each server's in turn: the latest); the value stays, so a late reader
+    /// still sees it.
     pub fn first_use_trust(&self) -> watch::Receiver<Option<FirstUseTrust>> {
         self.first_use.clone()
     }
@@ -295,6 +357,35 @@ enum AttemptError {
     Refused(String),
 }
 
+/// How one server's key is trusted.
+#[derive(Debug, Clone)]
+enum Trust {
+    /// One of these keys (`--server-key`).
+    Pinned(Vec<Fingerprint>),
+    /// This key, from the known-servers file or trusted on first use in this process.
+    Known(Fingerprint),
+    /// Any key, remembered after the handshake.
+    FirstUse,
+}
+
+impl Trust {
+    fn tls(&self, identity: &Identity, alpn: &[u8]) -> Result<rustls::ClientConfig, AttemptError> {
+        let config = match self {
+            Trust::Pinned(keys) if keys.len() == 1 => {
+                certs::client_config_for_server(identity, ServerTrust::Pinned(keys[0]), alpn)
+            }
+            Trust::Pinned(keys) => certs::client_config_for_any_server(identity, keys, alpn),
+            Trust::Known(key) => {
+                certs::client_config_for_server(identity, ServerTrust::Pinned(*key), alpn)
+            }
+            Trust::FirstUse => {
+                certs::client_config_for_server(identity, ServerTrust::FirstUse, alpn)
+            }
+        };
+        config.map_err(|e| AttemptError::Fatal(e.to_string()))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     endpoint: quinn::Endpoint,
@@ -304,37 +395,81 @@ async fn run(
     events_tx: mpsc::Sender<ServerEvent>,
     first_use: watch::Sender<Option<FirstUseTrust>>,
     udp_works: Arc<tokio::sync::Notify>,
+    current: Arc<Mutex<SocketAddr>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if config.servers.is_empty() {
+        state_tx.send_replace(SessionState::Fatal("no rendezvous server given".to_owned()));
+        return;
+    }
+    let several = config.servers.len() > 1;
     let mut backoff = BACKOFF_MIN;
     let mut generation = 0u64;
     // Pinned by flag, else by the known-servers file, else trusted on first use and then pinned
     // for the life of the process.
-    let mut trust = match config.pinned {
-        Some(fp) => ServerTrust::Pinned(fp),
-        None => match KnownServers::load(&config.known_servers) {
-            Ok(known) => known
-                .get(&config.server_name)
-                .map_or(ServerTrust::FirstUse, ServerTrust::Pinned),
+    let mut trusts: Vec<Trust> = if config.pinned.is_empty() {
+        let known = match KnownServers::load(&config.known_servers) {
+            Ok(known) => known,
             Err(e) => {
                 state_tx.send_replace(SessionState::Fatal(e.to_string()));
                 return;
             }
-        },
+        };
+        config
+            .servers
+            .iter()
+            .map(|s| known.get(&s.name).map_or(Trust::FirstUse, Trust::Known))
+            .collect()
+    } else {
+        vec![Trust::Pinned(config.pinned.clone()); config.servers.len()]
     };
+    // A server that gave a fatal error (a wrong key, another protocol version) is not tried
+    // again; the session stops only when every server has.
+    let mut fatal: Vec<Option<String>> = vec![None; config.servers.len()];
+    let mut selection = crate::failover::Selection::new(config.servers.len());
+    if several && config.measure_rtt {
+        let addrs: Vec<SocketAddr> = config.servers.iter().map(|s| s.addr).collect();
+        let rtts = tokio::select! {
+            r = crate::failover::measure_rtts(&addrs, crate::failover::RTT_PROBE_TIMEOUT) => r,
+            _ = shutdown.changed() => return,
+        };
+        for (i, rtt) in rtts.into_iter().enumerate() {
+            tracing::info!(server = %config.servers[i].name, rtt_ms = rtt.map(|r| r.as_secs_f64() * 1e3), "rendezvous round trip");
+            selection.rtt_measured(i, rtt);
+        }
+    }
     let mut tunnel = Tunnel::default();
     // Every way out of the loop below ends here, where the tunnel's task is stopped and
     // awaited: the endpoint's close awaits this task, and so the tunnel's.
     let registering = async {
         loop {
+            let index = selection.next(Instant::now());
+            let server = &config.servers[index];
+            if tunnel.server != Some(server.addr) {
+                // The tunnel (and the preference for it) belongs to one server.
+                tunnel.close(&config);
+                tunnel.preferred = false;
+            }
+            if let Ok(mut current) = current.lock() {
+                *current = server.addr;
+            }
             let attempt = tokio::select! {
-                r = attempt(&endpoint, &identity, &config, &mut trust, &first_use, &mut tunnel) => r,
+                r = attempt(&endpoint, &identity, &config, server, &mut trusts[index], &first_use, &mut tunnel, several) => r,
                 _ = shutdown.changed() => return,
             };
+            let mut at_once = false;
             match attempt {
                 Ok((conn, control_tx, mut control_rx, id, observed, mapped_port, server_addrs)) => {
                     generation += 1;
                     backoff = BACKOFF_MIN;
+                    selection.registered(index);
+                    let info = ServerInfo {
+                        index,
+                        name: server.name.clone(),
+                        addr: server.addr,
+                        rtt: selection.rtt(index),
+                        of: config.servers.len(),
+                    };
                     state_tx.send_replace(SessionState::Registered(Registration {
                         conn: conn.clone(),
                         id,
@@ -343,13 +478,20 @@ async fn run(
                         over_tcp: tunnel.is_open(),
                         mapped_port,
                         server_addrs,
+                        server: info,
                     }));
-                    tracing::info!(%observed, generation, over_tcp = tunnel.is_open(), "registered with the rendezvous");
+                    tracing::info!(server = %server.name, %observed, generation, over_tcp = tunnel.is_open(), "registered with the rendezvous");
+                    let mut end = LinkEnd::Lost;
                     let reason = tokio::select! {
                         r = pump_events(&mut control_rx, &events_tx) => r,
                         e = conn.closed() => e.to_string(),
+                        r = check_liveness(&conn), if several => {
+                            end = LinkEnd::Silent;
+                            r
+                        }
                         _ = udp_works.notified(), if tunnel.is_open() => {
                             tunnel.preferred = false;
+                            end = LinkEnd::LeavingTunnel;
                             "UDP to the rendezvous works again; leaving the TCP tunnel".to_owned()
                         }
                         _ = shutdown.changed() => {
@@ -360,23 +502,52 @@ async fn run(
                         }
                     };
                     drop(control_tx);
-                    tracing::warn!(%reason, "lost the rendezvous connection; re-registering");
+                    tracing::warn!(server = %server.name, %reason, "lost the rendezvous connection; re-registering");
                     conn.close(0u32.into(), b"re-registering");
+                    match end {
+                        LinkEnd::Lost => selection.lost(index, Instant::now()),
+                        LinkEnd::Silent => {
+                            selection.unresponsive(index, Instant::now());
+                            // Straight to the next server, without a backoff.
+                            at_once = true;
+                        }
+                        LinkEnd::LeavingTunnel => {}
+                    }
                     state_tx.send_replace(SessionState::Connecting {
-                        last_error: Some(reason),
+                        last_error: Some(format!("{}: {reason}", server.name)),
                     });
                 }
                 Err(AttemptError::Fatal(e)) => {
-                    tracing::error!(error = %e, "giving up on the rendezvous");
-                    state_tx.send_replace(SessionState::Fatal(e));
-                    return;
-                }
-                Err(AttemptError::Retry(e) | AttemptError::Refused(e)) => {
-                    tracing::debug!(error = %e, "registration attempt failed");
+                    if !several {
+                        tracing::error!(error = %e, "giving up on the rendezvous");
+                        state_tx.send_replace(SessionState::Fatal(e));
+                        return;
+                    }
+                    tracing::error!(server = %server.name, error = %e, "giving up on this rendezvous server");
+                    fatal[index] = Some(format!("{}: {e}", server.name));
+                    if fatal.iter().all(Option::is_some) {
+                        let all: Vec<String> = fatal.iter().flatten().cloned().collect();
+                        state_tx.send_replace(SessionState::Fatal(all.join("; ")));
+                        return;
+                    }
+                    // Never tried again.
+                    selection.exclude(index);
+                    at_once = true;
                     state_tx.send_replace(SessionState::Connecting {
-                        last_error: Some(e),
+                        last_error: Some(format!("{}: {e}", server.name)),
                     });
                 }
+                Err(AttemptError::Retry(e) | AttemptError::Refused(e)) => {
+                    tracing::debug!(server = %server.name, error = %e, "registration attempt failed");
+                    at_once = selection.failed(index, Instant::now());
+                    state_tx.send_replace(SessionState::Connecting {
+                        last_error: Some(format!("{}: {e}", server.name)),
+                    });
+                }
+            }
+            if at_once {
+                // Another server is ready: no backoff before trying it.
+                continue;
             }
             // Jitter spreads out the reconnect storm after a server restart.
             let jitter =
@@ -392,10 +563,60 @@ async fn run(
     tunnel.stop(&config).await;
 }
 
+/// How a registration's connection ended.
+enum LinkEnd {
+    /// Closed or reset (the server may be restarting): one more attempt with it.
+    Lost,
+    /// It stopped answering liveness pings: the next server at once.
+    Silent,
+    /// We leave the TCP tunnel for UDP, same server.
+    LeavingTunnel,
+}
+
+/// Returns once the server has left [`LIVENESS_MISSES`] `ping`s in a row unanswered (each
+/// waited for [`LIVENESS_TIMEOUT`], one every [`LIVENESS_INTERVAL`]); with why.
+async fn check_liveness(conn: &quinn::Connection) -> String {
+    let mut misses = 0u32;
+    let mut seq = 0u64;
+    loop {
+        tokio::time::sleep(LIVENESS_INTERVAL).await;
+        seq += 1;
+        let ping = async {
+            let (mut tx, mut rx) = conn.open_bi().await.ok()?;
+            write_frame(&mut tx, &ControlMessage::Ping { seq }.encode())
+                .await
+                .ok()?;
+            let _ = tx.finish();
+            let body = read_frame(&mut rx).await.ok()??;
+            match ControlMessage::decode(&body) {
+                Ok(ControlMessage::Pong { seq: s }) if s == seq => Some(()),
+                // Any answer (a rate-limit refusal too) shows the server is there.
+                Ok(_) => Some(()),
+                Err(_) => None,
+            }
+        };
+        match tokio::time::timeout(LIVENESS_TIMEOUT, ping).await {
+            Ok(Some(())) => misses = 0,
+            _ => {
+                misses += 1;
+                if misses >= LIVENESS_MISSES {
+                    return format!(
+                        "the rendezvous stopped answering ({misses} pings unanswered within {} s \
+                         each)",
+                        LIVENESS_TIMEOUT.as_secs()
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The TLS-over-TCP tunnel to the rendezvous, when UDP does not get through.
 #[derive(Default)]
 struct Tunnel {
     task: Option<tokio::task::JoinHandle<transport::tunnel::TunnelEnd>>,
+    /// The server whose address the tunnel is routed for.
+    server: Option<SocketAddr>,
     // Registering over TCP worked: try it first next time.
     preferred: bool,
 }
@@ -408,7 +629,9 @@ impl Tunnel {
     fn close(&mut self, config: &SessionConfig) {
         if let Some(task) = self.task.take() {
             task.abort();
-            config.socket.remove_routes(config.server_addr);
+            if let Some(server) = self.server {
+                config.socket.remove_routes(server);
+            }
         }
     }
 
@@ -416,7 +639,9 @@ impl Tunnel {
     async fn stop(&mut self, config: &SessionConfig) {
         if let Some(task) = self.task.take() {
             task.abort();
-            config.socket.remove_routes(config.server_addr);
+            if let Some(server) = self.server {
+                config.socket.remove_routes(server);
+            }
             let _ = task.await;
         }
     }
@@ -425,10 +650,12 @@ impl Tunnel {
         &mut self,
         identity: &Identity,
         config: &SessionConfig,
-        trust: ServerTrust,
+        server: &ServerSpec,
+        trust: &Trust,
         tcp_server: SocketAddr,
     ) -> Result<(), AttemptError> {
         self.close(config);
+        self.server = Some(server.addr);
         let retry = |what: &str, e: &dyn std::fmt::Display| {
             AttemptError::Retry(format!("TCP tunnel to {tcp_server}: {what}: {e}"))
         };
@@ -440,8 +667,7 @@ impl Tunnel {
         .map_err(|_| retry("connect", &"timed out"))?
         .map_err(|e| retry("connect", &e))?;
         let _ = tcp.set_nodelay(true);
-        let tls = certs::client_config_for_server(identity, trust, common::ALPN_TUNNEL)
-            .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+        let tls = trust.tls(identity, common::ALPN_TUNNEL)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
             .map_err(|e| AttemptError::Fatal(e.to_string()))?;
@@ -463,11 +689,11 @@ impl Tunnel {
         };
         let (tx, rx) = mpsc::channel(1024);
         config.socket.set_route(
-            config.server_addr,
+            server.addr,
             transport::PathTarget::Virtual(transport::VirtualSink::new([0; 16], tx)),
         );
         let injector = config.socket.injector();
-        let server_addr = config.server_addr;
+        let server_addr = server.addr;
         self.task = Some(tokio::spawn(transport::tunnel::run_tunnel(
             stream,
             injector,
@@ -480,36 +706,47 @@ impl Tunnel {
 
 /// One registration attempt: over UDP, and through the TCP tunnel if UDP fails (or if the
 /// tunnel worked last time).
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     endpoint: &quinn::Endpoint,
     identity: &Identity,
     config: &SessionConfig,
-    trust: &mut ServerTrust,
+    server: &ServerSpec,
+    trust: &mut Trust,
     first_use: &watch::Sender<Option<FirstUseTrust>>,
     tunnel: &mut Tunnel,
+    several: bool,
 ) -> Result<Registered, AttemptError> {
     let mut udp_error = None;
     if !tunnel.preferred {
         tunnel.close(config);
-        let timeout = if config.tcp_server.is_some() {
+        // With other servers to go to, a silent one is left sooner.
+        let timeout = if server.tcp.is_some() || several {
             Duration::from_secs(3)
         } else {
             Duration::from_secs(5)
         };
-        match register(endpoint, identity, config, trust, first_use, timeout).await {
-            Err(AttemptError::Retry(e)) if config.tcp_server.is_some() => udp_error = Some(e),
+        match register(
+            endpoint, identity, config, server, trust, first_use, timeout,
+        )
+        .await
+        {
+            Err(AttemptError::Retry(e)) if server.tcp.is_some() => udp_error = Some(e),
             other => return other,
         }
     }
-    let Some(tcp_server) = config.tcp_server else {
+    let Some(tcp_server) = server.tcp else {
         return Err(AttemptError::Retry(udp_error.unwrap_or_default()));
     };
     let result = async {
-        tunnel.open(identity, config, *trust, tcp_server).await?;
+        tunnel
+            .open(identity, config, server, trust, tcp_server)
+            .await?;
         register(
             endpoint,
             identity,
             config,
+            server,
             trust,
             first_use,
             Duration::from_secs(5),
@@ -548,23 +785,23 @@ async fn register(
     endpoint: &quinn::Endpoint,
     identity: &Identity,
     config: &SessionConfig,
-    trust: &mut ServerTrust,
+    server: &ServerSpec,
+    trust: &mut Trust,
     first_use: &watch::Sender<Option<FirstUseTrust>>,
     timeout: Duration,
 ) -> Result<Registered, AttemptError> {
     let retry = |e: &dyn std::fmt::Display| AttemptError::Retry(e.to_string());
-    let tls = certs::client_config_for_server(identity, *trust, common::ALPN_RENDEZVOUS)
-        .map_err(|e| AttemptError::Fatal(e.to_string()))?;
+    let tls = trust.tls(identity, common::ALPN_RENDEZVOUS)?;
     let client = transport::quic_client_config(tls, config.transport)
         .map_err(|e| AttemptError::Fatal(e.to_string()))?;
     let connecting = endpoint
-        .connect_with(client, config.server_addr, SERVER_NAME)
+        .connect_with(client, server.addr, SERVER_NAME)
         .map_err(|e| retry(&e))?;
     let conn = match tokio::time::timeout(timeout, connecting).await {
         Err(_) => {
             return Err(AttemptError::Retry(format!(
                 "no answer from {} within {} s",
-                config.server_addr,
+                server.addr,
                 timeout.as_secs()
             )))
         }
@@ -577,21 +814,21 @@ async fn register(
         }
         Ok(Ok(conn)) => conn,
     };
-    if *trust == ServerTrust::FirstUse {
+    if matches!(trust, Trust::FirstUse) {
         let fp = server_fingerprint(&conn).map_err(AttemptError::Fatal)?;
         let mut known = KnownServers::load(&config.known_servers)
             .map_err(|e| AttemptError::Fatal(e.to_string()))?;
         known
-            .remember(&config.server_name, fp)
+            .remember(&server.name, fp)
             .map_err(|e| AttemptError::Fatal(e.to_string()))?;
         let trusted = FirstUseTrust {
-            server_name: config.server_name.clone(),
+            server_name: server.name.clone(),
             fingerprint: fp,
             saved_in: config.known_servers.clone(),
         };
         tracing::info!(server = %trusted.server_name, fingerprint = %fp, "rendezvous key trusted on first use");
         first_use.send_replace(Some(trusted));
-        *trust = ServerTrust::Pinned(fp);
+        *trust = Trust::Known(fp);
     }
     let mapped_port = crate::portmap::driver::announced_port(*config.mapped_port.borrow());
     let crate::register::RegisterExchange {
