@@ -630,6 +630,51 @@ fn peers_on_different_nodes_are_relayed_across_the_node_link() {
 /// genuine one sent afterwards through the real link. Then a flood of attempts that never say
 /// hello: past the slots of attempts being authenticated they are refused at once, each is
 /// closed within its time, and the link already open keeps relaying.
+/// The real peer program on two nodes, relayed (`--relay-only`): `peer connect` from a peer on
+/// z to one on x goes through both nodes' relays and the node link between them, and the chat
+/// carries a message each way (end-to-end encrypted QUIC the nodes only pass along).
+#[test]
+fn peers_on_different_nodes_chat_through_the_node_link() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-relay-peers");
+    let key = dir.path().join("cluster.key");
+    write_key(&key);
+    let (x, _) = linked_node(dir.path(), &redis, "x", &key);
+    let (z, _) = linked_node(dir.path(), &redis, "z", &key);
+    let only = |rv: &Rendezvous| {
+        let mut args = rv.args();
+        args.extend(args!["--server-tcp", "off", "--relay-only"]);
+        args
+    };
+    let mut listen = args!["listen"];
+    listen.extend(only(&x));
+    let mut a = peer("a", &dir.path().join("a"), &listen);
+    let a_id = e2e::wait_registered(&a, T);
+    let mut connect = args!["connect", a_id.clone()];
+    connect.extend(only(&z));
+    let mut b = peer("b", &dir.path().join("b"), &connect);
+    let line = b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    assert!(line.contains("relayed via rendezvous"), "{line}");
+    b.send_line("hello from b on z");
+    a.stdout.wait_for("hello from b on z", T);
+    a.send_line("hello from a on x");
+    b.stdout.wait_for("hello from a on x", T);
+    // Both ways crossed the link, in both nodes' counts.
+    let packets = "rendezvous_cluster_relay_packets_total{direction=";
+    for rv in [&x, &z] {
+        assert!(sample(rv, &format!("{packets}\"sent\"}}")) > 0);
+        assert!(sample(rv, &format!("{packets}\"received\"}}")) > 0);
+    }
+    assert!(
+        !b.stdout.text().contains("direct to"),
+        "{}",
+        b.stdout.text()
+    );
+    b.close_stdin();
+    assert!(b.wait(T).success(), "b ends its chat cleanly");
+    assert!(a.terminate(T).success());
+}
+
 #[test]
 fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
     let Some(redis) = Redis::start() else { return };

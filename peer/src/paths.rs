@@ -755,10 +755,15 @@ impl PathKeeper {
                 update(&|s| s.punch_failure = Some(reason.clone()));
                 // Say once why the connection stays relayed; later retries only in -v.
                 if explain {
+                    // With --relay-only nothing is retried (the machine's retries only back off).
+                    let retrying = if self.relay_only {
+                        ""
+                    } else {
+                        "; retrying in the background"
+                    };
                     self.console
                         .say(format!(
-                            "path to {peer}: {}, no direct path: {reason}; \
-                             retrying in the background",
+                            "path to {peer}: {}, no direct path: {reason}{retrying}",
                             self.relay_label()
                         ))
                         .await;
