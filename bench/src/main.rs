@@ -10,9 +10,12 @@
 //!   Each side prints one JSON line with the bytes moved, the seconds and its CPU seconds.
 //! - `rv-load`: registers many simulated peers with a running `rendezvous serve`, keeps them
 //!   alive, and reports registrations per second and the server's RSS and CPU use.
+//! - `cluster-load`: the same against several nodes sharing one registry in Redis, with
+//!   cross-node introductions; per node figures.
 //!
 //! Output is JSON on stdout (one object per run); progress goes to stderr.
 
+mod clusterload;
 mod goodput;
 mod rvload;
 mod usage;
@@ -87,6 +90,8 @@ enum Command {
     },
     /// Rendezvous load generator.
     RvLoad(rvload::Args),
+    /// Cluster load generator (several nodes sharing Redis).
+    ClusterLoad(clusterload::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,6 +120,7 @@ fn main() -> anyhow::Result<()> {
                 streams,
             } => goodput::client(mode, connect, bind, &keys, bytes, streams).await,
             Command::RvLoad(args) => rvload::run(args).await,
+            Command::ClusterLoad(args) => clusterload::run(args).await,
         }
     })
 }

@@ -62,13 +62,13 @@ pub struct Args {
 }
 
 /// One registered simulated peer: dropping it closes nothing; [`run`] closes connections.
-struct Registered {
-    conn: quinn::Connection,
+pub(crate) struct Registered {
+    pub(crate) conn: quinn::Connection,
     // Held so the control stream stays open (the server ends the registration with it).
     _control: (quinn::SendStream, quinn::RecvStream),
 }
 
-async fn register_one(
+pub(crate) async fn register_one(
     endpoint: quinn::Endpoint,
     identity: Identity,
     server: SocketAddr,
@@ -101,7 +101,52 @@ async fn register_one(
     }
 }
 
-fn sample(pid: Option<u32>) -> anyhow::Result<Option<(u64, f64)>> {
+/// The UDP sockets (quinn endpoints, the same as a peer's: DemuxSocket, no greased QUIC bit)
+/// `peers` simulated peers of a server at `server` are spread over: `endpoints` of them, and
+/// against a server on IPv4 loopback at least `peers / peers_per_source`, each with its own
+/// source address in 127.1.0.0/16 (the server limits connections and new identities per
+/// source address, and real peers do not all come from one address).
+pub(crate) fn endpoints_for(
+    server: SocketAddr,
+    peers: usize,
+    endpoints: usize,
+    peers_per_source: usize,
+) -> anyhow::Result<Vec<quinn::Endpoint>> {
+    let loopback = matches!(server, SocketAddr::V4(v4) if v4.ip().is_loopback());
+    let sockets = if loopback {
+        endpoints.max(peers.div_ceil(peers_per_source.max(1)))
+    } else {
+        endpoints
+    };
+    let mut out = Vec::new();
+    for i in 0..sockets.max(1) {
+        let bind: SocketAddr = if loopback {
+            // 127.1.0.1, 127.1.0.2, ...: Linux routes all of 127.0.0.0/8 to the loopback.
+            let n = u32::try_from(i).context("too many sockets")?;
+            SocketAddr::from(([127, 1, (n / 250) as u8, (n % 250 + 1) as u8], 0))
+        } else if server.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let (endpoint, _socket, _stun) =
+            transport::make_endpoint(bind, None, TransportSettings::default(), 16, None)?;
+        out.push(endpoint);
+    }
+    Ok(out)
+}
+
+/// `n` fresh identities (generated off the runtime's threads).
+pub(crate) async fn identities(n: usize) -> anyhow::Result<Vec<Identity>> {
+    Ok(tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| Identity::generate())
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await??)
+}
+
+pub(crate) fn sample(pid: Option<u32>) -> anyhow::Result<Option<(u64, f64)>> {
     pid.map(|p| Ok((usage::rss_kib(p)?, usage::cpu_s(p)?)))
         .transpose()
 }
@@ -115,39 +160,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .server_key
         .parse()
         .map_err(|e| anyhow::anyhow!("--server-key: {e}"))?;
-    let loopback = matches!(args.server, SocketAddr::V4(v4) if v4.ip().is_loopback());
-    let sockets = if loopback {
-        args.endpoints
-            .max(args.peers.div_ceil(args.peers_per_source.max(1)))
-    } else {
-        args.endpoints
-    };
-    let mut endpoints = Vec::new();
-    for i in 0..sockets.max(1) {
-        let bind: SocketAddr = if loopback {
-            // 127.1.0.1, 127.1.0.2, ...: Linux routes all of 127.0.0.0/8 to the loopback.
-            let n = u32::try_from(i).context("too many sockets")?;
-            SocketAddr::from(([127, 1, (n / 250) as u8, (n % 250 + 1) as u8], 0))
-        } else if args.server.is_ipv4() {
-            "0.0.0.0:0".parse()?
-        } else {
-            "[::]:0".parse()?
-        };
-        // The same endpoint as a peer's (DemuxSocket, no greased QUIC bit).
-        let (endpoint, _socket, _stun) =
-            transport::make_endpoint(bind, None, TransportSettings::default(), 16, None)?;
-        endpoints.push(endpoint);
-    }
+    let endpoints = endpoints_for(
+        args.server,
+        args.peers,
+        args.endpoints,
+        args.peers_per_source,
+    )?;
     eprintln!("rv-load: generating {} identities", args.peers);
-    let identities = tokio::task::spawn_blocking({
-        let n = args.peers;
-        move || {
-            (0..n)
-                .map(|_| Identity::generate())
-                .collect::<Result<Vec<_>, _>>()
-        }
-    })
-    .await??;
+    let identities = identities(args.peers).await?;
 
     let before = sample(args.rv_pid)?;
     eprintln!("rv-load: registering {} peers", args.peers);
