@@ -124,8 +124,21 @@ pub struct ServerTransport {
 }
 
 impl TransportSettings {
+    /// The server's keep-alive interval: halfway between the peers' and the idle timeout.
+    ///
+    /// The peers ping every `keep_alive` (their NAT mappings need traffic from their side). A
+    /// server pinging at the same interval doubled the packets of every idle peer: quinn
+    /// restarts a keep-alive timer on every packet received, so each side's timer fired just
+    /// before the other's ping arrived, and both pinged. Longer than the peers' interval, the
+    /// server's timer never fires for a peer that pings; a peer that does not is still pinged
+    /// before the idle timeout.
+    fn server_keep_alive(&self) -> Duration {
+        self.keep_alive + self.idle_timeout.saturating_sub(self.keep_alive) / 2
+    }
+
     fn server_transport_config(&self, limits: &ServerTransport) -> Arc<quinn::TransportConfig> {
         let mut transport = self.base_config();
+        transport.keep_alive_interval(Some(self.server_keep_alive()));
         transport.max_concurrent_bidi_streams(limits.max_concurrent_bidi_streams.into());
         transport.receive_window(limits.receive_window.into());
         transport.stream_receive_window(limits.stream_receive_window.into());
@@ -327,4 +340,25 @@ pub fn remote_certificate(
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .map_err(|_| "unexpected identity type")?;
     chain.first().cloned().ok_or("empty certificate chain")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_pings_only_peers_silent_past_their_own_keep_alive() {
+        let peers = TransportSettings::default();
+        let server = peers.server_keep_alive();
+        // Longer than the peers' interval (their pings reset it), shorter than the idle
+        // timeout (a silent peer is still pinged before its connection would die).
+        assert!(server > peers.keep_alive, "{server:?}");
+        assert!(server < peers.idle_timeout, "{server:?}");
+        // A configuration whose idle timeout does not exceed its keep-alive keeps the latter.
+        let odd = TransportSettings {
+            keep_alive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5),
+        };
+        assert_eq!(odd.server_keep_alive(), Duration::from_secs(10));
+    }
 }
