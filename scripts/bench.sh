@@ -9,18 +9,23 @@
 #   - the product: `peer send` direct (port-restricted NATs) and relayed (symmetric NATs) on
 #     identical lab links, relayed / direct, with the relay's default rate limit and without;
 #   - the rendezvous (loopback, pinned to one core, load generator on the other): registrations
-#     per second, RSS per idle registered peer and CPU use with N peers kept alive;
+#     per second, RSS per idle registered peer and CPU use with N peers kept alive; the same
+#     load generator against a plain quinn + rustls server doing only the handshake (same
+#     certificate type and crypto, `bench handshake-server`): registrations per server CPU
+#     second / its handshakes per server CPU second, and its RSS per idle connection;
 #   - connect time / floor (RTT to the rendezvous + 2 RTT between the peers, RTTs measured with
 #     ICMP inside the lab), median and p95, at 20 and 80 ms injected RTT between the peers.
 #
-#   scripts/bench.sh [--quick] [--size MB] [--keep] [--send-only] [--iroh]
+#   scripts/bench.sh [--quick] [--size MB] [--keep] [--send-only] [--rv-only] [--rv-peers N] [--iroh]
 #
 # Full run: about 3 minutes on 2 cores after the release build. --quick: small sizes, one run,
 # 5 connects, 500 peers: about 30 s after the build, for CI (no timing is asserted anywhere; the
 # script fails only if a measurement cannot be made). --size sets the `peer send` file size.
 # --keep leaves the work directory (every program's output and log) in place. --send-only runs
 # only the `peer send` rows (and the 1-stream plain quinn lab-link goodput they are compared
-# with): for work on the relay or on file transfer.
+# with): for work on the relay or on file transfer. --rv-only runs only the rendezvous rows (no
+# lab; about a minute with the default 10,000 peers), --rv-peers N sets their peer count (at most
+# 200,000; see docs/benchmarks.md for the memory it takes).
 # --iroh adds iroh (the release in scripts/lab/iroh.sh, with its iroh-relay in dev mode on the
 # rendezvous host, endpoints configured with that relay only) as a fourth contestant on the same
 # lab links: direct goodput and CPU (1 and 4 streams, interleaved with the others), relayed
@@ -34,6 +39,7 @@ cd "$(dirname "$0")/.."
 quick=0
 keep=0
 send_only=0
+rv_only=0
 iroh=0
 send_mb=100      # `peer send` file
 runs=5           # repetitions of every goodput measurement (median)
@@ -48,8 +54,10 @@ while [[ $# -gt 0 ]]; do
         --size) send_mb=${2:?--size needs MB}; shift ;;
         --keep) keep=1 ;;
         --send-only) send_only=1 ;;
+        --rv-only) rv_only=1 ;;
+        --rv-peers) rv_peers=${2:?--rv-peers needs a count}; shift ;;
         --iroh) iroh=1 ;;
-        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--send-only] [--iroh]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--send-only] [--rv-only] [--rv-peers N] [--iroh]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -148,6 +156,7 @@ if not rtts:
 print(f"{statistics.median(rtts):.2f}")
 EOF
 
+if ((! rv_only)); then
 # ---------------------------------------------------------------- goodput: ours, quinn, TCP
 "$bin/bench" keys --dir "$work/keys"
 glab=kg$tag
@@ -372,7 +381,9 @@ record send_direct_lab "$dlab"
 record send_relay_lab "$rlab"
 record send_relay_uncapped_lab "$qlab"
 for lab in "$glab" "$dlab" "$rlab" "$qlab"; do scripts/natlab.sh down "$lab" >/dev/null 2>&1; done
+fi # ! rv_only
 record send_only "$send_only"
+record rv_only "$rv_only"
 
 if ((send_only)); then
     rv_peers=0
@@ -386,26 +397,47 @@ if (($(nproc) >= 2)) && command -v taskset >/dev/null 2>&1; then
     pin_gen=(taskset -c 1)
     record rv_pinned yes
 fi
+# rv_load NAME: the load generator against the server started as $rv_pid (which printed its key
+# into $work/NAME.out), its JSON in $work/NAME.json; then the server is stopped.
+rv_load() {
+    local name=$1
+    shift
+    wait_for "$work/$name.out" "server key" 10
+    sleep 0.5 # settle, so that the baseline RSS is the idle server's
+    # Registration deadline: 300 s, plus 10 ms per peer (100,000 peers took 5 minutes on the
+    # shared 2-core machine: the load generator's core, not the server, is the limit there).
+    local deadline=$((300 + rv_peers / 100))
+    "${pin_gen[@]}" timeout $((deadline + rv_hold + 120)) "$bin/bench" rv-load --server "127.0.0.1:$rv_port" \
+        --server-key "$(sed -n 's/^server key //p' "$work/$name.out")" --peers "$rv_peers" \
+        --hold-s "$rv_hold" --rv-pid "$rv_pid" --register-deadline-s "$deadline" "$@" >"$work/$name.json" 2>"$work/$name-load.log" </dev/null ||
+        { echo "bench: rv-load ($name) failed" >&2; cat "$work/$name-load.log" >&2; exit 1; }
+    kill "$rv_pid" 2>/dev/null || true
+    wait "$rv_pid" 2>/dev/null || true
+    untrack "$rv_pid"
+}
+# The baseline first: a plain quinn + rustls server, handshakes only, same client and sockets.
+rv_port=$(free_udp_port)
+"${pin_rv[@]}" "$bin/bench" handshake-server --listen "127.0.0.1:$rv_port" --key "$work/handshake-key.pem" \
+    >"$work/handshake.out" 2>"$work/handshake.log" </dev/null &
+rv_pid=$!
+pids+=("$rv_pid")
+rv_load handshake --handshake-only
+for field in peers failed alive_after_hold rv_registrations_per_cpu_s rv_rss_per_peer_kib \
+    rv_hold_cpu_fraction; do
+    record "hs_${field#rv_}" "$(json_field "$work/handshake.json" "$field")"
+done
 rv_port=$(free_udp_port)
 "${pin_rv[@]}" "$bin/rendezvous" serve --listen "127.0.0.1:$rv_port" --data-dir "$work/rvload" \
     --tcp-listen off --max-connections $((rv_peers + 1000)) \
     >"$work/rvload.out" 2>"$work/rvload.log" </dev/null &
 rv_pid=$!
 pids+=("$rv_pid")
-wait_for "$work/rvload.out" "server key" 10
-sleep 0.5 # settle, so that the baseline RSS is the idle server's
-"${pin_gen[@]}" timeout $((rv_hold + 400)) "$bin/bench" rv-load --server "127.0.0.1:$rv_port" \
-    --server-key "$(sed -n 's/^server key //p' "$work/rvload.out")" --peers "$rv_peers" \
-    --hold-s "$rv_hold" --rv-pid "$rv_pid" >"$work/rv-load.json" 2>"$work/rv-load.log" </dev/null ||
-    { echo "bench: rv-load failed" >&2; cat "$work/rv-load.log" >&2; exit 1; }
+rv_load rvload
 for field in peers failed alive_after_hold registrations_per_s rv_registrations_per_cpu_s \
     rv_rss_per_peer_kib rv_hold_cpu_fraction rv_rss_before_kib rv_rss_held_kib; do
-    record "rv_${field#rv_}" "$(json_field "$work/rv-load.json" "$field")"
+    record "rv_${field#rv_}" "$(json_field "$work/rvload.json" "$field")"
 done
 record rv_hold_s "$rv_hold"
-kill "$rv_pid" 2>/dev/null || true
-wait "$rv_pid" 2>/dev/null || true
-untrack "$rv_pid"
 
 # ---------------------------------------------------------------- connect time / floor
 # A `peer ping` subcommand (JSON with first_reply_ms, connect_ms) is used when the peer binary
@@ -481,10 +513,12 @@ print(d["first_reply_ms"], d["direct_ms"] if d["direct_ms"] is not None else "na
 }
 
 # --delay D adds D ms of RTT on each NAT uplink: D to the rendezvous, 2 D between the peers.
-for delay in 10 40; do
-    say "connect time: $connects connects, ${delay} ms delay per uplink ($((2 * delay)) ms RTT between the peers)"
-    connect_times "$delay"
-done
+if ((! rv_only)); then
+    for delay in 10 40; do
+        say "connect time: $connects connects, ${delay} ms delay per uplink ($((2 * delay)) ms RTT between the peers)"
+        connect_times "$delay"
+    done
+fi
 
 fi
 
@@ -511,7 +545,8 @@ def ratio(a, b):  # median of per-run ratios, and their range
     return med(rs), spread
 mbs = lambda b: f"{b / 1e6:.0f} MB/s"
 send_only = r.get("send_only") == "1"
-if not send_only:
+rv_only = r.get("rv_only") == "1"
+if not send_only and not rv_only:
     for where, label in (("loop", "loopback"), ("lab", "lab link")):
         for s in ("1", "4"):
             ours, quinn, tcp = (med(series(f"gp_{where}-{m}-{s}")) for m in ("ours", "quinn", "tcp"))
@@ -528,18 +563,19 @@ if not send_only:
         c, spread = ratio(f"cpu_loop-ours-{s}", f"cpu_loop-quinn-{s}")
         row(f"CPU s per GiB (client + server), ours / plain quinn, loopback, {s} stream{'s' if s != '1' else ''}",
             f"{co:.2f} / {cq:.2f}", f"{c:.2f}{spread}")
-d, rl = f("send_" + r["send_direct_lab"]), f("send_" + r["send_relay_lab"])
-pq = med(series("gp_lab-quinn-1")) / 1e6
-row(f"`peer send` {send_mb} MB direct (port-restricted NATs, {r['path_' + r['send_direct_lab']]}) / plain quinn on a lab link",
-    f"{d:.1f} / {pq:.0f} MB/s", f"{d / pq:.2f}", ">= 0.8", d / pq >= 0.8)
-row(f"`peer send` relayed (symmetric NATs, {r['path_' + r['send_relay_lab']]}) / direct, same links, default relay rate limit (50 MB/s per peer)",
-    f"{rl:.1f} / {d:.1f} MB/s", f"{rl / d:.2f}", "- (the operator's `--relay-rate` policy caps it; the next row is the relay's capacity)")
-ru = f("send_" + r["send_relay_uncapped_lab"])
-row(f"`peer send` relayed / direct, same links, relay rate limit raised to 10 GB/s (`--relay-rate`)",
-    f"{ru:.1f} / {d:.1f} MB/s", f"{ru / d:.2f}", ">= 0.6", ru / d >= 0.6)
-cd, cu = f("send_cpu_per_gb_" + r["send_direct_lab"]), f("send_cpu_per_gb_" + r["send_relay_uncapped_lab"])
-row("`peer send` CPU s per GB (sender + receiver + rendezvous), relayed (rate limit raised) / direct",
-    f"{cu:.2f} / {cd:.2f}", f"{cu / cd:.2f}", "<= 1.6", cu / cd <= 1.6)
+if not rv_only:
+  d, rl = f("send_" + r["send_direct_lab"]), f("send_" + r["send_relay_lab"])
+  pq = med(series("gp_lab-quinn-1")) / 1e6
+  row(f"`peer send` {send_mb} MB direct (port-restricted NATs, {r['path_' + r['send_direct_lab']]}) / plain quinn on a lab link",
+      f"{d:.1f} / {pq:.0f} MB/s", f"{d / pq:.2f}", ">= 0.8", d / pq >= 0.8)
+  row(f"`peer send` relayed (symmetric NATs, {r['path_' + r['send_relay_lab']]}) / direct, same links, default relay rate limit (50 MB/s per peer)",
+      f"{rl:.1f} / {d:.1f} MB/s", f"{rl / d:.2f}", "- (the operator's `--relay-rate` policy caps it; the next row is the relay's capacity)")
+  ru = f("send_" + r["send_relay_uncapped_lab"])
+  row(f"`peer send` relayed / direct, same links, relay rate limit raised to 10 GB/s (`--relay-rate`)",
+      f"{ru:.1f} / {d:.1f} MB/s", f"{ru / d:.2f}", ">= 0.6", ru / d >= 0.6)
+  cd, cu = f("send_cpu_per_gb_" + r["send_direct_lab"]), f("send_cpu_per_gb_" + r["send_relay_uncapped_lab"])
+  row("`peer send` CPU s per GB (sender + receiver + rendezvous), relayed (rate limit raised) / direct",
+      f"{cu:.2f} / {cd:.2f}", f"{cu / cd:.2f}", "<= 1.6", cu / cd <= 1.6)
 if send_only:
     rows.append("")
     rows.append("(--send-only: the other rows were not measured)")
@@ -555,10 +591,17 @@ row(f"rendezvous registrations/s ({core}; load generator on the other)",
 per = f("rv_rss_per_peer_kib")
 row(f"rendezvous RSS per idle registered peer, {n} peers (alive after {r['rv_hold_s']} s: {r['rv_alive_after_hold']})",
     f"{per:.1f} KiB ({f('rv_rss_before_kib') / 1024:.0f} -> {f('rv_rss_held_kib') / 1024:.0f} MiB)",
-    f"{per / 50:.2f} of 50 KiB", "<= 50 KiB", per <= 50)
+    f"{per / 25:.2f} of 25 KiB", "<= 25 KiB", per <= 25)
 row(f"rendezvous CPU with {n} idle peers", f"{100 * f('rv_hold_cpu_fraction'):.1f} % of a core", "-", "measured")
+hs = f("hs_registrations_per_cpu_s")
+reg = f("rv_registrations_per_cpu_s")
+row("rendezvous registrations per server CPU s / plain quinn + rustls handshakes per server CPU s (same client, sockets and certificate type)",
+    f"{reg:.0f} / {hs:.0f}", f"{reg / hs:.2f}", ">= 0.5", reg / hs >= 0.5)
+hn = int(float(r["hs_peers"]))
+row(f"plain quinn + rustls server: RSS per idle connection, {hn} connections (alive after {r['rv_hold_s']} s: {r['hs_alive_after_hold']}); CPU",
+    f"{f('hs_rss_per_peer_kib'):.1f} KiB; {100 * f('hs_hold_cpu_fraction'):.1f} % of a core", "-", "measured")
 via = "first reply (`peer ping`)" if r["connect_via"] == "ping" else "connection up (`peer connect`, no first byte)"
-for delay in ("10", "40"):
+for delay in (() if rv_only else ("10", "40")):
     ms = sorted(float(x) for x in r[f"connect_ms_{delay}"].split(",") if x)
     rv, ab = f(f"rtt_rv_{delay}"), f(f"rtt_ab_{delay}")
     floor = rv + 2 * ab
@@ -607,9 +650,12 @@ print("|---|---|---|---|")
 print("\n".join(rows))
 print()
 mode = "--quick" if quick == "1" else "full"
-print(f"{mode} run: goodput {loop_mb} MB (loopback) / {lab_mb} MB (lab link) per test, median of {runs}; "
-      f"`peer send` {send_mb} MB; lab links are veth pairs through nftables NATs, no impairment "
-      "except the connect-time labs (--delay, through the Python shim).")
+if rv_only:
+    print(f"{mode} --rv-only run: the rendezvous rows only, {int(float(r['rv_peers']))} peers kept alive {r['rv_hold_s']} s.")
+else:
+  print(f"{mode} run: goodput {loop_mb} MB (loopback) / {lab_mb} MB (lab link) per test, median of {runs}; "
+        f"`peer send` {send_mb} MB; lab links are veth pairs through nftables NATs, no impairment "
+        "except the connect-time labs (--delay, through the Python shim).")
 fails = sum(int(v) for k, v in r.items() if k.startswith("send_failed_"))
 if fails:
     print(f"`peer send` transfers that failed and were retried: {fails} (see the log above)")

@@ -104,7 +104,7 @@ async fn register_all(
             let endpoint = endpoints[i % endpoints.len()].clone();
             let id = identity.id();
             tasks.spawn(async move {
-                register_one(endpoint, identity, server, fingerprint)
+                register_one(endpoint, identity, server, fingerprint, false)
                     .await
                     .map(|r| (id, r))
             });

@@ -9,7 +9,11 @@
 //!   transport settings, the peer dialed through a routed stable address as the peer binary does).
 //!   Each side prints one JSON line with the bytes moved, the seconds and its CPU seconds.
 //! - `rv-load`: registers many simulated peers with a running `rendezvous serve`, keeps them
-//!   alive, and reports registrations per second and the server's RSS and CPU use.
+//!   alive, and reports registrations per second and the server's RSS and CPU use;
+//!   `--handshake-only` does the QUIC + TLS handshakes alone, against `handshake-server`.
+//! - `handshake-server`: a plain quinn + rustls server (same certificate type and crypto as the
+//!   rendezvous, nothing of ours) that accepts handshakes and holds the connections: the
+//!   baseline of the rendezvous's registration cost and memory per peer.
 //! - `cluster-load`: the same against several nodes sharing one registry in Redis, with
 //!   cross-node introductions; per node figures.
 //!
@@ -17,6 +21,7 @@
 
 mod clusterload;
 mod goodput;
+mod handshake;
 mod rvload;
 mod usage;
 
@@ -92,6 +97,15 @@ enum Command {
     RvLoad(rvload::Args),
     /// Cluster load generator (several nodes sharing Redis).
     ClusterLoad(clusterload::Args),
+    /// Plain quinn + rustls server accepting handshakes only (the registration baseline).
+    HandshakeServer {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Ed25519 identity file of the server (created if missing).
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -121,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             } => goodput::client(mode, connect, bind, &keys, bytes, streams).await,
             Command::RvLoad(args) => rvload::run(args).await,
             Command::ClusterLoad(args) => clusterload::run(args).await,
+            Command::HandshakeServer { listen, key } => handshake::server(listen, &key).await,
         }
     })
 }

@@ -8,7 +8,11 @@
 //!    registered and at the end of the hold.
 //! 3. Closes every connection and prints one JSON line.
 //!
-//! Bounded: the peer count is capped at 20,000 and every phase has a deadline.
+//! With `--handshake-only` step 1 is the QUIC + TLS handshake alone (same client, same
+//! identities, same sockets), against `bench handshake-server`: the baseline the rendezvous's
+//! registrations per CPU second are compared with.
+//!
+//! Bounded: the peer count is capped at 200,000 and every phase has a deadline.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,7 +27,7 @@ use transport::TransportSettings;
 use crate::usage;
 
 /// The most peers one run may simulate.
-const MAX_PEERS: usize = 20_000;
+const MAX_PEERS: usize = 200_000;
 
 /// Options of `bench rv-load`.
 #[derive(clap::Args, Debug)]
@@ -34,7 +38,7 @@ pub struct Args {
     /// Its key fingerprint (`server key sha256:...`).
     #[arg(long)]
     server_key: String,
-    /// Peers to register (at most 20,000).
+    /// Peers to register (at most 200,000).
     #[arg(long, default_value_t = 10_000)]
     peers: usize,
     /// UDP sockets (quinn endpoints) the peers are spread over. Against a rendezvous on IPv4
@@ -59,13 +63,17 @@ pub struct Args {
     /// The rendezvous process, to read its RSS and CPU time from /proc.
     #[arg(long)]
     rv_pid: Option<u32>,
+    /// Only the QUIC + TLS handshake, no `register` (against `bench handshake-server`).
+    #[arg(long)]
+    handshake_only: bool,
 }
 
 /// One registered simulated peer: dropping it closes nothing; [`run`] closes connections.
 pub(crate) struct Registered {
     pub(crate) conn: quinn::Connection,
-    // Held so the control stream stays open (the server ends the registration with it).
-    _control: (quinn::SendStream, quinn::RecvStream),
+    // Held so the control stream stays open (the server ends the registration with it); `None`
+    // with `--handshake-only`.
+    _control: Option<(quinn::SendStream, quinn::RecvStream)>,
 }
 
 pub(crate) async fn register_one(
@@ -73,6 +81,7 @@ pub(crate) async fn register_one(
     identity: Identity,
     server: SocketAddr,
     fingerprint: Fingerprint,
+    handshake_only: bool,
 ) -> anyhow::Result<Registered> {
     let settings = TransportSettings::default();
     let tls = certs::client_config_for_server(
@@ -85,6 +94,12 @@ pub(crate) async fn register_one(
         .connect_with(config, server, SERVER_NAME)?
         .await
         .context("handshake")?;
+    if handshake_only {
+        return Ok(Registered {
+            conn,
+            _control: None,
+        });
+    }
     // The peer's own register handshake.
     let peer::register::RegisterExchange {
         send: tx,
@@ -95,7 +110,7 @@ pub(crate) async fn register_one(
     match reply {
         ControlMessage::Registered { id, .. } if id == identity.id() => Ok(Registered {
             conn,
-            _control: (tx, rx),
+            _control: Some((tx, rx)),
         }),
         other => bail!("unexpected reply to register: {}", other.kind()),
     }
@@ -184,7 +199,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 break;
             };
             let endpoint = endpoints[i % endpoints.len()].clone();
-            tasks.spawn(register_one(endpoint, identity, args.server, fingerprint));
+            tasks.spawn(register_one(
+                endpoint,
+                identity,
+                args.server,
+                fingerprint,
+                args.handshake_only,
+            ));
         }
         let remaining = deadline.saturating_sub(start.elapsed());
         match tokio::time::timeout(remaining, tasks.join_next()).await {
@@ -225,13 +246,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for peer in &peers {
         peer.conn.close(0u32.into(), b"bench done");
     }
+    // All endpoints drain at once, within one deadline: one after the other, thousands of them
+    // (100,000 peers are 6,250 sockets) took minutes.
+    let mut draining = JoinSet::new();
     for endpoint in &endpoints {
-        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+        let endpoint = endpoint.clone();
+        draining.spawn(async move { endpoint.wait_idle().await });
     }
+    let drained = async { while draining.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
 
     let n = peers.len();
     let mut out = serde_json::json!({
         "peers": n,
+        "handshake_only": args.handshake_only,
         "failed": failures,
         "first_error": first_error,
         "register_secs": register_secs,

@@ -49,6 +49,11 @@ const FRAMES_QUEUE: usize = 4;
 const REPLY_QUEUE: usize = 8;
 /// Pushes (introductions) waiting for the writer of a control stream; more are dropped.
 const PUSH_QUEUE: usize = 32;
+/// A reply or push waiting for a control stream's writer. Boxed because a tokio channel
+/// allocates its first block of 32 slots when it is made, whatever its bound: with the message
+/// inline (96 bytes) that was 2 x 3 KiB for every idle registered peer, boxed 2 x 256 bytes
+/// (docs/benchmarks.md, "Idle peer memory").
+type Queued = Box<ControlMessage>;
 /// Registry rows expired per hold of the registry lock (each chunk is then deleted from storage
 /// in one durable transaction before the next).
 const EXPIRY_CHUNK: usize = 1024;
@@ -144,7 +149,7 @@ impl Default for Limits {
 /// What the driver keeps per registered connection.
 struct Online {
     /// Pushes to its control stream (dropped when full).
-    pusher: mpsc::Sender<ControlMessage>,
+    pusher: mpsc::Sender<Queued>,
     /// The connection, to read its current remote address.
     conn: Connection,
 }
@@ -364,7 +369,7 @@ impl Shared {
         let sender = lock(&self.online).get(&target).map(|o| o.pusher.clone());
         match sender {
             Some(sender) => {
-                let queued = sender.try_send(push).is_ok();
+                let queued = sender.try_send(Box::new(push)).is_ok();
                 if !queued {
                     tracing::warn!(conn = target, "push queue full or closed; dropped");
                 }
@@ -740,7 +745,7 @@ struct Control<'a> {
     conn_id: ConnId,
     id: PeerId,
     /// Replies to the control stream's writer.
-    replies: mpsc::Sender<ControlMessage>,
+    replies: mpsc::Sender<Queued>,
 }
 
 impl Control<'_> {
@@ -748,7 +753,7 @@ impl Control<'_> {
     /// room, so a full queue here means the peer sent something before registering and did not
     /// read: it is disconnected.
     fn reply(&self, msg: ControlMessage) -> Result<(), ConnError> {
-        match self.replies.try_send(msg) {
+        match self.replies.try_send(Box::new(msg)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 disconnect_not_reading(self.shared, self.conn);
@@ -763,7 +768,7 @@ impl Control<'_> {
     async fn run(
         &self,
         mut frames: mpsc::Receiver<Result<Vec<u8>, FrameIoError>>,
-        pushes: mpsc::Sender<ControlMessage>,
+        pushes: mpsc::Sender<Queued>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
         let (shared, conn, conn_id, id) = (self.shared, self.conn, self.conn_id, self.id);
@@ -796,9 +801,10 @@ impl Control<'_> {
                 return Err(ConnError::Protocol(e.to_string()));
             }
         };
-        let reply = shared
-            .apply(conn_id, id, conn.remote_address(), msg, true)
-            .await;
+        // Boxed, here and in the loop below: `apply` (the registry, storage and cluster
+        // calls) is the largest state of this future, which every idle peer's task holds for
+        // as long as it is connected; boxed, only a request in progress pays for it.
+        let reply = Box::pin(shared.apply(conn_id, id, conn.remote_address(), msg, true)).await;
         let registered = matches!(reply, Some(ControlMessage::Registered { .. }));
         if let Some(reply) = reply {
             self.reply(reply)?;
@@ -812,7 +818,7 @@ impl Control<'_> {
         // gone to the connection this registration replaces.
         let waiting = lock(&shared.registry).pending_introductions(id, OffsetDateTime::now_utc());
         for punch in waiting {
-            if pushes.try_send(punch).is_err() {
+            if pushes.try_send(Box::new(punch)).is_err() {
                 tracing::warn!(peer = %id, "push queue full; dropped an introduction");
             }
         }
@@ -839,7 +845,7 @@ impl Control<'_> {
                     Some(Ok(body)) => {
                         let reply = if limiter.try_take(Instant::now()) {
                             match ControlMessage::decode(&body) {
-                                Ok(msg) => shared.apply(conn_id, id, conn.remote_address(), msg, false).await,
+                                Ok(msg) => Box::pin(shared.apply(conn_id, id, conn.remote_address(), msg, false)).await,
                                 Err(e) => Some(ControlMessage::error(e.code(), e.to_string())),
                             }
                         } else {
@@ -913,8 +919,8 @@ async fn write_control(
     shared: Arc<Shared>,
     conn: Connection,
     mut tx: SendStream,
-    mut replies: mpsc::Receiver<ControlMessage>,
-    mut pushes: mpsc::Receiver<ControlMessage>,
+    mut replies: mpsc::Receiver<Queued>,
+    mut pushes: mpsc::Receiver<Queued>,
 ) {
     let mut pushes_open = true;
     loop {

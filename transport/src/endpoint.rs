@@ -124,8 +124,21 @@ pub struct ServerTransport {
 }
 
 impl TransportSettings {
+    /// The server's keep-alive interval: halfway between the peers' and the idle timeout.
+    ///
+    /// The peers ping every `keep_alive` (their NAT mappings need traffic from their side). A
+    /// server pinging at the same interval doubled the packets of every idle peer: quinn
+    /// restarts a keep-alive timer on every packet received, so each side's timer fired just
+    /// before the other's ping arrived, and both pinged. Longer than the peers' interval, the
+    /// server's timer never fires for a peer that pings; a peer that does not is still pinged
+    /// before the idle timeout.
+    fn server_keep_alive(&self) -> Duration {
+        self.keep_alive + self.idle_timeout.saturating_sub(self.keep_alive) / 2
+    }
+
     fn server_transport_config(&self, limits: &ServerTransport) -> Arc<quinn::TransportConfig> {
         let mut transport = self.base_config();
+        transport.keep_alive_interval(Some(self.server_keep_alive()));
         transport.max_concurrent_bidi_streams(limits.max_concurrent_bidi_streams.into());
         transport.receive_window(limits.receive_window.into());
         transport.stream_receive_window(limits.stream_receive_window.into());
@@ -166,7 +179,7 @@ pub fn make_endpoint(
         }
         None => None,
     };
-    bind_endpoint(addr, false, server_config, stun_queue, reset_secret)
+    bind_endpoint(addr, false, None, server_config, stun_queue, reset_secret)
 }
 
 /// As [`make_endpoint`] for a public server: accepts connections with `tls` under the
@@ -188,7 +201,14 @@ pub fn make_server_endpoint(
         .max_incoming(limits.max_incoming)
         .incoming_buffer_size(limits.incoming_buffer_size)
         .incoming_buffer_size_total(limits.incoming_buffer_size_total);
-    bind_endpoint(addr, share_port, Some(config), stun_queue, reset_secret)
+    bind_endpoint(
+        addr,
+        share_port,
+        Some(SERVER_SOCKET_BUFFER),
+        Some(config),
+        stun_queue,
+        reset_secret,
+    )
 }
 
 /// A quinn server config over our rustls config (which must speak TLS 1.3 only).
@@ -198,15 +218,42 @@ fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, 
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 
+/// Kernel receive and send buffer asked for a server's UDP socket (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`).
+///
+/// The default (`rmem_default`, 208 KiB on Linux: about 150 full-size packets) is what every
+/// packet waits in while the server is busy. With 100,000 idle peers (6,700 keep-alives a
+/// second) and handshakes in progress, a pause of a few tens of milliseconds overflowed it:
+/// the drops cost retransmissions, the retransmissions load the server more, and in
+/// `scripts/bench.sh --rv-peers 100000` the server stopped hearing most peers long enough for
+/// their connections to time out (docs/benchmarks.md, "Idle peer memory").
+pub const SERVER_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Asks for `bytes` of kernel receive and send buffer on `socket`. Best effort: the kernel caps
+/// the request at its limits, and a smaller buffer still works, only with less room.
+fn enlarge_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(bytes) {
+        tracing::warn!(error = %e, "could not enlarge the UDP receive buffer");
+    }
+    if let Err(e) = sock.set_send_buffer_size(bytes) {
+        tracing::warn!(error = %e, "could not enlarge the UDP send buffer");
+    }
+}
+
 fn bind_endpoint(
     addr: SocketAddr,
     share_port: bool,
+    socket_buffer: Option<usize>,
     server_config: Option<quinn::ServerConfig>,
     stun_queue: usize,
     reset_secret: Option<[u8; 32]>,
 ) -> Result<BoundEndpoint, EndpointError> {
     let socket_err = |source| EndpointError::Socket { addr, source };
     let socket = bind_udp(addr, share_port).map_err(socket_err)?;
+    if let Some(bytes) = socket_buffer {
+        enlarge_buffers(&socket, bytes);
+    }
     let (demux, stun_rx) = DemuxSocket::new(socket, stun_queue).map_err(socket_err)?;
     let mut endpoint_config = match reset_secret {
         Some(secret) => {
@@ -327,4 +374,44 @@ pub fn remote_certificate(
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .map_err(|_| "unexpected identity type")?;
     chain.first().cloned().ok_or("empty certificate chain")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_pings_only_peers_silent_past_their_own_keep_alive() {
+        let peers = TransportSettings::default();
+        let server = peers.server_keep_alive();
+        // Longer than the peers' interval (their pings reset it), shorter than the idle
+        // timeout (a silent peer is still pinged before its connection would die).
+        assert!(server > peers.keep_alive, "{server:?}");
+        assert!(server < peers.idle_timeout, "{server:?}");
+        // A configuration whose idle timeout does not exceed its keep-alive keeps the latter.
+        let odd = TransportSettings {
+            keep_alive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5),
+        };
+        assert_eq!(odd.server_keep_alive(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn server_sockets_get_the_larger_buffer_the_kernel_allows() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        enlarge_buffers(&socket, SERVER_SOCKET_BUFFER);
+        let after = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        assert!(after >= before, "{before} -> {after}");
+        // Where the kernel's cap leaves room (Linux reports twice the size it grants), the
+        // buffer grew.
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some(cap) = cap {
+            if 2 * cap.min(SERVER_SOCKET_BUFFER) > before {
+                assert!(after > before, "cap {cap}: {before} -> {after}");
+            }
+        }
+    }
 }

@@ -16,7 +16,7 @@ pub use demux::{
 pub use endpoint::{
     bind_udp, bind_udp_beside, make_endpoint, make_server_endpoint, quic_client_config,
     quic_peer_client_config, remote_certificate, BoundEndpoint, EndpointError, ServerTransport,
-    TransportSettings, PEER_CONNECTION_WINDOW, PEER_STREAM_WINDOW,
+    TransportSettings, PEER_CONNECTION_WINDOW, PEER_STREAM_WINDOW, SERVER_SOCKET_BUFFER,
 };
 pub use scripted::{check_receive_script, ScriptedDatagram, ScriptedSocket};
 
