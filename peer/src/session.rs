@@ -720,8 +720,11 @@ async fn attempt(
     let mut udp_error = None;
     if !tunnel.preferred {
         tunnel.close(config);
-        // With other servers to go to, a silent one is left sooner.
-        let timeout = if server.tcp.is_some() || several {
+        // With other servers to go to, a silent one is left sooner. With only the TCP tunnel
+        // to fall back on, a slow answer (a loaded server or machine, a slow first round trip)
+        // gets the same 5 s as without it: the tunnel works, but punching then starts from a
+        // registration the other peers cannot punch to until UDP is found to work again.
+        let timeout = if several {
             Duration::from_secs(3)
         } else {
             Duration::from_secs(5)
