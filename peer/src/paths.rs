@@ -442,9 +442,14 @@ impl PathKeeper {
         }
         let log = self.verbose.then(|| self.console.clone());
         // Birthday punching only for a pair plain punching cannot open, known from both
-        // profiles (ours measured, theirs handed over by the rendezvous).
+        // profiles (ours measured, theirs handed over by the rendezvous); never while we are
+        // registered through the TCP tunnel: the peer then has no public UDP address of ours to
+        // aim at, and a birthday session that cannot work would take the pair's one running
+        // birthday (and one of its few per window) from the punch that follows our move back
+        // to UDP (found in the lab under load: a listener that started on the tunnel).
+        let over_tcp = matches!(self.session.state(), SessionState::Registered(r) if r.over_tcp);
         let birthday = match (self.nat_profile(), peer_nat) {
-            (Some(ours), Some(theirs)) => punch::birthday::role(&ours, &theirs)
+            (Some(ours), Some(theirs)) if !over_tcp => punch::birthday::role(&ours, &theirs)
                 .map(|role| (role, punching::birthday_config_for(Some(&theirs)))),
             _ => None,
         };
