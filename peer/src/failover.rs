@@ -162,7 +162,8 @@ impl Selection {
         self.failed(server, now);
     }
 
-    /// `server` stopped answering on a live connection (its liveness pings went unanswered):
+    /// `server` stopped answering on a live connection (it went silent and left our probes
+    /// unanswered, see [`crate::liveness`]):
     /// it is passed over at once, without the reconnect a closed connection gets (a server that
     /// is silent for seconds is gone or cut off, not restarting).
     pub fn unresponsive(&mut self, server: usize, now: Instant) {

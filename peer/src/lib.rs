@@ -52,7 +52,8 @@
 //! # Layers
 //!
 //! - [`endpoint`]: the public face: [`Endpoint`], [`Connection`], [`Incoming`].
-//! - The machinery under it: [`node`] (socket and QUIC endpoint), [`session`] (registration),
+//! - The machinery under it: [`node`] (socket and QUIC endpoint), [`session`] (registration;
+//!   with several nodes, [`failover`] picks one and [`liveness`] tells when to leave it),
 //!   [`register`] (the register handshake and TLS names), [`relay`], [`punching`], [`dial`],
 //!   [`paths`] (keeping each connection on its best path), [`netcheck`] and [`portmap`] (what
 //!   the NAT does; the router's port mapping of our socket), [`cache`] (addresses that worked), [`tasks`] (the tasks an endpoint spawns
@@ -74,6 +75,7 @@ pub mod endpoint;
 pub mod failover;
 pub mod files;
 pub mod listener;
+pub mod liveness;
 pub mod netcheck;
 pub mod node;
 pub mod observe;

@@ -215,6 +215,7 @@ async fn run(
                                 if send.write_all(&batch).await.is_err() {
                                     break false;
                                 }
+                                session.note_relayed();
                             }
                             r = state.changed() => {
                                 if r.is_err() {

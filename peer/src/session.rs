@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,8 @@ use common::frame_io::{read_frame, write_frame};
 use common::{ControlMessage, PeerId, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch};
 use transport::TransportSettings;
+
+use crate::liveness::{self, Liveness, Verdict};
 
 /// Server name sent in the TLS handshake (our verifiers check keys, not names).
 use crate::register::RENDEZVOUS_SERVER_NAME as SERVER_NAME;
@@ -27,15 +30,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Pushed events queued for the application.
 const EVENT_QUEUE: usize = 64;
-/// With several servers, how often the session checks that its server still answers (a `ping`
-/// request on the registration's connection). QUIC's own idle timeout (30 s) is too slow to
-/// move a relayed connection before the peers' connection times out too.
-pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
-/// Longest wait for the answer to one liveness `ping`.
-pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
-/// Liveness pings unanswered in a row after which the server counts as gone.
-pub const LIVENESS_MISSES: u32 = 2;
-
 /// A live registration.
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -180,6 +174,8 @@ pub struct Session {
     /// The server registered with, or being tried now.
     current: Arc<Mutex<SocketAddr>>,
     servers: Arc<[SocketAddr]>,
+    /// Relay writes so far (see [`Session::note_relayed`]).
+    relayed: Arc<AtomicU64>,
 }
 
 /// Errors of a request to the rendezvous.
@@ -221,6 +217,7 @@ impl Session {
             .copied()
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let current = Arc::new(Mutex::new(first));
+        let relayed = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run(
             endpoint,
             identity,
@@ -230,6 +227,7 @@ impl Session {
             first_use_tx,
             udp_works.clone(),
             current.clone(),
+            relayed.clone(),
             shutdown,
         ));
         (
@@ -239,6 +237,7 @@ impl Session {
                 udp_works,
                 current,
                 servers,
+                relayed,
             },
             events,
             task,
@@ -251,6 +250,12 @@ impl Session {
         if matches!(&*self.state.borrow(), SessionState::Registered(r) if r.over_tcp) {
             self.udp_works.notify_one();
         }
+    }
+
+    /// The relay wrote packets to the server: with several servers, a silent server is then
+    /// probed sooner ([`crate::liveness`]), since a relayed connection waits on it.
+    pub fn note_relayed(&self) {
+        self.relayed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The address of the rendezvous we are registered with (or trying now).
@@ -396,6 +401,7 @@ async fn run(
     first_use: watch::Sender<Option<FirstUseTrust>>,
     udp_works: Arc<tokio::sync::Notify>,
     current: Arc<Mutex<SocketAddr>>,
+    relayed: Arc<AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if config.servers.is_empty() {
@@ -485,7 +491,7 @@ async fn run(
                     let reason = tokio::select! {
                         r = pump_events(&mut control_rx, &events_tx) => r,
                         e = conn.closed() => e.to_string(),
-                        r = check_liveness(&conn), if several => {
+                        r = check_liveness(&conn, &relayed), if several => {
                             end = LinkEnd::Silent;
                             r
                         }
@@ -567,48 +573,69 @@ async fn run(
 enum LinkEnd {
     /// Closed or reset (the server may be restarting): one more attempt with it.
     Lost,
-    /// It stopped answering liveness pings: the next server at once.
+    /// It went silent and did not answer our probes ([`crate::liveness`]): the next server at
+    /// once.
     Silent,
     /// We leave the TCP tunnel for UDP, same server.
     LeavingTunnel,
 }
 
-/// Returns once the server has left [`LIVENESS_MISSES`] `ping`s in a row unanswered (each
-/// waited for [`LIVENESS_TIMEOUT`], one every [`LIVENESS_INTERVAL`]); with why.
-async fn check_liveness(conn: &quinn::Connection) -> String {
-    let mut misses = 0u32;
+/// Returns once the server has gone silent and left our probes unanswered
+/// ([`crate::liveness`]); with why. `relayed` counts the relay's writes.
+async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String {
+    let datagrams = || conn.stats().udp_rx.datagrams;
+    let mut liveness = Liveness::new(Instant::now(), datagrams(), relayed.load(Ordering::Relaxed));
+    let mut tick = tokio::time::interval(liveness::POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
+    // One probe in flight at a time: QUIC retransmits it; a later probe waits for it to end.
+    let mut probe: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> =
+        None;
     loop {
-        tokio::time::sleep(LIVENESS_INTERVAL).await;
-        seq += 1;
-        let ping = async {
-            let (mut tx, mut rx) = conn.open_bi().await.ok()?;
-            write_frame(&mut tx, &ControlMessage::Ping { seq }.encode())
-                .await
-                .ok()?;
-            let _ = tx.finish();
-            let body = read_frame(&mut rx).await.ok()??;
-            match ControlMessage::decode(&body) {
-                Ok(ControlMessage::Pong { seq: s }) if s == seq => Some(()),
-                // Any answer (a rate-limit refusal too) shows the server is there.
-                Ok(_) => Some(()),
-                Err(_) => None,
-            }
-        };
-        match tokio::time::timeout(LIVENESS_TIMEOUT, ping).await {
-            Ok(Some(())) => misses = 0,
-            _ => {
-                misses += 1;
-                if misses >= LIVENESS_MISSES {
-                    return format!(
-                        "the rendezvous stopped answering ({misses} pings unanswered within {} s \
-                         each)",
-                        LIVENESS_TIMEOUT.as_secs()
-                    );
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = async {
+                match probe.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
                 }
+            } => {
+                probe = None;
+                continue;
+            }
+        }
+        let verdict = liveness.poll(Instant::now(), datagrams(), relayed.load(Ordering::Relaxed));
+        match verdict {
+            Verdict::Wait => {}
+            Verdict::Probe => {
+                if probe.is_none() {
+                    seq += 1;
+                    probe = Some(Box::pin(send_probe(conn, seq)));
+                }
+            }
+            Verdict::Gone { silent_for, probes } => {
+                return format!(
+                    "the rendezvous went silent ({:.1} s without a packet from it, {probes} \
+                     probe(s) unanswered)",
+                    silent_for.as_secs_f64()
+                );
             }
         }
     }
+}
+
+/// One liveness probe: a `ping` request, its reply read (what arrives is counted by QUIC's
+/// statistics, which is all [`Liveness`] looks at); gives up after [`liveness::GRACE`].
+async fn send_probe(conn: &quinn::Connection, seq: u64) {
+    let ping = async {
+        let (mut tx, mut rx) = conn.open_bi().await.ok()?;
+        write_frame(&mut tx, &ControlMessage::Ping { seq }.encode())
+            .await
+            .ok()?;
+        let _ = tx.finish();
+        read_frame(&mut rx).await.ok()?
+    };
+    let _ = tokio::time::timeout(liveness::GRACE, ping).await;
 }
 
 /// The TLS-over-TCP tunnel to the rendezvous, when UDP does not get through.
