@@ -277,10 +277,7 @@ pub fn parse_record(key: &str, bytes: &[u8]) -> Result<Record, ClusterError> {
             why: format!("longer than {MAX_RECORD_BYTES} bytes"),
         });
     }
-    serde_json::from_slice(bytes).map_err(|e| ClusterError::Malformed {
-        key: key.to_owned(),
-        why: e.to_string(),
-    })
+    parse_json(key, bytes)
 }
 
 /// Parses a NAT profile read from `key`: empty is none.
@@ -294,12 +291,7 @@ pub fn parse_nat(key: &str, bytes: &[u8]) -> Result<Option<NatProfile>, ClusterE
             why: format!("longer than {MAX_NAT_BYTES} bytes"),
         });
     }
-    serde_json::from_slice(bytes)
-        .map(Some)
-        .map_err(|e| ClusterError::Malformed {
-            key: key.to_owned(),
-            why: e.to_string(),
-        })
+    parse_json(key, bytes).map(Some)
 }
 
 /// Parses an online mark read from `key`: empty is none, else a node id.
@@ -321,12 +313,15 @@ pub fn parse_node_info(key: &str, bytes: &[u8]) -> Result<Option<NodeInfo>, Clus
     if bytes.is_empty() {
         return Ok(None);
     }
-    serde_json::from_slice(bytes)
-        .map(Some)
-        .map_err(|e| ClusterError::Malformed {
-            key: key.to_owned(),
-            why: e.to_string(),
-        })
+    parse_json(key, bytes).map(Some)
+}
+
+/// Parses the JSON value read from `key`; what is not JSON of a `T` is [`ClusterError::Malformed`].
+fn parse_json<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(bytes).map_err(|e| ClusterError::Malformed {
+        key: key.to_owned(),
+        why: e.to_string(),
+    })
 }
 
 /// One queued write.
