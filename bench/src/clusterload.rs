@@ -22,7 +22,7 @@ use common::frame_io::{read_frame, write_frame};
 use common::{ControlMessage, PeerId};
 use tokio::task::JoinSet;
 
-use crate::rvload::{endpoints_for, identities, register_one, sample, Registered};
+use crate::rvload::{endpoints_for, identities, register_one, sample, LoadArgs, Registered};
 
 /// The most nodes one run drives.
 const MAX_NODES: usize = 8;
@@ -49,16 +49,8 @@ pub struct Args {
     /// Peers of each node that ask for an introduction to a peer of the next node.
     #[arg(long, default_value_t = 2_000)]
     introductions_per_node: usize,
-    /// UDP sockets the peers are spread over (at least `--peers-per-node / --peers-per-source`
-    /// against loopback nodes; see `rv-load`).
-    #[arg(long, default_value_t = 8)]
-    endpoints: usize,
-    /// Peers sharing one source address, per node (loopback nodes only).
-    #[arg(long, default_value_t = 16)]
-    peers_per_source: usize,
-    /// Requests in flight at once, per node.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    #[command(flatten)]
+    pub(crate) load: LoadArgs,
     /// Deadline of each phase, in seconds.
     #[arg(long, default_value_t = 300)]
     deadline_s: u64,
@@ -230,12 +222,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     // One set of sockets for all nodes: each source address then has at most
     // `peers_per_source` peers on any one node.
-    let endpoints = endpoints_for(
-        args.servers[0],
-        args.peers_per_node,
-        args.endpoints,
-        args.peers_per_source,
-    )?;
+    let endpoints = endpoints_for(args.servers[0], args.peers_per_node, &args.load)?;
     eprintln!(
         "cluster-load: generating {} identities",
         n * args.peers_per_node
@@ -257,7 +244,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mine = all.split_off(all.len() - args.peers_per_node);
         let endpoints = endpoints.clone();
         let target = (node.server, node.fingerprint);
-        let concurrency = args.concurrency;
+        let concurrency = args.load.concurrency;
         registering.spawn(async move {
             (
                 i,
@@ -291,7 +278,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .take(args.introductions_per_node)
             .map(|((_, requester), (target, _))| (requester.conn.clone(), *target))
             .collect();
-        let concurrency = args.concurrency;
+        let concurrency = args.load.concurrency;
         introducing.spawn(async move { (i, introduce_all(pairs, concurrency, deadline).await) });
     }
     let mut introductions = vec![(0, 0, None, 0.0); n];

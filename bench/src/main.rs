@@ -139,3 +139,52 @@ fn main() -> anyhow::Result<()> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_options(args: &[&str]) -> (usize, usize, usize) {
+        let cli = Cli::try_parse_from(args).expect("the command line parses");
+        let load = match cli.command {
+            Command::RvLoad(args) => args.load,
+            Command::ClusterLoad(args) => args.load,
+            _ => panic!("not a load generator"),
+        };
+        (load.endpoints, load.peers_per_source, load.concurrency)
+    }
+
+    /// `rv-load` and `cluster-load` take their shared options under the same names, with the
+    /// same defaults (8 sockets, 16 peers per source address, 16 requests in flight).
+    #[test]
+    fn load_generators_share_their_options() {
+        let rv = [
+            "bench",
+            "rv-load",
+            "--server",
+            "127.0.0.1:1",
+            "--server-key",
+            "k",
+        ];
+        let cluster = [
+            "bench",
+            "cluster-load",
+            "--server",
+            "127.0.0.1:1",
+            "--server-key",
+            "k",
+        ];
+        assert_eq!(load_options(&rv), (8, 16, 16));
+        assert_eq!(load_options(&cluster), (8, 16, 16));
+        let set = [
+            "--endpoints",
+            "3",
+            "--peers-per-source",
+            "5",
+            "--concurrency",
+            "7",
+        ];
+        assert_eq!(load_options(&[&rv[..], &set].concat()), (3, 5, 7));
+        assert_eq!(load_options(&[&cluster[..], &set].concat()), (3, 5, 7));
+    }
+}

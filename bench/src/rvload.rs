@@ -41,19 +41,8 @@ pub struct Args {
     /// Peers to register (at most 200,000).
     #[arg(long, default_value_t = 10_000)]
     peers: usize,
-    /// UDP sockets (quinn endpoints) the peers are spread over. Against a rendezvous on IPv4
-    /// loopback every socket gets its own source address in 127.0.0.0/8 and there are at least
-    /// `--peers / --peers-per-source` of them: the server limits connections and new identities
-    /// per source address, and real peers do not all come from one address.
-    #[arg(long, default_value_t = 8)]
-    endpoints: usize,
-    /// Peers sharing one source address (loopback servers only; see `--endpoints`).
-    #[arg(long, default_value_t = 16)]
-    peers_per_source: usize,
-    /// Registrations in flight at once (more only adds handshake retransmissions on loopback:
-    /// 16 already keeps one server core busy).
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    #[command(flatten)]
+    pub(crate) load: LoadArgs,
     /// Seconds to keep the registered peers alive before measuring again.
     #[arg(long, default_value_t = 30)]
     hold_s: u64,
@@ -66,6 +55,27 @@ pub struct Args {
     /// Only the QUIC + TLS handshake, no `register` (against `bench handshake-server`).
     #[arg(long)]
     handshake_only: bool,
+}
+
+/// The options `rv-load` and `cluster-load` share: how the simulated peers are spread over
+/// sockets, and how many requests are in flight at once.
+#[derive(clap::Args, Debug)]
+pub struct LoadArgs {
+    /// UDP sockets (quinn endpoints) the peers are spread over. Against a rendezvous on IPv4
+    /// loopback every socket gets its own source address in 127.0.0.0/8 and there are at least
+    /// `--peers / --peers-per-source` of them (`--peers-per-node / --peers-per-source` with
+    /// `cluster-load`): the server limits connections and new identities per source address,
+    /// and real peers do not all come from one address.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) endpoints: usize,
+    /// Peers sharing one source address (loopback servers only, per node with `cluster-load`;
+    /// see `--endpoints`).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) peers_per_source: usize,
+    /// Requests in flight at once (per node with `cluster-load`). Against loopback, more
+    /// registrations only add handshake retransmissions: 16 already keep one server core busy.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) concurrency: usize,
 }
 
 /// One registered simulated peer: dropping it closes nothing; [`run`] closes connections.
@@ -117,21 +127,21 @@ pub(crate) async fn register_one(
 }
 
 /// The UDP sockets (quinn endpoints, the same as a peer's: DemuxSocket, no greased QUIC bit)
-/// `peers` simulated peers of a server at `server` are spread over: `endpoints` of them, and
-/// against a server on IPv4 loopback at least `peers / peers_per_source`, each with its own
-/// source address in 127.1.0.0/16 (the server limits connections and new identities per
-/// source address, and real peers do not all come from one address).
+/// `peers` simulated peers of a server at `server` are spread over: `load.endpoints` of them,
+/// and against a server on IPv4 loopback at least `peers / load.peers_per_source`, each with
+/// its own source address in 127.1.0.0/16 (the server limits connections and new identities
+/// per source address, and real peers do not all come from one address).
 pub(crate) fn endpoints_for(
     server: SocketAddr,
     peers: usize,
-    endpoints: usize,
-    peers_per_source: usize,
+    load: &LoadArgs,
 ) -> anyhow::Result<Vec<quinn::Endpoint>> {
     let loopback = matches!(server, SocketAddr::V4(v4) if v4.ip().is_loopback());
     let sockets = if loopback {
-        endpoints.max(peers.div_ceil(peers_per_source.max(1)))
+        load.endpoints
+            .max(peers.div_ceil(load.peers_per_source.max(1)))
     } else {
-        endpoints
+        load.endpoints
     };
     let mut out = Vec::new();
     for i in 0..sockets.max(1) {
@@ -175,12 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .server_key
         .parse()
         .map_err(|e| anyhow::anyhow!("--server-key: {e}"))?;
-    let endpoints = endpoints_for(
-        args.server,
-        args.peers,
-        args.endpoints,
-        args.peers_per_source,
-    )?;
+    let endpoints = endpoints_for(args.server, args.peers, &args.load)?;
     eprintln!("rv-load: generating {} identities", args.peers);
     let identities = identities(args.peers).await?;
 
@@ -194,7 +199,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let mut identities = identities.into_iter().enumerate();
     loop {
-        while tasks.len() < args.concurrency.max(1) {
+        while tasks.len() < args.load.concurrency.max(1) {
             let Some((i, identity)) = identities.next() else {
                 break;
             };

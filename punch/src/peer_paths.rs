@@ -445,10 +445,7 @@ impl PeerPaths {
         // second introduction (our NAT just measured, the peer punching again) must not move
         // such a path to the relay.
         let stable = self.stable;
-        let live = self
-            .link
-            .as_ref()
-            .filter(|l| l.closed_at.is_none() && l.quinn_addr == stable);
+        let live = self.live_link_on_stable();
         let answering = |a: SocketAddr| {
             live.is_some_and(|l| {
                 l.selector.current() == Current::Direct(a) && l.selector.answering(now)
@@ -463,20 +460,18 @@ impl PeerPaths {
             self.set_route(stable, RouteTarget::Relay);
             // The live connection's selector follows the route (it returns to the path at its
             // next answer); left on the direct path, it would never move the packets back.
-            if let Some(link) = self
-                .link
-                .as_mut()
-                .filter(|l| l.closed_at.is_none() && l.quinn_addr == stable)
-            {
-                if matches!(link.selector.current(), Current::Direct(_)) {
+            let moved = self
+                .live_link_on_stable_mut()
+                .filter(|link| matches!(link.selector.current(), Current::Direct(_)))
+                .map(|link| {
                     link.selector.left_direct();
-                    self.outputs.push_back(PathOutput::PathChanged {
+                    PathOutput::PathChanged {
                         conn: link.conn,
                         path: Current::Relay,
                         describe: link.describe,
-                    });
-                }
-            }
+                    }
+                });
+            self.outputs.extend(moved);
         }
         if self.introductions.iter().any(|i| i.nonce == nonce) {
             return;
@@ -582,21 +577,11 @@ impl PeerPaths {
         let Some(intro) = self.introductions.remove(pos) else {
             return;
         };
-        let stable = self.stable;
-        if let Some(link) = self
-            .link
-            .as_mut()
-            .filter(|l| l.closed_at.is_none() && l.quinn_addr == stable)
-        {
-            for real in intro.aliases {
-                if !link.adopted.contains(&real) {
-                    link.adopted.push(real);
-                }
-            }
-            return;
-        }
+        let adopted = self.live_on_stable();
         self.release_aliases(intro.aliases);
-        self.drop_orphaned(stable);
+        if !adopted {
+            self.drop_orphaned(self.stable);
+        }
     }
 
     /// Removes aliases to the stable address that nothing holds any more: not the live
@@ -604,11 +589,7 @@ impl PeerPaths {
     /// route.
     fn release_aliases(&mut self, aliases: Vec<SocketAddr>) {
         let stable = self.stable;
-        if let Some(link) = self
-            .link
-            .as_mut()
-            .filter(|l| l.closed_at.is_none() && l.quinn_addr == stable)
-        {
+        if let Some(link) = self.live_link_on_stable_mut() {
             for real in aliases {
                 if !link.adopted.contains(&real) {
                     link.adopted.push(real);
@@ -643,9 +624,22 @@ impl PeerPaths {
 
     /// A live connection runs on the stable address (and so owns its route).
     fn live_on_stable(&self) -> bool {
+        self.live_link_on_stable().is_some()
+    }
+
+    /// The live connection on the stable address, if there is one.
+    fn live_link_on_stable(&self) -> Option<&Link> {
         self.link
             .as_ref()
-            .is_some_and(|l| l.closed_at.is_none() && l.quinn_addr == self.stable)
+            .filter(|l| l.closed_at.is_none() && l.quinn_addr == self.stable)
+    }
+
+    /// [`Self::live_link_on_stable`], to change.
+    fn live_link_on_stable_mut(&mut self) -> Option<&mut Link> {
+        let stable = self.stable;
+        self.link
+            .as_mut()
+            .filter(|l| l.closed_at.is_none() && l.quinn_addr == stable)
     }
 
     /// The cached address did not answer.

@@ -277,10 +277,7 @@ pub fn parse_record(key: &str, bytes: &[u8]) -> Result<Record, ClusterError> {
             why: format!("longer than {MAX_RECORD_BYTES} bytes"),
         });
     }
-    serde_json::from_slice(bytes).map_err(|e| ClusterError::Malformed {
-        key: key.to_owned(),
-        why: e.to_string(),
-    })
+    parse_json(key, bytes)
 }
 
 /// Parses a NAT profile read from `key`: empty is none.
@@ -294,12 +291,7 @@ pub fn parse_nat(key: &str, bytes: &[u8]) -> Result<Option<NatProfile>, ClusterE
             why: format!("longer than {MAX_NAT_BYTES} bytes"),
         });
     }
-    serde_json::from_slice(bytes)
-        .map(Some)
-        .map_err(|e| ClusterError::Malformed {
-            key: key.to_owned(),
-            why: e.to_string(),
-        })
+    parse_json(key, bytes).map(Some)
 }
 
 /// Parses an online mark read from `key`: empty is none, else a node id.
@@ -314,6 +306,22 @@ pub fn parse_node(key: &str, bytes: &[u8]) -> Result<Option<String>, ClusterErro
     let node = std::str::from_utf8(bytes).map_err(|_| malformed("not UTF-8"))?;
     check_node_id(node).map_err(|_| malformed("not a node id"))?;
     Ok(Some(node.to_owned()))
+}
+
+/// Parses a node's entry read from `key`: empty is none.
+pub fn parse_node_info(key: &str, bytes: &[u8]) -> Result<Option<NodeInfo>, ClusterError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    parse_json(key, bytes).map(Some)
+}
+
+/// Parses the JSON value read from `key`; what is not JSON of a `T` is [`ClusterError::Malformed`].
+fn parse_json<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(bytes).map_err(|e| ClusterError::Malformed {
+        key: key.to_owned(),
+        why: e.to_string(),
+    })
 }
 
 /// One queued write.
@@ -554,20 +562,14 @@ impl Cluster {
         if set.is_some() {
             return Ok(());
         }
-        let held: Vec<u8> = self
-            .timed(
-                redis::cmd("GETRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(MAX_RECORD_BYTES)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        let malformed = |why: String| ClusterError::Malformed {
-            key: key.clone(),
-            why,
+        let Some(held) = self.read_node_info(&mut conn, &key).await? else {
+            // It expired between the SET NX and the read: nothing to compare with, so the claim
+            // is unchecked (`claim_node_id` warns).
+            return Err(ClusterError::Malformed {
+                key,
+                why: "the entry vanished between SET NX and the read".to_owned(),
+            });
         };
-        let held: NodeInfo = serde_json::from_slice(&held).map_err(|e| malformed(e.to_string()))?;
         if held.fingerprint == fingerprint {
             return Ok(());
         }
@@ -625,30 +627,36 @@ impl Cluster {
         check_node_id(node)?;
         let mut conn = self.connection()?;
         let key = node_key(node);
-        let info: Vec<u8> = self
-            .timed(
-                redis::cmd("GETRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(MAX_RECORD_BYTES)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        if info.is_empty() {
+        let Some(info) = self.read_node_info(&mut conn, &key).await? else {
             return Ok(None);
-        }
-        let malformed = |why: String| ClusterError::Malformed {
-            key: key.clone(),
-            why,
         };
-        let info: NodeInfo = serde_json::from_slice(&info).map_err(|e| malformed(e.to_string()))?;
         match info.link {
             None => Ok(None),
-            Some(addr) => addr
-                .parse()
-                .map(Some)
-                .map_err(|_| malformed(format!("link address {addr:?} is not IP:PORT"))),
+            Some(addr) => addr.parse().map(Some).map_err(|_| ClusterError::Malformed {
+                key,
+                why: format!("link address {addr:?} is not IP:PORT"),
+            }),
         }
+    }
+
+    /// Reads a node's entry at `key` (`rv:node:{node}`; hostile: bounded read, parsed):
+    /// `None` if there is none (never written, or expired).
+    async fn read_node_info(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &str,
+    ) -> Result<Option<NodeInfo>, ClusterError> {
+        // GETRANGE bounds what a hostile value can make this node read.
+        let bytes: Vec<u8> = self
+            .timed(
+                redis::cmd("GETRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(MAX_RECORD_BYTES)
+                    .query_async(conn),
+            )
+            .await?;
+        parse_node_info(key, &bytes)
     }
 
     /// Forwards an introduction to `node`'s channel. Returns how many subscribers got it: 0
@@ -1058,6 +1066,23 @@ mod tests {
         assert_eq!(parse_nat("k", b""), Ok(None));
         assert!(parse_nat("k", b"{}").is_err());
         assert!(parse_nat("k", &vec![b' '; MAX_NAT_BYTES]).is_err());
+        assert_eq!(parse_node_info("k", b""), Ok(None));
+        assert!(matches!(
+            parse_node_info("k", b"{\"addr\":1}"),
+            Err(ClusterError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_node_info("k", &vec![b'['; MAX_RECORD_BYTES + 1]),
+            Err(ClusterError::Malformed { .. })
+        ));
+        let info = NodeInfo {
+            addr: "1.2.3.4:5".to_owned(),
+            fingerprint: "sha256:ab".to_owned(),
+            online: 3,
+            link: Some("1.2.3.4:6".to_owned()),
+        };
+        let json = serde_json::to_vec(&info).expect("a NodeInfo serializes");
+        assert_eq!(parse_node_info("k", &json), Ok(Some(info)));
         assert!(parse_envelope("c", b"[]").is_err());
         assert!(parse_envelope("c", &vec![b' '; MAX_MESSAGE_BYTES + 1]).is_err());
         let unknown_field = br#"{"v":1,"from":"a","intro":{},"x":1}"#;
