@@ -1,7 +1,7 @@
 //! Paths over time, in the network-namespace NAT lab (root only; `scripts/test.sh` enables
 //! them): keep-alives through a short NAT timeout, NAT rebinding on either side, a direct path cut
-//! in the middle of a file transfer and restored, a relay that never sees plaintext, and a peer
-//! whose network blocks UDP.
+//! in the middle of a file transfer and restored, a relay that never sees plaintext, a peer
+//! whose network blocks UDP, and one whose UDP only works after it registered over TCP.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -310,6 +310,60 @@ fn a_peer_without_udp_connects_through_the_tcp_tunnel() {
     a.stdout.wait_for("over tcp", T);
     a.send_line("back over tcp");
     b.stdout.wait_for("back over tcp", T);
+    b.close_stdin();
+    assert!(b.wait(T).success());
+}
+
+/// A listener whose UDP to the rendezvous is dropped at its NAT for its first seconds registers
+/// through the TCP tunnel; a dialer (symmetric NAT, UDP) connects through the relay; when UDP
+/// comes back the listener moves its registration to UDP, and the connection goes direct
+/// (the listener's address-restricted NAT lets the dialer's probes in once the listener has
+/// probed the dialer's address). On failure the lab's rulesets and conntrack are shown.
+#[test]
+fn a_listener_that_started_on_the_tcp_tunnel_goes_direct_once_udp_works() {
+    if !lab::netns_enabled("a_listener_that_started_on_the_tcp_tunnel_goes_direct_once_udp_works") {
+        return;
+    }
+    let lab = Lab::up("tunfirst", &["--a", "addr", "--b", "sym"]);
+    // UDP from the listener's side to the rendezvous (QUIC and STUN) dropped at its NAT.
+    nft(&lab, "nata", "add table inet tunfirst");
+    nft(
+        &lab,
+        "nata",
+        "add chain inet tunfirst blk { type filter hook forward priority -10 ; }",
+    );
+    let (rv_ip, rv_port) = RV_LISTEN.split_once(':').expect("RV_LISTEN is IP:PORT");
+    nft(
+        &lab,
+        "nata",
+        &format!("add rule inet tunfirst blk ip daddr {rv_ip} udp dport {rv_port} drop"),
+    );
+    let dir = TempDir::new("tunfirst");
+    let rv = lab.rendezvous(&dir.path().join("rv"));
+    let a = lab.peer("a", "a", &dir.path().join("a"), &{
+        let mut listen = args!["listen"];
+        listen.extend(rv.args());
+        listen
+    });
+    let a_id = e2e::wait_registered(&a, T);
+    a.stdout.wait_for("through the TCP tunnel", T);
+    let mut b = connect(&lab, dir.path(), &rv, &a_id);
+    let line = b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    assert!(line.contains("relayed via rendezvous"), "{line}");
+
+    nft(&lab, "nata", "delete table inet tunfirst");
+    if let Err(closed) = b.stdout.try_wait_for_at("direct to", T) {
+        panic!(
+            "no direct path {} s after UDP came back (dialer's output closed: {closed})\n\
+             listener:\n{}\ndialer:\n{}\nlab:\n{}",
+            T.as_secs(),
+            a.stdout.text(),
+            b.stdout.text(),
+            lab.status()
+        );
+    }
+    b.send_line("direct after the tunnel");
+    a.stdout.wait_for("direct after the tunnel", T);
     b.close_stdin();
     assert!(b.wait(T).success());
 }
