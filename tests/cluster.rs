@@ -63,26 +63,51 @@ impl Redis {
     }
 
     fn try_start_on(port: u16, dir: TempDir) -> Option<Redis> {
+        Redis::try_start_with(port, dir, &[])
+    }
+
+    /// Starts a replica of `primary` on a free loopback port (its first sync done).
+    fn replica_of(primary: &Redis) -> Redis {
+        let primary_port = primary.port.to_string();
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            let extra = ["--replicaof", "127.0.0.1", &primary_port];
+            if let Some(replica) = Redis::try_start_with(port, TempDir::new("replica"), &extra) {
+                replica
+                    .proc
+                    .stdout
+                    .wait_for("MASTER <-> REPLICA sync: Finished with success", T);
+                return replica;
+            }
+        }
+        panic!("no replica started on any of 5 free ports");
+    }
+
+    fn try_start_with(port: u16, dir: TempDir, extra: &[&str]) -> Option<Redis> {
         let port_arg = port.to_string();
         let dir_arg = dir.path().to_str().expect("utf-8 path").to_owned();
-        let proc = Proc::spawn(
-            "redis",
-            Path::new("redis-server"),
-            &[
-                "--port",
-                &port_arg,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &dir_arg,
-                "--daemonize",
-                "no",
-            ],
-        );
+        let mut args = vec![
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_arg,
+            "--daemonize",
+            "no",
+            // A replica's first sync at once (Redis waits 5 s for more replicas by default).
+            "--repl-diskless-sync-delay",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("redis", Path::new("redis-server"), &args);
         match proc
             .stdout
             .try_wait_for_at("Ready to accept connections", T)
@@ -174,9 +199,13 @@ fn write_key(path: &Path) {
 }
 
 fn node_with(dir: &Path, redis: &Redis, node: &str, extra: &[&str]) -> Rendezvous {
+    node_at(dir, &redis.url(), node, extra)
+}
+
+/// As [`node_with`], with the registry at `url`.
+fn node_at(dir: &Path, url: &str, node: &str, extra: &[&str]) -> Rendezvous {
     let data = dir.join(node);
     let data = data.to_str().expect("utf-8 path");
-    let url = redis.url();
     let mut args = vec![
         "serve",
         "--listen",
@@ -190,7 +219,7 @@ fn node_with(dir: &Path, redis: &Redis, node: &str, extra: &[&str]) -> Rendezvou
         "--metrics",
         "127.0.0.1:0",
         "--cluster",
-        &url,
+        url,
         "--node-id",
         node,
     ];
@@ -936,4 +965,83 @@ fn a_relayed_chat_survives_the_loss_of_its_node() {
     assert!(b.wait(T).success(), "b ends its chat cleanly");
     assert!(a.terminate(T).success());
     drop(z);
+}
+
+/// A node given Redis Sentinel (`redis+sentinel://`) follows the primary: a primary, a replica
+/// and one sentinel (quorum 1); the node asks the sentinel, registers a peer in the primary;
+/// the primary is killed, the sentinel promotes the replica, and the node moves to it by itself:
+/// the first peer is still found, a new peer registers, and the metric counts the move.
+#[test]
+fn a_node_given_sentinel_follows_the_primary_after_a_failover() {
+    let Some(primary) = Redis::start() else {
+        return;
+    };
+    let replica = Redis::replica_of(&primary);
+    let dir = TempDir::new("sentinel");
+    let sentinel_port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\nbind 127.0.0.1\ndir {}\n\
+             sentinel monitor rv 127.0.0.1 {} 1\n\
+             sentinel down-after-milliseconds rv 1000\n\
+             sentinel failover-timeout rv 5000\n",
+            dir.path().display(),
+            primary.port
+        ),
+    )
+    .expect("write sentinel.conf");
+    let sentinel = Proc::spawn(
+        "sentinel",
+        Path::new("redis-server"),
+        &[conf.to_str().expect("utf-8 path"), "--sentinel"],
+    );
+    sentinel.stdout.wait_for("+monitor master rv", T);
+    // The sentinel knows the replica before the primary dies (it learns it from the primary).
+    sentinel.stdout.wait_for("+slave slave", T);
+
+    let url = format!("redis+sentinel://127.0.0.1:{sentinel_port}/rv");
+    let x = node_at(dir.path(), &url, "x", &[]);
+    x.proc
+        .stderr
+        .wait_for(&format!("primary=127.0.0.1:{}", primary.port), T);
+    let (_a, a_id) = listen("a", dir.path(), &x);
+    // The registration reached the replica too (it is written to the primary).
+    let key = format!("rv:peer:{a_id}");
+    let deadline = std::time::Instant::now() + T;
+    while replica.command(&[b"EXISTS", key.as_bytes()]) != ":1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} never reached the replica"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let _ = primary.kill();
+    sentinel.stdout.wait_for("+switch-master rv", T);
+    x.proc
+        .stderr
+        .wait_for(&format!("primary=127.0.0.1:{}", replica.port), T);
+    assert_eq!(
+        replica.command(&[b"ROLE"]),
+        "*3",
+        "the replica is the primary now"
+    );
+    assert_eq!(
+        sample(&x, "rendezvous_cluster_redis_primary_changes_total"),
+        1
+    );
+    // Registering and looking up work through the new primary.
+    let (_b, b_id) = listen("b", dir.path(), &x);
+    let (ok, out, err) = lookup(dir.path(), "c", &x, &a_id);
+    assert!(ok, "{out}\n{err}");
+    let (ok, out, err) = lookup(dir.path(), "c", &x, &b_id);
+    assert!(ok, "{out}\n{err}");
+    let key = format!("rv:peer:{b_id}");
+    assert_eq!(replica.command(&[b"EXISTS", key.as_bytes()]), ":1");
+    drop(sentinel);
 }

@@ -134,7 +134,9 @@ impl Default for ClusterTimings {
 /// `--cluster URL --node-id NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// The Redis URL: `redis://[USER:PASSWORD@]HOST:PORT[/DB]` or `redis+unix:///PATH`.
+    /// The Redis URL: `redis://[USER:PASSWORD@]HOST:PORT[/DB]`, `redis+unix:///PATH`, or
+    /// `redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE` (the primary that
+    /// Redis Sentinel names for SERVICE; see [`SentinelTarget`]).
     pub url: String,
     /// This node's name, unique in the cluster.
     pub node_id: String,
@@ -350,6 +352,8 @@ pub struct ClusterCounters {
     pub dropped: AtomicU64,
     /// Redis calls that failed or timed out.
     pub failures: AtomicU64,
+    /// Times Sentinel named a new primary and this node moved to it.
+    pub primary_changes: AtomicU64,
     /// Live nodes in the cluster, at this node's latest refresh.
     pub nodes: AtomicU64,
     /// Peers online on all the live nodes, at this node's latest refresh (each node's count is
@@ -357,10 +361,115 @@ pub struct ClusterCounters {
     pub cluster_online: AtomicU64,
 }
 
+/// The scheme of a cluster URL naming Redis Sentinel.
+pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// Most sentinels one URL may name.
+pub const MAX_SENTINELS: usize = 16;
+
+/// `redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE`: the sentinels to ask,
+/// the service (Sentinel's `monitor` name) whose primary holds the registry, and the primary's
+/// credentials (the sentinels themselves are asked without: Debian's `redis-sentinel` has no
+/// password by default).
+///
+/// Why native Sentinel: without it the operator needs a virtual IP or a proxy that follows the
+/// primary. The node asks the sentinels for the primary before its first connection and again
+/// whenever Redis stops answering (degraded mode's probe, every
+/// [`ClusterTimings::probe_every`]), and a write refused with `READONLY` (a primary demoted
+/// while we were connected) counts as Redis not answering; so after a failover the node is back
+/// within Sentinel's own failover time plus about a second.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelTarget {
+    /// `redis://HOST:PORT/` of each sentinel, in the order given.
+    pub sentinel_urls: Vec<String>,
+    /// The service name.
+    pub service: String,
+    /// The primary's user name, if any.
+    pub username: Option<String>,
+    /// The primary's password, if any.
+    pub password: Option<String>,
+}
+
+impl SentinelTarget {
+    /// Parses a `redis+sentinel://` URL; the error says what is wrong.
+    pub fn parse(url: &str) -> Result<SentinelTarget, String> {
+        let rest = url
+            .strip_prefix(SENTINEL_SCHEME)
+            .ok_or_else(|| format!("expected {SENTINEL_SCHEME}"))?;
+        let (authority, service) = rest
+            .split_once('/')
+            .ok_or("expected /SERVICE after the sentinels' addresses")?;
+        let service = service.trim_end_matches('/');
+        if service.is_empty()
+            || service.len() > 64
+            || !service
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(format!(
+                "service name {service:?}: 1 to 64 letters, digits, `.`, `_` or `-` (Sentinel's \
+                 `monitor` name)"
+            ));
+        }
+        let (credentials, hosts) = match authority.rsplit_once('@') {
+            Some((credentials, hosts)) => (Some(credentials), hosts),
+            None => (None, authority),
+        };
+        let (username, password) = match credentials {
+            None => (None, None),
+            Some(c) => match c.split_once(':') {
+                Some((user, password)) => (
+                    (!user.is_empty()).then(|| user.to_owned()),
+                    (!password.is_empty()).then(|| password.to_owned()),
+                ),
+                None => return Err("credentials must be [USER]:PASSWORD".to_owned()),
+            },
+        };
+        let mut sentinel_urls = Vec::new();
+        for host in hosts.split(',') {
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| format!("sentinel {host:?}: expected HOST:PORT"))?;
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+            if !valid_name || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(format!("sentinel {host:?}: expected HOST:PORT"));
+            }
+            sentinel_urls.push(format!("redis://{name}:{port}/"));
+        }
+        if sentinel_urls.len() > MAX_SENTINELS {
+            return Err(format!("at most {MAX_SENTINELS} sentinels"));
+        }
+        Ok(SentinelTarget {
+            sentinel_urls,
+            service: service.to_owned(),
+            username,
+            password,
+        })
+    }
+
+    /// How to log in to the primary Sentinel names.
+    fn primary_info(&self) -> redis::sentinel::SentinelNodeConnectionInfo {
+        redis::sentinel::SentinelNodeConnectionInfo {
+            tls_mode: None,
+            redis_connection_info: Some(redis::RedisConnectionInfo {
+                username: self.username.clone(),
+                password: self.password.clone(),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
 /// A node's handle on the cluster registry; shared by the server's tasks.
 pub struct Cluster {
     node: String,
-    client: redis::Client,
+    /// The Redis server in use: the one of the URL, or the primary Sentinel named last (`None`
+    /// until Sentinel has named one).
+    client: Mutex<Option<redis::Client>>,
+    /// Where to ask which server is the primary, with `redis+sentinel://`.
+    sentinel: Option<SentinelTarget>,
     /// The connection (reconnecting by itself); `None` until the first connect succeeds.
     conn: Mutex<Option<ConnectionManager>>,
     available: AtomicBool,
@@ -400,18 +509,35 @@ impl Cluster {
             url: config.url.clone(),
             message: message.to_owned(),
         };
-        if !(config.url.starts_with("redis://") || config.url.starts_with("redis+unix://")) {
+        let sentinel = if config.url.starts_with(SENTINEL_SCHEME) {
+            Some(SentinelTarget::parse(&config.url).map_err(|m| bad_url(&m))?)
+        } else if config.url.starts_with("redis://") || config.url.starts_with("redis+unix://") {
+            None
+        } else {
             return Err(bad_url(
-                "expected redis://HOST:PORT/ (or redis+unix:///PATH); TLS (rediss://) is not \
+                "expected redis://HOST:PORT/, redis+unix:///PATH or \
+                 redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE; TLS (rediss://) is not \
                  built in: reach Redis over a private network or a TLS tunnel",
             ));
-        }
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| bad_url(&e.to_string()))?;
+        };
+        // With Sentinel, the primary is asked for before the first connection (see `probe`);
+        // the sentinels' URLs are checked here.
+        let client = match &sentinel {
+            Some(target) => {
+                for url in &target.sentinel_urls {
+                    redis::Client::open(url.as_str()).map_err(|e| bad_url(&e.to_string()))?;
+                }
+                None
+            }
+            None => Some(
+                redis::Client::open(config.url.as_str()).map_err(|e| bad_url(&e.to_string()))?,
+            ),
+        };
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let cluster = Arc::new(Cluster {
             node: config.node_id.clone(),
-            client,
+            client: Mutex::new(client),
+            sentinel,
             conn: Mutex::new(None),
             available: AtomicBool::new(false),
             outages: watch::Sender::new(0),
@@ -493,6 +619,11 @@ impl Cluster {
             Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
                 Err(ClusterError::Unavailable(e.to_string()))
             }
+            // A primary that Sentinel demoted while we were connected: writes fail until we
+            // ask Sentinel again, which degraded mode's probe does.
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::ReadOnly => Err(ClusterError::Unavailable(
+                format!("{e} (no longer the primary)"),
+            )),
             Ok(Err(e)) => Err(ClusterError::Redis(e.to_string())),
             Err(_) => Err(ClusterError::Timeout(self.timings.call_timeout)),
         };
@@ -503,8 +634,13 @@ impl Cluster {
         result
     }
 
-    /// Pings Redis (connecting first if never connected): whether it answers.
+    /// Pings Redis (connecting first if never connected): whether it answers. With Sentinel,
+    /// while Redis does not answer (or before the first connection), the sentinels are asked
+    /// for the primary first, and a new primary replaces the old connection.
     pub async fn probe(&self) -> Result<(), ClusterError> {
+        if self.sentinel.is_some() && (!self.available() || lock(&self.conn).is_none()) {
+            self.follow_primary().await?;
+        }
         let existing = lock(&self.conn).clone();
         let mut conn = match existing {
             Some(conn) => conn,
@@ -513,11 +649,9 @@ impl Cluster {
                     .set_connection_timeout(self.timings.call_timeout)
                     .set_response_timeout(self.timings.call_timeout)
                     .set_number_of_retries(1);
+                let client = self.current_client()?;
                 let conn = self
-                    .timed(ConnectionManager::new_with_config(
-                        self.client.clone(),
-                        config,
-                    ))
+                    .timed(ConnectionManager::new_with_config(client, config))
                     .await?;
                 *lock(&self.conn) = Some(conn.clone());
                 conn
@@ -526,6 +660,70 @@ impl Cluster {
         self.timed(redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .map(|_| ())
+    }
+
+    fn current_client(&self) -> Result<redis::Client, ClusterError> {
+        lock(&self.client).clone().ok_or_else(|| {
+            ClusterError::Unavailable("Sentinel has not named a primary yet".to_owned())
+        })
+    }
+
+    /// Asks the sentinels which server is the primary (within the call timeout); a new one
+    /// replaces the client, and the next call connects to it. An error (no sentinel answers,
+    /// or none knows a primary that answers) leaves everything as it was.
+    async fn follow_primary(&self) -> Result<(), ClusterError> {
+        let Some(target) = &self.sentinel else {
+            return Ok(());
+        };
+        let mut sentinels = redis::sentinel::SentinelClient::build(
+            target.sentinel_urls.clone(),
+            target.service.clone(),
+            Some(target.primary_info()),
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|e| ClusterError::Unavailable(format!("Sentinel: {e}")))?;
+        let primary =
+            match tokio::time::timeout(self.timings.call_timeout, sentinels.async_get_client())
+                .await
+            {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    self.mark(false);
+                    return Err(ClusterError::Unavailable(format!(
+                        "Sentinel names no primary for {:?}: {e}",
+                        target.service
+                    )));
+                }
+                Err(_) => {
+                    self.mark(false);
+                    return Err(ClusterError::Timeout(self.timings.call_timeout));
+                }
+            };
+        let addr = primary.get_connection_info().addr.to_string();
+        let changed = {
+            let mut client = lock(&self.client);
+            let known = client
+                .as_ref()
+                .map(|c| c.get_connection_info().addr.to_string());
+            if known.as_deref() == Some(addr.as_str()) {
+                false
+            } else {
+                if known.is_some() {
+                    self.counters
+                        .primary_changes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                *client = Some(primary);
+                true
+            }
+        };
+        if changed {
+            tracing::info!(service = %target.service, primary = %addr, "Sentinel names the cluster registry's primary");
+            *lock(&self.conn) = None;
+            // The subscription is made again on the new primary.
+            self.outages.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
     }
 
     /// Takes this node's id at start: refused ([`ClusterError::NodeIdInUse`]) while another
@@ -985,7 +1183,14 @@ impl Cluster {
         loop {
             outages.mark_unchanged();
             let subscribed = async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let client = self.current_client().map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::IoError,
+                        "no primary yet",
+                        e.to_string(),
+                    ))
+                })?;
+                let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
@@ -1044,6 +1249,45 @@ mod tests {
     }
 
     /// Values read from Redis that no node writes are typed errors, never panics.
+    #[test]
+    fn sentinel_urls_are_parsed_and_bad_ones_refused_with_the_reason() {
+        let target =
+            SentinelTarget::parse("redis+sentinel://:s3cret@10.0.0.11:26379,rv2.example:26380/rv")
+                .unwrap();
+        assert_eq!(
+            target.sentinel_urls,
+            vec!["redis://10.0.0.11:26379/", "redis://rv2.example:26380/"]
+        );
+        assert_eq!(target.service, "rv");
+        assert_eq!(target.username, None);
+        assert_eq!(target.password.as_deref(), Some("s3cret"));
+        let target =
+            SentinelTarget::parse("redis+sentinel://admin:pw@[::1]:26379/my-primary/").unwrap();
+        assert_eq!(target.sentinel_urls, vec!["redis://[::1]:26379/"]);
+        assert_eq!(target.service, "my-primary");
+        assert_eq!(target.username.as_deref(), Some("admin"));
+        for (url, why) in [
+            ("redis+sentinel://h:26379", "/SERVICE"),
+            ("redis+sentinel://h:26379/", "service name"),
+            ("redis+sentinel://h:26379/a b", "service name"),
+            ("redis+sentinel://h/rv", "HOST:PORT"),
+            ("redis+sentinel://h:0/rv", "HOST:PORT"),
+            ("redis+sentinel://h:99999/rv", "HOST:PORT"),
+            ("redis+sentinel://:26379/rv", "HOST:PORT"),
+            ("redis+sentinel://h:1,,h:2/rv", "HOST:PORT"),
+            ("redis+sentinel://h/x:1/rv", "service name"),
+            ("redis+sentinel://pw@h:1/rv", "[USER]:PASSWORD"),
+            ("redis://h:1/", "expected redis+sentinel://"),
+        ] {
+            let e = SentinelTarget::parse(url).expect_err(url);
+            assert!(e.contains(why), "{url}: {e}");
+        }
+        let many: Vec<String> = (1..=MAX_SENTINELS + 1).map(|i| format!("h{i}:1")).collect();
+        let e =
+            SentinelTarget::parse(&format!("redis+sentinel://{}/rv", many.join(","))).unwrap_err();
+        assert!(e.contains("at most"), "{e}");
+    }
+
     #[test]
     fn malformed_values_are_typed_errors() {
         let key = "rv:peer:x";

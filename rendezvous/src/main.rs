@@ -110,8 +110,11 @@ enum Command {
         #[arg(long, env = "RENDEZVOUS_RELAY_TRACE")]
         relay_trace: Option<PathBuf>,
         /// Share the registry with other rendezvous nodes in Redis: `redis://HOST:PORT/`
-        /// (`redis://:PASSWORD@HOST:PORT/DB` with a password). Needs --node-id. Without it the
-        /// registry is the embedded one in --data-dir.
+        /// (`redis://:PASSWORD@HOST:PORT/DB` with a password), or the primary that Redis
+        /// Sentinel names, followed when it moves:
+        /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE` (the sentinels'
+        /// addresses; the password is the primary's). Needs --node-id. Without it the registry
+        /// is the embedded one in --data-dir.
         #[arg(long, value_name = "URL")]
         cluster: Option<String>,
         /// This node's name in the cluster (1 to 64 letters, digits, `.`, `_`, `-`; unique).

@@ -93,6 +93,8 @@ pub struct ClusterSnapshot {
     pub redis_up: u64,
     /// Redis calls that failed or timed out.
     pub redis_failures: u64,
+    /// Times Sentinel named a new primary (`redis+sentinel://`; 0 otherwise).
+    pub primary_changes: u64,
     /// Introductions across nodes: forwarded to other nodes, received and pushed here, dropped
     /// here (malformed, or for a peer not online here).
     pub introductions: [(&'static str, u64); 3],
@@ -328,6 +330,13 @@ pub fn render(s: &Snapshot) -> String {
                 unlabelled(cluster.redis_failures),
             ),
             (
+                "rendezvous_cluster_redis_primary_changes_total",
+                "counter",
+                "Times Redis Sentinel named a new primary that this node moved to \
+                 (redis+sentinel:// only).",
+                unlabelled(cluster.primary_changes),
+            ),
+            (
                 "rendezvous_cluster_nodes",
                 "gauge",
                 "Live nodes in the cluster (as of this node's latest refresh, every 20 s).",
@@ -414,6 +423,7 @@ pub(crate) fn snapshot(
         ClusterSnapshot {
             redis_up: u64::from(cluster.available()),
             redis_failures: get(&cluster.counters.failures),
+            primary_changes: get(&cluster.counters.primary_changes),
             introductions: [
                 ("forwarded", get(&cluster.counters.forwarded)),
                 ("received", get(&cluster.counters.received)),
@@ -757,6 +767,7 @@ mod tests {
             cluster: Some(ClusterSnapshot {
                 redis_up: 1,
                 redis_failures: 2,
+                primary_changes: 1,
                 introductions: [("forwarded", 3), ("received", 4), ("dropped", 5)],
                 nodes: 3,
                 online: 7,
