@@ -361,6 +361,20 @@ pub struct ClusterCounters {
     pub cluster_online: AtomicU64,
 }
 
+/// `url` with the password, if any, replaced by `***` (for logs and error messages).
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// The scheme of a cluster URL naming Redis Sentinel.
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
 /// Most sentinels one URL may name.
@@ -506,7 +520,7 @@ impl Cluster {
     ) -> Result<(Arc<Cluster>, WriteQueue), ClusterError> {
         check_node_id(&config.node_id)?;
         let bad_url = |message: &str| ClusterError::BadUrl {
-            url: config.url.clone(),
+            url: redact_password(&config.url),
             message: message.to_owned(),
         };
         let sentinel = if config.url.starts_with(SENTINEL_SCHEME) {
@@ -1282,10 +1296,36 @@ mod tests {
             let e = SentinelTarget::parse(url).expect_err(url);
             assert!(e.contains(why), "{url}: {e}");
         }
+        assert_eq!(
+            redact_password("redis+sentinel://:s3cret@h1:1,h2:2/rv"),
+            "redis+sentinel://:***@h1:1,h2:2/rv"
+        );
         let many: Vec<String> = (1..=MAX_SENTINELS + 1).map(|i| format!("h{i}:1")).collect();
         let e =
             SentinelTarget::parse(&format!("redis+sentinel://{}/rv", many.join(","))).unwrap_err();
         assert!(e.contains("at most"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_cluster_url_is_refused_without_showing_its_password() {
+        for url in [
+            "redis+sentinel://:s3cret@h:26379/",
+            "rediss://:s3cret@h:6379/",
+            "redis+sentinel://:s3cret@h:26379,h/rv",
+        ] {
+            let config = ClusterConfig {
+                url: url.to_owned(),
+                node_id: "x".to_owned(),
+                timings: ClusterTimings::default(),
+                link: None,
+            };
+            let Err(e) = Cluster::open(&config, Duration::from_secs(60)).await else {
+                panic!("{url} accepted");
+            };
+            assert!(matches!(e, ClusterError::BadUrl { .. }), "{url}: {e}");
+            let text = e.to_string();
+            assert!(!text.contains("s3cret") && text.contains(":***@"), "{text}");
+        }
     }
 
     #[test]

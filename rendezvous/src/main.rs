@@ -371,7 +371,7 @@ async fn main() -> anyhow::Result<()> {
                 format!(
                     "cluster node {} (registry in Redis at {})",
                     c.node_id,
-                    redact_password(&c.url)
+                    rendezvous::cluster::redact_password(&c.url)
                 )
             });
             let (tunnel_limits, metrics_limits) = edge.limits();
@@ -492,20 +492,6 @@ fn link_config(
              with `openssl rand -hex 32`)"
         ),
         (None, Some(_)) => anyhow::bail!("--cluster-key-file needs --cluster-link IP:PORT"),
-    }
-}
-
-/// The URL without its password (`redis://user:***@host:port/`), for logs.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((user_info, host)) => {
-            let user = user_info.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
     }
 }
 
@@ -795,11 +781,17 @@ metrics-per-source = 3
         assert_eq!(cluster.as_deref(), Some("redis://10.0.0.5:6379/"));
         assert_eq!(node_id.as_deref(), Some("eu-2"));
         assert_eq!(
-            redact_password("redis://:s3cr@t@10.0.0.5:6379/0"),
+            rendezvous::cluster::redact_password("redis://:s3cr@t@10.0.0.5:6379/0"),
             "redis://:***@10.0.0.5:6379/0"
         );
-        assert_eq!(redact_password("redis://rv:pw@h:1/"), "redis://rv:***@h:1/");
-        assert_eq!(redact_password("redis://h:1/"), "redis://h:1/");
+        assert_eq!(
+            rendezvous::cluster::redact_password("redis://rv:pw@h:1/"),
+            "redis://rv:***@h:1/"
+        );
+        assert_eq!(
+            rendezvous::cluster::redact_password("redis://h:1/"),
+            "redis://h:1/"
+        );
     }
 
     /// The example config file that docs/deploy.md installs is one `serve` accepts.
