@@ -810,6 +810,13 @@ fn a_stranger_without_the_cluster_key_cannot_open_a_node_link_or_inject() {
 /// the first given node preferred: round trips on loopback are a matter of scheduling, and both
 /// peers must start on the same node.
 fn servers(nodes: &[&Rendezvous]) -> Vec<String> {
+    let mut out = servers_direct(nodes);
+    out.push("--relay-only".into());
+    out
+}
+
+/// As [`servers`], direct paths allowed.
+fn servers_direct(nodes: &[&Rendezvous]) -> Vec<String> {
     let mut out = Vec::new();
     for rv in nodes {
         out.extend(args!["--server", rv.addr]);
@@ -817,12 +824,7 @@ fn servers(nodes: &[&Rendezvous]) -> Vec<String> {
     for rv in nodes {
         out.extend(args!["--server-key", rv.fingerprint]);
     }
-    out.extend(args![
-        "--server-tcp",
-        "off",
-        "--relay-only",
-        "--prefer-first-server"
-    ]);
+    out.extend(args!["--server-tcp", "off", "--prefer-first-server"]);
     out
 }
 
@@ -1044,4 +1046,63 @@ fn a_node_given_sentinel_follows_the_primary_after_a_failover() {
     let key = format!("rv:peer:{b_id}");
     assert_eq!(replica.command(&[b"EXISTS", key.as_bytes()]), ":1");
     drop(sentinel);
+}
+
+/// A direct connection does not involve a node: two peers given all three nodes chat directly
+/// (loopback), their node is killed, and messages typed at once arrive both ways without
+/// waiting for either peer to move; the path never changes, and both peers then move to the
+/// next node by themselves.
+#[test]
+fn a_direct_chat_is_untouched_by_the_loss_of_its_node() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-direct");
+    let mut x = node(dir.path(), &redis, "x");
+    let y = node(dir.path(), &redis, "y");
+    let z = node(dir.path(), &redis, "z");
+    let all = servers_direct(&[&x, &y, &z]);
+
+    let a_dir = dir.path().join("a");
+    let mut listen = args!["listen"];
+    listen.extend(all.clone());
+    let mut a = peer("a", &a_dir, &listen);
+    let a_id = e2e::wait_registered(&a, T);
+    let b_dir = dir.path().join("b");
+    let mut connect = args!["connect", a_id.clone()];
+    connect.extend(all);
+    let mut b = peer("b", &b_dir, &connect);
+    let line = b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    assert!(line.contains("direct to"), "{line}");
+    a.stdout.wait_for("connected: ", T);
+    wait_registered_with(&b_dir, x.addr);
+
+    x.proc.kill9();
+    b.send_line("typed as the node died");
+    a.stdout.wait_for("typed as the node died", T);
+    a.send_line("and back");
+    b.stdout.wait_for("and back", T);
+    // Neither had to move first: the messages crossed while both may still be on x.
+    b.stdout.wait_for("moved to another rendezvous", T);
+    a.stdout.wait_for("moved to another rendezvous", T);
+    b.send_line("after the move");
+    a.stdout.wait_for("after the move", T);
+    for p in [&a, &b] {
+        let text = p.stdout.text();
+        assert!(
+            !text.contains("relayed via"),
+            "the path never left the direct one:\n{text}"
+        );
+    }
+    // The same connection all along.
+    assert_eq!(
+        b.stdout
+            .lines()
+            .iter()
+            .filter(|l| l.contains("connected to "))
+            .count(),
+        1
+    );
+    b.close_stdin();
+    assert!(b.wait(T).success(), "b ends its chat cleanly");
+    assert!(a.terminate(T).success());
+    drop((y, z));
 }
