@@ -2,8 +2,8 @@
 //! SHA-256), the receiver's `file_resume` (how many bytes of this very file it holds already,
 //! and their SHA-256), the sender's `file_start` (there, if its own first bytes hash the same,
 //! else 0), the raw bytes from there, and a `file_result` from the receiver once it has stored
-//! and checked the whole file. Both sides stream from and to disk in 256 KiB chunks: no file is
-//! ever held in memory.
+//! and checked the whole file. Both sides stream from and to disk in 1 MiB pieces (a few of them
+//! queued): no file is ever held in memory.
 //!
 //! The receiver ([`Inbox`]) checks the header before it writes anything: the name (a plain name
 //! without control characters, path separators or a leading dot), the size (at most
@@ -80,21 +80,30 @@ fn is_hidden(c: char) -> bool {
         || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
-/// SHA-256 of a file, hex.
+/// SHA-256 of a file, hex, and its size. Read in [`READ_BUFFER`] pieces on one blocking thread
+/// (not a round trip through tokio's blocking pool per piece).
 pub async fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; READ_BUFFER];
+        let mut size = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            size += n as u64;
+            ctx.update(&buf[..n]);
         }
-        size += n as u64;
-        ctx.update(&buf[..n]);
-    }
-    Ok((size, hex(ctx.finish().as_ref())))
+        Ok((size, hex(ctx.finish().as_ref())))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Why sending a file failed. Each variant reads as the underlying error.
@@ -644,10 +653,18 @@ async fn hash_prefix(
 const WRITE_BUFFER: usize = 1024 * 1024;
 /// Buffers queued for the disk writer (so at most this many + 2 MiB in flight per receive).
 const WRITE_QUEUE: usize = 4;
+/// The disk writer asks the kernel to start writing back every this many bytes (see
+/// [`start_writeback`]).
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
 
 /// The receiving side's disk writer: a blocking thread that hashes and writes the buffers it is
 /// queued (bounded: [`WRITE_QUEUE`] of [`WRITE_BUFFER`] bytes), and hands each buffer back for
-/// reuse. The reader fills [`DiskWriter::space`] and reports with [`DiskWriter::filled`].
+/// reuse. The reader fills [`DiskWriter::space`] and reports with [`DiskWriter::filled`]. (The
+/// stream is copied into these buffers rather than queueing quinn's chunks as they are: a chunk
+/// keeps its whole received datagram batch alive, so a peer sending tiny frames could make a
+/// queue of chunks hold far more memory than the bytes it carries.) Every [`WRITEBACK_EVERY`]
+/// bytes the writer starts the write-back of what it wrote, so that the `fsync` at the end waits
+/// for the last few MiB only instead of the whole file.
 struct DiskWriter {
     queue: tokio::sync::mpsc::Sender<Vec<u8>>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -666,7 +683,8 @@ struct DiskWritten {
 }
 
 impl DiskWriter {
-    fn start(file: std::fs::File, ctx: ring::digest::Context) -> DiskWriter {
+    /// Starts the writer on `file`, positioned at byte `offset` (where write-back starts).
+    fn start(file: std::fs::File, offset: u64, ctx: ring::digest::Context) -> DiskWriter {
         use std::io::Write;
         let (queue, mut buffers) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
         let (spare_tx, spare) = std::sync::mpsc::channel();
@@ -677,12 +695,18 @@ impl DiskWriter {
                 bytes: 0,
                 error: None,
             };
+            let mut written_back = offset;
             while let Some(buf) = buffers.blocking_recv() {
                 if done.error.is_none() {
                     match done.file.write_all(&buf) {
                         Ok(()) => {
                             done.ctx.update(&buf);
                             done.bytes += buf.len() as u64;
+                            let end = offset + done.bytes;
+                            if end - written_back >= WRITEBACK_EVERY {
+                                start_writeback(&done.file, written_back, end - written_back);
+                                written_back = end;
+                            }
                         }
                         Err(e) => done.error = Some(e),
                     }
@@ -734,6 +758,28 @@ impl DiskWriter {
         self.thread.await.ok()
     }
 }
+
+/// Asks the kernel to start writing `len` bytes of `file` from `offset` back to the disk, without
+/// waiting for it. Only a head start for the `fsync` at the end, which is what guarantees the
+/// bytes are on the disk (and reports any error): a failure here is ignored.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: the descriptor is open (we hold `file`); the call reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Elsewhere the final `fsync` does all the work.
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
 /// What a successful receive stored.
 #[derive(Debug)]
@@ -962,7 +1008,7 @@ async fn receive_inner(
     // The stream is read here and the bytes are hashed and written by a blocking thread of
     // their own, behind a bounded queue: reading the stream never waits for the disk or the
     // hash, and neither waits for a round trip through tokio's blocking pool per chunk.
-    let mut writer = DiskWriter::start(file.into_std().await, ctx);
+    let mut writer = DiskWriter::start(file.into_std().await, start, ctx);
     let mut got = start;
     let outcome: Result<(), Failure> = async {
         loop {
@@ -1096,12 +1142,24 @@ mod tests {
     #[tokio::test]
     async fn the_disk_writer_writes_and_hashes_every_byte_in_order_and_reports_a_write_error() {
         let dir = temp_dir("disk-writer");
-        let data: Vec<u8> = (0..5 * WRITE_BUFFER + 12345)
+        let path = dir.join("out");
+        // A resumed file: the writer appends after the bytes held, and starts the write-back of
+        // several ranges on the way (more than 2 x WRITEBACK_EVERY bytes).
+        let held = b"held bytes";
+        std::fs::write(&path, held).unwrap();
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        {
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::End(0)).unwrap();
+        }
+        let data: Vec<u8> = (0..2 * WRITEBACK_EVERY as usize + 5 * WRITE_BUFFER + 12345)
             .map(|i| (i * 31 % 251) as u8)
             .collect();
-        let path = dir.join("out");
-        let file = std::fs::File::create(&path).unwrap();
-        let mut writer = DiskWriter::start(file, ring::digest::Context::new(&ring::digest::SHA256));
+        let mut writer = DiskWriter::start(
+            file,
+            held.len() as u64,
+            ring::digest::Context::new(&ring::digest::SHA256),
+        );
         // Odd-sized pieces, as reads from a stream come.
         let mut at = 0;
         while at < data.len() {
@@ -1115,12 +1173,17 @@ mod tests {
         assert!(done.error.is_none());
         assert_eq!(done.bytes, data.len() as u64);
         assert_eq!(hex(done.ctx.finish().as_ref()), sha256_hex(&data));
-        assert_eq!(std::fs::read(&path).unwrap(), data);
+        let mut expected = held.to_vec();
+        expected.extend_from_slice(&data);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
 
         // A file it cannot write: the error is reported, nothing is counted as written.
         let read_only = std::fs::File::open(&path).unwrap();
-        let mut writer =
-            DiskWriter::start(read_only, ring::digest::Context::new(&ring::digest::SHA256));
+        let mut writer = DiskWriter::start(
+            read_only,
+            0,
+            ring::digest::Context::new(&ring::digest::SHA256),
+        );
         writer.space()[..10].copy_from_slice(&[1; 10]);
         assert!(writer.filled(10).await);
         let done = writer.finish().await.unwrap();
