@@ -462,6 +462,9 @@ pub(crate) async fn serve(
                 let (incoming, slot) = handshake;
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
+                // Boxed: a task keeps its arguments for its whole life, and the connection
+                // attempt (384 bytes) is only needed until the handshake is done.
+                let incoming = Box::new(incoming);
                 tasks.spawn(async move {
                     let remote = incoming.remote_address();
                     if let Err(e) = handle_connection(incoming, slot, shared, shutdown).await {
@@ -665,13 +668,13 @@ async fn send(
 }
 
 async fn handle_connection(
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     handshake: Slot,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let source = handshake.source();
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, *incoming).await {
         Ok(conn) => conn?,
         Err(_) => {
             bump(&shared.conns.handshake_timeouts);
