@@ -23,15 +23,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     read_frame_max(reader, frame::MAX_FRAME_LEN).await
 }
 
-/// Bytes read from the stream at a time while a frame body arrives.
-const READ_CHUNK: usize = 4096;
-
 /// Reads one frame of at most `max` bytes (never more than [`frame::MAX_FRAME_LEN`]): a longer
 /// announced length is [`FrameError::TooLarge`] before any of the body is read. `Ok(None)` at a
 /// clean end of stream (between frames).
 ///
 /// The body buffer grows as bytes arrive instead of being allocated at the announced length: a
-/// peer that announces a large frame and sends nothing more costs nothing.
+/// peer that announces a large frame and sends nothing more costs 64 bytes (the buffer then
+/// doubles as the body arrives, never past twice its length). The bytes are read
+/// straight into it: a read buffer held in the future would be carried, at its full size, by
+/// every task that waits here (the rendezvous's control-stream reader of every idle peer: 4 KiB
+/// each, docs/benchmarks.md "Idle peer memory").
 pub async fn read_frame_max<R: AsyncRead + Unpin>(
     reader: &mut R,
     max: usize,
@@ -58,10 +59,10 @@ pub async fn read_frame_max<R: AsyncRead + Unpin>(
         return Err(FrameError::TooLarge { len, max }.into());
     }
     let mut body = Vec::new();
-    let mut chunk = [0u8; READ_CHUNK];
+    // `take`: never a byte of the next frame.
+    let mut rest = (&mut *reader).take(len as u64);
     while body.len() < len {
-        let want = (len - body.len()).min(READ_CHUNK);
-        let n = reader.read(&mut chunk[..want]).await?;
+        let n = rest.read_buf(&mut body).await?;
         if n == 0 {
             return Err(FrameError::Truncated {
                 have: PREFIX_LEN + body.len(),
@@ -69,7 +70,6 @@ pub async fn read_frame_max<R: AsyncRead + Unpin>(
             }
             .into());
         }
-        body.extend_from_slice(&chunk[..n]);
     }
     Ok(Some(body))
 }
@@ -139,5 +139,27 @@ mod tests {
         }
         let body = reader.await.unwrap().unwrap().unwrap();
         assert_eq!(body, vec![5u8; 9000]);
+    }
+
+    /// A task waiting here for a frame carries no read buffer: the rendezvous has one such task
+    /// per idle registered peer, so every byte of this future is paid 100,000 times.
+    #[test]
+    fn a_waiting_read_holds_no_read_buffer() {
+        let (_a, mut b) = tokio::io::duplex(64);
+        let waiting = read_frame_max(&mut b, frame::MAX_FRAME_LEN);
+        let size = std::mem::size_of_val(&waiting);
+        assert!(size <= 256, "read_frame_max's future is {size} bytes");
+    }
+
+    /// Two frames back to back in one write: the first read takes its body and nothing of the
+    /// second, which the next read returns whole.
+    #[tokio::test]
+    async fn a_body_read_stops_at_its_frame() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let mut both = frame::encode(&[1u8; 300]).unwrap();
+        both.extend(frame::encode(&[2u8; 5]).unwrap());
+        a.write_all(&both).await.unwrap();
+        assert_eq!(read_frame(&mut b).await.unwrap(), Some(vec![1u8; 300]));
+        assert_eq!(read_frame(&mut b).await.unwrap(), Some(vec![2u8; 5]));
     }
 }

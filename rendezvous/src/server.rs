@@ -54,6 +54,10 @@ const PUSH_QUEUE: usize = 32;
 /// inline (96 bytes) that was 2 x 3 KiB for every idle registered peer, boxed 2 x 256 bytes
 /// (docs/benchmarks.md, "Idle peer memory").
 type Queued = Box<ControlMessage>;
+/// A control frame read (or the reason the stream can no longer be read), waiting for the
+/// control loop. Boxed for the same reason as [`Queued`]: the frames channel's first block is
+/// 32 x 8 bytes instead of 32 x 32.
+type FrameRead = Box<Result<Vec<u8>, FrameIoError>>;
 /// Registry rows expired per hold of the registry lock (each chunk is then deleted from storage
 /// in one durable transaction before the next).
 const EXPIRY_CHUNK: usize = 1024;
@@ -458,6 +462,9 @@ pub(crate) async fn serve(
                 let (incoming, slot) = handshake;
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
+                // Boxed: a task keeps its arguments for its whole life, and the connection
+                // attempt (384 bytes) is only needed until the handshake is done.
+                let incoming = Box::new(incoming);
                 tasks.spawn(async move {
                     let remote = incoming.remote_address();
                     if let Err(e) = handle_connection(incoming, slot, shared, shutdown).await {
@@ -661,13 +668,13 @@ async fn send(
 }
 
 async fn handle_connection(
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     handshake: Slot,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let source = handshake.source();
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, *incoming).await {
         Ok(conn) => conn?,
         Err(_) => {
             bump(&shared.conns.handshake_timeouts);
@@ -767,7 +774,7 @@ impl Control<'_> {
     /// Registration, then requests until the connection ends.
     async fn run(
         &self,
-        mut frames: mpsc::Receiver<Result<Vec<u8>, FrameIoError>>,
+        mut frames: mpsc::Receiver<FrameRead>,
         pushes: mpsc::Sender<Queued>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
@@ -775,7 +782,7 @@ impl Control<'_> {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, frames.recv())
             .await
             .map_err(|_| ConnError::Timeout("register"))?;
-        let first = match first {
+        let first = match first.map(|read| *read) {
             Some(Ok(body)) => body,
             Some(Err(e)) => return Err(self.reject_frame(e)),
             None => {
@@ -841,7 +848,7 @@ impl Control<'_> {
                 // ones: while the writer has no room, the loop takes no more frames, so the
                 // reader and then QUIC's flow control hold the peer back. A peer that reads
                 // nothing at all is disconnected by the writer's timeout.
-                frame = frames.recv(), if self.replies.capacity() > 0 => match frame {
+                frame = frames.recv(), if self.replies.capacity() > 0 => match frame.map(|read| *read) {
                     Some(Ok(body)) => {
                         let reply = if limiter.try_take(Instant::now()) {
                             match ControlMessage::decode(&body) {
@@ -957,7 +964,7 @@ async fn finish_and_wait(stream: &mut SendStream) {
     let _ = tokio::time::timeout(Duration::from_millis(500), stream.stopped()).await;
 }
 
-async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<Result<Vec<u8>, FrameIoError>>) {
+async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<FrameRead>) {
     loop {
         let frame = read_frame_max(&mut recv, MAX_REQUEST_FRAME).await;
         let stop = !matches!(frame, Ok(Some(_)));
@@ -966,7 +973,7 @@ async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<Result<Vec<u8>, 
             Ok(None) => return,
             Err(e) => Err(e),
         };
-        if frames.send(item).await.is_err() || stop {
+        if frames.send(Box::new(item)).await.is_err() || stop {
             return;
         }
     }
