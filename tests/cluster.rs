@@ -970,7 +970,8 @@ fn a_relayed_chat_survives_the_loss_of_its_node() {
 }
 
 /// A node given Redis Sentinel (`redis+sentinel://`) follows the primary: a primary, a replica
-/// and one sentinel (quorum 1); the node asks the sentinel, registers a peer in the primary;
+/// and one sentinel (quorum 1), listed after a hung one; the node asks the sentinels (the hung
+/// one costs its turn), registers a peer in the primary;
 /// the primary is killed, the sentinel promotes the replica, and the node moves to it by itself:
 /// the first peer is still found, a new peer registers, and the metric counts the move.
 #[test]
@@ -1006,7 +1007,11 @@ fn a_node_given_sentinel_follows_the_primary_after_a_failover() {
     // The sentinel knows the replica before the primary dies (it learns it from the primary).
     sentinel.stdout.wait_for("+slave slave", T);
 
-    let url = format!("redis+sentinel://127.0.0.1:{sentinel_port}/rv");
+    // The first sentinel given accepts connections and never answers (a hung host): it costs
+    // its turn, and the real one is asked next.
+    let hung = TcpListener::bind("127.0.0.1:0").expect("a loopback listener");
+    let hung_port = hung.local_addr().expect("its address").port();
+    let url = format!("redis+sentinel://127.0.0.1:{hung_port},127.0.0.1:{sentinel_port}/rv");
     let x = node_at(dir.path(), &url, "x", &[]);
     x.proc
         .stderr
@@ -1045,7 +1050,7 @@ fn a_node_given_sentinel_follows_the_primary_after_a_failover() {
     assert!(ok, "{out}\n{err}");
     let key = format!("rv:peer:{b_id}");
     assert_eq!(replica.command(&[b"EXISTS", key.as_bytes()]), ":1");
-    drop(sentinel);
+    drop((sentinel, hung));
 }
 
 /// A direct connection does not involve a node: two peers given all three nodes chat directly

@@ -588,7 +588,7 @@ async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String
     let mut tick = tokio::time::interval(liveness::POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
-    // One probe in flight at a time: QUIC retransmits it; a later probe waits for it to end.
+    // The latest probe, waiting for its reply (see `Verdict::Probe` below).
     let mut probe: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> =
         None;
     loop {
@@ -608,12 +608,22 @@ async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String
         match verdict {
             Verdict::Wait => {}
             Verdict::Probe => {
-                if probe.is_none() {
-                    seq += 1;
-                    probe = Some(Box::pin(send_probe(conn, seq)));
-                }
+                // Each probe is a request of its own: one still waiting for its reply is
+                // dropped (its request, already finished, is still retransmitted by QUIC; only
+                // our wait for the reply ends), so a probe goes out at every repeat and one left
+                // over from an earlier silence never stands in for this silence's first.
+                seq += 1;
+                probe = Some(Box::pin(send_probe(conn, seq)));
             }
             Verdict::Gone { silent_for, probes } => {
+                // Our own process may have stalled (a loaded machine): let quinn's driver take
+                // what arrived meanwhile, and look once more before leaving the server.
+                tokio::task::yield_now().await;
+                if liveness.poll(Instant::now(), datagrams(), relayed.load(Ordering::Relaxed))
+                    == Verdict::Wait
+                {
+                    continue;
+                }
                 return format!(
                     "the rendezvous went silent ({:.1} s without a packet from it, {probes} \
                      probe(s) unanswered)",

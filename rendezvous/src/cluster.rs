@@ -26,7 +26,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::nat::NatProfile;
 use common::PeerId;
@@ -379,6 +379,8 @@ pub fn redact_password(url: &str) -> String {
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
 /// Most sentinels one URL may name.
 pub const MAX_SENTINELS: usize = 16;
+/// Longest wait for one sentinel (or the server it names) to connect, and again to answer.
+pub const SENTINEL_STEP: Duration = Duration::from_secs(1);
 
 /// `redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE`: the sentinels to ask,
 /// the service (Sentinel's `monitor` name) whose primary holds the registry, and the primary's
@@ -404,12 +406,20 @@ pub struct SentinelTarget {
 }
 
 impl SentinelTarget {
-    /// Parses a `redis+sentinel://` URL; the error says what is wrong.
+    /// Parses a `redis+sentinel://` URL; the error says what is wrong (and never shows the
+    /// credentials). The user name and password may be percent-encoded (`%2F` for `/`), as in
+    /// a `redis://` URL.
     pub fn parse(url: &str) -> Result<SentinelTarget, String> {
         let rest = url
             .strip_prefix(SENTINEL_SCHEME)
             .ok_or_else(|| format!("expected {SENTINEL_SCHEME}"))?;
-        let (authority, service) = rest
+        // The credentials end at the last `@` (a password may hold `/`, `@` or `:`), before the
+        // path is looked at.
+        let (credentials, rest) = match rest.rsplit_once('@') {
+            Some((credentials, rest)) => (Some(credentials), rest),
+            None => (None, rest),
+        };
+        let (hosts, service) = rest
             .split_once('/')
             .ok_or("expected /SERVICE after the sentinels' addresses")?;
         let service = service.trim_end_matches('/');
@@ -424,16 +434,12 @@ impl SentinelTarget {
                  `monitor` name)"
             ));
         }
-        let (credentials, hosts) = match authority.rsplit_once('@') {
-            Some((credentials, hosts)) => (Some(credentials), hosts),
-            None => (None, authority),
-        };
         let (username, password) = match credentials {
             None => (None, None),
             Some(c) => match c.split_once(':') {
                 Some((user, password)) => (
-                    (!user.is_empty()).then(|| user.to_owned()),
-                    (!password.is_empty()).then(|| password.to_owned()),
+                    Some(percent_decode(user)?).filter(|u| !u.is_empty()),
+                    Some(percent_decode(password)?).filter(|p| !p.is_empty()),
                 ),
                 None => return Err("credentials must be [USER]:PASSWORD".to_owned()),
             },
@@ -444,9 +450,9 @@ impl SentinelTarget {
                 .rsplit_once(':')
                 .ok_or_else(|| format!("sentinel {host:?}: expected HOST:PORT"))?;
             let valid_name = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+                && name.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
+                });
             if !valid_name || port.parse::<u16>().map_or(true, |p| p == 0) {
                 return Err(format!("sentinel {host:?}: expected HOST:PORT"));
             }
@@ -464,16 +470,35 @@ impl SentinelTarget {
     }
 
     /// How to log in to the primary Sentinel names.
-    fn primary_info(&self) -> redis::sentinel::SentinelNodeConnectionInfo {
-        redis::sentinel::SentinelNodeConnectionInfo {
-            tls_mode: None,
-            redis_connection_info: Some(redis::RedisConnectionInfo {
-                username: self.username.clone(),
-                password: self.password.clone(),
-                ..Default::default()
-            }),
+    fn primary_login(&self) -> redis::RedisConnectionInfo {
+        redis::RedisConnectionInfo {
+            username: self.username.clone(),
+            password: self.password.clone(),
+            ..Default::default()
         }
     }
+}
+
+/// `%XX` escapes decoded (a URL's user name or password); the error does not show the text.
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("credentials: a `%` not followed by two hex digits")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "credentials: not UTF-8 once decoded".to_owned())
 }
 
 /// A node's handle on the cluster registry; shared by the server's tasks.
@@ -484,6 +509,8 @@ pub struct Cluster {
     client: Mutex<Option<redis::Client>>,
     /// Where to ask which server is the primary, with `redis+sentinel://`.
     sentinel: Option<SentinelTarget>,
+    /// When the sentinels were asked last.
+    sentinels_asked: Mutex<Option<Instant>>,
     /// The connection (reconnecting by itself); `None` until the first connect succeeds.
     conn: Mutex<Option<ConnectionManager>>,
     available: AtomicBool,
@@ -552,6 +579,7 @@ impl Cluster {
             node: config.node_id.clone(),
             client: Mutex::new(client),
             sentinel,
+            sentinels_asked: Mutex::new(None),
             conn: Mutex::new(None),
             available: AtomicBool::new(false),
             outages: watch::Sender::new(0),
@@ -634,10 +662,11 @@ impl Cluster {
                 Err(ClusterError::Unavailable(e.to_string()))
             }
             // A primary that Sentinel demoted while we were connected: writes fail until we
-            // ask Sentinel again, which degraded mode's probe does.
-            Ok(Err(e)) if e.kind() == redis::ErrorKind::ReadOnly => Err(ClusterError::Unavailable(
-                format!("{e} (no longer the primary)"),
-            )),
+            // ask Sentinel again, which degraded mode's probe does. (Without Sentinel a replica
+            // given by mistake stays an error: nothing would change by asking again.)
+            Ok(Err(e)) if self.sentinel.is_some() && e.kind() == redis::ErrorKind::ReadOnly => Err(
+                ClusterError::Unavailable(format!("{e} (no longer the primary)")),
+            ),
             Ok(Err(e)) => Err(ClusterError::Redis(e.to_string())),
             Err(_) => Err(ClusterError::Timeout(self.timings.call_timeout)),
         };
@@ -649,11 +678,26 @@ impl Cluster {
     }
 
     /// Pings Redis (connecting first if never connected): whether it answers. With Sentinel,
-    /// while Redis does not answer (or before the first connection), the sentinels are asked
-    /// for the primary first, and a new primary replaces the old connection.
+    /// the sentinels are asked for the primary first while Redis does not answer (or before
+    /// the first connection), and every [`ClusterTimings::refresh_every`] while it does (a
+    /// primary cut off from the sentinels may still answer us after they promoted another);
+    /// a new primary replaces the old connection.
     pub async fn probe(&self) -> Result<(), ClusterError> {
-        if self.sentinel.is_some() && (!self.available() || lock(&self.conn).is_none()) {
-            self.follow_primary().await?;
+        if self.sentinel.is_some() {
+            let lost = !self.available() || lock(&self.conn).is_none();
+            let due = lock(&self.sentinels_asked)
+                .is_none_or(|at| at.elapsed() >= self.timings.refresh_every);
+            if lost || due {
+                match self.follow_primary().await {
+                    Ok(()) => {}
+                    Err(e) if lost => {
+                        self.mark(false);
+                        return Err(e);
+                    }
+                    // Redis answers: the sentinels being unreachable changes nothing now.
+                    Err(e) => tracing::warn!(error = %e, "cannot ask the sentinels"),
+                }
+            }
         }
         let existing = lock(&self.conn).clone();
         let mut conn = match existing {
@@ -682,37 +726,15 @@ impl Cluster {
         })
     }
 
-    /// Asks the sentinels which server is the primary (within the call timeout); a new one
-    /// replaces the client, and the next call connects to it. An error (no sentinel answers,
-    /// or none knows a primary that answers) leaves everything as it was.
+    /// Asks the sentinels which server is the primary ([`Cluster::ask_sentinels`]); a new one
+    /// replaces the client, and the next call connects to it. An error (no sentinel names a
+    /// primary that answers as one) leaves everything as it was.
     async fn follow_primary(&self) -> Result<(), ClusterError> {
         let Some(target) = &self.sentinel else {
             return Ok(());
         };
-        let mut sentinels = redis::sentinel::SentinelClient::build(
-            target.sentinel_urls.clone(),
-            target.service.clone(),
-            Some(target.primary_info()),
-            redis::sentinel::SentinelServerType::Master,
-        )
-        .map_err(|e| ClusterError::Unavailable(format!("Sentinel: {e}")))?;
-        let primary =
-            match tokio::time::timeout(self.timings.call_timeout, sentinels.async_get_client())
-                .await
-            {
-                Ok(Ok(client)) => client,
-                Ok(Err(e)) => {
-                    self.mark(false);
-                    return Err(ClusterError::Unavailable(format!(
-                        "Sentinel names no primary for {:?}: {e}",
-                        target.service
-                    )));
-                }
-                Err(_) => {
-                    self.mark(false);
-                    return Err(ClusterError::Timeout(self.timings.call_timeout));
-                }
-            };
+        *lock(&self.sentinels_asked) = Some(Instant::now());
+        let primary = self.ask_sentinels(target).await?;
         let addr = primary.get_connection_info().addr.to_string();
         let changed = {
             let mut client = lock(&self.client);
@@ -738,6 +760,89 @@ impl Cluster {
             self.outages.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(())
+    }
+
+    /// Asks the sentinels in turn, each within its own [`SENTINEL_STEP`] to connect and as much
+    /// to answer, for the primary of the service, and checks that the server named answers
+    /// `ROLE` as a primary: a sentinel that is down, hangs, is cut off from the others or is
+    /// behind (names a demoted primary, or none) only costs its turn, and the next is asked.
+    async fn ask_sentinels(&self, target: &SentinelTarget) -> Result<redis::Client, ClusterError> {
+        let step = self.timings.call_timeout.min(SENTINEL_STEP);
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(step)
+            .set_response_timeout(step);
+        let mut why = Vec::new();
+        for (i, url) in target.sentinel_urls.iter().enumerate() {
+            let named = async {
+                let sentinel = redis::Client::open(url.as_str())?;
+                let mut conn = sentinel
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(&target.service)
+                    .query_async::<Option<(String, u16)>>(&mut conn)
+                    .await
+            };
+            let (host, port) = match tokio::time::timeout(step * 2, named).await {
+                Ok(Ok(Some(addr))) => addr,
+                Ok(Ok(None)) => {
+                    why.push(format!("sentinel {}: no primary for the service", i + 1));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    why.push(format!("sentinel {}: {e}", i + 1));
+                    continue;
+                }
+                Err(_) => {
+                    why.push(format!(
+                        "sentinel {}: no answer within {:?}",
+                        i + 1,
+                        step * 2
+                    ));
+                    continue;
+                }
+            };
+            let info = redis::ConnectionInfo {
+                addr: redis::ConnectionAddr::Tcp(host, port),
+                redis: target.primary_login(),
+            };
+            let primary = match redis::Client::open(info) {
+                Ok(client) => client,
+                Err(e) => {
+                    why.push(format!("sentinel {}: {e}", i + 1));
+                    continue;
+                }
+            };
+            let role = async {
+                let mut conn = primary
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                redis::cmd("ROLE")
+                    .query_async::<redis::Value>(&mut conn)
+                    .await
+            };
+            match tokio::time::timeout(step * 2, role).await {
+                Ok(Ok(redis::Value::Array(items))) if matches!(items.first(), Some(redis::Value::BulkString(role)) if role == b"master") =>
+                {
+                    return Ok(primary);
+                }
+                Ok(Ok(_)) => why.push(format!(
+                    "sentinel {}: the server it names is not a primary",
+                    i + 1
+                )),
+                Ok(Err(e)) => why.push(format!("sentinel {}: the server it names: {e}", i + 1)),
+                Err(_) => why.push(format!(
+                    "sentinel {}: the server it names does not answer",
+                    i + 1
+                )),
+            }
+        }
+        Err(ClusterError::Unavailable(format!(
+            "no sentinel names a primary for {:?} that answers as one ({})",
+            target.service,
+            why.join("; ")
+        )))
     }
 
     /// Takes this node's id at start: refused ([`ClusterError::NodeIdInUse`]) while another
@@ -1262,7 +1367,6 @@ mod tests {
         }
     }
 
-    /// Values read from Redis that no node writes are typed errors, never panics.
     #[test]
     fn sentinel_urls_are_parsed_and_bad_ones_refused_with_the_reason() {
         let target =
@@ -1300,6 +1404,21 @@ mod tests {
             redact_password("redis+sentinel://:s3cret@h1:1,h2:2/rv"),
             "redis+sentinel://:***@h1:1,h2:2/rv"
         );
+        // A password may hold `/`, `@`, `:` (taken up to the last `@`) and percent escapes;
+        // no error shows any part of it.
+        let target =
+            SentinelTarget::parse("redis+sentinel://:ab/c@d:e%2Fg%25@redis_s1:26379/rv").unwrap();
+        assert_eq!(target.password.as_deref(), Some("ab/c@d:e/g%"));
+        assert_eq!(target.sentinel_urls, vec!["redis://redis_s1:26379/"]);
+        for url in [
+            "redis+sentinel://:ab/cd@h:26379/",
+            "redis+sentinel://:ab/cd@h/rv",
+            "redis+sentinel://:ab%zzcd@h:1/rv",
+            "redis+sentinel://:ab%ffcd@h:1/rv",
+        ] {
+            let e = SentinelTarget::parse(url).expect_err(url);
+            assert!(!e.contains("cd"), "{url}: {e}");
+        }
         let many: Vec<String> = (1..=MAX_SENTINELS + 1).map(|i| format!("h{i}:1")).collect();
         let e =
             SentinelTarget::parse(&format!("redis+sentinel://{}/rv", many.join(","))).unwrap_err();
@@ -1328,6 +1447,7 @@ mod tests {
         }
     }
 
+    /// Values read from Redis that no node writes are typed errors, never panics.
     #[test]
     fn malformed_values_are_typed_errors() {
         let key = "rv:peer:x";
