@@ -148,7 +148,9 @@ mod tests {
         let (_a, mut b) = tokio::io::duplex(64);
         let waiting = read_frame_max(&mut b, frame::MAX_FRAME_LEN);
         let size = std::mem::size_of_val(&waiting);
-        assert!(size <= 256, "read_frame_max's future is {size} bytes");
+        // The exact size depends on the compiler and profile; what matters is that no 4 KiB
+        // read buffer lives in it any more.
+        assert!(size <= 1024, "read_frame_max's future is {size} bytes");
     }
 
     /// Two frames back to back in one write: the first read takes its body and nothing of the
