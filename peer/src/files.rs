@@ -81,16 +81,31 @@ fn is_hidden(c: char) -> bool {
 }
 
 /// SHA-256 of a file, hex, and its size. Read in [`READ_BUFFER`] pieces on one blocking thread
-/// (not a round trip through tokio's blocking pool per piece).
+/// (not a round trip through tokio's blocking pool per piece). Dropping the future stops the
+/// thread at its next piece (a library user giving up on a send must not keep a blocking
+/// thread hashing a large file for minutes).
 pub async fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Tells the hashing thread to stop when the future is dropped.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let stopped = stop.0.clone();
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
+    let hashed = tokio::task::spawn_blocking(move || {
         use std::io::Read;
         let mut file = std::fs::File::open(path)?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; READ_BUFFER];
         let mut size = 0u64;
         loop {
+            if stopped.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("hashing abandoned"));
+            }
             let n = match file.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -103,7 +118,9 @@ pub async fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
         Ok((size, hex(ctx.finish().as_ref())))
     })
     .await
-    .map_err(std::io::Error::other)?
+    .map_err(std::io::Error::other)?;
+    drop(stop);
+    hashed
 }
 
 /// Why sending a file failed. Each variant reads as the underlying error.
@@ -1133,6 +1150,58 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// A dropped `sha256_file` stops its thread at the next piece: the file is a FIFO the test
+    /// writes into; once the future is dropped and one more piece is written, the thread ends
+    /// and closes the FIFO, so that writing fails with a broken pipe.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_dropped_hash_stops_its_thread() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = temp_dir("hash-drop");
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let hashing = tokio::spawn({
+            let fifo = fifo.clone();
+            async move { sha256_file(&fifo).await }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // Opening the write end without blocking works once the thread waits in its open.
+        let mut writer = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo)
+            {
+                Ok(w) => break w,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "no reader: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        };
+        writer.write_all(&[1u8; 1000]).unwrap();
+        hashing.abort();
+        assert!(hashing.await.unwrap_err().is_cancelled());
+        // The thread may be blocked in a read: the next bytes wake it, it sees it was dropped
+        // and ends, closing the FIFO.
+        loop {
+            match writer.write(&[2u8; 1000]) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                Ok(_) | Err(_) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the hashing thread still reads"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn sha256_hex(data: &[u8]) -> String {
