@@ -264,14 +264,17 @@ fn departures(p: &Proc) -> Vec<String> {
 
 /// One trial on an impaired lab whose nodes x (alive, on 7000) and y run: a relayed pair given
 /// both nodes chats through x for `chat` (a message each way every second, each awaited), then
-/// x is killed and a message typed at that moment is timed until it arrives through y.
-/// `Err` when a message does not arrive within [`T`].
+/// x is killed and a message typed at that moment is timed until it arrives through y. With
+/// `idle`, the pair stays idle that long between the chat and the kill (an idle relayed
+/// connection is probed after each keep-alive: the regime where loss could pass for a dead
+/// node). `Err` when a message does not arrive within [`T`].
 fn relayed_chat_under_loss(
     lab: &Lab,
     dir: &Path,
     x: &mut Rendezvous,
     y: &Rendezvous,
     chat: Duration,
+    idle: Duration,
 ) -> Result<Trial, String> {
     let servers = both_nodes(x, y);
     let mut listen = args!["listen"];
@@ -317,6 +320,8 @@ fn relayed_chat_under_loss(
         slowest = slowest.max(arrived(&b, &text)?.saturating_duration_since(typed));
         messages += 2;
     }
+    // Idle: nothing typed (the pace of the experiment, not a wait for an event).
+    std::thread::sleep(idle);
     let mut spurious = departures(&a);
     spurious.extend(departures(&b));
 
@@ -386,6 +391,7 @@ fn a_relayed_chat_under_loss_keeps_its_live_node_and_survives_its_loss() {
             &mut x,
             &y,
             Duration::from_secs(20),
+            Duration::ZERO,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         eprintln!(
@@ -404,7 +410,8 @@ fn a_relayed_chat_under_loss_keeps_its_live_node_and_survives_its_loss() {
 }
 
 /// Repeated trials of [`relayed_chat_under_loss`] on one impaired lab (x restarted for each):
-/// `CLUSTER_TRIALS` (default 5) trials of a `CLUSTER_CHAT_S` (default 45) second chat. Prints
+/// `CLUSTER_TRIALS` (default 5) trials of a `CLUSTER_CHAT_S` (default 45) second chat, then
+/// `CLUSTER_IDLE_S` (default 0) seconds idle before the kill. Prints
 /// and writes (target/lab-matrix/cluster-failover.md) one markdown row: spurious moves, lost
 /// messages, the gap after the node loss (median, range). Run by `scripts/cluster-trials.sh`.
 #[test]
@@ -419,6 +426,7 @@ fn cluster_failover_trials() {
     };
     let trials = env("CLUSTER_TRIALS", 5);
     let chat = Duration::from_secs(env("CLUSTER_CHAT_S", 45));
+    let idle = Duration::from_secs(env("CLUSTER_IDLE_S", 0));
     let lab = Lab::up("cltrials", &IMPAIRED);
     let dir = TempDir::new("natlab-cluster-trials");
     let mut gaps = Vec::new();
@@ -429,7 +437,7 @@ fn cluster_failover_trials() {
         for n in 1..=trials {
             let mut x = node_x(&lab, dir.path(), &key);
             let trial_dir = dir.path().join(format!("t{n}"));
-            match relayed_chat_under_loss(&lab, &trial_dir, &mut x, &y, chat) {
+            match relayed_chat_under_loss(&lab, &trial_dir, &mut x, &y, chat, idle) {
                 Ok(trial) => {
                     eprintln!(
                         "[cluster] #{n}: {} messages (slowest {:.2} s), {} spurious move(s), \
@@ -455,9 +463,10 @@ fn cluster_failover_trials() {
     gaps.sort();
     let s = |d: Option<&Duration>| d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()));
     let row = format!(
-        "| {} s chat, 10 % loss, +40 ms | {}/{trials} | {} | {messages}, slowest {:.2} s | {} | \
+        "| {} s chat, {} s idle, 10 % loss, +40 ms | {}/{trials} | {} | {messages}, slowest {:.2} s | {} | \
          {} to {} | {} |",
         chat.as_secs(),
+        idle.as_secs(),
         gaps.len(),
         spurious.len(),
         slowest.as_secs_f64(),

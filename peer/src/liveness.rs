@@ -18,10 +18,11 @@
 //! How long a silence may last before the first probe depends on what the server carries for
 //! us: while we relay through it (a relayed packet written in the last [`RELAYING_FOR`]), a
 //! user is waiting on it, so [`PROBE_AFTER_RELAYING`]; otherwise [`PROBE_AFTER_IDLE`], which
-//! only decides how soon we are reachable again through another node. A connection that only
-//! sends its keep-alives (one every 15 s) through the relay counts as relaying for
-//! [`RELAYING_FOR`] after each: a user who types after a long quiet probes at once (the
-//! silence is already long enough), and an idle relayed connection is not probed every second.
+//! only decides how soon we are reachable again through another node. A relayed connection's
+//! keep-alives (every 15 s) keep it relaying: an idle relayed peer is probed about once a
+//! second, the price of noticing a node's loss within seconds on both sides of a pair where
+//! only one types (a shorter window left the silent side on the idle threshold and doubled the
+//! gap after a loss in the lab).
 //! With those defaults a node's loss is noticed within 3.25 s by a relaying peer (the last
 //! datagram, 1 s of silence, 2 s of probes, and the 250 ms between two looks at the
 //! statistics), within 7.25 s otherwise.
@@ -31,11 +32,11 @@
 //! at its loss timeout (about every 0.2 s, doubling, at a 100 ms round trip); each try is lost
 //! with odds of about 0.19 (the request, or the answer), so the seven or more tries of a
 //! silence are all lost with odds near one in a hundred thousand. Those odds are per silence,
-//! and silences are frequent: an idle relayed connection has one after each of its keep-alives
-//! (see [`RELAYING_FOR`]), a few every 15 s. (The session once sent one probe per silence, the
-//! later ones waiting for it: with only QUIC's three or four retransmissions of it, about one
-//! in a thousand silences ended in a move, and an idle relaying peer probed about once a
-//! second, which by that estimate left a live node a few times an hour.)
+//! and silences are frequent: an idle relayed peer has about one a second. (The session once
+//! sent one probe per silence, the later ones waiting for it: with only QUIC's three or four
+//! retransmissions of it, about one in a thousand silences would end in a move by this
+//! estimate. The NAT lab's trials, `scripts/cluster-trials.sh`, saw no such move in 7 idle
+//! minutes; see docs/cluster.md.)
 //!
 //! The decisions are a sans-IO value, [`Liveness`], with `now` and the counters passed in; the
 //! session ([`crate::session`]) reads the counters and sends the probes.
@@ -46,10 +47,9 @@ use std::time::{Duration, Instant};
 pub const PROBE_AFTER_RELAYING: Duration = Duration::from_secs(1);
 /// How long the server may stay silent, while we do not relay through it, before we probe.
 pub const PROBE_AFTER_IDLE: Duration = Duration::from_secs(5);
-/// A relayed packet written this recently means we relay through the server (a user typing
-/// into a relayed connection writes at once; its keep-alives, every 15 s, only make it count
-/// as relaying for this long).
-pub const RELAYING_FOR: Duration = Duration::from_secs(5);
+/// A relayed packet written this recently means we relay through the server (a relayed
+/// connection sends QUIC keep-alives well within it).
+pub const RELAYING_FOR: Duration = Duration::from_secs(30);
 /// How often a new probe goes out while the silence lasts (each one a request of its own).
 pub const PROBE_REPEAT: Duration = Duration::from_millis(500);
 /// Silence since the first probe after which the server counts as gone.
@@ -239,31 +239,6 @@ mod tests {
         assert!(liveness.relaying(t0 + POLL_INTERVAL));
         let verdicts = run(&mut liveness, t0, PROBE_AFTER_RELAYING + GRACE, 0, 1);
         assert_eq!(verdicts, silence(PROBE_AFTER_RELAYING));
-    }
-
-    #[test]
-    fn an_idle_relayed_connection_is_probed_only_after_its_keep_alives() {
-        // A relayed connection that only sends its keep-alive every 15 s; the server answers
-        // every probe at once (a live node) and sends nothing else.
-        let t0 = Instant::now();
-        let mut liveness = Liveness::new(t0, 0, 0);
-        let (mut received, mut relayed, mut probes) = (0u64, 0u64, 0u32);
-        let mut at = Duration::ZERO;
-        while at < Duration::from_secs(60) {
-            if at.as_millis().is_multiple_of(15_000) {
-                relayed += 1;
-            }
-            if liveness.poll(t0 + at, received, relayed) == Verdict::Probe {
-                probes += 1;
-                received += 1;
-            }
-            at += POLL_INTERVAL;
-        }
-        // After each keep-alive, about one probe a second while it counts as relaying
-        // (RELAYING_FOR), then one per PROBE_AFTER_IDLE: far fewer than one a second.
-        let per_keep_alive = (RELAYING_FOR.as_secs() + 1) as u32 + 2;
-        assert!(probes >= 4, "{probes}");
-        assert!(probes <= 4 * per_keep_alive, "{probes}");
     }
 
     #[test]
