@@ -1111,3 +1111,62 @@ fn a_direct_chat_is_untouched_by_the_loss_of_its_node() {
     assert!(a.terminate(T).success());
     drop((y, z));
 }
+
+/// A node started without `--cluster-link` in a cluster whose other node has one: the relay
+/// cannot join their peers, and the introduction says so. A `--relay-only` dialer is refused at
+/// once with the reason (never left to time out on packets the nodes drop), whichever side
+/// lacks the link; a `--relay-only` listener says why too.
+#[test]
+fn a_node_without_a_link_refuses_the_relay_across_clearly() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-unlinked");
+    let key = dir.path().join("cluster.key");
+    write_key(&key);
+    let (x, _) = linked_node(dir.path(), &redis, "x", &key);
+    let w = node(dir.path(), &redis, "w");
+    let only = |rv: &Rendezvous| {
+        let mut args = rv.args();
+        args.extend(args!["--server-tcp", "off", "--relay-only"]);
+        args
+    };
+    // (listener's node, dialer's node, what the dialer is told, what the listener is told)
+    let cases = [
+        (
+            &w,
+            &x,
+            "is on node w of this cluster, which has no node link (--cluster-link)",
+            "is on node x of this cluster, and this node (w) has no node link",
+        ),
+        (
+            &x,
+            &w,
+            "is on node x of this cluster, and this node (w) has no node link",
+            "is on node w of this cluster, which cannot relay to this node (x)",
+        ),
+    ];
+    for (n, (l_node, d_node, dialer_told, listener_told)) in cases.into_iter().enumerate() {
+        let mut listen = args!["listen"];
+        listen.extend(only(l_node));
+        let mut a = peer("a", &dir.path().join(format!("a{n}")), &listen);
+        let a_id = e2e::wait_registered(&a, T);
+        let mut connect = args!["connect", a_id.clone()];
+        connect.extend(only(d_node));
+        let (status, out, err) = peer_run(&dir.path().join(format!("b{n}")), &connect, T);
+        assert!(!status.success(), "{out}\n{err}");
+        assert!(
+            err.contains(&format!(
+                "the rendezvous cannot relay to {a_id} (and --relay-only rules out a direct path)"
+            )) && err.contains(dialer_told),
+            "{err}"
+        );
+        assert!(!out.contains("connected to"), "{out}");
+        let line = a.stderr.wait_for(
+            "asked to connect, but the rendezvous cannot relay between you",
+            T,
+        );
+        assert!(line.contains(listener_told), "{line}");
+        assert!(a.terminate(T).success());
+    }
+    // Nothing was sent towards the node without a link: no dial failed.
+    assert_eq!(sample(&x, "rendezvous_cluster_link_dial_failures_total"), 0);
+}

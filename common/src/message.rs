@@ -26,8 +26,11 @@ use crate::PeerId;
 /// peer would refuse as an unknown field. Version 7 added `inbound_takes_port` to the NAT
 /// profile (`nat`, and the peer's profile in `punch`): an initiator whose probes could take the port of a responder behind such a NAT holds them until
 /// the responder's first probe (`punch::PunchConfig::initiator_hold`); a version-6 peer would
-/// neither report it nor hold, so it is refused.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// neither report it nor hold, so it is refused. Version 8 added `no_relay` to `punch`: in a
+/// cluster whose nodes are not all linked (`--cluster-link`), the introduction says that the
+/// relay cannot join the two sides, and a peer that needs the relay is refused at once instead
+/// of timing out; a version-7 peer would refuse the unknown field.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -107,6 +110,11 @@ pub enum ControlMessage {
         /// decides whether this pair needs birthday punching and which side plays which role.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nat: Option<crate::nat::NatProfile>,
+        /// Why the rendezvous cannot relay between the two sides of this introduction, when it
+        /// cannot (they are on two nodes of a cluster that are not linked); absent when it can.
+        /// Only a direct path can then join them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        no_relay: Option<String>,
     },
     /// Sent by the target of an introduction (on a request stream of its own) when it gets the
     /// `punch` push: it agrees to be relayed to and from `peer`. Answered with `ack`, or an error
@@ -769,6 +777,7 @@ mod tests {
                     filtering: crate::nat::Behaviour::AddressAndPortDependent,
                     inbound_takes_port: false,
                 }),
+                no_relay: (port % 3 == 0).then(|| "node y has no node link".to_owned()),
             };
             prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
         }

@@ -94,7 +94,7 @@ pub async fn establish(
             }
         }
     }
-    let (candidates, introduction, peer_nat) = match keeper
+    let (candidates, introduction, peer_nat, no_relay) = match keeper
         .session
         .request(&ControlMessage::Connect { id: peer })
         .await?
@@ -104,11 +104,14 @@ pub async fn establish(
             nonce,
             key,
             nat,
+            no_relay,
             ..
         } => (
             keeper.screen_candidates(&candidates),
             punch::Introduction { nonce, key },
             nat,
+            // The server's words: escaped before they are printed.
+            no_relay.map(|why| crate::files::printable(&why)),
         ),
         ControlMessage::Error {
             code: ErrorCode::NotFound,
@@ -125,6 +128,9 @@ pub async fn establish(
         }
         other => bail!("unexpected reply `{}` from the rendezvous", other.kind()),
     };
+    if let Some(why) = no_relay.as_ref().filter(|_| keeper.relay_only) {
+        bail!("the rendezvous cannot relay to {peer} (and --relay-only rules out a direct path): {why}");
+    }
     if candidates.is_empty() && !keeper.relay_only {
         bail!("the rendezvous knows no address for {peer}");
     }
@@ -171,7 +177,8 @@ pub async fn establish(
     // opening probes have opened our NAT toward the responder (at once, normally; bounded in
     // case the session never starts).
     let _ = tokio::time::timeout(FIRST_PROBES_WAIT, first_sent).await;
-    let relayed = keeper.relay.is_ready();
+    // A relay that cannot reach the peer (see `no_relay`) is no relay for this connection.
+    let relayed = keeper.relay.is_ready() && no_relay.is_none();
     if !relayed {
         // No relay: the connection has to wait for a direct path.
         let path = match punch.await {
@@ -181,10 +188,17 @@ pub async fn establish(
             }
             Ok(punch::State::Failed(report)) => {
                 keeper.report_punch(peer, false);
-                bail!(
-                    "no direct path to {peer}, and the relay is not available: {}",
-                    report.reason()
-                )
+                match no_relay {
+                    Some(why) => bail!(
+                        "no direct path to {peer} ({}), and the rendezvous cannot relay to it: \
+                         {why}",
+                        report.reason()
+                    ),
+                    None => bail!(
+                        "no direct path to {peer}, and the relay is not available: {}",
+                        report.reason()
+                    ),
+                }
             }
             _ => bail!("punching to {peer} stopped"),
         };

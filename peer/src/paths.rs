@@ -968,8 +968,19 @@ impl PathKeeper {
                 nonce,
                 key,
                 nat,
+                no_relay,
             } = event;
             let candidates = self.screen_candidates(&candidates);
+            if let Some(why) = no_relay.filter(|_| self.relay_only) {
+                // Only the relay would do, and it cannot: the dialer is refused too; say why
+                // here as well (the server's words, escaped).
+                self.console
+                    .error(format!(
+                        "{peer} asked to connect, but the rendezvous cannot relay between you: {}",
+                        crate::files::printable(&why)
+                    ))
+                    .await;
+            }
             if punches.len() >= MAX_RESPONDER_PUNCHES {
                 self.console
                     .error(format!(

@@ -109,6 +109,9 @@ pub enum ServerEvent {
         key: common::stun::PunchKey,
         /// The peer's NAT behaviour as it reported it to the rendezvous, if it did.
         nat: Option<common::nat::NatProfile>,
+        /// Why the rendezvous cannot relay between us, if it cannot (two unlinked nodes of a
+        /// cluster).
+        no_relay: Option<String>,
     },
 }
 
@@ -588,32 +591,24 @@ async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String
     let mut tick = tokio::time::interval(liveness::POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
-    // The latest probe, waiting for its reply (see `Verdict::Probe` below).
-    let mut probe: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> =
-        None;
+    // Every probe the verdicts ask for goes out, each a request of its own, while earlier ones
+    // are still under way (QUIC retransmits each): several independent tries within the grace
+    // are what keeps loss from passing for a dead node (see `crate::liveness`). At most
+    // MAX_PROBES_IN_FLIGHT at once; aborted when this future is dropped.
+    let mut probes = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = async {
-                match probe.as_mut() {
-                    Some(p) => p.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                probe = None;
-                continue;
-            }
+            Some(_) = probes.join_next(), if !probes.is_empty() => continue,
         }
         let verdict = liveness.poll(Instant::now(), datagrams(), relayed.load(Ordering::Relaxed));
         match verdict {
             Verdict::Wait => {}
             Verdict::Probe => {
-                // Each probe is a request of its own: one still waiting for its reply is
-                // dropped (its request, already finished, is still retransmitted by QUIC; only
-                // our wait for the reply ends), so a probe goes out at every repeat and one left
-                // over from an earlier silence never stands in for this silence's first.
-                seq += 1;
-                probe = Some(Box::pin(send_probe(conn, seq)));
+                if probes.len() < liveness::MAX_PROBES_IN_FLIGHT {
+                    seq += 1;
+                    probes.spawn(send_probe(conn.clone(), seq));
+                }
             }
             Verdict::Gone { silent_for, probes } => {
                 // Our own process may have stalled (a loaded machine): let quinn's driver take
@@ -636,7 +631,7 @@ async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String
 
 /// One liveness probe: a `ping` request, its reply read (what arrives is counted by QUIC's
 /// statistics, which is all [`Liveness`] looks at); gives up after [`liveness::GRACE`].
-async fn send_probe(conn: &quinn::Connection, seq: u64) {
+async fn send_probe(conn: quinn::Connection, seq: u64) {
     let ping = async {
         let (mut tx, mut rx) = conn.open_bi().await.ok()?;
         write_frame(&mut tx, &ControlMessage::Ping { seq }.encode())
@@ -956,6 +951,7 @@ async fn pump_events(
                 nonce,
                 key,
                 nat,
+                no_relay,
             }) => {
                 let event = ServerEvent::Punch {
                     peer,
@@ -963,6 +959,7 @@ async fn pump_events(
                     nonce,
                     key,
                     nat,
+                    no_relay,
                 };
                 if events_tx.try_send(event).is_err() {
                     tracing::warn!("event queue full; dropping a punch request");

@@ -1060,6 +1060,7 @@ impl Registry {
             nonce,
             key: key.clone(),
             nat: self.nat_profiles.get(&target).copied(),
+            no_relay: None,
         };
         let to_target = ControlMessage::Punch {
             peer: from,
@@ -1067,6 +1068,7 @@ impl Registry {
             nonce,
             key,
             nat: self.nat_profiles.get(&from).copied(),
+            no_relay: None,
         };
         (to_requester, vec![(target_conn, to_target)])
     }
@@ -1157,6 +1159,7 @@ impl Registry {
                     nonce,
                     key,
                     nat: self.nat_profiles.get(&requester).copied(),
+                    no_relay: None,
                 })
             })
             .collect()
@@ -1720,11 +1723,14 @@ mod tests {
             nonce,
             key,
             nat,
+            no_relay,
         }) = out.reply
         else {
             panic!("{:?}", out.reply)
         };
         assert_eq!(peer, id(2));
+        // On one node the relay always joins the two sides.
+        assert_eq!(no_relay, None);
         assert_eq!(candidates[0].addr, addr(5000));
         assert_eq!(candidates[0].kind, CandidateKind::Observed);
         assert_eq!(candidates[1].kind, CandidateKind::Local);
@@ -1737,6 +1743,7 @@ mod tests {
                 candidates: pushed,
                 key: pushed_key,
                 nat: pushed_nat,
+                no_relay: pushed_no_relay,
             },
         ) = &out.pushes[0]
         else {
@@ -1745,6 +1752,7 @@ mod tests {
         // Each side learns the other's profile, as reported.
         assert_eq!(nat, Some(sym));
         assert_eq!(*pushed_nat, None);
+        assert_eq!(*pushed_no_relay, None);
         // Gone with the peer's connection (or a new registration).
         reg.disconnected(2, id(2), T0);
         register(&mut reg, 2, id(2), 5000);
@@ -2415,9 +2423,10 @@ mod tests {
         // mapping nor report its NAT profile for birthday punching; version 4 would not prove
         // its IPv6 address, and a version-4 server would refuse `confirm_address`; a version-5
         // peer would refuse `mapped_port` in `peer_info`; version 6 would not say that an early
-        // packet takes its NAT's port, nor hold its probes for a peer behind such a NAT.
-        assert_eq!(PROTOCOL_VERSION, 7);
-        for version in [2, 3, 4, 5, 6] {
+        // packet takes its NAT's port, nor hold its probes for a peer behind such a NAT; a
+        // version-7 peer would refuse `no_relay` in `punch`.
+        assert_eq!(PROTOCOL_VERSION, 8);
+        for version in [2, 3, 4, 5, 6, 7] {
             let mut reg = Registry::new([], [1; 32]);
             let out = reg.handle(
                 1,
@@ -2438,7 +2447,7 @@ mod tests {
                 panic!("{:?}", out.reply)
             };
             assert!(
-                message.contains("version 7")
+                message.contains("version 8")
                     && message.contains(&format!("version {version}"))
                     && message.contains("upgrade"),
                 "{message}"

@@ -28,6 +28,19 @@ pub struct ForwardedIntroduction {
     pub nonce: u64,
     /// The introduction's secret key.
     pub key: PunchKey,
+    /// Whether the requester's node can relay to the target's node (it has a node link and the
+    /// target's node announces one). Absent from a node that predates it: taken as yes, as
+    /// such a node would have tried.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub relay_across: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A peer as the cluster registry knows it, for a peer not online on this node.
@@ -97,7 +110,8 @@ impl Registry {
     /// `from` (registered here on `conn`) asks to connect to `target`, online on another node
     /// with `target_record`. Decided as a local introduction (same rate limits, same bounds):
     /// the reply is the requester's `punch` or a refusal, and with a `punch` comes what to
-    /// forward to the target's node.
+    /// forward to the target's node. `no_relay`: why the relay cannot join the two nodes, if
+    /// it cannot (told to the requester in its `punch`, and to the target's node).
     #[allow(clippy::too_many_arguments)]
     pub fn introduce_remote(
         &mut self,
@@ -107,6 +121,7 @@ impl Registry {
         target: PeerId,
         target_record: &Record,
         target_nat: Option<NatProfile>,
+        no_relay: Option<String>,
         now: OffsetDateTime,
     ) -> (Outcome, Option<ForwardedIntroduction>) {
         if self.online.get(&from) != Some(&conn) {
@@ -137,6 +152,7 @@ impl Registry {
             key: key.clone(),
             // What the target reported to its node, through the cluster registry.
             nat: target_nat,
+            no_relay: no_relay.clone(),
         });
         let forward = ForwardedIntroduction {
             requester: from,
@@ -145,6 +161,7 @@ impl Registry {
             target,
             nonce,
             key,
+            relay_across: no_relay.is_none(),
         };
         (outcome, Some(forward))
     }
@@ -152,10 +169,12 @@ impl Registry {
     /// An introduction forwarded by the requester's node: if its target is online here, it is
     /// recorded (the target's `accept` then checks here) and the target's `punch` is returned
     /// with the target's connection. The target's own rate limit applies here too, since any
-    /// node may forward.
+    /// node may forward. `no_relay`: why the relay cannot join the two nodes, if it cannot
+    /// (said in the target's `punch`).
     pub fn forwarded_introduction(
         &mut self,
         mut forwarded: ForwardedIntroduction,
+        no_relay: Option<String>,
         now: OffsetDateTime,
     ) -> Result<(ConnId, ControlMessage), ForwardRefusal> {
         let target = forwarded.target;
@@ -195,6 +214,7 @@ impl Registry {
             nonce: forwarded.nonce,
             key: forwarded.key,
             nat: forwarded.requester_nat,
+            no_relay,
         };
         Ok((target_conn, punch))
     }
@@ -283,6 +303,7 @@ mod tests {
             id(2),
             &target_record,
             target_nat,
+            None,
             T0,
         );
         let Some(ControlMessage::Punch {
@@ -291,6 +312,7 @@ mod tests {
             nonce,
             key,
             nat: requester_sees,
+            no_relay,
         }) = outcome.reply
         else {
             panic!("{:?}", outcome.reply);
@@ -299,11 +321,13 @@ mod tests {
         assert_eq!(candidates[0].addr, addr(2, 5000));
         // The requester learns the target's NAT from the target's node, as on one node.
         assert_eq!(requester_sees, Some(profile));
+        assert_eq!(no_relay, None);
         let forward = forward.unwrap();
+        assert!(forward.relay_across);
         // Through the cluster as JSON.
         let forward: ForwardedIntroduction =
             serde_json::from_slice(&serde_json::to_vec(&forward).unwrap()).unwrap();
-        let (conn, push) = y.forwarded_introduction(forward.clone(), T0).unwrap();
+        let (conn, push) = y.forwarded_introduction(forward.clone(), None, T0).unwrap();
         assert_eq!(conn, 20);
         let ControlMessage::Punch {
             peer,
@@ -331,9 +355,55 @@ mod tests {
         let mut elsewhere = forward;
         elsewhere.target = id(3);
         assert_eq!(
-            y.forwarded_introduction(elsewhere, T0),
+            y.forwarded_introduction(elsewhere, None, T0),
             Err(ForwardRefusal::TargetNotHere)
         );
+    }
+
+    /// Nodes that cannot relay to each other (one has no node link): the requester's `punch`
+    /// says why, the forwarded introduction says the requester's node cannot relay across, and
+    /// the target's `punch` carries the reason its node gives. A forward from a node that
+    /// predates the field reads as one that can.
+    #[test]
+    fn an_introduction_between_unlinked_nodes_says_the_relay_cannot_join_them() {
+        let mut x = Registry::new([], [1; 32]);
+        let mut y = Registry::new([], [2; 32]);
+        register(&mut x, 10, id(1), addr(1, 4000));
+        register(&mut y, 20, id(2), addr(2, 5000));
+        let (_, target_record, _) = y.online_records().pop().unwrap();
+        let why = "node y has no node link".to_owned();
+        let (outcome, forward) = x.introduce_remote(
+            10,
+            id(1),
+            addr(1, 4000),
+            id(2),
+            &target_record,
+            None,
+            Some(why.clone()),
+            T0,
+        );
+        let Some(ControlMessage::Punch { no_relay, .. }) = outcome.reply else {
+            panic!("{:?}", outcome.reply);
+        };
+        assert_eq!(no_relay, Some(why));
+        let forward = forward.unwrap();
+        assert!(!forward.relay_across);
+        let json = serde_json::to_value(&forward).unwrap();
+        assert_eq!(json["relay_across"], serde_json::json!(false));
+        let back: ForwardedIntroduction = serde_json::from_value(json.clone()).unwrap();
+        assert!(!back.relay_across);
+        let mut older = json;
+        older.as_object_mut().unwrap().remove("relay_across");
+        let older: ForwardedIntroduction = serde_json::from_value(older).unwrap();
+        assert!(older.relay_across);
+        let theirs = "node x, where the requester is, has no node link".to_owned();
+        let (_, push) = y
+            .forwarded_introduction(back, Some(theirs.clone()), T0)
+            .unwrap();
+        let ControlMessage::Punch { no_relay, .. } = push else {
+            panic!("{push:?}");
+        };
+        assert_eq!(no_relay, Some(theirs));
     }
 
     /// The relay across nodes: the requester's node lets its packets to the remote target
@@ -346,8 +416,16 @@ mod tests {
         register(&mut x, 10, id(1), addr(1, 4000));
         register(&mut y, 20, id(2), addr(2, 5000));
         let (_, target_record, _) = y.online_records().pop().unwrap();
-        let (outcome, forward) =
-            x.introduce_remote(10, id(1), addr(1, 4000), id(2), &target_record, None, T0);
+        let (outcome, forward) = x.introduce_remote(
+            10,
+            id(1),
+            addr(1, 4000),
+            id(2),
+            &target_record,
+            None,
+            None,
+            T0,
+        );
         let Some(ControlMessage::Punch { nonce, .. }) = outcome.reply else {
             panic!("{:?}", outcome.reply);
         };
@@ -360,7 +438,8 @@ mod tests {
             x.relay_allowed_remote(id(1), id(2), T0),
             Err(RelayRefusal::NotAccepted)
         );
-        y.forwarded_introduction(forward.unwrap(), T0).unwrap();
+        y.forwarded_introduction(forward.unwrap(), None, T0)
+            .unwrap();
         assert_eq!(
             y.relay_allowed_remote(id(2), id(1), T0),
             Err(RelayRefusal::NotAccepted)
@@ -405,8 +484,9 @@ mod tests {
                 target: id(2),
                 nonce: n as u64,
                 key: PunchKey::from_bytes([7; 16]),
+                relay_across: true,
             };
-            match y.forwarded_introduction(forward, T0) {
+            match y.forwarded_introduction(forward, None, T0) {
                 Ok(_) => pushed += 1,
                 Err(ForwardRefusal::RateLimited) => {}
                 Err(other) => panic!("{other}"),
@@ -472,7 +552,8 @@ mod tests {
                 ..
             })
         ));
-        let (out, forward) = x.introduce_remote(1, id(1), addr(1, 1), id(2), &record, None, T0);
+        let (out, forward) =
+            x.introduce_remote(1, id(1), addr(1, 1), id(2), &record, None, None, T0);
         assert!(forward.is_none());
         assert!(matches!(
             out.reply,

@@ -145,6 +145,8 @@ impl Shared {
                 format!("peer {target} is registered but not online (last seen {last_seen})"),
             ));
         };
+        let no_relay = self.no_relay_to(cluster, target, &node).await;
+        let relay_across = no_relay.is_none();
         let (outcome, forward) = lock(&self.registry).introduce_remote(
             conn,
             id,
@@ -152,14 +154,16 @@ impl Shared {
             target,
             &remote.record,
             found.nat,
+            no_relay,
             now,
         );
         let Some(forward) = forward else {
             return Some(outcome);
         };
         let sent = cluster.forward(&node, forward).await;
-        if let (Ok(1..), Some(links)) = (&sent, &self.links) {
-            // Packets relayed to the target go to its node.
+        if let (Ok(1..), Some(links), true) = (&sent, &self.links, relay_across) {
+            // Packets relayed to the target go to its node (unless it has no link: then they
+            // are dropped here, never dialed for).
             links.set_route(target, &node);
         }
         match sent {
@@ -175,18 +179,66 @@ impl Shared {
         }
     }
 
+    /// Why the relay cannot carry packets between a peer here and `target` on `node`, if it
+    /// cannot: this node has no node link, or `node` announces none (a node started without
+    /// `--cluster-link`). Said in the introduction, so that a peer that needs the relay is
+    /// refused at once rather than left to time out. When Redis cannot say (an error), the
+    /// relay is tried as usual.
+    async fn no_relay_to(&self, cluster: &Cluster, target: PeerId, node: &str) -> Option<String> {
+        let me = cluster.node();
+        if self.links.is_none() {
+            return Some(format!(
+                "peer {target} is on node {node} of this cluster, and this node ({me}) has no \
+                 node link (--cluster-link): the relay cannot join you, only a direct path can"
+            ));
+        }
+        match cluster.node_link_addr(node).await {
+            Ok(None) => Some(format!(
+                "peer {target} is on node {node} of this cluster, which has no node link \
+                 (--cluster-link): the relay cannot join you, only a direct path can"
+            )),
+            Ok(Some(_)) => None,
+            Err(e) => {
+                tracing::debug!(%node, error = %e, "cannot read the node's link address");
+                None
+            }
+        }
+    }
+
     /// An introduction forwarded by another node: pushed to its target if it is online here.
     fn deliver_forwarded(&self, envelope: Envelope) {
         let Some(cluster) = self.backend.cluster() else {
             return;
         };
         let (requester, target) = (envelope.intro.requester, envelope.intro.target);
-        let result =
-            lock(&self.registry).forwarded_introduction(envelope.intro, OffsetDateTime::now_utc());
+        let (from, me) = (&envelope.from, cluster.node());
+        // This node knows whether it has a link; the requester's node said whether it can
+        // relay to this one.
+        let no_relay = if self.links.is_none() {
+            Some(format!(
+                "peer {requester} is on node {from} of this cluster, and this node ({me}) has no \
+                 node link (--cluster-link): the relay cannot join you, only a direct path can"
+            ))
+        } else if !envelope.intro.relay_across {
+            Some(format!(
+                "peer {requester} is on node {from} of this cluster, which cannot relay to this \
+                 node ({me}) (no node link, --cluster-link): the relay cannot join you, only a \
+                 direct path can"
+            ))
+        } else {
+            None
+        };
+        let relay_across = no_relay.is_none();
+        let result = lock(&self.registry).forwarded_introduction(
+            envelope.intro,
+            no_relay,
+            OffsetDateTime::now_utc(),
+        );
         match result {
             Ok((conn, punch)) => {
-                if let Some(links) = &self.links {
-                    // Packets relayed to the requester go to its node.
+                if let (Some(links), true) = (&self.links, relay_across) {
+                    // Packets relayed to the requester, and the target's accept, go to its
+                    // node (unless it cannot relay to this one: then nothing is sent there).
                     links.set_route(requester, &envelope.from);
                 }
                 if self.push(conn, punch) {
