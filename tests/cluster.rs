@@ -1170,3 +1170,43 @@ fn a_node_without_a_link_refuses_the_relay_across_clearly() {
     // Nothing was sent towards the node without a link: no dial failed.
     assert_eq!(sample(&x, "rendezvous_cluster_link_dial_failures_total"), 0);
 }
+
+/// A relayed pair whose node dies and whose peers move to two nodes the relay cannot join (one
+/// of them without a link) is told so, rather than left with a silent connection: the peer
+/// introduced again from the linked node says the rendezvous cannot relay to the other now.
+#[test]
+fn a_relayed_pair_split_onto_unlinked_nodes_by_a_failover_is_told_why_it_stalls() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = TempDir::new("cluster-split");
+    let key = dir.path().join("cluster.key");
+    write_key(&key);
+    let (mut x, _) = linked_node(dir.path(), &redis, "x", &key);
+    let (y, _) = linked_node(dir.path(), &redis, "y", &key);
+    let w = node(dir.path(), &redis, "w");
+
+    let mut listen = args!["listen"];
+    listen.extend(servers(&[&x, &w]));
+    let mut a = peer("a", &dir.path().join("a"), &listen);
+    let a_id = e2e::wait_registered(&a, T);
+    let mut connect = args!["connect", a_id.clone()];
+    connect.extend(servers(&[&x, &y]));
+    let mut b = peer("b", &dir.path().join("b"), &connect);
+    let line = b.stdout.wait_for(&format!("connected to {a_id}"), T);
+    assert!(line.contains("relayed via rendezvous"), "{line}");
+
+    x.proc.kill9();
+    let moved = a.stdout.wait_for("moved to another rendezvous", T);
+    assert!(moved.contains(&w.addr.to_string()), "{moved}");
+    let moved = b.stdout.wait_for("moved to another rendezvous", T);
+    assert!(moved.contains(&y.addr.to_string()), "{moved}");
+    let line = b
+        .stderr
+        .wait_for("but the rendezvous cannot relay to it now", T);
+    assert!(
+        line.contains(&format!("the connection to {a_id} is relayed")) && line.contains("node w"),
+        "{line}"
+    );
+    b.close_stdin();
+    let _ = b.terminate(T);
+    assert!(a.terminate(T).success());
+}

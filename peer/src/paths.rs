@@ -891,17 +891,19 @@ impl PathKeeper {
             .session
             .request(&ControlMessage::Connect { id: peer })
             .await;
-        let (candidates, introduction, peer_nat) = match reply {
+        let (candidates, introduction, peer_nat, no_relay) = match reply {
             Ok(ControlMessage::Punch {
                 candidates,
                 nonce,
                 key,
                 nat,
+                no_relay,
                 ..
             }) => (
                 self.screen_candidates(&candidates),
                 Introduction { nonce, key },
                 nat,
+                no_relay,
             ),
             Ok(other) => {
                 let reason = format!("the rendezvous answered {}", other.kind());
@@ -913,6 +915,18 @@ impl PathKeeper {
                 return;
             }
         };
+        if let Some(why) = no_relay.filter(|_| self.peer_relayed(peer)) {
+            // A relayed connection whose relay cannot reach the peer any more (we moved to a
+            // node without a link to the peer's): it stalls until a direct path is found, and
+            // the user is told why rather than left with a silent connection.
+            self.console
+                .error(format!(
+                    "the connection to {peer} is relayed, but the rendezvous cannot relay to it \
+                     now ({}); waiting for a direct path",
+                    crate::files::printable(&why)
+                ))
+                .await;
+        }
         self.prepare(peer, introduction.nonce, &candidates);
         let peer_nat = peer_nat.filter(|_| birthday);
         match self
