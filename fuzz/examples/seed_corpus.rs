@@ -88,6 +88,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 nonce: 0x9E37_79B9_7F4A_7C15,
                 key: stun::PunchKey::from_bytes(*b"sixteen byte key"),
                 nat: None,
+                no_relay: None,
             },
         ),
         ("relay_open", ControlMessage::RelayOpen {}),

@@ -116,6 +116,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
                 nonce: u.arbitrary()?,
                 key: common::stun::PunchKey::from_bytes(u.arbitrary()?),
                 nat: None,
+                no_relay: u.arbitrary()?,
             }
         }
         6 => ControlMessage::RelayOpen {},

@@ -190,6 +190,7 @@ impl Msg {
                     nonce: n.into(),
                     key: common::stun::PunchKey::from_bytes([n; 16]),
                     nat: None,
+                    no_relay: None,
                 },
                 _ => ControlMessage::RelayOpen {},
             },
