@@ -270,14 +270,20 @@ mod tests {
         assert!(matches!(out.reply, Some(ControlMessage::Registered { .. })));
     }
 
-    /// Node X introduces its peer 1 to peer 2 of node Y: both get a `punch` with the same nonce
-    /// and key and each other's public address, and Y accepts peer 2's `accept`.
-    #[test]
-    fn an_introduction_crosses_nodes_and_the_target_accepts_on_its_node() {
+    /// Two nodes: x with peer 1 registered (connection 10), y with peer 2 (connection 20).
+    fn two_nodes() -> (Registry, Registry) {
         let mut x = Registry::new([], [1; 32]);
         let mut y = Registry::new([], [2; 32]);
         register(&mut x, 10, id(1), addr(1, 4000));
         register(&mut y, 20, id(2), addr(2, 5000));
+        (x, y)
+    }
+
+    /// Node X introduces its peer 1 to peer 2 of node Y: both get a `punch` with the same nonce
+    /// and key and each other's public address, and Y accepts peer 2's `accept`.
+    #[test]
+    fn an_introduction_crosses_nodes_and_the_target_accepts_on_its_node() {
+        let (mut x, mut y) = two_nodes();
         let profile = NatProfile {
             udp: true,
             no_nat: false,
@@ -366,10 +372,7 @@ mod tests {
     /// predates the field reads as one that can.
     #[test]
     fn an_introduction_between_unlinked_nodes_says_the_relay_cannot_join_them() {
-        let mut x = Registry::new([], [1; 32]);
-        let mut y = Registry::new([], [2; 32]);
-        register(&mut x, 10, id(1), addr(1, 4000));
-        register(&mut y, 20, id(2), addr(2, 5000));
+        let (mut x, mut y) = two_nodes();
         let (_, target_record, _) = y.online_records().pop().unwrap();
         let why = "node y has no node link".to_owned();
         let (outcome, forward) = x.introduce_remote(
@@ -411,10 +414,7 @@ mod tests {
     /// nonce); the target's node, which saw the accept, lets packets through both ways.
     #[test]
     fn relay_across_nodes_waits_for_the_accept_reported_by_the_targets_node() {
-        let mut x = Registry::new([], [1; 32]);
-        let mut y = Registry::new([], [2; 32]);
-        register(&mut x, 10, id(1), addr(1, 4000));
-        register(&mut y, 20, id(2), addr(2, 5000));
+        let (mut x, mut y) = two_nodes();
         let (_, target_record, _) = y.online_records().pop().unwrap();
         let (outcome, forward) = x.introduce_remote(
             10,
