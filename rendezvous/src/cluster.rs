@@ -196,16 +196,21 @@ pub enum ClusterError {
 /// Checks a node id: 1 to [`MAX_NODE_ID`] ASCII letters, digits, `.`, `_`, `-` (it is part of
 /// Redis keys and channel names).
 pub fn check_node_id(node: &str) -> Result<(), ClusterError> {
-    let ok = !node.is_empty()
-        && node.len() <= MAX_NODE_ID
-        && node
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if is_short_name(node) {
         Ok(())
     } else {
         Err(ClusterError::BadNodeId(node.to_owned()))
     }
+}
+
+/// 1 to [`MAX_NODE_ID`] ASCII letters, digits, `.`, `_` or `-`: a node id, or a Sentinel
+/// service name (safe in Redis keys and channels, and in log lines).
+fn is_short_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NODE_ID
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// What the cluster registry holds about a peer.
@@ -423,12 +428,7 @@ impl SentinelTarget {
             .split_once('/')
             .ok_or("expected /SERVICE after the sentinels' addresses")?;
         let service = service.trim_end_matches('/');
-        if service.is_empty()
-            || service.len() > 64
-            || !service
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
+        if !is_short_name(service) {
             return Err(format!(
                 "service name {service:?}: 1 to 64 letters, digits, `.`, `_` or `-` (Sentinel's \
                  `monitor` name)"
