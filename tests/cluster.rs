@@ -1172,10 +1172,30 @@ fn a_node_without_a_link_refuses_the_relay_across_clearly() {
 }
 
 /// A relayed pair whose node dies and whose peers move to two nodes the relay cannot join (one
-/// of them without a link) is told so, rather than left with a silent connection: the peer
-/// introduced again from the linked node says the rendezvous cannot relay to the other now.
+/// of them without a link) is told so, rather than left with a silent connection: each side
+/// says the rendezvous cannot relay to the other now. The listener moves first here: the
+/// dialer learns it from its own new introduction.
 #[test]
 fn a_relayed_pair_split_onto_unlinked_nodes_by_a_failover_is_told_why_it_stalls() {
+    relayed_pair_split_by_a_failover(Side::Listener);
+}
+
+/// As above with the dialer moving first: its own new introduction finds the listener still
+/// on the dead node, so it learns why from the introduction the listener asks for once it
+/// has moved (pushed to it as the target).
+#[test]
+fn a_relayed_pair_split_dialer_first_is_told_why_it_stalls_by_the_pushed_introduction() {
+    relayed_pair_split_by_a_failover(Side::Dialer);
+}
+
+/// Which peer of a pair re-registers first after its node's loss.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Listener,
+    Dialer,
+}
+
+fn relayed_pair_split_by_a_failover(first: Side) {
     let Some(redis) = Redis::start() else { return };
     let dir = TempDir::new("cluster-split");
     let key = dir.path().join("cluster.key");
@@ -1193,8 +1213,18 @@ fn a_relayed_pair_split_onto_unlinked_nodes_by_a_failover_is_told_why_it_stalls(
     let mut b = peer("b", &dir.path().join("b"), &connect);
     let line = b.stdout.wait_for(&format!("connected to {a_id}"), T);
     assert!(line.contains("relayed via rendezvous"), "{line}");
+    let b_id = e2e::peer_id_of(&dir.path().join("b"));
 
+    // The other side is stopped until the first has moved: the order is forced, not timed.
+    let (mover, waiter) = match first {
+        Side::Listener => (&a, &b),
+        Side::Dialer => (&b, &a),
+    };
+    waiter.pause();
     x.proc.kill9();
+    mover.stdout.wait_for("moved to another rendezvous", T);
+    waiter.resume();
+
     let moved = a.stdout.wait_for("moved to another rendezvous", T);
     assert!(moved.contains(&w.addr.to_string()), "{moved}");
     let moved = b.stdout.wait_for("moved to another rendezvous", T);
@@ -1204,6 +1234,14 @@ fn a_relayed_pair_split_onto_unlinked_nodes_by_a_failover_is_told_why_it_stalls(
         .wait_for("but the rendezvous cannot relay to it now", T);
     assert!(
         line.contains(&format!("the connection to {a_id} is relayed")) && line.contains("node w"),
+        "{line}"
+    );
+    let line = a
+        .stderr
+        .wait_for("but the rendezvous cannot relay to it now", T);
+    assert!(
+        line.contains(&format!("the connection to {b_id} is relayed"))
+            && line.contains("(w) has no node link"),
         "{line}"
     );
     b.close_stdin();

@@ -916,16 +916,7 @@ impl PathKeeper {
             }
         };
         if let Some(why) = no_relay.filter(|_| self.peer_relayed(peer)) {
-            // A relayed connection whose relay cannot reach the peer any more (we moved to a
-            // node without a link to the peer's): it stalls until a direct path is found, and
-            // the user is told why rather than left with a silent connection.
-            self.console
-                .error(format!(
-                    "the connection to {peer} is relayed, but the rendezvous cannot relay to it \
-                     now ({}); waiting for a direct path",
-                    crate::files::printable(&why)
-                ))
-                .await;
+            self.relay_lost(peer, &why).await;
         }
         self.prepare(peer, introduction.nonce, &candidates);
         let peer_nat = peer_nat.filter(|_| birthday);
@@ -937,6 +928,21 @@ impl PathKeeper {
             State::Failed(_) => self.report_punch(peer, false),
             State::Probing => {}
         }
+    }
+
+    /// A relayed connection whose relay cannot reach the peer any more (one of us moved to a
+    /// node without a link to the other's): it stalls until a direct path is found, and the
+    /// user is told why rather than left with a silent connection. Said by whichever side
+    /// learns it: from its own new introduction or from one the other side asked for (which
+    /// of the two comes first depends on which peer re-registered first).
+    async fn relay_lost(&self, peer: PeerId, why: &str) {
+        self.console
+            .error(format!(
+                "the connection to {peer} is relayed, but the rendezvous cannot relay to it now \
+                 ({}); waiting for a direct path",
+                crate::files::printable(why)
+            ))
+            .await;
     }
 
     async fn repunch_failed(&self, peer: PeerId, reason: String) {
@@ -985,15 +991,20 @@ impl PathKeeper {
                 no_relay,
             } = event;
             let candidates = self.screen_candidates(&candidates);
-            if let Some(why) = no_relay.filter(|_| self.relay_only) {
-                // Only the relay would do, and it cannot: the dialer is refused too; say why
-                // here as well (the server's words, escaped).
-                self.console
-                    .error(format!(
-                        "{peer} asked to connect, but the rendezvous cannot relay between you: {}",
-                        crate::files::printable(&why)
-                    ))
-                    .await;
+            if let Some(why) = &no_relay {
+                if self.peer_relayed(peer) {
+                    self.relay_lost(peer, why).await;
+                } else if self.relay_only {
+                    // Only the relay would do, and it cannot: the dialer is refused too; say
+                    // why here as well (the server's words, escaped).
+                    self.console
+                        .error(format!(
+                            "{peer} asked to connect, but the rendezvous cannot relay between \
+                             you: {}",
+                            crate::files::printable(why)
+                        ))
+                        .await;
+                }
             }
             if punches.len() >= MAX_RESPONDER_PUNCHES {
                 self.console

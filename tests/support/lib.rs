@@ -336,6 +336,25 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the process stops where it is (its sockets stay open, nothing is read or sent)
+    /// until [`Proc::resume`]. For ordering what two processes do without timing either.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Proc::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {} failed", self.tag);
+    }
+
     /// SIGTERM, then wait.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let _ = Command::new("kill")
