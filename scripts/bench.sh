@@ -7,7 +7,8 @@
 #     loopback and on a lab link (two un-NATed lab hosts, veth links through the lab router);
 #   - CPU seconds per GiB (client + server), ours / plain quinn (loopback, 1 and 4 streams);
 #   - the product: `peer send` direct (port-restricted NATs) and relayed (symmetric NATs) on
-#     identical lab links, relayed / direct, with the relay's default rate limit and without;
+#     identical lab links, relayed / direct, with the relay's default rate limit and without,
+#     and relayed on relay channels (plain UDP, the default) / on the relay stream (QUIC in QUIC);
 #   - the rendezvous (loopback, pinned to one core, load generator on the other): registrations
 #     per second, RSS per idle registered peer and CPU use with N peers kept alive; the same
 #     load generator against a plain quinn + rustls server doing only the handshake (same
@@ -285,7 +286,8 @@ print(cpu(sys.argv[2]) - cpu(sys.argv[1]))' "$1" "$2"
 }
 
 # send LAB KIND_A KIND_B [RENDEZVOUS OPTION...]: median MB/s of $runs `peer send` transfers ->
-# results send_LAB
+# results send_LAB. Both peers also get the options in the array peer_extra.
+peer_extra=()
 send_goodput() {
     local lab=$1 kind_a=$2 kind_b=$3 dir="$work/$1"
     shift 3
@@ -299,7 +301,7 @@ send_goodput() {
     local key id speeds=()
     key=$(sed -n 's/^server key //p' "$dir/rv.out")
     ip netns exec "$lab-a" "$bin/peer" --config-dir "$dir/a" listen --accept-files "$dir/recv" --allow-any \
-        --server 203.0.113.10:7000 --server-key "$key" >"$dir/a.out" 2>"$dir/a.log" </dev/null &
+        --server 203.0.113.10:7000 --server-key "$key" "${peer_extra[@]}" >"$dir/a.out" 2>"$dir/a.log" </dev/null &
     local a_pid=$!
     wait_for "$dir/a.out" "registered with" 10
     id=$(sed -n 's/^peer id //p' "$dir/a.out")
@@ -314,7 +316,7 @@ send_goodput() {
         # address would be dialed first, and fail behind a port-restricted NAT).
         times >"$dir/times-before" # this shell's children's CPU so far (`times` forks nothing)
         if ! ip netns exec "$lab-b" timeout 300 "$bin/peer" --config-dir "$dir/b$i" send "$id" "$work/payload.bin" \
-            --server 203.0.113.10:7000 --server-key "$key" >"$dir/b.out" 2>"$dir/b.log" </dev/null; then
+            --server 203.0.113.10:7000 --server-key "$key" "${peer_extra[@]}" >"$dir/b.out" 2>"$dir/b.log" </dev/null; then
             times >"$dir/times-after"
             children_cpu_delta "$dir/times-before" "$dir/times-after" >>"$dir/sender-cpu"
             # Reported in the table, not hidden; one retry so that one failure does not void the run.
@@ -351,6 +353,12 @@ send_goodput "$rlab" sym sym
 # the relay path itself can carry.
 qlab=kq$tag
 send_goodput "$qlab" sym sym --relay-rate 10000000000
+# The same on the relay stream (inside the QUIC connection to the rendezvous, as before relay
+# channels): what the channels bought, in this run.
+slab=ks$tag
+peer_extra=(--no-relay-channel)
+send_goodput "$slab" sym sym --relay-rate 10000000000
+peer_extra=()
 # iroh_send LAB KEY: iroh's goodput for the same bytes as `peer send` in LAB (a raw stream, no
 # file or hashing: a handicap for ours), through its relay in dev mode on LAB-rv.
 iroh_send() {
@@ -380,6 +388,7 @@ fi
 record send_direct_lab "$dlab"
 record send_relay_lab "$rlab"
 record send_relay_uncapped_lab "$qlab"
+record send_relay_stream_lab "$slab"
 for lab in "$glab" "$dlab" "$rlab" "$qlab"; do scripts/natlab.sh down "$lab" >/dev/null 2>&1; done
 fi # ! rv_only
 record send_only "$send_only"
@@ -576,6 +585,12 @@ if not rv_only:
   cd, cu = f("send_cpu_per_gb_" + r["send_direct_lab"]), f("send_cpu_per_gb_" + r["send_relay_uncapped_lab"])
   row("`peer send` CPU s per GB (sender + receiver + rendezvous), relayed (rate limit raised) / direct",
       f"{cu:.2f} / {cd:.2f}", f"{cu / cd:.2f}", "<= 1.6", cu / cd <= 1.6)
+  rs = f("send_" + r["send_relay_stream_lab"])
+  cs = f("send_cpu_per_gb_" + r["send_relay_stream_lab"])
+  row("`peer send` relayed, relay channels (plain UDP) / relay stream (`--no-relay-channel`: QUIC inside QUIC), rate limit raised, same links",
+      f"{ru:.1f} / {rs:.1f} MB/s", f"{ru / rs:.2f}", "-")
+  row("`peer send` CPU s per GB, all three processes, relay channels / relay stream",
+      f"{cu:.2f} / {cs:.2f}", f"{cu / cs:.2f}", "-")
 if send_only:
     rows.append("")
     rows.append("(--send-only: the other rows were not measured)")

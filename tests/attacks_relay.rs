@@ -158,22 +158,12 @@ async fn receive_from(rx: &mut quinn::RecvStream, from: PeerId, n: usize) -> Vec
     got
 }
 
-#[test]
-fn relay_memory_stays_bounded_and_relaying_needs_consent() {
-    let dir = TempDir::new("attacks-relay");
-    let data = dir.path().join("rv");
-    // The server's pid is found by its data directory on its command line.
-    let data_arg = data.to_str().unwrap().to_owned();
-    let mut argv = e2e::rendezvous_args(&data, "127.0.0.1:0");
-    argv.extend(args![
-        "--tcp-listen",
-        "off",
-        "--metrics",
-        "127.0.0.1:0",
-        // No rate limit in the way: the queues are what is attacked.
-        "--relay-rate",
-        "10000000000"
-    ]);
+/// Starts the rendezvous on loopback with its data in `data`, no TCP tunnel, metrics on a port
+/// of its own, and `extra` options; with its metrics address.
+fn rendezvous_with_metrics(data: &std::path::Path, extra: &[String]) -> (Rendezvous, String) {
+    let mut argv = e2e::rendezvous_args(data, "127.0.0.1:0");
+    argv.extend(args!["--tcp-listen", "off", "--metrics", "127.0.0.1:0"]);
+    argv.extend(extra.iter().cloned());
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let rv = Rendezvous::ready(Proc::spawn("rendezvous", &e2e::bin("rendezvous"), &refs));
     let metrics_line = rv
@@ -186,6 +176,17 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
         .and_then(|rest| rest.split('/').next())
         .expect("metrics address")
         .to_owned();
+    (rv, metrics)
+}
+
+#[test]
+fn relay_memory_stays_bounded_and_relaying_needs_consent() {
+    let dir = TempDir::new("attacks-relay");
+    let data = dir.path().join("rv");
+    // The server's pid is found by its data directory on its command line.
+    let data_arg = data.to_str().unwrap().to_owned();
+    // No rate limit in the way: the queues are what is attacked.
+    let (rv, metrics) = rendezvous_with_metrics(&data, &args!["--relay-rate", "10000000000"]);
     let pid = pid_of(&data_arg);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -393,5 +394,198 @@ fn relay_memory_stays_bounded_and_relaying_needs_consent() {
             ControlMessage::Pong { seq: 1 }
         );
         drop(sinks);
+    });
+}
+
+/// A raw client and the socket it registered from (to send channel datagrams from the address
+/// its control connection comes from, as a peer does).
+struct ChannelClient {
+    client: RawClient,
+    socket: std::sync::Arc<transport::DemuxSocket>,
+    _endpoint: quinn::Endpoint,
+}
+
+async fn channel_client(server: SocketAddr, n: u8) -> ChannelClient {
+    let identity = certs::Identity::generate().unwrap();
+    let (endpoint, socket, _stun) = transport::make_endpoint(
+        SocketAddr::from(([127, 0, 5, n], 0)),
+        None,
+        Default::default(),
+        8,
+        None,
+    )
+    .unwrap();
+    let client = RawClient::register(
+        &endpoint,
+        &identity,
+        server,
+        certs::ServerTrust::FirstUse,
+        PROTOCOL_VERSION,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    ChannelClient {
+        client,
+        socket,
+        _endpoint: endpoint,
+    }
+}
+
+/// `relay_channel`'s answer: the id, or the refusal.
+async fn ask_channel(from: &RawClient, peer: PeerId) -> Result<u64, ControlMessage> {
+    match from
+        .request(&ControlMessage::RelayChannel { peer })
+        .await
+        .unwrap()
+    {
+        ControlMessage::RelayChannelReady {
+            peer: p, channel, ..
+        } if p == peer => Ok(ControlMessage::parse_channel(&channel).expect("16 hex digits")),
+        other => Err(other),
+    }
+}
+
+fn channel_datagram(id: u64, body: &[u8]) -> Vec<u8> {
+    [&transport::channel::header(id)[..], body].concat()
+}
+
+/// Relay channels (plain UDP relaying): granted only between peers introduced with the
+/// target's accept; forwarded only from the two bound addresses (a stranger who knows the id,
+/// from its own address, gets nothing through); into the other side's relay stream until it
+/// binds its end, then by UDP to its socket; charged to the sender's relay quota; a
+/// datagram of the channel shape that is not a channel's reaches nobody.
+#[test]
+fn relay_channels_need_consent_and_forward_only_between_the_bound_ends() {
+    let dir = TempDir::new("attacks-channel");
+    // A small allowance: 30 kB of relaying per peer and day.
+    let (rv, metrics) =
+        rendezvous_with_metrics(&dir.path().join("rv"), &args!["--relay-quota", "30000"]);
+    let channel_count = |m: &str, outcome: &str| {
+        sample(
+            m,
+            &format!("rendezvous_relay_channel_datagrams_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let a = channel_client(rv.addr, 1).await;
+        let b = channel_client(rv.addr, 2).await;
+        let stranger = channel_client(rv.addr, 3).await;
+
+        // No introduction, no channel; nor to oneself, nor to someone unknown.
+        for (asker, peer) in [
+            (&a.client, b.client.id),
+            (&a.client, a.client.id),
+            (&a.client, PeerId::from_key_digest(&[9; 32])),
+        ] {
+            match ask_channel(asker, peer).await {
+                Err(ControlMessage::Error {
+                    code: ErrorCode::RelayDenied,
+                    ..
+                }) => {}
+                other => panic!("a channel without consent: {other:?}"),
+            }
+        }
+        // Introduced, not accepted yet: still no.
+        let nonce = a.client.connect(b.client.id).await.unwrap();
+        assert!(ask_channel(&a.client, b.client.id).await.is_err());
+        b.client.accept(a.client.id, nonce).await.unwrap();
+        let id = ask_channel(&a.client, b.client.id).await.unwrap();
+        // The stranger was introduced to nobody.
+        assert!(ask_channel(&stranger.client, b.client.id).await.is_err());
+
+        // b has no channel yet: a's datagrams arrive in b's relay stream.
+        let (_b_out, mut b_in) = b.client.relay().await.unwrap().unwrap();
+        // The stranger sends on a's channel from its own address first: not forwarded.
+        stranger
+            .socket
+            .send_to(&channel_datagram(id, b"\x40spoofed"), rv.addr)
+            .await
+            .unwrap();
+        a.socket
+            .send_to(&channel_datagram(id, b"\x40from a"), rv.addr)
+            .await
+            .unwrap();
+        let got = receive_from(&mut b_in, a.client.id, 1).await;
+        assert_eq!(got, vec![b"\x40from a".to_vec()]);
+        let m = wait_metrics(&metrics, "one to the stream", |m| {
+            channel_count(m, "to_stream") == 1
+        })
+        .await;
+        assert_eq!(channel_count(&m, "forwarded"), 0, "{m}");
+
+        // b binds its end: the same channel; a's datagrams now reach b's socket by UDP.
+        assert_eq!(ask_channel(&b.client, a.client.id).await.unwrap(), id);
+        let heard = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = heard.clone();
+        b.socket.bind_channel(
+            *a.client.id.as_bytes(),
+            id,
+            rv.addr,
+            "240.0.0.1:1".parse().unwrap(),
+            Some(std::sync::Arc::new(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })),
+        );
+        a.socket
+            .send_to(&channel_datagram(id, b"\x40by udp"), rv.addr)
+            .await
+            .unwrap();
+        let m = wait_metrics(&metrics, "one forwarded", |m| {
+            channel_count(m, "forwarded") == 1
+        })
+        .await;
+        assert_eq!(channel_count(&m, "to_stream"), 1, "{m}");
+        // b's socket took it as a channel datagram (b's quinn endpoint read the socket).
+        let deadline = Instant::now() + T;
+        while b
+            .socket
+            .stats()
+            .channel_received
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "b's socket never got the datagram"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(heard.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+
+        // Over the allowance (30 kB): most of 100 datagrams of 1 kB are dropped and counted
+        // as the quota's.
+        let big = channel_datagram(id, &[0x40; 1000]);
+        for _ in 0..100 {
+            a.socket.send_to(&big, rv.addr).await.unwrap();
+        }
+        let m = wait_metrics(&metrics, "the rate limit", |m| {
+            channel_count(m, "dropped") + channel_count(m, "forwarded") >= 101
+        })
+        .await;
+        assert!(channel_count(&m, "dropped") >= 70, "{m}");
+        assert!(dropped(&m, "quota") >= 70, "{m}");
+
+        // A datagram of the channel's shape with an id nobody holds reaches no one: quinn
+        // discards it and the server goes on.
+        a.socket
+            .send_to(&channel_datagram(id ^ 1, b"\x40nobody's"), rv.addr)
+            .await
+            .unwrap();
+        match ask_channel(&a.client, b.client.id).await {
+            Ok(again) => assert_eq!(again, id),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            sample(&scrape(&metrics), "rendezvous_relay_channels"),
+            1,
+            "one channel for the pair, however often asked"
+        );
     });
 }

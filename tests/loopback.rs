@@ -1183,3 +1183,124 @@ fn echo_examples_round_trip_through_the_library() {
     assert_ne!(client_id, server_id);
     server.wait_for_line(&format!("echoed {} bytes to {client_id}", message.len()), T);
 }
+
+/// The product on a relay channel: a relayed `peer send` (both sides `--relay-only`) has its
+/// packets forwarded by the rendezvous as plain UDP datagrams (the metrics count them), and the
+/// file arrives whole (the receiver verified its SHA-256 before the sender exits 0).
+#[test]
+fn a_relayed_send_travels_on_a_relay_channel() {
+    let dir = TempDir::new("channel-send");
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let mut argv = e2e::rendezvous_args(&dir.path().join("rv"), "127.0.0.1:0");
+    argv.extend(args!["--tcp-listen", "off", "--metrics", metrics]);
+    let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let rv = Rendezvous::ready(e2e::Proc::spawn(
+        "rendezvous",
+        &e2e::bin("rendezvous"),
+        &refs,
+    ));
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let relay_only = args!["--relay-only", "--server-tcp", "off"];
+    let mut extra = args!["--accept-files", inbox.to_str().unwrap(), "--allow-any"];
+    extra.extend(relay_only.clone());
+    let a_dir = dir.path().join("a");
+    let mut a = e2e::listen_with("a", &a_dir, &rv, &extra);
+    let a_id = e2e::peer_id_of(&a_dir);
+
+    // 8 MB of incompressible bytes.
+    let file = dir.path().join("payload.bin");
+    let mut bytes = vec![0u8; 8 * 1024 * 1024];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let mut send = args!["send", a_id, file.to_str().unwrap()];
+    send.extend(relay_only);
+    send.extend(rv.args());
+    let (status, out, err) = peer_run(&dir.path().join("b"), &send, Duration::from_secs(60));
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("relayed via rendezvous"), "{out}");
+    assert!(out.contains("verified by the receiver"), "{out}");
+    assert_eq!(std::fs::read(inbox.join("payload.bin")).unwrap(), bytes);
+
+    let text = scrape(&metrics);
+    let forwarded = sample(
+        &text,
+        "rendezvous_relay_channel_datagrams_total{outcome=\"forwarded\"}",
+    )
+    .unwrap_or(0);
+    let relayed = sample(&text, "rendezvous_relay_packets_total").unwrap_or(0);
+    // 8 MB is about 6,000 packets; all but the first few (before the channel was granted)
+    // travel on it.
+    assert!(forwarded > 4_000, "{text}");
+    assert!(
+        forwarded * 10 >= relayed * 9,
+        "{forwarded} of {relayed}\n{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "rendezvous_relay_channel_requests_total{result=\"granted\"}"
+        ),
+        Some(2),
+        "{text}"
+    );
+    assert!(a.terminate(T).success());
+}
+
+/// `peer status` says when a relayed connection runs on a relay channel, on both sides; with
+/// `--no-relay-channel` the connection stays on the relay stream and says nothing of a channel.
+#[test]
+fn status_shows_a_relayed_connection_on_its_relay_channel() {
+    let dir = TempDir::new("channel-status");
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    for (case, extra) in [("channel", vec![]), ("stream", args!["--no-relay-channel"])] {
+        let mut flags = args!["--relay-only", "--server-tcp", "off"];
+        flags.extend(extra.clone());
+        let a_dir = dir.path().join(format!("a-{case}"));
+        let mut a = e2e::listen_with("a", &a_dir, &rv, &flags);
+        let a_id = e2e::peer_id_of(&a_dir);
+        let b_dir = dir.path().join(format!("b-{case}"));
+        let mut connect = args!["connect", a_id];
+        connect.extend(flags.clone());
+        connect.extend(rv.args());
+        let mut b = peer("b", &b_dir, &connect);
+        b.stdout.wait_for(&format!("connected to {a_id}"), T);
+        // A message each way: both sides' packets have come through the relay.
+        b.send_line("over the relay");
+        a.stdout.wait_for("over the relay", T);
+        a.send_line("and back");
+        b.stdout.wait_for("and back", T);
+        for dir in [&a_dir, &b_dir] {
+            let deadline = Instant::now() + T;
+            loop {
+                let (status, out, err) = peer_run(dir, &args!["status", "--json"], T);
+                assert!(status.success(), "peer status: {out}\n{err}");
+                let report: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+                let path = report["connections"][0]["path"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                assert!(path.starts_with("relayed via rendezvous (UDP)"), "{report}");
+                let on_channel = path.ends_with("on a relay channel");
+                if case == "stream" {
+                    assert!(!on_channel, "{report}");
+                    break;
+                }
+                if on_channel {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no relay channel: {report}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        b.close_stdin();
+        assert!(b.wait(T).success());
+        assert!(a.terminate(T).success());
+    }
+}

@@ -29,8 +29,11 @@ use crate::PeerId;
 /// neither report it nor hold, so it is refused. Version 8 added `no_relay` to `punch`: in a
 /// cluster whose nodes are not all linked (`--cluster-link`), the introduction says that the
 /// relay cannot join the two sides, and a peer that needs the relay is refused at once instead
-/// of timing out; a version-7 peer would refuse the unknown field.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// of timing out; a version-7 peer would refuse the unknown field. Version 9 added relay
+/// channels (`relay_channel`, `relay_channel_ready`): a relayed connection's packets travel as
+/// plain UDP datagrams that the rendezvous forwards without decrypting (see
+/// `transport::channel`); a version-8 server would answer the request as an unknown type.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -135,6 +138,24 @@ pub enum ControlMessage {
         /// Relay limit for this peer, bytes per second.
         rate_bytes_per_s: u64,
     },
+    /// Asks for a relay channel with `peer` (introduced to us, with its accept, and
+    /// registered on this server): packets to it may then leave as channel datagrams from the
+    /// socket of this connection (see `transport::channel`). Answered with
+    /// `relay_channel_ready`, or an error (`relay_denied`) when the relay stream must do. Asked
+    /// again after the connection's address changed, it binds the new address.
+    RelayChannel {
+        /// The other side.
+        peer: PeerId,
+    },
+    /// A relay channel is granted.
+    RelayChannelReady {
+        /// The other side (as asked).
+        peer: PeerId,
+        /// The channel's id, 16 hex digits (64 bits: the header of its datagrams).
+        channel: String,
+        /// Largest packet a channel datagram carries (larger ones take the relay stream).
+        max_packet: u32,
+    },
     /// Liveness check; answered with `pong`.
     Ping {
         /// Echoed back.
@@ -209,6 +230,19 @@ impl ControlMessage {
         encode_json(self)
     }
 
+    /// A channel id as `relay_channel_ready` spells it.
+    pub fn channel_hex(id: u64) -> String {
+        format!("{id:016x}")
+    }
+
+    /// A channel id from `relay_channel_ready` (exactly 16 hex digits).
+    pub fn parse_channel(hex: &str) -> Option<u64> {
+        if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok()
+    }
+
     /// The `type` tag, for logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -221,6 +255,8 @@ impl ControlMessage {
             ControlMessage::Accept { .. } => "accept",
             ControlMessage::RelayOpen {} => "relay_open",
             ControlMessage::RelayReady { .. } => "relay_ready",
+            ControlMessage::RelayChannel { .. } => "relay_channel",
+            ControlMessage::RelayChannelReady { .. } => "relay_channel_ready",
             ControlMessage::Ping { .. } => "ping",
             ControlMessage::Pong { .. } => "pong",
             ControlMessage::PunchResult { .. } => "punch_result",
@@ -245,6 +281,8 @@ pub const CONTROL_TYPES: &[&str] = &[
     "accept",
     "relay_open",
     "relay_ready",
+    "relay_channel",
+    "relay_channel_ready",
     "ping",
     "pong",
     "punch_result",
@@ -604,6 +642,42 @@ mod tests {
 
     fn id() -> PeerId {
         PeerId::from_key_digest(&[1; 32])
+    }
+
+    #[test]
+    fn relay_channel_messages_are_the_documented_json_and_ids_parse_strictly() {
+        let ready = ControlMessage::RelayChannelReady {
+            peer: id(),
+            channel: ControlMessage::channel_hex(0xAB),
+            max_packet: 1463,
+        };
+        let json: serde_json::Value = serde_json::from_slice(&ready.encode()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "relay_channel_ready", "peer": id().to_string(),
+                "channel": "00000000000000ab", "max_packet": 1463})
+        );
+        assert_eq!(ControlMessage::decode(&ready.encode()).unwrap(), ready);
+        let ask = ControlMessage::RelayChannel { peer: id() };
+        assert_eq!(ControlMessage::decode(&ask.encode()).unwrap(), ask);
+        assert_eq!(
+            ControlMessage::parse_channel("00000000000000ab"),
+            Some(0xAB)
+        );
+        assert_eq!(
+            ControlMessage::parse_channel("ffffffffffffffff"),
+            Some(u64::MAX)
+        );
+        for bad in [
+            "",
+            "ab",
+            "+0000000000000ab",
+            "00000000000000ag",
+            "000000000000000ab",
+            "é0000000000000a",
+        ] {
+            assert_eq!(ControlMessage::parse_channel(bad), None, "{bad}");
+        }
     }
 
     #[test]

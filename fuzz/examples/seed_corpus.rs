@@ -93,6 +93,20 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
         ),
         ("relay_open", ControlMessage::RelayOpen {}),
         (
+            "relay_channel",
+            ControlMessage::RelayChannel {
+                peer: PeerId::from_key_digest(&[7; 32]),
+            },
+        ),
+        (
+            "relay_channel_ready",
+            ControlMessage::RelayChannelReady {
+                peer: PeerId::from_key_digest(&[7; 32]),
+                channel: ControlMessage::channel_hex(0x0123_4567_89ab_cdef),
+                max_packet: 1463,
+            },
+        ),
+        (
             "relay_ready",
             ControlMessage::RelayReady {
                 max_packet: relay::MAX_RELAY_PACKET as u32,

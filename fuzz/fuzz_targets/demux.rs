@@ -8,7 +8,9 @@
 //! non-STUN bytes, from the translated source; every STUN segment reaches the STUN channel in
 //! order or is counted as dropped when it is full; sends go where the routes say; aliases are
 //! taken or refused as the model says (claims, owners with routes, bounds); injected
-//! datagrams all arrive.
+//! datagrams all arrive. The same input also drives relay channels (`check_channel_script`):
+//! bound channels' datagrams reach quinn unwrapped from the relayed peer, the forwarder sees
+//! exactly its runs, sends are wrapped or take the relay sink, anything else is untouched.
 
 #![no_main]
 
@@ -16,6 +18,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Err(broken) = transport::check_receive_script(data) {
+        panic!("{broken}");
+    }
+    // The same bytes as a relay channel script (see `check_channel_script`).
+    if let Err(broken) = transport::check_channel_script(data) {
         panic!("{broken}");
     }
 });

@@ -73,7 +73,7 @@ fn addrs(u: &mut Unstructured, max: usize) -> Result<Vec<SocketAddr>> {
 
 /// A control message of any kind, with arbitrary field values.
 pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
-    Ok(match u.int_in_range(0u8..=15)? {
+    Ok(match u.int_in_range(0u8..=17)? {
         0 => ControlMessage::Register {
             version: u.arbitrary()?,
             local_addrs: addrs(u, 20)?,
@@ -146,6 +146,12 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
             addr: socket_addr(u)?,
             transaction: u.arbitrary()?,
             proof: u.arbitrary()?,
+        },
+        15 => ControlMessage::RelayChannel { peer: peer_id(u)? },
+        16 => ControlMessage::RelayChannelReady {
+            peer: peer_id(u)?,
+            channel: u.arbitrary()?,
+            max_packet: u.arbitrary()?,
         },
         _ => ControlMessage::Error {
             code: error_code(u)?,

@@ -181,7 +181,7 @@ impl Msg {
                 peer: peer(n),
                 direct,
             },
-            Msg::ServerSide(n) => match n % 4 {
+            Msg::ServerSide(n) => match n % 5 {
                 0 => ControlMessage::Pong { seq: n.into() },
                 1 => ControlMessage::Ack {},
                 2 => ControlMessage::Punch {
@@ -192,6 +192,7 @@ impl Msg {
                     nat: None,
                     no_relay: None,
                 },
+                3 => ControlMessage::RelayChannel { peer: peer(n) },
                 _ => ControlMessage::RelayOpen {},
             },
             Msg::Accept(n, _) => ControlMessage::Accept {

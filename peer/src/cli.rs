@@ -274,6 +274,12 @@ pub(crate) struct SessionArgs {
     /// the peers we are introduced to).
     #[arg(long)]
     pub(crate) relay_only: bool,
+    /// Keep relayed packets on the relay stream (inside the QUIC connection to the rendezvous)
+    /// instead of relay channels (plain UDP datagrams the rendezvous forwards unopened; the
+    /// default, and about twice as fast). For a network that lets QUIC through to the rendezvous
+    /// but not other UDP, and for comparisons.
+    #[arg(long)]
+    pub(crate) no_relay_channel: bool,
     /// With several --server: register with the first one given that answers (the others are
     /// standbys, in the order given) instead of the fastest.
     #[arg(long)]
@@ -322,6 +328,7 @@ impl ServerArgs {
             port_mapping: !session.no_port_mapping,
             birthday_punch: !session.no_birthday_punch,
             relay_only: session.relay_only,
+            relay_channels: !session.no_relay_channel,
             prefer_first_server: session.prefer_first_server,
         })
     }

@@ -140,6 +140,8 @@ pub struct ServerOptions {
     pub birthday_punch: bool,
     /// Never seek a direct path (`--relay-only`).
     pub relay_only: bool,
+    /// Relay channels for relayed packets (`--no-relay-channel` turns them off).
+    pub relay_channels: bool,
     /// Of several servers, the first given that answers rather than the fastest
     /// (`--prefer-first-server`).
     pub prefer_first_server: bool,
@@ -171,6 +173,7 @@ pub fn endpoint_config(
     config.opening_ttl = server.opening_ttl;
     config.birthday_punch = server.birthday_punch;
     config.relay_only = server.relay_only;
+    config.relay_channels = server.relay_channels;
     config.peer_cache = Some(config_dir.join(PEER_CACHE_FILE));
     config.output = Output::Terminal {
         events_to_stderr: matches!(role, Role::Ping { json: true } | Role::Pipe),
@@ -480,6 +483,7 @@ mod tests {
             port_mapping: true,
             birthday_punch: true,
             relay_only: false,
+            relay_channels: true,
             prefer_first_server: false,
         }
     }

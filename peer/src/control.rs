@@ -239,6 +239,11 @@ impl ControlContext {
                         format!("direct to {addr} ({})", link.status.describe),
                         Some(addr),
                     ),
+                    // Said when its packets travel as plain UDP datagrams the rendezvous
+                    // sends on unopened, rather than inside our QUIC connection to it.
+                    Current::Relay if keeper.relay.channel_of(&link.peer).is_some() => {
+                        (format!("{} on a relay channel", keeper.relay_label()), None)
+                    }
                     Current::Relay => (keeper.relay_label().to_owned(), None),
                 };
                 ConnectionStatus {

@@ -169,6 +169,10 @@ pub struct EndpointConfig {
     /// Never seek a direct path: every connection stays on the relay (diagnostics, and tests
     /// of the relay on one host, where a direct path always works). Default off.
     pub relay_only: bool,
+    /// Relayed packets travel on relay channels (plain UDP datagrams the rendezvous forwards
+    /// unopened, [`crate::relay`]) where the server grants them; off, they stay on the relay
+    /// stream. Default on.
+    pub relay_channels: bool,
 }
 
 impl EndpointConfig {
@@ -191,6 +195,7 @@ impl EndpointConfig {
             transport: TransportSettings::default(),
             opening_ttl: Some(punch::DEFAULT_OPENING_TTL),
             relay_only: false,
+            relay_channels: true,
         }
     }
 }
@@ -523,8 +528,12 @@ impl Endpoint {
             stun_rx,
             shutdown_rx.clone(),
         ));
-        let (relay, relay_task) =
-            relay::Relay::start(session.clone(), node.socket.injector(), shutdown_rx.clone());
+        let (relay, relay_task) = relay::Relay::start(
+            session.clone(),
+            node.socket.clone(),
+            config.relay_channels,
+            shutdown_rx.clone(),
+        );
         let (nat_tx, nat_rx) = watch::channel(None);
         let mut tasks = vec![session_task, stun_task, relay_task];
         let map_port = config.port_mapping

@@ -412,6 +412,7 @@ async fn run(
         return;
     }
     let several = config.servers.len() > 1;
+    let channel_stats = config.socket.stats();
     let mut backoff = BACKOFF_MIN;
     let mut generation = 0u64;
     // Pinned by flag, else by the known-servers file, else trusted on first use and then pinned
@@ -494,7 +495,7 @@ async fn run(
                     let reason = tokio::select! {
                         r = pump_events(&mut control_rx, &events_tx) => r,
                         e = conn.closed() => e.to_string(),
-                        r = check_liveness(&conn, &relayed), if several => {
+                        r = check_liveness(&conn, &relayed, &channel_stats), if several => {
                             end = LinkEnd::Silent;
                             r
                         }
@@ -585,9 +586,18 @@ enum LinkEnd {
 
 /// Returns once the server has gone silent and left our probes unanswered
 /// ([`crate::liveness`]); with why. `relayed` counts the relay's writes.
-async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String {
-    let datagrams = || conn.stats().udp_rx.datagrams;
-    let mut liveness = Liveness::new(Instant::now(), datagrams(), relayed.load(Ordering::Relaxed));
+async fn check_liveness(
+    conn: &quinn::Connection,
+    relayed: &AtomicU64,
+    channels: &transport::DemuxStats,
+) -> String {
+    // Relay channel datagrams come from the server too (not on this connection): they count
+    // as the server's signs of life, and those we send on them as relay writes.
+    let datagrams =
+        || conn.stats().udp_rx.datagrams + channels.channel_received.load(Ordering::Relaxed);
+    let relayed =
+        || relayed.load(Ordering::Relaxed) + channels.channel_sent.load(Ordering::Relaxed);
+    let mut liveness = Liveness::new(Instant::now(), datagrams(), relayed());
     let mut tick = tokio::time::interval(liveness::POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -601,7 +611,7 @@ async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String
             _ = tick.tick() => {}
             Some(_) = probes.join_next(), if !probes.is_empty() => continue,
         }
-        let verdict = liveness.poll(Instant::now(), datagrams(), relayed.load(Ordering::Relaxed));
+        let verdict = liveness.poll(Instant::now(), datagrams(), relayed());
         match verdict {
             Verdict::Wait => {}
             Verdict::Probe => {
@@ -614,9 +624,7 @@ async fn check_liveness(conn: &quinn::Connection, relayed: &AtomicU64) -> String
                 // Our own process may have stalled (a loaded machine): let quinn's driver take
                 // what arrived meanwhile, and look once more before leaving the server.
                 tokio::task::yield_now().await;
-                if liveness.poll(Instant::now(), datagrams(), relayed.load(Ordering::Relaxed))
-                    == Verdict::Wait
-                {
+                if liveness.poll(Instant::now(), datagrams(), relayed()) == Verdict::Wait {
                     continue;
                 }
                 return format!(

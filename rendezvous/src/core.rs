@@ -680,6 +680,16 @@ impl Registry {
         self.online.len()
     }
 
+    /// The control connection `peer` is online with here, if it is.
+    pub fn online_conn(&self, peer: &PeerId) -> Option<ConnId> {
+        self.online.get(peer).copied()
+    }
+
+    /// Whether `addr` is a TCP tunnel's virtual address (a peer that reaches us over TCP 443).
+    pub fn is_tunnel(&self, addr: SocketAddr) -> bool {
+        self.tunnel_sources.contains_key(&addr)
+    }
+
     /// Counters so far.
     pub fn counters(&self) -> Counters {
         self.counters
@@ -2424,9 +2434,10 @@ mod tests {
         // its IPv6 address, and a version-4 server would refuse `confirm_address`; a version-5
         // peer would refuse `mapped_port` in `peer_info`; version 6 would not say that an early
         // packet takes its NAT's port, nor hold its probes for a peer behind such a NAT; a
-        // version-7 peer would refuse `no_relay` in `punch`.
-        assert_eq!(PROTOCOL_VERSION, 8);
-        for version in [2, 3, 4, 5, 6, 7] {
+        // version-7 peer would refuse `no_relay` in `punch`; a version-8 peer knows no relay
+        // channels, and a version-8 server would answer `relay_channel` as an unknown type.
+        assert_eq!(PROTOCOL_VERSION, 9);
+        for version in [2, 3, 4, 5, 6, 7, 8] {
             let mut reg = Registry::new([], [1; 32]);
             let out = reg.handle(
                 1,
@@ -2447,7 +2458,7 @@ mod tests {
                 panic!("{:?}", out.reply)
             };
             assert!(
-                message.contains("version 8")
+                message.contains("version 9")
                     && message.contains(&format!("version {version}"))
                     && message.contains("upgrade"),
                 "{message}"

@@ -2,6 +2,7 @@
 //! benchmarks can run it in-process. The `rendezvous` binary is a thin CLI over [`Server`].
 
 pub mod backend;
+pub mod channel;
 pub mod cluster;
 pub mod config_file;
 pub mod core;
@@ -309,9 +310,15 @@ impl Server {
             }
             None => None,
         };
+        // Relay channels: the socket offers channel datagrams to the table before quinn sees
+        // them; the table looks at every channel again once a second.
+        shared.channels.set_socket_stats(demux.stats());
+        demux.set_forwarder(shared.channels.clone());
+        let sweeper = tokio::spawn(sweep_channels(shared.clone(), shutdown_rx.clone()));
         let serve = server::serve(endpoint, shared, shutdown_rx);
         let task = tokio::spawn(async move {
             serve.await;
+            let _ = sweeper.await;
             if let Some(tcp) = tcp_task {
                 let _ = tcp.await;
             }
@@ -394,6 +401,18 @@ impl Server {
     /// Waits until the server stops by itself (it only does on shutdown).
     pub fn shutdown_handle(&self) -> Arc<watch::Sender<bool>> {
         Arc::new(self.shutdown_tx.clone())
+    }
+}
+
+/// Sweeps the relay channels every [`channel::SWEEP_INTERVAL`] until shutdown.
+async fn sweep_channels(shared: Arc<server::Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(channel::SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.sweep_channels(),
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

@@ -62,6 +62,13 @@ pub struct Snapshot {
     pub relay_streams_refused: u64,
     /// Relayed packets held now, waiting for their introduction's accept.
     pub relay_held: u64,
+    /// Relay channels held now.
+    pub relay_channels: u64,
+    /// `relay_channel` answers: granted, refused.
+    pub relay_channel_requests: [(&'static str, u64); 2],
+    /// Relay channel datagrams by outcome: forwarded (to the other side's channel),
+    /// to_stream (into its relay stream), dropped; and send_failed (the socket's buffer).
+    pub relay_channel_datagrams: [(&'static str, u64); 4],
     /// STUN: answered, rate limited, ignored.
     pub stun: [(&'static str, u64); 3],
     /// TCP tunnels open now.
@@ -251,6 +258,24 @@ pub fn render(s: &Snapshot) -> String {
             "counter",
             "Relay streams refused: the connection already had one.",
             unlabelled(s.relay_streams_refused),
+        ),
+        (
+            "rendezvous_relay_channels",
+            "gauge",
+            "Relay channels held (plain UDP relaying between two introduced peers).",
+            unlabelled(s.relay_channels),
+        ),
+        (
+            "rendezvous_relay_channel_requests_total",
+            "counter",
+            "relay_channel requests, by answer.",
+            labelled("result", &s.relay_channel_requests),
+        ),
+        (
+            "rendezvous_relay_channel_datagrams_total",
+            "counter",
+            "Relay channel datagrams, by outcome: forwarded (handed to the socket, of which send_failed could not be sent), to_stream, dropped (also counted in the relay's packets and drops).",
+            labelled("outcome", &s.relay_channel_datagrams),
         ),
         (
             "rendezvous_stun_requests_total",
@@ -483,6 +508,17 @@ pub(crate) fn snapshot(
         relay_held_forwarded: get(&relay.held_then_forwarded),
         relay_streams_refused: get(&relay.refused_streams),
         relay_held: get(&relay.held_now),
+        relay_channels: get(&shared.channels.counters.open),
+        relay_channel_requests: [
+            ("granted", get(&shared.channels.counters.granted)),
+            ("refused", get(&shared.channels.counters.refused)),
+        ],
+        relay_channel_datagrams: [
+            ("forwarded", get(&shared.channels.counters.forwarded)),
+            ("to_stream", get(&shared.channels.counters.to_stream)),
+            ("dropped", get(&shared.channels.counters.dropped)),
+            ("send_failed", shared.channels.send_failed()),
+        ],
         stun: [
             ("answered", get(&shared.stun.answered)),
             ("rate_limited", get(&shared.stun.rate_limited)),

@@ -304,7 +304,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, from: &PeerId, packet: &[u8], cost: u64) {
+    /// Appends `packet`'s frame from `from`, costing `cost`.
+    pub(crate) fn push(&mut self, from: &PeerId, packet: &[u8], cost: u64) {
         // The decoder capped the packet's size, so encoding cannot fail.
         if relay::encode_into(&mut self.frames, from, packet).is_ok() {
             self.packets += 1;
@@ -827,25 +828,68 @@ impl RelayHub {
         }
     }
 
+    /// Charges `cost` bytes to `peer`'s allowance (a relay channel's packets: the same bucket
+    /// and quota as its relay streams).
+    pub(crate) fn charge(
+        &self,
+        peer: PeerId,
+        cost: u64,
+        limits: RelayLimits,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let allowance = lock(&self.allowances).get(peer, limits, now);
+        let charged = lock(&allowance).charge(cost, now);
+        charged
+    }
+
+    /// Queues `batch` on `to`'s relay stream (a channel's packets for a side that has no
+    /// channel bound). Never waits.
+    pub(crate) fn offer_to(&self, to: &PeerId, batch: Batch) -> Result<(), Dropped> {
+        let Some(sink) = self.sink_of(to) else {
+            return Err(Dropped::Closed);
+        };
+        // Traced by the caller (the channel's packets as they came).
+        sink.offer(batch).map_err(|(dropped, _)| dropped)
+    }
+
     fn sink_of(&self, peer: &PeerId) -> Option<Sink> {
         lock(&self.sinks).get(peer).cloned()
     }
 
     fn trace(&self, frames: &[u8]) {
-        let Some(file) = &self.trace else { return };
+        if self.trace.is_none() {
+            return;
+        }
         // Only the packets, as before batching: walk the frames.
         let mut decoder = RelayDecoder::new();
         decoder.push(frames);
         while let Ok(Some((_, packet))) = decoder.next_frame_ref() {
-            let len = packet.len() as u64;
-            if self.trace_left.load(Ordering::Relaxed) < len {
+            if !self.trace_packet(packet) {
                 return;
             }
-            self.trace_left.fetch_sub(len, Ordering::Relaxed);
-            if let Ok(mut file) = file.lock() {
-                let _ = file.write_all(packet);
-            }
         }
+    }
+
+    /// Whether relayed packets are traced (`--relay-trace`).
+    pub(crate) fn tracing(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    /// Appends one relayed packet to the trace (a relay channel's, or a frame's); false once
+    /// the trace is full.
+    pub(crate) fn trace_packet(&self, packet: &[u8]) -> bool {
+        let Some(file) = &self.trace else {
+            return false;
+        };
+        let len = packet.len() as u64;
+        if self.trace_left.load(Ordering::Relaxed) < len {
+            return false;
+        }
+        self.trace_left.fetch_sub(len, Ordering::Relaxed);
+        if let Ok(mut file) = file.lock() {
+            let _ = file.write_all(packet);
+        }
+        true
     }
 }
 

@@ -171,6 +171,8 @@ pub(crate) struct Shared {
     connections: SourceSlots,
     /// The node links of the cross-node relay (`--cluster-link`).
     pub(crate) links: Option<Arc<crate::nodelink::Links>>,
+    /// The relay channels (the relay's data plane in plain UDP).
+    pub(crate) channels: Arc<crate::channel::Channels>,
 }
 
 /// Connection-level refusals and disconnects, for the operator.
@@ -267,12 +269,15 @@ impl Shared {
         stun: Arc<crate::stun::StunCounters>,
         links: Option<Arc<crate::nodelink::Links>>,
     ) -> Arc<Self> {
+        let relay = Arc::new(relay);
+        let channels = Arc::new(crate::channel::Channels::new(relay.clone(), limits.relay));
         Arc::new(Shared {
             registry: Mutex::new(registry),
             online: Mutex::new(HashMap::new()),
             backend,
             limits,
-            relay: Arc::new(relay),
+            channels,
+            relay,
             stun,
             rejections: Rejections::default(),
             conns: ConnCounters::default(),
@@ -282,6 +287,136 @@ impl Shared {
             ),
             links,
         })
+    }
+
+    /// A `relay_channel` request from `me` on `conn`: a channel with `peer` if they were
+    /// introduced with its accept and both are registered here over UDP.
+    fn relay_channel(
+        &self,
+        conn: &Connection,
+        conn_id: ConnId,
+        me: PeerId,
+        peer: PeerId,
+    ) -> ControlMessage {
+        let remote = conn.remote_address();
+        let denied = |why: String| {
+            self.channels.refused_elsewhere(me, peer);
+            ControlMessage::error(ErrorCode::RelayDenied, why)
+        };
+        {
+            let registry = lock(&self.registry);
+            if registry.online_conn(&me) != Some(conn_id) {
+                return denied(
+                    "this connection is not your current registration: ask on the new one".into(),
+                );
+            }
+            if registry.is_tunnel(transport::canonical(remote)) || registry.is_tunnel(remote) {
+                return denied(
+                    "this connection runs over the TCP tunnel: its relayed packets take the \
+                     relay stream"
+                        .into(),
+                );
+            }
+            if registry.online_conn(&peer).is_none() {
+                return denied(format!(
+                    "peer {peer} is not online on this server: its relayed packets take the \
+                     relay stream"
+                ));
+            }
+            if registry
+                .relay_allowed(me, peer, OffsetDateTime::now_utc())
+                .is_err()
+            {
+                return denied(format!(
+                    "no relay channel to {peer}: you were not introduced, or it has not \
+                     accepted"
+                ));
+            }
+        }
+        match self
+            .channels
+            .bind(me, peer, conn_id, remote, conn.local_ip())
+        {
+            Ok(id) => ControlMessage::RelayChannelReady {
+                peer,
+                channel: ControlMessage::channel_hex(id),
+                max_packet: crate::channel::max_packet(remote) as u32,
+            },
+            // Counted by the table (a refused new channel: nothing of ours was bound).
+            Err(refusal) => ControlMessage::error(ErrorCode::RelayDenied, refusal.to_string()),
+        }
+    }
+
+    /// Looks at every relay channel again (see [`crate::channel::Channels::sweep`]). Each lock
+    /// is taken on its own, and the connections' addresses are read with none held: reading
+    /// one takes quinn's lock of that connection, whose driver may be waiting for the socket,
+    /// whose receive path may be waiting for the channel table.
+    pub(crate) fn sweep_channels(&self) {
+        let (ends, pairs) = self.channels.sweep_inputs();
+        if pairs.is_empty() {
+            return;
+        }
+        let handles: Vec<(PeerId, ConnId, Option<Connection>)> = {
+            let online = lock(&self.online);
+            ends.iter()
+                .map(|(peer, conn)| (*peer, *conn, online.get(conn).map(|o| o.conn.clone())))
+                .collect()
+        };
+        let now = OffsetDateTime::now_utc();
+        let (current, consent) = {
+            let registry = lock(&self.registry);
+            let current: HashMap<PeerId, ConnId> = pairs
+                .iter()
+                .flat_map(|(a, b)| [*a, *b])
+                .filter_map(|peer| registry.online_conn(&peer).map(|conn| (peer, conn)))
+                .collect();
+            let consent: std::collections::HashSet<(PeerId, PeerId)> = pairs
+                .iter()
+                .filter(|(a, b)| registry.relay_allowed(*a, *b, now).is_ok())
+                .copied()
+                .collect();
+            (current, consent)
+        };
+        // An end counts only on its peer's current registration, open.
+        let addrs: HashMap<ConnId, (SocketAddr, Option<std::net::IpAddr>)> = handles
+            .into_iter()
+            .filter(|(peer, conn, _)| current.get(peer) == Some(conn))
+            .filter_map(|(_, conn, handle)| {
+                let handle = handle?;
+                handle
+                    .close_reason()
+                    .is_none()
+                    .then(|| (conn, (handle.remote_address(), handle.local_ip())))
+            })
+            .collect();
+        // Only what was asked about is answered: a channel made, or an end bound, since
+        // `sweep_inputs` is left as it is.
+        let asked_pairs: std::collections::HashSet<(PeerId, PeerId)> =
+            pairs.iter().copied().collect();
+        let asked_ends: std::collections::HashSet<(PeerId, ConnId)> =
+            ends.iter().copied().collect();
+        let asked_peers: std::collections::HashSet<PeerId> =
+            pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+        self.channels.sweep(
+            |a, b| {
+                asked_pairs
+                    .contains(&(a, b))
+                    .then(|| consent.contains(&(a, b)))
+            },
+            |peer| {
+                asked_peers
+                    .contains(&peer)
+                    .then(|| current.contains_key(&peer))
+            },
+            |peer, conn| {
+                asked_ends.contains(&(peer, conn)).then(|| {
+                    addrs
+                        .get(&conn)
+                        .copied()
+                        .filter(|_| current.get(&peer) == Some(&conn))
+                })
+            },
+        );
     }
 
     /// Runs one input through the registry (lock held only for that), then carries out the
@@ -1046,6 +1181,9 @@ async fn handle_request(
                     };
                     crate::relay::run(opened, tx, rx, permission).await;
                     return Ok(());
+                }
+                Ok(ControlMessage::RelayChannel { peer }) => {
+                    shared.relay_channel(conn, conn_id, id, peer)
                 }
                 Ok(ControlMessage::Register { .. }) => ControlMessage::error(
                     ErrorCode::BadRequest,

@@ -12,6 +12,8 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
+use crate::channel::{self, ChannelForwarder, ForwardVerdict, CHANNEL_HEADER, CHANNEL_MARKER};
+
 /// A STUN-shaped datagram taken out of the QUIC receive path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StunDatagram {
@@ -50,6 +52,45 @@ pub struct DemuxStats {
     pub stun_dropped: AtomicU64,
     /// Datagrams passed to quinn.
     pub quic_received: AtomicU64,
+    /// Relay channel datagrams sent (a peer's relayed packets that left as plain UDP).
+    pub channel_sent: AtomicU64,
+    /// Relay channel datagrams received from the rendezvous and shown to quinn.
+    pub channel_received: AtomicU64,
+    /// Relay channel datagrams the rendezvous sent on to the other side (its forwarder said
+    /// where).
+    pub channel_forwarded: AtomicU64,
+    /// Relay channel datagrams the rendezvous could not send on (its socket's buffer full).
+    pub channel_send_failed: AtomicU64,
+}
+
+/// A relay channel a peer sends on: packets for a relayed peer leave as channel datagrams to
+/// the rendezvous ([`crate::channel`]).
+#[derive(Debug, Clone, Copy)]
+struct ChannelOut {
+    header: [u8; CHANNEL_HEADER],
+    server: SocketAddr,
+    max_datagram: usize,
+}
+
+/// A relay channel a peer receives on.
+#[derive(Clone)]
+struct ChannelIn {
+    /// The rendezvous (canonical): only its datagrams count.
+    server: SocketAddr,
+    /// Shown to quinn as the source.
+    quinn_addr: SocketAddr,
+    /// Told of every batch received (the relay's waiters: a punch waiting for the peer's
+    /// first relayed packet).
+    on_packet: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl fmt::Debug for ChannelIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChannelIn")
+            .field("server", &self.server)
+            .field("quinn_addr", &self.quinn_addr)
+            .finish()
+    }
 }
 
 /// A datagram leaving on a virtual path.
@@ -172,11 +213,19 @@ struct Routes {
     /// Extra sockets a punching session still holds: their pins stay until it releases them
     /// (its route or alias may not be in place yet).
     held: std::collections::HashSet<ExtraId>,
+    /// Relay channels by the label of the relay's virtual sink (the peer): what quinn sends on
+    /// that virtual path leaves as channel datagrams instead (when it fits).
+    channel_out: HashMap<[u8; 16], ChannelOut>,
+    /// Relay channels by id, for receiving.
+    channel_in: HashMap<u64, ChannelIn>,
 }
 
 impl Routes {
     fn any(&self) -> bool {
-        !self.out.is_empty() || !self.back.is_empty() || !self.pinned.is_empty()
+        !self.out.is_empty()
+            || !self.back.is_empty()
+            || !self.pinned.is_empty()
+            || !self.channel_in.is_empty()
     }
 
     /// Whether a route or an alias refers to `real`.
@@ -259,6 +308,8 @@ pub struct DemuxSocket {
     injector: Injector,
     // Alternates which source poll_recv serves first, so neither starves the other.
     injected_first: AtomicBool,
+    /// The rendezvous's relay channels (set once by the server).
+    forwarder: std::sync::OnceLock<Arc<dyn ChannelForwarder>>,
     virtual_dropped: AtomicU64,
     // The socket is IPv6 (dual-stack): IPv4 destinations must be written v4-mapped.
     ipv6: bool,
@@ -342,6 +393,7 @@ impl DemuxSocket {
                 injected_rx: std::sync::Mutex::new(injected_rx),
                 injector,
                 injected_first: AtomicBool::new(false),
+                forwarder: std::sync::OnceLock::new(),
                 virtual_dropped: AtomicU64::new(0),
                 ipv6,
                 os_socket,
@@ -485,6 +537,69 @@ impl DemuxSocket {
         self.has_routes.store(routes.any(), Ordering::Release);
         drop(routes);
         self.close_extras(&freed);
+    }
+
+    /// A relay channel to the peer whose relay sink has `label` (a peer's side, see
+    /// [`crate::channel`]): from now on what quinn sends on that virtual path leaves as
+    /// datagrams on channel `id` to `server` (those too large for it still take the sink), and
+    /// channel `id`'s datagrams from `server` are shown to quinn as coming from `quinn_addr`,
+    /// with `on_packet` called for each batch. Replaces the label's earlier channel.
+    pub fn bind_channel(
+        &self,
+        label: [u8; 16],
+        id: u64,
+        server: SocketAddr,
+        quinn_addr: SocketAddr,
+        on_packet: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) {
+        let server = canonical(server);
+        let mut routes = self.write_routes();
+        if let Some(old) = routes.channel_out.remove(&label) {
+            let old_id = u64::from_be_bytes(old.header[1..].try_into().unwrap_or([0; 8]));
+            routes.channel_in.remove(&old_id);
+        }
+        routes.channel_out.insert(
+            label,
+            ChannelOut {
+                header: channel::header(id),
+                server,
+                max_datagram: channel::max_channel_datagram(server),
+            },
+        );
+        routes.channel_in.insert(
+            id,
+            ChannelIn {
+                server,
+                quinn_addr: canonical(quinn_addr),
+                on_packet,
+            },
+        );
+        self.has_routes.store(true, Ordering::Release);
+    }
+
+    /// Undoes [`DemuxSocket::bind_channel`] for `label`: its packets take the relay sink
+    /// again, and its channel's datagrams go to quinn (which discards them).
+    pub fn unbind_channel(&self, label: [u8; 16]) {
+        let mut routes = self.write_routes();
+        if let Some(old) = routes.channel_out.remove(&label) {
+            let old_id = u64::from_be_bytes(old.header[1..].try_into().unwrap_or([0; 8]));
+            routes.channel_in.remove(&old_id);
+        }
+        self.has_routes.store(routes.any(), Ordering::Release);
+    }
+
+    /// The id of the channel bound for `label`, if any.
+    pub fn channel_of(&self, label: [u8; 16]) -> Option<u64> {
+        let routes = self.read_routes()?;
+        let out = routes.channel_out.get(&label)?;
+        Some(u64::from_be_bytes(out.header[1..].try_into().ok()?))
+    }
+
+    /// Makes this the rendezvous's socket: channel datagrams (the shape of
+    /// [`crate::channel`]) are offered to `forwarder` before quinn sees them. Only the first
+    /// call counts.
+    pub fn set_forwarder(&self, forwarder: Arc<dyn ChannelForwarder>) {
+        let _ = self.forwarder.set(forwarder);
     }
 
     /// Opens up to `count` extra UDP sockets (birthday punching: each gets its own NAT
@@ -690,6 +805,255 @@ impl DemuxSocket {
             if sink.tx.try_send(packet).is_err() {
                 self.virtual_dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Sends what quinn gave for a relayed peer as channel datagrams (each segment behind
+    /// the channel header, in one `sendmsg` with GSO where the socket has it); segments too
+    /// large for a channel datagram take the relay sink.
+    fn send_channel(
+        &self,
+        channel: &ChannelOut,
+        sink: &VirtualSink,
+        transmit: &Transmit,
+    ) -> io::Result<()> {
+        let len = transmit.contents.len();
+        let segment = transmit.segment_size.unwrap_or(len).max(1);
+        if segment + CHANNEL_HEADER > channel.max_datagram {
+            self.send_virtual(sink, transmit);
+            return Ok(());
+        }
+        let Ok(destination) = self.native(channel.server) else {
+            self.send_virtual(sink, transmit);
+            return Ok(());
+        };
+        let count = len.div_ceil(segment);
+        let mut wrapped = Vec::with_capacity(len + count * CHANNEL_HEADER);
+        for datagram in transmit.contents.chunks(segment) {
+            wrapped.extend_from_slice(&channel.header);
+            wrapped.extend_from_slice(datagram);
+        }
+        let stride = segment + CHANNEL_HEADER;
+        let per_send = self.inner.max_transmit_segments().max(1);
+        for (i, group) in wrapped.chunks(stride * per_send).enumerate() {
+            let n = group.len().div_ceil(stride);
+            let sent = self.inner.try_send(&Transmit {
+                destination,
+                ecn: None,
+                contents: group,
+                segment_size: (n > 1).then_some(stride),
+                src_ip: None,
+            });
+            match sent {
+                // quinn waits for the socket and gives the whole transmit again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && i == 0 => return Err(e),
+                // The rest is dropped, as a congested link would.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // Any other error is the channel's, not the connection's (quinn would end
+                    // the connection on it): what is left takes the relay stream.
+                    let done = i * per_send * segment;
+                    let rest = &transmit.contents[done.min(len)..];
+                    if !rest.is_empty() {
+                        self.send_virtual(
+                            sink,
+                            &Transmit {
+                                destination: transmit.destination,
+                                ecn: transmit.ecn,
+                                contents: rest,
+                                segment_size: transmit.segment_size,
+                                src_ip: transmit.src_ip,
+                            },
+                        );
+                    }
+                    break;
+                }
+                Ok(()) => {
+                    self.stats
+                        .channel_sent
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes relay channel datagrams out of one received buffer (GRO segments of `stride`,
+    /// the last one possibly shorter): a peer's are shown to quinn as coming from the relayed
+    /// peer (in place when the whole buffer is one channel's, the common case), the
+    /// rendezvous's are handed to its forwarder and sent on. Returns the length left for
+    /// quinn; `meta` is rewritten when the buffer became one channel's packets.
+    fn filter_channels(
+        &self,
+        buf: &mut [u8],
+        meta: &mut RecvMeta,
+        len: usize,
+        routes: Option<&Routes>,
+    ) -> usize {
+        let forwarder = self.forwarder.get();
+        let receiving = routes.filter(|r| !r.channel_in.is_empty());
+        if len == 0 || (forwarder.is_none() && receiving.is_none()) {
+            return len;
+        }
+        let stride = if meta.stride == 0 || meta.stride > len {
+            len
+        } else {
+            meta.stride
+        };
+        // Cheap test first: most buffers are plain QUIC.
+        if (0..len).step_by(stride).all(|at| buf[at] != CHANNEL_MARKER) {
+            return len;
+        }
+        let from = canonical(meta.addr);
+        if let Some(routes) = receiving {
+            if let Some(kept) = self.receive_whole_channel(buf, meta, len, stride, from, routes) {
+                return kept;
+            }
+        }
+        let (mut write, mut read) = (0, 0);
+        while read < len {
+            let end = (read + stride).min(len);
+            let Some(id) = channel::channel_id(&buf[read..end]) else {
+                buf.copy_within(read..end, write);
+                write += end - read;
+                read = end;
+                continue;
+            };
+            // The run of segments on the same channel.
+            let (mut run_end, mut count) = (end, 1);
+            while run_end < len {
+                let next = (run_end + stride).min(len);
+                if channel::channel_id(&buf[run_end..next]) != Some(id) {
+                    break;
+                }
+                run_end = next;
+                count += 1;
+            }
+            let run = &buf[read..run_end];
+            let taken = match receiving.and_then(|r| r.channel_in.get(&id)) {
+                Some(channel) if channel.server == from => {
+                    let mut injected = 0u64;
+                    for datagram in run.chunks(stride) {
+                        // A full queue drops it, as a congested link would.
+                        if self
+                            .injector
+                            .inject(channel.quinn_addr, datagram[CHANNEL_HEADER..].to_vec())
+                        {
+                            injected += 1;
+                        }
+                    }
+                    self.stats
+                        .channel_received
+                        .fetch_add(injected, Ordering::Relaxed);
+                    if let Some(on_packet) = &channel.on_packet {
+                        on_packet();
+                    }
+                    true
+                }
+                _ => match forwarder.map(|f| f.forward(id, from, run, stride, count)) {
+                    Some(ForwardVerdict::Send { to, src_ip }) => {
+                        self.send_run(to, src_ip, run, stride, count);
+                        true
+                    }
+                    Some(ForwardVerdict::Done) => true,
+                    Some(ForwardVerdict::NotChannel) | None => false,
+                },
+            };
+            if !taken {
+                buf.copy_within(read..run_end, write);
+                write += run_end - read;
+            }
+            read = run_end;
+        }
+        write
+    }
+
+    /// The peer's fast path: every segment of the buffer is on one channel bound here and came
+    /// from its server. The headers are cut out in place and quinn sees the relayed peer's
+    /// packets as one GRO buffer. `None` when the buffer is not like that.
+    fn receive_whole_channel(
+        &self,
+        buf: &mut [u8],
+        meta: &mut RecvMeta,
+        len: usize,
+        stride: usize,
+        from: SocketAddr,
+        routes: &Routes,
+    ) -> Option<usize> {
+        let id = channel::channel_id(&buf[..stride])?;
+        let channel = routes.channel_in.get(&id).filter(|c| c.server == from)?;
+        if stride <= CHANNEL_HEADER
+            || !(stride..len)
+                .step_by(stride)
+                .all(|at| channel::channel_id(&buf[at..(at + stride).min(len)]) == Some(id))
+        {
+            return None;
+        }
+        let (mut write, mut read, mut count) = (0, 0, 0u64);
+        while read < len {
+            let end = (read + stride).min(len);
+            buf.copy_within(read + CHANNEL_HEADER..end, write);
+            write += end - read - CHANNEL_HEADER;
+            read = end;
+            count += 1;
+        }
+        // Spelled as injected datagrams are (take_injected): v4-mapped on a dual-stack socket.
+        meta.addr = match channel.quinn_addr {
+            SocketAddr::V4(v4) if self.ipv6 => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            other => other,
+        };
+        meta.stride = stride - CHANNEL_HEADER;
+        self.stats
+            .channel_received
+            .fetch_add(count, Ordering::Relaxed);
+        if let Some(on_packet) = &channel.on_packet {
+            on_packet();
+        }
+        Some(write)
+    }
+
+    /// The rendezvous sends a run of channel datagrams on, unchanged (GSO where it can). Never
+    /// waits: what the socket cannot take now is dropped and counted, as a congested link would.
+    fn send_run(
+        &self,
+        to: SocketAddr,
+        src_ip: Option<IpAddr>,
+        run: &[u8],
+        stride: usize,
+        count: usize,
+    ) {
+        let Ok(destination) = self.native(to) else {
+            self.stats
+                .channel_send_failed
+                .fetch_add(count as u64, Ordering::Relaxed);
+            return;
+        };
+        let src_ip = source_for(src_ip.map(|ip| self.native_ip(ip)), destination);
+        let per_send = self.inner.max_transmit_segments().max(1);
+        for group in run.chunks(stride * per_send) {
+            let n = group.len().div_ceil(stride) as u64;
+            let sent = self.inner.try_send(&Transmit {
+                destination,
+                ecn: None,
+                contents: group,
+                segment_size: (n > 1).then_some(stride),
+                src_ip,
+            });
+            let counter = match sent {
+                Ok(()) => &self.stats.channel_forwarded,
+                Err(_) => &self.stats.channel_send_failed,
+            };
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// `ip` as the socket's family spells it.
+    fn native_ip(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) if self.ipv6 => IpAddr::V6(v4.to_ipv6_mapped()),
+            other => other.to_canonical(),
         }
     }
 
@@ -926,6 +1290,9 @@ impl AsyncUdpSocket for DemuxSocket {
         if let Some(routes) = self.read_routes() {
             match routes.out.get(&canonical(transmit.destination)) {
                 Some(PathTarget::Virtual(sink)) => {
+                    if let Some(channel) = routes.channel_out.get(&sink.label) {
+                        return self.send_channel(channel, sink, transmit);
+                    }
                     self.send_virtual(sink, transmit);
                     return Ok(());
                 }
@@ -985,11 +1352,11 @@ impl AsyncUdpSocket for DemuxSocket {
                 Poll::Pending => match self.poll_extras(cx, bufs, meta) {
                     Some((n, id)) => (n, Some(id)),
                     None => {
-                        if !injected_first {
-                            let n = self.poll_injected(cx, bufs, meta);
-                            if n > 0 {
-                                return Poll::Ready(Ok(n));
-                            }
+                        // Also when it was looked at first: this poll may have injected
+                        // datagrams since (a relay channel's, out of a mixed GRO buffer).
+                        let n = self.poll_injected(cx, bufs, meta);
+                        if n > 0 {
+                            return Poll::Ready(Ok(n));
                         }
                         return Poll::Pending;
                     }
@@ -1000,6 +1367,12 @@ impl AsyncUdpSocket for DemuxSocket {
             let routes = self.read_routes();
             for i in 0..received {
                 let left = self.filter_segments(&mut bufs[i], &meta[i], via);
+                // Channels run on the primary socket only.
+                let left = if via.is_none() {
+                    self.filter_channels(&mut bufs[i], &mut meta[i], left, routes.as_deref())
+                } else {
+                    left
+                };
                 if left == 0 {
                     continue;
                 }
@@ -1699,5 +2072,221 @@ mod tests {
         let mut buf = [0u8; 64];
         let (n, _) = other.recv_from(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"unmapped");
+    }
+
+    fn label(n: u8) -> [u8; 16] {
+        [n; 16]
+    }
+
+    /// A peer's relayed packets leave as channel datagrams to the server (header + packet,
+    /// each GSO segment wrapped), the server's channel datagrams reach quinn as the relayed
+    /// peer's, the same id from anyone else reaches quinn untouched, and a packet too large
+    /// for a channel datagram takes the relay sink.
+    #[tokio::test]
+    async fn a_bound_channel_carries_relayed_packets_as_plain_udp_both_ways() {
+        let (socket, _stun) =
+            DemuxSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), 4).unwrap();
+        let local = socket.local_addr().unwrap();
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let stable: SocketAddr = "240.1.2.3:4567".parse().unwrap();
+        let (tx, mut sink_rx) = mpsc::channel(8);
+        socket.set_route(stable, PathTarget::Virtual(VirtualSink::new(label(7), tx)));
+        let heard = Arc::new(AtomicUsize::new(0));
+        let counter = heard.clone();
+        socket.bind_channel(
+            label(7),
+            0xAABB,
+            server.local_addr().unwrap(),
+            stable,
+            Some(Arc::new(move || {
+                counter.fetch_add(1, Ordering::Relaxed);
+            })),
+        );
+        assert_eq!(socket.channel_of(label(7)), Some(0xAABB));
+
+        // Two segments of 100 bytes in one transmit.
+        let contents: Vec<u8> = (0..200u32).map(|i| 0x40 | (i as u8 & 0x3f)).collect();
+        send(
+            &socket,
+            &Transmit {
+                destination: stable,
+                ecn: None,
+                contents: &contents,
+                segment_size: Some(100),
+                src_ip: None,
+            },
+        )
+        .await;
+        let mut buf = [0u8; 2048];
+        for half in contents.chunks(100) {
+            let (n, from) = server.recv_from(&mut buf).await.unwrap();
+            assert_eq!(from, local);
+            assert_eq!(&buf[..CHANNEL_HEADER], &channel::header(0xAABB));
+            assert_eq!(&buf[CHANNEL_HEADER..n], half);
+        }
+        assert_eq!(socket.stats().channel_sent.load(Ordering::Relaxed), 2);
+
+        // Back: shown to quinn as the relayed peer's packet.
+        let mut datagram = channel::header(0xAABB).to_vec();
+        datagram.extend_from_slice(b"\x41relayed");
+        server.send_to(&datagram, local).await.unwrap();
+        assert_eq!(recv_one(&socket).await, (stable, b"\x41relayed".to_vec()));
+        assert_eq!(heard.load(Ordering::Relaxed), 1);
+        // The same datagram from anyone else is not the channel's: quinn gets it as it is.
+        stranger.send_to(&datagram, local).await.unwrap();
+        assert_eq!(
+            recv_one(&socket).await,
+            (stranger.local_addr().unwrap(), datagram.clone())
+        );
+
+        // Too large for a channel datagram: the relay sink takes it.
+        let big = vec![0x40u8; channel::MAX_CHANNEL_DATAGRAM_V4];
+        send(
+            &socket,
+            &Transmit {
+                destination: stable,
+                ecn: None,
+                contents: &big,
+                segment_size: None,
+                src_ip: None,
+            },
+        )
+        .await;
+        let packet = sink_rx.recv().await.unwrap();
+        assert_eq!(packet.data.len(), channel::MAX_CHANNEL_DATAGRAM_V4);
+
+        // Unbound: the sink again, and the channel's datagrams are nobody's.
+        socket.unbind_channel(label(7));
+        assert_eq!(socket.channel_of(label(7)), None);
+        send(
+            &socket,
+            &Transmit {
+                destination: stable,
+                ecn: None,
+                contents: b"\x40small",
+                segment_size: None,
+                src_ip: None,
+            },
+        )
+        .await;
+        assert_eq!(sink_rx.recv().await.unwrap().data, b"\x40small");
+        server.send_to(&datagram, local).await.unwrap();
+        assert_eq!(
+            recv_one(&socket).await,
+            (server.local_addr().unwrap(), datagram)
+        );
+    }
+
+    /// GRO buffers: one channel's segments are unwrapped in place (quinn sees one buffer from
+    /// the relayed peer, the stride less the header); a buffer that mixes channel and other
+    /// segments keeps the others for quinn and injects the channel's.
+    #[tokio::test]
+    async fn gro_buffers_of_channel_datagrams_are_unwrapped_whole_or_split() {
+        let (socket, _stun) =
+            DemuxSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), 4).unwrap();
+        let server: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        let stable: SocketAddr = "240.9.9.9:9".parse().unwrap();
+        socket.bind_channel(label(1), 5, server, stable, None);
+        let segment = |id: Option<u64>, fill: u8, len: usize| {
+            let mut d = match id {
+                Some(id) => channel::header(id).to_vec(),
+                None => Vec::new(),
+            };
+            d.resize(len, fill);
+            d
+        };
+        // Three segments of 30 bytes, the last 20, all on channel 5.
+        let mut buf = [
+            segment(Some(5), 1, 30),
+            segment(Some(5), 2, 30),
+            segment(Some(5), 3, 20),
+        ]
+        .concat();
+        let mut meta = RecvMeta {
+            addr: server,
+            len: 80,
+            stride: 30,
+            ..RecvMeta::default()
+        };
+        let routes = socket.read_routes();
+        let left = socket.filter_channels(&mut buf, &mut meta, 80, routes.as_deref());
+        assert_eq!(left, 80 - 3 * CHANNEL_HEADER);
+        assert_eq!((meta.addr, meta.stride), (stable, 30 - CHANNEL_HEADER));
+        assert_eq!(&buf[..21], &[1u8; 21]);
+        assert_eq!(&buf[21..42], &[2u8; 21]);
+        assert_eq!(&buf[42..left], &[3u8; 11]);
+
+        // Mixed: QUIC, channel 5, unknown channel 6, channel 5 (last, shorter).
+        let mut buf = [
+            segment(None, 0x41, 30),
+            segment(Some(5), 2, 30),
+            segment(Some(6), 3, 30),
+            segment(Some(5), 4, 15),
+        ]
+        .concat();
+        let mut meta = RecvMeta {
+            addr: server,
+            len: 105,
+            stride: 30,
+            ..RecvMeta::default()
+        };
+        let left = socket.filter_channels(&mut buf, &mut meta, 105, routes.as_deref());
+        drop(routes);
+        assert_eq!(left, 60, "the QUIC segment and the unknown channel's stay");
+        assert_eq!((meta.addr, meta.stride), (server, 30));
+        assert_eq!(&buf[..30], &segment(None, 0x41, 30)[..]);
+        assert_eq!(&buf[30..60], &segment(Some(6), 3, 30)[..]);
+        assert_eq!(recv_one(&socket).await, (stable, vec![2u8; 21]));
+        assert_eq!(recv_one(&socket).await, (stable, vec![4u8; 6]));
+        assert_eq!(socket.stats().channel_received.load(Ordering::Relaxed), 5);
+    }
+
+    /// The rendezvous's side: a forwarder decides; what it sends on leaves unchanged to the
+    /// address it names, what it does not know reaches quinn.
+    #[tokio::test]
+    async fn the_forwarder_sends_channel_datagrams_on_unchanged_or_leaves_them_to_quinn() {
+        struct To(SocketAddr);
+        impl ChannelForwarder for To {
+            fn forward(
+                &self,
+                id: u64,
+                _from: SocketAddr,
+                run: &[u8],
+                _stride: usize,
+                _count: usize,
+            ) -> ForwardVerdict {
+                match id {
+                    1 => ForwardVerdict::Send {
+                        to: self.0,
+                        src_ip: None,
+                    },
+                    2 => {
+                        assert!(!run.is_empty());
+                        ForwardVerdict::Done
+                    }
+                    _ => ForwardVerdict::NotChannel,
+                }
+            }
+        }
+        let (socket, _stun) =
+            DemuxSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), 4).unwrap();
+        let local = socket.local_addr().unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.set_forwarder(Arc::new(To(b.local_addr().unwrap())));
+        let on = |id: u64, body: &[u8]| [&channel::header(id)[..], body].concat();
+        a.send_to(&on(2, b"\x40taken"), local).await.unwrap();
+        a.send_to(&on(1, b"\x40forwarded"), local).await.unwrap();
+        a.send_to(&on(3, b"\x40unknown"), local).await.unwrap();
+        // quinn sees only the unknown one; the forwarded one reaches b as it was sent.
+        assert_eq!(
+            recv_one(&socket).await,
+            (a.local_addr().unwrap(), on(3, b"\x40unknown"))
+        );
+        let mut buf = [0u8; 64];
+        let (n, from) = b.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from), (&on(1, b"\x40forwarded")[..], local));
+        assert_eq!(socket.stats().channel_forwarded.load(Ordering::Relaxed), 1);
     }
 }

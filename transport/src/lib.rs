@@ -4,6 +4,7 @@
 //! observes is the mapping other peers must reach. [`DemuxSocket`] wraps that socket for quinn and
 //! takes STUN-shaped datagrams out of the receive path before quinn sees them.
 
+pub mod channel;
 mod demux;
 mod endpoint;
 mod scripted;
@@ -16,9 +17,10 @@ pub use demux::{
 pub use endpoint::{
     bind_udp, bind_udp_beside, make_endpoint, make_server_endpoint, quic_client_config,
     quic_peer_client_config, remote_certificate, BoundEndpoint, EndpointError, ServerTransport,
-    TransportSettings, PEER_CONNECTION_WINDOW, PEER_STREAM_WINDOW, SERVER_SOCKET_BUFFER,
+    TransportSettings, PEER_CONNECTION_WINDOW, PEER_MAX_UDP_PAYLOAD, PEER_STREAM_WINDOW,
+    SERVER_SOCKET_BUFFER,
 };
-pub use scripted::{check_receive_script, ScriptedDatagram, ScriptedSocket};
+pub use scripted::{check_channel_script, check_receive_script, ScriptedDatagram, ScriptedSocket};
 
 /// Waits for SIGINT or SIGTERM (how both binaries are asked to stop).
 pub async fn shutdown_signal() -> std::io::Result<()> {

@@ -111,6 +111,41 @@ impl AsyncUdpSocket for ScriptedSocket {
     }
 }
 
+/// Calls `each` with every entry quinn would get from `socket` (its meta and bytes) until the
+/// socket has nothing more, receiving `buffers` at a time into fresh zeroed buffers of `size`
+/// bytes. An error when a receive fails, returns nothing, reports a length past the buffer, or
+/// never runs dry.
+fn receive_until_pending(
+    socket: &Arc<crate::DemuxSocket>,
+    size: usize,
+    buffers: usize,
+    mut each: impl FnMut(&RecvMeta, &[u8]),
+) -> Result<(), String> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    // Every call returns at least one datagram or Pending, and the inputs are finite.
+    for _ in 0..10_000 {
+        let mut storage = vec![vec![0u8; size]; buffers];
+        let mut meta = vec![RecvMeta::default(); buffers];
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        match socket.poll_recv(&mut cx, &mut bufs, &mut meta) {
+            Poll::Pending => return Ok(()),
+            Poll::Ready(Err(e)) => return Err(format!("receive failed: {e}")),
+            Poll::Ready(Ok(0)) => return Err("a receive returned no datagram".into()),
+            Poll::Ready(Ok(n)) => {
+                drop(bufs);
+                for (m, b) in meta.iter().zip(&storage).take(n) {
+                    if m.len > size {
+                        return Err(format!("a length {} past the buffer", m.len));
+                    }
+                    each(m, &b[..m.len]);
+                }
+            }
+        }
+    }
+    Err("receive never ran dry".into())
+}
+
 /// Drives a [`crate::DemuxSocket`] over a [`ScriptedSocket`] from a byte script (route changes,
 /// received batches with arbitrary GRO strides and lengths, injected datagrams, sends) and checks
 /// every step against a model of the routes: what quinn receives (bytes, translated source),
@@ -124,11 +159,9 @@ pub fn check_receive_script(script: &[u8]) -> Result<(), String> {
 
 mod model {
     use std::collections::{HashMap, HashSet, VecDeque};
-    use std::io::IoSliceMut;
     use std::net::SocketAddr;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
-    use std::task::{Context, Poll, Waker};
 
     use quinn::udp::{RecvMeta, Transmit};
     use quinn::AsyncUdpSocket;
@@ -599,33 +632,14 @@ mod model {
 
     /// Receives until the socket has nothing more, into fresh zeroed buffers of `size` bytes.
     fn receive_all(socket: &Arc<DemuxSocket>, size: usize) -> Result<Vec<Delivered>, String> {
-        let mut cx = Context::from_waker(Waker::noop());
         let mut got = Vec::new();
-        // Every call returns at least one datagram or Pending, and the inputs are finite.
-        for _ in 0..10_000 {
-            let mut storage = vec![vec![0u8; size]; BUFFERS];
-            let mut meta = [RecvMeta::default(); BUFFERS];
-            let mut bufs: Vec<IoSliceMut<'_>> =
-                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            match socket.poll_recv(&mut cx, &mut bufs, &mut meta) {
-                Poll::Pending => return Ok(got),
-                Poll::Ready(Err(e)) => return Err(format!("receive failed: {e}")),
-                Poll::Ready(Ok(0)) => return Err("a receive returned no datagram".into()),
-                Poll::Ready(Ok(n)) => {
-                    drop(bufs);
-                    for (m, b) in meta.iter().zip(&storage).take(n) {
-                        if m.len > size {
-                            return Err(format!("a length {} past the buffer", m.len));
-                        }
-                        got.push(Delivered {
-                            from: m.addr,
-                            data: b[..m.len].to_vec(),
-                        });
-                    }
-                }
-            }
-        }
-        Err("receive never ran dry".into())
+        super::receive_until_pending(socket, size, BUFFERS, |meta, data| {
+            got.push(Delivered {
+                from: meta.addr,
+                data: data.to_vec(),
+            })
+        })?;
+        Ok(got)
     }
 
     #[cfg(test)]
@@ -682,6 +696,397 @@ mod model {
                     stun: 2,
                     injected: 0
                 }
+            );
+        }
+    }
+}
+
+/// Drives a [`crate::DemuxSocket`] over a [`ScriptedSocket`] from a byte script through relay
+/// channels ([`crate::channel`]), playing both roles at once: two bound channels (a peer's) and
+/// a forwarder (the rendezvous's). Received batches mix QUIC segments, channel datagrams on
+/// bound, forwarded, dropped and unknown ids, headers cut short, from the server (in both
+/// spellings) or from someone else, with arbitrary GRO strides; sends to the relayed peers are
+/// wrapped, or too large and take the relay sink. Checks: quinn gets every non-channel segment
+/// unchanged from its source and every bound channel's packet, header cut, from the relayed
+/// peer's address, each exactly once; the forwarder sees exactly the runs of its ids from
+/// their sources and what it sends on leaves unchanged; nothing panics. The fuzz target
+/// `demux` and a property test run it. `Err` names the first property broken.
+pub fn check_channel_script(script: &[u8]) -> Result<(), String> {
+    channel_model::run(script).map(|_| ())
+}
+
+mod channel_model {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use quinn::udp::{RecvMeta, Transmit};
+    use quinn::AsyncUdpSocket;
+    use tokio::sync::mpsc;
+
+    use super::{ScriptedDatagram, ScriptedSocket};
+    use crate::channel::{self, ChannelForwarder, ForwardVerdict, CHANNEL_HEADER};
+    use crate::demux::same_family;
+    use crate::{DemuxSocket, PathTarget, VirtualPacket, VirtualSink};
+
+    const BUFFERS: usize = 4;
+    const SERVER: &str = "198.51.100.1:4000";
+    const SERVER_MAPPED: &str = "[::ffff:198.51.100.1]:4000";
+    const OTHER: &str = "203.0.113.9:9";
+    const FORWARD_TO: &str = "192.0.2.7:7";
+    /// Bound channels and the quinn addresses they show.
+    const BOUND: [(u64, &str); 2] = [(1, "240.0.0.1:1"), (2, "240.0.0.2:2")];
+    /// The forwarder sends id 3 on, takes id 4, knows no other.
+    const SENT_ON: u64 = 3;
+    const TAKEN: u64 = 4;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Records the runs it is offered.
+    #[derive(Default)]
+    struct Recorder {
+        runs: Mutex<Vec<(u64, SocketAddr, Vec<u8>)>>,
+    }
+
+    impl ChannelForwarder for Recorder {
+        fn forward(
+            &self,
+            id: u64,
+            from: SocketAddr,
+            run: &[u8],
+            stride: usize,
+            count: usize,
+        ) -> ForwardVerdict {
+            let verdict = match id {
+                SENT_ON => ForwardVerdict::Send {
+                    to: addr(FORWARD_TO),
+                    src_ip: None,
+                },
+                TAKEN => ForwardVerdict::Done,
+                _ => return ForwardVerdict::NotChannel,
+            };
+            // Every segment of the run is on `id`; `count` of them, `stride` apart.
+            let segments: Vec<&[u8]> = run.chunks(stride.max(1)).collect();
+            if segments.len() != count
+                || segments.iter().any(|s| channel::channel_id(s) != Some(id))
+            {
+                self.runs.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    u64::MAX,
+                    from,
+                    Vec::new(),
+                ));
+            }
+            self.runs.lock().unwrap_or_else(|p| p.into_inner()).push((
+                id,
+                crate::canonical(from),
+                run.to_vec(),
+            ));
+            verdict
+        }
+    }
+
+    /// A multiset of (source, bytes).
+    type Bag = BTreeMap<(String, Vec<u8>), usize>;
+
+    fn put(bag: &mut Bag, from: SocketAddr, data: Vec<u8>) {
+        *bag.entry((from.to_string(), data)).or_insert(0) += 1;
+    }
+
+    /// What a script made the socket do (for the test that checks a script reaches its
+    /// cases).
+    #[derive(Debug, Default)]
+    pub(super) struct Summary {
+        /// Bound channels' datagrams shown to quinn.
+        pub received: u64,
+        /// Datagrams the forwarder sent on.
+        pub forwarded: u64,
+        /// Runs the forwarder took (id 4).
+        pub taken: u64,
+        /// Datagrams sent on a channel.
+        pub sent: u64,
+        /// Segments quinn got as they came (not a bound channel's).
+        pub untouched: u64,
+    }
+
+    pub(super) fn run(script: &[u8]) -> Result<Summary, String> {
+        let mut summary = Summary::default();
+        // A dual-stack socket (IPv4 sources v4-mapped) or an IPv4 one.
+        let dual_stack = script.first().is_some_and(|b| b & 0x40 != 0);
+        let local = addr(if dual_stack {
+            "[2001:db8::2]:5000"
+        } else {
+            "10.0.0.2:5000"
+        });
+        let inner = ScriptedSocket::new(local);
+        let (socket, _stun) = DemuxSocket::from_socket(inner.clone(), 8);
+        let recorder = Arc::new(Recorder::default());
+        socket.set_forwarder(recorder.clone());
+        let (virtual_tx, mut virtual_rx) = mpsc::channel::<VirtualPacket>(64);
+        for (id, quinn) in BOUND {
+            let label = [id as u8; 16];
+            socket.set_route(
+                addr(quinn),
+                PathTarget::Virtual(VirtualSink::new(label, virtual_tx.clone())),
+            );
+            socket.bind_channel(label, id, addr(SERVER), addr(quinn), None);
+        }
+        let mut bytes = script.iter().copied();
+        let mut next = move || bytes.next();
+        let mut step = 0;
+        while let Some(op) = next() {
+            step += 1;
+            let at = |what: String| format!("step {step}: {what}");
+            if op % 4 == 3 {
+                // quinn sends to a relayed peer, maybe as GSO segments.
+                let (id, quinn) = BOUND[usize::from(op >> 2) % 2];
+                let len = usize::from(next().unwrap_or(0)) * 8;
+                let segment = usize::from(next().unwrap_or(0)) * 7 + 1;
+                let contents: Vec<u8> = (0..len).map(|i| 0x40 | (i as u8 & 0x3f)).collect();
+                let before = inner.sent().len();
+                socket
+                    .try_send(&Transmit {
+                        destination: addr(quinn),
+                        ecn: None,
+                        contents: &contents,
+                        segment_size: (op & 0x80 != 0).then_some(segment),
+                        src_ip: None,
+                    })
+                    .map_err(|e| at(format!("send failed: {e}")))?;
+                let seg = if op & 0x80 != 0 { segment } else { len.max(1) };
+                let mut wrapped = Vec::new();
+                for d in contents.chunks(seg) {
+                    wrapped.extend_from_slice(&channel::header(id));
+                    wrapped.extend_from_slice(d);
+                }
+                let sent: Vec<u8> = inner.sent()[before..]
+                    .iter()
+                    .flat_map(|(to, d)| {
+                        if crate::canonical(*to) != addr(SERVER) {
+                            vec![0xFF]
+                        } else {
+                            d.clone()
+                        }
+                    })
+                    .collect();
+                let mut sunk = Vec::new();
+                while let Ok(p) = virtual_rx.try_recv() {
+                    sunk.extend(p.data);
+                }
+                if seg + CHANNEL_HEADER > channel::MAX_CHANNEL_DATAGRAM_V4 {
+                    if !sent.is_empty() || sunk != contents {
+                        return Err(at("a packet too large for a channel was not sunk".into()));
+                    }
+                } else if sent != wrapped || !sunk.is_empty() {
+                    return Err(at(format!(
+                        "sent {} bytes to the server, expected {} wrapped",
+                        sent.len(),
+                        wrapped.len()
+                    )));
+                }
+                continue;
+            }
+            // A receive batch.
+            let entries = usize::from(op >> 2) % BUFFERS + 1;
+            let mut batch = Vec::new();
+            let mut expect_quinn = Bag::new();
+            let mut expect_runs: Vec<(u64, SocketAddr, Vec<u8>)> = Vec::new();
+            let mut expect_sent: Vec<u8> = Vec::new();
+            for _ in 0..entries {
+                let from = match next().unwrap_or(0) % 3 {
+                    0 => addr(SERVER),
+                    1 if dual_stack => addr(SERVER_MAPPED),
+                    1 => addr(SERVER),
+                    _ => addr(OTHER),
+                };
+                let from_server = crate::canonical(from) == addr(SERVER);
+                let segments = usize::from(next().unwrap_or(0) % 5) + 1;
+                let stride = usize::from(next().unwrap_or(0)) % 40 + 1;
+                let mut data = Vec::new();
+                let mut parts: Vec<Vec<u8>> = Vec::new();
+                for k in 0..segments {
+                    let kind = next().unwrap_or(0);
+                    let len = if k + 1 == segments {
+                        usize::from(kind >> 3) % stride + 1
+                    } else {
+                        stride
+                    };
+                    let mut s = vec![0x40 | (kind & 0x3f); len];
+                    if kind & 7 != 0 {
+                        // Channel-shaped: ids 1-6 (bound, sent on, taken, unknown).
+                        let h = channel::header(u64::from(kind & 7).min(6));
+                        let n = len.min(CHANNEL_HEADER);
+                        s[..n].copy_from_slice(&h[..n]);
+                    }
+                    data.extend_from_slice(&s);
+                    parts.push(s);
+                }
+                // What the demux must make of it: runs of consecutive segments on one id.
+                let mut i = 0;
+                while i < parts.len() {
+                    let id = channel::channel_id(&parts[i]);
+                    let mut j = i + 1;
+                    while id.is_some() && j < parts.len() && channel::channel_id(&parts[j]) == id {
+                        j += 1;
+                    }
+                    let run: Vec<u8> = parts[i..j].concat();
+                    match id {
+                        Some(id) if from_server && BOUND.iter().any(|(b, _)| *b == id) => {
+                            let quinn = BOUND.iter().find(|(b, _)| *b == id).map(|(_, q)| addr(q));
+                            let quinn = quinn.unwrap_or(from);
+                            // As every injected datagram: v4-mapped on a dual-stack socket.
+                            let shown = if dual_stack {
+                                same_family(quinn, local)
+                            } else {
+                                quinn
+                            };
+                            for p in &parts[i..j] {
+                                put(&mut expect_quinn, shown, p[CHANNEL_HEADER..].to_vec());
+                            }
+                        }
+                        Some(id) if id == SENT_ON || id == TAKEN => {
+                            expect_runs.push((id, crate::canonical(from), run.clone()));
+                            if id == SENT_ON {
+                                expect_sent.extend_from_slice(&run);
+                            }
+                        }
+                        _ => {
+                            for p in &parts[i..j] {
+                                put(&mut expect_quinn, from, p.clone());
+                            }
+                        }
+                    }
+                    i = j;
+                }
+                batch.push(ScriptedDatagram {
+                    meta: RecvMeta {
+                        addr: from,
+                        len: data.len(),
+                        stride: if segments == 1 { data.len() } else { stride },
+                        ecn: None,
+                        dst_ip: None,
+                    },
+                    data,
+                });
+            }
+            let sent_before = inner.sent().len();
+            recorder
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            inner.push_batch(batch);
+            let got = receive_all(&socket)?;
+            summary.untouched += expect_quinn
+                .iter()
+                .filter(|((from, _), _)| !from.contains("240.0.0."))
+                .map(|(_, n)| *n as u64)
+                .sum::<u64>();
+            summary.taken += expect_runs.iter().filter(|r| r.0 == TAKEN).count() as u64;
+            if got != expect_quinn {
+                return Err(at(format!("quinn got {got:?}, expected {expect_quinn:?}")));
+            }
+            let runs = recorder
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if runs != expect_runs {
+                return Err(at(format!(
+                    "the forwarder saw {} runs, expected {}",
+                    runs.len(),
+                    expect_runs.len()
+                )));
+            }
+            let sent: Vec<u8> = inner.sent()[sent_before..]
+                .iter()
+                .flat_map(|(to, d)| {
+                    if crate::canonical(*to) != addr(FORWARD_TO) {
+                        vec![0xFF]
+                    } else {
+                        d.clone()
+                    }
+                })
+                .collect();
+            if sent != expect_sent {
+                return Err(at("what was sent on differs from the runs".into()));
+            }
+        }
+        let stats = socket.stats();
+        summary.received = stats
+            .channel_received
+            .load(std::sync::atomic::Ordering::Relaxed);
+        summary.forwarded = stats
+            .channel_forwarded
+            .load(std::sync::atomic::Ordering::Relaxed);
+        summary.sent = stats
+            .channel_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Ok(summary)
+    }
+
+    /// Receives until the socket has nothing more; GRO buffers are split at their stride.
+    fn receive_all(socket: &Arc<DemuxSocket>) -> Result<Bag, String> {
+        let mut got = Bag::new();
+        super::receive_until_pending(socket, 512, BUFFERS, |meta, data| {
+            let stride = if meta.stride == 0 {
+                data.len()
+            } else {
+                meta.stride
+            };
+            for d in data.chunks(stride.max(1)) {
+                put(&mut got, meta.addr, d.to_vec());
+            }
+        })?;
+        Ok(got)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Relay channels in the receive and send paths match the model, whatever the
+            /// batches.
+            #[test]
+            fn relay_channels_match_the_model(script in proptest::collection::vec(any::<u8>(), 0..300)) {
+                if let Err(broken) = super::run(&script) {
+                    panic!("{broken}");
+                }
+            }
+        }
+
+        /// A script that reaches every case: bound channels whole and mixed, forwarded, taken,
+        /// unknown, from the server in both spellings and from a stranger, sends wrapped.
+        #[test]
+        fn a_mixed_script_passes() {
+            let mut script = Vec::new();
+            for seed in 0..200u8 {
+                script.extend([
+                    seed.wrapping_mul(4),
+                    seed % 3,
+                    seed,
+                    seed.wrapping_mul(7),
+                    seed.wrapping_add(1),
+                    seed.wrapping_mul(3),
+                    seed ^ 5,
+                    seed.wrapping_mul(13) | 3,
+                    seed,
+                    seed ^ 0x55,
+                ]);
+            }
+            let summary = super::run(&script).unwrap();
+            assert!(
+                summary.received > 0
+                    && summary.forwarded > 0
+                    && summary.taken > 0
+                    && summary.sent > 0
+                    && summary.untouched > 0,
+                "{summary:?}"
             );
         }
     }
