@@ -68,7 +68,8 @@ const _: () = assert!(MAX_PROBES_IN_FLIGHT >= 4);
 pub enum Verdict {
     /// Nothing: the server answers, or a probe is under way.
     Wait,
-    /// Send a probe (a `ping` request).
+    /// Send a probe (a `ping` request), and say so with [`Liveness::probe_sent`] (asked again
+    /// at the next poll until then).
     Probe,
     /// The server is gone: move to another.
     Gone {
@@ -121,23 +122,32 @@ impl Liveness {
             self.last_relayed_at = Some(now);
         }
         let silent_for = now.saturating_duration_since(self.last_received_at);
-        if let (Some(first), Some(last)) = (self.first_probe_at, self.last_probe_at) {
+        if let Some(first) = self.first_probe_at {
             if now.saturating_duration_since(first) >= GRACE {
                 return Verdict::Gone {
                     silent_for,
                     probes: self.probes,
                 };
             }
-            if now.saturating_duration_since(last) >= PROBE_REPEAT {
-                return self.probe(now);
-            }
-            return Verdict::Wait;
+            return match self.last_probe_at {
+                Some(last) if now.saturating_duration_since(last) < PROBE_REPEAT => Verdict::Wait,
+                _ => Verdict::Probe,
+            };
         }
         if silent_for >= self.probe_after(now) {
             self.first_probe_at = Some(now);
-            return self.probe(now);
+            return Verdict::Probe;
         }
         Verdict::Wait
+    }
+
+    /// A probe the last [`Verdict::Probe`] asked for went out at `now` (the next one is due
+    /// [`PROBE_REPEAT`] later; only probes sent are counted in [`Verdict::Gone`]).
+    pub fn probe_sent(&mut self, now: Instant) {
+        if self.first_probe_at.is_some() {
+            self.last_probe_at = Some(now);
+            self.probes += 1;
+        }
     }
 
     /// Whether we relay through the server now (see [`RELAYING_FOR`]).
@@ -152,12 +162,6 @@ impl Liveness {
         } else {
             PROBE_AFTER_IDLE
         }
-    }
-
-    fn probe(&mut self, now: Instant) -> Verdict {
-        self.last_probe_at = Some(now);
-        self.probes += 1;
-        Verdict::Probe
     }
 }
 
@@ -178,6 +182,9 @@ mod tests {
         let mut at = Duration::ZERO;
         while at <= to {
             let verdict = liveness.poll(from + at, received, relayed);
+            if verdict == Verdict::Probe {
+                liveness.probe_sent(from + at);
+            }
             if verdict != Verdict::Wait {
                 out.push((at, verdict));
             }
@@ -246,6 +253,7 @@ mod tests {
         let t0 = Instant::now();
         let mut liveness = Liveness::new(t0, 3, 0);
         assert_eq!(liveness.poll(t0 + PROBE_AFTER_IDLE, 3, 0), Verdict::Probe);
+        liveness.probe_sent(t0 + PROBE_AFTER_IDLE);
         // The reply arrives before the grace runs out: back to waiting, probes forgotten.
         let answered = t0 + PROBE_AFTER_IDLE + Duration::from_millis(500);
         assert_eq!(liveness.poll(answered, 4, 0), Verdict::Wait);
@@ -258,6 +266,7 @@ mod tests {
             liveness.poll(answered + PROBE_AFTER_IDLE, 4, 0),
             Verdict::Probe
         );
+        liveness.probe_sent(answered + PROBE_AFTER_IDLE);
         assert_eq!(
             liveness.poll(answered + PROBE_AFTER_IDLE + GRACE, 4, 0),
             Verdict::Gone {
@@ -277,6 +286,35 @@ mod tests {
         // silence already call for a probe.
         let typed = t0 + Duration::from_secs(3) + POLL_INTERVAL;
         assert_eq!(liveness.poll(typed, 0, 1), Verdict::Probe);
+    }
+
+    /// A probe the session could not send (its earlier ones fill every slot) is asked for
+    /// again at the next look, and the verdict counts only the probes that went out.
+    #[test]
+    fn a_probe_not_sent_is_asked_again_and_not_counted() {
+        let t0 = Instant::now();
+        let mut liveness = Liveness::new(t0, 0, 0);
+        let first = t0 + PROBE_AFTER_IDLE;
+        assert_eq!(liveness.poll(first, 0, 0), Verdict::Probe);
+        liveness.probe_sent(first);
+        assert_eq!(liveness.poll(first + POLL_INTERVAL, 0, 0), Verdict::Wait);
+        // Due again; not sent this time (no slot), so asked again at every look.
+        assert_eq!(liveness.poll(first + PROBE_REPEAT, 0, 0), Verdict::Probe);
+        assert_eq!(
+            liveness.poll(first + PROBE_REPEAT + POLL_INTERVAL, 0, 0),
+            Verdict::Probe
+        );
+        assert_eq!(
+            liveness.poll(first + GRACE, 0, 0),
+            Verdict::Gone {
+                silent_for: PROBE_AFTER_IDLE + GRACE,
+                probes: 1
+            }
+        );
+        // A stray report outside a silence counts nothing.
+        let mut quiet = Liveness::new(t0, 0, 0);
+        quiet.probe_sent(t0);
+        assert_eq!(quiet.poll(t0 + POLL_INTERVAL, 0, 0), Verdict::Wait);
     }
 
     #[test]

@@ -615,9 +615,11 @@ async fn check_liveness(
         match verdict {
             Verdict::Wait => {}
             Verdict::Probe => {
+                // Without a free slot it is asked for again at the next look.
                 if probes.len() < liveness::MAX_PROBES_IN_FLIGHT {
                     seq += 1;
                     probes.spawn(send_probe(conn.clone(), seq));
+                    liveness.probe_sent(Instant::now());
                 }
             }
             Verdict::Gone { silent_for, probes } => {
