@@ -16,7 +16,7 @@
 //! route in the socket), so the framing and the per-peer stable addresses live apart from the
 //! decision of when to use it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,8 +51,11 @@ pub const CHANNEL_REFRESH: Duration = Duration::from_secs(10);
 /// How often the relay task looks for channels due for [`CHANNEL_REFRESH`].
 const CHANNEL_REFRESH_TICK: Duration = Duration::from_secs(1);
 
-/// Most `relay_channel` requests in flight at once.
+/// Most `relay_channel` requests waiting for their turn (one is under way at a time).
 const MAX_CHANNEL_ASKS: usize = 8;
+
+/// A `relay_channel` request under way.
+type AskFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The address quinn uses for `peer` when it is reached through [`crate::paths`]: in 240.0.0.0/4,
 /// which is reserved and never routed, so a packet to it can only leave through a route.
@@ -454,8 +457,10 @@ async fn run(
             last_generation = Some(reg.generation);
             relay.channels.clear();
         }
-        // Channel requests of this registration; stopped (and awaited) with its relay stream.
-        let mut asks = tokio::task::JoinSet::new();
+        // Channel requests of this relay stream: one at a time, a future of this task (no task
+        // of its own: nothing outlives the relay), the others queued; dropped with the stream.
+        let mut asking: Option<AskFuture> = None;
+        let mut queued: VecDeque<PeerId> = VecDeque::new();
         let mut refresh = tokio::time::interval(CHANNEL_REFRESH_TICK);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         match open(&reg.conn).await {
@@ -511,20 +516,36 @@ async fn run(
                                 }
                             }
                             _ = refresh.tick(), if relay.channels.enabled => {
-                                let room = MAX_CHANNEL_ASKS.saturating_sub(asks.len());
-                                for peer in relay.channels.due_refresh(Instant::now(), room) {
-                                    asks.spawn(relay.clone().ask_channel(session.clone(), reg.clone(), peer));
-                                }
+                                let room = MAX_CHANNEL_ASKS.saturating_sub(queued.len());
+                                queued.extend(relay.channels.due_refresh(Instant::now(), room));
                             }
                             Some(peer) = ask_rx.recv() => {
-                                if asks.len() < MAX_CHANNEL_ASKS {
-                                    asks.spawn(relay.clone().ask_channel(session.clone(), reg.clone(), peer));
+                                if queued.len() < MAX_CHANNEL_ASKS {
+                                    queued.push_back(peer);
                                 } else {
                                     relay.channels.refused(peer, Instant::now());
                                 }
                             }
-                            Some(_) = asks.join_next(), if !asks.is_empty() => {}
+                            // The request under way (the future stays in `asking` when another
+                            // branch wins: it is only not polled meanwhile).
+                            _ = async {
+                                match asking.as_mut() {
+                                    Some(ask) => ask.await,
+                                    None => std::future::pending().await,
+                                }
+                            }, if asking.is_some() => {
+                                asking = None;
+                            }
                             _ = shutdown.changed() => return true,
+                        }
+                        if asking.is_none() {
+                            if let Some(peer) = queued.pop_front() {
+                                asking = Some(Box::pin(relay.clone().ask_channel(
+                                    session.clone(),
+                                    reg.clone(),
+                                    peer,
+                                )));
+                            }
                         }
                     }
                 };
@@ -532,8 +553,9 @@ async fn run(
                 reader.abort();
                 let _ = reader.await;
                 // No request of this stream binds anything once we go on (a new registration
-                // clears the channels next); those it cancelled are asked again.
-                asks.shutdown().await;
+                // clears the channels next); those it cancelled or queued are asked again.
+                drop(asking.take());
+                queued.clear();
                 relay.channels.asks_cancelled(Instant::now());
                 if stop {
                     return;
