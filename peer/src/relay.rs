@@ -3,14 +3,15 @@
 //! socket's virtual path and leave as `{to, packet}` frames; frames `{from, packet}` from the
 //! server are injected into quinn as if they came from that peer's address.
 //!
-//! Relay channels (protocol version 9): once a peer's packets go through the relay, we ask the
-//! rendezvous for a channel with that peer (`relay_channel`) and bind it in the socket; from
-//! then on quinn's packets to the peer leave as plain UDP datagrams with a 9-byte header, which
-//! the rendezvous forwards without decrypting (`transport::channel`), and the peer's come back
-//! the same way. Packets too large for a channel datagram, and everything over the TCP tunnel,
-//! keep the relay stream; a refused channel is asked for again after [`CHANNEL_RETRY`], doubled
-//! after each refusal (a dialer's first packets leave before the target accepted). Channels are per registration: a new one (another server, or the same
-//! after a reconnect) unbinds them all and they are asked for again as packets flow.
+//! Relay channels (protocol version 9): once a peer's packets come to us through the relay
+//! stream (so its introduction was accepted), we ask the rendezvous for a channel with that
+//! peer (`relay_channel`) and bind it in the socket; from then on quinn's packets to the peer
+//! leave as plain UDP datagrams with a 9-byte header, which the rendezvous forwards without
+//! decrypting (`transport::channel`), and the peer's come back the same way. Packets too large
+//! for a channel datagram, and everything over the TCP tunnel, keep the relay stream. A refused
+//! channel is asked for again after [`CHANNEL_RETRY`], doubled after each refusal; a bound one
+//! in use every [`CHANNEL_REFRESH`]. Channels are per registration: a new one (another server,
+//! or the same after a reconnect) unbinds them all and they are asked for again as packets flow.
 //!
 //! Why it is a module of its own: the relay is a path like any other for quinn (a virtual
 //! route in the socket), so the framing and the per-peer stable addresses live apart from the
@@ -307,11 +308,7 @@ impl Relay {
 
     /// Where relayed packets from `peer` are shown to quinn.
     fn quinn_addr(&self, peer: &PeerId) -> SocketAddr {
-        self.addrs
-            .lock()
-            .ok()
-            .and_then(|a| a.get(peer).copied())
-            .unwrap_or_else(|| stable_addr(peer))
+        quinn_addr_of(&self.addrs, peer)
     }
 
     /// Fires at the next packet relayed to us from `peer` (see [`Waiters`]). A later call for
@@ -601,6 +598,16 @@ async fn open(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::Rec
     }
 }
 
+/// Where quinn sees `peer`'s relayed packets come from: the address its connection was made
+/// on ([`Relay::set_quinn_addr`]), else its stable address.
+fn quinn_addr_of(addrs: &Mutex<HashMap<PeerId, SocketAddr>>, peer: &PeerId) -> SocketAddr {
+    addrs
+        .lock()
+        .ok()
+        .and_then(|a| a.get(peer).copied())
+        .unwrap_or_else(|| stable_addr(peer))
+}
+
 async fn read_relayed(
     mut recv: quinn::RecvStream,
     injector: Injector,
@@ -623,11 +630,7 @@ async fn read_relayed(
         loop {
             match decoder.next_frame() {
                 Ok(Some((from, packet))) => {
-                    let addr = addrs
-                        .lock()
-                        .ok()
-                        .and_then(|a| a.get(&from).copied())
-                        .unwrap_or_else(|| stable_addr(&from));
+                    let addr = quinn_addr_of(&addrs, &from);
                     // A full queue drops the packet; QUIC recovers.
                     let _ = injector.inject(addr, packet);
                     waiters.heard(&from);

@@ -19,13 +19,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::PeerId;
 use transport::channel::{self, ChannelForwarder, ForwardVerdict, CHANNEL_HEADER};
 
-use crate::relay::{frame_cost, Batch, Dropped, Refusal, RelayHub, RelayLimits};
+use crate::relay::{add, frame_cost, lock, Batch, Dropped, Refusal, RelayHub, RelayLimits};
 
 /// Most channels one peer takes part in (each needs an accepted introduction with the other
 /// side, so this is also bounded by the introductions a peer can get).
@@ -78,6 +78,10 @@ struct End {
 struct Channel {
     ends: [End; 2],
 }
+
+/// Where an end's connection comes from: its remote address and the local address it arrives
+/// at, if known.
+pub type EndAddr = (SocketAddr, Option<IpAddr>);
 
 /// What the sweep asks about: every bound end (its peer and connection), and every pair.
 pub type SweepInputs = (Vec<(PeerId, ConnId)>, Vec<(PeerId, PeerId)>);
@@ -287,8 +291,8 @@ pub struct ChannelCounters {
     pub forwarded: AtomicU64,
     /// Datagrams put into the other side's relay stream (its end not bound).
     pub to_stream: AtomicU64,
-    /// Datagrams dropped: consent lapsed, over the rate or quota, or the other side's relay
-    /// stream full or missing.
+    /// Datagrams dropped: over the rate or quota, or the other side's relay stream full or
+    /// missing.
     pub dropped: AtomicU64,
     /// Channels held now (a gauge, updated by the sweep and by grants).
     pub open: AtomicU64,
@@ -303,14 +307,6 @@ pub struct Channels {
     socket_stats: std::sync::OnceLock<Arc<transport::DemuxStats>>,
     /// For the operator.
     pub counters: ChannelCounters,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Channels {
@@ -409,8 +405,9 @@ impl ChannelForwarder for Channels {
             run.chunks(stride.max(1))
                 .map(|d| &d[CHANNEL_HEADER.min(d.len())..])
         };
-        let bytes: u64 = packets().map(|p| p.len() as u64).sum();
-        let cost: u64 = packets().map(|p| frame_cost(p.len())).sum();
+        let (bytes, cost) = packets().fold((0u64, 0u64), |(bytes, cost), p| {
+            (bytes + p.len() as u64, cost + frame_cost(p.len()))
+        });
         if let Err(refusal) = self
             .hub
             .charge(route.from, cost, self.limits, Instant::now())

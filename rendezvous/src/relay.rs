@@ -160,7 +160,8 @@ impl RelayCounters {
     }
 }
 
-fn add(counter: &AtomicU64, n: u64) {
+/// Adds `n` to a relay counter (the relay channels' too).
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
     if n > 0 {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -286,7 +287,8 @@ impl Allowances {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, poisoned or not (the relay's state stays usable after a panicking thread).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

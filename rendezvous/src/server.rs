@@ -310,7 +310,8 @@ impl Shared {
                     "this connection is not your current registration: ask on the new one".into(),
                 );
             }
-            if registry.is_tunnel(transport::canonical(remote)) || registry.is_tunnel(remote) {
+            // Tunnels are keyed by their (IPv4) virtual address, spelled plain.
+            if registry.is_tunnel(transport::canonical(remote)) {
                 return denied(
                     "this connection runs over the TCP tunnel: its relayed packets take the \
                      relay stream"
@@ -362,60 +363,37 @@ impl Shared {
                 .map(|(peer, conn)| (*peer, *conn, online.get(conn).map(|o| o.conn.clone())))
                 .collect()
         };
+        // Each answer is keyed by its question: a channel made, or an end bound, since
+        // `sweep_inputs` is not among them and is left as it is.
         let now = OffsetDateTime::now_utc();
         let (current, consent) = {
             let registry = lock(&self.registry);
-            let current: HashMap<PeerId, ConnId> = pairs
+            let current: HashMap<PeerId, Option<ConnId>> = pairs
                 .iter()
                 .flat_map(|(a, b)| [*a, *b])
-                .filter_map(|peer| registry.online_conn(&peer).map(|conn| (peer, conn)))
+                .map(|peer| (peer, registry.online_conn(&peer)))
                 .collect();
-            let consent: std::collections::HashSet<(PeerId, PeerId)> = pairs
+            let consent: HashMap<(PeerId, PeerId), bool> = pairs
                 .iter()
-                .filter(|(a, b)| registry.relay_allowed(*a, *b, now).is_ok())
-                .copied()
+                .map(|&(a, b)| ((a, b), registry.relay_allowed(a, b, now).is_ok()))
                 .collect();
             (current, consent)
         };
         // An end counts only on its peer's current registration, open.
-        let addrs: HashMap<ConnId, (SocketAddr, Option<std::net::IpAddr>)> = handles
+        let end_addrs: HashMap<(PeerId, ConnId), Option<crate::channel::EndAddr>> = handles
             .into_iter()
-            .filter(|(peer, conn, _)| current.get(peer) == Some(conn))
-            .filter_map(|(_, conn, handle)| {
-                let handle = handle?;
-                handle
-                    .close_reason()
-                    .is_none()
-                    .then(|| (conn, (handle.remote_address(), handle.local_ip())))
+            .map(|(peer, conn, handle)| {
+                let current_open = handle.filter(|h| {
+                    current.get(&peer) == Some(&Some(conn)) && h.close_reason().is_none()
+                });
+                let addr = current_open.map(|h| (h.remote_address(), h.local_ip()));
+                ((peer, conn), addr)
             })
             .collect();
-        // Only what was asked about is answered: a channel made, or an end bound, since
-        // `sweep_inputs` is left as it is.
-        let asked_pairs: std::collections::HashSet<(PeerId, PeerId)> =
-            pairs.iter().copied().collect();
-        let asked_ends: std::collections::HashSet<(PeerId, ConnId)> =
-            ends.iter().copied().collect();
-        let asked_peers: std::collections::HashSet<PeerId> =
-            pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
         self.channels.sweep(
-            |a, b| {
-                asked_pairs
-                    .contains(&(a, b))
-                    .then(|| consent.contains(&(a, b)))
-            },
-            |peer| {
-                asked_peers
-                    .contains(&peer)
-                    .then(|| current.contains_key(&peer))
-            },
-            |peer, conn| {
-                asked_ends.contains(&(peer, conn)).then(|| {
-                    addrs
-                        .get(&conn)
-                        .copied()
-                        .filter(|_| current.get(&peer) == Some(&conn))
-                })
-            },
+            |a, b| consent.get(&(a, b)).copied(),
+            |peer| current.get(&peer).map(Option::is_some),
+            |peer, conn| end_addrs.get(&(peer, conn)).copied(),
         );
     }
 

@@ -67,6 +67,7 @@ pub struct DemuxStats {
 /// the rendezvous ([`crate::channel`]).
 #[derive(Debug, Clone, Copy)]
 struct ChannelOut {
+    id: u64,
     header: [u8; CHANNEL_HEADER],
     server: SocketAddr,
     max_datagram: usize,
@@ -226,6 +227,13 @@ impl Routes {
             || !self.back.is_empty()
             || !self.pinned.is_empty()
             || !self.channel_in.is_empty()
+    }
+
+    /// Forgets the relay channel of the sink `label`, both ways.
+    fn remove_channel(&mut self, label: &[u8; 16]) {
+        if let Some(old) = self.channel_out.remove(label) {
+            self.channel_in.remove(&old.id);
+        }
     }
 
     /// Whether a route or an alias refers to `real`.
@@ -554,13 +562,11 @@ impl DemuxSocket {
     ) {
         let server = canonical(server);
         let mut routes = self.write_routes();
-        if let Some(old) = routes.channel_out.remove(&label) {
-            let old_id = u64::from_be_bytes(old.header[1..].try_into().unwrap_or([0; 8]));
-            routes.channel_in.remove(&old_id);
-        }
+        routes.remove_channel(&label);
         routes.channel_out.insert(
             label,
             ChannelOut {
+                id,
                 header: channel::header(id),
                 server,
                 max_datagram: channel::max_channel_datagram(server),
@@ -581,18 +587,13 @@ impl DemuxSocket {
     /// again, and its channel's datagrams go to quinn (which discards them).
     pub fn unbind_channel(&self, label: [u8; 16]) {
         let mut routes = self.write_routes();
-        if let Some(old) = routes.channel_out.remove(&label) {
-            let old_id = u64::from_be_bytes(old.header[1..].try_into().unwrap_or([0; 8]));
-            routes.channel_in.remove(&old_id);
-        }
+        routes.remove_channel(&label);
         self.has_routes.store(routes.any(), Ordering::Release);
     }
 
     /// The id of the channel bound for `label`, if any.
     pub fn channel_of(&self, label: [u8; 16]) -> Option<u64> {
-        let routes = self.read_routes()?;
-        let out = routes.channel_out.get(&label)?;
-        Some(u64::from_be_bytes(out.header[1..].try_into().ok()?))
+        Some(self.read_routes()?.channel_out.get(&label)?.id)
     }
 
     /// Makes this the rendezvous's socket: channel datagrams (the shape of
@@ -997,13 +998,7 @@ impl DemuxSocket {
             read = end;
             count += 1;
         }
-        // Spelled as injected datagrams are (take_injected): v4-mapped on a dual-stack socket.
-        meta.addr = match channel.quinn_addr {
-            SocketAddr::V4(v4) if self.ipv6 => {
-                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-            }
-            other => other,
-        };
+        meta.addr = self.quinn_spelling(channel.quinn_addr);
         meta.stride = stride - CHANNEL_HEADER;
         self.stats
             .channel_received
@@ -1046,6 +1041,19 @@ impl DemuxSocket {
                 Err(_) => &self.stats.channel_send_failed,
             };
             counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// `addr` as quinn must see a source that is not the socket's own report (an injected
+    /// datagram, a relay channel's): quinn on a dual-stack socket knows IPv4 peers only
+    /// v4-mapped, so a relayed packet must show the same spelling as a direct one from that
+    /// peer, or quinn drops it as coming from an unexpected remote.
+    fn quinn_spelling(&self, addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V4(v4) if self.ipv6 => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            other => other,
         }
     }
 
@@ -1102,15 +1110,7 @@ impl DemuxSocket {
             let len = data.len().min(bufs[n].len());
             bufs[n][..len].copy_from_slice(&data[..len]);
             meta[n] = RecvMeta {
-                // quinn on a dual-stack socket knows IPv4 peers only v4-mapped: a relayed packet
-                // must show the same spelling as a direct one from that peer, or quinn drops it
-                // as coming from an unexpected remote.
-                addr: match from {
-                    SocketAddr::V4(v4) if self.ipv6 => {
-                        SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-                    }
-                    _ => from,
-                },
+                addr: self.quinn_spelling(from),
                 len,
                 stride: len,
                 ..RecvMeta::default()
