@@ -14,10 +14,12 @@
 #     load generator against a plain quinn + rustls server doing only the handshake (same
 #     certificate type and crypto, `bench handshake-server`): registrations per server CPU
 #     second / its handshakes per server CPU second, and its RSS per idle connection;
-#   - connect time / floor (RTT to the rendezvous + 2 RTT between the peers, RTTs measured with
+#   - connect time / floor (2 x RTT to the rendezvous + RTT between the peers: the handshake's
+#     first round trip rides the introduction, then the first byte each way; RTTs measured with
 #     ICMP inside the lab), median and p95, at 20 and 80 ms injected RTT between the peers.
 #
-#   scripts/bench.sh [--quick] [--size MB] [--keep] [--send-only] [--rv-only] [--rv-peers N] [--iroh]
+#   scripts/bench.sh [--quick] [--size MB] [--keep] [--send-only] [--rv-only] [--connect-only]
+#                    [--rv-peers N] [--iroh]
 #
 # Full run: about 3 minutes on 2 cores after the release build. --quick: small sizes, one run,
 # 5 connects, 500 peers: about 30 s after the build, for CI (no timing is asserted anywhere; the
@@ -26,7 +28,8 @@
 # only the `peer send` rows (and the 1-stream plain quinn lab-link goodput they are compared
 # with): for work on the relay or on file transfer. --rv-only runs only the rendezvous rows (no
 # lab; about a minute with the default 10,000 peers), --rv-peers N sets their peer count (at most
-# 200,000; see docs/benchmarks.md for the memory it takes).
+# 200,000; see docs/benchmarks.md for the memory it takes). --connect-only runs only the
+# connect-time rows (with --iroh, iroh's first reply and time to direct beside them).
 # --iroh adds iroh (the release in scripts/lab/iroh.sh, with its iroh-relay in dev mode on the
 # rendezvous host, endpoints configured with that relay only) as a fourth contestant on the same
 # lab links: direct goodput and CPU (1 and 4 streams, interleaved with the others), relayed
@@ -41,6 +44,7 @@ quick=0
 keep=0
 send_only=0
 rv_only=0
+connect_only=0
 iroh=0
 send_mb=100      # `peer send` file
 runs=5           # repetitions of every goodput measurement (median)
@@ -56,9 +60,10 @@ while [[ $# -gt 0 ]]; do
         --keep) keep=1 ;;
         --send-only) send_only=1 ;;
         --rv-only) rv_only=1 ;;
+        --connect-only) connect_only=1 ;;
         --rv-peers) rv_peers=${2:?--rv-peers needs a count}; shift ;;
         --iroh) iroh=1 ;;
-        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--send-only] [--rv-only] [--rv-peers N] [--iroh]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--size MB] [--keep] [--send-only] [--rv-only] [--connect-only] [--rv-peers N] [--iroh]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -157,7 +162,7 @@ if not rtts:
 print(f"{statistics.median(rtts):.2f}")
 EOF
 
-if ((! rv_only)); then
+if ((! rv_only && ! connect_only)); then
 # ---------------------------------------------------------------- goodput: ours, quinn, TCP
 "$bin/bench" keys --dir "$work/keys"
 glab=kg$tag
@@ -393,12 +398,14 @@ for lab in "$glab" "$dlab" "$rlab" "$qlab"; do scripts/natlab.sh down "$lab" >/d
 fi # ! rv_only
 record send_only "$send_only"
 record rv_only "$rv_only"
+record connect_only "$connect_only"
 
 if ((send_only)); then
     rv_peers=0
 else
 
 # ---------------------------------------------------------------- the rendezvous under load
+if ((! connect_only)); then
 say "rendezvous: $rv_peers simulated peers, kept alive ${rv_hold} s"
 pin_rv=() pin_gen=()
 if (($(nproc) >= 2)) && command -v taskset >/dev/null 2>&1; then
@@ -447,6 +454,7 @@ for field in peers failed alive_after_hold registrations_per_s rv_registrations_
     record "rv_${field#rv_}" "$(json_field "$work/rvload.json" "$field")"
 done
 record rv_hold_s "$rv_hold"
+fi # ! connect_only
 
 # ---------------------------------------------------------------- connect time / floor
 # A `peer ping` subcommand (JSON with first_reply_ms, connect_ms) is used when the peer binary
@@ -555,7 +563,8 @@ def ratio(a, b):  # median of per-run ratios, and their range
 mbs = lambda b: f"{b / 1e6:.0f} MB/s"
 send_only = r.get("send_only") == "1"
 rv_only = r.get("rv_only") == "1"
-if not send_only and not rv_only:
+connect_only = r.get("connect_only") == "1"
+if not send_only and not rv_only and not connect_only:
     for where, label in (("loop", "loopback"), ("lab", "lab link")):
         for s in ("1", "4"):
             ours, quinn, tcp = (med(series(f"gp_{where}-{m}-{s}")) for m in ("ours", "quinn", "tcp"))
@@ -572,7 +581,7 @@ if not send_only and not rv_only:
         c, spread = ratio(f"cpu_loop-ours-{s}", f"cpu_loop-quinn-{s}")
         row(f"CPU s per GiB (client + server), ours / plain quinn, loopback, {s} stream{'s' if s != '1' else ''}",
             f"{co:.2f} / {cq:.2f}", f"{c:.2f}{spread}")
-if not rv_only:
+if not rv_only and not connect_only:
   d, rl = f("send_" + r["send_direct_lab"]), f("send_" + r["send_relay_lab"])
   pq = med(series("gp_lab-quinn-1")) / 1e6
   row(f"`peer send` {send_mb} MB direct (port-restricted NATs, {r['path_' + r['send_direct_lab']]}) / plain quinn on a lab link",
@@ -599,50 +608,56 @@ if send_only:
     print("|---|---|---|---|")
     print("\n".join(rows))
     sys.exit(0)
-core = "one core" if r.get("rv_pinned") == "yes" else "unpinned"
-n = int(float(r["rv_peers"]))
-row(f"rendezvous registrations/s ({core}; load generator on the other)",
-    f"{f('rv_registrations_per_s'):.0f}/s wall; {f('rv_registrations_per_cpu_s'):.0f} per CPU s of the server", "-", "measured")
-per = f("rv_rss_per_peer_kib")
-row(f"rendezvous RSS per idle registered peer, {n} peers (alive after {r['rv_hold_s']} s: {r['rv_alive_after_hold']})",
-    f"{per:.1f} KiB ({f('rv_rss_before_kib') / 1024:.0f} -> {f('rv_rss_held_kib') / 1024:.0f} MiB)",
-    f"{per / 25:.2f} of 25 KiB", "<= 25 KiB", per <= 25)
-row(f"rendezvous CPU with {n} idle peers", f"{100 * f('rv_hold_cpu_fraction'):.1f} % of a core", "-", "measured")
-hs = f("hs_registrations_per_cpu_s")
-reg = f("rv_registrations_per_cpu_s")
-row("rendezvous registrations per server CPU s / plain quinn + rustls handshakes per server CPU s (same client, sockets and certificate type)",
-    f"{reg:.0f} / {hs:.0f}", f"{reg / hs:.2f}", ">= 0.5", reg / hs >= 0.5)
-hn = int(float(r["hs_peers"]))
-row(f"plain quinn + rustls server: RSS per idle connection, {hn} connections (alive after {r['rv_hold_s']} s: {r['hs_alive_after_hold']}); CPU",
-    f"{f('hs_rss_per_peer_kib'):.1f} KiB; {100 * f('hs_hold_cpu_fraction'):.1f} % of a core", "-", "measured")
+if not connect_only:
+  core = "one core" if r.get("rv_pinned") == "yes" else "unpinned"
+  n = int(float(r["rv_peers"]))
+  row(f"rendezvous registrations/s ({core}; load generator on the other)",
+      f"{f('rv_registrations_per_s'):.0f}/s wall; {f('rv_registrations_per_cpu_s'):.0f} per CPU s of the server", "-", "measured")
+  per = f("rv_rss_per_peer_kib")
+  row(f"rendezvous RSS per idle registered peer, {n} peers (alive after {r['rv_hold_s']} s: {r['rv_alive_after_hold']})",
+      f"{per:.1f} KiB ({f('rv_rss_before_kib') / 1024:.0f} -> {f('rv_rss_held_kib') / 1024:.0f} MiB)",
+      f"{per / 25:.2f} of 25 KiB", "<= 25 KiB", per <= 25)
+  row(f"rendezvous CPU with {n} idle peers", f"{100 * f('rv_hold_cpu_fraction'):.1f} % of a core", "-", "measured")
+  hs = f("hs_registrations_per_cpu_s")
+  reg = f("rv_registrations_per_cpu_s")
+  row("rendezvous registrations per server CPU s / plain quinn + rustls handshakes per server CPU s (same client, sockets and certificate type)",
+      f"{reg:.0f} / {hs:.0f}", f"{reg / hs:.2f}", ">= 0.5", reg / hs >= 0.5)
+  hn = int(float(r["hs_peers"]))
+  row(f"plain quinn + rustls server: RSS per idle connection, {hn} connections (alive after {r['rv_hold_s']} s: {r['hs_alive_after_hold']}); CPU",
+      f"{f('hs_rss_per_peer_kib'):.1f} KiB; {100 * f('hs_hold_cpu_fraction'):.1f} % of a core", "-", "measured")
 via = "first reply (`peer ping`)" if r["connect_via"] == "ping" else "connection up (`peer connect`, no first byte)"
 for delay in (() if rv_only else ("10", "40")):
     ms = sorted(float(x) for x in r[f"connect_ms_{delay}"].split(",") if x)
     rv, ab = f(f"rtt_rv_{delay}"), f(f"rtt_ab_{delay}")
-    floor = rv + 2 * ab
+    # The handshake's first round trip goes through the rendezvous (its first flight rides the
+    # introduction and the answer comes back over the relay: 2 x RTT to it, each side's half),
+    # then the first byte each way (RTT between the peers). Before protocol version 10 the
+    # introduction came first: RTT to the rendezvous + 2 RTT between the peers.
+    floor = 2 * rv + ab
     median_ms = statistics.median(ms)
     p95 = ms[max(0, math.ceil(0.95 * len(ms)) - 1)]  # nearest rank
     up = statistics.median(float(x) for x in r[f"connected_ms_{delay}"].split(",") if x)
     for name, v in (("median", median_ms), ("p95", p95)):
         row(f"connect time / floor, {2 * int(delay)} ms RTT between peers, {name} of {len(ms)}, to {via}",
-            f"{v:.0f} ms / {floor:.0f} ms (RTT rv {rv:.1f} + 2 x {ab:.1f}; connection up after {up:.0f} ms, median)",
+            f"{v:.0f} ms / {floor:.0f} ms (2 x RTT rv {rv:.1f} + {ab:.1f}; connection up after {up:.0f} ms, median)",
             f"{v / floor:.2f}", "<= 1.2", v / floor <= 1.2)
 if "iroh_connect_ms_10" in r:
     # The fourth contestant (--iroh): ours / iroh, each ratio from this run.
-    for s in ("1", "4"):
-        ours, ir = statistics.median(series(f"gp_lab-ours-{s}")), statistics.median(series(f"gp_lab-iroh-{s}"))
-        q, spread = ratio(f"gp_lab-ours-{s}", f"gp_lab-iroh-{s}")
-        row(f"direct goodput ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
-            f"{mbs(ours)} / {mbs(ir)}", f"{q:.2f}{spread}", ">= 1", q >= 1)
-        c, spread = ratio(f"cpu_lab-ours-{s}", f"cpu_lab-iroh-{s}")
-        row(f"CPU s for the same bytes (client + server) ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
-            f"{statistics.median(series(f'cpu_lab-ours-{s}')):.2f} / {statistics.median(series(f'cpu_lab-iroh-{s}')):.2f} CPU s", f"{c:.2f}{spread}", "<= 1", c <= 1)
-    idr, irl = f("iroh_send_direct"), f("iroh_send_relay")
-    row(f"iroh {send_mb} MB stream, port-restricted NATs ({r['iroh_send_direct_path']}) / plain quinn on a lab link",
-        f"{idr:.1f} / {pq:.0f} MB/s", f"{idr / pq:.2f}")
-    row(f"relayed goodput ours (`peer send`, rate limit raised) / iroh (stream through iroh-relay), symmetric NATs ({r['iroh_send_relay_path']})",
-        f"{ru:.1f} / {irl:.1f} MB/s", f"{ru / irl:.2f}", ">= 1", ru / irl >= 1)
-    row("relayed / direct goodput, iroh, same links", f"{irl:.1f} / {idr:.1f} MB/s", f"{irl / idr:.2f}")
+    if not connect_only:
+      for s in ("1", "4"):
+          ours, ir = statistics.median(series(f"gp_lab-ours-{s}")), statistics.median(series(f"gp_lab-iroh-{s}"))
+          q, spread = ratio(f"gp_lab-ours-{s}", f"gp_lab-iroh-{s}")
+          row(f"direct goodput ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
+              f"{mbs(ours)} / {mbs(ir)}", f"{q:.2f}{spread}", ">= 1", q >= 1)
+          c, spread = ratio(f"cpu_lab-ours-{s}", f"cpu_lab-iroh-{s}")
+          row(f"CPU s for the same bytes (client + server) ours / iroh, lab link, {s} stream{'s' if s != '1' else ''}",
+              f"{statistics.median(series(f'cpu_lab-ours-{s}')):.2f} / {statistics.median(series(f'cpu_lab-iroh-{s}')):.2f} CPU s", f"{c:.2f}{spread}", "<= 1", c <= 1)
+      idr, irl = f("iroh_send_direct"), f("iroh_send_relay")
+      row(f"iroh {send_mb} MB stream, port-restricted NATs ({r['iroh_send_direct_path']}) / plain quinn on a lab link",
+          f"{idr:.1f} / {pq:.0f} MB/s", f"{idr / pq:.2f}")
+      row(f"relayed goodput ours (`peer send`, rate limit raised) / iroh (stream through iroh-relay), symmetric NATs ({r['iroh_send_relay_path']})",
+          f"{ru:.1f} / {irl:.1f} MB/s", f"{ru / irl:.2f}", ">= 1", ru / irl >= 1)
+      row("relayed / direct goodput, iroh, same links", f"{irl:.1f} / {idr:.1f} MB/s", f"{irl / idr:.2f}")
     for delay in ("10", "40"):
         ours_ms = statistics.median(float(x) for x in r[f"connect_ms_{delay}"].split(",") if x)
         iroh_ms = statistics.median(float(x) for x in r[f"iroh_connect_ms_{delay}"].split(",") if x)
@@ -665,7 +680,9 @@ print("|---|---|---|---|")
 print("\n".join(rows))
 print()
 mode = "--quick" if quick == "1" else "full"
-if rv_only:
+if connect_only:
+    print(f"{mode} --connect-only run: the connect-time rows only, {r['connect_via']} x {len(r['connect_ms_10'].split(','))} per delay.")
+elif rv_only:
     print(f"{mode} --rv-only run: the rendezvous rows only, {int(float(r['rv_peers']))} peers kept alive {r['rv_hold_s']} s.")
 else:
   print(f"{mode} run: goodput {loop_mb} MB (loopback) / {lab_mb} MB (lab link) per test, median of {runs}; "

@@ -50,55 +50,102 @@ fn direct_addr(dir: &Path) -> SocketAddr {
     }
 }
 
+/// V listening and P connected to it over a direct path, on a rendezvous of their own.
+struct Pair {
+    rv: Rendezvous,
+    v: e2e::Proc,
+    v_id: String,
+    v_dir: std::path::PathBuf,
+    p: e2e::Proc,
+    /// P's address as V's direct path has it.
+    p_addr: SocketAddr,
+}
+
+fn v_and_p(dir: &TempDir) -> Pair {
+    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
+    let v_dir = dir.path().join("v");
+    let (v, v_id) = listen("v", &v_dir, &rv);
+    let mut connect = args!["connect", v_id];
+    connect.extend(rv.args());
+    let p = peer("p", &dir.path().join("p"), &connect);
+    p.stdout.wait_for(&format!("connected to {v_id}"), T);
+    let p_addr = direct_addr(&v_dir);
+    Pair {
+        rv,
+        v,
+        v_id,
+        v_dir,
+        p,
+        p_addr,
+    }
+}
+
+/// The attacker's runtime.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A raw client registered with `rv` from `ip` (announcing `local_addrs`), with its relay
+/// stream open.
+async fn registered_attacker(
+    rv: &Rendezvous,
+    ip: std::net::Ipv4Addr,
+    local_addrs: Vec<SocketAddr>,
+) -> (RawClient, (quinn::SendStream, quinn::RecvStream)) {
+    let identity = certs::Identity::generate().unwrap();
+    let endpoint = attack::endpoint_on(ip).unwrap();
+    let attacker = RawClient::register_announcing(
+        &endpoint,
+        &identity,
+        rv.addr,
+        certs::ServerTrust::FirstUse,
+        PROTOCOL_VERSION,
+        local_addrs,
+    )
+    .await
+    .unwrap()
+    .expect("the attacker registers");
+    let relay = attacker
+        .relay()
+        .await
+        .unwrap()
+        .expect("the relay stream opens");
+    (attacker, relay)
+}
+
 #[test]
 fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() {
     let dir = TempDir::new("punchattack");
-    let rv = Rendezvous::start(&dir.path().join("rv"), "127.0.0.1:0");
-    let v_dir = dir.path().join("v");
-    let (mut v, v_id) = listen("v", &v_dir, &rv);
-    let mut connect = args!["connect", v_id];
-    connect.extend(rv.args());
-    let mut p = peer("p", &dir.path().join("p"), &connect);
-    p.stdout.wait_for(&format!("connected to {v_id}"), T);
-    let p_addr = direct_addr(&v_dir);
+    let Pair {
+        rv,
+        mut v,
+        v_id,
+        v_dir,
+        mut p,
+        p_addr,
+    } = v_and_p(&dir);
     let p_id = status_json(&v_dir)["connections"][0]["peer"]
         .as_str()
         .expect("peer id")
         .to_owned();
 
     let lines_before = v.stdout.lines().len();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let v_peer: PeerId = v_id.parse().unwrap();
     let (attacker, mut relayed_to_attacker, introduced, refused) = runtime.block_on(async {
-        let identity = certs::Identity::generate().unwrap();
-        let endpoint = attack::endpoint_on(std::net::Ipv4Addr::new(127, 0, 4, 1)).unwrap();
-        let attacker = RawClient::register_announcing(
-            &endpoint,
-            &identity,
-            rv.addr,
-            certs::ServerTrust::FirstUse,
-            PROTOCOL_VERSION,
-            vec![p_addr],
-        )
-        .await
-        .unwrap()
-        .expect("the attacker registers");
         // Its relay stream: were V to take P's packets for the attacker's, V's answers (P's
         // QUIC packets) would be relayed here, since V accepts the attacker's introductions.
-        let (_relay_tx, relay_rx) = attacker
-            .relay()
-            .await
-            .unwrap()
-            .expect("the relay stream opens");
+        let (attacker, (_relay_tx, relay_rx)) =
+            registered_attacker(&rv, std::net::Ipv4Addr::new(127, 0, 4, 1), vec![p_addr]).await;
         let (mut introduced, mut refused) = (0u32, 0u32);
         // 45: under the per-connection request limit (burst 50), which would answer first.
         for _ in 0..45 {
             match attacker
-                .request(&ControlMessage::Connect { id: v_peer })
+                .request(&ControlMessage::connect(v_peer))
                 .await
                 .unwrap()
             {
@@ -191,11 +238,7 @@ fn a_peer_that_announces_an_address_before_its_owner_connects_cannot_take_it() {
     let (p, p_id) = listen("p", &p_dir, &rv);
     let p_addr = observed_addr(&p_dir);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let v_peer: PeerId = v_id.parse().unwrap();
     let (attacker, introduced) = runtime.block_on(async {
         let identity = certs::Identity::generate().unwrap();
@@ -215,7 +258,7 @@ fn a_peer_that_announces_an_address_before_its_owner_connects_cannot_take_it() {
         // As many introductions as the rendezvous allows at once (the rest are rate-limited).
         for _ in 0..40 {
             match attacker
-                .request(&ControlMessage::Connect { id: v_peer })
+                .request(&ControlMessage::connect(v_peer))
                 .await
                 .unwrap()
             {
@@ -290,5 +333,110 @@ fn a_peer_that_announces_an_address_before_its_owner_connects_cannot_take_it() {
         );
     }
     drop(attacker);
+    drop(p);
+}
+
+/// Protocol version 10: a `connect` carries the requester's first QUIC datagram, which the
+/// rendezvous hands to the target inside the pushed `punch`, and the target feeds to its QUIC
+/// endpoint as if relayed from the requester. A hostile requester sends garbage instead, the
+/// largest allowed, as many as it may: random bytes, a QUIC v1 Initial header over garbage,
+/// an unknown QUIC version, a short header. The target takes each as one datagram from the
+/// requester's stable address (never as anyone else's): its connection with P goes on, on the
+/// same direct path, and what its QUIC endpoint answers (at most a version negotiation or a
+/// stateless reset per datagram) goes back over the relay to the attacker alone, at most one
+/// packet per introduction the rendezvous allowed (its introduction limits bound the flights).
+#[test]
+fn hostile_first_flights_reach_the_target_only_as_one_datagram_per_introduction() {
+    use common::message::{FirstFlight, MAX_FIRST_FLIGHT};
+    use rand::RngCore;
+
+    let dir = TempDir::new("flightattack");
+    let Pair {
+        rv,
+        mut v,
+        v_id,
+        v_dir,
+        mut p,
+        p_addr,
+    } = v_and_p(&dir);
+    let runtime = runtime();
+    let v_peer: PeerId = v_id.parse().unwrap();
+    let (attacker, relay, introduced) = runtime.block_on(async {
+        let (attacker, relay) =
+            registered_attacker(&rv, std::net::Ipv4Addr::new(127, 0, 4, 2), Vec::new()).await;
+        let mut rng = rand::rng();
+        let mut introduced = 0u32;
+        for n in 0..45u32 {
+            let mut datagram = vec![0u8; MAX_FIRST_FLIGHT];
+            rng.fill_bytes(&mut datagram);
+            match n % 4 {
+                // A QUIC v1 Initial header (8-byte connection ids) over garbage.
+                1 => datagram[..14].copy_from_slice(&[0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8]),
+                // A long header of an unknown version.
+                2 => datagram[..5].copy_from_slice(&[0xc0, 0x1a, 0x2a, 0x3a, 0x4a]),
+                // A short header.
+                3 => datagram[0] = 0x40,
+                _ => {}
+            }
+            let flight = FirstFlight::new(datagram).expect("in bounds");
+            let reply = attacker
+                .request(&ControlMessage::Connect {
+                    id: v_peer,
+                    first_flight: Some(flight),
+                })
+                .await
+                .unwrap();
+            match reply {
+                ControlMessage::Punch { first_flight, .. } => {
+                    // Never echoed to the requester.
+                    assert!(first_flight.is_none());
+                    introduced += 1;
+                }
+                ControlMessage::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                } => {}
+                other => panic!("connect answered {other:?}"),
+            }
+        }
+        (attacker, relay, introduced)
+    });
+    assert!(
+        (32..=42).contains(&introduced),
+        "{introduced} introductions"
+    );
+
+    // V<->P is unaffected: both ways, on the same direct path.
+    v.send_line("still there?");
+    p.stdout.wait_for("still there?", T);
+    p.send_line("yes, still here");
+    v.stdout.wait_for("yes, still here", T);
+    assert_eq!(direct_addr(&v_dir), p_addr);
+
+    // What V's QUIC endpoint answered came to the attacker over the relay, from V, at most
+    // one packet per introduction.
+    let (_relay_tx, mut relay_rx) = relay;
+    let frames = runtime.block_on(async {
+        let mut decoder = common::relay::RelayDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut frames = 0u32;
+        while let Ok(Ok(Some(n))) =
+            tokio::time::timeout(Duration::from_secs(2), relay_rx.read(&mut buf)).await
+        {
+            decoder.push(&buf[..n]);
+            while let Ok(Some((from, _))) = decoder.next_frame() {
+                assert_eq!(from, v_peer, "relayed from someone else");
+                frames += 1;
+            }
+        }
+        frames
+    });
+    eprintln!("{introduced} introductions with a hostile first flight; {frames} packets of V's answered them");
+    assert!(
+        frames <= introduced,
+        "{frames} packets to the attacker for {introduced} introductions"
+    );
+    drop(attacker);
+    assert!(v.terminate(T).success(), "V survives");
     drop(p);
 }

@@ -841,6 +841,12 @@ fn ping_status_and_punch_metrics() {
         "{scraped}"
     );
     assert!(sample(&scraped, "rendezvous_introductions_total") >= Some(1));
+    // The dialer's first QUIC datagram rode with the introduction.
+    assert_eq!(
+        sample(&scraped, "rendezvous_first_flights_total"),
+        sample(&scraped, "rendezvous_introductions_total"),
+        "{scraped}"
+    );
 
     // With b running (a chat), ping goes through it and reuses its connection.
     let mut connect = args!["connect", a_id];

@@ -131,7 +131,7 @@ async fn register_all(
 async fn introduce(conn: quinn::Connection, target: PeerId) -> Result<(), String> {
     let exchange = async {
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(&mut tx, &ControlMessage::Connect { id: target }.encode())
+        write_frame(&mut tx, &ControlMessage::connect(target).encode())
             .await
             .map_err(|e| e.to_string())?;
         let reply = read_frame(&mut rx)

@@ -33,7 +33,11 @@ use crate::PeerId;
 /// channels (`relay_channel`, `relay_channel_ready`): a relayed connection's packets travel as
 /// plain UDP datagrams that the rendezvous forwards without decrypting (see
 /// `transport::channel`); a version-8 server would answer the request as an unknown type.
-pub const PROTOCOL_VERSION: u32 = 9;
+/// Version 10 added `first_flight` to `connect` and to the pushed `punch`: the dialer's first
+/// QUIC datagram travels with the introduction, so the target answers the handshake as soon as
+/// it hears of it (a round trip to the rendezvous less before the first byte); a version-9
+/// peer would refuse the unknown field.
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Version of the protocol between two peers, carried in their ALPN
 /// ([`ALPN_PEER`](crate::ALPN_PEER)). Version 2 tags chat frames and ends a chat with
@@ -95,6 +99,11 @@ pub enum ControlMessage {
     Connect {
         /// The peer to connect to.
         id: PeerId,
+        /// The dialer's first QUIC datagram (its Initial) for `id`. The rendezvous hands it to
+        /// the target inside the pushed `punch` when it can (see [`FirstFlight`]); the dialer
+        /// sends it over the relay as well, so nothing depends on it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        first_flight: Option<FirstFlight>,
     },
     /// Sent to both sides of a `connect`: the requester gets it as the reply, the target on its
     /// control stream, at the same moment, so that both can start probing together.
@@ -118,6 +127,10 @@ pub enum ControlMessage {
         /// Only a direct path can then join them.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         no_relay: Option<String>,
+        /// To the target only: the requester's first QUIC datagram from its `connect`, to be
+        /// taken as if relayed from the requester once the target accepts the introduction.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        first_flight: Option<FirstFlight>,
     },
     /// Sent by the target of an introduction (on a request stream of its own) when it gets the
     /// `punch` push: it agrees to be relayed to and from `peer`. Answered with `ack`, or an error
@@ -212,6 +225,14 @@ pub enum ControlMessage {
 }
 
 impl ControlMessage {
+    /// A `connect` to `id` without a first flight.
+    pub fn connect(id: PeerId) -> Self {
+        ControlMessage::Connect {
+            id,
+            first_flight: None,
+        }
+    }
+
     /// Shorthand for an error reply.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         ControlMessage::Error {
@@ -307,6 +328,71 @@ pub const PEER_TYPES: &[&str] = &[
     "pong",
     "error",
 ];
+
+/// Largest [`FirstFlight`], in bytes: one UDP datagram of the largest payload an IPv4 path
+/// with a 1,500-byte MTU carries (a QUIC client's Initial is padded to 1,200 bytes).
+pub const MAX_FIRST_FLIGHT: usize = 1472;
+
+/// A dialer's first QUIC datagram, carried in `connect` and the pushed `punch` (JSON: a base64
+/// string). Between 1 and [`MAX_FIRST_FLIGHT`] bytes: anything else fails to decode. Its
+/// bytes are the peers' business (an Initial packet the target's QUIC endpoint checks); the
+/// rendezvous only forwards them, one per introduction, so the introduction rate limits bound
+/// what a requester can make it send.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FirstFlight(Vec<u8>);
+
+impl FirstFlight {
+    /// `datagram` as a first flight, or `None` when it is empty or longer than
+    /// [`MAX_FIRST_FLIGHT`].
+    pub fn new(datagram: Vec<u8>) -> Option<Self> {
+        (!datagram.is_empty() && datagram.len() <= MAX_FIRST_FLIGHT)
+            .then_some(FirstFlight(datagram))
+    }
+
+    /// The datagram.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The datagram, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for FirstFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FirstFlight({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for FirstFlight {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for FirstFlight {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        // Checked before decoding, so that a huge string costs no allocation of its size.
+        if text.len() > MAX_FIRST_FLIGHT.div_ceil(3) * 4 {
+            return Err(serde::de::Error::custom(format!(
+                "first_flight longer than {MAX_FIRST_FLIGHT} bytes"
+            )));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| serde::de::Error::custom(format!("first_flight is not base64: {e}")))?;
+        FirstFlight::new(bytes).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "first_flight must hold 1 to {MAX_FIRST_FLIGHT} bytes"
+            ))
+        })
+    }
+}
 
 /// What the rendezvous knows about a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -852,8 +938,53 @@ mod tests {
                     inbound_takes_port: false,
                 }),
                 no_relay: (port % 3 == 0).then(|| "node y has no node link".to_owned()),
+                first_flight: (port % 5 == 0).then(|| FirstFlight::new(key.repeat(75)).unwrap()),
             };
             prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
         }
+
+        #[test]
+        fn connect_round_trips_with_any_first_flight(datagram in proptest::collection::vec(any::<u8>(), 1..=MAX_FIRST_FLIGHT)) {
+            let msg = ControlMessage::Connect { id: id(), first_flight: FirstFlight::new(datagram) };
+            prop_assert_eq!(ControlMessage::decode(&msg.encode()).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn a_connect_without_a_first_flight_is_the_old_message() {
+        let msg = ControlMessage::connect(id());
+        let json: serde_json::Value = serde_json::from_slice(&msg.encode()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "connect", "id": id().to_string()})
+        );
+    }
+
+    #[test]
+    fn a_first_flight_out_of_bounds_or_not_base64_is_refused() {
+        use base64::Engine as _;
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        let connect = |flight: serde_json::Value| {
+            let obj = serde_json::json!({"type": "connect", "id": id().to_string(), "first_flight": flight});
+            ControlMessage::decode(&serde_json::to_vec(&obj).unwrap())
+        };
+        assert!(matches!(
+            connect(serde_json::json!(b64(MAX_FIRST_FLIGHT))),
+            Ok(ControlMessage::Connect { first_flight: Some(f), .. }) if f.as_bytes().len() == MAX_FIRST_FLIGHT
+        ));
+        for bad in [
+            serde_json::json!(b64(MAX_FIRST_FLIGHT + 1)),
+            serde_json::json!(b64(0)),
+            serde_json::json!("not base64!"),
+            serde_json::json!("A".repeat(1 << 20)),
+            serde_json::json!(12),
+        ] {
+            assert!(
+                matches!(connect(bad.clone()), Err(MessageError::Invalid { .. })),
+                "{bad:.40}"
+            );
+        }
+        assert!(FirstFlight::new(Vec::new()).is_none());
+        assert!(FirstFlight::new(vec![0; MAX_FIRST_FLIGHT + 1]).is_none());
     }
 }

@@ -66,7 +66,14 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 last_seen: when,
             }),
         ),
-        ("connect", ControlMessage::Connect { id: id(2) }),
+        ("connect", ControlMessage::connect(id(2))),
+        (
+            "connect_first_flight",
+            ControlMessage::Connect {
+                id: id(2),
+                first_flight: common::message::FirstFlight::new(vec![0xc3; 1200]),
+            },
+        ),
         (
             "punch",
             ControlMessage::Punch {
@@ -89,6 +96,7 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 key: stun::PunchKey::from_bytes(*b"sixteen byte key"),
                 nat: None,
                 no_relay: None,
+                first_flight: common::message::FirstFlight::new(vec![0xc0; 1252]),
             },
         ),
         ("relay_open", ControlMessage::RelayOpen {}),

@@ -66,6 +66,15 @@ fn error_code(u: &mut Unstructured) -> Result<ErrorCode> {
     ])?)
 }
 
+/// An optional first flight: absent, or 1 to `MAX_FIRST_FLIGHT` arbitrary bytes.
+fn first_flight(u: &mut Unstructured) -> Result<Option<common::message::FirstFlight>> {
+    if !u.arbitrary::<bool>()? {
+        return Ok(None);
+    }
+    let n = u.int_in_range(1..=common::message::MAX_FIRST_FLIGHT)?;
+    Ok(common::message::FirstFlight::new(u.bytes(n)?.to_vec()))
+}
+
 fn addrs(u: &mut Unstructured, max: usize) -> Result<Vec<SocketAddr>> {
     let n = u.int_in_range(0..=max)?;
     (0..n).map(|_| socket_addr(u)).collect()
@@ -95,7 +104,10 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
             online: u.arbitrary()?,
             last_seen: timestamp(u)?,
         }),
-        4 => ControlMessage::Connect { id: peer_id(u)? },
+        4 => ControlMessage::Connect {
+            id: peer_id(u)?,
+            first_flight: first_flight(u)?,
+        },
         5 => {
             let n = u.int_in_range(0..=20)?;
             let mut candidates = Vec::with_capacity(n);
@@ -117,6 +129,7 @@ pub fn control_message(u: &mut Unstructured) -> Result<ControlMessage> {
                 key: common::stun::PunchKey::from_bytes(u.arbitrary()?),
                 nat: None,
                 no_relay: u.arbitrary()?,
+                first_flight: first_flight(u)?,
             }
         }
         6 => ControlMessage::RelayOpen {},

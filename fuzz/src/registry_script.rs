@@ -175,7 +175,13 @@ impl Msg {
                 }
             }
             Msg::Query(n) => ControlMessage::Query { id: peer(n) },
-            Msg::Connect(n) => ControlMessage::Connect { id: peer(n) },
+            // Half of them with a first flight (the registry hands it to the target's push).
+            Msg::Connect(n) => ControlMessage::Connect {
+                id: peer(n),
+                first_flight: (n % 2 == 1)
+                    .then(|| common::message::FirstFlight::new(vec![n; 1200]))
+                    .flatten(),
+            },
             Msg::Ping(seq) => ControlMessage::Ping { seq: seq.into() },
             Msg::PunchResult(n, direct) => ControlMessage::PunchResult {
                 peer: peer(n),
@@ -191,6 +197,7 @@ impl Msg {
                     key: common::stun::PunchKey::from_bytes([n; 16]),
                     nat: None,
                     no_relay: None,
+                    first_flight: None,
                 },
                 3 => ControlMessage::RelayChannel { peer: peer(n) },
                 _ => ControlMessage::RelayOpen {},

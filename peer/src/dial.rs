@@ -12,13 +12,135 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use common::{ControlMessage, ErrorCode, PeerId};
 
-use crate::cache::PeerCache;
-use crate::paths::PathKeeper;
-use crate::relay;
+use common::message::FirstFlight;
+use tokio::sync::mpsc;
+use transport::{DemuxSocket, VirtualPacket, VirtualSink};
 
-/// Longest wait for our punching session's opening probes before the relayed handshake starts
-/// (they go out at once; this only bounds a session that never starts).
-const FIRST_PROBES_WAIT: Duration = Duration::from_millis(100);
+use crate::cache::PeerCache;
+use crate::node::Node;
+use crate::paths::{PathKeeper, FIRST_PROBES_WAIT};
+use crate::relay;
+use crate::tasks::TaskSet;
+
+/// Datagrams of an early handshake kept while its introduction is under way: its first
+/// flight, and quinn's retransmissions should the introduction take that long.
+const EARLY_CAPTURE: usize = 8;
+/// Longest wait for quinn's first datagram of a handshake (it is sent at once).
+const FIRST_FLIGHT_WAIT: Duration = Duration::from_millis(100);
+/// How long an abandoned early handshake keeps its capture route: until quinn's close of it
+/// has gone into the capture rather than out of the socket (at once, normally), at most this.
+const ABANDON_GRACE: Duration = Duration::from_secs(1);
+
+/// A handshake started before its introduction (see [`establish`]): its datagrams are
+/// captured, not sent, until the introduction says where the peer is; the first one rides in
+/// the `connect` (the rendezvous hands it to the peer with the introduction, so the peer's
+/// answer is on its way a round trip to the rendezvous sooner than the relay could carry it).
+/// [`EarlyDial::release`] sends what was captured the way quinn would have and hands back the
+/// handshake; dropped instead, the handshake is abandoned and its capture route removed once
+/// quinn's close of it is captured.
+struct EarlyDial {
+    /// `None` once released.
+    connecting: Option<quinn::Connecting>,
+    captured: Option<mpsc::Receiver<VirtualPacket>>,
+    /// What was captured so far (the first flight first).
+    held: Vec<Vec<u8>>,
+    capture: VirtualSink,
+    stable: SocketAddr,
+    socket: Arc<DemuxSocket>,
+    tasks: TaskSet,
+}
+
+impl EarlyDial {
+    /// Starts the handshake with `peer` at its stable address into a capture, and waits for
+    /// its first datagram; `None` when the address has a route already (another connection to
+    /// the peer, a cached dial: the handshake then starts after the introduction, as before)
+    /// or quinn refuses to start.
+    async fn start(node: &Node, tasks: &TaskSet, peer: PeerId, stable: SocketAddr) -> Option<Self> {
+        let (tx, rx) = mpsc::channel(EARLY_CAPTURE);
+        let capture = VirtualSink::new(*peer.as_bytes(), tx);
+        if !node.socket.set_route_if_none(stable, capture.clone()) {
+            return None;
+        }
+        let mut early = EarlyDial {
+            connecting: None,
+            captured: Some(rx),
+            held: Vec::new(),
+            capture,
+            stable,
+            socket: node.socket.clone(),
+            tasks: tasks.clone(),
+        };
+        early.connecting = Some(node.start_dial(peer, stable).ok()?);
+        let first = tokio::time::timeout(FIRST_FLIGHT_WAIT, early.captured.as_mut()?.recv()).await;
+        if let Ok(Some(packet)) = first {
+            tracing::debug!(%peer, len = packet.data.len(), "first flight captured for the introduction");
+            early.held.push(packet.data);
+        }
+        Some(early)
+    }
+
+    /// The handshake's first datagram, for the `connect`.
+    fn first_flight(&self) -> Option<FirstFlight> {
+        self.held.first().cloned().and_then(FirstFlight::new)
+    }
+
+    /// The introduction is in and the socket's route for the peer set (the relay, or a proven
+    /// direct path): the capture route goes, what it captured leaves the way quinn's packets
+    /// to the peer go now (the first flight too: it reaches a peer whose introduction did not
+    /// carry it, and is a duplicate quinn drops for one whose did), and the handshake goes on.
+    fn release(mut self) -> Option<quinn::Connecting> {
+        self.socket.remove_route_into(self.stable, &self.capture);
+        if let Some(mut captured) = self.captured.take() {
+            while let Ok(packet) = captured.try_recv() {
+                self.held.push(packet.data);
+            }
+        }
+        for datagram in std::mem::take(&mut self.held) {
+            // Sent as quinn sends (routes, relay channels); a send error is a lost datagram,
+            // which quinn retransmits.
+            let _ = quinn::AsyncUdpSocket::try_send(
+                &*self.socket,
+                &quinn::udp::Transmit {
+                    destination: self.stable,
+                    ecn: None,
+                    contents: &datagram,
+                    segment_size: None,
+                    src_ip: None,
+                },
+            );
+        }
+        self.connecting.take()
+    }
+}
+
+impl Drop for EarlyDial {
+    fn drop(&mut self) {
+        if self.captured.is_none() {
+            // Released: the capture route is gone already.
+            return;
+        }
+        let Some(connecting) = self.connecting.take() else {
+            // quinn refused to start: nothing was sent.
+            self.socket.remove_route_into(self.stable, &self.capture);
+            return;
+        };
+        // Abandoned (the introduction failed): quinn closes the handshake once its last
+        // handle is gone, and that close must go into the capture, not to the stable address.
+        drop(connecting);
+        let (socket, stable, capture) = (self.socket.clone(), self.stable, self.capture.clone());
+        let captured = self.captured.take();
+        let spawned = self.tasks.spawn(async move {
+            if let Some(mut captured) = captured {
+                let _ = tokio::time::timeout(ABANDON_GRACE, captured.recv()).await;
+            }
+            socket.remove_route_into(stable, &capture);
+        });
+        if !spawned {
+            // Shutting down: nothing is sent any more.
+            self.socket.remove_route_into(self.stable, &self.capture);
+        }
+    }
+}
 
 /// The path a connection was made on, for the user.
 pub struct Via {
@@ -94,40 +216,43 @@ pub async fn establish(
             }
         }
     }
-    let (candidates, introduction, peer_nat, no_relay) = match keeper
-        .session
-        .request(&ControlMessage::Connect { id: peer })
-        .await?
-    {
-        ControlMessage::Punch {
-            candidates,
-            nonce,
-            key,
-            nat,
-            no_relay,
-            ..
-        } => (
-            keeper.screen_candidates(&candidates),
-            punch::Introduction { nonce, key },
-            nat,
-            // The server's words: escaped before they are printed.
-            no_relay.map(|why| crate::files::printable(&why)),
-        ),
-        ControlMessage::Error {
-            code: ErrorCode::NotFound,
-            ..
-        } => {
-            bail!("peer {peer} is not registered with the rendezvous")
-        }
-        ControlMessage::Error {
-            code: ErrorCode::PeerOffline,
-            message,
-        } => bail!("{message}"),
-        ControlMessage::Error { code, message } => {
-            bail!("the rendezvous refused ({code:?}): {message}")
-        }
-        other => bail!("unexpected reply `{}` from the rendezvous", other.kind()),
+    // The handshake starts now, into a capture: its first datagram goes with the `connect`.
+    let early = EarlyDial::start(&keeper.node, &keeper.tasks, peer, stable).await;
+    let connect = ControlMessage::Connect {
+        id: peer,
+        first_flight: early.as_ref().and_then(EarlyDial::first_flight),
     };
+    let (candidates, introduction, peer_nat, no_relay) =
+        match keeper.session.request(&connect).await? {
+            ControlMessage::Punch {
+                candidates,
+                nonce,
+                key,
+                nat,
+                no_relay,
+                ..
+            } => (
+                keeper.screen_candidates(&candidates),
+                punch::Introduction { nonce, key },
+                nat,
+                // The server's words: escaped before they are printed.
+                no_relay.map(|why| crate::files::printable(&why)),
+            ),
+            ControlMessage::Error {
+                code: ErrorCode::NotFound,
+                ..
+            } => {
+                bail!("peer {peer} is not registered with the rendezvous")
+            }
+            ControlMessage::Error {
+                code: ErrorCode::PeerOffline,
+                message,
+            } => bail!("{message}"),
+            ControlMessage::Error { code, message } => {
+                bail!("the rendezvous refused ({code:?}): {message}")
+            }
+            other => bail!("unexpected reply `{}` from the rendezvous", other.kind()),
+        };
     if let Some(why) = no_relay.as_ref().filter(|_| keeper.relay_only) {
         bail!("the rendezvous cannot relay to {peer} (and --relay-only rules out a direct path): {why}");
     }
@@ -203,9 +328,7 @@ pub async fn establish(
             _ => bail!("punching to {peer} stopped"),
         };
         // The peer's machine routed the stable address to the proven path.
-        let conn = keeper
-            .node
-            .dial(peer, stable, dial_timeout)
+        let conn = dial_now(keeper, early, peer, stable, dial_timeout)
             .await
             .map_err(|e| anyhow!("cannot reach {peer} at {}: {e}", path.addr))?;
         return Ok((
@@ -233,9 +356,7 @@ pub async fn establish(
             }
         });
     }
-    let conn = keeper
-        .node
-        .dial(peer, stable, dial_timeout)
+    let conn = dial_now(keeper, early, peer, stable, dial_timeout)
         .await
         .map_err(|e| anyhow!("cannot reach {peer} through the relay: {e}"))?;
     let via = match socket.route_of(stable) {
@@ -253,6 +374,20 @@ pub async fn establish(
         transport::PathTarget::Virtual(_) => Via::relayed(keeper.relay_label()),
     };
     Ok((conn, via))
+}
+
+/// The handshake with `peer` from here: the early one, released, or a new one.
+async fn dial_now(
+    keeper: &PathKeeper,
+    early: Option<EarlyDial>,
+    peer: PeerId,
+    stable: SocketAddr,
+    timeout: Duration,
+) -> Result<quinn::Connection, crate::node::DialError> {
+    match early.and_then(EarlyDial::release) {
+        Some(connecting) => Node::finish_dial(connecting, stable, timeout).await,
+        None => keeper.node.dial(peer, stable, timeout).await,
+    }
 }
 
 /// How the direct path to `addr` was found, from the introduction's `candidates`: the kind of

@@ -113,6 +113,18 @@ impl Node {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<quinn::Connection, DialError> {
+        let connecting = self.start_dial(peer, addr)?;
+        Self::finish_dial(connecting, addr, timeout).await
+    }
+
+    /// Starts a handshake with `addr` that accepts only the key of `peer`: its first datagram
+    /// is on its way (into the socket's route for `addr`) when this returns. Finished by
+    /// [`Node::finish_dial`].
+    pub fn start_dial(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connecting, DialError> {
         let failed = |reason: String| DialError::Failed { addr, reason };
         let mut tls = certs::client_config_for_peer(&self.identity, peer, common::ALPN_PEER)
             .map_err(|e| failed(e.to_string()))?;
@@ -122,10 +134,19 @@ impl Node {
             .extend(common::ALPN_PEER_OLDER.iter().map(|a| a.to_vec()));
         let client = transport::quic_peer_client_config(tls, self.transport)
             .map_err(|e| failed(e.to_string()))?;
-        let connecting = self
-            .endpoint
+        self.endpoint
             .connect_with(client, addr, PEER_SERVER_NAME)
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    /// Waits up to `timeout` for a handshake [`Node::start_dial`] started with `addr`, and
+    /// checks the protocol it settled on.
+    pub async fn finish_dial(
+        connecting: quinn::Connecting,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, DialError> {
+        let failed = |reason: String| DialError::Failed { addr, reason };
         match tokio::time::timeout(timeout, connecting).await {
             Err(_) => Err(DialError::Timeout { addr, timeout }),
             Ok(Ok(conn)) => match negotiated_protocol(&conn) {

@@ -44,6 +44,48 @@ use crate::tasks::TaskSet;
 pub const MAPPING_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Most punching sessions run at once in answer to introductions.
 const MAX_RESPONDER_PUNCHES: usize = 64;
+/// Longest wait for a punching session's opening probes before our first QUIC packet toward
+/// the peer (they go out at once; this only bounds a session that never starts): the dialer's
+/// relayed handshake, the responder's answer to a first flight that came with the introduction.
+pub(crate) const FIRST_PROBES_WAIT: Duration = Duration::from_millis(100);
+/// When a connection whose path changed is [`nudge`]d, from the change: three times, so that
+/// one nudge lost on a lossy path does not leave quinn's loss timer as it was.
+const NUDGE_AT: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(500),
+    Duration::from_millis(1500),
+];
+
+/// Makes `conn` send a packet that the peer acknowledges, now: a MAX_DATA frame (the receive
+/// window shrunk by one byte and grown back announces one byte more of credit, which the next
+/// announcement pays back).
+///
+/// Why: quinn does not know that the path under its packets changed (the socket moves them),
+/// and what it sent on a path that died waits for its loss timer, which backs off
+/// exponentially while nothing is acknowledged: a relay node lost for a few seconds leaves the
+/// next retransmission 3 to 6 s away, and each one lost on a lossy link doubles that, so a
+/// message typed during a failover could wait half a minute on a path that works again. One
+/// packet acknowledged on the new path makes quinn declare the earlier ones lost, send them
+/// again at once, and start its timer afresh. (quinn-proto's `path_changed` resets more, but
+/// quinn 0.11 does not expose it.)
+fn nudge(conn: &quinn::Connection) {
+    let window = quinn::VarInt::from_u32(transport::PEER_CONNECTION_WINDOW);
+    let shrunk = quinn::VarInt::from_u32(transport::PEER_CONNECTION_WINDOW.saturating_sub(1));
+    conn.set_receive_window(shrunk);
+    conn.set_receive_window(window);
+}
+
+/// [`nudge`]s `conn` at [`NUDGE_AT`] (ends early with the connection).
+async fn nudges(conn: quinn::Connection) {
+    let start = tokio::time::Instant::now();
+    for at in NUDGE_AT {
+        tokio::time::sleep_until(start + at).await;
+        if conn.close_reason().is_some() {
+            return;
+        }
+        nudge(&conn);
+    }
+}
 /// Events queued for one link.
 const LINK_QUEUE: usize = 64;
 
@@ -645,7 +687,7 @@ impl PathKeeper {
                     path: link.path,
                     describe: link.describe,
                 };
-                self.link_output(peer, change, &status, &mut heartbeats)
+                self.link_output(peer, &conn, change, &status, &mut heartbeats)
                     .await;
             }
             let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
@@ -685,7 +727,7 @@ impl PathKeeper {
                 _ = conn.closed() => break,
             };
             for output in mine {
-                self.link_output(peer, output, &status, &mut heartbeats)
+                self.link_output(peer, &conn, output, &status, &mut heartbeats)
                     .await;
             }
         }
@@ -719,6 +761,7 @@ impl PathKeeper {
     async fn link_output(
         &self,
         peer: PeerId,
+        conn: &quinn::Connection,
         output: PathOutput,
         status: &watch::Sender<LinkStatus>,
         heartbeats: &mut Heartbeats,
@@ -735,6 +778,7 @@ impl PathKeeper {
                     s.path = Current::Relay;
                     s.since = Instant::now();
                 });
+                self.tasks.spawn(nudges(conn.clone()));
                 self.console
                     .say(format!("path to {peer}: {}", self.relay_label()))
                     .await;
@@ -750,6 +794,7 @@ impl PathKeeper {
                     s.since = Instant::now();
                     s.punch_failure = None;
                 });
+                self.tasks.spawn(nudges(conn.clone()));
                 self.console
                     .say(format!("path to {peer}: direct to {addr} ({describe})"))
                     .await;
@@ -873,6 +918,22 @@ impl PathKeeper {
         }
     }
 
+    /// [`nudges`] every connection to `peer` whose path is the relay.
+    fn nudge_relayed(&self, peer: PeerId) {
+        let relayed: Vec<quinn::Connection> = match self.table.lock() {
+            Ok(table) => table
+                .peers
+                .get(&peer)
+                .filter(|e| e.paths.link().is_some_and(|l| l.path == Current::Relay))
+                .map(|e| e.links.values().map(|l| l.conn.clone()).collect())
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        for conn in relayed {
+            self.tasks.spawn(nudges(conn));
+        }
+    }
+
     /// Whether `peer`'s live connection is relayed now.
     fn peer_relayed(&self, peer: PeerId) -> bool {
         self.table.lock().is_ok_and(|t| {
@@ -887,10 +948,7 @@ impl PathKeeper {
     /// Without `birthday`, a plain punch whatever the NAT profiles (an IPv6 path sought beside
     /// a direct one must not cost a birthday punch).
     async fn repunch(&self, peer: PeerId, birthday: bool) {
-        let reply = self
-            .session
-            .request(&ControlMessage::Connect { id: peer })
-            .await;
+        let reply = self.session.request(&ControlMessage::connect(peer)).await;
         let (candidates, introduction, peer_nat, no_relay) = match reply {
             Ok(ControlMessage::Punch {
                 candidates,
@@ -919,6 +977,9 @@ impl PathKeeper {
             self.relay_lost(peer, &why).await;
         }
         self.prepare(peer, introduction.nonce, &candidates);
+        // Introduced again (after a move to another node, or a retry): the relay carries our
+        // packets to the peer again once it accepts.
+        self.nudge_relayed(peer);
         let peer_nat = peer_nat.filter(|_| birthday);
         match self
             .punch(peer, introduction, Role::Initiator, &candidates, peer_nat)
@@ -989,6 +1050,7 @@ impl PathKeeper {
                 key,
                 nat,
                 no_relay,
+                first_flight,
             } = event;
             let candidates = self.screen_candidates(&candidates);
             if let Some(why) = &no_relay {
@@ -1019,19 +1081,35 @@ impl PathKeeper {
             // takes a round trip, and punching should start at once.
             self.accept_introduction(peer, nonce);
             self.prepare(peer, nonce, &candidates);
+            // A relayed connection introduced again (the peer moved to our node, or retries):
+            // our packets pass the relay again once our accept is in.
+            self.nudge_relayed(peer);
             let list: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
             let keeper = self.clone();
             punches.spawn(async move {
+                let (first_sent_tx, first_sent) = tokio::sync::oneshot::channel();
                 // The result goes to the peer's machine.
-                keeper
-                    .punch(
-                        peer,
-                        Introduction { nonce, key },
-                        Role::Responder,
-                        &candidates,
-                        nat,
-                    )
-                    .await;
+                let punch = keeper.punch_telling_first_sent(
+                    peer,
+                    Introduction { nonce, key },
+                    Role::Responder,
+                    &candidates,
+                    nat,
+                    Some(first_sent_tx),
+                );
+                // The dialer's first flight, once our opening probes are out (our answer to it
+                // goes over the relay, but our probes must lead whatever we send the peer).
+                let first_flight = async {
+                    let Some(flight) = first_flight else { return };
+                    let _ = tokio::time::timeout(FIRST_PROBES_WAIT, first_sent).await;
+                    let len = flight.as_bytes().len();
+                    if keeper.relay.inject_first_flight(&peer, flight.into_bytes()) {
+                        tracing::debug!(%peer, len, "first flight taken with the introduction");
+                    } else {
+                        tracing::debug!(%peer, "first flight dropped: the receive queue is full");
+                    }
+                };
+                tokio::join!(punch, first_flight);
             });
             // Said after the session started: its opening probes should leave before the
             // initiator's probes can reach our NAT, and the console may keep us waiting.

@@ -348,6 +348,18 @@ impl Relay {
         }
     }
 
+    /// Hands quinn `peer`'s first QUIC datagram, which came with its introduction rather than
+    /// over the relay, as if relayed. Unlike a relayed packet it says nothing about the peer's
+    /// progress (it left before the peer heard of the introduction), so it wakes none of the
+    /// waiters of [`Relay::next_packet_from`]. False when the queue was full (dropped; the
+    /// dialer sends it over the relay too).
+    pub fn inject_first_flight(&self, peer: &PeerId, datagram: Vec<u8>) -> bool {
+        self.channels
+            .socket
+            .injector()
+            .inject(self.quinn_addr(peer), datagram)
+    }
+
     /// Forgets `peer`'s quinn address: its relayed packets are shown as from its stable
     /// address again, those of its relay channel too. The channel itself stays bound for the
     /// registration (the server sends the peer's packets on it whatever we do here: unbinding

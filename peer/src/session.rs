@@ -112,6 +112,9 @@ pub enum ServerEvent {
         /// Why the rendezvous cannot relay between us, if it cannot (two unlinked nodes of a
         /// cluster).
         no_relay: Option<String>,
+        /// The dialer's first QUIC datagram, carried with the introduction: taken as if it had
+        /// come over the relay once we accept.
+        first_flight: Option<common::message::FirstFlight>,
     },
 }
 
@@ -962,6 +965,7 @@ async fn pump_events(
                 key,
                 nat,
                 no_relay,
+                first_flight,
             }) => {
                 let event = ServerEvent::Punch {
                     peer,
@@ -970,6 +974,7 @@ async fn pump_events(
                     key,
                     nat,
                     no_relay,
+                    first_flight,
                 };
                 if events_tx.try_send(event).is_err() {
                     tracing::warn!("event queue full; dropping a punch request");

@@ -19,7 +19,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::message::{
-    usable_candidate, Candidate, CandidateKind, PeerInfo, MAX_CANDIDATES, MAX_LOCAL_ADDRS,
+    usable_candidate, Candidate, CandidateKind, FirstFlight, PeerInfo, MAX_CANDIDATES,
+    MAX_LOCAL_ADDRS,
 };
 use common::stun::PunchKey;
 use common::{ControlMessage, ErrorCode, PeerId, PROTOCOL_VERSION};
@@ -437,6 +438,8 @@ pub struct Counters {
     pub queries: u64,
     /// Introductions made (`punch` sent to both sides).
     pub punches: u64,
+    /// Introductions whose `punch` to the target carried the requester's first flight.
+    pub first_flights: u64,
     /// Introductions whose requester reported a direct path.
     pub punches_succeeded: u64,
     /// Introductions whose requester reported that punching found no direct path.
@@ -747,9 +750,12 @@ impl Registry {
                 });
                 outcome
             }
-            ControlMessage::Connect { id: target } => {
+            ControlMessage::Connect {
+                id: target,
+                first_flight,
+            } => {
                 let mut outcome = self.touch(id, observed, now);
-                let (reply, pushes) = self.introduce(id, target, now);
+                let (reply, pushes) = self.introduce(id, target, first_flight, now);
                 outcome.reply = Some(reply);
                 outcome.pushes = pushes;
                 outcome
@@ -1022,6 +1028,7 @@ impl Registry {
         &mut self,
         from: PeerId,
         target: PeerId,
+        first_flight: Option<FirstFlight>,
         now: OffsetDateTime,
     ) -> (ControlMessage, Vec<(ConnId, ControlMessage)>) {
         if target == from {
@@ -1071,7 +1078,13 @@ impl Registry {
             key: key.clone(),
             nat: self.nat_profiles.get(&target).copied(),
             no_relay: None,
+            first_flight: None,
         };
+        // The requester's first QUIC datagram rides with the push (the target takes it once it
+        // accepts), so the handshake starts a round trip to the rendezvous earlier than over
+        // the relay, which holds packets until the accept has come back. One per introduction:
+        // the introduction's own limits bound it.
+        self.counters.first_flights += u64::from(first_flight.is_some());
         let to_target = ControlMessage::Punch {
             peer: from,
             candidates: candidates(&from_record, &target_record, &self.own_addrs),
@@ -1079,6 +1092,7 @@ impl Registry {
             key,
             nat: self.nat_profiles.get(&from).copied(),
             no_relay: None,
+            first_flight,
         };
         (to_requester, vec![(target_conn, to_target)])
     }
@@ -1170,6 +1184,8 @@ impl Registry {
                     key,
                     nat: self.nat_profiles.get(&requester).copied(),
                     no_relay: None,
+                    // The first push had it; a datagram this old is retransmitted by now.
+                    first_flight: None,
                 })
             })
             .collect()
@@ -1457,13 +1473,7 @@ mod tests {
 
     /// The candidates a `connect` from peer 1 gets for peer 2.
     fn candidates_of_2(reg: &mut Registry) -> Vec<Candidate> {
-        let out = reg.handle(
-            1,
-            id(1),
-            addr(4000),
-            ControlMessage::Connect { id: id(2) },
-            T0,
-        );
+        let out = reg.handle(1, id(1), addr(4000), ControlMessage::connect(id(2)), T0);
         match out.reply {
             Some(ControlMessage::Punch { candidates, .. }) => candidates,
             other => panic!("{other:?}"),
@@ -1720,11 +1730,15 @@ mod tests {
         };
         let ack = reg.handle(2, id(2), addr(5000), ControlMessage::Nat { nat: sym }, T0);
         assert_eq!(ack.reply, Some(ControlMessage::Ack {}));
+        let flight = FirstFlight::new(vec![0xc3; 1200]).unwrap();
         let out = reg.handle(
             1,
             id(1),
             addr(4000),
-            ControlMessage::Connect { id: id(2) },
+            ControlMessage::Connect {
+                id: id(2),
+                first_flight: Some(flight.clone()),
+            },
             T0,
         );
         let Some(ControlMessage::Punch {
@@ -1734,6 +1748,7 @@ mod tests {
             key,
             nat,
             no_relay,
+            first_flight,
         }) = out.reply
         else {
             panic!("{:?}", out.reply)
@@ -1741,6 +1756,9 @@ mod tests {
         assert_eq!(peer, id(2));
         // On one node the relay always joins the two sides.
         assert_eq!(no_relay, None);
+        // The requester's first flight goes to the target only, and is counted.
+        assert_eq!(first_flight, None);
+        assert_eq!(reg.counters().first_flights, 1);
         assert_eq!(candidates[0].addr, addr(5000));
         assert_eq!(candidates[0].kind, CandidateKind::Observed);
         assert_eq!(candidates[1].kind, CandidateKind::Local);
@@ -1754,11 +1772,13 @@ mod tests {
                 key: pushed_key,
                 nat: pushed_nat,
                 no_relay: pushed_no_relay,
+                first_flight: pushed_flight,
             },
         ) = &out.pushes[0]
         else {
             panic!()
         };
+        assert_eq!(pushed_flight.as_ref(), Some(&flight));
         // Each side learns the other's profile, as reported.
         assert_eq!(nat, Some(sym));
         assert_eq!(*pushed_nat, None);
@@ -1766,13 +1786,7 @@ mod tests {
         // Gone with the peer's connection (or a new registration).
         reg.disconnected(2, id(2), T0);
         register(&mut reg, 2, id(2), 5000);
-        let again = reg.handle(
-            1,
-            id(1),
-            addr(4000),
-            ControlMessage::Connect { id: id(2) },
-            T0,
-        );
+        let again = reg.handle(1, id(1), addr(4000), ControlMessage::connect(id(2)), T0);
         assert!(
             matches!(again.reply, Some(ControlMessage::Punch { nat: None, .. })),
             "{again:?}"
@@ -1911,13 +1925,7 @@ mod tests {
             T0,
         );
         register(&mut reg, 2, id(2), 5000);
-        let out = reg.handle(
-            2,
-            id(2),
-            addr(5000),
-            ControlMessage::Connect { id: id(1) },
-            T0,
-        );
+        let out = reg.handle(2, id(2), addr(5000), ControlMessage::connect(id(1)), T0);
         let Some(ControlMessage::Punch { candidates, .. }) = out.reply else {
             panic!("{:?}", out.reply)
         };
@@ -1951,7 +1959,7 @@ mod tests {
                 conn,
                 id(from),
                 observed,
-                ControlMessage::Connect { id: id(to) },
+                ControlMessage::connect(id(to)),
                 T0,
             )
             .reply
@@ -1997,13 +2005,7 @@ mod tests {
             "{:?}",
             out.reply
         );
-        reg.handle(
-            1,
-            id(1),
-            addr(4000),
-            ControlMessage::Connect { id: id(2) },
-            T0,
-        );
+        reg.handle(1, id(1), addr(4000), ControlMessage::connect(id(2)), T0);
         let out = reg.handle(1, id(1), addr(4000), report(true), T0);
         assert_eq!(out.reply, Some(ControlMessage::Ack {}));
         // Either side of the introduction may report.
@@ -2040,13 +2042,7 @@ mod tests {
         to: PeerId,
         now: OffsetDateTime,
     ) -> Outcome {
-        reg.handle(
-            conn,
-            from,
-            addr(4000),
-            ControlMessage::Connect { id: to },
-            now,
-        )
+        reg.handle(conn, from, addr(4000), ControlMessage::connect(to), now)
     }
 
     fn nonce_of(out: &Outcome) -> u64 {
@@ -2373,13 +2369,7 @@ mod tests {
             (id(3), ErrorCode::NotFound),
             (id(1), ErrorCode::BadRequest),
         ] {
-            let out = reg.handle(
-                1,
-                id(1),
-                addr(4000),
-                ControlMessage::Connect { id: target },
-                T0,
-            );
+            let out = reg.handle(1, id(1), addr(4000), ControlMessage::connect(target), T0);
             match out.reply {
                 Some(ControlMessage::Error { code: got, .. }) => assert_eq!(got, code),
                 other => panic!("{other:?}"),
@@ -2404,13 +2394,7 @@ mod tests {
             },
             T0,
         );
-        let out = reg.handle(
-            1,
-            id(1),
-            addr(4000),
-            ControlMessage::Connect { id: id(2) },
-            T0,
-        );
+        let out = reg.handle(1, id(1), addr(4000), ControlMessage::connect(id(2)), T0);
         let Some(ControlMessage::Punch { candidates, .. }) = out.reply else {
             panic!("{:?}", out.reply)
         };
@@ -2435,9 +2419,10 @@ mod tests {
         // peer would refuse `mapped_port` in `peer_info`; version 6 would not say that an early
         // packet takes its NAT's port, nor hold its probes for a peer behind such a NAT; a
         // version-7 peer would refuse `no_relay` in `punch`; a version-8 peer knows no relay
-        // channels, and a version-8 server would answer `relay_channel` as an unknown type.
-        assert_eq!(PROTOCOL_VERSION, 9);
-        for version in [2, 3, 4, 5, 6, 7, 8] {
+        // channels, and a version-8 server would answer `relay_channel` as an unknown type; a
+        // version-9 peer would refuse `first_flight` in a pushed `punch`.
+        assert_eq!(PROTOCOL_VERSION, 10);
+        for version in [2, 3, 4, 5, 6, 7, 8, 9] {
             let mut reg = Registry::new([], [1; 32]);
             let out = reg.handle(
                 1,
@@ -2458,7 +2443,7 @@ mod tests {
                 panic!("{:?}", out.reply)
             };
             assert!(
-                message.contains("version 9")
+                message.contains("version 10")
                     && message.contains(&format!("version {version}"))
                     && message.contains("upgrade"),
                 "{message}"

@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub queries: u64,
     /// Introductions made (punches requested).
     pub introductions: u64,
+    /// Introductions whose push to the target carried the requester's first QUIC datagram.
+    pub first_flights: u64,
     /// Punches that proved a direct path, as reported by the peers.
     pub punches_succeeded: u64,
     /// Punches that found no direct path, as reported by the peers.
@@ -177,6 +179,13 @@ pub fn render(s: &Snapshot) -> String {
             "counter",
             "Introductions (punch requests sent to both peers).",
             unlabelled(s.introductions),
+        ),
+        (
+            "rendezvous_first_flights_total",
+            "counter",
+            "Introductions whose punch to the target carried the requester's first QUIC datagram \
+             (the handshake starts without waiting for the relay).",
+            unlabelled(s.first_flights),
         ),
         (
             "rendezvous_punch_results_total",
@@ -483,6 +492,7 @@ pub(crate) fn snapshot(
         registrations: counters.registrations,
         queries: counters.queries,
         introductions: counters.punches,
+        first_flights: counters.first_flights,
         punches_succeeded: counters.punches_succeeded,
         punches_failed: counters.punches_failed,
         error_replies: shared.rejections.snapshot(),

@@ -410,12 +410,12 @@ impl Shared {
         // The socket is dual-stack: IPv4 peers arrive v4-mapped; records and candidates keep
         // them plain IPv4.
         let observed = transport::canonical(observed);
-        if let ControlMessage::Connect { id: target } = &msg {
+        if let ControlMessage::Connect { id: target, .. } = &msg {
             self.refresh_observed(*target);
         }
         // Introductions and accepts change what the two peers may relay to each other.
         let other_side = match &msg {
-            ControlMessage::Accept { peer, .. } | ControlMessage::Connect { id: peer } => {
+            ControlMessage::Accept { peer, .. } | ControlMessage::Connect { id: peer, .. } => {
                 Some(*peer)
             }
             _ => None,
@@ -1257,5 +1257,18 @@ mod tests {
             register.encode().len()
         );
         assert!(register.encode().len() * 2 < MAX_REQUEST_FRAME);
+        // A `connect` with the largest first flight (base64 in the JSON) fits too.
+        let connect = ControlMessage::Connect {
+            id: common::PeerId::from_key_digest(&[7; 32]),
+            first_flight: common::message::FirstFlight::new(vec![
+                0xff;
+                common::message::MAX_FIRST_FLIGHT
+            ]),
+        };
+        assert!(
+            connect.encode().len() + 1024 < MAX_REQUEST_FRAME,
+            "{}",
+            connect.encode().len()
+        );
     }
 }

@@ -614,10 +614,7 @@ impl RawClient {
 
     /// Asks to be introduced to `target`: the introduction's nonce.
     pub async fn connect(&self, target: PeerId) -> Result<u64, String> {
-        match self
-            .request(&ControlMessage::Connect { id: target })
-            .await?
-        {
+        match self.request(&ControlMessage::connect(target)).await? {
             ControlMessage::Punch { nonce, .. } => Ok(nonce),
             other => Err(format!("connect: {other:?}")),
         }

@@ -116,6 +116,11 @@ impl VirtualSink {
     pub fn new(label: [u8; 16], tx: mpsc::Sender<VirtualPacket>) -> Self {
         VirtualSink { label, tx }
     }
+
+    /// Whether `other` is this sink: the same label into the same channel.
+    pub fn is(&self, other: &VirtualSink) -> bool {
+        self.label == other.label && self.tx.same_channel(&other.tx)
+    }
 }
 
 /// Where the packets quinn sends to one address really go.
@@ -460,6 +465,30 @@ impl DemuxSocket {
         // socket, and taken back when they are answered. They go with the connection's routes
         // (remove_routes).
         self.has_routes.store(routes.any(), Ordering::Release);
+    }
+
+    /// As [`DemuxSocket::set_route`], only if `quinn_addr` has no route now (checked and set
+    /// under one lock); whether it was set.
+    pub fn set_route_if_none(&self, quinn_addr: SocketAddr, sink: VirtualSink) -> bool {
+        let quinn_addr = canonical(quinn_addr);
+        let mut routes = self.write_routes();
+        if routes.out.contains_key(&quinn_addr) {
+            return false;
+        }
+        routes.out.insert(quinn_addr, PathTarget::Virtual(sink));
+        self.has_routes.store(true, Ordering::Release);
+        true
+    }
+
+    /// Removes the route of `quinn_addr` if it still leads into `sink` (one set with
+    /// [`DemuxSocket::set_route_if_none`] that nobody has replaced since).
+    pub fn remove_route_into(&self, quinn_addr: SocketAddr, sink: &VirtualSink) {
+        let quinn_addr = canonical(quinn_addr);
+        let mut routes = self.write_routes();
+        if matches!(routes.out.get(&quinn_addr), Some(PathTarget::Virtual(s)) if s.is(sink)) {
+            routes.out.remove(&quinn_addr);
+            self.has_routes.store(routes.any(), Ordering::Release);
+        }
     }
 
     /// Shows packets from `real` to quinn as coming from `quinn_addr` (another address of the
@@ -1761,6 +1790,35 @@ mod tests {
             segment_size: None,
             src_ip: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_capture_route_is_set_only_where_none_is_and_removed_only_while_it_is_its_own() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (socket, _stun) = DemuxSocket::new(std_socket, 4).unwrap();
+        let stable: SocketAddr = "240.1.2.3:4567".parse().unwrap();
+        let (tx, mut captured) = mpsc::channel(8);
+        let capture = VirtualSink::new([1; 16], tx.clone());
+        assert!(capture.is(&capture.clone()));
+        assert!(!capture.is(&VirtualSink::new([2; 16], tx)));
+
+        assert!(socket.set_route_if_none(stable, capture.clone()));
+        send(&socket, &transmit(stable, b"initial")).await;
+        assert_eq!(captured.recv().await.unwrap().data, b"initial");
+        // Taken: a second capture (another dial to the same peer) is refused.
+        let (tx2, _rx2) = mpsc::channel(8);
+        assert!(!socket.set_route_if_none(stable, VirtualSink::new([1; 16], tx2.clone())));
+        // Replaced by the relay (the introduction came): not removed by the capture's owner.
+        let relay = VirtualSink::new([1; 16], tx2);
+        socket.set_route(stable, PathTarget::Virtual(relay.clone()));
+        socket.remove_route_into(stable, &capture);
+        assert!(matches!(socket.route_of(stable), PathTarget::Virtual(s) if s.is(&relay)));
+        // Still its own: removed.
+        socket.set_route(stable, PathTarget::Udp(stable));
+        assert!(socket.set_route_if_none(stable, capture.clone()));
+        socket.remove_route_into(stable, &capture);
+        assert!(matches!(socket.route_of(stable), PathTarget::Udp(a) if a == stable));
+        assert!(!socket.has_routes.load(Ordering::Acquire));
     }
 
     #[tokio::test]

@@ -153,6 +153,7 @@ impl Registry {
             // What the target reported to its node, through the cluster registry.
             nat: target_nat,
             no_relay: no_relay.clone(),
+            first_flight: None,
         });
         let forward = ForwardedIntroduction {
             requester: from,
@@ -215,6 +216,8 @@ impl Registry {
             key: forwarded.key,
             nat: forwarded.requester_nat,
             no_relay,
+            // Not carried between nodes: the requester sends it over the relay as well.
+            first_flight: None,
         };
         Ok((target_conn, punch))
     }
@@ -319,6 +322,7 @@ mod tests {
             key,
             nat: requester_sees,
             no_relay,
+            first_flight,
         }) = outcome.reply
         else {
             panic!("{:?}", outcome.reply);
@@ -328,6 +332,7 @@ mod tests {
         // The requester learns the target's NAT from the target's node, as on one node.
         assert_eq!(requester_sees, Some(profile));
         assert_eq!(no_relay, None);
+        assert_eq!(first_flight, None);
         let forward = forward.unwrap();
         assert!(forward.relay_across);
         // Through the cluster as JSON.

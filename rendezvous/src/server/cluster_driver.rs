@@ -82,7 +82,7 @@ impl Shared {
     ) -> Option<Outcome> {
         let (target, connect) = match msg {
             ControlMessage::Query { id } => (*id, false),
-            ControlMessage::Connect { id } => (*id, true),
+            ControlMessage::Connect { id, .. } => (*id, true),
             _ => return None,
         };
         {
