@@ -131,6 +131,8 @@ impl Drop for EarlyDial {
         let captured = self.captured.take();
         let spawned = self.tasks.spawn(async move {
             if let Some(mut captured) = captured {
+                // What was captured before the drop is not the close.
+                while captured.try_recv().is_ok() {}
                 let _ = tokio::time::timeout(ABANDON_GRACE, captured.recv()).await;
             }
             socket.remove_route_into(stable, &capture);
@@ -436,6 +438,76 @@ pub fn answer_pings(keeper: PathKeeper, conn: quinn::Connection) {
 mod tests {
     use super::*;
     use common::message::{Candidate, CandidateKind};
+
+    fn node() -> (Node, mpsc::Receiver<transport::StunDatagram>) {
+        let identity = Arc::new(certs::Identity::generate().unwrap());
+        Node::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            identity,
+            transport::TransportSettings::default(),
+        )
+        .unwrap()
+    }
+
+    /// Waits (bounded) until `stable` has no route.
+    async fn route_gone(socket: &DemuxSocket, stable: SocketAddr) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !matches!(socket.route_of(stable), transport::PathTarget::Udp(a) if a == stable) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the capture route stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_early_handshake_is_captured_then_released_into_the_route_or_abandoned_cleanly() {
+        let (node, _stun) = node();
+        let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let tasks = TaskSet::new(shutdown);
+        let peer = PeerId::from_key_digest(&[9; 32]);
+        let stable = relay::stable_addr(&peer);
+
+        // Captured: quinn's Initial, padded to 1,200 bytes, a QUIC long header; nothing sent.
+        let early = EarlyDial::start(&node, &tasks, peer, stable)
+            .await
+            .expect("no route yet");
+        let flight = early.first_flight().expect("the first flight");
+        assert_eq!(flight.as_bytes().len(), 1200);
+        assert_eq!(flight.as_bytes()[0] & 0xf0, 0xc0, "an Initial");
+        // A second early dial to the same peer finds the route taken.
+        assert!(EarlyDial::start(&node, &tasks, peer, stable)
+            .await
+            .is_none());
+
+        // Released once the introduction set the peer's route: the captured datagrams leave
+        // through it, the first flight first.
+        let (tx, mut routed) = mpsc::channel(16);
+        let relay_sink = VirtualSink::new(*peer.as_bytes(), tx);
+        node.socket
+            .set_route(stable, transport::PathTarget::Virtual(relay_sink.clone()));
+        let connecting = early.release().expect("the handshake goes on");
+        assert_eq!(routed.recv().await.unwrap().data, flight.as_bytes());
+        // The relay's route stays: the capture's owner removes only its own.
+        assert!(
+            matches!(node.socket.route_of(stable), transport::PathTarget::Virtual(s) if s.is(&relay_sink))
+        );
+        drop(connecting);
+        node.socket
+            .set_route(stable, transport::PathTarget::Udp(stable));
+
+        // Abandoned (the introduction was refused): the route goes once quinn's close of the
+        // handshake has been captured.
+        let early = EarlyDial::start(&node, &tasks, peer, stable)
+            .await
+            .expect("the route is free again");
+        drop(early);
+        route_gone(&node.socket, stable).await;
+        assert!(EarlyDial::start(&node, &tasks, peer, stable)
+            .await
+            .is_some());
+    }
 
     #[test]
     fn a_direct_path_found_before_its_punch_reported_is_named_by_its_candidate() {
