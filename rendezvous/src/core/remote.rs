@@ -33,6 +33,10 @@ pub struct ForwardedIntroduction {
     /// such a node would have tried.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub relay_across: bool,
+    /// The requester's first QUIC datagram from its `connect` (only when the relay joins the
+    /// two nodes: the target answers it over the relay), for the target's `punch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_flight: Option<FirstFlight>,
 }
 
 fn yes() -> bool {
@@ -122,6 +126,7 @@ impl Registry {
         target_record: &Record,
         target_nat: Option<NatProfile>,
         no_relay: Option<String>,
+        first_flight: Option<FirstFlight>,
         now: OffsetDateTime,
     ) -> (Outcome, Option<ForwardedIntroduction>) {
         if self.online.get(&from) != Some(&conn) {
@@ -163,6 +168,7 @@ impl Registry {
             nonce,
             key,
             relay_across: no_relay.is_none(),
+            first_flight: first_flight.filter(|_| no_relay.is_none()),
         };
         (outcome, Some(forward))
     }
@@ -209,6 +215,9 @@ impl Registry {
             .requester_record
             .local_addrs
             .truncate(MAX_LOCAL_ADDRS);
+        // The first flight only where the target's answer can come back over the relay.
+        let first_flight = forwarded.first_flight.filter(|_| no_relay.is_none());
+        self.counters.first_flights += u64::from(first_flight.is_some());
         let punch = ControlMessage::Punch {
             peer: requester,
             candidates: candidates(&forwarded.requester_record, &target_record, &self.own_addrs),
@@ -216,8 +225,7 @@ impl Registry {
             key: forwarded.key,
             nat: forwarded.requester_nat,
             no_relay,
-            // Not carried between nodes: the requester sends it over the relay as well.
-            first_flight: None,
+            first_flight,
         };
         Ok((target_conn, punch))
     }
@@ -305,6 +313,7 @@ mod tests {
         assert_eq!(nat.reply, Some(ControlMessage::Ack {}));
         let (_, target_record, target_nat) = y.online_records().pop().unwrap();
         assert_eq!(target_nat, Some(profile));
+        let flight = FirstFlight::new(vec![0xc3; 1200]).unwrap();
         let (outcome, forward) = x.introduce_remote(
             10,
             id(1),
@@ -313,6 +322,7 @@ mod tests {
             &target_record,
             target_nat,
             None,
+            Some(flight.clone()),
             T0,
         );
         let Some(ControlMessage::Punch {
@@ -345,6 +355,7 @@ mod tests {
             candidates,
             nonce: pushed_nonce,
             key: pushed_key,
+            first_flight: pushed_flight,
             ..
         } = push
         else {
@@ -354,6 +365,9 @@ mod tests {
             (peer, candidates[0].addr, pushed_nonce, pushed_key),
             (id(1), addr(1, 4000), nonce, key)
         );
+        // The requester's first flight crossed with the introduction, to the target only.
+        assert_eq!(pushed_flight, Some(flight));
+        assert_eq!(y.counters().first_flights, 1);
         let accept = y.handle(
             20,
             id(2),
@@ -388,6 +402,7 @@ mod tests {
             &target_record,
             None,
             Some(why.clone()),
+            FirstFlight::new(vec![0xc3; 1200]),
             T0,
         );
         let Some(ControlMessage::Punch { no_relay, .. }) = outcome.reply else {
@@ -396,6 +411,8 @@ mod tests {
         assert_eq!(no_relay, Some(why));
         let forward = forward.unwrap();
         assert!(!forward.relay_across);
+        // No relay to answer it over: the first flight stays with the requester's node.
+        assert_eq!(forward.first_flight, None);
         let json = serde_json::to_value(&forward).unwrap();
         assert_eq!(json["relay_across"], serde_json::json!(false));
         let back: ForwardedIntroduction = serde_json::from_value(json.clone()).unwrap();
@@ -408,10 +425,16 @@ mod tests {
         let (_, push) = y
             .forwarded_introduction(back, Some(theirs.clone()), T0)
             .unwrap();
-        let ControlMessage::Punch { no_relay, .. } = push else {
+        let ControlMessage::Punch {
+            no_relay,
+            first_flight,
+            ..
+        } = push
+        else {
             panic!("{push:?}");
         };
         assert_eq!(no_relay, Some(theirs));
+        assert_eq!(first_flight, None);
     }
 
     /// The relay across nodes: the requester's node lets its packets to the remote target
@@ -427,6 +450,7 @@ mod tests {
             addr(1, 4000),
             id(2),
             &target_record,
+            None,
             None,
             None,
             T0,
@@ -490,7 +514,16 @@ mod tests {
                 nonce: n as u64,
                 key: PunchKey::from_bytes([7; 16]),
                 relay_across: true,
+                // The largest: a flood carries it at most once per admitted introduction.
+                first_flight: FirstFlight::new(vec![0xc3; common::message::MAX_FIRST_FLIGHT]),
             };
+            // With its largest first flight it stays far below the cluster's message cap.
+            let json = serde_json::to_vec(&forward).unwrap();
+            assert!(
+                json.len() * 4 < crate::cluster::MAX_MESSAGE_BYTES,
+                "{}",
+                json.len()
+            );
             match y.forwarded_introduction(forward, None, T0) {
                 Ok(_) => pushed += 1,
                 Err(ForwardRefusal::RateLimited) => {}
@@ -498,6 +531,7 @@ mod tests {
             }
         }
         assert_eq!(pushed, burst);
+        assert_eq!(y.counters().first_flights, burst as u64);
     }
 
     /// Unregistered connections get nothing from the cluster paths.
@@ -558,7 +592,7 @@ mod tests {
             })
         ));
         let (out, forward) =
-            x.introduce_remote(1, id(1), addr(1, 1), id(2), &record, None, None, T0);
+            x.introduce_remote(1, id(1), addr(1, 1), id(2), &record, None, None, None, T0);
         assert!(forward.is_none());
         assert!(matches!(
             out.reply,

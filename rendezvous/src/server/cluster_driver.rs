@@ -80,9 +80,9 @@ impl Shared {
         observed: SocketAddr,
         msg: &ControlMessage,
     ) -> Option<Outcome> {
-        let (target, connect) = match msg {
-            ControlMessage::Query { id } => (*id, false),
-            ControlMessage::Connect { id, .. } => (*id, true),
+        let (target, connect, first_flight) = match msg {
+            ControlMessage::Query { id } => (*id, false, None),
+            ControlMessage::Connect { id, first_flight } => (*id, true, first_flight.clone()),
             _ => return None,
         };
         {
@@ -155,6 +155,7 @@ impl Shared {
             &remote.record,
             found.nat,
             no_relay,
+            first_flight,
             now,
         );
         let Some(forward) = forward else {
