@@ -841,10 +841,10 @@ fn ping_status_and_punch_metrics() {
         "{scraped}"
     );
     assert!(sample(&scraped, "rendezvous_introductions_total") >= Some(1));
-    // The dialer's first QUIC datagram rode with the introduction.
-    assert_eq!(
-        sample(&scraped, "rendezvous_first_flights_total"),
-        sample(&scraped, "rendezvous_introductions_total"),
+    // The dialer's first QUIC datagram rode with its introduction (a later one of the same
+    // connection, a punch again once the dialer's NAT was measured, has no handshake to carry).
+    assert!(
+        sample(&scraped, "rendezvous_first_flights_total") >= Some(1),
         "{scraped}"
     );
 
