@@ -832,12 +832,14 @@ fn ping_status_and_punch_metrics() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(
+    // At least one: the dial's (on loopback its handshake, riding the introduction, can end
+    // on the relay before the punch, and the dialer's NAT measured meanwhile then punches the
+    // connection again, which reports too).
+    assert!(
         sample(
             &scraped,
             "rendezvous_punch_results_total{result=\"direct\"}"
-        ),
-        Some(1),
+        ) >= Some(1),
         "{scraped}"
     );
     assert!(sample(&scraped, "rendezvous_introductions_total") >= Some(1));

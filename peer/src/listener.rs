@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::PeerId;
 use tokio::sync::{mpsc, watch};
@@ -220,8 +221,13 @@ pub async fn broadcast_input(mut lines: mpsc::Receiver<String>, hub: ChatHub, co
     }
 }
 
+/// How long the streams of a connection the peer closed may take to end by themselves (their
+/// I/O fails at once; a file's verdict may still be said) before they are aborted.
+const STREAMS_AFTER_CLOSE: Duration = Duration::from_secs(5);
+
 /// Accepts one connection and serves the streams its peer opens until it closes or `stop`
-/// completes; either way the streams still being served are ended and waited for.
+/// completes; either way the streams still being served are ended and waited for (after the
+/// peer closed, they first get [`STREAMS_AFTER_CLOSE`] to end by themselves).
 pub async fn serve_peer(
     incoming: Incoming,
     me: PeerId,
@@ -242,12 +248,14 @@ pub async fn serve_peer(
     };
     let peer = conn.peer();
     let mut streams = tokio::task::JoinSet::new();
+    let mut closed = false;
     loop {
         let (mut tx, mut rx) = tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
                     console.say(format!("disconnected: {peer} ({e})")).await;
+                    closed = true;
                     break;
                 }
             },
@@ -321,6 +329,16 @@ pub async fn serve_peer(
                     console,
                 ));
             }
+        }
+    }
+    if closed {
+        // Aborted now, a stream could lose what it has left to say: a file refused just
+        // before the peer closed (the peer read the verdict and left) logs why afterwards.
+        let ended = async { while streams.join_next().await.is_some() {} };
+        tokio::select! {
+            () = ended => {}
+            () = tokio::time::sleep(STREAMS_AFTER_CLOSE) => {}
+            () = &mut stop => {}
         }
     }
     streams.shutdown().await;

@@ -154,6 +154,9 @@ pub struct PathKeeper {
 struct PeerEntry {
     paths: PeerPaths,
     links: HashMap<ConnId, LinkHandle>,
+    /// The peer's NAT profile from the last introduction that had one (see
+    /// [`PathKeeper::nat_measured`]).
+    peer_nat: Option<common::nat::NatProfile>,
 }
 
 /// Peers with anything to manage. One lock for the machines and the links, so that an input
@@ -263,6 +266,7 @@ impl PathKeeper {
         let entry = table.peers.entry(peer).or_insert_with(|| PeerEntry {
             paths: PeerPaths::new(stable_addr(&peer), PathConfig::default()),
             links: HashMap::new(),
+            peer_nat: None,
         });
         let result = input(&mut entry.paths);
         let mut executed = Executed::default();
@@ -489,6 +493,11 @@ impl PathKeeper {
         // aim at, and a birthday session that cannot work would take the pair's one running
         // birthday (and one of its few per window) from the punch that follows our move back
         // to UDP (found in the lab under load: a listener that started on the tunnel).
+        if let (Some(theirs), Ok(mut table)) = (peer_nat, self.table.lock()) {
+            if let Some(entry) = table.peers.get_mut(&peer) {
+                entry.peer_nat = Some(theirs);
+            }
+        }
         let over_tcp = matches!(self.session.state(), SessionState::Registered(r) if r.over_tcp);
         let birthday = match (self.nat_profile(), peer_nat) {
             (Some(ours), Some(theirs)) if !over_tcp => punch::birthday::role(&ours, &theirs)
@@ -629,6 +638,7 @@ impl PathKeeper {
             let entry = table.peers.entry(peer).or_insert_with(|| PeerEntry {
                 paths: PeerPaths::new(stable_addr(&peer), PathConfig::default()),
                 links: HashMap::new(),
+                peer_nat: None,
             });
             entry.links.insert(
                 id,
@@ -860,7 +870,10 @@ impl PathKeeper {
     /// Our NAT was just measured (and the rendezvous told): a connection that is relayed now
     /// may need birthday punching, which its first punch could not choose without the
     /// profile. Each punches again at once with a new introduction, which carries both
-    /// profiles, instead of waiting for its next retry.
+    /// profiles, instead of waiting for its next retry; not one whose peer's profile we know
+    /// and which needs no birthday punch with ours (its punch, perhaps still running, was
+    /// already the right one: a handshake that rode the introduction often ends on the relay
+    /// a moment before the punch proves the direct path).
     /// In verbose mode it says so (`NAT measured: ...`), with what `profile` tells peers.
     pub async fn nat_measured(&self, profile: &common::nat::NatProfile) {
         if self.verbose {
@@ -881,6 +894,10 @@ impl PathKeeper {
                 .peers
                 .iter()
                 .filter(|(_, e)| e.paths.link().is_some_and(|l| l.path == Current::Relay))
+                .filter(|(_, e)| {
+                    e.peer_nat
+                        .is_none_or(|theirs| punch::birthday::role(profile, &theirs).is_some())
+                })
                 .map(|(peer, _)| *peer)
                 .collect(),
             Err(_) => return,
