@@ -461,7 +461,8 @@ impl Driver {
                     other => panic!("query answered with {other:?}"),
                 }
             }
-            Msg::Connect(target) => self.check_connect(me, peer(target), &outcome),
+            // The script's connects to odd targets carry a first flight (registry_script).
+            Msg::Connect(target) => self.check_connect(me, peer(target), target % 2 == 1, &outcome),
             Msg::Ping(seq) => {
                 assert_eq!(*reply, ControlMessage::Pong { seq: seq.into() });
             }
@@ -646,7 +647,7 @@ impl Driver {
         }
     }
 
-    fn check_connect(&mut self, me: PeerId, target: PeerId, outcome: &Outcome) {
+    fn check_connect(&mut self, me: PeerId, target: PeerId, flight: bool, outcome: &Outcome) {
         let reply = outcome.reply.as_ref().expect("checked");
         match reply {
             ControlMessage::Punch {
@@ -654,8 +655,10 @@ impl Driver {
                 candidates,
                 nonce,
                 key,
+                first_flight: echoed,
                 ..
             } => {
+                assert!(echoed.is_none(), "the first flight echoed to its requester");
                 assert_ne!(target, me, "introduced to itself");
                 assert_eq!(*whom, target);
                 assert!(self.nonces.insert(*nonce), "nonce {nonce} handed out twice");
@@ -670,9 +673,11 @@ impl Driver {
                         candidates: theirs,
                         nonce: same,
                         key: same_key,
+                        first_flight: pushed,
                         ..
                     } => {
                         assert_eq!((*requester, *same), (me, *nonce));
+                        assert_eq!(pushed.is_some(), flight, "the first flight, to the target");
                         assert_eq!(same_key, key, "both sides get the same key");
                         for c in candidates.iter().chain(theirs) {
                             assert!(!is_virtual(&c.addr), "virtual candidate {c:?}");
@@ -687,6 +692,7 @@ impl Driver {
                     other => panic!("the target was pushed {other:?}"),
                 }
                 self.expected.punches += 1;
+                self.expected.first_flights += u64::from(flight);
                 let key = pair(me, target);
                 let consent_until = self.intros.get(&key).and_then(|e| e.consent_until);
                 self.intros.insert(
