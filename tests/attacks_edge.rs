@@ -65,14 +65,6 @@ fn start(dir: &TempDir, extra: &[&str]) -> Edge {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A TCP connection from 127.0.0.n.
 async fn connect_from(n: u8, to: SocketAddr) -> std::io::Result<TcpStream> {
     attack::connect_from(Ipv4Addr::new(127, 0, 0, n), to).await
@@ -203,7 +195,7 @@ fn tunnel_port_bounds_idle_connections_and_slowloris_and_a_peer_gets_through() {
             "16",
         ],
     );
-    let rt = runtime();
+    let rt = attack::runtime();
 
     // 1. Idle TCP connections from one source, more than its 4 handshake places: each newcomer
     // closes the source's oldest, and the last 4 close at the handshake deadline.
@@ -355,7 +347,7 @@ fn metrics_port_answers_scrapes_during_idle_connections_and_a_slowloris() {
             "16",
         ],
     );
-    let rt = runtime();
+    let rt = attack::runtime();
 
     // 1. Idle connections from one source, more than its 4 places: each newcomer closes the
     // source's oldest, and the last 4 close at the request deadline.

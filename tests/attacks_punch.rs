@@ -80,13 +80,18 @@ fn v_and_p(dir: &TempDir) -> Pair {
     }
 }
 
-/// The attacker's runtime.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+/// V<->P still chats both ways, and on the same direct path (`p_addr`) as before the attack.
+fn assert_still_chatting_direct(
+    v: &mut e2e::Proc,
+    p: &mut e2e::Proc,
+    v_dir: &Path,
+    p_addr: SocketAddr,
+) {
+    v.send_line("still there?");
+    p.stdout.wait_for("still there?", T);
+    p.send_line("yes, still here");
+    v.stdout.wait_for("yes, still here", T);
+    assert_eq!(direct_addr(v_dir), p_addr, "{}", status_json(v_dir));
 }
 
 /// A raw client registered with `rv` from `ip` (announcing `local_addrs`), with its relay
@@ -134,7 +139,7 @@ fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() 
         .to_owned();
 
     let lines_before = v.stdout.lines().len();
-    let runtime = runtime();
+    let runtime = attack::runtime();
     let v_peer: PeerId = v_id.parse().unwrap();
     let (attacker, mut relayed_to_attacker, introduced, refused) = runtime.block_on(async {
         // Its relay stream: were V to take P's packets for the attacker's, V's answers (P's
@@ -174,16 +179,12 @@ fn a_peer_announcing_another_peers_address_breaks_nothing_and_is_rate_limited() 
     );
     assert_eq!(introduced + refused, 45);
 
-    // V<->P is unaffected: both ways, on the same direct path.
-    v.send_line("still there?");
-    p.stdout.wait_for("still there?", T);
-    p.send_line("yes, still here");
-    v.stdout.wait_for("yes, still here", T);
+    // V<->P is unaffected: both ways, on the same direct path, its only connection.
+    assert_still_chatting_direct(&mut v, &mut p, &v_dir, p_addr);
     let report = status_json(&v_dir);
     let conns = report["connections"].as_array().expect("connections");
     assert_eq!(conns.len(), 1, "{report}");
     assert_eq!(conns[0]["peer"], p_id.as_str(), "{report}");
-    assert_eq!(direct_addr(&v_dir), p_addr, "{report}");
     // Nothing of V's reached the attacker through the relay.
     let mut buf = [0u8; 4096];
     let read = runtime.block_on(async {
@@ -238,7 +239,7 @@ fn a_peer_that_announces_an_address_before_its_owner_connects_cannot_take_it() {
     let (p, p_id) = listen("p", &p_dir, &rv);
     let p_addr = observed_addr(&p_dir);
 
-    let runtime = runtime();
+    let runtime = attack::runtime();
     let v_peer: PeerId = v_id.parse().unwrap();
     let (attacker, introduced) = runtime.block_on(async {
         let identity = certs::Identity::generate().unwrap();
@@ -359,7 +360,7 @@ fn hostile_first_flights_reach_the_target_only_as_one_datagram_per_introduction(
         mut p,
         p_addr,
     } = v_and_p(&dir);
-    let runtime = runtime();
+    let runtime = attack::runtime();
     let v_peer: PeerId = v_id.parse().unwrap();
     let (attacker, relay, introduced) = runtime.block_on(async {
         let (attacker, relay) =
@@ -407,11 +408,7 @@ fn hostile_first_flights_reach_the_target_only_as_one_datagram_per_introduction(
     );
 
     // V<->P is unaffected: both ways, on the same direct path.
-    v.send_line("still there?");
-    p.stdout.wait_for("still there?", T);
-    p.send_line("yes, still here");
-    v.stdout.wait_for("yes, still here", T);
-    assert_eq!(direct_addr(&v_dir), p_addr);
+    assert_still_chatting_direct(&mut v, &mut p, &v_dir, p_addr);
 
     // What V's QUIC endpoint answered came to the attacker over the relay, from V, at most
     // one packet per introduction.

@@ -1106,8 +1106,9 @@ fn a_chat_the_listener_never_acknowledges_fails_within_the_timeout() {
 }
 
 /// Peers of older protocol versions (ALPN `p2p-peer/1`, whose chat could lose lines;
-/// `p2p-peer/2`, without resumable files and services) cannot connect to a version-3 listener:
-/// the handshake fails.
+/// `p2p-peer/2`, without resumable files and services; `p2p-peer/3`, whose files hash with
+/// SHA-256 and end without `file_end`) cannot connect to a version-4 listener: the handshake
+/// fails.
 #[test]
 fn older_peer_versions_cannot_connect() {
     let dir = TempDir::new("oldpeer");
@@ -1123,7 +1124,10 @@ fn older_peer_versions_cannot_connect() {
         .and_then(|w| w.parse().ok())
         .expect("the listener's address");
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    for (n, old) in [b"p2p-peer/1", b"p2p-peer/2"].into_iter().enumerate() {
+    for (n, old) in [b"p2p-peer/1", b"p2p-peer/2", b"p2p-peer/3"]
+        .into_iter()
+        .enumerate()
+    {
         let error = runtime.block_on(async {
             let identity = certs::Identity::generate().unwrap();
             let tls = certs::client_config_for_peer(&identity, a_id.parse().unwrap(), old).unwrap();
@@ -1194,7 +1198,7 @@ fn echo_examples_round_trip_through_the_library() {
 
 /// The product on a relay channel: a relayed `peer send` (both sides `--relay-only`) has its
 /// packets forwarded by the rendezvous as plain UDP datagrams (the metrics count them), and the
-/// file arrives whole (the receiver verified its SHA-256 before the sender exits 0).
+/// file arrives whole (the receiver verified its BLAKE3 hash before the sender exits 0).
 #[test]
 fn a_relayed_send_travels_on_a_relay_channel() {
     let dir = TempDir::new("channel-send");

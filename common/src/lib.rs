@@ -29,9 +29,9 @@ pub const ALPN_RENDEZVOUS: &[u8] = b"p2p-rendezvous/1";
 /// [`PEER_PROTOCOL_VERSION`](message::PEER_PROTOCOL_VERSION). A peer accepts only this one, so a
 /// peer of another version fails in the handshake; it dials offering the older ones too
 /// ([`ALPN_PEER_OLDER`]) so that it can name an older peer's version in its error.
-pub const ALPN_PEER: &[u8] = b"p2p-peer/3";
+pub const ALPN_PEER: &[u8] = b"p2p-peer/4";
 /// ALPNs of earlier peer protocol versions, newest first (offered when dialing, never accepted).
-pub const ALPN_PEER_OLDER: &[&[u8]] = &[b"p2p-peer/2", b"p2p-peer/1"];
+pub const ALPN_PEER_OLDER: &[&[u8]] = &[b"p2p-peer/3", b"p2p-peer/2", b"p2p-peer/1"];
 
 /// ALPN of the TLS-over-TCP tunnel that carries a peer's QUIC packets to the rendezvous when UDP
 /// is blocked.

@@ -48,7 +48,11 @@ pub const PROTOCOL_VERSION: u32 = 10;
 /// with `file_resume`, the sender says where it starts with `file_start`); a version-2 peer
 /// would wait for bytes a version-3 sender holds back, so the two refuse each other in the
 /// handshake, naming the older version.
-pub const PEER_PROTOCOL_VERSION: u32 = 3;
+/// Version 4 hashes files with BLAKE3 while they are sent instead of SHA-256 in a pass before:
+/// the `file_header` names no hash, the raw bytes are followed by `file_end` with the whole
+/// file's hash, and `file_resume`/`file_result` carry BLAKE3 hashes; a version-3 peer would
+/// take the `file_end` frame for bytes of the file.
+pub const PEER_PROTOCOL_VERSION: u32 = 4;
 
 /// Most local addresses a peer may announce.
 pub const MAX_LOCAL_ADDRS: usize = 16;
@@ -319,6 +323,7 @@ pub const CONTROL_TYPES: &[&str] = &[
 pub const PEER_TYPES: &[&str] = &[
     "open",
     "file_header",
+    "file_end",
     "file_result",
     "file_resume",
     "file_start",
@@ -542,37 +547,44 @@ pub enum PeerMessage {
         /// The application.
         app: PeerApp,
     },
-    /// Sent after `open {app: file}`: what follows (exactly `size` raw bytes, then the sender
-    /// finishes its side of the stream).
+    /// Sent after `open {app: file}`: what the sender offers (the receiver answers with
+    /// `file_resume`, or refuses).
     FileHeader {
         /// File name (a plain name: no directories).
         name: String,
-        /// Bytes that follow.
+        /// The file's length in bytes.
         size: u64,
-        /// SHA-256 of the bytes, hex.
-        sha256: String,
     },
-    /// The receiver's answer to a `file_header`: how much of this file (same sender, name, size
-    /// and SHA-256) it already holds from an interrupted transfer, and the SHA-256 of those
-    /// bytes. `offset` 0 (and the empty string's hash) when it has nothing.
+    /// The receiver's answer to a `file_header`: how much of this file (same sender, name and
+    /// size) it already holds from an interrupted transfer, and the BLAKE3 hash of those bytes.
+    /// `offset` 0 (and the empty string's hash) when it has nothing.
     FileResume {
         /// Bytes the receiver holds (at most the announced size).
         offset: u64,
-        /// SHA-256 of those bytes, hex.
-        prefix_sha256: String,
+        /// BLAKE3 of those bytes, hex.
+        prefix_blake3: String,
     },
-    /// The sender's answer to `file_resume`: the raw bytes from `offset` to the end follow.
-    /// Either the receiver's offset (the prefix hashes matched) or 0 (start over).
+    /// The sender's answer to `file_resume`: exactly `size - offset` raw bytes follow (the file
+    /// from `offset` to its end), then `file_end`. Either the receiver's offset (the prefix
+    /// hashes matched) or 0 (start over).
     FileStart {
         /// Where the bytes that follow start.
         offset: u64,
+    },
+    /// After the raw bytes: the BLAKE3 hash of the whole file (from byte 0, the resumed prefix
+    /// included), computed by the sender as it read the bytes it sent. The sender then finishes
+    /// its side of the stream.
+    FileEnd {
+        /// BLAKE3 of the whole file, hex.
+        blake3: String,
     },
     /// The receiver's verdict on a file.
     FileResult {
         /// Stored and verified.
         ok: bool,
-        /// SHA-256 the receiver computed, hex.
-        sha256: String,
+        /// BLAKE3 of the bytes the receiver holds, hex (empty when it refused the file before
+        /// any).
+        blake3: String,
         /// Detail for the sender.
         message: String,
     },
@@ -631,8 +643,8 @@ impl PeerMessage {
 pub enum PeerApp {
     /// Chat: [`ChatFrame`](crate::ChatFrame)s both ways (messages, then `end`/`end_ack`).
     Chat,
-    /// One file: a `file_header`, `file_resume` back, `file_start`, the bytes from there, and a
-    /// `file_result` back.
+    /// One file: a `file_header`, `file_resume` back, `file_start`, the bytes from there,
+    /// `file_end` (the whole file's hash), and a `file_result` back.
     File,
     /// Round trips: `ping` frames answered by `pong` frames.
     Ping,

@@ -171,10 +171,16 @@ fn peer_messages() -> Vec<(&'static str, PeerMessage)> {
             "file_resume",
             PeerMessage::FileResume {
                 offset: 4096,
-                prefix_sha256: "cd".repeat(32),
+                prefix_blake3: "cd".repeat(32),
             },
         ),
         ("file_start", PeerMessage::FileStart { offset: 4096 }),
+        (
+            "file_end",
+            PeerMessage::FileEnd {
+                blake3: "ef".repeat(32),
+            },
+        ),
         (
             "service_open",
             PeerMessage::ServiceOpen {
@@ -194,14 +200,13 @@ fn peer_messages() -> Vec<(&'static str, PeerMessage)> {
             PeerMessage::FileHeader {
                 name: "notes.txt".into(),
                 size: 1234,
-                sha256: "ab".repeat(32),
             },
         ),
         (
             "file_result",
             PeerMessage::FileResult {
                 ok: false,
-                sha256: "cd".repeat(32),
+                blake3: "cd".repeat(32),
                 message: "checksum mismatch".into(),
             },
         ),

@@ -184,10 +184,13 @@ fn behaviour(u: &mut Unstructured) -> Result<Behaviour> {
 
 /// A peer-to-peer message of any kind, with arbitrary field values.
 pub fn peer_message(u: &mut Unstructured) -> Result<PeerMessage> {
-    Ok(match u.int_in_range(0u8..=9)? {
+    Ok(match u.int_in_range(0u8..=10)? {
         6 => PeerMessage::FileResume {
             offset: u.arbitrary()?,
-            prefix_sha256: u.arbitrary()?,
+            prefix_blake3: u.arbitrary()?,
+        },
+        10 => PeerMessage::FileEnd {
+            blake3: u.arbitrary()?,
         },
         7 => PeerMessage::FileStart {
             offset: u.arbitrary()?,
@@ -211,11 +214,10 @@ pub fn peer_message(u: &mut Unstructured) -> Result<PeerMessage> {
         1 => PeerMessage::FileHeader {
             name: u.arbitrary()?,
             size: u.arbitrary()?,
-            sha256: u.arbitrary()?,
         },
         2 => PeerMessage::FileResult {
             ok: u.arbitrary()?,
-            sha256: u.arbitrary()?,
+            blake3: u.arbitrary()?,
             message: u.arbitrary()?,
         },
         3 => PeerMessage::Ping {

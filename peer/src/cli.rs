@@ -101,7 +101,7 @@ pub(crate) enum Command {
         dial_timeout: f64,
     },
     /// Send a file to a peer (which must run `peer listen --accept-files DIR`); prints progress
-    /// and succeeds only once the receiver has verified the SHA-256.
+    /// and succeeds only once the receiver has verified the whole file's hash (BLAKE3).
     Send {
         /// The peer's id.
         peer: PeerId,

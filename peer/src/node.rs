@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(unique, addrs);
     }
 
-    /// A peer of an older protocol (it accepts only `p2p-peer/2`) is named in the error and the
+    /// A peer of an older protocol (it accepts only `p2p-peer/3`) is named in the error and the
     /// connection is not used.
     #[tokio::test]
     async fn an_older_peer_is_refused_with_its_version_named() {
@@ -421,7 +421,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, DialError::OldProtocol { found, .. } if found == "p2p-peer/2"),
+            matches!(&err, DialError::OldProtocol { found, .. } if found == "p2p-peer/3"),
             "{err}"
         );
         assert!(err.to_string().contains("upgrade the other peer"), "{err}");

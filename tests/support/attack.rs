@@ -48,6 +48,16 @@ pub struct Target {
     pub metrics: Option<SocketAddr>,
 }
 
+/// The attackers' runtime: two workers of its own, so that an attack runs beside the test's
+/// threads that drive and watch the real programs.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the attackers")
+}
+
 /// Tells an attack to end. Cloned into every task of the attack.
 #[derive(Clone, Default)]
 pub struct Stop(Arc<AtomicBool>);
