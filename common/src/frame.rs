@@ -58,17 +58,40 @@ pub fn decode_prefix(prefix: [u8; PREFIX_LEN]) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-/// Incremental decoder: push bytes in any chunking, pull complete frames out.
-#[derive(Debug, Default)]
+/// Incremental decoder: push bytes in any chunking, pull complete frames out. Holds no buffer
+/// between frames (a decoder per idle connection costs nothing but itself).
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     failed: Option<FrameError>,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::with_max(MAX_FRAME_LEN)
+    }
 }
 
 impl FrameDecoder {
-    /// A decoder with an empty buffer.
+    /// A decoder with an empty buffer, for frames of up to [`MAX_FRAME_LEN`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that refuses frames longer than `max` (at most [`MAX_FRAME_LEN`]) as soon as
+    /// their prefix is in.
+    pub fn with_max(max: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            failed: None,
+            max: max.min(MAX_FRAME_LEN),
+        }
+    }
+
+    /// Bytes held: a partial frame, or frames not taken out yet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// Appends received bytes.
@@ -90,6 +113,10 @@ impl FrameDecoder {
         let mut prefix = [0u8; PREFIX_LEN];
         prefix.copy_from_slice(&self.buf[..PREFIX_LEN]);
         let len = match decode_prefix(prefix) {
+            Ok(len) if len > self.max => Err(FrameError::TooLarge { len, max: self.max }),
+            other => other,
+        };
+        let len = match len {
             Ok(len) => len,
             Err(err) => {
                 self.buf = Vec::new();
@@ -102,6 +129,9 @@ impl FrameDecoder {
         }
         let body = self.buf[PREFIX_LEN..PREFIX_LEN + len].to_vec();
         self.buf.drain(..PREFIX_LEN + len);
+        if self.buf.is_empty() {
+            self.buf = Vec::new();
+        }
         Ok(Some(body))
     }
 
@@ -151,6 +181,26 @@ mod tests {
         assert!(dec.next_frame().is_err());
         assert!(encode(&vec![0; MAX_FRAME_LEN + 1]).is_err());
         assert!(encode(&vec![0; MAX_FRAME_LEN]).is_ok());
+    }
+
+    #[test]
+    fn a_smaller_cap_refuses_at_the_prefix_and_no_buffer_is_kept_between_frames() {
+        let mut dec = FrameDecoder::with_max(8);
+        dec.push(&encode(b"12345678").unwrap());
+        assert_eq!(dec.next_frame().unwrap(), Some(b"12345678".to_vec()));
+        assert_eq!(dec.buffered(), 0);
+        assert_eq!(dec.buf.capacity(), 0, "an idle decoder holds no buffer");
+        // Nine announced: refused on the prefix alone, with the decoder's own cap.
+        dec.push(&9u32.to_be_bytes());
+        assert_eq!(
+            dec.next_frame().unwrap_err(),
+            FrameError::TooLarge { len: 9, max: 8 }
+        );
+        assert_eq!(
+            FrameDecoder::with_max(usize::MAX).max,
+            MAX_FRAME_LEN,
+            "never above the protocol's cap"
+        );
     }
 
     #[test]

@@ -16,8 +16,7 @@ use common::frame_io::{read_frame_max, write_frame, FrameIoError};
 use common::{ControlMessage, ErrorCode, FrameError, PeerId};
 use quinn::{Connection, RecvStream, SendStream};
 use time::OffsetDateTime;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::backend::Backend;
@@ -28,6 +27,10 @@ use crate::sources::{Slot, SlotRefusal, SourceKey, SourceSlots};
 
 /// The cluster side of the driver (`--cluster`): lookups and introductions across nodes.
 mod cluster_driver;
+/// One peer's control stream, read and written by its connection's task alone.
+mod control_stream;
+
+use control_stream::{ControlStream, Pushes, WriteFailure};
 
 /// How long a QUIC handshake may take; it holds a handshake slot meanwhile.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,22 +45,13 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// with 16 local addresses) is under 1 KiB; a longer frame is answered `too_large` and the
 /// connection closed (control stream) or the stream answered and ended (request stream).
 pub const MAX_REQUEST_FRAME: usize = 4 * 1024;
-/// Control frames read and waiting for the control loop (each at most [`MAX_REQUEST_FRAME`]).
-const FRAMES_QUEUE: usize = 4;
-/// Replies waiting for the writer of a control stream. The control loop never waits for room:
-/// a full queue means the peer is not reading, and it is disconnected.
+/// Replies waiting to be written on a control stream. The control loop takes no frame while the
+/// queue is full; a reply that finds it full means the peer is not reading, and it is
+/// disconnected.
 const REPLY_QUEUE: usize = 8;
-/// Pushes (introductions) waiting for the writer of a control stream; more are dropped.
+/// Pushes (introductions) waiting for a control stream, sent by other connections' tasks; more
+/// are dropped.
 const PUSH_QUEUE: usize = 32;
-/// A reply or push waiting for a control stream's writer. Boxed because a tokio channel
-/// allocates its first block of 32 slots when it is made, whatever its bound: with the message
-/// inline (96 bytes) that was 2 x 3 KiB for every idle registered peer, boxed 2 x 256 bytes
-/// (docs/benchmarks.md, "Idle peer memory").
-type Queued = Box<ControlMessage>;
-/// A control frame read (or the reason the stream can no longer be read), waiting for the
-/// control loop. Boxed for the same reason as [`Queued`]: the frames channel's first block is
-/// 32 x 8 bytes instead of 32 x 32.
-type FrameRead = Box<Result<Vec<u8>, FrameIoError>>;
 /// Registry rows expired per hold of the registry lock (each chunk is then deleted from storage
 /// in one durable transaction before the next).
 const EXPIRY_CHUNK: usize = 1024;
@@ -74,8 +68,11 @@ pub const CLOSE_BUSY: u32 = 4;
 pub const CONTROL_RECEIVE_WINDOW: u32 = 64 * 1024;
 /// Bytes of the server's writes on a control connection held until acknowledged.
 pub const CONTROL_SEND_WINDOW: u64 = 64 * 1024;
-/// Bidirectional streams a client may have open at once: control, relay, and requests.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Bidirectional streams a client may have open at once: control, relay, and five requests
+/// (quinn grants more as they end). quinn keeps an entry for every stream the peer may open
+/// in two maps per connection from the start: seven fit their smallest table (8 buckets), 16
+/// took 1.2 KiB of every idle peer.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 7;
 
 /// Server limits.
 ///
@@ -153,7 +150,7 @@ impl Default for Limits {
 /// What the driver keeps per registered connection.
 struct Online {
     /// Pushes to its control stream (dropped when full).
-    pusher: mpsc::Sender<Queued>,
+    pusher: Arc<Pushes>,
     /// The connection, to read its current remote address.
     conn: Connection,
 }
@@ -486,7 +483,7 @@ impl Shared {
         let sender = lock(&self.online).get(&target).map(|o| o.pusher.clone());
         match sender {
             Some(sender) => {
-                let queued = sender.try_send(Box::new(push)).is_ok();
+                let queued = sender.try_push(push);
                 if !queued {
                     tracing::warn!(conn = target, "push queue full or closed; dropped");
                 }
@@ -812,39 +809,36 @@ async fn handle_connection(
         .await
         .map_err(|_| ConnError::Timeout("control stream"))??;
 
-    // Control frames are read by their own task: reading a frame is not cancel-safe, so it must
-    // not sit in the select! below. Replies and pushes are written by another, so that the
-    // control loop never waits on the peer.
-    let (frames_tx, frames) = mpsc::channel(FRAMES_QUEUE);
-    let reader = tokio::spawn(read_frames(control_rx, frames_tx));
-    let (replies, replies_rx) = mpsc::channel(REPLY_QUEUE);
-    let (pushes, pushes_rx) = mpsc::channel(PUSH_QUEUE);
-    let mut writer = tokio::spawn(write_control(
-        shared.clone(),
-        conn.clone(),
-        control_tx,
-        replies_rx,
-        pushes_rx,
-    ));
+    // The control stream is read and written by this task alone (no reader or writer task,
+    // no channels: an idle peer's cost): the control loop polls it in its `select!`, with
+    // reads and writes that lose nothing when dropped. Pushes from other connections come
+    // through a bounded channel.
+    let mut stream = ControlStream::new(control_tx, control_rx);
+    let pushes = Arc::new(Pushes::default());
     let control = Control {
         shared: &shared,
         conn: &conn,
         conn_id,
         id,
-        replies,
     };
-    let result = control.run(frames, pushes, shutdown).await;
-    drop(control);
+    let result = control.run(&mut stream, &pushes, shutdown).await;
 
-    reader.abort();
     lock(&shared.online).remove(&conn_id);
-    // Every sender is gone now (the loop's and the online entry's): the writer delivers what is
-    // queued (often an error reply), finishes the stream and ends, within its write timeout.
-    if tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
+    // Every sender of pushes is gone now (the online entry's): what is queued is delivered
+    // (often an error reply), then the stream is finished, each frame within its write
+    // timeout; a peer that takes none of it is disconnected.
+    if !matches!(result, Err(ConnError::NotReading)) {
+        let drained = async {
+            while let Some(push) = pushes.pop() {
+                stream.writer.push(&push);
+            }
+            stream.writer.drain().await
+        };
+        // A peer that trickles its reads gets no more than one write timeout for all of it.
+        match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), drained).await {
+            Ok(Ok(())) | Ok(Err(WriteFailure::Stream)) => {}
+            Ok(Err(WriteFailure::TimedOut)) | Err(_) => disconnect_not_reading(&shared, &conn),
+        }
     }
     if matches!(result, Err(ConnError::Frame(_))) {
         // After a bad length the stream cannot be resynchronised.
@@ -864,41 +858,57 @@ struct Control<'a> {
     conn: &'a Connection,
     conn_id: ConnId,
     id: PeerId,
-    /// Replies to the control stream's writer.
-    replies: mpsc::Sender<Queued>,
 }
 
 impl Control<'_> {
-    /// Queues a reply without waiting. The request loop only takes a frame when the writer has
-    /// room, so a full queue here means the peer sent something before registering and did not
-    /// read: it is disconnected.
-    fn reply(&self, msg: ControlMessage) -> Result<(), ConnError> {
-        match self.replies.try_send(Box::new(msg)) {
+    /// Queues a reply without waiting (error replies are counted by code for the operator).
+    /// The control loop only takes a frame when the reply queue has room, so a full queue here
+    /// means the peer sent something before registering and did not read: it is disconnected.
+    fn reply(&self, stream: &mut ControlStream, msg: ControlMessage) -> Result<(), ConnError> {
+        if let ControlMessage::Error { code, .. } = &msg {
+            self.shared.rejections.count(*code);
+        }
+        match stream.writer.queue_reply(&msg) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
+            Err(()) => {
                 disconnect_not_reading(self.shared, self.conn);
                 Err(ConnError::NotReading)
             }
-            // The writer ended: it timed out (and closed the connection) or the stream failed.
-            Err(TrySendError::Closed(_)) => Err(ConnError::NotReading),
         }
     }
 
     /// Registration, then requests until the connection ends.
     async fn run(
         &self,
-        mut frames: mpsc::Receiver<FrameRead>,
-        pushes: mpsc::Sender<Queued>,
+        stream: &mut ControlStream,
+        pushes: &Arc<Pushes>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
         let (shared, conn, conn_id, id) = (self.shared, self.conn, self.conn_id, self.id);
-        let first = tokio::time::timeout(REGISTER_TIMEOUT, frames.recv())
-            .await
-            .map_err(|_| ConnError::Timeout("register"))?;
-        let first = match first.map(|read| *read) {
-            Some(Ok(body)) => body,
-            Some(Err(e)) => return Err(self.reject_frame(e)),
-            None => {
+        // The first frame: what arrives before it stays in the stream, so the timeout loses
+        // nothing it would need.
+        let first = async {
+            loop {
+                if let Some(frame) = stream.reader.next_frame()? {
+                    return Ok(Some(frame));
+                }
+                if stream.reader.ended() || !stream.reader.read_more().await? {
+                    // The end of the stream inside a frame is reported by `next_frame`.
+                    return match stream.reader.next_frame()? {
+                        Some(frame) => Ok(Some(frame)),
+                        None => Ok(None),
+                    };
+                }
+            }
+        };
+        let first: Result<Option<Vec<u8>>, FrameIoError> =
+            tokio::time::timeout(REGISTER_TIMEOUT, first)
+                .await
+                .map_err(|_| ConnError::Timeout("register"))?;
+        let first = match first {
+            Ok(Some(body)) => body,
+            Err(e) => return Err(self.reject_frame(stream, e)),
+            Ok(None) => {
                 return Err(ConnError::Protocol(
                     "control stream closed before register".into(),
                 ))
@@ -907,17 +917,20 @@ impl Control<'_> {
         let msg = match ControlMessage::decode(&first) {
             Ok(msg @ ControlMessage::Register { .. }) => msg,
             Ok(other) => {
-                self.reply(ControlMessage::error(
-                    ErrorCode::NotRegistered,
-                    format!(
-                        "the first message must be `register`, got `{}`",
-                        other.kind()
+                self.reply(
+                    stream,
+                    ControlMessage::error(
+                        ErrorCode::NotRegistered,
+                        format!(
+                            "the first message must be `register`, got `{}`",
+                            other.kind()
+                        ),
                     ),
-                ))?;
+                )?;
                 return Err(ConnError::Protocol("no register".into()));
             }
             Err(e) => {
-                self.reply(ControlMessage::error(e.code(), e.to_string()))?;
+                self.reply(stream, ControlMessage::error(e.code(), e.to_string()))?;
                 return Err(ConnError::Protocol(e.to_string()));
             }
         };
@@ -927,7 +940,7 @@ impl Control<'_> {
         let reply = Box::pin(shared.apply(conn_id, id, conn.remote_address(), msg, true)).await;
         let registered = matches!(reply, Some(ControlMessage::Registered { .. }));
         if let Some(reply) = reply {
-            self.reply(reply)?;
+            self.reply(stream, reply)?;
         }
         if !registered {
             return Err(ConnError::Protocol("registration refused".into()));
@@ -938,14 +951,14 @@ impl Control<'_> {
         // gone to the connection this registration replaces.
         let waiting = lock(&shared.registry).pending_introductions(id, OffsetDateTime::now_utc());
         for punch in waiting {
-            if pushes.try_send(Box::new(punch)).is_err() {
+            if !pushes.try_push(punch) {
                 tracing::warn!(peer = %id, "push queue full; dropped an introduction");
             }
         }
         lock(&shared.online).insert(
             conn_id,
             Online {
-                pusher: pushes,
+                pusher: pushes.clone(),
                 conn: conn.clone(),
             },
         );
@@ -954,38 +967,75 @@ impl Control<'_> {
             shared.limits.requests_per_second,
             Instant::now(),
         );
-        let mut requests = JoinSet::new();
+        // Made with the first request stream and dropped when its last one ends: an idle
+        // peer holds no set.
+        let mut requests: Option<JoinSet<()>> = None;
         let outcome = loop {
-            tokio::select! {
-                // A peer may send the next requests before it has read the replies to the last
-                // ones: while the writer has no room, the loop takes no more frames, so the
-                // reader and then QUIC's flow control hold the peer back. A peer that reads
-                // nothing at all is disconnected by the writer's timeout.
-                frame = frames.recv(), if self.replies.capacity() > 0 => match frame.map(|read| *read) {
-                    Some(Ok(body)) => {
-                        let reply = if limiter.try_take(Instant::now()) {
-                            match ControlMessage::decode(&body) {
-                                Ok(msg) => Box::pin(shared.apply(conn_id, id, conn.remote_address(), msg, false)).await,
-                                Err(e) => Some(ControlMessage::error(e.code(), e.to_string())),
-                            }
-                        } else {
-                            Some(ControlMessage::error(ErrorCode::RateLimited, "too many requests; slow down"))
-                        };
-                        if let Some(reply) = reply {
-                            if let Err(e) = self.reply(reply) {
-                                break Err(e);
-                            }
-                        }
+            // The frames read are answered while the reply queue has room. A peer may send the
+            // next requests before it has read the replies to the last ones: while the queue
+            // is full, no frame is taken and the stream is not read, so QUIC's flow control
+            // holds the peer back. A peer that reads nothing at all is disconnected by the
+            // write timeout.
+            let mut failed = None;
+            while stream.writer.has_room() {
+                let body = match stream.reader.next_frame() {
+                    Ok(Some(body)) => body,
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(self.reject_frame(stream, e));
+                        break;
                     }
-                    Some(Err(e)) => break Err(self.reject_frame(e)),
-                    None => break Ok(()),
+                };
+                let reply = if limiter.try_take(Instant::now()) {
+                    match ControlMessage::decode(&body) {
+                        Ok(msg) => {
+                            Box::pin(shared.apply(conn_id, id, conn.remote_address(), msg, false))
+                                .await
+                        }
+                        Err(e) => Some(ControlMessage::error(e.code(), e.to_string())),
+                    }
+                } else {
+                    Some(ControlMessage::error(
+                        ErrorCode::RateLimited,
+                        "too many requests; slow down",
+                    ))
+                };
+                if let Some(reply) = reply {
+                    if let Err(e) = self.reply(stream, reply) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            if stream.reader.ended() {
+                // Finished by the peer, every frame answered.
+                break Ok(());
+            }
+            tokio::select! {
+                read = stream.reader.read_more(), if stream.writer.has_room() => {
+                    if let Err(e) = read {
+                        break Err(self.reject_frame(stream, e));
+                    }
+                }
+                wrote = stream.writer.write_some(), if !stream.writer.idle() => match wrote {
+                    Ok(()) => {}
+                    Err(WriteFailure::TimedOut) => {
+                        disconnect_not_reading(shared, conn);
+                        break Err(ConnError::NotReading);
+                    }
+                    // The stream failed (reset, or the connection is gone).
+                    Err(WriteFailure::Stream) => break Err(ConnError::NotReading),
                 },
-                stream = conn.accept_bi() => match stream {
+                push = pushes.next(), if stream.writer.idle() => stream.writer.push(&push),
+                accepted = conn.accept_bi() => match accepted {
                     Ok((tx, rx)) => {
                         let allowed = limiter.try_take(Instant::now());
                         let shared = shared.clone();
                         let conn = conn.clone();
-                        requests.spawn(async move {
+                        requests.get_or_insert_with(JoinSet::new).spawn(async move {
                             if let Err(e) = handle_request(&shared, &conn, conn_id, id, tx, rx, allowed).await {
                                 tracing::debug!(peer = %id, error = %e, "request failed");
                             }
@@ -993,31 +1043,30 @@ impl Control<'_> {
                     }
                     Err(_) => break Ok(()),
                 },
-                room = self.replies.reserve(), if self.replies.capacity() == 0 => match room {
-                    // Room again: the next turn of the loop takes frames.
-                    Ok(permit) => drop(permit),
-                    // The writer ended: it timed out (and closed the connection) or the stream
-                    // failed.
-                    Err(_) => break Err(ConnError::NotReading),
-                },
-                Some(_) = requests.join_next(), if !requests.is_empty() => {}
+                Some(_) = async { requests.as_mut()?.join_next().await }, if requests.is_some() => {
+                    if requests.as_ref().is_some_and(JoinSet::is_empty) {
+                        requests = None;
+                    }
+                }
                 _ = shutdown.changed() => break Ok(()),
             }
         };
-        requests.shutdown().await;
+        if let Some(mut requests) = requests {
+            requests.shutdown().await;
+        }
         outcome
     }
 
     /// Answers a bad frame on the control stream; the caller closes the connection once the
     /// answer is out. A stream that failed (the connection was lost or reset) is no bad frame:
     /// there is no one to answer, and nothing is counted against the peer.
-    fn reject_frame(&self, err: FrameIoError) -> ConnError {
+    fn reject_frame(&self, stream: &mut ControlStream, err: FrameIoError) -> ConnError {
         let code = match err {
             FrameIoError::Io(e) => return ConnError::StreamRead(e),
             FrameIoError::Frame(FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
             FrameIoError::Frame(FrameError::Truncated { .. }) => ErrorCode::BadRequest,
         };
-        let _ = self.reply(ControlMessage::error(code, err.to_string()));
+        let _ = self.reply(stream, ControlMessage::error(code, err.to_string()));
         ConnError::Frame(err)
     }
 }
@@ -1030,66 +1079,6 @@ fn disconnect_not_reading(shared: &Shared, conn: &Connection) {
     bump(&shared.conns.not_reading);
     tracing::info!(remote = %conn.remote_address(), "peer does not read its replies; disconnecting");
     conn.close(CLOSE_NOT_READING.into(), b"not reading");
-}
-
-/// Writes replies (first) and pushes to the control stream, each within [`WRITE_TIMEOUT`];
-/// when both queues are closed, finishes the stream. A peer that does not take a write in time
-/// is disconnected.
-async fn write_control(
-    shared: Arc<Shared>,
-    conn: Connection,
-    mut tx: SendStream,
-    mut replies: mpsc::Receiver<Queued>,
-    mut pushes: mpsc::Receiver<Queued>,
-) {
-    let mut pushes_open = true;
-    loop {
-        let msg = tokio::select! {
-            biased;
-            reply = replies.recv() => match reply {
-                Some(msg) => msg,
-                None => break,
-            },
-            push = pushes.recv(), if pushes_open => match push {
-                Some(msg) => msg,
-                None => {
-                    pushes_open = false;
-                    continue;
-                }
-            },
-        };
-        match tokio::time::timeout(WRITE_TIMEOUT, send(&shared, &mut tx, &msg)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                disconnect_not_reading(&shared, &conn);
-                return;
-            }
-        }
-    }
-    finish_and_wait(&mut tx).await;
-}
-
-/// Finishes a stream and waits (briefly) until the peer has it all: dropping the connection
-/// right after would discard the error reply still in flight.
-async fn finish_and_wait(stream: &mut SendStream) {
-    let _ = stream.finish();
-    let _ = tokio::time::timeout(Duration::from_millis(500), stream.stopped()).await;
-}
-
-async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<FrameRead>) {
-    loop {
-        let frame = read_frame_max(&mut recv, MAX_REQUEST_FRAME).await;
-        let stop = !matches!(frame, Ok(Some(_)));
-        let item = match frame {
-            Ok(Some(body)) => Ok(body),
-            Ok(None) => return,
-            Err(e) => Err(e),
-        };
-        if frames.send(Box::new(item)).await.is_err() || stop {
-            return;
-        }
-    }
 }
 
 /// One request on its own stream: one frame in, one frame out.
