@@ -812,7 +812,7 @@ async fn handle_connection(
     // The control stream is read and written by this task alone (no reader or writer task,
     // no channels: an idle peer's cost): the control loop polls it in its `select!`, with
     // reads and writes that lose nothing when dropped. Pushes from other connections come
-    // through a bounded channel.
+    // through a bounded queue.
     let mut stream = ControlStream::new(control_tx, control_rx);
     let pushes = Arc::new(Pushes::default());
     let control = Control {
@@ -824,9 +824,9 @@ async fn handle_connection(
     let result = control.run(&mut stream, &pushes, shutdown).await;
 
     lock(&shared.online).remove(&conn_id);
-    // Every sender of pushes is gone now (the online entry's): what is queued is delivered
-    // (often an error reply), then the stream is finished, each frame within its write
-    // timeout; a peer that takes none of it is disconnected.
+    // No push reaches the queue any more (the online entry is gone): what is queued is
+    // delivered (often an error reply), then the stream is finished; a peer that does not take
+    // it within a write timeout is disconnected.
     if !matches!(result, Err(ConnError::NotReading)) {
         let drained = async {
             while let Some(push) = pushes.pop() {

@@ -173,10 +173,17 @@ impl ControlWriter {
             return std::future::pending().await;
         };
         let rest = &writing.frame[writing.written..];
-        match tokio::time::timeout_at(writing.deadline, self.tx.write(rest)).await {
-            Err(_) => Err(WriteFailure::TimedOut),
-            Ok(Err(_)) => Err(WriteFailure::Stream),
-            Ok(Ok(n)) => {
+        // The write first: a deadline that passed while the control loop was busy elsewhere (a
+        // slow registry or cluster call) is no sign of a peer that does not read, as long as
+        // its flow control takes the bytes now.
+        let wrote = tokio::select! {
+            biased;
+            wrote = self.tx.write(rest) => wrote,
+            () = tokio::time::sleep_until(writing.deadline) => return Err(WriteFailure::TimedOut),
+        };
+        match wrote {
+            Err(_) => Err(WriteFailure::Stream),
+            Ok(n) => {
                 writing.written += n;
                 if writing.written == writing.frame.len() {
                     self.writing = None;
