@@ -89,11 +89,6 @@ impl FrameDecoder {
         }
     }
 
-    /// Bytes held: a partial frame, or frames not taken out yet.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.failed.is_none() {
@@ -188,7 +183,7 @@ mod tests {
         let mut dec = FrameDecoder::with_max(8);
         dec.push(&encode(b"12345678").unwrap());
         assert_eq!(dec.next_frame().unwrap(), Some(b"12345678".to_vec()));
-        assert_eq!(dec.buffered(), 0);
+        assert!(dec.buf.is_empty());
         assert_eq!(dec.buf.capacity(), 0, "an idle decoder holds no buffer");
         // Nine announced: refused on the prefix alone, with the decoder's own cap.
         dec.push(&9u32.to_be_bytes());

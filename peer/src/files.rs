@@ -220,12 +220,13 @@ pub async fn send(
                     .await;
             }
         };
+        let blake3 = hash.to_hex().to_string();
         let end = PeerMessage::FileEnd {
-            blake3: hash.to_hex().to_string(),
+            blake3: blake3.clone(),
         };
         write_frame(&mut tx, &end.encode()).await?;
         tx.finish()?;
-        Ok::<String, SendError>(hash.to_hex().to_string())
+        Ok::<String, SendError>(blake3)
     };
     let (copied, early_verdict) = crate::tasks::alongside(copy, verdict.as_mut()).await;
     // After a failed write the receiver has usually said why (it refused the file): wait a little

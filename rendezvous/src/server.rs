@@ -885,26 +885,9 @@ impl Control<'_> {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
         let (shared, conn, conn_id, id) = (self.shared, self.conn, self.conn_id, self.id);
-        // The first frame: what arrives before it stays in the stream, so the timeout loses
-        // nothing it would need.
-        let first = async {
-            loop {
-                if let Some(frame) = stream.reader.next_frame()? {
-                    return Ok(Some(frame));
-                }
-                if stream.reader.ended() || !stream.reader.read_more().await? {
-                    // The end of the stream inside a frame is reported by `next_frame`.
-                    return match stream.reader.next_frame()? {
-                        Some(frame) => Ok(Some(frame)),
-                        None => Ok(None),
-                    };
-                }
-            }
-        };
-        let first: Result<Option<Vec<u8>>, FrameIoError> =
-            tokio::time::timeout(REGISTER_TIMEOUT, first)
-                .await
-                .map_err(|_| ConnError::Timeout("register"))?;
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, stream.reader.read_frame())
+            .await
+            .map_err(|_| ConnError::Timeout("register"))?;
         let first = match first {
             Ok(Some(body)) => body,
             Err(e) => return Err(self.reject_frame(stream, e)),

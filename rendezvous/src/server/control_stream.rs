@@ -96,6 +96,20 @@ impl ControlReader {
         self.ended
     }
 
+    /// The next whole frame, reading as needed; `Ok(None)` when the peer finished the stream
+    /// between frames. Cancel-safe: what was read before it is dropped stays for the next call.
+    pub(super) async fn read_frame(&mut self) -> Result<Option<Vec<u8>>, FrameIoError> {
+        loop {
+            if let Some(frame) = self.next_frame()? {
+                return Ok(Some(frame));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            self.read_more().await?;
+        }
+    }
+
     /// Reads what arrived into the frame being read: `Ok(false)` once the peer finished the
     /// stream. Cancel-safe: dropped before it completes, it has taken nothing.
     pub(super) async fn read_more(&mut self) -> Result<bool, FrameIoError> {
@@ -133,12 +147,7 @@ impl ControlWriter {
         if !self.has_room() {
             return Err(());
         }
-        let frame = encode(msg);
-        if self.writing.is_none() {
-            self.start(frame);
-        } else {
-            self.replies.push_back(frame);
-        }
+        self.push(msg);
         Ok(())
     }
 
