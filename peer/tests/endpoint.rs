@@ -260,10 +260,15 @@ fn a_ping_and_a_chat_running_at_close_spawn_nothing_and_leave_nothing() {
                 }
             }
         }
+        // Fewer is allowed (CI saw 26 against 27 once): a task that was already ending (a
+        // closed connection's quinn driver draining, a one-shot measurement) may finish
+        // meanwhile. What the ping and the chat must not do is add one: a reader or forwarder
+        // per stream would add at least two.
         let during = tasks_outside(&handle, &[&a_tasks, &b_tasks]);
-        assert_eq!(
-            during, before,
-            "running a ping and a chat spawned tasks outside the endpoints' task sets"
+        assert!(
+            during <= before,
+            "running a ping and a chat spawned tasks outside the endpoints' task sets: \
+             {during} running, {before} before"
         );
 
         tokio::time::timeout(T, b.close())
