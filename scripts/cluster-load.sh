@@ -7,7 +7,11 @@
 # cross-node introductions per second, RSS. The single-node figures to compare with come from
 # `scripts/bench.sh --rv-only` (same machine; run them one after the other, not side by side).
 #
-#   scripts/cluster-load.sh [--peers-per-node N] [--introductions-per-node M] [--keep]
+#   scripts/cluster-load.sh [--peers-per-node N] [--introductions-per-node M] [--single] [--keep]
+#
+# --single runs the same load against one node with its embedded registry (redb, no Redis), each
+# peer asking for the next peer of that node: the single-node introduction figures (rate, CPU,
+# request-to-reply time) the cross-node ones are compared with.
 #
 # Defaults: 10,000 peers per node (30,000 in all), 2,000 introductions per node. Release build.
 # Everything runs on this machine: on 2 cores the three nodes, Redis and the load generator share
@@ -17,17 +21,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-peers=10000 intros=2000 keep=0
+peers=10000 intros=2000 keep=0 single=0
 while (($#)); do
     case $1 in
         --peers-per-node) peers=${2:?}; shift ;;
         --introductions-per-node) intros=${2:?}; shift ;;
+        --single) single=1 ;;
         --keep) keep=1 ;;
-        *) echo "usage: $0 [--peers-per-node N] [--introductions-per-node M] [--keep]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--peers-per-node N] [--introductions-per-node M] [--single] [--keep]" >&2; exit 2 ;;
     esac
     shift
 done
-command -v redis-server >/dev/null 2>&1 || { echo "cluster-load: redis-server is not installed (apt-get install redis-server)" >&2; exit 1; }
+((single)) || command -v redis-server >/dev/null 2>&1 ||
+    { echo "cluster-load: redis-server is not installed (apt-get install redis-server)" >&2; exit 1; }
 
 cargo build --release -p rendezvous -p bench >&2
 target=${CARGO_TARGET_DIR:-target}
@@ -54,26 +60,37 @@ wait_for() {
     exit 1
 }
 
-redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-    --dir "$work" >"$work/redis.log" 2>&1 &
-pids+=($!)
-wait_for "$work/redis.log" "Ready to accept connections" 20
-
-"$bin/rendezvous" cluster-key --out "$work/cluster.key" >/dev/null
 servers=() keys=() rv_pids=()
-for node in x y z; do
-    mkdir -p "$work/$node"
-    "$bin/rendezvous" serve --listen 127.0.0.1:0 --data-dir "$work/$node" --tcp-listen off \
-        --stun-alt-port off --cluster "redis://127.0.0.1:$redis_port/" --node-id "$node" \
-        --cluster-link 127.0.0.1:0 --cluster-key-file "$work/cluster.key" \
-        >"$work/$node.out" 2>"$work/$node.log" </dev/null &
+if ((single)); then
+    mkdir -p "$work/one"
+    "$bin/rendezvous" serve --listen 127.0.0.1:0 --data-dir "$work/one" --tcp-listen off \
+        --stun-alt-port off >"$work/one.out" 2>"$work/one.log" </dev/null &
     pids+=($!)
     rv_pids+=(--rv-pid $!)
-    wait_for "$work/$node.out" "cluster node $node" 20
-    servers+=(--server "$(sed -n 's/^rendezvous listening on \([^ ]*\) .*/\1/p' "$work/$node.out")")
-    keys+=(--server-key "$(sed -n 's/^server key //p' "$work/$node.out")")
-done
+    wait_for "$work/one.out" "server key" 20
+    servers+=(--server "$(sed -n 's/^rendezvous listening on \([^ ]*\) .*/\1/p' "$work/one.out")")
+    keys+=(--server-key "$(sed -n 's/^server key //p' "$work/one.out")")
+else
+    redis_port=$(free_port)
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+        --dir "$work" >"$work/redis.log" 2>&1 &
+    pids+=($!)
+    wait_for "$work/redis.log" "Ready to accept connections" 20
+
+    "$bin/rendezvous" cluster-key --out "$work/cluster.key" >/dev/null
+    for node in x y z; do
+        mkdir -p "$work/$node"
+        "$bin/rendezvous" serve --listen 127.0.0.1:0 --data-dir "$work/$node" --tcp-listen off \
+            --stun-alt-port off --cluster "redis://127.0.0.1:$redis_port/" --node-id "$node" \
+            --cluster-link 127.0.0.1:0 --cluster-key-file "$work/cluster.key" \
+            >"$work/$node.out" 2>"$work/$node.log" </dev/null &
+        pids+=($!)
+        rv_pids+=(--rv-pid $!)
+        wait_for "$work/$node.out" "cluster node $node" 20
+        servers+=(--server "$(sed -n 's/^rendezvous listening on \([^ ]*\) .*/\1/p' "$work/$node.out")")
+        keys+=(--server-key "$(sed -n 's/^server key //p' "$work/$node.out")")
+    done
+fi
 
 deadline=$((300 + peers / 50))
 timeout $((3 * deadline + 120)) "$bin/bench" cluster-load "${servers[@]}" "${keys[@]}" "${rv_pids[@]}" \
@@ -84,12 +101,14 @@ cat "$work/load.json"
 python3 - "$work/load.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
+kind = "same-node" if r["nodes"] == 1 else "cross-node"
 print(f"\n{r['nodes']} nodes, {r['peers_per_node']} peers per node: {r['registered']} registered, "
-      f"{r['introductions']} cross-node introductions\n")
-print("| node | registered (failed) | registrations/s | registrations per node CPU s | cross-node introductions/s (failed) | node CPU s for them | node RSS after registering |")
-print("|---|---|---|---|---|---|---|")
+      f"{r['introductions']} {kind} introductions\n")
+print(f"| node | registered (failed) | registrations/s | registrations per node CPU s | {kind} introductions/s (failed) | node CPU s for them | request to reply, median / p95 | node RSS after registering |")
+print("|---|---|---|---|---|---|---|---|")
 for n in r["per_node"]:
     print(f"| {n['server']} | {n['registered']} ({n['register_failed']}) | {n['registrations_per_s']:.0f} | "
           f"{n.get('rv_registrations_per_cpu_s', 0):.0f} | {n['introductions_per_s']:.0f} ({n['introductions_failed']}) | "
-          f"{n.get('rv_introduce_cpu_s', 0):.2f} | {n.get('rv_rss_registered_kib', 0) / 1024:.0f} MiB |")
+          f"{n.get('rv_introduce_cpu_s', 0):.2f} | {n['introduce_p50_ms']:.1f} / {n['introduce_p95_ms']:.1f} ms | "
+          f"{n.get('rv_rss_registered_kib', 0) / 1024:.0f} MiB |")
 EOF

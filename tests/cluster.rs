@@ -479,6 +479,58 @@ fn hostile_values_in_redis_are_refused_not_trusted() {
     assert!(a.terminate(T).success());
 }
 
+/// A Redis Cluster node (sharded Redis) is not a registry the nodes can use (multi-key writes
+/// across hash slots): a node given one does not start, and says why and what to give instead.
+#[test]
+fn a_sharded_redis_is_refused_at_start_saying_what_to_use() {
+    if Redis::start().is_none() {
+        return;
+    }
+    let mut sharded = None;
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ];
+        if let Some(redis) = Redis::try_start_with(port, TempDir::new("sharded"), &extra) {
+            sharded = Some(redis);
+            break;
+        }
+    }
+    let sharded = sharded.expect("a cluster-mode redis-server starts");
+    let dir = TempDir::new("cluster-sharded");
+    let data = dir.path().join("x");
+    let mut node = Proc::spawn(
+        "x",
+        &bin("rendezvous"),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+            "--tcp-listen",
+            "off",
+            "--cluster",
+            &sharded.url(),
+            "--node-id",
+            "x",
+        ],
+    );
+    assert!(!node.wait(T).success());
+    let said = node.stderr.wait_for("Redis Cluster node", T);
+    assert!(
+        said.contains("not supported") && said.contains("redis+sentinel://"),
+        "{said}"
+    );
+}
+
 /// Two nodes never share a node id (they would share a channel and online marks): a second
 /// node with another key is refused at start while the first is alive; the same node (same
 /// key) restarting right after a crash takes its id back.

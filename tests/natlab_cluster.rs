@@ -1,11 +1,13 @@
-//! Two rendezvous nodes sharing one Redis, in the network-namespace NAT lab (root only; Debian's
-//! `redis-server`, skipped with a message without it): Redis and both nodes run on the lab's
-//! public rendezvous host, the peers behind port-restricted NATs, each registered with a
-//! different node. The introduction crosses the nodes through Redis and still carries what
-//! punching needs (the candidates as the other node observed them, both NAT profiles): the
-//! pair goes direct through both NATs with a message each way. Then the same pair with
-//! `--relay-only` on the dialer's side is relayed through both nodes and the node link between
-//! them, through the NATs, with a message each way.
+//! Three rendezvous nodes sharing one Redis, in the network-namespace NAT lab (root only;
+//! Debian's `redis-server`, skipped with a message without it): Redis and the nodes run on the
+//! lab's public rendezvous host, the peers behind port-restricted NATs, each pair spread over
+//! two nodes. The introduction crosses the nodes through Redis and still carries what punching
+//! needs (the candidates as the other node observed them, both NAT profiles): a pair on x and y
+//! goes direct through both NATs with a message each way. A `--relay-only` pair on z and y is
+//! relayed through both nodes and the node link between them, through the NATs, with a message
+//! each way. Then Redis dies: the relayed chat goes on over its open node link, a pair on one
+//! node still connects, a connect to another node's peer is refused saying why; Redis comes
+//! back (empty) and a pair across nodes connects again.
 //!
 //! Under loss (`--delay 40 --loss 10` on both NAT uplinks): a relayed pair given both nodes
 //! chats through one, a message each way every second, without a message lost and without
@@ -107,19 +109,45 @@ fn cluster_key(dir: &Path) -> PathBuf {
     key
 }
 
+/// Waits until `dialer` (a `peer connect`) is connected to `target` over a direct path through
+/// the NATs (the handshake may end on the relay a moment before the punch), then a message each
+/// way with `listener`, and ends the dialer's chat (exit 0).
+fn direct_chat(dialer: &mut Proc, listener: &mut Proc, target: &str, tag: &str) {
+    let line = dialer
+        .stdout
+        .wait_for(&format!("connected to {target} in "), T);
+    let direct = if line.contains(": direct to ") {
+        line
+    } else {
+        dialer
+            .stdout
+            .wait_for(&format!("path to {target}: direct to "), T)
+    };
+    assert!(direct.contains("direct to 203.0.113.21:"), "{direct}");
+    dialer.send_line(&format!("direct from {tag}"));
+    listener.stdout.wait_for(&format!("direct from {tag}"), T);
+    let back = format!("direct back to {tag}");
+    // The listener sends its input to every peer connected: this dialer is the only one.
+    listener.send_line(&back);
+    dialer.stdout.wait_for(&back, T);
+    dialer.close_stdin();
+    assert_eq!(lab::exit_code(dialer, T), Some(0), "{tag} exits 0");
+}
+
 #[test]
-fn peers_behind_nats_on_two_nodes_go_direct_and_relay_across_the_node_link() {
-    let case = "peers_behind_nats_on_two_nodes_go_direct_and_relay_across_the_node_link";
+fn peers_behind_nats_on_three_nodes_go_direct_relay_across_node_links_and_ride_out_redis_loss() {
+    let case =
+        "peers_behind_nats_on_three_nodes_go_direct_relay_across_node_links_and_ride_out_redis_loss";
     if !lab::netns_enabled(case) || !redis_installed(case) {
         return;
     }
     let lab = Lab::up("cluster", &["--a", "port", "--b", "port"]);
     let dir = TempDir::new("natlab-cluster");
     {
-        let redis = redis(&lab, dir.path());
+        let mut redis = redis(&lab, dir.path());
         let key = cluster_key(dir.path());
         // x serves RFC 5780 discovery (port 7001 and the second address), as the lab's single
-        // rendezvous does; y is a second node on the same host.
+        // rendezvous does; y and z are more nodes on the same host.
         let x = node(
             &lab,
             dir.path(),
@@ -136,38 +164,27 @@ fn peers_behind_nats_on_two_nodes_go_direct_and_relay_across_the_node_link() {
             &key,
             &["--stun-alt-port", "off"],
         );
+        let z = node(
+            &lab,
+            dir.path(),
+            "z",
+            &format!("{RV_IP}:7020"),
+            &key,
+            &["--stun-alt-port", "off"],
+        );
 
+        // Direct: a listener on x, a dialer on y introduced across the nodes, punching through
+        // both NATs.
         let (mut listener, l_id) = lab.listen("a", "listener", &dir.path().join("a"), &x, &[], T);
-
-        // Direct: the dialer on y, introduced across the nodes, punches through both NATs.
         let mut connect = args!["connect", l_id.clone()];
         connect.extend(y.args());
         let mut dialer = lab.peer("b", "dialer", &dir.path().join("b"), &connect);
-        let line = dialer
-            .stdout
-            .wait_for(&format!("connected to {l_id} in "), T);
-        let direct = if line.contains(": direct to ") {
-            line
-        } else {
-            dialer
-                .stdout
-                .wait_for(&format!("path to {l_id}: direct to "), T)
-        };
-        assert!(direct.contains("direct to 203.0.113.21:"), "{direct}");
-        dialer.send_line("direct from b on y");
-        listener.stdout.wait_for("direct from b on y", T);
-        listener.send_line("direct from a on x");
-        dialer.stdout.wait_for("direct from a on x", T);
-        dialer.close_stdin();
-        assert_eq!(
-            lab::exit_code(&mut dialer, T),
-            Some(0),
-            "the dialer exits 0"
-        );
+        direct_chat(&mut dialer, &mut listener, &l_id, "b on y");
 
-        // Relayed: a second pair behind the same NATs that asks for no direct path, on x and y.
+        // Relayed: a second pair behind the same NATs that asks for no direct path, on z and
+        // y: through both nodes and the node link between them.
         let mut listen = args!["listen", "--relay-only"];
-        listen.extend(x.args());
+        listen.extend(z.args());
         let mut listener2 = lab.peer("a", "listener2", &dir.path().join("a2"), &listen);
         let l2_id = e2e::wait_registered(&listener2, T);
         let mut connect = args!["connect", l2_id.clone(), "--relay-only"];
@@ -175,10 +192,61 @@ fn peers_behind_nats_on_two_nodes_go_direct_and_relay_across_the_node_link() {
         let mut relayed = lab.peer("b", "relayed", &dir.path().join("b2"), &connect);
         let line = relayed.stdout.wait_for(&format!("connected to {l2_id}"), T);
         assert!(line.contains("relayed via rendezvous"), "{line}");
-        relayed.send_line("relayed from b on y");
-        listener2.stdout.wait_for("relayed from b on y", T);
-        listener2.send_line("relayed from a on x");
-        relayed.stdout.wait_for("relayed from a on x", T);
+        let relayed_chat = |relayed: &mut Proc, listener2: &mut Proc, when: &str| {
+            relayed.send_line(&format!("relayed from b on y, {when}"));
+            listener2
+                .stdout
+                .wait_for(&format!("relayed from b on y, {when}"), T);
+            listener2.send_line(&format!("relayed from a on z, {when}"));
+            relayed
+                .stdout
+                .wait_for(&format!("relayed from a on z, {when}"), T);
+        };
+        relayed_chat(&mut relayed, &mut listener2, "first");
+
+        // Redis dies. Every node notices within seconds and says so.
+        redis.kill9();
+        for rv in [&x, &y, &z] {
+            rv.proc
+                .stderr
+                .wait_for("cluster registry (Redis) unreachable: degraded mode", T);
+        }
+        // The relayed chat goes on: the node link y-z is open, and needs no Redis.
+        relayed_chat(&mut relayed, &mut listener2, "while Redis is down");
+        // Peers on the same node still find each other and punch.
+        let mut connect = args!["connect", l_id.clone()];
+        connect.extend(x.args());
+        let mut same_node = lab.peer("b", "same-node", &dir.path().join("b3"), &connect);
+        direct_chat(&mut same_node, &mut listener, &l_id, "b on x, Redis down");
+        // Another node's peer: refused, saying why (never a wrong "not found").
+        let mut connect = args!["connect", l2_id.clone()];
+        connect.extend(x.args());
+        let mut refused = lab.peer("b", "refused", &dir.path().join("b4"), &connect);
+        let code = lab::exit_code(&mut refused, T);
+        let said = format!("{}{}", refused.stdout.text(), refused.stderr.text());
+        assert_ne!(code, Some(0), "{said}");
+        assert!(
+            said.contains("cluster registry (Redis) is unreachable")
+                && said.contains("peers on this node still can"),
+            "{said}"
+        );
+
+        // Redis back, empty (no persistence): the nodes write their peers again and subscribe
+        // again; a pair across nodes connects again, and the relayed chat still runs.
+        let redis = self::redis(&lab, dir.path());
+        for rv in [&x, &y, &z] {
+            rv.proc
+                .stderr
+                .wait_for("this node's peers written again", T);
+            rv.proc
+                .stderr
+                .wait_for_nth("subscribed to this node's introductions", 2, T);
+        }
+        let mut connect = args!["connect", l_id.clone()];
+        connect.extend(z.args());
+        let mut again = lab.peer("b", "again", &dir.path().join("b5"), &connect);
+        direct_chat(&mut again, &mut listener, &l_id, "b on z, Redis back");
+        relayed_chat(&mut relayed, &mut listener2, "after Redis came back");
         for p in [&relayed, &listener2] {
             assert!(
                 !p.stdout.text().contains("direct to"),

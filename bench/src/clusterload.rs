@@ -8,7 +8,10 @@
 //! 2. Cross-node introductions: `--introductions-per-node` peers of every node each ask to be
 //!    introduced (`connect`) to a peer of the next node (the last node's to the first's), all
 //!    nodes at once; a `punch` reply counts (the target's node is reached through Redis, see
-//!    docs/cluster.md). Introductions per second per requesting node, and its CPU seconds.
+//!    docs/cluster.md). Introductions per second per requesting node, its CPU seconds, and
+//!    the time from request to reply (median and 95th percentile). Given one node (a single
+//!    node, or a cluster of one), each peer asks for the next peer of the same node: the
+//!    baseline the cross-node figures are compared with.
 //! 3. Closes every connection and prints one JSON line.
 //!
 //! Bounded: at most 8 nodes and 20,000 peers per node, and every phase has a deadline.
@@ -127,8 +130,9 @@ async fn register_all(
     Ok(out)
 }
 
-/// One `connect` request on its own stream: whether the node answered with a `punch`.
-async fn introduce(conn: quinn::Connection, target: PeerId) -> Result<(), String> {
+/// One `connect` request on its own stream: the time to the node's `punch` answer.
+async fn introduce(conn: quinn::Connection, target: PeerId) -> Result<Duration, String> {
+    let asked = Instant::now();
     let exchange = async {
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
         write_frame(&mut tx, &ControlMessage::connect(target).encode())
@@ -145,17 +149,39 @@ async fn introduce(conn: quinn::Connection, target: PeerId) -> Result<(), String
     };
     tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
-        .map_err(|_| "no answer in time".to_owned())?
+        .map_err(|_| "no answer in time".to_owned())??;
+    Ok(asked.elapsed())
 }
 
-/// What one node's requesters got: (succeeded, failed, first error, seconds).
+/// What one node's requesters got.
+#[derive(Debug, Clone, Default)]
+struct Introductions {
+    ok: usize,
+    failed: usize,
+    first_error: Option<String>,
+    secs: f64,
+    /// Request to reply of each that succeeded, milliseconds.
+    latencies_ms: Vec<f64>,
+}
+
+/// The `q` quantile (0..=1) of `values` (nearest rank), 0 when there are none.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1],
+    }
+}
+
 async fn introduce_all(
     pairs: Vec<(quinn::Connection, PeerId)>,
     concurrency: usize,
     deadline: Duration,
-) -> (usize, usize, Option<String>, f64) {
+) -> Introductions {
     let start = Instant::now();
     let (mut ok, mut failed, mut first_error) = (0, 0, None);
+    let mut latencies_ms = Vec::with_capacity(pairs.len());
     let mut tasks = JoinSet::new();
     let mut pairs = pairs.into_iter();
     loop {
@@ -174,7 +200,10 @@ async fn introduce_all(
                 break;
             }
             Ok(None) => break,
-            Ok(Some(Ok(Ok(())))) => ok += 1,
+            Ok(Some(Ok(Ok(took)))) => {
+                ok += 1;
+                latencies_ms.push(took.as_secs_f64() * 1000.0);
+            }
             Ok(Some(Ok(Err(e)))) => {
                 failed += 1;
                 first_error.get_or_insert(e);
@@ -185,7 +214,13 @@ async fn introduce_all(
             }
         }
     }
-    (ok, failed, first_error, start.elapsed().as_secs_f64())
+    Introductions {
+        ok,
+        failed,
+        first_error,
+        secs: start.elapsed().as_secs_f64(),
+        latencies_ms,
+    }
 }
 
 /// Runs the cluster load and prints its JSON line.
@@ -206,8 +241,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.peers_per_node == 0 || args.peers_per_node > MAX_PEERS_PER_NODE {
         bail!("--peers-per-node must be between 1 and {MAX_PEERS_PER_NODE}");
     }
-    if args.introductions_per_node > args.peers_per_node {
-        bail!("--introductions-per-node must be at most --peers-per-node");
+    if args.introductions_per_node > args.peers_per_node
+        || (n == 1 && args.introductions_per_node >= args.peers_per_node)
+    {
+        bail!(
+            "--introductions-per-node must be at most --peers-per-node (below it with one node: \
+             each peer asks for the next)"
+        );
     }
     let mut nodes = Vec::with_capacity(n);
     for (i, (server, key)) in args.servers.iter().zip(&args.server_keys).enumerate() {
@@ -270,18 +310,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut introducing = JoinSet::new();
     for i in 0..n {
+        // With one node, peer j asks for peer j + 1 (never for itself).
         let next = &registrations[(i + 1) % n].peers;
         let pairs: Vec<(quinn::Connection, PeerId)> = registrations[i]
             .peers
             .iter()
-            .zip(next.iter())
+            .zip(next.iter().skip(usize::from(n == 1)))
             .take(args.introductions_per_node)
             .map(|((_, requester), (target, _))| (requester.conn.clone(), *target))
             .collect();
         let concurrency = args.load.concurrency;
         introducing.spawn(async move { (i, introduce_all(pairs, concurrency, deadline).await) });
     }
-    let mut introductions = vec![(0, 0, None, 0.0); n];
+    let mut introductions = vec![Introductions::default(); n];
     while let Some(done) = introducing.join_next().await {
         let (i, result) = done.context("an introduction task")?;
         introductions[i] = result;
@@ -303,7 +344,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut per_node = Vec::with_capacity(n);
     for (i, node) in nodes.iter().enumerate() {
         let r = &registrations[i];
-        let (ok, failed, first_error, secs) = &introductions[i];
+        let Introductions {
+            ok,
+            failed,
+            first_error,
+            secs,
+            latencies_ms,
+        } = &introductions[i];
         let count = r.peers.len();
         let mut entry = serde_json::json!({
             "server": node.server.to_string(),
@@ -317,6 +364,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "introductions_first_error": first_error,
             "introduce_secs": secs,
             "introductions_per_s": *ok as f64 / secs.max(1e-9),
+            "introduce_p50_ms": quantile(latencies_ms, 0.5),
+            "introduce_p95_ms": quantile(latencies_ms, 0.95),
         });
         if let (Some(b), Some(reg), Some(intro)) = (before[i], registered[i], introduced[i]) {
             let register_cpu = reg.1 - b.1;
@@ -329,7 +378,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         per_node.push(entry);
     }
     let total_registered: usize = registrations.iter().map(|r| r.peers.len()).sum();
-    let total_introduced: usize = introductions.iter().map(|i| i.0).sum();
+    let total_introduced: usize = introductions.iter().map(|i| i.ok).sum();
     println!(
         "{}",
         serde_json::json!({
@@ -341,4 +390,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let values: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(quantile(&values, 0.5), 10.0);
+        assert_eq!(quantile(&values, 0.95), 19.0);
+        assert_eq!(quantile(&values, 1.0), 20.0);
+        assert_eq!(quantile(&[3.0], 0.95), 3.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
 }

@@ -172,6 +172,18 @@ pub enum ClusterError {
     /// Redis answered with an error.
     #[error("the cluster registry (Redis) failed: {0}")]
     Redis(String),
+    /// The Redis given is a node of a Redis Cluster (sharded), which the registry does not use:
+    /// a peer's writes span several keys in one pipeline or script, and Redis Cluster refuses
+    /// those across hash slots.
+    #[error(
+        "the cluster registry at {url} is a Redis Cluster node (cluster_enabled:1): not \
+         supported; give a standalone primary (redis://) or the sentinels of one \
+         (redis+sentinel://), see docs/cluster.md"
+    )]
+    ShardedRedis {
+        /// The server's address (as given, or as Sentinel named it).
+        url: String,
+    },
     /// Another live node, with another key, holds this node id.
     #[error(
         "node id {node:?} is in use by a live node with another key (at {addr}); give each node \
@@ -594,8 +606,13 @@ impl Cluster {
             }),
             counters: ClusterCounters::default(),
         });
-        if let Err(e) = cluster.probe().await {
-            tracing::warn!(error = %e, "cluster registry unreachable at start: degraded mode until it answers");
+        match cluster.probe().await {
+            Ok(()) => {}
+            // A misconfiguration, not an outage: the node does not start.
+            Err(e @ ClusterError::ShardedRedis { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster registry unreachable at start: degraded mode until it answers")
+            }
         }
         Ok((cluster, WriteQueue(queue)))
     }
@@ -656,7 +673,20 @@ impl Cluster {
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let result = match tokio::time::timeout(self.timings.call_timeout, call).await {
+        let result = self.within(call).await;
+        self.mark(!matches!(
+            result,
+            Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_))
+        ));
+        result
+    }
+
+    /// Runs `call` within the call timeout, without recording the outcome.
+    async fn within<T, F>(&self, call: F) -> Result<T, ClusterError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.timings.call_timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
                 Err(ClusterError::Unavailable(e.to_string()))
@@ -669,12 +699,7 @@ impl Cluster {
             ),
             Ok(Err(e)) => Err(ClusterError::Redis(e.to_string())),
             Err(_) => Err(ClusterError::Timeout(self.timings.call_timeout)),
-        };
-        self.mark(!matches!(
-            result,
-            Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_))
-        ));
-        result
+        }
     }
 
     /// Pings Redis (connecting first if never connected): whether it answers. With Sentinel,
@@ -708,9 +733,32 @@ impl Cluster {
                     .set_response_timeout(self.timings.call_timeout)
                     .set_number_of_retries(1);
                 let client = self.current_client()?;
-                let conn = self
-                    .timed(ConnectionManager::new_with_config(client, config))
-                    .await?;
+                // Checked on every new connection, before it counts as Redis answering: a
+                // sharded Redis would refuse our multi-key writes one by one; it is refused
+                // plainly, and the node stays degraded.
+                let connected = async {
+                    let mut conn = self
+                        .within(ConnectionManager::new_with_config(client.clone(), config))
+                        .await?;
+                    let info: String = self
+                        .within(redis::cmd("INFO").arg("cluster").query_async(&mut conn))
+                        .await?;
+                    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+                        let addr = client.get_connection_info().addr.to_string();
+                        return Err(ClusterError::ShardedRedis { url: addr });
+                    }
+                    Ok(conn)
+                };
+                let conn = match connected.await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        self.mark(false);
+                        if matches!(e, ClusterError::ShardedRedis { .. }) {
+                            tracing::error!(error = %e, "cluster registry refused");
+                        }
+                        return Err(e);
+                    }
+                };
                 *lock(&self.conn) = Some(conn.clone());
                 conn
             }

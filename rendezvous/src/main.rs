@@ -823,6 +823,81 @@ metrics-per-source = 3
         assert_eq!(cluster, None);
     }
 
+    /// The example config file names every option of `serve` (set, or commented with its
+    /// default or an example), and every value it shows is one `serve` accepts: with every
+    /// commented key set (the first of each), the file still parses.
+    #[test]
+    fn the_deploy_config_file_shows_every_serve_option_with_a_valid_value() {
+        let text = include_str!("../../deploy/rendezvous.toml");
+        let key_of = |line: &str| -> Option<(bool, String)> {
+            let (commented, rest) = match line.strip_prefix("# ") {
+                Some(rest) => (true, rest),
+                None => (false, line),
+            };
+            let (key, _) = rest.split_once(" = ")?;
+            let is_key = !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '-');
+            is_key.then(|| (commented, key.to_owned()))
+        };
+        let shown: Vec<String> = text.lines().filter_map(key_of).map(|(_, k)| k).collect();
+        let command = Cli::command();
+        let serve = command
+            .get_subcommands()
+            .find(|c| c.get_name() == "serve")
+            .expect("a serve command");
+        let mut options: Vec<String> = serve
+            .get_arguments()
+            .chain(command.get_arguments())
+            .filter_map(|a| a.get_long())
+            .filter(|long| !matches!(*long, "config" | "help" | "version"))
+            .map(str::to_owned)
+            .collect();
+        options.sort();
+        options.dedup();
+        assert!(options.len() > 30, "{options:?}");
+        for option in &options {
+            assert!(
+                shown.contains(option),
+                "deploy/rendezvous.toml does not show `{option}`"
+            );
+        }
+        for key in &shown {
+            assert!(options.contains(key), "`{key}` is no option of serve");
+        }
+        // Every commented key set (the first line of each; the cluster URL has an alternative).
+        let mut seen = std::collections::HashSet::new();
+        let all: String = text
+            .lines()
+            .filter_map(|line| {
+                let (commented, key) = key_of(line)?;
+                if !seen.insert(key) {
+                    return None;
+                }
+                Some(if commented { &line[2..] } else { line })
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let file = ConfigFile::new(all.as_bytes());
+        let Command::Serve {
+            stun_alt_ip,
+            relay_trace,
+            cluster,
+            node_id,
+            cluster_link_announce,
+            ..
+        } = serve_with(&file, &[]).expect("every value in the example parses")
+        else {
+            panic!("serve");
+        };
+        assert_eq!(stun_alt_ip, Some("198.51.100.2".parse().unwrap()));
+        assert!(relay_trace.is_some());
+        assert_eq!(cluster.as_deref(), Some("redis://10.0.0.5:6379/"));
+        assert_eq!(node_id.as_deref(), Some("eu-1"));
+        assert_eq!(
+            cluster_link_announce,
+            Some("10.0.0.11:7100".parse().unwrap())
+        );
+    }
+
     #[test]
     fn default_expiry_is_the_librarys() {
         assert_eq!(
