@@ -104,11 +104,12 @@ r = json.load(open(sys.argv[1]))
 kind = "same-node" if r["nodes"] == 1 else "cross-node"
 print(f"\n{r['nodes']} nodes, {r['peers_per_node']} peers per node: {r['registered']} registered, "
       f"{r['introductions']} {kind} introductions\n")
-print(f"| node | registered (failed) | registrations/s | registrations per node CPU s | {kind} introductions/s (failed) | node CPU s for them | request to reply, median / p95 | node RSS after registering |")
-print("|---|---|---|---|---|---|---|---|")
+print(f"| node | registered (failed) | registrations/s | registrations per node CPU s | {kind} introductions/s (failed) | node CPU s for them | request to reply, median / p95 | request to the target's push, median / p95 | node RSS after registering |")
+print("|---|---|---|---|---|---|---|---|---|")
 for n in r["per_node"]:
     print(f"| {n['server']} | {n['registered']} ({n['register_failed']}) | {n['registrations_per_s']:.0f} | "
           f"{n.get('rv_registrations_per_cpu_s', 0):.0f} | {n['introductions_per_s']:.0f} ({n['introductions_failed']}) | "
-          f"{n.get('rv_introduce_cpu_s', 0):.2f} | {n['introduce_p50_ms']:.1f} / {n['introduce_p95_ms']:.1f} ms | "
+          f"{n.get('rv_introduce_cpu_s', 0):.2f} | {n['reply_p50_ms']:.1f} / {n['reply_p95_ms']:.1f} ms | "
+          f"{n['push_p50_ms']:.1f} / {n['push_p95_ms']:.1f} ms | "
           f"{n.get('rv_rss_registered_kib', 0) / 1024:.0f} MiB |")
 EOF

@@ -8,10 +8,11 @@
 //! 2. Cross-node introductions: `--introductions-per-node` peers of every node each ask to be
 //!    introduced (`connect`) to a peer of the next node (the last node's to the first's), all
 //!    nodes at once; a `punch` reply counts (the target's node is reached through Redis, see
-//!    docs/cluster.md). Introductions per second per requesting node, its CPU seconds, and
-//!    the time from request to reply (median and 95th percentile). Given one node (a single
-//!    node, or a cluster of one), each peer asks for the next peer of the same node: the
-//!    baseline the cross-node figures are compared with.
+//!    docs/cluster.md). Introductions per second per requesting node, its CPU seconds, the
+//!    time from request to reply and from request to the target's pushed `punch` (median and
+//!    95th percentile: the push is what crosses the nodes). Given one node (a single node, or
+//!    a cluster of one), each peer asks for the next peer of the same node: the baseline the
+//!    cross-node figures are compared with.
 //! 3. Closes every connection and prints one JSON line.
 //!
 //! Bounded: at most 8 nodes and 20,000 peers per node, and every phase has a deadline.
@@ -130,9 +131,63 @@ async fn register_all(
     Ok(out)
 }
 
-/// One `connect` request on its own stream: the time to the node's `punch` answer.
-async fn introduce(conn: quinn::Connection, target: PeerId) -> Result<Duration, String> {
+/// A target's control stream, read for its pushes and handed back (dropping it would end the
+/// target's registration).
+type Control = (quinn::SendStream, quinn::RecvStream);
+
+/// One introduction to time.
+struct Ask {
+    conn: quinn::Connection,
+    requester: PeerId,
+    target: PeerId,
+    target_control: Control,
+}
+
+/// How long one introduction took: to the reply, and to the target's pushed `punch`.
+struct Took {
+    reply: Duration,
+    push: Duration,
+}
+
+/// Reads `control` until the `punch` introducing `requester` arrives.
+async fn pushed_punch(control: &mut Control, requester: PeerId) -> Result<(), String> {
+    loop {
+        let frame = read_frame(&mut control.1)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the target's control stream closed")?;
+        if let Ok(ControlMessage::Punch { peer, .. }) = ControlMessage::decode(&frame) {
+            if peer == requester {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One `connect` request on its own stream, and the target's push read alongside: the times
+/// to the node's `punch` answer and to the target's. The control stream is handed back.
+async fn introduce(mut ask: Ask) -> (Result<Took, String>, Control) {
     let asked = Instant::now();
+    let pushed = async {
+        pushed_punch(&mut ask.target_control, ask.requester).await?;
+        Ok::<Duration, String>(asked.elapsed())
+    };
+    let replied = async {
+        reply(ask.conn, ask.target).await?;
+        Ok::<Duration, String>(asked.elapsed())
+    };
+    let both = async {
+        let (reply, push) = tokio::try_join!(replied, pushed)?;
+        Ok(Took { reply, push })
+    };
+    let took = tokio::time::timeout(REQUEST_TIMEOUT, both)
+        .await
+        .unwrap_or_else(|_| Err("no answer or push in time".to_owned()));
+    (took, ask.target_control)
+}
+
+/// One `connect` request on its own stream: whether the node answered with a `punch`.
+async fn reply(conn: quinn::Connection, target: PeerId) -> Result<(), String> {
     let exchange = async {
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
         write_frame(&mut tx, &ControlMessage::connect(target).encode())
@@ -147,10 +202,7 @@ async fn introduce(conn: quinn::Connection, target: PeerId) -> Result<Duration, 
             other => Err(format!("answered {}", other.kind())),
         }
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| "no answer in time".to_owned())??;
-    Ok(asked.elapsed())
+    exchange.await
 }
 
 /// What one node's requesters got.
@@ -161,7 +213,9 @@ struct Introductions {
     first_error: Option<String>,
     secs: f64,
     /// Request to reply of each that succeeded, milliseconds.
-    latencies_ms: Vec<f64>,
+    reply_ms: Vec<f64>,
+    /// Request to the target's push of each that succeeded, milliseconds.
+    push_ms: Vec<f64>,
 }
 
 /// The `q` quantile (0..=1) of `values` (nearest rank), 0 when there are none.
@@ -174,22 +228,26 @@ fn quantile(values: &[f64], q: f64) -> f64 {
     }
 }
 
+/// Runs `asks` with `concurrency` in flight: what they got, and the targets' control streams.
 async fn introduce_all(
-    pairs: Vec<(quinn::Connection, PeerId)>,
+    asks: Vec<Ask>,
     concurrency: usize,
     deadline: Duration,
-) -> Introductions {
+) -> (Introductions, Vec<Control>) {
     let start = Instant::now();
     let (mut ok, mut failed, mut first_error) = (0, 0, None);
-    let mut latencies_ms = Vec::with_capacity(pairs.len());
+    let mut reply_ms = Vec::with_capacity(asks.len());
+    let mut push_ms = Vec::with_capacity(asks.len());
+    let mut controls = Vec::with_capacity(asks.len());
+    let pairs = asks;
     let mut tasks = JoinSet::new();
     let mut pairs = pairs.into_iter();
     loop {
         while tasks.len() < concurrency.max(1) {
-            let Some((conn, target)) = pairs.next() else {
+            let Some(ask) = pairs.next() else {
                 break;
             };
-            tasks.spawn(introduce(conn, target));
+            tasks.spawn(introduce(ask));
         }
         let remaining = deadline.saturating_sub(start.elapsed());
         match tokio::time::timeout(remaining, tasks.join_next()).await {
@@ -200,13 +258,16 @@ async fn introduce_all(
                 break;
             }
             Ok(None) => break,
-            Ok(Some(Ok(Ok(took)))) => {
+            Ok(Some(Ok((Ok(took), control)))) => {
                 ok += 1;
-                latencies_ms.push(took.as_secs_f64() * 1000.0);
+                reply_ms.push(took.reply.as_secs_f64() * 1000.0);
+                push_ms.push(took.push.as_secs_f64() * 1000.0);
+                controls.push(control);
             }
-            Ok(Some(Ok(Err(e)))) => {
+            Ok(Some(Ok((Err(e), control)))) => {
                 failed += 1;
                 first_error.get_or_insert(e);
+                controls.push(control);
             }
             Ok(Some(Err(e))) => {
                 failed += 1;
@@ -214,13 +275,15 @@ async fn introduce_all(
             }
         }
     }
-    Introductions {
+    let got = Introductions {
         ok,
         failed,
         first_error,
         secs: start.elapsed().as_secs_f64(),
-        latencies_ms,
-    }
+        reply_ms,
+        push_ms,
+    };
+    (got, controls)
 }
 
 /// Runs the cluster load and prints its JSON line.
@@ -297,7 +360,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let (i, result) = done.context("a registration task")?;
         registrations[i] = Some(result?);
     }
-    let registrations: Vec<Registrations> = registrations.into_iter().flatten().collect();
+    let mut registrations: Vec<Registrations> = registrations.into_iter().flatten().collect();
     let registered: Vec<_> = nodes
         .iter()
         .map(|nd| sample(nd.pid))
@@ -305,33 +368,57 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // 2. Cross-node introductions: node i's first peers ask for node i+1's.
     eprintln!(
-        "cluster-load: {} cross-node introductions per node",
-        args.introductions_per_node
+        "cluster-load: {} {} introductions per node",
+        args.introductions_per_node,
+        if n == 1 { "same-node" } else { "cross-node" }
     );
+    // Node i's peer j asks for node i+1's peer j (with one node, for peer j + 1: never
+    // itself), whose control stream is taken to read the push; every target is asked for once.
+    let take = args.introductions_per_node;
+    let mut targets: Vec<Vec<(PeerId, Control)>> = Vec::with_capacity(n);
+    for r in registrations.iter_mut() {
+        let skip = usize::from(n == 1);
+        let mut mine = Vec::with_capacity(take);
+        for (id, peer) in r.peers.iter_mut().skip(skip).take(take) {
+            let control = peer
+                .control
+                .take()
+                .context("a registered peer without its control stream")?;
+            mine.push((*id, control));
+        }
+        targets.push(mine);
+    }
     let mut introducing = JoinSet::new();
     for i in 0..n {
-        // With one node, peer j asks for peer j + 1 (never for itself).
-        let next = &registrations[(i + 1) % n].peers;
-        let pairs: Vec<(quinn::Connection, PeerId)> = registrations[i]
+        let next = std::mem::take(&mut targets[(i + 1) % n]);
+        let asks: Vec<Ask> = registrations[i]
             .peers
             .iter()
-            .zip(next.iter().skip(usize::from(n == 1)))
-            .take(args.introductions_per_node)
-            .map(|((_, requester), (target, _))| (requester.conn.clone(), *target))
+            .zip(next)
+            .map(|((requester, registered), (target, target_control))| Ask {
+                conn: registered.conn.clone(),
+                requester: *requester,
+                target,
+                target_control,
+            })
             .collect();
         let concurrency = args.load.concurrency;
-        introducing.spawn(async move { (i, introduce_all(pairs, concurrency, deadline).await) });
+        introducing.spawn(async move { (i, introduce_all(asks, concurrency, deadline).await) });
     }
     let mut introductions = vec![Introductions::default(); n];
+    // The targets' control streams, held to the end (their registrations with them).
+    let mut controls = Vec::new();
     while let Some(done) = introducing.join_next().await {
-        let (i, result) = done.context("an introduction task")?;
+        let (i, (result, held)) = done.context("an introduction task")?;
         introductions[i] = result;
+        controls.extend(held);
     }
     let introduced: Vec<_> = nodes
         .iter()
         .map(|nd| sample(nd.pid))
         .collect::<Result<_, _>>()?;
 
+    drop(controls);
     for r in &registrations {
         for (_, peer) in &r.peers {
             peer.conn.close(0u32.into(), b"bench done");
@@ -349,7 +436,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             failed,
             first_error,
             secs,
-            latencies_ms,
+            reply_ms,
+            push_ms,
         } = &introductions[i];
         let count = r.peers.len();
         let mut entry = serde_json::json!({
@@ -364,8 +452,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "introductions_first_error": first_error,
             "introduce_secs": secs,
             "introductions_per_s": *ok as f64 / secs.max(1e-9),
-            "introduce_p50_ms": quantile(latencies_ms, 0.5),
-            "introduce_p95_ms": quantile(latencies_ms, 0.95),
+            "reply_p50_ms": quantile(reply_ms, 0.5),
+            "reply_p95_ms": quantile(reply_ms, 0.95),
+            "push_p50_ms": quantile(push_ms, 0.5),
+            "push_p95_ms": quantile(push_ms, 0.95),
         });
         if let (Some(b), Some(reg), Some(intro)) = (before[i], registered[i], introduced[i]) {
             let register_cpu = reg.1 - b.1;

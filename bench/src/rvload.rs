@@ -81,9 +81,9 @@ pub struct LoadArgs {
 /// One registered simulated peer: dropping it closes nothing; [`run`] closes connections.
 pub(crate) struct Registered {
     pub(crate) conn: quinn::Connection,
-    // Held so the control stream stays open (the server ends the registration with it); `None`
-    // with `--handshake-only`.
-    _control: Option<(quinn::SendStream, quinn::RecvStream)>,
+    /// Held so the control stream stays open (the server ends the registration with it);
+    /// `None` with `--handshake-only`. `bench cluster-load` reads the pushes on it.
+    pub(crate) control: Option<(quinn::SendStream, quinn::RecvStream)>,
 }
 
 pub(crate) async fn register_one(
@@ -107,7 +107,7 @@ pub(crate) async fn register_one(
     if handshake_only {
         return Ok(Registered {
             conn,
-            _control: None,
+            control: None,
         });
     }
     // The peer's own register handshake.
@@ -120,7 +120,7 @@ pub(crate) async fn register_one(
     match reply {
         ControlMessage::Registered { id, .. } if id == identity.id() => Ok(Registered {
             conn,
-            _control: Some((tx, rx)),
+            control: Some((tx, rx)),
         }),
         other => bail!("unexpected reply to register: {}", other.kind()),
     }
