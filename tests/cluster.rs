@@ -479,10 +479,11 @@ fn hostile_values_in_redis_are_refused_not_trusted() {
     assert!(a.terminate(T).success());
 }
 
-/// A Redis Cluster node (sharded Redis) is not a registry the nodes can use (multi-key writes
-/// across hash slots): a node given one does not start, and says why and what to give instead.
+/// A Redis Cluster node (sharded Redis) given as one server (`redis://`) would refuse the
+/// standalone registry's keys of other hash slots: a node given one does not start, and says
+/// how to give a Redis Cluster instead.
 #[test]
-fn a_sharded_redis_is_refused_at_start_saying_what_to_use() {
+fn a_redis_cluster_node_given_as_one_server_is_refused_at_start_saying_what_to_use() {
     if Redis::start().is_none() {
         return;
     }
@@ -525,10 +526,181 @@ fn a_sharded_redis_is_refused_at_start_saying_what_to_use() {
     );
     assert!(!node.wait(T).success());
     let said = node.stderr.wait_for("Redis Cluster node", T);
+    assert!(said.contains("redis+cluster://"), "{said}");
+}
+
+/// A Redis Cluster of three primaries with a replica each: six `redis-server`s on free loopback
+/// ports (`cluster-node-timeout` 1 s), joined by `redis-cli --cluster create`. `None` (with a
+/// message) without `redis-server` or `redis-cli`.
+struct RedisCluster {
+    servers: Vec<Redis>,
+}
+
+impl RedisCluster {
+    fn start() -> Option<RedisCluster> {
+        drop(Redis::start()?);
+        if Command::new("redis-cli").arg("--version").output().is_err() {
+            eprintln!("skipped: redis-cli is not installed (apt-get install redis-tools)");
+            return None;
+        }
+        let mut servers = Vec::new();
+        for _ in 0..12 {
+            if servers.len() == 6 {
+                break;
+            }
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+            ];
+            if let Some(redis) = Redis::try_start_with(port, TempDir::new("shard"), &extra) {
+                servers.push(redis);
+            }
+        }
+        assert_eq!(servers.len(), 6, "six cluster-mode redis-servers start");
+        let addrs: Vec<String> = servers
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let made = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(made.status.success(), "{made:?}");
+        for r in &servers {
+            r.proc.stdout.wait_for("Cluster state changed: ok", T);
+        }
+        Some(RedisCluster { servers })
+    }
+
+    /// `redis+cluster://` naming every server as a seed.
+    fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .servers
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        format!("redis+cluster://{}/", seeds.join(","))
+    }
+
+    /// `redis-cli -p PORT ARGS...` against server `i`: its output.
+    fn cli(&self, i: usize, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.servers[i].port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The primary holding the registry's hash slot (`{rv}`) and its replica, as indices.
+    fn registry_shard(&self) -> (usize, usize) {
+        let slot: u16 = self
+            .cli(0, &["CLUSTER", "KEYSLOT", "{rv}"])
+            .parse()
+            .expect("a slot number");
+        let nodes = self.cli(0, &["CLUSTER", "NODES"]);
+        // `ID IP:PORT@CPORT FLAGS MASTER PING PONG EPOCH STATE [SLOTS...]`
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let index_of = |fields: &Vec<&str>| {
+            let port: u16 = fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .expect("a port");
+            self.servers
+                .iter()
+                .position(|r| r.port == port)
+                .expect("one of ours")
+        };
+        let holds = |range: &str| match range.split_once('-') {
+            Some((lo, hi)) => {
+                lo.parse::<u16>().is_ok_and(|lo| lo <= slot)
+                    && hi.parse::<u16>().is_ok_and(|hi| slot <= hi)
+            }
+            None => range.parse::<u16>().is_ok_and(|one| one == slot),
+        };
+        let primary = lines
+            .iter()
+            .find(|f| f.len() > 8 && f[2].contains("master") && f[8..].iter().any(|r| holds(r)))
+            .expect("a primary holds the slot");
+        let replica = lines
+            .iter()
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == primary[0])
+            .expect("the primary has a replica");
+        (index_of(primary), index_of(replica))
+    }
+}
+
+/// A Redis Cluster (`redis+cluster://`, its servers as seeds) holds the registry: every key
+/// in the `{rv}` hash slot, peers on different nodes find each other and chat (introductions
+/// over pub/sub, which the cluster delivers on every server). Its primary holding the slot is
+/// killed: its replica takes over, the nodes follow by themselves (degraded mode meanwhile,
+/// then their peers written again), and a peer registered after the failover is found and
+/// reached across nodes; the peer registered before it still is.
+#[test]
+fn a_redis_cluster_holds_the_registry_and_the_nodes_follow_its_failover() {
+    let Some(mut cluster) = RedisCluster::start() else {
+        return;
+    };
+    let dir = TempDir::new("cluster-redis-cluster");
+    let url = cluster.url();
+    let x = node_at(dir.path(), &url, "x", &[]);
+    let y = node_at(dir.path(), &url, "y", &[]);
+    let (a, a_id) = listen("a", dir.path(), &x);
+    let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
     assert!(
-        said.contains("not supported") && said.contains("redis+sentinel://"),
-        "{said}"
+        ok && out.contains("from the rendezvous: online"),
+        "{out}\n{err}"
     );
+    chat("b", dir.path(), &y, &a, &a_id);
+    assert_eq!(
+        cluster.cli(0, &["-c", "EXISTS", &format!("{{rv}}:peer:{a_id}")]),
+        "1"
+    );
+    assert_eq!(
+        cluster.cli(0, &["-c", "EXISTS", &format!("rv:peer:{a_id}")]),
+        "0"
+    );
+
+    let (primary, replica) = cluster.registry_shard();
+    cluster.servers[primary].proc.kill9();
+    cluster.servers[replica]
+        .proc
+        .stdout
+        .wait_for("Failover election won", T);
+    for rv in [&x, &y] {
+        rv.proc
+            .stderr
+            .wait_for("cluster registry (Redis) unreachable: degraded mode", T);
+        rv.proc
+            .stderr
+            .wait_for("this node's peers written again", T);
+    }
+    let (c, c_id) = listen("c", dir.path(), &x);
+    for (target, listener) in [(&c_id, &c), (&a_id, &a)] {
+        let (ok, out, err) = lookup(dir.path(), "q", &y, target);
+        assert!(
+            ok && out.contains("from the rendezvous: online"),
+            "{out}\n{err}"
+        );
+        chat("d", dir.path(), &y, listener, target);
+    }
+    assert_eq!(sample(&x, "rendezvous_cluster_redis_up"), 1);
 }
 
 /// Two nodes never share a node id (they would share a channel and online marks): a second

@@ -24,7 +24,7 @@
 //! Redis call has a timeout, pipelines are bounded, values read are bounded in size and parsed
 //! into typed errors: Redis is hostile input too.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use common::nat::NatProfile;
 use common::PeerId;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::IntoConnectionInfo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -73,37 +74,57 @@ const CLAIM_IF_FREE_OR_MINE: &str = "local v = redis.call('GET', KEYS[1]) \
 const RELEASE_IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
     return redis.call('DEL', KEYS[1]) end return 0";
 
-/// The Redis key of a peer's record.
-pub fn peer_key(id: &PeerId) -> String {
-    format!("rv:peer:{id}")
+/// The names of the registry's keys and channels. With a standalone Redis (or Sentinel's
+/// primary) they start with `rv:`; on a Redis Cluster with `{rv}:`, a hash tag that puts every
+/// key in one hash slot, so that each pipeline and script (several keys of one peer, the live
+/// nodes' set) stays on one shard as Redis Cluster requires (the registry is small: one shard
+/// holds it, and the shard's replicas give the failover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keys {
+    prefix: &'static str,
 }
 
-/// The Redis key of a peer's online mark (its value: the node holding it).
-pub fn online_key(id: &PeerId) -> String {
-    format!("rv:online:{id}")
-}
+impl Keys {
+    /// The keys of a standalone Redis (`rv:...`).
+    pub const STANDALONE: Keys = Keys { prefix: "rv" };
+    /// The keys on a Redis Cluster (`{rv}:...`: one hash slot).
+    pub const SHARDED: Keys = Keys { prefix: "{rv}" };
 
-/// The Redis key of the NAT profile an online peer reported (handed to the other side of its
-/// introductions, which decides on birthday punching with it).
-pub fn nat_key(id: &PeerId) -> String {
-    format!("rv:nat:{id}")
-}
+    /// The key of a peer's record.
+    pub fn peer(&self, id: &PeerId) -> String {
+        format!("{}:peer:{id}", self.prefix)
+    }
 
-/// The sorted set of the live nodes' ids, scored by when their entry expires (Unix seconds).
-pub const NODES_KEY: &str = "rv:nodes";
+    /// The key of a peer's online mark (its value: the node holding it).
+    pub fn online(&self, id: &PeerId) -> String {
+        format!("{}:online:{id}", self.prefix)
+    }
+
+    /// The key of the NAT profile an online peer reported (handed to the other side of its
+    /// introductions, which decides on birthday punching with it).
+    pub fn nat(&self, id: &PeerId) -> String {
+        format!("{}:nat:{id}", self.prefix)
+    }
+
+    /// The sorted set of the live nodes' ids, scored by when their entry expires (Unix
+    /// seconds).
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// The key of a node's liveness entry.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+
+    /// The pub/sub channel of a node: introductions forwarded to its peers.
+    pub fn punch_channel(&self, node: &str) -> String {
+        format!("{}:punch:{node}", self.prefix)
+    }
+}
 
 /// Most nodes counted in the cluster-level metrics.
 pub const MAX_NODES: usize = 256;
-
-/// The Redis key of a node's liveness entry.
-pub fn node_key(node: &str) -> String {
-    format!("rv:node:{node}")
-}
-
-/// The pub/sub channel of a node: introductions forwarded to its peers.
-pub fn punch_channel(node: &str) -> String {
-    format!("rv:punch:{node}")
-}
 
 /// Timings of the cluster registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,13 +193,12 @@ pub enum ClusterError {
     /// Redis answered with an error.
     #[error("the cluster registry (Redis) failed: {0}")]
     Redis(String),
-    /// The Redis given is a node of a Redis Cluster (sharded), which the registry does not use:
-    /// a peer's writes span several keys in one pipeline or script, and Redis Cluster refuses
-    /// those across hash slots.
+    /// The Redis given as one server (`redis://`) is a node of a Redis Cluster (sharded):
+    /// the keys of a standalone registry span hash slots, which Redis Cluster refuses in one
+    /// pipeline or script; a Redis Cluster is given as `redis+cluster://` (hash-tagged keys).
     #[error(
-        "the cluster registry at {url} is a Redis Cluster node (cluster_enabled:1): not \
-         supported; give a standalone primary (redis://) or the sentinels of one \
-         (redis+sentinel://), see docs/cluster.md"
+        "the cluster registry at {url} is a Redis Cluster node (cluster_enabled:1): give the \
+         cluster as redis+cluster://HOST:PORT[,HOST:PORT...]/ (see docs/cluster.md)"
     )]
     ShardedRedis {
         /// The server's address (as given, or as Sentinel named it).
@@ -427,55 +447,25 @@ impl SentinelTarget {
     /// credentials). The user name and password may be percent-encoded (`%2F` for `/`), as in
     /// a `redis://` URL.
     pub fn parse(url: &str) -> Result<SentinelTarget, String> {
-        let rest = url
-            .strip_prefix(SENTINEL_SCHEME)
-            .ok_or_else(|| format!("expected {SENTINEL_SCHEME}"))?;
-        // The credentials end at the last `@` (a password may hold `/`, `@` or `:`), before the
-        // path is looked at.
-        let (credentials, rest) = match rest.rsplit_once('@') {
-            Some((credentials, rest)) => (Some(credentials), rest),
-            None => (None, rest),
-        };
-        let (hosts, service) = rest
-            .split_once('/')
-            .ok_or("expected /SERVICE after the sentinels' addresses")?;
-        let service = service.trim_end_matches('/');
-        if !is_short_name(service) {
+        let HostList {
+            urls,
+            path,
+            username,
+            password,
+        } = HostList::parse(url, SENTINEL_SCHEME, "sentinel", MAX_SENTINELS)?;
+        let service = path
+            .ok_or("expected /SERVICE after the sentinels' addresses")?
+            .trim_end_matches('/')
+            .to_owned();
+        if !is_short_name(&service) {
             return Err(format!(
                 "service name {service:?}: 1 to 64 letters, digits, `.`, `_` or `-` (Sentinel's \
                  `monitor` name)"
             ));
         }
-        let (username, password) = match credentials {
-            None => (None, None),
-            Some(c) => match c.split_once(':') {
-                Some((user, password)) => (
-                    Some(percent_decode(user)?).filter(|u| !u.is_empty()),
-                    Some(percent_decode(password)?).filter(|p| !p.is_empty()),
-                ),
-                None => return Err("credentials must be [USER]:PASSWORD".to_owned()),
-            },
-        };
-        let mut sentinel_urls = Vec::new();
-        for host in hosts.split(',') {
-            let (name, port) = host
-                .rsplit_once(':')
-                .ok_or_else(|| format!("sentinel {host:?}: expected HOST:PORT"))?;
-            let valid_name = !name.is_empty()
-                && name.chars().all(|c| {
-                    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
-                });
-            if !valid_name || port.parse::<u16>().map_or(true, |p| p == 0) {
-                return Err(format!("sentinel {host:?}: expected HOST:PORT"));
-            }
-            sentinel_urls.push(format!("redis://{name}:{port}/"));
-        }
-        if sentinel_urls.len() > MAX_SENTINELS {
-            return Err(format!("at most {MAX_SENTINELS} sentinels"));
-        }
         Ok(SentinelTarget {
-            sentinel_urls,
-            service: service.to_owned(),
+            sentinel_urls: urls,
+            service,
             username,
             password,
         })
@@ -487,6 +477,179 @@ impl SentinelTarget {
             username: self.username.clone(),
             password: self.password.clone(),
             ..Default::default()
+        }
+    }
+}
+
+/// `SCHEME[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...][/PATH]`, taken apart: the hosts as
+/// `redis://HOST:PORT/` URLs (without the credentials), the path, the credentials decoded.
+struct HostList {
+    urls: Vec<String>,
+    path: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl HostList {
+    /// `what` names a host in errors; at most `max` hosts. Errors never show the credentials.
+    fn parse(url: &str, scheme: &str, what: &str, max: usize) -> Result<HostList, String> {
+        let rest = url
+            .strip_prefix(scheme)
+            .ok_or_else(|| format!("expected {scheme}"))?;
+        // The credentials end at the last `@` (a password may hold `/`, `@` or `:`), before the
+        // path is looked at.
+        let (credentials, rest) = match rest.rsplit_once('@') {
+            Some((credentials, rest)) => (Some(credentials), rest),
+            None => (None, rest),
+        };
+        let (hosts, path) = match rest.split_once('/') {
+            Some((hosts, path)) => (hosts, Some(path.to_owned())),
+            None => (rest, None),
+        };
+        let (username, password) = match credentials {
+            None => (None, None),
+            Some(c) => match c.split_once(':') {
+                Some((user, password)) => (
+                    Some(percent_decode(user)?).filter(|u| !u.is_empty()),
+                    Some(percent_decode(password)?).filter(|p| !p.is_empty()),
+                ),
+                None => return Err("credentials must be [USER]:PASSWORD".to_owned()),
+            },
+        };
+        let mut urls = Vec::new();
+        for host in hosts.split(',') {
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{what} {host:?}: expected HOST:PORT"))?;
+            let valid_name = !name.is_empty()
+                && name.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
+                });
+            if !valid_name || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(format!("{what} {host:?}: expected HOST:PORT"));
+            }
+            urls.push(format!("redis://{name}:{port}/"));
+        }
+        if urls.len() > max {
+            return Err(format!("at most {max} {what}s"));
+        }
+        Ok(HostList {
+            urls,
+            path,
+            username,
+            password,
+        })
+    }
+}
+
+/// The scheme of a cluster URL naming a Redis Cluster (sharded Redis) by some of its nodes.
+pub const SHARDED_SCHEME: &str = "redis+cluster://";
+/// Most seed nodes one `redis+cluster://` URL may name.
+pub const MAX_SEEDS: usize = 16;
+
+/// `redis+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/`: a Redis Cluster, reached
+/// through any of these nodes (the client learns the others and the slots from them, and
+/// follows failovers and slot moves by itself).
+///
+/// Why it works on a sharded Redis: the keys carry the hash tag `{rv}` ([`Keys::SHARDED`]), so
+/// they all live in one hash slot and every pipeline and script stays on one shard (Redis
+/// Cluster refuses them across slots); the shard's replicas take over when its primary dies.
+/// Introductions use classic pub/sub, which Redis Cluster delivers to subscribers on every
+/// node: the node subscribes on the first seed that answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardedTarget {
+    /// `redis://HOST:PORT/` of each seed node, in the order given.
+    pub seed_urls: Vec<String>,
+    /// The user name, if any.
+    pub username: Option<String>,
+    /// The password, if any.
+    pub password: Option<String>,
+}
+
+impl ShardedTarget {
+    /// Parses a `redis+cluster://` URL; the error says what is wrong (and never shows the
+    /// credentials).
+    pub fn parse(url: &str) -> Result<ShardedTarget, String> {
+        let HostList {
+            urls,
+            path,
+            username,
+            password,
+        } = HostList::parse(url, SHARDED_SCHEME, "cluster node", MAX_SEEDS)?;
+        if path.is_some_and(|p| !p.is_empty()) {
+            return Err("a Redis Cluster has no databases: nothing may follow the `/`".to_owned());
+        }
+        Ok(ShardedTarget {
+            seed_urls: urls,
+            username,
+            password,
+        })
+    }
+
+    /// The client of the whole cluster, calls bounded by `timeout`.
+    fn client(&self, timeout: Duration) -> redis::RedisResult<redis::cluster::ClusterClient> {
+        let mut builder = redis::cluster::ClusterClient::builder(self.seed_urls.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(1);
+        if let Some(user) = &self.username {
+            builder = builder.username(user.clone());
+        }
+        if let Some(password) = &self.password {
+            builder = builder.password(password.clone());
+        }
+        builder.build()
+    }
+
+    /// A plain client of each seed node (for the subscription), in order.
+    fn seed_clients(&self) -> redis::RedisResult<Vec<redis::Client>> {
+        self.seed_urls
+            .iter()
+            .map(|url| {
+                let mut info = url.as_str().into_connection_info()?;
+                info.redis.username = self.username.clone();
+                info.redis.password = self.password.clone();
+                redis::Client::open(info)
+            })
+            .collect()
+    }
+}
+
+/// The connection to the registry: one server's (reconnecting by itself), or a Redis
+/// Cluster's (routing by slot, following failovers).
+#[derive(Clone)]
+enum RegistryConn {
+    Standalone(ConnectionManager),
+    Sharded(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RegistryConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RegistryConn::Standalone(c) => c.req_packed_command(cmd),
+            RegistryConn::Sharded(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RegistryConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            RegistryConn::Sharded(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RegistryConn::Standalone(c) => c.get_db(),
+            RegistryConn::Sharded(c) => c.get_db(),
         }
     }
 }
@@ -521,10 +684,16 @@ pub struct Cluster {
     client: Mutex<Option<redis::Client>>,
     /// Where to ask which server is the primary, with `redis+sentinel://`.
     sentinel: Option<SentinelTarget>,
+    /// The Redis Cluster, with `redis+cluster://`.
+    sharded: Option<ShardedTarget>,
+    /// The names of the keys (hash-tagged on a Redis Cluster).
+    keys: Keys,
+    /// The seed the subscription was last made on (a Redis Cluster): tried first next time.
+    subscribed_seed: AtomicUsize,
     /// When the sentinels were asked last.
     sentinels_asked: Mutex<Option<Instant>>,
     /// The connection (reconnecting by itself); `None` until the first connect succeeds.
-    conn: Mutex<Option<ConnectionManager>>,
+    conn: Mutex<Option<RegistryConn>>,
     available: AtomicBool,
     /// Bumped each time Redis stops answering: the subscription is re-made then, since a
     /// connection that hung (rather than closed) would never end by itself.
@@ -562,35 +731,48 @@ impl Cluster {
             url: redact_password(&config.url),
             message: message.to_owned(),
         };
-        let sentinel = if config.url.starts_with(SENTINEL_SCHEME) {
-            Some(SentinelTarget::parse(&config.url).map_err(|m| bad_url(&m))?)
-        } else if config.url.starts_with("redis://") || config.url.starts_with("redis+unix://") {
+        let (mut sentinel, mut sharded) = (None, None);
+        if config.url.starts_with(SENTINEL_SCHEME) {
+            sentinel = Some(SentinelTarget::parse(&config.url).map_err(|m| bad_url(&m))?);
+        } else if config.url.starts_with(SHARDED_SCHEME) {
+            sharded = Some(ShardedTarget::parse(&config.url).map_err(|m| bad_url(&m))?);
+        } else if !(config.url.starts_with("redis://") || config.url.starts_with("redis+unix://")) {
+            return Err(bad_url(
+                "expected redis://HOST:PORT/, redis+unix:///PATH, \
+                 redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE or \
+                 redis+cluster://HOST:PORT[,HOST:PORT...]/; TLS (rediss://) is not built in: \
+                 reach Redis over a private network or a TLS tunnel",
+            ));
+        }
+        // With Sentinel, the primary is asked for before the first connection (see `probe`);
+        // the sentinels' and the seeds' URLs are checked here.
+        let client = if let Some(target) = &sentinel {
+            for url in &target.sentinel_urls {
+                redis::Client::open(url.as_str()).map_err(|e| bad_url(&e.to_string()))?;
+            }
+            None
+        } else if let Some(target) = &sharded {
+            target
+                .client(config.timings.call_timeout)
+                .map_err(|e| bad_url(&e.to_string()))?;
+            target.seed_clients().map_err(|e| bad_url(&e.to_string()))?;
             None
         } else {
-            return Err(bad_url(
-                "expected redis://HOST:PORT/, redis+unix:///PATH or \
-                 redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE; TLS (rediss://) is not \
-                 built in: reach Redis over a private network or a TLS tunnel",
-            ));
+            Some(redis::Client::open(config.url.as_str()).map_err(|e| bad_url(&e.to_string()))?)
         };
-        // With Sentinel, the primary is asked for before the first connection (see `probe`);
-        // the sentinels' URLs are checked here.
-        let client = match &sentinel {
-            Some(target) => {
-                for url in &target.sentinel_urls {
-                    redis::Client::open(url.as_str()).map_err(|e| bad_url(&e.to_string()))?;
-                }
-                None
-            }
-            None => Some(
-                redis::Client::open(config.url.as_str()).map_err(|e| bad_url(&e.to_string()))?,
-            ),
+        let keys = if sharded.is_some() {
+            Keys::SHARDED
+        } else {
+            Keys::STANDALONE
         };
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let cluster = Arc::new(Cluster {
             node: config.node_id.clone(),
             client: Mutex::new(client),
             sentinel,
+            sharded,
+            keys,
+            subscribed_seed: AtomicUsize::new(0),
             sentinels_asked: Mutex::new(None),
             conn: Mutex::new(None),
             available: AtomicBool::new(false),
@@ -657,7 +839,7 @@ impl Cluster {
     }
 
     /// The connection, failing at once in degraded mode.
-    fn connection(&self) -> Result<ConnectionManager, ClusterError> {
+    fn connection(&self) -> Result<RegistryConn, ClusterError> {
         if !self.available() {
             return Err(ClusterError::Unavailable(
                 "degraded mode: waiting for Redis to answer again".to_owned(),
@@ -694,9 +876,28 @@ impl Cluster {
             // A primary that Sentinel demoted while we were connected: writes fail until we
             // ask Sentinel again, which degraded mode's probe does. (Without Sentinel a replica
             // given by mistake stays an error: nothing would change by asking again.)
-            Ok(Err(e)) if self.sentinel.is_some() && e.kind() == redis::ErrorKind::ReadOnly => Err(
-                ClusterError::Unavailable(format!("{e} (no longer the primary)")),
-            ),
+            Ok(Err(e))
+                if (self.sentinel.is_some() || self.sharded.is_some())
+                    && e.kind() == redis::ErrorKind::ReadOnly =>
+            {
+                Err(ClusterError::Unavailable(format!(
+                    "{e} (no longer the primary)"
+                )))
+            }
+            // A Redis Cluster between a primary's death and its replica's promotion, or
+            // without a quorum: as unreachable (degraded mode, recovery when it answers).
+            Ok(Err(e))
+                if self.sharded.is_some()
+                    && matches!(
+                        e.kind(),
+                        redis::ErrorKind::ClusterDown
+                            | redis::ErrorKind::TryAgain
+                            | redis::ErrorKind::MasterDown
+                            | redis::ErrorKind::ClusterConnectionNotFound
+                    ) =>
+            {
+                Err(ClusterError::Unavailable(e.to_string()))
+            }
             Ok(Err(e)) => Err(ClusterError::Redis(e.to_string())),
             Err(_) => Err(ClusterError::Timeout(self.timings.call_timeout)),
         }
@@ -732,11 +933,18 @@ impl Cluster {
                     .set_connection_timeout(self.timings.call_timeout)
                     .set_response_timeout(self.timings.call_timeout)
                     .set_number_of_retries(1);
-                let client = self.current_client()?;
-                // Checked on every new connection, before it counts as Redis answering: a
-                // sharded Redis would refuse our multi-key writes one by one; it is refused
-                // plainly, and the node stays degraded.
                 let connected = async {
+                    if let Some(target) = &self.sharded {
+                        let client = target
+                            .client(self.timings.call_timeout)
+                            .map_err(|e| ClusterError::Redis(e.to_string()))?;
+                        let conn = self.within(client.get_async_connection()).await?;
+                        return Ok(RegistryConn::Sharded(conn));
+                    }
+                    let client = self.current_client()?;
+                    // Checked on every new connection, before it counts as Redis answering:
+                    // given as one server, a Redis Cluster node would refuse our keys of other
+                    // slots; it is refused plainly, and the node stays degraded.
                     let mut conn = self
                         .within(ConnectionManager::new_with_config(client.clone(), config))
                         .await?;
@@ -747,7 +955,7 @@ impl Cluster {
                         let addr = client.get_connection_info().addr.to_string();
                         return Err(ClusterError::ShardedRedis { url: addr });
                     }
-                    Ok(conn)
+                    Ok(RegistryConn::Standalone(conn))
                 };
                 let conn = match connected.await {
                     Ok(conn) => conn,
@@ -763,9 +971,33 @@ impl Cluster {
                 conn
             }
         };
-        self.timed(redis::cmd("PING").query_async::<String>(&mut conn))
-            .await
-            .map(|_| ())
+        match conn {
+            RegistryConn::Standalone(_) => self
+                .timed(redis::cmd("PING").query_async::<String>(&mut conn))
+                .await
+                .map(|_| ()),
+            // On a Redis Cluster `PING` goes to every primary (one down elsewhere would fail
+            // it): a read of a registry key asks the shard that holds the registry.
+            RegistryConn::Sharded(_) => self
+                .timed(
+                    redis::cmd("EXISTS")
+                        .arg(self.keys.nodes())
+                        .query_async::<u64>(&mut conn),
+                )
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Where the subscription may be made: the one server in use, or every seed of a Redis
+    /// Cluster.
+    fn subscription_clients(&self) -> Result<Vec<redis::Client>, ClusterError> {
+        match &self.sharded {
+            Some(target) => target
+                .seed_clients()
+                .map_err(|e| ClusterError::Redis(e.to_string())),
+            None => Ok(vec![self.current_client()?]),
+        }
     }
 
     fn current_client(&self) -> Result<redis::Client, ClusterError> {
@@ -910,7 +1142,7 @@ impl Cluster {
 
     async fn try_claim_node_id(&self, fingerprint: &str) -> Result<(), ClusterError> {
         let mut conn = self.connection()?;
-        let key = node_key(&self.node);
+        let key = self.keys.node(&self.node);
         let info = self.node_info_json(0);
         let online_ttl = self.timings.online_ttl.as_secs().max(1);
         let set: Option<String> = self
@@ -947,7 +1179,7 @@ impl Cluster {
     /// What the cluster registry holds about `id`: its record and the node holding it online.
     pub async fn lookup(&self, id: &PeerId) -> Result<Option<ClusterPeer>, ClusterError> {
         let mut conn = self.connection()?;
-        let (peer, online) = (peer_key(id), online_key(id));
+        let (peer, online) = (self.keys.peer(id), self.keys.online(id));
         let mut pipe = redis::pipe();
         // GETRANGE bounds what a hostile value can make this node read.
         pipe.cmd("GETRANGE")
@@ -959,7 +1191,7 @@ impl Cluster {
             .arg(0)
             .arg(MAX_NODE_ID)
             .cmd("GETRANGE")
-            .arg(nat_key(id))
+            .arg(self.keys.nat(id))
             .arg(0)
             .arg(MAX_NAT_BYTES);
         let (record, node, nat): (Vec<u8>, Vec<u8>, Vec<u8>) =
@@ -969,7 +1201,7 @@ impl Cluster {
         }
         let node = parse_node(&online, &node)?;
         // Only a hint for the punching strategy: an unreadable one is left out, not an error.
-        let nat = match parse_nat(&nat_key(id), &nat) {
+        let nat = match parse_nat(&self.keys.nat(id), &nat) {
             Ok(nat) => nat.filter(|_| node.is_some()),
             Err(e) => {
                 tracing::debug!(error = %e, "ignoring a NAT profile");
@@ -991,7 +1223,7 @@ impl Cluster {
     ) -> Result<Option<std::net::SocketAddr>, ClusterError> {
         check_node_id(node)?;
         let mut conn = self.connection()?;
-        let key = node_key(node);
+        let key = self.keys.node(node);
         let Some(info) = self.read_node_info(&mut conn, &key).await? else {
             return Ok(None);
         };
@@ -1008,7 +1240,7 @@ impl Cluster {
     /// `None` if there is none (never written, or expired).
     async fn read_node_info(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RegistryConn,
         key: &str,
     ) -> Result<Option<NodeInfo>, ClusterError> {
         // GETRANGE bounds what a hostile value can make this node read.
@@ -1038,19 +1270,38 @@ impl Cluster {
             intro,
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| ClusterError::Malformed {
-            key: punch_channel(node),
+            key: self.keys.punch_channel(node),
             why: e.to_string(),
         })?;
+        let channel = self.keys.punch_channel(node);
         let receivers: u64 = self
             .timed(
                 redis::cmd("PUBLISH")
-                    .arg(punch_channel(node))
+                    .arg(&channel)
                     .arg(payload)
                     .query_async(&mut conn),
             )
             .await?;
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        Ok(receivers)
+        if receivers > 0 || self.sharded.is_none() {
+            return Ok(receivers);
+        }
+        // On a Redis Cluster, PUBLISH counts only the subscribers of the server it reached
+        // (the message still reaches every server's): the subscribers everywhere are counted
+        // (`PUBSUB NUMSUB` goes to every server, summed). A server that does not answer now
+        // (a failover) leaves the count unknown: taken as delivered, as a lost push would be.
+        let everywhere = self
+            .within(
+                redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&channel)
+                    .query_async::<Vec<(String, u64)>>(&mut conn),
+            )
+            .await;
+        Ok(match everywhere {
+            Ok(counts) => counts.iter().map(|(_, n)| *n).sum(),
+            Err(_) => 1,
+        })
     }
 
     /// `id` registered here: writes its record and marks it online on this node, and waits
@@ -1131,11 +1382,11 @@ impl Cluster {
                 Write::Online(id, record) | Write::Offline(id, record) => (id, record),
                 Write::Nat(id, nat) => {
                     let json = serde_json::to_vec(nat).map_err(|e| ClusterError::Malformed {
-                        key: nat_key(id),
+                        key: self.keys.nat(id),
                         why: e.to_string(),
                     })?;
                     pipe.cmd("SET")
-                        .arg(nat_key(id))
+                        .arg(self.keys.nat(id))
                         .arg(json)
                         .arg("EX")
                         .arg(online_ttl)
@@ -1144,11 +1395,11 @@ impl Cluster {
                 }
             };
             let json = serde_json::to_vec(record).map_err(|e| ClusterError::Malformed {
-                key: peer_key(id),
+                key: self.keys.peer(id),
                 why: e.to_string(),
             })?;
             pipe.cmd("SET")
-                .arg(peer_key(id))
+                .arg(self.keys.peer(id))
                 .arg(json)
                 .arg("EX")
                 .arg(self.record_ttl_s)
@@ -1158,19 +1409,19 @@ impl Cluster {
                 // and drops the NAT profile (its network may have changed; it reports again).
                 Write::Online(..) => pipe
                     .cmd("SET")
-                    .arg(online_key(id))
+                    .arg(self.keys.online(id))
                     .arg(&self.node)
                     .arg("EX")
                     .arg(online_ttl)
                     .ignore()
                     .cmd("DEL")
-                    .arg(nat_key(id))
+                    .arg(self.keys.nat(id))
                     .ignore(),
                 Write::Offline(..) => pipe
                     .cmd("EVAL")
                     .arg(RELEASE_IF_MINE)
                     .arg(1)
-                    .arg(online_key(id))
+                    .arg(self.keys.online(id))
                     .arg(&self.node)
                     .ignore(),
                 Write::Nat(..) => &mut pipe,
@@ -1193,23 +1444,23 @@ impl Cluster {
         // the expired ones, read bounded.
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
-            .arg(node_key(&self.node))
+            .arg(self.keys.node(&self.node))
             .arg(info)
             .arg("EX")
             .arg(online_ttl)
             .ignore()
             .cmd("ZADD")
-            .arg(NODES_KEY)
+            .arg(self.keys.nodes())
             .arg(now.saturating_add(online_ttl))
             .arg(&self.node)
             .ignore()
             .cmd("ZREMRANGEBYSCORE")
-            .arg(NODES_KEY)
+            .arg(self.keys.nodes())
             .arg("-inf")
             .arg(format!("({now}"))
             .ignore()
             .cmd("ZRANGE")
-            .arg(NODES_KEY)
+            .arg(self.keys.nodes())
             .arg(0)
             .arg(MAX_NODES - 1);
         let (names,): (Vec<Vec<u8>>,) = self.timed(pipe.query_async(&mut conn)).await?;
@@ -1222,14 +1473,14 @@ impl Cluster {
                 };
                 if let Some(nat) = nat.and_then(|n| serde_json::to_vec(&n).ok()) {
                     pipe.cmd("SET")
-                        .arg(nat_key(id))
+                        .arg(self.keys.nat(id))
                         .arg(nat)
                         .arg("EX")
                         .arg(online_ttl)
                         .ignore();
                 }
                 pipe.cmd("SET")
-                    .arg(peer_key(id))
+                    .arg(self.keys.peer(id))
                     .arg(json)
                     .arg("EX")
                     .arg(self.record_ttl_s)
@@ -1237,7 +1488,7 @@ impl Cluster {
                     .cmd("EVAL")
                     .arg(CLAIM_IF_FREE_OR_MINE)
                     .arg(1)
-                    .arg(online_key(id))
+                    .arg(self.keys.online(id))
                     .arg(&self.node)
                     .arg(online_ttl)
                     .ignore();
@@ -1247,11 +1498,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// Reads the live nodes' entries (names from [`NODES_KEY`], hostile: checked) and records
+    /// Reads the live nodes' entries (names from [`Keys::nodes`], hostile: checked) and records
     /// how many there are and how many peers they hold online.
     async fn count_nodes(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RegistryConn,
         names: Vec<Vec<u8>>,
     ) -> Result<(), ClusterError> {
         let names: Vec<String> = names
@@ -1263,7 +1514,7 @@ impl Cluster {
         let mut pipe = redis::pipe();
         for name in &names {
             pipe.cmd("GETRANGE")
-                .arg(node_key(name))
+                .arg(self.keys.node(name))
                 .arg(0)
                 .arg(MAX_RECORD_BYTES);
         }
@@ -1301,22 +1552,33 @@ impl Cluster {
         F: Fn() -> Vec<OnlinePeer> + Send,
     {
         let mut last_refresh: Option<tokio::time::Instant> = None;
-        let mut recovered = false;
+        // Not connected at start counts as an outage: the first refresh says so when it works.
+        let mut recovered = !self.available();
+        let mut outages = self.outages.subscribe();
         loop {
-            let due = last_refresh.is_none_or(|at| at.elapsed() >= self.timings.refresh_every);
+            // An outage since the last look, whoever noticed it (this loop's ping or any other
+            // call): once Redis answers, this node's peers are written again at once (Redis may
+            // have lost everything meanwhile, or a failover the last writes).
+            if outages.has_changed().unwrap_or(false) {
+                outages.mark_unchanged();
+                recovered = true;
+                last_refresh = None;
+            }
             if !self.available() {
-                if self.probe().await.is_ok() {
-                    // Back (or first connected): Redis may have lost everything meanwhile.
-                    last_refresh = None;
-                    recovered = true;
-                    continue;
+                if let Err(e) = self.probe().await {
+                    tracing::debug!(error = %e, "cluster registry still unreachable");
                 }
-            } else if !due {
+            } else if last_refresh.is_some_and(|at| at.elapsed() < self.timings.refresh_every) {
                 // A ping a second notices an outage (and so re-subscribes and, once Redis is
                 // back, writes this node's peers again) within a second, not at the next
                 // refresh.
-                let _ = self.probe().await;
-            } else {
+                if let Err(e) = self.probe().await {
+                    tracing::debug!(error = %e, "cluster registry ping failed");
+                }
+            }
+            // Answering (maybe just now): refresh if due.
+            let due = last_refresh.is_none_or(|at| at.elapsed() >= self.timings.refresh_every);
+            if self.available() && due {
                 let peers = online_peers();
                 match self.refresh(&peers).await {
                     Ok(()) => {
@@ -1345,23 +1607,53 @@ impl Cluster {
     where
         F: Fn(Envelope) + Send,
     {
-        let channel = punch_channel(&self.node);
+        let channel = self.keys.punch_channel(&self.node);
         let mut outages = self.outages.subscribe();
         loop {
             outages.mark_unchanged();
             let subscribed = async {
-                let client = self.current_client().map_err(|e| {
+                let clients = self.subscription_clients().map_err(|e| {
                     redis::RedisError::from((
                         redis::ErrorKind::IoError,
-                        "no primary yet",
+                        "no server to subscribe on",
                         e.to_string(),
                     ))
                 })?;
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(pubsub)
+                // On a Redis Cluster any node delivers every message published: the seeds are
+                // tried in turn, from the one that served last.
+                let first = self.subscribed_seed.load(Ordering::Relaxed);
+                let mut last_error = None;
+                for i in 0..clients.len() {
+                    let at = (first + i) % clients.len();
+                    let attempt = async {
+                        let mut pubsub = clients[at].get_async_pubsub().await?;
+                        pubsub.subscribe(&channel).await?;
+                        Ok::<_, redis::RedisError>(pubsub)
+                    };
+                    match tokio::time::timeout(self.timings.call_timeout, attempt).await {
+                        Ok(Ok(pubsub)) => {
+                            self.subscribed_seed.store(at, Ordering::Relaxed);
+                            return Ok(pubsub);
+                        }
+                        Ok(Err(e)) => last_error = Some(e),
+                        Err(_) => {
+                            last_error = Some(redis::RedisError::from((
+                                redis::ErrorKind::IoError,
+                                "subscribing timed out",
+                            )))
+                        }
+                    }
+                }
+                Err(last_error.unwrap_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::IoError, "no server"))
+                }))
             };
-            match tokio::time::timeout(self.timings.call_timeout, subscribed).await {
+            let bound = self.timings.call_timeout
+                * self
+                    .sharded
+                    .as_ref()
+                    .map_or(1, |t| u32::try_from(t.seed_urls.len()).unwrap_or(1).max(1));
+            match tokio::time::timeout(bound, subscribed).await {
                 Ok(Ok(mut pubsub)) => {
                     tracing::info!(%channel, "subscribed to this node's introductions");
                     let mut messages = pubsub.on_message();
@@ -1441,7 +1733,7 @@ mod tests {
             ("redis+sentinel://h:99999/rv", "HOST:PORT"),
             ("redis+sentinel://:26379/rv", "HOST:PORT"),
             ("redis+sentinel://h:1,,h:2/rv", "HOST:PORT"),
-            ("redis+sentinel://h/x:1/rv", "service name"),
+            ("redis+sentinel://h/x:1/rv", "HOST:PORT"),
             ("redis+sentinel://pw@h:1/rv", "[USER]:PASSWORD"),
             ("redis://h:1/", "expected redis+sentinel://"),
         ] {
@@ -1473,12 +1765,54 @@ mod tests {
         assert!(e.contains("at most"), "{e}");
     }
 
+    #[test]
+    fn redis_cluster_urls_are_parsed_and_bad_ones_refused_with_the_reason() {
+        let target =
+            ShardedTarget::parse("redis+cluster://:s3cret@10.0.0.11:6379,rv2.example:6380/")
+                .unwrap();
+        assert_eq!(
+            target.seed_urls,
+            vec!["redis://10.0.0.11:6379/", "redis://rv2.example:6380/"]
+        );
+        assert_eq!(target.username, None);
+        assert_eq!(target.password.as_deref(), Some("s3cret"));
+        let target = ShardedTarget::parse("redis+cluster://admin:p%2Fw@[::1]:7000").unwrap();
+        assert_eq!(target.seed_urls, vec!["redis://[::1]:7000/"]);
+        assert_eq!(target.username.as_deref(), Some("admin"));
+        assert_eq!(target.password.as_deref(), Some("p/w"));
+        let clients = target.seed_clients().unwrap();
+        let info = clients[0].get_connection_info();
+        assert_eq!(info.redis.username.as_deref(), Some("admin"));
+        assert_eq!(info.redis.password.as_deref(), Some("p/w"));
+        for (url, why) in [
+            ("redis+cluster://h:7000/0", "no databases"),
+            ("redis+cluster://h/", "HOST:PORT"),
+            ("redis+cluster://h:0/", "HOST:PORT"),
+            ("redis+cluster://h:1,,h:2/", "HOST:PORT"),
+            ("redis+cluster://pw@h:1/", "[USER]:PASSWORD"),
+            ("redis://h:1/", "expected redis+cluster://"),
+        ] {
+            let e = ShardedTarget::parse(url).expect_err(url);
+            assert!(e.contains(why), "{url}: {e}");
+        }
+        let many: Vec<String> = (1..=MAX_SEEDS + 1).map(|i| format!("h{i}:1")).collect();
+        let e = ShardedTarget::parse(&format!("redis+cluster://{}/", many.join(","))).unwrap_err();
+        assert!(e.contains("at most"), "{e}");
+        // The keys share one hash tag there (one slot), and only there.
+        let id = PeerId::from_key_digest(&[7; 32]);
+        assert_eq!(Keys::SHARDED.peer(&id), format!("{{rv}}:peer:{id}"));
+        assert_eq!(Keys::SHARDED.nodes(), "{rv}:nodes");
+        assert_eq!(Keys::STANDALONE.online(&id), format!("rv:online:{id}"));
+        assert_eq!(Keys::STANDALONE.punch_channel("x"), "rv:punch:x");
+    }
+
     #[tokio::test]
     async fn a_bad_cluster_url_is_refused_without_showing_its_password() {
         for url in [
             "redis+sentinel://:s3cret@h:26379/",
             "rediss://:s3cret@h:6379/",
             "redis+sentinel://:s3cret@h:26379,h/rv",
+            "redis+cluster://:s3cret@h:6379,h/",
         ] {
             let config = ClusterConfig {
                 url: url.to_owned(),

@@ -113,8 +113,9 @@ enum Command {
         /// (`redis://:PASSWORD@HOST:PORT/DB` with a password), or the primary that Redis
         /// Sentinel names, followed when it moves:
         /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE` (the sentinels'
-        /// addresses; the password is the primary's). Needs --node-id. Without it the registry
-        /// is the embedded one in --data-dir.
+        /// addresses; the password is the primary's), or a Redis Cluster by some of its
+        /// servers: `redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/`. Needs --node-id.
+        /// Without it the registry is the embedded one in --data-dir.
         #[arg(long, value_name = "URL")]
         cluster: Option<String>,
         /// This node's name in the cluster (1 to 64 letters, digits, `.`, `_`, `-`; unique).
