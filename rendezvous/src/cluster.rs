@@ -1,5 +1,6 @@
 //! The cluster registry: several rendezvous nodes sharing one registry in Redis
-//! (`rendezvous serve --cluster redis://HOST:PORT/ --node-id NAME`).
+//! (`rendezvous serve --cluster redis://HOST:PORT/ --node-id NAME`; or the primary Redis
+//! Sentinel names, [`SentinelTarget`]; or a Redis Cluster, [`ShardedTarget`]).
 //!
 //! Each node keeps its own peers in its in-memory [`crate::core::Registry`] exactly as a single
 //! node does (their connections, introductions and rate limits live there); Redis holds what the
@@ -13,6 +14,7 @@
 //!
 //! and one pub/sub channel per node, `rv:punch:{node}`, carrying the introductions other
 //! nodes forward to that node's peers ([`ForwardedIntroduction`] in a versioned JSON envelope).
+//! On a Redis Cluster (`redis+cluster://`) every name starts with `{rv}:` instead ([`Keys`]).
 //!
 //! Expiry is Redis's: a record disappears `--expire-after-days` after its last write (a node
 //! rewrites the records of its online peers every refresh), an online mark 60 s after its node
