@@ -407,6 +407,11 @@ fn redis_down_degrades_clearly_and_the_cluster_recovers() {
             .stderr
             .wait_for_nth("subscribed to this node's introductions", 2, T);
     }
+    // The cluster-level counts: each node's refresh after the recovery wrote its entry (one
+    // peer online each) before reading every entry, so whichever read last saw both.
+    let most = |name: &str| sample(&x, name).max(sample(&y, name));
+    assert_eq!(most("rendezvous_cluster_nodes"), 2);
+    assert_eq!(most("rendezvous_cluster_online_peers"), 2);
     let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("from the rendezvous: online"), "{out}");
