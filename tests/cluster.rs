@@ -43,15 +43,20 @@ impl Redis {
             eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
             return None;
         }
-        // Redis takes no port 0: a port the kernel just handed out and released; another test
-        // may take it meanwhile, so a start that fails is tried again on another port.
+        Some(Redis::start_on_a_free_port("redis", &[]))
+    }
+
+    /// Starts `redis-server` with `extra` options on a free loopback port. Redis takes no port
+    /// 0: a port the kernel just handed out and released; another test may take it meanwhile,
+    /// so a start that fails is tried again on another port (5 in all).
+    fn start_on_a_free_port(tag: &str, extra: &[&str]) -> Redis {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("a free loopback port")
                 .port();
-            if let Some(redis) = Redis::try_start_on(port, TempDir::new("redis")) {
-                return Some(redis);
+            if let Some(redis) = Redis::try_start_with(port, TempDir::new(tag), extra) {
+                return redis;
             }
         }
         panic!("redis-server did not start on any of 5 free ports");
@@ -59,31 +64,19 @@ impl Redis {
 
     /// Starts it again on `port` (after [`Redis::kill`]).
     fn start_on(port: u16, dir: TempDir) -> Redis {
-        Redis::try_start_on(port, dir).expect("redis-server starts again on its port")
-    }
-
-    fn try_start_on(port: u16, dir: TempDir) -> Option<Redis> {
-        Redis::try_start_with(port, dir, &[])
+        Redis::try_start_with(port, dir, &[]).expect("redis-server starts again on its port")
     }
 
     /// Starts a replica of `primary` on a free loopback port (its first sync done).
     fn replica_of(primary: &Redis) -> Redis {
         let primary_port = primary.port.to_string();
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free loopback port")
-                .port();
-            let extra = ["--replicaof", "127.0.0.1", &primary_port];
-            if let Some(replica) = Redis::try_start_with(port, TempDir::new("replica"), &extra) {
-                replica
-                    .proc
-                    .stdout
-                    .wait_for("MASTER <-> REPLICA sync: Finished with success", T);
-                return replica;
-            }
-        }
-        panic!("no replica started on any of 5 free ports");
+        let extra = ["--replicaof", "127.0.0.1", &primary_port];
+        let replica = Redis::start_on_a_free_port("replica", &extra);
+        replica
+            .proc
+            .stdout
+            .wait_for("MASTER <-> REPLICA sync: Finished with success", T);
+        replica
     }
 
     fn try_start_with(port: u16, dir: TempDir, extra: &[&str]) -> Option<Redis> {
@@ -492,24 +485,7 @@ fn a_redis_cluster_node_given_as_one_server_is_refused_at_start_saying_what_to_u
     if Redis::start().is_none() {
         return;
     }
-    let mut sharded = None;
-    for _ in 0..5 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let extra = [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-        ];
-        if let Some(redis) = Redis::try_start_with(port, TempDir::new("sharded"), &extra) {
-            sharded = Some(redis);
-            break;
-        }
-    }
-    let sharded = sharded.expect("a cluster-mode redis-server starts");
+    let sharded = Redis::start_on_a_free_port("sharded", &CLUSTER_MODE);
     let dir = TempDir::new("cluster-sharded");
     let data = dir.path().join("x");
     let mut node = Proc::spawn(
@@ -534,6 +510,17 @@ fn a_redis_cluster_node_given_as_one_server_is_refused_at_start_saying_what_to_u
     assert!(said.contains("redis+cluster://"), "{said}");
 }
 
+/// `redis-server` options of a Redis Cluster server (a replica's primary is declared failed
+/// after 1 s, so a failover takes a second or two).
+const CLUSTER_MODE: [&str; 6] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "1000",
+];
+
 /// A Redis Cluster of three primaries with a replica each: six `redis-server`s on free loopback
 /// ports (`cluster-node-timeout` 1 s), joined by `redis-cli --cluster create`. `None` (with a
 /// message) without `redis-server` or `redis-cli`.
@@ -548,28 +535,9 @@ impl RedisCluster {
             eprintln!("skipped: redis-cli is not installed (apt-get install redis-tools)");
             return None;
         }
-        let mut servers = Vec::new();
-        for _ in 0..12 {
-            if servers.len() == 6 {
-                break;
-            }
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free loopback port")
-                .port();
-            let extra = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "1000",
-            ];
-            if let Some(redis) = Redis::try_start_with(port, TempDir::new("shard"), &extra) {
-                servers.push(redis);
-            }
-        }
-        assert_eq!(servers.len(), 6, "six cluster-mode redis-servers start");
+        let servers: Vec<Redis> = (0..6)
+            .map(|_| Redis::start_on_a_free_port("shard", &CLUSTER_MODE))
+            .collect();
         let addrs: Vec<String> = servers
             .iter()
             .map(|r| format!("127.0.0.1:{}", r.port))
