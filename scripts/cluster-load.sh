@@ -7,7 +7,11 @@
 # cross-node introductions per second, RSS. The single-node figures to compare with come from
 # `scripts/bench.sh --rv-only` (same machine; run them one after the other, not side by side).
 #
-#   scripts/cluster-load.sh [--peers-per-node N] [--introductions-per-node M] [--single] [--keep]
+#   scripts/cluster-load.sh [--peers-per-node N] [--introductions-per-node M]
+#                           [--introduction-concurrency C] [--single] [--keep]
+#
+# --introduction-concurrency 1 times each introduction alone (the path's latency, no queueing);
+# the default is 16 in flight per node (the rate).
 #
 # --single runs the same load against one node with its embedded registry (redb, no Redis), each
 # peer asking for the next peer of that node: the single-node introduction figures (rate, CPU,
@@ -21,14 +25,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-peers=10000 intros=2000 keep=0 single=0
+peers=10000 intros=2000 keep=0 single=0 intro_conc=16
 while (($#)); do
     case $1 in
         --peers-per-node) peers=${2:?}; shift ;;
         --introductions-per-node) intros=${2:?}; shift ;;
+        --introduction-concurrency) intro_conc=${2:?}; shift ;;
         --single) single=1 ;;
         --keep) keep=1 ;;
-        *) echo "usage: $0 [--peers-per-node N] [--introductions-per-node M] [--single] [--keep]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--peers-per-node N] [--introductions-per-node M] [--introduction-concurrency C] [--single] [--keep]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -95,6 +100,7 @@ fi
 deadline=$((300 + peers / 50))
 timeout $((3 * deadline + 120)) "$bin/bench" cluster-load "${servers[@]}" "${keys[@]}" "${rv_pids[@]}" \
     --peers-per-node "$peers" --introductions-per-node "$intros" --deadline-s "$deadline" \
+    --introduction-concurrency "$intro_conc" \
     >"$work/load.json" 2>"$work/load.log" </dev/null ||
     { echo "cluster-load: the load generator failed" >&2; cat "$work/load.log" >&2; exit 1; }
 cat "$work/load.json"

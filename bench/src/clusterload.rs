@@ -53,6 +53,10 @@ pub struct Args {
     /// Peers of each node that ask for an introduction to a peer of the next node.
     #[arg(long, default_value_t = 2_000)]
     introductions_per_node: usize,
+    /// Introductions in flight per node (default: --concurrency). 1 times each one alone: the
+    /// path's own latency, without queueing behind the others.
+    #[arg(long)]
+    introduction_concurrency: Option<usize>,
     #[command(flatten)]
     pub(crate) load: LoadArgs,
     /// Deadline of each phase, in seconds.
@@ -402,7 +406,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 target_control,
             })
             .collect();
-        let concurrency = args.load.concurrency;
+        let concurrency = args
+            .introduction_concurrency
+            .unwrap_or(args.load.concurrency);
         introducing.spawn(async move { (i, introduce_all(asks, concurrency, deadline).await) });
     }
     let mut introductions = vec![Introductions::default(); n];
