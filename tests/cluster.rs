@@ -632,7 +632,7 @@ fn a_redis_cluster_holds_the_registry_and_the_nodes_follow_its_failover() {
     };
     let dir = TempDir::new("cluster-redis-cluster");
     let url = cluster.url();
-    let x = node_at(dir.path(), &url, "x", &[]);
+    let mut x = node_at(dir.path(), &url, "x", &[]);
     let y = node_at(dir.path(), &url, "y", &[]);
     let (a, a_id) = listen("a", dir.path(), &x);
     let (ok, out, err) = lookup(dir.path(), "q", &y, &a_id);
@@ -674,6 +674,19 @@ fn a_redis_cluster_holds_the_registry_and_the_nodes_follow_its_failover() {
         chat("d", dir.path(), &y, listener, target);
     }
     assert_eq!(sample(&x, "rendezvous_cluster_redis_up"), 1);
+
+    // Node x dies: its peers' online marks live on for their TTL, but an introduction to one
+    // finds no subscriber on any server of the cluster (PUBLISH counts only its own server's)
+    // and is refused at once, saying why.
+    x.proc.kill9();
+    let mut connect = args!["connect", c_id.clone()];
+    connect.extend(y.args());
+    let (status, out, err) = peer_run(&dir.path().join("e"), &connect, T);
+    assert!(!status.success(), "{out}");
+    assert!(
+        err.contains("is online on node x, which is not answering"),
+        "{out}\n{err}"
+    );
 }
 
 /// Two nodes never share a node id (they would share a channel and online marks): a second
