@@ -510,19 +510,20 @@ fn a_redis_cluster_node_given_as_one_server_is_refused_at_start_saying_what_to_u
     assert!(said.contains("redis+cluster://"), "{said}");
 }
 
-/// `redis-server` options of a Redis Cluster server (a replica's primary is declared failed
-/// after 1 s, so a failover takes a second or two).
+/// `redis-server` options of a Redis Cluster server (a primary silent for 3 s is declared
+/// failed, so a failover takes a few seconds; shorter could fail a primary over spuriously on a
+/// loaded machine).
 const CLUSTER_MODE: [&str; 6] = [
     "--cluster-enabled",
     "yes",
     "--cluster-config-file",
     "nodes.conf",
     "--cluster-node-timeout",
-    "1000",
+    "3000",
 ];
 
 /// A Redis Cluster of three primaries with a replica each: six `redis-server`s on free loopback
-/// ports (`cluster-node-timeout` 1 s), joined by `redis-cli --cluster create`. `None` (with a
+/// ports ([`CLUSTER_MODE`]), joined by `redis-cli --cluster create`. `None` (with a
 /// message) without `redis-server` or `redis-cli`.
 struct RedisCluster {
     servers: Vec<Redis>,
@@ -611,11 +612,25 @@ impl RedisCluster {
             .iter()
             .find(|f| f.len() > 8 && f[2].contains("master") && f[8..].iter().any(|r| holds(r)))
             .expect("a primary holds the slot");
-        let replica = lines
-            .iter()
-            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == primary[0])
+        // Each replica knows its primary as soon as `--cluster create` made it one (the
+        // other servers learn it later, by gossip): asked on each server, its own line.
+        let replica = (0..self.servers.len())
+            .find(|&i| {
+                self.cli(i, &["CLUSTER", "NODES"]).lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3
+                        && f[2].contains("myself")
+                        && f[2].contains("slave")
+                        && f[3] == primary[0]
+                })
+            })
             .expect("the primary has a replica");
-        (index_of(primary), index_of(replica))
+        // Synced: a replica whose data is too old would not be elected.
+        self.servers[replica]
+            .proc
+            .stdout
+            .wait_for("MASTER <-> REPLICA sync: Finished with success", T);
+        (index_of(primary), replica)
     }
 }
 
@@ -650,19 +665,30 @@ fn a_redis_cluster_holds_the_registry_and_the_nodes_follow_its_failover() {
         "0"
     );
 
+    // Counted from here (a loaded machine may have had an outage already).
+    const DEGRADED: &str = "cluster registry (Redis) unreachable: degraded mode";
+    const RECOVERED: &str = "this node's peers written again";
+    let seen = |rv: &Rendezvous, text: &str| {
+        rv.proc
+            .stderr
+            .lines()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    };
+    let before: Vec<(usize, usize)> = [&x, &y]
+        .iter()
+        .map(|rv| (seen(rv, DEGRADED), seen(rv, RECOVERED)))
+        .collect();
     let (primary, replica) = cluster.registry_shard();
     cluster.servers[primary].proc.kill9();
     cluster.servers[replica]
         .proc
         .stdout
         .wait_for("Failover election won", T);
-    for rv in [&x, &y] {
-        rv.proc
-            .stderr
-            .wait_for("cluster registry (Redis) unreachable: degraded mode", T);
-        rv.proc
-            .stderr
-            .wait_for("this node's peers written again", T);
+    for (rv, (degraded, recovered)) in [&x, &y].into_iter().zip(before) {
+        rv.proc.stderr.wait_for_nth(DEGRADED, degraded + 1, T);
+        rv.proc.stderr.wait_for_nth(RECOVERED, recovered + 1, T);
     }
     let (c, c_id) = listen("c", dir.path(), &x);
     for (target, listener) in [(&c_id, &c), (&a_id, &a)] {
