@@ -247,7 +247,12 @@ impl Proc {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env("RUST_LOG", "info")
+            // Tests wait for info lines; `P2P_TEST_LOG` adds more (a flake's diagnosis:
+            // `P2P_TEST_LOG=info,peer::relay=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("P2P_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
         let stdout =
