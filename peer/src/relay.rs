@@ -10,8 +10,9 @@
 //! decrypting (`transport::channel`), and the peer's come back the same way. Packets too large
 //! for a channel datagram, and everything over the TCP tunnel, keep the relay stream. A refused
 //! channel is asked for again after [`CHANNEL_RETRY`], doubled after each refusal; a bound one
-//! in use every [`CHANNEL_REFRESH`]. Channels are per registration: a new one (another server,
-//! or the same after a reconnect) unbinds them all and they are asked for again as packets flow.
+//! in use every [`CHANNEL_REFRESH`] (a new one first after [`CHANNEL_CONFIRM`]). Channels are
+//! per registration: a new one (another server, or the same after a reconnect) unbinds them
+//! all and they are asked for again as packets flow.
 //!
 //! Why it is a module of its own: the relay is a path like any other for quinn (a virtual
 //! route in the socket), so the framing and the per-peer stable addresses live apart from the
@@ -48,6 +49,14 @@ pub const CHANNEL_RETRY_MAX: Duration = Duration::from_secs(30);
 /// after it dropped the old: consent lapsed, both sides were away), or refuses (then the relay
 /// stream carries the packets again). What heals a channel the server no longer forwards.
 pub const CHANNEL_REFRESH: Duration = Duration::from_secs(10);
+
+/// When a channel just granted (not a refresh of the same one) is asked for again. It was
+/// granted while the pair may still be (re)making its channel: after a failover both peers
+/// register with the new server, are introduced again and ask within the same second, and an
+/// end the server unbound or a channel it replaced meanwhile would leave our datagrams dropped
+/// until the next refresh. Asking again soon bounds that to this long, not [`CHANNEL_REFRESH`]
+/// (a chat's end waits 10 s for its acknowledgement); it costs one request per new channel.
+pub const CHANNEL_CONFIRM: Duration = Duration::from_secs(2);
 
 /// How often the relay task looks for channels due for [`CHANNEL_REFRESH`].
 const CHANNEL_REFRESH_TICK: Duration = Duration::from_secs(1);
@@ -416,7 +425,11 @@ impl Relay {
         match granted {
             Ok(id) => {
                 let server = reg.conn.remote_address();
-                let refresh = Some(Instant::now() + CHANNEL_REFRESH);
+                let again = match self.channels.bound(&peer) {
+                    Some((bound, _)) if bound == id => CHANNEL_REFRESH,
+                    _ => CHANNEL_CONFIRM,
+                };
+                let refresh = Some(Instant::now() + again);
                 self.channels.bind(
                     peer,
                     id,
