@@ -72,10 +72,23 @@ pub async fn accept(
 /// finishes as soon as it has our `end_ack`; this only bounds a peer that never does).
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Runs the chat until it ends (see [`common::chat`] for how an ending is made lossless): our
-/// input ending, or the peer's `end`, starts the ending; it completes once both sides
-/// acknowledged each other's `end`, or fails after `end_timeout`.
+/// While a chat is ending, how often its connection is made to send a packet the peer
+/// acknowledges ([`crate::paths::nudge`]).
+///
+/// Why: the ending is the tail of the conversation, a few small frames each way with nothing
+/// behind them. When one is lost, only quinn's loss timer sends it again, and on a lossy path
+/// that timer backs off exponentially (a 10 % loss path with a jittery RTT waited 1, 2, then 4 s
+/// and more): a lost `end` and a lost retransmission could outlast the ending's 10 s. An
+/// acknowledged nudge makes quinn declare the older packet lost and send it again at once, so a
+/// lost frame of the ending waits about this long plus a round trip instead.
+pub const END_NUDGE_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs the chat on `conn`'s streams `tx` and `rx` until it ends (see [`common::chat`] for how
+/// an ending is made lossless): our input ending, or the peer's `end`, starts the ending; it
+/// completes once both sides acknowledged each other's `end`, or fails after `end_timeout`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
+    conn: &quinn::Connection,
     mut tx: quinn::SendStream,
     rx: quinn::RecvStream,
     me: PeerId,
@@ -89,6 +102,8 @@ pub async fn run(
     let (frames_tx, mut frames) = mpsc::channel(64);
     let reader = read_all(rx, frames_tx);
     let mut ending = ChatEnding::new(end_timeout);
+    let mut nudging = tokio::time::interval(END_NUDGE_EVERY);
+    nudging.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let chatting = async {
         let result: Result<(), String> = loop {
             if ending.is_done() {
@@ -168,6 +183,7 @@ pub async fn run(
                         break Err(e.to_string());
                     }
                 }
+                _ = nudging.tick(), if deadline.is_some() => crate::paths::nudge(conn),
             }
         };
         let end = match result {
@@ -257,6 +273,7 @@ pub async fn converse(
             None => ConverseError::Open(e),
         })?;
     let end = run(
+        conn.quinn(),
         tx,
         rx,
         endpoint.id(),

@@ -288,8 +288,10 @@ pub async fn serve_peer(
                     h.insert(key, line_tx);
                 }
                 let hub = hub.clone();
+                let chat_conn = conn.quinn().clone();
                 streams.spawn(async move {
                     let end = chat::run(
+                        &chat_conn,
                         tx,
                         rx,
                         me,

@@ -68,7 +68,7 @@ const NUDGE_AT: [Duration; 3] = [
 /// packet acknowledged on the new path makes quinn declare the earlier ones lost, send them
 /// again at once, and start its timer afresh. (quinn-proto's `path_changed` resets more, but
 /// quinn 0.11 does not expose it.)
-fn nudge(conn: &quinn::Connection) {
+pub(crate) fn nudge(conn: &quinn::Connection) {
     let window = quinn::VarInt::from_u32(transport::PEER_CONNECTION_WINDOW);
     let shrunk = quinn::VarInt::from_u32(transport::PEER_CONNECTION_WINDOW.saturating_sub(1));
     conn.set_receive_window(shrunk);

@@ -228,7 +228,7 @@ fn a_ping_and_a_chat_running_at_close_spawn_nothing_and_leave_nothing() {
             let (mut tx, mut rx) = accepted.accept_bi().await.expect("the chat stream");
             let app = chat::accept(&mut tx, &mut rx).await.expect("a header");
             assert_eq!(app, common::message::PeerApp::Chat);
-            let chatting = chat::run(tx, rx, a_id, b_id, a_lines, a_console, T);
+            let chatting = chat::run(accepted.quinn(), tx, rx, a_id, b_id, a_lines, a_console, T);
             let (mut ptx, mut prx) = accepted.accept_bi().await.expect("the ping stream");
             let app = chat::accept(&mut ptx, &mut prx).await.expect("a header");
             assert_eq!(app, common::message::PeerApp::Ping);
@@ -237,7 +237,7 @@ fn a_ping_and_a_chat_running_at_close_spawn_nothing_and_leave_nothing() {
         let (replies_tx, mut replies) = mpsc::channel(16);
         let b_side = async {
             let (tx, rx) = chat::open(&conn).await.expect("chat opens");
-            let chatting = chat::run(tx, rx, b_id, a_id, b_lines, b_console, T);
+            let chatting = chat::run(conn.quinn(), tx, rx, b_id, a_id, b_lines, b_console, T);
             let options = PingOptions {
                 count: u32::MAX,
                 interval_ms: 20,
