@@ -235,12 +235,7 @@ fn peers_behind_nats_on_three_nodes_go_direct_relay_across_node_links_and_ride_o
         // again; a pair across nodes connects again, and the relayed chat still runs.
         let redis = self::redis(&lab, dir.path());
         for rv in [&x, &y, &z] {
-            rv.proc
-                .stderr
-                .wait_for("this node's peers written again", T);
-            rv.proc
-                .stderr
-                .wait_for_nth("subscribed to this node's introductions", 2, T);
+            rv.wait_cluster_registry_back(T);
         }
         let mut connect = args!["connect", l_id.clone()];
         connect.extend(z.args());

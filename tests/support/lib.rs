@@ -394,6 +394,17 @@ impl Rendezvous {
         Rendezvous::ready(Proc::spawn("rendezvous", &bin("rendezvous"), &refs))
     }
 
+    /// Waits until a cluster node (`serve --cluster`) whose Redis came back after its first
+    /// outage has written its peers again and subscribed to its introductions again.
+    pub fn wait_cluster_registry_back(&self, timeout: Duration) {
+        self.proc
+            .stderr
+            .wait_for("this node's peers written again", timeout);
+        self.proc
+            .stderr
+            .wait_for_nth("subscribed to this node's introductions", 2, timeout);
+    }
+
     /// Waits for an already started `rendezvous serve` (see [`rendezvous_args`]) to print its
     /// address and key fingerprint.
     pub fn ready(proc: Proc) -> Rendezvous {
