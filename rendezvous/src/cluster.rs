@@ -1566,14 +1566,11 @@ impl Cluster {
                 recovered = true;
                 last_refresh = None;
             }
-            if !self.available() {
-                if let Err(e) = self.probe().await {
-                    tracing::debug!(error = %e, "cluster registry still unreachable");
-                }
-            } else if last_refresh.is_some_and(|at| at.elapsed() < self.timings.refresh_every) {
-                // A ping a second notices an outage (and so re-subscribes and, once Redis is
-                // back, writes this node's peers again) within a second, not at the next
-                // refresh.
+            // Degraded: a ping a second notices the recovery. Between refreshes: a ping a
+            // second notices an outage (and so re-subscribes and, once Redis is back, writes
+            // this node's peers again) within a second, not at the next refresh.
+            let fresh = last_refresh.is_some_and(|at| at.elapsed() < self.timings.refresh_every);
+            if !self.available() || fresh {
                 if let Err(e) = self.probe().await {
                     tracing::debug!(error = %e, "cluster registry ping failed");
                 }
