@@ -243,12 +243,11 @@ async fn introduce_all(
     let mut reply_ms = Vec::with_capacity(asks.len());
     let mut push_ms = Vec::with_capacity(asks.len());
     let mut controls = Vec::with_capacity(asks.len());
-    let pairs = asks;
     let mut tasks = JoinSet::new();
-    let mut pairs = pairs.into_iter();
+    let mut asks = asks.into_iter();
     loop {
         while tasks.len() < concurrency.max(1) {
-            let Some(ask) = pairs.next() else {
+            let Some(ask) = asks.next() else {
                 break;
             };
             tasks.spawn(introduce(ask));
@@ -257,7 +256,7 @@ async fn introduce_all(
         match tokio::time::timeout(remaining, tasks.join_next()).await {
             Err(_) => {
                 tasks.shutdown().await;
-                failed += pairs.len();
+                failed += asks.len();
                 first_error.get_or_insert_with(|| "phase deadline".to_owned());
                 break;
             }
