@@ -6,9 +6,11 @@
 #   - direct goodput of our data plane / plain quinn and / plain TCP, 1 and 4 streams, on
 #     loopback and on a lab link (two un-NATed lab hosts, veth links through the lab router);
 #   - CPU seconds per GiB (client + server), ours / plain quinn (loopback, 1 and 4 streams);
-#   - the product: `peer send` direct (port-restricted NATs) and relayed (symmetric NATs) on
-#     identical lab links, relayed / direct, with the relay's default rate limit and without,
-#     and relayed on relay channels (plain UDP, the default) / on the relay stream (QUIC in QUIC);
+#   - the product: `peer send` direct / plain quinn sending the same bytes on the same lab link
+#     (the goodput lab's two un-NATed hosts, interleaved, neither pinned); `peer send` direct
+#     (port-restricted NATs) and relayed (symmetric NATs) on identical lab links, relayed /
+#     direct, with the relay's default rate limit and without, and relayed on relay channels
+#     (plain UDP, the default) / on the relay stream (QUIC in QUIC);
 #   - the rendezvous (loopback, pinned to one core, load generator on the other): registrations
 #     per second, RSS per idle registered peer and CPU use with N peers kept alive; the same
 #     load generator against a plain quinn + rustls server doing only the handshake (same
@@ -25,8 +27,8 @@
 # 5 connects, 500 peers: about 30 s after the build, for CI (no timing is asserted anywhere; the
 # script fails only if a measurement cannot be made). --size sets the `peer send` file size.
 # --keep leaves the work directory (every program's output and log) in place. --send-only runs
-# only the `peer send` rows (and the 1-stream plain quinn lab-link goodput they are compared
-# with): for work on the relay or on file transfer. --rv-only runs only the rendezvous rows (no
+# only the `peer send` rows (with the plain quinn goodput they are compared with): for work on
+# the relay or on file transfer. --rv-only runs only the rendezvous rows (no
 # lab; about a minute with the default 10,000 peers), --rv-peers N sets their peer count (at most
 # 200,000; see docs/benchmarks.md for the memory it takes). --connect-only runs only the
 # connect-time rows (with --iroh, iroh's first reply and time to direct beside them).
@@ -169,12 +171,12 @@ glab=kg$tag
 scripts/natlab.sh up "$glab" --a open --b open >"$work/$glab.log" 2>&1
 labs+=("$glab")
 
-# gp WHERE MODE STREAMS MB: one goodput test; appends "bytes/s cpu_s(client+server)" to
-# $work/gp-WHERE-MODE-STREAMS.
+# gp WHERE MODE STREAMS MB [TAG [PIN]]: one goodput test; appends "bytes/s cpu_s(client+server)"
+# to $work/gp-TAG-MODE-STREAMS (TAG defaults to WHERE). PIN 0: neither process pinned.
 gp() {
-    local where=$1 mode=$2 streams=$3 mb=$4 listen bind srv=() cli=()
+    local where=$1 mode=$2 streams=$3 mb=$4 tag=${5:-$1} pin=${6:-1} listen bind srv=() cli=()
     local pin_srv=() pin_cli=()
-    if (($(nproc) >= 2)) && command -v taskset >/dev/null 2>&1; then
+    if ((pin)) && (($(nproc) >= 2)) && command -v taskset >/dev/null 2>&1; then
         # One core each: less scheduler noise, and the same for every mode.
         pin_srv=(taskset -c 0)
         pin_cli=(taskset -c 1)
@@ -206,7 +208,7 @@ gp() {
     untrack "$spid"
     python3 -c 'import sys; print(float(sys.argv[1]), float(sys.argv[2]) + float(sys.argv[3]))' \
         "$(json_field "$cout" bytes_per_s)" "$(json_field "$cout" cpu_s)" "$(json_field "$sout" cpu_s)" \
-        >>"$work/gp-$where-$mode-$streams"
+        >>"$work/gp-$tag-$mode-$streams"
 }
 
 # gp_iroh STREAMS MB: the same test with iroh on the lab link (listener on A, dialer on B, the
@@ -290,15 +292,27 @@ def cpu(path):
 print(cpu(sys.argv[2]) - cpu(sys.argv[1]))' "$1" "$2"
 }
 
-# send LAB KIND_A KIND_B [RENDEZVOUS OPTION...]: median MB/s of $runs `peer send` transfers ->
-# results send_LAB. Both peers also get the options in the array peer_extra.
-peer_extra=()
+# send_goodput LAB KIND_A KIND_B [RENDEZVOUS OPTION...]: a lab of those NATs, then send_runs.
 send_goodput() {
-    local lab=$1 kind_a=$2 kind_b=$3 dir="$work/$1"
+    local lab=$1 kind_a=$2 kind_b=$3
     shift 3
-    mkdir -p "$dir/recv"
-    scripts/natlab.sh up "$lab" --a "$kind_a" --b "$kind_b" >"$dir.lab.log" 2>&1
+    mkdir -p "$work/$lab"
+    scripts/natlab.sh up "$lab" --a "$kind_a" --b "$kind_b" >"$work/$lab.lab.log" 2>&1
     labs+=("$lab")
+    send_runs "$lab" "$@"
+}
+
+# send_runs LAB [RENDEZVOUS OPTION...]: $runs `peer send` transfers from LAB-b to LAB-a (a
+# rendezvous on LAB-rv) -> results send_LAB (median MB/s), send_series_LAB (each run's, in
+# order), send_cpu_per_gb_LAB, path_LAB, send_failed_LAB. Both peers also get the options in the
+# array peer_extra; the command in the array send_before_each runs before each transfer (another
+# contestant, interleaved).
+peer_extra=()
+send_before_each=()
+send_runs() {
+    local lab=$1 dir="$work/$1"
+    shift
+    mkdir -p "$dir/recv"
     ip netns exec "$lab-rv" "$bin/rendezvous" serve --listen 203.0.113.10:7000 --data-dir "$dir/rv" \
         --tcp-listen off "$@" >"$dir/rv.out" 2>"$dir/rv.log" </dev/null &
     local rv_pid=$! # `ip netns exec` execs the program: the same pid
@@ -316,6 +330,7 @@ send_goodput() {
     cpu_before=$(proc_cpu "$rv_pid" "$a_pid")
     : >"$dir/sender-cpu"
     for ((i = 0; i < runs; i++)); do
+        if ((${#send_before_each[@]})); then "${send_before_each[@]}"; fi
         rm -f "$dir/recv/payload.bin"
         # A fresh config dir each time: every transfer starts with the introduction (a cached
         # address would be dialed first, and fail behind a port-restricted NAT).
@@ -338,6 +353,7 @@ send_goodput() {
         if grep -q "direct to" "$dir/b.out"; then echo direct >"$dir/path"; else echo relayed >"$dir/path"; fi
     done
     record "send_$lab" "$(printf '%s\n' "${speeds[@]}" | median)"
+    record "send_series_$lab" "$(printf '%s\n' "${speeds[@]}" | paste -sd,)"
     # CPU seconds per GB sent, all three processes (the sender's lines of failed runs included:
     # rare, and reported).
     record "send_cpu_per_gb_$lab" "$(python3 -c 'import sys
@@ -364,6 +380,18 @@ slab=ks$tag
 peer_extra=(--no-relay-channel)
 send_goodput "$slab" sym sym --relay-rate 10000000000
 peer_extra=()
+# Like for like, the issue-16 comparison: `peer send` on the link plain quinn ran on (the two
+# un-NATed hosts of the goodput lab: the NATed pairs above cross two more router namespaces,
+# whose forwarding the two cores pay for too), against plain quinn sending the same bytes on it
+# just before each transfer, neither pinned (each peer keeps a file thread busy beside its
+# runtime: pinned to one core each, they would share it, where plain quinn's processes have one
+# thread to run).
+say "peer send / plain quinn: ${send_mb} MB each, the goodput lab's un-NATed hosts, interleaved, median of $runs"
+send_before_each=(gp lab quinn 1 "$send_mb" same 0)
+send_runs "$glab"
+send_before_each=()
+record gp_same-quinn-1 "$(cut -d' ' -f1 "$work/gp-same-quinn-1" | paste -sd,)"
+record send_same_lab "$glab"
 # iroh_send LAB KEY: iroh's goodput for the same bytes as `peer send` in LAB (a raw stream, no
 # file or hashing: a handicap for ours), through its relay in dev mode on LAB-rv.
 iroh_send() {
@@ -583,9 +611,15 @@ if not send_only and not rv_only and not connect_only:
             f"{co:.2f} / {cq:.2f}", f"{c:.2f}{spread}")
 if not rv_only and not connect_only:
   d, rl = f("send_" + r["send_direct_lab"]), f("send_" + r["send_relay_lab"])
+  same = r["send_same_lab"]
+  ss, sq = series("send_series_" + same), [b / 1e6 for b in series("gp_same-quinn-1")]
+  sr = [x / y for x, y in zip(ss, sq)]
+  spread = f" (runs {min(sr):.2f}-{max(sr):.2f})" if len(sr) > 1 else ""
+  row(f"`peer send` {send_mb} MB direct ({r['path_' + same]}) / plain quinn, {send_mb} MB: the same lab link (two un-NATed hosts), interleaved, neither pinned",
+      f"{med(ss):.1f} / {med(sq):.0f} MB/s", f"{med(sr):.2f}{spread}", ">= 0.8", med(sr) >= 0.8)
   pq = med(series("gp_lab-quinn-1")) / 1e6
-  row(f"`peer send` {send_mb} MB direct (port-restricted NATs, {r['path_' + r['send_direct_lab']]}) / plain quinn on a lab link",
-      f"{d:.1f} / {pq:.0f} MB/s", f"{d / pq:.2f}", ">= 0.8", d / pq >= 0.8)
+  row(f"`peer send` {send_mb} MB direct across port-restricted NATs ({r['path_' + r['send_direct_lab']]}; two more router hops) / plain quinn, {lab_mb} MB, un-NATed hosts, pinned one core each",
+      f"{d:.1f} / {pq:.0f} MB/s", f"{d / pq:.2f}", "- (the row above compares like with like)")
   row(f"`peer send` relayed (symmetric NATs, {r['path_' + r['send_relay_lab']]}) / direct, same links, default relay rate limit (50 MB/s per peer)",
       f"{rl:.1f} / {d:.1f} MB/s", f"{rl / d:.2f}", "- (the operator's `--relay-rate` policy caps it; the next row is the relay's capacity)")
   ru = f("send_" + r["send_relay_uncapped_lab"])

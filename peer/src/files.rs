@@ -1,19 +1,21 @@
-//! File transfer over a peer connection: `open {app: file}`, a `file_header` (name, size,
-//! SHA-256), the receiver's `file_resume` (how many bytes of this very file it holds already,
-//! and their SHA-256), the sender's `file_start` (there, if its own first bytes hash the same,
-//! else 0), the raw bytes from there, and a `file_result` from the receiver once it has stored
-//! and checked the whole file. Both sides stream from and to disk in 1 MiB pieces (a few of them
-//! queued): no file is ever held in memory.
+//! File transfer over a peer connection: `open {app: file}`, a `file_header` (name, size), the
+//! receiver's `file_resume` (how many bytes of this file it holds already, and their BLAKE3),
+//! the sender's `file_start` (there, if its own first bytes hash the same, else 0), the raw
+//! bytes from there, the sender's `file_end` (the BLAKE3 of the whole file, hashed as it was
+//! read), and a `file_result` from the receiver once it has stored and checked the whole file.
+//! Both sides stream from and to disk in 1 MiB pieces (a few of them queued): no file is ever
+//! held in memory. The receiver's bytes are hashed and written by the disk writer
+//! (`disk_writer`: direct I/O where the file system takes it).
 //!
 //! The receiver ([`Inbox`]) checks the header before it writes anything: the name (a plain name
 //! without control characters, path separators or a leading dot), the size (at most
 //! `--max-file-size`, and room on the disk for what is left to write and the transfers already
 //! in progress), and how many transfers are running. It writes to a hidden
 //! `.NAME.KEY.part` file (mode 0600, never through a symlink), whose KEY is a hash of the
-//! sender's id, the name, the size and the SHA-256: the same file sent again by the same peer
-//! finds it and resumes, no other peer's transfer ever does. A resume is never trusted
-//! blindly: the sender compares the prefix's hash with its own file, and the receiver checks the
-//! SHA-256 of the whole file at the end. It then syncs the file, gives it its final name without
+//! sender's id, the name and the size: the same file sent again by the same peer finds it and
+//! resumes, no other peer's transfer ever does. A resume is never trusted blindly: the sender
+//! compares the prefix's hash with its own file, and the receiver checks the BLAKE3 of the whole
+//! file at the end. It then syncs the file, gives it its final name without
 //! ever replacing a file (`name.ext`, else `name (1).ext`, `name (2).ext`, ... taken atomically
 //! with a no-replace rename or a hard link), syncs the directory, and only then answers
 //! "verified". A `.part` file stays when the transfer is interrupted (stream or connection lost,
@@ -37,6 +39,7 @@ use common::{PeerId, PeerMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::console::Console;
+use crate::disk_writer::{DirectIo, DiskWriter, DiskWritten};
 
 const CHUNK: usize = 256 * 1024;
 
@@ -728,138 +731,6 @@ async fn hash_prefix(
     Ok(true)
 }
 
-/// Bytes of one buffer between the stream reader and the disk writer of a receive.
-const WRITE_BUFFER: usize = 1024 * 1024;
-/// Buffers queued for the disk writer (so at most this many + 2 MiB in flight per receive).
-const WRITE_QUEUE: usize = 4;
-/// The disk writer asks the kernel to start writing back every this many bytes (see
-/// [`start_writeback`]).
-const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
-
-/// The receiving side's disk writer: a blocking thread that hashes and writes the buffers it is
-/// queued (bounded: [`WRITE_QUEUE`] of [`WRITE_BUFFER`] bytes), and hands each buffer back for
-/// reuse. The reader fills [`DiskWriter::space`] and reports with [`DiskWriter::filled`]. (The
-/// stream is copied into these buffers rather than queueing quinn's chunks as they are: a chunk
-/// keeps its whole received datagram batch alive, so a peer sending tiny frames could make a
-/// queue of chunks hold far more memory than the bytes it carries.) Every [`WRITEBACK_EVERY`]
-/// bytes the writer starts the write-back of what it wrote, so that the `fsync` at the end waits
-/// for the last few MiB only instead of the whole file.
-struct DiskWriter {
-    queue: tokio::sync::mpsc::Sender<Vec<u8>>,
-    spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    thread: tokio::task::JoinHandle<DiskWritten>,
-    buf: Vec<u8>,
-    filled: usize,
-}
-
-/// What the disk writer did: the file, the hash of every byte it wrote, how many it wrote, and
-/// the write error it stopped at (after which it writes nothing more).
-struct DiskWritten {
-    file: std::fs::File,
-    hasher: blake3::Hasher,
-    bytes: u64,
-    error: Option<std::io::Error>,
-}
-
-impl DiskWriter {
-    /// Starts the writer on `file`, positioned at byte `offset` (where write-back starts).
-    fn start(file: std::fs::File, offset: u64, hasher: blake3::Hasher) -> DiskWriter {
-        use std::io::Write;
-        let (queue, mut buffers) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-        let (spare_tx, spare) = std::sync::mpsc::channel();
-        let thread = tokio::task::spawn_blocking(move || {
-            let mut done = DiskWritten {
-                file,
-                hasher,
-                bytes: 0,
-                error: None,
-            };
-            let mut written_back = offset;
-            while let Some(buf) = buffers.blocking_recv() {
-                if done.error.is_none() {
-                    match done.file.write_all(&buf) {
-                        Ok(()) => {
-                            done.hasher.update(&buf);
-                            done.bytes += buf.len() as u64;
-                            let end = offset + done.bytes;
-                            if end - written_back >= WRITEBACK_EVERY {
-                                start_writeback(&done.file, written_back, end - written_back);
-                                written_back = end;
-                            }
-                        }
-                        Err(e) => done.error = Some(e),
-                    }
-                }
-                // The reader may be gone already; the buffer is then just freed.
-                let _ = spare_tx.send(buf);
-            }
-            done
-        });
-        DiskWriter {
-            queue,
-            spare,
-            thread,
-            buf: vec![0u8; WRITE_BUFFER],
-            filled: 0,
-        }
-    }
-
-    /// Where the next bytes go.
-    fn space(&mut self) -> &mut [u8] {
-        &mut self.buf[self.filled..]
-    }
-
-    /// `n` bytes were put into [`DiskWriter::space`]; a full buffer is queued for the writer
-    /// (waiting while the queue is full). False if the writer is gone.
-    async fn filled(&mut self, n: usize) -> bool {
-        self.filled += n;
-        if self.filled < self.buf.len() {
-            return true;
-        }
-        let mut next = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| vec![0u8; WRITE_BUFFER]);
-        next.resize(WRITE_BUFFER, 0);
-        let full = std::mem::replace(&mut self.buf, next);
-        self.filled = 0;
-        self.queue.send(full).await.is_ok()
-    }
-
-    /// Queues what is left and waits for the writer to write everything queued. `None` if the
-    /// writer thread failed (it does not, short of a panic).
-    async fn finish(mut self) -> Option<DiskWritten> {
-        if self.filled > 0 {
-            self.buf.truncate(self.filled);
-            let _ = self.queue.send(std::mem::take(&mut self.buf)).await;
-        }
-        drop(self.queue);
-        self.thread.await.ok()
-    }
-}
-
-/// Asks the kernel to start writing `len` bytes of `file` from `offset` back to the disk, without
-/// waiting for it. Only a head start for the `fsync` at the end, which is what guarantees the
-/// bytes are on the disk (and reports any error): a failure here is ignored.
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (
-        libc::off64_t::try_from(offset),
-        libc::off64_t::try_from(len),
-    ) else {
-        return;
-    };
-    // SAFETY: the descriptor is open (we hold `file`); the call reads no memory of ours.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
-/// Elsewhere the final `fsync` does all the work.
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
-
 /// What a successful receive stored.
 #[derive(Debug)]
 struct Stored {
@@ -1084,7 +955,7 @@ async fn receive_inner(
     // The stream is read here and the bytes are hashed and written by a blocking thread of
     // their own, behind a bounded queue: reading the stream never waits for the disk or the
     // hash, and neither waits for a round trip through tokio's blocking pool per chunk.
-    let mut writer = DiskWriter::start(file.into_std().await, start, hasher);
+    let mut writer = DiskWriter::start(file.into_std().await, start, hasher, DirectIo::Try);
     let mut got = start;
     // Exactly the announced bytes, then the sender's `file_end` with the whole file's hash:
     // `Some(hash)` once both came, `None` when the stream ended before or the writer stopped.
@@ -1146,6 +1017,7 @@ async fn receive_inner(
         file,
         hasher,
         bytes,
+        direct_bytes,
         error,
     }) = writer.finish().await
     else {
@@ -1156,6 +1028,12 @@ async fn receive_inner(
     };
     let mut file = tokio::fs::File::from_std(file);
     let got = start + bytes;
+    tracing::debug!(
+        bytes,
+        direct_bytes,
+        "{}: written ({direct_bytes} of {bytes} bytes with direct I/O)",
+        part.path.display()
+    );
     let outcome = match (outcome, error) {
         (Err(Failure::Bad(m)), _) => Err(Failure::Bad(m)),
         (_, Some(e)) => Err(Failure::Interrupted(format!(
@@ -1333,51 +1211,6 @@ mod tests {
         let end = end.to_string();
         assert!(end.contains("shrank") || end.contains("changed"), "{end}");
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test]
-    async fn the_disk_writer_writes_and_hashes_every_byte_in_order_and_reports_a_write_error() {
-        let dir = temp_dir("disk-writer");
-        let path = dir.join("out");
-        // A resumed file: the writer appends after the bytes held, and starts the write-back of
-        // several ranges on the way (more than 2 x WRITEBACK_EVERY bytes).
-        let held = b"held bytes";
-        std::fs::write(&path, held).unwrap();
-        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        {
-            use std::io::Seek;
-            file.seek(std::io::SeekFrom::End(0)).unwrap();
-        }
-        let data: Vec<u8> = (0..2 * WRITEBACK_EVERY as usize + 5 * WRITE_BUFFER + 12345)
-            .map(|i| (i * 31 % 251) as u8)
-            .collect();
-        let mut writer = DiskWriter::start(file, held.len() as u64, blake3::Hasher::new());
-        // Odd-sized pieces, as reads from a stream come.
-        let mut at = 0;
-        while at < data.len() {
-            let space = writer.space();
-            let n = space.len().min(7777).min(data.len() - at);
-            space[..n].copy_from_slice(&data[at..at + n]);
-            at += n;
-            assert!(writer.filled(n).await);
-        }
-        let done = writer.finish().await.unwrap();
-        assert!(done.error.is_none());
-        assert_eq!(done.bytes, data.len() as u64);
-        assert_eq!(done.hasher.finalize(), blake3::hash(&data));
-        let mut expected = held.to_vec();
-        expected.extend_from_slice(&data);
-        assert_eq!(std::fs::read(&path).unwrap(), expected);
-
-        // A file it cannot write: the error is reported, nothing is counted as written.
-        let read_only = std::fs::File::open(&path).unwrap();
-        let mut writer = DiskWriter::start(read_only, 0, blake3::Hasher::new());
-        writer.space()[..10].copy_from_slice(&[1; 10]);
-        assert!(writer.filled(10).await);
-        let done = writer.finish().await.unwrap();
-        assert!(done.error.is_some());
-        assert_eq!(done.bytes, 0);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

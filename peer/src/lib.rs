@@ -60,7 +60,7 @@
 //!   as it goes, all ended and awaited by [`Endpoint::close`]).
 //! - The `peer` program's applications, on top of the endpoint: [`commands`] (each command as
 //!   a library call, so that the program only parses arguments and prints), [`listener`] (inbound stream
-//!   dispatch), [`chat`], [`files`], [`services`] (`pipe`, `forward`, `--expose`), [`ping`], [`access`] (allow-lists), [`control`] (the local
+//!   dispatch), [`chat`], [`files`] (and its disk writer), [`services`] (`pipe`, `forward`, `--expose`), [`ping`], [`access`] (allow-lists), [`control`] (the local
 //!   control socket and `peer status`), [`console`] (where events are written).
 #![warn(missing_docs)]
 
@@ -71,6 +71,7 @@ pub mod commands;
 pub mod console;
 pub mod control;
 pub mod dial;
+mod disk_writer;
 pub mod endpoint;
 pub mod failover;
 pub mod files;
