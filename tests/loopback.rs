@@ -1077,21 +1077,13 @@ fn a_chat_the_listener_never_acknowledges_fails_within_the_timeout() {
     let mut b = peer("b", &dir.path().join("b"), &connect);
     b.stdout.wait_for(&format!("connected to {a_id}"), T);
     a.stdout.wait_for("connected: ", T);
-    let signal = |sig: &str, p: &Proc| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &p.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    };
-    signal("-STOP", &a);
+    a.pause();
     let stopped = Instant::now();
     b.send_line("into the void");
     b.close_stdin();
     let status = b.wait(common::chat::END_TIMEOUT + T);
     let waited = stopped.elapsed();
-    signal("-CONT", &a);
+    a.resume();
     assert_eq!(status.code(), Some(1), "{}", b.stderr.text());
     let err = b.stderr.text();
     assert!(

@@ -4,7 +4,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::{args, listen_with, peer, peer_id_of, peer_run, Rendezvous, TempDir};
@@ -253,11 +252,7 @@ fn a_receiver_stopped_mid_transfer_keeps_a_private_part_file_for_a_resume() {
     let b = peer("b", &b_dir, &send);
     a.stdout.wait_for("receiving big.bin", T);
     // Freeze the sender so the transfer is certainly in progress, and see the .part file.
-    let stop = Command::new("kill")
-        .args(["-STOP", &b.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(stop.success());
+    b.pause();
     let names = names_in(&recv);
     assert!(
         names.len() == 1 && names[0].starts_with(".big.bin.") && names[0].ends_with(".part"),
@@ -269,8 +264,6 @@ fn a_receiver_stopped_mid_transfer_keeps_a_private_part_file_for_a_resume() {
     assert!(a.terminate(T).success());
     assert_eq!(names_in(&recv), names, "only the .part file is left");
     assert_eq!(mode(&recv.join(&names[0])), 0o600);
-    let _ = Command::new("kill")
-        .args(["-CONT", &b.pid().to_string()])
-        .status();
+    b.resume();
     drop(b);
 }

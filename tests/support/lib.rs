@@ -343,8 +343,39 @@ impl Proc {
 
     /// SIGSTOP: the process stops where it is (its sockets stay open, nothing is read or sent)
     /// until [`Proc::resume`]. For ordering what two processes do without timing either.
+    /// Returns once every thread of the process is stopped: `kill` returns when the signal is
+    /// queued, and a multi-threaded process stops only once one of its threads has taken the
+    /// signal and stopped the others, which on a loaded machine can be milliseconds later, while
+    /// the others keep running (a CI run saw a "stopped" listener answer a chat).
     pub fn pause(&self) {
         self.signal("-STOP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.all_threads_stopped() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within 10 s of SIGSTOP",
+                self.tag
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Whether every thread of the process is in the stopped state (`T`, or `t` when traced).
+    fn all_threads_stopped(&self) -> bool {
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return false;
+        };
+        threads.flatten().all(|thread| {
+            // "pid (comm) STATE ...": the state follows the last ')'. A thread that is gone
+            // meanwhile runs nothing.
+            std::fs::read_to_string(thread.path().join("stat")).map_or(true, |stat| {
+                matches!(
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.trim_start().chars().next()),
+                    Some('T' | 't')
+                )
+            })
+        })
     }
 
     /// SIGCONT after [`Proc::pause`].
