@@ -173,52 +173,52 @@ impl<F: SinkFile> FileSink<F> {
             } else {
                 0
             };
-            if direct_len > 0 {
-                if !self.direct_on {
-                    if self.file.set_direct(true).is_err() {
+            let direct = direct_len > 0
+                && match self.set_direct(true) {
+                    Ok(()) => true,
+                    Err(_) => {
                         // This file system takes no direct I/O: the page cache from now on.
                         self.direct_allowed = false;
-                        continue;
+                        false
                     }
-                    self.direct_on = true;
-                }
-                match self.file.write_some(&rest[..direct_len]) {
-                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                    Ok(n) => {
-                        rest = &rest[n..];
-                        self.pos += n as u64;
+                };
+            if !direct {
+                self.set_direct(false)?;
+            }
+            let piece = if direct { &rest[..direct_len] } else { rest };
+            match self.file.write_some(piece) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    rest = &rest[n..];
+                    self.pos += n as u64;
+                    if direct {
                         self.direct_bytes += n as u64;
                         // Page-cache bytes before a direct write are the kernel's to write back
                         // already (it flushes them before writing around them).
                         self.written_back = self.pos;
+                    } else if self.pos - self.written_back >= WRITEBACK_EVERY {
+                        self.file
+                            .start_writeback(self.written_back, self.pos - self.written_back);
+                        self.written_back = self.pos;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        // Refused at the write rather than when the flag was set (some file
-                        // systems do): the same bytes go through the page cache.
-                        self.direct_allowed = false;
-                    }
-                    Err(e) => return Err(e),
                 }
-            } else {
-                if self.direct_on {
-                    self.file.set_direct(false)?;
-                    self.direct_on = false;
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Refused at the write rather than when the flag was set (some file
+                    // systems do): the same bytes go through the page cache.
+                    self.direct_allowed = false;
                 }
-                let n = match self.file.write_some(rest) {
-                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
-                rest = &rest[n..];
-                self.pos += n as u64;
-                if self.pos - self.written_back >= WRITEBACK_EVERY {
-                    self.file
-                        .start_writeback(self.written_back, self.pos - self.written_back);
-                    self.written_back = self.pos;
-                }
+                Err(e) => return Err(e),
             }
+        }
+        Ok(())
+    }
+
+    /// Sets direct I/O on the file (`on`) or clears it, unless it is so already.
+    fn set_direct(&mut self, on: bool) -> std::io::Result<()> {
+        if self.direct_on != on {
+            self.file.set_direct(on)?;
+            self.direct_on = on;
         }
         Ok(())
     }
@@ -227,9 +227,7 @@ impl<F: SinkFile> FileSink<F> {
     /// cleared: `fsync`, the rename and a resume's `fsync` work the same on a file in direct
     /// mode.)
     fn into_file(mut self) -> F {
-        if self.direct_on {
-            let _ = self.file.set_direct(false);
-        }
+        let _ = self.set_direct(false);
         self.file
     }
 }
@@ -371,17 +369,8 @@ fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::temp_dir;
     use std::sync::{Arc, Mutex};
-
-    fn temp_dir(tag: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "disk-writer-{tag}-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     fn pattern(len: usize, seed: usize) -> Vec<u8> {
         (0..len).map(|i| ((i + seed) * 31 % 251) as u8).collect()

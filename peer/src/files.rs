@@ -1029,10 +1029,10 @@ async fn receive_inner(
     let mut file = tokio::fs::File::from_std(file);
     let got = start + bytes;
     tracing::debug!(
+        file = %part.path.display(),
         bytes,
         direct_bytes,
-        "{}: written ({direct_bytes} of {bytes} bytes with direct I/O)",
-        part.path.display()
+        "received bytes written"
     );
     let outcome = match (outcome, error) {
         (Err(Failure::Bad(m)), _) => Err(Failure::Bad(m)),
@@ -1111,20 +1111,8 @@ fn store(part: &Path, dir: &Path, name: &str) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::temp_dir;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "files-{tag}-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    /// A dropped `sha256_file` stops its thread at the next piece: the file is a FIFO the test
-    /// writes into; once the future is dropped and one more piece is written, the thread ends
-    /// and closes the FIFO, so that writing fails with a broken pipe.
     /// Everything [`read_chunks`] hands over: the bytes, then the hash or the error it ended
     /// with.
     async fn read_all(
@@ -1501,12 +1489,7 @@ mod wire_tests {
     }
 
     fn temp_inbox(tag: &str, max_size: u64) -> (PathBuf, Arc<Inbox>) {
-        let dir = std::env::temp_dir().join(format!(
-            "files-wire-{tag}-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_support::temp_dir(&format!("wire-{tag}"));
         (dir.clone(), Inbox::new(dir, max_size))
     }
 

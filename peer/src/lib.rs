@@ -89,6 +89,8 @@ pub mod relay;
 pub mod services;
 pub mod session;
 pub mod tasks;
+#[cfg(test)]
+mod test_support;
 
 pub use certs::{Fingerprint, Identity};
 pub use common::PeerId;
