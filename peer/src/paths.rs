@@ -111,6 +111,14 @@ pub struct LinkStatus {
     pub punch_failure: Option<String>,
 }
 
+impl LinkStatus {
+    /// Whether this status already says the link is on `path`, found as `describe` (the name
+    /// of a relayed path does not matter).
+    fn says(&self, path: Current, describe: &str) -> bool {
+        self.path == path && (path == Current::Relay || self.describe == describe)
+    }
+}
+
 /// One connection as `peer status` shows it.
 #[derive(Debug, Clone)]
 pub struct LinkInfo {
@@ -691,7 +699,7 @@ impl PathKeeper {
             // The machine's path, if our status lags behind it: a path change whose output was
             // dropped on a full queue (see `execute`) is said now rather than never. One still
             // queued is then said here first and skipped when it comes (`link_output`).
-            if status.borrow().path != link.path {
+            if !status.borrow().says(link.path, link.describe) {
                 let change = PathOutput::PathChanged {
                     conn: id,
                     path: link.path,
@@ -779,7 +787,8 @@ impl PathKeeper {
         let update = |f: &dyn Fn(&mut LinkStatus)| status.send_modify(|s| f(s));
         match output {
             // Already said (the link caught up with the machine before this output came).
-            PathOutput::PathChanged { path, .. } if status.borrow().path == path => {}
+            PathOutput::PathChanged { path, describe, .. }
+                if status.borrow().says(path, describe) => {}
             PathOutput::PathChanged {
                 path: Current::Relay,
                 ..
@@ -799,9 +808,13 @@ impl PathKeeper {
                 ..
             } => {
                 update(&|s| {
+                    // A new name for the path in use (see `PeerPaths::punch_result`) keeps
+                    // its start.
+                    if s.path != Current::Direct(addr) {
+                        s.since = Instant::now();
+                    }
                     s.path = Current::Direct(addr);
                     s.describe = describe;
-                    s.since = Instant::now();
                     s.punch_failure = None;
                 });
                 self.tasks.spawn(nudges(conn.clone()));

@@ -542,8 +542,20 @@ impl PeerPaths {
                 // answer, e.g. in the other side's punch for IPv6), which is no better.
             }
             PunchOutcome::Direct { addr, describe } => {
+                // The address in use proven again, under another name (the connection came in
+                // from it before the punch said which candidate it is): no switch, so the new
+                // name is reported here or the user would keep the old one.
+                let renamed =
+                    link.describe != describe && link.selector.current() == Current::Direct(addr);
                 link.describe = describe;
                 link.selector.direct_proven(addr, now);
+                if renamed && link.selector.current() == Current::Direct(addr) {
+                    out.push_back(PathOutput::PathChanged {
+                        conn: link.conn,
+                        path: Current::Direct(addr),
+                        describe,
+                    });
+                }
             }
             PunchOutcome::Failed(reason) => {
                 let explain = !link.explained && link.selector.current() == Current::Relay;
@@ -1082,6 +1094,66 @@ mod tests {
         paths.announced(1, Current::Direct(peer));
         paths.announced(2, Current::Relay);
         assert!(drain(&mut paths).is_empty());
+    }
+
+    /// Regression (found in CI: the UPnP lab test's listener kept saying "direct to ... (the
+    /// peer's address)"): the listener's punch proved the dialer's port mapping before the
+    /// dialer's handshake reached it, so the connection came in on that address already and
+    /// the punch result changed no path, only its name. The new name is reported, once.
+    #[test]
+    fn a_punch_proving_the_address_in_use_reports_its_name() {
+        let t0 = Instant::now();
+        let mut socket = Socket::default();
+        let mut paths = PeerPaths::new(stable(), PathConfig::default());
+        let mapped = addr("203.0.113.22:60829");
+        let by_mapping = PunchOutcome::Direct {
+            addr: mapped,
+            describe: "port mapping",
+        };
+        paths.introduction(7, &[mapped], t0);
+        paths.probe_authenticated(7, mapped);
+        paths.punch_result(7, by_mapping.clone(), t(t0, 5));
+        socket.run(&mut paths);
+        let initial = paths.connection_up(1, stable(), "the peer's address", t(t0, 6));
+        assert_eq!(initial, Current::Direct(mapped));
+        let said: Vec<PathOutput> = drain(&mut paths)
+            .into_iter()
+            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
+            .collect();
+        assert_eq!(
+            said,
+            vec![PathOutput::PathChanged {
+                conn: 1,
+                path: Current::Direct(mapped),
+                describe: "port mapping",
+            }]
+        );
+        paths.announced(1, Current::Direct(mapped));
+        assert!(drain(&mut paths).is_empty());
+        assert_eq!(paths.link().map(|l| l.describe), Some("port mapping"));
+        // The same result again (a re-punch): nothing new to say.
+        paths.introduction(8, &[mapped], t(t0, 100));
+        paths.punch_result(8, by_mapping, t(t0, 101));
+        let said: Vec<PathOutput> = drain(&mut paths)
+            .into_iter()
+            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
+            .collect();
+        assert!(said.is_empty(), "{said:?}");
+        // The same address proven under another name, on a live connection: renamed.
+        paths.introduction(9, &[mapped], t(t0, 200));
+        paths.punch_result(9, direct(mapped), t(t0, 201));
+        let said: Vec<PathOutput> = drain(&mut paths)
+            .into_iter()
+            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
+            .collect();
+        assert_eq!(
+            said,
+            vec![PathOutput::PathChanged {
+                conn: 1,
+                path: Current::Direct(mapped),
+                describe: "public address",
+            }]
+        );
     }
 
     /// Regression (commit 912ed4a, found in the lab): the peer reconnects right after its
