@@ -63,10 +63,10 @@ pub async fn server(
 ) -> anyhow::Result<()> {
     match mode {
         Mode::Tcp => tcp_server(listen, streams).await,
-        Mode::Quinn => {
+        Mode::Quinn | Mode::QuinnBuffers => {
             let (cert, key) = quinn_cert(keys)?;
             let config = quinn::ServerConfig::with_single_cert(vec![cert], key)?;
-            let endpoint = quinn::Endpoint::server(config, listen)?;
+            let endpoint = quinn_endpoint(mode, listen, Some(config))?;
             quic_server(endpoint).await
         }
         Mode::Ours => {
@@ -88,6 +88,26 @@ pub async fn server(
             quic_server(endpoint).await
         }
     }
+}
+
+/// A plain quinn endpoint on `addr` (as `quinn::Endpoint::server` / `client` make it), its
+/// socket's buffers enlarged as the peer's are for [`Mode::QuinnBuffers`].
+fn quinn_endpoint(
+    mode: Mode,
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
+    if mode == Mode::QuinnBuffers {
+        transport::enlarge_buffers(&socket, transport::PEER_SOCKET_BUFFER);
+    }
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        runtime,
+    )?)
 }
 
 async fn quic_server(endpoint: quinn::Endpoint) -> anyhow::Result<()> {
@@ -197,12 +217,12 @@ pub async fn client(
             }
             (start.elapsed().as_secs_f64(), self_cpu_s() - cpu0)
         }
-        Mode::Quinn => {
+        Mode::Quinn | Mode::QuinnBuffers => {
             let (cert, _) = quinn_cert(keys)?;
             let mut roots = rustls::RootCertStore::empty();
             roots.add(cert)?;
             let config = quinn::ClientConfig::with_root_certificates(Arc::new(roots))?;
-            let endpoint = quinn::Endpoint::client(bind)?;
+            let endpoint = quinn_endpoint(mode, bind, None)?;
             dial_and_send(&endpoint, config, connect, "localhost", streams, per_stream).await?
         }
         Mode::Ours => {

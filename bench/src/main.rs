@@ -42,6 +42,9 @@ struct Cli {
 pub enum Mode {
     /// quinn with its default transport config and a self-signed rcgen certificate.
     Quinn,
+    /// As `quinn`, on sockets with the peer's kernel buffers (`PEER_SOCKET_BUFFER`): what
+    /// that setting alone is worth to plain quinn.
+    QuinnBuffers,
     /// One TCP connection per stream.
     Tcp,
     /// Our endpoint, TLS and transport settings, dialing a routed stable address.

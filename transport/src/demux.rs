@@ -695,6 +695,15 @@ impl DemuxSocket {
         if let Some(old) = freed {
             self.close_extras(&[old]);
         }
+        // It carries a connection now: the room of the primary socket (the others, probes
+        // only, keep the default and the kernel memory it bounds).
+        let extras = self
+            .extras
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(extra) = extras.iter().find(|e| e.id == id) {
+            crate::endpoint::enlarge_buffers(&extra.os, crate::endpoint::PEER_SOCKET_BUFFER);
+        }
     }
 
     /// The extra socket `real` is pinned to, if any.
@@ -736,6 +745,16 @@ impl DemuxSocket {
     /// The local address of extra socket `id`, while it is open.
     pub fn extra_local_addr(&self, id: ExtraId) -> Option<SocketAddr> {
         self.extra(id).and_then(|s| s.local_addr().ok())
+    }
+
+    /// The kernel buffers of the primary socket (as the kernel reports them; `None` for a
+    /// socket that is not an OS socket).
+    pub fn socket_buffers(&self) -> Option<crate::endpoint::SocketBuffers> {
+        let sock = socket2::SockRef::from(self.os_socket.as_ref()?);
+        Some(crate::endpoint::SocketBuffers {
+            receive: sock.recv_buffer_size().ok()?,
+            send: sock.send_buffer_size().ok()?,
+        })
     }
 
     /// Extra sockets open now.
@@ -1903,8 +1922,24 @@ mod tests {
         let datagram = stun.recv().await.unwrap();
         assert_eq!((datagram.from, datagram.via), (other_addr, Some(winner)));
 
-        // Pinned: quinn's packets to the stable address, and STUN sends, leave from the winner.
+        // Pinned: quinn's packets to the stable address, and STUN sends, leave from the winner,
+        // which gets the primary socket's buffers (the others keep the kernel's default).
+        let buffer_of = |id: ExtraId| {
+            let extras = socket.extras.read().unwrap();
+            let extra = extras.iter().find(|e| e.id == id).unwrap();
+            socket2::SockRef::from(&extra.os)
+                .recv_buffer_size()
+                .unwrap()
+        };
+        let default = buffer_of(ids[0]);
         socket.pin(other_addr, winner, stable);
+        assert_eq!(buffer_of(ids[0]), default);
+        let expected = crate::endpoint::tests::granted_buffer(crate::endpoint::PEER_SOCKET_BUFFER);
+        assert!(
+            buffer_of(winner) >= expected,
+            "{default} -> {}",
+            buffer_of(winner)
+        );
         send(&socket, &transmit(stable, b"out")).await;
         let (n, from) = other.recv_from(&mut buf).await.unwrap();
         assert_eq!((&buf[..n], from.port()), (&b"out"[..], winner_addr.port()));

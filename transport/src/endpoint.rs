@@ -171,7 +171,8 @@ pub type BoundEndpoint = (
 );
 
 /// Binds `addr`, wraps it in a [`DemuxSocket`] and builds a quinn endpoint over it that accepts
-/// connections with `server` (if given) and can dial with per-connection client configs.
+/// connections with `server` (if given) and can dial with per-connection client configs. The
+/// socket gets [`PEER_SOCKET_BUFFER`] of kernel buffers (as far as the kernel allows).
 /// `reset_secret` makes stateless resets recognisable across restarts (servers); `None` picks a
 /// random key.
 pub fn make_endpoint(
@@ -191,7 +192,14 @@ pub fn make_endpoint(
         }
         None => None,
     };
-    bind_endpoint(addr, false, None, server_config, stun_queue, reset_secret)
+    bind_endpoint(
+        addr,
+        false,
+        Some(PEER_SOCKET_BUFFER),
+        server_config,
+        stun_queue,
+        reset_secret,
+    )
 }
 
 /// As [`make_endpoint`] for a public server: accepts connections with `tls` under the
@@ -241,16 +249,100 @@ fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, 
 /// their connections to time out (docs/benchmarks.md, "Idle peer memory").
 pub const SERVER_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
-/// Asks for `bytes` of kernel receive and send buffer on `socket`. Best effort: the kernel caps
-/// the request at its limits, and a smaller buffer still works, only with less room.
-fn enlarge_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+/// Kernel receive and send buffer asked for a peer's UDP socket (and for the extra socket a
+/// birthday punch pins a path to).
+///
+/// The default (`rmem_default`, 208 KiB on Linux) holds about 150 full-size packets: at
+/// 400 MB/s that is 0.5 ms of a transfer, and a receiver whose runtime thread waits that long
+/// for a core (a file thread, another process) drops the rest. Each drop is a loss to QUIC's
+/// congestion control, which halves its window. Measured on the lab link (docs/benchmarks.md,
+/// round nine): 35-200 receive-buffer drops per 100 MB `peer send` with the default, none with
+/// this buffer. quic-go asks for 7 MiB, Tailscale 7 MiB; the kernel allocates it only as packets
+/// wait, so an idle peer spends nothing on it.
+pub const PEER_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// What the kernel granted a socket (as it reports them: Linux counts twice the bytes asked
+/// for, for its own bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    /// `SO_RCVBUF`.
+    pub receive: usize,
+    /// `SO_SNDBUF`.
+    pub send: usize,
+}
+
+/// Asks for `bytes` of kernel receive and send buffer on `socket`. Best effort: with
+/// `CAP_NET_ADMIN` (Linux: `SO_RCVBUFFORCE`, as Tailscale does) past `net.core.rmem_max` /
+/// `wmem_max`, else up to them; a smaller buffer still works, only with less room. Returns
+/// what the kernel granted.
+pub fn enlarge_buffers(socket: &impl std::os::fd::AsFd, bytes: usize) -> SocketBuffers {
     let sock = socket2::SockRef::from(socket);
-    if let Err(e) = sock.set_recv_buffer_size(bytes) {
-        tracing::warn!(error = %e, "could not enlarge the UDP receive buffer");
+    if !force_buffer(socket, libc_force::RECEIVE, bytes) {
+        if let Err(e) = sock.set_recv_buffer_size(bytes) {
+            tracing::warn!(error = %e, "could not enlarge the UDP receive buffer");
+        }
     }
-    if let Err(e) = sock.set_send_buffer_size(bytes) {
-        tracing::warn!(error = %e, "could not enlarge the UDP send buffer");
+    if !force_buffer(socket, libc_force::SEND, bytes) {
+        if let Err(e) = sock.set_send_buffer_size(bytes) {
+            tracing::warn!(error = %e, "could not enlarge the UDP send buffer");
+        }
     }
+    let granted = SocketBuffers {
+        receive: sock.recv_buffer_size().unwrap_or(0),
+        send: sock.send_buffer_size().unwrap_or(0),
+    };
+    // Linux reports twice the size it grants (its bookkeeping counted in).
+    let full = if cfg!(any(target_os = "linux", target_os = "android")) {
+        bytes.saturating_mul(2)
+    } else {
+        bytes
+    };
+    if granted.receive < full {
+        tracing::info!(
+            asked = bytes,
+            granted = granted.receive,
+            "UDP receive buffer capped by net.core.rmem_max (raise it, or give the process \
+             CAP_NET_ADMIN, for fewer drops at high rates)"
+        );
+    }
+    granted
+}
+
+/// The forcing socket options (Linux only; elsewhere nothing is forced).
+mod libc_force {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub const RECEIVE: Option<libc::c_int> = Some(libc::SO_RCVBUFFORCE);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub const SEND: Option<libc::c_int> = Some(libc::SO_SNDBUFFORCE);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    pub const RECEIVE: Option<libc::c_int> = None;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    pub const SEND: Option<libc::c_int> = None;
+}
+
+/// Sets buffer option `option` (a `*FORCE` one) to `bytes`; false where it does not exist, the
+/// process may not (no `CAP_NET_ADMIN`), or `bytes` does not fit the option.
+fn force_buffer(
+    socket: &impl std::os::fd::AsFd,
+    option: Option<libc::c_int>,
+    bytes: usize,
+) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Some(option), Ok(value)) = (option, libc::c_int::try_from(bytes)) else {
+        return false;
+    };
+    // SAFETY: the descriptor is borrowed for the call; the value is a c_int that lives across
+    // it and whose size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
 }
 
 fn bind_endpoint(
@@ -264,7 +356,8 @@ fn bind_endpoint(
     let socket_err = |source| EndpointError::Socket { addr, source };
     let socket = bind_udp(addr, share_port).map_err(socket_err)?;
     if let Some(bytes) = socket_buffer {
-        enlarge_buffers(&socket, bytes);
+        let granted = enlarge_buffers(&socket, bytes);
+        tracing::debug!(%addr, ?granted, "UDP socket buffers");
     }
     let (demux, stun_rx) = DemuxSocket::new(socket, stun_queue).map_err(socket_err)?;
     let mut endpoint_config = match reset_secret {
@@ -389,7 +482,7 @@ pub fn remote_certificate(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -408,22 +501,56 @@ mod tests {
         assert_eq!(odd.server_keep_alive(), Duration::from_secs(10));
     }
 
-    #[test]
-    fn server_sockets_get_the_larger_buffer_the_kernel_allows() {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let before = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
-        enlarge_buffers(&socket, SERVER_SOCKET_BUFFER);
-        let after = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
-        assert!(after >= before, "{before} -> {after}");
-        // Where the kernel's cap leaves room (Linux reports twice the size it grants), the
-        // buffer grew.
+    /// The receive buffer a socket must report once [`enlarge_buffers`] asked for `bytes`
+    /// here: all of it (Linux reports twice) where this process may force it
+    /// (`CAP_NET_ADMIN`), else up to `net.core.rmem_max`, and never below the default.
+    pub(crate) fn granted_buffer(bytes: usize) -> usize {
+        let scratch = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default = socket2::SockRef::from(&scratch).recv_buffer_size().unwrap();
+        if force_buffer(&scratch, libc_force::RECEIVE, bytes) {
+            return 2 * bytes;
+        }
         let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok());
-        if let Some(cap) = cap {
-            if 2 * cap.min(SERVER_SOCKET_BUFFER) > before {
-                assert!(after > before, "cap {cap}: {before} -> {after}");
-            }
+        match cap {
+            Some(cap) => (2 * cap.min(bytes)).max(default),
+            None => default,
         }
+    }
+
+    #[test]
+    fn sockets_get_the_larger_buffers_the_kernel_allows() {
+        for bytes in [SERVER_SOCKET_BUFFER, PEER_SOCKET_BUFFER] {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let granted = enlarge_buffers(&socket, bytes);
+            let sock = socket2::SockRef::from(&socket);
+            assert_eq!(granted.receive, sock.recv_buffer_size().unwrap());
+            assert_eq!(granted.send, sock.send_buffer_size().unwrap());
+            assert!(
+                granted.receive >= granted_buffer(bytes),
+                "{bytes}: {granted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_endpoint_socket_gets_the_peer_buffer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (_endpoint, socket, _stun) = make_endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                None,
+                TransportSettings::default(),
+                4,
+                None,
+            )
+            .unwrap();
+            let receive = socket.socket_buffers().unwrap().receive;
+            assert!(receive >= granted_buffer(PEER_SOCKET_BUFFER), "{receive}");
+        });
     }
 }
