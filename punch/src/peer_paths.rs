@@ -1076,10 +1076,7 @@ mod tests {
         // ... and then the connection reaches the machine.
         let initial = paths.connection_up(1, stable(), "public address", t(t0, 31));
         assert_eq!(initial, Current::Direct(peer));
-        let quiet: Vec<PathOutput> = drain(&mut paths)
-            .into_iter()
-            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
-            .collect();
+        let quiet = path_changes(&mut paths);
         assert!(quiet.is_empty(), "{quiet:?}");
         paths.announced(1, told);
         assert_eq!(
@@ -1094,6 +1091,14 @@ mod tests {
         paths.announced(1, Current::Direct(peer));
         paths.announced(2, Current::Relay);
         assert!(drain(&mut paths).is_empty());
+    }
+
+    /// The path changes among the outputs waiting (the rest are dropped).
+    fn path_changes(paths: &mut PeerPaths) -> Vec<PathOutput> {
+        drain(paths)
+            .into_iter()
+            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
+            .collect()
     }
 
     /// Regression (found in CI: the UPnP lab test's listener kept saying "direct to ... (the
@@ -1116,10 +1121,7 @@ mod tests {
         socket.run(&mut paths);
         let initial = paths.connection_up(1, stable(), "the peer's address", t(t0, 6));
         assert_eq!(initial, Current::Direct(mapped));
-        let said: Vec<PathOutput> = drain(&mut paths)
-            .into_iter()
-            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
-            .collect();
+        let said = path_changes(&mut paths);
         assert_eq!(
             said,
             vec![PathOutput::PathChanged {
@@ -1134,18 +1136,12 @@ mod tests {
         // The same result again (a re-punch): nothing new to say.
         paths.introduction(8, &[mapped], t(t0, 100));
         paths.punch_result(8, by_mapping, t(t0, 101));
-        let said: Vec<PathOutput> = drain(&mut paths)
-            .into_iter()
-            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
-            .collect();
+        let said = path_changes(&mut paths);
         assert!(said.is_empty(), "{said:?}");
         // The same address proven under another name, on a live connection: renamed.
         paths.introduction(9, &[mapped], t(t0, 200));
         paths.punch_result(9, direct(mapped), t(t0, 201));
-        let said: Vec<PathOutput> = drain(&mut paths)
-            .into_iter()
-            .filter(|o| matches!(o, PathOutput::PathChanged { .. }))
-            .collect();
+        let said = path_changes(&mut paths);
         assert_eq!(
             said,
             vec![PathOutput::PathChanged {
