@@ -91,6 +91,11 @@ pub struct StatusReport {
     pub registration: RegistrationStatus,
     /// Our UDP socket.
     pub local_addr: Option<SocketAddr>,
+    /// Its kernel receive buffer, in bytes as the kernel grants them (`None`: unknown): below
+    /// [`transport::PEER_SOCKET_BUFFER`] when `net.core.rmem_max` capped it, and fast
+    /// transfers to us then lose packets while our runtime is busy.
+    #[serde(default)]
+    pub receive_buffer: Option<usize>,
     /// The relay stream through the rendezvous is open.
     pub relay_ready: bool,
     /// Our NAT, as measured against the rendezvous at start (`None`: not finished yet).
@@ -267,6 +272,11 @@ impl ControlContext {
             server: self.server.clone(),
             registration,
             local_addr: keeper.node.local_addr().ok(),
+            receive_buffer: keeper
+                .node
+                .socket
+                .socket_buffers()
+                .map(|b| granted_bytes(b.receive)),
             relay_ready: keeper.relay.is_ready(),
             nat: keeper.nat.borrow().clone(),
             port_mapping: self.port_mapping.borrow().map(|m| PortMappingStatus {
@@ -524,6 +534,21 @@ pub async fn request(
     }
 }
 
+/// The bytes a socket buffer holds, from what the kernel reports (Linux reports twice what it
+/// grants, its own bookkeeping counted in).
+fn granted_bytes(reported: usize) -> usize {
+    if cfg!(any(target_os = "linux", target_os = "android")) {
+        reported / 2
+    } else {
+        reported
+    }
+}
+
+/// `bytes` in MiB, for people.
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 impl StatusReport {
     /// The report as `peer status` prints it.
     pub fn render(&self) -> String {
@@ -570,7 +595,16 @@ impl StatusReport {
             ),
         }
         if let Some(local) = r.local_addr {
-            line("local socket", local.to_string());
+            let buffer = match r.receive_buffer {
+                Some(b) if b < transport::PEER_SOCKET_BUFFER => format!(
+                    " (receive buffer {}, capped by net.core.rmem_max: fast transfers to this \
+                     peer may lose packets)",
+                    mib(b)
+                ),
+                Some(b) => format!(" (receive buffer {})", mib(b)),
+                None => String::new(),
+            };
+            line("local socket", format!("{local}{buffer}"));
         }
         line(
             "relay",
@@ -710,6 +744,52 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"type":"status"}"#).is_ok());
         assert!(serde_json::from_str::<Request>(r#"{"type":"status","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"reboot"}"#).is_err());
+    }
+
+    /// A report of a registered peer whose socket got `receive_buffer` bytes (or none known).
+    fn report(receive_buffer: Option<usize>) -> StatusReport {
+        serde_json::from_value(serde_json::json!({
+            "id": "768c29f3-da78-8bc8-b5cb-ccb05df19e88", "mode": "listen", "pid": 7,
+            "uptime_s": 3.0, "server": "203.0.113.10:7000",
+            "registration": {"state": "registered", "observed": "203.0.113.21:4000",
+                "over_tcp": false, "generation": 1, "error": null},
+            "local_addr": "[::]:41152", "receive_buffer": receive_buffer,
+            "relay_ready": true, "nat": null, "connections": [],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn status_shows_the_sockets_receive_buffer_and_says_when_it_was_capped() {
+        let line = |r: StatusReport| {
+            r.render()
+                .lines()
+                .find(|l| l.starts_with("local socket:"))
+                .unwrap()
+                .to_owned()
+        };
+        let full = line(report(Some(transport::PEER_SOCKET_BUFFER)));
+        assert!(
+            full.ends_with("[::]:41152 (receive buffer 8.0 MiB)"),
+            "{full}"
+        );
+        let capped = line(report(Some(2 * 1024 * 1024)));
+        assert!(
+            capped.contains("receive buffer 2.0 MiB, capped by net.core.rmem_max"),
+            "{capped}"
+        );
+        // A report of an older peer (no such field) still reads, and says nothing of it.
+        let mut old = serde_json::to_value(report(None)).unwrap();
+        old.as_object_mut().unwrap().remove("receive_buffer");
+        let old: StatusReport = serde_json::from_value(old).unwrap();
+        assert!(line(old).ends_with("[::]:41152"));
+        // What the kernel reports (twice the grant on Linux) is shown as granted.
+        if cfg!(target_os = "linux") {
+            assert_eq!(
+                granted_bytes(2 * transport::PEER_SOCKET_BUFFER),
+                transport::PEER_SOCKET_BUFFER
+            );
+        }
     }
 
     #[tokio::test]
