@@ -272,11 +272,7 @@ impl ControlContext {
             server: self.server.clone(),
             registration,
             local_addr: keeper.node.local_addr().ok(),
-            receive_buffer: keeper
-                .node
-                .socket
-                .socket_buffers()
-                .map(|b| granted_bytes(b.receive)),
+            receive_buffer: keeper.node.socket.socket_buffers().map(|b| b.receive),
             relay_ready: keeper.relay.is_ready(),
             nat: keeper.nat.borrow().clone(),
             port_mapping: self.port_mapping.borrow().map(|m| PortMappingStatus {
@@ -534,16 +530,6 @@ pub async fn request(
     }
 }
 
-/// The bytes a socket buffer holds, from what the kernel reports (Linux reports twice what it
-/// grants, its own bookkeeping counted in).
-fn granted_bytes(reported: usize) -> usize {
-    if cfg!(any(target_os = "linux", target_os = "android")) {
-        reported / 2
-    } else {
-        reported
-    }
-}
-
 /// `bytes` in MiB, for people.
 fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -783,13 +769,6 @@ mod tests {
         old.as_object_mut().unwrap().remove("receive_buffer");
         let old: StatusReport = serde_json::from_value(old).unwrap();
         assert!(line(old).ends_with("[::]:41152"));
-        // What the kernel reports (twice the grant on Linux) is shown as granted.
-        if cfg!(target_os = "linux") {
-            assert_eq!(
-                granted_bytes(2 * transport::PEER_SOCKET_BUFFER),
-                transport::PEER_SOCKET_BUFFER
-            );
-        }
     }
 
     #[tokio::test]

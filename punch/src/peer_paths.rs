@@ -549,7 +549,7 @@ impl PeerPaths {
                     link.describe != describe && link.selector.current() == Current::Direct(addr);
                 link.describe = describe;
                 link.selector.direct_proven(addr, now);
-                if renamed && link.selector.current() == Current::Direct(addr) {
+                if renamed {
                     out.push_back(PathOutput::PathChanged {
                         conn: link.conn,
                         path: Current::Direct(addr),

@@ -747,14 +747,10 @@ impl DemuxSocket {
         self.extra(id).and_then(|s| s.local_addr().ok())
     }
 
-    /// The kernel buffers of the primary socket (as the kernel reports them; `None` for a
-    /// socket that is not an OS socket).
+    /// The kernel buffers of the primary socket (`None` for a socket that is not an OS
+    /// socket).
     pub fn socket_buffers(&self) -> Option<crate::endpoint::SocketBuffers> {
-        let sock = socket2::SockRef::from(self.os_socket.as_ref()?);
-        Some(crate::endpoint::SocketBuffers {
-            receive: sock.recv_buffer_size().ok()?,
-            send: sock.send_buffer_size().ok()?,
-        })
+        crate::endpoint::socket_buffers(self.os_socket.as_ref()?).ok()
     }
 
     /// Extra sockets open now.
@@ -1927,9 +1923,7 @@ mod tests {
         let buffer_of = |id: ExtraId| {
             let extras = socket.extras.read().unwrap();
             let extra = extras.iter().find(|e| e.id == id).unwrap();
-            socket2::SockRef::from(&extra.os)
-                .recv_buffer_size()
-                .unwrap()
+            crate::endpoint::socket_buffers(&extra.os).unwrap().receive
         };
         let default = buffer_of(ids[0]);
         socket.pin(other_addr, winner, stable);

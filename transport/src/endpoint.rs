@@ -261,14 +261,31 @@ pub const SERVER_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 /// wait, so an idle peer spends nothing on it.
 pub const PEER_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
-/// What the kernel granted a socket (as it reports them: Linux counts twice the bytes asked
-/// for, for its own bookkeeping).
+/// The kernel buffers a socket has, in bytes of room (not as Linux reports them, twice that:
+/// see [`socket_buffers`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketBuffers {
-    /// `SO_RCVBUF`.
+    /// From `SO_RCVBUF`.
     pub receive: usize,
-    /// `SO_SNDBUF`.
+    /// From `SO_SNDBUF`.
     pub send: usize,
+}
+
+/// The kernel buffers of `socket`. Linux reports twice the size it grants (its bookkeeping
+/// counted in); this is the one place that undoes it.
+pub fn socket_buffers(socket: &impl std::os::fd::AsFd) -> std::io::Result<SocketBuffers> {
+    let sock = socket2::SockRef::from(socket);
+    let granted = |reported: usize| {
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            reported / 2
+        } else {
+            reported
+        }
+    };
+    Ok(SocketBuffers {
+        receive: granted(sock.recv_buffer_size()?),
+        send: granted(sock.send_buffer_size()?),
+    })
 }
 
 /// Asks for `bytes` of kernel receive and send buffer on `socket`. Best effort: with
@@ -287,17 +304,11 @@ pub fn enlarge_buffers(socket: &impl std::os::fd::AsFd, bytes: usize) -> SocketB
             tracing::warn!(error = %e, "could not enlarge the UDP send buffer");
         }
     }
-    let granted = SocketBuffers {
-        receive: sock.recv_buffer_size().unwrap_or(0),
-        send: sock.send_buffer_size().unwrap_or(0),
-    };
-    // Linux reports twice the size it grants (its bookkeeping counted in).
-    let full = if cfg!(any(target_os = "linux", target_os = "android")) {
-        bytes.saturating_mul(2)
-    } else {
-        bytes
-    };
-    if granted.receive < full {
+    let granted = socket_buffers(socket).unwrap_or(SocketBuffers {
+        receive: 0,
+        send: 0,
+    });
+    if granted.receive < bytes {
         tracing::info!(
             asked = bytes,
             granted = granted.receive,
@@ -501,20 +512,20 @@ pub(crate) mod tests {
         assert_eq!(odd.server_keep_alive(), Duration::from_secs(10));
     }
 
-    /// The receive buffer a socket must report once [`enlarge_buffers`] asked for `bytes`
-    /// here: all of it (Linux reports twice) where this process may force it
-    /// (`CAP_NET_ADMIN`), else up to `net.core.rmem_max`, and never below the default.
+    /// The receive buffer a socket must have once [`enlarge_buffers`] asked for `bytes` here:
+    /// all of it where this process may force it (`CAP_NET_ADMIN`), else up to
+    /// `net.core.rmem_max`, and never below the default.
     pub(crate) fn granted_buffer(bytes: usize) -> usize {
         let scratch = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let default = socket2::SockRef::from(&scratch).recv_buffer_size().unwrap();
+        let default = socket_buffers(&scratch).unwrap().receive;
         if force_buffer(&scratch, libc_force::RECEIVE, bytes) {
-            return 2 * bytes;
+            return bytes;
         }
         let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok());
         match cap {
-            Some(cap) => (2 * cap.min(bytes)).max(default),
+            Some(cap) => cap.min(bytes).max(default),
             None => default,
         }
     }
@@ -525,8 +536,12 @@ pub(crate) mod tests {
             let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             let granted = enlarge_buffers(&socket, bytes);
             let sock = socket2::SockRef::from(&socket);
-            assert_eq!(granted.receive, sock.recv_buffer_size().unwrap());
-            assert_eq!(granted.send, sock.send_buffer_size().unwrap());
+            assert_eq!(granted, socket_buffers(&socket).unwrap());
+            // What Linux reports (twice the room it grants) is shown as the room.
+            if cfg!(target_os = "linux") {
+                assert_eq!(2 * granted.receive, sock.recv_buffer_size().unwrap());
+                assert_eq!(2 * granted.send, sock.send_buffer_size().unwrap());
+            }
             assert!(
                 granted.receive >= granted_buffer(bytes),
                 "{bytes}: {granted:?}"

@@ -16,8 +16,8 @@ pub use demux::{
 };
 pub use endpoint::{
     bind_udp, bind_udp_beside, enlarge_buffers, make_endpoint, make_server_endpoint,
-    quic_client_config, quic_peer_client_config, remote_certificate, BoundEndpoint, EndpointError,
-    ServerTransport, SocketBuffers, TransportSettings, PEER_CONNECTION_WINDOW,
+    quic_client_config, quic_peer_client_config, remote_certificate, socket_buffers, BoundEndpoint,
+    EndpointError, ServerTransport, SocketBuffers, TransportSettings, PEER_CONNECTION_WINDOW,
     PEER_MAX_UDP_PAYLOAD, PEER_SOCKET_BUFFER, PEER_STREAM_WINDOW, SERVER_SOCKET_BUFFER,
 };
 pub use scripted::{check_channel_script, check_receive_script, ScriptedDatagram, ScriptedSocket};
